@@ -1,0 +1,384 @@
+"""The adapter contract and everything algorithms share.
+
+An adapter wraps one layer. Its forward is the layer's own output plus the adapter's change, computed
+"in bypass" (y = W x + m * dW x) through the factors whenever that is cheaper than rebuilding dW, so the base
+weight is never copied and a low-precision base keeps the full-precision change. Each algorithm file holds only
+its own math (`build`, `_delta_weight`, `delta_forward`, `tensors`, `options_from_tensors`); multiplier, scale,
+scalar, DoRA, dropouts, merge/unmerge, dtype casts and the saved key layout live here, once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .layer import LayerSpec, describe_layer, positions
+from .options import AdapterOptions, OptionError, parse_options
+from .rebuilt_op import rebuilt_weight_op
+
+COMMON_OPTIONS = frozenset({"multiplier", "module_dropout"})
+LOW_RANK_OPTIONS = frozenset(
+    {"dim", "alpha", "dropout", "rank_dropout", "rank_dropout_scale", "use_scalar", "dora_wd", "dora_axis",
+     "bypass_mode", "rs_lora"}
+)
+
+
+class Adapter(nn.Module):
+    name: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()
+    keys: ClassVar[tuple[str, ...]] = ()  # every tensor name this algorithm may write to a file
+    detect_keys: ClassVar[tuple[str, ...]] = ()  # any of these in a file means this algorithm
+    layer_kinds: ClassVar[frozenset] = frozenset({"linear", "conv1d", "conv2d", "conv3d"})
+    accepts: ClassVar[frozenset] = frozenset()  # options beyond COMMON_OPTIONS
+    scalar_key: ClassVar[str | None] = None  # the file tensor that a trained scalar is folded into
+    saves_alpha: ClassVar[bool] = True
+    # Algorithms whose dropouts act on their own rank axis (LoRA) apply them inside delta_forward;
+    # for the others the base drops channels of the delta output.
+    dropout_on_output: ClassVar[bool] = True
+
+    def __init__(self, layer: nn.Module, options: AdapterOptions | Mapping[str, Any] | None = None, **kwargs):
+        super().__init__()
+        if isinstance(options, AdapterOptions):
+            if kwargs:
+                raise TypeError("give either an AdapterOptions or keyword options, not both")
+            given = frozenset(
+                f for f in options.__dataclass_fields__ if getattr(options, f) != getattr(AdapterOptions(), f)
+            )
+        else:
+            options, given = parse_options(options, **kwargs)
+        self.spec: LayerSpec = describe_layer(layer)
+        self._check_options(options, given)
+        self.options = options
+        self._layer = [layer]  # a list keeps the base layer out of this module's parameters
+        self._org_forward = layer.forward
+        self.multiplier = float(options.multiplier)
+        self.merged = False
+        self._backup: tuple | None = None
+        self.alpha = options.scale_alpha
+        self.scale = 1.0
+        self.scalar = nn.Parameter(torch.tensor(0.0)) if options.use_scalar else None
+        self.build(options)
+        self.dora_scale = nn.Parameter(self._initial_dora_scale()) if options.dora_wd else None
+        ref = self._layer[0].weight
+        self.to(device=ref.device)
+
+    # ----- what each algorithm provides -------------------------------------------------------------------------
+    def build(self, options: AdapterOptions) -> None:
+        """Create the parameters; the change must be zero at initialisation where the method defines it."""
+        raise NotImplementedError
+
+    def _delta_weight(self) -> torch.Tensor:
+        """dW with the scale applied, without scalar, multiplier or DoRA."""
+        raise NotImplementedError
+
+    def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """dW x through the factors (scale applied, no bias); the fallback rebuilds dW."""
+        return rebuilt_weight_op(self.spec, x, self._delta_weight, [p for p in self.parameters() if p.requires_grad])
+
+    def factor_flops(self, n: int) -> float:
+        """Multiply-adds of delta_forward for n output positions; inf where it has no factor path."""
+        return math.inf
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The file tensors of this algorithm (scalar not yet folded, no alpha or dora_scale)."""
+        raise NotImplementedError
+
+    @classmethod
+    def options_from_tensors(cls, spec: LayerSpec, sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """The options that rebuild an adapter of these tensors' shapes."""
+        raise NotImplementedError
+
+    # ----- options ----------------------------------------------------------------------------------------------
+    def _check_options(self, options: AdapterOptions, given: frozenset) -> None:
+        if self.spec.kind not in self.layer_kinds:
+            raise ValueError(f"algo '{self.name}' cannot adapt a {self.spec.kind} layer "
+                             f"(it adapts: {', '.join(sorted(self.layer_kinds))})")
+        allowed = COMMON_OPTIONS | self.accepts
+        for name in sorted(given - allowed):
+            raise OptionError(f"algo '{self.name}' does not accept option '{name}' "
+                              f"(got {getattr(options, name)!r}); it accepts: {', '.join(sorted(allowed))}")
+
+    def set_scale(self, dim: int, alpha: float) -> None:
+        """scale = alpha / dim, or alpha / sqrt(dim) with rs_lora (saved so that alpha / dim gives it)."""
+        self.alpha = float(alpha)
+        self.scale = self.alpha / (math.sqrt(dim) if self.options.rs_lora else dim)
+        self._scale_dim = dim
+
+    # ----- helpers for algorithms ------------------------------------------------------------------------------
+    @property
+    def layer(self) -> nn.Module:
+        return self._layer[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for p in self.parameters():
+            return p.dtype
+        return torch.float32
+
+    def base_weight(self) -> torch.Tensor:
+        return self.layer.weight.detach()
+
+    def base_bias(self) -> torch.Tensor | None:
+        bias = getattr(self.layer, "bias", None)
+        return None if bias is None else bias.detach()
+
+    def without_bias(self, y: torch.Tensor) -> torch.Tensor:
+        """The layer output less its bias: W x, the part that rotations and rescalings act on."""
+        bias = self.base_bias()
+        return y if bias is None else y - self.spec.channel_view(bias, y.dim())
+
+    def org_with_input_change(self, x: torch.Tensor, u: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The layer applied to x + u. When the adapter computes in a wider dtype than the layer, x + u would
+        round u away, so W u is computed on its own from the layer's weight."""
+        if u.dtype == x.dtype:
+            return self._org_forward(x + u, *args, **kwargs)
+        y = self._org_forward(x, *args, **kwargs)
+        w = self.base_weight()
+        return y + self.spec.op(u.to(w.dtype), w).to(y.dtype)
+
+    def _scalar(self):
+        return 1.0 if self.scalar is None else self.scalar
+
+    # ----- forward ----------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.merged or self.multiplier == 0 or self._module_dropped():
+            return self._org_forward(x, *args, **kwargs)
+        return self.adapted_forward(x, *args, **kwargs)
+
+    def _module_dropped(self) -> bool:
+        p = self.options.module_dropout
+        return self.training and p > 0 and torch.rand(()).item() < p
+
+    def adapted_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """y = W x + b + m * dW x (DoRA: the UIs' W + m (D - W)); multiplicative algorithms override this."""
+        if self.dora_scale is not None:
+            return self._dora_forward(x, *args, **kwargs)
+        y = self._org_forward(x, *args, **kwargs)
+        d = self._output_dropouts(self._delta(x.to(self.dtype)))
+        return y + (d * (self.multiplier * self._scalar())).to(y.dtype)
+
+    def _use_factor_path(self, x: torch.Tensor) -> bool:
+        if self.options.bypass_mode is not None:
+            return self.options.bypass_mode and self.factor_flops(1) != math.inf
+        if self.training and not self.dropout_on_output and (self.options.dropout or self.options.rank_dropout):
+            return True  # rank-axis dropouts exist only between the factors
+        n = positions(self.spec, x)
+        rebuild = self.rebuild_flops() + n * math.prod(self.spec.weight_shape)
+        return self.factor_flops(n) <= rebuild
+
+    def rebuild_flops(self) -> float:
+        """Multiply-adds to rebuild dW (default: as many as a rank-dim product would take)."""
+        return math.prod(self.spec.weight_shape) * getattr(self, "_scale_dim", 1)
+
+    def _delta(self, x: torch.Tensor) -> torch.Tensor:
+        if self._use_factor_path(x):
+            return self.delta_forward(x)
+        return Adapter.delta_forward(self, x)
+
+    def _output_dropouts(self, d: torch.Tensor) -> torch.Tensor:
+        if not (self.training and self.dropout_on_output):
+            return d
+        o = self.options
+        if o.rank_dropout:
+            d = d * self.channel_mask(d, o.rank_dropout)
+        if o.dropout:
+            d = F.dropout(d, o.dropout, training=True)
+        return d
+
+    def channel_mask(self, d: torch.Tensor, p: float, channels: int | None = None) -> torch.Tensor:
+        """A per-sample keep mask over the channels of `d` (or over `channels` rank components), rescaled to
+        mean 1 when rank_dropout_scale is set (the LyCORIS convention)."""
+        channel_dim = 1 if self.spec.is_conv else -1
+        c = d.shape[channel_dim] if channels is None else channels
+        batch = d.shape[0] if d.dim() > 1 else 1
+        mask = (torch.rand(batch, c, device=d.device) >= p).to(d.dtype)
+        if self.options.rank_dropout_scale:
+            mask = mask / mask.mean(dim=1, keepdim=True).clamp_min(1.0 / c)
+        if self.spec.is_conv:
+            return mask.reshape(batch, c, *([1] * (d.dim() - 2)))
+        return mask.reshape(batch, *([1] * (d.dim() - 2)), c) if d.dim() > 1 else mask.reshape(c)
+
+    # ----- DoRA -------------------------------------------------------------------------------------------------
+    def _axis_norm(self, w: torch.Tensor) -> torch.Tensor:
+        """Norm of each input column ('in', dora_scale shape (1, in, 1..)) or output row ('out', (out, 1, 1..))."""
+        if self.options.dora_axis == "out":
+            return torch.linalg.vector_norm(w.reshape(w.shape[0], -1), dim=1).reshape(w.shape[0], *([1] * (w.dim() - 1)))
+        dims = [0] + list(range(2, w.dim()))
+        return torch.linalg.vector_norm(w, dim=dims, keepdim=True)
+
+    def _initial_dora_scale(self) -> torch.Tensor:
+        w = self.base_weight()
+        return self._axis_norm(w.to(torch.promote_types(w.dtype, torch.float32)))
+
+    def _dora_ratio(self) -> torch.Tensor:
+        """dora_scale / |W + dW| along the DoRA axis; the norm is recomputed in backward instead of keeping a
+        weight-sized tensor."""
+        w = self.base_weight()
+
+        def norm():
+            return self._axis_norm(w.to(self.dtype) + self._delta_weight() * self._scalar())
+
+        n = checkpoint(norm, use_reentrant=False) if torch.is_grad_enabled() else norm()
+        return self.dora_scale / n
+
+    def _dora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        m = self.multiplier
+        r = self._dora_ratio()
+        if self.options.dora_axis == "in":
+            # (W + dW) diag(r) x == (W + dW)(r * x): scale the input channels instead of the weight.
+            c = self.spec.channel_view(r.reshape(-1), x.dim())
+            xa = x.to(self.dtype)
+            y = self.org_with_input_change(x, xa * (m * (c - 1)), *args, **kwargs)
+            d = self._output_dropouts(self._delta(xa * c))
+            return y + (d * (m * self._scalar())).to(y.dtype)
+        y = self._org_forward(x, *args, **kwargs)
+        z = self.without_bias(y).to(self.dtype)
+        rv = self.spec.channel_view(r.reshape(-1), y.dim())
+        d = self._output_dropouts(self._delta(x.to(self.dtype)))
+        return y + (m * ((rv - 1) * z + rv * d * self._scalar())).to(y.dtype)
+
+    # ----- the change as the UIs apply it ----------------------------------------------------------------------
+    def delta_weight(self, multiplier: float = 1.0) -> torch.Tensor:
+        """The change of the layer weight at this multiplier, as ComfyUI and A1111 add it."""
+        dw = self._delta_weight() * self._scalar()
+        if self.dora_scale is None:
+            return dw * multiplier
+        w = self.base_weight().to(dw.dtype)
+        merged = (w + dw) * (self.dora_scale / self._axis_norm(w + dw))
+        return (merged - w) * multiplier
+
+    def delta_bias(self, multiplier: float = 1.0) -> torch.Tensor | None:
+        return None
+
+    @torch.no_grad()
+    def merge(self, multiplier: float | None = None, keep_backup: bool = True) -> None:
+        """Add the change into the layer's weight (and bias); `unmerge()` puts the original back exactly."""
+        if self.merged:
+            raise RuntimeError(f"{self.name} adapter is already merged")
+        m = self.multiplier if multiplier is None else float(multiplier)
+        layer = self.layer
+        dw, db = self.delta_weight(m), self.delta_bias(m)
+        bias = getattr(layer, "bias", None)
+        self._backup = (layer.weight.detach().clone(), None if bias is None else bias.detach().clone(),
+                        bias is None) if keep_backup else None
+        w = layer.weight
+        w.copy_((w.to(torch.promote_types(w.dtype, dw.dtype)) + dw.to(w.device)).to(w.dtype))
+        if db is not None:
+            if bias is None:
+                layer.bias = nn.Parameter(db.to(w.device, w.dtype), requires_grad=False)
+            else:
+                bias.copy_((bias.to(torch.promote_types(bias.dtype, db.dtype)) + db.to(bias.device)).to(bias.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            raise RuntimeError(f"{self.name} adapter is not merged")
+        if self._backup is None:
+            raise RuntimeError(f"{self.name} adapter was merged with keep_backup=False and cannot be unmerged")
+        weight, bias, had_no_bias = self._backup
+        self.layer.weight.copy_(weight)
+        if had_no_bias:
+            self.layer.bias = None
+        elif bias is not None:
+            self.layer.bias.copy_(bias)
+        self._backup = None
+        self.merged = False
+
+    # ----- applying to the layer --------------------------------------------------------------------------------
+    def apply(self) -> "Adapter":
+        """Route the layer's forward through this adapter (stacks on an adapter already applied)."""
+        self._org_forward = self.layer.forward
+        self.layer.forward = self.forward
+        return self
+
+    def restore(self) -> None:
+        layer = self.layer
+        if layer.__dict__.get("forward") != self.forward:
+            raise RuntimeError(f"{self.name} adapter is not the last one applied to this layer: restore in reverse order")
+        if getattr(self._org_forward, "__self__", None) is layer and self._org_forward.__func__ is type(layer).forward:
+            del layer.forward  # back to the class's own forward
+        else:
+            layer.forward = self._org_forward
+
+    # ----- saved form -------------------------------------------------------------------------------------------
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        """The file tensors: the scalar folded in, alpha such that loaders computing alpha / dim get the scale."""
+        out = dict(self.tensors())
+        if self.scalar is not None and self.scalar_key is not None:
+            out[self.scalar_key] = out[self.scalar_key] * self.scalar
+        if self.saves_alpha:
+            out["alpha"] = torch.tensor(self.saved_alpha(), dtype=self.dtype)
+        if self.dora_scale is not None:
+            out["dora_scale"] = self.dora_scale
+        return out
+
+    def saved_alpha(self) -> float:
+        return self.scale * getattr(self, "_scale_dim", 1)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for key, t in self.saved_tensors().items():
+            destination[prefix + key] = t if keep_vars else t.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        mine = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        expected = self.saved_tensors()
+        for key in expected:
+            if key not in mine:
+                missing_keys.append(prefix + key)
+        for key in mine:
+            if key not in expected:
+                unexpected_keys.append(prefix + key)
+        with torch.no_grad():
+            for key, value in mine.items():
+                if key not in expected:
+                    continue
+                if key == "alpha":
+                    self._load_alpha(float(value))
+                    continue
+                target = self._param_for_key(key)
+                if target.shape != value.shape:
+                    error_msgs.append(f"{prefix}{key}: file has shape {tuple(value.shape)}, "
+                                      f"this adapter expects {tuple(target.shape)}")
+                    continue
+                target.copy_(value.to(target.dtype))
+            if self.scalar is not None and self.scalar_key in mine:
+                self.scalar.fill_(1.0)  # the file's tensor already holds the scalar
+
+    def _load_alpha(self, saved: float) -> None:
+        dim = getattr(self, "_scale_dim", 1)
+        self.scale = saved / dim
+        self.alpha = saved / math.sqrt(dim) if self.options.rs_lora else saved
+
+    def _param_for_key(self, key: str) -> torch.Tensor:
+        if key == "dora_scale":
+            return self.dora_scale
+        return getattr(self, key.replace(".weight", "").replace(".", "_"))
+
+    @classmethod
+    def from_state_dict(cls, layer: nn.Module, sd: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None,
+                        **options) -> "Adapter":
+        """Build the adapter that these tensors describe (dims, factors, Tucker, DoRA from the shapes) and load
+        them. `sd` holds one module's tensors without the name prefix; `dtype` defaults to theirs."""
+        spec = describe_layer(layer)
+        inferred = cls.options_from_tensors(spec, sd)
+        if "dora_scale" in sd:
+            ds = sd["dora_scale"]
+            out_axis = ds.shape[0] == spec.out_dim and ds.dim() > 1 and ds.shape[1] == 1 and spec.out_dim != 1
+            inferred.update(dora_wd=True, dora_axis="out" if out_axis else "in")
+        inferred.update(options)
+        adapter = cls(layer, **inferred)
+        if dtype is None:
+            dtype = next((t.dtype for t in sd.values() if t.is_floating_point()), torch.float32)
+        adapter.to(dtype=dtype)
+        adapter.load_state_dict(dict(sd), strict=True)
+        return adapter
+
+    def extra_repr(self) -> str:
+        return f"{self.spec.kind} {self.spec.weight_shape}, multiplier={self.multiplier}"

@@ -1,0 +1,46 @@
+"""Full (native) fine-tuning: the whole weight change `diff` (and bias change `diff_b`) is trained."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .base import Adapter
+
+
+class Full(Adapter):
+    name = "full"
+    aliases = ("native",)
+    keys = ("diff", "diff_b")
+    detect_keys = ("diff",)
+    saves_alpha = False
+
+    def build(self, options):
+        self.diff = nn.Parameter(torch.zeros(self.spec.weight_shape))
+        bias = self.base_bias()
+        self.diff_b = nn.Parameter(torch.zeros(bias.shape)) if bias is not None else None
+
+    def _delta_weight(self):
+        return self.diff
+
+    def delta_forward(self, x):
+        return self.spec.op(x, self.diff)
+
+    def factor_flops(self, n):
+        return 0.0  # dW is the parameter itself: nothing to rebuild
+
+    def adapted_forward(self, x, *args, **kwargs):
+        y = super().adapted_forward(x, *args, **kwargs)
+        if self.diff_b is None:
+            return y
+        return y + (self.spec.channel_view(self.diff_b, y.dim()) * self.multiplier).to(y.dtype)
+
+    def delta_bias(self, multiplier=1.0):
+        return None if self.diff_b is None else self.diff_b * multiplier
+
+    def tensors(self):
+        return {"diff": self.diff} | ({"diff_b": self.diff_b} if self.diff_b is not None else {})
+
+    @classmethod
+    def options_from_tensors(cls, spec, sd):
+        return {}

@@ -1,0 +1,58 @@
+"""(IA)^3: learned per-channel rescaling, dW = W * w on the output rows (or input columns with
+train_on_input). The forward scales the layer's output (or input) instead of touching W."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .base import Adapter
+
+
+class IA3(Adapter):
+    name = "ia3"
+    keys = ("weight", "on_input")
+    detect_keys = ("on_input",)
+    accepts = frozenset({"train_on_input"})
+    saves_alpha = False
+
+    def build(self, options):
+        spec = self.spec
+        self.on_input = options.train_on_input
+        channels = spec.in_dim if self.on_input else spec.out_dim
+        # LyCORIS' shapes: (C,) for linear, (1, C, 1, ...) for convs; zero means no change.
+        shape = (1, channels, *([1] * len(spec.kernel))) if spec.is_conv else (channels,)
+        self.weight = nn.Parameter(torch.zeros(shape))
+
+    def _w(self):
+        return self.weight.reshape(-1)
+
+    def adapted_forward(self, x, *args, **kwargs):
+        m, spec = self.multiplier, self.spec
+        if self.on_input:
+            u = x.to(self.dtype) * spec.channel_view(self._w(), x.dim()) * m
+            return self.org_with_input_change(x, u, *args, **kwargs)
+        y = self._org_forward(x, *args, **kwargs)
+        z = self.without_bias(y)
+        return y + (z.to(self.dtype) * spec.channel_view(self._w(), y.dim()) * m).to(y.dtype)
+
+    def _delta_weight(self):
+        w = self.base_weight().to(self.dtype)
+        scale = self.weight.reshape(1, -1, *([1] * (w.dim() - 2))) if self.on_input else \
+            self._w().reshape(-1, *([1] * (w.dim() - 1)))
+        return w * scale
+
+    def tensors(self):
+        return {"weight": self.weight}
+
+    def saved_tensors(self):
+        return {"weight": self.weight, "on_input": torch.tensor(int(self.on_input))}
+
+    def _param_for_key(self, key):
+        if key == "on_input":
+            return torch.tensor(int(self.on_input))  # fixed at construction; loading checks the shape only
+        return super()._param_for_key(key)
+
+    @classmethod
+    def options_from_tensors(cls, spec, sd):
+        return {"train_on_input": bool(int(sd["on_input"])) if "on_input" in sd else False}

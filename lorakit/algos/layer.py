@@ -1,0 +1,91 @@
+"""What an adapter needs to know about the layer it adapts: its kind, weight shape and how it computes."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_CONV_OPS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+ONE_BY_ONE = {"stride": 1, "padding": 0, "dilation": 1}  # conv arguments of a pointwise (1x1) factor
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    kind: str  # "linear", "conv1d", "conv2d", "conv3d", "layernorm", "groupnorm"
+    out_dim: int
+    in_dim: int
+    kernel: tuple[int, ...] = ()
+    conv_args: dict = field(default_factory=dict)  # stride, padding, dilation (groups is always 1)
+
+    @property
+    def is_conv(self) -> bool:
+        return self.kind.startswith("conv")
+
+    @property
+    def is_norm(self) -> bool:
+        return self.kind in ("layernorm", "groupnorm")
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        if self.is_norm:
+            return (self.out_dim,)
+        return (self.out_dim, self.in_dim, *self.kernel)
+
+    @property
+    def kernel_numel(self) -> int:
+        return math.prod(self.kernel)
+
+    @property
+    def fan_in(self) -> int:
+        return self.in_dim * self.kernel_numel
+
+    def op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, **override):
+        """The layer's own computation with another weight (the same stride, padding and dilation)."""
+        if self.kind == "linear":
+            return F.linear(x, weight, bias)
+        return _CONV_OPS[len(self.kernel)](x, weight, bias, **{**self.conv_args, **override})
+
+    def channel_view(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        """A per-channel vector shaped to broadcast over an activation of `ndim` dims."""
+        if self.is_conv or self.kind == "groupnorm":
+            return t.reshape(-1, *([1] * (ndim - 2)))
+        return t  # linear and layernorm keep channels last
+
+
+def describe_layer(module: nn.Module) -> LayerSpec:
+    """LayerSpec of a supported layer; a clear error for anything else."""
+    if isinstance(module, nn.Linear):
+        return LayerSpec("linear", module.out_features, module.in_features)
+    for n, cls in ((1, nn.Conv1d), (2, nn.Conv2d), (3, nn.Conv3d)):
+        if isinstance(module, cls):
+            if module.groups != 1:
+                raise ValueError(f"{type(module).__name__} with groups={module.groups}: only groups=1 is supported")
+            if module.padding_mode != "zeros":
+                raise ValueError(
+                    f"{type(module).__name__} with padding_mode='{module.padding_mode}': only 'zeros' is supported"
+                )
+            args = {"stride": module.stride, "padding": module.padding, "dilation": module.dilation}
+            return LayerSpec(f"conv{n}d", module.out_channels, module.in_channels, tuple(module.kernel_size), args)
+    if isinstance(module, nn.LayerNorm):
+        if len(module.normalized_shape) != 1:
+            raise ValueError(f"LayerNorm over {tuple(module.normalized_shape)}: only a 1-d normalized_shape is supported")
+        return LayerSpec("layernorm", module.normalized_shape[0], module.normalized_shape[0])
+    if isinstance(module, nn.GroupNorm):
+        return LayerSpec("groupnorm", module.num_channels, module.num_channels)
+    raise TypeError(
+        f"cannot adapt a {type(module).__name__}: supported layers are Linear, Conv1d/2d/3d, LayerNorm, GroupNorm"
+    )
+
+
+def positions(spec: LayerSpec, x: torch.Tensor) -> int:
+    """How many output positions a call computes (tokens for linear, pixels times batch for conv)."""
+    if spec.kind == "linear":
+        return x.numel() // max(x.shape[-1], 1)
+    n = x.shape[0] if x.dim() == len(spec.kernel) + 2 else 1
+    spatial = x.shape[-len(spec.kernel):]
+    stride = spec.conv_args.get("stride", (1,) * len(spatial))
+    return n * math.prod(max(1, s // st) for s, st in zip(spatial, stride))

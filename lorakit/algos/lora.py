@@ -1,0 +1,99 @@
+"""LoRA / LoCon: dW = up @ down * alpha/dim; for convs with kernel > 1 optionally Tucker (down 1x1, mid kxk, up 1x1).
+
+Dropouts follow kohya's LoRA: `dropout` drops the dim-sized activation between down and up, `rank_dropout` drops
+whole rank components per sample.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layer import ONE_BY_ONE
+from .base import LOW_RANK_OPTIONS, Adapter
+
+
+def kaiming_(t: torch.Tensor) -> torch.Tensor:
+    """The init of torch's Linear/Conv weights (and of Microsoft's LoRA down)."""
+    return nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+
+
+class LoRA(Adapter):
+    name = "lora"
+    aliases = ("locon",)
+    keys = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale")
+    detect_keys = ("lora_up.weight", "lora_down.weight")
+    accepts = LOW_RANK_OPTIONS | {"use_tucker"}
+    scalar_key = "lora_up.weight"
+    dropout_on_output = False
+
+    def build(self, options):
+        spec, r = self.spec, options.dim
+        ones = (1,) * len(spec.kernel)
+        self.tucker = options.use_tucker and spec.is_conv and spec.kernel_numel > 1
+        if self.tucker:
+            self.lora_down = nn.Parameter(kaiming_(torch.empty(r, spec.in_dim, *ones)))
+            self.lora_mid = nn.Parameter(kaiming_(torch.empty(r, r, *spec.kernel)))
+        else:
+            self.lora_down = nn.Parameter(kaiming_(torch.empty(r, spec.in_dim, *spec.kernel)))
+        up = torch.empty(spec.out_dim, r, *ones)
+        self.lora_up = nn.Parameter(kaiming_(up) if options.use_scalar else up.zero_())
+        self.set_scale(r, options.scale_alpha)
+
+    @property
+    def rank(self) -> int:
+        return self.lora_down.shape[0]
+
+    def factors(self):
+        """(down, up, scale) used by this call; DyLoRA narrows them while training."""
+        return self.lora_down, self.lora_up, self.scale
+
+    def _delta_weight(self):
+        down, up, scale = self.factors()
+        up, down = up.flatten(1) * scale, down.flatten(1)
+        if self.tucker:
+            return torch.einsum("oa,ab...,bi->oi...", up, self.lora_mid, down)
+        return (up @ down).reshape(self.spec.weight_shape)
+
+    def delta_forward(self, x):
+        down, up, scale = self.factors()
+        spec = self.spec
+        if spec.kind == "linear":
+            h = F.linear(x, down)
+        elif self.tucker:
+            h = spec.op(spec.op(x, down, **ONE_BY_ONE), self.lora_mid)
+        else:
+            h = spec.op(x, down)
+        if self.training:
+            o = self.options
+            if o.dropout:
+                h = F.dropout(h, o.dropout, training=True)
+            if o.rank_dropout:
+                h = h * self.channel_mask(h, o.rank_dropout)
+        if spec.kind == "linear":
+            return F.linear(h, up * scale)
+        return spec.op(h, up * scale, **ONE_BY_ONE)
+
+    def factor_flops(self, n):
+        spec, r = self.spec, self.rank
+        mid = r * r * spec.kernel_numel if self.tucker else 0
+        down = spec.in_dim * (1 if self.tucker else spec.kernel_numel)
+        return n * r * (down + spec.out_dim) + n * mid
+
+    def rebuild_flops(self):
+        return math.prod(self.spec.weight_shape) * self.rank
+
+    def tensors(self):
+        out = {"lora_down.weight": self.lora_down, "lora_up.weight": self.lora_up}
+        if self.tucker:
+            out["lora_mid.weight"] = self.lora_mid
+        return out
+
+    @classmethod
+    def options_from_tensors(cls, spec, sd):
+        dim = sd["lora_down.weight"].shape[0]
+        alpha = float(sd["alpha"]) if "alpha" in sd else dim
+        return {"dim": dim, "alpha": alpha, "use_tucker": "lora_mid.weight" in sd}

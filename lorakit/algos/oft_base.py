@@ -1,0 +1,103 @@
+"""What Diag-OFT and BOFT share: orthogonal blocks from the Cayley transform, the norm constraint, `rescale`,
+and a forward that rotates the layer's output channels (y = T W x + b) instead of building T W.
+
+Constraint: the option `constraint` bounds the Frobenius norm of Q over all blocks at constraint * out_dim
+(LyCORIS' and A1111's reading). Files store blocks already scaled into the bound and `alpha` = the absolute bound
+(ComfyUI's reading), which they satisfy, so LyCORIS, ComfyUI and A1111 compute the same rotation from them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .base import Adapter
+
+_DROPOUTS = frozenset({"dropout", "rank_dropout", "rank_dropout_scale"})
+
+
+class OrthogonalAdapter(Adapter):
+    accepts = frozenset({"dim", "constraint", "rescaled"}) | _DROPOUTS
+    detect_keys = ("oft_blocks",)
+    keys = ("oft_blocks", "rescale", "alpha")
+
+    def block_shape(self, options) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def rotate(self, v: torch.Tensor, multiplier: float) -> torch.Tensor:
+        """T v on the last axis (output channels)."""
+        raise NotImplementedError
+
+    def build(self, options):
+        self.bound = options.constraint * self.spec.out_dim
+        self.oft_blocks = nn.Parameter(torch.zeros(self.block_shape(options)))  # Q = 0: R = I, no change
+        ones = (1,) * (len(self.spec.weight_shape) - 1)
+        self.rescale = nn.Parameter(torch.ones(self.spec.out_dim, *ones)) if options.rescaled else None
+
+    # ----- rotations -----
+    def _clamp_ratio(self, q: torch.Tensor) -> torch.Tensor:
+        """The factor that brings |Q| within the bound (1 when unconstrained or already inside)."""
+        if self.bound <= 0:
+            return torch.ones((), dtype=q.dtype, device=q.device)
+        n = torch.linalg.vector_norm(q)
+        return torch.where(n > self.bound, self.bound / n.clamp_min(1e-30), torch.ones_like(n))
+
+    def rotations(self) -> torch.Tensor:
+        """R = (I + Q)(I - Q)^-1 per block, solved rather than inverted (the two factors commute)."""
+        b = self.oft_blocks
+        q = b - b.transpose(-1, -2)
+        q = q * self._clamp_ratio(q)
+        eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+        return torch.linalg.solve(eye - q, eye + q)
+
+    def transformed(self, v: torch.Tensor, multiplier: float) -> torch.Tensor:
+        t = self.rotate(v, multiplier)
+        return t if self.rescale is None else t * self.rescale.reshape(-1)
+
+    # ----- forward and merge -----
+    def adapted_forward(self, x, *args, **kwargs):
+        y = self._org_forward(x, *args, **kwargs)
+        z = self.without_bias(y).to(self.dtype)
+        if self.spec.is_conv:
+            z = z.movedim(1, -1)
+        d = self.transformed(z, self.multiplier) - z
+        if self.spec.is_conv:
+            d = d.movedim(-1, 1)
+        return y + (self._output_dropouts(d) * self.multiplier).to(y.dtype)
+
+    def delta_weight(self, multiplier=1.0):
+        w = self.base_weight().to(self.dtype)
+        v = w.reshape(w.shape[0], -1).t()  # columns as vectors over the output channels
+        d = (self.transformed(v, multiplier) - v).t().reshape(w.shape)
+        return d * multiplier
+
+    def _delta_weight(self):
+        return self.delta_weight(1.0)
+
+    # ----- saved form -----
+    def tensors(self):
+        with torch.no_grad():
+            b = self.oft_blocks
+            ratio = self._clamp_ratio(b - b.transpose(-1, -2))
+        out = {"oft_blocks": self.oft_blocks * ratio}
+        if self.rescale is not None:
+            out["rescale"] = self.rescale
+        return out
+
+    def saved_alpha(self):
+        """The bound; unconstrained, a bound just above the saved |Q|, because A1111 reads alpha = 0 as
+        "rotate nothing". (ComfyUI clamps when |Q| + 1e-8 > alpha, so on a constrained file it shrinks Q by a
+        relative 1e-8 / bound more: the one difference left between the loaders.)"""
+        if self.bound > 0:
+            return float(self.bound)
+        with torch.no_grad():
+            b = self.oft_blocks
+            return float(torch.linalg.vector_norm(b - b.transpose(-1, -2))) * (1 + 1e-6) + 1e-7
+
+    def _load_alpha(self, saved):
+        self.bound = float(saved)
+
+    @classmethod
+    def options_from_tensors(cls, spec, sd):
+        alpha = float(sd["alpha"]) if "alpha" in sd else 0.0
+        return {"dim": sd["oft_blocks"].shape[-1], "constraint": alpha / spec.out_dim, "rescaled": "rescale" in sd}

@@ -1,0 +1,62 @@
+"""op(x, dW) for a dW rebuilt from factors, without keeping dW for backward.
+
+Autograd would save the rebuilt dW (a tensor the size of the layer weight) to compute the input gradient. Here
+backward rebuilds it from the factors instead: one more cheap rebuild, no weight-sized memory between passes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch.nn import grad as nn_grad
+
+from .layer import LayerSpec
+
+_CONV_GRADS = {
+    1: (nn_grad.conv1d_input, nn_grad.conv1d_weight),
+    2: (nn_grad.conv2d_input, nn_grad.conv2d_weight),
+    3: (nn_grad.conv3d_input, nn_grad.conv3d_weight),
+}
+
+
+class _RebuiltWeightOp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, spec: LayerSpec, rebuild: Callable[[], torch.Tensor], x: torch.Tensor, *params):
+        with torch.no_grad():
+            w = rebuild()
+        ctx.spec, ctx.rebuild = spec, rebuild
+        ctx.save_for_backward(x, *params)
+        return spec.op(x, w)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, *params = ctx.saved_tensors
+        spec = ctx.spec
+        with torch.enable_grad():
+            w = ctx.rebuild()
+        gx = None
+        if spec.kind == "linear":
+            if ctx.needs_input_grad[2]:
+                gx = gy @ w.detach()
+            gw = gy.reshape(-1, gy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+        else:
+            grad_input, grad_weight = _CONV_GRADS[len(spec.kernel)]
+            unbatched = x.dim() == len(spec.kernel) + 1
+            xb, gyb = (x.unsqueeze(0), gy.unsqueeze(0)) if unbatched else (x, gy)
+            args = spec.conv_args
+            if ctx.needs_input_grad[2]:
+                gx = grad_input(xb.shape, w.detach(), gyb, **args)
+                gx = gx.squeeze(0) if unbatched else gx
+            gw = grad_weight(xb, w.shape, gyb, **args)
+        wanted = [p for p, need in zip(params, ctx.needs_input_grad[3:]) if need]
+        grads = iter(torch.autograd.grad(w, wanted, gw.to(w.dtype), allow_unused=True) if wanted else ())
+        return (None, None, gx, *[next(grads) if need else None for need in ctx.needs_input_grad[3:]])
+
+
+def rebuilt_weight_op(spec: LayerSpec, x: torch.Tensor, rebuild: Callable[[], torch.Tensor],
+                      params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """spec.op(x, rebuild()) with gradients for x and for the parameters `rebuild` reads."""
+    if not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in params)):
+        return spec.op(x, rebuild())
+    return _RebuiltWeightOp.apply(spec, rebuild, x, *params)

@@ -1,0 +1,106 @@
+"""Layers, inputs and the algorithm x option matrix shared by the algorithm tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+LAYERS = {
+    "linear": lambda: nn.Linear(12, 8),
+    "conv1d": lambda: nn.Conv1d(6, 8, 3, padding=2, dilation=2),
+    "conv2d": lambda: nn.Conv2d(6, 8, 3, stride=2, padding=1),
+    "conv2d_1x1": lambda: nn.Conv2d(6, 8, 1),
+    "conv3d": lambda: nn.Conv3d(4, 8, (3, 1, 3), padding=(1, 0, 1)),
+    "layernorm": lambda: nn.LayerNorm(8),
+    "groupnorm": lambda: nn.GroupNorm(2, 8),
+}
+INPUTS = {
+    "linear": (3, 5, 12),
+    "conv1d": (2, 6, 11),
+    "conv2d": (2, 6, 9, 9),
+    "conv2d_1x1": (2, 6, 5, 5),
+    "conv3d": (2, 4, 5, 3, 5),
+    "layernorm": (3, 5, 8),
+    "groupnorm": (2, 8, 4, 4),
+}
+WEIGHTED = ["linear", "conv1d", "conv2d", "conv2d_1x1", "conv3d"]
+CONVS_K = ["conv1d", "conv2d", "conv3d"]  # kernels > 1: where Tucker applies
+
+# (algo, options, layers): every algorithm with the option combinations that change its math.
+CASES = [
+    ("lora", {}, WEIGHTED),
+    ("lora", {"use_tucker": True}, CONVS_K),
+    ("lora", {"dora_wd": True}, WEIGHTED),
+    ("lora", {"dora_wd": True, "dora_axis": "out"}, WEIGHTED),
+    ("lora", {"use_scalar": True}, WEIGHTED),
+    ("lora", {"rs_lora": True}, ["linear", "conv2d"]),
+    ("lora", {"bypass_mode": False}, WEIGHTED),
+    ("lora", {"bypass_mode": True, "use_tucker": True, "dora_wd": True}, ["conv2d"]),
+    ("loha", {}, WEIGHTED),
+    ("loha", {"use_tucker": True}, CONVS_K),
+    ("loha", {"dora_wd": True}, WEIGHTED),
+    ("loha", {"use_scalar": True}, ["linear", "conv2d"]),
+    ("loha", {"bypass_mode": False}, ["linear", "conv2d"]),
+    ("lokr", {}, WEIGHTED),
+    ("lokr", {"dim": 1}, WEIGHTED),
+    ("lokr", {"dim": 1, "decompose_both": True, "factor": 2}, ["linear", "conv2d"]),
+    ("lokr", {"dim": 1, "use_tucker": True}, CONVS_K),
+    ("lokr", {"full_matrix": True}, ["linear", "conv2d"]),
+    ("lokr", {"unbalanced_factorization": True, "dim": 1}, ["linear", "conv2d"]),
+    ("lokr", {"dora_wd": True, "dim": 1}, ["linear", "conv2d"]),
+    ("lokr", {"use_scalar": True, "dim": 1}, ["linear"]),
+    ("lokr", {"bypass_mode": False, "dim": 1}, ["linear", "conv2d"]),
+    ("ia3", {}, WEIGHTED),
+    ("ia3", {"train_on_input": True}, WEIGHTED),
+    ("dylora", {"dim": 4, "block_size": 2}, WEIGHTED),
+    ("glora", {}, WEIGHTED),
+    ("glora", {"use_scalar": True}, ["linear", "conv2d"]),
+    ("diag-oft", {}, WEIGHTED),
+    ("diag-oft", {"constraint": 0.01}, ["linear", "conv2d"]),
+    ("diag-oft", {"rescaled": True}, ["linear", "conv2d"]),
+    ("boft", {"dim": 2}, WEIGHTED),
+    ("boft", {"dim": 2, "constraint": 0.01}, ["linear", "conv2d"]),
+    ("boft", {"dim": 2, "rescaled": True}, ["linear", "conv2d"]),
+    ("full", {}, WEIGHTED),
+    ("norm", {}, ["layernorm", "groupnorm"]),
+]
+
+
+def case_params():
+    params = []
+    for algo, options, layers in CASES:
+        for kind in layers:
+            tag = ",".join(f"{k}={v}" for k, v in options.items()) or "default"
+            params.append(pytest.param(algo, options, kind, id=f"{algo}-{kind}-{tag}"))
+    return params
+
+
+def make_layer(kind, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    layer = LAYERS[kind]().to(dtype)
+    with torch.no_grad():
+        if isinstance(layer, (nn.LayerNorm, nn.GroupNorm)):
+            layer.weight.uniform_(0.5, 1.5)
+            layer.bias.normal_()
+    layer.requires_grad_(False)
+    return layer
+
+
+def make_input(kind, dtype=torch.float64, seed=1):
+    torch.manual_seed(seed)
+    return torch.randn(INPUTS[kind], dtype=dtype)
+
+
+@torch.no_grad()
+def randomize(adapter, scale=0.3, seed=2):
+    """Move every parameter off its initial value (a zero-init adapter would make every comparison trivial)."""
+    torch.manual_seed(seed)
+    for name, p in adapter.named_parameters():
+        if name in ("dora_scale", "rescale"):
+            p.mul_(1 + scale * torch.rand_like(p))
+        elif name == "scalar":
+            p.fill_(0.8)
+        else:
+            p.add_(scale * torch.randn_like(p))
+    return adapter

@@ -1,0 +1,126 @@
+"""Every algorithm x layer x option combination, in float64:
+bypass forward == forward with the merged weight == base weight + the change a UI computes from the saved file,
+the change is zero at initialisation, gradients reach only the adapter, and the saved form round-trips."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lorakit.algos import adapter_from_state_dict, algorithm, make_adapter
+
+from .conftest import case_params, make_input, make_layer, randomize
+from .ui_reference import ui_delta
+
+TOL = dict(rtol=1e-9, atol=1e-10)
+
+
+def layer_forward(layer, x, weight, bias):
+    if isinstance(layer, torch.nn.LayerNorm):
+        return F.layer_norm(x, layer.normalized_shape, weight, bias, layer.eps)
+    if isinstance(layer, torch.nn.GroupNorm):
+        return F.group_norm(x, layer.num_groups, weight, bias, layer.eps)
+    if isinstance(layer, torch.nn.Linear):
+        return F.linear(x, weight, bias)
+    conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[weight.dim()]
+    return conv(x, weight, bias, layer.stride, layer.padding, layer.dilation)
+
+
+def ui_forward(layer, sd, x, strength):
+    """The layer run with the weight a UI patches in from the saved tensors alone."""
+    dw, db = ui_delta(sd, layer.weight, strength)
+    bias = layer.bias
+    if db is not None:
+        bias = db if bias is None else bias + db
+    return layer_forward(layer, x, layer.weight + dw, bias)
+
+
+@pytest.mark.parametrize("algo,options,kind", case_params())
+@pytest.mark.parametrize("multiplier", [1.0, 0.7])
+def test_three_ways_agree(algo, options, kind, multiplier):
+    layer, x = make_layer(kind), make_input(kind)
+    adapter = randomize(make_adapter(algo, layer, **options).double())
+    adapter.eval()
+    adapter.multiplier = multiplier
+    bypass = adapter(x)
+    assert not torch.allclose(bypass, layer(x), **TOL), "the randomized adapter must change the output"
+
+    sd = adapter.state_dict()
+    # ComfyUI clamps a constrained OFT's Q once more by a relative 1e-8 / bound (its epsilon)
+    ui_tol = dict(rtol=1e-6, atol=1e-8) if options.get("constraint") else TOL
+    torch.testing.assert_close(ui_forward(layer, sd, x, multiplier), bypass, **ui_tol)
+
+    adapter.merge()
+    torch.testing.assert_close(layer(x), bypass, **TOL)
+    adapter.unmerge()
+    torch.testing.assert_close(layer(x), make_layer(kind)(x), rtol=0, atol=0)
+
+    # delta_weight is what the UIs add
+    torch.testing.assert_close(adapter.delta_weight(multiplier), ui_delta(sd, layer.weight, multiplier)[0], **ui_tol)
+
+
+@pytest.mark.parametrize("algo,options,kind", case_params())
+def test_saved_form_round_trips(algo, options, kind):
+    layer, x = make_layer(kind), make_input(kind)
+    adapter = randomize(make_adapter(algo, layer, **options).double()).eval()
+    sd = adapter.state_dict()
+    expected_keys = set(algorithm(algo).keys)
+    assert set(sd) <= expected_keys, f"keys outside the LyCORIS layout: {set(sd) - expected_keys}"
+
+    rebuilt = adapter_from_state_dict(layer, sd).eval()
+    torch.testing.assert_close(rebuilt(x), adapter(x), **TOL)
+    sd2 = rebuilt.state_dict()
+    assert sd2.keys() == sd.keys()
+    for key in sd:
+        torch.testing.assert_close(sd2[key], sd[key], rtol=0, atol=0, msg=key)
+
+    # loading into an adapter built with the same options reproduces it too
+    fresh = make_adapter(algo, layer, **options).double().eval()
+    fresh.load_state_dict(sd)
+    torch.testing.assert_close(fresh(x), adapter(x), **TOL)
+
+
+@pytest.mark.parametrize("algo,options,kind", case_params())
+def test_zero_at_init_and_gradients_reach_only_the_adapter(algo, options, kind):
+    layer, x = make_layer(kind), make_input(kind)
+    adapter = make_adapter(algo, layer, **options).double().train()
+    if not options.get("use_scalar"):
+        torch.testing.assert_close(adapter(x), layer(x), rtol=0, atol=1e-12)
+    else:  # with a scalar the scalar starts at zero instead
+        assert float(adapter.scalar) == 0.0
+        torch.testing.assert_close(adapter(x), layer(x), rtol=0, atol=1e-12)
+    adapter = randomize(adapter)
+    xg = x.clone().requires_grad_(True)
+    adapter(xg).square().sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+    assert all(p.grad is None for p in layer.parameters())
+    trainable = dict(adapter.named_parameters())
+    missing = [n for n, p in trainable.items() if p.grad is None or not torch.isfinite(p.grad).all()]
+    if algo == "dylora":  # only the drawn block learns in a step; every parameter is reachable
+        missing = []
+    assert not missing, f"no gradient for {missing}"
+
+
+@pytest.mark.parametrize("algo,options,kind", case_params())
+def test_gradients_match_autograd_of_the_merged_weight(algo, options, kind):
+    """The factor paths and the custom backward give the gradients of the plain formula y = op(x, W + dW)."""
+    if algo == "dylora":
+        pytest.skip("DyLoRA draws a random rank per training step")
+    layer, x = make_layer(kind), make_input(kind)
+    adapter = randomize(make_adapter(algo, layer, **options).double()).eval()
+    xg = x.clone().requires_grad_(True)
+    adapter(xg).sin().sum().backward()
+    got = {n: p.grad.clone() for n, p in adapter.named_parameters()}
+    got_x = xg.grad.clone()
+    adapter.zero_grad()
+
+    xg2 = x.clone().requires_grad_(True)
+    bias = layer.bias
+    db = adapter.delta_bias(adapter.multiplier)
+    if db is not None:
+        bias = db if bias is None else bias + db
+    layer_forward(layer, xg2, layer.weight + adapter.delta_weight(adapter.multiplier), bias).sin().sum().backward()
+    for n, p in adapter.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-8, atol=1e-9, msg=n)
+    torch.testing.assert_close(got_x, xg2.grad, rtol=1e-8, atol=1e-9)
