@@ -163,10 +163,10 @@ class Adapter(nn.Module):
         return y + (d * (self.multiplier * self._scalar())).to(y.dtype)
 
     def _use_factor_path(self, x: torch.Tensor) -> bool:
+        if self.training and not self.dropout_on_output and (self.options.dropout or self.options.rank_dropout):
+            return True  # rank-axis dropouts exist only between the factors, whatever bypass_mode says
         if self.options.bypass_mode is not None:
             return self.options.bypass_mode and self.factor_flops(1) != math.inf
-        if self.training and not self.dropout_on_output and (self.options.dropout or self.options.rank_dropout):
-            return True  # rank-axis dropouts exist only between the factors
         n = positions(self.spec, x)
         rebuild = self.rebuild_flops() + n * math.prod(self.spec.weight_shape)
         return self.factor_flops(n) <= rebuild

@@ -1,0 +1,105 @@
+"""Dropouts act in training only, in every compute path, with the expectations their definitions give."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorakit.algos import make_adapter
+
+from .conftest import make_input, make_layer, randomize
+
+# (algo, options, layer): one case per way the algorithms apply dropouts
+DROPOUT_CASES = [
+    ("lora", {}, "linear"), ("lora", {"bypass_mode": False}, "conv2d"), ("lora", {"use_tucker": True}, "conv2d"),
+    ("lora", {"dora_wd": True}, "linear"), ("loha", {}, "linear"), ("loha", {"use_tucker": True}, "conv2d"),
+    ("lokr", {"dim": 1}, "conv2d"), ("dylora", {"dim": 4, "block_size": 4}, "linear"), ("glora", {}, "linear"),
+    ("diag-oft", {}, "linear"), ("boft", {"dim": 2}, "conv2d"),
+]
+DRAWS = 600
+
+
+def deltas(adapter, layer, x, n):
+    base = layer(x)
+    return torch.stack([adapter(x) - base for _ in range(n)])
+
+
+@pytest.mark.parametrize("algo,options,kind", DROPOUT_CASES)
+def test_dropout_is_random_in_training_unbiased_and_off_in_eval(algo, options, kind):
+    layer, x = make_layer(kind), make_input(kind)
+    adapter = randomize(make_adapter(algo, layer, dropout=0.3, **options).double())
+    adapter.eval()
+    expected = adapter(x) - layer(x)
+    assert torch.equal(adapter(x), adapter(x)), "eval must be deterministic"
+
+    adapter.train()
+    torch.manual_seed(0)
+    drawn = deltas(adapter, layer, x, DRAWS)
+    assert not torch.allclose(drawn[0], drawn[1]), "training must drop"
+    assert not torch.allclose(drawn[0], expected)
+    # inverted dropout keeps the expectation: the mean of many draws approaches the eval output
+    err = (drawn.mean(0) - expected).abs().mean() / expected.abs().mean()
+    assert err < 0.1, f"mean of {DRAWS} draws is {err:.3f} away from the eval change"
+
+
+# DyLoRA draws its rank at random anyway; DoRA keeps its magnitude rescaling undropped, so the (1 - p) rule
+# below holds only for its directional part (its dropout is covered by the test above).
+@pytest.mark.parametrize("algo,options,kind",
+                         [c for c in DROPOUT_CASES if c[0] != "dylora" and not c[1].get("dora_wd")])
+@pytest.mark.parametrize("rescale", [False, True])
+def test_rank_dropout(algo, options, kind, rescale):
+    layer, x = make_layer(kind), make_input(kind)
+    p = 0.25
+    adapter = randomize(make_adapter(algo, layer, rank_dropout=p, rank_dropout_scale=rescale, **options).double())
+    adapter.eval()
+    expected = adapter(x) - layer(x)
+    adapter.train()
+    torch.manual_seed(0)
+    drawn = deltas(adapter, layer, x, DRAWS)
+    assert not torch.allclose(drawn[0], drawn[1])
+    # LyCORIS' convention: without rank_dropout_scale the kept components are not rescaled, so the expected change
+    # shrinks to (1 - p); with it they are divided by the kept fraction, so it stays close to the eval change.
+    target = expected if rescale else (1 - p) * expected
+    err = (drawn.mean(0) - target).abs().mean() / target.abs().mean()
+    assert err < 0.1, f"mean change is {err:.3f} away from {'1' if rescale else '1 - p'} x the eval change"
+    adapter.eval()
+    torch.testing.assert_close(adapter(x) - layer(x), expected)
+
+
+@pytest.mark.parametrize("algo,options", [("lora", {}), ("ia3", {}), ("diag-oft", {}), ("full", {})])
+def test_module_dropout_skips_the_whole_adapter(algo, options):
+    layer, x = make_layer("linear"), make_input("linear")
+    adapter = randomize(make_adapter(algo, layer, module_dropout=0.4, **options).double())
+    base = layer(x)
+    adapter.train()
+    torch.manual_seed(0)
+    skipped = sum(torch.equal(adapter(x), base) for _ in range(DRAWS)) / DRAWS
+    assert abs(skipped - 0.4) < 0.06
+    adapter.eval()
+    assert not torch.equal(adapter(x), base)
+
+
+def test_dylora_trains_a_random_leading_rank_and_evaluates_the_full_rank():
+    layer, x = make_layer("linear"), make_input("linear")
+    adapter = randomize(make_adapter("dylora", layer, dim=4, alpha=2, block_size=1).double())
+    adapter.eval()
+    full = adapter(x) - layer(x)
+    up, down = adapter.lora_up.detach(), adapter.lora_down.detach()
+    # what a file cut to rank r gives: alpha / r * up[:, :r] @ down[:r]
+    truncated = [torch.nn.functional.linear(x, (up[:, :r] @ down[:r]) * (2 / r)) for r in range(1, 5)]
+    torch.testing.assert_close(full, truncated[-1])
+    adapter.train()
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(40):
+        out = adapter(x) - layer(x)
+        matches = [r for r, t in enumerate(truncated, 1) if torch.allclose(out, t)]
+        assert len(matches) == 1
+        seen.add(matches[0])
+    assert seen == {1, 2, 3, 4}
+    # only the drawn block learns: blocks before it are held fixed in that step
+    adapter.zero_grad()
+    torch.manual_seed(3)
+    adapter(x).sum().backward()
+    rows_with_grad = (adapter.lora_down.grad.abs().sum(1) > 0).nonzero().flatten().tolist()
+    assert len(rows_with_grad) == 1

@@ -1,0 +1,111 @@
+"""Bad options are errors that name the option and the value; string spellings parse as kohya writes them."""
+
+from __future__ import annotations
+
+import pytest
+import torch.nn as nn
+
+from lorakit.algos import OptionError, algorithm, make_adapter
+from lorakit.algos.options import parse_options
+
+
+@pytest.fixture
+def linear():
+    return nn.Linear(12, 8)
+
+
+@pytest.mark.parametrize("text,value", [("False", False), ("0", False), ("no", False), ("off", False),
+                                        ("true", True), ("1", True), ("YES", True), (" on ", True)])
+def test_boolean_strings(text, value):
+    options, given = parse_options(use_tucker=text)
+    assert options.use_tucker is value and given == {"use_tucker"}
+
+
+def test_numbers_from_strings_and_aliases():
+    options, given = parse_options({"dim": "8", "alpha": "4.5", "use_cp": "true", "constrain": "1e-3",
+                                    "bypass_mode": "none", "wd_on_out": "True"})
+    assert (options.dim, options.alpha, options.use_tucker, options.constraint) == (8, 4.5, True, 1e-3)
+    assert options.bypass_mode is None and options.dora_axis == "out"
+    assert given == {"dim", "alpha", "use_tucker", "constraint", "bypass_mode", "dora_axis"}
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    ({"dimm": 4}, ["dimm", "did you mean 'dim'"]),
+    ({"dim": "abc"}, ["'dim'", "'abc'", "integer"]),
+    ({"dim": 2.5}, ["'dim'", "2.5"]),
+    ({"dim": 0}, ["'dim'", ">= 1", "0"]),
+    ({"dim": True}, ["'dim'", "True"]),
+    ({"alpha": -1}, ["'alpha'", "-1"]),
+    ({"dropout": 1.5}, ["'dropout'", "1.5"]),
+    ({"rank_dropout": "x"}, ["'rank_dropout'", "'x'"]),
+    ({"use_tucker": "maybe"}, ["'use_tucker'", "'maybe'", "boolean"]),
+    ({"factor": 0}, ["'factor'", "0"]),
+    ({"block_size": 0}, ["'block_size'", "0"]),
+    ({"dora_axis": "rows"}, ["'dora_axis'", "'rows'"]),
+    ({"constraint": -0.1}, ["'constraint'", "-0.1"]),
+    ({"dim": 4, "lora_dim": 8}, ["'dim'", "twice"]),
+])
+def test_bad_values_name_the_option(kwargs, words):
+    with pytest.raises(OptionError) as err:
+        parse_options(**kwargs)
+    for word in words:
+        assert word in str(err.value)
+
+
+@pytest.mark.parametrize("algo,option,value", [
+    ("ia3", "dim", 8), ("ia3", "dropout", 0.1), ("full", "alpha", 2), ("lora", "factor", 4),
+    ("loha", "constraint", 0.1), ("diag-oft", "use_tucker", True), ("glora", "dora_wd", True),
+    ("dylora", "use_tucker", True), ("boft", "train_on_input", True), ("lokr", "block_size", 2),
+])
+def test_options_an_algorithm_does_not_accept_are_refused(linear, algo, option, value):
+    with pytest.raises(OptionError) as err:
+        make_adapter(algo, linear, **{option: value})
+    message = str(err.value)
+    assert f"'{algorithm(algo).name}'" in message and f"'{option}'" in message and repr(value) in message
+
+
+def test_lokr_factor_that_does_not_divide(linear):
+    with pytest.raises(OptionError, match=r"'factor': 5 does not divide the layer dimension (8|12)"):
+        make_adapter("lokr", linear, factor=5)
+    make_adapter("lokr", linear, factor=4)  # 4 divides 12 and 8
+
+
+def test_dylora_block_size_must_divide_dim(linear):
+    with pytest.raises(OptionError, match=r"'block_size': 3 does not divide dim 8"):
+        make_adapter("dylora", linear, dim=8, block_size=3)
+
+
+def test_boft_block_size_that_cannot_split(linear):
+    with pytest.raises(OptionError, match=r"'dim': BOFT cannot split 8 output channels"):
+        make_adapter("boft", nn.Linear(12, 8), dim=1)
+
+
+def test_unknown_algorithm_suggests(linear):
+    with pytest.raises(OptionError, match=r"unknown algo 'lokrr'.*did you mean 'lokr'"):
+        make_adapter("lokrr", linear)
+
+
+def test_algorithm_names_and_aliases():
+    assert algorithm("LoCon").name == "lora" and algorithm("OFT").name == "diag-oft"
+    assert algorithm("diag_oft").name == "diag-oft" and algorithm("native").name == "full"
+
+
+@pytest.mark.parametrize("layer,words", [
+    (nn.Embedding(4, 4), ["Embedding", "Linear, Conv1d/2d/3d"]),
+    (nn.Conv2d(4, 8, 3, groups=2), ["groups=2"]),
+    (nn.Conv2d(4, 8, 3, padding=1, padding_mode="reflect"), ["padding_mode='reflect'"]),
+])
+def test_unsupported_layers(layer, words):
+    with pytest.raises((TypeError, ValueError)) as err:
+        make_adapter("lora", layer)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_algorithm_on_the_wrong_kind_of_layer(linear):
+    with pytest.raises(ValueError, match="algo 'norm' cannot adapt a linear layer"):
+        make_adapter("norm", linear)
+    with pytest.raises(ValueError, match="algo 'lora' cannot adapt a layernorm layer"):
+        make_adapter("lora", nn.LayerNorm(8))
+    with pytest.raises(ValueError, match="affine LayerNorm"):
+        make_adapter("norm", nn.LayerNorm(8, elementwise_affine=False))

@@ -1,0 +1,46 @@
+"""A half-precision base layer with a float32 adapter keeps the adapter's small change: the change is computed
+apart from the base output instead of being added to a rounded weight."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorakit.algos import make_adapter
+
+from .conftest import CASES, make_input, make_layer, randomize
+
+
+def small_change_cases():
+    for algo, options, layers in CASES:
+        for kind in ("linear", "conv2d", "layernorm"):
+            if kind in layers and not options.get("bypass_mode") is False:
+                yield pytest.param(algo, options, kind, id=f"{algo}-{kind}-{options}")
+
+
+@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("algo,options,kind", list(small_change_cases()))
+def test_low_precision_base_keeps_the_change(low, algo, options, kind):
+    ref_layer, x = make_layer(kind), make_input(kind)
+    adapter = make_adapter(algo, ref_layer, **options).double()
+    randomize(adapter, scale=0.3).eval()
+    base = ref_layer(x)
+    # a change of about 2% of the output, as trained adapters make: set through the multiplier
+    for _ in range(6):  # BOFT's change is not linear in the multiplier: iterate
+        adapter.multiplier *= 0.02 * float(base.abs().mean() / (adapter(x) - base).abs().mean())
+    expected = adapter(x)  # float64 truth
+
+    low_layer = make_layer(kind).to(low)
+    low_adapter = make_adapter(algo, low_layer, **options)  # float32 adapter on a half-precision layer
+    low_adapter.load_state_dict({k: v.float() for k, v in adapter.state_dict().items()})
+    low_adapter.multiplier = adapter.multiplier
+    low_adapter.eval()
+    xl = x.to(low)
+    got = low_adapter(xl).double()
+    assert low_adapter(xl).dtype == low
+
+    change = (expected - ref_layer(x)).abs().mean()
+    base_error = (low_layer(xl).double() - ref_layer(x)).abs().mean()  # the layer's own rounding
+    error = (got - expected).abs().mean()
+    assert error < 0.25 * change, f"error {error:.2e} is not small against the change {change:.2e}"
+    assert error < 2 * base_error + 1e-9, f"the adapter adds error {error:.2e} beyond the layer's {base_error:.2e}"
