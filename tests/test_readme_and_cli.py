@@ -1,0 +1,36 @@
+"""README's test command is the one CI runs, and the console command answers."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import lorakit
+from lorakit.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    command = next(line for line in ci.splitlines() if line.startswith("python3 -m venv"))
+    assert command in readme
+
+
+def test_version_and_help():
+    out = subprocess.run([sys.executable, "-m", "lorakit", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == f"lorakit {lorakit.__version__}"
+    out = subprocess.run([sys.executable, "-m", "lorakit", "--help"], capture_output=True, text=True, check=True)
+    assert "usage: lorakit" in out.stdout and "algos" in out.stdout
+
+
+def test_algos_lists_each_algorithm_with_its_options(capsys):
+    assert main(["algos"]) == 0
+    text = capsys.readouterr().out
+    for name in ("lora, locon", "loha", "lokr", "ia3", "dylora", "glora", "diag-oft, oft", "boft", "full, native", "norm"):
+        assert re.search(rf"^{re.escape(name)}$", text, re.M), name
+    lokr = text.split("\nlokr\n")[1].split("\nia3")[0]
+    assert "factor" in lokr and "decompose_both" in lokr and "block_size" not in lokr
