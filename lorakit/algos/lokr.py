@@ -75,9 +75,10 @@ class LoKr(Adapter):
         self.plan = plan
         a, b, c, d, k = plan["a"], plan["b"], plan["c"], plan["d"], spec.kernel
         kn = spec.kernel_numel
+        r1, r2 = plan.get("r1", r), plan.get("r2", r)  # a file may give the two factors different ranks
         if plan["w1_low"]:
-            self.lokr_w1_a = nn.Parameter(kaiming_(torch.empty(a, r)))
-            self.lokr_w1_b = nn.Parameter(kaiming_(torch.empty(r, b)))
+            self.lokr_w1_a = nn.Parameter(kaiming_(torch.empty(a, r1)))
+            self.lokr_w1_b = nn.Parameter(kaiming_(torch.empty(r1, b)))
         else:
             self.lokr_w1 = nn.Parameter(kaiming_(torch.empty(a, b)))
         # The w2 side starts at zero (w2_b, or the whole w2): dW = 0. With a scalar, the scalar is the zero.
@@ -85,12 +86,12 @@ class LoKr(Adapter):
         if not plan["w2_low"]:
             self.lokr_w2 = nn.Parameter(zero(torch.empty(c, d, *k)))
         elif plan["tucker"]:
-            self.lokr_t2 = nn.Parameter(kaiming_(torch.empty(r, r, *k)))
-            self.lokr_w2_a = nn.Parameter(kaiming_(torch.empty(r, c)))
-            self.lokr_w2_b = nn.Parameter(zero(torch.empty(r, d)))
+            self.lokr_t2 = nn.Parameter(kaiming_(torch.empty(r2, r2, *k)))
+            self.lokr_w2_a = nn.Parameter(kaiming_(torch.empty(r2, c)))
+            self.lokr_w2_b = nn.Parameter(zero(torch.empty(r2, d)))
         else:
-            self.lokr_w2_a = nn.Parameter(kaiming_(torch.empty(c, r)))
-            self.lokr_w2_b = nn.Parameter(zero(torch.empty(r, d * kn)))
+            self.lokr_w2_a = nn.Parameter(kaiming_(torch.empty(c, r2)))
+            self.lokr_w2_b = nn.Parameter(zero(torch.empty(r2, d * kn)))
         self.scalar_key = "lokr_w1_a" if plan["w1_low"] else "lokr_w1"
         full = not plan["w1_low"] and not plan["w2_low"]
         self.set_scale(r, r if full else options.scale_alpha)
@@ -160,7 +161,8 @@ class LoKr(Adapter):
     def factor_flops(self, n):
         p, spec, r = self.plan, self.spec, self.options.dim
         a, b, c, d, kn = p["a"], p["b"], p["c"], p["d"], spec.kernel_numel
-        w2 = r * (d * kn + c) if p["w2_low"] else c * d * kn
+        r2 = p.get("r2", r)
+        w2 = r2 * (d * kn + c) if p["w2_low"] else c * d * kn
         return n * b * w2 + n * a * b * c
 
     def rebuild_flops(self):
@@ -189,5 +191,6 @@ class LoKr(Adapter):
         if dim is None:  # both full: the file's alpha is the dim it was made with (loaders ignore it)
             dim = max(1, int(float(sd["alpha"]))) if "alpha" in sd else 1
         alpha = float(sd["alpha"]) if "alpha" in sd and (w1_low or w2_low) else dim
-        shapes = {"a": a, "b": b, "c": c, "d": d, "w1_low": w1_low, "w2_low": w2_low, "tucker": tucker}
+        shapes = {"a": a, "b": b, "c": c, "d": d, "w1_low": w1_low, "w2_low": w2_low, "tucker": tucker,
+                  "r1": sd["lokr_w1_b"].shape[0] if w1_low else dim, "r2": dim}
         return {"dim": dim, "alpha": alpha, "use_tucker": tucker, "shapes": shapes}

@@ -1,0 +1,72 @@
+"""Building adapters from tensors alone: shapes other tools write, and clear errors for tensors that do not fit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from lorakit.algos import adapter_from_state_dict, detect_algorithm, make_adapter
+
+from .conftest import make_input, make_layer
+from .test_contract import ui_forward
+
+
+def test_lokr_factors_of_different_ranks():
+    layer, x = make_layer("linear"), make_input("linear")  # 8 x 12 = kron((2 x 3), (4 x 4))
+    torch.manual_seed(0)
+    sd = {"lokr_w1_a": torch.randn(2, 1), "lokr_w1_b": torch.randn(1, 3), "lokr_w2_a": torch.randn(4, 3),
+          "lokr_w2_b": torch.randn(3, 4), "alpha": torch.tensor(1.5)}
+    sd = {k: v.double() for k, v in sd.items()}
+    adapter = adapter_from_state_dict(layer, sd).eval()
+    torch.testing.assert_close(adapter(x), ui_forward(layer, sd, x, 1.0))
+    assert adapter.state_dict().keys() == sd.keys()
+
+
+def test_detects_each_algorithm_from_its_keys():
+    linear = nn.Linear(12, 8)
+    for algo in ("lora", "loha", "lokr", "ia3", "glora", "diag-oft", "boft", "full"):
+        options = {"dim": 2} if algo == "boft" else {}
+        sd = make_adapter(algo, linear, **options).state_dict()
+        assert detect_algorithm(sd).name == algo
+    assert detect_algorithm(make_adapter("norm", nn.LayerNorm(8)).state_dict()).name == "norm"
+    assert detect_algorithm(make_adapter("dylora", linear).state_dict()).name == "lora"  # DyLoRA files are LoRA files
+
+
+def test_unknown_tensors():
+    with pytest.raises(ValueError, match=r"no adapter algorithm has the tensors \['foo', 'bar'\]|\['bar', 'foo'\]"):
+        detect_algorithm({"foo": torch.zeros(1), "bar": torch.zeros(1)})
+
+
+def test_missing_and_unexpected_tensors_are_named():
+    linear = nn.Linear(12, 8)
+    sd = make_adapter("lora", linear, dim=4).state_dict()
+    adapter = make_adapter("lora", linear, dim=4)
+    broken = dict(sd)
+    del broken["lora_up.weight"]
+    broken["lora_upp.weight"] = torch.zeros(8, 4)
+    with pytest.raises(RuntimeError) as err:
+        adapter.load_state_dict(broken)
+    assert "lora_up.weight" in str(err.value) and "lora_upp.weight" in str(err.value)
+
+
+def test_shape_mismatch_names_the_tensor_and_both_shapes():
+    conv = nn.Conv2d(6, 8, 3)
+    sd = make_adapter("lora", conv, dim=4).state_dict()
+    adapter = make_adapter("lora", conv, dim=2)
+    with pytest.raises(RuntimeError, match=r"lora_down.weight: file has shape \(4, 6, 3, 3\), this adapter expects "
+                                           r"\(2, 6, 3, 3\)"):
+        adapter.load_state_dict(sd)
+
+
+def test_lokr_tensors_for_another_layer():
+    sd = make_adapter("lokr", nn.Linear(12, 8)).state_dict()
+    with pytest.raises(ValueError, match=r"do not make the layer's 8x16 weight"):
+        adapter_from_state_dict(nn.Linear(16, 8), sd)
+
+
+def test_dora_axis_is_read_from_the_shape():
+    linear = nn.Linear(12, 8)
+    for axis in ("in", "out"):
+        sd = make_adapter("lora", linear, dora_wd=True, dora_axis=axis).state_dict()
+        assert adapter_from_state_dict(linear, sd).options.dora_axis == axis
