@@ -1,0 +1,217 @@
+"""Reading and writing .safetensors files: atomic saves, clear errors, memory-mapped loads.
+
+Layout of a safetensors file: 8 bytes little-endian header length N, N bytes of JSON header
+({name: {dtype, shape, data_offsets}, "__metadata__": {str: str}}), then the tensor data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from typing import Mapping
+
+import safetensors
+import safetensors.torch
+import torch
+
+# safetensors refuses headers above 100 MB; a bigger length field means garbage.
+MAX_HEADER_BYTES = 100_000_000
+# First bytes of a torch.save zip file and of a plain pickle (protocol 2..5).
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_MAGICS = tuple(bytes([0x80, p]) for p in range(2, 6))
+
+
+class SafetensorsFileError(ValueError):
+    """A file that cannot be read as safetensors; the message names the file and the problem."""
+
+
+def check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str] | None:
+    """Return metadata as a plain dict after checking it is str -> str (safetensors stores only strings)."""
+    if metadata is None:
+        return None
+    if not isinstance(metadata, Mapping):
+        raise TypeError(f"metadata must be a dict of str -> str, got {type(metadata).__name__}")
+    for key, value in metadata.items():
+        if not isinstance(key, str):
+            raise TypeError(f"metadata key {key!r} must be a str, got {type(key).__name__}")
+        if not isinstance(value, str):
+            raise TypeError(
+                f"metadata[{key!r}] must be a str, got {type(value).__name__} {value!r}; "
+                "convert it (json.dumps for lists and dicts) before saving"
+            )
+    return dict(metadata)
+
+
+def prepare_tensors(
+    tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU tensors ready for safetensors; floating ones cast to dtype.
+
+    Integer and bool tensors keep their dtype; shapes (0-d `alpha` included) are kept.
+    A tensor sharing storage with an earlier one is cloned, since safetensors refuses shared tensors.
+    """
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype such as torch.float16, got {dtype!r}")
+    out: dict[str, torch.Tensor] = {}
+    seen_storages: set[int] = set()
+    for key, t in tensors.items():
+        if not isinstance(key, str):
+            raise TypeError(f"tensor name {key!r} must be a str, got {type(key).__name__}")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"tensors[{key!r}] must be a torch.Tensor, got {type(t).__name__}")
+        if t.device.type == "meta":
+            raise ValueError(f"tensors[{key!r}] is on the meta device and holds no data to save")
+        t = t.detach()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        t = t.to("cpu").contiguous()
+        if t.numel() > 0:
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in seen_storages:
+                t = t.clone()
+                ptr = t.untyped_storage().data_ptr()
+            seen_storages.add(ptr)
+        out[key] = t
+    return out
+
+
+def save_file(
+    tensors: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    metadata: Mapping[str, str] | None = None,
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Write tensors (floating ones cast to dtype) and str metadata to path, atomically.
+
+    The file is written next to its destination under a temporary name and renamed into place,
+    so an error or Ctrl-C never leaves a half-written file at path. Parent folders are created.
+    """
+    path = os.fspath(path)
+    prepared = prepare_tensors(tensors, dtype)
+    meta = check_metadata(metadata)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path}: is a folder; expected a file path to save the tensors to")
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    # A unique name in the same folder: os.replace is atomic only within one file system.
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        safetensors.torch.save_file(prepared, tmp, metadata=meta)
+        with open(tmp, "rb") as f:  # flush to disk before the rename makes it visible
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def read_header(path: str | os.PathLike) -> dict:
+    """Parse and check the JSON header of a safetensors file without reading tensor data.
+
+    Raises FileNotFoundError or SafetensorsFileError naming the file and what was expected.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file (expected a .safetensors file)")
+    if os.path.isdir(path):
+        raise SafetensorsFileError(f"{path}: is a folder, expected a .safetensors file")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if head.startswith(_ZIP_MAGIC) or head[:2] in _PICKLE_MAGICS:
+            raise SafetensorsFileError(
+                f"{path}: is a PyTorch pickle checkpoint (.ckpt/.pt/.bin), not a safetensors file; "
+                "lorakit does not unpickle files because unpickling can run code. "
+                "Convert it to .safetensors with a tool you trust."
+            )
+        if len(head) < 8:
+            raise SafetensorsFileError(
+                f"{path}: is {size} bytes, too short for a safetensors file "
+                "(expected an 8-byte header length followed by a JSON header)"
+            )
+        n = int.from_bytes(head, "little")
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise SafetensorsFileError(
+                f"{path}: not a safetensors file, or truncated: its first 8 bytes give a header length "
+                f"of {n} bytes but the file has {size - 8} bytes after them"
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SafetensorsFileError(
+            f"{path}: not a safetensors file, or its header is corrupt: the {n}-byte header is not JSON ({e})"
+        ) from None
+    if not isinstance(header, dict):
+        raise SafetensorsFileError(f"{path}: corrupt header: expected a JSON object, got {type(header).__name__}")
+    _check_entries(path, header, data_size=size - 8 - n)
+    return header
+
+
+def _check_entries(path: str, header: dict, data_size: int) -> None:
+    """Check each header entry's form and that the data section is exactly as long as promised."""
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise SafetensorsFileError(f"{path}: corrupt header: '__metadata__' must map str to str")
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        ok = (
+            isinstance(info, dict)
+            and isinstance(info.get("dtype"), str)
+            and isinstance(info.get("shape"), list)
+            and all(isinstance(d, int) and d >= 0 for d in info["shape"])
+            and isinstance(info.get("data_offsets"), list)
+            and len(info["data_offsets"]) == 2
+            and all(isinstance(o, int) for o in info["data_offsets"])
+            and 0 <= info["data_offsets"][0] <= info["data_offsets"][1]
+        )
+        if not ok:
+            raise SafetensorsFileError(
+                f"{path}: corrupt header entry for tensor {name!r}: expected "
+                f"{{'dtype': str, 'shape': [int, ...], 'data_offsets': [start, end]}}, got {info!r}"
+            )
+        end = max(end, info["data_offsets"][1])
+    if end > data_size:
+        raise SafetensorsFileError(
+            f"{path}: truncated: the header describes {end} bytes of tensor data but the file holds {data_size}"
+        )
+    if end < data_size:
+        raise SafetensorsFileError(
+            f"{path}: corrupt: the header describes {end} bytes of tensor data but the file holds {data_size}"
+        )
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file (empty if none), reading only the header."""
+    return dict(read_header(path).get("__metadata__", {}))
+
+
+def load_file(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load all tensors and the metadata of a safetensors file through a memory map.
+
+    Returns (tensors, metadata). Errors name the file: missing, a pickle checkpoint, truncated or corrupt.
+    """
+    path = os.fspath(path)
+    header = read_header(path)  # clear errors before safetensors' terse ones
+    try:
+        with safetensors.safe_open(path, framework="pt", device=str(device)) as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors' own checks (unknown dtype, overlapping offsets, ...)
+        raise SafetensorsFileError(f"{path}: cannot be read as safetensors: {e}") from e
+    return tensors, dict(header.get("__metadata__", {}))
+
+
+def find_non_finite(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating tensors that hold a NaN or an infinity, in the mapping's order."""
+    bad = []
+    for name, t in tensors.items():
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            bad.append(name)
+    return bad

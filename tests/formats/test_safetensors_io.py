@@ -1,0 +1,227 @@
+"""safetensors I/O: round trips, dtype casts, atomic saves and errors that name the file."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+
+import pytest
+import safetensors.torch
+import torch
+
+from lorakit.formats import safetensors_io as sio
+from lorakit.formats.safetensors_io import SafetensorsFileError
+
+
+def lora_tensors():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "lora_unet_x.lora_down.weight": torch.randn(4, 16, generator=g),
+        "lora_unet_x.lora_up.weight": torch.randn(16, 4, generator=g),
+        "lora_unet_x.alpha": torch.tensor(4.0),
+        "steps": torch.tensor([3, 5], dtype=torch.int64),
+        "mask": torch.tensor([True, False]),
+    }
+
+
+def test_round_trip_keeps_values_shapes_and_metadata(tmp_path):
+    path = tmp_path / "a.safetensors"
+    tensors = lora_tensors()
+    sio.save_file(tensors, path, {"ss_network_dim": "4", "note": "ü"})
+    loaded, meta = sio.load_file(path)
+    assert meta == {"ss_network_dim": "4", "note": "ü"}
+    assert loaded.keys() == tensors.keys()
+    for k, t in tensors.items():
+        assert loaded[k].dtype == t.dtype and loaded[k].shape == t.shape
+        assert torch.equal(loaded[k], t)
+    assert sio.read_metadata(path) == meta
+
+
+def test_dtype_casts_floats_only_and_keeps_0d(tmp_path):
+    path = tmp_path / "h.safetensors"
+    sio.save_file(lora_tensors(), path, dtype=torch.float16)
+    loaded, meta = sio.load_file(path)
+    assert meta == {}
+    assert loaded["lora_unet_x.lora_up.weight"].dtype == torch.float16
+    assert loaded["lora_unet_x.alpha"].dtype == torch.float16 and loaded["lora_unet_x.alpha"].shape == ()
+    assert loaded["lora_unet_x.alpha"].item() == 4.0
+    assert loaded["steps"].dtype == torch.int64 and loaded["mask"].dtype == torch.bool
+
+
+def test_non_contiguous_shared_and_grad_tensors_are_saved(tmp_path):
+    base = torch.arange(12.0).reshape(3, 4).requires_grad_()
+    tensors = {"t": base.t(), "a": base, "row": base[1], "same": base}
+    path = tmp_path / "s.safetensors"
+    sio.save_file(tensors, path)  # safetensors alone refuses shared, non-contiguous or grad tensors
+    loaded, _ = sio.load_file(path)
+    for k, t in tensors.items():
+        assert torch.equal(loaded[k], t.detach())
+
+
+def test_bad_metadata_names_the_key(tmp_path):
+    path = tmp_path / "m.safetensors"
+    with pytest.raises(TypeError, match="ss_network_dim"):
+        sio.save_file({"a": torch.ones(1)}, path, {"ss_network_dim": 4})
+    with pytest.raises(TypeError, match="metadata key 3"):
+        sio.save_file({"a": torch.ones(1)}, path, {3: "x"})
+    assert not path.exists()
+
+
+def test_bad_tensors_and_dtype_are_named(tmp_path):
+    path = tmp_path / "b.safetensors"
+    with pytest.raises(TypeError, match="'w'"):
+        sio.save_file({"w": [1.0]}, path)
+    with pytest.raises(ValueError, match="meta device"):
+        sio.save_file({"w": torch.empty(2, device="meta")}, path)
+    with pytest.raises(TypeError, match="floating torch.dtype"):
+        sio.save_file({"w": torch.ones(2)}, path, dtype=torch.int8)
+
+
+def test_save_creates_parent_folders_and_replaces(tmp_path):
+    path = tmp_path / "deep" / "er" / "x.safetensors"
+    sio.save_file({"a": torch.ones(2)}, path, {"v": "1"})
+    sio.save_file({"a": torch.zeros(3)}, path, {"v": "2"})
+    loaded, meta = sio.load_file(path)
+    assert meta == {"v": "2"} and torch.equal(loaded["a"], torch.zeros(3))
+    assert os.listdir(path.parent) == ["x.safetensors"]  # no temporary files left
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("disk full"), KeyboardInterrupt()])
+def test_failed_save_leaves_old_file_and_no_temp(tmp_path, monkeypatch, exc):
+    path = tmp_path / "x.safetensors"
+    sio.save_file({"a": torch.ones(2)}, path, {"v": "old"})
+
+    def write_half_then_fail(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half")
+        raise exc
+
+    monkeypatch.setattr(sio.safetensors.torch, "save_file", write_half_then_fail)
+    with pytest.raises(type(exc)):
+        sio.save_file({"a": torch.zeros(5)}, path, {"v": "new"})
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["x.safetensors"]
+    assert sio.read_metadata(path) == {"v": "old"}
+
+
+def test_save_to_a_folder_is_refused(tmp_path):
+    with pytest.raises(IsADirectoryError, match=str(tmp_path)):
+        sio.save_file({"a": torch.ones(1)}, tmp_path)
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.safetensors"
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        sio.load_file(path)
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        sio.read_metadata(path)
+
+
+def _saved(tmp_path, name="t.safetensors"):
+    path = tmp_path / name
+    sio.save_file({"a": torch.arange(100.0), "b": torch.ones(3, 3)}, path, {"k": "v"})
+    return path, path.read_bytes()
+
+
+@pytest.mark.parametrize(
+    "cut, expected",
+    [(5, "too short"), (12, "header length"), (-1, "truncated: the header describes"), (-300, "truncated")],
+)
+def test_truncated_file_is_named(tmp_path, cut, expected):
+    path, data = _saved(tmp_path)
+    path.write_bytes(data[:cut])
+    with pytest.raises(SafetensorsFileError, match=expected) as err:
+        sio.load_file(path)
+    assert str(path) in str(err.value)
+
+
+def test_trailing_bytes_are_corrupt(tmp_path):
+    path, data = _saved(tmp_path)
+    path.write_bytes(data + b"\0" * 8)
+    with pytest.raises(SafetensorsFileError, match="corrupt"):
+        sio.load_file(path)
+
+
+def test_garbage_file(tmp_path):
+    path = tmp_path / "g.safetensors"
+    path.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(SafetensorsFileError, match="not a safetensors file") as err:
+        sio.load_file(path)
+    assert str(path) in str(err.value)
+
+
+def test_header_that_is_not_json(tmp_path):
+    path = tmp_path / "j.safetensors"
+    body = b"{not json at all}"
+    path.write_bytes(struct.pack("<Q", len(body)) + body)
+    with pytest.raises(SafetensorsFileError, match="not JSON"):
+        sio.read_metadata(path)
+
+
+def test_corrupt_header_entry_names_tensor(tmp_path):
+    path = tmp_path / "e.safetensors"
+    body = b'{"w":{"dtype":"F32","shape":[2],"data_offsets":[8]}}'
+    path.write_bytes(struct.pack("<Q", len(body)) + body + b"\0" * 8)
+    with pytest.raises(SafetensorsFileError, match="'w'"):
+        sio.load_file(path)
+
+
+def test_unknown_dtype_is_wrapped_with_file_name(tmp_path):
+    path = tmp_path / "d.safetensors"
+    body = b'{"w":{"dtype":"XX","shape":[2],"data_offsets":[0,8]}}'
+    path.write_bytes(struct.pack("<Q", len(body)) + body + b"\0" * 8)
+    with pytest.raises(SafetensorsFileError, match="d.safetensors"):
+        sio.load_file(path)
+
+
+@pytest.mark.parametrize("how", ["torch.save", "pickle"])
+def test_pickle_checkpoint_is_recognised(tmp_path, how):
+    path = tmp_path / "model.ckpt"
+    sd = {"w": torch.ones(2)}
+    if how == "torch.save":
+        torch.save(sd, path)
+    else:
+        path.write_bytes(pickle.dumps({"w": [1.0, 2.0]}, protocol=4))
+    with pytest.raises(SafetensorsFileError, match="pickle checkpoint") as err:
+        sio.load_file(path)
+    assert "model.ckpt" in str(err.value)
+
+
+def test_read_metadata_reads_only_the_header(tmp_path, monkeypatch):
+    path, _ = _saved(tmp_path)
+    monkeypatch.setattr(sio.safetensors, "safe_open", None)  # would fail if tensors were opened
+    assert sio.read_metadata(path) == {"k": "v"}
+
+
+def test_load_uses_safe_open_memory_map(tmp_path, monkeypatch):
+    path, _ = _saved(tmp_path)
+    opened = []
+    real = sio.safetensors.safe_open
+
+    def spy(*args, **kwargs):
+        opened.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sio.safetensors, "safe_open", spy)
+    tensors, _ = sio.load_file(path)
+    assert opened == [str(path)] and torch.equal(tensors["a"], torch.arange(100.0))
+
+
+def test_file_written_by_safetensors_itself_loads(tmp_path):
+    path = tmp_path / "ref.safetensors"
+    safetensors.torch.save_file({"x": torch.ones(2, 2)}, str(path))  # no metadata at all
+    tensors, meta = sio.load_file(path)
+    assert meta == {} and torch.equal(tensors["x"], torch.ones(2, 2))
+
+
+def test_find_non_finite():
+    tensors = {
+        "ok": torch.ones(3),
+        "nan": torch.tensor([1.0, float("nan")]),
+        "inf": torch.tensor([float("-inf")], dtype=torch.float16),
+        "int": torch.tensor([1, 2]),
+        "alpha": torch.tensor(float("inf")),
+    }
+    assert sio.find_non_finite(tensors) == ["nan", "inf", "alpha"]
+    assert sio.find_non_finite({"a": torch.zeros(2, 2)}) == []
