@@ -343,6 +343,9 @@ class Adapter(nn.Module):
                     self._load_alpha(float(value))
                     continue
                 target = self._param_for_key(key)
+                if target.shape != value.shape and value.numel() == target.numel() and value.dim() and \
+                        value.shape[0] == target.shape[0]:
+                    value = value.reshape(target.shape)  # e.g. a conv's lora_up saved as (out, dim), as UIs accept
                 if target.shape != value.shape:
                     error_msgs.append(f"{prefix}{key}: file has shape {tuple(value.shape)}, "
                                       f"this adapter expects {tuple(target.shape)}")

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass, field
+import random
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -28,8 +29,8 @@ os.environ.setdefault("LYCORIS_KERNEL_TUNE", "off")
 pytest.importorskip("lycoris")
 
 from lycoris.modules import (  # noqa: E402
-    ButterflyOFTModule, DiagOFTModule, FullModule, GLoRAModule, IA3Module, LoConModule, LohaModule, LokrModule,
-    NormModule, get_module, make_module,
+    ButterflyOFTModule, DiagOFTModule, DyLoraModule, FullModule, GLoRAModule, IA3Module, LoConModule, LohaModule,
+    LokrModule, NormModule, get_module, make_module,
 )
 
 from lorakit.algos import adapter_from_state_dict, algorithm, make_adapter  # noqa: E402
@@ -62,7 +63,6 @@ class Case:
     # How LyCORIS reads a lorakit file: "factory" = get_module + make_module (what create_lycoris_from_weights
     # does); "ctor" = constructor with the file's alpha + load_state_dict, where the factory is broken.
     load: str = "factory"
-    marks: tuple = field(default=())
 
 
 CASES = [
@@ -77,6 +77,8 @@ CASES = [
     # The factory does not infer wd_on_out (it always builds a per-row dora_scale), so a column one needs the ctor.
     Case("lora-dora-in", "lora", dict(lora_dim=4, alpha=2.0, weight_decompose=True, wd_on_out=False), LoConModule,
          LIN_CONV, (1.0,), "ctor"),
+    # lorakit saves DyLoRA as the LoRA of its full rank: LyCORIS reads it as LoCon (its own DyLoRA files: below).
+    Case("dylora", "dylora", dict(lora_dim=4, alpha=2.0, block_size=2), LoConModule, LIN_CONV),
     Case("loha", "loha", dict(lora_dim=4, alpha=2.0), LohaModule),
     Case("loha-tucker", "loha", dict(lora_dim=4, alpha=2.0, use_tucker=True), LohaModule, CONVS),
     Case("loha-dora-out", "loha", dict(lora_dim=4, alpha=2.0, weight_decompose=True, wd_on_out=True), LohaModule,
@@ -116,7 +118,7 @@ CASES = [
 
 
 def params(cases):
-    return [pytest.param(c, kind, id=f"{c.id}-{kind}", marks=c.marks) for c in cases for kind in c.layers]
+    return [pytest.param(c, kind, id=f"{c.id}-{kind}") for c in cases for kind in c.layers]
 
 
 # ----- helpers ------------------------------------------------------------------------------------------------------
@@ -151,7 +153,7 @@ def randomize(module, seed=2):
 
 def assert_same(actual, expected, msg=""):
     scale = float(expected.abs().max())
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5 * scale, msg=msg or None)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5 * scale, msg=lambda m: f"{msg}\n{m}")
 
 
 def assert_differs(a, b, what):
@@ -228,7 +230,12 @@ def test_lorakit_file_gives_the_same_forward_in_lycoris(case, kind):
 
 
 # ----- LyCORIS file -> lorakit ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("case,kind", params([c for c in CASES if not c.opts.get("constraint")]))
+# Not here: DyLoRA (LyCORIS' forward is random, see below) and constrained OFT/BOFT (LyCORIS trains them
+# differently from what its files say, see below).
+LYCORIS_FILES = [c for c in CASES if c.algo != "dylora" and not c.opts.get("constraint")]
+
+
+@pytest.mark.parametrize("case,kind", params(LYCORIS_FILES))
 def test_lycoris_file_gives_the_same_forward_in_lorakit(case, kind):
     layer, x = make_layer(kind), make_input(kind)
     lyco = randomize(case.lyco("lyco", copy.deepcopy(layer), **case.opts))
@@ -284,8 +291,7 @@ def test_lycoris_merges_loha_lokr_at_scale_squared(algo, opts, cls, kind):
     lyco = lycoris_from_lorakit_file(Case(algo, algo, opts, cls), copy.deepcopy(layer), sd)
     w = layer.weight.detach().clone()
     ui = ui_delta(sd, w)[0].float()
-    scale = opts["alpha"] / opts["lora_dim"]
-    assert scale != 1
+    scale = opts["alpha"] / opts["lora_dim"]  # 0.5
     with torch.no_grad():
         lyco_merged = lyco.get_merged_weight(1.0, shape=w.shape)[0] - w
         assert_same(lyco_merged, scale * ui, "LyCORIS merge at scale^2")
@@ -297,8 +303,27 @@ def test_lycoris_merges_loha_lokr_at_scale_squared(algo, opts, cls, kind):
         adapter.unmerge()
 
 
+@pytest.mark.parametrize("kind", LIN_CONV)
+def test_lycoris_dylora_file_acts_as_the_lora_it_holds_in_lorakit(kind):
+    """LyCORIS' DyLoRA draws a random rank block in eval too (and scales it by alpha / (block + 1)), so its forward
+    is no function of its file. The file holds plain LoRA keys (lora_up 2-d even for a conv); the UIs apply it as
+    the LoRA of the full rank, and so must lorakit."""
+    layer, x = make_layer(kind), make_input(kind)
+    lyco = randomize(DyLoraModule("lyco", copy.deepcopy(layer), lora_dim=8, alpha=4.0, block_size=2))
+    random.seed(0)  # LyCORIS draws the block with the random module
+    with torch.no_grad():
+        outs = [lyco(x) for _ in range(6)]
+    assert any(not torch.allclose(outs[0], y) for y in outs[1:]), "LyCORIS' DyLoRA eval forward is random"
+    sd = lycoris_saved_file(lyco)
+    adapter = adapter_from_state_dict(layer, sd).eval()
+    with torch.no_grad():
+        for m in (1.0, 0.7):
+            adapter.multiplier = m
+            assert_same(adapter(x), ui_forward(layer, sd, x, m).float(), f"multiplier {m}")
+
+
 # ----- LyCORIS' bypass mode, where its math is the UIs' (no bias to rotate or scale) ---------------------------------
-BYPASS = [c for c in CASES if c.algo in ("lora", "loha", "lokr", "glora", "ia3", "diag-oft", "boft")
+BYPASS = [c for c in CASES if c.algo in ("lora", "dylora", "loha", "lokr", "glora", "ia3", "diag-oft", "boft")
           and "weight_decompose" not in c.opts]  # DoRA is ignored in LyCORIS bypass
 
 
