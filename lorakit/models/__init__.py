@@ -1,0 +1,1 @@
+"""Stable Diffusion models: offline configs, loading from single files or diffusers folders."""

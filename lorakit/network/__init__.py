@@ -1,0 +1,1 @@
+"""Which layers of a model get adapters: targets, presets, names, SD blocks, applying and saving."""
