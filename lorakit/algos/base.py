@@ -40,6 +40,8 @@ class Adapter(nn.Module):
     # Algorithms whose dropouts act on their own rank axis (LoRA) apply them inside delta_forward;
     # for the others the base drops channels of the delta output.
     dropout_on_output: ClassVar[bool] = True
+    # LoRA+: the output-side factors ("B") that train with a higher learning rate
+    plus_params: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, layer: nn.Module, options: AdapterOptions | Mapping[str, Any] | None = None, **kwargs):
         super().__init__()
@@ -140,6 +142,10 @@ class Adapter(nn.Module):
         y = self._org_forward(x, *args, **kwargs)
         w = self.base_weight()
         return y + self.spec.op(u.to(w.dtype), w).to(y.dtype)
+
+    def plus_parameters(self) -> list[nn.Parameter]:
+        """The parameters LoRA+ gives the higher learning rate (empty where the algorithm has no B factor)."""
+        return [p for n, p in self.named_parameters() if n in self.plus_params]
 
     def _scalar(self):
         return 1.0 if self.scalar is None else self.scalar

@@ -20,6 +20,7 @@ class GLoRA(Adapter):
     detect_keys = ("a1.weight",)
     accepts = frozenset({"dim", "alpha", "dropout", "rank_dropout", "rank_dropout_scale", "use_scalar", "rs_lora"})
     scalar_key = "b1.weight"
+    plus_params = ("a1", "b1")
     dropout_on_output = False
 
     def build(self, options):

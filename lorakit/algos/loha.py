@@ -28,6 +28,7 @@ class LoHa(Adapter):
     detect_keys = ("hada_w1_a",)
     accepts = LOW_RANK_OPTIONS | {"use_tucker"}
     scalar_key = "hada_w1_a"
+    plus_params = ("hada_w1_a", "hada_w2_a")
 
     def build(self, options):
         spec, r = self.spec, options.dim

@@ -48,8 +48,12 @@ class LoKr(Adapter):
     detect_keys = ("lokr_w1", "lokr_w1_a", "lokr_w2", "lokr_w2_a")
     accepts = LOW_RANK_OPTIONS | {"use_tucker", "factor", "decompose_both", "full_matrix", "unbalanced_factorization"}
 
-    def __init__(self, layer, options=None, *, shapes: dict | None = None, **kwargs):
+    plus_params = ("lokr_w2", "lokr_w2_a")  # the larger factor's output side
+
+    def __init__(self, layer, options=None, *, shapes: dict | None = None, strict_factor: bool = True, **kwargs):
         object.__setattr__(self, "_file_shapes", shapes)  # set by from_state_dict: the file's exact layout
+        # On a whole network a factor that does not divide some layer falls back to LyCORIS' split for it
+        object.__setattr__(self, "_strict_factor", strict_factor)
         super().__init__(layer, options, **kwargs)
 
     def _plan(self, options) -> dict:
@@ -60,7 +64,8 @@ class LoKr(Adapter):
         b, d = factorization(spec.in_dim, options.factor)
         if options.unbalanced_factorization:
             a, c = c, a
-        if options.factor > 0 and (spec.out_dim % options.factor or spec.in_dim % options.factor):
+        if self._strict_factor and options.factor > 0 and (spec.out_dim % options.factor or
+                                                           spec.in_dim % options.factor):
             bad = spec.out_dim if spec.out_dim % options.factor else spec.in_dim
             raise OptionError(f"option 'factor': {options.factor} does not divide the layer dimension {bad} "
                               f"(use -1 for the smallest factorisation)")

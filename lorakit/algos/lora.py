@@ -28,6 +28,7 @@ class LoRA(Adapter):
     detect_keys = ("lora_up.weight", "lora_down.weight")
     accepts = LOW_RANK_OPTIONS | {"use_tucker"}
     scalar_key = "lora_up.weight"
+    plus_params = ("lora_up",)
     dropout_on_output = False
 
     def build(self, options):

@@ -1,0 +1,152 @@
+"""create_network: put adapters on the layers a preset selects, with per-block dims and lr weights."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import torch.nn as nn
+
+from ..algos import OptionError, algorithm, make_adapter
+from ..algos.base import COMMON_OPTIONS
+from ..algos.options import parse_options
+from .blocks import KOHYA_SD25, KOHYA_SDXL23, kohya_block_dims_alphas, parse_kohya_block_lr_kwargs
+from .config import NetworkConfig, split_network_kwargs
+from .names import GENERIC_PREFIX, NameIndex, detect_arch
+from .network import Entry, Network
+from .presets import Preset, load_preset
+from .targets import NORMS, Selected, select
+
+log = logging.getLogger(__name__)
+_COMPONENTS = ("text_encoder", "text_encoder_2")
+
+
+def _is_sd_unet(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    return hasattr(config, "get") and bool(config.get("down_block_types")) and hasattr(model, "down_blocks")
+
+
+def create_network(model: nn.Module, text_encoders: Sequence[nn.Module] | nn.Module | None = None,
+                   **kwargs: Any) -> Network:
+    """Adapters on a Stable Diffusion U-Net (and its text encoders), or on any nn.Module.
+
+    kwargs: the network options (algo, preset, dim, alpha, conv_dim, conv_alpha, train_norm, multiplier, block_dims,
+    block_alphas, conv_block_dims, conv_block_alphas, down/mid/up_lr_weight, block_lr_zero_threshold, loraplus_*)
+    and any adapter option (dropout, factor, dora_wd, ...), with kohya's and LyCORIS' spellings."""
+    config, options = split_network_kwargs(kwargs)
+    cls = algorithm(config.algo)
+    parse_options(options)  # unknown or badly typed adapter options fail here, before any layer is touched
+    refused = sorted(set(parse_options(options)[1]) - (COMMON_OPTIONS | cls.accepts))
+    if refused:
+        raise OptionError(f"algo '{cls.name}' does not accept option '{refused[0]}' (given {options.get(refused[0])!r});"
+                          f" it accepts: {', '.join(sorted(COMMON_OPTIONS | cls.accepts))}")
+    preset = load_preset(config.preset)
+    if isinstance(text_encoders, nn.Module):
+        text_encoders = [text_encoders]
+    text_encoders = list(text_encoders or [])
+
+    if _is_sd_unet(model) or text_encoders:
+        arch = detect_arch(model, text_encoders)
+        index = NameIndex.for_sd(model, text_encoders, arch)
+        selected = select("unet", model, preset, preset.unet_target_module, preset.unet_target_name)
+        for component, te in zip(_COMPONENTS, text_encoders):
+            selected += select(component, te, preset, preset.text_encoder_target_module,
+                               preset.text_encoder_target_name)
+    else:
+        arch = None
+        prefix = preset.lora_prefix or GENERIC_PREFIX
+        index = NameIndex.for_model(model, prefix=prefix)
+        everything = not (preset.target_module or preset.target_name)
+        selected = select("model", model, preset, preset.target_module, preset.target_name, everything)
+
+    plan = _BlockPlan(config, arch, index, selected)
+    adapters, entries = {}, {}
+    for item in selected:
+        made = _make(item, config, cls.name, options, plan, preset)
+        if made is None:
+            continue
+        name = index.name_of(item.component, item.path)
+        adapters[name], entries[name] = made, Entry(item.component, item.path)
+    if not adapters:
+        raise ValueError(f"preset '{preset.name}' selected no layer of this model for algo '{cls.name}' "
+                         f"(dim={config.dim}, conv_dim={config.conv_dims[0]})")
+    loraplus = {"all": config.loraplus_lr_ratio, "unet": config.loraplus_unet_lr_ratio,
+                "te": config.loraplus_text_encoder_lr_ratio}
+    network = Network(adapters, entries, arch, config.multiplier, plan.lr_weights, loraplus)
+    network.config = config
+    return network
+
+
+class _BlockPlan:
+    """kohya's per-block dims/alphas and lr weights, resolved per selected U-Net layer."""
+
+    def __init__(self, config: NetworkConfig, arch: str | None, index: NameIndex, selected: list[Selected]):
+        self.dims: dict[str, tuple] = {}
+        self.lr_weights: dict[str, float] = {}
+        per_block = any(v is not None for v in (config.block_dims, config.block_alphas, config.conv_block_dims,
+                                                config.conv_block_alphas, config.down_lr_weight,
+                                                config.mid_lr_weight, config.up_lr_weight))
+        if not per_block:
+            return
+        if arch is None:
+            raise OptionError("block_dims, block_alphas, conv_block_* and *_lr_weight need a Stable Diffusion U-Net")
+        sdxl = arch == "sdxl"
+        layout = KOHYA_SDXL23 if sdxl else KOHYA_SD25
+        lr = parse_kohya_block_lr_kwargs(sdxl, {"down_lr_weight": config.down_lr_weight,
+                                                "mid_lr_weight": config.mid_lr_weight,
+                                                "up_lr_weight": config.up_lr_weight,
+                                                "block_lr_zero_threshold": config.block_lr_zero_threshold})
+        conv_dim, conv_alpha = config.conv_dims
+        dims = kohya_block_dims_alphas(sdxl, config.dim, config.alpha, config.block_dims, config.block_alphas,
+                                       conv_dim, conv_alpha, config.conv_block_dims, config.conv_block_alphas, lr)
+        for item in selected:
+            if item.component != "unet":
+                continue
+            i = layout.index(item.path, "unet")
+            if i is None:
+                continue
+            name = index.name_of(item.component, item.path)
+            if lr is not None:
+                self.lr_weights[name] = lr[i]
+            self.dims[item.path] = tuple(v[i] if v is not None else None for v in dims)
+
+
+def _make(item: Selected, config: NetworkConfig, algo: str, options: dict, plan: _BlockPlan, preset: Preset):
+    module = item.module
+    override = dict(item.override or {})
+    if isinstance(module, NORMS):
+        if not config.train_norm:
+            return None
+        algo, dim, alpha = "norm", None, None
+    else:
+        conv_k = isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and any(k != 1 for k in module.kernel_size)
+        block = plan.dims.get(item.path) if item.component == "unet" else None
+        if conv_k:
+            if not preset.enable_conv:
+                return None
+            dim, alpha = config.conv_dims
+            if block is not None and block[2] is not None:
+                dim, alpha = block[2], block[3]
+        else:
+            dim, alpha = config.dim, config.alpha
+            if block is not None and block[0] is not None:
+                dim, alpha = block[0], block[1]
+        algo = override.pop("algo", algo)
+        dim = override.pop("conv_dim" if conv_k else "dim", override.pop("dim", dim))
+        alpha = override.pop("conv_alpha" if conv_k else "alpha", override.pop("alpha", alpha))
+        override.pop("conv_dim", None), override.pop("conv_alpha", None)
+        if not dim:
+            return None  # dim 0 disables this kind of layer (or this block)
+    cls = algorithm(algo)
+    allowed = COMMON_OPTIONS | cls.accepts
+    merged = {k: v for k, v in {**options, **override}.items() if k in allowed}
+    if "dim" in cls.accepts and dim is not None:
+        merged["dim"] = dim
+    if "alpha" in cls.accepts and alpha is not None:
+        merged["alpha"] = alpha
+    merged["multiplier"] = config.multiplier
+    try:
+        extra = {"strict_factor": False} if cls.name == "lokr" else {}
+        return make_adapter(cls.name, module, **merged, **extra)
+    except (OptionError, ValueError, TypeError) as err:
+        raise type(err)(f"{item.component} layer '{item.path}' ({type(module).__name__}): {err}") from None

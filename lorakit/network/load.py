@@ -1,0 +1,87 @@
+"""load_network: a network rebuilt from an adapter file alone (algorithms, dims and options from the tensors)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..algos import adapter_from_state_dict
+from .create import _is_sd_unet
+from .names import GENERIC_PREFIX, NameIndex, detect_arch, split_key
+from .network import Entry, Network
+
+_PEFT_MARKERS = (".lora_A.", ".lora_B.", ".lora.up.", ".lora.down.", "lora_linear_layer", ".lora_magnitude_vector")
+_CHECKPOINT_MARKERS = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.embedders.")
+
+
+def read_adapter_tensors(source: str | Path | Mapping[str, torch.Tensor]) -> tuple[dict, dict, str]:
+    """(tensors, metadata, a description for messages) of a file path or an in-memory state dict."""
+    if isinstance(source, Mapping):
+        return dict(source), {}, "the state dict"
+    from ..formats import load_file
+
+    tensors, metadata = load_file(source)
+    return tensors, metadata, f"{source}"
+
+
+def check_layout(tensors: Mapping[str, torch.Tensor], where: str) -> None:
+    """Refuse what is not an adapter in the LyCORIS/kohya layout, saying what it is instead."""
+    if not tensors:
+        raise ValueError(f"{where}: holds no tensors")
+    keys = list(tensors)
+    if any(any(m in k for m in _CHECKPOINT_MARKERS) for k in keys):
+        raise ValueError(f"{where}: is a model checkpoint (keys like '{keys[0]}'), not an adapter")
+    peft = [k for k in keys if any(m in k for m in _PEFT_MARKERS)]
+    if peft:
+        raise ValueError(f"{where}: is a PEFT/diffusers-layout LoRA (keys like '{peft[0]}'); convert it to the "
+                         f"kohya/LyCORIS layout with `lorakit convert` first")
+
+
+def load_network(model: nn.Module, source: str | Path | Mapping[str, torch.Tensor],
+                 text_encoders: Sequence[nn.Module] | nn.Module | None = None, multiplier: float = 1.0,
+                 dtype: torch.dtype | None = torch.float32, prefix: str = GENERIC_PREFIX) -> Network:
+    """The network a file describes, on `model` (a U-Net with its text encoders, or any nn.Module whose file uses
+    `prefix`). U-Net names are accepted in diffusers and SGM style. `dtype` is the adapters' dtype (None: the
+    file's)."""
+    tensors, metadata, where = read_adapter_tensors(source)
+    check_layout(tensors, where)
+    if isinstance(text_encoders, nn.Module):
+        text_encoders = [text_encoders]
+    text_encoders = list(text_encoders or [])
+    if _is_sd_unet(model) or text_encoders:
+        arch = detect_arch(model, text_encoders)
+        index = NameIndex.for_sd(model, text_encoders, arch)
+    else:
+        arch = None
+        index = NameIndex.for_model(model, prefix=prefix)
+    found, missing = index.resolve_keys(tensors)
+    if missing:
+        shown = ", ".join(repr(n) for n in missing[:3])
+        raise ValueError(f"{where}: {len(missing)} adapter name(s) match no module of this model, e.g. {shown} "
+                         f"(is it for another model, or a text encoder that was not given?)")
+    bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if bad:
+        warnings.warn(f"{where}: {len(bad)} tensor(s) hold NaN or Inf, e.g. {', '.join(bad[:3])}", stacklevel=2)
+
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        name, suffix = split_key(key)
+        groups.setdefault(name, {})[suffix] = value
+    adapters, entries = {}, {}
+    for name, sub in groups.items():
+        target = found[name]
+        try:
+            adapter = adapter_from_state_dict(target.module, sub, dtype=dtype, multiplier=multiplier)
+        except (ValueError, RuntimeError, TypeError, KeyError) as err:
+            raise ValueError(f"{where}: module '{name}': {err}") from None
+        primary = index.name_of(target.component, target.path)
+        if primary in adapters:
+            raise ValueError(f"{where}: module '{name}' appears twice (also as '{primary}')")
+        adapters[primary], entries[primary] = adapter, Entry(target.component, target.path)
+    network = Network(adapters, entries, arch, multiplier)
+    network.metadata = metadata
+    return network

@@ -1,0 +1,214 @@
+"""A network: the adapters on a whole model (a Stable Diffusion U-Net and text encoders, or any nn.Module).
+
+The network is an nn.Module whose parameters are exactly the adapters' trainable parameters and whose
+state_dict keys are the file's keys (`lora_unet_..._to_q.lora_down.weight`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..algos import Adapter, OptionError, algorithm
+from ..algos.base import COMMON_OPTIONS
+from .blocks import SDXL20, BlockLayout, KOHYA_SD25, KOHYA_SDXL23, layout_for
+
+log = logging.getLogger(__name__)
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Where an adapter sits: its component ("unet", "text_encoder", "text_encoder_2", "model") and path."""
+
+    component: str
+    path: str
+
+    @property
+    def is_text_encoder(self) -> bool:
+        return self.component in TEXT_ENCODERS
+
+
+class Network(nn.Module):
+    def __init__(self, adapters: Mapping[str, Adapter], entries: Mapping[str, Entry], arch: str | None,
+                 multiplier: float = 1.0, lr_weights: Mapping[str, float] | None = None,
+                 loraplus: Mapping[str, float | None] | None = None):
+        super().__init__()
+        for name, adapter in adapters.items():
+            self.add_module(name, adapter)
+        self.entries = dict(entries)
+        self.arch = arch  # "sd1", "sd2", "sdxl" or None for any other model
+        self.lr_weights = dict(lr_weights or {})  # adapter name -> kohya block lr weight
+        self.loraplus = dict(loraplus or {})
+        self._block_multipliers: dict[str, float] = {}
+        self._multiplier = float(multiplier)
+        self.applied = False
+        self._sync_multipliers()
+
+    # ----- the adapters -----
+    def adapters(self) -> Iterable[tuple[str, Adapter]]:
+        return ((n, m) for n, m in self.named_children() if isinstance(m, Adapter))
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def names(self, component: str | None = None) -> list[str]:
+        return [n for n, e in self.entries.items() if component is None or e.component == component]
+
+    # ----- multipliers -----
+    @property
+    def multiplier(self) -> float:
+        return self._multiplier
+
+    @multiplier.setter
+    def multiplier(self, value: float) -> None:
+        self._multiplier = float(value)
+        self._sync_multipliers()
+
+    def set_block_multipliers(self, values: Sequence[float] | Mapping[str, float] | None,
+                              layout: BlockLayout | str | None = None) -> None:
+        """Per-block multipliers on top of the global one: a vector in a block layout (by length for SD models:
+        SD 25/26/17, SDXL 23/20/12 values; seed 003's 20-value SDXL layout is BASE, IN00-08, MID, OUT00-08),
+        or {block name: value}. Modules outside the given blocks keep 1. None clears them."""
+        if values is None:
+            self._block_multipliers = {}
+            self._sync_multipliers()
+            return
+        if self.arch is None:
+            raise ValueError("block multipliers need a Stable Diffusion network (this one adapts a generic model)")
+        if isinstance(values, Mapping):
+            if layout is None:
+                layout = SDXL20 if self.arch == "sdxl" else KOHYA_SD25
+            per_block = {layout.names[layout.position(k)]: float(v) for k, v in values.items()}
+        else:
+            values = [float(v) for v in values]
+            if layout is None:
+                layout = layout_for(self.arch, len(values))
+            elif len(values) != len(layout):
+                raise ValueError(f"layout {layout.key} takes {len(layout)} values, got {len(values)}")
+            per_block = dict(zip(layout.names, values))
+        self._block_multipliers = {}
+        for name, entry in self.entries.items():
+            block = layout.name(entry.path, entry.component)
+            if block in per_block:
+                self._block_multipliers[name] = per_block[block]
+        self._sync_multipliers()
+
+    def _sync_multipliers(self) -> None:
+        for name, adapter in self.adapters():
+            adapter.multiplier = self._multiplier * self._block_multipliers.get(name, 1.0)
+
+    # ----- applying -----
+    def apply(self) -> "Network":
+        """Route every adapted layer through its adapter; a second network applied later stacks on this one."""
+        if self.applied:
+            raise RuntimeError("this network is already applied")
+        for _, adapter in self.adapters():
+            adapter.apply()
+        self.applied = True
+        return self
+
+    def restore(self) -> None:
+        """Give the layers back their original forward (networks applied after this one must be restored first)."""
+        if not self.applied:
+            return
+        for _, adapter in reversed(list(self.adapters())):
+            adapter.restore()
+        self.applied = False
+
+    @torch.no_grad()
+    def merge(self, multiplier: float | None = None, keep_backup: bool = False) -> None:
+        """Add every adapter's change into the model weights (at `multiplier` times its block multiplier)."""
+        for name, adapter in self.adapters():
+            m = adapter.multiplier if multiplier is None else multiplier * self._block_multipliers.get(name, 1.0)
+            adapter.merge(m, keep_backup=keep_backup)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        for _, adapter in self.adapters():
+            adapter.unmerge()
+
+    # ----- training -----
+    def optimizer_param_groups(self, unet_lr: float | None = None, text_encoder_lr: float | Sequence[float] | None = None,
+                               default_lr: float | None = None, loraplus_lr_ratio: float | None = None,
+                               loraplus_unet_lr_ratio: float | None = None,
+                               loraplus_text_encoder_lr_ratio: float | None = None) -> list[dict]:
+        """Parameter groups in kohya's manner: U-Net and text-encoder learning rates (a list gives SDXL's two
+        text encoders their own), block lr weights from down/mid/up_lr_weight, and LoRA+ (the output-side
+        factors of every algorithm that has them train at ratio x lr). A learning rate of 0 leaves those
+        adapters out (frozen)."""
+        plus = {"unet": _first(loraplus_unet_lr_ratio, loraplus_lr_ratio, self.loraplus.get("unet"),
+                               self.loraplus.get("all")),
+                "te": _first(loraplus_text_encoder_lr_ratio, loraplus_lr_ratio, self.loraplus.get("te"),
+                             self.loraplus.get("all"))}
+        te_lrs = list(text_encoder_lr) if isinstance(text_encoder_lr, (list, tuple)) else [text_encoder_lr] * 2
+        groups: dict[tuple, dict] = {}
+        for name, adapter in self.adapters():
+            entry = self.entries[name]
+            if entry.is_text_encoder:
+                lr = _first(te_lrs[TEXT_ENCODERS.index(entry.component)], default_lr)
+                kind = "te"
+            else:
+                lr = _first(unet_lr, default_lr)
+                kind = "unet"
+            weight = self.lr_weights.get(name, 1.0)
+            if lr is not None:
+                lr = lr * weight
+            if lr == 0 or weight == 0:
+                adapter.requires_grad_(False)
+                continue
+            plus_ids = {id(p) for p in adapter.plus_parameters()} if plus[kind] else set()
+            for p in adapter.parameters():
+                if not p.requires_grad:
+                    continue
+                boosted = id(p) in plus_ids
+                key = (entry.component, weight, boosted)
+                group = groups.get(key)
+                if group is None:
+                    label = entry.component + ("" if weight == 1.0 else f"_w{weight:g}") + ("_plus" if boosted else "")
+                    group = groups[key] = {"params": [], "name": label}
+                    if lr is not None:
+                        group["lr"] = lr * (plus[kind] if boosted else 1.0)
+                group["params"].append(p)
+        return list(groups.values())
+
+    # ----- files -----
+    def save(self, path, dtype: torch.dtype | None = None, metadata: Mapping[str, str] | None = None) -> None:
+        """Write the adapters as safetensors (LyCORIS/kohya layout) atomically, with metadata and kohya's hashes."""
+        from ..formats import add_hashes, prepare_tensors, save_file
+
+        tensors = prepare_tensors(self.state_dict(), dtype)
+        meta = dict(metadata or {})
+        meta = add_hashes(tensors, meta)
+        save_file(tensors, path, metadata=meta)
+
+    def extra_repr(self) -> str:
+        counts: dict[str, int] = {}
+        for _, adapter in self.adapters():
+            counts[adapter.name] = counts.get(adapter.name, 0) + 1
+        return f"arch={self.arch}, adapters={counts}"
+
+
+def _first(*values):
+    return next((v for v in values if v is not None), None)
+
+
+def adapter_options(algo: str, options: Mapping, given_by_user: Iterable[str], where: str) -> dict:
+    """The options of `options` that `algo` accepts. A user-given option that the network's own algorithm does
+    not accept was refused before; here it can only meet an override's algorithm, and is dropped for it."""
+    cls = algorithm(algo)
+    allowed = COMMON_OPTIONS | cls.accepts
+    return {k: v for k, v in options.items() if k in allowed}
+
+
+def check_algo_accepts(algo: str, options: Iterable[str]) -> None:
+    cls = algorithm(algo)
+    allowed = COMMON_OPTIONS | cls.accepts | {"dim", "alpha"}
+    for name in sorted(set(options) - allowed):
+        raise OptionError(f"algo '{cls.name}' does not accept option '{name}'; it accepts: "
+                          f"{', '.join(sorted(COMMON_OPTIONS | cls.accepts))}")

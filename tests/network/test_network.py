@@ -1,0 +1,203 @@
+"""create_network / load_network on whole models: counts, names, forward, save/load, merge, stacking, groups."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from lorakit import create_network, load_network
+from lorakit.algos import OptionError
+
+from . import meta_model
+from .tiny import randomize, run_unet, tiny_model
+
+
+def counts(net):
+    out = {}
+    for entry in net.entries.values():
+        out[entry.component] = out.get(entry.component, 0) + 1
+    return out
+
+
+@pytest.mark.parametrize("name,expected", [("sd15", {"unet": 192, "text_encoder": 72}),
+                                           ("sdxl", {"unet": 722, "text_encoder": 72, "text_encoder_2": 192})])
+def test_attn_mlp_is_kohyas_default_set(name, expected):
+    unet, tes = meta_model(name)
+    net = create_network(unet, tes, preset="attn-mlp", dim=4)
+    assert counts(net) == expected
+
+
+def test_names_as_the_ecosystem_writes_them():
+    unet, tes = meta_model("sdxl")
+    names = set(create_network(unet, tes, preset="attn-mlp").entries)
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q" in names  # SGM style for SDXL
+    assert "lora_te1_text_model_encoder_layers_0_self_attn_k_proj" in names
+    assert "lora_te2_text_model_encoder_layers_31_mlp_fc2" in names
+    unet, tes = meta_model("sd15")
+    names = set(create_network(unet, tes, preset="attn-mlp").entries)
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in names
+    assert "lora_te_text_model_encoder_layers_0_mlp_fc1" in names
+
+
+def test_presets_select_what_their_docs_say():
+    unet, tes = meta_model("sd15")
+    full = counts(create_network(unet, tes, preset="full", dim=4))
+    lin = create_network(unet, tes, preset="full-lin", dim=4)
+    attn = counts(create_network(unet, tes, preset="attn-only", dim=4))
+    unet_only = counts(create_network(unet, tes, preset="unet-only", dim=4))
+    conv_only = create_network(unet, tes, preset="unet-convblock-only", dim=4)
+    assert attn == {"unet": 16 * 8, "text_encoder": 12 * 4}
+    assert "text_encoder" not in unet_only and unet_only["unet"] == full["unet"]
+    assert full["unet"] > counts(lin)["unet"] > 192
+    assert all(a.spec.kernel_numel == 1 for _, a in lin.adapters())  # no kernel > 1 conv
+    assert not any("attentions" in n for n in conv_only.entries)  # ResNet convs and their time_emb_proj only
+    assert "lora_unet_conv_in" in conv_only.entries and "lora_unet_conv_out" in conv_only.entries
+    no_conv = counts(create_network(unet, tes, preset="full", dim=4, conv_dim=0))
+    assert no_conv["unet"] < full["unet"]
+    ia3 = create_network(unet, tes, preset="ia3", algo="ia3")
+    on_input = {n for n, a in ia3.adapters() if a.on_input}
+    assert len(ia3) == 16 * 5 + 12 * 3 and all(n.endswith(("ff_net_2", "mlp_fc2")) for n in on_input)
+    assert len(on_input) == 16 + 12
+
+
+def test_train_norm_adds_norm_adapters():
+    unet, tes = meta_model("sd15")
+    net = create_network(unet, tes, preset="attn-mlp", train_norm=True)
+    norms = [n for n, a in net.adapters() if a.name == "norm"]
+    assert norms and all("norm" in n for n in norms)
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+@pytest.mark.parametrize("algo,options", [("lora", {}), ("loha", {}), ("lokr", {"factor": 4}), ("ia3", {}),
+                                          ("diag-oft", {"dim": 2}), ("lora", {"dora_wd": True})])
+def test_apply_save_load_merge_restore(tmp_path, kind, algo, options):
+    unet, tes = tiny_model(kind)
+    base = run_unet(unet, kind)
+    net = randomize(create_network(unet, tes, algo=algo, preset="full", **{"dim": 4, "alpha": 2, **options}))
+    net.apply()
+    adapted = run_unet(unet, kind)
+    assert (adapted - base).abs().max() > 1e-4
+    path = tmp_path / "out.safetensors"
+    net.save(path, metadata={"ss_network_dim": "4"})
+    net.restore()
+    torch.testing.assert_close(run_unet(unet, kind), base, rtol=0, atol=0)
+
+    loaded = load_network(unet, path, text_encoders=tes)
+    assert set(loaded.entries) == set(net.entries)
+    assert loaded.metadata["ss_network_dim"] == "4" and "sshs_model_hash" in loaded.metadata
+    loaded.apply()
+    torch.testing.assert_close(run_unet(unet, kind), adapted, rtol=1e-5, atol=1e-6)
+    loaded.restore()
+    loaded.merge(keep_backup=True)
+    torch.testing.assert_close(run_unet(unet, kind), adapted, rtol=1e-4, atol=1e-5)
+    loaded.unmerge()
+    torch.testing.assert_close(run_unet(unet, kind), base, rtol=0, atol=0)
+
+
+def test_state_dict_keys_are_file_keys_and_parameters_are_the_adapters():
+    unet, tes = tiny_model("sd1")
+    net = create_network(unet, tes, preset="attn-mlp", dim=4)
+    keys = set(net.state_dict())
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha" in keys
+    model_params = {id(p) for m in (unet, *tes) for p in m.parameters()}
+    assert not any(id(p) in model_params for p in net.parameters())
+    assert sum(p.numel() for p in net.parameters()) == sum(
+        a.lora_down.numel() + a.lora_up.numel() for _, a in net.adapters())
+
+
+def test_multiplier_and_stacking():
+    unet, tes = tiny_model("sd1")
+    base = run_unet(unet)
+    a = randomize(create_network(unet, tes, preset="attn-mlp", dim=4), seed=1).apply()
+    only_a = run_unet(unet)
+    a.multiplier = 0.0
+    torch.testing.assert_close(run_unet(unet), base, rtol=1e-6, atol=1e-6)
+    a.multiplier = 1.0
+    b = randomize(create_network(unet, tes, algo="loha", preset="attn-mlp", dim=2), seed=2).apply()
+    both = run_unet(unet)
+    a.multiplier = 0.0
+    only_b = run_unet(unet)
+    a.multiplier = 1.0
+    with pytest.raises(RuntimeError, match="restore in reverse order"):
+        a.restore()
+    b.restore()
+    torch.testing.assert_close(run_unet(unet), only_a)
+    a.restore()
+    torch.testing.assert_close(run_unet(unet), base, rtol=0, atol=0)
+    assert (both - only_a).abs().max() > 1e-5 and (both - only_b).abs().max() > 1e-5
+
+
+def test_generic_model_gets_every_layer_under_lycoris_prefix(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+    x = torch.randn(2, 3, 4, 4)
+    base = model(x)
+    net = randomize(create_network(model, algo="lokr", dim=4, train_norm=True), scale=0.2)
+    assert set(net.entries) == {"lycoris_0", "lycoris_1", "lycoris_3"}
+    net.apply()
+    out = model(x)
+    assert (out - base).abs().max() > 1e-4
+    net.save(tmp_path / "g.safetensors")
+    net.restore()
+    loaded = load_network(model, tmp_path / "g.safetensors").apply()
+    torch.testing.assert_close(model(x), out)
+
+
+def test_optimizer_groups_with_loraplus_and_text_encoder_lr():
+    unet, tes = tiny_model("sd1")
+    net = create_network(unet, tes, preset="attn-mlp", dim=4, loraplus_lr_ratio=16)
+    groups = net.optimizer_param_groups(unet_lr=1e-4, text_encoder_lr=5e-5)
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["unet"]["lr"] == 1e-4 and by_name["unet_plus"]["lr"] == pytest.approx(1.6e-3)
+    assert by_name["text_encoder"]["lr"] == 5e-5 and by_name["text_encoder_plus"]["lr"] == pytest.approx(8e-4)
+    ups = {id(a.lora_up) for _, a in net.adapters()}
+    assert all(id(p) in ups for p in by_name["unet_plus"]["params"])
+    assert sum(len(g["params"]) for g in groups) == len(list(net.parameters()))
+    # text_encoder_lr 0: the text-encoder adapters are frozen and left out
+    groups = net.optimizer_param_groups(unet_lr=1e-4, text_encoder_lr=0)
+    assert {g["name"] for g in groups} == {"unet", "unet_plus"}
+
+
+def test_block_dims_and_lr_weights():
+    unet, tes = tiny_model("sd1")
+    dims = [2] * 12 + [3] + [5] * 12
+    net = create_network(unet, tes, preset="attn-mlp", dim=4, block_dims=",".join(map(str, dims)),
+                         down_lr_weight="0,0,0,0,0,0,0,0,0,0,0,0", up_lr_weight="cosine")
+    ranks = {n: a.rank for n, a in net.adapters()}
+    assert not any(n.startswith("lora_unet_down_blocks") for n in ranks)  # lr weight 0: no adapter
+    assert ranks["lora_unet_mid_block_attentions_0_proj_in"] == 3
+    assert ranks["lora_unet_up_blocks_1_attentions_0_proj_in"] == 5
+    assert ranks["lora_te_text_model_encoder_layers_0_mlp_fc1"] == 4
+    groups = net.optimizer_param_groups(unet_lr=1.0, text_encoder_lr=1.0)
+    lrs = sorted({g["lr"] for g in groups})
+    assert lrs[-1] == 1.0 and len(lrs) > 3  # the cosine shape spreads the up blocks' lr
+
+
+def test_block_multipliers_with_seed_003_layout():
+    unet, tes = meta_model("sdxl")
+    net = create_network(unet, tes, preset="attn-mlp", dim=4)
+    values = [0.0] + [1.0] * 9 + [0.5] + [2.0] * 9  # BASE, IN00-08, MID, OUT00-08
+    net.set_block_multipliers(values)
+    got = {n: a.multiplier for n, a in net.adapters()}
+    assert got["lora_te1_text_model_encoder_layers_0_mlp_fc1"] == 0.0
+    assert got["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"] == 1.0
+    assert got["lora_unet_middle_block_1_proj_in"] == 0.5
+    assert got["lora_unet_output_blocks_0_1_proj_out"] == 2.0
+    net.multiplier = 0.5
+    assert net.get_submodule("lora_unet_output_blocks_0_1_proj_out").multiplier == 1.0
+    with pytest.raises(ValueError, match="no sdxl block layout has 7 values"):
+        net.set_block_multipliers([1.0] * 7)
+
+
+def test_bad_network_options():
+    unet, tes = tiny_model("sd1")
+    with pytest.raises(OptionError, match="unknown network option 'conv_dimm'.*did you mean 'conv_dim'"):
+        create_network(unet, tes, conv_dimm=4)
+    with pytest.raises(OptionError, match="algo 'ia3' does not accept option 'dropout'"):
+        create_network(unet, tes, algo="ia3", dropout=0.1)
+    with pytest.raises(OptionError, match="unknown preset 'attn_mlp'.*did you mean 'attn-mlp'"):
+        create_network(unet, tes, preset="attn_mlp")
+    with pytest.raises(OptionError, match="'dim'"):
+        create_network(unet, tes, dim="many")
