@@ -336,7 +336,7 @@ class Adapter(nn.Module):
         mine = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         expected = self.saved_tensors()
         for key in expected:
-            if key not in mine:
+            if key not in mine and key != "alpha":  # no alpha: alpha = dim, as kohya and the UIs read old files
                 missing_keys.append(prefix + key)
         for key in mine:
             if key not in expected:

@@ -4,7 +4,6 @@ x + a1 a2 x to the layer once and adds b1 b2 x."""
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn

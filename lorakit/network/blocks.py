@@ -423,15 +423,23 @@ def parse_kohya_block_lr_kwargs(is_sdxl: bool, kwargs: Mapping[str, Any]) -> lis
     return kohya_block_lr_weight(is_sdxl, down, mid, up, threshold)
 
 
+def _numbers(v, kind, key: str) -> list:
+    try:
+        return [kind(x) for x in (v.split(",") if isinstance(v, str) else v)]
+    except (TypeError, ValueError):
+        raise ValueError(f"{key}: expected comma-separated {'integers' if kind is int else 'numbers'}, "
+                         f"got {v!r}") from None
+
+
 def _ints(v: str | Sequence[int], n: int, key: str) -> list[int]:
-    out = [int(x) for x in (v.split(",") if isinstance(v, str) else v)]
+    out = _numbers(v, int, key)
     if len(out) != n:
         raise ValueError(f"{key} must have {n} values, got {len(out)}")
     return out
 
 
 def _floats(v: str | Sequence[float], n: int, key: str) -> list[float]:
-    out = [float(x) for x in (v.split(",") if isinstance(v, str) else v)]
+    out = _numbers(v, float, key)
     if len(out) != n:
         raise ValueError(f"{key} must have {n} values, got {len(out)}")
     return out

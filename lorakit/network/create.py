@@ -117,7 +117,7 @@ def _make(item: Selected, config: NetworkConfig, algo: str, options: dict, plan:
     if isinstance(module, NORMS):
         if not config.train_norm:
             return None
-        algo, dim, alpha = "norm", None, None
+        algo, dim, alpha, override = "norm", None, None, {}  # train_norm's norm adapters take no override
     else:
         conv_k = isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and any(k != 1 for k in module.kernel_size)
         block = plan.dims.get(item.path) if item.component == "unet" else None
@@ -139,7 +139,12 @@ def _make(item: Selected, config: NetworkConfig, algo: str, options: dict, plan:
             return None  # dim 0 disables this kind of layer (or this block)
     cls = algorithm(algo)
     allowed = COMMON_OPTIONS | cls.accepts
-    merged = {k: v for k, v in {**options, **override}.items() if k in allowed}
+    override = _canonical(override)  # kohya/LyCORIS spellings (weight_decompose, wd_on_out, ...) -> lorakit's
+    refused = sorted(set(override) - allowed)
+    if refused:
+        raise OptionError(f"{item.component} layer '{item.path}': the preset's override gives option '{refused[0]}', "
+                          f"which algo '{cls.name}' does not accept; it accepts: {', '.join(sorted(allowed))}")
+    merged = {k: v for k, v in {**_canonical(options), **override}.items() if k in allowed}
     if "dim" in cls.accepts and dim is not None:
         merged["dim"] = dim
     if "alpha" in cls.accepts and alpha is not None:
@@ -150,3 +155,9 @@ def _make(item: Selected, config: NetworkConfig, algo: str, options: dict, plan:
         return make_adapter(cls.name, module, **merged, **extra)
     except (OptionError, ValueError, TypeError) as err:
         raise type(err)(f"{item.component} layer '{item.path}' ({type(module).__name__}): {err}") from None
+
+
+def _canonical(options: dict) -> dict:
+    """Adapter options under their lorakit names, with their typed values."""
+    parsed, given = parse_options(options)
+    return {name: getattr(parsed, name) for name in given}

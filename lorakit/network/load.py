@@ -14,7 +14,8 @@ from .create import _is_sd_unet
 from .names import GENERIC_PREFIX, NameIndex, detect_arch, split_key
 from .network import Entry, Network
 
-_PEFT_MARKERS = (".lora_A.", ".lora_B.", ".lora.up.", ".lora.down.", "lora_linear_layer", ".lora_magnitude_vector")
+_PEFT_MARKERS = (".lora_A.", ".lora_B.", ".lora.up.", ".lora.down.", "lora_linear_layer", ".lora_magnitude_vector",
+                 "_lora.up.", "_lora.down.")  # the last two: diffusers' attention-processor layout (to_q_lora.up)
 _CHECKPOINT_MARKERS = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.embedders.")
 
 
@@ -33,8 +34,9 @@ def check_layout(tensors: Mapping[str, torch.Tensor], where: str) -> None:
     if not tensors:
         raise ValueError(f"{where}: holds no tensors")
     keys = list(tensors)
-    if any(any(m in k for m in _CHECKPOINT_MARKERS) for k in keys):
-        raise ValueError(f"{where}: is a model checkpoint (keys like '{keys[0]}'), not an adapter")
+    checkpoint = [k for k in keys if any(m in k for m in _CHECKPOINT_MARKERS)]
+    if checkpoint:
+        raise ValueError(f"{where}: is a model checkpoint (keys like '{checkpoint[0]}'), not an adapter")
     peft = [k for k in keys if any(m in k for m in _PEFT_MARKERS)]
     if peft:
         raise ValueError(f"{where}: is a PEFT/diffusers-layout LoRA (keys like '{peft[0]}'); convert it to the "

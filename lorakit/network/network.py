@@ -6,18 +6,15 @@ state_dict keys are the file's keys (`lora_unet_..._to_q.lora_down.weight`).
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
-from ..algos import Adapter, OptionError, algorithm
-from ..algos.base import COMMON_OPTIONS
-from .blocks import SDXL20, BlockLayout, KOHYA_SD25, KOHYA_SDXL23, layout_for
+from ..algos import Adapter
+from .blocks import SDXL20, BlockLayout, KOHYA_SD25, layout_for
 
-log = logging.getLogger(__name__)
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
@@ -146,7 +143,8 @@ class Network(nn.Module):
                                self.loraplus.get("all")),
                 "te": _first(loraplus_text_encoder_lr_ratio, loraplus_lr_ratio, self.loraplus.get("te"),
                              self.loraplus.get("all"))}
-        te_lrs = list(text_encoder_lr) if isinstance(text_encoder_lr, (list, tuple)) else [text_encoder_lr] * 2
+        te_lrs = list(text_encoder_lr) if isinstance(text_encoder_lr, (list, tuple)) else [text_encoder_lr]
+        te_lrs = (te_lrs or [None]) * 2 if len(te_lrs) < 2 else te_lrs  # one value serves both text encoders
         groups: dict[tuple, dict] = {}
         for name, adapter in self.adapters():
             entry = self.entries[name]
@@ -196,19 +194,3 @@ class Network(nn.Module):
 
 def _first(*values):
     return next((v for v in values if v is not None), None)
-
-
-def adapter_options(algo: str, options: Mapping, given_by_user: Iterable[str], where: str) -> dict:
-    """The options of `options` that `algo` accepts. A user-given option that the network's own algorithm does
-    not accept was refused before; here it can only meet an override's algorithm, and is dropped for it."""
-    cls = algorithm(algo)
-    allowed = COMMON_OPTIONS | cls.accepts
-    return {k: v for k, v in options.items() if k in allowed}
-
-
-def check_algo_accepts(algo: str, options: Iterable[str]) -> None:
-    cls = algorithm(algo)
-    allowed = COMMON_OPTIONS | cls.accepts | {"dim", "alpha"}
-    for name in sorted(set(options) - allowed):
-        raise OptionError(f"algo '{cls.name}' does not accept option '{name}'; it accepts: "
-                          f"{', '.join(sorted(COMMON_OPTIONS | cls.accepts))}")

@@ -14,6 +14,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from ..algos import algorithm
+from ..algos.base import COMMON_OPTIONS
 from ..algos.options import OptionError, parse_options, suggest
 
 BUILTIN_DIR = Path(__file__).with_name("presets")
@@ -65,13 +66,20 @@ def _check_override(where: str, value: Any) -> dict:
     if not isinstance(value, dict):
         raise OptionError(f"{where}: expected a table such as {{ algo = \"lokr\", dim = 8 }}, got {value!r}")
     override = dict(value)
-    if "algo" in override:
-        algorithm(str(override["algo"]))  # an unknown algo is an error naming it
     options = {k: v for k, v in override.items() if k not in ("algo", "conv_dim", "conv_alpha")}
     try:
-        parse_options(options)
+        given = parse_options(options)[1]
     except OptionError as err:
         raise OptionError(f"{where}: {err}") from None
+    if "algo" in override:
+        try:
+            cls = algorithm(str(override["algo"]))
+        except OptionError as err:
+            raise OptionError(f"{where}: {err}") from None
+        refused = sorted(given - COMMON_OPTIONS - cls.accepts)
+        if refused:
+            raise OptionError(f"{where}: algo '{cls.name}' does not accept option '{refused[0]}'; it accepts: "
+                              f"{', '.join(sorted(COMMON_OPTIONS | cls.accepts))}")
     return override
 
 

@@ -141,7 +141,7 @@ def test_generic_model_gets_every_layer_under_lycoris_prefix(tmp_path):
     assert (out - base).abs().max() > 1e-4
     net.save(tmp_path / "g.safetensors")
     net.restore()
-    loaded = load_network(model, tmp_path / "g.safetensors").apply()
+    load_network(model, tmp_path / "g.safetensors").apply()
     torch.testing.assert_close(model(x), out)
 
 
