@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .layer import LayerSpec, describe_layer, positions
 from .options import AdapterOptions, OptionError, parse_options
+from .fused_linear import fusable, linear_plus_low_rank, plain_frozen_layer
 from .rebuilt_op import rebuilt_weight_op
 
 COMMON_OPTIONS = frozenset({"multiplier", "module_dropout"})
@@ -81,6 +82,10 @@ class Adapter(nn.Module):
     def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
         """dW x through the factors (scale applied, no bias); the fallback rebuilds dW."""
         return rebuilt_weight_op(self.spec, x, self._delta_weight, [p for p in self.parameters() if p.requires_grad])
+
+    def low_rank_pair(self, x: torch.Tensor):
+        """(down, up, row mask or None) when dW = up @ down exactly for this call (scale in up), else None."""
+        return None
 
     def factor_flops(self, n: int) -> float:
         """Multiply-adds of delta_forward for n output positions; inf where it has no factor path."""
@@ -154,7 +159,35 @@ class Adapter(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.merged or self.multiplier == 0 or self._module_dropped():
             return self._org_forward(x, *args, **kwargs)
+        if self.prefers_merged_weight(x) and not args and not kwargs and not self._dropouts_active() and \
+                plain_frozen_layer(self, x):
+            return self.merged_weight_forward(x)
         return self.adapted_forward(x, *args, **kwargs)
+
+    def prefers_merged_weight(self, x: torch.Tensor) -> bool:
+        """Whether the layer run once with W + dW (dW rebuilt again in backward, never kept) costs less than the
+        layer plus the change computed apart: where the change's own forward is expensive per position and the
+        call has more positions than the weight has columns (rebuilding treats those columns as positions)."""
+        return False
+
+    def many_positions(self, x: torch.Tensor) -> bool:
+        return positions(self.spec, x) >= 2 * self.spec.fan_in
+
+    def _dropouts_active(self) -> bool:
+        return self.training and bool(self.options.dropout or self.options.rank_dropout)
+
+    def merged_weight_forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+
+        def weight():
+            return layer.weight + self.delta_weight(self.multiplier)
+
+        bias = layer.bias
+        db = self.delta_bias(self.multiplier)
+        if db is not None:  # the bias change trains through autograd; only the weight is rebuilt
+            bias = db if bias is None else bias + db
+        params = [p for p in self.parameters() if p.requires_grad]
+        return rebuilt_weight_op(self.spec, x, weight, params, bias)
 
     def _module_dropped(self) -> bool:
         p = self.options.module_dropout
@@ -164,6 +197,11 @@ class Adapter(nn.Module):
         """y = W x + b + m * dW x (DoRA: the UIs' W + m (D - W)); multiplicative algorithms override this."""
         if self.dora_scale is not None:
             return self._dora_forward(x, *args, **kwargs)
+        if self.spec.kind == "linear" and not args and not kwargs and fusable(self, x) and self._use_factor_path(x):
+            pair = self.low_rank_pair(x)
+            if pair is not None:
+                down, up, mask = pair
+                return linear_plus_low_rank(self, x, down, up * (self.multiplier * self._scalar()), mask)
         y = self._org_forward(x, *args, **kwargs)
         d = self._output_dropouts(self._delta(x.to(self.dtype)))
         return y + (d * (self.multiplier * self._scalar())).to(y.dtype)
@@ -237,6 +275,9 @@ class Adapter(nn.Module):
         r = self._dora_ratio()
         if self.options.dora_axis == "in":
             # (W + dW) diag(r) x == (W + dW)(r * x): scale the input channels instead of the weight.
+            fused = self._dora_fused_linear(x, r.reshape(-1), m)
+            if fused is not None:
+                return fused
             c = self.spec.channel_view(r.reshape(-1), x.dim())
             xa = x.to(self.dtype)
             y = self.org_with_input_change(x, xa * (m * (c - 1)), *args, **kwargs)
@@ -247,6 +288,17 @@ class Adapter(nn.Module):
         rv = self.spec.channel_view(r.reshape(-1), y.dim())
         d = self._output_dropouts(self._delta(x.to(self.dtype)))
         return y + (m * ((rv - 1) * z + rv * d * self._scalar())).to(y.dtype)
+
+    def _dora_fused_linear(self, x, c, m):
+        """W (k x) + b + m dW (c x) with k = 1 + m (c - 1), as one fused pass: dW (c x) = up (down diag(c / k)) (k x)."""
+        if self.spec.kind != "linear" or not fusable(self, x) or not self._use_factor_path(x):
+            return None
+        k = 1 + m * (c - 1)
+        pair = self.low_rank_pair(x)
+        if pair is None or bool((k.abs() < 1e-4).any()):
+            return None
+        down, up, mask = pair
+        return linear_plus_low_rank(self, x * k, down * (c / k), up * (m * self._scalar()), mask)
 
     # ----- the change as the UIs apply it ----------------------------------------------------------------------
     def delta_weight(self, multiplier: float = 1.0) -> torch.Tensor:

@@ -38,6 +38,9 @@ class BOFT(OrthogonalAdapter):
         stages = bin(count - 1).count("1") + 1
         return (stages, count, size, size)
 
+    def prefers_merged_weight(self, x):
+        return self.many_positions(x)  # m stages over the activations cost more than one pass with T W
+
     def rotate(self, v, multiplier):
         r = self.rotations()
         stages, _, b, _ = r.shape

@@ -18,6 +18,29 @@ class DiagOFT(OrthogonalAdapter):
         size, count = factorization(self.spec.out_dim, options.dim)
         return (count, size, size)
 
+    def output_from(self, y):
+        unbatched_conv = self.spec.is_conv and y.dim() != len(self.spec.kernel) + 2
+        if y.dtype != self.dtype or self._dropouts_active() or unbatched_conv:
+            return super().output_from(y)
+        # One pass: y' = M (y - b) + b with M = (1 - m) I + m diag(rescale) R^T per block, applied to the channel
+        # axis in place (no transposes), the bias term folded into a per-channel constant.
+        n, b, _ = self.oft_blocks.shape
+        m = self.multiplier
+        eye = torch.eye(b, dtype=y.dtype, device=y.device)
+        r = self.rotations()
+        if self.rescale is not None:
+            r = r * self.rescale.reshape(n, 1, b)
+        op = (1 - m) * eye + m * r  # op[k, i, j]: input channel i -> output channel j of block k
+        if self.spec.is_conv:
+            out = torch.einsum("kij,zkis->zkjs", op, y.reshape(y.shape[0], n, b, -1)).reshape(y.shape)
+        else:
+            out = torch.einsum("kij,...ki->...kj", op, y.unflatten(-1, (n, b))).flatten(-2)
+        bias = self.base_bias()
+        if bias is None:
+            return out
+        const = bias - torch.einsum("kij,ki->kj", op, bias.reshape(n, b).to(op.dtype)).reshape(-1)
+        return out + self.spec.channel_view(const, out.dim())
+
     def rotate(self, v, multiplier):
         n, b, _ = self.oft_blocks.shape
         blocks = v.unflatten(-1, (n, b))

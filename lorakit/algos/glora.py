@@ -36,13 +36,11 @@ class GLoRA(Adapter):
     def rank(self):
         return self.a2.shape[0]
 
-    def _mix(self):
-        """a1 @ a2 * scale: the (in, in) input-channel mixing."""
-        return (self.a1.flatten(1) @ self.a2.flatten(1)) * self.scale
-
     def _delta_weight(self):
         w = self.base_weight().to(self.dtype)
-        wa = torch.einsum("oi...,ij->oj...", w, self._mix())
+        # (W a1) a2, never the in x in matrix a1 a2: out*in*dim multiply-adds instead of out*in^2
+        wa = torch.einsum("oi...,ir->or...", w, self.a1.flatten(1) * self.scale)
+        wa = torch.einsum("or...,rj->oj...", wa, self.a2.flatten(1))
         b = (self.b1.flatten(1) @ self.b2.flatten(1)).reshape(self.spec.weight_shape) * self.scale
         return wa + b
 
@@ -60,6 +58,9 @@ class GLoRA(Adapter):
         if spec.kind == "linear":
             return F.linear(self._rank_drop(F.linear(x, first)), second)
         return spec.op(self._rank_drop(spec.op(x, first, **first_args)), second, **ONE_BY_ONE)
+
+    def prefers_merged_weight(self, x):
+        return self.many_positions(x)  # W a1 a2 + b1 b2 rebuilt costs less than two chains over the activations
 
     def adapted_forward(self, x, *args, **kwargs):
         xa = x.to(self.dtype)

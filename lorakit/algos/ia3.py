@@ -29,12 +29,21 @@ class IA3(Adapter):
 
     def adapted_forward(self, x, *args, **kwargs):
         m, spec = self.multiplier, self.spec
+        gain = self._w() * m
         if self.on_input:
-            u = x.to(self.dtype) * spec.channel_view(self._w(), x.dim()) * m
+            if x.dtype == self.dtype:  # one pass: the layer on x * (1 + m w)
+                return self._org_forward(x * spec.channel_view(1 + gain, x.dim()), *args, **kwargs)
+            u = x.to(self.dtype) * spec.channel_view(gain, x.dim())
             return self.org_with_input_change(x, u, *args, **kwargs)
         y = self._org_forward(x, *args, **kwargs)
-        z = self.without_bias(y)
-        return y + (z.to(self.dtype) * spec.channel_view(self._w(), y.dim()) * m).to(y.dtype)
+        if y.dtype == self.dtype:  # one pass: (W x) (1 + m w) + b = y (1 + m w) - b m w
+            bias = self.base_bias()
+            scale = spec.channel_view(1 + gain, y.dim())
+            if bias is None:
+                return y * scale
+            return torch.addcmul(spec.channel_view(-bias * gain, y.dim()), y, scale)
+        z = self.without_bias(y)  # a half-precision layer: the change apart, in the adapter's precision
+        return y + (z.to(self.dtype) * spec.channel_view(gain, y.dim())).to(y.dtype)
 
     def _delta_weight(self):
         w = self.base_weight().to(self.dtype)

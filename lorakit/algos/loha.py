@@ -59,14 +59,24 @@ class LoHa(Adapter):
         w = (self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b) * self.scale
         return w.reshape(self.spec.weight_shape)
 
+    def _khatri_rao(self):
+        """(B1 (x)col B2, (A1 (x)row A2) * scale): the rank-dim^2 pair whose product is dW."""
+        spec, r = self.spec, self.rank
+        a = (self.hada_w1_a[:, :, None] * self.hada_w2_a[:, None, :]).reshape(spec.out_dim, r * r)
+        b = (self.hada_w1_b[:, None, :] * self.hada_w2_b[None, :, :]).reshape(r * r, spec.fan_in)
+        return b, a * self.scale
+
+    def low_rank_pair(self, x):
+        if self.tucker or (self.training and (self.options.dropout or self.options.rank_dropout)):
+            return None  # its dropouts act on the output
+        down, up = self._khatri_rao()
+        return down, up, None
+
     def delta_forward(self, x):
         if self.tucker:
             return super().delta_forward(x)
         spec, r = self.spec, self.rank
-        # Khatri-Rao: rows of A1, A2 and columns of B1, B2 multiplied pairwise.
-        a = (self.hada_w1_a[:, :, None] * self.hada_w2_a[:, None, :]).reshape(spec.out_dim, r * r)
-        b = (self.hada_w1_b[:, None, :] * self.hada_w2_b[None, :, :]).reshape(r * r, spec.fan_in)
-        a = a * self.scale
+        b, a = self._khatri_rao()
         if spec.kind == "linear":
             return torch.nn.functional.linear(torch.nn.functional.linear(x, b), a)
         ones = (1,) * len(spec.kernel)

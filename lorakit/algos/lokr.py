@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .fused_linear import fusable, linear_plus_kron
 from .layer import ONE_BY_ONE
 from .base import LOW_RANK_OPTIONS, Adapter
 from .loha import tucker_rebuild
@@ -143,6 +144,13 @@ class LoKr(Adapter):
             return spec.op(h, self.lokr_w2_a.t().reshape(p["c"], -1, *ones), **ONE_BY_ONE)
         h = spec.op(x, self.lokr_w2_b.reshape(-1, p["d"], *spec.kernel))
         return spec.op(h, self.lokr_w2_a.reshape(p["c"], -1, *ones), **ONE_BY_ONE)
+
+    def adapted_forward(self, x, *args, **kwargs):
+        if self.spec.kind == "linear" and self.dora_scale is None and not args and not kwargs and \
+                not self._dropouts_active() and fusable(self, x):
+            gain = self.scale * self.multiplier * self._scalar()
+            return linear_plus_kron(self, x, self.w1() * gain, self.w2())
+        return super().adapted_forward(x, *args, **kwargs)
 
     def delta_forward(self, x):
         p, spec = self.plan, self.spec

@@ -59,6 +59,19 @@ class LoRA(Adapter):
             return torch.einsum("oa,ab...,bi->oi...", up, self.lora_mid, down)
         return (up @ down).reshape(self.spec.weight_shape)
 
+    def low_rank_pair(self, x):
+        down, up, scale = self.factors()
+        mask = None
+        o = self.options
+        if self.training and (o.dropout or o.rank_dropout):
+            mask = torch.ones(*x.shape[:-1], down.shape[0], dtype=x.dtype, device=x.device)
+            if o.dropout:
+                mask = F.dropout(mask, o.dropout, training=True)
+            if o.rank_dropout:
+                mask = mask * self.channel_mask(mask, o.rank_dropout)
+            mask = mask.reshape(-1, down.shape[0])
+        return down, up * scale, mask
+
     def delta_forward(self, x):
         down, up, scale = self.factors()
         spec = self.spec

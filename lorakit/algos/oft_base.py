@@ -56,7 +56,10 @@ class OrthogonalAdapter(Adapter):
 
     # ----- forward and merge -----
     def adapted_forward(self, x, *args, **kwargs):
-        y = self._org_forward(x, *args, **kwargs)
+        return self.output_from(self._org_forward(x, *args, **kwargs))
+
+    def output_from(self, y: torch.Tensor) -> torch.Tensor:
+        """The adapted output from the layer's: W x rotated (the bias is not), the change m (T W x - W x)."""
         z = self.without_bias(y).to(self.dtype)
         if self.spec.is_conv:
             z = z.movedim(1, -1)

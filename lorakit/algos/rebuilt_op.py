@@ -22,12 +22,12 @@ _CONV_GRADS = {
 
 class _RebuiltWeightOp(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, spec: LayerSpec, rebuild: Callable[[], torch.Tensor], x: torch.Tensor, *params):
+    def forward(ctx, spec: LayerSpec, rebuild: Callable[[], torch.Tensor], bias, x: torch.Tensor, *params):
         with torch.no_grad():
             w = rebuild()
         ctx.spec, ctx.rebuild = spec, rebuild
         ctx.save_for_backward(x, *params)
-        return spec.op(x, w)
+        return spec.op(x, w, bias)
 
     @staticmethod
     def backward(ctx, gy):
@@ -37,7 +37,7 @@ class _RebuiltWeightOp(torch.autograd.Function):
             w = ctx.rebuild()
         gx = None
         if spec.kind == "linear":
-            if ctx.needs_input_grad[2]:
+            if ctx.needs_input_grad[3]:
                 gx = gy @ w.detach()
             gw = gy.reshape(-1, gy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
         else:
@@ -45,18 +45,18 @@ class _RebuiltWeightOp(torch.autograd.Function):
             unbatched = x.dim() == len(spec.kernel) + 1
             xb, gyb = (x.unsqueeze(0), gy.unsqueeze(0)) if unbatched else (x, gy)
             args = spec.conv_args
-            if ctx.needs_input_grad[2]:
+            if ctx.needs_input_grad[3]:
                 gx = grad_input(xb.shape, w.detach(), gyb, **args)
                 gx = gx.squeeze(0) if unbatched else gx
             gw = grad_weight(xb, w.shape, gyb, **args)
-        wanted = [p for p, need in zip(params, ctx.needs_input_grad[3:]) if need]
+        wanted = [p for p, need in zip(params, ctx.needs_input_grad[4:]) if need]
         grads = iter(torch.autograd.grad(w, wanted, gw.to(w.dtype), allow_unused=True) if wanted else ())
-        return (None, None, gx, *[next(grads) if need else None for need in ctx.needs_input_grad[3:]])
+        return (None, None, None, gx, *[next(grads) if need else None for need in ctx.needs_input_grad[4:]])
 
 
 def rebuilt_weight_op(spec: LayerSpec, x: torch.Tensor, rebuild: Callable[[], torch.Tensor],
-                      params: Sequence[torch.Tensor]) -> torch.Tensor:
-    """spec.op(x, rebuild()) with gradients for x and for the parameters `rebuild` reads."""
+                      params: Sequence[torch.Tensor], bias: torch.Tensor | None = None) -> torch.Tensor:
+    """spec.op(x, rebuild(), bias) with gradients for x and for the parameters `rebuild` reads (not for bias)."""
     if not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in params)):
-        return spec.op(x, rebuild())
-    return _RebuiltWeightOp.apply(spec, rebuild, x, *params)
+        return spec.op(x, rebuild(), bias)
+    return _RebuiltWeightOp.apply(spec, rebuild, bias, x, *params)

@@ -1,0 +1,105 @@
+"""y = x W^T + b + (x D^T) U^T for a frozen nn.Linear and a low-rank pair (D: rank x in, U: out x rank).
+
+Autograd through the plain ops makes two extra passes over activation-sized tensors: adding the adapter's
+output to the layer's, and adding the two input gradients. Here the low-rank product is accumulated into the
+layer's output (addmm_) and into the layer's input gradient, so the adapter costs only its two thin products each
+way. Used by LoRA, DyLoRA and LoHa (its Khatri-Rao form is a rank-dim^2 pair).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class _LinearPlusLowRank(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, down, up, mask):
+        x2 = x.reshape(-1, x.shape[-1])
+        h = x2 @ down.t()
+        if mask is not None:  # dropouts on the rank activation, per row
+            h = h * mask
+        y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+        y.addmm_(h, up.t())
+        ctx.save_for_backward(x2, weight, down, up, h, mask)
+        ctx.x_shape = x.shape
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, weight, down, up, h, mask = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])
+        gh = g2 @ up
+        if mask is not None:
+            gh = gh * mask
+        grad_x = grad_down = grad_up = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g2 @ weight).addmm_(gh, down).view(ctx.x_shape)
+        if ctx.needs_input_grad[3]:
+            grad_down = gh.t() @ x2
+        if ctx.needs_input_grad[4]:
+            grad_up = g2.t() @ h
+        return grad_x, None, None, grad_down, grad_up, None
+
+
+_PLAIN = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+
+
+def plain_frozen_layer(adapter, x: torch.Tensor) -> bool:
+    """The layer is a frozen torch Linear/Conv running its own forward (nothing stacked or hooked on it), in the
+    adapter's dtype: then the adapter may compute the layer's output itself."""
+    layer = adapter.layer
+    if type(layer) not in _PLAIN or layer.weight.requires_grad or layer._forward_hooks or layer._forward_pre_hooks:
+        return False
+    if layer.bias is not None and layer.bias.requires_grad:
+        return False
+    org = adapter._org_forward
+    if getattr(org, "__func__", None) is not type(layer).forward or getattr(org, "__self__", None) is not layer:
+        return False
+    return x.dtype == layer.weight.dtype == adapter.dtype
+
+
+def fusable(adapter, x: torch.Tensor) -> bool:
+    return type(adapter.layer) is torch.nn.Linear and plain_frozen_layer(adapter, x)
+
+
+def linear_plus_low_rank(adapter, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
+                         mask: torch.Tensor | None = None) -> torch.Tensor:
+    layer = adapter.layer
+    return _LinearPlusLowRank.apply(x, layer.weight, layer.bias, down, up, mask)
+
+
+class _LinearPlusKron(torch.autograd.Function):
+    """y = x (W + kron(w1, w2))^T + b for a frozen Linear: the layer's one GEMM each way plus one for the
+    merged weight's gradient, contracted at once onto the two small factors. The merged weight is rebuilt in
+    backward, not kept (the activation-side Kronecker identity moves activation-sized tensors through
+    transposes, which costs more on a CPU)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, w1, w2):
+        x2 = x.reshape(-1, x.shape[-1])
+        merged = weight + torch.kron(w1, w2)
+        y = torch.addmm(bias, x2, merged.t()) if bias is not None else x2 @ merged.t()
+        ctx.save_for_backward(x2, weight, w1, w2)
+        ctx.x_shape = x.shape
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, weight, w1, w2 = ctx.saved_tensors
+        (a, b), (c, d) = w1.shape, w2.shape
+        g2 = g.reshape(-1, a * c)
+        grad_x = grad_w1 = grad_w2 = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g2 @ (weight + torch.kron(w1, w2))).view(ctx.x_shape)
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            grad_merged = (g2.t() @ x2).view(a, c, b, d)
+            if ctx.needs_input_grad[3]:
+                grad_w1 = torch.einsum("acbd,cd->ab", grad_merged, w2)
+            if ctx.needs_input_grad[4]:
+                grad_w2 = torch.einsum("acbd,ab->cd", grad_merged, w1)
+        return grad_x, None, None, grad_w1, grad_w2
+
+
+def linear_plus_kron(adapter, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    layer = adapter.layer
+    return _LinearPlusKron.apply(x, layer.weight, layer.bias, w1, w2)
