@@ -95,6 +95,11 @@ class Adapter(nn.Module):
         """The file tensors of this algorithm (scalar not yet folded, no alpha or dora_scale)."""
         raise NotImplementedError
 
+    @staticmethod
+    def file_alpha(sd: Mapping[str, torch.Tensor], dim: int) -> float:
+        """A file's alpha; without one, alpha = dim (scale 1), as kohya and the UIs read old files."""
+        return float(sd["alpha"]) if "alpha" in sd else dim
+
     @classmethod
     def options_from_tensors(cls, spec: LayerSpec, sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         """The options that rebuild an adapter of these tensors' shapes."""

@@ -90,4 +90,4 @@ class GLoRA(Adapter):
             raise ValueError(f"GLoRA tensors a1 {tuple(a1.shape)}, a2 {tuple(a2.shape)} are not in LyCORIS' current "
                              f"layout for a layer with {spec.in_dim} inputs (old-layout files are not supported)")
         dim = a2.shape[0]
-        return {"dim": dim, "alpha": float(sd["alpha"]) if "alpha" in sd else dim}
+        return {"dim": dim, "alpha": cls.file_alpha(sd, dim)}

@@ -101,5 +101,4 @@ class LoHa(Adapter):
     @classmethod
     def options_from_tensors(cls, spec, sd):
         dim = sd["hada_w1_b"].shape[0]
-        alpha = float(sd["alpha"]) if "alpha" in sd else dim
-        return {"dim": dim, "alpha": alpha, "use_tucker": "hada_t1" in sd}
+        return {"dim": dim, "alpha": cls.file_alpha(sd, dim), "use_tucker": "hada_t1" in sd}

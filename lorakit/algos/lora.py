@@ -109,5 +109,4 @@ class LoRA(Adapter):
     @classmethod
     def options_from_tensors(cls, spec, sd):
         dim = sd["lora_down.weight"].shape[0]
-        alpha = float(sd["alpha"]) if "alpha" in sd else dim
-        return {"dim": dim, "alpha": alpha, "use_tucker": "lora_mid.weight" in sd}
+        return {"dim": dim, "alpha": cls.file_alpha(sd, dim), "use_tucker": "lora_mid.weight" in sd}

@@ -26,6 +26,17 @@ def _is_sd_unet(model: nn.Module) -> bool:
     return hasattr(config, "get") and bool(config.get("down_block_types")) and hasattr(model, "down_blocks")
 
 
+def index_model(model: nn.Module, text_encoders, prefix: str) -> tuple[list, str | None, NameIndex]:
+    """(text encoders as a list, arch or None, the adapter-name index) of a Stable Diffusion model or any model."""
+    if isinstance(text_encoders, nn.Module):
+        text_encoders = [text_encoders]
+    text_encoders = list(text_encoders or [])
+    if _is_sd_unet(model) or text_encoders:
+        arch = detect_arch(model, text_encoders)
+        return text_encoders, arch, NameIndex.for_sd(model, text_encoders, arch)
+    return text_encoders, None, NameIndex.for_model(model, prefix=prefix)
+
+
 def create_network(model: nn.Module, text_encoders: Sequence[nn.Module] | nn.Module | None = None,
                    **kwargs: Any) -> Network:
     """Adapters on a Stable Diffusion U-Net (and its text encoders), or on any nn.Module.
@@ -35,27 +46,19 @@ def create_network(model: nn.Module, text_encoders: Sequence[nn.Module] | nn.Mod
     and any adapter option (dropout, factor, dora_wd, ...), with kohya's and LyCORIS' spellings."""
     config, options = split_network_kwargs(kwargs)
     cls = algorithm(config.algo)
-    parse_options(options)  # unknown or badly typed adapter options fail here, before any layer is touched
+    # unknown or badly typed adapter options fail here, before any layer is touched
     refused = sorted(set(parse_options(options)[1]) - (COMMON_OPTIONS | cls.accepts))
     if refused:
         raise OptionError(f"algo '{cls.name}' does not accept option '{refused[0]}' (given {options.get(refused[0])!r});"
                           f" it accepts: {', '.join(sorted(COMMON_OPTIONS | cls.accepts))}")
     preset = load_preset(config.preset)
-    if isinstance(text_encoders, nn.Module):
-        text_encoders = [text_encoders]
-    text_encoders = list(text_encoders or [])
-
-    if _is_sd_unet(model) or text_encoders:
-        arch = detect_arch(model, text_encoders)
-        index = NameIndex.for_sd(model, text_encoders, arch)
+    text_encoders, arch, index = index_model(model, text_encoders, preset.lora_prefix or GENERIC_PREFIX)
+    if arch is not None:
         selected = select("unet", model, preset, preset.unet_target_module, preset.unet_target_name)
         for component, te in zip(_COMPONENTS, text_encoders):
             selected += select(component, te, preset, preset.text_encoder_target_module,
                                preset.text_encoder_target_name)
     else:
-        arch = None
-        prefix = preset.lora_prefix or GENERIC_PREFIX
-        index = NameIndex.for_model(model, prefix=prefix)
         everything = not (preset.target_module or preset.target_name)
         selected = select("model", model, preset, preset.target_module, preset.target_name, everything)
 

@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 
 from ..algos import adapter_from_state_dict
-from .create import _is_sd_unet
-from .names import GENERIC_PREFIX, NameIndex, detect_arch, split_key
+from .create import index_model
+from .names import GENERIC_PREFIX, split_key
 from .network import Entry, Network
 
 _PEFT_MARKERS = (".lora_A.", ".lora_B.", ".lora.up.", ".lora.down.", "lora_linear_layer", ".lora_magnitude_vector",
@@ -51,15 +51,7 @@ def load_network(model: nn.Module, source: str | Path | Mapping[str, torch.Tenso
     file's)."""
     tensors, metadata, where = read_adapter_tensors(source)
     check_layout(tensors, where)
-    if isinstance(text_encoders, nn.Module):
-        text_encoders = [text_encoders]
-    text_encoders = list(text_encoders or [])
-    if _is_sd_unet(model) or text_encoders:
-        arch = detect_arch(model, text_encoders)
-        index = NameIndex.for_sd(model, text_encoders, arch)
-    else:
-        arch = None
-        index = NameIndex.for_model(model, prefix=prefix)
+    text_encoders, arch, index = index_model(model, text_encoders, prefix)
     found, missing = index.resolve_keys(tensors)
     if missing:
         shown = ", ".join(repr(n) for n in missing[:3])
