@@ -172,8 +172,9 @@ class Adapter(nn.Module):
     def prefers_merged_weight(self, x: torch.Tensor) -> bool:
         """Whether the layer run once with W + dW (dW rebuilt again in backward, never kept) costs less than the
         layer plus the change computed apart: where the change's own forward is expensive per position and the
-        call has more positions than the weight has columns (rebuilding treats those columns as positions)."""
-        return False
+        call has more positions than the weight has columns (rebuilding treats those columns as positions).
+        DoRA along output rows rescales every output channel apart from the change: merged where that pays."""
+        return self.dora_scale is not None and self.options.dora_axis == "out" and self.many_positions(x)
 
     def many_positions(self, x: torch.Tensor) -> bool:
         return positions(self.spec, x) >= 2 * self.spec.fan_in

@@ -26,6 +26,9 @@ class Full(Adapter):
     def delta_forward(self, x):
         return self.spec.op(x, self.diff)
 
+    def prefers_merged_weight(self, x):
+        return True  # one pass with W + diff beats the layer plus a second full product
+
     def factor_flops(self, n):
         return 0.0  # dW is the parameter itself: nothing to rebuild
 

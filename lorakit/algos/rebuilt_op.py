@@ -49,14 +49,18 @@ class _RebuiltWeightOp(torch.autograd.Function):
                 gx = grad_input(xb.shape, w.detach(), gyb, **args)
                 gx = gx.squeeze(0) if unbatched else gx
             gw = grad_weight(xb, w.shape, gyb, **args)
+        gb = None
+        if ctx.needs_input_grad[2]:  # a trained bias change passed in with the bias
+            channel = -1 if spec.kind == "linear" else (0 if gy.dim() == len(spec.kernel) + 1 else 1)
+            gb = gy.sum(dim=[d for d in range(gy.dim()) if d != channel % gy.dim()])
         wanted = [p for p, need in zip(params, ctx.needs_input_grad[4:]) if need]
         grads = iter(torch.autograd.grad(w, wanted, gw.to(w.dtype), allow_unused=True) if wanted else ())
-        return (None, None, None, gx, *[next(grads) if need else None for need in ctx.needs_input_grad[4:]])
+        return (None, None, gb, gx, *[next(grads) if need else None for need in ctx.needs_input_grad[4:]])
 
 
 def rebuilt_weight_op(spec: LayerSpec, x: torch.Tensor, rebuild: Callable[[], torch.Tensor],
                       params: Sequence[torch.Tensor], bias: torch.Tensor | None = None) -> torch.Tensor:
-    """spec.op(x, rebuild(), bias) with gradients for x and for the parameters `rebuild` reads (not for bias)."""
+    """spec.op(x, rebuild(), bias) with gradients for x, bias and the parameters `rebuild` reads."""
     if not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in params)):
         return spec.op(x, rebuild(), bias)
     return _RebuiltWeightOp.apply(spec, rebuild, bias, x, *params)
