@@ -177,7 +177,9 @@ class Adapter(nn.Module):
         return self.dora_scale is not None and self.options.dora_axis == "out" and self.many_positions(x)
 
     def many_positions(self, x: torch.Tensor) -> bool:
-        return positions(self.spec, x) >= 2 * self.spec.fan_in
+        """A linear call with many more positions than input columns: there the merged weight's extra gradient
+        product costs less than activation passes (on a conv it costs a whole convolution: never)."""
+        return self.spec.kind == "linear" and positions(self.spec, x) >= 2 * self.spec.fan_in
 
     def _dropouts_active(self) -> bool:
         return self.training and bool(self.options.dropout or self.options.rank_dropout)

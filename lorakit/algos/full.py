@@ -29,6 +29,13 @@ class Full(Adapter):
     def prefers_merged_weight(self, x):
         return True  # one pass with W + diff beats the layer plus a second full product
 
+    def merged_weight_forward(self, x):
+        layer, m = self.layer, self.multiplier
+        bias = layer.bias
+        if self.diff_b is not None:
+            bias = self.diff_b * m if bias is None else bias + self.diff_b * m
+        return self.spec.op(x, layer.weight + self.diff * m, bias)
+
     def factor_flops(self, n):
         return 0.0  # dW is the parameter itself: nothing to rebuild
 

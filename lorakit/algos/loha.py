@@ -66,6 +66,10 @@ class LoHa(Adapter):
         b = (self.hada_w1_b[:, None, :] * self.hada_w2_b[None, :, :]).reshape(r * r, spec.fan_in)
         return b, a * self.scale
 
+    def prefers_merged_weight(self, x):
+        # the Khatri-Rao pair has rank dim^2: on many positions its thin products cost more than one merged pass
+        return not self.tucker and self.dora_scale is None and self.many_positions(x)
+
     def low_rank_pair(self, x):
         if self.tucker or (self.training and (self.options.dropout or self.options.rank_dropout)):
             return None  # its dropouts act on the output

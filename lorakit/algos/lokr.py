@@ -147,7 +147,7 @@ class LoKr(Adapter):
 
     def adapted_forward(self, x, *args, **kwargs):
         if self.spec.kind == "linear" and self.dora_scale is None and not args and not kwargs and \
-                not self._dropouts_active() and fusable(self, x):
+                not self._dropouts_active() and self.many_positions(x) and fusable(self, x):
             gain = self.scale * self.multiplier * self._scalar()
             return linear_plus_kron(self, x, self.w1() * gain, self.w2())
         return super().adapted_forward(x, *args, **kwargs)

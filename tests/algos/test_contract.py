@@ -102,15 +102,22 @@ def test_zero_at_init_and_gradients_reach_only_the_adapter(algo, options, kind):
     assert not missing, f"no gradient for {missing}"
 
 
+@pytest.mark.parametrize("many", [False, True], ids=["few-positions", "many-positions"])
 @pytest.mark.parametrize("algo,options,kind", case_params())
-def test_gradients_match_autograd_of_the_merged_weight(algo, options, kind):
-    """The factor paths and the custom backward give the gradients of the plain formula y = op(x, W + dW)."""
+def test_gradients_match_autograd_of_the_merged_weight(algo, options, kind, many):
+    """Every compute path (factors, fused, merged weight rebuilt in backward) gives the output and gradients of the
+    plain formula y = op(x, W + dW). Many positions select the merged and fused paths on linear layers."""
     if algo == "dylora":
         pytest.skip("DyLoRA draws a random rank per training step")
+    if many and kind != "linear":
+        pytest.skip("the position count changes the path on linear layers only")
     layer, x = make_layer(kind), make_input(kind)
+    if many:
+        x = torch.randn(4, 40, x.shape[-1], dtype=x.dtype)
     adapter = randomize(make_adapter(algo, layer, **options).double()).eval()
     xg = x.clone().requires_grad_(True)
-    adapter(xg).sin().sum().backward()
+    out = adapter(xg)
+    out.sin().sum().backward()
     got = {n: p.grad.clone() for n, p in adapter.named_parameters()}
     got_x = xg.grad.clone()
     adapter.zero_grad()
@@ -120,7 +127,9 @@ def test_gradients_match_autograd_of_the_merged_weight(algo, options, kind):
     db = adapter.delta_bias(adapter.multiplier)
     if db is not None:
         bias = db if bias is None else bias + db
-    layer_forward(layer, xg2, layer.weight + adapter.delta_weight(adapter.multiplier), bias).sin().sum().backward()
+    expected = layer_forward(layer, xg2, layer.weight + adapter.delta_weight(adapter.multiplier), bias)
+    torch.testing.assert_close(out, expected, **TOL)
+    expected.sin().sum().backward()
     for n, p in adapter.named_parameters():
         torch.testing.assert_close(got[n], p.grad, rtol=1e-8, atol=1e-9, msg=n)
     torch.testing.assert_close(got_x, xg2.grad, rtol=1e-8, atol=1e-9)
