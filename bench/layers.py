@@ -48,6 +48,8 @@ SHAPES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], str]] = {
                   "Conv2d 320->320 k3 p1 on (2,320,64,64)"),
 }
 
+STAT = statistics.median  # or min (--stat)
+
 # Targets from the issue (ratio over the base layer); None: no target of its own (still compared to the peers).
 TARGETS = {"lora": 1.15, "loha": 1.6, "lokr": 1.3, "diag-oft": 1.3, "boft": 2.0, "ia3": 1.05, "dora": 1.5,
            "dora-out": 1.5}
@@ -343,7 +345,7 @@ def time_once(fn, x, g, params, inner: int) -> float:
 
 def saved_records(fn, x) -> list[tuple[int, int, int, tuple]]:
     """(storage ptr, storage bytes, numel, shape) of each tensor autograd saves for backward of fn(x)."""
-    recs: list[torch.Tensor] = []
+    recs = []  # the saved tensors, kept alive until measured
 
     def pack(t):
         recs.append(t)
@@ -358,7 +360,8 @@ def saved_records(fn, x) -> list[tuple[int, int, int, tuple]]:
             out.append((s.data_ptr(), s.nbytes(), t.numel(), tuple(t.shape)))
         except Exception:  # tensors without storage
             out.append((0, 0, t.numel(), tuple(t.shape)))
-    del y, recs
+    del y
+    recs.clear()
     return out
 
 
@@ -407,7 +410,87 @@ def machine() -> dict[str, Any]:
             info[mod] = metadata.version(dist)
         except Exception as e:
             info[mod] = f"unavailable ({type(e).__name__})"
+    try:
+        import subprocess
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        rev = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "lorakit"], capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+        info["lorakit_commit"] = (rev or "?") + (" + uncommitted lorakit changes" if dirty else "")
+    except Exception:
+        info["lorakit_commit"] = "?"
     return info
+
+
+def cpu_idle(interval: float = 0.3) -> float | None:
+    """Fraction of CPU time idle over `interval` seconds (Linux /proc/stat), None where unknown."""
+    def read():
+        with open("/proc/stat") as f:
+            v = [int(a) for a in f.readline().split()[1:]]
+        return v[3] + (v[4] if len(v) > 4 else 0), sum(v)
+
+    try:
+        i0, t0 = read()
+        time.sleep(interval)
+        i1, t1 = read()
+        return (i1 - i0) / max(1, t1 - t0)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def wait_idle(max_wait: float, threshold: float = 0.9) -> float:
+    """Sleep until the other processes leave the CPUs idle (or max_wait passes); returns seconds waited."""
+    if max_wait <= 0:
+        return 0.0
+    start = time.time()
+    while time.time() - start < max_wait:
+        idle = cpu_idle()
+        if idle is None or idle >= threshold:
+            break
+        time.sleep(1.0)
+    return time.time() - start
+
+
+def _busy_seconds() -> tuple[float, float] | None:
+    """(CPU seconds all processes have used, CPU seconds this process has used), for sampling others' load."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(a) for a in f.readline().split()[1:]]
+        busy = sum(v) - v[3] - (v[4] if len(v) > 4 else 0)
+        t = os.times()
+        return busy / os.sysconf("SC_CLK_TCK"), t.user + t.system
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+class Sampler:
+    """Times one sample; with a wait budget, a sample during which other processes used more than `limit` of the
+    CPUs is thrown away and taken again once they leave the CPUs idle (a shared machine's noise)."""
+
+    def __init__(self, max_wait: float, limit: float = 0.1):
+        self.max_wait, self.limit = max_wait, limit
+        self.waited, self.redone, self.kept_busy = 0.0, 0, 0
+        self.cpus = os.cpu_count() or 1
+
+    def __call__(self, fn, x, g, params, inner: int) -> float:
+        while True:
+            a = _busy_seconds()
+            w0 = time.perf_counter()
+            t = time_once(fn, x, g, params, inner)
+            wall = time.perf_counter() - w0
+            b = _busy_seconds()
+            if self.max_wait <= 0 or a is None or b is None:
+                return t
+            foreign = ((b[0] - a[0]) - (b[1] - a[1])) / (wall * self.cpus)
+            if foreign <= self.limit:
+                return t
+            if self.waited >= self.max_wait:
+                self.kept_busy += 1
+                return t
+            self.redone += 1
+            self.waited += wait_idle(min(30.0, self.max_wait - self.waited))
 
 
 def loadavg() -> str:
@@ -460,7 +543,7 @@ def report_shape(key: str, desc: str, base_t: float, rows: dict[str, dict[str, V
     record = {"desc": desc, "base_s": base_t, "rows": {}}
 
     def ratio_of(v: Variant | None):
-        return statistics.median(v.times) / base_t if v and v.times else None
+        return STAT(v.times) / base_t if v and v.times else None
 
     def mark(v: Variant) -> str:
         msg = v.error or v.note
@@ -503,7 +586,7 @@ def report_shape(key: str, desc: str, base_t: float, rows: dict[str, dict[str, V
         record["rows"][algo] = {
             "target": t, "best_peer_ratio": best,
             "verdict": verdict(algo, kr, best, kit_fullw) if kit else None,
-            **{i: {"ratio": ratio_of(v), "median_s": statistics.median(v.times) if v.times else None,
+            **{i: {"ratio": ratio_of(v), "stat_s": STAT(v.times) if v.times else None,
                    "times_s": v.times, "saved": v.saved, "setting": v.setting, "error": v.error, "note": v.note,
                    "comparable": (algo, i) not in NOT_COMPARABLE}
                for i, v in variants.items()},
@@ -534,7 +617,7 @@ def report_shape(key: str, desc: str, base_t: float, rows: dict[str, dict[str, V
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    ap.add_argument("--reps", type=int, default=7, help="timed rounds per implementation (median is reported)")
+    ap.add_argument("--reps", type=int, default=5, help="timed rounds per implementation (the median is reported)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed forward+backward per implementation")
     ap.add_argument("--min-time", type=float, default=0.1,
                     help="seconds each timed sample should last (fast shapes repeat the step inside a sample)")
@@ -545,7 +628,14 @@ def main(argv=None) -> int:
     ap.add_argument("--no-saved", action="store_true", help="skip the saved-tensor measurement")
     ap.add_argument("--json", metavar="PATH", help="also write the raw numbers to PATH")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stat", choices=("median", "min"), default="median",
+                    help="statistic over the rounds (min is steadier on a machine shared with other jobs)")
+    ap.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                    help="per shape, spend up to SECONDS waiting for other processes to leave the CPUs idle: a sample "
+                         "during which others used >10%% of the CPUs is retaken (Linux /proc/stat)")
     args = ap.parse_args(argv)
+    global STAT
+    STAT = statistics.median if args.stat == "median" else min
     if args.quick:
         args.reps, args.warmup, args.min_time = 3, 1, 0.05
 
@@ -566,7 +656,9 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     warnings.filterwarnings("ignore")
     try:
-        import lycoris  # noqa: F401  (imported first, so that its logger exists and keeps our level)
+        import importlib
+
+        importlib.import_module("lycoris")  # first, so that its logger exists and keeps our level
     except Exception:
         pass
     logging.getLogger("LyCORIS").setLevel(logging.ERROR)  # its per-module INFO/WARNING lines
@@ -576,9 +668,10 @@ def main(argv=None) -> int:
     print("## bench/layers.py: forward+backward time over the frozen base layer", file=out)
     print(file=out)
     print(f"Machine: {info['cpu']} ({info['logical_cpus']} logical CPUs), torch {info['torch']} "
-          f"with {info['threads']} threads, fp32; lycoris-lora {info['lycoris']}, peft {info['peft']}, "
+          f"with {info['threads']} threads, fp32; lorakit at {info['lorakit_commit']}; lycoris-lora {info['lycoris']}, "
+          f"peft {info['peft']}, "
           f"python {info['python']}. Load average at start: {loadavg()}.", file=out)
-    print(f"Method: median of {args.reps} interleaved rounds after {args.warmup} warm-up steps; each sample "
+    print(f"Method: {args.stat} of {args.reps} interleaved rounds after {args.warmup} warm-up steps; each sample "
           f">= {args.min_time:g} s; loss gradient = fixed random grad_output; input requires grad. "
           "Ratio = method / frozen layer. Saved MB = distinct storages autograd keeps for backward, "
           "excluding the input and the frozen weight/bias. Best peer = fastest comparable peer column. "
@@ -630,16 +723,24 @@ def main(argv=None) -> int:
         base_times: list[float] = []
         gc.collect()
         gc.disable()
+        sample = Sampler(args.wait_idle)
         try:
             for r in range(args.reps):
-                base_times.append(time_once(base_fn, x, g, [], inner))
+                sample.waited += wait_idle(min(30.0, max(0.0, args.wait_idle - sample.waited)))
+                base_times.append(sample(base_fn, x, g, [], inner))
                 for v in live:
-                    v.times.append(time_once(v.fn, x, g, v.params, inner))
-                base_times.append(time_once(base_fn, x, g, [], inner))
+                    v.times.append(sample(v.fn, x, g, v.params, inner))
+                base_times.append(sample(base_fn, x, g, [], inner))
         finally:
             gc.enable()
-        base_t = statistics.median(base_times)
+        base_t = STAT(base_times)
         rec = report_shape(key, f"{desc} ({inner} step(s) per sample)", base_t, variants, impls, out)
+        noise = ""
+        if args.wait_idle > 0:
+            noise = (f"; {sample.redone} samples retaken because other processes were busy, {sample.kept_busy} kept "
+                     f"busy (wait budget spent), {sample.waited:.0f} s waited")
+        print(f"Load average after this shape: {loadavg()}{noise}.", file=out)
+        print(file=out)
         rec["base_times_s"] = base_times
         rec["inner_steps"] = inner
         results["shapes"][key] = rec

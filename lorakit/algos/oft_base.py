@@ -60,6 +60,8 @@ class OrthogonalAdapter(Adapter):
 
     def output_from(self, y: torch.Tensor) -> torch.Tensor:
         """The adapted output from the layer's: W x rotated (the bias is not), the change m (T W x - W x)."""
+        if self._dense_operator_pays(y):
+            return self._dense_output(y)
         z = self.without_bias(y).to(self.dtype)
         if self.spec.is_conv:
             z = z.movedim(1, -1)
@@ -67,6 +69,25 @@ class OrthogonalAdapter(Adapter):
         if self.spec.is_conv:
             d = d.movedim(-1, 1)
         return y + (self._output_dropouts(d) * self.multiplier).to(y.dtype)
+
+    def _dense_operator_pays(self, y: torch.Tensor) -> bool:
+        """On a conv with a kernel > 1 the (out x out) operator is smaller than the weight and one pointwise
+        conv with it costs less than the per-block passes (BOFT's stages above all)."""
+        return (self.spec.is_conv and self.spec.kernel_numel > 1 and y.dtype == self.dtype and
+                y.dim() == len(self.spec.kernel) + 2 and not self._dropouts_active())
+
+    def operator(self, multiplier: float) -> torch.Tensor:
+        """M = (1 - m) I + m diag(rescale) T as an (out x out) matrix: y' = M (y - b) + b."""
+        eye = torch.eye(self.spec.out_dim, dtype=self.dtype, device=self.oft_blocks.device)
+        t = self.transformed(eye, multiplier).t()  # rows of I through the transform: the columns of T
+        return (1 - multiplier) * eye + multiplier * t
+
+    def _dense_output(self, y):
+        op = self.operator(self.multiplier)
+        bias = self.base_bias()
+        const = None if bias is None else bias - op @ bias.to(op.dtype)
+        return torch.nn.functional.conv1d(y.flatten(2), op.unsqueeze(-1), const).view_as(y) if y.dim() != 4 else \
+            torch.nn.functional.conv2d(y, op[:, :, None, None], const)
 
     def delta_weight(self, multiplier=1.0):
         w = self.base_weight().to(self.dtype)
