@@ -267,16 +267,19 @@ class Adapter(nn.Module):
         w = self.base_weight()
         return self._axis_norm(w.to(torch.promote_types(w.dtype, torch.float32)))
 
-    def _dora_ratio(self) -> torch.Tensor:
-        """dora_scale / |W + dW| along the DoRA axis; the norm is recomputed in backward instead of keeping a
-        weight-sized tensor."""
+    def dora_norm(self) -> torch.Tensor:
+        """|W + dW| along the DoRA axis, shaped like dora_scale. Generic form: dW is rebuilt, and rebuilt again in
+        backward instead of keeping a weight-sized tensor; LoRA overrides it with a closed form."""
         w = self.base_weight()
 
         def norm():
             return self._axis_norm(w.to(self.dtype) + self._delta_weight() * self._scalar())
 
-        n = checkpoint(norm, use_reentrant=False) if torch.is_grad_enabled() else norm()
-        return self.dora_scale / n
+        return checkpoint(norm, use_reentrant=False) if torch.is_grad_enabled() else norm()
+
+    def _dora_ratio(self) -> torch.Tensor:
+        """dora_scale / |W + dW| along the DoRA axis."""
+        return self.dora_scale / self.dora_norm()
 
     def _dora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         m = self.multiplier

@@ -59,6 +59,22 @@ class LoRA(Adapter):
             return torch.einsum("oa,ab...,bi->oi...", up, self.lora_mid, down)
         return (up @ down).reshape(self.spec.weight_shape)
 
+    def dora_norm(self):
+        """|W + s U D| per column (or row) without building dW: |W|^2 + 2 s <W, U D> + s^2 |U D|^2, where the cross
+        term needs one (fan_in x out) @ (out x dim) product and the last one a dim x dim Gram matrix."""
+        if self.tucker:
+            return super().dora_norm()
+        down, up, scale = self.factors()
+        w = self.base_weight().to(self.dtype).flatten(1)  # (out, fan_in)
+        u = up.flatten(1) * (scale * self._scalar())  # (out, dim)
+        d = down.flatten(1)  # (dim, fan_in)
+        if self.options.dora_axis == "out":
+            sq = w.square().sum(1) + 2 * ((w @ d.t()) * u).sum(1) + ((u @ (d @ d.t())) * u).sum(1)
+            return sq.clamp_min(0).sqrt().reshape(self.dora_scale.shape)
+        sq = w.square().sum(0) + 2 * ((w.t() @ u) * d.t()).sum(1) + (((u.t() @ u) @ d) * d).sum(0)
+        sq = sq.reshape(self.spec.in_dim, -1).sum(1)  # a conv's column spans its kernel positions
+        return sq.clamp_min(0).sqrt().reshape(self.dora_scale.shape)
+
     def low_rank_pair(self, x):
         down, up, scale = self.factors()
         mask = None
