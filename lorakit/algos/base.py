@@ -15,11 +15,11 @@ from typing import Any, ClassVar, Mapping
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
+from .dora import DoRA
+from .fused_linear import fusable, linear_plus_low_rank, plain_frozen_layer
 from .layer import LayerSpec, describe_layer, positions
 from .options import AdapterOptions, OptionError, parse_options
-from .fused_linear import fusable, linear_plus_low_rank, plain_frozen_layer
 from .rebuilt_op import rebuilt_weight_op
 
 COMMON_OPTIONS = frozenset({"multiplier", "module_dropout"})
@@ -29,7 +29,7 @@ LOW_RANK_OPTIONS = frozenset(
 )
 
 
-class Adapter(nn.Module):
+class Adapter(DoRA, nn.Module):
     name: ClassVar[str] = ""
     aliases: ClassVar[tuple[str, ...]] = ()
     keys: ClassVar[tuple[str, ...]] = ()  # every tensor name this algorithm may write to a file
@@ -254,62 +254,6 @@ class Adapter(nn.Module):
         if self.spec.is_conv:
             return mask.reshape(batch, c, *([1] * (d.dim() - 2)))
         return mask.reshape(batch, *([1] * (d.dim() - 2)), c) if d.dim() > 1 else mask.reshape(c)
-
-    # ----- DoRA -------------------------------------------------------------------------------------------------
-    def _axis_norm(self, w: torch.Tensor) -> torch.Tensor:
-        """Norm of each input column ('in', dora_scale shape (1, in, 1..)) or output row ('out', (out, 1, 1..))."""
-        if self.options.dora_axis == "out":
-            return torch.linalg.vector_norm(w.reshape(w.shape[0], -1), dim=1).reshape(w.shape[0], *([1] * (w.dim() - 1)))
-        dims = [0] + list(range(2, w.dim()))
-        return torch.linalg.vector_norm(w, dim=dims, keepdim=True)
-
-    def _initial_dora_scale(self) -> torch.Tensor:
-        w = self.base_weight()
-        return self._axis_norm(w.to(torch.promote_types(w.dtype, torch.float32)))
-
-    def dora_norm(self) -> torch.Tensor:
-        """|W + dW| along the DoRA axis, shaped like dora_scale. Generic form: dW is rebuilt, and rebuilt again in
-        backward instead of keeping a weight-sized tensor; LoRA overrides it with a closed form."""
-        w = self.base_weight()
-
-        def norm():
-            return self._axis_norm(w.to(self.dtype) + self._delta_weight() * self._scalar())
-
-        return checkpoint(norm, use_reentrant=False) if torch.is_grad_enabled() else norm()
-
-    def _dora_ratio(self) -> torch.Tensor:
-        """dora_scale / |W + dW| along the DoRA axis."""
-        return self.dora_scale / self.dora_norm()
-
-    def _dora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        m = self.multiplier
-        r = self._dora_ratio()
-        if self.options.dora_axis == "in":
-            # (W + dW) diag(r) x == (W + dW)(r * x): scale the input channels instead of the weight.
-            fused = self._dora_fused_linear(x, r.reshape(-1), m)
-            if fused is not None:
-                return fused
-            c = self.spec.channel_view(r.reshape(-1), x.dim())
-            xa = x.to(self.dtype)
-            y = self.org_with_input_change(x, xa * (m * (c - 1)), *args, **kwargs)
-            d = self._output_dropouts(self._delta(xa * c))
-            return y + (d * (m * self._scalar())).to(y.dtype)
-        y = self._org_forward(x, *args, **kwargs)
-        z = self.without_bias(y).to(self.dtype)
-        rv = self.spec.channel_view(r.reshape(-1), y.dim())
-        d = self._output_dropouts(self._delta(x.to(self.dtype)))
-        return y + (m * ((rv - 1) * z + rv * d * self._scalar())).to(y.dtype)
-
-    def _dora_fused_linear(self, x, c, m):
-        """W (k x) + b + m dW (c x) with k = 1 + m (c - 1), as one fused pass: dW (c x) = up (down diag(c / k)) (k x)."""
-        if self.spec.kind != "linear" or not fusable(self, x) or not self._use_factor_path(x):
-            return None
-        k = 1 + m * (c - 1)
-        pair = self.low_rank_pair(x)
-        if pair is None or bool((k.abs() < 1e-4).any()):
-            return None
-        down, up, mask = pair
-        return linear_plus_low_rank(self, x * k, down * (c / k), up * (m * self._scalar()), mask)
 
     # ----- the change as the UIs apply it ----------------------------------------------------------------------
     def delta_weight(self, multiplier: float = 1.0) -> torch.Tensor:
