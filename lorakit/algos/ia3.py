@@ -9,6 +9,29 @@ import torch.nn as nn
 from .base import Adapter
 
 
+class _ScaleShift(torch.autograd.Function):
+    """y * s + c over the channel axis, with the two reductions of backward written out: autograd's addcmul
+    backward would multiply by the scale twice more."""
+
+    @staticmethod
+    def forward(ctx, y, s, c, channel: int):
+        ctx.save_for_backward(y, s)
+        ctx.channel = channel
+        shape = [1] * y.dim()
+        shape[channel] = -1
+        ctx.shape = shape
+        return torch.addcmul(c.view(shape), y, s.view(shape))
+
+    @staticmethod
+    def backward(ctx, g):
+        y, s = ctx.saved_tensors
+        dims = [d for d in range(g.dim()) if d != ctx.channel % g.dim()]
+        grad_y = g * s.view(ctx.shape) if ctx.needs_input_grad[0] else None
+        grad_s = (g * y).sum(dims) if ctx.needs_input_grad[1] else None
+        grad_c = g.sum(dims) if ctx.needs_input_grad[2] else None
+        return grad_y, grad_s, grad_c, None
+
+
 class IA3(Adapter):
     name = "ia3"
     keys = ("weight", "on_input")
@@ -38,10 +61,8 @@ class IA3(Adapter):
         y = self._org_forward(x, *args, **kwargs)
         if y.dtype == self.dtype:  # one pass: (W x) (1 + m w) + b = y (1 + m w) - b m w
             bias = self.base_bias()
-            scale = spec.channel_view(1 + gain, y.dim())
-            if bias is None:
-                return y * scale
-            return torch.addcmul(spec.channel_view(-bias * gain, y.dim()), y, scale)
+            shift = torch.zeros_like(gain) if bias is None else -bias * gain
+            return _ScaleShift.apply(y, 1 + gain, shift, 1 if spec.is_conv else -1)
         z = self.without_bias(y)  # a half-precision layer: the change apart, in the adapter's precision
         return y + (z.to(self.dtype) * spec.channel_view(gain, y.dim())).to(y.dtype)
 
