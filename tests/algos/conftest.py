@@ -67,12 +67,19 @@ CASES = [
 ]
 
 
-def case_params():
+def case_params(with_positions: bool = False):
+    """(algo, options, kind) for every case; with_positions adds a "many positions" variant on linear layers,
+    where the position count selects the fused and merged-weight paths."""
     params = []
     for algo, options, layers in CASES:
         for kind in layers:
             tag = ",".join(f"{k}={v}" for k, v in options.items()) or "default"
-            params.append(pytest.param(algo, options, kind, id=f"{algo}-{kind}-{tag}"))
+            if not with_positions:
+                params.append(pytest.param(algo, options, kind, id=f"{algo}-{kind}-{tag}"))
+                continue
+            for many in ([False, True] if kind == "linear" else [False]):
+                label = "-many-positions" if many else ""
+                params.append(pytest.param(algo, options, kind, many, id=f"{algo}-{kind}-{tag}{label}"))
     return params
 
 

@@ -102,15 +102,12 @@ def test_zero_at_init_and_gradients_reach_only_the_adapter(algo, options, kind):
     assert not missing, f"no gradient for {missing}"
 
 
-@pytest.mark.parametrize("many", [False, True], ids=["few-positions", "many-positions"])
-@pytest.mark.parametrize("algo,options,kind", case_params())
+@pytest.mark.parametrize("algo,options,kind,many", case_params(with_positions=True))
 def test_gradients_match_autograd_of_the_merged_weight(algo, options, kind, many):
     """Every compute path (factors, fused, merged weight rebuilt in backward) gives the output and gradients of the
     plain formula y = op(x, W + dW). Many positions select the merged and fused paths on linear layers."""
     if algo == "dylora":
         pytest.skip("DyLoRA draws a random rank per training step")
-    if many and kind != "linear":
-        pytest.skip("the position count changes the path on linear layers only")
     layer, x = make_layer(kind), make_input(kind)
     if many:
         x = torch.randn(4, 40, x.shape[-1], dtype=x.dtype)
