@@ -87,6 +87,13 @@ class Adapter(DoRA, nn.Module):
         """(down, up, row mask or None) when dW = up @ down exactly for this call (scale in up), else None."""
         return None
 
+    def fused_low_rank_pair(self, x: torch.Tensor):
+        """low_rank_pair where the fused Linear + low-rank pass applies to this call (a plain frozen Linear, the
+        factor path cheaper than rebuilding dW), else None."""
+        if not fusable(self, x) or not self._use_factor_path(x):
+            return None
+        return self.low_rank_pair(x)
+
     def factor_flops(self, n: int) -> float:
         """Multiply-adds of delta_forward for n output positions; inf where it has no factor path."""
         return math.inf
@@ -205,17 +212,16 @@ class Adapter(DoRA, nn.Module):
         """y = W x + b + m * dW x (DoRA: the UIs' W + m (D - W)); multiplicative algorithms override this."""
         if self.dora_scale is not None:
             return self._dora_forward(x, *args, **kwargs)
-        if self.spec.kind == "linear" and not args and not kwargs and fusable(self, x) and self._use_factor_path(x):
-            pair = self.low_rank_pair(x)
-            if pair is not None:
-                down, up, mask = pair
-                return linear_plus_low_rank(self, x, down, up * (self.multiplier * self._scalar()), mask)
+        pair = None if args or kwargs else self.fused_low_rank_pair(x)
+        if pair is not None:
+            down, up, mask = pair
+            return linear_plus_low_rank(self, x, down, up * (self.multiplier * self._scalar()), mask)
         y = self._org_forward(x, *args, **kwargs)
         d = self._output_dropouts(self._delta(x.to(self.dtype)))
         return y + (d * (self.multiplier * self._scalar())).to(y.dtype)
 
     def _use_factor_path(self, x: torch.Tensor) -> bool:
-        if self.training and not self.dropout_on_output and (self.options.dropout or self.options.rank_dropout):
+        if not self.dropout_on_output and self._dropouts_active():
             return True  # rank-axis dropouts exist only between the factors, whatever bypass_mode says
         if self.options.bypass_mode is not None:
             return self.options.bypass_mode and self.factor_flops(1) != math.inf

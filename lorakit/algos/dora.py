@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .fused_linear import fusable, linear_plus_low_rank
+from .fused_linear import linear_plus_low_rank
 
 
 class DoRA:
@@ -62,11 +62,11 @@ class DoRA:
 
     def _dora_fused_linear(self, x, c, m):
         """W (k x) + b + m dW (c x) with k = 1 + m (c - 1), as one fused pass: dW (c x) = up (down diag(c / k)) (k x)."""
-        if self.spec.kind != "linear" or not fusable(self, x) or not self._use_factor_path(x):
+        pair = self.fused_low_rank_pair(x)
+        if pair is None:
             return None
         k = 1 + m * (c - 1)
-        pair = self.low_rank_pair(x)
-        if pair is None or bool((k.abs() < 1e-4).any()):
+        if bool((k.abs() < 1e-4).any()):
             return None
         down, up, mask = pair
         return linear_plus_low_rank(self, x * k, down * (c / k), up * (m * self._scalar()), mask)

@@ -146,8 +146,8 @@ class LoKr(Adapter):
         return spec.op(h, self.lokr_w2_a.reshape(p["c"], -1, *ones), **ONE_BY_ONE)
 
     def adapted_forward(self, x, *args, **kwargs):
-        if self.spec.kind == "linear" and self.dora_scale is None and not args and not kwargs and \
-                not self._dropouts_active() and self.many_positions(x) and fusable(self, x):
+        if self.dora_scale is None and not args and not kwargs and not self._dropouts_active() and \
+                self.many_positions(x) and fusable(self, x):
             gain = self.scale * self.multiplier * self._scalar()
             return linear_plus_kron(self, x, self.w1() * gain, self.w2())
         return super().adapted_forward(x, *args, **kwargs)

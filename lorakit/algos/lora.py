@@ -75,18 +75,22 @@ class LoRA(Adapter):
         sq = sq.reshape(self.spec.in_dim, -1).sum(1)  # a conv's column spans its kernel positions
         return sq.clamp_min(0).sqrt().reshape(self.dora_scale.shape)
 
+    def rank_mask(self, h_shape, like: torch.Tensor) -> torch.Tensor | None:
+        """kohya's dropouts on the rank activation h (shape h_shape) as one multiplicative mask; None in eval."""
+        if not self._dropouts_active():
+            return None
+        o = self.options
+        mask = torch.ones(h_shape, dtype=like.dtype, device=like.device)
+        if o.dropout:
+            mask = F.dropout(mask, o.dropout, training=True)
+        if o.rank_dropout:
+            mask = mask * self.channel_mask(mask, o.rank_dropout)
+        return mask
+
     def low_rank_pair(self, x):
         down, up, scale = self.factors()
-        mask = None
-        o = self.options
-        if self.training and (o.dropout or o.rank_dropout):
-            mask = torch.ones(*x.shape[:-1], down.shape[0], dtype=x.dtype, device=x.device)
-            if o.dropout:
-                mask = F.dropout(mask, o.dropout, training=True)
-            if o.rank_dropout:
-                mask = mask * self.channel_mask(mask, o.rank_dropout)
-            mask = mask.reshape(-1, down.shape[0])
-        return down, up * scale, mask
+        mask = self.rank_mask((*x.shape[:-1], down.shape[0]), x)
+        return down, up * scale, None if mask is None else mask.reshape(-1, down.shape[0])
 
     def delta_forward(self, x):
         down, up, scale = self.factors()
@@ -97,12 +101,9 @@ class LoRA(Adapter):
             h = spec.op(spec.op(x, down, **ONE_BY_ONE), self.lora_mid)
         else:
             h = spec.op(x, down)
-        if self.training:
-            o = self.options
-            if o.dropout:
-                h = F.dropout(h, o.dropout, training=True)
-            if o.rank_dropout:
-                h = h * self.channel_mask(h, o.rank_dropout)
+        mask = self.rank_mask(h.shape, h)
+        if mask is not None:
+            h = h * mask
         if spec.kind == "linear":
             return F.linear(h, up * scale)
         return spec.op(h, up * scale, **ONE_BY_ONE)
