@@ -1,65 +1,69 @@
-"""Full-size Stable Diffusion models built on ``torch.device("meta")`` from the bundled configs.
+"""Stable Diffusion components built on ``torch.device("meta")`` from configs.
 
-No weights are allocated and nothing is fetched: building SDXL takes a second or two. Used to test
-module names, adapter target counts and shapes against the real architectures.
+No weights are allocated and nothing is fetched: building SDXL takes a second or two. Used to test module
+names, adapter target counts and shapes against the real architectures, and by the loader, which builds on
+meta and then assigns the tensors it reads from a file (so a model never exists twice in memory).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
 from .configs import canonical_name, load_config
 
 __all__ = ["build_unet_on_meta", "build_text_encoders_on_meta", "build_vae_on_meta", "build_on_meta",
-           "text_encoder_components"]
+           "text_encoder_components", "component_on_meta"]
+
+# transformers config keys that describe the saved file, not the architecture; torch_dtype would make
+# transformers 5 build the model in that dtype.
+_TRANSFORMERS_FILE_KEYS = ("architectures", "_name_or_path", "transformers_version", "model_type", "torch_dtype",
+                           "dtype")
 
 
 def text_encoder_components(name: str) -> list[str]:
     """The text-encoder component names of a model, in pipeline order."""
     name = canonical_name(name)
-    return ["text_encoder", "text_encoder_2"] if name == "sdxl" else ["text_encoder"]
+    return ["text_encoder", "text_encoder_2"] if name in ("sdxl", "tiny-sdxl") else ["text_encoder"]
 
 
-def _diffusers_model(name: str, component: str, class_name: str) -> Any:
+def component_on_meta(component: str, config: Mapping[str, Any]) -> torch.nn.Module:
+    """One component ("unet", "vae", "text_encoder", "text_encoder_2") built from its config dict on meta."""
+    if component.startswith("text_encoder"):
+        import transformers
+
+        cfg = dict(config)
+        arch = (cfg.get("architectures") or ["CLIPTextModel"])[0]
+        cls = getattr(transformers, arch)
+        for key in _TRANSFORMERS_FILE_KEYS:
+            cfg.pop(key, None)
+        tconfig = transformers.CLIPTextConfig(**cfg)
+        tconfig.architectures = [arch]
+        with torch.device("meta"):
+            return cls(tconfig).eval()
     import diffusers
 
-    cfg = load_config(name, component)
-    cls = getattr(diffusers, cfg.get("_class_name", class_name))
+    default = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}[component]
+    cls = getattr(diffusers, config.get("_class_name", default))
     with torch.device("meta"):
-        return cls.from_config(cfg)
+        return cls.from_config(dict(config)).eval()
 
 
 def build_unet_on_meta(name: str) -> torch.nn.Module:
     """The diffusers ``UNet2DConditionModel`` of model ``name`` with parameters on the meta device."""
-    return _diffusers_model(name, "unet", "UNet2DConditionModel")
+    return component_on_meta("unet", load_config(name, "unet"))
 
 
 def build_vae_on_meta(name: str) -> torch.nn.Module:
     """The diffusers ``AutoencoderKL`` of model ``name`` with parameters on the meta device."""
-    return _diffusers_model(name, "vae", "AutoencoderKL")
+    return component_on_meta("vae", load_config(name, "vae"))
 
 
 def build_text_encoders_on_meta(name: str) -> list[torch.nn.Module]:
     """The transformers text encoders of model ``name`` (``CLIPTextModel``; plus
     ``CLIPTextModelWithProjection`` for SDXL) with float32 parameters on the meta device."""
-    import transformers
-
-    encoders = []
-    for component in text_encoder_components(name):
-        cfg = dict(load_config(name, component))
-        arch = (cfg.get("architectures") or ["CLIPTextModel"])[0]
-        cls = getattr(transformers, arch)
-        # torch_dtype is the dtype the weights were saved in; transformers 5 would build the model in it.
-        for key in ("architectures", "_name_or_path", "transformers_version", "model_type", "torch_dtype", "dtype"):
-            cfg.pop(key, None)
-        config = transformers.CLIPTextConfig(**cfg)
-        config.architectures = [arch]
-        with torch.device("meta"):
-            model = cls(config)
-        encoders.append(model.eval())
-    return encoders
+    return [component_on_meta(c, load_config(name, c)) for c in text_encoder_components(name)]
 
 
 def build_on_meta(name: str) -> tuple[torch.nn.Module, list[torch.nn.Module]]:

@@ -45,6 +45,11 @@ class StableDiffusionModel:
     def is_sdxl(self) -> bool:
         return self.kind == "sdxl"
 
+    def components(self) -> list[tuple[str, torch.nn.Module]]:
+        """``[("unet", ...), ("vae", ...), ("text_encoder", ...), ("text_encoder_2", ...)]`` as diffusers names them."""
+        names = ["text_encoder", "text_encoder_2"][: len(self.text_encoders)]
+        return [("unet", self.unet), ("vae", self.vae), *zip(names, self.text_encoders)]
+
     @property
     def vae_scale_factor(self) -> int:
         """Pixels per latent pixel along each side (8 for every released SD model)."""

@@ -1,0 +1,202 @@
+"""Load SD1.x / SD2.x / SDXL from a single-file checkpoint (.safetensors or .ckpt, the LDM/SGM layout that
+A1111 and ComfyUI use), a diffusers folder, or a bundled demo name ("demo:tiny-sd"). Offline: configs and
+tokenizers ship with lorakit.
+
+Each component is built on the meta device and filled tensor by tensor (see assemble.py), so loading a file
+needs about the memory of the finished model, not twice it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ..formats.checkpoint_file import CheckpointFileError, CheckpointReader
+from ..formats.checkpoint_layout import COMPONENT_PREFIXES, to_diffusers_recipes, unused_keys
+from ..formats.dtypes import parse_dtype
+from .assemble import fill_component
+from .configs import load_config
+from .detect import ModelKindError, check_overrides, detect_kind, detect_v_parameterization
+from .meta import component_on_meta
+from .model import StableDiffusionModel
+
+__all__ = ["load_model", "ModelKindError", "CheckpointFileError"]
+
+# Bundled configs tried, in order, for each kind of file; the first whose shapes all match is used.
+CANDIDATE_CONFIGS = {"sd1": ("sd15", "tiny-sd"), "sd2": ("sd21",), "sdxl": ("sdxl", "tiny-sdxl")}
+# Checkpoint keys never kept: EMA copies of the U-Net are as big as the model and no trainer reads them.
+_DROPPED_PREFIXES = ("model_ema.",)
+
+
+def text_components(kind: str) -> list[str]:
+    return ["text_encoder", "text_encoder_2"] if kind == "sdxl" else ["text_encoder"]
+
+
+def load_model(source: str | os.PathLike, *, v2: bool | None = None, v_parameterization: bool | None = None,
+               sdxl: bool | None = None, config: str | os.PathLike | None = None,
+               vae: str | os.PathLike | None = None, dtype: str | torch.dtype = torch.float32,
+               vae_dtype: str | torch.dtype | None = None, no_half_vae: bool = False) -> StableDiffusionModel:
+    """Load a Stable Diffusion model.
+
+    ``source``: a .safetensors/.ckpt file, a diffusers folder, or "demo:tiny-sd"/"demo:tiny-sdxl".
+    ``v2``/``sdxl``: checked against the file (a wrong one is an error); ``v_parameterization``: overrides the
+    detected prediction type (an error only against an explicit ``v_pred`` marker). ``config``: a bundled
+    config name or a diffusers-style config folder, when the file's shapes match none of the bundled ones.
+    ``vae``: a separate VAE file or folder. ``dtype``: for all weights; ``vae_dtype`` or ``no_half_vae``
+    (float32) for the VAE.
+    """
+    dtype = parse_dtype(dtype, "dtype")
+    vae_dtype = torch.float32 if no_half_vae else (parse_dtype(vae_dtype, "vae_dtype") or dtype)
+    source = os.fspath(source)
+    if source.startswith("demo:"):
+        from .demo import demo_file
+
+        path, config_name = demo_file(source)
+        source, config = str(path), config if config is not None else config_name
+    if os.path.isdir(source):
+        return _load_folder(source, v2=v2, v_parameterization=v_parameterization, sdxl=sdxl, dtype=dtype,
+                            vae_dtype=vae_dtype, vae=vae)
+    if os.path.isfile(source):
+        return _load_single_file(source, v2=v2, v_parameterization=v_parameterization, sdxl=sdxl,
+                                 config=config, dtype=dtype, vae_dtype=vae_dtype, vae=vae)
+    raise FileNotFoundError(f"{source}: no such file or folder (expected a .safetensors/.ckpt checkpoint, a "
+                            "diffusers model folder, or demo:tiny-sd / demo:tiny-sdxl)")
+
+
+# --- single files --------------------------------------------------------------------------------------------
+def _load_single_file(path: str, *, v2, v_parameterization, sdxl, config, dtype, vae_dtype,
+                      vae) -> StableDiffusionModel:
+    skip_vae = vae is not None
+    with CheckpointReader(path) as reader:
+        keys = reader.keys()
+        kind = detect_kind(path, keys)
+        check_overrides(path, kind, v2, sdxl)
+        v_pred = detect_v_parameterization(path, kind, keys, reader.get, v_parameterization)
+        components = ["unet", *text_components(kind)] + ([] if skip_vae else ["vae"])
+        prefixes = COMPONENT_PREFIXES[kind]
+        for component in components:
+            if not any(k.startswith(prefixes[component]) for k in keys):
+                hint = "; pass a VAE file as vae=" if component == "vae" else ""
+                raise ModelKindError(f"{path}: a {kind} checkpoint without {component} tensors (no keys starting "
+                                     f"with {prefixes[component]!r}){hint}")
+        name, configs, recipes = _match_config(path, reader, kind, components, config, v_pred)
+        modules = {}
+        for component in components:
+            prefix = prefixes[component]
+            plan = recipes[component]
+            modules[component] = fill_component(
+                component, configs[component],
+                lambda module, plan=plan, prefix=prefix: (
+                    (key, r.build([reader.get(prefix + s) for s in r.sources])) for key, r in plan.items()),
+                vae_dtype if component == "vae" else dtype, f"{path} ({component})")
+        used = {prefixes[c] + s for c in components for r in recipes[c].values() for s in r.sources}
+        skipped_vae = prefixes["vae"] if skip_vae else None
+        extras = {k: reader.get(k).clone() for k in keys
+                  if k not in used and not k.startswith(_DROPPED_PREFIXES)
+                  and not (skipped_vae and k.startswith(skipped_vae))}
+        if vae is not None:
+            modules["vae"] = _separate_vae(vae, kind, configs["vae"], vae_dtype)
+        return _model(kind, v_pred, modules, configs["scheduler"], path, extras)
+
+
+def _match_config(path, reader, kind, components, config, v_pred):
+    """The first candidate config whose every tensor shape matches the file, with its recipes."""
+    candidates = [config] if config is not None else list(CANDIDATE_CONFIGS[kind])
+    prefixes = COMPONENT_PREFIXES[kind]
+    problems = []
+    for name in candidates:
+        configs = _configs(name, kind, v_pred)
+        _adapt_unet_config(configs["unet"], reader, prefixes["unet"])
+        try:
+            recipes = {c: _recipes_checked(reader, kind, c, configs[c], prefixes[c]) for c in components}
+        except ValueError as e:
+            problems.append(f"config {name}: {e}")
+            continue
+        return name, configs, recipes
+    raise ModelKindError(f"{path}: a {kind} checkpoint whose tensors match no bundled config "
+                         f"({'; '.join(problems)}); pass config= a diffusers-style config folder for this model")
+
+
+def _recipes_checked(reader, kind, component, config, prefix):
+    """Recipes for ``component``, after checking on meta tensors that each builds the expected shape."""
+    module = component_on_meta(component, config)
+    ckpt_keys = [k[len(prefix):] for k in reader.keys() if k.startswith(prefix)]
+    shapes = {k: v.shape for k, v in module.state_dict().items()}
+    recipes = to_diffusers_recipes(kind, component, shapes.keys(), module.config, ckpt_keys)
+    for key, recipe in recipes.items():
+        got = recipe.build([reader.meta_tensor(prefix + s) for s in recipe.sources]).shape
+        if got != shapes[key]:
+            raise ValueError(f"{component} {key} would be {tuple(got)} from the file's "
+                             f"{prefix + recipe.sources[0]} but the config needs {tuple(shapes[key])}")
+    return recipes
+
+
+def _adapt_unet_config(unet_cfg: dict, reader: CheckpointReader, prefix: str) -> None:
+    # Inpainting (9) and instruct-pix2pix (8) U-Nets differ from their base only in conv_in's input channels.
+    key = prefix + "input_blocks.0.0.weight"
+    if key in reader and len(reader.shape(key)) == 4:
+        unet_cfg["in_channels"] = reader.shape(key)[1]
+
+
+def _configs(name: str | os.PathLike, kind: str, v_pred: bool) -> dict[str, dict[str, Any]]:
+    """Per-component config dicts (and "scheduler") from a bundled name or a config folder."""
+    folder = Path(name) if os.path.isdir(name) else None
+    out = {}
+    for component in ["unet", "vae", *text_components(kind), "scheduler"]:
+        if folder is None:
+            out[component] = copy.deepcopy(load_config(str(name), component))
+            continue
+        file = folder / component / ("scheduler_config.json" if component == "scheduler" else "config.json")
+        if not file.is_file():
+            raise ModelKindError(f"{folder}: config folder has no {component}/{file.name}")
+        out[component] = json.loads(file.read_text(encoding="utf-8"))
+    out["scheduler"]["prediction_type"] = "v_prediction" if v_pred else "epsilon"
+    if kind == "sd2" and not os.path.isdir(name):  # 768-v models sample at 768, the 512 base at 512
+        out["unet"]["sample_size"] = 96 if v_pred else 64
+    return out
+
+
+# --- diffusers folders ---------------------------------------------------------------------------------------
+def _load_folder(folder: str, *, v2, v_parameterization, sdxl, dtype, vae_dtype, vae) -> StableDiffusionModel:
+    from .diffusers_folder import folder_kind, read_component_tensors
+
+    root = Path(folder)
+    kind = folder_kind(root)
+    check_overrides(folder, kind, v2, sdxl)
+    configs = {}
+    components = ["unet", *text_components(kind)] + ([] if vae is not None else ["vae"])
+    for component in [*components, "scheduler"]:
+        file = root / component / ("scheduler_config.json" if component == "scheduler" else "config.json")
+        if not file.is_file():
+            raise ModelKindError(f"{folder}: diffusers folder has no {component}/{file.name}")
+        configs[component] = json.loads(file.read_text(encoding="utf-8"))
+    predicted = configs["scheduler"].get("prediction_type", "epsilon") == "v_prediction"
+    v_pred = predicted if v_parameterization is None else bool(v_parameterization)
+    configs["scheduler"]["prediction_type"] = "v_prediction" if v_pred else "epsilon"
+    modules = {c: fill_component(c, configs[c], lambda m, c=c: read_component_tensors(root / c, m),
+                                 vae_dtype if c == "vae" else dtype, f"{root / c}") for c in components}
+    if vae is not None:
+        modules["vae"] = _separate_vae(vae, kind, _configs(CANDIDATE_CONFIGS[kind][0], kind, v_pred)["vae"],
+                                       vae_dtype)
+    return _model(kind, v_pred, modules, configs["scheduler"], folder, {})
+
+
+# --- shared --------------------------------------------------------------------------------------------------
+def _model(kind, v_pred, modules, scheduler_config, source, extras) -> StableDiffusionModel:
+    from .tokenizer import tokenizers_for
+
+    tes = [modules[c] for c in text_components(kind)]
+    return StableDiffusionModel(kind=kind, v_parameterization=v_pred, unet=modules["unet"], vae=modules.get("vae"),
+                                text_encoders=tes, tokenizers=tokenizers_for(kind),
+                                scheduler_config=dict(scheduler_config), source=source, extras=extras)
+
+
+def _separate_vae(source, kind: str, default_config: Mapping[str, Any], dtype) -> torch.nn.Module:
+    from .vae_file import load_vae
+
+    return load_vae(source, kind, default_config, dtype)
