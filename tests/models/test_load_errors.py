@@ -1,0 +1,148 @@
+"""Bad input to the model loader: each error names the file and what was found versus expected."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from lorakit.formats.checkpoint_file import CheckpointFileError  # noqa: E402
+from lorakit.formats.safetensors_io import load_file, save_file  # noqa: E402
+from lorakit.models.detect import ModelKindError  # noqa: E402
+from lorakit.models.load import load_model  # noqa: E402
+from lorakit.models.save import save_checkpoint  # noqa: E402
+
+from .test_load_save import _model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def sd_tensors(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bad") / "ok.safetensors"
+    save_checkpoint(_model("tiny-sd"), path, dtype=None)
+    return load_file(path)[0]
+
+
+def _write(tmp_path, tensors, name="m.safetensors"):
+    path = tmp_path / name
+    save_file(tensors, path)
+    return path
+
+
+def test_truncated_file(sd_tensors, tmp_path):
+    path = _write(tmp_path, sd_tensors)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointFileError, match=rf"{path.name}.*truncated"):
+        load_model(path)
+
+
+def test_garbage_file(tmp_path):
+    path = tmp_path / "junk.safetensors"
+    path.write_bytes(os.urandom(4096))
+    with pytest.raises(CheckpointFileError, match="junk.safetensors"):
+        load_model(path)
+
+
+def test_corrupt_ckpt(tmp_path):
+    path = tmp_path / "junk.ckpt"
+    path.write_bytes(b"PK\x03\x04" + os.urandom(200))
+    with pytest.raises(CheckpointFileError, match="junk.ckpt.*(truncated or corrupt|pickle)"):
+        load_model(path)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("this would run",))
+
+
+def test_ckpt_that_needs_code_is_refused(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "cb": _Evil()}, path)
+    with pytest.raises(CheckpointFileError, match="evil.ckpt.*weights_only=True"):
+        load_model(path)
+
+
+def test_lora_given_as_checkpoint(tmp_path):
+    path = _write(tmp_path, {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8),
+                             "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(8, 4)})
+    with pytest.raises(ModelKindError, match=r"lora.safetensors|m.safetensors.*adapter \(LoRA/LyCORIS\)"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("keys,found", [
+    (["model.diffusion_model.joint_blocks.0.x.weight"], "SD3"),
+    (["double_blocks.0.img_attn.qkv.weight"], "Flux"),
+    (["conditioner.embedders.0.model.ln_final.weight", "model.diffusion_model.input_blocks.0.0.weight"], "refiner"),
+    (["model.diffusion_model.input_blocks.0.0.weight"], "U-Net alone"),
+    (["foo.bar"], "unknown kind"),
+])
+def test_other_architectures_are_named(tmp_path, keys, found):
+    path = _write(tmp_path, {k: torch.zeros(2) for k in keys})
+    with pytest.raises(ModelKindError, match=f"m.safetensors: expected a Stable Diffusion.*{found}"):
+        load_model(path)
+
+
+def test_missing_key_is_named(sd_tensors, tmp_path):
+    tensors = dict(sd_tensors)
+    del tensors["model.diffusion_model.out.2.weight"]
+    path = _write(tmp_path, tensors)
+    with pytest.raises(ModelKindError, match=r"m.safetensors.*out\.2\.weight"):
+        load_model(path)
+
+
+def test_missing_component_is_named(sd_tensors, tmp_path):
+    tensors = {k: v for k, v in sd_tensors.items() if not k.startswith("first_stage_model.")}
+    path = _write(tmp_path, tensors)
+    with pytest.raises(ModelKindError, match="without vae tensors.*first_stage_model.*vae="):
+        load_model(path)
+
+
+def test_wrong_shape_is_named(sd_tensors, tmp_path):
+    tensors = dict(sd_tensors)
+    key = "model.diffusion_model.out.2.weight"
+    tensors[key] = torch.zeros(5, *tensors[key].shape[1:])
+    path = _write(tmp_path, tensors)
+    with pytest.raises(ModelKindError, match=r"match no bundled config.*out\.2\.weight"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("override,match", [
+    ({"v2": True}, r"v2=True was given but the file is an SD1.x checkpoint"),
+    ({"sdxl": True}, r"sdxl=True was given but the file is an SD1.x checkpoint"),
+])
+def test_wrong_overrides(sd_tensors, tmp_path, override, match):
+    path = _write(tmp_path, sd_tensors)
+    with pytest.raises(ModelKindError, match=match):
+        load_model(path, **override)
+    load_model(path, v2=False, sdxl=False)  # right ones are accepted
+
+
+def test_wrong_dtype_is_named(sd_tensors, tmp_path):
+    path = _write(tmp_path, sd_tensors)
+    with pytest.raises(ValueError, match=r"dtype='int8' is not a floating-point dtype.*fp16"):
+        load_model(path, dtype="int8")
+    with pytest.raises(ValueError, match="vae_dtype='fp17'"):
+        load_model(path, vae_dtype="fp17")
+
+
+def test_missing_path_and_demo_name(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.safetensors: no such file or folder"):
+        load_model(tmp_path / "nope.safetensors")
+    with pytest.raises(ValueError, match="unknown demo model 'demo:tiny-sd3'.*demo:tiny-sd"):
+        load_model("demo:tiny-sd3")
+
+
+def test_folder_without_model_index(tmp_path):
+    with pytest.raises(ModelKindError, match="not a diffusers model folder"):
+        load_model(tmp_path)
+
+
+def test_bad_vae_file(sd_tensors, tmp_path):
+    path = _write(tmp_path, sd_tensors)
+    lora = _write(tmp_path, {"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, "lora.safetensors")
+    with pytest.raises(ModelKindError, match=r"vae=.*lora.safetensors: expected a VAE.*adapter"):
+        load_model(path, vae=lora)

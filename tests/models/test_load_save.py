@@ -1,0 +1,191 @@
+"""Loading and saving whole models: single files (.safetensors/.ckpt) and diffusers folders round-trip
+bit for bit, extras survive, overrides are checked, a separate VAE and its dtype are honoured."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from lorakit.formats.safetensors_io import load_file, save_file  # noqa: E402
+from lorakit.models.demo import random_model  # noqa: E402
+from lorakit.models.detect import ModelKindError  # noqa: E402
+from lorakit.models.load import load_model  # noqa: E402
+from lorakit.models.save import checkpoint_tensors, save_checkpoint, save_diffusers  # noqa: E402
+
+
+@functools.lru_cache(maxsize=None)
+def _model(name: str):
+    model = random_model(name, seed=3)
+    with torch.no_grad():  # the default init leaves zeros and ones; make every tensor distinct
+        g = torch.Generator().manual_seed(7)
+        for _, module in model.components():
+            for p in module.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def _states(model):
+    return {c: {k: v.clone() for k, v in m.state_dict().items()} for c, m in model.components()}
+
+
+def _assert_same_states(a, b):
+    assert a.keys() == b.keys()
+    for component in a:
+        assert a[component].keys() == b[component].keys(), component
+        for key, value in a[component].items():
+            other = b[component][key]
+            assert other.dtype == value.dtype and torch.equal(other, value), (component, key)
+
+
+@pytest.fixture(scope="module")
+def sd_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sd") / "tiny.safetensors"
+    save_checkpoint(_model("tiny-sd"), path, dtype=None)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sdxl_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sdxl") / "tiny-xl.safetensors"
+    save_checkpoint(_model("tiny-sdxl"), path, dtype=None)
+    return path
+
+
+@pytest.mark.parametrize("name,fixture", [("tiny-sd", "sd_file"), ("tiny-sdxl", "sdxl_file")])
+def test_single_file_round_trip_is_exact(name, fixture, request, tmp_path):
+    path = request.getfixturevalue(fixture)
+    loaded = load_model(path)
+    assert loaded.kind == _model(name).kind and not loaded.v_parameterization
+    _assert_same_states(_states(loaded), _states(_model(name)))
+    again = tmp_path / "again.safetensors"
+    save_checkpoint(loaded, again, dtype=None)
+    first, second = load_file(path)[0], load_file(again)[0]
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_single_file_keys_are_the_ldm_layout(sd_file, sdxl_file):
+    sd_keys, xl_keys = load_file(sd_file)[0].keys(), load_file(sdxl_file)[0].keys()
+    assert "model.diffusion_model.input_blocks.0.0.weight" in sd_keys
+    assert "first_stage_model.encoder.down.0.block.0.conv1.weight" in sd_keys
+    assert "cond_stage_model.transformer.text_model.final_layer_norm.weight" in sd_keys
+    assert "model.diffusion_model.label_emb.0.0.weight" in xl_keys
+    assert "conditioner.embedders.1.model.ln_final.weight" in xl_keys
+    assert any(k.startswith("conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight")
+               for k in xl_keys)
+
+
+def test_extras_and_v_pred_marker_survive(sd_file, tmp_path):
+    tensors = load_file(sd_file)[0]
+    tensors["alphas_cumprod"] = torch.linspace(1, 0.01, 1000)
+    tensors["v_pred"] = torch.tensor([])
+    tensors["model_ema.decay"] = torch.tensor(0.999)  # EMA entries are dropped on load
+    src = tmp_path / "v.safetensors"
+    save_file(tensors, src)
+    model = load_model(src)
+    assert model.v_parameterization and model.scheduler_config["prediction_type"] == "v_prediction"
+    assert set(model.extras) == {"alphas_cumprod", "v_pred"}
+    out = tmp_path / "out.safetensors"
+    save_checkpoint(model, out, dtype=None)
+    saved = load_file(out)[0]
+    assert torch.equal(saved["alphas_cumprod"], tensors["alphas_cumprod"]) and "v_pred" in saved
+    assert "model_ema.decay" not in saved
+    with pytest.raises(ModelKindError, match="v_pred"):
+        load_model(src, v_parameterization=False)
+
+
+def test_ckpt_round_trip_and_dtype(sd_file, tmp_path):
+    model = load_model(sd_file)
+    ckpt = tmp_path / "m.ckpt"
+    save_checkpoint(model, ckpt, dtype="fp16")
+    half = load_model(ckpt, dtype="fp16")
+    assert half.unet.conv_in.weight.dtype == torch.float16
+    assert torch.equal(half.unet.conv_in.weight, model.unet.conv_in.weight.half())
+    full = load_model(ckpt, dtype=torch.float32, no_half_vae=True)
+    assert full.vae.encoder.conv_in.weight.dtype == torch.float32
+    mixed = load_model(ckpt, dtype="bf16", no_half_vae=True)
+    assert mixed.unet.conv_in.weight.dtype == torch.bfloat16
+    assert mixed.vae.encoder.conv_in.weight.dtype == torch.float32
+
+
+def test_diffusers_folder_round_trip(sdxl_file, tmp_path):
+    model = load_model(sdxl_file)
+    folder = tmp_path / "pipe"
+    save_diffusers(model, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline" and (folder / "tokenizer_2").is_dir()
+    back = load_model(folder)
+    assert back.kind == "sdxl"
+    _assert_same_states(_states(back), _states(model))
+    assert checkpoint_tensors(back).keys() == checkpoint_tensors(model).keys()
+    save_diffusers(back, folder, dtype="fp16")  # replacing an existing folder
+    unet_file = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    assert load_file(unet_file)[0]["conv_in.weight"].dtype == torch.float16
+    assert load_model(folder, dtype=None).unet.conv_in.weight.dtype == torch.float16
+
+
+def test_diffusers_folder_loads_with_diffusers_and_transformers(sd_file, tmp_path):
+    import diffusers
+    import transformers
+
+    model = load_model(sd_file)
+    folder = tmp_path / "pipe"
+    save_diffusers(model, folder)
+    unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True)
+    te = transformers.CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True)
+    for ours, theirs in ((model.unet, unet), (model.text_encoders[0], te)):
+        theirs_sd = theirs.state_dict()
+        assert all(torch.equal(v, theirs_sd[k]) for k, v in ours.state_dict().items())
+
+
+def test_transformers4_text_encoder_keys_load(sd_file, tmp_path):
+    model = load_model(sd_file)
+    folder = tmp_path / "pipe"
+    save_diffusers(model, folder)
+    te_file = folder / "text_encoder" / "model.safetensors"
+    tensors = load_file(te_file)[0]
+    save_file({"text_model." + k: v for k, v in tensors.items()}, te_file)
+    back = load_model(folder)
+    _assert_same_states(_states(back), _states(model))
+
+
+def test_separate_vae(sd_file, tmp_path):
+    tensors = load_file(sd_file)[0]
+    vae_only = {k.removeprefix("first_stage_model."): v * 2 for k, v in tensors.items()
+                if k.startswith("first_stage_model.")}
+    vae_file = tmp_path / "vae.safetensors"
+    save_file(vae_only, vae_file)
+    model = load_model(sd_file, vae=vae_file, dtype="fp16", no_half_vae=True)
+    assert model.vae.encoder.conv_in.weight.dtype == torch.float32
+    expected = vae_only["encoder.conv_in.weight"]
+    assert torch.equal(model.vae.encoder.conv_in.weight, expected)
+    assert model.unet.conv_in.weight.dtype == torch.float16
+    # the VAE alone passed as the model is named as such
+    with pytest.raises(ModelKindError, match="VAE alone"):
+        load_model(vae_file)
+
+
+def test_separate_vae_from_diffusers_folder(sd_file, tmp_path):
+    model = load_model(sd_file)
+    folder = tmp_path / "pipe"
+    save_diffusers(model, folder)
+    again = load_model(sd_file, vae=folder)
+    _assert_same_states({"vae": again.vae.state_dict()}, {"vae": model.vae.state_dict()})
+
+
+def test_demo_name_resolves(monkeypatch, sd_file):
+    import lorakit.models.demo as demo
+
+    monkeypatch.setattr(demo, "DEMO_DIR", sd_file.parent)
+    sd_file.rename(sd_file.parent / "tiny-sd.safetensors")
+    try:
+        model = load_model("demo:tiny-sd")
+        assert model.kind == "sd1" and model.unet.config.block_out_channels[0] == 32
+    finally:
+        (sd_file.parent / "tiny-sd.safetensors").rename(sd_file)
