@@ -4,6 +4,10 @@ Every SD text encoder (SD1's CLIP ViT-L, SD2's OpenCLIP ViT-H, SDXL's ViT-L + Vi
 49 408-token BPE vocabulary; they differ only in the padding token. SD1 pads with ``<|endoftext|>`` (id 49407);
 SD2 and SDXL's second tokenizer pad with ``!`` (id 0), as their published tokenizer configs and kohya
 sd-scripts do. The padding matters: it changes the ids the encoder sees, hence the conditioning.
+
+A ``!``-padded tokenizer also treats every ``!`` in a prompt as the special pad token, id 0 ("! !! !!!" ->
+0 0 0 0 0 0, where OpenCLIP's own tokenizer gives 256 748 995). That is what diffusers and kohya sd-scripts feed
+SD2/SDXL (their published tokenizers declare pad_token "!"; huggingface/diffusers#4153), so we keep it.
 """
 
 from __future__ import annotations
