@@ -189,3 +189,69 @@ def test_demo_name_resolves(monkeypatch, sd_file):
         assert model.kind == "sd1" and model.unet.config.block_out_channels[0] == 32
     finally:
         (sd_file.parent / "tiny-sd.safetensors").rename(sd_file)
+
+
+def _tiny_sd2_config_folder(root):
+    """tiny-sd's configs turned into an SD2-shaped model: OpenCLIP-style text encoder (gelu), linear
+    attention projections, v-prediction scheduler."""
+    import shutil
+
+    from lorakit.models.configs import config_dir
+
+    folder = root / "tiny-sd2"
+    shutil.copytree(config_dir("tiny-sd"), folder)
+    for component, changes in (("unet", {"use_linear_projection": True}), ("text_encoder", {"hidden_act": "gelu"})):
+        file = folder / component / "config.json"
+        cfg = json.loads(file.read_text())
+        cfg.update(changes)
+        file.write_text(json.dumps(cfg))
+    return folder
+
+
+def test_sd2_single_file_with_openclip_extras(tmp_path):
+    from lorakit.models.assemble import materialize_buffers
+    from lorakit.models.configs import load_config
+    from lorakit.models.load import _configs
+    from lorakit.models.meta import component_on_meta
+    from lorakit.models.model import StableDiffusionModel
+    from lorakit.models.tokenizer import tokenizers_for
+
+    folder = _tiny_sd2_config_folder(tmp_path)
+    configs = _configs(folder, "sd2", v_pred=True)
+    torch.manual_seed(5)
+    modules = {}
+    for component in ("unet", "vae", "text_encoder"):
+        meta = component_on_meta(component, configs[component])
+        modules[component] = meta.to_empty(device="cpu")
+        with torch.no_grad():
+            for p in modules[component].parameters():
+                p.normal_(0, 0.02)
+        materialize_buffers(modules[component], "test")
+    model = StableDiffusionModel("sd2", True, modules["unet"], modules["vae"], [modules["text_encoder"]],
+                                 tokenizers_for("sd2"), configs["scheduler"])
+    path = tmp_path / "sd2.safetensors"
+    save_checkpoint(model, path, dtype=None)
+    tensors = load_file(path)[0]
+    assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in tensors
+    assert "v_pred" not in tensors  # SD2 files are recognised without the marker
+    # what SD2 files carry beyond diffusers' 23-layer encoder: one more layer, the projection, logit_scale
+    width = load_config("tiny-sd", "text_encoder")["hidden_size"]
+    extra_layer = {k.replace("resblocks.0.", "resblocks.3."): v + 1 for k, v in tensors.items()
+                   if "resblocks.0." in k}
+    tensors.update(extra_layer)
+    tensors["cond_stage_model.model.text_projection"] = torch.randn(width, width)
+    tensors["cond_stage_model.model.logit_scale"] = torch.tensor(4.6)
+    save_file(tensors, path)
+    with pytest.raises(ModelKindError, match="v2=False was given but the file is an SD2.x checkpoint"):
+        load_model(path, v2=False)
+    loaded = load_model(path, config=folder, v_parameterization=True)
+    assert loaded.kind == "sd2" and loaded.v_parameterization
+    _assert_same_states(_states(loaded), _states(model))
+    assert set(loaded.extras) == set(extra_layer) | {"cond_stage_model.model.text_projection",
+                                                       "cond_stage_model.model.logit_scale"}
+    again = tmp_path / "again.safetensors"
+    save_checkpoint(loaded, again, dtype=None)
+    saved = load_file(again)[0]
+    assert saved.keys() == tensors.keys() and all(torch.equal(saved[k], tensors[k]) for k in tensors)
+    # the std probe (ComfyUI's rule) calls these small random norms epsilon when no flag is given
+    assert not load_model(path, config=folder).v_parameterization
