@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from . import __version__
@@ -20,6 +21,12 @@ def _list_algorithms(args: argparse.Namespace) -> int:
     return 0
 
 
+# Commands that live in their own module: each has add_parser(commands) registering a sub-parser whose
+# defaults set run=<function(args) -> exit code>.
+TOOL_MODULES = ("lorakit.tools.extract_cli", "lorakit.tools.merge_cli", "lorakit.tools.resize_cli",
+                "lorakit.tools.convert_cli", "lorakit.tools.inspect_cli")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lorakit",
@@ -30,6 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="<command>")
     algos = commands.add_parser("algos", help="list the adapter algorithms, the layers and the options each accepts")
     algos.set_defaults(run=_list_algorithms)
+    for name in TOOL_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:  # a tool whose own import fails is a bug, not an absent tool
+                raise
+            continue
+        module.add_parser(commands)
     return parser
 
 
