@@ -1,0 +1,230 @@
+"""Optimizers by kohya sd-scripts' `optimizer_type` names, with `optimizer_args` given as "key=value" strings.
+
+The optional optimizer packages are the `optim` extra (`pip install "lorakit[optim]"`): bitsandbytes (8-bit and
+paged types, CUDA only), lion-pytorch (Lion), dadaptation (DAdapt*), prodigyopt (Prodigy). Adafactor is
+transformers' (the `sd` extra). Any other optimizer: a class path such as `torch.optim.RAdam` or
+`module.Class`, or a bare `torch.optim` class name (`RAdam`), constructed as `Class(param_groups, lr=lr, **args)`.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from ..algos.options import OptionError
+
+logger = logging.getLogger(__name__)
+
+OPTIM_EXTRA = 'pip install "lorakit[optim]"'
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    name: str  # kohya's spelling
+    module: str
+    attr: str
+    pip: str | None = None  # the package to install when `module` is missing (None: a core dependency)
+    extra: str | None = None  # the lorakit extra that brings it
+    cuda: bool = False  # bitsandbytes' optimizers run only on CUDA
+
+
+def _bnb(name: str, attr: str | None = None) -> OptimizerSpec:
+    return OptimizerSpec(name, "bitsandbytes.optim", attr or name, "bitsandbytes", "optim", cuda=True)
+
+
+def _dadapt(name: str, attr: str | None = None, experimental: bool = False) -> OptimizerSpec:
+    module = "dadaptation.experimental" if experimental else "dadaptation"
+    return OptimizerSpec(name, module, attr or name, "dadaptation", "optim")
+
+
+SPECS: dict[str, OptimizerSpec] = {
+    s.name.lower(): s
+    for s in (
+        OptimizerSpec("AdamW", "torch.optim", "AdamW"),
+        OptimizerSpec("SGDNesterov", "torch.optim", "SGD"),
+        _bnb("AdamW8bit"),
+        _bnb("PagedAdamW"),
+        _bnb("PagedAdamW8bit"),
+        _bnb("PagedAdamW32bit"),
+        _bnb("Lion8bit"),
+        _bnb("PagedLion8bit"),
+        _bnb("SGDNesterov8bit", "SGD8bit"),
+        OptimizerSpec("Lion", "lion_pytorch", "Lion", "lion-pytorch", "optim"),
+        _dadapt("DAdaptation", "DAdaptAdamPreprint", experimental=True),  # kohya's alias
+        _dadapt("DAdaptAdamPreprint", experimental=True),
+        _dadapt("DAdaptAdanIP", experimental=True),
+        _dadapt("DAdaptAdam"),
+        _dadapt("DAdaptAdaGrad"),
+        _dadapt("DAdaptAdan"),
+        _dadapt("DAdaptLion"),
+        _dadapt("DAdaptSGD"),
+        OptimizerSpec("Prodigy", "prodigyopt", "Prodigy", "prodigyopt", "optim"),
+        OptimizerSpec("Adafactor", "transformers.optimization", "Adafactor", "transformers", "sd"),
+    )
+}
+OPTIMIZER_TYPES = tuple(s.name for s in SPECS.values())
+
+_WORDS = {"true": True, "false": False, "yes": True, "no": False, "none": None, "null": None}
+_BARE_WORD = re.compile(r"^[A-Za-z_][\w.\-]*$")
+
+
+def parse_value(key: str, text: str, option: str = "optimizer_args") -> Any:
+    """A Python literal as kohya reads it (`0.01`, `(0.9, 0.99)`, `True`); also `true`/`false`/`none` in any case,
+    and a bare word (`triangular`) as a string. Anything else is an error naming the option and key."""
+    text = text.strip()
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        pass
+    if text.lower() in _WORDS:
+        return _WORDS[text.lower()]
+    if _BARE_WORD.match(text):
+        return text
+    raise OptionError(f"{option}: {key}={text!r} is not a Python literal (a number, a tuple like (0.9, 0.99), True, 'text')")
+
+
+def parse_kwargs(args: Iterable[str] | Mapping[str, Any] | str | None, option: str = "optimizer_args") -> dict[str, Any]:
+    """kohya's `optimizer_args`/`lr_scheduler_args`: "key=value" strings (a list, or one string split on
+    spaces) or a mapping whose string values are parsed the same way."""
+    if args is None:
+        return {}
+    if isinstance(args, Mapping):
+        return {str(k): parse_value(str(k), v, option) if isinstance(v, str) else v for k, v in args.items()}
+    if isinstance(args, str):
+        args = args.split()
+    kwargs: dict[str, Any] = {}
+    for arg in args:
+        key, sep, value = str(arg).partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise OptionError(f"{option}: {arg!r} is not of the form key=value")
+        if key in kwargs:
+            raise OptionError(f"{option}: {key!r} given twice")
+        kwargs[key] = parse_value(key, value, option)
+    return kwargs
+
+
+def _copy_groups(param_groups) -> list:
+    """A list of fresh group dicts (the caller's are not changed), or of tensors."""
+    if isinstance(param_groups, torch.Tensor):
+        raise TypeError("param_groups: expected an iterable of parameters or of parameter-group dicts, got one tensor")
+    groups = [dict(g) if isinstance(g, Mapping) else g for g in param_groups]
+    if not groups:
+        raise ValueError("param_groups is empty: there is nothing to train")
+    return groups
+
+
+def _resolve(optimizer_type: str) -> OptimizerSpec:
+    key = optimizer_type.strip().lower()
+    if key in SPECS:
+        return SPECS[key]
+    name = optimizer_type.strip()
+    if "." in name:
+        module, _, attr = name.rpartition(".")
+        return OptimizerSpec(name, module, attr)
+    if isinstance(getattr(torch.optim, name, None), type):  # kohya: a bare name is looked up in torch.optim
+        return OptimizerSpec(name, "torch.optim", name)
+    close = difflib.get_close_matches(key, list(SPECS), n=1, cutoff=0.5)
+    hint = f" Did you mean '{SPECS[close[0]].name}'?" if close else ""
+    raise OptionError(
+        f"unknown optimizer_type {optimizer_type!r}.{hint} Known: {', '.join(OPTIMIZER_TYPES)}; "
+        "or a class path such as torch.optim.RAdam or module.Class"
+    )
+
+
+def _load_class(spec: OptimizerSpec):
+    if spec.cuda and not torch.cuda.is_available():
+        raise OptionError(
+            f"optimizer_type '{spec.name}': bitsandbytes 8-bit and paged optimizers need CUDA, and this machine has "
+            "no CUDA device (torch.cuda.is_available() is False); use 'AdamW' (or 'Lion', 'SGDNesterov') instead"
+        )
+    try:
+        module = importlib.import_module(spec.module)
+    except ImportError as e:
+        if spec.pip is None:
+            raise OptionError(f"optimizer_type '{spec.name}': cannot import module '{spec.module}' ({e})") from e
+        raise OptionError(
+            f"optimizer_type '{spec.name}' needs the package '{spec.pip}', which is not installed: "
+            f'pip install {spec.pip}  (or pip install "lorakit[{spec.extra}]")'
+        ) from e
+    cls = getattr(module, spec.attr, None)
+    if cls is None:
+        why = f"; upgrade it: pip install -U {spec.pip}" if spec.pip else ""
+        raise OptionError(f"optimizer_type '{spec.name}': module '{spec.module}' has no '{spec.attr}'{why}")
+    return cls
+
+
+def _group_lrs(groups: list, lr) -> list:
+    return [g.get("lr", lr) for g in groups if isinstance(g, dict)] or [lr]
+
+
+def _check_adaptive_lr(spec: OptimizerSpec, groups: list, lr) -> None:
+    # D-Adaptation and Prodigy estimate the step size: lr is a multiplier on it, ~1.0 (kohya warns the same)
+    lrs = _group_lrs(groups, lr)
+    if lrs[0] is not None and lrs[0] <= 0.1:
+        logger.warning("%s: learning rate %s is low; these optimizers expect lr around 1.0", spec.name, lrs[0])
+    if len(set(lrs)) > 1:
+        logger.warning("%s: parameter groups have different learning rates %s; the step size is adapted from the first", spec.name, sorted(set(lrs)))
+
+
+def _adafactor(groups: list, lr, kwargs: dict):
+    """kohya's Adafactor rules: relative_step defaults to True (and warmup_init forces it); with it Adafactor
+    picks its own step size, so lr and the groups' lrs are dropped and the scheduler must be 'adafactor'."""
+    kwargs.setdefault("relative_step", True)
+    if kwargs.get("warmup_init") and not kwargs["relative_step"]:
+        logger.warning("Adafactor: warmup_init=True needs relative_step; setting relative_step=True")
+        kwargs["relative_step"] = True
+    if not kwargs["relative_step"]:
+        return lr, groups
+    if any(isinstance(g, dict) and g.pop("lr", None) is not None for g in groups):
+        logger.warning("Adafactor with relative_step: the parameter groups' learning rates are ignored")
+    return None, groups
+
+
+def make_optimizer(
+    optimizer_type: str,
+    param_groups,
+    lr: float | None,
+    optimizer_args: Iterable[str] | Mapping[str, Any] | str | None = None,
+) -> torch.optim.Optimizer:
+    """Builds the optimizer kohya builds for `optimizer_type` (case-insensitive; None/"" = AdamW) over
+    `param_groups` (e.g. `Network.optimizer_param_groups(...)`; groups without an lr get `lr`).
+
+    `optimizer_args` are extra constructor keywords: ["weight_decay=0.01", "betas=(0.9,0.99)"] or a dict.
+    SGDNesterov(8bit) get nesterov=True and momentum 0.9 unless given. An Adafactor with relative_step keeps the
+    requested lr as `optimizer.lorakit_initial_lr` for the 'adafactor' scheduler to report before the first step."""
+    spec = _resolve(optimizer_type or "AdamW")
+    kwargs = parse_kwargs(optimizer_args, "optimizer_args")
+    groups = _copy_groups(param_groups)
+    cls = _load_class(spec)
+    requested_lr = lr
+    key = spec.name.lower()
+    if key in ("sgdnesterov", "sgdnesterov8bit"):
+        kwargs.setdefault("momentum", 0.9)  # Nesterov needs momentum
+        kwargs.setdefault("nesterov", True)
+    elif key.startswith("dadapt") or key == "prodigy":
+        _check_adaptive_lr(spec, groups, lr)
+    elif key == "adafactor":
+        lr, groups = _adafactor(groups, lr, kwargs)
+    if "lr" in kwargs:
+        raise OptionError("optimizer_args: give the learning rate as learning_rate (lr), not in optimizer_args")
+    try:
+        optimizer = cls(groups, lr=lr, **kwargs)
+    except TypeError as e:
+        raise OptionError(f"optimizer_args {kwargs} for {spec.name} ({cls.__module__}.{cls.__name__}): {e}") from e
+    if key == "adafactor" and lr is None:
+        optimizer.lorakit_initial_lr = requested_lr or 0.0
+    return optimizer
+
+
+def optimizer_name(optimizer: torch.optim.Optimizer) -> str:
+    """module.Class, as kohya writes it in `ss_optimizer` (followed there by "(k=v,...)" of the args)."""
+    cls = type(optimizer)
+    return f"{cls.__module__}.{cls.__name__}"

@@ -1,0 +1,218 @@
+"""Learning-rate schedulers by kohya's `lr_scheduler` names, with the curves of diffusers.optimization (which
+kohya's get_scheduler_fix calls), written here so that training needs only torch.
+
+Each built-in is a `LambdaLR` whose factor is a small callable object: `state_dict()`/`load_state_dict()` save and
+restore the step count and the factor's settings, so a resumed run continues the same curve. With w warmup steps
+and T training steps, at step s (p = (s - w) / max(1, T - w) after warmup):
+
+| name | factor |
+| --- | --- |
+| constant | 1 |
+| constant_with_warmup | s / max(1, w) during warmup, then 1 |
+| linear | warmup, then max(0, (T - s) / max(1, T - w)) |
+| cosine | warmup, then max(0, (1 + cos(pi p)) / 2) |
+| cosine_with_restarts | warmup, then (1 + cos(pi ((n p) mod 1))) / 2 for p < 1, else 0 (n = num_cycles) |
+| polynomial | warmup, then ((lr0 - lr_end) (1 - p)^power + lr_end) / lr0, lr_end / lr0 after T (lr0 = optimizer lr) |
+| adafactor | transformers' AdafactorSchedule: reports Adafactor's own relative step size |
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from ..algos.options import OptionError, suggest
+from .optimizers import parse_kwargs
+
+logger = logging.getLogger(__name__)
+
+SCHEDULERS = (
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "adafactor",
+)
+
+
+def warmup_steps(num_warmup_steps: int | float | None, num_training_steps: int) -> int:
+    """kohya's lr_warmup_steps: an int is a step count, a float in [0, 1] a ratio of the training steps."""
+    if num_warmup_steps is None:
+        return 0
+    if isinstance(num_warmup_steps, bool):
+        raise OptionError(f"lr_warmup_steps={num_warmup_steps}: expected a step count or a ratio in [0, 1]")
+    if isinstance(num_warmup_steps, float):
+        if not 0.0 <= num_warmup_steps <= 1.0:
+            raise OptionError(
+                f"lr_warmup_steps={num_warmup_steps}: a float is a ratio of the training steps and must be in [0, 1]; "
+                "give an integer for a number of steps"
+            )
+        return int(num_warmup_steps * num_training_steps)
+    if num_warmup_steps < 0:
+        raise OptionError(f"lr_warmup_steps={num_warmup_steps}: expected a number >= 0")
+    return int(num_warmup_steps)
+
+
+class _Warmup:
+    """Linear warmup from 0 to 1 over `warmup` steps, then `after(step)`."""
+
+    def __init__(self, warmup: int, total: int):
+        self.warmup, self.total = warmup, total
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return float(step) / float(max(1, self.warmup))
+        return self.after(step)
+
+    def progress(self, step: int) -> float:
+        return float(step - self.warmup) / float(max(1, self.total - self.warmup))
+
+    def after(self, step: int) -> float:
+        return 1.0
+
+
+class ConstantFactor(_Warmup):
+    pass
+
+
+class LinearFactor(_Warmup):
+    def after(self, step):
+        return max(0.0, float(self.total - step) / float(max(1, self.total - self.warmup)))
+
+
+class CosineFactor(_Warmup):
+    def __init__(self, warmup, total, num_cycles: float = 0.5):
+        super().__init__(warmup, total)
+        self.num_cycles = num_cycles
+
+    def after(self, step):
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * float(self.num_cycles) * 2.0 * self.progress(step))))
+
+
+class CosineRestartsFactor(_Warmup):
+    def __init__(self, warmup, total, num_cycles: int = 1):
+        super().__init__(warmup, total)
+        self.num_cycles = num_cycles
+
+    def after(self, step):
+        p = self.progress(step)
+        if p >= 1.0:
+            return 0.0
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((float(self.num_cycles) * p) % 1.0))))
+
+
+class PolynomialFactor(_Warmup):
+    def __init__(self, warmup, total, lr_init: float, lr_end: float = 1e-7, power: float = 1.0):
+        super().__init__(warmup, total)
+        self.lr_init, self.lr_end, self.power = lr_init, lr_end, power
+
+    def after(self, step):
+        if step > self.total:
+            return self.lr_end / self.lr_init
+        remaining = 1.0 - float(step - self.warmup) / float(self.total - self.warmup)
+        return ((self.lr_init - self.lr_end) * remaining**self.power + self.lr_end) / self.lr_init
+
+
+def _reject_args(name: str, args: dict, allowed: Iterable[str] = ()) -> None:
+    extra = sorted(set(args) - set(allowed))
+    if extra:
+        takes = f" (it takes {', '.join(sorted(allowed))})" if allowed else " (it takes none)"
+        raise OptionError(f"lr_scheduler_args {extra} are not arguments of the '{name}' scheduler{takes}")
+
+
+def _is_relative_step_adafactor(optimizer) -> bool:
+    return type(optimizer).__name__ == "Adafactor" and bool(optimizer.defaults.get("relative_step"))
+
+
+def _class_scheduler(name: str, optimizer, args: dict):
+    if "." in name:
+        module_name, _, attr = name.rpartition(".")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise OptionError(f"lr_scheduler {name!r}: cannot import module '{module_name}' ({e})") from e
+    else:
+        module, attr = torch.optim.lr_scheduler, name
+    cls = getattr(module, attr, None)
+    if not isinstance(cls, type):
+        raise OptionError(f"lr_scheduler {name!r}: '{attr}' is not a class of {module.__name__}")
+    try:
+        return cls(optimizer, **args)
+    except TypeError as e:
+        raise OptionError(f"lr_scheduler_args {args} for {name}: {e}") from e
+
+
+def make_scheduler(
+    name: str | None,
+    optimizer: torch.optim.Optimizer,
+    num_training_steps: int,
+    num_warmup_steps: int | float | None = 0,
+    num_cycles: int | float = 1,
+    power: float = 1.0,
+    scheduler_args: Iterable[str] | Mapping[str, Any] | str | None = None,
+):
+    """The scheduler kohya builds for `lr_scheduler` `name` (None/"" = constant). Call `.step()` once per
+    optimizer step. `num_warmup_steps` is an int or a float ratio of `num_training_steps`; `num_cycles` is
+    lr_scheduler_num_cycles (cosine_with_restarts), `power` lr_scheduler_power (polynomial); `scheduler_args`
+    ("key=value" strings or a dict) go to a class-path scheduler (`torch.optim.lr_scheduler.OneCycleLR`, or a bare
+    torch.optim.lr_scheduler class name), or give polynomial's `lr_end`.
+
+    An Adafactor with relative_step (kohya's default) sets its own step size: it gets the 'adafactor' scheduler
+    whatever `name` says, as in kohya."""
+    args = parse_kwargs(scheduler_args, "lr_scheduler_args")
+    name = (name or "constant").strip()
+    warmup = warmup_steps(num_warmup_steps, num_training_steps)
+    if num_training_steps < 1 and name.lower() in SCHEDULERS[2:6]:
+        raise OptionError(f"lr_scheduler '{name}' needs the number of training steps (got {num_training_steps})")
+
+    key = name.lower()
+    if key.startswith("adafactor:"):  # kohya's internal spelling "adafactor:<initial lr>"
+        key = "adafactor"
+    if _is_relative_step_adafactor(optimizer) and key != "adafactor":
+        logger.warning("Adafactor with relative_step computes its own learning rate: using the 'adafactor' scheduler, not %r", name)
+        key, warmup = "adafactor", 0
+    if key not in SCHEDULERS:
+        if "." in name or isinstance(getattr(torch.optim.lr_scheduler, name, None), type):
+            if warmup:
+                raise OptionError(f"lr_scheduler {name!r} takes no lr_warmup_steps (got {warmup}); set it to 0")
+            return _class_scheduler(name, optimizer, args)
+        raise OptionError(
+            f"unknown lr_scheduler {name!r}{suggest(key, SCHEDULERS)}; known: {', '.join(SCHEDULERS)}, "
+            "or a class path such as torch.optim.lr_scheduler.OneCycleLR"
+        )
+    if key in ("constant", "adafactor") and warmup:
+        hint = " (use 'constant_with_warmup')" if key == "constant" else ""
+        raise OptionError(f"lr_scheduler '{key}' takes no warmup: lr_warmup_steps must be 0, got {warmup}{hint}")
+
+    if key == "adafactor":
+        from transformers.optimization import Adafactor, AdafactorSchedule
+
+        if not isinstance(optimizer, Adafactor):
+            raise OptionError(f"lr_scheduler 'adafactor' needs the Adafactor optimizer, not {type(optimizer).__name__}")
+        _reject_args(key, args)
+        return AdafactorSchedule(optimizer, getattr(optimizer, "lorakit_initial_lr", 0.0))
+
+    if key == "polynomial":
+        _reject_args(key, args, ("lr_end",))
+        lr_init = optimizer.defaults["lr"]
+        lr_end = float(args.get("lr_end", 1e-7))
+        if not lr_init > lr_end:
+            raise OptionError(f"lr_scheduler 'polynomial': lr_end ({lr_end}) must be smaller than the learning rate ({lr_init})")
+        factor = PolynomialFactor(warmup, num_training_steps, lr_init, lr_end, power)
+    else:
+        _reject_args(key, args)
+        factor = {
+            "constant": lambda: ConstantFactor(0, num_training_steps),
+            "constant_with_warmup": lambda: ConstantFactor(warmup, num_training_steps),
+            "linear": lambda: LinearFactor(warmup, num_training_steps),
+            "cosine": lambda: CosineFactor(warmup, num_training_steps),  # half a cosine, as kohya (num_cycles unused)
+            "cosine_with_restarts": lambda: CosineRestartsFactor(warmup, num_training_steps, num_cycles),
+        }[key]()
+    return LambdaLR(optimizer, factor)
