@@ -1,0 +1,149 @@
+"""Where images and captions come from: kohya's ``train_data_dir`` / ``reg_data_dir`` layout of ``N_concept``
+folders, image folders with caption files, and kohya metadata JSON files.
+
+``train_data_dir`` holds one folder per concept named ``<repeats>_<class tokens>`` ("10_sks dog": each image
+10 times per epoch, "sks dog" the caption of images without a caption file). A folder whose name does not start
+with a number is an error (kohya skips it with a log line, which is easy to miss and trains on less than the
+user meant); hidden folders (".name") are skipped; "0_x" folders are skipped with a warning, as kohya does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .captions import caption_for_image
+from .errors import DatasetError
+from .images import IMAGE_EXTENSIONS, list_images
+from .spec import SubsetSpec
+
+__all__ = ["parse_concept_folder", "subsets_from_folders", "SourceImage", "subset_images"]
+
+logger = logging.getLogger(__name__)
+
+
+def parse_concept_folder(path: str | os.PathLike) -> tuple[int, str]:
+    """"10_sks dog" -> (10, "sks dog"): repeats and class tokens of a concept folder (kohya's split on "_")."""
+    name = Path(path).name
+    head, _, rest = name.partition("_")
+    try:
+        repeats = int(head)
+    except ValueError:
+        raise DatasetError(f"{path}: a concept folder name must start with its number of repeats and an "
+                           f"underscore, like 10_{name} (10 repeats, class tokens {name!r}); rename it or move "
+                           "it out of the data folder") from None
+    return repeats, rest
+
+
+def subsets_from_folders(train_data_dir: str | os.PathLike, reg_data_dir: str | os.PathLike | None = None,
+                         **options: Any) -> list[SubsetSpec]:
+    """One ``SubsetSpec`` per concept folder of ``train_data_dir`` (and of ``reg_data_dir``, as is_reg).
+    ``options``: other ``SubsetSpec`` fields shared by all (caption_extension, shuffle_caption, flip_aug...)."""
+    subsets = []
+    for root, is_reg in ((train_data_dir, False), (reg_data_dir, True)):
+        if root is None:
+            continue
+        option = "reg_data_dir" if is_reg else "train_data_dir"
+        root = Path(root)
+        if not root.is_dir():
+            raise DatasetError(f"{root}: {option} is not a folder" + ("" if root.exists() else " (it does not exist)"))
+        folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not folders:
+            loose = [p.name for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]
+            hint = (f"; it holds images directly ({len(loose)}): move them into a sub-folder such as "
+                    f"{root / '10_concept'}") if loose else ""
+            raise DatasetError(f"{root}: {option} has no concept folders (expected sub-folders named "
+                               f"<repeats>_<class tokens>, like 10_sks dog){hint}")
+        for folder in folders:
+            repeats, class_tokens = parse_concept_folder(folder)
+            if repeats < 1:
+                logger.warning("%s: %d repeats, folder skipped", folder, repeats)
+                continue
+            subsets.append(SubsetSpec(image_dir=str(folder), num_repeats=repeats, is_reg=is_reg,
+                                      class_tokens=class_tokens, **options))
+    return subsets
+
+
+@dataclass
+class SourceImage:
+    """One image file and its caption as written (before per-step processing)."""
+
+    path: str
+    caption: str
+
+
+def subset_images(subset: SubsetSpec) -> list[SourceImage]:
+    """The images of ``subset`` with their captions. Errors name the folder or file: a missing folder, a folder
+    without images, an unreadable caption, a metadata file that is missing, not JSON, or names a missing image."""
+    if subset.metadata_file is not None:
+        return _metadata_images(subset)
+    folder = Path(subset.image_dir)
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: image_dir is not a folder" + ("" if folder.exists() else " (it does not exist)"))
+    paths = list_images(folder)
+    if not paths:
+        raise DatasetError(f"{folder}: no images in this folder (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    out, missing = [], []
+    for path in paths:
+        caption = caption_for_image(path, subset.caption_extension, all_lines=subset.enable_wildcard)
+        if caption is None:
+            missing.append(path)
+            caption = subset.class_tokens or ""
+        out.append(SourceImage(path, caption))
+    if missing:
+        fallback = f"the class tokens {subset.class_tokens!r}" if subset.class_tokens else "an empty caption"
+        logger.warning("%s: %d image(s) have no %s caption file and use %s (first: %s)", folder, len(missing),
+                       subset.caption_extension, fallback, missing[0])
+    return out
+
+
+def _metadata_images(subset: SubsetSpec) -> list[SourceImage]:
+    path = subset.metadata_file
+    try:
+        with open(path, encoding="utf-8") as f:
+            metadata = json.load(f)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: metadata_file not found") from None
+    except UnicodeDecodeError:
+        raise DatasetError(f"{path}: metadata_file is not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}: metadata_file is not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(metadata, dict) or not metadata:
+        raise DatasetError(f"{path}: metadata_file must be a non-empty JSON object {{image key: {{\"caption\": "
+                           "..., \"tags\": ...}}}}")
+    out = []
+    for key, entry in metadata.items():
+        if not isinstance(entry, dict):
+            raise DatasetError(f"{path}: entry {key!r} must be an object with \"caption\" and/or \"tags\"")
+        image = _find_image(key, subset.image_dir)
+        if image is None:
+            where = f" or in image_dir {subset.image_dir}" if subset.image_dir else ""
+            raise DatasetError(f"{path}: image {key!r} not found (as a path{where}, with any of "
+                               f"{', '.join(IMAGE_EXTENSIONS)})")
+        caption, tags = entry.get("caption"), entry.get("tags")
+        if caption is None:
+            caption, tags = tags, None
+        if tags:
+            caption = caption + subset.caption_separator + tags
+        out.append(SourceImage(image, caption or ""))
+    return out
+
+
+def _find_image(key: str, image_dir: str | None) -> str | None:
+    """kohya's lookup: the key as a path, else ``image_dir/key`` with each image extension."""
+    if os.path.isfile(key):
+        return key
+    if image_dir is None:
+        return None
+    base = os.path.join(image_dir, key)
+    if os.path.isfile(base) and Path(base).suffix.lower() in IMAGE_EXTENSIONS:
+        return base
+    for ext in IMAGE_EXTENSIONS:
+        for candidate in (base + ext, base + ext.upper()):
+            if os.path.isfile(candidate):
+                return candidate
+    return None

@@ -1,0 +1,70 @@
+"""Reading training images safely: every failure is a ``DatasetError`` naming the file and what was wrong.
+
+Images are returned upright (the EXIF orientation applied, as viewers show them; kohya ignores it) and as RGB
+uint8 arrays [H, W, 3]. Transparency is dropped the way kohya drops it (``convert("RGB")``: the stored colour of
+transparent pixels is kept).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import DatasetError
+
+__all__ = ["IMAGE_EXTENSIONS", "list_images", "image_size", "load_image"]
+
+# kohya's list (lower case here; the match is case-insensitive).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# EXIF orientations 5-8 rotate by 90 degrees: the upright image has width and height swapped.
+_SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
+_ORIENTATION_TAG = 0x0112
+
+
+def list_images(folder: str | os.PathLike) -> list[str]:
+    """The image files directly in ``folder`` (not in sub-folders), sorted by name."""
+    folder = Path(folder)
+    return sorted(str(p) for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _open(path: str) -> Image.Image:
+    try:
+        if os.path.getsize(path) == 0:
+            raise DatasetError(f"{path}: the image file is empty (0 bytes)")
+        return Image.open(path)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: image file not found") from None
+    except PermissionError:
+        raise DatasetError(f"{path}: image file cannot be read (permission denied)") from None
+    except UnidentifiedImageError:
+        raise DatasetError(f"{path}: not an image Pillow can read (expected PNG, JPEG, WebP or BMP data)") from None
+    except OSError as e:
+        raise DatasetError(f"{path}: image file cannot be read ({e})") from None
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """(width, height) of the upright image, from the header (the pixels are not decoded)."""
+    with _open(path) as image:
+        width, height = image.size
+        try:
+            orientation = image.getexif().get(_ORIENTATION_TAG, 1)
+        except Exception:  # a damaged EXIF block: treat as upright, as viewers do
+            orientation = 1
+    if width < 1 or height < 1:
+        raise DatasetError(f"{path}: image has no pixels ({width}x{height})")
+    return (height, width) if orientation in _SWAPPING_ORIENTATIONS else (width, height)
+
+
+def load_image(path: str) -> np.ndarray:
+    """The upright RGB pixels [H, W, 3] uint8. A truncated or corrupt file is an error, never a partial image."""
+    with _open(path) as image:
+        try:
+            image.load()
+            upright = ImageOps.exif_transpose(image)
+            rgb = upright.convert("RGB")
+        except (OSError, SyntaxError, ValueError) as e:
+            raise DatasetError(f"{path}: image data is damaged or truncated ({e})") from None
+    return np.asarray(rgb, dtype=np.uint8).copy()

@@ -1,0 +1,187 @@
+"""Latent caching: each image encoded by the VAE once, kept in memory or in a ``.npz`` file reused across runs.
+
+A disk cache file (``<image stem>_lorakit.npz`` next to the image, or ``<cache_dir>/<stem>-<path hash>.npz``)
+stores the latents (and the flipped image's latents with ``flip_aug``), the SDXL conditioning of the crop, and
+``cache_key``: a SHA-256 of the image file's bytes, its bucket and resized size, ``flip_aug``, the VAE's
+identity (class, config, dtype and a hash of its weights) and this format's version. A file whose key differs is
+rebuilt, so an edited image, a new resolution or bucket setting, or another VAE never reuses stale latents.
+(kohya checks only the latent shape, so an edited image of the same size keeps its old latents.)
+
+Latents are ``latent_dist.mean + std * noise`` with the noise seeded from the cache key, so a cached file does
+not depend on which images were batched together, and rebuilding it gives the same numbers. Images are grouped by
+bucket into batches of at most ``vae_batch_size`` for encoding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from .dataset import ImageEntry, TrainDataset
+from .errors import DatasetError
+from .images import load_image
+from .transforms import Conditioning, crop_to_bucket, flip, to_tensor
+
+__all__ = ["FORMAT", "vae_fingerprint", "cache_key", "cache_path", "cache_latents", "read_cached",
+           "encode_pixels"]
+
+FORMAT = "lorakit-latents-1"
+_CHUNK = 1 << 20
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def vae_fingerprint(vae: torch.nn.Module) -> str:
+    """A hash of what decides the latents: the VAE's class, config and every weight (values and dtype)."""
+    digest = hashlib.sha256(type(vae).__name__.encode())
+    config = getattr(vae, "config", None)
+    if config is not None:
+        digest.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(vae.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}:{t.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cache_key(entry: ImageEntry, flip_aug: bool, vae_id: str) -> str:
+    settings = {"format": FORMAT, "image": file_sha256(entry.path), "bucket": list(entry.choice.bucket),
+                "resized": list(entry.choice.resized), "flip_aug": bool(flip_aug), "vae": vae_id}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def cache_path(image_path: str, cache_dir: str | None = None) -> str:
+    stem = os.path.splitext(os.path.basename(image_path))[0]
+    if cache_dir is None:
+        return os.path.splitext(image_path)[0] + "_lorakit.npz"
+    tag = hashlib.sha256(os.path.abspath(image_path).encode()).hexdigest()[:12]
+    return os.path.join(cache_dir, f"{stem}-{tag}.npz")
+
+
+def _valid(path: str, key: str) -> bool:
+    if not os.path.isfile(path):
+        return False
+    try:
+        with np.load(path) as npz:
+            return "cache_key" in npz and str(npz["cache_key"]) == key
+    except (OSError, ValueError, EOFError):  # damaged or not an npz: rebuild it
+        return False
+
+
+def encode_pixels(vae: torch.nn.Module, pixels: torch.Tensor, seeds: Iterable[int] | None = None) -> torch.Tensor:
+    """Raw VAE latents (not scaled) of pixels [B, 3, H, W] in [-1, 1]: mean + std * noise, one seeded noise
+    per image when ``seeds`` are given (else from torch's default generator)."""
+    param = next(vae.parameters())
+    with torch.no_grad():
+        dist = vae.encode(pixels.to(param.device, param.dtype)).latent_dist
+        mean, std = dist.mean.float().cpu(), dist.std.float().cpu()
+    if seeds is None:
+        noise = torch.randn(mean.shape)
+    else:
+        noise = torch.stack([torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds])
+    return mean + std * noise
+
+
+def _write_npz(path: str, arrays: dict) -> None:
+    folder = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)  # atomic: an interrupted run never leaves half a cache file
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def cache_latents(dataset: TrainDataset, vae: torch.nn.Module, *, vae_batch_size: int = 1, to_disk: bool = False,
+                  cache_dir: str | None = None) -> dict[str, int]:
+    """Encode every image of ``dataset`` once (``cache_latents``); with ``to_disk`` (``cache_latents_to_disk``)
+    reuse valid files and write the others. Returns {"encoded": n, "reused": m}."""
+    if not dataset.latent_cacheable:
+        bad = [s.image_dir or s.metadata_file for s in dataset.subsets if s.color_aug or s.random_crop]
+        raise DatasetError(f"cache_latents cannot be used with color_aug or random_crop (they change the pixels "
+                           f"every step); subsets: {', '.join(bad)}")
+    if vae_batch_size < 1:
+        raise DatasetError(f"vae_batch_size must be >= 1, not {vae_batch_size}")
+    if cache_dir is not None:
+        os.makedirs(cache_dir, exist_ok=True)
+    vae_id = vae_fingerprint(vae)
+    pending: list[tuple[ImageEntry, str, str]] = []
+    reused = 0
+    for entry in sorted(dataset.entries, key=lambda e: (e.choice.bucket[0] * e.choice.bucket[1], e.choice.bucket)):
+        flip_aug = dataset.subsets[entry.subset].flip_aug
+        key = cache_key(entry, flip_aug, vae_id)
+        path = cache_path(entry.path, cache_dir) if to_disk else None
+        if to_disk and _valid(path, key):
+            entry.cache_file, reused = path, reused + 1
+            continue
+        pending.append((entry, key, path))
+
+    batches, batch = [], []
+    for item in pending:  # batches of one bucket, at most vae_batch_size images
+        if batch and (batch[-1][0].choice.bucket != item[0].choice.bucket or len(batch) >= vae_batch_size):
+            batches.append(batch)
+            batch = []
+        batch.append(item)
+    if batch:
+        batches.append(batch)
+
+    for batch in batches:
+        pixels, conds = [], []
+        for entry, _, _ in batch:
+            image, cond = crop_to_bucket(load_image(entry.path), entry.choice)
+            pixels.append(image)
+            conds.append(cond)
+        seeds = [int(key[:15], 16) for _, key, _ in batch]
+        latents = encode_pixels(vae, torch.stack([to_tensor(p) for p in pixels]), seeds)
+        if torch.isnan(latents).any():
+            raise DatasetError(f"NaN in the latents of {', '.join(e.path for e, _, _ in batch)} (a VAE in fp16 "
+                               "overflows on some images: use no_half_vae)")
+        flipped = [None] * len(batch)
+        if any(dataset.subsets[e.subset].flip_aug for e, _, _ in batch):
+            flipped = encode_pixels(vae, torch.stack([to_tensor(flip(p)) for p in pixels]), [s + 1 for s in seeds])
+        for (entry, key, path), lat, lat_f, cond in zip(batch, latents, flipped, conds):
+            if not dataset.subsets[entry.subset].flip_aug:
+                lat_f = None
+            if to_disk:
+                arrays = {"latents": lat.numpy(), "original_size_hw": np.array(cond.original_size_hw),
+                          "crop_top_left": np.array(cond.crop_top_left),
+                          "target_size_hw": np.array(cond.target_size_hw), "cache_key": np.array(key)}
+                if lat_f is not None:
+                    arrays["latents_flipped"] = lat_f.numpy()
+                _write_npz(path, arrays)
+                entry.cache_file = path
+            else:
+                entry.latents, entry.latents_flipped, entry.conditioning = lat.clone(), lat_f, cond
+    return {"encoded": len(pending), "reused": reused}
+
+
+def read_cached(entry: ImageEntry) -> tuple[torch.Tensor, torch.Tensor | None, Conditioning]:
+    """(latents, flipped latents or None, conditioning) of a cached entry, from memory or its file."""
+    if entry.latents is not None:
+        return entry.latents, entry.latents_flipped, entry.conditioning
+    try:
+        with np.load(entry.cache_file) as npz:
+            latents = torch.from_numpy(npz["latents"])
+            flipped = torch.from_numpy(npz["latents_flipped"]) if "latents_flipped" in npz else None
+            cond = Conditioning(tuple(int(v) for v in npz["original_size_hw"]),
+                                tuple(int(v) for v in npz["crop_top_left"]),
+                                tuple(int(v) for v in npz["target_size_hw"]))
+    except (OSError, ValueError, KeyError, EOFError) as e:
+        raise DatasetError(f"{entry.cache_file}: latent cache file of {entry.path} cannot be read ({e}); delete it "
+                           "and cache again") from None
+    return latents, flipped, cond
