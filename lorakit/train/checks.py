@@ -1,0 +1,193 @@
+"""The combinations of training options that cannot work, refused before any model loads; and the few rewrites
+sd-scripts applies to what it reads (old spellings, 0 meaning off). sd-scripts' own checks are marked with where
+they live there (train_util.verify_training_args, train_network.py, sdxl_train_util.verify_sdxl_training_args,
+train_util.get_optimizer / get_scheduler_fix, the datasets); the rest are the obvious ones it leaves to a crash or
+to silence."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ..algos.options import OptionError, suggest
+from .options import NOT_YET_SUPPORTED, BY_NAME, inert
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Lion8bit", "SGDNesterov", "SGDNesterov8bit", "DAdaptation",
+              "DAdaptAdamPreprint", "DAdaptAdaGrad", "DAdaptAdam", "DAdaptAdan", "DAdaptAdanIP", "DAdaptLion",
+              "DAdaptSGD", "Prodigy", "Adafactor")
+# sd-scripts optimizer names lorakit does not build yet
+_LATER_OPTIMIZERS = ("PagedAdamW", "PagedAdamW8bit", "PagedAdamW32bit", "PagedLion8bit", "AdamWScheduleFree",
+                     "RAdamScheduleFree", "SGDScheduleFree", "ProdigyPlusScheduleFree")
+
+
+def _refuse(message: str):
+    raise OptionError(message)
+
+
+def _unsupported(values: dict[str, Any]) -> None:
+    """Options lorakit does not implement yet: fine while they ask for nothing, then set to their default (so the
+    resolved config does not carry values that do nothing)."""
+    for name in NOT_YET_SUPPORTED:
+        opt = BY_NAME[name]
+        if inert(opt, values[name], values):
+            values[name] = opt.default
+        else:
+            _refuse(f"option '{name}' = {values[name]!r}: an sd-scripts option lorakit does not support yet "
+                    f"({opt.help}); remove it or set it to {opt.default!r}")
+
+
+def _optimizer(values: dict[str, Any], given: frozenset) -> None:
+    # train_util.get_optimizer: the old flags, and neither with optimizer_type
+    old = [flag for flag, name in (("use_8bit_adam", "AdamW8bit"), ("use_lion_optimizer", "Lion")) if values[flag]]
+    if len(old) > 1:
+        _refuse("use_8bit_adam and use_lion_optimizer are both given: choose one optimizer_type")
+    if old:
+        if "optimizer_type" in given and values["optimizer_type"].strip():
+            _refuse(f"{old[0]} and optimizer_type = {values['optimizer_type']!r} are both given: give optimizer_type")
+        values["optimizer_type"] = "AdamW8bit" if old[0] == "use_8bit_adam" else "Lion"
+        values["use_8bit_adam"] = values["use_lion_optimizer"] = False
+    name = values["optimizer_type"].strip() or "AdamW"  # sd-scripts: "" means AdamW
+    by_key = {o.lower(): o for o in OPTIMIZERS}
+    if name.lower() in by_key:
+        values["optimizer_type"] = by_key[name.lower()]
+    elif name.lower() in {o.lower() for o in _LATER_OPTIMIZERS}:
+        _refuse(f"option 'optimizer_type': {name!r} is an sd-scripts optimizer lorakit does not support yet")
+    elif "." in name:
+        values["optimizer_type"] = name  # a class path, imported when training starts
+    else:
+        _refuse(f"option 'optimizer_type': unknown optimizer {name!r}{suggest(name.lower(), by_key)}; use one of "
+                f"{', '.join(OPTIMIZERS)} or a class path such as torch.optim.RAdam")
+
+
+def _normalise(values: dict[str, Any]) -> None:
+    """sd-scripts' own rewrites of what it reads."""
+    if values["cache_latents_to_disk"] and not values["cache_latents"]:  # train_util.verify_training_args
+        values["cache_latents"] = True
+    for name in ("sample_every_n_steps", "sample_every_n_epochs", "save_every_n_steps", "save_every_n_epochs"):
+        if values[name] == 0:  # verify_training_args disables sampling at <= 0; the GUI writes 0 for "never"
+            values[name] = None
+    if values["max_token_length"] == 75:  # the GUI writes 75; sd-scripts reads it as the default length
+        values["max_token_length"] = None
+
+
+def _combinations(v: dict[str, Any]) -> None:
+    def both(a, b, why):
+        if v[a] and v[b]:
+            _refuse(f"{a} and {b} cannot both be on: {why}")
+
+    def needs(a, b, why):
+        if v[a] and not v[b]:
+            _refuse(f"{a} needs {b}: {why}")
+
+    both("network_train_unet_only", "network_train_text_encoder_only", "together they train nothing")
+    both("full_fp16", "full_bf16", "choose one training dtype")
+    if v["full_fp16"] and v["mixed_precision"] != "fp16":  # train_network.py
+        _refuse(f"full_fp16 needs mixed_precision = 'fp16' (got {v['mixed_precision']!r})")
+    if v["full_bf16"] and v["mixed_precision"] != "bf16":  # train_network.py
+        _refuse(f"full_bf16 needs mixed_precision = 'bf16' (got {v['mixed_precision']!r})")
+    # the timesteps drawn are randint(min_timestep, max_timestep): the range must not be empty
+    low = 0 if v["min_timestep"] is None else v["min_timestep"]
+    high = 1000 if v["max_timestep"] is None else v["max_timestep"]
+    if low >= high:
+        _refuse(f"min_timestep ({low}) must be below max_timestep ({high}): timesteps are drawn from "
+                "[min_timestep, max_timestep)")
+    # the dataset refuses to cache latents of images that change every epoch (train_network.py)
+    for aug in ("color_aug", "random_crop"):
+        if v["cache_latents"] and v[aug]:
+            _refuse(f"cache_latents (or cache_latents_to_disk) and {aug} cannot both be on: cached latents are "
+                    f"encoded once, {aug} changes the image every epoch (flip_aug is fine)")
+    if v["adaptive_noise_scale"] is not None and v["noise_offset"] is None:  # verify_training_args
+        _refuse("adaptive_noise_scale needs noise_offset")
+    needs("scale_v_pred_loss_like_noise_pred", "v_parameterization", "it rescales a v-prediction loss")
+    needs("noise_offset_random_strength", "noise_offset", "it draws the strength from [0, noise_offset]")
+    needs("ip_noise_gamma_random_strength", "ip_noise_gamma", "it draws the strength from [0, ip_noise_gamma]")
+    needs("dim_from_weights", "network_weights", "the dims are read from that file")
+    if v["sdxl"] and v["v2"]:  # sdxl_train_util.verify_sdxl_training_args
+        _refuse("sdxl and v2 cannot both be on: a model is SD2 or SDXL")
+    if v["sdxl"] and v["clip_skip"] is not None and v["clip_skip"] > 1:
+        _refuse(f"clip_skip = {v['clip_skip']} does nothing for SDXL (sd-scripts ignores it too); remove it")
+    if v["network_dropout"] is not None and v["network_dropout"] >= 1:
+        _refuse(f"option 'network_dropout': expected a value in [0, 1), got {v['network_dropout']}")
+    if v["lr_scheduler"] == "adafactor" and v["optimizer_type"] != "Adafactor":  # train_util.get_scheduler_fix
+        _refuse(f"lr_scheduler 'adafactor' needs optimizer_type Adafactor (got {v['optimizer_type']!r})")
+    if v["loss_type"] in ("huber", "smooth_l1") and v["huber_c"] <= 0:
+        _refuse(f"huber_c must be above 0 for loss_type {v['loss_type']!r}")
+    if v["persistent_data_loader_workers"] and v["max_data_loader_n_workers"] == 0:
+        _refuse("persistent_data_loader_workers needs max_data_loader_n_workers >= 1 (there are no workers to keep; "
+                "PyTorch's DataLoader refuses it)")
+    if v["cache_text_encoder_outputs"]:  # sdxl_train_network.py and is_text_encoder_output_cacheable
+        if not v["network_train_unet_only"]:
+            _refuse("cache_text_encoder_outputs needs network_train_unet_only: text encoders whose outputs are "
+                    "cached cannot train")
+        for name in ("shuffle_caption", "caption_dropout_rate", "caption_dropout_every_n_epochs",
+                     "caption_tag_dropout_rate"):
+            if v[name]:
+                _refuse(f"cache_text_encoder_outputs and {name} cannot both be on: cached captions never change")
+    if v["enable_bucket"]:
+        if v["min_bucket_reso"] > v["max_bucket_reso"]:
+            _refuse(f"min_bucket_reso ({v['min_bucket_reso']}) is above max_bucket_reso ({v['max_bucket_reso']})")
+        if v["resolution"] is not None and not (v["min_bucket_reso"] <= min(v["resolution"])
+                                                and max(v["resolution"]) <= v["max_bucket_reso"]):
+            _refuse(f"resolution {v['resolution']} must lie within min_bucket_reso ({v['min_bucket_reso']}) .. "
+                    f"max_bucket_reso ({v['max_bucket_reso']}), as sd-scripts requires")
+    if v["bucket_reso_steps"] % 32:  # sd-scripts: divisible by 64 (SD1/SD2) or 32 (SDXL); the model decides which
+        _refuse(f"bucket_reso_steps ({v['bucket_reso_steps']}) must be divisible by 32 (SDXL) or 64 (SD1/SD2)")
+    if v["dataset_config"] is not None:  # train_network.py ignores these with a warning; two data sources is a mistake
+        for name in ("train_data_dir", "reg_data_dir"):
+            if v[name] is not None:
+                _refuse(f"{name} and dataset_config are both given: with dataset_config, sd-scripts ignores {name}; "
+                        "put the folder in the dataset config as a [[datasets.subsets]] image_dir (is_reg = true for "
+                        "regularisation images) or remove dataset_config")
+
+
+def _warnings(v: dict[str, Any]) -> list[str]:
+    """Allowed but probably not meant: sd-scripts warns of (or silently ignores) these."""
+    notes = []
+    if v["v2"] and v["clip_skip"] is not None and v["clip_skip"] > 1:
+        notes.append("v2 with clip_skip: SD2 models were not trained with clip_skip")
+    if v["zero_terminal_snr"] and not v["v_parameterization"]:
+        notes.append("zero_terminal_snr without v_parameterization: training will be unexpected (sd-scripts)")
+    if v["lr_scheduler"] == "constant" and v["lr_warmup_steps"]:
+        notes.append("lr_warmup_steps with lr_scheduler 'constant' is ignored: use 'constant_with_warmup'")
+    if (v["sample_every_n_steps"] or v["sample_every_n_epochs"] or v["sample_at_first"]) and not v["sample_prompts"]:
+        notes.append("sampling is asked for but sample_prompts is not given: no samples")
+    if v["network_train_unet_only"] and v["text_encoder_lr"] is not None:
+        notes.append("text_encoder_lr is unused with network_train_unet_only")
+    return notes
+
+
+def check_datasets(v: dict[str, Any], group) -> None:
+    """The same checks against each subset of a dataset_config (its values resolved: subset, dataset, general)."""
+    for d, dataset in enumerate(group.datasets):
+        if dataset.bucket_reso_steps % 32:
+            _refuse(f"dataset config [[datasets]] #{d + 1}: bucket_reso_steps ({dataset.bucket_reso_steps}) must be "
+                    "divisible by 32 (SDXL) or 64 (SD1/SD2)")
+        for s, subset in enumerate(dataset.subsets):
+            where = f"dataset config [[datasets]] #{d + 1} [[datasets.subsets]] #{s + 1}"
+            for aug in ("color_aug", "random_crop"):
+                if v["cache_latents"] and getattr(subset, aug):
+                    _refuse(f"cache_latents (or cache_latents_to_disk) and {aug} (in {where}) cannot both be on: "
+                            f"cached latents are encoded once, {aug} changes the image every epoch")
+            for name in ("shuffle_caption", "caption_dropout_rate", "caption_dropout_every_n_epochs",
+                         "caption_tag_dropout_rate"):
+                if v["cache_text_encoder_outputs"] and getattr(subset, name):
+                    _refuse(f"cache_text_encoder_outputs and {name} (in {where}) cannot both be on: cached captions "
+                            "never change")
+
+
+def resolve(values: dict[str, Any], given: frozenset) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """Every option's value, rewritten as sd-scripts reads it and checked; (values, warnings). Raises OptionError
+    naming the options of an impossible combination."""
+    values = dict(values)
+    _unsupported(values)
+    _optimizer(values, given)
+    _normalise(values)
+    _combinations(values)
+    notes = _warnings(values)
+    if values["network_args"] or values["network_module"] != "lorakit":
+        from .network_args import check_network_args  # loads the network code (and torch) only when needed
+
+        check_network_args(values, given)
+    return values, tuple(notes)

@@ -1,0 +1,215 @@
+"""The trainer's configuration: an sd-scripts `--config_file` TOML plus command-line overrides -> a typed, checked
+`TrainConfig`; and back to TOML (`to_toml`), the file saved with the output, which loads back to the same config.
+
+sd-scripts reads its config file by merging every section's keys into one namespace (train_util.read_config_from_file)
+and then lets the command line override them; section names mean nothing. lorakit reads it the same way, but every
+key is an option of the table in options.py (unknown names are errors suggesting the closest one), every value is
+typed, and impossible combinations are refused (checks.py) before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from ..algos.options import OptionError
+from . import checks
+from .dataset_config import DatasetGroupConfig, load_dataset_config
+from .options import BY_NAME, COMMAND_LINE_ONLY, GROUPS, GUI_KEYS, OPTIONS, TYPES, canonical_name, coerce
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11
+    import tomli as tomllib
+
+log = logging.getLogger(__name__)
+_LIST_KINDS = ("strings", "floats", "lrs")
+_BOOL_WORDS = {"true", "false", "1", "0", "yes", "no", "on", "off", "y", "n", "t", "f"}
+
+
+class _Methods:
+    """What a TrainConfig can do besides holding the options (its fields are generated from the option table)."""
+
+    def network_kwargs(self) -> dict[str, str]:
+        """network_args as a dict, with the algorithm that network_module implies."""
+        from .network_args import network_kwargs
+
+        return network_kwargs(self.network_module, self.network_args)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {o.name: getattr(self, o.name) for o in OPTIONS}
+
+    def to_toml(self) -> str:
+        return to_toml(self)
+
+
+TrainConfig = dataclasses.make_dataclass(
+    "TrainConfig",
+    [(o.name, TYPES[o.kind] + (" | None" if o.default is None else ""), dataclasses.field(default=o.default))
+     for o in OPTIONS]
+    + [("given", "frozenset", dataclasses.field(default=frozenset(), compare=False, repr=False)),
+       ("warnings", "tuple", dataclasses.field(default=(), compare=False, repr=False)),
+       ("dataset_group", "DatasetGroupConfig | None", dataclasses.field(default=None, compare=False, repr=False))],
+    bases=(_Methods,), frozen=True)
+TrainConfig.__module__ = __name__
+TrainConfig.__doc__ = ("Every `lorakit train` option (see options.py and docs/training.md), typed. `given`: the "
+                       "names set by the file or the command line; `warnings`: what was allowed but looks unintended; "
+                       "`dataset_group`: the parsed dataset_config, if any.")
+
+
+# ----- reading -------------------------------------------------------------------------------------------------------
+
+def _add(values: dict[str, Any], sources: dict[str, str], key: str, value: Any, where: str) -> None:
+    if key in GUI_KEYS:
+        log.info("%s: '%s' ignored (%s)", where, key, GUI_KEYS[key])
+        return
+    if key in COMMAND_LINE_ONLY:
+        raise OptionError(f"{where}: '{key}' inside a config file: lorakit reads one config file, named on the "
+                          "command line")
+    name = canonical_name(key)
+    if name in values and values[name] != value:
+        raise OptionError(f"option '{name}' given twice with different values: {values[name]!r} ({sources[name]}) "
+                          f"and {value!r} ({where})")
+    values[name], sources[name] = value, where
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """An sd-scripts config TOML as {option: raw value}: top-level keys and the keys of every section, merged
+    (section names are free, as in sd-scripts). A name without .toml that does not exist gets .toml, as there."""
+    path = Path(path)
+    if not path.exists() and path.suffix != ".toml":
+        path = path.with_name(path.name + ".toml")
+    if not path.is_file():
+        raise OptionError(f"config file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise OptionError(f"config file {path}: not valid TOML ({err})") from None
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for key, value in data.items():
+        if not isinstance(value, dict):
+            _add(values, sources, key, value, f"{path}")
+            continue
+        for inner, item in value.items():
+            if isinstance(item, dict):
+                raise OptionError(f"config file {path}: [{key}.{inner}] is a table inside a section; sd-scripts "
+                                  "merges one level of sections only")
+            _add(values, sources, inner, item, f"{path} [{key}]")
+    return values
+
+
+def parse_command_line(args: Sequence[str]) -> dict[str, Any]:
+    """["--network_dim", "8", "--flip_aug", "--network_args", "algo=loha", "conv_dim=4"] -> {option: raw value}.
+    A flag alone means true (or takes a following true/false); list options take every value up to the next --."""
+    values: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        token = str(args[i])
+        if not token.startswith("--") or token == "--":
+            raise OptionError(f"expected an option (--name), got {token!r}")
+        key, eq, inline = token[2:].partition("=")
+        i += 1
+        if key in COMMAND_LINE_ONLY:
+            name, kind = key, "str"
+        else:
+            name = canonical_name(key)
+            kind = BY_NAME[name].kind
+        if eq:
+            value: Any = inline
+        elif kind == "bool":
+            value = True
+            if i < len(args) and str(args[i]).strip().lower() in _BOOL_WORDS:
+                value, i = args[i], i + 1
+        elif kind in _LIST_KINDS:
+            start = i
+            while i < len(args) and not str(args[i]).startswith("--"):
+                i += 1
+            value = list(args[start:i])
+        else:
+            if i >= len(args) or str(args[i]).startswith("--"):
+                raise OptionError(f"option '{name}' needs a value")
+            value, i = args[i], i + 1
+        if name in values:
+            raise OptionError(f"option '{name}' given twice on the command line")
+        values[name] = value
+    return values
+
+
+def load_train_config(config_file: str | Path | None = None,
+                      overrides: Mapping[str, Any] | Sequence[str] | None = None,
+                      dataset_config: str | Path | None = None) -> TrainConfig:
+    """The typed, checked training configuration: the config file's options, then `overrides` (command-line strings
+    or a dict) on top, then `dataset_config` if given. Raises OptionError naming the option on any problem."""
+    if overrides is None:
+        overrides = {}
+    elif not isinstance(overrides, Mapping):
+        overrides = parse_command_line(overrides)
+    overrides = dict(overrides)
+    named_file = overrides.pop("config_file", None)
+    if named_file is not None and config_file is not None and str(named_file) != str(config_file):
+        raise OptionError(f"two config files given: {config_file} and {named_file}")
+    config_file = config_file if config_file is not None else named_file
+    raw = read_config_file(config_file) if config_file is not None else {}
+    for key, value in overrides.items():  # the command line beats the file
+        raw.pop(canonical_name(key), None)
+        raw[canonical_name(key)] = value
+    if dataset_config is not None:
+        raw["dataset_config"] = str(dataset_config)
+    values = {o.name: o.default for o in OPTIONS}
+    for name, value in raw.items():
+        values[name] = coerce(BY_NAME[name], value)
+    given = frozenset(raw)
+    values, warnings = checks.resolve(values, given)
+    group = None
+    if values["dataset_config"] is not None:
+        group = load_dataset_config(values["dataset_config"], train=values)
+        checks.check_datasets(values, group)
+    for note in warnings:
+        log.warning("lorakit train: %s", note)
+    return TrainConfig(**values, given=given, warnings=warnings, dataset_group=group)
+
+
+# ----- writing -------------------------------------------------------------------------------------------------------
+
+def _toml_string(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def _toml_value(kind: str, value: Any) -> str:
+    if kind in ("size", "pair"):  # sd-scripts reads --resolution and --face_crop_aug_range as "a,b" strings
+        return _toml_string(",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value))
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml_value("", v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} to TOML")  # a kind added without a writer
+
+
+def to_toml(config: TrainConfig) -> str:
+    """The resolved configuration as a TOML file that sd-scripts and lorakit both read: one section per group,
+    every implemented option that has a value (unset options, and the not-yet-supported ones, which are always at
+    their defaults, are left out)."""
+    lines = ["# lorakit train: the resolved configuration (loads back unchanged; sd-scripts reads it as --config_file)"]
+    for group in GROUPS:
+        rows = [f"{o.name} = {_toml_value(o.kind, getattr(config, o.name))}" for o in OPTIONS
+                if o.group == group and o.supported and getattr(config, o.name) is not None]
+        if rows:
+            lines += ["", f"[{group}]", *rows]
+    return "\n".join(lines) + "\n"
+
+
+def print_config(config: TrainConfig, file=None) -> None:
+    print(to_toml(config), end="", file=file if file is not None else sys.stdout)
+
+
+__all__ = ["TrainConfig", "load_train_config", "read_config_file", "parse_command_line", "to_toml", "print_config",
+           "OptionError"]

@@ -1,0 +1,80 @@
+"""`network_module` and `network_args` ("key=value" strings, as sd-scripts passes them): parsed, and checked against
+lorakit's network and adapter options before any model is loaded (the network code owns the names; this only asks
+it early)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+from ..algos.options import OptionError, suggest
+
+# sd-scripts network modules lorakit trains in their place: the value is the algorithm the module implies
+# (None: any, chosen by network_args algo=..., default lora).
+NETWORK_MODULES = {"lorakit": None, "lorakit.kohya": None, "lycoris.kohya": None, "networks.lora": "lora",
+                   "networks.dylora": "dylora"}
+# network_args that repeat a TrainConfig option, and that option
+_REPEATS = {"dim": "network_dim", "network_dim": "network_dim", "lora_dim": "network_dim",
+            "alpha": "network_alpha", "network_alpha": "network_alpha", "dropout": "network_dropout"}
+
+
+def parse_network_args(items: Iterable[str]) -> dict[str, str]:
+    """["algo=loha", "conv_dim=8"] -> {"algo": "loha", "conv_dim": "8"}; values stay strings (the network parses)."""
+    parsed: dict[str, str] = {}
+    for item in items:
+        key, eq, value = str(item).partition("=")  # the first '=' splits: values may hold '=' (sd-scripts: error)
+        key = key.strip()
+        if not eq or not key:
+            raise OptionError(f"network_args: expected 'key=value', got {item!r}")
+        if key in parsed:
+            raise OptionError(f"network_args: '{key}' given twice ({parsed[key]!r} and {value.strip()!r})")
+        parsed[key] = value.strip()
+    return parsed
+
+
+def network_kwargs(network_module: str, network_args: Iterable[str]) -> dict[str, str]:
+    """The network options a run asks for: network_args, plus the algorithm its network_module implies."""
+    module = network_module.strip()
+    if module not in NETWORK_MODULES:
+        raise OptionError(f"option 'network_module': {network_module!r} is not a network lorakit trains"
+                          f"{suggest(module, NETWORK_MODULES)}; use 'lorakit' with network_args algo=... "
+                          f"(accepted: {', '.join(NETWORK_MODULES)})")
+    kwargs = parse_network_args(network_args)
+    implied = NETWORK_MODULES[module]
+    if implied is not None:
+        algo = kwargs.get("algo", implied)
+        if algo.strip().lower() != implied:
+            raise OptionError(f"network_args algo={algo} contradicts network_module {module!r} (which is {implied}); "
+                              f"use network_module = 'lorakit' to choose the algorithm")
+        kwargs["algo"] = implied
+    return kwargs
+
+
+def check_network_args(values: Mapping[str, Any], given: frozenset) -> None:
+    """Refuse, before any model loads, network_args the network would refuse: unknown names (with the closest
+    suggested), bad values, options the algorithm does not take, a preset that does not exist, and repeats of
+    network_dim / network_alpha / network_dropout."""
+    kwargs = network_kwargs(values["network_module"], values["network_args"])
+    for key, option in _REPEATS.items():
+        if key not in kwargs:
+            continue
+        if option == "network_dropout":
+            if values[option] is not None and float(kwargs[key]) != values[option]:
+                raise OptionError(f"dropout given twice: network_dropout = {values[option]} and network_args "
+                                  f"dropout={kwargs[key]}")
+        elif option in given:
+            raise OptionError(f"network_args '{key}={kwargs[key]}' repeats option {option} "
+                              f"(= {values[option]!r}); give it once")
+    # the network and adapter code (and torch) load only now: configs without network_args stay light
+    from ..algos import algorithm
+    from ..algos.base import COMMON_OPTIONS
+    from ..algos.options import parse_options
+    from ..network.config import split_network_kwargs
+    from ..network.presets import load_preset
+
+    network, adapter = split_network_kwargs(kwargs)
+    cls = algorithm(network.algo)
+    refused = sorted(set(parse_options(adapter)[1]) - (COMMON_OPTIONS | cls.accepts))
+    if refused:
+        raise OptionError(f"network_args: algo '{cls.name}' does not accept option '{refused[0]}'; it accepts: "
+                          f"{', '.join(sorted(COMMON_OPTIONS | cls.accepts))}")
+    load_preset(network.preset)
