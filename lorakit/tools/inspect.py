@@ -1,0 +1,244 @@
+"""inspect: what an adapter file holds. Per module: algorithm, dim, alpha, dtype, parameters, block; the file's
+blocks, zero (untrained) and NaN/Inf tensors, and its metadata (``ss_*``, tag frequencies, ``modelspec.*``).
+
+Reads kohya/LyCORIS files (``lora_unet_``/``lora_te*_``, ``lycoris_``) and diffusers/PEFT files (shown under the
+kohya names ``lorakit convert`` would give them, with the alphas their config holds). A model checkpoint is
+reported as one, not as an adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from typing import Any, Mapping
+
+import torch
+
+from ..formats import find_non_finite, load_file
+from ..formats.peft_layout import KOHYA_PREFIXES, LayoutError, detect_layout, name_to_path, peft_to_kohya
+
+__all__ = ["InspectError", "inspect_file", "inspect_tensors", "format_report", "module_dim"]
+
+# Factors whose product is the change: one all-zero factor means the module changes nothing (untrained).
+_FACTORS = {"lora": ("lora_down.weight", "lora_up.weight", "lora_mid.weight"),
+            "dylora": ("lora_down.weight", "lora_up.weight"),
+            "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
+            "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")}
+_NOT_PARAMS = ("alpha", "on_input")  # scalars/flags in the file, not trained parameters
+_SECTION_ORDER = {"BASE": 0, "EMB": 1, "IN": 2, "MID": 3, "OUT": 4, "FINAL": 5}
+
+
+class InspectError(ValueError):
+    """A file inspect cannot read as an adapter; the message names the file."""
+
+
+def module_dim(algo: str, sub: Mapping[str, torch.Tensor]) -> int | None:
+    """The dim (rank) loaders divide alpha by; for OFT the block size; None where there is none (LoKr with
+    two full factors, (IA)^3, full, norm)."""
+    if algo in ("lora", "dylora"):
+        return int(sub["lora_down.weight"].shape[0])
+    if algo == "loha":
+        return int(sub["hada_w1_b"].shape[0])
+    if algo == "lokr":
+        for k in ("lokr_w2_b", "lokr_w1_b"):
+            if k in sub:
+                return int(sub[k].shape[0])
+        return None
+    if algo == "glora":
+        return int(sub["a1.weight"].shape[0])
+    if algo in ("diag-oft", "boft"):
+        return int(sub["oft_blocks"].shape[-1])
+    return None
+
+
+def _block(name: str) -> tuple[str, str | None]:
+    """(component, block label) of an adapter name: "IN04", "MID", "OUT02", "EMB", "FINAL", "BASE" or None."""
+    from ..network.blocks import locate
+
+    for prefix in sorted(KOHYA_PREFIXES, key=len, reverse=True):
+        if name.startswith(prefix):
+            component = KOHYA_PREFIXES[prefix]
+            if component != "unet":
+                return component, "BASE"
+            try:
+                loc = locate(name_to_path(name[len(prefix):]), "unet")
+            except LayoutError:
+                return component, None
+            return component, None if loc is None else loc.label()
+    return "model", None
+
+
+def _block_key(label: str) -> tuple:
+    section = label.rstrip("0123456789")
+    number = label[len(section):]
+    return _SECTION_ORDER.get(section, 9), int(number) if number else -1
+
+
+def _untrained(algo: str, sub: Mapping[str, torch.Tensor], zero: set[str]) -> bool:
+    factors = [k for k in _FACTORS.get(algo, ()) if k in sub]
+    if factors:
+        return any(k in zero for k in factors)
+    trained = [k for k in sub if k not in _NOT_PARAMS and sub[k].is_floating_point()]
+    return bool(trained) and all(k in zero for k in trained)
+
+
+def _tag_frequency(raw: str, top: int) -> list[tuple[str, int]] | str:
+    try:
+        data = json.loads(raw)
+        counts: Counter = Counter()
+        for tags in data.values():
+            for tag, n in tags.items():
+                counts[tag.strip()] += int(n)
+    except (ValueError, AttributeError, TypeError):
+        return "(not the JSON kohya writes)"
+    return counts.most_common(top)
+
+
+def inspect_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
+                    top_tags: int = 10) -> dict[str, Any]:
+    """The report of an adapter's tensors (kohya/LyCORIS or diffusers/PEFT layout) and metadata; see
+    ``inspect_file``. Raises InspectError for a model checkpoint or an unknown layout."""
+    from ..algos import detect_algorithm
+    from ..models.detect import classify_keys
+
+    metadata = dict(metadata or {})
+    layout = detect_layout(tensors)
+    if layout == "unknown":
+        kind = classify_keys(tensors)
+        if kind in ("sd1", "sd2", "sdxl"):
+            kind = f"a model checkpoint ({kind})"
+        elif kind.startswith("an adapter"):
+            kind = f"adapter tensors in no layout lorakit knows (e.g. '{next(iter(tensors))}')"
+        raise InspectError(f"is not an adapter file: it is {kind.removeprefix('an ').removeprefix('a ')}")
+    view, names_from = dict(tensors), "file"
+    if layout == "peft":
+        try:
+            view, _ = peft_to_kohya(tensors, metadata)
+            names_from = "kohya names of the diffusers/PEFT modules (as lorakit convert gives them)"
+        except LayoutError as e:
+            raise InspectError(f"diffusers/PEFT layout that cannot be read: {e}") from None
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in view.items():
+        name, _, suffix = key.partition(".")
+        groups.setdefault(name, {})[suffix] = value
+    zero_keys = [k for k, t in view.items()
+                 if t.is_floating_point() and t.numel() and not k.endswith(".alpha") and not bool(t.any())]
+    zero = set(zero_keys)
+    non_finite = find_non_finite(view)
+    modules = []
+    for name, sub in groups.items():
+        try:
+            algo = detect_algorithm(sub).name
+        except ValueError:
+            algo = "unknown"
+        component, block = _block(name)
+        dim = module_dim(algo, sub) if algo != "unknown" else None
+        alpha = float(sub["alpha"].float().reshape(-1)[0]) if "alpha" in sub and sub["alpha"].numel() else None
+        if algo == "lora" and alpha is None:
+            alpha = float(dim)  # kohya and the UIs read a missing alpha as alpha = dim
+        local_zero = {k.partition(".")[2] for k in zero if k.partition(".")[0] == name}
+        modules.append({
+            "name": name, "component": component, "block": block, "algo": algo, "dim": dim, "alpha": alpha,
+            "scale": None if alpha is None or not dim or algo in ("diag-oft", "boft") else alpha / dim,
+            "tensors": {k: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+                        for k, t in sorted(sub.items())},
+            "parameters": sum(t.numel() for k, t in sub.items() if k not in _NOT_PARAMS),
+            "dora": "dora_scale" in sub, "tucker": any(k in sub for k in ("lora_mid.weight", "hada_t1", "lokr_t2")),
+            "untrained": _untrained(algo, sub, local_zero),
+        })
+    blocks = sorted({m["block"] for m in modules if m["block"]}, key=_block_key)
+    ss = {k: v for k, v in sorted(metadata.items()) if k.startswith("ss_")}
+    spec = {k: v for k, v in sorted(metadata.items()) if k.startswith("modelspec.")}
+    other = {k: v for k, v in sorted(metadata.items()) if k not in ss and k not in spec}
+    return {
+        "layout": {"kohya": "kohya/LyCORIS", "generic": "LyCORIS (generic model, lycoris_ names)",
+                   "peft": "diffusers/PEFT"}.get(layout, layout),
+        "names": names_from,
+        "modules": modules,
+        "summary": {
+            "modules": len(modules),
+            "algorithms": dict(Counter(m["algo"] for m in modules)),
+            "components": dict(Counter(m["component"] for m in modules)),
+            "dims": dict(sorted(Counter(str(m["dim"]) for m in modules).items())),
+            "alphas": dict(sorted(Counter(str(m["alpha"]) for m in modules).items())),
+            "dtypes": dict(Counter(str(t.dtype).removeprefix("torch.") for t in tensors.values())),
+            "parameters": sum(m["parameters"] for m in modules),
+            "tensors": len(tensors),
+            "blocks": blocks,
+            "blocks_per_module": dict(Counter(m["block"] or "-" for m in modules)),
+        },
+        "zero_tensors": sorted(zero_keys),
+        "untrained_modules": [m["name"] for m in modules if m["untrained"]],
+        "non_finite_tensors": non_finite,
+        "metadata": {"ss": ss, "modelspec": spec, "other": other,
+                     "tag_frequency_top": _tag_frequency(ss["ss_tag_frequency"], top_tags)
+                     if "ss_tag_frequency" in ss else None},
+    }
+
+
+def inspect_file(path: str | os.PathLike, top_tags: int = 10) -> dict[str, Any]:
+    """The report of an adapter file: ``layout``, ``modules`` (name, component, block, algo, dim, alpha, scale,
+    tensors with shapes and dtypes, parameters, dora, tucker, untrained), ``summary`` (counts per algorithm,
+    component, dim, alpha, dtype; total parameters (every tensor but ``alpha``/``on_input``); blocks present),
+    ``zero_tensors``, ``untrained_modules`` (a factor of the product is all zero, or every tensor is),
+    ``non_finite_tensors``, ``metadata`` (``ss``, ``modelspec``, ``other``, ``tag_frequency_top``), ``file``
+    and ``file_size``. A model checkpoint or another kind of file raises InspectError saying what it is."""
+    where = os.fspath(path)
+    tensors, metadata = load_file(where)
+    try:
+        report = inspect_tensors(tensors, metadata, top_tags)
+    except InspectError as e:
+        raise InspectError(f"{where}: {e}") from None
+    return {"file": where, "file_size": os.path.getsize(where), **report}
+
+
+def _short(value: str, width: int = 100) -> str:
+    value = value.replace("\n", " ")
+    return value if len(value) <= width else value[: width - 20] + f"... ({len(value)} chars)"
+
+
+def format_report(report: Mapping[str, Any], modules: bool = True) -> str:
+    """The report as text for people."""
+    s = report["summary"]
+    lines = [f"file:       {report.get('file', '-')} ({report.get('file_size', 0):,} bytes)",
+             f"layout:     {report['layout']}",
+             f"modules:    {s['modules']}  " + ", ".join(f"{k} {v}" for k, v in s["components"].items()),
+             "algorithms: " + ", ".join(f"{k} x{v}" for k, v in s["algorithms"].items()),
+             "dims:       " + ", ".join(f"{k} x{v}" for k, v in s["dims"].items()),
+             "alphas:     " + ", ".join(f"{k} x{v}" for k, v in s["alphas"].items()),
+             "dtypes:     " + ", ".join(f"{k} x{v}" for k, v in s["dtypes"].items()),
+             f"parameters: {s['parameters']:,} in {s['tensors']} tensors",
+             "blocks:     " + (" ".join(s["blocks"]) if s["blocks"] else "-")]
+    if report["names"] != "file":
+        lines.append(f"names:      {report['names']}")
+    if report["non_finite_tensors"]:
+        bad = report["non_finite_tensors"]
+        lines.append(f"NaN/Inf:    {len(bad)} tensor(s): " + ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""))
+    else:
+        lines.append("NaN/Inf:    none")
+    untrained = report["untrained_modules"]
+    lines.append(f"untrained:  {len(untrained)} module(s) with an all-zero factor" +
+                 (": " + ", ".join(untrained[:5]) + (" ..." if len(untrained) > 5 else "") if untrained else ""))
+    if modules:
+        lines.append("")
+        lines.append(f"{'module':<72} {'algo':<8} {'block':<6} {'dim':>5} {'alpha':>8} {'params':>10}  dtype")
+        for m in report["modules"]:
+            dtype = ",".join(sorted({t["dtype"] for t in m["tensors"].values()}))
+            flags = (" dora" if m["dora"] else "") + (" tucker" if m["tucker"] else "") + \
+                    (" UNTRAINED" if m["untrained"] else "")
+            alpha = "-" if m["alpha"] is None else f"{m['alpha']:g}"
+            lines.append(f"{m['name']:<72} {m['algo']:<8} {m['block'] or '-':<6} {m['dim'] if m['dim'] is not None else '-':>5} "
+                         f"{alpha:>8} {m['parameters']:>10,}  {dtype}{flags}")
+    meta = report["metadata"]
+    for title, group in (("ss_* metadata", meta["ss"]), ("modelspec", meta["modelspec"]), ("other metadata", meta["other"])):
+        shown = {k: v for k, v in group.items() if k != "ss_tag_frequency"}
+        if shown:
+            lines.append("")
+            lines.append(f"{title}:")
+            lines.extend(f"  {k}: {_short(v)}" for k, v in shown.items())
+    if meta["tag_frequency_top"] is not None:
+        lines.append("")
+        top = meta["tag_frequency_top"]
+        lines.append("top tags: " + (top if isinstance(top, str) else ", ".join(f"{t} ({n})" for t, n in top)))
+    return "\n".join(lines)
