@@ -1,0 +1,112 @@
+"""kohya's N_concept folders, regularization balancing and metadata files, with named errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorakit.data.dataset import TrainDataset
+from lorakit.data.errors import DatasetError
+from lorakit.data.folders import parse_concept_folder, subset_images, subsets_from_folders
+from lorakit.data.spec import DatasetSpec, SubsetSpec
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("10_sks dog", (10, "sks dog")), ("3_sks_dog", (3, "sks_dog")), ("1_", (1, "")), ("5", (5, "")),
+])
+def test_parse_concept_folder(name, expected):
+    assert parse_concept_folder(name) == expected
+
+
+def test_folder_without_number(tmp_path):
+    with pytest.raises(DatasetError, match=r"dog: a concept folder name must start with its number of repeats.*10_dog"):
+        parse_concept_folder(tmp_path / "dog")
+
+
+def test_subsets_from_folders(tmp_path, image_factory):
+    image_factory("train/10_sks dog/a.png", caption="sks dog, grass")
+    image_factory("train/2_cat/b.png")
+    image_factory("train/.hidden/c.png")
+    image_factory("train/0_off/d.png")
+    image_factory("reg/1_dog/r.png")
+    subsets = subsets_from_folders(tmp_path / "train", tmp_path / "reg", caption_extension="txt", flip_aug=True)
+    got = [(s.image_dir.split("/")[-1], s.num_repeats, s.class_tokens, s.is_reg, s.caption_extension, s.flip_aug)
+           for s in subsets]
+    assert got == [("10_sks dog", 10, "sks dog", False, ".txt", True), ("2_cat", 2, "cat", False, ".txt", True),
+                   ("1_dog", 1, "dog", True, ".txt", True)]
+    images = subset_images(subsets[0]) + subset_images(subsets[1])
+    assert [(i.path.split("/")[-1], i.caption) for i in images] == [("a.png", "sks dog, grass"), ("b.png", "cat")]
+
+
+def test_folder_errors(tmp_path, image_factory):
+    with pytest.raises(DatasetError, match=r"nowhere: train_data_dir is not a folder \(it does not exist\)"):
+        subsets_from_folders(tmp_path / "nowhere")
+    image_factory("flat/a.png")
+    with pytest.raises(DatasetError, match=r"flat: train_data_dir has no concept folders.*holds images directly"):
+        subsets_from_folders(tmp_path / "flat")
+    image_factory("mixed/5_ok/a.png")
+    (tmp_path / "mixed" / "oops").mkdir()
+    with pytest.raises(DatasetError, match=r"oops: a concept folder name must start"):
+        subsets_from_folders(tmp_path / "mixed")
+    (tmp_path / "empty" / "3_x").mkdir(parents=True)
+    with pytest.raises(DatasetError, match=r"3_x: no images in this folder"):
+        subset_images(subsets_from_folders(tmp_path / "empty")[0])
+    with pytest.raises(DatasetError, match=r"missing: image_dir is not a folder"):
+        subset_images(SubsetSpec(image_dir=str(tmp_path / "missing")))
+
+
+def test_regularization_balanced_like_kohya(tmp_path, image_factory):
+    # 2 training images x 5 repeats = 10. Reg: 3 images x 1 repeat. kohya: first round adds r0, r1, r2 (n = 3),
+    # then one more repeat per image in order until n = 10: r0 +3, r1 +2, r2 +2 -> repeats 4, 3, 3.
+    for name in ("t0", "t1"):
+        image_factory(f"train/5_sks/{name}.png")
+    for name in ("r0", "r1", "r2"):
+        image_factory(f"reg/1_dog/{name}.png")
+    spec = DatasetSpec(subsets_from_folders(tmp_path / "train", tmp_path / "reg"), resolution=64,
+                       prior_loss_weight=0.5)
+    ds = TrainDataset(spec, reso_multiple=64)
+    assert [(e.path.split("/")[-1], e.repeats, e.is_reg) for e in ds.entries] == [
+        ("t0.png", 5, False), ("t1.png", 5, False), ("r0.png", 4, True), ("r1.png", 3, True), ("r2.png", 3, True)]
+    assert (ds.num_train_images, ds.num_reg_images) == (10, 3)
+    # More reg images than training samples: those past the count are left out (kohya: "some are not used").
+    image_factory("few/1_a/t.png")
+    spec = DatasetSpec(subsets_from_folders(tmp_path / "few", tmp_path / "reg"), resolution=64)
+    assert [e.path.split("/")[-1] for e in TrainDataset(spec).entries] == ["t.png", "r0.png"]
+
+
+def test_only_regularization_is_empty(tmp_path, image_factory):
+    image_factory("reg/1_dog/r.png")
+    spec = DatasetSpec([SubsetSpec(image_dir=str(tmp_path / "reg/1_dog"), is_reg=True)], resolution=64)
+    with pytest.raises(DatasetError, match="the dataset is empty"):
+        TrainDataset(spec)
+
+
+def test_metadata_file(tmp_path, image_factory):
+    image_factory("imgs/a.png")
+    image_factory("imgs/b.jpg")
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"a": {"caption": "a cat", "tags": "red, small"}, "b": {"tags": "dog"}}))
+    images = subset_images(SubsetSpec(image_dir=str(tmp_path / "imgs"), metadata_file=str(meta)))
+    assert [(i.path.split("/")[-1], i.caption) for i in images] == [("a.png", "a cat,red, small"), ("b.jpg", "dog")]
+    meta.write_text(json.dumps({"c": {"caption": "x"}}))
+    with pytest.raises(DatasetError, match=r"meta\.json: image 'c' not found"):
+        subset_images(SubsetSpec(image_dir=str(tmp_path / "imgs"), metadata_file=str(meta)))
+    meta.write_text("{broken")
+    with pytest.raises(DatasetError, match=r"meta\.json: metadata_file is not valid JSON \(line 1"):
+        subset_images(SubsetSpec(image_dir=str(tmp_path / "imgs"), metadata_file=str(meta)))
+
+
+def test_bad_caption_stops_the_build(tmp_path, image_factory):
+    path, _ = image_factory("train/1_x/a.png")
+    (tmp_path / "train/1_x/a.txt").write_bytes(b"\xff\xfeb\x00a\x00d\x00")  # UTF-16
+    spec = DatasetSpec([SubsetSpec(image_dir=str(tmp_path / "train/1_x"), caption_extension=".txt")], resolution=64)
+    with pytest.raises(DatasetError, match=r"1_x/a\.txt: caption file is not UTF-8"):
+        TrainDataset(spec)
+
+
+def test_duplicate_subset(tmp_path, image_factory):
+    image_factory("d/a.png")
+    s = SubsetSpec(image_dir=str(tmp_path / "d"))
+    with pytest.raises(DatasetError, match="listed twice"):
+        TrainDataset(DatasetSpec([s, SubsetSpec(image_dir=str(tmp_path / "d") + "/")], resolution=64))
