@@ -24,7 +24,7 @@ def _list_algorithms(args: argparse.Namespace) -> int:
 # Commands that live in their own module: each has add_parser(commands) registering a sub-parser whose
 # defaults set run=<function(args) -> exit code>.
 TOOL_MODULES = ("lorakit.tools.extract_cli", "lorakit.tools.merge_cli", "lorakit.tools.resize_cli",
-                "lorakit.tools.convert_cli", "lorakit.tools.inspect_cli")
+                "lorakit.tools.convert_cli", "lorakit.tools.inspect_cli", "lorakit.train.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

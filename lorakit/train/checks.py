@@ -14,12 +14,11 @@ from .options import NOT_YET_SUPPORTED, BY_NAME, inert
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Lion8bit", "SGDNesterov", "SGDNesterov8bit", "DAdaptation",
-              "DAdaptAdamPreprint", "DAdaptAdaGrad", "DAdaptAdam", "DAdaptAdan", "DAdaptAdanIP", "DAdaptLion",
-              "DAdaptSGD", "Prodigy", "Adafactor")
+OPTIMIZERS = ("AdamW", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit", "PagedAdamW32bit", "Lion", "Lion8bit",
+              "PagedLion8bit", "SGDNesterov", "SGDNesterov8bit", "DAdaptation", "DAdaptAdamPreprint", "DAdaptAdaGrad",
+              "DAdaptAdam", "DAdaptAdan", "DAdaptAdanIP", "DAdaptLion", "DAdaptSGD", "Prodigy", "Adafactor")
 # sd-scripts optimizer names lorakit does not build yet
-_LATER_OPTIMIZERS = ("PagedAdamW", "PagedAdamW8bit", "PagedAdamW32bit", "PagedLion8bit", "AdamWScheduleFree",
-                     "RAdamScheduleFree", "SGDScheduleFree", "ProdigyPlusScheduleFree")
+_LATER_OPTIMIZERS = ("AdamWScheduleFree", "RAdamScheduleFree", "SGDScheduleFree", "ProdigyPlusScheduleFree")
 
 
 def _refuse(message: str):

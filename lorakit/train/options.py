@@ -229,7 +229,8 @@ OPTIONS: tuple[Option, ...] = (
     _later("floats", "base_weights_multiplier", (), "network", "multipliers for base_weights"),
     # ----- optimizer -----
     _opt("str", "optimizer_type", "AdamW", "optimizer",
-         "AdamW, AdamW8bit, Lion, Lion8bit, SGDNesterov, SGDNesterov8bit, DAdaptation (DAdaptAdamPreprint), "
+         "AdamW, AdamW8bit, PagedAdamW(8bit/32bit), Lion, Lion8bit, PagedLion8bit, SGDNesterov, SGDNesterov8bit, "
+         "DAdaptation (DAdaptAdamPreprint), "
          "DAdaptAdaGrad, DAdaptAdam, DAdaptAdan, DAdaptAdanIP, DAdaptLion, DAdaptSGD, Prodigy, Adafactor, or a "
          "class path (torch.optim.RAdam); sd-scripts' default '' means AdamW"),
     _opt("strings", "optimizer_args", (), "optimizer", "optimizer keyword arguments as 'key=value' "

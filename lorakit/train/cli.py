@@ -1,0 +1,81 @@
+"""`lorakit train --config run.toml [--option value ...] [--print-config]`: every option of options.py as `--name`
+(sd-scripts' spelling); the config file's values, overridden by the command line, resolved and checked; then the
+training loop (lorakit.train.run), or with --print-config the resolved TOML."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..algos.options import OptionError
+from .options import BY_NAME, GROUPS, options_in
+
+_LIST_KINDS = ("strings", "floats", "lrs")
+
+
+class _TrainParser(argparse.ArgumentParser):
+    """Keeps unknown arguments instead of failing on them, so that the error can name the closest option."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        namespace.unknown_args = list(getattr(namespace, "unknown_args", [])) + list(extras)
+        return namespace, []
+
+
+def _help(opt) -> str:
+    default = "unset" if opt.default is None else "none" if opt.default == () else repr(opt.default)
+    choices = f"; one of {', '.join(map(str, opt.choices))}" if opt.choices else ""
+    return f"{opt.help}{choices} (default: {default})".replace("%", "%%")
+
+
+def add_parser(commands) -> argparse.ArgumentParser:
+    parser = commands.add_parser(
+        "train", help="train an adapter (sd-scripts config files and option names)", allow_abbrev=False,
+        description="Train a LoRA/LyCORIS adapter. Options come from --config (an sd-scripts --config_file TOML "
+        "works unchanged), then from the command line. Options lorakit does not implement yet are accepted at their "
+        "defaults and hidden here; docs/training.md lists them all.")
+    parser.__class__ = _TrainParser
+    parser.add_argument("--config", "--config_file", dest="config_file", metavar="TOML",
+                        help="the config file (sd-scripts' --config_file format)")
+    parser.add_argument("--print-config", "--print_config", dest="print_config", action="store_true",
+                        help="print the resolved configuration as TOML and exit")
+    for group in GROUPS:
+        arguments = parser.add_argument_group(group)
+        for opt in options_in(group):
+            kwargs = {"dest": opt.name, "default": argparse.SUPPRESS,
+                      "help": _help(opt) if opt.supported else argparse.SUPPRESS}
+            if opt.kind == "bool":
+                kwargs.update(nargs="?", const="true", metavar="BOOL")
+            elif opt.kind in _LIST_KINDS:
+                kwargs.update(nargs="*", metavar="VALUE")
+            else:
+                kwargs.update(metavar={"choice_int": "INT", "steps": "STEPS|RATIO"}.get(opt.kind, opt.kind.upper()))
+            arguments.add_argument(f"--{opt.name}", *(f"--{a}" for a in opt.aliases), **kwargs)
+    parser.set_defaults(run=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from .config import load_train_config, parse_command_line, print_config
+
+    overrides = {name: getattr(args, name) for name in BY_NAME if hasattr(args, name)}
+    try:
+        if getattr(args, "unknown_args", None):
+            parse_command_line(args.unknown_args)  # raises the error naming the closest option
+            raise OptionError(f"unexpected arguments: {' '.join(args.unknown_args)}")
+        config = load_train_config(args.config_file, overrides)
+    except OptionError as err:
+        print(f"lorakit train: error: {err}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print_config(config)
+        return 0
+    try:
+        from .run import train
+    except ModuleNotFoundError as err:
+        if err.name != "lorakit.train.run":
+            raise
+        print("lorakit train: training loop not available yet", file=sys.stderr)
+        return 2
+    result = train(config)
+    return result if isinstance(result, int) else 0
