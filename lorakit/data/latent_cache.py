@@ -7,7 +7,8 @@ identity (class, config, dtype and a hash of its weights) and this format's vers
 rebuilt, so an edited image, a new resolution or bucket setting, or another VAE never reuses stale latents.
 (kohya checks only the latent shape, so an edited image of the same size keeps its old latents.)
 
-Latents are ``latent_dist.mean + std * noise`` with the noise seeded from the cache key, so a cached file does
+Latents are ``latent_dist.mean + std * noise`` with the noise seeded from the cache key (its first 15 hex digits;
+plus one for the flipped image), so a cached file does
 not depend on which images were batched together, and rebuilding it gives the same numbers. Images are grouped by
 bucket into batches of at most ``vae_batch_size`` for encoding.
 """

@@ -91,4 +91,5 @@ def color_aug(image: np.ndarray, rng: random.Random) -> np.ndarray:
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """[H, W, 3] uint8 -> [3, H, W] float32 in [-1, 1] (the VAE's input range)."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+    image = image if image.flags.writeable and image.flags.c_contiguous else np.array(image)
+    return torch.from_numpy(image).permute(2, 0, 1).float().div(127.5).sub(1.0)
