@@ -1,0 +1,62 @@
+"""Dataset specs from the trainer's configuration: a parsed dataset TOML (``lorakit.train.dataset_config``'s
+``DatasetGroupConfig``) or the ``train_data_dir`` / ``reg_data_dir`` options. Duck-typed on kohya's option names
+(attributes or mapping keys), so this package does not import the trainer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any, Mapping
+
+from .errors import DatasetError
+from .folders import subsets_from_folders
+from .spec import DatasetSpec, SubsetSpec
+
+__all__ = ["specs_from_config", "specs_from_folders"]
+
+_SUBSET_FIELDS = [f.name for f in fields(SubsetSpec)]
+_DATASET_FIELDS = [f.name for f in fields(DatasetSpec) if f.name != "subsets"]
+# training option names of dataset values, where they differ (sd-scripts' command line)
+_TRAIN_NAME = {"batch_size": "train_batch_size"}
+
+
+def _get(source: Any, name: str) -> Any:
+    if isinstance(source, Mapping):
+        return source.get(name)
+    return getattr(source, name, None)
+
+
+def _values(source: Any, names: list[str], renames: Mapping[str, str] = {}) -> dict[str, Any]:
+    out = {}
+    for name in names:
+        value = _get(source, renames.get(name, name))
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def specs_from_config(group: Any) -> list[DatasetSpec]:
+    """``DatasetGroupConfig`` (``.datasets`` of ``DatasetConfig`` with ``.subsets``) -> ``DatasetSpec``s."""
+    datasets = _get(group, "datasets")
+    if not datasets:
+        raise DatasetError("the dataset config has no [[datasets]]")
+    specs = []
+    for dataset in datasets:
+        subsets = [SubsetSpec(**_values(s, _SUBSET_FIELDS)) for s in _get(dataset, "subsets")]
+        specs.append(DatasetSpec(subsets, **_values(dataset, _DATASET_FIELDS)))
+    return specs
+
+
+def specs_from_folders(options: Any) -> list[DatasetSpec]:
+    """One ``DatasetSpec`` from ``train_data_dir`` (``N_concept`` folders) and ``reg_data_dir``, with the
+    dataset and subset options of ``options`` (a TrainConfig or a mapping with kohya names)."""
+    train_dir = _get(options, "train_data_dir")
+    if not train_dir:
+        raise DatasetError("no training images: set train_data_dir (a folder of N_concept folders) or "
+                           "dataset_config")
+    if _get(options, "resolution") is None:
+        raise DatasetError("resolution is required with train_data_dir (e.g. resolution = \"512\" or \"512,768\")")
+    shared = _values(options, [n for n in _SUBSET_FIELDS
+                               if n not in ("image_dir", "num_repeats", "is_reg", "class_tokens", "metadata_file")])
+    subsets = subsets_from_folders(train_dir, _get(options, "reg_data_dir") or None, **shared)
+    return [DatasetSpec(subsets, **_values(options, _DATASET_FIELDS, _TRAIN_NAME))]
