@@ -1,0 +1,491 @@
+"""lorakit train's configuration: sd-scripts config files load unchanged, every key is checked (typos get the closest
+name), values are typed, impossible combinations are refused with a message naming them, and the saved TOML loads
+back to the same config."""
+
+from __future__ import annotations
+
+import re
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from lorakit.algos.options import OptionError
+from lorakit.cli import main
+from lorakit.train.config import TrainConfig, load_train_config, parse_command_line, print_config, to_toml
+from lorakit.train.options import BY_NAME, COERCE, NOT_YET_SUPPORTED, OPTIONS, coerce
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# The sd-scripts TOML the kohya_ss GUI writes for an SDXL LoRA (its keys, spellings and types as written there:
+# "" for unset, 1 for true, [] for empty lists, AdamW8Bit, max_token_length 75, and the GUI-only epoch and
+# noise_offset_type that sd-scripts ignores).
+KOHYA_GUI = """\
+async_upload = true
+bucket_no_upscale = true
+bucket_reso_steps = 64
+cache_latents = true
+cache_latents_to_disk = true
+caption_extension = ".txt"
+clip_skip = 1
+dynamo_backend = "no"
+enable_bucket = true
+epoch = 8
+gradient_accumulation_steps = 1
+gradient_checkpointing = true
+huber_c = 0.1
+huber_schedule = "snr"
+huggingface_path_in_repo = "checkpoint"
+huggingface_repo_id = ""
+huggingface_repo_type = "model"
+huggingface_repo_visibility = "public"
+huggingface_token = ""
+learning_rate = 0.00004
+loss_type = "l2"
+lr_scheduler = "constant"
+lr_scheduler_args = []
+lr_scheduler_num_cycles = 1
+lr_scheduler_power = 1
+max_bucket_reso = 2048
+max_data_loader_n_workers = 2
+max_grad_norm = 1
+max_timestep = 1000
+max_token_length = 75
+max_train_steps = 1600
+mem_eff_attn = true
+min_bucket_reso = 256
+min_snr_gamma = 5
+mixed_precision = "bf16"
+network_alpha = 16
+network_args = []
+network_dim = 32
+network_module = "networks.lora"
+no_half_vae = true
+noise_offset_type = "Original"
+optimizer_args = []
+optimizer_type = "AdamW8Bit"
+output_dir = "/app/outputs"
+output_name = "last"
+persistent_data_loader_workers = 1
+pretrained_model_name_or_path = "/models/sd_xl_base_1.0.safetensors"
+prior_loss_weight = 1
+resolution = "1024,1024"
+sample_prompts = ""
+sample_every_n_epochs = 0
+sample_sampler = "euler_a"
+save_every_n_epochs = 2
+save_model_as = "safetensors"
+save_precision = "bf16"
+scale_weight_norms = 5
+text_encoder_lr = []
+train_batch_size = 2
+train_data_dir = "/data/img"
+training_comment = ""
+unet_lr = 0.00004
+xformers = true
+"""
+
+# The sectioned layout of the kohya-trainer notebooks (section names are free: sd-scripts merges them).
+SECTIONED = """\
+[model_arguments]
+v2 = false
+v_parameterization = false
+pretrained_model_name_or_path = "/models/animefull.ckpt"
+
+[additional_network_arguments]
+no_metadata = false
+unet_lr = 1e-4
+text_encoder_lr = 5e-5
+network_module = "lycoris.kohya"
+network_dim = 16
+network_alpha = 8
+network_args = ["algo=loha", "conv_dim=8", "conv_alpha=4"]
+network_train_unet_only = false
+
+[optimizer_arguments]
+optimizer_type = "AdamW8bit"
+learning_rate = 1e-4
+max_grad_norm = 1.0
+optimizer_args = ["weight_decay=0.1", "betas=0.9,0.99"]
+lr_scheduler = "cosine_with_restarts"
+lr_scheduler_num_cycles = 3
+lr_warmup_steps = 0.05
+
+[dataset_arguments]
+cache_latents = true
+debug_dataset = false
+vae_batch_size = 4
+
+[training_arguments]
+output_dir = "/out"
+output_name = "character"
+save_precision = "fp16"
+save_every_n_epochs = 1
+train_batch_size = 2
+max_token_length = 225
+mem_eff_attn = false
+xformers = true
+max_train_epochs = 10
+max_data_loader_n_workers = 8
+persistent_data_loader_workers = true
+seed = 31337
+gradient_checkpointing = false
+gradient_accumulation_steps = 1
+mixed_precision = "fp16"
+clip_skip = 2
+logging_dir = "/out/logs"
+log_prefix = "character"
+noise_offset = 0.05
+lowram = true
+train_data_dir = "/data/train"
+reg_data_dir = "/data/reg"
+resolution = "512,768"
+enable_bucket = true
+caption_extension = ".txt"
+shuffle_caption = true
+keep_tokens = 1
+
+[sample_prompt_arguments]
+sample_every_n_epochs = 1
+sample_sampler = "k_euler_a"
+sample_prompts = "/out/prompts.txt"
+
+[saving_arguments]
+save_model_as = "safetensors"
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "run.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def error_of(**overrides) -> str:
+    with pytest.raises(OptionError) as err:
+        load_train_config(overrides=overrides)
+    return str(err.value)
+
+
+# ----- real-world files load unchanged ------------------------------------------------------------------------------
+
+def test_kohya_gui_config_loads_unchanged(tmp_path):
+    config = load_train_config(write(tmp_path, KOHYA_GUI))
+    assert isinstance(config, TrainConfig)
+    assert config.optimizer_type == "AdamW8bit"  # the GUI's "AdamW8Bit", case as sd-scripts compares it
+    assert config.resolution == (1024, 1024) and config.network_dim == 32 and config.network_alpha == 16.0
+    assert isinstance(config.network_alpha, float) and config.persistent_data_loader_workers is True
+    assert config.text_encoder_lr is None and config.network_args == () and config.lr_scheduler_args == ()
+    assert config.max_token_length is None  # 75 is the default length
+    assert config.sample_every_n_epochs is None and config.sample_prompts is None  # 0 and "" mean off
+    assert config.training_comment is None and config.train_data_dir == "/data/img"
+    assert (config.min_snr_gamma, config.learning_rate, config.unet_lr) == (5.0, 4e-5, 4e-5)
+    # upload settings without a repository, and the compile backend without torch_compile, ask for nothing
+    assert config.async_upload is False and config.huggingface_repo_type is None and config.dynamo_backend == "inductor"
+    assert config.network_kwargs() == {"algo": "lora"}  # networks.lora is lorakit's LoRA
+    assert "epoch" not in config.given and "noise_offset_type" not in config.given
+
+
+def test_sectioned_config_merges_sections(tmp_path):
+    config = load_train_config(write(tmp_path, SECTIONED))
+    assert config.network_module == "lycoris.kohya" and config.network_args == ("algo=loha", "conv_dim=8", "conv_alpha=4")
+    assert config.network_kwargs() == {"algo": "loha", "conv_dim": "8", "conv_alpha": "4"}
+    assert config.optimizer_args == ("weight_decay=0.1", "betas=0.9,0.99")
+    assert config.lr_warmup_steps == 0.05 and config.lr_scheduler == "cosine_with_restarts"
+    assert config.resolution == (512, 768) and config.max_token_length == 225 and config.clip_skip == 2
+    assert config.seed == 31337 and config.max_train_epochs == 10 and config.text_encoder_lr == 5e-5
+    assert config.reg_data_dir == "/data/reg" and config.sample_sampler == "k_euler_a"
+
+
+def test_config_file_name_without_suffix_gets_toml(tmp_path):
+    write(tmp_path, "network_dim = 4\n")
+    assert load_train_config(tmp_path / "run").network_dim == 4  # as train_util.read_config_from_file
+
+
+def test_file_problems_are_named(tmp_path):
+    with pytest.raises(OptionError, match="config file not found"):
+        load_train_config(tmp_path / "missing.toml")
+    with pytest.raises(OptionError, match="not valid TOML"):
+        load_train_config(write(tmp_path, "network_dim = = 4\n"))
+    with pytest.raises(OptionError, match="given twice with different values.*\\[a\\].*\\[b\\]"):
+        load_train_config(write(tmp_path, "[a]\nnetwork_dim = 4\n[b]\nnetwork_dim = 8\n"))
+    assert load_train_config(write(tmp_path, "[a]\nnetwork_dim = 4\n[b]\nnetwork_dim = 4\n")).network_dim == 4
+    with pytest.raises(OptionError, match="table inside a section"):
+        load_train_config(write(tmp_path, "[a.b]\nnetwork_dim = 4\n"))
+    with pytest.raises(OptionError, match="inside a config file"):
+        load_train_config(write(tmp_path, 'config_file = "other.toml"\n'))
+
+
+# ----- typos get the closest name -----------------------------------------------------------------------------------
+
+TYPOS = [("network_dimm", "network_dim"), ("learning_rte", "learning_rate"), ("lr_sheduler", "lr_scheduler"),
+         ("pretrained_model_name", "pretrained_model_name_or_path"), ("shuffle_captions", "shuffle_caption"),
+         ("optimzer_type", "optimizer_type"), ("flip_augment", "flip_aug"), ("save_every_n_epoch", "save_every_n_epochs"),
+         ("mixed_precission", "mixed_precision"), ("noise_ofset", "noise_offset")]
+
+
+@pytest.mark.parametrize("typo,name", TYPOS)
+def test_typos_in_file_dict_and_command_line_suggest_the_option(tmp_path, typo, name):
+    expected = f"unknown option '{typo}' (did you mean '{name}'?)"
+    for attempt in (lambda: load_train_config(write(tmp_path, f"[x]\n{typo} = 1\n")),
+                    lambda: load_train_config(overrides={typo: 1}),
+                    lambda: load_train_config(overrides=[f"--{typo}", "1"])):
+        with pytest.raises(OptionError) as err:
+            attempt()
+        assert str(err.value) == expected
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ({"lr_scheduler": "cosine_with_restart"}, "did you mean 'cosine_with_restarts'"),
+    ({"optimizer_type": "AdamW8bitt"}, "did you mean 'adamw8bit'"),
+    ({"sample_sampler": "euler_aa"}, "did you mean 'euler_a'"),
+    ({"network_module": "lycoris.kohyaa"}, "did you mean 'lycoris.kohya'"),
+    ({"network_args": ["conv_dimm=4"]}, "unknown network option 'conv_dimm' (did you mean 'conv_dim'?)"),
+    ({"network_args": ["algo=lohaa"]}, "did you mean 'loha'"),
+])
+def test_misspelt_values_suggest_the_closest(overrides, expected):
+    assert expected in error_of(**overrides)
+
+
+# ----- types ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text,value", [("False", False), ("0", False), ("no", False), ("off", False),
+                                        ("true", True), ("1", True), ("YES", True), (1, True), (0, False)])
+def test_booleans(text, value):
+    assert load_train_config(overrides={"flip_aug": text}).flip_aug is value
+
+
+@pytest.mark.parametrize("name,raw,value", [
+    ("network_dim", "8", 8), ("network_dim", 8.0, 8), ("network_alpha", 4, 4.0), ("learning_rate", "1e-4", 1e-4),
+    ("resolution", "512", (512, 512)), ("resolution", 768, (768, 768)), ("resolution", [512, 768], (512, 768)),
+    ("resolution", "512,768", (512, 768)), ("lr_warmup_steps", 100, 100), ("lr_warmup_steps", "0.1", 0.1),
+    ("lr_warmup_steps", "10%", 0.1), ("lr_warmup_steps", 100.0, 100), ("text_encoder_lr", [1e-4, 5e-5], (1e-4, 5e-5)),
+    ("text_encoder_lr", [5e-5], 5e-5), ("text_encoder_lr", "5e-5", 5e-5), ("network_args", "algo=loha dim=4",
+                                                                             ("algo=loha", "dim=4")),
+    ("max_token_length", "150", 150), ("seed", "none", None), ("train_data_dir", "", None),
+    ("optimizer_type", "", "AdamW"), ("optimizer_type", "prodigy", "Prodigy"),
+    ("optimizer_type", "torch.optim.RAdam", "torch.optim.RAdam"), ("caption_extention", ".txt", ".txt"),
+])
+def test_values_are_coerced(name, raw, value):
+    config = load_train_config(overrides={name: raw})
+    got = getattr(config, BY_NAME[name].name if name in BY_NAME else "caption_extension")
+    assert got == value and type(got) is type(value)
+
+
+@pytest.mark.parametrize("name,raw,expected", [
+    ("network_dim", True, "expected an integer"), ("network_dim", 8.5, "expected an integer"),
+    ("network_dim", 0, "expected a value >= 1"), ("learning_rate", "fast", "expected a number"),
+    ("flip_aug", "maybe", "expected a boolean"), ("output_name", 5, "expected a string"),
+    ("output_dir", ["a"], "expected a string"), ("resolution", "512,768,3", "expected a size"),
+    ("lr_warmup_steps", 1.5, "a whole number of steps"), ("lr_warmup_steps", -1, "steps"),
+    ("max_token_length", 100, "one of 75, 150, 225"), ("caption_dropout_rate", 1.5, "in [0, 1]"),
+    ("text_encoder_lr", [1, 2, 3], "one learning rate, or two"), ("mixed_precision", "fp8", "not one of no, fp16"),
+    ("min_timestep", 1000, "in [0, 999]"), ("network_args", [1], "a list of strings"),
+])
+def test_wrong_types_are_refused_naming_the_option(name, raw, expected):
+    message = error_of(**{name: raw})
+    assert f"'{name}'" in message and expected in message
+
+
+def test_every_default_is_its_own_typed_value():
+    for opt in OPTIONS:
+        assert opt.kind in COERCE, opt.name
+        if opt.default is not None:
+            assert coerce(opt, opt.default) == opt.default, opt.name
+
+
+# ----- impossible combinations ---------------------------------------------------------------------------------------
+
+COMBINATIONS = [
+    ({"network_train_unet_only": True, "network_train_text_encoder_only": True}, "together they train nothing"),
+    ({"full_fp16": True}, "full_fp16 needs mixed_precision = 'fp16' (got 'no')"),
+    ({"full_bf16": True, "mixed_precision": "fp16"}, "full_bf16 needs mixed_precision = 'bf16'"),
+    ({"min_timestep": 500, "max_timestep": 500}, "min_timestep (500) must be below max_timestep (500)"),
+    ({"min_timestep": 900, "max_timestep": 100}, "min_timestep (900) must be below max_timestep (100)"),
+    ({"cache_latents": True, "color_aug": True}, "cache_latents (or cache_latents_to_disk) and color_aug"),
+    ({"cache_latents_to_disk": True, "random_crop": True}, "cache_latents (or cache_latents_to_disk) and random_crop"),
+    ({"adaptive_noise_scale": 0.1}, "adaptive_noise_scale needs noise_offset"),
+    ({"scale_v_pred_loss_like_noise_pred": True}, "scale_v_pred_loss_like_noise_pred needs v_parameterization"),
+    ({"noise_offset_random_strength": True}, "noise_offset_random_strength needs noise_offset"),
+    ({"ip_noise_gamma_random_strength": True}, "ip_noise_gamma_random_strength needs ip_noise_gamma"),
+    ({"dim_from_weights": True}, "dim_from_weights needs network_weights"),
+    ({"sdxl": True, "v2": True}, "sdxl and v2 cannot both be on"),
+    ({"sdxl": True, "clip_skip": 2}, "clip_skip = 2 does nothing for SDXL"),
+    ({"lr_scheduler": "adafactor"}, "lr_scheduler 'adafactor' needs optimizer_type Adafactor"),
+    ({"use_8bit_adam": True, "optimizer_type": "Lion"}, "use_8bit_adam and optimizer_type = 'Lion' are both given"),
+    ({"use_8bit_adam": True, "use_lion_optimizer": True}, "use_8bit_adam and use_lion_optimizer are both given"),
+    ({"persistent_data_loader_workers": True, "max_data_loader_n_workers": 0}, "needs max_data_loader_n_workers >= 1"),
+    ({"cache_text_encoder_outputs": True}, "cache_text_encoder_outputs needs network_train_unet_only"),
+    ({"cache_text_encoder_outputs": True, "network_train_unet_only": True, "shuffle_caption": True},
+     "cache_text_encoder_outputs and shuffle_caption cannot both be on"),
+    ({"enable_bucket": True, "resolution": 2048}, "must lie within min_bucket_reso (256) .. max_bucket_reso (1024)"),
+    ({"bucket_reso_steps": 48}, "bucket_reso_steps (48) must be divisible by 32"),
+    ({"network_dropout": 1.0}, "'network_dropout': expected a value in [0, 1)"),
+    ({"loss_type": "huber", "huber_c": 0}, "huber_c must be above 0"),
+    ({"network_dim": 8, "network_args": ["dim=4"]}, "network_args 'dim=4' repeats option network_dim"),
+    ({"network_dropout": 0.1, "network_args": ["dropout=0.2"]}, "dropout given twice"),
+    ({"network_module": "networks.lora", "network_args": ["algo=loha"]}, "contradicts network_module 'networks.lora'"),
+    ({"network_args": ["algo=lora", "factor=4"]}, "algo 'lora' does not accept option 'factor'"),
+    ({"network_args": ["preset=attn-mlpp"]}, "unknown preset 'attn-mlpp'"),
+    ({"network_args": ["conv_dim"]}, "expected 'key=value'"),
+    ({"network_module": "networks.lora_flux"}, "is not a network lorakit trains"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", COMBINATIONS)
+def test_impossible_combinations_are_refused(overrides, message):
+    assert message in error_of(**overrides)
+
+
+def test_dataset_config_with_train_data_dir_is_refused(tmp_path):
+    dataset = write(tmp_path, '[[datasets]]\nresolution = 512\n[[datasets.subsets]]\nimage_dir = "img"\n', "data.toml")
+    with pytest.raises(OptionError, match="train_data_dir and dataset_config are both given"):
+        load_train_config(overrides={"train_data_dir": "img"}, dataset_config=dataset)
+    assert load_train_config(overrides={"train_data_dir": ""}, dataset_config=dataset).dataset_config == str(dataset)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"huggingface_repo_id": "me/lora"}, "option 'huggingface_repo_id' = 'me/lora': an sd-scripts option lorakit "
+     "does not support yet"),
+    ({"huggingface_repo_id": "me/lora", "async_upload": True}, "huggingface_repo_id"),
+    ({"face_crop_aug_range": "2.0,4.0"}, "option 'face_crop_aug_range' = (2.0, 4.0): an sd-scripts option"),
+    ({"torch_compile": True, "dynamo_backend": "eager"}, "option 'torch_compile' = True"),
+    ({"validation_split": 0.1}, "option 'validation_split'"),
+    ({"masked_loss": True}, "option 'masked_loss'"),
+    ({"lr_scheduler": "warmup_stable_decay"}, "'warmup_stable_decay' is an sd-scripts value lorakit does not support"),
+    ({"loss_type": "l1"}, "'l1' is an sd-scripts value lorakit does not support yet"),
+    ({"optimizer_type": "AdamWScheduleFree"}, "an sd-scripts optimizer lorakit does not support yet"),
+])
+def test_not_yet_supported_options_are_refused_unless_default(overrides, message):
+    assert message in error_of(**overrides)
+
+
+def test_not_yet_supported_options_at_inert_values_load_as_defaults():
+    config = load_train_config(overrides={"dynamo_backend": "no", "huggingface_repo_type": "model",
+                                          "async_upload": True, "validation_seed": 3, "caption_separator": ",",
+                                          "lr_scheduler_args": [], "zero_stage": 3})
+    assert (config.dynamo_backend, config.huggingface_repo_type, config.async_upload) == ("inductor", None, False)
+    assert (config.validation_seed, config.zero_stage) == (None, 2)
+    assert len(NOT_YET_SUPPORTED) == sum(not o.supported for o in OPTIONS) and "huggingface_token" in NOT_YET_SUPPORTED
+
+
+def test_sd_scripts_rewrites():
+    config = load_train_config(overrides={"use_8bit_adam": True, "cache_latents_to_disk": True,
+                                          "save_every_n_steps": 0, "max_token_length": 75})
+    assert (config.optimizer_type, config.use_8bit_adam) == ("AdamW8bit", False)
+    assert config.cache_latents is True and config.save_every_n_steps is None and config.max_token_length is None
+    assert load_train_config(overrides={"use_lion_optimizer": "true"}).optimizer_type == "Lion"
+
+
+def test_warnings_are_kept(caplog):
+    config = load_train_config(overrides={"zero_terminal_snr": True, "lr_warmup_steps": 10})
+    assert any("zero_terminal_snr" in w for w in config.warnings)
+    assert any("constant_with_warmup" in w for w in config.warnings)
+
+
+# ----- defaults are sd-scripts' --------------------------------------------------------------------------------------
+
+# Read in kohya-ss/sd-scripts: library/train_util.py (add_optimizer_arguments, add_training_arguments,
+# add_dataset_arguments), train_network.py setup_parser, library/custom_train_functions.py. sd-scripts' optimizer_type
+# default "" means AdamW (train_util.get_optimizer). kohya_ss GUI defaults differ (seed 004: learning rate 1e-4,
+# cosine, AdamW8bit, xformers on): an existing config sets those explicitly, so sd-scripts' defaults keep its meaning.
+SD_SCRIPTS_DEFAULTS = {
+    "learning_rate": 2.0e-6, "max_grad_norm": 1.0, "lr_scheduler": "constant", "lr_warmup_steps": 0,
+    "lr_scheduler_num_cycles": 1, "lr_scheduler_power": 1.0, "optimizer_type": "AdamW", "train_batch_size": 1,
+    "max_train_steps": 1600, "max_train_epochs": None, "max_data_loader_n_workers": 8,
+    "gradient_accumulation_steps": 1, "mixed_precision": "no", "save_precision": None, "sample_sampler": "ddim",
+    "seed": None, "multires_noise_discount": 0.3, "noise_offset": None, "loss_type": "l2", "huber_schedule": "snr",
+    "huber_c": 0.1, "caption_extension": ".caption", "keep_tokens": 0, "min_bucket_reso": 256,
+    "max_bucket_reso": 1024, "bucket_reso_steps": 64, "vae_batch_size": 1, "caption_dropout_rate": 0.0,
+    "caption_dropout_every_n_epochs": 0, "token_warmup_min": 1, "prior_loss_weight": 1.0, "network_alpha": 1.0,
+    "network_dim": None, "save_model_as": "safetensors", "unet_lr": None, "text_encoder_lr": None,
+    "min_snr_gamma": None, "clip_skip": None, "resolution": None, "enable_bucket": False, "cache_latents": False,
+    "xformers": False, "dynamo_backend": "inductor",
+}
+
+
+def test_defaults_equal_sd_scripts():
+    config = load_train_config()
+    assert {name: getattr(config, name) for name in SD_SCRIPTS_DEFAULTS} == SD_SCRIPTS_DEFAULTS
+    assert config.network_module == "lorakit"  # lorakit's own: sd-scripts has none (the option is required there)
+
+
+# ----- overrides, round trip, printing -------------------------------------------------------------------------------
+
+def test_command_line_overrides_beat_the_file(tmp_path):
+    path = write(tmp_path, KOHYA_GUI)
+    config = load_train_config(path, ["--network_dim", "8", "--flip_aug", "--network_module", "lorakit",
+                                      "--network_args", "algo=loha", "conv_dim=4", "--learning_rate=3e-4",
+                                      "--gradient_checkpointing", "false", "--text_encoder_lr", "1e-5", "2e-5"])
+    assert (config.network_dim, config.flip_aug, config.learning_rate) == (8, True, 3e-4)
+    assert config.network_args == ("algo=loha", "conv_dim=4") and config.gradient_checkpointing is False
+    assert config.text_encoder_lr == (1e-5, 2e-5) and config.network_alpha == 16.0  # untouched file values stay
+    assert load_train_config(path, {"network_dim": 8}).network_dim == 8
+    assert parse_command_line(["--v2", "--seed", "-1"]) == {"v2": True, "seed": "-1"}
+    with pytest.raises(OptionError, match="'network_dim' needs a value"):
+        parse_command_line(["--network_dim", "--v2"])
+
+
+def test_round_trip(tmp_path):
+    dataset = write(tmp_path, '[[datasets]]\nresolution = 512\n[[datasets.subsets]]\nimage_dir = "img"\n', "data.toml")
+    for source, extra in ((KOHYA_GUI, {}), (SECTIONED, {"text_encoder_lr": [1e-4, 3e-5], "lr_warmup_steps": "5%",
+                                                         "training_comment": 'say "hi"\\ \u00e9', "sdxl": False,
+                                                         "min_timestep": 100, "seed": 0})):
+        config = load_train_config(write(tmp_path, source), extra)
+        text = to_toml(config)
+        again = load_train_config(write(tmp_path, text, "saved.toml"))
+        assert again == config and again.as_dict() == config.as_dict() and to_toml(again) == text
+    config = load_train_config(overrides={"resolution": 512}, dataset_config=dataset)
+    assert load_train_config(write(tmp_path, to_toml(config), "saved.toml")) == config
+
+
+def test_saved_toml_is_sectioned_and_flat_for_sd_scripts(tmp_path):
+    config = load_train_config(write(tmp_path, SECTIONED))
+    data = tomllib.loads(to_toml(config))
+    flat = {k: v for section in data.values() for k, v in section.items()}
+    assert flat["resolution"] == "512,768"  # sd-scripts reads --resolution as a string
+    assert flat["network_args"] == ["algo=loha", "conv_dim=8", "conv_alpha=4"] and "seed" in data["training"]
+    assert not set(flat) & set(NOT_YET_SUPPORTED) and "network_dim" in data["network"]
+
+
+def test_print_config(capsys):
+    print_config(load_train_config(overrides={"network_dim": 8}))
+    assert "[network]\nnetwork_module = \"lorakit\"\nnetwork_dim = 8\n" in capsys.readouterr().out
+
+
+def test_cli_print_config_and_errors(tmp_path, capsys):
+    path = write(tmp_path, KOHYA_GUI)
+    assert main(["train", "--config", str(path), "--network_dim", "8", "--flip_aug", "--print-config"]) == 0
+    printed = tomllib.loads(capsys.readouterr().out)
+    assert printed["network"]["network_dim"] == 8 and printed["data"]["flip_aug"] is True
+    assert main(["train", "--config_file", str(path), "--netwrok_dim", "8", "--print-config"]) == 2
+    assert "unknown option 'netwrok_dim' (did you mean 'network_dim'?)" in capsys.readouterr().err
+    assert main(["train", "--config", str(path), "--color_aug"]) == 2
+    assert "cache_latents (or cache_latents_to_disk) and color_aug" in capsys.readouterr().err
+
+
+def test_cli_runs_the_loop_or_says_it_is_missing(tmp_path, capsys, monkeypatch):
+    path = write(tmp_path, KOHYA_GUI)
+    monkeypatch.setitem(sys.modules, "lorakit.train.run", None)  # as if the module did not exist
+    assert main(["train", "--config", str(path)]) == 2
+    assert "training loop not available yet" in capsys.readouterr().err
+    seen = []
+    loop = types.ModuleType("lorakit.train.run")
+    loop.train = seen.append
+    monkeypatch.setitem(sys.modules, "lorakit.train.run", loop)
+    assert main(["train", "--config", str(path), "--seed", "7"]) == 0
+    assert seen == [load_train_config(path, {"seed": 7})]
+
+
+def test_docs_list_every_option_with_its_default():
+    text = (ROOT / "docs" / "training.md").read_text()
+    for opt in OPTIONS:
+        row = re.search(rf"^\| `{opt.name}` \|.*$", text, re.M)
+        assert row, opt.name
+        assert ("not yet" in row.group(0)) is (not opt.supported), opt.name
