@@ -1,0 +1,236 @@
+"""sd-scripts' dataset TOML: the examples of its docs parse to the values sd-scripts' lookup order gives (subset, else
+dataset, else [general], else the training option, else the default); unknown keys and keys at the wrong level are
+errors naming where they are and the closest name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lorakit.algos.options import OptionError
+from lorakit.train.config import load_train_config
+from lorakit.train.dataset_config import (DatasetConfig, DatasetGroupConfig, SubsetConfig, load_dataset_config,
+                                          parse_dataset_config)
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11
+    import tomli as tomllib
+
+# kohya-ss/sd-scripts docs/config_README-en.md, the first example (DreamBooth and fine-tuning datasets)
+DOCS_EXAMPLE = r"""
+[general]
+shuffle_caption = true
+caption_extension = '.txt'
+keep_tokens = 1
+
+# This is a DreamBooth-style dataset
+[[datasets]]
+resolution = 512
+batch_size = 4
+keep_tokens = 2
+
+  [[datasets.subsets]]
+  image_dir = 'C:\hoge'
+  class_tokens = 'hoge girl'
+  # This subset uses keep_tokens = 2 (the value of the parent datasets)
+
+  [[datasets.subsets]]
+  image_dir = 'C:\fuga'
+  class_tokens = 'fuga boy'
+  keep_tokens = 3
+
+  [[datasets.subsets]]
+  is_reg = true
+  image_dir = 'C:\reg'
+  class_tokens = 'human'
+  keep_tokens = 1
+
+# This is a fine-tuning dataset
+[[datasets]]
+resolution = [768, 768]
+batch_size = 2
+
+  [[datasets.subsets]]
+  image_dir = 'C:\piyo'
+  metadata_file = 'C:\piyo\piyo_md.json'
+  # This subset uses keep_tokens = 1 (the value of [general])
+"""
+
+# the same docs: one image folder in two datasets at two resolutions is not a duplicate
+DOCS_TWO_RESOLUTIONS = r"""
+[[datasets]]
+resolution = 512
+
+  [[datasets.subsets]]
+  image_dir = 'C:\hoge'
+
+[[datasets]]
+resolution = 768
+
+  [[datasets.subsets]]
+  image_dir = 'C:\hoge'
+"""
+
+# the same docs: secondary_separator, wildcards, keep_tokens_separator, caption_prefix/suffix
+DOCS_SEPARATORS = r"""
+[general]
+flip_aug = true
+color_aug = false
+resolution = [1024, 1024]
+
+[[datasets]]
+batch_size = 6
+enable_bucket = true
+bucket_no_upscale = true
+caption_extension = ".txt"
+keep_tokens_separator= "|||"
+shuffle_caption = true
+caption_tag_dropout_rate = 0.1
+secondary_separator = ";;;" # subset 側に書くこともできます / can be written in the subset side
+enable_wildcard = true # 同上 / same as above
+
+  [[datasets.subsets]]
+  image_dir = "/path/to/image_dir"
+  num_repeats = 1
+  caption_prefix = "1girl, hatsune miku, vocaloid |||"
+  caption_suffix = ", anime screencap ||| masterpiece, rating: general"
+"""
+
+
+def parse(text: str, train=None) -> DatasetGroupConfig:
+    return parse_dataset_config(tomllib.loads(text), train)
+
+
+def error_of(text: str, train=None) -> str:
+    with pytest.raises(OptionError) as err:
+        parse(text, train)
+    return str(err.value)
+
+
+def test_docs_example_resolves_as_sd_scripts():
+    group = parse(DOCS_EXAMPLE)
+    dreambooth, finetuning = group.datasets
+    assert isinstance(dreambooth, DatasetConfig) and isinstance(dreambooth.subsets[0], SubsetConfig)
+    assert (dreambooth.kind, dreambooth.resolution, dreambooth.batch_size) == ("dreambooth", (512, 512), 4)
+    assert [s.keep_tokens for s in dreambooth.subsets] == [2, 3, 1]  # subset, else dataset
+    assert [s.is_reg for s in dreambooth.subsets] == [False, False, True]
+    assert [s.class_tokens for s in dreambooth.subsets] == ["hoge girl", "fuga boy", "human"]
+    assert [s.image_dir for s in dreambooth.subsets] == ["C:\\hoge", "C:\\fuga", "C:\\reg"]
+    assert all(s.caption_extension == ".txt" and s.shuffle_caption for s in dreambooth.subsets)  # [general]
+    assert all(s.num_repeats == 1 and not s.flip_aug for s in dreambooth.subsets)  # sd-scripts' defaults
+    assert (finetuning.kind, finetuning.resolution, finetuning.batch_size) == ("finetuning", (768, 768), 2)
+    (piyo,) = finetuning.subsets
+    assert (piyo.metadata_file, piyo.image_dir, piyo.keep_tokens) == ("C:\\piyo\\piyo_md.json", "C:\\piyo", 1)
+    assert (dreambooth.enable_bucket, dreambooth.min_bucket_reso, dreambooth.max_bucket_reso) == (False, 256, 1024)
+
+
+def test_same_folder_in_two_datasets_is_kept():
+    group = parse(DOCS_TWO_RESOLUTIONS)
+    assert [d.resolution for d in group.datasets] == [(512, 512), (768, 768)]
+    assert [d.subsets[0].image_dir for d in group.datasets] == ["C:\\hoge", "C:\\hoge"]
+
+
+def test_repeated_folder_in_one_dataset_is_dropped_as_in_sd_scripts():
+    group = parse("[[datasets]]\nresolution = 512\n[[datasets.subsets]]\nimage_dir = 'a'\nnum_repeats = 2\n"
+                  "[[datasets.subsets]]\nimage_dir = 'a'\nnum_repeats = 5\n[[datasets.subsets]]\nimage_dir = 'b'\n")
+    assert [(s.image_dir, s.num_repeats) for s in group.datasets[0].subsets] == [("a", 2), ("b", 1)]
+
+
+def test_docs_separator_example_is_refused_until_supported_then_parses_without_those_keys():
+    assert "'keep_tokens_separator' = '|||' is an sd-scripts option lorakit does not support yet" in \
+        error_of(DOCS_SEPARATORS)
+    later = ("keep_tokens_separator", "secondary_separator", "enable_wildcard", "caption_prefix", "caption_suffix")
+    text = "\n".join(line for line in DOCS_SEPARATORS.splitlines() if not line.strip().startswith(later))
+    (dataset,) = parse(text).datasets
+    (subset,) = dataset.subsets
+    assert (dataset.resolution, dataset.batch_size, dataset.enable_bucket, dataset.bucket_no_upscale) == \
+        ((1024, 1024), 6, True, True)
+    assert (subset.flip_aug, subset.color_aug, subset.shuffle_caption, subset.caption_tag_dropout_rate) == \
+        (True, False, True, 0.1)
+    assert subset.caption_extension == ".txt" and subset.keep_tokens_separator == ""
+
+
+def test_training_options_are_the_last_fallback(tmp_path):
+    path = tmp_path / "data.toml"
+    path.write_text("[general]\nshuffle_caption = false\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'\n"
+                    "[[datasets.subsets]]\nimage_dir = 'b'\nflip_aug = false\nnum_repeats = 3\n")
+    config = load_train_config(overrides={"flip_aug": True, "shuffle_caption": True, "train_batch_size": 3,
+                                          "resolution": "640,512", "caption_extension": ".txt",
+                                          "prior_loss_weight": 0.5}, dataset_config=path)
+    (dataset,) = config.dataset_group.datasets
+    assert (dataset.batch_size, dataset.resolution, dataset.prior_loss_weight) == (3, (640, 512), 0.5)
+    a, b = dataset.subsets
+    assert (a.flip_aug, b.flip_aug) == (True, False)  # the file wins over the command line
+    assert (a.shuffle_caption, a.caption_extension, a.num_repeats, b.num_repeats) == (False, ".txt", 1, 3)
+    assert load_dataset_config(path, config) == config.dataset_group
+
+
+def test_cache_latents_is_checked_against_each_subset(tmp_path):
+    path = tmp_path / "data.toml"
+    path.write_text("[[datasets]]\nresolution = 512\n[[datasets.subsets]]\nimage_dir = 'a'\n"
+                    "[[datasets.subsets]]\nimage_dir = 'b'\nrandom_crop = true\n")
+    with pytest.raises(OptionError, match=r"cache_latents .* and random_crop \(in dataset config \[\[datasets\]\] #1 "
+                                          r"\[\[datasets.subsets\]\] #2\)"):
+        load_train_config(overrides={"cache_latents": True}, dataset_config=path)
+    path.write_text("[[datasets]]\nresolution = 512\nshuffle_caption = true\n[[datasets.subsets]]\nimage_dir = 'a'\n")
+    with pytest.raises(OptionError, match="cache_text_encoder_outputs and shuffle_caption"):
+        load_train_config(overrides={"cache_text_encoder_outputs": True, "network_train_unet_only": True},
+                          dataset_config=path)
+
+
+def test_json_file(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text('{"general": {"flip_aug": true}, "datasets": [{"resolution": [512, 640], '
+                    '"subsets": [{"image_dir": "a", "num_repeats": 10}]}]}')
+    group = load_dataset_config(path)
+    assert group.source == str(path) and group.datasets[0].resolution == (512, 640)
+    assert group.datasets[0].subsets[0].flip_aug and group.datasets[0].subsets[0].num_repeats == 10
+
+
+SUBSET = "[[datasets]]\nresolution = 512\n[[datasets.subsets]]\nimage_dir = 'a'\n"
+
+
+@pytest.mark.parametrize("text,message", [
+    (SUBSET + "flip_augs = true\n", "[[datasets]] #1 [[datasets.subsets]] #1: unknown key 'flip_augs' "
+     "(did you mean 'flip_aug'?)"),
+    (SUBSET + "num_repeat = 3\n", "unknown key 'num_repeat' (did you mean 'num_repeats'?)"),
+    ("[[datasets]]\nresolution = 512\n[[datasets.subsets]]\nimage_dirr = 'a'\n", "did you mean 'image_dir'?"),
+    ("[general]\nresolutoin = 512\n" + SUBSET, "[general]: unknown key 'resolutoin' (did you mean 'resolution'?)"),
+    ("[[dataset]]\nresolution = 512\n", "unknown top-level key 'dataset' (did you mean 'datasets'?)"),
+    ("[general]\nimage_dir = 'a'\n" + SUBSET, "[general]: 'image_dir' cannot be set here; it belongs in "
+     "[[datasets.subsets]]"),
+    (SUBSET + "batch_size = 2\n", "'batch_size' cannot be set here; it belongs in [general] or [[datasets]]"),
+    (SUBSET + "num_repeats = 'ten'\n", "option 'num_repeats': expected an integer"),
+    (SUBSET + "num_repeats = 0\n", "option 'num_repeats': expected a value >= 1"),
+    (SUBSET + "caption_dropout_rate = 1.5\n", "expected a value in [0, 1]"),
+    (SUBSET + "flip_aug = 'sometimes'\n", "expected a boolean"),
+    ("[[datasets]]\nresolution = [512, 512, 3]\n[[datasets.subsets]]\nimage_dir = 'a'\n", "expected a size"),
+    ("[general]\nflip_aug = true\n", "needs at least one [[datasets]]"),
+    ("[[datasets]]\nresolution = 512\n", "[[datasets]] #1: needs at least one [[datasets.subsets]]"),
+    ("[[datasets]]\nresolution = 512\n[[datasets.subsets]]\nclass_tokens = 'x'\n", "image_dir is required"),
+    ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'\n", "resolution is required"),
+    (SUBSET + "[[datasets.subsets]]\nmetadata_file = 'm.json'\n", "cannot be mixed in one dataset"),
+    ("[[datasets]]\ncaption_extension = '.txt'\n[[datasets.subsets]]\nmetadata_file = 'm.json'\n",
+     "'caption_extension' is for DreamBooth subsets"),
+    ("[[datasets]]\nresolution = 2048\nenable_bucket = true\n[[datasets.subsets]]\nimage_dir = 'a'\n",
+     "must lie within min_bucket_reso 256 .. max_bucket_reso 1024"),
+    (SUBSET + "face_crop_aug_range = [2.0, 4.0]\n", "'face_crop_aug_range' = [2.0, 4.0] is an sd-scripts option "
+     "lorakit does not support yet"),
+    ("[[datasets]]\nresolution = 512\nskip_image_resolution = 256\n[[datasets.subsets]]\nimage_dir = 'a'\n",
+     "'skip_image_resolution' = 256 is an sd-scripts option lorakit does not support yet"),
+])
+def test_bad_dataset_configs_name_the_place_and_the_key(text, message):
+    assert message in error_of(text)
+
+
+def test_missing_or_broken_files(tmp_path):
+    with pytest.raises(OptionError, match="dataset config file not found"):
+        load_dataset_config(tmp_path / "none.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[[datasets]\n")
+    with pytest.raises(OptionError, match="not valid TOML"):
+        load_dataset_config(broken)
+    with pytest.raises(OptionError, match="dataset config file not found"):
+        load_train_config(dataset_config=tmp_path / "none.toml")
