@@ -338,7 +338,8 @@ def make_loader(dataset: TrainDataset, order: BatchOrder, *, max_workers: int = 
                 persistent: bool = False) -> torch.utils.data.DataLoader:
     """A DataLoader over ``order``'s batches. ``max_workers``: kohya's max_data_loader_n_workers (capped at
     the CPU count; 0 loads in the main process); ``persistent``: persistent_data_loader_workers (workers kept
-    between epochs; the order still follows ``order.set_position``, which runs in the main process)."""
+    between epochs; the order still follows ``order.set_position``, which runs in the main process). Cache
+    latents before making the loader: workers hold a copy of the dataset taken when they start."""
     workers = max(0, min(max_workers, os.cpu_count() or 1))
     return torch.utils.data.DataLoader(dataset, batch_sampler=order, collate_fn=dataset.collate,
                                        num_workers=workers, persistent_workers=persistent and workers > 0)

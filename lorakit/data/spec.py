@@ -1,10 +1,9 @@
 """What a dataset is made of, as plain typed values: one ``DatasetSpec`` (batch size, resolution, buckets) holding
 ``SubsetSpec``s (a folder or metadata file and how its images and captions are treated).
 
-Field names are kohya sd-scripts' option names, so a parsed dataset TOML (general / datasets / subsets) or the
-command-line ``train_data_dir`` layout maps onto them one to one. Values are checked here, once; an error names
-the option. (Until ``lorakit.train.dataset_config`` exists these are the data package's own inputs; that module
-is expected to produce them.)
+Field names are kohya sd-scripts' option names, so a parsed dataset TOML (``lorakit.train.dataset_config``) or
+the command-line ``train_data_dir`` layout maps onto them one to one (``from_config.py``). Values are checked
+here, once; an error names the option.
 """
 
 from __future__ import annotations
