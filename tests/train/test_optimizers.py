@@ -1,0 +1,200 @@
+"""Optimizers by kohya's names: the class built, the arguments it received (optimizer.defaults and the groups),
+and the messages for missing packages, CPU-only 8-bit and unknown names."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import pytest
+import torch
+
+from lorakit.algos.options import OptionError
+from lorakit.train.optimizers import OPTIMIZER_TYPES, make_optimizer, optimizer_name, parse_kwargs
+
+
+def groups():
+    a, b = torch.nn.Parameter(torch.zeros(4, 3)), torch.nn.Parameter(torch.zeros(5))
+    return [{"params": [a], "lr": 1e-4}, {"params": [b]}]
+
+
+# --- optimizer_args ---------------------------------------------------------------------------------------------
+
+
+def test_parse_kwargs_reads_python_literals_like_kohya():
+    got = parse_kwargs(
+        ["weight_decay=0.01", "betas=(0.9,0.99)", "decouple=True", "use_bias_correction=false", "d0=1e-6",
+         "mode=triangular", "eps=None", "name='a=b'"]
+    )
+    assert got == {
+        "weight_decay": 0.01, "betas": (0.9, 0.99), "decouple": True, "use_bias_correction": False, "d0": 1e-6,
+        "mode": "triangular", "eps": None, "name": "a=b",
+    }
+    assert parse_kwargs("weight_decay=0.1 momentum=0.5") == {"weight_decay": 0.1, "momentum": 0.5}
+    assert parse_kwargs({"betas": "(0.8, 0.9)", "foreach": False}) == {"betas": (0.8, 0.9), "foreach": False}
+    assert parse_kwargs(None) == {}
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [(["weight_decay"], "'weight_decay' is not of the form key=value"), (["x=1+"], "x='1\\+' is not a Python literal"),
+     (["a=1", "a=2"], "'a' given twice")],
+)
+def test_parse_kwargs_errors_name_the_option(args, match):
+    with pytest.raises(OptionError, match="optimizer_args: " + match):
+        parse_kwargs(args)
+
+
+# --- built-in types ---------------------------------------------------------------------------------------------
+
+
+def test_adamw_with_args_and_groups():
+    gs = groups()
+    opt = make_optimizer("adamw", gs, 1e-3, ["weight_decay=0.05", "betas=(0.8,0.9)", "eps=1e-6"])
+    assert type(opt) is torch.optim.AdamW and optimizer_name(opt) == "torch.optim.adamw.AdamW"
+    assert opt.defaults["lr"] == 1e-3 and opt.defaults["weight_decay"] == 0.05
+    assert opt.defaults["betas"] == (0.8, 0.9) and opt.defaults["eps"] == 1e-6
+    assert [g["lr"] for g in opt.param_groups] == [1e-4, 1e-3]  # a group's own lr wins
+    assert "lr" not in gs[1]  # the caller's groups are not changed
+    assert type(make_optimizer(None, [torch.nn.Parameter(torch.zeros(1))], 1e-3)) is torch.optim.AdamW
+
+
+def test_sgd_nesterov_gets_momentum():
+    opt = make_optimizer("SGDNesterov", groups(), 0.1)
+    assert type(opt) is torch.optim.SGD
+    assert opt.defaults["nesterov"] is True and opt.defaults["momentum"] == 0.9
+    opt = make_optimizer("sgdnesterov", groups(), 0.1, ["momentum=0.5", "weight_decay=1e-4"])
+    assert opt.defaults["momentum"] == 0.5 and opt.defaults["weight_decay"] == 1e-4 and opt.defaults["nesterov"]
+
+
+def test_adafactor_relative_step_rules(caplog):
+    from transformers.optimization import Adafactor
+
+    gs = groups()
+    with caplog.at_level(logging.WARNING):
+        opt = make_optimizer("Adafactor", gs, 1e-3, ["scale_parameter=False"])
+    assert type(opt) is Adafactor
+    # kohya: relative_step defaults to True; then Adafactor picks the step size, lr and group lrs are dropped
+    assert opt.defaults["relative_step"] is True and opt.defaults["lr"] is None
+    assert opt.defaults["scale_parameter"] is False
+    assert all(g["lr"] is None for g in opt.param_groups)
+    assert opt.lorakit_initial_lr == 1e-3
+    assert "learning rates are ignored" in caplog.text
+    assert gs[0]["lr"] == 1e-4  # the caller's group kept its lr
+
+
+def test_adafactor_with_an_explicit_lr_and_warmup_init():
+    opt = make_optimizer("adafactor", groups(), 1e-3, ["relative_step=False", "scale_parameter=False", "warmup_init=False"])
+    assert opt.defaults["relative_step"] is False and opt.defaults["lr"] == 1e-3
+    assert [g["lr"] for g in opt.param_groups] == [1e-4, 1e-3]
+    # warmup_init needs relative_step: kohya turns it on
+    opt = make_optimizer("adafactor", groups(), 1e-3, ["relative_step=False", "warmup_init=True"])
+    assert opt.defaults["relative_step"] is True and opt.defaults["warmup_init"] is True and opt.defaults["lr"] is None
+
+
+def test_class_paths():
+    opt = make_optimizer("torch.optim.RAdam", groups(), 2e-3, ["weight_decay=0.1", "decoupled_weight_decay=True"])
+    assert type(opt) is torch.optim.RAdam
+    assert opt.defaults["lr"] == 2e-3 and opt.defaults["weight_decay"] == 0.1 and opt.defaults["decoupled_weight_decay"]
+    opt = make_optimizer("Adagrad", groups(), 1e-2, {"lr_decay": 0.5})  # a bare torch.optim name, as kohya
+    assert type(opt) is torch.optim.Adagrad and opt.defaults["lr_decay"] == 0.5
+    with pytest.raises(OptionError, match="cannot import module 'no_such_pkg'"):
+        make_optimizer("no_such_pkg.Opt", groups(), 1e-3)
+    with pytest.raises(OptionError, match="module 'torch.optim' has no 'NoSuch'"):
+        make_optimizer("torch.optim.NoSuch", groups(), 1e-3)
+
+
+def test_bad_arguments_and_names():
+    with pytest.raises(OptionError, match="optimizer_args .*AdamW.*unexpected keyword argument 'wieght_decay'"):
+        make_optimizer("AdamW", groups(), 1e-3, ["wieght_decay=0.1"])
+    with pytest.raises(OptionError, match="not in optimizer_args"):
+        make_optimizer("AdamW", groups(), 1e-3, ["lr=0.1"])
+    with pytest.raises(OptionError, match="unknown optimizer_type 'AdamW8bt'. Did you mean 'AdamW8bit'\\?") as e:
+        make_optimizer("AdamW8bt", groups(), 1e-3)
+    for name in ("Prodigy", "DAdaptAdam", "Lion", "Adafactor", "SGDNesterov8bit"):
+        assert name in str(e.value)
+    with pytest.raises(OptionError, match="Did you mean 'Prodigy'"):
+        make_optimizer("prodigi", groups(), 1.0)
+    with pytest.raises(ValueError, match="nothing to train"):
+        make_optimizer("AdamW", [], 1e-3)
+
+
+# --- optional packages ------------------------------------------------------------------------------------------
+
+MISSING = [
+    ("Lion", ["lion_pytorch"], "lion-pytorch"),
+    ("Prodigy", ["prodigyopt"], "prodigyopt"),
+    ("DAdaptAdam", ["dadaptation"], "dadaptation"),
+    ("DAdaptLion", ["dadaptation"], "dadaptation"),
+    ("DAdaptAdaGrad", ["dadaptation"], "dadaptation"),
+    ("DAdaptAdan", ["dadaptation"], "dadaptation"),
+    ("DAdaptSGD", ["dadaptation"], "dadaptation"),
+    ("DAdaptation", ["dadaptation", "dadaptation.experimental"], "dadaptation"),
+    ("DAdaptAdamPreprint", ["dadaptation", "dadaptation.experimental"], "dadaptation"),
+]
+
+
+@pytest.mark.parametrize("name,modules,pip", MISSING)
+def test_missing_package_names_pip_package_and_extra(monkeypatch, name, modules, pip):
+    for m in modules:
+        monkeypatch.setitem(sys.modules, m, None)  # import fails as if not installed
+    with pytest.raises(OptionError) as e:
+        make_optimizer(name, groups(), 1.0)
+    msg = str(e.value)
+    assert f"optimizer_type '{name}' needs the package '{pip}'" in msg
+    assert f"pip install {pip}" in msg and 'pip install "lorakit[optim]"' in msg
+
+
+BNB = ["AdamW8bit", "PagedAdamW8bit", "PagedAdamW", "PagedAdamW32bit", "Lion8bit", "PagedLion8bit", "SGDNesterov8bit"]
+
+
+@pytest.mark.parametrize("name", BNB)
+def test_8bit_types_need_cuda(monkeypatch, name):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(OptionError, match=f"optimizer_type '{name}': bitsandbytes 8-bit and paged optimizers need CUDA"):
+        make_optimizer(name, groups(), 1e-3)
+
+
+@pytest.mark.parametrize("name", ["AdamW8bit", "SGDNesterov8bit"])
+def test_8bit_types_without_bitsandbytes(monkeypatch, name):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    monkeypatch.setitem(sys.modules, "bitsandbytes.optim", None)
+    with pytest.raises(OptionError, match=f"'{name}' needs the package 'bitsandbytes'.*pip install bitsandbytes"):
+        make_optimizer(name, groups(), 1e-3)
+
+
+def test_every_type_is_covered():
+    tested = {"AdamW", "SGDNesterov", "Adafactor"} | {m[0] for m in MISSING} | set(BNB)
+    assert set(OPTIMIZER_TYPES) - tested == {"DAdaptAdanIP"}  # same package and path as DAdaptAdamPreprint
+
+
+# --- the real packages, where installed -------------------------------------------------------------------------
+
+
+def test_lion_if_installed():
+    lion = pytest.importorskip("lion_pytorch")
+    opt = make_optimizer("Lion", groups(), 1e-4, ["betas=(0.95,0.98)", "weight_decay=0.01"])
+    assert type(opt) is lion.Lion and opt.defaults["betas"] == (0.95, 0.98) and opt.defaults["weight_decay"] == 0.01
+
+
+def test_prodigy_if_installed(caplog):
+    prodigyopt = pytest.importorskip("prodigyopt")
+    with caplog.at_level(logging.WARNING):
+        opt = make_optimizer("prodigy", groups(), 1.0, ["d_coef=2.0", "decouple=True", "use_bias_correction=True"])
+    assert type(opt) is prodigyopt.Prodigy
+    assert opt.defaults["d_coef"] == 2.0 and opt.defaults["use_bias_correction"] is True
+    assert "different learning rates" in caplog.text  # 1e-4 and 1.0: only the first drives the adaptation
+
+
+@pytest.mark.parametrize("name,attr", [("DAdaptAdam", "DAdaptAdam"), ("DAdaptLion", "DAdaptLion"), ("DAdaptSGD", "DAdaptSGD"),
+                                       ("DAdaptAdaGrad", "DAdaptAdaGrad"), ("DAdaptAdan", "DAdaptAdan"),
+                                       ("DAdaptation", "DAdaptAdamPreprint"), ("DAdaptAdanIP", "DAdaptAdanIP")])
+def test_dadaptation_if_installed(caplog, name, attr):
+    pytest.importorskip("dadaptation")
+    p = torch.nn.Parameter(torch.zeros(3))
+    with caplog.at_level(logging.WARNING):
+        opt = make_optimizer(name, [p], 0.05, ["weight_decay=0.02", "d0=1e-5", "log_every=7"])
+    assert type(opt).__name__ == attr and opt.defaults["weight_decay"] == 0.02
+    assert opt.defaults["d"] == 1e-5 and opt.defaults["log_every"] == 7  # d0 is stored as the initial d
+    assert "expect lr around 1.0" in caplog.text
