@@ -176,6 +176,17 @@ def check_datasets(v: dict[str, Any], group) -> None:
                             "never change")
 
 
+def check_runnable(config) -> None:
+    """What training needs beyond a consistent config (--print-config does not): a model, data and a place to save."""
+    missing = [name for name in ("pretrained_model_name_or_path", "output_dir") if getattr(config, name) is None]
+    if config.train_data_dir is None and config.dataset_config is None:
+        missing.append("train_data_dir (or dataset_config)")
+    if config.dataset_config is None and config.resolution is None:
+        missing.append("resolution")
+    if missing:
+        _refuse(f"training needs {', '.join(missing)}")
+
+
 def resolve(values: dict[str, Any], given: frozenset) -> tuple[dict[str, Any], tuple[str, ...]]:
     """Every option's value, rewritten as sd-scripts reads it and checked; (values, warnings). Raises OptionError
     naming the options of an impossible combination."""

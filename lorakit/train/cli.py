@@ -56,6 +56,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .checks import check_runnable
     from .config import load_train_config, parse_command_line, print_config
 
     overrides = {name: getattr(args, name) for name in BY_NAME if hasattr(args, name)}
@@ -70,6 +71,11 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print_config(config)
         return 0
+    try:
+        check_runnable(config)
+    except OptionError as err:
+        print(f"lorakit train: error: {err}", file=sys.stderr)
+        return 2
     try:
         from .run import train
     except ModuleNotFoundError as err:

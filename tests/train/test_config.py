@@ -472,6 +472,8 @@ def test_cli_print_config_and_errors(tmp_path, capsys):
 
 def test_cli_runs_the_loop_or_says_it_is_missing(tmp_path, capsys, monkeypatch):
     path = write(tmp_path, KOHYA_GUI)
+    assert main(["train", "--config", str(path), "--output_dir", "", "--resolution", "none"]) == 2
+    assert "training needs output_dir, resolution" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "lorakit.train.run", None)  # as if the module did not exist
     assert main(["train", "--config", str(path)]) == 2
     assert "training loop not available yet" in capsys.readouterr().err
