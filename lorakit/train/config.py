@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 from ..algos.options import OptionError
 from . import checks
-from .dataset_config import DatasetGroupConfig, load_dataset_config
+from .dataset_config import DatasetGroupConfig, load_dataset_config  # noqa: F401 (TrainConfig's annotation)
 from .options import BY_NAME, COMMAND_LINE_ONLY, GROUPS, GUI_KEYS, OPTIONS, TYPES, canonical_name, coerce
 
 try:

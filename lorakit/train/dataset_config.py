@@ -262,8 +262,8 @@ def _check_dataset(dataset: DatasetConfig, where: str) -> None:
         if dataset.min_bucket_reso > dataset.max_bucket_reso:
             raise OptionError(f"dataset config {where}: min_bucket_reso {dataset.min_bucket_reso} > max_bucket_reso "
                               f"{dataset.max_bucket_reso}")
-        if dataset.resolution is not None and not (
-                dataset.min_bucket_reso <= min(dataset.resolution) and max(dataset.resolution) <= dataset.max_bucket_reso):
+        low, high = dataset.min_bucket_reso, dataset.max_bucket_reso
+        if dataset.resolution is not None and not (low <= min(dataset.resolution) and max(dataset.resolution) <= high):
             raise OptionError(f"dataset config {where}: resolution {dataset.resolution} must lie within "
                               f"min_bucket_reso {dataset.min_bucket_reso} .. max_bucket_reso {dataset.max_bucket_reso}"
                               " (as sd-scripts requires)")

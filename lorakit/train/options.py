@@ -70,7 +70,8 @@ def _choice(opt: Option, value: Any) -> Any:
         return by_key[key]
     if key in {str(v).lower() for v in opt.bad_values}:
         reason = {str(k).lower(): r for k, r in opt.bad_values.items()}[key]
-        raise OptionError(f"option '{opt.name}': {value!r} is an sd-scripts value lorakit does not support yet ({reason})")
+        raise OptionError(f"option '{opt.name}': {value!r} is an sd-scripts value lorakit does not support yet "
+                          f"({reason})")
     raise OptionError(f"option '{opt.name}': {value!r} is not one of {', '.join(map(str, opt.choices))}"
                       f"{suggest(key, by_key)}")
 
@@ -157,7 +158,8 @@ COERCE = {
 # the Python type of each kind, for TrainConfig's annotations and the docs
 TYPES = {"bool": "bool", "int": "int", "float": "float", "str": "str", "path": "str", "choice": "str",
          "choice_int": "int", "steps": "int | float", "strings": "tuple[str, ...]", "floats": "tuple[float, ...]",
-         "lrs": "float | tuple[float, float]", "size": "tuple[int, int]", "pair": "tuple[float, float]", "table": "dict"}
+         "lrs": "float | tuple[float, float]", "size": "tuple[int, int]", "pair": "tuple[float, float]",
+         "table": "dict"}
 
 
 def coerce(opt: Option, value: Any) -> Any:

@@ -194,7 +194,8 @@ def test_kohya_gui_config_loads_unchanged(tmp_path):
 
 def test_sectioned_config_merges_sections(tmp_path):
     config = load_train_config(write(tmp_path, SECTIONED))
-    assert config.network_module == "lycoris.kohya" and config.network_args == ("algo=loha", "conv_dim=8", "conv_alpha=4")
+    assert config.network_module == "lycoris.kohya"
+    assert config.network_args == ("algo=loha", "conv_dim=8", "conv_alpha=4")
     assert config.network_kwargs() == {"algo": "loha", "conv_dim": "8", "conv_alpha": "4"}
     assert config.optimizer_args == ("weight_decay=0.1", "betas=0.9,0.99")
     assert config.lr_warmup_steps == 0.05 and config.lr_scheduler == "cosine_with_restarts"
@@ -226,7 +227,8 @@ def test_file_problems_are_named(tmp_path):
 
 TYPOS = [("network_dimm", "network_dim"), ("learning_rte", "learning_rate"), ("lr_sheduler", "lr_scheduler"),
          ("pretrained_model_name", "pretrained_model_name_or_path"), ("shuffle_captions", "shuffle_caption"),
-         ("optimzer_type", "optimizer_type"), ("flip_augment", "flip_aug"), ("save_every_n_epoch", "save_every_n_epochs"),
+         ("optimzer_type", "optimizer_type"), ("flip_augment", "flip_aug"),
+         ("save_every_n_epoch", "save_every_n_epochs"),
          ("mixed_precission", "mixed_precision"), ("noise_ofset", "noise_offset")]
 
 

@@ -4,8 +4,6 @@ errors naming where they are and the closest name."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from lorakit.algos.options import OptionError
