@@ -1,0 +1,196 @@
+"""extract: known low-rank changes recovered, rank-selection modes against dense float64 singular values,
+randomized against exact SVD, files that load_network reads back onto the base and give the tuned weights."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lorakit import load_network
+from lorakit.formats import read_metadata
+from lorakit.models.demo import random_model
+from lorakit.models.save import save_checkpoint
+from lorakit.tools import lowrank
+from lorakit.tools.extract import extract_layer, extract_lora
+
+R = 3
+LIN = ("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q")
+CONV = ("unet", "down_blocks.1.resnets.0.conv1")
+CONV_T = ("unet", "up_blocks.1.resnets.1.conv2")
+TE = ("text_encoder", "encoder.layers.0.mlp.fc1")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """LAPACK's SVD with 2 OpenMP threads on a busy 2-core machine can take 100x longer than with one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _module(model, where):
+    comp, path = where
+    root = model.unet if comp == "unet" else model.text_encoders[0]
+    return root.get_submodule(path)
+
+
+def _tucker_change(g, w, r):
+    out, inp, *k = w.shape
+    up, mid, down = torch.randn(out, r, generator=g), torch.randn(r, r, *k, generator=g), torch.randn(r, inp, generator=g)
+    return torch.einsum("oa,ab...,bi->oi...", up, mid, down) * 0.05
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """(base path, tuned path, base model, tuned model): tuned = base + rank-R changes on four layers."""
+    d = tmp_path_factory.mktemp("extract")
+    base = random_model("tiny-sd", 0)
+    tuned = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for where in (LIN, CONV, TE):
+            w = _module(tuned, where).weight
+            change = torch.randn(w.shape[0], R, generator=g) @ torch.randn(R, w[0].numel(), generator=g) * 0.05
+            w += change.reshape(w.shape)
+        w = _module(tuned, CONV_T).weight
+        w += _tucker_change(g, w, R)
+    bp, tp = d / "base.safetensors", d / "tuned.safetensors"
+    save_checkpoint(base, bp, dtype=torch.float32)
+    save_checkpoint(tuned, tp, dtype=torch.float32)
+    return bp, tp, base, tuned
+
+
+def _weights(model, where):
+    return _module(model, where).weight.detach().double()
+
+
+def test_known_changes_recovered_and_file_loads(pair, tmp_path):
+    bp, tp, base, tuned = pair
+    out = tmp_path / "x.safetensors"
+    res = extract_lora(bp, tp, out, linear_dim=R, conv_dim=R, save_dtype=torch.float32, show_progress=False)
+    # only the changed layers (rank R exactly), everything else unchanged and left out
+    assert set(res.layers) == {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+                               "lora_unet_down_blocks_1_resnets_0_conv1", "lora_unet_up_blocks_1_resnets_1_conv2",
+                               "lora_te_text_model_encoder_layers_0_mlp_fc1"}
+    assert all(r["rank"] == R and not r["full"] for r in res.layers.values())
+    model = copy.deepcopy(base)
+    net = load_network(model.unet, out, text_encoders=model.text_encoders)
+    net.merge()
+    for where in (LIN, CONV, TE):
+        ref, got = _weights(tuned, where), _weights(model, where)
+        assert torch.allclose(got, ref, rtol=0, atol=2e-6 * ref.abs().max()), where
+    # the Tucker-made change is rank R flattened too, so plain LoCon recovers it
+    assert torch.allclose(_weights(model, CONV_T), _weights(tuned, CONV_T), atol=1e-5)
+    # every other layer untouched: merged model == tuned model
+    for (n, p), (_, q) in zip(model.unet.named_parameters(), tuned.unet.named_parameters()):
+        assert torch.allclose(p, q, atol=1e-5), n
+    meta = read_metadata(out)
+    assert meta["ss_network_dim"] == str(R) and meta["ss_network_module"] == "networks.lora"
+    assert json.loads(meta["lorakit_extract"])["mode"] == "fixed" and "sshs_model_hash" in meta
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+
+
+def test_tucker_recovers_tucker_change(pair, tmp_path):
+    bp, tp, base, tuned = pair
+    out = tmp_path / "t.safetensors"
+    extract_lora(base, tuned, out, linear_dim=R, conv_dim=R, use_tucker=True, save_dtype=torch.float32,
+                 text_encoders=False, show_progress=False)
+    from lorakit.formats import load_file
+    tensors, _ = load_file(out)
+    assert tensors["lora_unet_up_blocks_1_resnets_1_conv2.lora_mid.weight"].shape == (R, R, 3, 3)
+    model = copy.deepcopy(base)
+    load_network(model.unet, out, text_encoders=model.text_encoders).merge()
+    assert torch.allclose(_weights(model, CONV_T), _weights(tuned, CONV_T), atol=1e-5)
+    assert torch.allclose(_weights(model, TE), _weights(base, TE))  # text encoder left out
+
+
+def test_full_fallback_and_min_diff(pair, tmp_path):
+    bp, tp, base, tuned = pair
+    res = extract_lora(base, tuned, None, linear_dim=20, conv_dim=0, text_encoders=False, show_progress=False)
+    lin = res.layers["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"]
+    assert lin["full"]  # rank 20 on a 32x32 layer: 20*64 >= 32*32 numbers, stored whole
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.diff"
+    assert torch.allclose(res.tensors[key].double(), _weights(tuned, LIN) - _weights(base, LIN), atol=1e-7)
+    with pytest.raises(ValueError, match="min_diff"):
+        extract_lora(base, tuned, None, linear_dim=R, min_diff=1e9, show_progress=False)
+
+
+def test_different_architectures_refused(pair):
+    _, _, base, _ = pair
+    other = copy.copy(base)
+    other.kind = "sdxl"
+    with pytest.raises(ValueError, match="same architecture"):
+        extract_lora(base, other, None, show_progress=False)
+
+
+def _dense_rank(S, mode, p):
+    """Independent reference: loops over float64 singular values."""
+    n = len(S)
+    if mode == "threshold":
+        return sum(1 for s in S if s > p)
+    if mode == "ratio":
+        return sum(1 for s in S if s > p * S[0])
+    if mode == "sv_ratio":
+        return sum(1 for s in S if s > S[0] / p)
+    vals = {"quantile": S, "sv_cumulative": S, "quantile_energy": S ** 2, "sv_fro": S ** 2}[mode]
+    target = (p ** 2 if mode == "sv_fro" else p) * vals.sum()
+    acc = 0.0
+    for k in range(1, n + 1):
+        acc += vals[k - 1]
+        if acc >= target:
+            return k
+    return n
+
+
+@pytest.mark.parametrize("mode,param", [("threshold", 0.5), ("ratio", 0.2), ("quantile", 0.6), ("quantile", 0.9),
+                                        ("quantile_energy", 0.9), ("sv_ratio", 4.0), ("sv_fro", 0.9),
+                                        ("sv_cumulative", 0.75)])
+def test_modes_against_dense_float64(mode, param):
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(40, 7, generator=g) @ torch.diag(torch.logspace(1, -1, 7)) @ torch.randn(7, 60, generator=g) / 8
+    S = np.linalg.svd(A.double().numpy(), compute_uv=False)
+    want = max(1, _dense_rank(S, mode, param))
+    lr = lowrank.low_rank(A, mode, param)
+    assert lr.rank == want
+    # and the factors are the rank-k truncation (Eckart-Young): error^2 = the dropped energy
+    err = float(((lr.up @ lr.down).double() - A.double()).square().sum())
+    assert err == pytest.approx(float((S[want:] ** 2).sum()), rel=1e-3, abs=1e-8)
+    assert lr.report["energy"] == pytest.approx(float((S[:want] ** 2).sum() / (S ** 2).sum()), rel=1e-6)
+
+
+def test_bad_modes_named():
+    with pytest.raises(ValueError, match="unknown rank-selection mode"):
+        lowrank.check_mode("bogus", 1)
+    with pytest.raises(ValueError, match="fraction"):
+        lowrank.check_mode("quantile", 1.5)
+    with pytest.raises(ValueError, match="ratio >= 1"):
+        lowrank.check_mode("sv_ratio", 0.5)
+
+
+def test_randomized_close_to_exact():
+    g = torch.Generator().manual_seed(5)
+    m, n, r = 300, 500, 40
+    s = torch.logspace(0, -2, r)
+    A = (torch.randn(m, r, generator=g) * s) @ torch.randn(r, n, generator=g) / 20 + 1e-4 * torch.randn(m, n, generator=g)
+    S = np.linalg.svd(A.double().numpy(), compute_uv=False)
+    for k in (8, 20):
+        best = float(np.sqrt((S[k:] ** 2).sum()))
+        gen = torch.Generator().manual_seed(0)
+        U, Sk, Vh = lowrank.top_svd(A, k, "randomized", niter=2, generator=gen)
+        err = float((A.double() - (U * Sk @ Vh).double()).norm())
+        assert best <= err <= 1.01 * best
+        U, Sk, Vh = lowrank.top_svd(A, k, "exact")
+        assert float((A.double() - (U * Sk @ Vh).double()).norm()) == pytest.approx(best, rel=1e-4)
+
+
+def test_extract_layer_conv_exact_rank():
+    g = torch.Generator().manual_seed(7)
+    delta = (torch.randn(24, R, generator=g) @ torch.randn(R, 16 * 9, generator=g)).reshape(24, 16, 3, 3)
+    sub, rep = extract_layer(delta, "fixed", R, None)
+    rebuilt = (sub["lora_up.weight"].flatten(1) @ sub["lora_down.weight"].flatten(1)).reshape(delta.shape)
+    assert torch.allclose(rebuilt, delta, atol=1e-4) and float(sub["alpha"]) == R
