@@ -48,7 +48,8 @@ class LossOptions:
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
             raise OptionError(
-                f"loss_type {self.loss_type!r}: expected one of {', '.join(LOSS_TYPES)}{suggest(str(self.loss_type), LOSS_TYPES)}"
+                f"loss_type {self.loss_type!r}: expected one of {', '.join(LOSS_TYPES)}"
+                f"{suggest(str(self.loss_type), LOSS_TYPES)}"
             )
         if self.huber_schedule not in HUBER_SCHEDULES:
             raise OptionError(
@@ -65,7 +66,9 @@ class LossOptions:
         if self.scale_v_pred_loss_like_noise_pred and not self.v_parameterization:
             raise OptionError("scale_v_pred_loss_like_noise_pred needs v_parameterization (it rescales a v loss)")
         if self.v_pred_like_loss and self.v_parameterization:
-            raise OptionError("v_pred_like_loss adds a v-like term to an epsilon loss; it cannot be used with v_parameterization")
+            raise OptionError(
+                "v_pred_like_loss adds a v-like term to an epsilon loss; it cannot be used with v_parameterization"
+            )
 
     @property
     def uses_huber_c(self) -> bool:
@@ -78,7 +81,9 @@ def snr_table(scheduler) -> torch.Tensor:
     return a / (1.0 - a)
 
 
-def prediction_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, v_parameterization: bool):
+def prediction_target(
+    scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, v_parameterization: bool
+):
     """What the U-Net should output: the noise, or v = sqrt(a_t) noise - sqrt(1 - a_t) x_0 (the scheduler's own
     get_velocity)."""
     if v_parameterization:
@@ -142,7 +147,9 @@ def apply_mask(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def prior_loss_weights(is_reg, prior_loss_weight: float = 1.0) -> torch.Tensor:
     """Per-sample loss weights as kohya's datasets give them: prior_loss_weight for regularisation images, else 1."""
     is_reg = torch.as_tensor(is_reg, dtype=torch.bool)
-    return torch.where(is_reg, torch.tensor(float(prior_loss_weight), dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+    return torch.where(
+        is_reg, torch.tensor(float(prior_loss_weight), dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
+    )
 
 
 def timestep_weights(timesteps: torch.Tensor, snr: torch.Tensor, options: LossOptions) -> torch.Tensor:
@@ -184,7 +191,10 @@ class DiffusionLoss:
         o = self.options
         if bool((self.snr == 0).any()) and not o.v_parameterization:
             # with zero terminal SNR these weights are infinite at the last timestep: say so now, not as a NaN later
-            for name, on in (("debiased_estimation_loss", o.debiased_estimation_loss), ("v_pred_like_loss", o.v_pred_like_loss)):
+            for name, on in (
+                ("debiased_estimation_loss", o.debiased_estimation_loss),
+                ("v_pred_like_loss", o.v_pred_like_loss),
+            ):
                 if on:
                     raise OptionError(
                         f"{name} divides by SNR(t), which is 0 at the last timestep of this (zero-terminal-SNR) "

@@ -87,10 +87,14 @@ def parse_value(key: str, text: str, option: str = "optimizer_args") -> Any:
         return _WORDS[text.lower()]
     if _BARE_WORD.match(text):
         return text
-    raise OptionError(f"{option}: {key}={text!r} is not a Python literal (a number, a tuple like (0.9, 0.99), True, 'text')")
+    raise OptionError(
+        f"{option}: {key}={text!r} is not a Python literal (a number, a tuple like (0.9, 0.99), True, 'text')"
+    )
 
 
-def parse_kwargs(args: Iterable[str] | Mapping[str, Any] | str | None, option: str = "optimizer_args") -> dict[str, Any]:
+def parse_kwargs(
+    args: Iterable[str] | Mapping[str, Any] | str | None, option: str = "optimizer_args"
+) -> dict[str, Any]:
     """kohya's `optimizer_args`/`lr_scheduler_args`: "key=value" strings (a list, or one string split on
     spaces) or a mapping whose string values are parsed the same way."""
     if args is None:
@@ -171,7 +175,11 @@ def _check_adaptive_lr(spec: OptimizerSpec, groups: list, lr) -> None:
     if lrs[0] is not None and lrs[0] <= 0.1:
         logger.warning("%s: learning rate %s is low; these optimizers expect lr around 1.0", spec.name, lrs[0])
     if len(set(lrs)) > 1:
-        logger.warning("%s: parameter groups have different learning rates %s; the step size is adapted from the first", spec.name, sorted(set(lrs)))
+        logger.warning(
+            "%s: parameter groups have different learning rates %s; the step size is adapted from the first",
+            spec.name,
+            sorted(set(lrs)),
+        )
 
 
 def _adafactor(groups: list, lr, kwargs: dict):
@@ -197,8 +205,9 @@ def make_optimizer(
     """Builds the optimizer kohya builds for `optimizer_type` (case-insensitive; None/"" = AdamW) over
     `param_groups` (e.g. `Network.optimizer_param_groups(...)`; groups without an lr get `lr`).
 
-    `optimizer_args` are extra constructor keywords: ["weight_decay=0.01", "betas=(0.9,0.99)"] or a dict.
-    SGDNesterov(8bit) get nesterov=True and momentum 0.9 unless given. An Adafactor with relative_step keeps the
+    `lr=None` leaves the class's default lr (1.0 for DAdapt* and Prodigy); AdamW, SGDNesterov and the bitsandbytes
+    types need one. `optimizer_args` are extra constructor keywords: ["weight_decay=0.01", "betas=(0.9,0.99)"] or
+    a dict. SGDNesterov(8bit) get nesterov=True and momentum 0.9 unless given. An Adafactor with relative_step keeps the
     requested lr as `optimizer.lorakit_initial_lr` for the 'adafactor' scheduler to report before the first step."""
     spec = _resolve(optimizer_type or "AdamW")
     kwargs = parse_kwargs(optimizer_args, "optimizer_args")
@@ -215,10 +224,18 @@ def make_optimizer(
         lr, groups = _adafactor(groups, lr, kwargs)
     if "lr" in kwargs:
         raise OptionError("optimizer_args: give the learning rate as learning_rate (lr), not in optimizer_args")
+    if lr is None and key != "adafactor":
+        if spec.module == "torch.optim" and key in SPECS or spec.cuda:
+            raise OptionError(f"optimizer_type '{spec.name}' needs a learning rate (learning_rate / lr)")
+    else:
+        kwargs["lr"] = (
+            lr  # None only for a relative-step Adafactor; otherwise the class's default (DAdapt*, Prodigy: 1.0)
+        )
     try:
-        optimizer = cls(groups, lr=lr, **kwargs)
+        optimizer = cls(groups, **kwargs)
     except TypeError as e:
-        raise OptionError(f"optimizer_args {kwargs} for {spec.name} ({cls.__module__}.{cls.__name__}): {e}") from e
+        shown = {k: v for k, v in kwargs.items() if k != "lr"}
+        raise OptionError(f"optimizer_args {shown} for {spec.name} ({cls.__module__}.{cls.__name__}): {e}") from e
     if key == "adafactor" and lr is None:
         optimizer.lorakit_initial_lr = requested_lr or 0.0
     return optimizer

@@ -176,7 +176,9 @@ def make_scheduler(
     if key.startswith("adafactor:"):  # kohya's internal spelling "adafactor:<initial lr>"
         key = "adafactor"
     if _is_relative_step_adafactor(optimizer) and key != "adafactor":
-        logger.warning("Adafactor with relative_step computes its own learning rate: using the 'adafactor' scheduler, not %r", name)
+        logger.warning(
+            "Adafactor with relative_step computes its own learning rate: using the 'adafactor' scheduler, not %r", name
+        )
         key, warmup = "adafactor", 0
     if key not in SCHEDULERS:
         if "." in name or isinstance(getattr(torch.optim.lr_scheduler, name, None), type):
@@ -204,7 +206,9 @@ def make_scheduler(
         lr_init = optimizer.defaults["lr"]
         lr_end = float(args.get("lr_end", 1e-7))
         if not lr_init > lr_end:
-            raise OptionError(f"lr_scheduler 'polynomial': lr_end ({lr_end}) must be smaller than the learning rate ({lr_init})")
+            raise OptionError(
+                f"lr_scheduler 'polynomial': lr_end ({lr_end}) must be smaller than the learning rate ({lr_init})"
+            )
         factor = PolynomialFactor(warmup, num_training_steps, lr_init, lr_end, power)
     else:
         _reject_args(key, args)

@@ -78,7 +78,9 @@ def check(loss: DiffusionLoss, weights, sample_weights=None, seed=0):
 def test_snr_table_from_alphas_cumprod(scheduler):
     snr = snr_table(scheduler)
     assert snr.dtype == torch.float64
-    torch.testing.assert_close(snr, torch.tensor([snr_ref(t) for t in range(1000)], dtype=torch.float64), rtol=2e-4, atol=0)
+    torch.testing.assert_close(
+        snr, torch.tensor([snr_ref(t) for t in range(1000)], dtype=torch.float64), rtol=2e-4, atol=0
+    )
 
 
 def test_targets_epsilon_and_v(scheduler):
@@ -128,7 +130,12 @@ def test_weights_combine_as_a_product(scheduler):
     s = [snr_ref(t) for t in T.tolist()]
     capped = [min(x, 1000.0) for x in s]
     weights = [min(x, 5.0) / (x + 1.0) * (c / (c + 1.0)) / (c + 1.0) for x, c in zip(s, capped)]
-    opts = LossOptions(v_parameterization=True, min_snr_gamma=5.0, scale_v_pred_loss_like_noise_pred=True, debiased_estimation_loss=True)
+    opts = LossOptions(
+        v_parameterization=True,
+        min_snr_gamma=5.0,
+        scale_v_pred_loss_like_noise_pred=True,
+        debiased_estimation_loss=True,
+    )
     sw = [0.5 + 0.1 * i for i in range(B)]
     check(DiffusionLoss(scheduler, opts), weights, sample_weights=torch.tensor(sw))
 
@@ -141,9 +148,13 @@ def test_zero_terminal_snr_weights(zsnr_scheduler):
     assert torch.isfinite(eps_loss).all()
     assert eps_loss[-1].item() == pytest.approx(mse_per_sample(pred, target)[-1], rel=1e-12)
     # v: min(0, g) / (0 + 1) = 0 and debiased 1 / (0 + 1) = 1
-    v_loss = DiffusionLoss(zsnr_scheduler, LossOptions(v_parameterization=True, min_snr_gamma=5.0)).per_sample(pred, target, T)
+    v_loss = DiffusionLoss(zsnr_scheduler, LossOptions(v_parameterization=True, min_snr_gamma=5.0)).per_sample(
+        pred, target, T
+    )
     assert v_loss[-1].item() == 0.0
-    deb = DiffusionLoss(zsnr_scheduler, LossOptions(v_parameterization=True, debiased_estimation_loss=True)).per_sample(pred, target, T)
+    deb = DiffusionLoss(zsnr_scheduler, LossOptions(v_parameterization=True, debiased_estimation_loss=True)).per_sample(
+        pred, target, T
+    )
     assert deb[-1].item() == pytest.approx(mse_per_sample(pred, target)[-1], rel=1e-12)
     # weights that are infinite at SNR 0 are refused up front, naming the option
     for opts in (LossOptions(debiased_estimation_loss=True), LossOptions(v_pred_like_loss=0.1)):
@@ -195,7 +206,9 @@ def test_pseudo_huber_limits():
     assert h[0].item() == pytest.approx(1e-8, rel=1e-6)  # ~ d^2 near 0
     assert h[1].item() == pytest.approx(2 * 0.5 * 100 - 2 * 0.5**2, rel=1e-4)  # ~ 2c|d| - 2c^2 far out
     s = elementwise_loss(d, torch.zeros_like(d), "smooth_l1", c)
-    assert s[0].item() == pytest.approx(1e-8 / 0.5, rel=1e-6) and s[1].item() == pytest.approx(2 * 100 - 2 * 0.5, rel=1e-4)
+    assert s[0].item() == pytest.approx(1e-8 / 0.5, rel=1e-6) and s[1].item() == pytest.approx(
+        2 * 100 - 2 * 0.5, rel=1e-4
+    )
 
 
 def test_l1(scheduler):

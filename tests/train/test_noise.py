@@ -65,7 +65,10 @@ def test_scheduler_has_kohyas_scaled_linear_betas():
     ref = torch.tensor(scaled_linear_betas(), dtype=torch.float64)
     torch.testing.assert_close(s.betas.double(), ref, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(
-        s.alphas_cumprod.double(), torch.tensor(alphas_cumprod_of(ref.tolist()), dtype=torch.float64), rtol=1e-5, atol=1e-8
+        s.alphas_cumprod.double(),
+        torch.tensor(alphas_cumprod_of(ref.tolist()), dtype=torch.float64),
+        rtol=1e-5,
+        atol=1e-8,
     )
     assert s.config.num_train_timesteps == 1000 and s.config.clip_sample is False
 
@@ -77,7 +80,9 @@ def test_zero_terminal_snr_matches_the_papers_algorithm():
     assert s.alphas_cumprod[-1].item() == 0.0  # pure noise at the last step: SNR 0
     assert s.betas[-1].item() == 1.0
     torch.testing.assert_close(s.betas.double(), torch.tensor(ref_betas, dtype=torch.float64), rtol=2e-5, atol=1e-8)
-    torch.testing.assert_close(s.alphas_cumprod.double(), torch.tensor(ref_ab, dtype=torch.float64), rtol=2e-5, atol=1e-9)
+    torch.testing.assert_close(
+        s.alphas_cumprod.double(), torch.tensor(ref_ab, dtype=torch.float64), rtol=2e-5, atol=1e-9
+    )
     # the first step is unchanged, and all SNRs before the last stay positive and decreasing
     assert s.alphas_cumprod[0].item() == pytest.approx(1 - 0.00085, rel=1e-6)
     snr = s.alphas_cumprod.double() / (1 - s.alphas_cumprod.double())
@@ -88,7 +93,11 @@ def test_zero_terminal_snr_equals_diffusers_rescale():
     from diffusers import DDPMScheduler
 
     ref = DDPMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, rescale_betas_zero_snr=True
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        rescale_betas_zero_snr=True,
     )
     ours = make_noise_scheduler(zero_terminal_snr=True)
     # diffusers rescales in float32 (relative error up to ~3e-4 on the small betas); ours is float64
@@ -96,7 +105,9 @@ def test_zero_terminal_snr_equals_diffusers_rescale():
     torch.testing.assert_close(ours.alphas_cumprod, ref.alphas_cumprod, rtol=1e-3, atol=1e-6)
     assert ref.alphas_cumprod[-1].item() == ours.alphas_cumprod[-1].item() == 0.0
     b = torch.linspace(1e-4, 0.02, 50, dtype=torch.float64)
-    torch.testing.assert_close(rescale_zero_terminal_snr(b), torch.tensor(zero_snr_paper(b.tolist()), dtype=torch.float64))
+    torch.testing.assert_close(
+        rescale_zero_terminal_snr(b), torch.tensor(zero_snr_paper(b.tolist()), dtype=torch.float64)
+    )
 
 
 # --- timesteps ---------------------------------------------------------------------------------------------------
@@ -212,6 +223,7 @@ def test_pyramid_noise_statistics():
     pyr = float(out.mean(dim=(2, 3)).var())
     assert white == pytest.approx(1 / 1024, rel=0.2)
     assert pyr > 20 * white
+
     # neighbouring pixels are correlated (white noise: ~0)
     def neighbour_corr(x):
         return float(torch.corrcoef(torch.stack([x[..., :, :-1].flatten(), x[..., :, 1:].flatten()]))[0, 1])
@@ -261,7 +273,9 @@ def test_ip_noise_gamma_perturbs_the_input_not_the_target(random_strength):
     gamma = 0.1 * float(torch.rand((), generator=g)) if random_strength else 0.1
     extra = torch.randn(SHAPE, generator=g)
     torch.testing.assert_close(batch.noise, eps)  # the target keeps the unperturbed noise
-    ref = forward_process(x, eps.double() + gamma * extra.double(), t, torch.tensor(alphas_cumprod_of(scaled_linear_betas())))
+    ref = forward_process(
+        x, eps.double() + gamma * extra.double(), t, torch.tensor(alphas_cumprod_of(scaled_linear_betas()))
+    )
     torch.testing.assert_close(batch.noisy_latents.double(), ref, rtol=0, atol=1e-5)
 
 
@@ -277,7 +291,11 @@ def test_half_precision_latents_and_generator_resume():
     g2 = torch.Generator()
     g2.set_state(state)  # what a resumed run does with the saved state
     again = noisy_batch(x, s, opts, g2)
-    for a, b in ((second.noise, again.noise), (second.noisy_latents, again.noisy_latents), (second.timesteps, again.timesteps)):
+    for a, b in (
+        (second.noise, again.noise),
+        (second.noisy_latents, again.noisy_latents),
+        (second.timesteps, again.timesteps),
+    ):
         assert torch.equal(a, b)
     assert not torch.equal(first.noise, second.noise)
     # the same seed gives the same run

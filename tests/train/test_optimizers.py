@@ -23,12 +23,26 @@ def groups():
 
 def test_parse_kwargs_reads_python_literals_like_kohya():
     got = parse_kwargs(
-        ["weight_decay=0.01", "betas=(0.9,0.99)", "decouple=True", "use_bias_correction=false", "d0=1e-6",
-         "mode=triangular", "eps=None", "name='a=b'"]
+        [
+            "weight_decay=0.01",
+            "betas=(0.9,0.99)",
+            "decouple=True",
+            "use_bias_correction=false",
+            "d0=1e-6",
+            "mode=triangular",
+            "eps=None",
+            "name='a=b'",
+        ]
     )
     assert got == {
-        "weight_decay": 0.01, "betas": (0.9, 0.99), "decouple": True, "use_bias_correction": False, "d0": 1e-6,
-        "mode": "triangular", "eps": None, "name": "a=b",
+        "weight_decay": 0.01,
+        "betas": (0.9, 0.99),
+        "decouple": True,
+        "use_bias_correction": False,
+        "d0": 1e-6,
+        "mode": "triangular",
+        "eps": None,
+        "name": "a=b",
     }
     assert parse_kwargs("weight_decay=0.1 momentum=0.5") == {"weight_decay": 0.1, "momentum": 0.5}
     assert parse_kwargs({"betas": "(0.8, 0.9)", "foreach": False}) == {"betas": (0.8, 0.9), "foreach": False}
@@ -37,8 +51,11 @@ def test_parse_kwargs_reads_python_literals_like_kohya():
 
 @pytest.mark.parametrize(
     "args,match",
-    [(["weight_decay"], "'weight_decay' is not of the form key=value"), (["x=1+"], "x='1\\+' is not a Python literal"),
-     (["a=1", "a=2"], "'a' given twice")],
+    [
+        (["weight_decay"], "'weight_decay' is not of the form key=value"),
+        (["x=1+"], "x='1\\+' is not a Python literal"),
+        (["a=1", "a=2"], "'a' given twice"),
+    ],
 )
 def test_parse_kwargs_errors_name_the_option(args, match):
     with pytest.raises(OptionError, match="optimizer_args: " + match):
@@ -84,7 +101,9 @@ def test_adafactor_relative_step_rules(caplog):
 
 
 def test_adafactor_with_an_explicit_lr_and_warmup_init():
-    opt = make_optimizer("adafactor", groups(), 1e-3, ["relative_step=False", "scale_parameter=False", "warmup_init=False"])
+    opt = make_optimizer(
+        "adafactor", groups(), 1e-3, ["relative_step=False", "scale_parameter=False", "warmup_init=False"]
+    )
     assert opt.defaults["relative_step"] is False and opt.defaults["lr"] == 1e-3
     assert [g["lr"] for g in opt.param_groups] == [1e-4, 1e-3]
     # warmup_init needs relative_step: kohya turns it on
@@ -115,6 +134,9 @@ def test_bad_arguments_and_names():
         assert name in str(e.value)
     with pytest.raises(OptionError, match="Did you mean 'Prodigy'"):
         make_optimizer("prodigi", groups(), 1.0)
+    with pytest.raises(OptionError, match="'SGDNesterov' needs a learning rate"):
+        make_optimizer("sgdnesterov", groups(), None)
+    assert make_optimizer("torch.optim.Adagrad", groups(), None).defaults["lr"] == 1e-2  # the class's default
     with pytest.raises(ValueError, match="nothing to train"):
         make_optimizer("AdamW", [], 1e-3)
 
@@ -151,7 +173,9 @@ BNB = ["AdamW8bit", "PagedAdamW8bit", "PagedAdamW", "PagedAdamW32bit", "Lion8bit
 @pytest.mark.parametrize("name", BNB)
 def test_8bit_types_need_cuda(monkeypatch, name):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(OptionError, match=f"optimizer_type '{name}': bitsandbytes 8-bit and paged optimizers need CUDA"):
+    with pytest.raises(
+        OptionError, match=f"optimizer_type '{name}': bitsandbytes 8-bit and paged optimizers need CUDA"
+    ):
         make_optimizer(name, groups(), 1e-3)
 
 
@@ -187,9 +211,18 @@ def test_prodigy_if_installed(caplog):
     assert "different learning rates" in caplog.text  # 1e-4 and 1.0: only the first drives the adaptation
 
 
-@pytest.mark.parametrize("name,attr", [("DAdaptAdam", "DAdaptAdam"), ("DAdaptLion", "DAdaptLion"), ("DAdaptSGD", "DAdaptSGD"),
-                                       ("DAdaptAdaGrad", "DAdaptAdaGrad"), ("DAdaptAdan", "DAdaptAdan"),
-                                       ("DAdaptation", "DAdaptAdamPreprint"), ("DAdaptAdanIP", "DAdaptAdanIP")])
+@pytest.mark.parametrize(
+    "name,attr",
+    [
+        ("DAdaptAdam", "DAdaptAdam"),
+        ("DAdaptLion", "DAdaptLion"),
+        ("DAdaptSGD", "DAdaptSGD"),
+        ("DAdaptAdaGrad", "DAdaptAdaGrad"),
+        ("DAdaptAdan", "DAdaptAdan"),
+        ("DAdaptation", "DAdaptAdamPreprint"),
+        ("DAdaptAdanIP", "DAdaptAdanIP"),
+    ],
+)
 def test_dadaptation_if_installed(caplog, name, attr):
     pytest.importorskip("dadaptation")
     p = torch.nn.Parameter(torch.zeros(3))
