@@ -1,0 +1,114 @@
+"""Merge several LoRA/LoCon files into one of a new rank: per module, sum ratio_i * scale_i * up_i @ down_i and
+re-factor the sum by SVD. The sum stays factored (the factors side by side, rank = the sum of the ranks), so the
+SVD is of a small core (lowrank.svd_of_product); only modules stored whole (`diff`) make the sum dense. Modules in
+only some files are included. Saved alpha = the new rank (scale 1), as kohya's svd_merge_lora writes it."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from . import lowrank
+from .extract import progress
+from .resize import lora_modules, module_factors
+
+__all__ = ["merge_loras_svd"]
+
+
+def _read(source):
+    from ..network.load import check_layout, read_adapter_tensors
+
+    tensors, metadata, where = read_adapter_tensors(source)
+    check_layout(tensors, where)
+    return tensors, metadata, where
+
+
+def merge_loras_svd(files: list, ratios: list[float], new_rank: int, new_conv_rank: int | None = None, out=None,
+                    device="cpu", dtype=None) -> dict[str, torch.Tensor]:
+    """The merged state dict (float32 unless `dtype`); written to `out` atomically, with metadata, when given."""
+    if len(files) != len(ratios):
+        raise ValueError(f"merge_loras_svd: {len(files)} file(s) but {len(ratios)} ratio(s); give one ratio per file")
+    if not files:
+        raise ValueError("merge_loras_svd: no files given")
+    for option, value in (("new_rank", new_rank), ("new_conv_rank", new_conv_rank)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"merge_loras_svd: {option} must be a whole number >= 1, got {value!r}")
+    new_conv_rank = new_rank if new_conv_rank is None else new_conv_rank
+    # name -> list of (up, down) pairs of the sum; dense parts; the weight shape and who set it
+    pairs: dict[str, list] = {}
+    dense: dict[str, torch.Tensor] = {}
+    shapes: dict[str, tuple] = {}
+    names = []
+    for source, ratio in zip(files, ratios):
+        tensors, _, where = _read(source)
+        names.append(os.path.basename(where) if not isinstance(source, dict) else "state dict")
+        loras, other = lora_modules(tensors)
+        full = {}
+        for key, value in other.items():
+            name, _, suffix = key.partition(".")
+            if suffix == "diff":
+                full[name] = value
+            elif suffix not in ("diff_b",):
+                raise ValueError(f"{where}: module '{name}' has '{suffix}': merge_loras_svd merges LoRA/LoCon modules "
+                                 "(lora_down/lora_up/alpha, lora_mid) and full ones (diff); convert or merge it "
+                                 "another way")
+        for name, sub in loras.items():
+            extra = set(sub) - {"lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha"}
+            if extra:
+                raise ValueError(f"{where}: module '{name}' has {sorted(extra)}: merge_loras_svd cannot merge it "
+                                 "(DoRA magnitudes do not add)")
+            up, down, shape, scale = module_factors(sub, torch.float32, f"{where}: module '{name}'")
+            _check_shape(shapes, name, shape, where)
+            pairs.setdefault(name, []).append((up.to(device) * (float(ratio) * scale), down.to(device)))
+        for name, diff in full.items():
+            shape = tuple(diff.shape)
+            _check_shape(shapes, name, shape, where)
+            d = diff.to(device, torch.float32).reshape(shape[0], -1) * float(ratio)
+            dense[name] = d if name not in dense else dense[name] + d
+    merged: dict[str, torch.Tensor] = {}
+    report = {}
+    with torch.no_grad():
+        for name in progress(list(shapes), "merge (svd)"):
+            shape = shapes[name]
+            is_conv = len(shape) > 2 and shape[2:] != (1,) * (len(shape) - 2)
+            cap = new_conv_rank if is_conv else new_rank
+            ups = [u for u, _ in pairs.get(name, [])]
+            downs = [d for _, d in pairs.get(name, [])]
+            if name in dense:
+                A = dense[name] + (torch.cat(ups, 1) @ torch.cat(downs, 0) if ups else 0)
+                lr = lowrank.low_rank(A, "fixed", min(cap, *A.shape), svd="exact")
+                up, down, k = lr.up, lr.down, lr.rank
+            else:
+                U, S, Vh = lowrank.svd_of_product(torch.cat(ups, 1), torch.cat(downs, 0))
+                k = min(cap, S.numel())
+                up, down = lowrank.split_factors(U, S, Vh, k)
+            kernel = shape[2:]
+            merged[f"{name}.lora_down.weight"] = down.reshape(k, *shape[1:]).cpu()
+            merged[f"{name}.lora_up.weight"] = up.reshape(shape[0], k, *(1,) * len(kernel)).cpu()
+            merged[f"{name}.alpha"] = torch.tensor(float(k))
+            report[name] = k
+    if dtype is not None:
+        merged = {k: v.to(dtype) for k, v in merged.items()}
+    if out is not None:
+        from ..formats import add_hashes, prepare_tensors, save_file
+
+        meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(new_rank),
+                "ss_network_alpha": str(float(new_rank)),
+                "ss_network_args": json.dumps({"conv_dim": str(new_conv_rank), "conv_alpha": str(float(new_conv_rank))}),
+                "ss_training_comment": "merged by lorakit merge_loras_svd: " + ", ".join(
+                    f"{n} x {r}" for n, r in zip(names, ratios)),
+                "lorakit_merge_svd": json.dumps({"files": names, "ratios": [float(r) for r in ratios],
+                                                 "new_rank": new_rank, "new_conv_rank": new_conv_rank})}
+        cast = prepare_tensors(merged, dtype)
+        meta = add_hashes(cast, meta)
+        save_file(cast, out, metadata=meta)
+    return merged
+
+
+def _check_shape(shapes: dict, name: str, shape: tuple, where: str) -> None:
+    old = shapes.setdefault(name, shape)
+    if old != shape:
+        raise ValueError(f"{where}: module '{name}' changes a weight of shape {shape}, but an earlier file's module "
+                         f"of that name changes one of shape {old}")

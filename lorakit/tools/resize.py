@@ -1,0 +1,197 @@
+"""Resize a LoRA/LoCon file: a lower rank per module by SVD of up @ down, or DyLoRA's cut to its first k components.
+
+No base model and no dim-sized matrix: the SVD of up (out x r) @ down (r x in*k) is taken from the QR of both factors
+(lowrank.svd_of_product), so each module costs O((out + in*k) r^2). Ranks follow kohya's `networks/resize_lora.py`:
+`new_rank` (and `new_conv_rank` for convs with kernel > 1) is the rank, or the cap of a dynamic method (`sv_ratio`,
+`sv_fro`, `sv_cumulative`, see lowrank.py); the new alpha keeps each module's scale (alpha_new = scale * rank_new).
+Tucker modules (`lora_mid`) are rebuilt as plain LoCon (their product is factored exactly). Modules of other
+algorithms, and `dora_scale`, are copied unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from . import lowrank
+
+__all__ = ["lora_modules", "module_factors", "resize_lora", "ResizeResult"]
+
+DYNAMIC = ("sv_ratio", "sv_fro", "sv_cumulative")
+
+
+def lora_modules(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """({module name: {suffix: tensor}} of the LoRA/LoCon modules, {key: tensor} of everything else)."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        name, _, suffix = key.partition(".")
+        groups.setdefault(name, {})[suffix] = value
+    loras, other = {}, {}
+    for name, sub in groups.items():
+        if "lora_down.weight" in sub and "lora_up.weight" in sub:
+            loras[name] = sub
+        else:
+            other.update({f"{name}.{k}": v for k, v in sub.items()})
+    return loras, other
+
+
+def module_factors(sub: dict[str, torch.Tensor], dtype=torch.float32, where: str = "") -> tuple[torch.Tensor, torch.Tensor, tuple, float]:
+    """(up (out x r), down (r x in*k), weight shape, scale) of one LoRA module, dW = scale * up @ down. A Tucker
+    module's mid and down are contracted into one (a x in*k) down factor."""
+    down, up = sub["lora_down.weight"].to(dtype), sub["lora_up.weight"].to(dtype)
+    r = down.shape[0]
+    if up.shape[1] != r:
+        raise ValueError(f"{where}: lora_up.weight {tuple(up.shape)} and lora_down.weight {tuple(down.shape)} have "
+                         "different ranks")
+    alpha = float(sub["alpha"]) if "alpha" in sub else float(r)  # no alpha: alpha = dim, as kohya and the UIs read it
+    scale = alpha / r
+    if "lora_mid.weight" in sub:
+        mid = sub["lora_mid.weight"].to(dtype)  # (a, b, *kernel), down (b, in, 1..)
+        kernel = tuple(mid.shape[2:])
+        full_down = torch.einsum("ab...,bi->ai...", mid, down.flatten(1))  # (a, in, *kernel)
+        shape = (up.shape[0], down.shape[1], *kernel)
+        return up.flatten(1), full_down.reshape(r, -1), shape, scale
+    shape = (up.shape[0], *down.shape[1:])
+    return up.flatten(1), down.flatten(1), shape, scale
+
+
+def _kernel_numel(shape) -> int:
+    return math.prod(shape[2:]) if len(shape) > 2 else 1
+
+
+@dataclass
+class ResizeResult:
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    layers: dict[str, dict] = field(default_factory=dict)  # name -> {"old_rank", "rank", "fro", "energy", ...}
+    copied: list[str] = field(default_factory=list)  # keys of modules that are not LoRA, copied as they are
+
+
+def _is_dylora(metadata: dict[str, str]) -> bool:
+    return "dylora" in metadata.get("ss_network_module", "").lower() or \
+        "dylora" in metadata.get("ss_network_args", "").lower()
+
+
+def resize_lora(source, new_rank: int, out=None, *, new_conv_rank: int | None = None, dynamic_method: str | None = None,
+                dynamic_param: float | None = None, dylora: bool | None = None, save_dtype: torch.dtype | None = None,
+                device: str = "cpu") -> ResizeResult:
+    """Resize a LoRA/LoCon file (path) or state dict. `dylora`: cut to the first k components instead of an SVD
+    (None: when the file's metadata says DyLoRA). Writes `out` atomically when given (`save_dtype` None keeps the
+    file's dtype)."""
+    from ..network.load import check_layout, read_adapter_tensors
+
+    tensors, metadata, where = read_adapter_tensors(source)
+    check_layout(tensors, where)
+    if not isinstance(new_rank, int) or new_rank < 1:
+        raise ValueError(f"new_rank must be a whole number >= 1, got {new_rank!r}")
+    new_conv_rank = new_rank if new_conv_rank is None else new_conv_rank
+    if not isinstance(new_conv_rank, int) or new_conv_rank < 1:
+        raise ValueError(f"new_conv_rank must be a whole number >= 1, got {new_conv_rank!r}")
+    if dynamic_method is not None:
+        if dynamic_method not in DYNAMIC:
+            raise ValueError(f"dynamic_method must be one of {', '.join(DYNAMIC)}, got {dynamic_method!r}")
+        lowrank.check_mode(dynamic_method, dynamic_param, "dynamic_param")
+    dylora = _is_dylora(metadata) if dylora is None else dylora
+    if dylora and dynamic_method is not None:
+        raise ValueError("a DyLoRA cut keeps the first k components; it takes new_rank, not a dynamic_method")
+    loras, other = lora_modules(tensors)
+    if not loras:
+        raise ValueError(f"{where}: holds no LoRA/LoCon module (lora_down/lora_up): nothing to resize")
+    file_dtype = next(iter(loras.values()))["lora_down.weight"].dtype
+    result = ResizeResult({}, {}, copied=sorted(other))
+    old_ranks = []
+    with torch.no_grad():
+        for name, sub in loras.items():
+            down = sub["lora_down.weight"]
+            old = down.shape[0]
+            old_ranks.append(old)
+            is_conv = down.dim() > 2 and (_kernel_numel(down.shape) > 1 or "lora_mid.weight" in sub)
+            cap = new_conv_rank if is_conv else new_rank
+            if dylora:
+                new = _dylora_cut(sub, cap, name, where)
+            else:
+                new = _svd_resize(sub, cap, dynamic_method, dynamic_param, device, f"{where}: module '{name}'")
+            report = new.pop("_report")
+            report["old_rank"] = old
+            result.layers[name] = report
+            if "dora_scale" in sub:
+                new["dora_scale"] = sub["dora_scale"]
+            result.tensors.update({f"{name}.{k}": v for k, v in new.items()})
+    result.tensors.update(other)
+    result.metadata = _metadata(metadata, result, new_rank, new_conv_rank, dynamic_method, dynamic_param, dylora,
+                                max(old_ranks))
+    if out is not None:
+        from ..formats import add_hashes, prepare_tensors, save_file
+
+        cast = prepare_tensors(result.tensors, save_dtype or file_dtype)
+        result.metadata = add_hashes(cast, result.metadata)
+        save_file(cast, out, metadata=result.metadata)
+    return result
+
+
+def _dylora_cut(sub, k, name, where) -> dict:
+    down, up = sub["lora_down.weight"], sub["lora_up.weight"]
+    if "lora_mid.weight" in sub:
+        raise ValueError(f"{where}: module '{name}' is in Tucker form (lora_mid); DyLoRA files never are")
+    r = down.shape[0]
+    k = min(k, r)
+    alpha = sub.get("alpha", torch.tensor(float(r)))
+    # DyLoRA trains every prefix of its components at scale alpha / k: the cut keeps alpha
+    out = {"lora_down.weight": down[:k].clone(), "lora_up.weight": up[:, :k].clone(), "alpha": alpha.clone()}
+    return {**out, "_report": {"rank": k, "cut": True}}
+
+
+def _svd_resize(sub, cap, method, param, device, where) -> dict:
+    up, down, shape, scale = module_factors(sub, torch.float32, where)
+    up, down = up.to(device), down.to(device)
+    U, S, Vh = lowrank.svd_of_product(up, down)
+    mode, p = (method, param) if method else ("fixed", cap)
+    if float(S[0]) <= 1e-6:  # kohya's MIN_SV: a zero module keeps one component
+        k = 1
+    else:
+        k = lowrank.select_rank(S, mode, p, max_rank=cap)
+    report = lowrank.retained(S, k)
+    new_up, new_down = lowrank.split_factors(U, S, Vh, k)
+    kernel = shape[2:]
+    tensors = {"lora_up.weight": new_up.reshape(shape[0], k, *(1,) * len(kernel)).cpu(),
+               "lora_down.weight": new_down.reshape(k, *shape[1:]).cpu(),
+               "alpha": torch.tensor(scale * k)}
+    return {**tensors, "_report": report}
+
+
+def _metadata(metadata, result, new_rank, new_conv_rank, method, param, dylora, old_dim) -> dict[str, str]:
+    meta = dict(metadata)
+    comment = meta.get("ss_training_comment", "")
+    ranks = {r["rank"] for r in result.layers.values()}
+    if dylora:
+        meta["ss_training_comment"] = f"DyLoRA cut from {old_dim} to {new_rank}; {comment}"
+        meta["ss_network_dim"] = str(max(ranks))
+    elif method is None:
+        conv = "" if new_conv_rank == new_rank else f" (conv: {new_conv_rank})"
+        meta["ss_training_comment"] = f"dimension is resized from {old_dim} to {new_rank}{conv}; {comment}"
+        meta["ss_network_dim"] = str(new_rank)
+        alphas = {float(result.tensors[f"{n}.alpha"]) for n in result.layers}
+        meta["ss_network_alpha"] = str(alphas.pop()) if len(alphas) == 1 else "Dynamic"
+    else:
+        meta["ss_training_comment"] = f"Dynamic resize with {method}: {param} from {old_dim}; {comment}"
+        meta["ss_network_dim"] = "Dynamic"
+        meta["ss_network_alpha"] = "Dynamic"
+    if meta.get("ss_network_args", "").strip().startswith("{"):
+        try:  # keep conv_dim in the args consistent with the new ranks
+            args = json.loads(meta["ss_network_args"])
+            if "conv_dim" in args and method is None:
+                args["conv_dim"] = str(new_conv_rank)
+                meta["ss_network_args"] = json.dumps(args)
+        except json.JSONDecodeError:
+            pass
+    fro = [r["fro"] for r in result.layers.values() if "fro" in r]
+    meta["lorakit_resize"] = json.dumps({"new_rank": new_rank, "new_conv_rank": new_conv_rank, "dynamic_method": method,
+                                         "dynamic_param": param, "dylora_cut": bool(dylora), "old_dim": old_dim,
+                                         "mean_fro_retained": sum(fro) / len(fro) if fro else None}, sort_keys=True)
+    for key in ("sshs_model_hash", "sshs_legacy_hash"):
+        meta.pop(key, None)  # recomputed for the new tensors when saved
+    return meta

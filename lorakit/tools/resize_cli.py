@@ -1,0 +1,54 @@
+"""`lorakit resize IN OUT --new_rank K`: argument parsing for tools/resize.py."""
+
+from __future__ import annotations
+
+import argparse
+
+_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "float": "float32", "fp32": "float32"}
+
+
+def add_parser(commands) -> None:
+    p = commands.add_parser("resize", help="reduce the rank of a LoRA/LoCon file by SVD (or cut a DyLoRA file)",
+                            description="Per module: the best rank-k approximation of up @ down (no base model "
+                            "needed), or a DyLoRA file's first k components.")
+    p.add_argument("source", help="the LoRA/LoCon .safetensors file")
+    p.add_argument("out", help="the .safetensors file to write")
+    p.add_argument("--new_rank", type=int, required=True, help="the new rank; the cap of a dynamic method")
+    p.add_argument("--new_conv_rank", type=int, default=None, help="for convs with kernel > 1 (default: new_rank)")
+    p.add_argument("--dynamic_method", choices=("sv_ratio", "sv_fro", "sv_cumulative"), default=None,
+                   help="kohya's per-module rank choice: sv_ratio (keep S > S_max / param), sv_fro (keep param of the "
+                   "Frobenius norm), sv_cumulative (keep param of the sum of singular values)")
+    p.add_argument("--dynamic_param", type=float, default=None, help="the dynamic method's parameter")
+    cut = p.add_mutually_exclusive_group()
+    cut.add_argument("--dylora", dest="dylora", action="store_true", default=None,
+                     help="cut to the first k components (a DyLoRA file; the default when its metadata says DyLoRA)")
+    cut.add_argument("--svd", dest="dylora", action="store_false", help="always resize by SVD")
+    p.add_argument("--save_precision", choices=sorted(_DTYPES), default=None, help="default: the file's dtype")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--verbose", action="store_true", help="print every module's rank and retained norm")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .resize import resize_lora
+
+    if args.dynamic_method and args.dynamic_param is None:
+        raise SystemExit("lorakit resize: --dynamic_method needs --dynamic_param")
+    dtype = getattr(torch, _DTYPES[args.save_precision]) if args.save_precision else None
+    result = resize_lora(args.source, args.new_rank, args.out, new_conv_rank=args.new_conv_rank,
+                         dynamic_method=args.dynamic_method, dynamic_param=args.dynamic_param, dylora=args.dylora,
+                         save_dtype=dtype, device=args.device)
+    fro = [r["fro"] for r in result.layers.values() if "fro" in r]
+    for name, r in result.layers.items():
+        if args.verbose:
+            kept = "cut" if r.get("cut") else f"fro retained {r['fro']:.2%}, energy {r['energy']:.2%}"
+            print(f"{name:90s} {r['old_rank']:4d} -> {r['rank']:4d}  {kept}")
+    summary = f"{args.out}: {len(result.layers)} modules resized"
+    if fro:
+        summary += f", Frobenius norm retained: mean {sum(fro) / len(fro):.2%}, min {min(fro):.2%}"
+    if result.copied:
+        summary += f"; {len(result.copied)} other tensors copied unchanged"
+    print(summary)
+    return 0

@@ -1,0 +1,74 @@
+"""merge_loras_svd: per module, the SVD truncation of the dense weighted sum (computed in float64 in the test);
+modules present in one file only included; the file written with metadata."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lorakit.formats import load_file, save_file
+from lorakit.tools.merge_svd import merge_loras_svd
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _file(seed, r, names, alpha):
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name in names:
+        conv = name.endswith("conv")
+        sd[f"{name}.lora_down.weight"] = torch.randn(r, 12, *((3, 3) if conv else ()), generator=g)
+        sd[f"{name}.lora_up.weight"] = torch.randn(20, r, *((1, 1) if conv else ()), generator=g)
+        sd[f"{name}.alpha"] = torch.tensor(alpha)
+    return sd
+
+
+def _dense(sd, name):
+    up, down = sd[f"{name}.lora_up.weight"].double().flatten(1), sd[f"{name}.lora_down.weight"].double().flatten(1)
+    return float(sd[f"{name}.alpha"]) / down.shape[0] * up @ down
+
+
+def _truncate(A, k):
+    U, S, Vh = np.linalg.svd(A.numpy(), full_matrices=False)
+    return torch.from_numpy((U[:, :k] * S[:k]) @ Vh[:k])
+
+
+def test_equals_svd_of_dense_sum(tmp_path):
+    a = _file(0, 4, ["lora_unet_x", "lora_unet_conv"], 2.0)
+    b = _file(1, 6, ["lora_unet_x", "lora_unet_only_b"], 6.0)
+    b["lora_unet_full.diff"] = torch.randn(20, 12)
+    pa, pb, out = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "m.safetensors"
+    save_file(a, pa)
+    save_file(b, pb)
+    merged = merge_loras_svd([pa, pb], [0.7, -0.4], 5, new_conv_rank=3, out=out)
+    x = 0.7 * _dense(a, "lora_unet_x") - 0.4 * _dense(b, "lora_unet_x")
+    assert torch.allclose(_dense(merged, "lora_unet_x"), _truncate(x, 5), atol=1e-5)
+    assert torch.allclose(_dense(merged, "lora_unet_conv"), _truncate(0.7 * _dense(a, "lora_unet_conv"), 3), atol=1e-5)
+    assert merged["lora_unet_conv.lora_down.weight"].shape == (3, 12, 3, 3)
+    assert torch.allclose(_dense(merged, "lora_unet_only_b"), _truncate(-0.4 * _dense(b, "lora_unet_only_b"), 5),
+                          atol=1e-5)
+    assert torch.allclose(_dense(merged, "lora_unet_full"), _truncate(-0.4 * b["lora_unet_full.diff"].double(), 5),
+                          atol=1e-5)
+    t, meta = load_file(out)
+    assert set(t) == set(merged) and meta["ss_network_dim"] == "5" and "sshs_model_hash" in meta
+    assert json.loads(meta["lorakit_merge_svd"])["ratios"] == [0.7, -0.4]
+
+
+def test_errors():
+    a = _file(0, 4, ["lora_unet_x"], 2.0)
+    with pytest.raises(ValueError, match="ratio"):
+        merge_loras_svd([a], [1.0, 2.0], 4)
+    bad = {"lora_unet_x.lora_down.weight": torch.randn(4, 13), "lora_unet_x.lora_up.weight": torch.randn(20, 4)}
+    with pytest.raises(ValueError, match="shape"):
+        merge_loras_svd([a, bad], [1.0, 1.0], 4)
+    with pytest.raises(ValueError, match="hada_w1_a"):
+        merge_loras_svd([{"lora_unet_y.hada_w1_a": torch.ones(2, 2)}], [1.0], 4)

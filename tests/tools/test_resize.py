@@ -1,0 +1,126 @@
+"""resize: the kept change is the best rank-k approximation (Eckart-Young, dense float64 in the test), dynamic
+methods pick kohya's ranks, metadata and hashes are updated, DyLoRA cuts keep the first k components."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lorakit.formats import load_file, save_file, sshs_hashes
+from lorakit.tools.resize import resize_lora
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # LAPACK with 2 OpenMP threads on a busy 2-core machine is erratic
+    yield
+    torch.set_num_threads(n)
+
+
+def _lora(seed=0, r=8, alpha=4.0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "lora_unet_a.lora_down.weight": torch.randn(r, 40, generator=g),
+        "lora_unet_a.lora_up.weight": torch.randn(30, r, generator=g) * torch.logspace(0, -1, r),
+        "lora_unet_a.alpha": torch.tensor(alpha),
+        "lora_unet_c.lora_down.weight": torch.randn(r, 12, 3, 3, generator=g),
+        "lora_unet_c.lora_up.weight": torch.randn(16, r, 1, 1, generator=g),
+        "lora_unet_c.alpha": torch.tensor(alpha),
+        "lora_unet_n.w_norm": torch.randn(16, generator=g),
+    }
+
+
+def _dense(t, name):
+    up, down = t[f"{name}.lora_up.weight"].double(), t[f"{name}.lora_down.weight"].double()
+    return float(t[f"{name}.alpha"]) / down.shape[0] * up.flatten(1) @ down.flatten(1)
+
+
+def _best(A, k):
+    U, S, Vh = np.linalg.svd(A.numpy(), full_matrices=False)
+    return torch.from_numpy((U[:, :k] * S[:k]) @ Vh[:k]), S
+
+
+def test_eckart_young_and_metadata(tmp_path):
+    src = tmp_path / "in.safetensors"
+    save_file(_lora(), src, metadata={"ss_network_dim": "8", "ss_network_alpha": "4.0", "sshs_model_hash": "old"})
+    out = tmp_path / "out.safetensors"
+    res = resize_lora(src, 3, out, new_conv_rank=2)
+    t, meta = load_file(out)
+    for name, k in (("lora_unet_a", 3), ("lora_unet_c", 2)):
+        want, S = _best(_dense(_lora(), name), k)
+        assert torch.allclose(_dense(t, name), want, atol=1e-5)
+        assert float(t[f"{name}.alpha"]) == pytest.approx(4.0 / 8 * k)  # scale kept
+        rep = res.layers[name]
+        assert rep["old_rank"] == 8 and rep["rank"] == k
+        assert rep["energy"] == pytest.approx((S[:k] ** 2).sum() / (S ** 2).sum(), rel=1e-5)
+    assert torch.equal(t["lora_unet_n.w_norm"], _lora()["lora_unet_n.w_norm"])  # other algorithms copied
+    assert meta["ss_network_dim"] == "3" and meta["ss_network_alpha"] == "Dynamic"  # conv alpha differs
+    assert meta["sshs_model_hash"] == sshs_hashes(t, meta)[0] != "old"
+    assert json.loads(meta["lorakit_resize"])["old_dim"] == 8
+
+
+@pytest.mark.parametrize("method,param", [("sv_ratio", 3.0), ("sv_fro", 0.9), ("sv_cumulative", 0.7)])
+def test_dynamic_methods(method, param):
+    res = resize_lora(_lora(), 6, dynamic_method=method, dynamic_param=param)
+    A = _dense(_lora(), "lora_unet_a")
+    S = np.linalg.svd(A.numpy(), compute_uv=False)
+    S = S[S > 1e-9 * S[0]]
+    if method == "sv_ratio":
+        want = int((S > S[0] / param).sum())
+    elif method == "sv_fro":
+        want = int(np.searchsorted(np.cumsum(S ** 2) / (S ** 2).sum(), param ** 2)) + 1
+    else:
+        want = int(np.searchsorted(np.cumsum(S) / S.sum(), param)) + 1
+    want = max(1, min(want, 6))
+    assert res.layers["lora_unet_a"]["rank"] == want
+    best, _ = _best(A, want)
+    assert torch.allclose(_dense(res.tensors, "lora_unet_a"), best, atol=1e-5)
+    assert res.metadata["ss_network_dim"] == "Dynamic"
+
+
+def test_tucker_module_resized_exactly():
+    g = torch.Generator().manual_seed(4)
+    sd = {"lora_unet_t.lora_down.weight": torch.randn(4, 6, 1, 1, generator=g),
+          "lora_unet_t.lora_mid.weight": torch.randn(4, 4, 3, 3, generator=g),
+          "lora_unet_t.lora_up.weight": torch.randn(10, 4, 1, 1, generator=g), "lora_unet_t.alpha": torch.tensor(2.0)}
+    dense = 0.5 * torch.einsum("oa,ab...,bi->oi...", sd["lora_unet_t.lora_up.weight"].flatten(1).double(),
+                               sd["lora_unet_t.lora_mid.weight"].double(), sd["lora_unet_t.lora_down.weight"].flatten(1).double())
+    res = resize_lora(sd, 10)  # the full rank of the flattened product: exact
+    assert torch.allclose(_dense(res.tensors, "lora_unet_t").reshape(dense.shape), dense, atol=1e-5)
+
+
+def test_dylora_cut(tmp_path):
+    sd = _lora()
+    res = resize_lora(sd | {}, 3, dylora=True)
+    for name in ("lora_unet_a", "lora_unet_c"):
+        assert torch.equal(res.tensors[f"{name}.lora_down.weight"], sd[f"{name}.lora_down.weight"][:3])
+        assert torch.equal(res.tensors[f"{name}.lora_up.weight"], sd[f"{name}.lora_up.weight"][:, :3])
+        assert float(res.tensors[f"{name}.alpha"]) == 4.0
+    src = tmp_path / "dy.safetensors"
+    save_file(sd, src, metadata={"ss_network_module": "networks.dylora"})
+    auto = resize_lora(src, 2)  # metadata says DyLoRA: cut by default
+    assert torch.equal(auto.tensors["lora_unet_a.lora_down.weight"], sd["lora_unet_a.lora_down.weight"][:2])
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(ValueError, match="new_rank"):
+        resize_lora(_lora(), 0)
+    with pytest.raises(ValueError, match="dynamic_method"):
+        resize_lora(_lora(), 4, dynamic_method="sv_bogus", dynamic_param=1)
+    with pytest.raises(ValueError, match="no LoRA/LoCon module"):
+        resize_lora({"x.w_norm": torch.ones(2)}, 4)
+
+
+def test_cli(tmp_path, capsys):
+    from lorakit.cli import main
+
+    src, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    save_file(_lora(), src)
+    assert main(["resize", str(src), str(out), "--new_rank", "2", "--save_precision", "fp16"]) == 0
+    t, meta = load_file(out)
+    assert t["lora_unet_a.lora_down.weight"].shape == (2, 40) and t["lora_unet_a.lora_down.weight"].dtype == torch.float16
+    assert "Frobenius norm retained" in capsys.readouterr().out
