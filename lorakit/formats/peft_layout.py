@@ -54,6 +54,7 @@ _WORDS = frozenset({
     "time_embed", "label_emb",
     "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj", "layer_norm1", "layer_norm2",
     "final_layer_norm", "token_embedding", "position_embedding", "text_projection", "patch_embedding",
+    "activation_fn", "time_proj", "add_time_proj",
 })
 _MAX_WORD = max(w.count("_") + 1 for w in _WORDS)
 _PLAIN = re.compile(r"[a-z][a-z0-9]*|0|[1-9][0-9]*")  # one-token segments: attn1, ff, net, 0, ...
