@@ -86,7 +86,7 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, to: str | None
         raise ConvertError(f"{where}: not a kohya/LyCORIS nor a diffusers/PEFT adapter layout (e.g. key "
                            f"'{example}'); expected lora_unet_/lora_te_ names or unet./text_encoder. prefixes")
     target = TARGETS[str(to).lower()] if to is not None else layout
-    if target == "peft" and unet_names not in (None,):
+    if target == "peft" and unet_names is not None:
         raise ConvertError("--unet-names applies to kohya output only (the diffusers layout has diffusers names)")
     notes = []
     try:
