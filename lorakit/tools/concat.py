@@ -1,0 +1,248 @@
+"""Several LoRA/LoCon files into one LoRA by concatenating ranks: exact.
+
+File i's change on a module is f_i * up_i @ down_i with f_i = ratio_i * block weight * alpha_i / rank_i. Scaling
+down_i by sqrt|f_i| and up_i by sign(f_i) sqrt|f_i| and stacking the ranks gives up @ down = sum_i f_i up_i @
+down_i; the saved alpha is the total rank, so loaders (scale = alpha / rank) apply exactly that sum. Tucker
+modules (lora_mid) concatenate with a block-diagonal mid. What cannot be written as one LoRA is refused: other
+algorithms (LoHa's Hadamard and LoKr's Kronecker products are not low-rank sums of their factors), DoRA (not
+additive), and a conv that is Tucker in one file and plain in another.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Mapping, Sequence
+
+import torch
+
+__all__ = ["concat_loras", "block_of_name"]
+
+LORA_KEYS = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha")
+_TE_SHORT = re.compile(r"^(lora_te[12]?_)(?=encoder_|embeddings_|final_layer_norm)")
+_SGM_UNET = re.compile(r"^lora_unet_(?:input_blocks|middle_block|output_blocks)_")
+_DIFFUSERS_UNET = re.compile(r"^lora_unet_(?:down_blocks|mid_block|up_blocks)_")
+# The block part of a U-Net adapter name as a module path; the rest of the name is not needed (and `_` in it is
+# ambiguous), so only these unambiguous heads are parsed.
+_UNET_HEADS = (
+    (re.compile(r"^(down_blocks|up_blocks)_(\d+)_(resnets|attentions|downsamplers|upsamplers)_(\d+)(?:_|$)"),
+     lambda m: f"{m[1]}.{m[2]}.{m[3]}.{m[4]}"),
+    (re.compile(r"^mid_block_(resnets|attentions)_(\d+)(?:_|$)"), lambda m: f"mid_block.{m[1]}.{m[2]}"),
+    (re.compile(r"^(input_blocks|output_blocks|middle_block)_(\d+)(?:_|$)"), lambda m: f"{m[1]}.{m[2]}"),
+    (re.compile(r"^(time_embedding|add_embedding|conv_norm_out|conv_in|conv_out|time_embed|label_emb|out)(?:_|$)"),
+     lambda m: m[1]),
+)
+
+
+def _canonical_name(name: str) -> str:
+    """Text-encoder names with the transformers-4 `text_model_` (the community form), whichever was written."""
+    return _TE_SHORT.sub(r"\1text_model_", name)
+
+
+def block_of_name(name: str, layout) -> str | None:
+    """The block (in `layout`) of an adapter name, without a model: text encoders are BASE; U-Net names in
+    diffusers or SGM form; None outside the layout's blocks."""
+    if name.startswith(("lora_te_", "lora_te1_", "lora_te2_")):
+        return layout.name("", "text_encoder")
+    if not name.startswith("lora_unet_"):
+        return None
+    rest = name[len("lora_unet_"):]
+    for pattern, path in _UNET_HEADS:
+        m = pattern.match(rest)
+        if m:
+            return layout.name(path(m), "unet")
+    return None
+
+
+def _read(file: str, dtype: torch.dtype) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
+    """{module name: {tensor suffix: tensor}} of a LoRA file, each module checked to be concatenable."""
+    from ..algos import detect_algorithm
+    from ..formats import load_file
+    from ..network.load import check_layout
+    from ..network.names import split_key
+
+    tensors, metadata = load_file(file)
+    check_layout(tensors, file)
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        name, suffix = split_key(key)
+        modules.setdefault(_canonical_name(name), {})[suffix] = value
+    for name, sd in modules.items():
+        try:
+            algo = detect_algorithm(sd)
+        except ValueError as e:
+            raise ValueError(f"{file}: module '{name}': {e}") from None
+        if algo.name != "lora":
+            raise ValueError(
+                f"{file}: module '{name}' is {algo.name} (tensors {', '.join(sorted(sd))}); only LoRA/LoCon files "
+                f"can be concatenated into one LoRA ({algo.name} is no sum of low-rank products of its factors). "
+                f"Use --new_rank to re-factorise the summed change with SVD, or merge it into a model with --model")
+        if "dora_scale" in sd:
+            raise ValueError(f"{file}: module '{name}' is DoRA (dora_scale): its change depends on the weight it "
+                             f"is added to and is no sum; use --new_rank, or merge it into a model with --model")
+        unknown = sorted(set(sd) - set(LORA_KEYS))
+        if unknown or "lora_down.weight" not in sd or "lora_up.weight" not in sd:
+            raise ValueError(f"{file}: module '{name}': expected LoRA tensors {', '.join(LORA_KEYS[:3])} (+ alpha), "
+                             f"got {', '.join(sorted(sd))}")
+        for k, v in sd.items():
+            if k != "alpha":
+                sd[k] = v.to(dtype)
+    return modules, metadata
+
+
+def _parts(name: str, sd: Mapping[str, torch.Tensor], factor: float, file: str):
+    """(down, up, mid or None) of one file's module with `factor` (ratio x block weight x alpha/rank) folded in."""
+    down, up, mid = sd["lora_down.weight"], sd["lora_up.weight"], sd.get("lora_mid.weight")
+    rank = down.shape[0]
+    if up.dim() == 2 and down.dim() > 2:  # a conv's up saved as (out, rank), as the UIs accept
+        up = up.reshape(*up.shape, *([1] * (down.dim() - 2)))
+    if up.shape[1] != rank or (mid is not None and tuple(mid.shape[:2]) != (rank, rank)):
+        raise ValueError(f"{file}: module '{name}': lora_up {tuple(up.shape)} / lora_mid "
+                         f"{None if mid is None else tuple(mid.shape)} do not fit lora_down {tuple(down.shape)}")
+    root = math.sqrt(abs(factor))
+    return down * root, up * (math.copysign(root, factor)), mid
+
+
+def _block_diag(mids: Sequence[torch.Tensor]) -> torch.Tensor:
+    total = sum(m.shape[0] for m in mids)
+    out = mids[0].new_zeros(total, total, *mids[0].shape[2:])
+    at = 0
+    for m in mids:
+        r = m.shape[0]
+        out[at:at + r, at:at + r] = m
+        at += r
+    return out
+
+
+def _arch_of(files_modules: Sequence[tuple[str, Mapping]]) -> str | None:
+    """"sd" or "sdxl" from the names; files of both, or U-Net names in both SDXL styles, are errors."""
+    from .merge import adapter_arch
+
+    archs = {file: adapter_arch(mods) for file, mods in files_modules}
+    known = {a for a in archs.values() if a}
+    if len(known) > 1:
+        shown = ", ".join(f"{f}: {'SDXL' if a == 'sdxl' else 'SD1/SD2'}" for f, a in archs.items() if a)
+        raise ValueError(f"the adapters are for different model architectures ({shown}); merge files of one")
+    styles = {}
+    for file, mods in files_modules:
+        if any(_SGM_UNET.match(n) for n in mods):
+            styles.setdefault("SGM (input_blocks)", file)
+        if any(_DIFFUSERS_UNET.match(n) for n in mods):
+            styles.setdefault("diffusers (down_blocks)", file)
+    if len(styles) > 1 and known == {"sdxl"}:
+        shown = ", ".join(f"{s} in {f}" for s, f in styles.items())
+        raise ValueError(f"the SDXL adapters name U-Net modules in two styles ({shown}); the same module would be "
+                         f"written twice under two names. Convert them to one style first (`lorakit convert`)")
+    return known.pop() if known else None
+
+
+def concat_loras(files: Sequence[str | os.PathLike], ratios: Sequence[float], block_weights=None,
+                 dtype: torch.dtype = torch.float32, shuffle: bool = False, progress: bool = True,
+                 seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, str], str | None]:
+    """(tensors, metadata, kind) of one LoRA whose change on every module is the sum over files of ratio x
+    block weight x the file's change. Modules in only some files take only those files' parts. `block_weights`
+    as `merge_into_model` takes them (layout by vector length). `shuffle` permutes the rank components (kohya's
+    --shuffle; the change is the same). `kind` is "sd1", "sd2", "sdxl" or None (unknown)."""
+    from tqdm.auto import tqdm
+
+    from ..network.blocks import LAYOUTS, SDXL20, KOHYA_SD25
+    from .merge import check_block_weights, check_ratios
+
+    files = [os.fspath(f) for f in files]
+    ratios = check_ratios(files, ratios)
+    read = [(f, *_read(f, dtype)) for f in tqdm(files, desc="reading LoRAs", unit="file", disable=not progress)]
+    arch = _arch_of([(f, mods) for f, mods, _ in read])
+    weights = check_block_weights(block_weights, len(files), arch)
+    module_weights = [_module_weights(mods, bw, arch, LAYOUTS, SDXL20, KOHYA_SD25)
+                      for (_, mods, _), bw in zip(read, weights)]
+
+    names = list(dict.fromkeys(n for _, mods, _ in read for n in mods))
+    generator = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    ranks: set[int] = set()
+    for name in tqdm(names, desc="concatenating", unit="module", disable=not progress):
+        downs, ups, mids, sources = [], [], [], []
+        for (file, mods, _), ratio, per_module in zip(read, ratios, module_weights):
+            sd = mods.get(name)
+            if sd is None:
+                continue
+            rank = sd["lora_down.weight"].shape[0]
+            alpha = float(sd["alpha"]) if "alpha" in sd else rank  # no alpha: alpha = rank, as loaders read it
+            factor = ratio * per_module.get(name, 1.0) * alpha / rank
+            down, up, mid = _parts(name, sd, factor, file)
+            if downs and (down.shape[1:] != downs[0].shape[1:] or up.shape[0] != ups[0].shape[0]
+                          or up.shape[2:] != ups[0].shape[2:] or (mid is None) != (mids[0] is None)
+                          or (mid is not None and mid.shape[2:] != mids[0].shape[2:])):
+                _mismatch(name, sources[0], file, downs[0], ups[0], mids[0], down, up, mid)
+            if factor == 0:
+                continue
+            downs.append(down), ups.append(up), mids.append(mid), sources.append(file)
+        if not downs:
+            continue  # every file's part of this module has ratio or block weight 0
+        down, up = torch.cat(downs, 0), torch.cat(ups, 1)
+        mid = None if mids[0] is None else _block_diag(mids)
+        if shuffle:
+            perm = torch.randperm(down.shape[0], generator=generator)
+            down, up = down[perm], up[:, perm]
+            mid = None if mid is None else mid[perm][:, perm]
+        total = down.shape[0]
+        out[f"{name}.lora_down.weight"] = down.contiguous()
+        out[f"{name}.lora_up.weight"] = up.contiguous()
+        if mid is not None:
+            out[f"{name}.lora_mid.weight"] = mid.contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(total))  # scale = alpha / rank = 1: the factors hold it all
+        ranks.add(total)
+    if not out:
+        raise ValueError("the merged LoRA would be empty: every ratio (or block weight) is 0")
+    metadata = _metadata([m for _, _, m in read], ranks)
+    kind = "sdxl" if arch == "sdxl" else ("sd2" if _is_v2(metadata) else ("sd1" if arch == "sd" else None))
+    return out, metadata, kind
+
+
+def _module_weights(mods, bw, arch, layouts, sdxl20, kohya_sd25) -> dict[str, float]:
+    """{module name: block weight} of one file (names outside the given blocks are absent: weight 1)."""
+    from ..network.blocks import layout_for
+
+    if bw is None:
+        return {}
+    if isinstance(bw, Mapping):
+        layout = sdxl20 if arch == "sdxl" else kohya_sd25
+        per_block = {layout.names[layout.position(k)]: float(v) for k, v in bw.items()}
+    else:
+        layout = layout_for(arch, len(bw)) if arch else next(l for l in layouts.values() if len(l) == len(bw))
+        per_block = dict(zip(layout.names, bw))
+    out = {}
+    for name in mods:
+        block = block_of_name(name, layout)
+        if block in per_block:
+            out[name] = per_block[block]
+    return out
+
+
+def _mismatch(name, file_a, file_b, down_a, up_a, mid_a, down_b, up_b, mid_b):
+    if (mid_a is None) != (mid_b is None):
+        tucker, plain = (file_a, file_b) if mid_a is not None else (file_b, file_a)
+        raise ValueError(f"module '{name}': Tucker (lora_mid) in {tucker} but not in {plain}; these cannot be "
+                         f"concatenated into one LoRA module. Use --new_rank (SVD), or merge into a model")
+
+    def shape(down, up):
+        return f"lora_down {tuple(down.shape)}, lora_up {tuple(up.shape)}"
+
+    raise ValueError(f"module '{name}': {file_a} has {shape(down_a, up_a)} but {file_b} has {shape(down_b, up_b)}; "
+                     f"are they LoRAs of the same model?")
+
+
+def _is_v2(metadata: Mapping[str, str]) -> bool:
+    return metadata.get("ss_v2") == "True" or metadata.get("ss_base_model_version", "").startswith("sd_v2")
+
+
+def _metadata(inputs: Sequence[Mapping[str, str]], ranks: set[int]) -> dict[str, str]:
+    """kohya's minimum network metadata; the base model keys come from the first input that has them."""
+    dim = str(next(iter(ranks))) if len(ranks) == 1 else "Dynamic"
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": dim, "ss_network_alpha": dim}
+    for key in ("ss_v2", "ss_base_model_version", "ss_sd_model_name"):
+        value = next((m[key] for m in inputs if key in m), None)
+        if value is not None:
+            meta[key] = value
+    return meta

@@ -1,0 +1,312 @@
+"""lorakit merge: adapters merged into a checkpoint compute what the model running them computes; LoRAs
+concatenated into one carry exactly the weighted sum of their changes; bad input is refused by name.
+
+References: the model with the loaded networks applied (bypass forward, stacked in file order) in float64, and
+dense LoRA changes computed here from the saved tensors (up @ down * alpha / rank, as the UIs compute them)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+
+import pytest
+import torch
+
+from lorakit import create_network, load_network
+from lorakit.cli import main
+from lorakit.formats import load_file
+from lorakit.network.blocks import KOHYA_SD25, LBW17, SDXL20, kohya_block_index
+from lorakit.tools.merge import merge_into_model
+
+demo = pytest.importorskip("lorakit.models.demo")
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is faster, and far faster on a busy machine (no threads waiting on each other)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """kind -> (float32 model, its checkpoint file)."""
+    from lorakit.models.save import save_checkpoint
+
+    folder = tmp_path_factory.mktemp("models")
+    out = {}
+    for kind, name in (("sd1", "tiny-sd"), ("sdxl", "tiny-sdxl")):
+        model = demo.random_model(name, seed=0)
+        path = folder / f"{name}.safetensors"
+        save_checkpoint(model, path, dtype=torch.float32)
+        out[kind] = (model, str(path))
+    return out
+
+
+def clone(model, dtype=torch.float64):
+    """A copy of the U-Net and text encoders in `dtype` (the VAE is shared: merging never touches it)."""
+    return dataclasses.replace(model, unet=copy.deepcopy(model.unet).to(dtype),
+                               text_encoders=[copy.deepcopy(e).to(dtype) for e in model.text_encoders])
+
+
+def outputs(model) -> list[torch.Tensor]:
+    """U-Net noise prediction and every text encoder's hidden states on fixed inputs."""
+    g = torch.Generator().manual_seed(0)
+    dtype = next(model.unet.parameters()).dtype
+    unet = model.unet
+    x = torch.randn(1, 4, 8, 8, generator=g).to(dtype)
+    cond = torch.randn(1, 6, unet.config.cross_attention_dim, generator=g).to(dtype)
+    kwargs = {}
+    if model.kind == "sdxl":
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(1, 32, generator=g).to(dtype),
+                                       "time_ids": torch.randn(1, 6, generator=g).to(dtype)}
+    ids = torch.randint(0, 1000, (1, 6), generator=g)
+    with torch.no_grad():
+        return [unet(x, torch.tensor([10]), cond, **kwargs).sample,
+                *[e(ids).last_hidden_state for e in model.text_encoders]]
+
+
+def adapter_file(model, path, algo, seed, **options):
+    """Save a network of `algo` on `model` whose parameters are random (so its change is not zero)."""
+    options.setdefault("dim", 4)
+    net = create_network(model.unet, model.text_encoders, algo=algo, **options)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if not name.endswith(("dora_scale", "rescale")):
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    net.save(path)
+    return str(path)
+
+
+def runtime_outputs(model, files, ratios, block_weights=None):
+    """The model with every file's network applied (stacked in order) at its ratio and block weights."""
+    nets = []
+    for i, (f, r) in enumerate(zip(files, ratios)):
+        net = load_network(model.unet, f, model.text_encoders, multiplier=r, dtype=torch.float64)
+        if block_weights is not None and block_weights[i] is not None:
+            net.set_block_multipliers(block_weights[i])
+        nets.append(net.apply())
+    try:
+        return outputs(model)
+    finally:
+        for net in reversed(nets):
+            net.restore()
+
+
+def assert_same(got, want, base=None):
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert (a - b).abs().max().item() < 1e-10 * max(1.0, b.abs().max().item()), f"output {i}"
+    if base is not None:  # the adapters changed every output (the check above is not vacuous)
+        for i, (a, b) in enumerate(zip(got, base)):
+            assert (a - b).abs().max().item() > 1e-4, f"output {i} did not change"
+
+
+# (algo, options) per model; 32/48/256-channel layers: BOFT's power-of-two block counts need 32-channel layers
+SD_ALGOS = [
+    ("lora", dict(preset="attn-mlp", dora_wd=True)),  # DoRA first: it sees the weight merged so far
+    ("locon", dict(preset="full", conv_dim=2, conv_alpha=1, alpha=2)),
+    ("locon", dict(preset="unet-convblock-only", use_tucker=True, conv_dim=3)),
+    ("loha", dict(preset="full")),
+    ("lokr", dict(preset="full", factor=4)),
+    ("ia3", dict(preset="ia3")),
+    ("diag-oft", dict(preset="full")),
+    ("boft", dict(preset={"unet_target_name": ["down_blocks.0", "up_blocks.3"],
+                          "text_encoder_target_module": ["CLIPAttention"]}, dim=16)),
+    ("full", dict(preset="attn-only")),
+    ("glora", dict(preset="attn-mlp")),
+]
+SDXL_ALGOS = [
+    ("locon", dict(preset="full", conv_dim=2)),
+    ("lokr", dict(preset="attn-mlp")),
+    ("ia3", dict(preset="ia3")),
+    ("diag-oft", dict(preset="attn-mlp")),
+    ("boft", dict(preset={"unet_target_name": ["down_blocks.0", "up_blocks.2"],
+                          "text_encoder_target_module": ["CLIPAttention"]}, dim=16)),
+    ("full", dict(preset="attn-only")),
+]
+
+
+# ------------------------------------------------------------------------------- merged == running the adapters
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_every_algorithm_merged_equals_the_adapters_running(models, tmp_path, kind):
+    model, _ = models[kind]
+    algos = SD_ALGOS if kind == "sd1" else SDXL_ALGOS
+    files = [adapter_file(model, tmp_path / f"{i}_{a}.safetensors", a, seed=i, **o) for i, (a, o) in enumerate(algos)]
+    ratios = [0.7, -0.5, 1.3, 0.4, 0.8, 1.0, 0.6, 0.9, -0.3, 0.5][: len(files)]
+    base = clone(model)
+    merged = merge_into_model(clone(model), files, ratios, progress=False)
+    assert_same(outputs(merged), runtime_outputs(base, files, ratios), base=outputs(base))
+
+
+def test_block_weights_equal_block_multipliers(models, tmp_path):
+    """kohya's 25 values for one file and LoRA Block Weight's 17 (BASE = text encoders) for another."""
+    model, _ = models["sd1"]
+    files = [adapter_file(model, tmp_path / "a.safetensors", "locon", 1, preset="full", conv_dim=2),
+             adapter_file(model, tmp_path / "b.safetensors", "loha", 2, preset="attn-mlp")]
+    g = torch.Generator().manual_seed(3)
+    v25 = torch.rand(len(KOHYA_SD25), generator=g).tolist()
+    v17 = ",".join(f"{v:.3f}" for v in torch.rand(len(LBW17), generator=g).tolist())
+    block_weights = [v25, v17]
+    base = clone(model)
+    merged = merge_into_model(clone(model), files, [0.8, 1.2], block_weights=block_weights, progress=False)
+    got = outputs(merged)
+    assert_same(got, runtime_outputs(base, files, [0.8, 1.2], [v25, [float(v) for v in v17.split(",")]]))
+    plain = runtime_outputs(base, files, [0.8, 1.2])
+    assert all((a - b).abs().max() > 1e-4 for a, b in zip(got, plain))  # the weights did act, U-Net and TE
+
+
+def test_sdxl_block_weights_by_name_and_20_values(models, tmp_path):
+    model, _ = models["sdxl"]
+    files = [adapter_file(model, tmp_path / "a.safetensors", "lora", 1, preset="attn-mlp")]
+    v20 = [0.0] + [0.5] * 9 + [2.0] + [1.5] * 9
+    base = clone(model)
+    merged = merge_into_model(clone(model), files, [0.9], block_weights=[v20], progress=False)
+    assert_same(outputs(merged), runtime_outputs(base, files, [0.9], [v20]))
+    assert torch.equal(outputs(merged)[1], outputs(base)[1])  # BASE = 0: the text encoders are untouched
+    merged = merge_into_model(clone(model), files, [0.9], block_weights="BASE=0,IN04=0.5,MID=2", progress=False)
+    assert_same(outputs(merged), runtime_outputs(base, files, [0.9], [{"BASE": 0, "IN04": 0.5, "MID": 2}]))
+
+
+# ------------------------------------------------------------------------------------------------ CLI and files
+def test_cli_saves_single_file_and_diffusers_folder_that_reload(models, tmp_path, capsys):
+    from lorakit.models.load import load_model
+
+    model, ckpt = models["sd1"]
+    files = [adapter_file(model, tmp_path / "a.safetensors", "lora", 1, preset="attn-mlp"),
+             adapter_file(model, tmp_path / "b.safetensors", "lokr", 2, preset="full", factor=4)]
+    expected = merge_into_model(clone(model, torch.float32), files, [0.8, 0.5], progress=False)
+    want = {k: v.to(torch.float16) for k, v in expected.unet.state_dict().items()}
+
+    out = tmp_path / "merged.safetensors"  # kohya's option names
+    assert main(["merge", "--sd_model", ckpt, "--models", *files, "--ratios", "0.8", "0.5", "--save_to", str(out),
+                 "--save_precision", "fp16", "--quiet"]) == 0
+    reloaded = load_model(out, dtype=None)
+    state = reloaded.unet.state_dict()
+    assert all(state[k].dtype == torch.float16 and torch.equal(state[k], v) for k, v in want.items())
+    te = reloaded.text_encoders[0].state_dict()
+    assert all(torch.equal(te[k], v.to(torch.float16)) for k, v in expected.text_encoders[0].state_dict().items())
+
+    folder = tmp_path / "merged_diffusers"
+    assert main(["merge", "--model", ckpt, "--loras", *files, "--ratios", "0.8", "0.5", "--save_to", str(folder),
+                 "--save_precision", "float", "--quiet"]) == 0
+    reloaded = load_model(folder)
+    state = reloaded.unet.state_dict()
+    assert all(torch.allclose(state[k], v, rtol=0, atol=1e-6) for k, v in expected.unet.state_dict().items())
+    assert "saved diffusers" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------ LoRA + LoRA
+def dense(sd: dict, name: str) -> torch.Tensor:
+    """A LoRA module's change as the UIs compute it: up @ (mid) @ down * alpha / rank."""
+    down, up = sd[f"{name}.lora_down.weight"].double(), sd[f"{name}.lora_up.weight"].double()
+    rank = down.shape[0]
+    scale = float(sd.get(f"{name}.alpha", rank)) / rank
+    if f"{name}.lora_mid.weight" in sd:
+        mid = sd[f"{name}.lora_mid.weight"].double()
+        return torch.einsum("or,rs...,si->oi...", up.flatten(1), mid, down.flatten(1)) * scale
+    return (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:]) * scale
+
+
+def module_names(sd: dict) -> set[str]:
+    return {k.split(".")[0] for k in sd}
+
+
+def test_concat_is_the_weighted_sum_of_changes(models, tmp_path):
+    """Different ranks and alphas, LoCon 3x3 convs, modules in only one file, a negative ratio, block weights."""
+    model, _ = models["sd1"]
+    a = adapter_file(model, tmp_path / "a.safetensors", "lora", 1, preset="attn-mlp", dim=4, alpha=2)
+    b = adapter_file(model, tmp_path / "b.safetensors", "locon", 2, preset="full", dim=8, alpha=16, conv_dim=2,
+                     conv_alpha=1)
+    out = tmp_path / "ab.safetensors"
+    v25 = [0.5 + 0.1 * i for i in range(25)]
+    assert main(["merge", "--loras", a, b, "--ratios", "0.8", "-0.5", "--block_weights", ",".join(map(str, v25)),
+                 "none", "--save_to", str(out), "--shuffle", "--quiet"]) == 0
+    sa, sb = load_file(a)[0], load_file(b)[0]
+    merged, metadata = load_file(out)
+    assert module_names(merged) == module_names(sa) | module_names(sb)
+    for name in module_names(merged):
+        block = kohya_block_index(name)  # sd-scripts' own block numbering of the name, -1 outside the blocks
+        want = torch.zeros(())
+        if name in module_names(sa):
+            want = want + 0.8 * (v25[block] if block >= 0 else 1.0) * dense(sa, name)
+        if name in module_names(sb):
+            want = want - 0.5 * dense(sb, name)
+        got = dense(merged, name)
+        assert torch.allclose(got, want, rtol=0, atol=1e-6 * max(1.0, want.abs().max().item())), name
+    assert float(merged[f"{name}.alpha"]) == merged[f"{name}.lora_down.weight"].shape[0]
+    assert metadata["ss_network_module"] == "networks.lora" and metadata["ss_network_dim"] == "Dynamic"
+    assert "modelspec.merged_from" in metadata and "sshs_model_hash" in metadata
+    load_network(model.unet, str(out), model.text_encoders)  # loads as a plain LoRA
+
+
+def test_concat_tucker_files_uses_a_block_diagonal_mid(models, tmp_path):
+    model, _ = models["sdxl"]
+    opts = dict(preset="unet-convblock-only", use_tucker=True)
+    a = adapter_file(model, tmp_path / "a.safetensors", "locon", 1, conv_dim=2, conv_alpha=1, **opts)
+    b = adapter_file(model, tmp_path / "b.safetensors", "locon", 2, conv_dim=3, conv_alpha=6, **opts)
+    out = tmp_path / "ab.safetensors"
+    assert main(["merge", "--loras", a, b, "--ratios", "1.5", "0.25", "--save_to", str(out), "--quiet"]) == 0
+    sa, sb, merged = load_file(a)[0], load_file(b)[0], load_file(out)[0]
+    assert any(k.endswith("lora_mid.weight") and v.shape[0] == 5 for k, v in merged.items())
+    for name in module_names(merged):
+        want = 1.5 * dense(sa, name) + 0.25 * dense(sb, name)
+        assert torch.allclose(dense(merged, name), want, rtol=0, atol=1e-6 * want.abs().max().item()), name
+
+
+def test_new_rank_calls_the_svd_merge(models, tmp_path):
+    pytest.importorskip("lorakit.tools.merge_svd")
+    model, _ = models["sd1"]
+    a = adapter_file(model, tmp_path / "a.safetensors", "lora", 1, preset="attn-mlp")
+    b = adapter_file(model, tmp_path / "b.safetensors", "locon", 2, preset="full", dim=8, conv_dim=2)
+    out = tmp_path / "ab.safetensors"
+    assert main(["merge", "--loras", a, b, "--ratios", "1", "0.5", "--new_rank", "4", "--save_to", str(out),
+                 "--quiet"]) == 0
+    merged = load_file(out)[0]
+    assert all(v.shape[0] <= 4 for k, v in merged.items() if k.endswith("lora_down.weight"))
+    load_network(model.unet, str(out), model.text_encoders)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def run_error(capsys, *argv) -> str:
+    assert main(["merge", *argv, "--quiet"]) == 1
+    return capsys.readouterr().err
+
+
+def test_bad_input_is_refused_by_name_and_writes_nothing(models, tmp_path, capsys):
+    sd_model, sd_ckpt = models["sd1"]
+    xl_model, _ = models["sdxl"]
+    lora = adapter_file(sd_model, tmp_path / "lora.safetensors", "lora", 1, preset="attn-mlp")
+    tucker = adapter_file(sd_model, tmp_path / "tucker.safetensors", "locon", 1, preset="full", use_tucker=True)
+    loha = adapter_file(sd_model, tmp_path / "loha.safetensors", "loha", 1, preset="attn-mlp")
+    xl = adapter_file(xl_model, tmp_path / "xl.safetensors", "lora", 1, preset="attn-mlp")
+    out = str(tmp_path / "out.safetensors")
+    before = set(os.listdir(tmp_path))
+
+    err = run_error(capsys, "--model", sd_ckpt, "--loras", lora, loha, "--ratios", "0.5", "--save_to", out)
+    assert "2 adapter file(s)" in err and "1 ratio(s)" in err
+    err = run_error(capsys, "--model", sd_ckpt, "--loras", lora, "--block_weights", "1,1,1", "--save_to", out)
+    assert "3 values" in err and "25 (kohya_sd25)" in err and "12 (lbw12)" in err
+    with pytest.raises(ValueError, match=r"20 values match no block layout of a sd1 model; a sd1 model takes "
+                                         r"17 \(lbw17\), 25 \(kohya_sd25\), 26 \(lbw26\)"):
+        merge_into_model(clone(sd_model), [lora], [1.0], block_weights=[[1.0] * 20], progress=False)
+    err = run_error(capsys, "--model", sd_ckpt, "--loras", lora, sd_ckpt, "--save_to", out)
+    assert f"{sd_ckpt}: is a model checkpoint" in err
+    err = run_error(capsys, "--model", lora, "--loras", lora, "--save_to", out)
+    assert f"{lora}:" in err and "adapter" in err and "not a model" in err
+    err = run_error(capsys, "--model", sd_ckpt, "--loras", lora, xl, "--save_to", out)
+    assert f"{xl}: is an adapter for SDXL models, but the model is sd1" in err
+    err = run_error(capsys, "--loras", lora, loha, "--save_to", out)
+    assert f"{loha}: module" in err and "is loha" in err and "--new_rank" in err
+    err = run_error(capsys, "--loras", tucker, adapter_file(sd_model, tmp_path / "conv.safetensors", "locon", 2,
+                                                            preset="full"), "--save_to", out)
+    assert "Tucker (lora_mid) in" in err and "cannot be concatenated" in err
+    err = run_error(capsys, "--loras", lora, xl, "--save_to", out)
+    assert "different model architectures" in err
+    err = run_error(capsys, "--loras", lora, "--save_to", str(tmp_path / "folder"))
+    assert "expected a .safetensors file name" in err
+    assert set(os.listdir(tmp_path)) == before | {"conv.safetensors"}  # no output, no temporary left behind
