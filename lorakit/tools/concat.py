@@ -76,11 +76,12 @@ def _read(file: str, dtype: torch.dtype) -> tuple[dict[str, dict[str, torch.Tens
         if algo.name != "lora":
             raise ValueError(
                 f"{file}: module '{name}' is {algo.name} (tensors {', '.join(sorted(sd))}); only LoRA/LoCon files "
-                f"can be concatenated into one LoRA ({algo.name} is no sum of low-rank products of its factors). "
-                f"Use --new_rank to re-factorise the summed change with SVD, or merge it into a model with --model")
+                f"can be concatenated into one LoRA ({algo.name}'s change is no sum of low-rank products of its "
+                f"factors). Merge it into a model with --model, or re-factorise the summed change with SVD "
+                f"(--new_rank), if the SVD merge reads {algo.name}")
         if "dora_scale" in sd:
             raise ValueError(f"{file}: module '{name}' is DoRA (dora_scale): its change depends on the weight it "
-                             f"is added to and is no sum; use --new_rank, or merge it into a model with --model")
+                             f"is added to, so it has no place in a sum of LoRAs; merge it into a model with --model")
         unknown = sorted(set(sd) - set(LORA_KEYS))
         if unknown or "lora_down.weight" not in sd or "lora_up.weight" not in sd:
             raise ValueError(f"{file}: module '{name}': expected LoRA tensors {', '.join(LORA_KEYS[:3])} (+ alpha), "

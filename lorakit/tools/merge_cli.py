@@ -75,6 +75,7 @@ def _merge(args: argparse.Namespace) -> str:
     for file in args.loras:
         if not os.path.isfile(file):
             raise FileNotFoundError(f"{file}: no such adapter file (given with --loras)")
+    _check_not_checkpoints(args.loras)  # before loading a model: fail fast
     check_block_weights(args.block_weights, len(args.loras), None)  # lengths of no layout fail before any loading
     precision = parse_dtype(args.precision, "--precision")
     save_dtype = parse_dtype(args.save_precision, "--save_precision") or precision
@@ -126,3 +127,15 @@ def _check_adapter_arch(args) -> None:
         if arch is not None and arch != want:
             raise ValueError(f"{file}: is an adapter for {'SDXL' if arch == 'sdxl' else 'SD1/SD2'} models, but "
                              f"{'--sdxl' if args.sdxl else '--v2'} was given")
+
+
+def _check_not_checkpoints(files) -> None:
+    from ..formats import read_header
+    from ..models.detect import classify_keys
+    from ..models.model import KINDS
+
+    for file in files:
+        kind = classify_keys(k for k in read_header(file) if k != "__metadata__")
+        if kind in KINDS:
+            raise ValueError(f"{file}: is a model checkpoint ({kind}), not an adapter; give the model with --model "
+                             f"and adapter files with --loras")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 
 import pytest
@@ -17,7 +18,7 @@ from lorakit import create_network, load_network
 from lorakit.cli import main
 from lorakit.formats import load_file
 from lorakit.network.blocks import KOHYA_SD25, LBW17, SDXL20, kohya_block_index
-from lorakit.tools.merge import merge_into_model
+from lorakit.tools.merge import merge_into_model, save_model
 
 demo = pytest.importorskip("lorakit.models.demo")
 
@@ -128,6 +129,7 @@ SDXL_ALGOS = [
     ("boft", dict(preset={"unet_target_name": ["down_blocks.0", "up_blocks.2"],
                           "text_encoder_target_module": ["CLIPAttention"]}, dim=16)),
     ("full", dict(preset="attn-only")),
+    ("lora", dict(preset="attn-only", train_norm=True)),  # with norm adapters on the LayerNorms/GroupNorms
 ]
 
 
@@ -165,7 +167,7 @@ def test_sdxl_block_weights_by_name_and_20_values(models, tmp_path):
     files = [adapter_file(model, tmp_path / "a.safetensors", "lora", 1, preset="attn-mlp")]
     v20 = [0.0] + [0.5] * 9 + [2.0] + [1.5] * 9
     base = clone(model)
-    merged = merge_into_model(clone(model), files, [0.9], block_weights=[v20], progress=False)
+    merged = merge_into_model(clone(model), files, [0.9], block_weights=[json.dumps(v20)], progress=False)
     assert_same(outputs(merged), runtime_outputs(base, files, [0.9], [v20]))
     assert torch.equal(outputs(merged)[1], outputs(base)[1])  # BASE = 0: the text encoders are untouched
     merged = merge_into_model(clone(model), files, [0.9], block_weights="BASE=0,IN04=0.5,MID=2", progress=False)
@@ -178,7 +180,7 @@ def test_cli_saves_single_file_and_diffusers_folder_that_reload(models, tmp_path
 
     model, ckpt = models["sd1"]
     files = [adapter_file(model, tmp_path / "a.safetensors", "lora", 1, preset="attn-mlp"),
-             adapter_file(model, tmp_path / "b.safetensors", "lokr", 2, preset="full", factor=4)]
+             adapter_file(model, tmp_path / "b.safetensors", "lokr", 2, preset="unet-convblock-only", factor=4)]
     expected = merge_into_model(clone(model, torch.float32), files, [0.8, 0.5], progress=False)
     want = {k: v.to(torch.float16) for k, v in expected.unet.state_dict().items()}
 
@@ -191,13 +193,15 @@ def test_cli_saves_single_file_and_diffusers_folder_that_reload(models, tmp_path
     te = reloaded.text_encoders[0].state_dict()
     assert all(torch.equal(te[k], v.to(torch.float16)) for k, v in expected.text_encoders[0].state_dict().items())
 
-    folder = tmp_path / "merged_diffusers"
-    assert main(["merge", "--model", ckpt, "--loras", *files, "--ratios", "0.8", "0.5", "--save_to", str(folder),
-                 "--save_precision", "float", "--quiet"]) == 0
-    reloaded = load_model(folder)
-    state = reloaded.unet.state_dict()
-    assert all(torch.allclose(state[k], v, rtol=0, atol=1e-6) for k, v in expected.unet.state_dict().items())
-    assert "saved diffusers" in capsys.readouterr().out
+    assert "saved checkpoint" in capsys.readouterr().out
+
+    folder = tmp_path / "merged_diffusers"  # what the CLI calls for a --save_to without a checkpoint suffix
+    assert save_model(expected, folder, "bf16") == "diffusers"
+    reloaded = load_model(folder, dtype=None)
+    for got, want in ((reloaded.unet, expected.unet), (reloaded.text_encoders[0], expected.text_encoders[0])):
+        state = got.state_dict()
+        assert all(state[k].dtype == torch.bfloat16 and torch.equal(state[k], v.to(torch.bfloat16))
+                   for k, v in want.state_dict().items())
 
 
 # ------------------------------------------------------------------------------------------------ LoRA + LoRA
@@ -281,7 +285,8 @@ def test_bad_input_is_refused_by_name_and_writes_nothing(models, tmp_path, capsy
     sd_model, sd_ckpt = models["sd1"]
     xl_model, _ = models["sdxl"]
     lora = adapter_file(sd_model, tmp_path / "lora.safetensors", "lora", 1, preset="attn-mlp")
-    tucker = adapter_file(sd_model, tmp_path / "tucker.safetensors", "locon", 1, preset="full", use_tucker=True)
+    tucker = adapter_file(sd_model, tmp_path / "tucker.safetensors", "locon", 1, preset="unet-convblock-only",
+                          use_tucker=True)
     loha = adapter_file(sd_model, tmp_path / "loha.safetensors", "loha", 1, preset="attn-mlp")
     xl = adapter_file(xl_model, tmp_path / "xl.safetensors", "lora", 1, preset="attn-mlp")
     out = str(tmp_path / "out.safetensors")
@@ -302,8 +307,8 @@ def test_bad_input_is_refused_by_name_and_writes_nothing(models, tmp_path, capsy
     assert f"{xl}: is an adapter for SDXL models, but the model is sd1" in err
     err = run_error(capsys, "--loras", lora, loha, "--save_to", out)
     assert f"{loha}: module" in err and "is loha" in err and "--new_rank" in err
-    err = run_error(capsys, "--loras", tucker, adapter_file(sd_model, tmp_path / "conv.safetensors", "locon", 2,
-                                                            preset="full"), "--save_to", out)
+    conv = adapter_file(sd_model, tmp_path / "conv.safetensors", "locon", 2, preset="unet-convblock-only")
+    err = run_error(capsys, "--loras", tucker, conv, "--save_to", out)
     assert "Tucker (lora_mid) in" in err and "cannot be concatenated" in err
     err = run_error(capsys, "--loras", lora, xl, "--save_to", out)
     assert "different model architectures" in err
