@@ -147,7 +147,6 @@ def concat_loras(files: Sequence[str | os.PathLike], ratios: Sequence[float], bl
     --shuffle; the change is the same). `kind` is "sd1", "sd2", "sdxl" or None (unknown)."""
     from tqdm.auto import tqdm
 
-    from ..network.blocks import LAYOUTS, SDXL20, KOHYA_SD25
     from .merge import check_block_weights, check_ratios
 
     files = [os.fspath(f) for f in files]
@@ -155,8 +154,7 @@ def concat_loras(files: Sequence[str | os.PathLike], ratios: Sequence[float], bl
     read = [(f, *_read(f, dtype)) for f in tqdm(files, desc="reading LoRAs", unit="file", disable=not progress)]
     arch = _arch_of([(f, mods) for f, mods, _ in read])
     weights = check_block_weights(block_weights, len(files), arch)
-    module_weights = [_module_weights(mods, bw, arch, LAYOUTS, SDXL20, KOHYA_SD25)
-                      for (_, mods, _), bw in zip(read, weights)]
+    module_weights = [_module_weights(mods, bw, arch) for (_, mods, _), bw in zip(read, weights)]
 
     names = list(dict.fromkeys(n for _, mods, _ in read for n in mods))
     generator = torch.Generator().manual_seed(seed)
@@ -201,17 +199,17 @@ def concat_loras(files: Sequence[str | os.PathLike], ratios: Sequence[float], bl
     return out, metadata, kind
 
 
-def _module_weights(mods, bw, arch, layouts, sdxl20, kohya_sd25) -> dict[str, float]:
+def _module_weights(mods, bw, arch: str | None) -> dict[str, float]:
     """{module name: block weight} of one file (names outside the given blocks are absent: weight 1)."""
-    from ..network.blocks import layout_for
+    from ..network.blocks import KOHYA_SD25, LAYOUTS, SDXL20, layout_for
 
     if bw is None:
         return {}
-    if isinstance(bw, Mapping):
-        layout = sdxl20 if arch == "sdxl" else kohya_sd25
+    if isinstance(bw, Mapping):  # block names: the layouts Network.set_block_multipliers names by default
+        layout = SDXL20 if arch == "sdxl" else KOHYA_SD25
         per_block = {layout.names[layout.position(k)]: float(v) for k, v in bw.items()}
-    else:
-        layout = layout_for(arch, len(bw)) if arch else next(l for l in layouts.values() if len(l) == len(bw))
+    else:  # vector lengths are unique across SD and SDXL layouts, so an unknown arch still finds its layout
+        layout = layout_for(arch, len(bw)) if arch else next(l for l in LAYOUTS.values() if len(l) == len(bw))
         per_block = dict(zip(layout.names, bw))
     out = {}
     for name in mods:

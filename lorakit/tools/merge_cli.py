@@ -31,8 +31,9 @@ def add_parser(commands) -> argparse.ArgumentParser:
     p.add_argument("--ratios", nargs="+", type=float, metavar="R", help="one ratio per file (default: 1 each)")
     p.add_argument("--block_weights", "--lbws", dest="block_weights", nargs="+", metavar="W",
                    help="per-block weights: one vector for all files or one per file ('none' for a file without), as "
-                        "'1,0.5,...', a JSON list, or 'IN04=0.5,MID=0'. SD1/SD2: 25 (kohya IN00-IN11, MID, OUT00-OUT11), 26 or 17 (LoRA Block "
-                        "Weight, BASE = text encoders first); SDXL: 23 (kohya), 20 or 12 (LoRA Block Weight)")
+                        "'1,0.5,...', a JSON list, or 'IN04=0.5,MID=0'. SD1/SD2: 25 (kohya IN00-IN11, MID, "
+                        "OUT00-OUT11), 26 or 17 (LoRA Block Weight, BASE = text encoders first); SDXL: 23 (kohya), "
+                        "20 or 12 (LoRA Block Weight)")
     p.add_argument("--save_to", required=True, metavar="OUT",
                    help="output: .safetensors/.ckpt file, or a folder name for diffusers (with --model)")
     p.add_argument("--save_precision", default=None, metavar="DTYPE",

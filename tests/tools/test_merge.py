@@ -17,7 +17,7 @@ import torch
 from lorakit import create_network, load_network
 from lorakit.cli import main
 from lorakit.formats import load_file
-from lorakit.network.blocks import KOHYA_SD25, LBW17, SDXL20, kohya_block_index
+from lorakit.network.blocks import KOHYA_SD25, LBW17, kohya_block_index
 from lorakit.tools.merge import merge_into_model, save_model
 
 demo = pytest.importorskip("lorakit.models.demo")
