@@ -1,0 +1,87 @@
+"""Progress and logs of a run: a progress bar with loss, lr, it/s and ETA; TensorBoard (``logging_dir``) and
+wandb (``log_with``; offline unless WANDB_MODE says otherwise), with sd-scripts' metric names."""
+
+from __future__ import annotations
+
+import os
+import time
+
+__all__ = ["TrainLogger"]
+
+
+class TrainLogger:
+    def __init__(self, config, total: int, initial: int = 0):
+        self.losses: list[float] = []
+        self.writers = []
+        self._bar = _progress_bar(total, initial)
+        log_with = config.log_with or ("tensorboard" if config.logging_dir else None)
+        if log_with in ("tensorboard", "all"):
+            if not config.logging_dir:
+                raise ValueError("log_with=tensorboard needs logging_dir (the folder the event files go to)")
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ValueError("logging_dir needs the tensorboard package: pip install tensorboard") from None
+            name = (config.log_prefix or "") + time.strftime("%Y%m%d%H%M%S")
+            self.writers.append(_TensorBoard(SummaryWriter(os.path.join(config.logging_dir, name))))
+        if log_with in ("wandb", "all"):
+            try:
+                import wandb
+            except ImportError:
+                raise ValueError("log_with=wandb needs the wandb package: pip install wandb") from None
+            os.environ.setdefault("WANDB_MODE", "offline")
+            run = wandb.init(project=config.log_tracker_name or "network_train", dir=config.logging_dir,
+                             name=config.wandb_run_name or None, config=config.as_dict())
+            self.writers.append(_Wandb(run))
+
+    def step(self, loss: float, lrs: list[float], step: int, epoch: int) -> None:
+        self.losses.append(loss)
+        window = self.losses[-100:]  # sd-scripts shows the mean over the last epoch's steps; 100 is steadier
+        average = sum(window) / len(window)
+        logs = {"loss/current": loss, "loss/average": average}
+        for i, lr in enumerate(lrs):
+            logs[f"lr/group{i}"] = lr
+        for writer in self.writers:
+            writer.log(logs, step)
+        if self._bar is not None:
+            self._bar.set_postfix(avr_loss=f"{average:.4f}", lr=f"{lrs[0]:.2e}", epoch=epoch)
+            self._bar.update(1)
+        else:
+            print(f"step {step} epoch {epoch} loss {loss:.4f} avr_loss {average:.4f} lr {lrs[0]:.2e}", flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        for writer in self.writers:
+            writer.close()
+
+
+def _progress_bar(total: int, initial: int):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, desc="steps", smoothing=0)
+
+
+class _TensorBoard:
+    def __init__(self, writer):
+        self.writer = writer
+
+    def log(self, logs: dict, step: int) -> None:
+        for key, value in logs.items():
+            self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _Wandb:
+    def __init__(self, run):
+        self.run = run
+
+    def log(self, logs: dict, step: int) -> None:
+        self.run.log(logs, step=step)
+
+    def close(self) -> None:
+        self.run.finish()

@@ -1,0 +1,115 @@
+"""The ``ss_*`` metadata sd-scripts writes into every trained adapter (UIs and the civitai/A1111 info panels
+read them), plus ``modelspec.*``. Values are strings, as safetensors metadata must be."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from ..formats.modelspec import build_modelspec
+
+__all__ = ["training_metadata", "progress_metadata"]
+
+# TrainConfig option -> ss_ key, copied as str(value) (sd-scripts' names; the rest are computed below).
+_COPIED = {
+    "learning_rate": "ss_learning_rate", "text_encoder_lr": "ss_text_encoder_lr", "unet_lr": "ss_unet_lr",
+    "gradient_checkpointing": "ss_gradient_checkpointing",
+    "gradient_accumulation_steps": "ss_gradient_accumulation_steps", "lr_scheduler": "ss_lr_scheduler",
+    "network_dim": "ss_network_dim", "network_alpha": "ss_network_alpha", "network_dropout": "ss_network_dropout",
+    "mixed_precision": "ss_mixed_precision", "full_fp16": "ss_full_fp16", "v2": "ss_v2", "clip_skip": "ss_clip_skip",
+    "max_token_length": "ss_max_token_length", "cache_latents": "ss_cache_latents", "seed": "ss_seed",
+    "lowram": "ss_lowram", "noise_offset": "ss_noise_offset", "multires_noise_iterations":
+    "ss_multires_noise_iterations", "multires_noise_discount": "ss_multires_noise_discount",
+    "adaptive_noise_scale": "ss_adaptive_noise_scale", "zero_terminal_snr": "ss_zero_terminal_snr",
+    "training_comment": "ss_training_comment", "max_grad_norm": "ss_max_grad_norm",
+    "caption_dropout_rate": "ss_caption_dropout_rate",
+    "caption_dropout_every_n_epochs": "ss_caption_dropout_every_n_epochs",
+    "caption_tag_dropout_rate": "ss_caption_tag_dropout_rate", "face_crop_aug_range": "ss_face_crop_aug_range",
+    "prior_loss_weight": "ss_prior_loss_weight", "min_snr_gamma": "ss_min_snr_gamma",
+    "scale_weight_norms": "ss_scale_weight_norms", "ip_noise_gamma": "ss_ip_noise_gamma",
+    "debiased_estimation_loss": "ss_debiased_estimation", "noise_offset_random_strength":
+    "ss_noise_offset_random_strength", "ip_noise_gamma_random_strength": "ss_ip_noise_gamma_random_strength",
+    "loss_type": "ss_loss_type", "huber_schedule": "ss_huber_schedule", "huber_c": "ss_huber_c",
+    "max_train_steps": "ss_max_train_steps", "lr_warmup_steps": "ss_lr_warmup_steps",
+    "network_module": "ss_network_module", "output_name": "ss_output_name",
+}
+
+
+def training_metadata(config, *, kind: str, v_parameterization: bool, dataset, optimizer_name: str,
+                      num_epochs: int, max_train_steps: int, session_id: str, started_at: float,
+                      network_kwargs: dict[str, Any], model_path: str, resolution: tuple[int, int]) -> dict[str, str]:
+    """Everything known when training starts (sd-scripts computes the same set before the loop)."""
+    meta = {key: str(getattr(config, option)) for option, key in _COPIED.items()}
+    meta.update({
+        "ss_session_id": session_id,
+        "ss_training_started_at": str(started_at),
+        "ss_max_train_steps": str(max_train_steps),
+        "ss_num_train_images": str(dataset.num_train_images),
+        "ss_num_reg_images": str(dataset.num_reg_images),
+        "ss_num_batches_per_epoch": str(dataset.steps_per_epoch),
+        "ss_num_epochs": str(num_epochs),
+        "ss_batch_size_per_device": str(config.train_batch_size),
+        "ss_total_batch_size": str(config.train_batch_size * config.gradient_accumulation_steps),
+        "ss_optimizer": optimizer_name + (f"({', '.join(config.optimizer_args)})" if config.optimizer_args else ""),
+        "ss_network_args": json.dumps(network_kwargs),
+        "ss_base_model_version": _base_model_version(kind, v_parameterization),
+        "ss_v2": str(kind == "sd2"),
+        "ss_sd_model_name": os.path.basename(model_path),
+        "ss_vae_name": os.path.basename(config.vae) if config.vae else "None",
+        "ss_resolution": f"({resolution[0]}, {resolution[1]})",
+        "ss_tag_frequency": json.dumps(dataset.tag_frequency),
+        "ss_bucket_info": json.dumps(dataset.bucket_info),
+        "ss_enable_bucket": str(config.enable_bucket),
+        "ss_min_bucket_reso": str(config.min_bucket_reso),
+        "ss_max_bucket_reso": str(config.max_bucket_reso),
+        "ss_keep_tokens": str(config.keep_tokens),
+        "ss_flip_aug": str(config.flip_aug),
+        "ss_color_aug": str(config.color_aug),
+        "ss_random_crop": str(config.random_crop),
+        "ss_shuffle_caption": str(config.shuffle_caption),
+        "ss_bucket_no_upscale": str(config.bucket_no_upscale),
+        "ss_dataset_dirs": json.dumps(_dataset_dirs(config)),
+        "ss_reg_dataset_dirs": json.dumps({}),
+    })
+    title = config.metadata_title or config.output_name or "last"
+    kind_key = "sd2-v" if kind == "sd2" and v_parameterization else kind
+    meta.update(build_modelspec(
+        kind_key, title=title, resolution=resolution, author=config.metadata_author or None,
+        description=config.metadata_description or None, license=config.metadata_license or None,
+        tags=config.metadata_tags or None, prediction_type="v" if v_parameterization else "epsilon",
+        clip_skip=config.clip_skip, timestep_range=_timestep_range(config)))
+    return meta
+
+
+def progress_metadata(base: dict[str, str], *, epoch: int, step: int, title: str | None = None) -> dict[str, str]:
+    """The per-save fields: sd-scripts stamps the epoch, the global step and the time of each save."""
+    meta = dict(base)
+    meta.update({"ss_epoch": str(epoch), "ss_steps": str(step), "ss_training_finished_at": str(time.time())})
+    if title:
+        meta["modelspec.title"] = title
+    return meta
+
+
+def _base_model_version(kind: str, v: bool) -> str:
+    return {"sd1": "sd_v1", "sd2": "sd_2.0_v" if v else "sd_2.0", "sdxl": "sdxl_base_v1-0"}[kind]
+
+
+def _timestep_range(config):
+    lo, hi = config.min_timestep, config.max_timestep
+    return None if lo is None and hi is None else (lo or 0, hi if hi is not None else 1000)
+
+
+def _dataset_dirs(config) -> dict[str, dict[str, int]]:
+    """sd-scripts' ss_dataset_dirs: each image folder with its repeats and image count."""
+    dirs: dict[str, dict[str, int]] = {}
+    root = config.train_data_dir
+    if root and os.path.isdir(root):
+        for name in sorted(os.listdir(root)):
+            folder = os.path.join(root, name)
+            head = name.split("_", 1)[0]
+            if os.path.isdir(folder) and head.isdigit():
+                images = [f for f in os.listdir(folder) if f.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".bmp"))]
+                dirs[name] = {"n_repeats": int(head), "img_count": len(images)}
+    return dirs

@@ -1,0 +1,72 @@
+"""Output file and state-folder names as sd-scripts writes them, and the save_last_n_* clean-up.
+
+    {output_name}.safetensors                 final adapter        {output_name}-state               final state
+    {output_name}-{epoch:06d}.safetensors     every n epochs       {output_name}-{epoch:06d}-state
+    {output_name}-step{step:08d}.safetensors  every n steps        {output_name}-step{step:08d}-state
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+__all__ = ["OutputNames"]
+
+
+class OutputNames:
+    def __init__(self, output_dir: str | Path, output_name: str | None, save_model_as: str = "safetensors"):
+        self.dir = Path(output_dir)
+        self.name = output_name or "last"
+        self.ext = "." + save_model_as
+
+    def final(self) -> Path:
+        return self.dir / f"{self.name}{self.ext}"
+
+    def epoch(self, epoch: int) -> Path:
+        return self.dir / f"{self.name}-{epoch:06d}{self.ext}"
+
+    def step(self, step: int) -> Path:
+        return self.dir / f"{self.name}-step{step:08d}{self.ext}"
+
+    def final_state(self) -> Path:
+        return self.dir / f"{self.name}-state"
+
+    def epoch_state(self, epoch: int) -> Path:
+        return self.dir / f"{self.name}-{epoch:06d}-state"
+
+    def step_state(self, step: int) -> Path:
+        return self.dir / f"{self.name}-step{step:08d}-state"
+
+    def config_file(self) -> Path:
+        return self.dir / f"{self.name}_config.toml"
+
+    def sample_dir(self) -> Path:
+        return self.dir / "sample"
+
+    # --- save_last_n_*: keep the newest n saves (sd-scripts removes the one that falls out of the window) --
+    def prune_epochs(self, epoch: int, every: int, keep: int | None, state: bool = False) -> None:
+        if not keep:
+            return
+        old = epoch - every * keep
+        if old > 0:
+            _remove(self.epoch_state(old) if state else self.epoch(old))
+
+    def prune_steps(self, step: int, every: int, keep: int | None, state: bool = False) -> None:
+        """save_last_n_steps counts steps, not saves: saves older than ``step - keep`` go."""
+        if not keep:
+            return
+        old = step - keep - 1
+        old -= old % every
+        while old > 0:
+            path = self.step_state(old) if state else self.step(old)
+            if not path.exists():
+                break
+            _remove(path)
+            old -= every
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()

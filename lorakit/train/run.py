@@ -1,0 +1,320 @@
+"""``lorakit train``: load the model, build the network and the data, and run the loop with saving, sampling,
+logging and resume. Each piece lives in its own module; this one wires them in sd-scripts' order."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+from ..formats.dtypes import parse_dtype
+from .loss import DiffusionLoss, LossOptions
+from .noise import NoiseOptions, make_noise_scheduler
+from .outputs import OutputNames
+from .state import Progress, load_state, save_state
+from .step import StepContext, batch_loss
+
+__all__ = ["train", "TrainingError"]
+
+_NOISE_OPTIONS = [f.name for f in dataclasses.fields(NoiseOptions)]
+_LOSS_OPTIONS = [f.name for f in dataclasses.fields(LossOptions)]
+# Options that do not change what is computed, so a resumed run may change them.
+_RESUME_FREE = {"resume", "output_dir", "output_name", "save_every_n_steps", "save_every_n_epochs", "save_state",
+                "save_last_n_steps", "save_last_n_epochs", "save_last_n_steps_state", "save_last_n_epochs_state",
+                "sample_prompts", "sample_every_n_steps", "sample_every_n_epochs", "sample_at_first",
+                "sample_sampler", "logging_dir", "log_with", "log_prefix", "training_comment", "no_metadata",
+                "max_data_loader_n_workers", "persistent_data_loader_workers"}
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. the loss became NaN); the message says where it stopped and what was kept."""
+
+
+def train(config, *, stop_at_step: int | None = None) -> Path | None:
+    """Train the network ``config`` describes. Returns the final adapter file (None when ``stop_at_step``, a
+    test hook that stops like a killed run right after that step's saves)."""
+    from .checks import check_runnable
+
+    check_runnable(config)
+    return _Run(config).run(stop_at_step)
+
+
+class _Run:
+    def __init__(self, config):
+        self.config = config
+        self.seed = config.seed if config.seed is not None else int.from_bytes(os.urandom(4), "little")
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.names = OutputNames(config.output_dir, config.output_name, config.save_model_as)
+        mp = config.mixed_precision
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp, torch.float32)
+        self.autocast_dtype = None if mp == "no" else self.weight_dtype
+        self.save_dtype = parse_dtype(config.save_precision, "save_precision") if config.save_precision else None
+
+    # --- setup --------------------------------------------------------------------------------------------
+    def _load_model(self):
+        from ..models.load import load_model
+
+        c = self.config
+        given = c.given
+        model = load_model(c.pretrained_model_name_or_path, v2=c.v2 if "v2" in given else None,
+                           sdxl=c.sdxl if "sdxl" in given else None,
+                           v_parameterization=c.v_parameterization if "v_parameterization" in given else None,
+                           vae=c.vae or None, dtype=self.weight_dtype, no_half_vae=c.no_half_vae)
+        for _, module in model.components():
+            module.requires_grad_(False).to(self.device)
+        if c.xformers:
+            model.unet.enable_xformers_memory_efficient_attention()
+        return model
+
+    def _make_network(self, model):
+        from ..network.create import create_network
+        from ..network.load import load_network, read_adapter_tensors
+
+        c = self.config
+        tes = None if c.network_train_unet_only else model.text_encoders
+        if c.network_weights and c.dim_from_weights:
+            net = load_network(model.unet, c.network_weights, text_encoders=tes)
+        else:
+            options = dict(c.network_kwargs())
+            options.setdefault("dim", c.network_dim if c.network_dim is not None else 4)
+            options.setdefault("alpha", c.network_alpha)
+            if c.network_dropout is not None:
+                options.setdefault("dropout", c.network_dropout)
+            net = create_network(model.unet, tes, **options)
+            if c.network_weights:
+                tensors, _, where = read_adapter_tensors(c.network_weights)
+                missing, unexpected = net.load_state_dict(tensors, strict=False)
+                if unexpected:
+                    raise TrainingError(f"network_weights={where}: {len(unexpected)} tensor(s) match no adapter of "
+                                        f"this network (e.g. {unexpected[0]}); use dim_from_weights for its shapes")
+        net.to(self.device, torch.float32 if not (c.full_fp16 or c.full_bf16) else self.weight_dtype)
+        net.apply()
+        net.train()
+        return net
+
+    def _dataset(self, model):
+        from ..data import BatchOrder, TrainDataset, cache_latents, make_loader, pixel_multiple
+        from ..data.from_config import specs_from_config, specs_from_folders
+
+        c = self.config
+        specs = specs_from_config(c.dataset_group) if c.dataset_group is not None else specs_from_folders(c)
+        ds = TrainDataset(specs, tokenizers=model.tokenizers, max_token_length=c.max_token_length,
+                          weighted_captions=c.weighted_captions, seed=self.seed, reso_multiple=pixel_multiple(model))
+        if c.cache_latents or c.cache_latents_to_disk:
+            cache_latents(ds, model.vae, vae_batch_size=c.vae_batch_size or 1, to_disk=c.cache_latents_to_disk)
+        order = BatchOrder(ds)
+        loader = make_loader(ds, order, max_workers=c.max_data_loader_n_workers,
+                             persistent=c.persistent_data_loader_workers)
+        return ds, order, loader
+
+    def _digest(self) -> str:
+        """What must not change between a run and its resume."""
+        values = {k: v for k, v in self.config.as_dict().items() if k not in _RESUME_FREE}
+        values["seed"] = self.seed
+        return hashlib.sha256(repr(sorted(values.items())).encode()).hexdigest()[:16]
+
+    # --- the run ------------------------------------------------------------------------------------------
+    def run(self, stop_at_step: int | None) -> Path | None:
+        from ..models.text import encode_prompts  # noqa: F401  (import errors before the slow setup)
+        from .logger import TrainLogger
+        from .metadata import progress_metadata, training_metadata
+        from .optimizers import make_optimizer, optimizer_name
+        from .schedulers import make_scheduler
+
+        c = self.config
+        torch.manual_seed(self.seed)
+        model = self._load_model()
+        net = self._make_network(model)
+        if c.gradient_checkpointing:
+            model.unet.enable_gradient_checkpointing()
+            model.unet.train()  # diffusers checkpoints only in training mode; the base stays frozen
+        ds, order, loader = self._dataset(model)
+        batches_per_epoch = len(ds.batches(1))
+        if batches_per_epoch == 0:
+            raise TrainingError("the dataset yields no batch")
+        updates_per_epoch = math.ceil(batches_per_epoch / c.gradient_accumulation_steps)
+        max_steps = c.max_train_epochs * updates_per_epoch if c.max_train_epochs else c.max_train_steps
+        num_epochs = math.ceil(max_steps / updates_per_epoch)
+
+        unet_lr = 0.0 if c.network_train_text_encoder_only else c.unet_lr
+        te_lr = 0.0 if c.network_train_unet_only else c.text_encoder_lr
+        groups = net.optimizer_param_groups(unet_lr=unet_lr, text_encoder_lr=te_lr, default_lr=c.learning_rate)
+        optimizer = make_optimizer(c.optimizer_type, groups, c.learning_rate, c.optimizer_args)
+        scheduler = make_scheduler(c.lr_scheduler, optimizer, max_steps, c.lr_warmup_steps,
+                                   c.lr_scheduler_num_cycles, c.lr_scheduler_power)
+        noise_scheduler = make_noise_scheduler("v_prediction" if model.v_parameterization else "epsilon",
+                                               zero_terminal_snr=c.zero_terminal_snr)
+        loss_options = {k: getattr(c, k) for k in _LOSS_OPTIONS if hasattr(c, k)}
+        loss_options["v_parameterization"] = model.v_parameterization
+        ctx = StepContext(model=model, noise_scheduler=noise_scheduler,
+                          noise=NoiseOptions(**{k: getattr(c, k) for k in _NOISE_OPTIONS}),
+                          loss=DiffusionLoss(noise_scheduler, LossOptions(**loss_options)), device=self.device,
+                          weight_dtype=self.weight_dtype, autocast_dtype=self.autocast_dtype, clip_skip=c.clip_skip,
+                          max_token_length=c.max_token_length,
+                          text_cache={} if c.cache_text_encoder_outputs else None)
+        train_text = not c.network_train_unet_only and any(
+            g["name"].startswith("text_encoder") for g in groups if "name" in g)
+        stop_text_at = (math.ceil(max_steps * c.stop_text_encoder_training / 100)
+                        if c.stop_text_encoder_training else None)
+
+        progress = Progress(config_digest=self._digest())
+        if c.resume:
+            progress = load_state(c.resume, net, optimizer, scheduler, progress.config_digest)
+        self.names.dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(self.names.config_file(), c.to_toml())
+
+        resolution = _resolution(c)
+        base_meta = {} if c.no_metadata else training_metadata(
+            c, kind=model.kind, v_parameterization=model.v_parameterization, dataset=ds,
+            optimizer_name=optimizer_name(optimizer), num_epochs=num_epochs, max_train_steps=max_steps,
+            session_id=uuid.uuid4().hex, started_at=time.time(), network_kwargs=c.network_kwargs(),
+            model_path=str(c.pretrained_model_name_or_path), resolution=resolution)
+        logger = TrainLogger(c, total=max_steps, initial=progress.global_step)
+        sampler = _Sampler(c, model, net, self.names, self.seed)
+
+        def save(path: Path, epoch: int, step: int) -> None:
+            meta = {} if c.no_metadata else progress_metadata(base_meta, epoch=epoch, step=step, title=None)
+            _save_adapter(net, path, self.save_dtype, meta, drop_unet=c.network_train_text_encoder_only)
+
+        if c.sample_at_first and progress.global_step == 0:
+            sampler.draw(0)
+        trainable = [p for g in optimizer.param_groups for p in g["params"]]
+        try:
+            for epoch in range(progress.epoch, num_epochs + 1):
+                start = progress.step_in_epoch if epoch == progress.epoch else 0
+                order.set_position(epoch, start)
+                micro = 0
+                for index, batch in enumerate(loader, start=start):
+                    step_seed = (self.seed * 1_000_003 + epoch * 100_003 + index) % (2**63)
+                    torch.manual_seed(step_seed)  # dropouts in the adapters
+                    generator = torch.Generator(device=self.device).manual_seed(step_seed)
+                    text_now = train_text and (stop_text_at is None or progress.global_step < stop_text_at)
+                    loss = batch_loss(ctx, batch, generator, text_now)
+                    if not torch.isfinite(loss):
+                        raise TrainingError(f"the loss became {loss.item()} at step {progress.global_step + 1} "
+                                            f"(epoch {epoch}); training stopped, the last save is kept. Lower the "
+                                            "learning rate, or use mixed_precision bf16 instead of fp16")
+                    (loss / c.gradient_accumulation_steps).backward()
+                    micro += 1
+                    last_of_epoch = index + 1 == batches_per_epoch
+                    if micro < c.gradient_accumulation_steps and not last_of_epoch:
+                        continue
+                    micro = 0
+                    if c.max_grad_norm:
+                        torch.nn.utils.clip_grad_norm_(trainable, c.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    progress.global_step += 1
+                    progress.step_in_epoch = index + 1
+                    if c.scale_weight_norms:
+                        from ..network.kohya import KohyaNetwork
+
+                        with torch.no_grad():
+                            KohyaNetwork.apply_max_norm_regularization(net, c.scale_weight_norms)
+                    logger.step(loss.item(), scheduler.get_last_lr(), progress.global_step, epoch)
+                    step = progress.global_step
+                    if c.save_every_n_steps and step % c.save_every_n_steps == 0 and step < max_steps:
+                        save(self.names.step(step), epoch, step)
+                        self.names.prune_steps(step, c.save_every_n_steps, c.save_last_n_steps)
+                        if c.save_state:
+                            save_state(self.names.step_state(step), net, optimizer, scheduler, progress)
+                            self.names.prune_steps(step, c.save_every_n_steps, c.save_last_n_steps_state, state=True)
+                    if c.sample_every_n_steps and step % c.sample_every_n_steps == 0:
+                        sampler.draw(step)
+                    if stop_at_step is not None and step >= stop_at_step:
+                        if not (c.save_every_n_steps and step % c.save_every_n_steps == 0 and c.save_state):
+                            save_state(self.names.step_state(step), net, optimizer, scheduler, progress)
+                        return None
+                    if step >= max_steps:
+                        break
+                progress.epoch, progress.step_in_epoch = epoch + 1, 0
+                if progress.global_step >= max_steps:
+                    break
+                if c.save_every_n_epochs and epoch % c.save_every_n_epochs == 0 and epoch < num_epochs:
+                    save(self.names.epoch(epoch), epoch, progress.global_step)
+                    self.names.prune_epochs(epoch, c.save_every_n_epochs, c.save_last_n_epochs)
+                    if c.save_state:
+                        save_state(self.names.epoch_state(epoch), net, optimizer, scheduler, progress)
+                        self.names.prune_epochs(epoch, c.save_every_n_epochs, c.save_last_n_epochs_state, state=True)
+                if c.sample_every_n_epochs and epoch % c.sample_every_n_epochs == 0:
+                    sampler.draw(progress.global_step)
+        finally:
+            logger.close()
+        final = self.names.final()
+        save(final, min(progress.epoch, num_epochs), progress.global_step)
+        if c.save_state:
+            save_state(self.names.final_state(), net, optimizer, scheduler, progress)
+        if c.sample_every_n_steps or c.sample_every_n_epochs:
+            sampler.draw(progress.global_step)
+        return final
+
+
+class _Sampler:
+    def __init__(self, config, model, net, names: OutputNames, seed: int):
+        self.config, self.model, self.net, self.names, self.seed = config, model, net, names, seed
+        self.prompts = None
+        if config.sample_prompts:
+            from .sample_prompts import read_sample_prompts
+
+            self.prompts = read_sample_prompts(config.sample_prompts)  # bad files fail before training
+
+    def draw(self, step: int) -> None:
+        if not self.prompts:
+            return
+        from .sample_prompts import draw_samples
+
+        unet_mode = self.model.unet.training
+        self.net.eval()
+        self.model.unet.eval()
+        rng = torch.get_rng_state()
+        try:
+            draw_samples(self.model, self.prompts, self.names.sample_dir(), self.names.name, step,
+                         default_sampler=self.config.sample_sampler, clip_skip=self.config.clip_skip,
+                         base_seed=self.seed)
+        finally:
+            torch.set_rng_state(rng)
+            self.net.train()
+            self.model.unet.train(unet_mode)
+
+
+def _save_adapter(net, path: Path, dtype, metadata: dict, drop_unet: bool) -> None:
+    """The adapter file (atomic). Text-encoder-only runs leave out the U-Net adapters they never trained."""
+    from ..formats import add_hashes, prepare_tensors, save_file
+
+    tensors = net.state_dict()
+    if drop_unet:
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("lora_unet_")}
+    if path.suffix == ".safetensors":
+        tensors = prepare_tensors(tensors, dtype)
+        save_file(tensors, path, metadata=add_hashes(tensors, metadata) if metadata else None)
+    else:  # .ckpt / .pt as sd-scripts writes them: a plain state dict
+        _write_atomic(path, prepare_tensors(tensors, dtype), binary=True)
+
+
+def _write_atomic(path: Path, content, binary: bool = False) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        if binary:
+            torch.save(content, tmp)
+        else:
+            tmp.write_text(content, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _resolution(config) -> tuple[int, int]:
+    reso = config.resolution
+    if reso is None and config.dataset_group is not None and config.dataset_group.datasets:
+        reso = config.dataset_group.datasets[0].resolution
+    if isinstance(reso, (list, tuple)):
+        return int(reso[0]), int(reso[-1])
+    return (int(reso), int(reso)) if reso else (512, 512)

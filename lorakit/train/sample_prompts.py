@@ -1,0 +1,105 @@
+"""``sample_prompts`` files as sd-scripts reads them, and drawing the samples during training.
+
+.txt: one prompt per line (``#`` starts a comment) with options ``--n`` negative prompt, ``--w``/``--h`` size,
+``--d`` seed, ``--l`` guidance scale, ``--s`` steps, ``--ss`` sampler. .toml: ``[prompt]`` holds the defaults
+and each ``[[prompt.subset]]`` one prompt. .json: a list of objects. Keys: prompt, negative_prompt, width, height,
+seed, scale, sample_steps, sample_sampler.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["SamplePrompt", "read_sample_prompts", "draw_samples"]
+
+_TXT_OPTIONS = {"n": "negative_prompt", "w": "width", "h": "height", "d": "seed", "l": "scale", "s": "sample_steps",
+                "ss": "sample_sampler"}
+_KINDS = {"prompt": str, "negative_prompt": str, "width": int, "height": int, "seed": int, "scale": float,
+          "sample_steps": int, "sample_sampler": str}
+
+
+@dataclass
+class SamplePrompt:
+    prompt: str
+    negative_prompt: str = ""
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None
+    scale: float = 7.5
+    sample_steps: int = 30
+    sample_sampler: str | None = None
+
+
+def read_sample_prompts(path: str | Path) -> list[SamplePrompt]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sample_prompts={path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"sample_prompts={path}: not UTF-8 text ({e})") from None
+    if path.suffix.lower() == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
+
+        data = tomllib.loads(text).get("prompt", {})
+        defaults = {k: v for k, v in data.items() if k != "subset"}
+        entries = [{**defaults, **subset} for subset in data.get("subset", [])]
+    elif path.suffix.lower() == ".json":
+        entries = json.loads(text)
+        if not isinstance(entries, list):
+            raise ValueError(f"sample_prompts={path}: expected a JSON list of prompt objects")
+    else:
+        entries = [_parse_line(line) for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    prompts = [_typed(entry, path) for entry in entries]
+    if not prompts:
+        raise ValueError(f"sample_prompts={path}: holds no prompt")
+    return prompts
+
+
+def _parse_line(line: str) -> dict:
+    parts = re.split(r"\s--(?=[a-z]+\s)", " " + line.strip())
+    entry = {"prompt": parts[0].strip()}
+    for part in parts[1:]:
+        flag, _, value = part.partition(" ")
+        if flag in _TXT_OPTIONS:
+            entry[_TXT_OPTIONS[flag]] = value.strip()
+    return entry
+
+
+def _typed(entry: dict, path: Path) -> SamplePrompt:
+    unknown = sorted(set(entry) - set(_KINDS))
+    if unknown:
+        raise ValueError(f"sample_prompts={path}: unknown key {unknown[0]!r}; known: {', '.join(_KINDS)}")
+    if not str(entry.get("prompt", "")).strip():
+        raise ValueError(f"sample_prompts={path}: an entry has no prompt")
+    try:
+        return SamplePrompt(**{k: _KINDS[k](v) for k, v in entry.items()})
+    except ValueError as e:
+        raise ValueError(f"sample_prompts={path}: bad value in {entry!r}: {e}") from None
+
+
+def draw_samples(model, prompts: list[SamplePrompt], folder: Path, output_name: str, step: int, *, default_sampler: str,
+                 clip_skip: int | None, base_seed: int) -> list[Path]:
+    """One image per prompt, named as sd-scripts names them: ``{name}_{step:06d}_{i:02d}_{time}_{seed}.png``."""
+    from ..models.sample import generate
+
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d%H%M%S")
+    saved = []
+    for i, p in enumerate(prompts):
+        seed = p.seed if p.seed is not None else base_seed + i
+        image = generate(model, [p.prompt], negative_prompt=p.negative_prompt, steps=p.sample_steps,
+                         guidance_scale=p.scale, width=p.width, height=p.height, seed=seed,
+                         sampler=p.sample_sampler or default_sampler, clip_skip=clip_skip)[0]
+        out = folder / f"{output_name}_{step:06d}_{i:02d}_{stamp}_{seed}.png"
+        image.save(out)
+        saved.append(out)
+    return saved

@@ -1,0 +1,81 @@
+"""Training state for ``save_state`` / ``resume``: the adapters, the optimizer, the lr scheduler and where
+the run stands (epoch, step). Randomness needs no saving: every step draws from generators seeded by
+(seed, step) and the data order is a function of (seed, epoch), so a resumed run repeats exactly what the
+uninterrupted run would have done.
+
+A state is a folder written under a temporary name and renamed into place (a kill leaves the previous state).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..formats.safetensors_io import load_file, save_file
+
+__all__ = ["Progress", "save_state", "load_state", "StateError"]
+
+_FORMAT = 1
+
+
+class StateError(ValueError):
+    """A state folder that cannot be resumed from; the message names it and what is wrong."""
+
+
+@dataclass
+class Progress:
+    epoch: int = 1          # the epoch being trained (1-based, as sd-scripts counts)
+    step_in_epoch: int = 0  # batches of that epoch already consumed
+    global_step: int = 0    # optimizer steps done
+    config_digest: str = ""
+
+
+def save_state(folder: str | Path, network, optimizer, scheduler, progress: Progress) -> None:
+    folder = Path(folder)
+    tmp = folder.parent / f".{folder.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        tmp.mkdir(parents=True)
+        save_file(network.state_dict(), tmp / "network.safetensors")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        (tmp / "train_state.json").write_text(json.dumps({"format": _FORMAT, **asdict(progress)}, indent=2))
+        if folder.exists():
+            old = folder.parent / f".{folder.name}.{uuid.uuid4().hex[:8]}.old"
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_state(folder: str | Path, network, optimizer, scheduler, config_digest: str) -> Progress:
+    folder = Path(folder)
+    files = [folder / "network.safetensors", folder / "optimizer.pt", folder / "train_state.json"]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise StateError(f"resume={folder}: not a lorakit state folder (missing {', '.join(missing)})")
+    info = json.loads(files[2].read_text())
+    if info.pop("format", None) != _FORMAT:
+        raise StateError(f"resume={folder}: state format {info.get('format')} is not {_FORMAT}")
+    progress = Progress(**info)
+    if progress.config_digest and progress.config_digest != config_digest:
+        raise StateError(f"resume={folder}: the state was saved by a run with different training settings "
+                         "(model, data, network or optimisation options changed); resume with the same config")
+    tensors, _ = load_file(files[0])
+    expected = set(network.state_dict())
+    if set(tensors) != expected:
+        diff = sorted(set(tensors) ^ expected)[:3]
+        raise StateError(f"resume={folder}: its adapters differ from this run's network (e.g. {diff})")
+    network.load_state_dict(tensors)
+    saved = torch.load(files[1], map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    return progress

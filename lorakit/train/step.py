@@ -1,0 +1,79 @@
+"""One training step's loss: latents (cached or encoded), conditioning, noise, the U-Net's prediction, the loss."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from ..data.weighted import apply_token_weights
+from ..models.text import PromptEmbeds, encode_prompts
+from .loss import DiffusionLoss
+from .noise import NoiseOptions, noisy_batch
+
+__all__ = ["StepContext", "batch_loss"]
+
+
+@dataclass
+class StepContext:
+    model: object                   # StableDiffusionModel (adapters applied)
+    noise_scheduler: object
+    noise: NoiseOptions
+    loss: DiffusionLoss
+    device: torch.device
+    weight_dtype: torch.dtype
+    autocast_dtype: torch.dtype | None
+    clip_skip: int | None
+    max_token_length: int | None
+    text_cache: dict | None = None  # cache_text_encoder_outputs: input ids -> embeddings (frozen encoders only)
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+
+def _latents(ctx: StepContext, batch, generator: torch.Generator) -> torch.Tensor:
+    vae = ctx.model.vae
+    if batch.latents is not None:
+        latents = batch.latents.to(ctx.device, torch.float32)
+    else:
+        with torch.no_grad():
+            images = batch.images.to(ctx.device, vae.dtype)
+            latents = vae.encode(images).latent_dist.sample(generator=generator).float()
+    return latents * vae.config.scaling_factor
+
+
+def _conditioning(ctx: StepContext, batch, train_text: bool) -> PromptEmbeds:
+    ids = [t.to(ctx.device) for t in batch.input_ids]
+    if ctx.text_cache is not None and not train_text:
+        key = tuple(tuple(t.flatten().tolist()) for t in ids)
+        if key not in ctx.text_cache:
+            with torch.no_grad(), ctx.autocast():
+                ctx.text_cache[key] = encode_prompts(ctx.model, batch.captions, ctx.clip_skip, ctx.max_token_length,
+                                                     input_ids=ids)
+        return ctx.text_cache[key]
+    with torch.set_grad_enabled(train_text), ctx.autocast():
+        return encode_prompts(ctx.model, batch.captions, ctx.clip_skip, ctx.max_token_length, input_ids=ids)
+
+
+def batch_loss(ctx: StepContext, batch, generator: torch.Generator, train_text: bool) -> torch.Tensor:
+    """The mean loss of ``batch``; every random draw (VAE sample, noise, timesteps) comes from ``generator``."""
+    latents = _latents(ctx, batch, generator)
+    emb = _conditioning(ctx, batch, train_text)
+    hidden = emb.hidden
+    if batch.token_weights is not None:
+        hidden = apply_token_weights(hidden, batch.token_weights[0].to(hidden.device))
+    noisy = noisy_batch(latents, ctx.noise_scheduler, ctx.noise, generator)
+    added = None
+    if ctx.model.is_sdxl:
+        time_ids = torch.cat([batch.original_sizes_hw, batch.crop_top_lefts, batch.target_sizes_hw], dim=1)
+        added = {"text_embeds": emb.pooled.to(ctx.weight_dtype),
+                 "time_ids": time_ids.to(ctx.device, ctx.weight_dtype)}
+    with ctx.autocast():
+        pred = ctx.model.unet(noisy.noisy_latents.to(ctx.weight_dtype), noisy.timesteps,
+                              hidden.to(ctx.weight_dtype), added_cond_kwargs=added).sample
+    target = ctx.loss.target(latents, noisy.noise, noisy.timesteps)
+    weights = batch.loss_weights.to(ctx.device, torch.float32)
+    return ctx.loss(pred.float(), target.float(), noisy.timesteps, sample_weights=weights)

@@ -1,0 +1,121 @@
+"""The training loop end to end on small random SD1/SDXL models: files and metadata, exact resume, NaN stop,
+samples, pruning of old saves."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from lorakit.formats.safetensors_io import load_file, read_metadata  # noqa: E402
+from lorakit.models.demo import random_model  # noqa: E402
+from lorakit.models.demo_data import write_concept_folder  # noqa: E402
+from lorakit.models.save import save_checkpoint  # noqa: E402
+from lorakit.train.config import load_train_config  # noqa: E402
+from lorakit.train.run import TrainingError, train  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    save_checkpoint(random_model("tiny-sd", seed=0), root / "sd.safetensors", dtype=None)
+    save_checkpoint(random_model("tiny-sdxl", seed=0), root / "sdxl.safetensors", dtype=None)
+    write_concept_folder(root / "data", n=6, repeats=1)
+    return root
+
+
+def _config(base, out, **overrides):
+    values = dict(pretrained_model_name_or_path=str(base / "sd.safetensors"), train_data_dir=str(base / "data"),
+                  resolution="64", output_dir=str(out), output_name="t", network_dim=4, network_alpha=2,
+                  learning_rate=1e-2, max_train_steps=4, train_batch_size=2, seed=3, cache_latents=True,
+                  max_data_loader_n_workers=0, optimizer_type="AdamW", lr_scheduler="cosine")
+    values.update(overrides)
+    return load_train_config(overrides=values)
+
+
+def test_run_writes_adapter_metadata_and_config(base, tmp_path):
+    final = train(_config(base, tmp_path, network_args=["algo=lora", "conv_dim=2"]))
+    assert final == tmp_path / "t.safetensors"
+    tensors, _ = load_file(final)
+    assert any(k.startswith("lora_unet_") for k in tensors) and any(k.startswith("lora_te_") for k in tensors)
+    ups = [v for k, v in tensors.items() if k.endswith("lora_up.weight")]
+    assert all(torch.isfinite(u).all() for u in ups) and any(u.abs().sum() > 0 for u in ups)  # it trained
+    meta = read_metadata(final)
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2.0"
+    assert meta["ss_steps"] == "4" and meta["ss_num_train_images"] == "6"
+    assert meta["ss_base_model_version"] == "sd_v1" and "sshs_model_hash" in meta
+    assert json.loads(meta["ss_network_args"]) == {"algo": "lora", "conv_dim": "2"}
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    again = load_train_config(tmp_path / "t_config.toml")
+    assert again.network_dim == 4 and again.max_train_steps == 4
+
+
+def _states_equal(a, b):
+    ta, tb = load_file(a)[0], load_file(b)[0]
+    assert ta.keys() == tb.keys()
+    return all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_resume_equals_uninterrupted_run(base, tmp_path):
+    full = train(_config(base, tmp_path / "full", max_train_steps=5, gradient_accumulation_steps=1,
+                         network_dropout=0.1))
+    stopped = _config(base, tmp_path / "part", max_train_steps=5, network_dropout=0.1)
+    assert train(stopped, stop_at_step=2) is None
+    state = tmp_path / "part" / "t-step00000002-state"
+    assert state.is_dir()
+    resumed = train(_config(base, tmp_path / "part", max_train_steps=5, network_dropout=0.1, resume=str(state)))
+    assert _states_equal(full, resumed)
+    assert read_metadata(resumed)["ss_steps"] == "5"
+
+
+def test_resume_refuses_changed_settings(base, tmp_path):
+    train(_config(base, tmp_path, max_train_steps=3), stop_at_step=1)
+    with pytest.raises(ValueError, match="different training settings"):
+        train(_config(base, tmp_path, max_train_steps=3, learning_rate=5e-3,
+                      resume=str(tmp_path / "t-step00000001-state")))
+
+
+def test_nan_loss_stops_and_keeps_last_save(base, tmp_path, monkeypatch):
+    import lorakit.train.run as run
+
+    calls = {"n": 0}
+    real = run.batch_loss
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(run, "batch_loss", flaky)
+    with pytest.raises(TrainingError, match="loss became nan at step 3"):
+        train(_config(base, tmp_path, save_every_n_steps=2))
+    assert (tmp_path / "t-step00000002.safetensors").is_file()
+    assert not (tmp_path / "t.safetensors").exists()
+
+
+def test_save_last_n_steps_prunes(base, tmp_path):
+    train(_config(base, tmp_path, max_train_steps=6, save_every_n_steps=1, save_last_n_steps=2))
+    kept = sorted(p.name for p in tmp_path.glob("t-step*.safetensors"))
+    # sd-scripts keeps the saves of the last n steps: at step 5, steps 3..5 (the final step 6 is t.safetensors)
+    assert kept == ["t-step00000003.safetensors", "t-step00000004.safetensors", "t-step00000005.safetensors"]
+
+
+def test_samples_are_drawn(base, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# a comment\na purple circle --n blue --w 64 --h 64 --d 5 --l 4 --s 3\n")
+    train(_config(base, tmp_path, max_train_steps=2, sample_prompts=str(prompts), sample_every_n_steps=2,
+                  sample_sampler="ddim"))
+    images = sorted((tmp_path / "sample").glob("t_000002_00_*_5.png"))
+    assert images, sorted(p.name for p in (tmp_path / "sample").iterdir())
+
+
+def test_sdxl_trains_unet_only(base, tmp_path):
+    final = train(_config(base, tmp_path, pretrained_model_name_or_path=str(base / "sdxl.safetensors"),
+                          max_train_steps=2, network_train_unet_only=True))
+    keys = load_file(final)[0].keys()
+    assert keys and all(k.startswith("lora_unet_") for k in keys)
+    assert read_metadata(final)["ss_base_model_version"] == "sdxl_base_v1-0"
