@@ -21,6 +21,8 @@ from typing import Sequence
 
 import torch
 
+from ..models.text import chunk_count
+
 __all__ = ["parse_prompt_attention", "strip_weights", "tokenize_weighted", "apply_token_weights"]
 
 UP, DOWN = 1.1, 1 / 1.1
@@ -86,14 +88,6 @@ def strip_weights(text: str) -> str:
     return "".join(t for t, _ in parse_prompt_attention(text))
 
 
-def _chunks(max_token_length: int | None) -> int:
-    if max_token_length is None:
-        return 1
-    if max_token_length not in (75, 150, 225):
-        raise ValueError(f"max_token_length must be None, 75, 150 or 225, not {max_token_length!r}")
-    return max_token_length // CHUNK
-
-
 def _one(tokenizer, prompt: str, n: int) -> tuple[list[list[int]], list[list[float]]]:
     ids: list[int] = []
     weights: list[float] = []
@@ -125,7 +119,7 @@ def tokenize_weighted(tokenizer, prompts: str | Sequence[str],
                       max_token_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids [B, n, 77] long, weights [B, n, 77] float32) for prompts in A1111's weight syntax."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    n = _chunks(max_token_length)
+    n = chunk_count(max_token_length)
     rows = [_one(tokenizer, p, n) for p in prompts]
     ids = torch.tensor([r[0] for r in rows], dtype=torch.long)
     weights = torch.tensor([r[1] for r in rows], dtype=torch.float32)

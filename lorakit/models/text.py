@@ -44,7 +44,7 @@ class PromptEmbeds:
     pooled: torch.Tensor | None = None
 
 
-def _chunks(max_token_length: int | None) -> int:
+def chunk_count(max_token_length: int | None) -> int:
     if max_token_length is None:
         return 1
     if max_token_length not in (75, 150, 225):
@@ -55,7 +55,7 @@ def _chunks(max_token_length: int | None) -> int:
 def tokenize(tokenizer, prompts: str | Sequence[str], max_token_length: int | None = None) -> torch.Tensor:
     """Token ids [B, n, 77] for ``prompts`` (see the module docstring for the layout)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    n = _chunks(max_token_length)
+    n = chunk_count(max_token_length)
     ids = tokenizer(prompts, padding="max_length", truncation=True, max_length=CHUNK * n + 2,
                     return_tensors="pt").input_ids
     if n == 1:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch.nn as nn
 
@@ -37,6 +37,18 @@ def index_model(model: nn.Module, text_encoders, prefix: str) -> tuple[list, str
     return text_encoders, None, NameIndex.for_model(model, prefix=prefix)
 
 
+def check_network_kwargs(kwargs: Mapping[str, Any]) -> tuple[NetworkConfig, dict, Preset]:
+    """Parse and check network and adapter options without touching a model: unknown or badly typed options,
+    options the algorithm does not take, a preset that does not exist. Returns (config, adapter options, preset)."""
+    config, options = split_network_kwargs(kwargs)
+    cls = algorithm(config.algo)
+    refused = sorted(set(parse_options(options)[1]) - (COMMON_OPTIONS | cls.accepts))
+    if refused:
+        raise OptionError(f"algo '{cls.name}' does not accept option '{refused[0]}' (given {options.get(refused[0])!r});"
+                          f" it accepts: {', '.join(sorted(COMMON_OPTIONS | cls.accepts))}")
+    return config, options, load_preset(config.preset)
+
+
 def create_network(model: nn.Module, text_encoders: Sequence[nn.Module] | nn.Module | None = None,
                    **kwargs: Any) -> Network:
     """Adapters on a Stable Diffusion U-Net (and its text encoders), or on any nn.Module.
@@ -44,14 +56,7 @@ def create_network(model: nn.Module, text_encoders: Sequence[nn.Module] | nn.Mod
     kwargs: the network options (algo, preset, dim, alpha, conv_dim, conv_alpha, train_norm, multiplier, block_dims,
     block_alphas, conv_block_dims, conv_block_alphas, down/mid/up_lr_weight, block_lr_zero_threshold, loraplus_*)
     and any adapter option (dropout, factor, dora_wd, ...), with kohya's and LyCORIS' spellings."""
-    config, options = split_network_kwargs(kwargs)
-    cls = algorithm(config.algo)
-    # unknown or badly typed adapter options fail here, before any layer is touched
-    refused = sorted(set(parse_options(options)[1]) - (COMMON_OPTIONS | cls.accepts))
-    if refused:
-        raise OptionError(f"algo '{cls.name}' does not accept option '{refused[0]}' (given {options.get(refused[0])!r});"
-                          f" it accepts: {', '.join(sorted(COMMON_OPTIONS | cls.accepts))}")
-    preset = load_preset(config.preset)
+    config, options, preset = check_network_kwargs(kwargs)
     text_encoders, arch, index = index_model(model, text_encoders, preset.lora_prefix or GENERIC_PREFIX)
     if arch is not None:
         selected = select("unet", model, preset, preset.unet_target_module, preset.unet_target_name)

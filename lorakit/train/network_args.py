@@ -65,16 +65,9 @@ def check_network_args(values: Mapping[str, Any], given: frozenset) -> None:
             raise OptionError(f"network_args '{key}={kwargs[key]}' repeats option {option} "
                               f"(= {values[option]!r}); give it once")
     # the network and adapter code (and torch) load only now: configs without network_args stay light
-    from ..algos import algorithm
-    from ..algos.base import COMMON_OPTIONS
-    from ..algos.options import parse_options
-    from ..network.config import split_network_kwargs
-    from ..network.presets import load_preset
+    from ..network.create import check_network_kwargs
 
-    network, adapter = split_network_kwargs(kwargs)
-    cls = algorithm(network.algo)
-    refused = sorted(set(parse_options(adapter)[1]) - (COMMON_OPTIONS | cls.accepts))
-    if refused:
-        raise OptionError(f"network_args: algo '{cls.name}' does not accept option '{refused[0]}'; it accepts: "
-                          f"{', '.join(sorted(COMMON_OPTIONS | cls.accepts))}")
-    load_preset(network.preset)
+    try:
+        check_network_kwargs(kwargs)
+    except OptionError as e:
+        raise OptionError(f"network_args: {e}") from None
