@@ -11,7 +11,8 @@ Each model is a folder laid out like a diffusers repository without weights::
 so that ``config_dir(name)`` can be passed as ``config=`` to diffusers' ``from_single_file`` and each
 component config to ``from_config``. Values are those of the public Hugging Face repositories
 runwayml/stable-diffusion-v1-5 (``sd15``), stabilityai/stable-diffusion-2-1 (``sd21``, 768-v) and
-stabilityai/stable-diffusion-xl-base-1.0 (``sdxl``).
+stabilityai/stable-diffusion-xl-base-1.0 (``sdxl``). ``tiny-sd`` and ``tiny-sdxl`` are lorakit's demo models (the
+SD1 and SDXL block structure at small widths, 64x64 images), whose weights ship in ``lorakit/models/demo/``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ __all__ = ["MODELS", "ALIASES", "canonical_name", "config_dir", "components", "l
 
 _ROOT = Path(__file__).resolve().parent
 
-MODELS: tuple[str, ...] = ("sd15", "sd21", "sdxl")
+MODELS: tuple[str, ...] = ("sd15", "sd21", "sdxl", "tiny-sd", "tiny-sdxl")
 
 # Common spellings accepted by config_dir(); the keys are compared lower-cased with "-", "_", "." and
 # spaces removed.
@@ -46,6 +47,10 @@ ALIASES: dict[str, str] = {
     "sdxlbase": "sdxl",
     "sdxlbase10": "sdxl",
     "stablediffusionxlbase10": "sdxl",
+    # the demo models (small widths, real block structure) trained by scripts/pretrain_demo.py
+    "tinysd": "tiny-sd",
+    "tinysd1": "tiny-sd",
+    "tinysdxl": "tiny-sdxl",
 }
 
 

@@ -1,0 +1,92 @@
+"""generate(): sampler names, sizes, seeds, SDXL conditioning, on small random demo-shaped models."""
+
+import functools
+import importlib.util
+
+import numpy as np
+import pytest
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from lorakit.models.demo import random_model  # noqa: E402
+from lorakit.models.sample import SAMPLERS, generate, scheduler_for  # noqa: E402
+
+
+@functools.lru_cache(maxsize=None)
+def _model(name):
+    return random_model(name, seed=0)
+
+
+def _arr(im):
+    return np.asarray(im, dtype=np.int16)
+
+
+def test_sampler_names_map_to_sd_scripts_schedulers():
+    m = _model("tiny-sd")
+    expected = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "lms": "LMSDiscreteScheduler",
+                "k_lms": "LMSDiscreteScheduler", "euler": "EulerDiscreteScheduler", "k_euler": "EulerDiscreteScheduler",
+                "euler_a": "EulerAncestralDiscreteScheduler", "k_euler_a": "EulerAncestralDiscreteScheduler",
+                "heun": "HeunDiscreteScheduler", "dpm_2": "KDPM2DiscreteScheduler", "k_dpm_2": "KDPM2DiscreteScheduler",
+                "dpm_2_a": "KDPM2AncestralDiscreteScheduler", "k_dpm_2_a": "KDPM2AncestralDiscreteScheduler",
+                "dpmsolver": "DPMSolverMultistepScheduler", "dpmsolver++": "DPMSolverMultistepScheduler",
+                "dpmsingle": "DPMSolverSinglestepScheduler"}
+    for name, cls in expected.items():
+        assert SAMPLERS[name][0] == cls, name
+        if "lms" in name and importlib.util.find_spec("scipy") is None:
+            continue  # diffusers' LMS scheduler needs scipy
+        s = scheduler_for(m, name)
+        assert type(s).__name__ == cls, name
+        # the model's own schedule, not the class default
+        assert (s.config.beta_start, s.config.beta_end, s.config.beta_schedule) == (0.00085, 0.012, "scaled_linear")
+        assert s.config.num_train_timesteps == 1000 and s.config.prediction_type == "epsilon"
+    assert scheduler_for(m, "dpmsolver").config.algorithm_type == "dpmsolver"
+    assert scheduler_for(m, "dpmsolver++").config.algorithm_type == "dpmsolver++"
+    assert scheduler_for(m, "EULER_A").config.num_train_timesteps == 1000
+    with pytest.raises(ValueError, match="unknown sampler 'k_foo'.*euler_a.*dpmsingle"):
+        scheduler_for(m, "k_foo")
+    assert set(expected) <= set(SAMPLERS)
+
+
+def test_v_prediction_follows_the_model():
+    import copy
+
+    m = copy.copy(_model("tiny-sd"))
+    m.v_parameterization = True
+    assert scheduler_for(m, "euler").config.prediction_type == "v_prediction"
+
+
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-sdxl"])
+def test_sizes_and_seed_reproducibility(name):
+    m = _model(name)
+    a = generate(m, ["a red circle on a blue background", "a green square"], steps=3, seed=5)
+    assert [im.size for im in a] == [(64, 64), (64, 64)] and a[0].mode == "RGB"
+    b = generate(m, ["a red circle on a blue background", "a green square"], steps=3, seed=5)
+    assert all(np.array_equal(_arr(x), _arr(y)) for x, y in zip(a, b))
+    # image i is drawn with seed + i, whatever batch it is in (equal up to float rounding across batch sizes)
+    single = generate(m, "a green square", steps=3, seed=6)
+    assert np.abs(_arr(single[0]) - _arr(a[1])).max() <= 2
+    other = generate(m, "a green square", steps=3, seed=7)
+    assert np.abs(_arr(other[0]) - _arr(a[1])).mean() > 1
+    wide = generate(m, "a red circle", steps=2, width=96, height=64, sampler="ddim", guidance_scale=1.0)
+    assert wide[0].size == (96, 64)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "pndm", "lms", "euler", "heun", "dpm_2", "dpm_2_a", "dpmsolver++",
+                                     "dpmsingle"])
+def test_every_sampler_runs(sampler):
+    if sampler == "lms" and importlib.util.find_spec("scipy") is None:
+        pytest.skip("diffusers' LMS scheduler needs scipy")
+    im = generate(_model("tiny-sd"), "a red circle", steps=4, sampler=sampler)[0]
+    assert im.size == (64, 64)
+    assert np.isfinite(_arr(im)).all()
+
+
+def test_bad_arguments():
+    m = _model("tiny-sd")
+    with pytest.raises(ValueError, match="unknown sampler"):
+        generate(m, "x", sampler="nope")
+    with pytest.raises(ValueError, match="multiples of 8"):
+        generate(m, "x", width=60)
+    with pytest.raises(ValueError, match="negative prompt"):
+        generate(m, ["a", "b"], negative_prompt=["x"])
