@@ -73,7 +73,7 @@ def extract_layer(delta: torch.Tensor, mode: str, param: float, max_rank: int | 
     params = r * out_dim + (r * r * kk + r * in_dim if tucker else r * in_dim * kk)
     report = dict(lr.report)
     if full_fallback and params >= out_dim * in_dim * kk:
-        report.update(full=True, rank=None)
+        report.update(full=True, rank=None, needed_rank=r, energy=1.0, fro=1.0)  # stored whole: nothing lost
         return {"diff": delta.clone()}, report
     ones = (1,) * len(kernel)
     up = lr.up.reshape(out_dim, r, *ones)

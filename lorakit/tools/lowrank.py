@@ -165,7 +165,7 @@ def low_rank(A: torch.Tensor, mode: str, param: float, max_rank: int | None = No
         k = min(int(param), cap)
         method = "exact" if svd == "exact" else "randomized"
         U, S, Vh = top_svd(A, k, method, niter, oversample, generator)
-        total_sq = float(A.double().square().sum()) if A.numel() else 0.0
+        total_sq = float(torch.linalg.vector_norm(A)) ** 2  # for the report: |A|^2 = the whole spectrum's energy
         report = retained(S, k, total_sq=total_sq)
     else:
         if svd == "randomized":
