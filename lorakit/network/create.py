@@ -57,6 +57,7 @@ def create_network(model: nn.Module, text_encoders: Sequence[nn.Module] | nn.Mod
     block_alphas, conv_block_dims, conv_block_alphas, down/mid/up_lr_weight, block_lr_zero_threshold, loraplus_*)
     and any adapter option (dropout, factor, dora_wd, ...), with kohya's and LyCORIS' spellings."""
     config, options, preset = check_network_kwargs(kwargs)
+    cls = algorithm(config.algo)
     text_encoders, arch, index = index_model(model, text_encoders, preset.lora_prefix or GENERIC_PREFIX)
     if arch is not None:
         selected = select("unet", model, preset, preset.unet_target_module, preset.unet_target_name)
