@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import torch
 
 from ..formats.checkpoint_file import CheckpointFileError, CheckpointReader
-from ..formats.checkpoint_layout import COMPONENT_PREFIXES, to_diffusers_recipes, unused_keys
+from ..formats.checkpoint_layout import COMPONENT_PREFIXES, to_diffusers_recipes
 from ..formats.dtypes import parse_dtype
 from .assemble import fill_component
 from .configs import load_config

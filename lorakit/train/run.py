@@ -121,7 +121,6 @@ class _Run:
 
     # --- the run ------------------------------------------------------------------------------------------
     def run(self, stop_at_step: int | None) -> Path | None:
-        from ..models.text import encode_prompts  # noqa: F401  (import errors before the slow setup)
         from .logger import TrainLogger
         from .metadata import progress_metadata, training_metadata
         from .optimizers import make_optimizer, optimizer_name
