@@ -36,13 +36,15 @@ class TrainingError(RuntimeError):
     """The run cannot go on (e.g. the loss became NaN); the message says where it stopped and what was kept."""
 
 
-def train(config, *, stop_at_step: int | None = None) -> Path | None:
+def train(config, *, stop_at_step: int | None = None, timings: dict | None = None) -> Path | None:
     """Train the network ``config`` describes. Returns the final adapter file (None when ``stop_at_step``, a
-    test hook that stops like a killed run right after that step's saves)."""
+    test hook that stops like a killed run right after that step's saves). ``timings``, if given, receives the
+    seconds spent per phase of the steps (data, text_and_noise, unet_forward, backward, optimizer, total) and
+    the number of batches."""
     from .checks import check_runnable
 
     check_runnable(config)
-    return _Run(config).run(stop_at_step)
+    return _Run(config).run(stop_at_step, timings)
 
 
 class _Run:
@@ -120,7 +122,7 @@ class _Run:
         return hashlib.sha256(repr(sorted(values.items())).encode()).hexdigest()[:16]
 
     # --- the run ------------------------------------------------------------------------------------------
-    def run(self, stop_at_step: int | None) -> Path | None:
+    def run(self, stop_at_step: int | None, timings: dict | None = None) -> Path | None:
         from .logger import TrainLogger
         from .metadata import progress_metadata, training_metadata
         from .optimizers import make_optimizer, optimizer_name
@@ -184,12 +186,16 @@ class _Run:
         if c.sample_at_first and progress.global_step == 0:
             sampler.draw(0)
         trainable = [p for g in optimizer.param_groups for p in g["params"]]
+        clock = ctx.timings
         try:
             for epoch in range(progress.epoch, num_epochs + 1):
                 start = progress.step_in_epoch if epoch == progress.epoch else 0
                 order.set_position(epoch, start)
                 micro = 0
+                last = time.perf_counter()
                 for index, batch in enumerate(loader, start=start):
+                    began = time.perf_counter()
+                    clock["data"] += began - last
                     step_seed = (self.seed * 1_000_003 + epoch * 100_003 + index) % (2**63)
                     torch.manual_seed(step_seed)  # dropouts in the adapters
                     generator = torch.Generator(device=self.device).manual_seed(step_seed)
@@ -199,12 +205,18 @@ class _Run:
                         raise TrainingError(f"the loss became {loss.item()} at step {progress.global_step + 1} "
                                             f"(epoch {epoch}); training stopped, the last save is kept. Lower the "
                                             "learning rate, or use mixed_precision bf16 instead of fp16")
+                    backward_start = time.perf_counter()
+                    clock["forward"] += backward_start - began
                     (loss / c.gradient_accumulation_steps).backward()
+                    clock["backward"] += time.perf_counter() - backward_start
+                    clock["batches"] += 1
                     micro += 1
                     last_of_epoch = index + 1 == batches_per_epoch
                     if micro < c.gradient_accumulation_steps and not last_of_epoch:
+                        last = time.perf_counter()
                         continue
                     micro = 0
+                    optimizer_start = time.perf_counter()
                     if c.max_grad_norm:
                         torch.nn.utils.clip_grad_norm_(trainable, c.max_grad_norm)
                     optimizer.step()
@@ -218,6 +230,7 @@ class _Run:
                         with torch.no_grad():
                             KohyaNetwork.apply_max_norm_regularization(net, c.scale_weight_norms)
                     logger.step(loss.item(), scheduler.get_last_lr(), progress.global_step, epoch)
+                    clock["optimizer_and_log"] += time.perf_counter() - optimizer_start
                     step = progress.global_step
                     if c.save_every_n_steps and step % c.save_every_n_steps == 0 and step < max_steps:
                         save(self.names.step(step), epoch, step)
@@ -233,6 +246,7 @@ class _Run:
                         return None
                     if step >= max_steps:
                         break
+                    last = time.perf_counter()
                 progress.epoch, progress.step_in_epoch = epoch + 1, 0
                 if progress.global_step >= max_steps:
                     break
@@ -246,6 +260,8 @@ class _Run:
                     sampler.draw(progress.global_step)
         finally:
             logger.close()
+            if timings is not None:
+                timings.update(clock)
         final = self.names.final()
         save(final, min(progress.epoch, num_epochs), progress.global_step)
         if c.save_state:

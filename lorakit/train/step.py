@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +29,7 @@ class StepContext:
     clip_skip: int | None
     max_token_length: int | None
     text_cache: dict | None = None  # cache_text_encoder_outputs: input ids -> embeddings (frozen encoders only)
+    timings: dict = field(default_factory=lambda: defaultdict(float))  # seconds per phase, summed over steps
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -71,9 +74,11 @@ def batch_loss(ctx: StepContext, batch, generator: torch.Generator, train_text: 
         time_ids = torch.cat([batch.original_sizes_hw, batch.crop_top_lefts, batch.target_sizes_hw], dim=1)
         added = {"text_embeds": emb.pooled.to(ctx.weight_dtype),
                  "time_ids": time_ids.to(ctx.device, ctx.weight_dtype)}
+    start = time.perf_counter()
     with ctx.autocast():
         pred = ctx.model.unet(noisy.noisy_latents.to(ctx.weight_dtype), noisy.timesteps,
                               hidden.to(ctx.weight_dtype), added_cond_kwargs=added).sample
+    ctx.timings["unet_forward"] += time.perf_counter() - start
     target = ctx.loss.target(latents, noisy.noise, noisy.timesteps)
     weights = batch.loss_weights.to(ctx.device, torch.float32)
     return ctx.loss(pred.float(), target.float(), noisy.timesteps, sample_weights=weights)
