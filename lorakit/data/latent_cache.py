@@ -49,7 +49,10 @@ def vae_fingerprint(vae: torch.nn.Module) -> str:
     digest = hashlib.sha256(type(vae).__name__.encode())
     config = getattr(vae, "config", None)
     if config is not None:
-        digest.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
+        # diffusers' own "_" keys describe the file, not the model, and "_use_default_values" comes from a set:
+        # its order changes with every process (string hashing is seeded), which would change the key each run
+        values = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+        digest.update(json.dumps(values, sort_keys=True, default=str).encode())
     for name, tensor in sorted(vae.state_dict().items()):
         t = tensor.detach().to("cpu").contiguous().reshape(-1)
         digest.update(f"{name}:{t.dtype}:{tuple(tensor.shape)}".encode())

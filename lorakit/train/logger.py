@@ -10,11 +10,13 @@ __all__ = ["TrainLogger"]
 
 
 class TrainLogger:
-    def __init__(self, config, total: int, initial: int = 0):
+    def __init__(self, config, total: int, initial: int = 0, quiet: bool = False):
+        """``quiet``: no bar, no log files (the other processes of a multi-process run)."""
         self.losses: list[float] = []
         self.writers = []
-        self._bar = _progress_bar(total, initial)
-        log_with = config.log_with or ("tensorboard" if config.logging_dir else None)
+        self.quiet = quiet
+        self._bar = None if quiet else _progress_bar(total, initial)
+        log_with = None if quiet else config.log_with or ("tensorboard" if config.logging_dir else None)
         if log_with in ("tensorboard", "all"):
             if not config.logging_dir:
                 raise ValueError("log_with=tensorboard needs logging_dir (the folder the event files go to)")
@@ -46,7 +48,7 @@ class TrainLogger:
         if self._bar is not None:
             self._bar.set_postfix(avr_loss=f"{average:.4f}", lr=f"{lrs[0]:.2e}", epoch=epoch)
             self._bar.update(1)
-        else:
+        elif not self.quiet:
             print(f"step {step} epoch {epoch} loss {loss:.4f} avr_loss {average:.4f} lr {lrs[0]:.2e}", flush=True)
 
     def close(self) -> None:

@@ -16,6 +16,7 @@ import torch
 from ..formats.dtypes import parse_dtype
 from .loss import DiffusionLoss, LossOptions
 from .noise import NoiseOptions, make_noise_scheduler
+from .distributed import current_world
 from .outputs import OutputNames
 from .state import Progress, load_state, save_state
 from .step import StepContext, batch_loss
@@ -51,7 +52,9 @@ class _Run:
     def __init__(self, config):
         self.config = config
         self.seed = config.seed if config.seed is not None else int.from_bytes(os.urandom(4), "little")
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+        self.world = current_world(self.device)
         self.names = OutputNames(config.output_dir, config.output_name, config.save_model_as)
         mp = config.mixed_precision
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp, torch.float32)
@@ -106,10 +109,15 @@ class _Run:
 
         c = self.config
         specs = specs_from_config(c.dataset_group) if c.dataset_group is not None else specs_from_folders(c)
+        specs = self.world.scale_specs(specs)  # every process builds the global batches
         ds = TrainDataset(specs, tokenizers=model.tokenizers, max_token_length=c.max_token_length,
                           weighted_captions=c.weighted_captions, seed=self.seed, reso_multiple=pixel_multiple(model))
         if c.cache_latents or c.cache_latents_to_disk:
+            if c.cache_latents_to_disk and not self.world.main:
+                self.world.barrier()  # the main process writes the disk cache first; the others then read it
             cache_latents(ds, model.vae, vae_batch_size=c.vae_batch_size or 1, to_disk=c.cache_latents_to_disk)
+            if c.cache_latents_to_disk and self.world.main:
+                self.world.barrier()
         order = BatchOrder(ds)
         loader = make_loader(ds, order, max_workers=c.max_data_loader_n_workers,
                              persistent=c.persistent_data_loader_workers)
@@ -132,6 +140,7 @@ class _Run:
         torch.manual_seed(self.seed)
         model = self._load_model()
         net = self._make_network(model)
+        self.world.broadcast_parameters(net.parameters())
         if c.gradient_checkpointing:
             model.unet.enable_gradient_checkpointing()
             model.unet.train()  # diffusers checkpoints only in training mode; the base stays frozen
@@ -158,7 +167,7 @@ class _Run:
                           loss=DiffusionLoss(noise_scheduler, LossOptions(**loss_options)), device=self.device,
                           weight_dtype=self.weight_dtype, autocast_dtype=self.autocast_dtype, clip_skip=c.clip_skip,
                           max_token_length=c.max_token_length,
-                          text_cache={} if c.cache_text_encoder_outputs else None)
+                          text_cache={} if c.cache_text_encoder_outputs else None, world=self.world)
         train_text = not c.network_train_unet_only and any(
             g["name"].startswith("text_encoder") for g in groups if "name" in g)
         stop_text_at = (math.ceil(max_steps * c.stop_text_encoder_training / 100)
@@ -167,8 +176,10 @@ class _Run:
         progress = Progress(config_digest=self._digest())
         if c.resume:
             progress = load_state(c.resume, net, optimizer, scheduler, progress.config_digest)
-        self.names.dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.names.config_file(), c.to_toml())
+        main = self.world.main
+        if main:
+            self.names.dir.mkdir(parents=True, exist_ok=True)
+            _write_atomic(self.names.config_file(), c.to_toml())
 
         resolution = _resolution(c)
         base_meta = {} if c.no_metadata else training_metadata(
@@ -176,10 +187,12 @@ class _Run:
             optimizer_name=optimizer_name(optimizer), num_epochs=num_epochs, max_train_steps=max_steps,
             session_id=uuid.uuid4().hex, started_at=time.time(), network_kwargs=c.network_kwargs(),
             model_path=str(c.pretrained_model_name_or_path), resolution=resolution)
-        logger = TrainLogger(c, total=max_steps, initial=progress.global_step)
-        sampler = _Sampler(c, model, net, self.names, self.seed)
+        logger = TrainLogger(c, total=max_steps, initial=progress.global_step, quiet=not main)
+        sampler = _Sampler(c, model, net, self.names, self.seed, enabled=main)
 
         def save(path: Path, epoch: int, step: int) -> None:
+            if not main:
+                return
             meta = {} if c.no_metadata else progress_metadata(base_meta, epoch=epoch, step=step, title=None)
             _save_adapter(net, path, self.save_dtype, meta, drop_unet=c.network_train_text_encoder_only)
 
@@ -217,6 +230,7 @@ class _Run:
                         continue
                     micro = 0
                     optimizer_start = time.perf_counter()
+                    self.world.average_gradients(trainable)
                     if c.max_grad_norm:
                         torch.nn.utils.clip_grad_norm_(trainable, c.max_grad_norm)
                     optimizer.step()
@@ -234,14 +248,15 @@ class _Run:
                     step = progress.global_step
                     if c.save_every_n_steps and step % c.save_every_n_steps == 0 and step < max_steps:
                         save(self.names.step(step), epoch, step)
-                        self.names.prune_steps(step, c.save_every_n_steps, c.save_last_n_steps)
-                        if c.save_state:
+                        if main:
+                            self.names.prune_steps(step, c.save_every_n_steps, c.save_last_n_steps)
+                        if c.save_state and main:
                             save_state(self.names.step_state(step), net, optimizer, scheduler, progress)
                             self.names.prune_steps(step, c.save_every_n_steps, c.save_last_n_steps_state, state=True)
                     if c.sample_every_n_steps and step % c.sample_every_n_steps == 0:
                         sampler.draw(step)
                     if stop_at_step is not None and step >= stop_at_step:
-                        if not (c.save_every_n_steps and step % c.save_every_n_steps == 0 and c.save_state):
+                        if main and not (c.save_every_n_steps and step % c.save_every_n_steps == 0 and c.save_state):
                             save_state(self.names.step_state(step), net, optimizer, scheduler, progress)
                         return None
                     if step >= max_steps:
@@ -252,8 +267,9 @@ class _Run:
                     break
                 if c.save_every_n_epochs and epoch % c.save_every_n_epochs == 0 and epoch < num_epochs:
                     save(self.names.epoch(epoch), epoch, progress.global_step)
-                    self.names.prune_epochs(epoch, c.save_every_n_epochs, c.save_last_n_epochs)
-                    if c.save_state:
+                    if main:
+                        self.names.prune_epochs(epoch, c.save_every_n_epochs, c.save_last_n_epochs)
+                    if c.save_state and main:
                         save_state(self.names.epoch_state(epoch), net, optimizer, scheduler, progress)
                         self.names.prune_epochs(epoch, c.save_every_n_epochs, c.save_last_n_epochs_state, state=True)
                 if c.sample_every_n_epochs and epoch % c.sample_every_n_epochs == 0:
@@ -264,7 +280,8 @@ class _Run:
                 timings.update(clock)
         final = self.names.final()
         save(final, min(progress.epoch, num_epochs), progress.global_step)
-        if c.save_state:
+        self.world.barrier()  # the other processes return once the main one has written the file
+        if c.save_state and main:
             save_state(self.names.final_state(), net, optimizer, scheduler, progress)
         if c.sample_every_n_steps or c.sample_every_n_epochs:
             sampler.draw(progress.global_step)
@@ -272,10 +289,10 @@ class _Run:
 
 
 class _Sampler:
-    def __init__(self, config, model, net, names: OutputNames, seed: int):
+    def __init__(self, config, model, net, names: OutputNames, seed: int, enabled: bool = True):
         self.config, self.model, self.net, self.names, self.seed = config, model, net, names, seed
         self.prompts = None
-        if config.sample_prompts:
+        if config.sample_prompts and enabled:
             from .sample_prompts import read_sample_prompts
 
             self.prompts = read_sample_prompts(config.sample_prompts)  # bad files fail before training

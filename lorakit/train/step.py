@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
 from ..data.weighted import apply_token_weights
 from ..models.text import PromptEmbeds, encode_prompts
+from .distributed import World
 from .loss import DiffusionLoss
 from .noise import NoiseOptions, noisy_batch
 
@@ -30,6 +31,7 @@ class StepContext:
     max_token_length: int | None
     text_cache: dict | None = None  # cache_text_encoder_outputs: input ids -> embeddings (frozen encoders only)
     timings: dict = field(default_factory=lambda: defaultdict(float))  # seconds per phase, summed over steps
+    world: World = field(default_factory=World)
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -37,14 +39,33 @@ class StepContext:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
 
-def _latents(ctx: StepContext, batch, generator: torch.Generator) -> torch.Tensor:
+def _shard(batch, part: slice):
+    """This process's samples of a global batch (every tensor and list field sliced)."""
+    values = {}
+    for f in fields(batch):
+        value = getattr(batch, f.name)
+        if isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+            values[f.name] = [v[part] for v in value]
+        elif isinstance(value, (torch.Tensor, list)):
+            values[f.name] = value[part]
+    return replace(batch, **values)
+
+
+def _global_randn(shape, part: slice, n: int, generator: torch.Generator, device) -> torch.Tensor:
+    """Normal draws for the global batch of ``n`` samples, sliced to this process's part."""
+    return torch.randn((n, *shape[1:]), generator=generator, device=device)[part]
+
+
+def _latents(ctx: StepContext, batch, generator: torch.Generator, part: slice, n: int) -> torch.Tensor:
     vae = ctx.model.vae
     if batch.latents is not None:
         latents = batch.latents.to(ctx.device, torch.float32)
     else:
         with torch.no_grad():
             images = batch.images.to(ctx.device, vae.dtype)
-            latents = vae.encode(images).latent_dist.sample(generator=generator).float()
+            dist = vae.encode(images).latent_dist
+            eps = _global_randn(dist.mean.shape, part, n, generator, ctx.device)
+            latents = (dist.mean + dist.std * eps.to(dist.mean.dtype)).float()
     return latents * vae.config.scaling_factor
 
 
@@ -62,13 +83,25 @@ def _conditioning(ctx: StepContext, batch, train_text: bool) -> PromptEmbeds:
 
 
 def batch_loss(ctx: StepContext, batch, generator: torch.Generator, train_text: bool) -> torch.Tensor:
-    """The mean loss of ``batch``; every random draw (VAE sample, noise, timesteps) comes from ``generator``."""
-    latents = _latents(ctx, batch, generator)
+    """The mean loss of this process's part of ``batch`` (the global batch); every random draw (VAE sample,
+    noise, timesteps) comes from ``generator``, drawn for the whole global batch."""
+    n = len(batch)
+    part = ctx.world.shard(n)
+    if ctx.world.active:
+        batch = _shard(batch, part)
+    latents = _latents(ctx, batch, generator, part, n)
     emb = _conditioning(ctx, batch, train_text)
     hidden = emb.hidden
     if batch.token_weights is not None:
         hidden = apply_token_weights(hidden, batch.token_weights[0].to(hidden.device))
-    noisy = noisy_batch(latents, ctx.noise_scheduler, ctx.noise, generator)
+    if ctx.world.active:  # draw for the global batch (this process's latents in its slot), keep this part
+        placed = latents.new_zeros((n, *latents.shape[1:]))
+        placed[part] = latents
+        full = noisy_batch(placed, ctx.noise_scheduler, ctx.noise, generator)
+        noisy = type(full)(noise=full.noise[part], noisy_latents=full.noisy_latents[part],
+                           timesteps=full.timesteps[part])
+    else:
+        noisy = noisy_batch(latents, ctx.noise_scheduler, ctx.noise, generator)
     added = None
     if ctx.model.is_sdxl:
         time_ids = torch.cat([batch.original_sizes_hw, batch.crop_top_lefts, batch.target_sizes_hw], dim=1)

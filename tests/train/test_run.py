@@ -119,3 +119,20 @@ def test_sdxl_trains_unet_only(base, tmp_path):
     keys = load_file(final)[0].keys()
     assert keys and all(k.startswith("lora_unet_") for k in keys)
     assert read_metadata(final)["ss_base_model_version"] == "sdxl_base_v1-0"
+
+
+def test_latent_cache_key_is_the_same_in_every_process(base):
+    """The VAE fingerprint (part of every latent-cache key and of the latent noise seed) must not depend on the
+    process: diffusers keeps a set-ordered list in its config, which differs with PYTHONHASHSEED."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from lorakit.models.load import load_model; from lorakit.data.latent_cache import vae_fingerprint; "
+            f"print(vae_fingerprint(load_model({str(base / 'sd.safetensors')!r}).vae))")
+    prints = set()
+    for hash_seed in ("1", "2", "3"):
+        env = dict(os.environ, PYTHONHASHSEED=hash_seed)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        prints.add(out.stdout.strip().splitlines()[-1])
+    assert len(prints) == 1

@@ -1,0 +1,72 @@
+"""Several processes (``accelerate launch`` or ``torchrun``: RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT in the
+environment) training one network, data-parallel.
+
+Every process builds the same batches of ``train_batch_size x world`` samples (the global batch) and trains on
+its slice of each; gradients are averaged over the processes before each optimizer step. Random draws (VAE
+samples, noise, timesteps) are made for the whole global batch on every process and sliced, so the result equals
+a single process training with the global batch (dropout masks are drawn per process: statistically the same,
+not the same numbers). Only the main process saves, samples and logs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+import torch
+
+__all__ = ["World", "current_world"]
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.size > 1
+
+    def shard(self, n: int) -> slice:
+        """This process's part of a global batch of ``n`` samples."""
+        if n % self.size:
+            raise ValueError(f"a batch of {n} samples cannot be split over {self.size} processes")
+        per = n // self.size
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+    def scale_specs(self, specs):
+        """Dataset specs with the global batch size (per-process ``batch_size`` x processes)."""
+        return [replace(spec, batch_size=spec.batch_size * self.size) for spec in specs] if self.active else specs
+
+    def average_gradients(self, params) -> None:
+        if not self.active:
+            return
+        for p in params:
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
+                p.grad.div_(self.size)
+
+    def broadcast_parameters(self, params) -> None:
+        """The main process's initial adapter weights everywhere (they should already agree; this makes sure)."""
+        if self.active:
+            for p in params:
+                torch.distributed.broadcast(p.data, src=0)
+
+    def barrier(self) -> None:
+        if self.active:
+            torch.distributed.barrier()
+
+
+def current_world(device: torch.device) -> World:
+    """The process group the launcher describes, initialised once; a single process when there is none."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World()
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend=backend, init_method="env://")
+    return World(rank=torch.distributed.get_rank(), size=torch.distributed.get_world_size())

@@ -1,0 +1,61 @@
+"""Two CPU processes (gloo) training data-parallel equal one process training with the same global batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from lorakit.formats.safetensors_io import load_file  # noqa: E402
+
+from .test_run import _config, base  # noqa: E402,F401  (the shared model/data fixture)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, overrides: dict) -> None:
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    from lorakit.train.config import load_train_config
+    from lorakit.train.run import train
+
+    try:
+        train(load_train_config(overrides=overrides))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def test_two_processes_equal_one_with_the_global_batch(base, tmp_path):
+    # SGD: its update is linear in the gradient. Adam divides by sqrt(v) + eps, which turns the float noise of
+    # gradients that are zero in exact arithmetic (self-attention over the 1x1 middle block: softmax of one
+    # token) into full-size steps that differ between any two summation orders.
+    common = dict(max_train_steps=3, seed=11, learning_rate=0.5, optimizer_type="SGDNesterov",
+                  network_args=["conv_dim=2"])
+    single = _config(base, tmp_path / "single", train_batch_size=4, **common)
+    from lorakit.train.run import train
+
+    torch.set_num_threads(1)
+    expected = load_file(train(single))[0]
+    cfg = _config(base, tmp_path / "ddp", train_batch_size=2, **common)
+    overrides = {k: getattr(cfg, k) for k in cfg.given}
+    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), overrides), nprocs=2, join=True)
+    files = sorted((tmp_path / "ddp").glob("*.safetensors"))
+    assert [f.name for f in files] == ["t.safetensors"]  # only the main process saves
+    got = load_file(files[0])[0]
+    assert got.keys() == expected.keys()
+    changed = 0
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-6, msg=key)
+        changed += bool(key.endswith("lora_up.weight") and value.abs().sum() > 0)
+    assert changed > 0
