@@ -7,7 +7,8 @@ Stages (all seeded; the same machine and torch version give the same weights):
 
 1. Data: ``demo_data.pretraining_set`` (coloured shapes on backgrounds, captions such as "a red circle on a
    blue background"), never the held-out colour.
-2. VAE (shared by both models): reconstruction (MSE + L1) and a small KL term; then its ``scaling_factor`` is
+2. VAE (shared by both models), trained on shapes of every palette colour (held-out one included: the codec is
+   general, as SD's is; only the U-Net and text encoders never see that colour): reconstruction (MSE + L1) and a small KL term; then its ``scaling_factor`` is
    measured as 1 / std of the latents over the data set (how SD's 0.18215 was chosen) and written into both
    models' vae/config.json.
 3. Each model: text encoders + U-Net trained jointly on the epsilon loss (the SD DDPM schedule), captions
@@ -66,8 +67,8 @@ def set_lr(opt, step, total, warmup):
 
 
 # --- data ---------------------------------------------------------------------------------------------------
-def load_data(n: int, seed: int):
-    samples = demo_data.pretraining_set(n, seed)
+def load_data(n: int, seed: int, samples=None):
+    samples = demo_data.pretraining_set(n, seed) if samples is None else samples
     pixels = np.stack([np.asarray(s.image) for s in samples])  # N, H, W, 3 uint8
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
     return images, [s.caption for s in samples]
@@ -282,7 +283,11 @@ def main(argv=None) -> int:
 
     t = time.time()
     vae = random_model("tiny-sd", args.seed).vae
-    train_vae(vae, images, args.vae_steps, args.vae_batch, args.vae_lr, args.kl_weight, args.vae_crop, g)
+    # The VAE is a general image codec (as SD's is): it sees every palette colour, the held-out one included,
+    # so that a LoRA can make the U-Net produce it. Only the U-Net and the text encoders never see that colour.
+    codec_images, _ = load_data(0, 0, [demo_data.sample(i, args.seed + 1, tuple(demo_data.PALETTE))
+                                       for i in range(args.images // 2)])
+    train_vae(vae, codec_images, args.vae_steps, args.vae_batch, args.vae_lr, args.kl_weight, args.vae_crop, g)
     means, stds = encode_all(vae, images)
     scaling = 1.0 / (means + stds * torch.randn(means.shape, generator=g)).std().item()
     vae.register_to_config(scaling_factor=round(scaling, 5))

@@ -34,3 +34,13 @@ def test_algos_lists_each_algorithm_with_its_options(capsys):
         assert re.search(rf"^{re.escape(name)}$", text, re.M), name
     lokr = text.split("\nlokr\n")[1].split("\nia3")[0]
     assert "factor" in lokr and "decompose_both" in lokr and "block_size" not in lokr
+
+
+def test_readme_quickstart_command_runs_the_example_config():
+    readme = (ROOT / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if line.startswith("python3 -m venv") and "train" in line)
+    config = command.split("--config", 1)[1].split()[0]
+    assert (ROOT / config).is_file()
+    out = subprocess.run([sys.executable, "-m", "lorakit", "train", "--config", config, "--print-config"],
+                         capture_output=True, text=True, check=True, cwd=ROOT)
+    assert 'pretrained_model_name_or_path = "demo:tiny-sd"' in out.stdout
