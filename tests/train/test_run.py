@@ -64,12 +64,15 @@ def test_resume_equals_uninterrupted_run(base, tmp_path):
     full = train(_config(base, tmp_path / "full", max_train_steps=5, gradient_accumulation_steps=1,
                          network_dropout=0.1))
     stopped = _config(base, tmp_path / "part", max_train_steps=5, network_dropout=0.1)
-    assert train(stopped, stop_at_step=2) is None
+    assert train(stopped, stop_at_step=2) is None  # stopped inside epoch 1 (3 batches per epoch)
     state = tmp_path / "part" / "t-step00000002-state"
     assert state.is_dir()
+    again = _config(base, tmp_path / "part", max_train_steps=5, network_dropout=0.1, resume=str(state))
+    assert train(again, stop_at_step=4) is None  # a second stop, in epoch 2
+    state = tmp_path / "part" / "t-step00000004-state"
     resumed = train(_config(base, tmp_path / "part", max_train_steps=5, network_dropout=0.1, resume=str(state)))
     assert _states_equal(full, resumed)
-    assert read_metadata(resumed)["ss_steps"] == "5"
+    assert read_metadata(resumed)["ss_steps"] == "5" and read_metadata(resumed)["ss_epoch"] == "2"
 
 
 def test_resume_refuses_changed_settings(base, tmp_path):
