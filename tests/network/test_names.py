@@ -35,7 +35,7 @@ def test_bundled_configs_build_the_published_models():
     """The offline configs give the published parameter counts (U-Net; CLIP-L, OpenCLIP-H, OpenCLIP-bigG)."""
     from lorakit.models.configs import MODELS, components, config_dir, load_config
 
-    assert MODELS == ("sd15", "sd21", "sdxl")
+    assert MODELS == ("sd15", "sd21", "sdxl", "tiny-sd", "tiny-sdxl")  # the last two: lorakit's demo models
     assert config_dir("SD1.5") == config_dir("sd15") and config_dir("sdxl-base-1.0").name == "sdxl"
     assert components("sdxl") == ["scheduler", "text_encoder", "text_encoder_2", "unet", "vae"]
     assert load_config("sd21", "scheduler")["prediction_type"] == "v_prediction"
