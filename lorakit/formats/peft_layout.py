@@ -384,7 +384,8 @@ def kohya_to_peft(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, st
 
 
 def _peft_factorization(dimension: int, factor: int) -> tuple[int, int]:
-    """PEFT's (and LyCORIS') split of a dimension into (m, n), m <= n (peft.tuners.lokr.layer.factorization)."""
+    """PEFT's split of a dimension into (m, n), m <= n (peft.tuners.lokr.layer.factorization). Not LyCORIS' split
+    (``algos.lokr.factorization``): PEFT stops when a pair's sum exceeds the *first* pair's, LyCORIS the last one's."""
     if factor > 0 and dimension % factor == 0:
         m, n = factor, dimension // factor
         return (m, n) if m <= n else (n, m)

@@ -196,6 +196,22 @@ class _Run:
             meta = {} if c.no_metadata else progress_metadata(base_meta, epoch=epoch, step=step, title=None)
             _save_adapter(net, path, self.save_dtype, meta, drop_unet=c.network_train_text_encoder_only)
 
+        def checkpoint(kind: str, number: int, epoch: int) -> None:
+            """A step or epoch save: the adapter, its state with save_state, and the save_last_n_* clean-up."""
+            if not main:
+                return
+            by_step = kind == "step"
+            every = c.save_every_n_steps if by_step else c.save_every_n_epochs
+            keep, keep_state = ((c.save_last_n_steps, c.save_last_n_steps_state) if by_step
+                                else (c.save_last_n_epochs, c.save_last_n_epochs_state))
+            prune = self.names.prune_steps if by_step else self.names.prune_epochs
+            save(self.names.step(number) if by_step else self.names.epoch(number), epoch, progress.global_step)
+            prune(number, every, keep)
+            if c.save_state:
+                state = self.names.step_state(number) if by_step else self.names.epoch_state(number)
+                save_state(state, net, optimizer, scheduler, progress)
+                prune(number, every, keep_state, state=True)
+
         if c.sample_at_first and progress.global_step == 0:
             sampler.draw(0)
         trainable = [p for g in optimizer.param_groups for p in g["params"]]
@@ -247,12 +263,7 @@ class _Run:
                     clock["optimizer_and_log"] += time.perf_counter() - optimizer_start
                     step = progress.global_step
                     if c.save_every_n_steps and step % c.save_every_n_steps == 0 and step < max_steps:
-                        save(self.names.step(step), epoch, step)
-                        if main:
-                            self.names.prune_steps(step, c.save_every_n_steps, c.save_last_n_steps)
-                        if c.save_state and main:
-                            save_state(self.names.step_state(step), net, optimizer, scheduler, progress)
-                            self.names.prune_steps(step, c.save_every_n_steps, c.save_last_n_steps_state, state=True)
+                        checkpoint("step", step, epoch)
                     if c.sample_every_n_steps and step % c.sample_every_n_steps == 0:
                         sampler.draw(step)
                     if stop_at_step is not None and step >= stop_at_step:
@@ -266,12 +277,7 @@ class _Run:
                 if progress.global_step >= max_steps:
                     break
                 if c.save_every_n_epochs and epoch % c.save_every_n_epochs == 0 and epoch < num_epochs:
-                    save(self.names.epoch(epoch), epoch, progress.global_step)
-                    if main:
-                        self.names.prune_epochs(epoch, c.save_every_n_epochs, c.save_last_n_epochs)
-                    if c.save_state and main:
-                        save_state(self.names.epoch_state(epoch), net, optimizer, scheduler, progress)
-                        self.names.prune_epochs(epoch, c.save_every_n_epochs, c.save_last_n_epochs_state, state=True)
+                    checkpoint("epoch", epoch, epoch)
                 if c.sample_every_n_epochs and epoch % c.sample_every_n_epochs == 0:
                     sampler.draw(progress.global_step)
         finally:
