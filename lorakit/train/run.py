@@ -297,15 +297,16 @@ class _Run:
 class _Sampler:
     def __init__(self, config, model, net, names: OutputNames, seed: int, enabled: bool = True):
         self.config, self.model, self.net, self.names, self.seed = config, model, net, names, seed
-        self.prompts = None
+        self.prompts, self.last_step = None, None
         if config.sample_prompts and enabled:
             from .sample_prompts import read_sample_prompts
 
             self.prompts = read_sample_prompts(config.sample_prompts)  # bad files fail before training
 
     def draw(self, step: int) -> None:
-        if not self.prompts:
+        if not self.prompts or step == self.last_step:  # the end of training may repeat a step
             return
+        self.last_step = step
         from .sample_prompts import draw_samples
 
         unet_mode = self.model.unet.training
