@@ -136,18 +136,26 @@ def test_repeated_folder_in_one_dataset_is_dropped_as_in_sd_scripts():
     assert [(s.image_dir, s.num_repeats) for s in group.datasets[0].subsets] == [("a", 2), ("b", 1)]
 
 
-def test_docs_separator_example_is_refused_until_supported_then_parses_without_those_keys():
-    assert "'keep_tokens_separator' = '|||' is an sd-scripts option lorakit does not support yet" in \
-        error_of(DOCS_SEPARATORS)
-    later = ("keep_tokens_separator", "secondary_separator", "enable_wildcard", "caption_prefix", "caption_suffix")
-    text = "\n".join(line for line in DOCS_SEPARATORS.splitlines() if not line.strip().startswith(later))
-    (dataset,) = parse(text).datasets
+def test_docs_separator_example_parses():
+    (dataset,) = parse(DOCS_SEPARATORS).datasets
     (subset,) = dataset.subsets
     assert (dataset.resolution, dataset.batch_size, dataset.enable_bucket, dataset.bucket_no_upscale) == \
         ((1024, 1024), 6, True, True)
     assert (subset.flip_aug, subset.color_aug, subset.shuffle_caption, subset.caption_tag_dropout_rate) == \
         (True, False, True, 0.1)
-    assert subset.caption_extension == ".txt" and subset.keep_tokens_separator == ""
+    assert subset.caption_extension == ".txt"
+    assert (subset.keep_tokens_separator, subset.secondary_separator, subset.enable_wildcard) == ("|||", ";;;", True)
+    assert subset.caption_prefix == "1girl, hatsune miku, vocaloid |||"
+    assert subset.caption_suffix == ", anime screencap ||| masterpiece, rating: general"
+
+
+def test_caption_options_reach_the_dataset_specs():
+    from lorakit.data.from_config import specs_from_config
+
+    (spec,) = specs_from_config(parse(DOCS_SEPARATORS))
+    (subset,) = spec.subsets
+    assert (subset.keep_tokens_separator, subset.secondary_separator, subset.enable_wildcard) == ("|||", ";;;", True)
+    assert subset.caption_prefix.startswith("1girl") and subset.caption_suffix.endswith("rating: general")
 
 
 def test_training_options_are_the_last_fallback(tmp_path):
