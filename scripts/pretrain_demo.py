@@ -1,6 +1,7 @@
 """Pre-train the bundled demo models "demo:tiny-sd" and "demo:tiny-sdxl" on CPU.
 
-    python scripts/pretrain_demo.py                 # the shipped weights: ~30 min of CPU time (one thread)
+    python scripts/pretrain_demo.py --models tiny-sd &     # the shipped weights: each model in its own process
+    python scripts/pretrain_demo.py --models tiny-sdxl &   # (one thread each; ~21 min wall on 2 cores)
     python scripts/pretrain_demo.py --quick         # a 2-minute smoke run into /tmp, to try settings
 
 Stages (all seeded; the same machine and torch version give the same weights):
@@ -256,11 +257,11 @@ def main(argv=None) -> int:
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--vae-crop", type=int, default=32)
     p.add_argument("--kl-weight", type=float, default=1e-5)
-    p.add_argument("--sd-steps", type=int, default=1600)
+    p.add_argument("--sd-steps", type=int, default=2000)
     p.add_argument("--sdxl-steps", type=int, default=1600)
     p.add_argument("--batch", type=int, default=48)
     p.add_argument("--unet-lr", type=float, default=1e-3)
-    p.add_argument("--te-lr", type=float, default=3e-4)
+    p.add_argument("--te-lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights (0: off)")
