@@ -18,12 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from typing import Iterable
 
 import numpy as np
 import torch
 
+from ..formats.atomic import atomic_write
+from ..formats.hashes import file_sha256
 from .dataset import ImageEntry, TrainDataset
 from .errors import DatasetError
 from .images import load_image
@@ -33,15 +34,6 @@ __all__ = ["FORMAT", "vae_fingerprint", "cache_key", "cache_path", "cache_latent
            "encode_pixels"]
 
 FORMAT = "lorakit-latents-1"
-_CHUNK = 1 << 20
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def vae_fingerprint(vae: torch.nn.Module) -> str:
@@ -99,16 +91,11 @@ def encode_pixels(vae: torch.nn.Module, pixels: torch.Tensor, seeds: Iterable[in
 
 
 def _write_npz(path: str, arrays: dict) -> None:
-    folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a path
             np.savez(f, **arrays)
-        os.replace(tmp, path)  # atomic: an interrupted run never leaves half a cache file
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    atomic_write(path, write)  # an interrupted run never leaves half a cache file
 
 
 def cache_latents(dataset: TrainDataset, vae: torch.nn.Module, *, vae_batch_size: int = 1, to_disk: bool = False,

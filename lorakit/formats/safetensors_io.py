@@ -6,15 +6,15 @@ Layout of a safetensors file: 8 bytes little-endian header length N, N bytes of 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import uuid
 from typing import Mapping
 
 import safetensors
 import safetensors.torch
 import torch
+
+from .atomic import atomic_write
 
 # safetensors refuses headers above 100 MB; a bigger length field means garbage.
 MAX_HEADER_BYTES = 100_000_000
@@ -93,19 +93,7 @@ def save_file(
     meta = check_metadata(metadata)
     if os.path.isdir(path):
         raise IsADirectoryError(f"{path}: is a folder; expected a file path to save the tensors to")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    # A unique name in the same folder: os.replace is atomic only within one file system.
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        safetensors.torch.save_file(prepared, tmp, metadata=meta)
-        with open(tmp, "rb") as f:  # flush to disk before the rename makes it visible
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda tmp: safetensors.torch.save_file(prepared, tmp, metadata=meta), fsync=True)
 
 
 def read_header(path: str | os.PathLike) -> dict:

@@ -3,15 +3,12 @@ diffusers folder. Both writes are atomic: a temporary file/folder renamed into p
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import uuid
-from pathlib import Path
 
 import torch
 
+from ..formats.atomic import atomic_write, staging_folder
 from ..formats.checkpoint_layout import COMPONENT_PREFIXES, to_checkpoint
 from ..formats.dtypes import parse_dtype
 from ..formats.safetensors_io import prepare_tensors, save_file
@@ -45,7 +42,7 @@ def save_checkpoint(model: StableDiffusionModel, path: str | os.PathLike, dtype:
     path = os.fspath(path)
     tensors = checkpoint_tensors(model)
     if path.lower().endswith((".ckpt", ".pt")):
-        _atomic(path, lambda tmp: torch.save({"state_dict": prepare_tensors(tensors, dtype)}, tmp))
+        atomic_write(path, lambda tmp: torch.save({"state_dict": prepare_tensors(tensors, dtype)}, tmp))
     elif path.lower().endswith(".safetensors"):
         save_file(tensors, path, metadata=metadata, dtype=dtype)
     else:
@@ -57,10 +54,7 @@ def save_diffusers(model: StableDiffusionModel, folder: str | os.PathLike,
     """Write ``model`` as a diffusers folder (model_index.json, unet/, vae/, text_encoder(_2)/, tokenizer(_2)/,
     scheduler/) with weights as safetensors in ``dtype``. Replaces ``folder`` only once the new one is complete."""
     dtype = parse_dtype(dtype, "save dtype")
-    folder = Path(folder)
-    tmp = folder.parent / f".{folder.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        tmp.mkdir(parents=True)
+    with staging_folder(folder) as tmp:
         index = {"_class_name": _PIPELINES[model.kind], "_diffusers_version": _diffusers_version()}
         for component, module in model.components():
             sub = tmp / component
@@ -83,35 +77,6 @@ def save_diffusers(model: StableDiffusionModel, folder: str | os.PathLike,
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2), encoding="utf-8")
         index["scheduler"] = ["diffusers", scheduler["_class_name"]]
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
-        _replace_folder(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _replace_folder(new: Path, target: Path) -> None:
-    if not target.exists():
-        os.replace(new, target)
-        return
-    if not target.is_dir():
-        raise NotADirectoryError(f"{target}: exists and is not a folder; expected a diffusers output folder")
-    old = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.old"
-    os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _atomic(path: str, write) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
 
 
 def _diffusers_version() -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..formats.atomic import atomic_write
 from ..formats.dtypes import parse_dtype
 from .loss import DiffusionLoss, LossOptions
 from .noise import NoiseOptions, make_noise_scheduler
@@ -57,7 +58,7 @@ class _Run:
         self.world = current_world(self.device)
         self.names = OutputNames(config.output_dir, config.output_name, config.save_model_as)
         mp = config.mixed_precision
-        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp, torch.float32)
+        self.weight_dtype = parse_dtype(mp, "mixed_precision")
         self.autocast_dtype = None if mp == "no" else self.weight_dtype
         self.save_dtype = parse_dtype(config.save_precision, "save_precision") if config.save_precision else None
 
@@ -179,7 +180,7 @@ class _Run:
         main = self.world.main
         if main:
             self.names.dir.mkdir(parents=True, exist_ok=True)
-            _write_atomic(self.names.config_file(), c.to_toml())
+            atomic_write(self.names.config_file(), lambda tmp: Path(tmp).write_text(c.to_toml(), encoding="utf-8"))
 
         resolution = _resolution(c)
         base_meta = {} if c.no_metadata else training_metadata(
@@ -326,28 +327,17 @@ class _Sampler:
 def _save_adapter(net, path: Path, dtype, metadata: dict, drop_unet: bool) -> None:
     """The adapter file (atomic). Text-encoder-only runs leave out the U-Net adapters they never trained."""
     from ..formats import add_hashes, prepare_tensors, save_file
+    from ..network.names import split_key
 
     tensors = net.state_dict()
     if drop_unet:
-        tensors = {k: v for k, v in tensors.items() if not k.startswith("lora_unet_")}
+        unet = {name for name, entry in net.entries.items() if entry.component == "unet"}
+        tensors = {k: v for k, v in tensors.items() if split_key(k)[0] not in unet}
+    tensors = prepare_tensors(tensors, dtype)
     if path.suffix == ".safetensors":
-        tensors = prepare_tensors(tensors, dtype)
         save_file(tensors, path, metadata=add_hashes(tensors, metadata) if metadata else None)
     else:  # .ckpt / .pt as sd-scripts writes them: a plain state dict
-        _write_atomic(path, prepare_tensors(tensors, dtype), binary=True)
-
-
-def _write_atomic(path: Path, content, binary: bool = False) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        if binary:
-            torch.save(content, tmp)
-        else:
-            tmp.write_text(content, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        atomic_write(path, lambda tmp: torch.save(tensors, tmp))
 
 
 def _resolution(config) -> tuple[int, int]:

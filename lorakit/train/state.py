@@ -9,14 +9,12 @@ A state is a folder written under a temporary name and renamed into place (a kil
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from ..formats.atomic import staging_folder
 from ..formats.safetensors_io import load_file, save_file
 
 __all__ = ["Progress", "save_state", "load_state", "StateError"]
@@ -37,23 +35,10 @@ class Progress:
 
 
 def save_state(folder: str | Path, network, optimizer, scheduler, progress: Progress) -> None:
-    folder = Path(folder)
-    tmp = folder.parent / f".{folder.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        tmp.mkdir(parents=True)
+    with staging_folder(folder) as tmp:
         save_file(network.state_dict(), tmp / "network.safetensors")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         (tmp / "train_state.json").write_text(json.dumps({"format": _FORMAT, **asdict(progress)}, indent=2))
-        if folder.exists():
-            old = folder.parent / f".{folder.name}.{uuid.uuid4().hex[:8]}.old"
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_state(folder: str | Path, network, optimizer, scheduler, config_digest: str) -> Progress:

@@ -1,0 +1,59 @@
+"""Writing files and folders so that an error or a kill never leaves a half-written output: everything is
+written under a temporary name next to its destination and renamed into place (``os.replace`` is atomic within
+one file system, hence the same folder)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator
+
+__all__ = ["atomic_write", "staging_folder"]
+
+
+def _sibling(path: Path, suffix: str) -> Path:
+    return path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.{suffix}"
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], fsync: bool = False) -> None:
+    """``write(tmp)`` writes the file at ``tmp``; it is then renamed to ``path`` (parent folders are created).
+    ``fsync``: flush the data to disk before the rename makes it visible."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(path, "tmp")
+    try:
+        write(str(tmp))
+        if fsync:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def staging_folder(target: str | os.PathLike) -> Iterator[Path]:
+    """A fresh temporary folder next to ``target``; when the block ends without error it replaces ``target``
+    (an existing one is moved aside first and removed after), else it is deleted."""
+    target = Path(target)
+    tmp = _sibling(target, "tmp")
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if target.exists():
+            if not target.is_dir():
+                raise NotADirectoryError(f"{target}: exists and is not a folder; expected a folder to write into")
+            old = _sibling(target, "old")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
