@@ -39,7 +39,7 @@ def make_file(model: str, path: Path, dtype: torch.dtype) -> None:
     save_file(tensors, path)
 
 
-def _status_mb(field: str) -> float:
+def status_mb(field: str) -> float:
     # VmHWM (peak resident) belongs to the process image: unlike ru_maxrss it is not inherited from the
     # parent across fork+exec.
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -54,11 +54,11 @@ def measure(path: str, dtype: str) -> dict:
     import diffusers  # noqa: F401
     import transformers  # noqa: F401
 
-    base = _status_mb("VmHWM")
+    base = status_mb("VmHWM")
     t0 = time.perf_counter()
     model = load.load_model(path, dtype=dtype)
     seconds = time.perf_counter() - t0
-    peak = _status_mb("VmHWM")
+    peak = status_mb("VmHWM")
     size = sum(t.numel() * t.element_size() for _, m in model.components() for t in m.state_dict().values()) / 2**20
     return {"dtype": dtype, "seconds": seconds, "baseline_mb": base, "peak_mb": peak, "model_mb": size,
             "over_baseline_per_model": (peak - base) / size}

@@ -26,13 +26,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-def _vmhwm_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def _model_file(kind: str, work: Path) -> tuple[str, int]:
     """(model name or file, image size)."""
     if kind == "tiny":
@@ -53,6 +46,7 @@ def _model_file(kind: str, work: Path) -> tuple[str, int]:
 
 
 def child(kind: str, steps: int, warmup: int, batch: int) -> dict:
+    from load_model import status_mb
     from lorakit.models.demo_data import write_concept_folder
     from lorakit.train.config import load_train_config
     from lorakit.train.run import train
@@ -80,7 +74,7 @@ def child(kind: str, steps: int, warmup: int, batch: int) -> dict:
     return {"model": kind, "size": size, "batch": batch, "steps_timed": n, "s_per_step": total / n,
             "steps_per_s": n / total, "outside_share": 1 - inside / total,
             "phases_s_per_step": {k: round(v / n, 4) for k, v in sorted(phase.items()) if k != "batches"},
-            "peak_rss_mb": _vmhwm_mb()}
+            "peak_rss_mb": status_mb("VmHWM")}
 
 
 def main() -> None:

@@ -6,8 +6,7 @@ import argparse
 
 from .lowrank import MODES
 
-_DTYPES = {"fp16": "float16", "float16": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32",
-           "float": "float32", "float32": "float32"}
+_DTYPES = ("bf16", "bfloat16", "float", "float16", "float32", "fp16", "fp32")  # names parse_dtype reads
 
 
 def add_parser(commands) -> None:
@@ -37,7 +36,7 @@ def add_parser(commands) -> None:
                    help="never store a layer whole, even where its factors would be larger than the change")
     p.add_argument("--preset", default="full", help="which layers (a network preset, default full)")
     p.add_argument("--no_text_encoder", action="store_true", help="leave the text encoders out")
-    p.add_argument("--save_precision", choices=sorted(_DTYPES), default="fp16", help="tensor dtype (default fp16)")
+    p.add_argument("--save_precision", choices=_DTYPES, default="fp16", help="tensor dtype (default fp16)")
     p.add_argument("--device", default="cpu", help="where to compute (cpu, cuda)")
     p.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD")
     p.add_argument("--verbose", action="store_true", help="print each layer's rank and retained norm")
@@ -45,8 +44,7 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
+    from ..formats.dtypes import parse_dtype
     from .extract import extract_lora
 
     if args.mode != "fixed" and args.linear_param is None:
@@ -57,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         conv_dim=args.conv_dim, linear_param=args.linear_param, conv_param=args.conv_param,
         use_tucker=args.use_tucker, svd=args.svd, niter=args.niter, min_diff=args.min_diff,
         full_fallback=not args.no_full_fallback, preset=args.preset, text_encoders=not args.no_text_encoder,
-        save_dtype=getattr(torch, _DTYPES[args.save_precision]), device=args.device, seed=args.seed)
+        save_dtype=parse_dtype(args.save_precision, "--save_precision"), device=args.device, seed=args.seed)
     if args.verbose:
         for name, r in result.layers.items():
             what = "full diff" if r["full"] else f"rank {r['rank']:4d}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "float": "float32", "fp32": "float32"}
+_DTYPES = ("bf16", "float", "fp16", "fp32")  # names parse_dtype reads
 
 
 def add_parser(commands) -> None:
@@ -23,20 +23,19 @@ def add_parser(commands) -> None:
     cut.add_argument("--dylora", dest="dylora", action="store_true", default=None,
                      help="cut to the first k components (a DyLoRA file; the default when its metadata says DyLoRA)")
     cut.add_argument("--svd", dest="dylora", action="store_false", help="always resize by SVD")
-    p.add_argument("--save_precision", choices=sorted(_DTYPES), default=None, help="default: the file's dtype")
+    p.add_argument("--save_precision", choices=_DTYPES, default=None, help="default: the file's dtype")
     p.add_argument("--device", default="cpu")
     p.add_argument("--verbose", action="store_true", help="print every module's rank and retained norm")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
+    from ..formats.dtypes import parse_dtype
     from .resize import resize_lora
 
     if args.dynamic_method and args.dynamic_param is None:
         raise SystemExit("lorakit resize: --dynamic_method needs --dynamic_param")
-    dtype = getattr(torch, _DTYPES[args.save_precision]) if args.save_precision else None
+    dtype = parse_dtype(args.save_precision, "--save_precision")
     result = resize_lora(args.source, args.new_rank, args.out, new_conv_rank=args.new_conv_rank,
                          dynamic_method=args.dynamic_method, dynamic_param=args.dynamic_param, dylora=args.dylora,
                          save_dtype=dtype, device=args.device)

@@ -24,13 +24,7 @@ CONV_T = ("unet", "up_blocks.1.resnets.1.conv2")
 TE = ("text_encoder", "encoder.layers.0.mlp.fc1")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """LAPACK's SVD with 2 OpenMP threads on a busy 2-core machine can take 100x longer than with one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/tools/conftest.py
 
 
 def _module(model, where):

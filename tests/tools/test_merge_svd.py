@@ -13,12 +13,7 @@ from lorakit.formats import load_file, save_file
 from lorakit.tools.merge_svd import merge_loras_svd
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/tools/conftest.py
 
 
 def _file(seed, r, names, alpha):

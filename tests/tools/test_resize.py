@@ -13,12 +13,7 @@ from lorakit.formats import load_file, save_file, sshs_hashes
 from lorakit.tools.resize import resize_lora
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # LAPACK with 2 OpenMP threads on a busy 2-core machine is erratic
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/tools/conftest.py
 
 
 def _lora(seed=0, r=8, alpha=4.0):
