@@ -20,7 +20,7 @@ from ..formats.checkpoint_file import CheckpointFileError, CheckpointReader
 from ..formats.checkpoint_layout import COMPONENT_PREFIXES, to_diffusers_recipes
 from ..formats.dtypes import parse_dtype
 from .assemble import fill_component
-from .configs import load_config
+from .configs import component_config_file, load_config
 from .detect import ModelKindError, check_overrides, detect_kind, detect_v_parameterization
 from .meta import component_on_meta
 from .model import StableDiffusionModel
@@ -145,16 +145,11 @@ def _adapt_unet_config(unet_cfg: dict, reader: CheckpointReader, prefix: str) ->
 
 def _configs(name: str | os.PathLike, kind: str, v_pred: bool) -> dict[str, dict[str, Any]]:
     """Per-component config dicts (and "scheduler") from a bundled name or a config folder."""
-    folder = Path(name) if os.path.isdir(name) else None
-    out = {}
-    for component in ["unet", "vae", *text_components(kind), "scheduler"]:
-        if folder is None:
-            out[component] = copy.deepcopy(load_config(str(name), component))
-            continue
-        file = folder / component / ("scheduler_config.json" if component == "scheduler" else "config.json")
-        if not file.is_file():
-            raise ModelKindError(f"{folder}: config folder has no {component}/{file.name}")
-        out[component] = json.loads(file.read_text(encoding="utf-8"))
+    components = ["unet", "vae", *text_components(kind), "scheduler"]
+    if os.path.isdir(name):
+        out = _folder_configs(Path(name), components, "config folder")
+    else:
+        out = {component: copy.deepcopy(load_config(str(name), component)) for component in components}
     out["scheduler"]["prediction_type"] = "v_prediction" if v_pred else "epsilon"
     if kind == "sd2" and not os.path.isdir(name):  # 768-v models sample at 768, the 512 base at 512
         out["unet"]["sample_size"] = 96 if v_pred else 64
@@ -168,13 +163,8 @@ def _load_folder(folder: str, *, v2, v_parameterization, sdxl, dtype, vae_dtype,
     root = Path(folder)
     kind = folder_kind(root)
     check_overrides(folder, kind, v2, sdxl)
-    configs = {}
     components = ["unet", *text_components(kind)] + ([] if vae is not None else ["vae"])
-    for component in [*components, "scheduler"]:
-        file = root / component / ("scheduler_config.json" if component == "scheduler" else "config.json")
-        if not file.is_file():
-            raise ModelKindError(f"{folder}: diffusers folder has no {component}/{file.name}")
-        configs[component] = json.loads(file.read_text(encoding="utf-8"))
+    configs = _folder_configs(root, [*components, "scheduler"], "diffusers folder")
     predicted = configs["scheduler"].get("prediction_type", "epsilon") == "v_prediction"
     v_pred = predicted if v_parameterization is None else bool(v_parameterization)
     configs["scheduler"]["prediction_type"] = "v_prediction" if v_pred else "epsilon"
@@ -187,6 +177,17 @@ def _load_folder(folder: str, *, v2, v_parameterization, sdxl, dtype, vae_dtype,
 
 
 # --- shared --------------------------------------------------------------------------------------------------
+def _folder_configs(root: Path, components: list[str], what: str) -> dict[str, dict[str, Any]]:
+    """The config dicts of ``components`` in a diffusers-style folder (``what`` names it in errors)."""
+    out = {}
+    for component in components:
+        file = component_config_file(root, component)
+        if not file.is_file():
+            raise ModelKindError(f"{root}: {what} has no {component}/{file.name}")
+        out[component] = json.loads(file.read_text(encoding="utf-8"))
+    return out
+
+
 def _model(kind, v_pred, modules, scheduler_config, source, extras) -> StableDiffusionModel:
     from .tokenizer import tokenizers_for
 

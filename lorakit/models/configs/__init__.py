@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MODELS", "ALIASES", "canonical_name", "config_dir", "components", "load_config"]
+__all__ = ["MODELS", "ALIASES", "canonical_name", "config_dir", "components", "component_config_file", "load_config"]
 
 _ROOT = Path(__file__).resolve().parent
 
@@ -77,6 +77,11 @@ def components(name: str) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("_"))
 
 
+def component_config_file(root: Path, component: str) -> Path:
+    """Where a diffusers-style folder keeps ``component``'s config (schedulers use ``scheduler_config.json``)."""
+    return root / component / ("scheduler_config.json" if component == "scheduler" else "config.json")
+
+
 def load_config(name: str, component: str) -> dict[str, Any]:
     """The parsed JSON config of one component ("unet", "text_encoder", "scheduler", ...) or of
     "model_index"."""
@@ -84,8 +89,7 @@ def load_config(name: str, component: str) -> dict[str, Any]:
     if component == "model_index":
         path = root / "model_index.json"
     else:
-        folder = root / component
-        path = folder / ("scheduler_config.json" if component == "scheduler" else "config.json")
+        path = component_config_file(root, component)
         if not path.is_file():
             raise ValueError(f"model {canonical_name(name)!r} has no component {component!r}; "
                              f"known: {', '.join(components(name))}")
