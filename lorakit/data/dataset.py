@@ -120,6 +120,7 @@ class TrainDataset(torch.utils.data.Dataset):
         self.weighted_captions = weighted_captions
         self.seed = seed
         self.subsets: list[SubsetSpec] = []
+        self.image_counts: list[int] = []  # images found per subset (before repeats and reg balancing)
         self.entries: list[ImageEntry] = []
         self.tag_frequency: dict[str, dict[str, int]] = {}
         self.num_train_images = 0  # with repeats, as kohya's ss_num_train_images
@@ -151,6 +152,7 @@ class TrainDataset(torch.utils.data.Dataset):
             index = len(self.subsets)
             self.subsets.append(subset)
             images = subset_images(subset)
+            self.image_counts.append(len(images))
             self._count_tags(subset, [im.caption for im in images])
             for im in images:
                 size = image_size(im.path)

@@ -70,8 +70,8 @@ def training_metadata(config, *, kind: str, v_parameterization: bool, dataset, o
         "ss_random_crop": str(config.random_crop),
         "ss_shuffle_caption": str(config.shuffle_caption),
         "ss_bucket_no_upscale": str(config.bucket_no_upscale),
-        "ss_dataset_dirs": json.dumps(_dataset_dirs(config)),
-        "ss_reg_dataset_dirs": json.dumps({}),
+        "ss_dataset_dirs": json.dumps(_dataset_dirs(dataset, reg=False)),
+        "ss_reg_dataset_dirs": json.dumps(_dataset_dirs(dataset, reg=True)),
     })
     title = config.metadata_title or config.output_name or "last"
     kind_key = "sd2-v" if kind == "sd2" and v_parameterization else kind
@@ -101,15 +101,8 @@ def _timestep_range(config):
     return None if lo is None and hi is None else (lo or 0, hi if hi is not None else 1000)
 
 
-def _dataset_dirs(config) -> dict[str, dict[str, int]]:
-    """sd-scripts' ss_dataset_dirs: each image folder with its repeats and image count."""
-    dirs: dict[str, dict[str, int]] = {}
-    root = config.train_data_dir
-    if root and os.path.isdir(root):
-        for name in sorted(os.listdir(root)):
-            folder = os.path.join(root, name)
-            head = name.split("_", 1)[0]
-            if os.path.isdir(folder) and head.isdigit():
-                images = [f for f in os.listdir(folder) if f.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".bmp"))]
-                dirs[name] = {"n_repeats": int(head), "img_count": len(images)}
-    return dirs
+def _dataset_dirs(dataset, reg: bool) -> dict[str, dict[str, int]]:
+    """sd-scripts' ss_dataset_dirs / ss_reg_dataset_dirs: each subset's folder name, repeats and image count."""
+    return {os.path.basename(os.path.normpath(subset.image_dir or subset.metadata_file)):
+            {"n_repeats": subset.num_repeats, "img_count": count}
+            for subset, count in zip(dataset.subsets, dataset.image_counts) if bool(subset.is_reg) == reg}
