@@ -191,26 +191,6 @@ class KohyaNetwork(Network):
     def on_step_start(self, *args) -> None:
         pass
 
-    @torch.no_grad()
-    def apply_max_norm_regularization(self, max_norm_value: float, device=None) -> tuple[int, float, float]:
-        """kohya's --scale_weight_norms for every algorithm: each adapter whose change |dW| (Frobenius, at
-        multiplier 1, before DoRA's rescaling) exceeds max_norm_value is scaled down to it. Returns (adapters
-        scaled, mean and maximum |dW| after scaling). The adapters compute where they live; `device` is unused."""
-        max_norm = to_float("scale_weight_norms", max_norm_value)
-        scaled, norms = 0, []
-        for _, adapter in self.adapters():
-            was_training = adapter.training
-            adapter.train(False)  # DyLoRA: the full rank, not this step's random one
-            try:
-                hit, norm = _limit_norm(adapter, max_norm)
-            finally:
-                adapter.train(was_training)
-            scaled += hit
-            norms.append(norm)
-        if not norms:
-            return 0, 0.0, 0.0
-        return scaled, sum(norms) / len(norms), max(norms)
-
     # ----- files -----
     def save_weights(self, file, dtype: torch.dtype | None = None, metadata: dict | None = None) -> None:
         """.safetensors through Network.save (atomic, with kohya's sshs hashes); other suffixes (--save_model_as
@@ -330,43 +310,3 @@ def _text_encoders(text_encoder) -> list[nn.Module]:
     if text_encoder is None:
         return []
     return list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
-
-
-# Parameters that scale an algorithm's change: multiplying each of them by c multiplies dW by c ** power.
-# (LoRA as kohya does it: up and down by sqrt(ratio).)
-_SCALES_DW = {
-    "lora": (("lora_up", "lora_down"), 2), "dylora": (("lora_up", "lora_down"), 2),
-    "loha": (("hada_w1_a", "hada_w2_a"), 2), "lokr": (("lokr_w2", "lokr_w2_a"), 1),  # whichever w2 form exists
-    "glora": (("a1", "b1"), 1),  # dW = W a1 a2 + b1 b2
-    "ia3": (("weight",), 1), "full": (("diff", "diff_b"), 1), "norm": (("w_norm", "b_norm"), 1),
-}
-
-
-def _change_norm(adapter) -> float:
-    return float(torch.linalg.vector_norm((adapter._delta_weight() * adapter._scalar()).float()))
-
-
-def _limit_norm(adapter, max_norm: float) -> tuple[int, float]:
-    """(1 if scaled else 0, |dW| after)."""
-    norm = _change_norm(adapter)
-    if norm <= max_norm:
-        return 0, norm
-    if adapter.name in _SCALES_DW:
-        names, power = _SCALES_DW[adapter.name]
-        for name in names:
-            p = getattr(adapter, name, None)
-            if p is not None:
-                p.mul_((max_norm / norm) ** (1 / power))
-    elif hasattr(adapter, "oft_blocks"):
-        # A rotation's change grows monotonically with the size of Q: bisect on a scale of the blocks.
-        blocks = adapter.oft_blocks
-        start, lo, hi = blocks.detach().clone(), 0.0, 1.0
-        for _ in range(30):
-            mid = (lo + hi) / 2
-            blocks.copy_(start * mid)
-            lo, hi = (mid, hi) if _change_norm(adapter) <= max_norm else (lo, mid)
-        blocks.copy_(start * lo)
-    else:
-        log.warning("lorakit: scale_weight_norms cannot scale a '%s' adapter; left as it is", adapter.name)
-        return 0, norm
-    return 1, _change_norm(adapter)

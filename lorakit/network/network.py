@@ -176,6 +176,14 @@ class Network(nn.Module):
         return list(groups.values())
 
     # ----- files -----
+    def apply_max_norm_regularization(self, max_norm_value: float, device=None) -> tuple[int, float, float]:
+        """kohya's --scale_weight_norms for every algorithm: each adapter whose change |dW| exceeds
+        max_norm_value is scaled down to it (see max_norm.py). Returns (adapters scaled, mean and maximum |dW|
+        after scaling). The adapters compute where they live; `device` is unused."""
+        from .max_norm import limit_change_norms
+
+        return limit_change_norms(self.adapters(), max_norm_value)
+
     def save(self, path, dtype: torch.dtype | None = None, metadata: Mapping[str, str] | None = None) -> None:
         """Write the adapters as safetensors (LyCORIS/kohya layout) atomically, with metadata and kohya's hashes."""
         from ..formats import add_hashes, prepare_tensors, save_file

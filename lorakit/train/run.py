@@ -256,10 +256,7 @@ class _Run:
                     progress.global_step += 1
                     progress.step_in_epoch = index + 1
                     if c.scale_weight_norms:
-                        from ..network.kohya import KohyaNetwork
-
-                        with torch.no_grad():
-                            KohyaNetwork.apply_max_norm_regularization(net, c.scale_weight_norms)
+                        net.apply_max_norm_regularization(c.scale_weight_norms)
                     logger.step(loss.item(), scheduler.get_last_lr(), progress.global_step, epoch)
                     clock["optimizer_and_log"] += time.perf_counter() - optimizer_start
                     step = progress.global_step
