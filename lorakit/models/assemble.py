@@ -42,10 +42,11 @@ def materialize_buffers(module: torch.nn.Module, where: str) -> None:
 
 def fill_component(component: str, config: Mapping[str, Any],
                    tensors: Callable[[torch.nn.Module], Iterable[tuple[str, torch.Tensor]]],
-                   dtype: torch.dtype | None, where: str) -> torch.nn.Module:
-    """Build ``component`` from ``config`` on meta and assign the ``(state-dict key, tensor)`` pairs that
-    ``tensors(module)`` yields. Yield them lazily (a generator): each is converted before the next is read."""
-    module = component_on_meta(component, config)
+                   dtype: torch.dtype | None, where: str, module: torch.nn.Module | None = None) -> torch.nn.Module:
+    """Build ``component`` from ``config`` on meta (or take ``module``, already built so from it) and assign the
+    ``(state-dict key, tensor)`` pairs that ``tensors(module)`` yields. Yield them lazily (a generator): each is
+    converted before the next is read."""
+    module = component_on_meta(component, config) if module is None else module
     state = {key: owned(value, dtype) for key, value in tensors(module)}
     expected = {k: v.shape for k, v in module.state_dict().items()}
     missing = [k for k in expected if k not in state]

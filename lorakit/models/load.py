@@ -84,16 +84,17 @@ def _load_single_file(path: str, *, v2, v_parameterization, sdxl, config, dtype,
                 hint = "; pass a VAE file as vae=" if component == "vae" else ""
                 raise ModelKindError(f"{path}: a {kind} checkpoint without {component} tensors (no keys starting "
                                      f"with {prefixes[component]!r}){hint}")
-        name, configs, recipes = _match_config(path, reader, kind, components, config, v_pred)
+        configs, checked = _match_config(path, reader, kind, components, config, v_pred)
+        recipes = {c: plan for c, (_, plan) in checked.items()}
         modules = {}
         for component in components:
             prefix = prefixes[component]
-            plan = recipes[component]
+            meta, plan = checked[component]
             modules[component] = fill_component(
                 component, configs[component],
                 lambda module, plan=plan, prefix=prefix: (
                     (key, r.build([reader.get(prefix + s) for s in r.sources])) for key, r in plan.items()),
-                vae_dtype if component == "vae" else dtype, f"{path} ({component})")
+                vae_dtype if component == "vae" else dtype, f"{path} ({component})", module=meta)
         used = {prefixes[c] + s for c in components for r in recipes[c].values() for s in r.sources}
         skipped_vae = prefixes["vae"] if skip_vae else None
         extras = {k: reader.get(k).clone() for k in keys
@@ -105,7 +106,8 @@ def _load_single_file(path: str, *, v2, v_parameterization, sdxl, config, dtype,
 
 
 def _match_config(path, reader, kind, components, config, v_pred):
-    """The first candidate config whose every tensor shape matches the file, with its recipes."""
+    """The first candidate config whose every tensor shape matches the file: (configs, {component: (its module
+    on meta, its recipes)})."""
     candidates = [config] if config is not None else list(CANDIDATE_CONFIGS[kind])
     prefixes = COMPONENT_PREFIXES[kind]
     problems = []
@@ -113,17 +115,18 @@ def _match_config(path, reader, kind, components, config, v_pred):
         configs = _configs(name, kind, v_pred)
         _adapt_unet_config(configs["unet"], reader, prefixes["unet"])
         try:
-            recipes = {c: _recipes_checked(reader, kind, c, configs[c], prefixes[c]) for c in components}
+            checked = {c: _recipes_checked(reader, kind, c, configs[c], prefixes[c]) for c in components}
         except ValueError as e:
             problems.append(f"config {name}: {e}")
             continue
-        return name, configs, recipes
+        return configs, checked
     raise ModelKindError(f"{path}: a {kind} checkpoint whose tensors match no bundled config "
                          f"({'; '.join(problems)}); pass config= a diffusers-style config folder for this model")
 
 
 def _recipes_checked(reader, kind, component, config, prefix):
-    """Recipes for ``component``, after checking on meta tensors that each builds the expected shape."""
+    """(``component`` built on meta, its recipes), after checking on meta tensors that each recipe builds the
+    expected shape."""
     module = component_on_meta(component, config)
     ckpt_keys = [k[len(prefix):] for k in reader.keys() if k.startswith(prefix)]
     shapes = {k: v.shape for k, v in module.state_dict().items()}
@@ -133,7 +136,7 @@ def _recipes_checked(reader, kind, component, config, prefix):
         if got != shapes[key]:
             raise ValueError(f"{component} {key} would be {tuple(got)} from the file's "
                              f"{prefix + recipe.sources[0]} but the config needs {tuple(shapes[key])}")
-    return recipes
+    return module, recipes
 
 
 def _adapt_unet_config(unet_cfg: dict, reader: CheckpointReader, prefix: str) -> None:
