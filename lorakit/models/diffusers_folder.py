@@ -61,11 +61,16 @@ def read_component_tensors(folder: Path, module: torch.nn.Module) -> Iterator[tu
     """``(module key, tensor)`` for every state-dict key of ``module``, read lazily from ``folder``."""
     readers = [CheckpointReader(f) for f in weight_files(folder)]
     where = {k: r for r in readers for k in r.keys()}
-    for key in module.state_dict():
-        # transformers 5 dropped CLIPTextModel's "text_model." level; files from 4 still have it (and back).
-        for name in (key, "text_model." + key, key.removeprefix("text_model.")):
-            if name in where:
-                yield key, where[name].get(name)
-                break
-        else:
-            raise ModelKindError(f"{folder}: weight {key!r} not found in {', '.join(str(r.path) for r in readers)}")
+    try:
+        for key in module.state_dict():
+            # transformers 5 dropped CLIPTextModel's "text_model." level; files from 4 still have it (and back).
+            for name in (key, "text_model." + key, key.removeprefix("text_model.")):
+                if name in where:
+                    yield key, where[name].get(name)
+                    break
+            else:
+                raise ModelKindError(f"{folder}: weight {key!r} not found in "
+                                     f"{', '.join(str(r.path) for r in readers)}")
+    finally:  # the open weight files, as soon as the component is read
+        for reader in readers:
+            reader.close()
