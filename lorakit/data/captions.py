@@ -13,11 +13,15 @@ with equal generator states both give the same text:
    the first ``keep_tokens`` tags stay in front, or, when ``keep_tokens_separator`` occurs in the caption, the
    part before it stays in front and the part after a second occurrence stays at the end; the other tags are
    shuffled, then each is dropped with probability ``caption_tag_dropout_rate``; tags are joined with ", ".
+   With ``token_warmup_step`` (steps, or below 1 a ratio of ``max_train_steps``), before the shuffle only the
+   first floor(step * (n - token_warmup_min) / token_warmup_step) + ``token_warmup_min`` of the n shuffled tags
+   are kept, until that step (sd-scripts' caption tag warmup; ``step``: the optimizer steps done so far).
 5. ``secondary_separator`` is replaced by ``caption_separator`` (it joins tags that move as one).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import re
@@ -25,7 +29,7 @@ import re
 from .errors import DatasetError
 from .spec import CaptionOptions
 
-__all__ = ["read_caption_file", "caption_for_image", "process_caption"]
+__all__ = ["read_caption_file", "caption_for_image", "process_caption", "warmup_steps"]
 
 
 def read_caption_file(path: str, *, all_lines: bool = False) -> str:
@@ -68,8 +72,16 @@ def _split_tags(text: str, separator: str) -> list[str]:
     return [t.strip() for t in text.split(separator) if t.strip()]
 
 
-def process_caption(caption: str, options: CaptionOptions, rng: random.Random, epoch: int) -> str:
-    """The text trained on for ``caption`` at ``epoch`` (1-based), drawing from ``rng`` (see the module doc)."""
+def warmup_steps(options: CaptionOptions, max_train_steps: int) -> int:
+    """token_warmup_step in steps: a value below 1 is a ratio of ``max_train_steps`` (floored, as sd-scripts)."""
+    value = options.token_warmup_step
+    return math.floor(value * max_train_steps) if value < 1 else int(value)
+
+
+def process_caption(caption: str, options: CaptionOptions, rng: random.Random, epoch: int, step: int = 0,
+                    max_train_steps: int = 0) -> str:
+    """The text trained on for ``caption`` at ``epoch`` (1-based) and optimizer ``step`` (0-based, for the
+    token warmup), drawing from ``rng`` (see the module doc)."""
     o = options
     if o.caption_prefix:
         caption = o.caption_prefix + " " + caption
@@ -88,7 +100,7 @@ def process_caption(caption: str, options: CaptionOptions, rng: random.Random, e
     else:
         caption = caption.split("\n")[0]
 
-    if o.shuffle_caption or o.caption_tag_dropout_rate > 0:
+    if o.shuffle_caption or o.caption_tag_dropout_rate > 0 or o.token_warmup_step > 0:
         sep = o.caption_separator
         fixed, suffix = [], []
         if o.keep_tokens_separator and o.keep_tokens_separator in caption:
@@ -101,6 +113,9 @@ def process_caption(caption: str, options: CaptionOptions, rng: random.Random, e
             flex = [t.strip() for t in caption.strip().split(sep)]  # empty tags kept, as kohya keeps them
             if o.keep_tokens > 0:
                 fixed, flex = flex[: o.keep_tokens], flex[o.keep_tokens:]
+        warmup = warmup_steps(o, max_train_steps) if o.token_warmup_step > 0 else 0
+        if warmup and step < warmup:
+            flex = flex[: math.floor(step * (len(flex) - o.token_warmup_min) / warmup) + o.token_warmup_min]
         if o.shuffle_caption:
             rng.shuffle(flex)
         if o.caption_tag_dropout_rate > 0:

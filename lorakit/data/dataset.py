@@ -28,14 +28,17 @@ import random
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
+import numpy as np
 import torch
 
 from .buckets import BucketChoice, BucketSelector, check_bucket, make_bucket_resolutions
 from .captions import process_caption
+from .face_crop import crop_around_face, face_box
 from .errors import DatasetError
 from .folders import subset_images
 from .images import image_size, load_image
 from .spec import DatasetSpec, SubsetSpec
+from .masks import alpha_to_mask, conditioning_mask, mask_images as _mask_images
 from .transforms import Conditioning, color_aug, crop_to_bucket, flip, to_tensor
 
 __all__ = ["ImageEntry", "SampleKey", "Batch", "TrainDataset", "BatchOrder", "make_loader", "pixel_multiple"]
@@ -66,6 +69,10 @@ class ImageEntry:
     latents_flipped: torch.Tensor | None = None
     conditioning: Conditioning | None = None
     cache_file: str | None = None
+    alpha_mask: torch.Tensor | None = None  # memory caching with alpha_mask: [H, W] of the unflipped crop
+    mask_path: str | None = None  # the conditioning (mask) image with conditioning_data_dir
+    face: tuple[int, int, int, int] | None = None  # face_crop_aug_range: (cx, cy, w, h) from the file name
+    te_cache_file: str | None = None  # cache_text_encoder_outputs_to_disk: this caption's encoder outputs
 
 
 class SampleKey(NamedTuple):
@@ -86,7 +93,10 @@ class Batch:
     ``input_ids``: one [B, n, 77] tensor per tokenizer given to the dataset (empty without tokenizers);
     ``token_weights``: the same shapes with ``weighted_captions`` (``weighted.apply_token_weights``), else None.
     ``loss_weights`` [B]: 1, or ``prior_loss_weight`` for regularization images. SDXL conditioning, [B, 2] long:
-    ``original_sizes_hw``, ``crop_top_lefts``, ``target_sizes_hw``.
+    ``original_sizes_hw``, ``crop_top_lefts``, ``target_sizes_hw``. ``masks`` [B, H, W] in [0, 1]: the loss
+    mask at image size (alpha_mask, or conditioning_data_dir's R channel; 1 for samples without one), else None.
+    ``text_hidden`` [B, S, D] / ``text_pooled`` [B, P]: the text encoders' outputs read from
+    cache_text_encoder_outputs_to_disk files (pooled: SDXL only), else None.
     """
 
     images: torch.Tensor | None
@@ -101,6 +111,9 @@ class Batch:
     flipped: list[bool]
     paths: list[str]
     keys: list[SampleKey] = field(default_factory=list)
+    masks: torch.Tensor | None = None
+    text_hidden: torch.Tensor | None = None
+    text_pooled: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -111,7 +124,10 @@ class TrainDataset(torch.utils.data.Dataset):
 
     def __init__(self, specs: DatasetSpec | Sequence[DatasetSpec], *, tokenizers: Sequence = (),
                  max_token_length: int | None = None, weighted_captions: bool = False, seed: int = 0,
-                 reso_multiple: int = 64) -> None:
+                 reso_multiple: int = 64, validation: bool = False) -> None:
+        """``validation``: the images ``validation_split`` holds out (once each, no regularization images),
+        instead of the training images."""
+        self.validation = validation
         self.specs = [specs] if isinstance(specs, DatasetSpec) else list(specs)
         if not self.specs:
             raise DatasetError("no datasets given (expected at least one dataset with subsets)")
@@ -125,9 +141,14 @@ class TrainDataset(torch.utils.data.Dataset):
         self.tag_frequency: dict[str, dict[str, int]] = {}
         self.num_train_images = 0  # with repeats, as kohya's ss_num_train_images
         self.num_reg_images = 0
+        # the optimizer steps of the run, for token_warmup_step (set_schedule; the trainer sets them)
+        self.max_train_steps, self.gradient_accumulation_steps = 0, 1
+        self._updates_per_epoch: int | None = None
         for group, spec in enumerate(self.specs):
             self._add_group(group, spec, reso_multiple)
         if not self.entries:
+            if validation:
+                raise DatasetError("validation_split holds out no image (too few images for the split)")
             raise DatasetError("the dataset is empty: no training images (regularization images alone are not "
                                "used)")
         self._buckets: dict[tuple[int, tuple[int, int]], list[int]] = {}
@@ -151,14 +172,27 @@ class TrainDataset(torch.utils.data.Dataset):
             seen.add(source)
             index = len(self.subsets)
             self.subsets.append(subset)
-            images = subset_images(subset)
-            self.image_counts.append(len(images))
-            self._count_tags(subset, [im.caption for im in images])
-            for im in images:
-                size = image_size(im.path)
+            sized = [(im, im.size or image_size(im.path)) for im in subset_images(subset)]
+            if spec.skip_image_resolution is not None:  # sd-scripts compares areas, at or below is skipped
+                limit = spec.skip_image_resolution[0] * spec.skip_image_resolution[1]
+                kept = [(im, size) for im, size in sized if size[0] * size[1] > limit]
+                if len(kept) < len(sized):
+                    logger.info("%s: %d images at or below skip_image_resolution %s left out", source,
+                                len(sized) - len(kept), spec.skip_image_resolution)
+                sized = kept
+            if spec.validation_split > 0:
+                sized = self._split(sized, spec, subset)
+            self.image_counts.append(len(sized))
+            self._count_tags(subset, [im.caption for im, _ in sized])
+            masks = _mask_images(subset, [im.path for im, _ in sized])
+            repeats = 1 if self.validation else subset.num_repeats
+            for (im, size), mask_path in zip(sized, masks):
                 choice = selector.select(*size)
                 check_bucket(im.path, size, choice, min_side)
-                entry = ImageEntry(im.path, im.caption, group, index, subset.is_reg, subset.num_repeats, size, choice)
+                entry = ImageEntry(im.path, im.caption, group, index, subset.is_reg, repeats, size, choice,
+                                   mask_path=mask_path)
+                if subset.face_crop_aug_range is not None and not spec.enable_bucket:  # sd-scripts: not with buckets
+                    entry.face = face_box(im.path)
                 (reg if subset.is_reg else train).append(entry)
         n_train = sum(e.repeats for e in train)
         n_reg = sum(e.repeats for e in reg)
@@ -168,6 +202,19 @@ class TrainDataset(torch.utils.data.Dataset):
         if n_reg > n_train:
             logger.warning("dataset %d: %d regularization images (with repeats) for %d training images: some are "
                            "not used", group, n_reg, n_train)
+
+    def _split(self, sized: list, spec: DatasetSpec, subset: SubsetSpec) -> list:
+        """sd-scripts' split_train_val: shuffle with validation_seed, hold out the last round(n * split) images.
+        Regularization images all train. (sd-scripts keeps ceil(n * (1 - split)) for training, which can also
+        train on a held-out image; here the two parts never overlap.)"""
+        if subset.is_reg:
+            return [] if self.validation else sized
+        seed = spec.validation_seed if spec.validation_seed is not None else self.seed
+        shuffled = list(sized)
+        random.Random(seed).shuffle(shuffled)
+        held_out = round(len(shuffled) * spec.validation_split)
+        cut = len(shuffled) - held_out
+        return shuffled[cut:] if self.validation else shuffled[:cut]
 
     def _selector(self, group: int, spec: DatasetSpec, multiple: int) -> tuple[BucketSelector, int]:
         w, h = spec.resolution
@@ -229,8 +276,18 @@ class TrainDataset(torch.utils.data.Dataset):
 
     @property
     def latent_cacheable(self) -> bool:
-        """Latents can be cached unless a subset changes pixels per step (color_aug, random_crop)."""
-        return not any(s.color_aug or s.random_crop for s in self.subsets)
+        """Latents can be cached unless a subset changes pixels per step (color_aug, random_crop, face crops)."""
+        return not any(s.color_aug or s.random_crop for s in self.subsets) and not any(e.face for e in self.entries)
+
+    def set_schedule(self, max_train_steps: int, gradient_accumulation_steps: int = 1) -> None:
+        """The run's length, for token_warmup_step. Call before making the loader (workers copy the dataset)."""
+        self.max_train_steps, self.gradient_accumulation_steps = max_train_steps, gradient_accumulation_steps
+
+    def optimizer_step(self, key: SampleKey) -> int:
+        """The optimizer steps done before ``key``'s batch is trained on (sd-scripts' global_step)."""
+        if self._updates_per_epoch is None:
+            self._updates_per_epoch = math.ceil(self.steps_per_epoch / self.gradient_accumulation_steps)
+        return (key.epoch - 1) * self._updates_per_epoch + key.batch // self.gradient_accumulation_steps
 
     # --- samples -------------------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -241,28 +298,50 @@ class TrainDataset(torch.utils.data.Dataset):
         subset = self.subsets[entry.subset]
         rng = random.Random(f"sample:{self.seed}:{key.epoch}:{key.batch}:{key.slot}")
         flipped = subset.flip_aug and rng.random() < 0.5
-        image = latents = None
+        image = latents = mask = None
         if entry.latents is not None or entry.cache_file is not None:
-            from .latent_cache import read_cached  # latent_cache imports this module
+            from .latent_cache import read_cached, read_cached_mask  # latent_cache imports this module
 
             latents, latents_flipped, conditioning = read_cached(entry)
+            if subset.alpha_mask:
+                mask = read_cached_mask(entry)
+                mask = mask.flip(1) if flipped else mask
             if flipped:
                 latents, conditioning = latents_flipped, conditioning.flipped(entry.choice.resized)
         else:
-            pixels = load_image(entry.path)
+            pixels = load_image(entry.path, alpha=subset.alpha_mask)
             if (pixels.shape[1], pixels.shape[0]) != entry.size:
                 raise DatasetError(f"{entry.path}: the image changed size during training ({entry.size[0]}x"
                                    f"{entry.size[1]} -> {pixels.shape[1]}x{pixels.shape[0]})")
-            pixels, conditioning = crop_to_bucket(pixels, entry.choice, rng, subset.random_crop)
+            resized = entry.choice.resized
+            if entry.face is not None:
+                pixels, conditioning, resized = crop_around_face(
+                    pixels, entry.face, entry.choice.bucket, subset.face_crop_aug_range, rng, subset.random_crop,
+                    subset.resize_interpolation)
+            else:
+                pixels, conditioning = crop_to_bucket(pixels, entry.choice, rng, subset.random_crop,
+                                                      subset.resize_interpolation)
+            if subset.alpha_mask:
+                mask, pixels = alpha_to_mask(pixels), np.ascontiguousarray(pixels[..., :3])
             if subset.color_aug:
                 pixels = color_aug(pixels, rng)
             if flipped:
-                pixels, conditioning = flip(pixels), conditioning.flipped(entry.choice.resized)
+                pixels, conditioning = flip(pixels), conditioning.flipped(resized)
+                mask = None if mask is None else mask.flip(1)
             image = to_tensor(pixels)
-        caption = process_caption(entry.caption, subset, rng, key.epoch)
+        if entry.mask_path is not None:
+            mask = conditioning_mask(entry.mask_path, entry.size, entry.choice, flipped)
+        warmup = subset.token_warmup_step > 0 and not self.validation  # validation uses the full captions
+        step = self.optimizer_step(key) if warmup else 1 << 62  # past any warmup
+        caption = process_caption(entry.caption, subset, rng, key.epoch, step, self.max_train_steps)
         loss_weight = self.specs[entry.group].prior_loss_weight if entry.is_reg else 1.0
+        text = None
+        if entry.te_cache_file is not None:
+            from .text_cache import read_text_outputs
+
+            text = read_text_outputs(entry.te_cache_file)
         return {"key": key, "image": image, "latents": latents, "caption": caption, "loss_weight": loss_weight,
-                "conditioning": conditioning, "flipped": flipped, "path": entry.path}
+                "conditioning": conditioning, "flipped": flipped, "path": entry.path, "mask": mask, "text": text}
 
     def collate(self, samples: list[dict]) -> Batch:
         """Samples of one batch -> a ``Batch`` (tokenizing the captions with the dataset's tokenizers)."""
@@ -282,6 +361,12 @@ class TrainDataset(torch.utils.data.Dataset):
 
                 input_ids = [tokenize(t, captions, self.max_token_length) for t in self.tokenizers]
         cond = [s["conditioning"] for s in samples]
+        texts = [s.get("text") for s in samples]
+        if any(t is not None for t in texts) and not all(t is not None for t in texts):
+            raise DatasetError("a batch mixes cached text encoder outputs and captions (cache all images or none)")
+        text_hidden = torch.stack([t[0] for t in texts]) if texts and texts[0] is not None else None
+        text_pooled = (torch.stack([t[1] for t in texts]) if text_hidden is not None and texts[0][1] is not None
+                       else None)
         return Batch(
             images=None if all(have_latents) else torch.stack([s["image"] for s in samples]),
             latents=torch.stack([s["latents"] for s in samples]) if all(have_latents) else None,
@@ -291,7 +376,17 @@ class TrainDataset(torch.utils.data.Dataset):
             crop_top_lefts=torch.tensor([c.crop_top_left for c in cond], dtype=torch.long),
             target_sizes_hw=torch.tensor([c.target_size_hw for c in cond], dtype=torch.long),
             flipped=[s["flipped"] for s in samples], paths=[s["path"] for s in samples],
-            keys=[s["key"] for s in samples])
+            keys=[s["key"] for s in samples], masks=_stack_masks(samples), text_hidden=text_hidden,
+            text_pooled=text_pooled)
+
+
+def _stack_masks(samples: list[dict]) -> torch.Tensor | None:
+    """[B, H, W] loss masks, or None when no sample has one; samples without one get all ones (no masking)."""
+    masks = [s["mask"] for s in samples]
+    shape = next((m.shape for m in masks if m is not None), None)
+    if shape is None:
+        return None
+    return torch.stack([m if m is not None else torch.ones(shape) for m in masks])
 
 
 def _balance_reg(reg: list[ImageEntry], n_train: int) -> list[ImageEntry]:

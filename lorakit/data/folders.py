@@ -74,6 +74,7 @@ class SourceImage:
 
     path: str
     caption: str
+    size: tuple[int, int] | None = None  # (width, height) when known without opening the image (cache_info)
 
 
 def subset_images(subset: SubsetSpec) -> list[SourceImage]:
@@ -87,9 +88,22 @@ def subset_images(subset: SubsetSpec) -> list[SourceImage]:
     paths = list_images(folder)
     if not paths:
         raise DatasetError(f"{folder}: no images in this folder (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    if subset.cache_info:
+        from .info_cache import cached_images
+
+        return cached_images(subset, paths, lambda: _folder_images(subset, paths))
+    return _folder_images(subset, paths)
+
+
+def _folder_images(subset: SubsetSpec, paths: list[str]) -> list[SourceImage]:
+    folder = Path(subset.image_dir)
     out, missing = [], []
     for path in paths:
         caption = caption_for_image(path, subset.caption_extension, all_lines=subset.enable_wildcard)
+        stem_parts = os.path.splitext(path)[0].split("_")
+        if caption is None and len(stem_parts) >= 5:  # sd-scripts: "name_x_y_w_h.png" (a face box) reads name.txt
+            caption = caption_for_image("_".join(stem_parts[:-4]) + ".img", subset.caption_extension,
+                                        all_lines=subset.enable_wildcard)
         if caption is None:
             missing.append(path)
             caption = subset.class_tokens or ""

@@ -49,14 +49,22 @@ def specs_from_config(group: Any) -> list[DatasetSpec]:
 
 def specs_from_folders(options: Any) -> list[DatasetSpec]:
     """One ``DatasetSpec`` from ``train_data_dir`` (``N_concept`` folders) and ``reg_data_dir``, with the
-    dataset and subset options of ``options`` (a TrainConfig or a mapping with kohya names)."""
+    dataset and subset options of ``options`` (a TrainConfig or a mapping with kohya names). With ``in_json``
+    (sd-scripts' fine-tuning dataset): one metadata_file subset of that JSON, its images in ``train_data_dir``
+    (or named by full paths in the JSON), repeated ``dataset_repeats`` times."""
     train_dir = _get(options, "train_data_dir")
-    if not train_dir:
+    in_json = _get(options, "in_json")
+    if not train_dir and not in_json:
         raise DatasetError("no training images: set train_data_dir (a folder of N_concept folders) or "
                            "dataset_config")
     if _get(options, "resolution") is None:
         raise DatasetError("resolution is required with train_data_dir (e.g. resolution = \"512\" or \"512,768\")")
     shared = _values(options, [n for n in _SUBSET_FIELDS
                                if n not in ("image_dir", "num_repeats", "is_reg", "class_tokens", "metadata_file")])
+    if in_json:
+        shared.pop("cache_info", None)  # a DreamBooth folder option; the JSON already lists the images
+        subsets = [SubsetSpec(image_dir=train_dir or None, metadata_file=in_json,
+                              num_repeats=_get(options, "dataset_repeats") or 1, **shared)]
+        return [DatasetSpec(subsets, **_values(options, _DATASET_FIELDS, _TRAIN_NAME))]
     subsets = subsets_from_folders(train_dir, _get(options, "reg_data_dir") or None, **shared)
     return [DatasetSpec(subsets, **_values(options, _DATASET_FIELDS, _TRAIN_NAME))]

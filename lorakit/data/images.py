@@ -58,13 +58,14 @@ def image_size(path: str) -> tuple[int, int]:
     return (height, width) if orientation in _SWAPPING_ORIENTATIONS else (width, height)
 
 
-def load_image(path: str) -> np.ndarray:
-    """The upright RGB pixels [H, W, 3] uint8. A truncated or corrupt file is an error, never a partial image."""
+def load_image(path: str, alpha: bool = False) -> np.ndarray:
+    """The upright RGB pixels [H, W, 3] uint8; with ``alpha``, RGBA [H, W, 4] (kohya's alpha_mask: an image
+    without transparency gets alpha 255). A truncated or corrupt file is an error, never a partial image."""
     with _open(path) as image:
         try:
             image.load()
             upright = ImageOps.exif_transpose(image)
-            rgb = upright.convert("RGB")
+            rgb = upright.convert("RGBA" if alpha else "RGB")
         except (OSError, SyntaxError, ValueError) as e:
             raise DatasetError(f"{path}: image data is damaged or truncated ({e})") from None
     return np.asarray(rgb, dtype=np.uint8).copy()

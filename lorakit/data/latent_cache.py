@@ -28,9 +28,10 @@ from ..formats.hashes import file_sha256
 from .dataset import ImageEntry, TrainDataset
 from .errors import DatasetError
 from .images import load_image
+from .masks import alpha_to_mask
 from .transforms import Conditioning, crop_to_bucket, flip, to_tensor
 
-__all__ = ["FORMAT", "vae_fingerprint", "cache_key", "cache_path", "cache_latents", "read_cached",
+__all__ = ["FORMAT", "vae_fingerprint", "cache_key", "cache_path", "cache_latents", "read_cached", "read_cached_mask",
            "encode_pixels"]
 
 FORMAT = "lorakit-latents-1"
@@ -52,9 +53,14 @@ def vae_fingerprint(vae: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def cache_key(entry: ImageEntry, flip_aug: bool, vae_id: str) -> str:
+def cache_key(entry: ImageEntry, flip_aug: bool, vae_id: str, alpha_mask: bool = False,
+              interpolation: str | None = None) -> str:
     settings = {"format": FORMAT, "image": file_sha256(entry.path), "bucket": list(entry.choice.bucket),
                 "resized": list(entry.choice.resized), "flip_aug": bool(flip_aug), "vae": vae_id}
+    if alpha_mask:  # added only when set, so that caches written without them stay valid
+        settings["alpha_mask"] = True
+    if interpolation is not None:
+        settings["resize_interpolation"] = interpolation
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
@@ -66,11 +72,15 @@ def cache_path(image_path: str, cache_dir: str | None = None) -> str:
     return os.path.join(cache_dir, f"{stem}-{tag}.npz")
 
 
-def _valid(path: str, key: str) -> bool:
+def _valid(path: str, key: str | None, alpha_mask: bool = False) -> bool:
+    """Whether the file at ``path`` holds this key's latents; ``key`` None (skip_cache_check): any readable cache
+    file with the arrays needed."""
     if not os.path.isfile(path):
         return False
     try:
         with np.load(path) as npz:
+            if key is None:
+                return "latents" in npz and (not alpha_mask or "alpha_mask" in npz)
             return "cache_key" in npz and str(npz["cache_key"]) == key
     except (OSError, ValueError, EOFError):  # damaged or not an npz: rebuild it
         return False
@@ -99,9 +109,11 @@ def _write_npz(path: str, arrays: dict) -> None:
 
 
 def cache_latents(dataset: TrainDataset, vae: torch.nn.Module, *, vae_batch_size: int = 1, to_disk: bool = False,
-                  cache_dir: str | None = None) -> dict[str, int]:
+                  cache_dir: str | None = None, skip_check: bool = False) -> dict[str, int]:
     """Encode every image of ``dataset`` once (``cache_latents``); with ``to_disk`` (``cache_latents_to_disk``)
-    reuse valid files and write the others. Returns {"encoded": n, "reused": m}."""
+    reuse valid files and write the others. ``skip_check`` (sd-scripts' skip_cache_check): reuse any existing
+    cache file without checking that it belongs to this image, bucket and VAE (no image hashing; a stale file is
+    then trained on). Subsets with ``alpha_mask`` cache the mask too. Returns {"encoded": n, "reused": m}."""
     if not dataset.latent_cacheable:
         bad = [s.image_dir or s.metadata_file for s in dataset.subsets if s.color_aug or s.random_crop]
         raise DatasetError(f"cache_latents cannot be used with color_aug or random_crop (they change the pixels "
@@ -114,9 +126,12 @@ def cache_latents(dataset: TrainDataset, vae: torch.nn.Module, *, vae_batch_size
     pending: list[tuple[ImageEntry, str, str]] = []
     reused = 0
     for entry in sorted(dataset.entries, key=lambda e: (e.choice.bucket[0] * e.choice.bucket[1], e.choice.bucket)):
-        flip_aug = dataset.subsets[entry.subset].flip_aug
-        key = cache_key(entry, flip_aug, vae_id)
+        subset = dataset.subsets[entry.subset]
         path = cache_path(entry.path, cache_dir) if to_disk else None
+        if to_disk and skip_check and _valid(path, None, subset.alpha_mask):
+            entry.cache_file, reused = path, reused + 1
+            continue
+        key = cache_key(entry, subset.flip_aug, vae_id, subset.alpha_mask, subset.resize_interpolation)
         if to_disk and _valid(path, key):
             entry.cache_file, reused = path, reused + 1
             continue
@@ -132,10 +147,13 @@ def cache_latents(dataset: TrainDataset, vae: torch.nn.Module, *, vae_batch_size
         batches.append(batch)
 
     for batch in batches:
-        pixels, conds = [], []
+        pixels, conds, masks = [], [], []
         for entry, _, _ in batch:
-            image, cond = crop_to_bucket(load_image(entry.path), entry.choice)
-            pixels.append(image)
+            subset = dataset.subsets[entry.subset]
+            image, cond = crop_to_bucket(load_image(entry.path, alpha=subset.alpha_mask), entry.choice,
+                                         interpolation=subset.resize_interpolation)
+            masks.append(alpha_to_mask(image) if subset.alpha_mask else None)
+            pixels.append(np.ascontiguousarray(image[..., :3]))
             conds.append(cond)
         seeds = [int(key[:15], 16) for _, key, _ in batch]
         latents = encode_pixels(vae, torch.stack([to_tensor(p) for p in pixels]), seeds)
@@ -145,7 +163,7 @@ def cache_latents(dataset: TrainDataset, vae: torch.nn.Module, *, vae_batch_size
         flipped = [None] * len(batch)
         if any(dataset.subsets[e.subset].flip_aug for e, _, _ in batch):
             flipped = encode_pixels(vae, torch.stack([to_tensor(flip(p)) for p in pixels]), [s + 1 for s in seeds])
-        for (entry, key, path), lat, lat_f, cond in zip(batch, latents, flipped, conds):
+        for (entry, key, path), lat, lat_f, cond, mask in zip(batch, latents, flipped, conds, masks):
             if not dataset.subsets[entry.subset].flip_aug:
                 lat_f = None
             if to_disk:
@@ -154,11 +172,26 @@ def cache_latents(dataset: TrainDataset, vae: torch.nn.Module, *, vae_batch_size
                           "target_size_hw": np.array(cond.target_size_hw), "cache_key": np.array(key)}
                 if lat_f is not None:
                     arrays["latents_flipped"] = lat_f.numpy()
+                if mask is not None:
+                    arrays["alpha_mask"] = mask.numpy()
                 _write_npz(path, arrays)
                 entry.cache_file = path
             else:
                 entry.latents, entry.latents_flipped, entry.conditioning = lat.clone(), lat_f, cond
+                entry.alpha_mask = mask
     return {"encoded": len(pending), "reused": reused}
+
+
+def read_cached_mask(entry: ImageEntry) -> torch.Tensor:
+    """The cached [H, W] alpha mask (unflipped) of an entry of an alpha_mask subset."""
+    if entry.latents is not None:
+        return entry.alpha_mask
+    try:
+        with np.load(entry.cache_file) as npz:
+            return torch.from_numpy(npz["alpha_mask"])
+    except (OSError, ValueError, KeyError, EOFError) as e:
+        raise DatasetError(f"{entry.cache_file}: the alpha mask of {entry.path} cannot be read from its latent cache "
+                           f"({e}); delete the file and cache again") from None
 
 
 def read_cached(entry: ImageEntry) -> tuple[torch.Tensor, torch.Tensor | None, Conditioning]:

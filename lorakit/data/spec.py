@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .errors import DatasetError
+from .resize import check_interpolation
 
 __all__ = ["CaptionOptions", "SubsetSpec", "DatasetSpec", "parse_resolution"]
 
@@ -36,11 +37,16 @@ class CaptionOptions:
     caption_dropout_rate: float = 0.0
     caption_dropout_every_n_epochs: int = 0
     caption_tag_dropout_rate: float = 0.0
+    token_warmup_min: int = 1  # tags (after keep_tokens) used at step 0 ...
+    token_warmup_step: float = 0.0  # ... growing to all at this step (< 1: a ratio of max_train_steps; 0: off)
 
     def check(self, owner: str) -> None:
         for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
             _check_rate(owner, name, getattr(self, name))
-        for name in ("keep_tokens", "caption_dropout_every_n_epochs"):
+        if isinstance(self.token_warmup_step, bool) or not float(self.token_warmup_step) >= 0:
+            raise DatasetError(f"{owner}: token_warmup_step must be a number >= 0 (steps, or a ratio of "
+                               f"max_train_steps below 1), not {self.token_warmup_step!r}")
+        for name in ("keep_tokens", "caption_dropout_every_n_epochs", "token_warmup_min"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise DatasetError(f"{owner}: {name} must be a whole number >= 0, not {value!r}")
@@ -71,9 +77,20 @@ class SubsetSpec(CaptionOptions):
     color_aug: bool = False
     flip_aug: bool = False
     random_crop: bool = False
+    resize_interpolation: str | None = None  # resize.INTERPOLATIONS; None: box shrinking, Lanczos enlarging
+    alpha_mask: bool = False  # mask the loss with each image's alpha channel
+    conditioning_data_dir: str | None = None  # mask images (same file stems) for masked_loss
+    face_crop_aug_range: Any = None  # (low, high): face size / crop side; faces from "name_x_y_w_h" file names
+    cache_info: bool = False  # keep image sizes and captions in <image_dir>/metadata_cache.json
 
     def __post_init__(self) -> None:
         owner = f"subset {self.image_dir or self.metadata_file}"
+        if self.face_crop_aug_range is not None:
+            self.face_crop_aug_range = _face_range(owner, self.face_crop_aug_range)
+        check_interpolation(self.resize_interpolation, f"{owner}: resize_interpolation")
+        if self.conditioning_data_dir is not None and self.random_crop:
+            # sd-scripts' ControlNetDataset refuses it too: the mask must be cut where the image is
+            raise DatasetError(f"{owner}: conditioning_data_dir (mask images) cannot be used with random_crop")
         if self.image_dir is None and self.metadata_file is None:
             raise DatasetError("a subset needs image_dir (a folder of images) or metadata_file (a kohya metadata "
                                "JSON); neither was given")
@@ -84,6 +101,17 @@ class SubsetSpec(CaptionOptions):
         if self.caption_extension and not self.caption_extension.startswith("."):
             self.caption_extension = "." + self.caption_extension  # kohya accepts "txt" for ".txt"
         self.check(owner)
+
+
+def _face_range(owner: str, value: Any) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in (value.split(",") if isinstance(value, str) else value))
+    except (TypeError, ValueError):
+        low = high = -1.0
+    if not 0 < low <= high:
+        raise DatasetError(f"{owner}: face_crop_aug_range must be two numbers 0 < low <= high (the face's size "
+                           f"relative to the crop, e.g. 2.0,4.0), not {value!r}")
+    return low, high
 
 
 def parse_resolution(value: Any, option: str = "resolution") -> tuple[int, int]:
@@ -126,9 +154,16 @@ class DatasetSpec:
     bucket_reso_steps: int = 64
     bucket_no_upscale: bool = False
     prior_loss_weight: float = 1.0
+    skip_image_resolution: Any = None  # images of at most this area (width x height) are left out
+    validation_split: float = 0.0  # share of each training subset's images held out for the validation loss
+    validation_seed: int | None = None  # shuffles before the split (None: the training seed)
 
     def __post_init__(self) -> None:
         self.resolution = parse_resolution(self.resolution)
+        if self.skip_image_resolution is not None:
+            self.skip_image_resolution = parse_resolution(self.skip_image_resolution, "skip_image_resolution")
+        if isinstance(self.validation_split, bool) or not 0.0 <= float(self.validation_split) < 1.0:
+            raise DatasetError(f"validation_split must be in [0, 1), not {self.validation_split!r}")
         for name in ("batch_size", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -2,7 +2,7 @@
 SDXL size/crop conditioning that describes what was done.
 
 * Resize: Pillow's box filter when shrinking (area averaging, what kohya gets from cv2.INTER_AREA), Lanczos when
-  enlarging.
+  enlarging; or the filter ``resize_interpolation`` names (``resize.py``).
 * Crop: the overhang is cut evenly from both sides (``random_crop``: at a random offset), width first.
 * SDXL conditioning (``Conditioning``): ``original_size_hw`` is the upright image's size before resizing,
   ``crop_top_left`` the pixels cut from the top and left of the resized image (after a flip, from the left of
@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from .buckets import BucketChoice
+from .resize import resize_channels
 
 __all__ = ["Conditioning", "resize", "crop_to_bucket", "flip", "color_aug", "to_tensor"]
 
@@ -45,22 +46,26 @@ class Conditioning:
         return Conditioning(self.original_size_hw, (top, right_cut), self.target_size_hw)
 
 
-def resize(image: np.ndarray, size: Size) -> np.ndarray:
-    """[H, W, 3] uint8 -> the same at ``size`` (width, height)."""
+def resize(image: np.ndarray, size: Size, interpolation: str | None = None) -> np.ndarray:
+    """[H, W, C] uint8 (C = 3, or 4 with alpha) -> the same at ``size`` (width, height). ``interpolation``:
+    sd-scripts' resize_interpolation (``resize.py``); unset: box when shrinking, Lanczos when enlarging."""
     h, w = image.shape[:2]
     if (w, h) == tuple(size):
         return image
-    shrinking = size[0] * size[1] < w * h
-    method = Image.Resampling.BOX if shrinking else Image.Resampling.LANCZOS
-    return np.asarray(Image.fromarray(image).resize(tuple(size), method), dtype=np.uint8)
+    if interpolation is None:
+        interpolation = "area" if size[0] * size[1] < w * h else "lanczos"
+    if image.shape[2] == 4:  # each channel on its own, as cv2 resizes (no premultiplied alpha)
+        alpha = resize_channels(image[..., 3:], size, interpolation)
+        return np.concatenate([resize_channels(image[..., :3], size, interpolation), alpha], axis=2)
+    return resize_channels(image, size, interpolation)
 
 
 def crop_to_bucket(image: np.ndarray, choice: BucketChoice, rng: random.Random | None = None,
-                   random_crop: bool = False) -> tuple[np.ndarray, Conditioning]:
+                   random_crop: bool = False, interpolation: str | None = None) -> tuple[np.ndarray, Conditioning]:
     """Resize to ``choice.resized`` and crop to ``choice.bucket``; with the conditioning that records it.
-    ``rng`` is needed only with ``random_crop``."""
+    ``rng`` is needed only with ``random_crop``; ``interpolation`` as in ``resize``."""
     original = (image.shape[1], image.shape[0])
-    image = resize(image, choice.resized)
+    image = resize(image, choice.resized, interpolation)
     bw, bh = choice.bucket
     h, w = image.shape[:2]
     if w < bw or h < bh:
@@ -77,7 +82,7 @@ def flip(image: np.ndarray) -> np.ndarray:
 
 
 def color_aug(image: np.ndarray, rng: random.Random) -> np.ndarray:
-    """kohya's colour augmentation (see the module doc), drawing from ``rng``."""
+    """kohya's colour augmentation (see the module doc), drawing from ``rng``. [H, W, 3] only."""
     if rng.random() > 0.33:
         return image
     if rng.random() > 0.5:

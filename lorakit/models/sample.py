@@ -76,7 +76,7 @@ def generate(model, prompts: str | Sequence[str], negative_prompt: str | Sequenc
     scheduler = scheduler_for(model, sampler)  # before any work: a bad name fails fast
     unet, vae = model.unet, model.vae
     param = next(unet.parameters())
-    device, dtype = param.device, param.dtype
+    device, dtype = param.device, unet.dtype  # diffusers' compute dtype (fp8-stored weights are cast up per call)
     factor = model.vae_scale_factor
     native = unet.config.sample_size * factor
     width, height = width or native, height or native

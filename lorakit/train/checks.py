@@ -21,6 +21,11 @@ OPTIMIZERS = ("AdamW", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit", "PagedAdamW3
 _LATER_OPTIMIZERS = ("AdamWScheduleFree", "RAdamScheduleFree", "SGDScheduleFree", "ProdigyPlusScheduleFree")
 
 
+# sd-scripts' is_text_encoder_output_cacheable: options that change a caption from step to step
+_CHANGING_CAPTIONS = ("shuffle_caption", "caption_dropout_rate", "caption_dropout_every_n_epochs",
+                      "caption_tag_dropout_rate", "token_warmup_step")
+
+
 def _refuse(message: str):
     raise OptionError(message)
 
@@ -64,6 +69,8 @@ def _normalise(values: dict[str, Any]) -> None:
     """sd-scripts' own rewrites of what it reads."""
     if values["cache_latents_to_disk"] and not values["cache_latents"]:  # train_util.verify_training_args
         values["cache_latents"] = True
+    if values["cache_text_encoder_outputs_to_disk"]:  # sdxl_train_network.py: the disk cache implies the cache
+        values["cache_text_encoder_outputs"] = True
     for name in ("sample_every_n_steps", "sample_every_n_epochs", "save_every_n_steps", "save_every_n_epochs"):
         if values[name] == 0:  # verify_training_args disables sampling at <= 0; the GUI writes 0 for "never"
             values[name] = None
@@ -100,9 +107,24 @@ def _combinations(v: dict[str, Any]) -> None:
     if v["adaptive_noise_scale"] is not None and v["noise_offset"] is None:  # verify_training_args
         _refuse("adaptive_noise_scale needs noise_offset")
     needs("scale_v_pred_loss_like_noise_pred", "v_parameterization", "it rescales a v-prediction loss")
+    both("v_pred_like_loss", "v_parameterization", "v_pred_like_loss adds a v-like term to an epsilon-prediction loss")
     needs("noise_offset_random_strength", "noise_offset", "it draws the strength from [0, noise_offset]")
     needs("ip_noise_gamma_random_strength", "ip_noise_gamma", "it draws the strength from [0, ip_noise_gamma]")
     needs("dim_from_weights", "network_weights", "the dims are read from that file")
+    needs("cpu_offload_checkpointing", "gradient_checkpointing", "it moves what checkpointing stores")
+    if len(v["base_weights_multiplier"]) > len(v["base_weights"]):
+        _refuse(f"option 'base_weights_multiplier': {len(v['base_weights_multiplier'])} multiplier(s) for "
+                f"{len(v['base_weights'])} base_weights file(s); give at most one per file, in the same order")
+    for fp8 in ("fp8_base", "fp8_base_unet"):  # train_network.py
+        if v[fp8] and v["mixed_precision"] == "no":
+            _refuse(f"{fp8} needs mixed_precision = 'fp16' or 'bf16': the fp8 weights are cast up to that dtype")
+    if v["fused_backward_pass"]:  # sdxl_train.py
+        if v["optimizer_type"] != "Adafactor":
+            _refuse(f"fused_backward_pass needs optimizer_type = 'Adafactor' (got {v['optimizer_type']!r}), as in "
+                    "sd-scripts")
+        if v["gradient_accumulation_steps"] > 1:
+            _refuse(f"fused_backward_pass does not work with gradient_accumulation_steps > 1 (got "
+                    f"{v['gradient_accumulation_steps']}): each gradient is used and freed during the backward pass")
     if v["sdxl"] and v["v2"]:  # sdxl_train_util.verify_sdxl_training_args
         _refuse("sdxl and v2 cannot both be on: a model is SD2 or SDXL")
     if v["sdxl"] and v["clip_skip"] is not None and v["clip_skip"] > 1:
@@ -111,6 +133,10 @@ def _combinations(v: dict[str, Any]) -> None:
         _refuse(f"option 'network_dropout': expected a value in [0, 1), got {v['network_dropout']}")
     if v["lr_scheduler"] == "adafactor" and v["optimizer_type"] != "Adafactor":  # train_util.get_scheduler_fix
         _refuse(f"lr_scheduler 'adafactor' needs optimizer_type Adafactor (got {v['optimizer_type']!r})")
+    if (v["lr_scheduler"] == "cosine_with_min_lr" and not v["lr_scheduler_type"] and v["lr_scheduler_min_lr_ratio"]
+            is None and not any(arg.partition("=")[0].strip() == "min_lr" for arg in v["lr_scheduler_args"])):
+        _refuse("lr_scheduler 'cosine_with_min_lr' needs lr_scheduler_min_lr_ratio (the lowest lr as a ratio of the "
+                "initial one, e.g. 0.1) or lr_scheduler_args min_lr=...")
     if v["loss_type"] in ("huber", "smooth_l1") and v["huber_c"] <= 0:
         _refuse(f"huber_c must be above 0 for loss_type {v['loss_type']!r}")
     if v["persistent_data_loader_workers"] and v["max_data_loader_n_workers"] == 0:
@@ -120,10 +146,26 @@ def _combinations(v: dict[str, Any]) -> None:
         if not v["network_train_unet_only"]:
             _refuse("cache_text_encoder_outputs needs network_train_unet_only: text encoders whose outputs are "
                     "cached cannot train")
-        for name in ("shuffle_caption", "caption_dropout_rate", "caption_dropout_every_n_epochs",
-                     "caption_tag_dropout_rate"):
+        for name in _CHANGING_CAPTIONS:
             if v[name]:
                 _refuse(f"cache_text_encoder_outputs and {name} cannot both be on: cached captions never change")
+    if v["cache_text_encoder_outputs_to_disk"] and v["enable_wildcard"]:
+        _refuse("cache_text_encoder_outputs_to_disk and enable_wildcard cannot both be on: one file per image holds "
+                "one caption's outputs")
+    if v["face_crop_aug_range"] is not None:
+        if v["face_crop_aug_range"][0] <= 0:
+            _refuse(f"option 'face_crop_aug_range': expected two numbers 0 < low <= high, got "
+                    f"{v['face_crop_aug_range']}")
+        both("face_crop_aug_range", "cache_latents", "cached latents are encoded once, the face crop changes every "
+             "step (sd-scripts silently caches the uncropped image)")
+        both("face_crop_aug_range", "enable_bucket", "sd-scripts crops around faces only without buckets (it "
+             "ignores the faces with them)")
+    if v["in_json"] is not None:  # train_network.py: in_json makes a fine-tuning dataset, without reg images
+        for name in ("reg_data_dir", "dataset_config"):
+            both("in_json", name, "in_json describes the whole dataset (put it in the dataset config as a subset's "
+                 "metadata_file instead)" if name == "dataset_config" else "a fine-tuning dataset has no "
+                 "regularisation images")
+        both("in_json", "cache_info", "cache_info caches image folders; the metadata JSON already lists the images")
     if v["enable_bucket"]:
         if v["min_bucket_reso"] > v["max_bucket_reso"]:
             _refuse(f"min_bucket_reso ({v['min_bucket_reso']}) is above max_bucket_reso ({v['max_bucket_reso']})")
@@ -133,12 +175,23 @@ def _combinations(v: dict[str, Any]) -> None:
                     f"max_bucket_reso ({v['max_bucket_reso']}), as sd-scripts requires")
     if v["bucket_reso_steps"] % 32:  # sd-scripts: divisible by 64 (SD1/SD2) or 32 (SDXL); the model decides which
         _refuse(f"bucket_reso_steps ({v['bucket_reso_steps']}) must be divisible by 32 (SDXL) or 64 (SD1/SD2)")
+    if v["validation_split"] >= 1:
+        _refuse(f"validation_split ({v['validation_split']}) must be below 1: it is the share of images held out")
+    if v["conditioning_data_dir"] is not None:
+        needs("conditioning_data_dir", "masked_loss", "its images are loss masks (sd-scripts reads it only then)")
+        both("conditioning_data_dir", "random_crop", "the mask must be cut where the image is (sd-scripts refuses it)")
+    if v["masked_loss"] and v["dataset_config"] is None and not (v["conditioning_data_dir"] or v["alpha_mask"]):
+        _refuse("masked_loss needs the masks: conditioning_data_dir (mask images) or alpha_mask (the images' alpha)")
     if v["dataset_config"] is not None:  # train_network.py ignores these with a warning; two data sources is a mistake
         for name in ("train_data_dir", "reg_data_dir"):
             if v[name] is not None:
                 _refuse(f"{name} and dataset_config are both given: with dataset_config, sd-scripts ignores {name}; "
                         "put the folder in the dataset config as a [[datasets.subsets]] image_dir (is_reg = true for "
                         "regularisation images) or remove dataset_config")
+    if v["resume_from_huggingface"] and v["resume"]:
+        from .hub import parse_hub_resume  # no huggingface_hub import: this only reads the string
+
+        parse_hub_resume(v["resume"])
 
 
 def _warnings(v: dict[str, Any]) -> list[str]:
@@ -148,29 +201,60 @@ def _warnings(v: dict[str, Any]) -> list[str]:
         notes.append("v2 with clip_skip: SD2 models were not trained with clip_skip")
     if v["zero_terminal_snr"] and not v["v_parameterization"]:
         notes.append("zero_terminal_snr without v_parameterization: training will be unexpected (sd-scripts)")
+    scheduler = "lr_scheduler_type" if v["lr_scheduler_type"] else v["lr_scheduler"]
+    for option, users in (("lr_decay_steps", ("warmup_stable_decay",)), ("lr_scheduler_timescale", ("inverse_sqrt",)),
+                          ("lr_scheduler_min_lr_ratio", ("cosine_with_min_lr", "warmup_stable_decay"))):
+        if v[option] not in (None, 0) and scheduler not in users:  # get_scheduler_fix passes them to these only
+            notes.append(f"{option} is used by lr_scheduler {' or '.join(users)} only; unused with {scheduler}")
+    if v["lr_scheduler_type"] and v["lr_scheduler"] != "constant":
+        notes.append(f"lr_scheduler_type {v['lr_scheduler_type']!r} replaces lr_scheduler {v['lr_scheduler']!r}")
+    if v["initial_step"] is not None and v["initial_epoch"] is not None:
+        notes.append("initial_step and initial_epoch are both given: initial_step is used, as in sd-scripts")
+    if v["skip_until_initial_step"] and v["initial_step"] is None and v["initial_epoch"] is None:
+        notes.append("skip_until_initial_step without initial_step or initial_epoch skips nothing")
     if v["lr_scheduler"] == "constant" and v["lr_warmup_steps"]:
         notes.append("lr_warmup_steps with lr_scheduler 'constant' is ignored: use 'constant_with_warmup'")
     if (v["sample_every_n_steps"] or v["sample_every_n_epochs"] or v["sample_at_first"]) and not v["sample_prompts"]:
         notes.append("sampling is asked for but sample_prompts is not given: no samples")
     if v["network_train_unet_only"] and v["text_encoder_lr"] is not None:
         notes.append("text_encoder_lr is unused with network_train_unet_only")
+    if v["huggingface_repo_id"] and v["save_state_to_huggingface"] and not (v["save_state"]
+                                                                           or v["save_state_on_train_end"]):
+        notes.append("save_state_to_huggingface without save_state or save_state_on_train_end: no state to upload")
+    if v["resume_from_huggingface"] and not v["resume"]:
+        notes.append("resume_from_huggingface without resume: nothing is downloaded")
     return notes
 
 
 def check_datasets(v: dict[str, Any], group) -> None:
     """The same checks against each subset of a dataset_config (its values resolved: subset, dataset, general)."""
+    subsets = [s for d in group.datasets for s in d.subsets]
+    for d, dataset in enumerate(group.datasets):
+        for s, subset in enumerate(dataset.subsets):
+            where = f"dataset config [[datasets]] #{d + 1} [[datasets.subsets]] #{s + 1}"
+            if subset.face_crop_aug_range is not None and (dataset.enable_bucket or v["cache_latents"]):
+                _refuse(f"face_crop_aug_range (in {where}) cannot be used with "
+                        f"{'enable_bucket' if dataset.enable_bucket else 'cache_latents'}: the face crop is done "
+                        "per step and without buckets (as in sd-scripts)")
+            if v["cache_text_encoder_outputs_to_disk"] and subset.enable_wildcard:
+                _refuse(f"cache_text_encoder_outputs_to_disk and enable_wildcard (in {where}) cannot both be on: one "
+                        "file per image holds one caption's outputs")
+    if v["masked_loss"] and not any(s.conditioning_data_dir or s.alpha_mask for s in subsets):
+        _refuse("masked_loss needs the masks: conditioning_data_dir (mask images) or alpha_mask in the dataset "
+                "config's subsets")
     for d, dataset in enumerate(group.datasets):
         if dataset.bucket_reso_steps % 32:
             _refuse(f"dataset config [[datasets]] #{d + 1}: bucket_reso_steps ({dataset.bucket_reso_steps}) must be "
                     "divisible by 32 (SDXL) or 64 (SD1/SD2)")
         for s, subset in enumerate(dataset.subsets):
             where = f"dataset config [[datasets]] #{d + 1} [[datasets.subsets]] #{s + 1}"
+            if subset.conditioning_data_dir is not None and not v["masked_loss"]:
+                _refuse(f"conditioning_data_dir (in {where}) needs masked_loss: its images are loss masks")
             for aug in ("color_aug", "random_crop"):
                 if v["cache_latents"] and getattr(subset, aug):
                     _refuse(f"cache_latents (or cache_latents_to_disk) and {aug} (in {where}) cannot both be on: "
                             f"cached latents are encoded once, {aug} changes the image every epoch")
-            for name in ("shuffle_caption", "caption_dropout_rate", "caption_dropout_every_n_epochs",
-                         "caption_tag_dropout_rate"):
+            for name in _CHANGING_CAPTIONS:
                 if v["cache_text_encoder_outputs"] and getattr(subset, name):
                     _refuse(f"cache_text_encoder_outputs and {name} (in {where}) cannot both be on: cached captions "
                             "never change")
@@ -179,7 +263,7 @@ def check_datasets(v: dict[str, Any], group) -> None:
 def check_runnable(config) -> None:
     """What training needs beyond a consistent config (--print-config does not): a model, data and a place to save."""
     missing = [name for name in ("pretrained_model_name_or_path", "output_dir") if getattr(config, name) is None]
-    if config.train_data_dir is None and config.dataset_config is None:
+    if config.train_data_dir is None and config.dataset_config is None and config.in_json is None:
         missing.append("train_data_dir (or dataset_config)")
     if config.dataset_config is None and config.resolution is None:
         missing.append("resolution")

@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from ..algos.options import OptionError
-from .options import BY_NAME, GROUPS, options_in
+from .options import BY_NAME, GROUPS, coerce, options_in
 
 _LIST_KINDS = ("strings", "floats", "lrs")
 
@@ -57,14 +57,24 @@ def add_parser(commands) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from .checks import check_runnable
-    from .config import load_train_config, parse_command_line, print_config
+    from .config import load_train_config, output_config_file, parse_command_line, print_config
 
     overrides = {name: getattr(args, name) for name in BY_NAME if hasattr(args, name)}
     try:
         if getattr(args, "unknown_args", None):
             parse_command_line(args.unknown_args)  # raises the error naming the closest option
             raise OptionError(f"unexpected arguments: {' '.join(args.unknown_args)}")
+        if coerce(BY_NAME["output_config"], overrides.pop("output_config", None)):
+            # sd-scripts: --config_file names the file to write, not one to read
+            if not args.config_file:
+                raise OptionError("output_config needs config_file: the file to write the options to")
+            written = output_config_file(load_train_config(None, overrides), args.config_file)
+            print(f"lorakit train: options written to {written}", file=sys.stderr)
+            return 0
         config = load_train_config(args.config_file, overrides)
+        if config.output_config:
+            raise OptionError("output_config belongs on the command line: inside a config file it would rewrite "
+                              "the file it is read from")
     except OptionError as err:
         print(f"lorakit train: error: {err}", file=sys.stderr)
         return 2

@@ -194,17 +194,32 @@ def _toml_value(kind: str, value: Any) -> str:
     raise TypeError(f"cannot write {value!r} to TOML")  # a kind added without a writer
 
 
-def to_toml(config: TrainConfig) -> str:
+def to_toml(config: TrainConfig, leave_out: tuple[str, ...] = ()) -> str:
     """The resolved configuration as a TOML file that sd-scripts and lorakit both read: one section per group,
     every implemented option that has a value (unset options, and the not-yet-supported ones, which are always at
-    their defaults, are left out)."""
+    their defaults, are left out; so is output_config, which would make the file write itself again), less the
+    options named in `leave_out`."""
     lines = ["# lorakit train: the resolved configuration (loads back unchanged; sd-scripts reads it as --config_file)"]
+    skip = {"output_config", *leave_out}
     for group in GROUPS:
         rows = [f"{o.name} = {_toml_value(o.kind, getattr(config, o.name))}" for o in OPTIONS
-                if o.group == group and o.supported and getattr(config, o.name) is not None]
+                if o.group == group and o.supported and getattr(config, o.name) is not None and o.name not in skip]
         if rows:
             lines += ["", f"[{group}]", *rows]
     return "\n".join(lines) + "\n"
+
+
+def output_config_file(config: TrainConfig, config_file: str | Path) -> Path:
+    """sd-scripts' --output_config: the options written to `config_file` (".toml" added when missing), which must
+    not exist yet; the wandb API key is left out, as there, and so is the Hugging Face token."""
+    path = Path(config_file)
+    if path.suffix != ".toml":
+        path = path.with_name(path.name + ".toml")
+    if path.exists():
+        raise OptionError(f"output_config: the config file {path} already exists; name a new file (it is not "
+                          "overwritten)")
+    path.write_text(to_toml(config, leave_out=("wandb_api_key", "huggingface_token")), encoding="utf-8")
+    return path
 
 
 def print_config(config: TrainConfig, file=None) -> None:
@@ -212,4 +227,4 @@ def print_config(config: TrainConfig, file=None) -> None:
 
 
 __all__ = ["TrainConfig", "load_train_config", "read_config_file", "parse_command_line", "to_toml", "print_config",
-           "OptionError"]
+           "output_config_file", "OptionError"]

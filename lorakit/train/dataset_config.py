@@ -19,10 +19,10 @@ What `parse_dataset_config` / `load_dataset_config` return (plain frozen datacla
     SubsetConfig                            one [[datasets.subsets]]: one image folder or one metadata file
       kind, image_dir, metadata_file, is_reg, class_tokens, num_repeats, caption_extension, shuffle_caption,
       keep_tokens, caption_dropout_rate, caption_dropout_every_n_epochs, caption_tag_dropout_rate, color_aug,
-      flip_aug, random_crop, and the options lorakit does not implement yet (caption_separator, keep_tokens_separator,
-      secondary_separator, enable_wildcard, caption_prefix, caption_suffix, token_warmup_min, token_warmup_step,
-      face_crop_aug_range, alpha_mask, cache_info, conditioning_data_dir, custom_attributes, resize_interpolation),
-      which are always at their defaults here.
+      flip_aug, random_crop, caption_separator, keep_tokens_separator, secondary_separator, enable_wildcard,
+      caption_prefix, caption_suffix, alpha_mask, conditioning_data_dir, resize_interpolation, token_warmup_min,
+      token_warmup_step, face_crop_aug_range, cache_info, and custom_attributes (not implemented yet: always at its
+      default here).
 
 Each value is the subset's own, else its dataset's, else [general]'s, else the training option of the same name
 (train_batch_size for batch_size, dataset_repeats for num_repeats), else sd-scripts' default: the lookup order of

@@ -10,6 +10,7 @@ not the same numbers). Only the main process saves, samples and logs.
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass, replace
 
@@ -61,12 +62,14 @@ class World:
             torch.distributed.barrier()
 
 
-def current_world(device: torch.device) -> World:
-    """The process group the launcher describes, initialised once; a single process when there is none."""
+def current_world(device: torch.device, timeout_minutes: int | None = None) -> World:
+    """The process group the launcher describes, initialised once; a single process when there is none.
+    ``timeout_minutes`` (ddp_timeout) bounds how long a collective waits for the other processes."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return World()
     if not torch.distributed.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend=backend, init_method="env://")
+        timeout = {"timeout": datetime.timedelta(minutes=timeout_minutes)} if timeout_minutes else {}
+        torch.distributed.init_process_group(backend=backend, init_method="env://", **timeout)
     return World(rank=torch.distributed.get_rank(), size=torch.distributed.get_world_size())

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import time
 
+from .tracker_config import loggable_config, tracker_init_kwargs
+
 __all__ = ["TrainLogger"]
 
 
@@ -17,6 +19,8 @@ class TrainLogger:
         self.quiet = quiet
         self._bar = None if quiet else _progress_bar(total, initial)
         log_with = None if quiet else config.log_with or ("tensorboard" if config.logging_dir else None)
+        init_kwargs = tracker_init_kwargs(config) if log_with else {}
+        run_config = loggable_config(config)
         if log_with in ("tensorboard", "all"):
             if not config.logging_dir:
                 raise ValueError("log_with=tensorboard needs logging_dir (the folder the event files go to)")
@@ -25,15 +29,19 @@ class TrainLogger:
             except ImportError:
                 raise ValueError("logging_dir needs the tensorboard package: pip install tensorboard") from None
             name = (config.log_prefix or "") + time.strftime("%Y%m%d%H%M%S")
-            self.writers.append(_TensorBoard(SummaryWriter(os.path.join(config.logging_dir, name))))
+            writer = SummaryWriter(os.path.join(config.logging_dir, name), **init_kwargs.get("tensorboard", {}))
+            if run_config is not None:  # what accelerate's TensorBoardTracker.store_init_configuration writes
+                writer.add_hparams({k: v for k, v in run_config.items() if v is not None}, metric_dict={})
+            self.writers.append(_TensorBoard(writer))
         if log_with in ("wandb", "all"):
             try:
                 import wandb
             except ImportError:
                 raise ValueError("log_with=wandb needs the wandb package: pip install wandb") from None
             os.environ.setdefault("WANDB_MODE", "offline")
-            run = wandb.init(project=config.log_tracker_name or "network_train", dir=config.logging_dir,
-                             name=config.wandb_run_name or None, config=config.as_dict())
+            settings = {"project": config.log_tracker_name or "network_train", "dir": config.logging_dir,
+                        **init_kwargs.get("wandb", {})}
+            run = wandb.init(config=run_config, **settings)
             self.writers.append(_Wandb(run))
 
     def step(self, loss: float, lrs: list[float], step: int, epoch: int) -> None:
@@ -50,6 +58,20 @@ class TrainLogger:
             self._bar.update(1)
         elif not self.quiet:
             print(f"step {step} epoch {epoch} loss {loss:.4f} avr_loss {average:.4f} lr {lrs[0]:.2e}", flush=True)
+
+    def validation(self, kind: str, loss: float, step: int, epoch: int) -> None:
+        """sd-scripts' validation logs (``kind`` "step" or "epoch"); epoch logs go at x = epoch, as there."""
+        train = sum(self.losses[-100:]) / len(self.losses[-100:]) if self.losses else loss
+        logs = {f"loss/validation/{kind}_average": loss, f"loss/validation/{kind}_divergence": loss - train}
+        self.last_validation = logs
+        for writer in self.writers:
+            writer.log(logs, epoch if kind == "epoch" else step)
+        if not self.quiet:
+            message = f"validation ({kind} {epoch if kind == 'epoch' else step}): loss {loss:.4f}"
+            if self._bar is not None:
+                self._bar.write(message)
+            else:
+                print(message, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:

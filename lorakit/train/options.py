@@ -190,10 +190,15 @@ def _later(kind: str, name: str, default: Any, group: str, help: str, **kw) -> O
 _SAMPLERS = ("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
              "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a")
 _SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial",
-               "adafactor")
-_NEWER_SCHEDULERS = {s: "a newer sd-scripts/diffusers scheduler" for s in
-                     ("cosine_with_min_lr", "warmup_stable_decay", "inverse_sqrt", "piecewise_constant", "rex")}
-_HUB = "lorakit trains offline and uploads nothing"
+               "adafactor", "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay", "piecewise_constant")
+# transformers SchedulerType names that sd-scripts' get_scheduler_fix accepts but cannot build (it passes them
+# arguments they do not take)
+_NEWER_SCHEDULERS = {s: "sd-scripts' get_scheduler_fix cannot build it either" for s in
+                     ("cosine_warmup_with_min_lr", "reduce_lr_on_plateau", "greedy")}
+# sd-scripts' --dynamo_backend choices (accelerate's names, its typo "tensort" included), and accelerate's "no"
+# (do not compile), which the kohya_ss GUI writes
+_DYNAMO_BACKENDS = ("no", "eager", "aot_eager", "inductor", "aot_ts_nvfuser", "nvprims_nvfuser", "cudagraphs", "ofi",
+                    "fx2trt", "onnxrt", "tensort", "ipex", "tvm")
 
 OPTIONS: tuple[Option, ...] = (
     # ----- model -----
@@ -204,11 +209,14 @@ OPTIONS: tuple[Option, ...] = (
     _opt("bool", "sdxl", None, "model", "the model is SDXL; unset: detected from the checkpoint "
          "(sd-scripts chooses by script: sdxl_train_network.py)"),
     _opt("path", "vae", None, "model", "a VAE (file or folder) to use instead of the model's own"),
-    _later("path", "tokenizer_cache_dir", None, "model", "tokenizer download cache; lorakit ships its tokenizers"),
+    _opt("path", "tokenizer_cache_dir", None, "model", "accepted and ignored: lorakit ships its tokenizers and "
+         "downloads nothing"),
     _opt("bool", "disable_mmap_load_safetensors", False, "model",
          "accepted for compatibility: lorakit never memory-maps checkpoints"),
-    _later("bool", "fp8_base", False, "model", "keep the base model in fp8"),
-    _later("bool", "fp8_base_unet", False, "model", "keep the U-Net in fp8"),
+    _opt("bool", "fp8_base", False, "model", "store the frozen U-Net and text encoders' Linear/Conv weights in "
+         "float8_e4m3fn, cast up for each call (needs mixed_precision fp16 or bf16)"),
+    _opt("bool", "fp8_base_unet", False, "model", "fp8_base for the U-Net only (the text encoders keep the "
+         "mixed_precision dtype)"),
     # ----- network -----
     _opt("str", "network_module", "lorakit", "network",
          "the network: 'lorakit' (any algorithm via network_args algo=...); sd-scripts' 'networks.lora', "
@@ -227,8 +235,10 @@ OPTIONS: tuple[Option, ...] = (
     _opt("bool", "network_train_text_encoder_only", False, "network", "train only the text encoders' adapters"),
     _opt("float", "scale_weight_norms", None, "network", "scale down adapters whose |dW| exceeds this "
          "(max-norm regularisation; 1 is a good start)", low=0),
-    _later("strings", "base_weights", (), "network", "adapter files merged into the model before training"),
-    _later("floats", "base_weights_multiplier", (), "network", "multipliers for base_weights"),
+    _opt("strings", "base_weights", (), "network", "adapter files merged into the model before training (any "
+         "algorithm lorakit reads)"),
+    _opt("floats", "base_weights_multiplier", (), "network", "the multiplier of each base_weights file, in order "
+         "(files without one: 1.0)"),
     # ----- optimizer -----
     _opt("str", "optimizer_type", "AdamW", "optimizer",
          "AdamW, AdamW8bit, PagedAdamW(8bit/32bit), Lion, Lion8bit, PagedLion8bit, SGDNesterov, SGDNesterov8bit, "
@@ -246,16 +256,24 @@ OPTIONS: tuple[Option, ...] = (
     _opt("steps", "lr_warmup_steps", 0, "optimizer", "warmup: a number of steps, or a ratio (< 1) of all steps"),
     _opt("int", "lr_scheduler_num_cycles", 1, "optimizer", "restarts of cosine_with_restarts", low=1),
     _opt("float", "lr_scheduler_power", 1.0, "optimizer", "power of the polynomial scheduler"),
-    _later("steps", "lr_decay_steps", 0, "optimizer", "decay steps of newer schedulers"),
-    _later("int", "lr_scheduler_timescale", None, "optimizer", "timescale of inverse_sqrt"),
-    _later("float", "lr_scheduler_min_lr_ratio", None, "optimizer", "minimum lr ratio of newer schedulers"),
-    _later("str", "lr_scheduler_type", "", "optimizer", "a custom scheduler class"),
-    _later("strings", "lr_scheduler_args", (), "optimizer", "arguments of lr_scheduler_type"),
+    _opt("steps", "lr_decay_steps", 0, "optimizer", "decay steps of warmup_stable_decay: a number of steps, or a "
+         "ratio (< 1) of all steps"),
+    _opt("int", "lr_scheduler_timescale", None, "optimizer", "timescale of inverse_sqrt (unset: lr_warmup_steps, "
+         "or 10000 without warmup)", low=1),
+    _opt("float", "lr_scheduler_min_lr_ratio", None, "optimizer", "lowest lr as a ratio of the initial one, for "
+         "cosine_with_min_lr (needed) and warmup_stable_decay (unset: 0)", low=0, high=1),
+    _opt("str", "lr_scheduler_type", "", "optimizer", "a custom scheduler class 'module.Class' (or a "
+         "torch.optim.lr_scheduler class name), built with lr_scheduler_args; replaces lr_scheduler"),
+    _opt("strings", "lr_scheduler_args", (), "optimizer", "scheduler keyword arguments as 'key=value': for "
+         "lr_scheduler_type, or polynomial's lr_end, piecewise_constant's step_rules, cosine_with_min_lr's min_lr, "
+         "warmup_stable_decay's warmup_type/decay_type"),
     _opt("float", "max_grad_norm", 1.0, "optimizer", "clip gradients to this norm (0: no clipping)", low=0),
     _opt("int", "gradient_accumulation_steps", 1, "optimizer", "batches summed per optimizer step", low=1),
     _opt("bool", "use_8bit_adam", False, "optimizer", "old spelling of optimizer_type = AdamW8bit"),
     _opt("bool", "use_lion_optimizer", False, "optimizer", "old spelling of optimizer_type = Lion"),
-    _later("bool", "fused_backward_pass", False, "optimizer", "optimizer step inside the backward pass"),
+    _opt("bool", "fused_backward_pass", False, "optimizer", "step each parameter as soon as its gradient is "
+         "ready, in the backward pass (saves the gradients' memory; Adafactor only, no gradient accumulation; "
+         "max_grad_norm clips each parameter's gradient on its own)"),
     # ----- training -----
     _opt("int", "train_batch_size", 1, "training", "images per batch", low=1),
     _opt("int", "max_train_steps", 1600, "training", "optimizer steps to train", low=1),
@@ -265,12 +283,17 @@ OPTIONS: tuple[Option, ...] = (
     _opt("int", "seed", None, "training", "random seed (unset: a random one, recorded in the saved config)"),
     _opt("bool", "gradient_checkpointing", False, "training", "recompute activations in the backward pass to "
          "save memory"),
-    _later("bool", "skip_until_initial_step", False, "training", "skip batches until initial_step"),
-    _later("int", "initial_epoch", None, "training", "epoch number to start counting from"),
-    _later("int", "initial_step", None, "training", "step number to start counting from"),
-    _later("bool", "cpu_offload_checkpointing", False, "training", "offload checkpointed activations to CPU"),
-    _later("bool", "torch_compile", False, "training", "torch.compile the model"),
-    _later("str", "dynamo_backend", "inductor", "training", "torch.compile backend", inert_unless="torch_compile"),
+    _opt("bool", "skip_until_initial_step", False, "training", "skip the batches of the steps before initial_step, "
+         "so the run goes on with the data an uninterrupted run would have seen"),
+    _opt("int", "initial_epoch", None, "training", "start counting epochs (and steps) from this epoch (1: the "
+         "first); the lr schedule still starts at 0 without resume", low=1),
+    _opt("int", "initial_step", None, "training", "start counting steps from this step (0: the first); "
+         "overrides initial_epoch", low=0),
+    _opt("bool", "cpu_offload_checkpointing", False, "training", "keep the activations gradient_checkpointing "
+         "stores in CPU memory until the backward pass (needs gradient_checkpointing)"),
+    _opt("bool", "torch_compile", False, "training", "torch.compile the models that train (U-Net, text encoders)"),
+    _opt("choice", "dynamo_backend", "inductor", "training", "torch.compile backend (must exist in the installed "
+         "PyTorch; inductor needs a C compiler on CPU); 'no': do not compile", choices=_DYNAMO_BACKENDS),
     # ----- data -----
     _opt("path", "train_data_dir", None, "data", "folder of 'N_name' concept folders (N repeats)"),
     _opt("path", "reg_data_dir", None, "data", "folder of regularisation (class) images"),
@@ -307,7 +330,8 @@ OPTIONS: tuple[Option, ...] = (
     _opt("int", "vae_batch_size", 1, "data", "images per VAE batch when caching latents", low=1),
     _opt("bool", "cache_text_encoder_outputs", False, "data", "encode captions once (needs "
          "network_train_unet_only and fixed captions)"),
-    _later("bool", "cache_text_encoder_outputs_to_disk", False, "data", "keep cached text-encoder outputs on disk"),
+    _opt("bool", "cache_text_encoder_outputs_to_disk", False, "data", "keep cached text-encoder outputs in "
+         "<image stem>_te_outputs.npz files (implies cache_text_encoder_outputs)"),
     _opt("bool", "persistent_data_loader_workers", False, "data", "keep data-loader workers between epochs"),
     _opt("int", "max_data_loader_n_workers", 8, "data", "data-loader worker processes (0: load in the main "
          "process)", low=0),
@@ -317,20 +341,27 @@ OPTIONS: tuple[Option, ...] = (
     _opt("bool", "enable_wildcard", False, "data", "{a|b} wildcards and multi-line captions"),
     _opt("str", "caption_prefix", None, "data", "text put before every caption"),
     _opt("str", "caption_suffix", None, "data", "text put after every caption"),
-    _later("int", "token_warmup_min", 1, "data", "start training with this many tags"),
-    _later("float", "token_warmup_step", 0.0, "data", "steps until all tags are used"),
-    _later("pair", "face_crop_aug_range", None, "data", "face-centred crop augmentation range"),
-    _later("path", "in_json", None, "data", "fine-tuning metadata JSON"),
-    _later("int", "dataset_repeats", 1, "data", "repeats of a fine-tuning dataset"),
-    _later("bool", "masked_loss", False, "data", "mask the loss with conditioning images"),
-    _later("bool", "alpha_mask", False, "data", "mask the loss with the images' alpha channel"),
-    _later("path", "conditioning_data_dir", None, "data", "mask images for masked_loss"),
-    _later("bool", "cache_info", False, "data", "cache image sizes and captions"),
-    _later("bool", "debug_dataset", False, "data", "show the dataset instead of training"),
+    _opt("int", "token_warmup_min", 1, "data", "caption tag warmup: train on the first N tags at step 0", low=0),
+    _opt("float", "token_warmup_step", 0.0, "data", "caption tag warmup: step (below 1: ratio of max_train_steps) "
+         "from which all tags are used; 0: off", low=0),
+    _opt("pair", "face_crop_aug_range", None, "data", "crop around the face box in 'name_x_y_w_h' file names, the "
+         "face 1/high..1/low of the crop (e.g. 2.0,4.0; without enable_bucket)"),
+    _opt("path", "in_json", None, "data", "fine-tuning metadata JSON {image: {caption, tags}} for train_data_dir"),
+    _opt("int", "dataset_repeats", 1, "data", "repeats of the in_json dataset (and num_repeats' fallback in "
+         "dataset_config)", low=1),
+    _opt("bool", "masked_loss", False, "data", "mask the loss with the conditioning_data_dir images (red channel / "
+         "255) or the alpha_mask"),
+    _opt("bool", "alpha_mask", False, "data", "mask the loss with the images' alpha channel"),
+    _opt("path", "conditioning_data_dir", None, "data", "mask images for masked_loss, named as the training images"),
+    _opt("bool", "cache_info", False, "data", "keep image sizes and captions in each folder's "
+         "metadata_cache.json"),
+    _opt("bool", "debug_dataset", False, "data", "print the first epoch's batches (images, captions, buckets, "
+         "flips, crops) and exit without training"),
     _later("str", "dataset_class", None, "data", "a custom dataset class"),
-    _later("str", "resize_interpolation", None, "data", "interpolation used to resize images"),
-    _later("size", "skip_image_resolution", None, "data", "skip images at or below this size"),
-    _later("bool", "skip_cache_check", False, "data", "trust existing latent caches without checking"),
+    _opt("choice", "resize_interpolation", None, "data", "filter that resizes images (unset: area shrinking, "
+         "lanczos enlarging)", choices=("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")),
+    _opt("size", "skip_image_resolution", None, "data", "leave out images whose area is at or below this size's"),
+    _opt("bool", "skip_cache_check", False, "data", "reuse existing latent cache files without checking them"),
     # ----- precision and memory -----
     _opt("choice", "mixed_precision", "no", "precision", "compute in fp16 or bf16 with fp32 weights",
          choices=("no", "fp16", "bf16")),
@@ -357,17 +388,19 @@ OPTIONS: tuple[Option, ...] = (
     _opt("float", "min_snr_gamma", None, "noise", "min-SNR loss weighting gamma (5 is the paper's)", low=0),
     _opt("bool", "scale_v_pred_loss_like_noise_pred", False, "noise", "scale v-prediction loss like noise "
          "prediction (needs v_parameterization)"),
-    _later("float", "v_pred_like_loss", None, "noise", "add a v-prediction-like loss term"),
+    _opt("float", "v_pred_like_loss", None, "noise", "add a v-prediction-like loss term: loss * (1 + k / scale), "
+         "scale = SNR / (SNR + 1) (epsilon models only)", low=0),
     _opt("bool", "debiased_estimation_loss", False, "noise", "weight the loss by 1/sqrt(SNR)"),
     _opt("bool", "zero_terminal_snr", False, "noise", "rescale the noise schedule to zero terminal SNR"),
     _opt("int", "min_timestep", None, "noise", "lowest timestep trained (unset: 0)", low=0, high=999),
     _opt("int", "max_timestep", None, "noise", "timesteps trained are below this (unset: 1000)", low=1, high=1000),
-    _opt("choice", "loss_type", "l2", "noise", "loss: l2, huber or smooth_l1", choices=("l2", "huber", "smooth_l1"),
-         bad_values={"l1": "a newer sd-scripts loss"}),
+    _opt("choice", "loss_type", "l2", "noise", "loss: l1, l2, huber or smooth_l1",
+         choices=("l1", "l2", "huber", "smooth_l1")),
     _opt("choice", "huber_schedule", "snr", "noise", "how huber_c changes with the timestep",
          choices=("constant", "exponential", "snr")),
     _opt("float", "huber_c", 0.1, "noise", "the Huber loss parameter", low=0),
-    _later("float", "huber_scale", 1.0, "noise", "the Huber loss scale"),
+    _opt("float", "huber_scale", 1.0, "noise", "scales the Huber threshold of the constant and exponential "
+         "huber_schedule", low=0),
     # ----- saving -----
     _opt("path", "output_dir", None, "saving", "folder for the trained adapter, its config and states"),
     _opt("str", "output_name", None, "saving", "file name of the adapter, without extension"),
@@ -379,16 +412,18 @@ OPTIONS: tuple[Option, ...] = (
     _opt("int", "save_last_n_steps", None, "saving", "keep step saves of the last N steps", low=1),
     _opt("int", "save_last_n_steps_state", None, "saving", "keep step states of the last N steps", low=1),
     _opt("bool", "save_state", False, "saving", "save the training state (optimizer ...) with each save"),
-    _opt("path", "resume", None, "saving", "a saved state folder to resume from"),
+    _opt("path", "resume", None, "saving", "a saved state folder to resume from (with resume_from_huggingface: a "
+         "state on the Hub)"),
     _opt("str", "training_comment", None, "saving", "a comment stored in the file's metadata"),
     _opt("bool", "no_metadata", False, "saving", "save no training metadata in the file"),
-    _later("int", "save_n_epoch_ratio", None, "saving", "save at least N files over training"),
-    _later("bool", "save_state_on_train_end", False, "saving", "save the state once at the end"),
-    _later("str", "metadata_title", None, "saving", "modelspec title"),
-    _later("str", "metadata_author", None, "saving", "modelspec author"),
-    _later("str", "metadata_description", None, "saving", "modelspec description"),
-    _later("str", "metadata_license", None, "saving", "modelspec license"),
-    _later("str", "metadata_tags", None, "saving", "modelspec tags"),
+    _opt("int", "save_n_epoch_ratio", None, "saving", "save every max(1, epochs // N) epochs: at least N files "
+         "over training (overrides save_every_n_epochs)", low=0),
+    _opt("bool", "save_state_on_train_end", False, "saving", "save the training state once, at the end"),
+    _opt("str", "metadata_title", None, "saving", "modelspec.title (unset: output_name)"),
+    _opt("str", "metadata_author", None, "saving", "modelspec.author"),
+    _opt("str", "metadata_description", None, "saving", "modelspec.description"),
+    _opt("str", "metadata_license", None, "saving", "modelspec.license"),
+    _opt("str", "metadata_tags", None, "saving", "modelspec.tags, comma-separated"),
     # ----- sample images -----
     _opt("path", "sample_prompts", None, "sampling", "file of prompts (.txt/.toml/.json) for sample images"),
     _opt("int", "sample_every_n_steps", None, "sampling", "sample every N steps (0 or unset: never)", low=0),
@@ -401,35 +436,48 @@ OPTIONS: tuple[Option, ...] = (
     _opt("str", "log_prefix", None, "logging", "prefix of the log folder name"),
     _opt("str", "log_tracker_name", None, "logging", "tracker (project) name"),
     _opt("str", "wandb_api_key", None, "logging", "WandB API key to log in with"),
-    _later("str", "wandb_run_name", None, "logging", "WandB run name"),
-    _later("path", "log_tracker_config", None, "logging", "tracker config file"),
-    _later("bool", "log_config", False, "logging", "log the configuration to the tracker"),
-    _later("str", "console_log_level", None, "logging", "console log level"),
-    _later("path", "console_log_file", None, "logging", "console log file"),
-    _later("bool", "console_log_simple", False, "logging", "plain console logs"),
+    _opt("str", "wandb_run_name", None, "logging", "WandB run name"),
+    _opt("path", "log_tracker_config", None, "logging", "TOML file of tracker settings: a [wandb] table of "
+         "wandb.init arguments, a [tensorboard] table of SummaryWriter arguments"),
+    _opt("bool", "log_config", False, "logging", "send the configuration to the trackers (without keys, tokens and "
+         "paths)"),
+    _opt("choice", "console_log_level", None, "logging", "level of the console log (unset: INFO)",
+         choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")),
+    _opt("path", "console_log_file", None, "logging", "write the log to this file instead of the console"),
+    _opt("bool", "console_log_simple", False, "logging", "log messages only, without time, level and source"),
     # ----- validation (sd-scripts' newer held-out loss) -----
-    _later("float", "validation_split", 0.0, "validation", "share of images held out for validation"),
-    _later("int", "validation_seed", None, "validation", "seed of the validation split",
-           inert_unless="validation_split"),
-    _later("int", "validate_every_n_steps", None, "validation", "validate every N steps",
-           inert_unless="validation_split"),
-    _later("int", "validate_every_n_epochs", None, "validation", "validate every N epochs",
-           inert_unless="validation_split"),
-    _later("int", "max_validation_steps", None, "validation", "validation batches per run",
-           inert_unless="validation_split"),
-    # ----- Hugging Face upload (the kohya_ss GUI writes these even when not uploading) -----
-    _later("str", "huggingface_repo_id", None, "hub", _HUB),
-    _later("str", "huggingface_repo_type", None, "hub", _HUB, inert_unless="huggingface_repo_id"),
-    _later("str", "huggingface_path_in_repo", None, "hub", _HUB, inert_unless="huggingface_repo_id"),
-    _later("str", "huggingface_token", None, "hub", _HUB, inert_unless="huggingface_repo_id"),
-    _later("str", "huggingface_repo_visibility", None, "hub", _HUB, inert_unless="huggingface_repo_id"),
-    _later("bool", "save_state_to_huggingface", False, "hub", _HUB, inert_unless="huggingface_repo_id"),
-    _later("bool", "async_upload", False, "hub", _HUB, inert_unless="huggingface_repo_id"),
-    _later("bool", "resume_from_huggingface", False, "hub", _HUB, inert_unless="resume"),
+    _opt("float", "validation_split", 0.0, "validation", "share of each subset's images held out for the "
+         "validation loss", low=0, high=1),
+    _opt("int", "validation_seed", None, "validation", "seed of the split and of the validation noise (unset: seed)"),
+    _opt("int", "validate_every_n_steps", None, "validation", "also validate every N steps", low=1),
+    _opt("int", "validate_every_n_epochs", None, "validation", "validate every N epochs (unset: every epoch)",
+         low=1),
+    _opt("int", "max_validation_steps", None, "validation", "validation batches per validation (unset: all)",
+         low=1),
+    # ----- Hugging Face upload (train/hub.py; the kohya_ss GUI writes these even when not uploading: without
+    # huggingface_repo_id they do nothing) -----
+    _opt("str", "huggingface_repo_id", None, "hub", "upload each saved adapter to this Hub repo (owner/name; "
+         "created when missing)"),
+    _opt("choice", "huggingface_repo_type", None, "hub", "type of the repo (unset: model)",
+         choices=("model", "dataset", "space")),
+    _opt("str", "huggingface_path_in_repo", None, "hub", "folder in the repo for the uploads (unset: its root)"),
+    _opt("str", "huggingface_token", None, "hub", "Hub token (unset: the logged-in one or HF_TOKEN); never "
+         "written to the output folder"),
+    _opt("choice", "huggingface_repo_visibility", None, "hub", "visibility of a repo that is created (unset: "
+         "private)", choices=("public", "private")),
+    _opt("bool", "save_state_to_huggingface", False, "hub", "upload the state folders too (with save_state / "
+         "save_state_on_train_end)"),
+    _opt("bool", "async_upload", False, "hub", "upload in a background thread while training goes on (train "
+         "ends once every upload has)"),
+    _opt("bool", "resume_from_huggingface", False, "hub", "resume names a state on the Hub: "
+         "'owner/repo/path/of/state[:revision[:repo_type]]', downloaded then resumed from"),
     # ----- multi-GPU -----
-    _later("int", "ddp_timeout", None, "distributed", "DDP timeout (minutes)"),
-    _later("bool", "ddp_gradient_as_bucket_view", False, "distributed", "DDP gradient_as_bucket_view"),
-    _later("bool", "ddp_static_graph", False, "distributed", "DDP static_graph"),
+    _opt("int", "ddp_timeout", None, "distributed", "timeout of the process group's collectives, in minutes "
+         "(unset: torch's default)", low=1),
+    _opt("bool", "ddp_gradient_as_bucket_view", False, "distributed", "accepted, no effect: a setting of torch's "
+         "DistributedDataParallel buckets; lorakit averages gradients with its own all_reduce, without DDP"),
+    _opt("bool", "ddp_static_graph", False, "distributed", "accepted, no effect: a setting of torch's "
+         "DistributedDataParallel; lorakit averages gradients with its own all_reduce, without DDP"),
     _later("bool", "deepspeed", False, "distributed", "DeepSpeed"),
     _later("int", "zero_stage", 2, "distributed", "DeepSpeed ZeRO stage", inert_unless="deepspeed"),
     _later("str", "offload_optimizer_device", None, "distributed", "DeepSpeed", inert_unless="deepspeed"),
@@ -441,8 +489,8 @@ OPTIONS: tuple[Option, ...] = (
     _later("bool", "fp16_master_weights_and_gradients", False, "distributed", "DeepSpeed",
            inert_unless="deepspeed"),
     # ----- config files -----
-    _later("bool", "output_config", False, "config", "sd-scripts: write the arguments to config_file and exit; "
-           "lorakit: use --print-config"),
+    _opt("bool", "output_config", False, "config", "write the resolved options to config_file (which must not "
+         "exist yet) and exit, as sd-scripts does; --print-config prints them"),
 )
 
 BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}

@@ -3,6 +3,7 @@ logging and resume. Each piece lives in its own module; this one wires them in s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -17,7 +18,12 @@ from ..formats.atomic import atomic_write
 from ..formats.dtypes import parse_dtype
 from .loss import DiffusionLoss, LossOptions
 from .noise import NoiseOptions, make_noise_scheduler
+from .base_model import compile_models, enable_checkpointing, fp8_targets, keep_in_fp8, merge_base_weights
+from .config import to_toml
+from .console_log import console_logging
 from .distributed import current_world
+from .initial_step import initial_progress
+from .fused_backward import install_fused_step
 from .outputs import OutputNames
 from .state import Progress, load_state, save_state
 from .step import StepContext, batch_loss
@@ -31,7 +37,14 @@ _RESUME_FREE = {"resume", "output_dir", "output_name", "save_every_n_steps", "sa
                 "save_last_n_steps", "save_last_n_epochs", "save_last_n_steps_state", "save_last_n_epochs_state",
                 "sample_prompts", "sample_every_n_steps", "sample_every_n_epochs", "sample_at_first",
                 "sample_sampler", "logging_dir", "log_with", "log_prefix", "training_comment", "no_metadata",
-                "max_data_loader_n_workers", "persistent_data_loader_workers"}
+                "max_data_loader_n_workers", "persistent_data_loader_workers", "initial_epoch", "initial_step",
+                "skip_until_initial_step", "save_n_epoch_ratio", "save_state_on_train_end", "metadata_title",
+                "metadata_author", "metadata_description", "metadata_license", "metadata_tags", "wandb_run_name",
+                "log_tracker_config", "log_config", "console_log_level", "console_log_file", "console_log_simple",
+                "ddp_timeout", "ddp_gradient_as_bucket_view", "ddp_static_graph", "output_config",
+                "validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps",
+                "huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo", "huggingface_token",
+                "huggingface_repo_visibility", "save_state_to_huggingface", "async_upload", "resume_from_huggingface"}
 
 
 class TrainingError(RuntimeError):
@@ -46,7 +59,13 @@ def train(config, *, stop_at_step: int | None = None, timings: dict | None = Non
     from .checks import check_runnable
 
     check_runnable(config)
-    return _Run(config).run(stop_at_step, timings)
+    with console_logging(config):
+        run = _Run(config)
+        try:
+            return run.run(stop_at_step, timings)
+        finally:
+            if run.uploads is not None:
+                run.uploads.close()  # async uploads end before train() returns
 
 
 class _Run:
@@ -55,18 +74,25 @@ class _Run:
         self.seed = config.seed if config.seed is not None else int.from_bytes(os.urandom(4), "little")
         local = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-        self.world = current_world(self.device)
+        self.world = current_world(self.device, config.ddp_timeout)
         self.names = OutputNames(config.output_dir, config.output_name, config.save_model_as)
         mp = config.mixed_precision
         self.weight_dtype = parse_dtype(mp, "mixed_precision")
         self.autocast_dtype = None if mp == "no" else self.weight_dtype
         self.save_dtype = parse_dtype(config.save_precision, "save_precision") if config.save_precision else None
+        self.uploads = None
+        if config.huggingface_repo_id and self.world.main:
+            from .hub import HubUploader
+
+            self.uploads = HubUploader(config)
 
     # --- setup --------------------------------------------------------------------------------------------
     def _load_model(self):
         from ..models.load import load_model
+        from .base_model import note_ignored
 
         c = self.config
+        note_ignored(c)
         given = c.given
         model = load_model(c.pretrained_model_name_or_path, v2=c.v2 if "v2" in given else None,
                            sdxl=c.sdxl if "sdxl" in given else None,
@@ -104,7 +130,7 @@ class _Run:
         net.train()
         return net
 
-    def _dataset(self, model):
+    def _dataset(self, model, cache: bool = True):
         from ..data import BatchOrder, TrainDataset, cache_latents, make_loader, pixel_multiple
         from ..data.from_config import specs_from_config, specs_from_folders
 
@@ -113,16 +139,55 @@ class _Run:
         specs = self.world.scale_specs(specs)  # every process builds the global batches
         ds = TrainDataset(specs, tokenizers=model.tokenizers, max_token_length=c.max_token_length,
                           weighted_captions=c.weighted_captions, seed=self.seed, reso_multiple=pixel_multiple(model))
-        if c.cache_latents or c.cache_latents_to_disk:
+        val = None
+        if any(spec.validation_split > 0 for spec in specs):  # the images validation_split holds out
+            val = TrainDataset(specs, tokenizers=model.tokenizers, max_token_length=c.max_token_length,
+                               weighted_captions=c.weighted_captions, seed=self.seed,
+                               reso_multiple=pixel_multiple(model), validation=True)
+        if cache and (c.cache_latents or c.cache_latents_to_disk):
             if c.cache_latents_to_disk and not self.world.main:
                 self.world.barrier()  # the main process writes the disk cache first; the others then read it
-            cache_latents(ds, model.vae, vae_batch_size=c.vae_batch_size or 1, to_disk=c.cache_latents_to_disk)
+            for dataset in (ds, val) if val is not None else (ds,):
+                cache_latents(dataset, model.vae, vae_batch_size=c.vae_batch_size or 1,
+                              to_disk=c.cache_latents_to_disk, skip_check=c.skip_cache_check)
             if c.cache_latents_to_disk and self.world.main:
                 self.world.barrier()
+        if cache and c.cache_text_encoder_outputs_to_disk:
+            if not self.world.main:
+                self.world.barrier()  # as for latents: the main process writes the files, the others read them
+            for dataset in (ds, val) if val is not None else (ds,):
+                self._cache_text(model, dataset)
+            if self.world.main:
+                self.world.barrier()
+        self.validation_dataset = val
         order = BatchOrder(ds)
         loader = make_loader(ds, order, max_workers=c.max_data_loader_n_workers,
                              persistent=c.persistent_data_loader_workers)
         return ds, order, loader
+
+    def _cache_text(self, model, dataset) -> None:
+        """cache_text_encoder_outputs_to_disk: each caption's frozen text-encoder outputs in a file by its image,
+        encoded (tokenized as the batches are) under the training's autocast."""
+        from ..data.text_cache import cache_text_outputs, encoder_fingerprint
+        from ..data.weighted import tokenize_weighted
+        from ..models.text import encode_prompts
+
+        c = self.config
+        identity = repr(([encoder_fingerprint(te) for te in model.text_encoders], c.clip_skip, c.max_token_length,
+                         str(self.autocast_dtype)))
+
+        def encode(captions):
+            ids = ([tokenize_weighted(t, captions, c.max_token_length)[0] for t in model.tokenizers]
+                   if c.weighted_captions else None)
+            autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
+                        else contextlib.nullcontext())
+            with torch.no_grad(), autocast:
+                out = encode_prompts(model, captions, c.clip_skip, c.max_token_length, input_ids=ids)
+            return out.hidden, out.pooled
+
+        split = model.text_encoders[0].config.hidden_size if model.is_sdxl else None
+        cache_text_outputs(dataset, encode, identity, batch_size=dataset.specs[0].batch_size, split=split,
+                           skip_check=c.skip_cache_check)
 
     def _digest(self) -> str:
         """What must not change between a run and its resume."""
@@ -140,25 +205,37 @@ class _Run:
         c = self.config
         torch.manual_seed(self.seed)
         model = self._load_model()
+        merge_base_weights(model, c.base_weights, c.base_weights_multiplier)  # before the network, as sd-scripts
         net = self._make_network(model)
+        keep_in_fp8(fp8_targets(model, c.fp8_base, c.fp8_base_unet), self.weight_dtype)  # after: adapters read W
         self.world.broadcast_parameters(net.parameters())
         if c.gradient_checkpointing:
-            model.unet.enable_gradient_checkpointing()
-            model.unet.train()  # diffusers checkpoints only in training mode; the base stays frozen
-        ds, order, loader = self._dataset(model)
+            enable_checkpointing(model.unet, c.cpu_offload_checkpointing)
+        ds, order, loader = self._dataset(model, cache=not c.debug_dataset)
         batches_per_epoch = len(ds.batches(1))
         if batches_per_epoch == 0:
             raise TrainingError("the dataset yields no batch")
         updates_per_epoch = math.ceil(batches_per_epoch / c.gradient_accumulation_steps)
         max_steps = c.max_train_epochs * updates_per_epoch if c.max_train_epochs else c.max_train_steps
         num_epochs = math.ceil(max_steps / updates_per_epoch)
+        ds.set_schedule(max_steps, c.gradient_accumulation_steps)  # token_warmup_step counts optimizer steps
+        if c.debug_dataset:  # sd-scripts shows the batches instead of training
+            from .debug_dataset import print_batches
+
+            print_batches(ds, order, loader)
+            return None
+        save_every_epochs = c.save_every_n_epochs
+        if c.save_n_epoch_ratio:  # train_network.py: at least save_n_epoch_ratio epoch saves over the run
+            save_every_epochs = math.floor(num_epochs / c.save_n_epoch_ratio) or 1
 
         unet_lr = 0.0 if c.network_train_text_encoder_only else c.unet_lr
         te_lr = 0.0 if c.network_train_unet_only else c.text_encoder_lr
         groups = net.optimizer_param_groups(unet_lr=unet_lr, text_encoder_lr=te_lr, default_lr=c.learning_rate)
         optimizer = make_optimizer(c.optimizer_type, groups, c.learning_rate, c.optimizer_args)
         scheduler = make_scheduler(c.lr_scheduler, optimizer, max_steps, c.lr_warmup_steps,
-                                   c.lr_scheduler_num_cycles, c.lr_scheduler_power)
+                                   c.lr_scheduler_num_cycles, c.lr_scheduler_power, c.lr_scheduler_args,
+                                   num_decay_steps=c.lr_decay_steps, timescale=c.lr_scheduler_timescale,
+                                   min_lr_ratio=c.lr_scheduler_min_lr_ratio, scheduler_type=c.lr_scheduler_type)
         noise_scheduler = make_noise_scheduler("v_prediction" if model.v_parameterization else "epsilon",
                                                zero_terminal_snr=c.zero_terminal_snr)
         loss_options = {k: getattr(c, k) for k in _LOSS_OPTIONS if hasattr(c, k)}
@@ -169,6 +246,13 @@ class _Run:
                           weight_dtype=self.weight_dtype, autocast_dtype=self.autocast_dtype, clip_skip=c.clip_skip,
                           max_token_length=c.max_token_length,
                           text_cache={} if c.cache_text_encoder_outputs else None, world=self.world)
+        validate = None
+        if self.validation_dataset is not None:
+            from .validation import Validator
+
+            validate = Validator(ctx, self.validation_dataset, net,
+                                 c.validation_seed if c.validation_seed is not None else self.seed,
+                                 max_steps=c.max_validation_steps)
         train_text = not c.network_train_unet_only and any(
             g["name"].startswith("text_encoder") for g in groups if "name" in g)
         stop_text_at = (math.ceil(max_steps * c.stop_text_encoder_training / 100)
@@ -176,11 +260,19 @@ class _Run:
 
         progress = Progress(config_digest=self._digest())
         if c.resume:
-            progress = load_state(c.resume, net, optimizer, scheduler, progress.config_digest)
+            if c.resume_from_huggingface:
+                from .hub import download_state
+
+                resume = download_state(c)
+            else:
+                resume = c.resume
+            progress = load_state(resume, net, optimizer, scheduler, progress.config_digest)
+        progress = initial_progress(c, progress, updates_per_epoch, max_steps)
         main = self.world.main
         if main:
             self.names.dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.names.config_file(), lambda tmp: Path(tmp).write_text(c.to_toml(), encoding="utf-8"))
+            text = to_toml(c, leave_out=("wandb_api_key", "huggingface_token"))  # no secrets in the output folder
+            atomic_write(self.names.config_file(), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
         resolution = _resolution(c)
         base_meta = {} if c.no_metadata else training_metadata(
@@ -197,25 +289,40 @@ class _Run:
             meta = {} if c.no_metadata else progress_metadata(base_meta, epoch=epoch, step=step, title=None)
             _save_adapter(net, path, self.save_dtype, meta, drop_unet=c.network_train_text_encoder_only)
 
+        uploads = self.uploads  # huggingface_repo_id: each save is uploaded once written
+
         def checkpoint(kind: str, number: int, epoch: int) -> None:
-            """A step or epoch save: the adapter, its state with save_state, and the save_last_n_* clean-up."""
+            """A step or epoch save: the adapter, its state with save_state, their uploads with huggingface_repo_id,
+            and the save_last_n_* clean-up."""
             if not main:
                 return
             by_step = kind == "step"
-            every = c.save_every_n_steps if by_step else c.save_every_n_epochs
+            every = c.save_every_n_steps if by_step else save_every_epochs
             keep, keep_state = ((c.save_last_n_steps, c.save_last_n_steps_state) if by_step
                                 else (c.save_last_n_epochs, c.save_last_n_epochs_state))
             prune = self.names.prune_steps if by_step else self.names.prune_epochs
-            save(self.names.step(number) if by_step else self.names.epoch(number), epoch, progress.global_step)
+            path = self.names.step(number) if by_step else self.names.epoch(number)
+            if uploads is not None and (keep or keep_state):
+                uploads.wait()  # the clean-up below may remove an older save whose upload is still queued
+            save(path, epoch, progress.global_step)
+            if uploads is not None:
+                uploads.upload(path)
             prune(number, every, keep)
             if c.save_state:
                 state = self.names.step_state(number) if by_step else self.names.epoch_state(number)
                 save_state(state, net, optimizer, scheduler, progress)
+                if uploads is not None:
+                    uploads.upload_state(state)
                 prune(number, every, keep_state, state=True)
 
         if c.sample_at_first and progress.global_step == 0:
             sampler.draw(0)
         trainable = [p for g in optimizer.param_groups for p in g["params"]]
+        if c.fused_backward_pass:  # after resume: loading a state replaces the optimizer's group dicts
+            install_fused_step(optimizer, c.max_grad_norm, self.world)
+        if c.torch_compile and c.dynamo_backend != "no":  # what accelerate.prepare() gets in sd-scripts: what trains
+            compile_models(([] if c.network_train_text_encoder_only else [model.unet])
+                           + (list(model.text_encoders) if train_text else []), c.dynamo_backend)
         clock = ctx.timings
         try:
             for epoch in range(progress.epoch, num_epochs + 1):
@@ -247,10 +354,11 @@ class _Run:
                         continue
                     micro = 0
                     optimizer_start = time.perf_counter()
-                    self.world.average_gradients(trainable)
-                    if c.max_grad_norm:
-                        torch.nn.utils.clip_grad_norm_(trainable, c.max_grad_norm)
-                    optimizer.step()
+                    if not c.fused_backward_pass:  # fused: backward() already stepped each parameter
+                        self.world.average_gradients(trainable)
+                        if c.max_grad_norm:
+                            torch.nn.utils.clip_grad_norm_(trainable, c.max_grad_norm)
+                        optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     progress.global_step += 1
@@ -258,6 +366,8 @@ class _Run:
                     if c.scale_weight_norms:
                         net.apply_max_norm_regularization(c.scale_weight_norms)
                     logger.step(loss.item(), scheduler.get_last_lr(), progress.global_step, epoch)
+                    if validate and c.validate_every_n_steps and progress.global_step % c.validate_every_n_steps == 0:
+                        logger.validation("step", validate(), progress.global_step, epoch)
                     clock["optimizer_and_log"] += time.perf_counter() - optimizer_start
                     step = progress.global_step
                     if c.save_every_n_steps and step % c.save_every_n_steps == 0 and step < max_steps:
@@ -272,9 +382,11 @@ class _Run:
                         break
                     last = time.perf_counter()
                 progress.epoch, progress.step_in_epoch = epoch + 1, 0
+                if validate and (c.validate_every_n_epochs is None or epoch % c.validate_every_n_epochs == 0):
+                    logger.validation("epoch", validate(), progress.global_step, epoch)
                 if progress.global_step >= max_steps:
                     break
-                if c.save_every_n_epochs and epoch % c.save_every_n_epochs == 0 and epoch < num_epochs:
+                if save_every_epochs and epoch % save_every_epochs == 0 and epoch < num_epochs:
                     checkpoint("epoch", epoch, epoch)
                 if c.sample_every_n_epochs and epoch % c.sample_every_n_epochs == 0:
                     sampler.draw(progress.global_step)
@@ -284,9 +396,13 @@ class _Run:
                 timings.update(clock)
         final = self.names.final()
         save(final, min(progress.epoch, num_epochs), progress.global_step)
+        if uploads is not None:
+            uploads.upload(final, force_sync=True)  # as sd-scripts: the last upload does not wait in the background
         self.world.barrier()  # the other processes return once the main one has written the file
-        if c.save_state and main:
+        if (c.save_state or c.save_state_on_train_end) and main:
             save_state(self.names.final_state(), net, optimizer, scheduler, progress)
+            if uploads is not None:
+                uploads.upload_state(self.names.final_state())
         if c.sample_every_n_steps or c.sample_every_n_epochs:
             sampler.draw(progress.global_step)
         return final

@@ -39,7 +39,12 @@ SCHEDULERS = (
     "cosine_with_restarts",
     "polynomial",
     "adafactor",
+    "inverse_sqrt",
+    "cosine_with_min_lr",
+    "warmup_stable_decay",
+    "piecewise_constant",
 )
+_NEEDS_TOTAL = {"linear", "cosine", "cosine_with_restarts", "polynomial", "cosine_with_min_lr", "warmup_stable_decay"}
 
 
 def warmup_steps(num_warmup_steps: int | float | None, num_training_steps: int) -> int:
@@ -120,6 +125,76 @@ class PolynomialFactor(_Warmup):
         return ((self.lr_init - self.lr_end) * remaining**self.power + self.lr_end) / self.lr_init
 
 
+class InverseSqrtFactor(_Warmup):
+    """transformers' inverse_sqrt: 1 / sqrt((s + timescale - w) / timescale) after warmup."""
+
+    def __init__(self, warmup, total, timescale: int):
+        super().__init__(warmup, total)
+        self.timescale = timescale
+
+    def after(self, step):
+        return 1.0 / math.sqrt((step + self.timescale - self.warmup) / self.timescale)
+
+
+class CosineMinLrFactor(CosineFactor):
+    """transformers' cosine_with_min_lr: the cosine rescaled into [min_lr_rate, 1]."""
+
+    def __init__(self, warmup, total, num_cycles: float, min_lr_rate: float):
+        super().__init__(warmup, total, num_cycles)
+        self.min_lr_rate = min_lr_rate
+
+    def after(self, step):
+        cos = 0.5 * (1.0 + math.cos(math.pi * float(self.num_cycles) * 2.0 * self.progress(step)))
+        return max(0.0, cos * (1.0 - self.min_lr_rate) + self.min_lr_rate)
+
+
+class WarmupStableDecayFactor:
+    """transformers' get_wsd_schedule: warmup from min_lr_ratio to 1, stable at 1, decay back to min_lr_ratio."""
+
+    SHAPES = ("linear", "cosine", "1-sqrt")
+
+    def __init__(self, warmup: int, stable: int, decay: int, min_lr_ratio: float = 0.0, num_cycles: float = 0.5,
+                 warmup_type: str = "linear", decay_type: str = "cosine"):
+        self.warmup, self.stable, self.decay = warmup, stable, decay
+        self.min_lr_ratio, self.num_cycles = min_lr_ratio, num_cycles
+        self.warmup_type, self.decay_type = warmup_type, decay_type
+
+    def __call__(self, step: int) -> float:
+        lo = self.min_lr_ratio
+        if step < self.warmup:
+            p = float(step) / float(max(1, self.warmup))
+            f = {"linear": p, "cosine": 0.5 * (1.0 - math.cos(math.pi * p)), "1-sqrt": 1.0 - math.sqrt(1.0 - p)}
+            return max(0.0, f[self.warmup_type] * (1.0 - lo) + lo)
+        if step < self.warmup + self.stable:
+            return 1.0
+        if step < self.warmup + self.stable + self.decay:
+            p = float(step - self.warmup - self.stable) / float(max(1, self.decay))
+            f = {"linear": 1.0 - p, "cosine": 0.5 * (1.0 + math.cos(math.pi * float(self.num_cycles) * 2.0 * p)),
+                 "1-sqrt": 1.0 - math.sqrt(p)}
+            return max(0.0, f[self.decay_type] * (1.0 - lo) + lo)
+        return lo
+
+
+class PiecewiseConstantFactor:
+    """diffusers' piecewise_constant: step_rules "1:10,0.1:20,0.01" = factor 1 before step 10, 0.1 before step 20,
+    then 0.01."""
+
+    def __init__(self, step_rules: str):
+        try:
+            *rules, last = str(step_rules).split(",")
+            self.rules = sorted((int(steps), float(value)) for value, steps in (r.split(":") for r in rules))
+            self.last = float(last)
+        except ValueError:
+            raise OptionError(f"lr_scheduler_args step_rules={step_rules!r}: expected 'factor:step,...,factor' such "
+                              "as '1:10,0.1:20,0.01'") from None
+
+    def __call__(self, step: int) -> float:
+        for until, value in self.rules:
+            if step < until:
+                return value
+        return self.last
+
+
 def _reject_args(name: str, args: dict, allowed: Iterable[str] = ()) -> None:
     extra = sorted(set(args) - set(allowed))
     if extra:
@@ -157,19 +232,33 @@ def make_scheduler(
     num_cycles: int | float = 1,
     power: float = 1.0,
     scheduler_args: Iterable[str] | Mapping[str, Any] | str | None = None,
+    num_decay_steps: int | float | None = 0,
+    timescale: int | None = None,
+    min_lr_ratio: float | None = None,
+    scheduler_type: str | None = None,
 ):
     """The scheduler kohya builds for `lr_scheduler` `name` (None/"" = constant). Call `.step()` once per
     optimizer step. `num_warmup_steps` is an int or a float ratio of `num_training_steps`; `num_cycles` is
     lr_scheduler_num_cycles (cosine_with_restarts), `power` lr_scheduler_power (polynomial); `scheduler_args`
     ("key=value" strings or a dict) go to a class-path scheduler (`torch.optim.lr_scheduler.OneCycleLR`, or a bare
-    torch.optim.lr_scheduler class name), or give polynomial's `lr_end`.
+    torch.optim.lr_scheduler class name), or give polynomial's `lr_end`, piecewise_constant's `step_rules`,
+    cosine_with_min_lr's `min_lr`, warmup_stable_decay's `warmup_type`/`decay_type`. `num_decay_steps`
+    (lr_decay_steps, an int or a ratio), `timescale` (lr_scheduler_timescale) and `min_lr_ratio`
+    (lr_scheduler_min_lr_ratio) are those of warmup_stable_decay, inverse_sqrt and cosine_with_min_lr, passed as
+    sd-scripts' get_scheduler_fix passes them. `scheduler_type` (lr_scheduler_type) is a class path that replaces
+    `name`, as there.
 
     An Adafactor with relative_step (kohya's default) sets its own step size: it gets the 'adafactor' scheduler
     whatever `name` says, as in kohya."""
     args = parse_kwargs(scheduler_args, "lr_scheduler_args")
     name = (name or "constant").strip()
     warmup = warmup_steps(num_warmup_steps, num_training_steps)
-    if num_training_steps < 1 and name.lower() in SCHEDULERS[2:6]:
+    if scheduler_type:  # sd-scripts checks lr_scheduler_type first, whatever the optimizer
+        if warmup:
+            raise OptionError(f"lr_scheduler_type {scheduler_type!r} takes no lr_warmup_steps (got {warmup}); set it "
+                              "to 0")
+        return _class_scheduler(scheduler_type, optimizer, args)
+    if num_training_steps < 1 and name.lower() in _NEEDS_TOTAL:
         raise OptionError(f"lr_scheduler '{name}' needs the number of training steps (got {num_training_steps})")
 
     key = name.lower()
@@ -189,7 +278,7 @@ def make_scheduler(
             f"unknown lr_scheduler {name!r}{suggest(key, SCHEDULERS)}; known: {', '.join(SCHEDULERS)}, "
             "or a class path such as torch.optim.lr_scheduler.OneCycleLR"
         )
-    if key in ("constant", "adafactor") and warmup:
+    if key in ("constant", "adafactor", "piecewise_constant") and warmup:
         hint = " (use 'constant_with_warmup')" if key == "constant" else ""
         raise OptionError(f"lr_scheduler '{key}' takes no warmup: lr_warmup_steps must be 0, got {warmup}{hint}")
 
@@ -210,6 +299,9 @@ def make_scheduler(
                 f"lr_scheduler 'polynomial': lr_end ({lr_end}) must be smaller than the learning rate ({lr_init})"
             )
         factor = PolynomialFactor(warmup, num_training_steps, lr_init, lr_end, power)
+    elif key in ("inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay", "piecewise_constant"):
+        factor = _newer_factor(key, args, optimizer, warmup, num_training_steps, num_cycles, num_decay_steps,
+                               timescale, min_lr_ratio)
     else:
         _reject_args(key, args)
         factor = {
@@ -220,3 +312,40 @@ def make_scheduler(
             "cosine_with_restarts": lambda: CosineRestartsFactor(warmup, num_training_steps, num_cycles),
         }[key]()
     return LambdaLR(optimizer, factor)
+
+
+def _newer_factor(key, args, optimizer, warmup, total, num_cycles, num_decay_steps, timescale, min_lr_ratio):
+    """The factors of the schedulers sd-scripts takes from transformers (inverse_sqrt, cosine_with_min_lr,
+    warmup_stable_decay) and diffusers (piecewise_constant), with the arguments get_scheduler_fix gives them."""
+    if key == "piecewise_constant":
+        _reject_args(key, args, ("step_rules",))
+        if "step_rules" not in args:
+            raise OptionError("lr_scheduler 'piecewise_constant' needs lr_scheduler_args step_rules='1:10,0.1:20,0.01' "
+                              "(factor 1 before step 10, 0.1 before step 20, then 0.01)")
+        return PiecewiseConstantFactor(args["step_rules"])
+    if key == "inverse_sqrt":
+        _reject_args(key, args)
+        return InverseSqrtFactor(warmup, total, timescale if timescale is not None else warmup or 10_000)
+    if key == "cosine_with_min_lr":
+        _reject_args(key, args, ("min_lr",))
+        if "min_lr" in args and min_lr_ratio is not None:
+            raise OptionError("lr_scheduler 'cosine_with_min_lr': give lr_scheduler_min_lr_ratio or lr_scheduler_args "
+                              "min_lr, not both")
+        if "min_lr" in args:
+            min_lr_ratio = float(args["min_lr"]) / optimizer.defaults["lr"]
+        if min_lr_ratio is None:
+            raise OptionError("lr_scheduler 'cosine_with_min_lr' needs lr_scheduler_min_lr_ratio (the lowest lr as a "
+                              "ratio of the initial one, e.g. 0.1)")
+        return CosineMinLrFactor(warmup, total, num_cycles / 2, min_lr_ratio)  # half a cosine per cycle, as sd-scripts
+    _reject_args(key, args, ("warmup_type", "decay_type"))
+    for arg in ("warmup_type", "decay_type"):
+        if args.get(arg, "linear") not in WarmupStableDecayFactor.SHAPES:
+            raise OptionError(f"lr_scheduler_args {arg}={args[arg]!r}: expected one of "
+                              f"{', '.join(WarmupStableDecayFactor.SHAPES)}")
+    decay = int(num_decay_steps * total) if isinstance(num_decay_steps, float) else int(num_decay_steps or 0)
+    stable = total - warmup - decay
+    if stable < 0:
+        raise OptionError(f"lr_scheduler 'warmup_stable_decay': lr_warmup_steps ({warmup}) + lr_decay_steps ({decay}) "
+                          f"exceed the {total} training steps")
+    return WarmupStableDecayFactor(warmup, stable, decay, min_lr_ratio if min_lr_ratio is not None else 0.0,
+                                   num_cycles / 2, args.get("warmup_type", "linear"), args.get("decay_type", "cosine"))

@@ -70,6 +70,9 @@ def _latents(ctx: StepContext, batch, generator: torch.Generator, part: slice, n
 
 
 def _conditioning(ctx: StepContext, batch, train_text: bool) -> PromptEmbeds:
+    if getattr(batch, "text_hidden", None) is not None and not train_text:  # cache_text_encoder_outputs_to_disk
+        pooled = None if batch.text_pooled is None else batch.text_pooled.to(ctx.device)
+        return PromptEmbeds(batch.text_hidden.to(ctx.device), pooled)
     ids = [t.to(ctx.device) for t in batch.input_ids]
     if ctx.text_cache is not None and not train_text:
         key = tuple(tuple(t.flatten().tolist()) for t in ids)
@@ -114,4 +117,5 @@ def batch_loss(ctx: StepContext, batch, generator: torch.Generator, train_text: 
     ctx.timings["unet_forward"] += time.perf_counter() - start
     target = ctx.loss.target(latents, noisy.noise, noisy.timesteps)
     weights = batch.loss_weights.to(ctx.device, torch.float32)
-    return ctx.loss(pred.float(), target.float(), noisy.timesteps, sample_weights=weights)
+    # sd-scripts masks whenever the batch has masks (alpha_mask), or with masked_loss (conditioning images)
+    return ctx.loss(pred.float(), target.float(), noisy.timesteps, sample_weights=weights, mask=batch.masks)

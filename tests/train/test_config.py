@@ -186,8 +186,11 @@ def test_kohya_gui_config_loads_unchanged(tmp_path):
     assert config.sample_every_n_epochs is None and config.sample_prompts is None  # 0 and "" mean off
     assert config.training_comment is None and config.train_data_dir == "/data/img"
     assert (config.min_snr_gamma, config.learning_rate, config.unet_lr) == (5.0, 4e-5, 4e-5)
-    # upload settings without a repository, and the compile backend without torch_compile, ask for nothing
-    assert config.async_upload is False and config.huggingface_repo_type is None and config.dynamo_backend == "inductor"
+    # upload settings without a repository ("" is unset) upload nothing; dynamo_backend "no" is accelerate's "do not
+    # compile"
+    assert config.huggingface_repo_id is None and config.huggingface_token is None and config.dynamo_backend == "no"
+    assert (config.async_upload, config.huggingface_repo_type, config.huggingface_repo_visibility) == (
+        True, "model", "public")
     assert config.network_kwargs() == {"algo": "lora"}  # networks.lora is lorakit's LoRA
     assert "epoch" not in config.given and "noise_offset_type" not in config.given
 
@@ -337,6 +340,17 @@ COMBINATIONS = [
     ({"network_args": ["preset=attn-mlpp"]}, "unknown preset 'attn-mlpp'"),
     ({"network_args": ["conv_dim"]}, "expected 'key=value'"),
     ({"network_module": "networks.lora_flux"}, "is not a network lorakit trains"),
+    ({"v_pred_like_loss": 0.1, "v_parameterization": True},
+     "v_pred_like_loss and v_parameterization cannot both be on"),
+    ({"v_pred_like_loss": -1}, "option 'v_pred_like_loss': expected a value >= 0"),
+    ({"masked_loss": True}, "masked_loss needs the masks: conditioning_data_dir (mask images) or alpha_mask"),
+    ({"conditioning_data_dir": "masks"}, "conditioning_data_dir needs masked_loss"),
+    ({"masked_loss": True, "conditioning_data_dir": "masks", "random_crop": True},
+     "conditioning_data_dir and random_crop cannot both be on"),
+    ({"resize_interpolation": "cubical"}, "option 'resize_interpolation': 'cubical' is not one of lanczos, nearest"),
+    ({"validation_split": 1.0}, "validation_split (1.0) must be below 1"),
+    ({"validate_every_n_steps": 0}, "option 'validate_every_n_steps': expected"),
+    ({"skip_image_resolution": "0"}, "option 'skip_image_resolution': expected a size"),
 ]
 
 
@@ -353,15 +367,10 @@ def test_dataset_config_with_train_data_dir_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    ({"huggingface_repo_id": "me/lora"}, "option 'huggingface_repo_id' = 'me/lora': an sd-scripts option lorakit "
-     "does not support yet"),
-    ({"huggingface_repo_id": "me/lora", "async_upload": True}, "huggingface_repo_id"),
-    ({"face_crop_aug_range": "2.0,4.0"}, "option 'face_crop_aug_range' = (2.0, 4.0): an sd-scripts option"),
-    ({"torch_compile": True, "dynamo_backend": "eager"}, "option 'torch_compile' = True"),
-    ({"validation_split": 0.1}, "option 'validation_split'"),
-    ({"masked_loss": True}, "option 'masked_loss'"),
-    ({"lr_scheduler": "warmup_stable_decay"}, "'warmup_stable_decay' is an sd-scripts value lorakit does not support"),
-    ({"loss_type": "l1"}, "'l1' is an sd-scripts value lorakit does not support yet"),
+    ({"deepspeed": True}, "option 'deepspeed' = True: an sd-scripts option lorakit does not support yet"),
+    ({"deepspeed": True, "zero_stage": 3}, "deepspeed"),
+    ({"dataset_class": "my.Dataset"}, "option 'dataset_class' = 'my.Dataset'"),
+    ({"lr_scheduler": "greedy"}, "'greedy' is an sd-scripts value lorakit does not support"),
     ({"optimizer_type": "AdamWScheduleFree"}, "an sd-scripts optimizer lorakit does not support yet"),
 ])
 def test_not_yet_supported_options_are_refused_unless_default(overrides, message):
@@ -369,12 +378,12 @@ def test_not_yet_supported_options_are_refused_unless_default(overrides, message
 
 
 def test_not_yet_supported_options_at_inert_values_load_as_defaults():
-    config = load_train_config(overrides={"dynamo_backend": "no", "huggingface_repo_type": "model",
-                                          "async_upload": True, "validation_seed": 3, "caption_separator": ",",
+    config = load_train_config(overrides={"offload_optimizer_device": "cpu",
+                                          "zero3_init_flag": True, "caption_separator": ",",
                                           "lr_scheduler_args": [], "zero_stage": 3})
-    assert (config.dynamo_backend, config.huggingface_repo_type, config.async_upload) == ("inductor", None, False)
-    assert (config.validation_seed, config.zero_stage) == (None, 2)
-    assert len(NOT_YET_SUPPORTED) == sum(not o.supported for o in OPTIONS) and "huggingface_token" in NOT_YET_SUPPORTED
+    assert (config.offload_optimizer_device, config.zero3_init_flag) == (None, False)
+    assert config.zero_stage == 2
+    assert len(NOT_YET_SUPPORTED) == sum(not o.supported for o in OPTIONS) and "deepspeed" in NOT_YET_SUPPORTED
 
 
 def test_sd_scripts_rewrites():

@@ -158,6 +158,20 @@ def test_caption_options_reach_the_dataset_specs():
     assert subset.caption_prefix.startswith("1girl") and subset.caption_suffix.endswith("rating: general")
 
 
+def test_mask_selection_and_validation_keys_reach_the_dataset_specs():
+    from lorakit.data.from_config import specs_from_config
+
+    group = parse("[general]\nresize_interpolation = 'bicubic'\n[[datasets]]\nresolution = 512\n"
+                  "skip_image_resolution = '256,320'\nvalidation_split = 0.2\nvalidation_seed = 9\n"
+                  "[[datasets.subsets]]\nimage_dir = 'a'\nalpha_mask = true\n[[datasets.subsets]]\n"
+                  "image_dir = 'b'\nconditioning_data_dir = 'b_masks'\nresize_interpolation = 'box'\n")
+    (spec,) = specs_from_config(group)
+    assert (spec.skip_image_resolution, spec.validation_split, spec.validation_seed) == ((256, 320), 0.2, 9)
+    a, b = spec.subsets
+    assert (a.alpha_mask, a.resize_interpolation, a.conditioning_data_dir) == (True, "bicubic", None)
+    assert (b.alpha_mask, b.resize_interpolation, b.conditioning_data_dir) == (False, "box", "b_masks")
+
+
 def test_training_options_are_the_last_fallback(tmp_path):
     path = tmp_path / "data.toml"
     path.write_text("[general]\nshuffle_caption = false\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'\n"
@@ -222,10 +236,14 @@ SUBSET = "[[datasets]]\nresolution = 512\n[[datasets.subsets]]\nimage_dir = 'a'\
      "'caption_extension' is for DreamBooth subsets"),
     ("[[datasets]]\nresolution = 2048\nenable_bucket = true\n[[datasets.subsets]]\nimage_dir = 'a'\n",
      "must lie within min_bucket_reso 256 .. max_bucket_reso 1024"),
-    (SUBSET + "face_crop_aug_range = [2.0, 4.0]\n", "'face_crop_aug_range' = [2.0, 4.0] is an sd-scripts option "
+    (SUBSET + "custom_attributes = {a = 1}\n", "'custom_attributes' = {'a': 1} is an sd-scripts option "
      "lorakit does not support yet"),
-    ("[[datasets]]\nresolution = 512\nskip_image_resolution = 256\n[[datasets.subsets]]\nimage_dir = 'a'\n",
-     "'skip_image_resolution' = 256 is an sd-scripts option lorakit does not support yet"),
+    ("[[datasets]]\nresolution = 512\nnetwork_multiplier = 0.5\n[[datasets.subsets]]\nimage_dir = 'a'\n",
+     "'network_multiplier' = 0.5 is an sd-scripts option lorakit does not support yet"),
+    ("[[datasets]]\nresolution = 512\n[[datasets.subsets]]\nimage_dir = 'a'\nresize_interpolation = 'cubical'\n",
+     "[[datasets]] #1 [[datasets.subsets]] #1: option 'resize_interpolation': 'cubical' is not one of"),
+    ("[[datasets]]\nresolution = 512\nalpha_mask = true\n[[datasets.subsets]]\nimage_dir = 'a'\n",
+     "'alpha_mask' cannot be set here"),
 ])
 def test_bad_dataset_configs_name_the_place_and_the_key(text, message):
     assert message in error_of(text)

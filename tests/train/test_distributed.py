@@ -47,7 +47,9 @@ def test_two_processes_equal_one_with_the_global_batch(base, tmp_path):
 
     torch.set_num_threads(1)
     expected = load_file(train(single))[0]
-    cfg = _config(base, tmp_path / "ddp", train_batch_size=2, **common)
+    # ddp_timeout sets the process group's timeout; the two DDP bucket settings are accepted and change nothing
+    cfg = _config(base, tmp_path / "ddp", train_batch_size=2, ddp_timeout=5, ddp_gradient_as_bucket_view=True,
+                  ddp_static_graph=True, **common)
     overrides = {k: getattr(cfg, k) for k in cfg.given}
     torch.multiprocessing.spawn(_worker, args=(2, _free_port(), overrides), nprocs=2, join=True)
     files = sorted((tmp_path / "ddp").glob("*.safetensors"))
@@ -59,3 +61,22 @@ def test_two_processes_equal_one_with_the_global_batch(base, tmp_path):
         torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-6, msg=key)
         changed += bool(key.endswith("lora_up.weight") and value.abs().sum() > 0)
     assert changed > 0
+
+
+def test_ddp_timeout_reaches_the_process_group(monkeypatch):
+    import datetime
+
+    from lorakit.train.distributed import current_world
+
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    world = current_world(torch.device("cpu"), 90)
+    assert (world.rank, world.size) == (1, 2)
+    assert seen == {"backend": "gloo", "init_method": "env://", "timeout": datetime.timedelta(minutes=90)}
+    seen.clear()
+    current_world(torch.device("cpu"))
+    assert "timeout" not in seen  # unset: torch's default

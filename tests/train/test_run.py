@@ -4,7 +4,9 @@ samples, pruning of old saves."""
 from __future__ import annotations
 
 import json
+import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -141,3 +143,41 @@ def test_latent_cache_key_is_the_same_in_every_process(base):
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         prints.add(out.stdout.strip().splitlines()[-1])
     assert len(prints) == 1
+
+
+def test_validation_loss_is_logged_and_repeatable(base, tmp_path, monkeypatch):
+    from lorakit.train.logger import TrainLogger
+    from lorakit.train.validation import validation_timesteps
+
+    assert validation_timesteps(None, None) == [200, 400, 600, 800]
+    assert validation_timesteps(100, 600) == [200, 300, 400, 500]
+    seen = []
+    monkeypatch.setattr(TrainLogger, "validation", lambda self, kind, loss, step, epoch: seen.append((kind, step, loss)))
+    overrides = dict(validation_split=0.34, validate_every_n_steps=1, max_train_steps=2, train_batch_size=2,
+                     network_dropout=0.5, learning_rate=1e-12)
+    train(_config(base, tmp_path, **overrides))
+    # 6 images: 2 held out, 4 train (2 steps of 2 per epoch); after steps 1, 2 and at the end of epoch 1
+    assert [(k, s) for k, s, _ in seen] == [("step", 1), ("step", 2), ("epoch", 2)]
+    losses = [v for _, _, v in seen]
+    # the adapters hardly move (lr 1e-12): fixed noise and timesteps, and no dropout (eval), give the same value
+    assert all(math.isfinite(v) and v > 0 for v in losses)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6) and losses[2] == pytest.approx(losses[0], rel=1e-6)
+
+
+def test_alpha_mask_of_zero_trains_nothing(base, tmp_path):
+    from PIL import Image
+
+    data = tmp_path / "data" / "1_masked"
+    data.mkdir(parents=True)
+    for i, alpha in enumerate((0, 0)):
+        rgba = np.full((64, 64, 4), 90 + 40 * i, dtype=np.uint8)
+        rgba[..., 3] = alpha
+        Image.fromarray(rgba, "RGBA").save(data / f"{i}.png")
+    common = dict(train_data_dir=str(tmp_path / "data"), alpha_mask=True, max_train_steps=2,
+                  network_train_unet_only=True)
+    zero = load_file(train(_config(base, tmp_path / "zero", **common)))[0]
+    assert all(torch.count_nonzero(v) == 0 for k, v in zero.items() if k.endswith("lora_up.weight"))
+    for path in data.iterdir():  # opaque: the same images now train
+        Image.fromarray(np.asarray(Image.open(path))[..., :3]).save(path)
+    full = load_file(train(_config(base, tmp_path / "full", **common)))[0]
+    assert any(torch.count_nonzero(v) > 0 for k, v in full.items() if k.endswith("lora_up.weight"))

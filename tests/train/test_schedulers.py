@@ -179,3 +179,98 @@ def test_errors_name_the_option():
         make_scheduler("linear", optimizer(), 0, 0)
     end = curve(make_scheduler("polynomial", optimizer(), T, W, power=1.0, scheduler_args=["lr_end=1e-4"]))
     assert end[T][0] == pytest.approx(1e-4) and end[55][0] == pytest.approx((LR - 1e-4) * 0.5 + 1e-4)
+
+
+def _sd_scripts_reference(name, opt, total, w, cycles=1, decay=0, timescale=None, min_lr_ratio=None, **kwargs):
+    """What sd-scripts' train_util.get_scheduler_fix builds: the transformers (diffusers for piecewise_constant)
+    functions with its arguments (decay steps and ratios already turned into steps)."""
+    from diffusers.optimization import get_piecewise_constant_schedule
+    from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION, SchedulerType
+
+    if name == "piecewise_constant":
+        return get_piecewise_constant_schedule(opt, **kwargs)
+    fn = TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(name)]
+    if name == "inverse_sqrt":
+        return fn(opt, num_warmup_steps=w, timescale=timescale, **kwargs)
+    if name == "cosine_with_min_lr":
+        return fn(opt, num_warmup_steps=w, num_training_steps=total, num_cycles=cycles / 2, min_lr_rate=min_lr_ratio,
+                  **kwargs)
+    return fn(opt, num_warmup_steps=w, num_stable_steps=total - w - decay, num_decay_steps=decay,
+              num_cycles=cycles / 2, min_lr_ratio=min_lr_ratio if min_lr_ratio is not None else 0.0, **kwargs)
+
+
+def flat(lrs):
+    return [x for row in lrs for x in row]
+
+
+NEWER = [  # (name, lorakit kwargs, reference kwargs)
+    ("inverse_sqrt", {}, {}),
+    ("inverse_sqrt", {"timescale": 25}, {"timescale": 25}),
+    ("cosine_with_min_lr", {"min_lr_ratio": 0.1}, {"min_lr_ratio": 0.1}),
+    ("cosine_with_min_lr", {"min_lr_ratio": 0.2, "num_cycles": 3}, {"min_lr_ratio": 0.2, "cycles": 3}),
+    ("cosine_with_min_lr", {"scheduler_args": ["min_lr=5e-4"]}, {"min_lr_ratio": 5e-4 / LR}),
+    ("warmup_stable_decay", {"num_decay_steps": 30}, {"decay": 30}),
+    ("warmup_stable_decay", {"num_decay_steps": 0.25, "min_lr_ratio": 0.05}, {"decay": 25, "min_lr_ratio": 0.05}),
+    ("warmup_stable_decay", {"num_decay_steps": 40, "scheduler_args": ["warmup_type=cosine", "decay_type='1-sqrt'"]},
+     {"decay": 40, "warmup_type": "cosine", "decay_type": "1-sqrt"}),
+    ("warmup_stable_decay", {"num_decay_steps": 20, "num_cycles": 2, "scheduler_args": ["decay_type='linear'"]},
+     {"decay": 20, "cycles": 2, "decay_type": "linear"}),
+    ("piecewise_constant", {"scheduler_args": ["step_rules='1:10,0.1:20,0.01:60,0.005'"]},
+     {"step_rules": "1:10,0.1:20,0.01:60,0.005"}),
+]
+
+
+@pytest.mark.parametrize("name,kw,ref", NEWER)
+def test_newer_schedulers_match_transformers_as_sd_scripts_calls_them(name, kw, ref):
+    w = 0 if name == "piecewise_constant" else W
+    ours = flat(curve(make_scheduler(name, optimizer(), T, w, **kw)))
+    theirs = flat(curve(_sd_scripts_reference(name, optimizer(), T, w, **ref)))
+    assert ours == pytest.approx(theirs, rel=1e-12, abs=1e-15)
+    assert len({round(x, 12) for x in ours}) > 3  # the curve moves: a flat line would pass against itself
+    # a resumed run continues the curve
+    first = make_scheduler(name, optimizer(), T, w, **kw)
+    curve(first, 37)
+    resumed = make_scheduler(name, optimizer(), T, w, **kw)
+    resumed.load_state_dict(first.state_dict())
+    assert flat(curve(resumed, T + 10 - 37)) == pytest.approx(ours[2 * 37:], rel=1e-12, abs=1e-15)
+
+
+def test_newer_scheduler_spot_values():
+    wsd = curve(make_scheduler("warmup_stable_decay", optimizer(), T, W, num_decay_steps=20, min_lr_ratio=0.1))
+    assert wsd[5][0] == pytest.approx(LR * (0.1 + 0.9 * 0.5)) and wsd[50][0] == LR  # warmup starts at the minimum
+    assert wsd[90][0] == pytest.approx(LR * (0.1 + 0.9 * 0.5)) and wsd[T][0] == pytest.approx(LR * 0.1)
+    inv = curve(make_scheduler("inverse_sqrt", optimizer(), T, W))  # timescale = warmup
+    assert inv[W][0] == pytest.approx(LR) and inv[4 * W][0] == pytest.approx(LR / 2)
+    assert make_scheduler("inverse_sqrt", optimizer(), T, 0).lr_lambdas[0].timescale == 10_000  # no warmup
+    cmin = curve(make_scheduler("cosine_with_min_lr", optimizer(), T, W, min_lr_ratio=0.2))
+    assert cmin[55][0] == pytest.approx(LR * 0.6) and cmin[T][0] == pytest.approx(LR * 0.2)
+
+
+def test_lr_scheduler_type_replaces_lr_scheduler():
+    sched = make_scheduler("cosine", optimizer(), T, 0, scheduler_args=["step_size=10", "gamma=0.5"],
+                           scheduler_type="torch.optim.lr_scheduler.StepLR")
+    assert type(sched) is torch.optim.lr_scheduler.StepLR
+    assert [x[0] for x in curve(sched, 25)] == pytest.approx([LR * 0.5 ** (s // 10) for s in range(25)], rel=1e-12)
+    assert type(make_scheduler("constant", optimizer(), T, 0, scheduler_args=["T_max=50"],
+                               scheduler_type="CosineAnnealingLR")) is torch.optim.lr_scheduler.CosineAnnealingLR
+    with pytest.raises(OptionError, match="lr_scheduler_type 'StepLR' takes no lr_warmup_steps"):
+        make_scheduler("constant", optimizer(), T, 5, scheduler_args=["step_size=10"], scheduler_type="StepLR")
+
+
+def test_newer_scheduler_errors_name_the_option():
+    with pytest.raises(OptionError, match="'cosine_with_min_lr' needs lr_scheduler_min_lr_ratio"):
+        make_scheduler("cosine_with_min_lr", optimizer(), T, W)
+    with pytest.raises(OptionError, match="not both"):
+        make_scheduler("cosine_with_min_lr", optimizer(), T, W, min_lr_ratio=0.1, scheduler_args=["min_lr=1e-4"])
+    with pytest.raises(OptionError, match="lr_warmup_steps \\(10\\) \\+ lr_decay_steps \\(95\\) exceed the 100"):
+        make_scheduler("warmup_stable_decay", optimizer(), T, W, num_decay_steps=95)
+    with pytest.raises(OptionError, match="decay_type='cos': expected one of linear, cosine, 1-sqrt"):
+        make_scheduler("warmup_stable_decay", optimizer(), T, W, scheduler_args=["decay_type=cos"])
+    with pytest.raises(OptionError, match="needs lr_scheduler_args step_rules"):
+        make_scheduler("piecewise_constant", optimizer(), T)
+    with pytest.raises(OptionError, match="step_rules='1-10,0.1': expected 'factor:step"):
+        make_scheduler("piecewise_constant", optimizer(), T, scheduler_args=["step_rules='1-10,0.1'"])
+    with pytest.raises(OptionError, match="'piecewise_constant' takes no warmup"):
+        make_scheduler("piecewise_constant", optimizer(), T, 5, scheduler_args=["step_rules='1:10,0.1'"])
+    with pytest.raises(OptionError, match="\\['timescale'\\] are not arguments of the 'inverse_sqrt'"):
+        make_scheduler("inverse_sqrt", optimizer(), T, W, scheduler_args=["timescale=3"])

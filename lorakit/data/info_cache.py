@@ -1,0 +1,76 @@
+"""sd-scripts' ``cache_info``: a subset folder's image sizes and captions kept in ``<image_dir>/metadata_cache.json``
+(``{image path: {"caption": ..., "resolution": [width, height]}}``, sd-scripts' layout), so that listing a large
+dataset needs neither reading every caption file nor opening every image.
+
+The file is reused when its images are exactly the folder's images (matched by file name, so a moved folder
+keeps its cache); otherwise it is rebuilt. Edited captions are not noticed: delete the file after editing them
+(sd-scripts does not notice either).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+from ..formats.atomic import atomic_write
+from .errors import DatasetError
+from .images import image_size
+
+__all__ = ["CACHE_FILE", "cached_images"]
+
+CACHE_FILE = "metadata_cache.json"
+logger = logging.getLogger(__name__)
+
+
+def _read(path: str) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        logger.warning("%s: unreadable cache_info file (%s); rebuilding it", path, e)
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _entries(data: dict, paths: list[str]) -> list | None:
+    """The cached (caption, size) of each of ``paths``, or None when the cache does not describe them all."""
+    by_name = {}
+    for key, meta in data.items():
+        try:
+            caption, (w, h) = meta["caption"], meta["resolution"]
+        except (KeyError, TypeError, ValueError):
+            return None
+        if not isinstance(caption, str) or not all(isinstance(v, int) and v > 0 for v in (w, h)):
+            return None
+        by_name[os.path.basename(key)] = (caption, (w, h))
+    names = [os.path.basename(p) for p in paths]
+    if set(names) != set(by_name) or len(by_name) != len(data):
+        return None
+    return [by_name[name] for name in names]
+
+
+def cached_images(subset, paths: list[str], read: Callable[[], list]) -> list:
+    """The subset's ``SourceImage``s with sizes, from the cache file when it matches ``paths``, else from
+    ``read()`` (captions) and the image headers, written to the cache file for the next run."""
+    from .folders import SourceImage
+
+    cache = os.path.join(subset.image_dir, CACHE_FILE)
+    data = _read(cache)
+    entries = None if data is None else _entries(data, paths)
+    if entries is not None:
+        return [SourceImage(p, caption, size) for p, (caption, size) in zip(paths, entries)]
+    if data is not None:
+        logger.info("%s: the folder's images changed since the cache was written; rebuilding it", cache)
+    images = [SourceImage(im.path, im.caption, image_size(im.path)) for im in read()]
+    text = json.dumps({im.path: {"caption": im.caption, "resolution": list(im.size)} for im in images},
+                      ensure_ascii=False, indent=2)
+    try:
+        atomic_write(cache, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    except OSError as e:
+        raise DatasetError(f"{cache}: cache_info cannot write its cache file ({e.strerror or e})") from None
+    return images

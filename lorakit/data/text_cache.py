@@ -1,0 +1,110 @@
+"""sd-scripts' ``cache_text_encoder_outputs_to_disk``: each image's caption encoded once by the frozen text encoders
+and kept next to the image as ``<image stem>_te_outputs.npz``, reused across runs.
+
+Arrays use sd-scripts' names: ``hidden_state1`` [S, D1] (the first text encoder's states; SD1/SD2: the only one),
+and for SDXL ``hidden_state2`` [S, D2] and ``pool2`` [P]; float32. ``cache_key`` (lorakit's) is a SHA-256 of the
+caption as trained on and of ``identity`` (the text encoders' weights, clip_skip, max_token_length): a file whose
+key differs is rebuilt, so an edited caption or another model never reuses stale outputs (sd-scripts checks only
+that the file exists).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .captions import process_caption
+from .errors import DatasetError
+from .latent_cache import _write_npz
+
+__all__ = ["SUFFIX", "encoder_fingerprint", "text_cache_path", "cache_text_outputs", "read_text_outputs"]
+
+SUFFIX = "_te_outputs.npz"  # sd-scripts' TEXT_ENCODER_OUTPUTS_CACHE_SUFFIX
+FORMAT = "lorakit-te-outputs-1"
+
+
+def encoder_fingerprint(encoder: torch.nn.Module) -> str:
+    """A hash of a text encoder's class, config and weights (what decides its outputs besides the caption)."""
+    digest = hashlib.sha256(type(encoder).__name__.encode())
+    config = getattr(encoder, "config", None)
+    if config is not None and hasattr(config, "to_dict"):  # "_" keys name the file, not the model
+        values = {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
+        digest.update(json.dumps(values, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(encoder.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}:{t.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def text_cache_path(image_path: str) -> str:
+    return os.path.splitext(image_path)[0] + SUFFIX
+
+
+def _key(caption: str, identity: str) -> str:
+    return hashlib.sha256(f"{FORMAT}\0{identity}\0{caption}".encode()).hexdigest()
+
+
+def _valid(path: str, key: str | None) -> bool:
+    try:
+        with np.load(path) as npz:
+            return "hidden_state1" in npz and (key is None or ("cache_key" in npz and str(npz["cache_key"]) == key))
+    except (OSError, ValueError, EOFError):  # missing, damaged or not an npz: rebuild it
+        return False
+
+
+def cache_text_outputs(dataset, encode: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor | None]],
+                       identity: str, *, batch_size: int = 1, split: int | None = None,
+                       skip_check: bool = False) -> dict[str, int]:
+    """Write (or reuse) every image's ``_te_outputs.npz`` and point its entry at it. ``encode(captions)`` ->
+    (hidden [B, S, D], pooled [B, P] or None) from the frozen encoders; ``split``: SDXL's first encoder width
+    (hidden_state1 = hidden[..., :split]). Captions must not change per step (the trainer refuses shuffling,
+    dropout, warmup and wildcards with this cache). Returns {"encoded": n, "reused": m}."""
+    pending: list[tuple[object, str, str, str]] = []
+    reused = 0
+    for entry in dataset.entries:
+        subset = dataset.subsets[entry.subset]
+        caption = process_caption(entry.caption, subset, random.Random(0), 1)
+        path, key = text_cache_path(entry.path), _key(caption, identity)
+        if _valid(path, None if skip_check else key):
+            entry.te_cache_file, reused = path, reused + 1
+            continue
+        pending.append((entry, caption, key, path))
+    for start in range(0, len(pending), max(1, batch_size)):
+        batch = pending[start: start + max(1, batch_size)]
+        with torch.no_grad():
+            hidden, pooled = encode([caption for _, caption, _, _ in batch])
+        hidden = hidden.detach().float().cpu()
+        pooled = None if pooled is None else pooled.detach().float().cpu()
+        for i, (entry, _, key, path) in enumerate(batch):
+            arrays = {"cache_key": np.array(key)}
+            if split is None:
+                arrays["hidden_state1"] = hidden[i].numpy()
+            else:
+                arrays["hidden_state1"] = hidden[i, :, :split].numpy()
+                arrays["hidden_state2"] = hidden[i, :, split:].numpy()
+            if pooled is not None:
+                arrays["pool2"] = pooled[i].numpy()
+            _write_npz(path, arrays)
+            entry.te_cache_file = path
+    return {"encoded": len(pending), "reused": reused}
+
+
+def read_text_outputs(path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(hidden [S, D], pooled [P] or None) from a ``_te_outputs.npz`` file."""
+    try:
+        with np.load(path) as npz:
+            parts = [torch.from_numpy(npz[k]) for k in ("hidden_state1", "hidden_state2") if k in npz]
+            pooled = torch.from_numpy(npz["pool2"]) if "pool2" in npz else None
+            if not parts:
+                raise KeyError("hidden_state1")
+    except (OSError, ValueError, KeyError, EOFError) as e:
+        raise DatasetError(f"{path}: text encoder output cache file cannot be read ({e}); delete it and cache "
+                           "again") from None
+    return torch.cat(parts, dim=-1), pooled
