@@ -3,12 +3,12 @@
 A pixel "has" a colour when it lies within ``RADIUS`` of the colour's RGB (Euclidean, 0-255 scale); an image
 "shows" the colour when at least ``MIN_FRACTION`` of its pixels have it.
 
-* ``RADIUS`` = 45: under half the distance between the two closest palette colours that matter here (purple and
-  blue are ~94 apart), so no pixel counts for two palette colours, yet wide enough for a small model's colour
-  drift (its samples of seen colours land within ~10-30 of the palette value).
+* ``RADIUS`` = 45: wide enough for a small model's colour drift (its samples of seen colours land within ~10-30
+  of the palette value), and under half the distance from the held-out magenta to any blend of training colours
+  (96: it lies outside their convex hull), so neither a blurred edge nor a base model mixing colours for a word it
+  does not know counts as the concept.
 * ``MIN_FRACTION`` = 0.04: the smallest shape of ``demo_data`` (a triangle of circumradius 0.22 x side) covers
-  ~6% of the image; anti-aliased or blurred edges between two other colours (red next to blue mixes to a
-  purplish ~(130, 60, 130)) cover well under 4% and mostly fall outside the radius anyway.
+  ~6% of the image, while stray pixels of a generated image do not add up to 4%.
 """
 
 from __future__ import annotations

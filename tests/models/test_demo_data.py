@@ -25,14 +25,14 @@ def test_same_seed_same_images_and_captions():
 def test_held_out_colour_never_in_pretraining_captions_or_pixels():
     samples = demo_data.pretraining_set(300)
     assert HELD_OUT_COLOUR not in TRAIN_COLOURS
-    purple = np.asarray(PALETTE[HELD_OUT_COLOUR], dtype=np.float32)
+    held = np.asarray(PALETTE[HELD_OUT_COLOUR], dtype=np.float32)
     palette = np.asarray([PALETTE[c] for c in TRAIN_COLOURS], dtype=np.int16)
     for s in samples:
         assert HELD_OUT_COLOUR not in s.caption.split() and HELD_OUT_COLOUR not in s.caption
         px = _pixels(s).reshape(-1, 3)
         # every pixel is exactly one training colour (no anti-aliasing), none near the held-out one
         assert (px[:, None, :] == palette[None]).all(-1).any(-1).all()
-        assert np.linalg.norm(px - purple, axis=-1).min() > RADIUS
+        assert np.linalg.norm(px - held, axis=-1).min() > RADIUS
 
 
 def test_captions_name_the_drawn_colours_and_shape():

@@ -51,7 +51,7 @@ def test_run_writes_adapter_metadata_and_config(base, tmp_path):
     assert meta["ss_steps"] == "4" and meta["ss_num_train_images"] == "6"
     assert meta["ss_base_model_version"] == "sd_v1" and "sshs_model_hash" in meta
     assert json.loads(meta["ss_network_args"]) == {"algo": "lora", "conv_dim": "2"}
-    assert json.loads(meta["ss_dataset_dirs"]) == {"1_purple": {"n_repeats": 1, "img_count": 6}}
+    assert json.loads(meta["ss_dataset_dirs"]) == {"1_magenta": {"n_repeats": 1, "img_count": 6}}
     assert json.loads(meta["ss_reg_dataset_dirs"]) == {}
     assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
     again = load_train_config(tmp_path / "t_config.toml")
