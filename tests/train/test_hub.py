@@ -20,13 +20,12 @@ pytest.importorskip("diffusers")
 
 from lorakit.algos.options import OptionError  # noqa: E402
 from lorakit.formats.safetensors_io import load_file  # noqa: E402
-from lorakit.models.demo import random_model  # noqa: E402
-from lorakit.models.demo_data import write_concept_folder  # noqa: E402
-from lorakit.models.save import save_checkpoint  # noqa: E402
 from lorakit.train.config import load_train_config  # noqa: E402
 from lorakit.train.hub import HubUploader, download_state, parse_hub_resume  # noqa: E402
 from lorakit.train.run import train  # noqa: E402
 from lorakit.train.state import StateError  # noqa: E402
+
+from .test_run import _config as run_config, base  # noqa: E402,F401  (the shared model/data fixture)
 
 REAL = hf.HfApi
 
@@ -98,21 +97,8 @@ def hub(tmp_path, monkeypatch):
     return fake
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hub")
-    save_checkpoint(random_model("tiny-sd", seed=0), root / "sd.safetensors", dtype=None)
-    write_concept_folder(root / "data", n=6, repeats=1)
-    return root
-
-
 def _config(base, out, **overrides):
-    values = dict(pretrained_model_name_or_path=str(base / "sd.safetensors"), train_data_dir=str(base / "data"),
-                  resolution="64", output_dir=str(out), output_name="t", network_dim=4, network_alpha=2,
-                  learning_rate=1e-2, max_train_steps=3, train_batch_size=2, seed=3, cache_latents=True,
-                  max_data_loader_n_workers=0, optimizer_type="AdamW", lr_scheduler="cosine")
-    values.update(overrides)
-    return load_train_config(overrides=values)
+    return run_config(base, out, **{"max_train_steps": 3, **overrides})
 
 
 def _local_files(folder: Path) -> dict[str, bytes]:
