@@ -1,7 +1,7 @@
 """Pre-train the bundled demo models "demo:tiny-sd" and "demo:tiny-sdxl" on CPU.
 
     python scripts/pretrain_demo.py --models tiny-sd &     # the shipped weights: each model in its own process
-    python scripts/pretrain_demo.py --models tiny-sdxl &   # (one thread each; ~48 min wall on 2 cores)
+    python scripts/pretrain_demo.py --models tiny-sdxl &   # (one thread each; ~49 min wall on 2 cores)
     python scripts/pretrain_demo.py --quick         # a 2-minute smoke run into /tmp, to try settings
 
 Stages (all seeded; the same machine and torch version give the same weights):
