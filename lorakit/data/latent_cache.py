@@ -27,30 +27,15 @@ from ..formats.atomic import atomic_write
 from ..formats.hashes import file_sha256
 from .dataset import ImageEntry, TrainDataset
 from .errors import DatasetError
+from .fingerprint import module_fingerprint
 from .images import load_image
 from .masks import alpha_to_mask
 from .transforms import Conditioning, crop_to_bucket, flip, to_tensor
 
-__all__ = ["FORMAT", "vae_fingerprint", "cache_key", "cache_path", "cache_latents", "read_cached", "read_cached_mask",
+__all__ = ["FORMAT", "cache_key", "cache_path", "cache_latents", "read_cached", "read_cached_mask",
            "encode_pixels"]
 
 FORMAT = "lorakit-latents-1"
-
-
-def vae_fingerprint(vae: torch.nn.Module) -> str:
-    """A hash of what decides the latents: the VAE's class, config and every weight (values and dtype)."""
-    digest = hashlib.sha256(type(vae).__name__.encode())
-    config = getattr(vae, "config", None)
-    if config is not None:
-        # diffusers' own "_" keys describe the file, not the model, and "_use_default_values" comes from a set:
-        # its order changes with every process (string hashing is seeded), which would change the key each run
-        values = {k: v for k, v in dict(config).items() if not k.startswith("_")}
-        digest.update(json.dumps(values, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(vae.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous().reshape(-1)
-        digest.update(f"{name}:{t.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def cache_key(entry: ImageEntry, flip_aug: bool, vae_id: str, alpha_mask: bool = False,
@@ -122,7 +107,7 @@ def cache_latents(dataset: TrainDataset, vae: torch.nn.Module, *, vae_batch_size
         raise DatasetError(f"vae_batch_size must be >= 1, not {vae_batch_size}")
     if cache_dir is not None:
         os.makedirs(cache_dir, exist_ok=True)
-    vae_id = vae_fingerprint(vae)
+    vae_id = module_fingerprint(vae)
     pending: list[tuple[ImageEntry, str, str]] = []
     reused = 0
     for entry in sorted(dataset.entries, key=lambda e: (e.choice.bucket[0] * e.choice.bucket[1], e.choice.bucket)):

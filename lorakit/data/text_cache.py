@@ -11,7 +11,6 @@ that the file exists).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 from typing import Callable
@@ -23,24 +22,10 @@ from .captions import process_caption
 from .errors import DatasetError
 from .latent_cache import _write_npz
 
-__all__ = ["SUFFIX", "encoder_fingerprint", "text_cache_path", "cache_text_outputs", "read_text_outputs"]
+__all__ = ["SUFFIX", "text_cache_path", "cache_text_outputs", "read_text_outputs"]
 
 SUFFIX = "_te_outputs.npz"  # sd-scripts' TEXT_ENCODER_OUTPUTS_CACHE_SUFFIX
 FORMAT = "lorakit-te-outputs-1"
-
-
-def encoder_fingerprint(encoder: torch.nn.Module) -> str:
-    """A hash of a text encoder's class, config and weights (what decides its outputs besides the caption)."""
-    digest = hashlib.sha256(type(encoder).__name__.encode())
-    config = getattr(encoder, "config", None)
-    if config is not None and hasattr(config, "to_dict"):  # "_" keys name the file, not the model
-        values = {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
-        digest.update(json.dumps(values, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(encoder.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous().reshape(-1)
-        digest.update(f"{name}:{t.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def text_cache_path(image_path: str) -> str:

@@ -168,12 +168,13 @@ class _Run:
     def _cache_text(self, model, dataset) -> None:
         """cache_text_encoder_outputs_to_disk: each caption's frozen text-encoder outputs in a file by its image,
         encoded (tokenized as the batches are) under the training's autocast."""
-        from ..data.text_cache import cache_text_outputs, encoder_fingerprint
+        from ..data.fingerprint import module_fingerprint
+        from ..data.text_cache import cache_text_outputs
         from ..data.weighted import tokenize_weighted
         from ..models.text import encode_prompts
 
         c = self.config
-        identity = repr(([encoder_fingerprint(te) for te in model.text_encoders], c.clip_skip, c.max_token_length,
+        identity = repr(([module_fingerprint(te) for te in model.text_encoders], c.clip_skip, c.max_token_length,
                          str(self.autocast_dtype)))
 
         def encode(captions):

@@ -135,8 +135,8 @@ def test_latent_cache_key_is_the_same_in_every_process(base):
     import subprocess
     import sys
 
-    code = ("from lorakit.models.load import load_model; from lorakit.data.latent_cache import vae_fingerprint; "
-            f"print(vae_fingerprint(load_model({str(base / 'sd.safetensors')!r}).vae))")
+    code = ("from lorakit.models.load import load_model; from lorakit.data.fingerprint import module_fingerprint; "
+            f"print(module_fingerprint(load_model({str(base / 'sd.safetensors')!r}).vae))")
     prints = set()
     for hash_seed in ("1", "2", "3"):
         env = dict(os.environ, PYTHONHASHSEED=hash_seed)
