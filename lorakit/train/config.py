@@ -19,7 +19,8 @@ from typing import Any, Mapping, Sequence
 from ..algos.options import OptionError
 from . import checks
 from .dataset_config import DatasetGroupConfig, load_dataset_config  # noqa: F401 (TrainConfig's annotation)
-from .options import BY_NAME, COMMAND_LINE_ONLY, GROUPS, GUI_KEYS, OPTIONS, TYPES, canonical_name, coerce
+from .options import (BY_NAME, COMMAND_LINE_ONLY, GROUPS, GUI_KEYS, OPTIONS, SECRET_OPTIONS, TYPES, canonical_name,
+                      coerce)
 
 try:
     import tomllib
@@ -218,7 +219,7 @@ def output_config_file(config: TrainConfig, config_file: str | Path) -> Path:
     if path.exists():
         raise OptionError(f"output_config: the config file {path} already exists; name a new file (it is not "
                           "overwritten)")
-    path.write_text(to_toml(config, leave_out=("wandb_api_key", "huggingface_token")), encoding="utf-8")
+    path.write_text(to_toml(config, leave_out=SECRET_OPTIONS), encoding="utf-8")
     return path
 
 

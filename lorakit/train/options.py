@@ -496,6 +496,9 @@ OPTIONS: tuple[Option, ...] = (
 BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
 ALIASES: dict[str, str] = {alias: o.name for o in OPTIONS for alias in o.aliases}
 GROUPS: tuple[str, ...] = tuple(dict.fromkeys(o.group for o in OPTIONS))
+# Options whose values are secrets: left out of every config file lorakit writes and of tracker configs.
+SECRET_OPTIONS: tuple[str, ...] = ("wandb_api_key", "huggingface_token")
+
 NOT_YET_SUPPORTED: tuple[str, ...] = tuple(o.name for o in OPTIONS if not o.supported)
 
 # Keys the kohya_ss GUI writes into the sd-scripts TOML that sd-scripts itself never reads: accepted and ignored,

@@ -18,6 +18,7 @@ from ..formats.atomic import atomic_write
 from ..formats.dtypes import parse_dtype
 from .loss import DiffusionLoss, LossOptions
 from .noise import NoiseOptions, make_noise_scheduler
+from .options import SECRET_OPTIONS
 from .base_model import compile_models, enable_checkpointing, fp8_targets, keep_in_fp8, merge_base_weights
 from .config import to_toml
 from .console_log import console_logging
@@ -272,7 +273,7 @@ class _Run:
         main = self.world.main
         if main:
             self.names.dir.mkdir(parents=True, exist_ok=True)
-            text = to_toml(c, leave_out=("wandb_api_key", "huggingface_token"))  # no secrets in the output folder
+            text = to_toml(c, leave_out=SECRET_OPTIONS)  # no secrets in the output folder
             atomic_write(self.names.config_file(), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
         resolution = _resolution(c)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..algos.options import OptionError
-from .options import OPTIONS
+from .options import OPTIONS, SECRET_OPTIONS
 
 try:
     import tomllib
@@ -23,7 +23,7 @@ __all__ = ["tracker_init_kwargs", "loggable_config"]
 
 TRACKERS = ("tensorboard", "wandb")
 # sd-scripts' sensitive_args and sensitive_path_args, and every other path option: paths can hold user names
-_HIDDEN = {"wandb_api_key", "huggingface_token", "tokenizer_cache_dir", "conditioning_data_dir"} | {
+_HIDDEN = {*SECRET_OPTIONS, "tokenizer_cache_dir", "conditioning_data_dir"} | {
     o.name for o in OPTIONS if o.kind == "path"}
 
 
