@@ -275,6 +275,12 @@ class TrainDataset(torch.utils.data.Dataset):
         return {"buckets": out}
 
     @property
+    def summary(self) -> str:
+        """What debug_dataset says of the data before its batches."""
+        return (f"{len(self.entries)} images, {self.num_train_images} training images with repeats, "
+                f"{self.num_reg_images} regularisation images")
+
+    @property
     def latent_cacheable(self) -> bool:
         """Latents can be cached unless a subset changes pixels per step (color_aug, random_crop, face crops)."""
         return not any(s.color_aug or s.random_crop for s in self.subsets) and not any(e.face for e in self.entries)

@@ -180,7 +180,8 @@ def _combinations(v: dict[str, Any]) -> None:
     if v["conditioning_data_dir"] is not None:
         needs("conditioning_data_dir", "masked_loss", "its images are loss masks (sd-scripts reads it only then)")
         both("conditioning_data_dir", "random_crop", "the mask must be cut where the image is (sd-scripts refuses it)")
-    if v["masked_loss"] and v["dataset_config"] is None and not (v["conditioning_data_dir"] or v["alpha_mask"]):
+    if v["masked_loss"] and v["dataset_config"] is None and v["dataset_class"] is None and not (
+            v["conditioning_data_dir"] or v["alpha_mask"]):
         _refuse("masked_loss needs the masks: conditioning_data_dir (mask images) or alpha_mask (the images' alpha)")
     if v["dataset_config"] is not None:  # train_network.py ignores these with a warning; two data sources is a mistake
         for name in ("train_data_dir", "reg_data_dir"):
@@ -188,10 +189,42 @@ def _combinations(v: dict[str, Any]) -> None:
                 _refuse(f"{name} and dataset_config are both given: with dataset_config, sd-scripts ignores {name}; "
                         "put the folder in the dataset config as a [[datasets.subsets]] image_dir (is_reg = true for "
                         "regularisation images) or remove dataset_config")
+    if v["dataset_class"] is not None:
+        _dataset_class(v)
     if v["resume_from_huggingface"] and v["resume"]:
         from .hub import parse_hub_resume  # no huggingface_hub import: this only reads the string
 
         parse_hub_resume(v["resume"])
+
+
+def _dataset_class(v: dict[str, Any]) -> None:
+    """dataset_class replaces the image folders; what needs them cannot be on."""
+    name = v["dataset_class"]
+    for source in ("train_data_dir", "reg_data_dir", "dataset_config", "in_json"):
+        if v[source] is not None:  # sd-scripts ignores them silently; two data sources is a mistake
+            _refuse(f"dataset_class ({name!r}) and {source} are both given: the class serves all the batches "
+                    f"(sd-scripts ignores {source}); remove one")
+    if v["cache_latents"]:  # train_network.py asserts is_latent_cacheable(), which MinimalDataset makes False
+        _refuse(f"dataset_class ({name!r}) and cache_latents (or cache_latents_to_disk) cannot both be on: the "
+                "class's batches cannot be cached (sd-scripts' MinimalDataset.is_latent_cacheable() is False); "
+                "let the class return 'latents' instead")
+    if v["cache_text_encoder_outputs_to_disk"]:
+        _refuse(f"dataset_class ({name!r}) and cache_text_encoder_outputs_to_disk cannot both be on: the files are "
+                "written next to image files, and the class has none (cache_text_encoder_outputs keeps them in "
+                "memory and works)")
+    if v["validation_split"] > 0:  # sd-scripts: no validation dataset for an arbitrary dataset class
+        _refuse(f"dataset_class ({name!r}) and validation_split cannot both be on: the class's batches cannot be "
+                "split; sd-scripts has no validation for a dataset_class either")
+
+
+# options only the image-folder datasets read: a dataset_class makes its own batches without them
+_FOLDER_ONLY = ("train_batch_size", "prior_loss_weight", "caption_extension", "shuffle_caption", "keep_tokens",
+                "caption_dropout_rate", "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "color_aug",
+                "flip_aug", "random_crop", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
+                "bucket_no_upscale", "caption_separator", "keep_tokens_separator", "secondary_separator",
+                "enable_wildcard", "caption_prefix", "caption_suffix", "token_warmup_min", "token_warmup_step",
+                "face_crop_aug_range", "dataset_repeats", "alpha_mask", "conditioning_data_dir", "cache_info",
+                "resize_interpolation", "skip_image_resolution", "vae_batch_size")
 
 
 def _warnings(v: dict[str, Any]) -> list[str]:
@@ -223,6 +256,9 @@ def _warnings(v: dict[str, Any]) -> list[str]:
         notes.append("save_state_to_huggingface without save_state or save_state_on_train_end: no state to upload")
     if v["resume_from_huggingface"] and not v["resume"]:
         notes.append("resume_from_huggingface without resume: nothing is downloaded")
+    unused = [name for name in _FOLDER_ONLY if v["dataset_class"] is not None and v[name] != BY_NAME[name].default]
+    if unused:  # sd-scripts ignores them silently
+        notes.append(f"with dataset_class the class makes the batches: {', '.join(unused)} not used")
     return notes
 
 
@@ -263,9 +299,10 @@ def check_datasets(v: dict[str, Any], group) -> None:
 def check_runnable(config) -> None:
     """What training needs beyond a consistent config (--print-config does not): a model, data and a place to save."""
     missing = [name for name in ("pretrained_model_name_or_path", "output_dir") if getattr(config, name) is None]
-    if config.train_data_dir is None and config.dataset_config is None and config.in_json is None:
-        missing.append("train_data_dir (or dataset_config)")
-    if config.dataset_config is None and config.resolution is None:
+    if config.dataset_class is None and config.train_data_dir is None and config.dataset_config is None \
+            and config.in_json is None:
+        missing.append("train_data_dir (or dataset_config, or dataset_class)")
+    if config.dataset_config is None and config.dataset_class is None and config.resolution is None:
         missing.append("resolution")
     if missing:
         _refuse(f"training needs {', '.join(missing)}")

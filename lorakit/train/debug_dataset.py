@@ -11,10 +11,10 @@ __all__ = ["print_batches"]
 
 
 def print_batches(dataset, order, loader, *, epoch: int = 1, write: Callable[[str], None] = print) -> int:
-    """Print the batches of ``epoch``; returns how many were printed."""
+    """Print the batches of ``epoch`` of ``dataset`` (a TrainDataset, or the CustomBatches of a dataset_class);
+    returns how many were printed."""
     total = dataset.steps_per_epoch
-    write(f"debug_dataset: {len(dataset.entries)} images, {dataset.num_train_images} training images with repeats, "
-          f"{dataset.num_reg_images} regularisation images, {total} batches per epoch")
+    write(f"debug_dataset: {dataset.summary}, {total} batches per epoch")
     order.set_position(epoch, 0)
     count = 0
     for count, batch in enumerate(loader, start=1):

@@ -357,7 +357,9 @@ OPTIONS: tuple[Option, ...] = (
          "metadata_cache.json"),
     _opt("bool", "debug_dataset", False, "data", "print the first epoch's batches (images, captions, buckets, "
          "flips, crops) and exit without training"),
-    _later("str", "dataset_class", None, "data", "a custom dataset class"),
+    _opt("str", "dataset_class", None, "data", "a class 'module.Class' that serves whole batches instead of "
+         "image folders (sd-scripts' MinimalDataset contract; see lorakit.data.custom_dataset); replaces "
+         "train_data_dir and dataset_config"),
     _opt("choice", "resize_interpolation", None, "data", "filter that resizes images (unset: area shrinking, "
          "lanczos enlarging)", choices=("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")),
     _opt("size", "skip_image_resolution", None, "data", "leave out images whose area is at or below this size's"),

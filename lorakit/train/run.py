@@ -82,6 +82,7 @@ class _Run:
         self.autocast_dtype = None if mp == "no" else self.weight_dtype
         self.save_dtype = parse_dtype(config.save_precision, "save_precision") if config.save_precision else None
         self.uploads = None
+        self.dataset_cls = None  # dataset_class, imported when the run starts
         if config.huggingface_repo_id and self.world.main:
             from .hub import HubUploader
 
@@ -136,6 +137,8 @@ class _Run:
         from ..data.from_config import specs_from_config, specs_from_folders
 
         c = self.config
+        if c.dataset_class:
+            return self._custom_dataset(model)
         specs = specs_from_config(c.dataset_group) if c.dataset_group is not None else specs_from_folders(c)
         specs = self.world.scale_specs(specs)  # every process builds the global batches
         ds = TrainDataset(specs, tokenizers=model.tokenizers, max_token_length=c.max_token_length,
@@ -161,6 +164,29 @@ class _Run:
             if self.world.main:
                 self.world.barrier()
         self.validation_dataset = val
+        order = BatchOrder(ds)
+        loader = make_loader(ds, order, max_workers=c.max_data_loader_n_workers,
+                             persistent=c.persistent_data_loader_workers)
+        return ds, order, loader
+
+    def _custom_dataset(self, model):
+        """dataset_class: the user's class serves whole batches (sd-scripts' load_arbitrary_dataset), built with
+        the model's tokenizer (SD1/SD2) or list of tokenizers (SDXL). No latent or text-encoder output caching and
+        no validation split: the config checks refuse those."""
+        from ..data import BatchOrder, make_loader, pixel_multiple
+        from ..data.custom_batches import CustomBatches
+        from ..data.custom_dataset import load_dataset_class, make_dataset
+
+        c = self.config
+        tokenizer = list(model.tokenizers) if model.is_sdxl else model.tokenizers[0]
+        cls = self.dataset_cls or load_dataset_class(c.dataset_class)
+        user = make_dataset(cls, c.dataset_class, tokenizer, c.max_token_length, c.resolution,
+                            c.debug_dataset)
+        ds = CustomBatches(user, c.dataset_class, tokenizers=model.tokenizers, max_token_length=c.max_token_length,
+                           weighted_captions=c.weighted_captions, seed=self.seed, reso_multiple=pixel_multiple(model),
+                           vae_scale_factor=model.vae_scale_factor,
+                           latent_channels=model.vae.config.latent_channels, masked_loss=c.masked_loss)
+        self.validation_dataset = None
         order = BatchOrder(ds)
         loader = make_loader(ds, order, max_workers=c.max_data_loader_n_workers,
                              persistent=c.persistent_data_loader_workers)
@@ -205,6 +231,10 @@ class _Run:
         from .schedulers import make_scheduler
 
         c = self.config
+        if c.dataset_class:  # a wrong class path fails before the model loads
+            from ..data.custom_dataset import load_dataset_class
+
+            self.dataset_cls = load_dataset_class(c.dataset_class)
         torch.manual_seed(self.seed)
         model = self._load_model()
         merge_base_weights(model, c.base_weights, c.base_weights_multiplier)  # before the network, as sd-scripts

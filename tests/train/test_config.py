@@ -369,7 +369,6 @@ def test_dataset_config_with_train_data_dir_is_refused(tmp_path):
 @pytest.mark.parametrize("overrides,message", [
     ({"deepspeed": True}, "option 'deepspeed' = True: an sd-scripts option lorakit does not support yet"),
     ({"deepspeed": True, "zero_stage": 3}, "deepspeed"),
-    ({"dataset_class": "my.Dataset"}, "option 'dataset_class' = 'my.Dataset'"),
     ({"lr_scheduler": "greedy"}, "'greedy' is an sd-scripts value lorakit does not support"),
     ({"optimizer_type": "AdamWScheduleFree"}, "an sd-scripts optimizer lorakit does not support yet"),
 ])
