@@ -24,7 +24,7 @@ N_SAMPLES = 20
 
 
 def _prompts() -> list[str]:
-    """Purple shapes on training backgrounds, in the caption wording of pre-training."""
+    """Magenta shapes on training backgrounds, in the caption wording of pre-training."""
     out = []
     for i in range(N_SAMPLES):
         shape = demo_data.SHAPES[i % len(demo_data.SHAPES)]
@@ -34,10 +34,6 @@ def _prompts() -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="demo:tiny-sd with this LoRA draws magenta in 65% of these samples (0% without; "
-                   "demo:tiny-sdxl 85%), not >= 80%: the shapes that miss come out blue-violet, because the demo VAE "
-                   "encodes magenta ~0.5 from blue in latent space (open in the issues). strict: passing makes this "
-                   "fail, so drop the mark then")
 def test_quickstart_teaches_the_held_out_colour(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the example's paths are relative to the repository
     config = load_train_config(ROOT / "examples" / "quickstart.toml",
@@ -47,7 +43,9 @@ def test_quickstart_teaches_the_held_out_colour(tmp_path, monkeypatch):
     lora = train(config)
     model = load_model("demo:tiny-sd")
     prompts = _prompts()
-    settings = dict(steps=20, guidance_scale=5.0, seed=100, sampler="euler_a")
+    # guidance 3: this small model overshoots at the usual 5-7.5 (shapes shrink; at 7.5 the LoRA's rate drops
+    # from 0.9 to ~0.55), as the quickstart's sample prompts (--l 3) use it too
+    settings = dict(steps=20, guidance_scale=3.0, seed=100, sampler="euler_a")
     without = concept_rate(generate(model, prompts, **settings))
     net = load_network(model.unet, lora, text_encoders=model.text_encoders).apply()
     with_lora = concept_rate(generate(model, prompts, **settings))
