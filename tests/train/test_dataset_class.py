@@ -25,10 +25,7 @@ from lorakit.data.custom_dataset import load_dataset_class, make_dataset  # noqa
 from lorakit.data.errors import DatasetError  # noqa: E402
 from lorakit.data.from_config import specs_from_folders  # noqa: E402
 from lorakit.formats.safetensors_io import load_file, read_metadata  # noqa: E402
-from lorakit.models.demo import random_model  # noqa: E402
-from lorakit.models.demo_data import write_concept_folder  # noqa: E402
 from lorakit.models.load import load_model  # noqa: E402
-from lorakit.models.save import save_checkpoint  # noqa: E402
 from lorakit.models.text import tokenize  # noqa: E402
 from lorakit.models.tokenizer import tokenizers_for  # noqa: E402
 from lorakit.train.checks import check_runnable  # noqa: E402
@@ -36,17 +33,10 @@ from lorakit.train.config import load_train_config  # noqa: E402
 from lorakit.train.options import NOT_YET_SUPPORTED  # noqa: E402
 from lorakit.train.run import train  # noqa: E402
 
+from .test_run import base  # noqa: E402,F401  (the shared model/data fixture)
+
 HERE = Path(__file__).parent
 STEPS = 5  # 6 images, 2 per batch: 3 batches per epoch, so the run crosses into epoch 2
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dataset_class")
-    save_checkpoint(random_model("tiny-sd", seed=0), root / "sd.safetensors", dtype=None)
-    save_checkpoint(random_model("tiny-sdxl", seed=0), root / "sdxl.safetensors", dtype=None)
-    write_concept_folder(root / "data", n=6, repeats=1)
-    return root
 
 
 @pytest.fixture
