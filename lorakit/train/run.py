@@ -133,12 +133,25 @@ class _Run:
         return net
 
     def _dataset(self, model, cache: bool = True):
-        from ..data import BatchOrder, TrainDataset, cache_latents, make_loader, pixel_multiple
-        from ..data.from_config import specs_from_config, specs_from_folders
+        from ..data import BatchOrder, make_loader
 
         c = self.config
         if c.dataset_class:
-            return self._custom_dataset(model)
+            ds, self.validation_dataset = self._custom_batches(model), None
+        else:
+            ds, self.validation_dataset = self._folder_datasets(model, cache)
+        order = BatchOrder(ds)
+        loader = make_loader(ds, order, max_workers=c.max_data_loader_n_workers,
+                             persistent=c.persistent_data_loader_workers)
+        return ds, order, loader
+
+    def _folder_datasets(self, model, cache: bool):
+        """The training dataset of the image folders (or dataset_config), and the validation one (or None), with
+        their latents and text-encoder outputs cached as the options ask."""
+        from ..data import TrainDataset, cache_latents, pixel_multiple
+        from ..data.from_config import specs_from_config, specs_from_folders
+
+        c = self.config
         specs = specs_from_config(c.dataset_group) if c.dataset_group is not None else specs_from_folders(c)
         specs = self.world.scale_specs(specs)  # every process builds the global batches
         ds = TrainDataset(specs, tokenizers=model.tokenizers, max_token_length=c.max_token_length,
@@ -163,34 +176,24 @@ class _Run:
                 self._cache_text(model, dataset)
             if self.world.main:
                 self.world.barrier()
-        self.validation_dataset = val
-        order = BatchOrder(ds)
-        loader = make_loader(ds, order, max_workers=c.max_data_loader_n_workers,
-                             persistent=c.persistent_data_loader_workers)
-        return ds, order, loader
+        return ds, val
 
-    def _custom_dataset(self, model):
-        """dataset_class: the user's class serves whole batches (sd-scripts' load_arbitrary_dataset), built with
-        the model's tokenizer (SD1/SD2) or list of tokenizers (SDXL). No latent or text-encoder output caching and
-        no validation split: the config checks refuse those."""
-        from ..data import BatchOrder, make_loader, pixel_multiple
+    def _custom_batches(self, model):
+        """dataset_class: the user's class (imported by run() before the model loaded) serves whole batches
+        (sd-scripts' load_arbitrary_dataset), built with the model's tokenizer (SD1/SD2) or list of tokenizers
+        (SDXL). No latent or text-encoder output caching and no validation split: the config checks refuse those."""
+        from ..data import pixel_multiple
         from ..data.custom_batches import CustomBatches
-        from ..data.custom_dataset import load_dataset_class, make_dataset
+        from ..data.custom_dataset import make_dataset
 
         c = self.config
         tokenizer = list(model.tokenizers) if model.is_sdxl else model.tokenizers[0]
-        cls = self.dataset_cls or load_dataset_class(c.dataset_class)
-        user = make_dataset(cls, c.dataset_class, tokenizer, c.max_token_length, c.resolution,
+        user = make_dataset(self.dataset_cls, c.dataset_class, tokenizer, c.max_token_length, c.resolution,
                             c.debug_dataset)
-        ds = CustomBatches(user, c.dataset_class, tokenizers=model.tokenizers, max_token_length=c.max_token_length,
-                           weighted_captions=c.weighted_captions, seed=self.seed, reso_multiple=pixel_multiple(model),
-                           vae_scale_factor=model.vae_scale_factor,
-                           latent_channels=model.vae.config.latent_channels, masked_loss=c.masked_loss)
-        self.validation_dataset = None
-        order = BatchOrder(ds)
-        loader = make_loader(ds, order, max_workers=c.max_data_loader_n_workers,
-                             persistent=c.persistent_data_loader_workers)
-        return ds, order, loader
+        return CustomBatches(user, c.dataset_class, tokenizers=model.tokenizers, max_token_length=c.max_token_length,
+                             weighted_captions=c.weighted_captions, seed=self.seed,
+                             reso_multiple=pixel_multiple(model), vae_scale_factor=model.vae_scale_factor,
+                             latent_channels=model.vae.config.latent_channels, masked_loss=c.masked_loss)
 
     def _cache_text(self, model, dataset) -> None:
         """cache_text_encoder_outputs_to_disk: each caption's frozen text-encoder outputs in a file by its image,
