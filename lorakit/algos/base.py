@@ -310,15 +310,21 @@ class Adapter(DoRA, nn.Module):
         self.merged = False
 
     # ----- applying to the layer --------------------------------------------------------------------------------
-    def apply(self) -> "Adapter":
-        """Route the layer's forward through this adapter (stacks on an adapter already applied)."""
+    def apply(self, fn=None, *, hooks: bool = False) -> "Adapter":
+        """Route the layer's forward through this adapter (stacks on an adapter already applied). ``hooks``:
+        through the module call, so that this adapter's forward hooks run (DeepSpeed ZeRO-3 gathers the
+        adapter's partitioned parameters in one); by default straight to forward, which is faster.
+        ``fn``: torch's Module.apply (fn on every submodule), which this name shadows; libraries call it."""
+        if fn is not None:
+            return super().apply(fn)
         self._org_forward = self.layer.forward
-        self.layer.forward = self.forward
+        self._routed = self.__call__ if hooks else self.forward
+        self.layer.forward = self._routed
         return self
 
     def restore(self) -> None:
         layer = self.layer
-        if layer.__dict__.get("forward") != self.forward:
+        if layer.__dict__.get("forward") != getattr(self, "_routed", self.forward):
             raise RuntimeError(f"{self.name} adapter is not the last one applied to this layer: restore in reverse order")
         if getattr(self._org_forward, "__self__", None) is layer and self._org_forward.__func__ is type(layer).forward:
             del layer.forward  # back to the class's own forward

@@ -101,12 +101,16 @@ class Network(nn.Module):
             adapter.multiplier = self._multiplier * self._block_multipliers.get(name, 1.0)
 
     # ----- applying -----
-    def apply(self) -> "Network":
-        """Route every adapted layer through its adapter; a second network applied later stacks on this one."""
+    def apply(self, fn=None, *, hooks: bool = False) -> "Network":
+        """Route every adapted layer through its adapter; a second network applied later stacks on this one.
+        ``hooks``: through each adapter's module call, so its forward hooks run (see Adapter.apply).
+        ``fn``: torch's Module.apply (fn on every submodule), which this name shadows; libraries call it."""
+        if fn is not None:
+            return super().apply(fn)
         if self.applied:
             raise RuntimeError("this network is already applied")
         for _, adapter in self.adapters():
-            adapter.apply()
+            adapter.apply(hooks=hooks)
         self.applied = True
         return self
 
