@@ -191,10 +191,52 @@ def _combinations(v: dict[str, Any]) -> None:
                         "regularisation images) or remove dataset_config")
     if v["dataset_class"] is not None:
         _dataset_class(v)
+    if v["deepspeed"]:
+        _deepspeed(v)
     if v["resume_from_huggingface"] and v["resume"]:
         from .hub import parse_hub_resume  # no huggingface_hub import: this only reads the string
 
         parse_hub_resume(v["resume"])
+
+
+_DEEPSPEED_OPTIONS = ("zero_stage", "offload_optimizer_device", "offload_optimizer_nvme_path", "offload_param_device",
+                      "offload_param_nvme_path", "zero3_init_flag", "zero3_save_16bit_model",
+                      "fp16_master_weights_and_gradients")
+
+
+def _deepspeed(v: dict[str, Any]) -> None:
+    """What the DeepSpeed engine (train/deepspeed_engine.py) cannot do, refused before any model loads."""
+    stage = v["zero_stage"]
+    for kind in ("optimizer", "param"):
+        device, path = v[f"offload_{kind}_device"], v[f"offload_{kind}_nvme_path"]
+        if device == "nvme" and not path:
+            _refuse(f"offload_{kind}_device = 'nvme' needs offload_{kind}_nvme_path (a folder on the NVMe drive)")
+        if path and device != "nvme":
+            _refuse(f"offload_{kind}_nvme_path is given but offload_{kind}_device is {device!r}, not 'nvme'")
+    if v["offload_param_device"] and stage != 3:
+        _refuse(f"offload_param_device needs zero_stage 3 (got {stage}): only stage 3 partitions the parameters")
+    if v["offload_optimizer_device"] == "nvme" and stage != 3:
+        _refuse(f"offload_optimizer_device 'nvme' needs zero_stage 3 (got {stage}), as DeepSpeed requires")
+    if v["offload_optimizer_device"] and stage == 0:
+        _refuse("offload_optimizer_device needs zero_stage 1, 2 or 3: stage 0 keeps the optimizer as it is")
+    if v["fp16_master_weights_and_gradients"] and not (v["mixed_precision"] == "fp16" and stage == 2
+                                                       and v["offload_optimizer_device"] == "cpu"):
+        _refuse("fp16_master_weights_and_gradients needs mixed_precision 'fp16', zero_stage 2 and "
+                "offload_optimizer_device 'cpu': DeepSpeed supports it only there")
+    if stage >= 1 and v["optimizer_type"].lower() == "adafactor":
+        _refuse(f"optimizer_type Adafactor cannot train with DeepSpeed zero_stage {stage}: ZeRO hands the optimizer "
+                "flat 1-D slices of the weights, and Adafactor factors its statistics by each weight's 2-D shape; "
+                "use zero_stage 0 or another optimizer")
+    for name, why in (("fused_backward_pass", "the engine steps the optimizer itself"),
+                      ("scale_weight_norms", "the rescale would edit the weights behind the optimizer's fp32 master "
+                                             "copy, which the next step writes back"),
+                      ("torch_compile", "lorakit does not compile the models a DeepSpeed engine holds")):
+        if v[name]:
+            _refuse(f"deepspeed and {name} cannot both be on: {why}")
+    if stage == 3:
+        for fp8 in ("fp8_base", "fp8_base_unet"):
+            if v[fp8]:
+                _refuse(f"{fp8} does not work with zero_stage 3: the engine partitions and casts the U-Net weights")
 
 
 def _dataset_class(v: dict[str, Any]) -> None:
@@ -256,6 +298,10 @@ def _warnings(v: dict[str, Any]) -> list[str]:
         notes.append("save_state_to_huggingface without save_state or save_state_on_train_end: no state to upload")
     if v["resume_from_huggingface"] and not v["resume"]:
         notes.append("resume_from_huggingface without resume: nothing is downloaded")
+    if not v["deepspeed"]:
+        unused = [name for name in _DEEPSPEED_OPTIONS if v[name] != BY_NAME[name].default]
+        if unused:  # sd-scripts ignores them
+            notes.append(f"{', '.join(unused)} unused without deepspeed")
     unused = [name for name in _FOLDER_ONLY if v["dataset_class"] is not None and v[name] != BY_NAME[name].default]
     if unused:  # sd-scripts ignores them silently
         notes.append(f"with dataset_class the class makes the batches: {', '.join(unused)} not used")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from dataclasses import dataclass, replace
 
 import torch
@@ -62,14 +63,25 @@ class World:
             torch.distributed.barrier()
 
 
-def current_world(device: torch.device, timeout_minutes: int | None = None) -> World:
+def current_world(device: torch.device, timeout_minutes: int | None = None, group: bool = False) -> World:
     """The process group the launcher describes, initialised once; a single process when there is none.
-    ``timeout_minutes`` (ddp_timeout) bounds how long a collective waits for the other processes."""
+    ``timeout_minutes`` (ddp_timeout) bounds how long a collective waits for the other processes. ``group``: a
+    process group even for a single process (DeepSpeed needs one), on a free local port when no launcher set one."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size <= 1:
+    if size <= 1 and not group:
         return World()
     if not torch.distributed.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        timeout = {"timeout": datetime.timedelta(minutes=timeout_minutes)} if timeout_minutes else {}
-        torch.distributed.init_process_group(backend=backend, init_method="env://", **timeout)
+        kwargs = {"timeout": datetime.timedelta(minutes=timeout_minutes)} if timeout_minutes else {}
+        if size <= 1 and "MASTER_ADDR" not in os.environ:  # kept for the process: DeepSpeed caches its groups
+            kwargs.update(init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        else:
+            kwargs.update(init_method="env://")
+        torch.distributed.init_process_group(backend=backend, **kwargs)
     return World(rank=torch.distributed.get_rank(), size=torch.distributed.get_world_size())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

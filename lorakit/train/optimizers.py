@@ -70,6 +70,9 @@ SPECS: dict[str, OptimizerSpec] = {
     )
 }
 OPTIMIZER_TYPES = tuple(s.name for s in SPECS.values())
+# Optimizers whose step size comes from sums over all the weights (D-Adaptation, Prodigy): wrong when each process
+# holds only a slice of them (DeepSpeed ZeRO on several processes).
+GLOBAL_STATISTICS = frozenset(s.attr for s in SPECS.values() if s.module.startswith("dadaptation")) | {"Prodigy"}
 
 _WORDS = {"true": True, "false": False, "yes": True, "no": False, "none": None, "null": None}
 _BARE_WORD = re.compile(r"^[A-Za-z_][\w.\-]*$")

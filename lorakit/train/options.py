@@ -480,16 +480,23 @@ OPTIONS: tuple[Option, ...] = (
          "DistributedDataParallel buckets; lorakit averages gradients with its own all_reduce, without DDP"),
     _opt("bool", "ddp_static_graph", False, "distributed", "accepted, no effect: a setting of torch's "
          "DistributedDataParallel; lorakit averages gradients with its own all_reduce, without DDP"),
-    _later("bool", "deepspeed", False, "distributed", "DeepSpeed"),
-    _later("int", "zero_stage", 2, "distributed", "DeepSpeed ZeRO stage", inert_unless="deepspeed"),
-    _later("str", "offload_optimizer_device", None, "distributed", "DeepSpeed", inert_unless="deepspeed"),
-    _later("path", "offload_optimizer_nvme_path", None, "distributed", "DeepSpeed", inert_unless="deepspeed"),
-    _later("str", "offload_param_device", None, "distributed", "DeepSpeed", inert_unless="deepspeed"),
-    _later("path", "offload_param_nvme_path", None, "distributed", "DeepSpeed", inert_unless="deepspeed"),
-    _later("bool", "zero3_init_flag", False, "distributed", "DeepSpeed", inert_unless="deepspeed"),
-    _later("bool", "zero3_save_16bit_model", False, "distributed", "DeepSpeed", inert_unless="deepspeed"),
-    _later("bool", "fp16_master_weights_and_gradients", False, "distributed", "DeepSpeed",
-           inert_unless="deepspeed"),
+    _opt("bool", "deepspeed", False, "distributed", "train through a DeepSpeed engine (ZeRO, offloading, its "
+         "mixed precision); needs the deepspeed package"),
+    _opt("choice_int", "zero_stage", 2, "distributed", "ZeRO stage: 0 none, 1 partitions the optimizer states, 2 "
+         "also the gradients, 3 also the parameters (the U-Net and trained text encoders too)",
+         choices=(0, 1, 2, 3)),
+    _opt("choice", "offload_optimizer_device", None, "distributed", "keep the optimizer states and fp32 master "
+         "weights in CPU memory or on NVMe (stage 1-3; NVMe: stage 3)", choices=("cpu", "nvme")),
+    _opt("path", "offload_optimizer_nvme_path", None, "distributed", "folder for offload_optimizer_device = nvme"),
+    _opt("choice", "offload_param_device", None, "distributed", "keep the partitioned parameters in CPU memory or on "
+         "NVMe (stage 3)", choices=("cpu", "nvme")),
+    _opt("path", "offload_param_nvme_path", None, "distributed", "folder for offload_param_device = nvme"),
+    _opt("bool", "zero3_init_flag", False, "distributed", "accepted, no effect: in accelerate it builds transformers "
+         "models already partitioned; lorakit loads the model on each process and the engine partitions it"),
+    _opt("bool", "zero3_save_16bit_model", False, "distributed", "accepted, no effect: lorakit always gathers the "
+         "adapters in full for the files it writes"),
+    _opt("bool", "fp16_master_weights_and_gradients", False, "distributed", "DeepSpeed's fp16 master weights and "
+         "gradients (mixed_precision fp16, zero_stage 2, offload_optimizer_device cpu); full_fp16 asks for the same"),
     # ----- config files -----
     _opt("bool", "output_config", False, "config", "write the resolved options to config_file (which must not "
          "exist yet) and exit, as sd-scripts does; --print-config prints them"),

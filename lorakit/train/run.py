@@ -75,7 +75,7 @@ class _Run:
         self.seed = config.seed if config.seed is not None else int.from_bytes(os.urandom(4), "little")
         local = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-        self.world = current_world(self.device, config.ddp_timeout)
+        self.world = current_world(self.device, config.ddp_timeout, group=config.deepspeed)
         self.names = OutputNames(config.output_dir, config.output_name, config.save_model_as)
         mp = config.mixed_precision
         self.weight_dtype = parse_dtype(mp, "mixed_precision")
@@ -128,7 +128,7 @@ class _Run:
                     raise TrainingError(f"network_weights={where}: {len(unexpected)} tensor(s) match no adapter of "
                                         f"this network (e.g. {unexpected[0]}); use dim_from_weights for its shapes")
         net.to(self.device, torch.float32 if not (c.full_fp16 or c.full_bf16) else self.weight_dtype)
-        net.apply()
+        net.apply(hooks=c.deepspeed and c.zero_stage == 3)  # ZeRO-3 gathers each adapter in a forward hook
         net.train()
         return net
 
@@ -267,6 +267,10 @@ class _Run:
         te_lr = 0.0 if c.network_train_unet_only else c.text_encoder_lr
         groups = net.optimizer_param_groups(unet_lr=unet_lr, text_encoder_lr=te_lr, default_lr=c.learning_rate)
         optimizer = make_optimizer(c.optimizer_type, groups, c.learning_rate, c.optimizer_args)
+        if c.deepspeed:
+            from .deepspeed_engine import offload_optimizer
+
+            optimizer = offload_optimizer(optimizer, c)
         scheduler = make_scheduler(c.lr_scheduler, optimizer, max_steps, c.lr_warmup_steps,
                                    c.lr_scheduler_num_cycles, c.lr_scheduler_power, c.lr_scheduler_args,
                                    num_decay_steps=c.lr_decay_steps, timescale=c.lr_scheduler_timescale,
@@ -301,7 +305,16 @@ class _Run:
                 resume = download_state(c)
             else:
                 resume = c.resume
-            progress = load_state(resume, net, optimizer, scheduler, progress.config_digest)
+            progress = load_state(resume, net, None if c.deepspeed else optimizer, scheduler, progress.config_digest)
+        engine = None
+        if c.deepspeed:  # after the resumed adapters are in place: the engine copies them as its master weights
+            from .deepspeed_engine import DeepSpeedEngine
+
+            engine = DeepSpeedEngine(c, self.world, net, model, optimizer,
+                                     train_unet=not c.network_train_text_encoder_only, train_text=train_text)
+            if c.resume:
+                engine.load_state(resume)
+        full_weights = engine.full_weights if engine else contextlib.nullcontext
         progress = initial_progress(c, progress, updates_per_epoch, max_steps)
         main = self.world.main
         if main:
@@ -316,39 +329,48 @@ class _Run:
             session_id=uuid.uuid4().hex, started_at=time.time(), network_kwargs=c.network_kwargs(),
             model_path=str(c.pretrained_model_name_or_path), resolution=resolution)
         logger = TrainLogger(c, total=max_steps, initial=progress.global_step, quiet=not main)
-        sampler = _Sampler(c, model, net, self.names, self.seed, enabled=main)
+        sampler = _Sampler(c, model, net, self.names, self.seed, enabled=main,
+                           every_process=engine is not None and engine.samples_on_every_process)
 
         def save(path: Path, epoch: int, step: int) -> None:
-            if not main:
-                return
-            meta = {} if c.no_metadata else progress_metadata(base_meta, epoch=epoch, step=step, title=None)
-            _save_adapter(net, path, self.save_dtype, meta, drop_unet=c.network_train_text_encoder_only)
+            """The adapter file, by the main process; every process calls it (ZeRO-3 gathers the adapters)."""
+            with full_weights():
+                if main:
+                    meta = {} if c.no_metadata else progress_metadata(base_meta, epoch=epoch, step=step, title=None)
+                    _save_adapter(net, path, self.save_dtype, meta, drop_unet=c.network_train_text_encoder_only)
+
+        def write_state(folder: Path) -> None:
+            """A state folder: by the main process, or by all of them with deepspeed (each writes its slices)."""
+            if engine is not None:
+                engine.save_state(folder, scheduler, progress)
+            elif main:
+                save_state(folder, net, optimizer, scheduler, progress)
 
         uploads = self.uploads  # huggingface_repo_id: each save is uploaded once written
 
         def checkpoint(kind: str, number: int, epoch: int) -> None:
             """A step or epoch save: the adapter, its state with save_state, their uploads with huggingface_repo_id,
             and the save_last_n_* clean-up."""
-            if not main:
-                return
             by_step = kind == "step"
             every = c.save_every_n_steps if by_step else save_every_epochs
             keep, keep_state = ((c.save_last_n_steps, c.save_last_n_steps_state) if by_step
                                 else (c.save_last_n_epochs, c.save_last_n_epochs_state))
             prune = self.names.prune_steps if by_step else self.names.prune_epochs
             path = self.names.step(number) if by_step else self.names.epoch(number)
-            if uploads is not None and (keep or keep_state):
+            if main and uploads is not None and (keep or keep_state):
                 uploads.wait()  # the clean-up below may remove an older save whose upload is still queued
             save(path, epoch, progress.global_step)
-            if uploads is not None:
-                uploads.upload(path)
-            prune(number, every, keep)
+            if main:
+                if uploads is not None:
+                    uploads.upload(path)
+                prune(number, every, keep)
             if c.save_state:
                 state = self.names.step_state(number) if by_step else self.names.epoch_state(number)
-                save_state(state, net, optimizer, scheduler, progress)
-                if uploads is not None:
-                    uploads.upload_state(state)
-                prune(number, every, keep_state, state=True)
+                write_state(state)
+                if main:
+                    if uploads is not None:
+                        uploads.upload_state(state)
+                    prune(number, every, keep_state, state=True)
 
         if c.sample_at_first and progress.global_step == 0:
             sampler.draw(0)
@@ -379,23 +401,27 @@ class _Run:
                                             "learning rate, or use mixed_precision bf16 instead of fp16")
                     backward_start = time.perf_counter()
                     clock["forward"] += backward_start - began
-                    (loss / c.gradient_accumulation_steps).backward()
+                    micro += 1
+                    boundary = micro >= c.gradient_accumulation_steps or index + 1 == batches_per_epoch
+                    if engine is not None:  # the engine also averages, clips and steps at the boundary
+                        engine.backward(loss, boundary)
+                    else:
+                        (loss / c.gradient_accumulation_steps).backward()
                     clock["backward"] += time.perf_counter() - backward_start
                     clock["batches"] += 1
-                    micro += 1
-                    last_of_epoch = index + 1 == batches_per_epoch
-                    if micro < c.gradient_accumulation_steps and not last_of_epoch:
+                    if not boundary:
                         last = time.perf_counter()
                         continue
                     micro = 0
                     optimizer_start = time.perf_counter()
-                    if not c.fused_backward_pass:  # fused: backward() already stepped each parameter
+                    if engine is None and not c.fused_backward_pass:  # fused: backward() stepped each parameter
                         self.world.average_gradients(trainable)
                         if c.max_grad_norm:
                             torch.nn.utils.clip_grad_norm_(trainable, c.max_grad_norm)
                         optimizer.step()
                     scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    if engine is None:
+                        optimizer.zero_grad(set_to_none=True)
                     progress.global_step += 1
                     progress.step_in_epoch = index + 1
                     if c.scale_weight_norms:
@@ -410,8 +436,8 @@ class _Run:
                     if c.sample_every_n_steps and step % c.sample_every_n_steps == 0:
                         sampler.draw(step)
                     if stop_at_step is not None and step >= stop_at_step:
-                        if main and not (c.save_every_n_steps and step % c.save_every_n_steps == 0 and c.save_state):
-                            save_state(self.names.step_state(step), net, optimizer, scheduler, progress)
+                        if not (c.save_every_n_steps and step % c.save_every_n_steps == 0 and c.save_state):
+                            write_state(self.names.step_state(step))
                         return None
                     if step >= max_steps:
                         break
@@ -434,9 +460,9 @@ class _Run:
         if uploads is not None:
             uploads.upload(final, force_sync=True)  # as sd-scripts: the last upload does not wait in the background
         self.world.barrier()  # the other processes return once the main one has written the file
-        if (c.save_state or c.save_state_on_train_end) and main:
-            save_state(self.names.final_state(), net, optimizer, scheduler, progress)
-            if uploads is not None:
+        if c.save_state or c.save_state_on_train_end:
+            write_state(self.names.final_state())
+            if main and uploads is not None:
                 uploads.upload_state(self.names.final_state())
         if c.sample_every_n_steps or c.sample_every_n_epochs:
             sampler.draw(progress.global_step)
@@ -444,10 +470,14 @@ class _Run:
 
 
 class _Sampler:
-    def __init__(self, config, model, net, names: OutputNames, seed: int, enabled: bool = True):
+    """Sample images, drawn by the main process; ``every_process``: by all of them in step (DeepSpeed ZeRO-3, whose
+    forward needs every process's slice of the weights), saved by the main one."""
+
+    def __init__(self, config, model, net, names: OutputNames, seed: int, enabled: bool = True,
+                 every_process: bool = False):
         self.config, self.model, self.net, self.names, self.seed = config, model, net, names, seed
-        self.prompts, self.last_step = None, None
-        if config.sample_prompts and enabled:
+        self.prompts, self.last_step, self.write = None, None, enabled
+        if config.sample_prompts and (enabled or every_process):
             from .sample_prompts import read_sample_prompts
 
             self.prompts = read_sample_prompts(config.sample_prompts)  # bad files fail before training
@@ -465,7 +495,7 @@ class _Sampler:
         try:
             draw_samples(self.model, self.prompts, self.names.sample_dir(), self.names.name, step,
                          default_sampler=self.config.sample_sampler, clip_skip=self.config.clip_skip,
-                         base_seed=self.seed)
+                         base_seed=self.seed, write=self.write)
         finally:
             torch.set_rng_state(rng)
             self.net.train()

@@ -86,11 +86,13 @@ def _typed(entry: dict, path: Path) -> SamplePrompt:
 
 
 def draw_samples(model, prompts: list[SamplePrompt], folder: Path, output_name: str, step: int, *, default_sampler: str,
-                 clip_skip: int | None, base_seed: int) -> list[Path]:
-    """One image per prompt, named as sd-scripts names them: ``{name}_{step:06d}_{i:02d}_{time}_{seed}.png``."""
+                 clip_skip: int | None, base_seed: int, write: bool = True) -> list[Path]:
+    """One image per prompt, named as sd-scripts names them: ``{name}_{step:06d}_{i:02d}_{time}_{seed}.png``.
+    ``write`` False: drawn but not saved (a process that only takes part in a distributed forward)."""
     from ..models.sample import generate
 
-    folder.mkdir(parents=True, exist_ok=True)
+    if write:
+        folder.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d%H%M%S")
     saved = []
     for i, p in enumerate(prompts):
@@ -99,6 +101,7 @@ def draw_samples(model, prompts: list[SamplePrompt], folder: Path, output_name: 
                          guidance_scale=p.scale, width=p.width, height=p.height, seed=seed,
                          sampler=p.sample_sampler or default_sampler, clip_skip=clip_skip)[0]
         out = folder / f"{output_name}_{step:06d}_{i:02d}_{stamp}_{seed}.png"
-        image.save(out)
-        saved.append(out)
+        if write:
+            image.save(out)
+            saved.append(out)
     return saved

@@ -17,9 +17,9 @@ import torch
 from ..formats.atomic import staging_folder
 from ..formats.safetensors_io import load_file, save_file
 
-__all__ = ["Progress", "save_state", "load_state", "StateError"]
+__all__ = ["Progress", "save_state", "load_state", "StateError", "FORMAT"]
 
-_FORMAT = 1
+FORMAT = 1
 
 
 class StateError(ValueError):
@@ -38,18 +38,24 @@ def save_state(folder: str | Path, network, optimizer, scheduler, progress: Prog
     with staging_folder(folder) as tmp:
         save_file(network.state_dict(), tmp / "network.safetensors")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-        (tmp / "train_state.json").write_text(json.dumps({"format": _FORMAT, **asdict(progress)}, indent=2))
+        (tmp / "train_state.json").write_text(json.dumps({"format": FORMAT, **asdict(progress)}, indent=2))
 
 
 def load_state(folder: str | Path, network, optimizer, scheduler, config_digest: str) -> Progress:
+    """Restore the adapters, the optimizer and the scheduler; ``optimizer`` None: a deepspeed run, whose engine
+    reads its own part of the folder afterwards (deepspeed_engine.py)."""
     folder = Path(folder)
     files = [folder / "network.safetensors", folder / "optimizer.pt", folder / "train_state.json"]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise StateError(f"resume={folder}: not a lorakit state folder (missing {', '.join(missing)})")
     info = json.loads(files[2].read_text())
-    if info.pop("format", None) != _FORMAT:
-        raise StateError(f"resume={folder}: state format {info.get('format')} is not {_FORMAT}")
+    if info.pop("format", None) != FORMAT:
+        raise StateError(f"resume={folder}: state format {info.get('format')} is not {FORMAT}")
+    saved_by_deepspeed = info.pop("deepspeed", None) is not None
+    if saved_by_deepspeed != (optimizer is None):
+        raise StateError(f"resume={folder}: the state was saved {'with' if saved_by_deepspeed else 'without'} "
+                         f"deepspeed; resume it with deepspeed = {str(saved_by_deepspeed).lower()}")
     progress = Progress(**info)
     if progress.config_digest and progress.config_digest != config_digest:
         raise StateError(f"resume={folder}: the state was saved by a run with different training settings "
@@ -61,6 +67,7 @@ def load_state(folder: str | Path, network, optimizer, scheduler, config_digest:
         raise StateError(f"resume={folder}: its adapters differ from this run's network (e.g. {diff})")
     network.load_state_dict(tensors)
     saved = torch.load(files[1], map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(saved["optimizer"])
+    if optimizer is not None:
+        optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     return progress

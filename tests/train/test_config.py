@@ -367,8 +367,6 @@ def test_dataset_config_with_train_data_dir_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    ({"deepspeed": True}, "option 'deepspeed' = True: an sd-scripts option lorakit does not support yet"),
-    ({"deepspeed": True, "zero_stage": 3}, "deepspeed"),
     ({"lr_scheduler": "greedy"}, "'greedy' is an sd-scripts value lorakit does not support"),
     ({"optimizer_type": "AdamWScheduleFree"}, "an sd-scripts optimizer lorakit does not support yet"),
 ])
@@ -376,13 +374,11 @@ def test_not_yet_supported_options_are_refused_unless_default(overrides, message
     assert message in error_of(**overrides)
 
 
-def test_not_yet_supported_options_at_inert_values_load_as_defaults():
-    config = load_train_config(overrides={"offload_optimizer_device": "cpu",
-                                          "zero3_init_flag": True, "caption_separator": ",",
-                                          "lr_scheduler_args": [], "zero_stage": 3})
-    assert (config.offload_optimizer_device, config.zero3_init_flag) == (None, False)
-    assert config.zero_stage == 2
-    assert len(NOT_YET_SUPPORTED) == sum(not o.supported for o in OPTIONS) and "deepspeed" in NOT_YET_SUPPORTED
+def test_every_sd_scripts_option_is_supported():
+    assert NOT_YET_SUPPORTED == () and all(o.supported for o in OPTIONS)
+    config = load_train_config(overrides={"deepspeed": True, "zero_stage": 3, "offload_optimizer_device": "cpu",
+                                          "zero3_init_flag": True, "caption_separator": ",", "lr_scheduler_args": []})
+    assert (config.zero_stage, config.offload_optimizer_device, config.zero3_init_flag) == (3, "cpu", True)
 
 
 def test_sd_scripts_rewrites():
