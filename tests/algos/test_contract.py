@@ -130,3 +130,25 @@ def test_gradients_match_autograd_of_the_merged_weight(algo, options, kind, many
     for n, p in adapter.named_parameters():
         torch.testing.assert_close(got[n], p.grad, rtol=1e-8, atol=1e-9, msg=n)
     torch.testing.assert_close(got_x, xg2.grad, rtol=1e-8, atol=1e-9)
+
+
+def test_apply_with_a_function_is_torchs_module_apply_and_hooks_route_through_the_call():
+    from lorakit.network.network import Entry, Network
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(6, 5)
+    adapter = make_adapter("lora", layer, dim=2)
+    torch.nn.init.normal_(adapter.lora_up)
+    net = Network({"a": adapter}, {"a": Entry("model", "0")}, arch=None)
+    net.apply(hooks=True)
+    x = torch.randn(3, 6)
+    expected = layer(x)
+    seen = []
+    adapter.register_forward_pre_hook(lambda module, args: seen.append(module))
+    torch.testing.assert_close(layer(x), expected)
+    assert seen == [adapter]  # hooks=True: the layer calls the adapter module, so its hooks run
+    visited = []
+    assert net.apply(visited.append) is net and visited == [adapter, net]  # torch's apply: children first
+    torch.testing.assert_close(layer(x), expected)  # and the adapters were not routed a second time
+    net.restore()
+    assert "forward" not in layer.__dict__
