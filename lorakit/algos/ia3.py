@@ -1,5 +1,7 @@
 """(IA)^3: learned per-channel rescaling, dW = W * w on the output rows (or input columns with
-train_on_input). The forward scales the layer's output (or input) instead of touching W."""
+train_on_input). The forward scales the layer's output (or input) instead of touching W; on a frozen Linear
+over many positions (on a CPU) the output scale is folded into W instead, which saves a pass over the output each
+way (Linear 320 on 8192 positions: 1.18x -> 1.08x the frozen layer)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from .base import Adapter
+from .fused_linear import fusable
 
 
 class _ScaleShift(torch.autograd.Function):
@@ -30,6 +33,42 @@ class _ScaleShift(torch.autograd.Function):
         grad_s = (g * y).sum(dims) if ctx.needs_input_grad[1] else None
         grad_c = g.sum(dims) if ctx.needs_input_grad[2] else None
         return grad_y, grad_s, grad_c, None
+
+
+class _LinearScaledRows(torch.autograd.Function):
+    """y = x (W * s[:, None])^T + b for a frozen Linear: the output scale folded into the weight, so the forward is
+    the layer's one GEMM with no pass over the output, and backward the layer's input-gradient GEMM with the scaled
+    weight. grad_s = sum_n g * (W x) comes from the output itself, (y - b) / s: the scales must stay away from 0
+    (the caller checks)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, s):
+        x2 = x.reshape(-1, x.shape[-1])
+        scaled = weight * s[:, None]
+        y = torch.addmm(bias, x2, scaled.t()) if bias is not None else x2 @ scaled.t()
+        ctx.save_for_backward(y, scaled, bias, s)
+        ctx.x_shape = x.shape
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        y, scaled, bias, s = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])
+        grad_x = (g2 @ scaled).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        grad_s = None
+        if ctx.needs_input_grad[3]:
+            grad_s = torch.linalg.vecdot(g2, y, dim=0)
+            if bias is not None:
+                grad_s = grad_s - g2.sum(0) * bias
+            grad_s = grad_s / s
+        return grad_x, None, None, grad_s
+
+
+# The folded path divides by the scale in backward; below this it would lose precision (or divide by zero).
+_MIN_SCALE = 0.05
+# Below this many positions the pass over the output saved by folding costs less than the per-call setup (the
+# scale check and the weight product): measured on bench/layers.py's 154- and 8192-position linear shapes.
+_MIN_FOLD_POSITIONS = 1024
 
 
 class IA3(Adapter):
@@ -58,6 +97,11 @@ class IA3(Adapter):
                 return self._org_forward(x * spec.channel_view(1 + gain, x.dim()), *args, **kwargs)
             u = x.to(self.dtype) * spec.channel_view(gain, x.dim())
             return self.org_with_input_change(x, u, *args, **kwargs)
+        if not args and not kwargs and x.device.type == "cpu" and x.numel() >= _MIN_FOLD_POSITIONS * x.shape[-1] \
+                and fusable(self, x):
+            scale = 1 + gain  # the check below reads the values: free on a CPU, a device sync elsewhere
+            if bool((scale.detach().abs() >= _MIN_SCALE).all()):
+                return _LinearScaledRows.apply(x, self.layer.weight, self.layer.bias, scale)
         y = self._org_forward(x, *args, **kwargs)
         if y.dtype == self.dtype:  # one pass: (W x) (1 + m w) + b = y (1 + m w) - b m w
             bias = self.base_bias()

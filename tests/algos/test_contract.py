@@ -152,3 +152,28 @@ def test_apply_with_a_function_is_torchs_module_apply_and_hooks_route_through_th
     torch.testing.assert_close(layer(x), expected)  # and the adapters were not routed a second time
     net.restore()
     assert "forward" not in layer.__dict__
+
+
+@pytest.mark.parametrize("weight, folded", [(0.3, True), (-1.0, False), (-0.97, False)])
+def test_ia3_folds_its_scale_into_a_linear_weight_unless_the_scale_nears_zero(monkeypatch, weight, folded):
+    """IA3 on a frozen Linear (CPU): y = x (W * s)^T + b in one GEMM, grad_s from the output divided by s; scales
+    near 0 take the plain path. Both give the gradients of the merged-weight formula."""
+    from lorakit.algos import ia3
+
+    calls = []
+    real = ia3._LinearScaledRows.apply
+    monkeypatch.setattr(ia3._LinearScaledRows, "apply", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(6, 5).double().requires_grad_(False)
+    adapter = make_adapter("ia3", layer).double()
+    with torch.no_grad():
+        adapter.weight.copy_(weight + 0.02 * torch.randn(5, dtype=torch.float64))
+    x = torch.randn(2, ia3._MIN_FOLD_POSITIONS // 2, 6, dtype=torch.float64, requires_grad=True)
+    adapter(x).sin().sum().backward()
+    assert bool(calls) is folded
+    got_w, got_x = adapter.weight.grad.clone(), x.grad.clone()
+    adapter.zero_grad()
+    x2 = x.detach().clone().requires_grad_(True)
+    F.linear(x2, layer.weight + adapter.delta_weight(1.0), layer.bias).sin().sum().backward()
+    torch.testing.assert_close(got_w, adapter.weight.grad, rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(got_x, x2.grad, rtol=1e-8, atol=1e-9)
