@@ -46,15 +46,15 @@ class _LinearScaledRows(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         scaled = weight * s[:, None]
         y = torch.addmm(bias, x2, scaled.t()) if bias is not None else x2 @ scaled.t()
-        ctx.save_for_backward(y, scaled, bias, s)
+        ctx.save_for_backward(y, weight, bias, s)  # the scaled weight is rebuilt in backward, not kept
         ctx.x_shape = x.shape
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, g):
-        y, scaled, bias, s = ctx.saved_tensors
+        y, weight, bias, s = ctx.saved_tensors
         g2 = g.reshape(-1, g.shape[-1])
-        grad_x = (g2 @ scaled).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        grad_x = (g2 @ (weight * s[:, None])).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
         grad_s = None
         if ctx.needs_input_grad[3]:
             grad_s = torch.linalg.vecdot(g2, y, dim=0)
