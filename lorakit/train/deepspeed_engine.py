@@ -18,15 +18,12 @@ slice, so the batches, noise and timesteps are those of a run without DeepSpeed.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from .state import Progress, StateError
+from .state import Progress, StateError, save_state
 
 __all__ = ["DeepSpeedEngine", "require_deepspeed", "engine_config", "offload_optimizer"]
 
@@ -169,32 +166,19 @@ class DeepSpeedEngine:
     # ----- state folders ------------------------------------------------------------------------------------------
     def save_state(self, folder: Path, scheduler, progress: Progress) -> None:
         """A state folder as save_state writes it, with the engine's checkpoint (optimizer slices, master weights,
-        loss scale) in deepspeed/ instead of optimizer.pt. Every process takes part: each writes its slices.
-        Written under a temporary name and renamed into place by the main process."""
-        from ..formats.safetensors_io import save_file
-        from .state import FORMAT
+        loss scale) in deepspeed/ instead of the optimizer state. Every process takes part: each writes its slices
+        into the main process's staging folder."""
+        with self.full_weights():  # stage 3: copies, the gathered weights are released on leaving
+            tensors = {k: v.clone() for k, v in self.network.state_dict().items()} if self.world.main else None
+        if self.world.main:
+            save_state(folder, tensors, None, scheduler, progress, deepspeed=(self.stage, self._checkpoint))
+        else:
+            self._checkpoint(None)
 
-        folder = Path(folder)
-        tmp = folder.parent / f".{folder.name}.deepspeed.tmp"
-        if self.world.main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self.world.barrier()
-        self.engine.save_checkpoint(str(tmp / "deepspeed"), tag=_TAG, exclude_frozen_parameters=True)
-        with self.full_weights():
-            tensors = self.network.state_dict() if self.world.main else None
-        if self.world.main:
-            save_file(tensors, tmp / "network.safetensors")
-            torch.save({"scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-            (tmp / "train_state.json").write_text(json.dumps({"format": FORMAT, "deepspeed": self.stage,
-                                                              **asdict(progress)}, indent=2))
-            old = folder.parent / f".{folder.name}.deepspeed.old"
-            if folder.exists():
-                shutil.rmtree(old, ignore_errors=True)
-                folder.rename(old)
-            tmp.rename(folder)
-            shutil.rmtree(old, ignore_errors=True)
-        self.world.barrier()
+    def _checkpoint(self, where: Path | None) -> None:
+        where = self.world.share(where)  # the main process's staging folder
+        self.engine.save_checkpoint(str(where), tag=_TAG, exclude_frozen_parameters=True)
+        self.world.barrier()  # every slice is written before the main process renames the folder
 
     def load_state(self, folder: Path) -> None:
         """The engine's part of a state folder (after state.load_state restored the adapters and the scheduler)."""

@@ -58,6 +58,14 @@ class World:
             for p in params:
                 torch.distributed.broadcast(p.data, src=0)
 
+    def share(self, value):
+        """The main process's ``value`` on every process (a picklable object)."""
+        if not self.active:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
     def barrier(self) -> None:
         if self.active:
             torch.distributed.barrier()

@@ -344,7 +344,7 @@ class _Run:
             if engine is not None:
                 engine.save_state(folder, scheduler, progress)
             elif main:
-                save_state(folder, net, optimizer, scheduler, progress)
+                save_state(folder, net.state_dict(), optimizer, scheduler, progress)
 
         uploads = self.uploads  # huggingface_repo_id: each save is uploaded once written
 

@@ -11,15 +11,16 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from ..formats.atomic import staging_folder
 from ..formats.safetensors_io import load_file, save_file
 
-__all__ = ["Progress", "save_state", "load_state", "StateError", "FORMAT"]
+__all__ = ["Progress", "save_state", "load_state", "StateError"]
 
-FORMAT = 1
+_FORMAT = 1
 
 
 class StateError(ValueError):
@@ -34,11 +35,21 @@ class Progress:
     config_digest: str = ""
 
 
-def save_state(folder: str | Path, network, optimizer, scheduler, progress: Progress) -> None:
+def save_state(folder: str | Path, tensors: dict, optimizer, scheduler, progress: Progress, *,
+               deepspeed: tuple[int, Callable[[Path], None]] | None = None) -> None:
+    """The adapters' ``tensors``, the optimizer and scheduler states and the progress. ``deepspeed``: (ZeRO stage,
+    write) for a DeepSpeed run, whose ``write(folder)`` puts the engine's checkpoint in deepspeed/ in place of the
+    optimizer state (``optimizer`` is then None)."""
     with staging_folder(folder) as tmp:
-        save_file(network.state_dict(), tmp / "network.safetensors")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-        (tmp / "train_state.json").write_text(json.dumps({"format": FORMAT, **asdict(progress)}, indent=2))
+        states, info = {"scheduler": scheduler.state_dict()}, {"format": _FORMAT}
+        if deepspeed is not None:
+            info["deepspeed"], write = deepspeed
+            write(tmp / "deepspeed")
+        else:
+            states["optimizer"] = optimizer.state_dict()
+        save_file(tensors, tmp / "network.safetensors")
+        torch.save(states, tmp / "optimizer.pt")
+        (tmp / "train_state.json").write_text(json.dumps({**info, **asdict(progress)}, indent=2))
 
 
 def load_state(folder: str | Path, network, optimizer, scheduler, config_digest: str) -> Progress:
@@ -50,8 +61,8 @@ def load_state(folder: str | Path, network, optimizer, scheduler, config_digest:
     if missing:
         raise StateError(f"resume={folder}: not a lorakit state folder (missing {', '.join(missing)})")
     info = json.loads(files[2].read_text())
-    if info.pop("format", None) != FORMAT:
-        raise StateError(f"resume={folder}: state format {info.get('format')} is not {FORMAT}")
+    if info.pop("format", None) != _FORMAT:
+        raise StateError(f"resume={folder}: state format {info.get('format')} is not {_FORMAT}")
     saved_by_deepspeed = info.pop("deepspeed", None) is not None
     if saved_by_deepspeed != (optimizer is None):
         raise StateError(f"resume={folder}: the state was saved {'with' if saved_by_deepspeed else 'without'} "

@@ -103,13 +103,14 @@ def test_bf16_trains_within_bf16_precision(base, tmp_path):
     assert diff <= 0.01 * size
 
 
-def test_resume_continues_exactly(base, tmp_path):
-    common = dict(deepspeed=True, zero_stage=2, max_train_steps=4, save_state=True, network_args=["conv_dim=2"])
+@pytest.mark.parametrize("stage", [2, 3])
+def test_resume_continues_exactly(base, tmp_path, stage):
+    common = dict(deepspeed=True, zero_stage=stage, max_train_steps=4, save_state=True, network_args=["conv_dim=2"])
     expected = _weights(train(_config(base, tmp_path / "full", **common)))
     assert train(_config(base, tmp_path / "cut", **common), stop_at_step=2) is None
     state = tmp_path / "cut" / "t-step00000002-state"
     assert (state / "deepspeed" / "state").is_dir()
-    assert json.loads((state / "train_state.json").read_text())["deepspeed"] == 2
+    assert json.loads((state / "train_state.json").read_text())["deepspeed"] == stage
     assert "optimizer" not in torch.load(state / "optimizer.pt", weights_only=True)  # the engine holds it
     got = _weights(train(_config(base, tmp_path / "cut", resume=str(state), **common)))
     _assert_same(got, expected, rtol=0, atol=0)  # AdamW: its moments came back too
@@ -131,7 +132,7 @@ def test_two_processes_equal_one_with_the_global_batch(base, plain, tmp_path, st
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("magenta --w 64 --h 64 --s 2\n")
     cfg = _config(base, tmp_path / "ds", deepspeed=True, zero_stage=stage, train_batch_size=1, seed=3,
-                  max_train_steps=4, sample_prompts=str(prompts), sample_every_n_steps=4, **SGD)
+                  max_train_steps=4, sample_prompts=str(prompts), sample_every_n_steps=4, save_state=True, **SGD)
     overrides = {k: getattr(cfg, k) for k in cfg.given}
     torch.multiprocessing.spawn(_worker, args=(2, _free_port(), overrides), nprocs=2, join=True)
     files = sorted((tmp_path / "ds").glob("*.safetensors"))
@@ -140,6 +141,10 @@ def test_two_processes_equal_one_with_the_global_batch(base, plain, tmp_path, st
     # processes (each holds half of the weights) and the main one saves the image
     assert len(list((tmp_path / "ds" / "sample").glob("*.png"))) == 1
     _assert_same(_weights(files[0]), plain["sgd"], rtol=1e-4, atol=1e-6)
+    # the state: each process wrote its optimizer slice into the main process's staging folder
+    slices = sorted(p.name for p in (tmp_path / "ds" / "t-state" / "deepspeed" / "state").glob("*optim_states.pt"))
+    assert len(slices) == 2 and any("rank_0" in n for n in slices) and any("rank_1" in n for n in slices)
+    _assert_same(_weights(tmp_path / "ds" / "t-state" / "network.safetensors"), plain["sgd"], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("overrides, message", [

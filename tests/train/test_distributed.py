@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -12,14 +11,9 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from lorakit.formats.safetensors_io import load_file  # noqa: E402
+from lorakit.train.distributed import _free_port  # noqa: E402  (also the deepspeed tests' port)
 
 from .test_run import _config, base  # noqa: E402,F401  (the shared model/data fixture)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, overrides: dict) -> None:
