@@ -6,6 +6,41 @@ import torch
 import torch.nn as nn
 
 from .base import Adapter
+from .fused_linear import fusable
+
+
+class _LinearPlusFull(torch.autograd.Function):
+    """y = x (W + m diff)^T + (b + m diff_b) for a frozen Linear: the merged weight is built in one pass and kept
+    for backward (as training the weight itself would keep it), and m is folded into the gradients' products, so
+    the change costs no pass over the weight beyond that one add."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, diff, diff_b, m: float):
+        x2 = x.reshape(-1, x.shape[-1])
+        merged = torch.add(weight, diff, alpha=m)
+        if diff_b is not None:
+            bias = diff_b * m if bias is None else torch.add(bias, diff_b, alpha=m)
+        y = torch.addmm(bias, x2, merged.t()) if bias is not None else x2 @ merged.t()
+        ctx.save_for_backward(x2, merged)
+        ctx.x_shape, ctx.m = x.shape, m
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, merged = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])
+        m = ctx.m
+        grad_x = (g2 @ merged).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        grad_diff = grad_diff_b = None
+        if ctx.needs_input_grad[3]:
+            grad_diff = g2.t() @ x2
+            if m != 1:
+                grad_diff.mul_(m)
+        if ctx.needs_input_grad[4]:
+            grad_diff_b = g2.sum(0)
+            if m != 1:
+                grad_diff_b.mul_(m)
+        return grad_x, None, None, grad_diff, grad_diff_b, None
 
 
 class Full(Adapter):
@@ -31,6 +66,8 @@ class Full(Adapter):
 
     def merged_weight_forward(self, x):
         layer, m = self.layer, self.multiplier
+        if fusable(self, x) and torch.is_grad_enabled():
+            return _LinearPlusFull.apply(x, layer.weight, layer.bias, self.diff, self.diff_b, float(m))
         bias = layer.bias
         if self.diff_b is not None:
             bias = self.diff_b * m if bias is None else bias + self.diff_b * m

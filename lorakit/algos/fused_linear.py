@@ -103,3 +103,47 @@ class _LinearPlusKron(torch.autograd.Function):
 def linear_plus_kron(adapter, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     layer = adapter.layer
     return _LinearPlusKron.apply(x, layer.weight, layer.bias, w1, w2)
+
+
+class _LinearRotatedBlocks(torch.autograd.Function):
+    """y = (x W^T) blockdiag(A) + b for a frozen Linear, where A (blocks k x b x b: output channel i of a block ->
+    output channel j) is an invertible block operator (Diag-OFT's). The operator is folded into the weight
+    (W'_k = A_k^T W_k), so each way runs only the layer's GEMM. The operator's gradient Z_k^T G_k needs the
+    unrotated output Z = x W^T, recovered from the output in closed form: Z_k = (Y_k - b_k) A_k^-1, so
+    grad A_k = A_k^-T ((Y_k - b_k)^T G_k): one pass over Y and G, a b x b solve per block. The caller keeps the
+    operator well conditioned (orthogonal blocks blended with the identity)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, op):
+        x2 = x.reshape(-1, x.shape[-1])
+        merged = _rotated_weight(weight, op)
+        y = torch.addmm(bias, x2, merged.t()) if bias is not None else x2 @ merged.t()
+        ctx.save_for_backward(y, weight, bias, op)  # the merged weight is rebuilt in backward, not kept
+        ctx.x_shape = x.shape
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        y, weight, bias, op = ctx.saved_tensors
+        k, b, _ = op.shape
+        g2 = g.reshape(-1, g.shape[-1])
+        grad_x = grad_op = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g2 @ _rotated_weight(weight, op)).view(ctx.x_shape)
+        if ctx.needs_input_grad[3]:
+            n = g2.shape[0]
+            p = torch.einsum("nki,nkj->kij", y.view(n, k, b), g2.view(n, k, b))
+            if bias is not None:
+                p = p - bias.view(k, b, 1) * g2.sum(0).view(k, 1, b)
+            grad_op = torch.linalg.solve(op.transpose(1, 2), p)
+        return grad_x, None, None, grad_op
+
+
+def _rotated_weight(weight: torch.Tensor, op: torch.Tensor) -> torch.Tensor:
+    k, b, _ = op.shape
+    return torch.bmm(op.transpose(1, 2), weight.view(k, b, -1)).view(weight.shape)
+
+
+def linear_rotated_blocks(adapter, x: torch.Tensor, op: torch.Tensor) -> torch.Tensor:
+    layer = adapter.layer
+    return _LinearRotatedBlocks.apply(x, layer.weight, layer.bias, op)
