@@ -4,6 +4,8 @@ follows ComfyUI, the one UI that loads BOFT: each stage becomes m R + (1 - m) I 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .oft_base import OrthogonalAdapter
@@ -41,14 +43,56 @@ class BOFT(OrthogonalAdapter):
     def prefers_merged_weight(self, x):
         return self.many_positions(x)  # m stages over the activations cost more than one pass with T W
 
-    def rotate(self, v, multiplier):
+    def rotate_rows(self, v, multiplier):
+        """Each stage: the channels (rows) gathered into butterfly order, the blocks applied as one batched matmul,
+        the order undone; consecutive stages' two gathers composed into one."""
         r = self.rotations()
-        stages, _, b, _ = r.shape
+        stages, count, b, _ = r.shape
         eye = torch.eye(b, dtype=r.dtype, device=r.device)
+        orders, inverses = butterfly_orders(v.shape[0], stages, b, v.device)
+        v = _RowGather.apply(v, orders[0], inverses[0])
         for i in range(stages):
             bi = r[i] if multiplier == 1 else multiplier * r[i] + (1 - multiplier) * eye
-            k = 2 ** i * (b // 2)
-            v = v.unflatten(-1, (-1, 2, k)).transpose(-2, -1).flatten(-3).unflatten(-1, (-1, b))
-            v = torch.einsum("bij,...bj->...bi", bi, v)
-            v = v.flatten(-2).unflatten(-1, (-1, k, 2)).transpose(-2, -1).flatten(-3)
+            v = torch.bmm(bi, v.reshape(count, b, -1)).view(v.shape)
+            v = _RowGather.apply(v, orders[i + 1], inverses[i + 1])
         return v
+
+
+class _RowGather(torch.autograd.Function):
+    """v[order] for a permutation: its gradient is the inverse gather (autograd's would scatter-add into zeros,
+    the largest cost of BOFT's backward)."""
+
+    @staticmethod
+    def forward(ctx, v, order, inverse):
+        ctx.inverse = inverse
+        return v.index_select(0, order)  # 3-5x faster than v[order] on rows
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.index_select(0, ctx.inverse), None, None
+
+
+@functools.lru_cache(maxsize=64)
+def _butterfly_orders(channels: int, stages: int, block: int):
+    """Row gathers for rotate_rows: into stage 0's order, from each stage's order into the next's, and back.
+    Stage i pairs channel j with j + 2^i * block / 2 (LyCORIS' and ComfyUI's butterfly)."""
+    orders = []
+    for i in range(stages):
+        k = 2 ** i * (block // 2)
+        orders.append(torch.arange(channels).unflatten(-1, (-1, 2, k)).transpose(-2, -1).flatten(-3))
+    gathers, undo = [orders[0]], torch.empty(channels, dtype=torch.long)
+    for i in range(stages):
+        undo[orders[i]] = torch.arange(channels)
+        gathers.append(undo[orders[i + 1]] if i + 1 < stages else undo.clone())
+    inverses = []
+    for g in gathers:
+        inv = torch.empty(channels, dtype=torch.long)
+        inv[g] = torch.arange(channels)
+        inverses.append(inv)
+    return tuple(gathers), tuple(inverses)
+
+
+def butterfly_orders(channels: int, stages: int, block: int, device):
+    """(gathers, their inverse permutations) on the device."""
+    gathers, inverses = _butterfly_orders(channels, stages, block)
+    return tuple(t.to(device) for t in gathers), tuple(t.to(device) for t in inverses)

@@ -61,3 +61,7 @@ class DiagOFT(OrthogonalAdapter):
         n, b, _ = self.oft_blocks.shape
         blocks = v.unflatten(-1, (n, b))
         return torch.einsum("knm,...kn->...km", self.rotations(), blocks).flatten(-2)
+
+    def rotate_rows(self, v, multiplier):
+        n, b, _ = self.oft_blocks.shape
+        return torch.bmm(self.rotations().transpose(1, 2), v.reshape(n, b, -1)).view(v.shape)

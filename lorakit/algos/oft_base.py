@@ -16,6 +16,26 @@ from .base import Adapter
 _DROPOUTS = frozenset({"dropout", "rank_dropout", "rank_dropout_scale"})
 
 
+class _Cayley(torch.autograd.Function):
+    """R = (I + Q)(I - Q)^-1 for a batch of skew-symmetric Q. Backward needs no second solve: with
+    (I - Q)^-1 = (I + R) / 2, dR = (I + R) dQ (I + R) / 2, so dL/dQ = (I + R)^T G (I + R)^T / 2 (BOFT's
+    1024 blocks of a 1280-channel layer: one batched solve per step instead of three)."""
+
+    @staticmethod
+    def forward(ctx, q):
+        eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+        r = torch.linalg.solve(eye - q, eye + q)
+        ctx.save_for_backward(r)
+        return r
+
+    @staticmethod
+    def backward(ctx, g):
+        (r,) = ctx.saved_tensors
+        eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
+        p = (eye + r).transpose(-1, -2)
+        return p @ g @ p * 0.5
+
+
 class OrthogonalAdapter(Adapter):
     accepts = frozenset({"dim", "constraint", "rescaled"}) | _DROPOUTS
     detect_keys = ("oft_blocks",)
@@ -24,9 +44,15 @@ class OrthogonalAdapter(Adapter):
     def block_shape(self, options) -> tuple[int, ...]:
         raise NotImplementedError
 
+    def rotate_rows(self, v: torch.Tensor, multiplier: float) -> torch.Tensor:
+        """T v for v of shape (out, n): channels first, the layout of the weight, where each block's product is
+        a batched matmul over contiguous rows (no transposes)."""
+        raise NotImplementedError
+
     def rotate(self, v: torch.Tensor, multiplier: float) -> torch.Tensor:
         """T v on the last axis (output channels)."""
-        raise NotImplementedError
+        flat = v.reshape(-1, v.shape[-1])
+        return self.rotate_rows(flat.t(), multiplier).t().reshape(v.shape)
 
     def build(self, options):
         self.bound = options.constraint * self.spec.out_dim
@@ -47,12 +73,15 @@ class OrthogonalAdapter(Adapter):
         b = self.oft_blocks
         q = b - b.transpose(-1, -2)
         q = q * self._clamp_ratio(q)
-        eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
-        return torch.linalg.solve(eye - q, eye + q)
+        return _Cayley.apply(q)
 
     def transformed(self, v: torch.Tensor, multiplier: float) -> torch.Tensor:
         t = self.rotate(v, multiplier)
         return t if self.rescale is None else t * self.rescale.reshape(-1)
+
+    def transformed_rows(self, v: torch.Tensor, multiplier: float) -> torch.Tensor:
+        t = self.rotate_rows(v, multiplier)
+        return t if self.rescale is None else t * self.rescale.reshape(-1, 1)
 
     # ----- forward and merge -----
     def adapted_forward(self, x, *args, **kwargs):
@@ -79,8 +108,7 @@ class OrthogonalAdapter(Adapter):
     def operator(self, multiplier: float) -> torch.Tensor:
         """M = (1 - m) I + m diag(rescale) T as an (out x out) matrix: y' = M (y - b) + b."""
         eye = torch.eye(self.spec.out_dim, dtype=self.dtype, device=self.oft_blocks.device)
-        t = self.transformed(eye, multiplier).t()  # rows of I through the transform: the columns of T
-        return (1 - multiplier) * eye + multiplier * t
+        return (1 - multiplier) * eye + multiplier * self.transformed_rows(eye, multiplier)
 
     def _dense_output(self, y):
         op = self.operator(self.multiplier)
@@ -91,9 +119,8 @@ class OrthogonalAdapter(Adapter):
 
     def delta_weight(self, multiplier=1.0):
         w = self.base_weight().to(self.dtype)
-        v = w.reshape(w.shape[0], -1).t()  # columns as vectors over the output channels
-        d = (self.transformed(v, multiplier) - v).t().reshape(w.shape)
-        return d * multiplier
+        v = w.reshape(w.shape[0], -1)  # columns as vectors over the output channels
+        return (self.transformed_rows(v, multiplier) - v).reshape(w.shape) * multiplier
 
     def _delta_weight(self):
         return self.delta_weight(1.0)
