@@ -135,6 +135,9 @@ class Adapter(DoRA, nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        for p in self._parameters.values():  # read on every call: the module's own dict before a full walk
+            if p is not None:
+                return p.dtype
         for p in self.parameters():
             return p.dtype
         return torch.float32
