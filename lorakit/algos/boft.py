@@ -73,7 +73,7 @@ class _RowGather(torch.autograd.Function):
 
 
 @functools.lru_cache(maxsize=64)
-def _butterfly_orders(channels: int, stages: int, block: int):
+def _butterfly_orders(channels: int, stages: int, block: int, device: torch.device):
     """Row gathers for rotate_rows: into stage 0's order, from each stage's order into the next's, and back.
     Stage i pairs channel j with j + 2^i * block / 2 (LyCORIS' and ComfyUI's butterfly)."""
     orders = []
@@ -89,10 +89,9 @@ def _butterfly_orders(channels: int, stages: int, block: int):
         inv = torch.empty(channels, dtype=torch.long)
         inv[g] = torch.arange(channels)
         inverses.append(inv)
-    return tuple(gathers), tuple(inverses)
+    return tuple(t.to(device) for t in gathers), tuple(t.to(device) for t in inverses)
 
 
 def butterfly_orders(channels: int, stages: int, block: int, device):
-    """(gathers, their inverse permutations) on the device."""
-    gathers, inverses = _butterfly_orders(channels, stages, block)
-    return tuple(t.to(device) for t in gathers), tuple(t.to(device) for t in inverses)
+    """(gathers, their inverse permutations) on the device, made once per layout and device."""
+    return _butterfly_orders(channels, stages, block, torch.device(device))

@@ -35,7 +35,7 @@ class DiagOFT(OrthogonalAdapter):
         # multiplier: the singular values of (1 - m) I + m R stay >= cos(half the largest rotation angle), and
         # the Cayley transform never rotates by a half turn.
         if not args and not kwargs and self.rescale is None and not self._dropouts_active() and \
-                torch.is_grad_enabled() and fusable(self, x) and self.many_positions(x):
+                fusable(self, x) and self.many_positions(x):
             return linear_rotated_blocks(self, x, self.block_operator())
         return super().adapted_forward(x, *args, **kwargs)
 
