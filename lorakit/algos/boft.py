@@ -73,25 +73,12 @@ class _RowGather(torch.autograd.Function):
 
 
 @functools.lru_cache(maxsize=64)
-def _butterfly_orders(channels: int, stages: int, block: int, device: torch.device):
-    """Row gathers for rotate_rows: into stage 0's order, from each stage's order into the next's, and back.
-    Stage i pairs channel j with j + 2^i * block / 2 (LyCORIS' and ComfyUI's butterfly)."""
-    orders = []
-    for i in range(stages):
-        k = 2 ** i * (block // 2)
-        orders.append(torch.arange(channels).unflatten(-1, (-1, 2, k)).transpose(-2, -1).flatten(-3))
-    gathers, undo = [orders[0]], torch.empty(channels, dtype=torch.long)
-    for i in range(stages):
-        undo[orders[i]] = torch.arange(channels)
-        gathers.append(undo[orders[i + 1]] if i + 1 < stages else undo.clone())
-    inverses = []
-    for g in gathers:
-        inv = torch.empty(channels, dtype=torch.long)
-        inv[g] = torch.arange(channels)
-        inverses.append(inv)
-    return tuple(t.to(device) for t in gathers), tuple(t.to(device) for t in inverses)
-
-
-def butterfly_orders(channels: int, stages: int, block: int, device):
-    """(gathers, their inverse permutations) on the device, made once per layout and device."""
-    return _butterfly_orders(channels, stages, block, torch.device(device))
+def butterfly_orders(channels: int, stages: int, block: int, device: torch.device):
+    """Row gathers for rotate_rows, and their inverse permutations, made once per layout and device: into stage
+    0's order, from each stage's order into the next's, and back. Stage i pairs channel j with
+    j + 2^i * block / 2 (LyCORIS' and ComfyUI's butterfly)."""
+    orders = [torch.arange(channels).unflatten(-1, (-1, 2, 2 ** i * (block // 2))).transpose(-2, -1).flatten(-3)
+              for i in range(stages)]
+    undo = [o.argsort() for o in orders]
+    gathers = [orders[0]] + [undo[i][orders[i + 1]] for i in range(stages - 1)] + [undo[-1]]
+    return tuple(g.to(device) for g in gathers), tuple(g.argsort().to(device) for g in gathers)

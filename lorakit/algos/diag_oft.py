@@ -6,9 +6,30 @@ from __future__ import annotations
 
 import torch
 
-from .fused_linear import fusable, linear_rotated_blocks
+from .fused_linear import fusable, linear_folded
 from .lokr import factorization
 from .oft_base import OrthogonalAdapter
+
+
+class _RotatedBlocks:
+    """Diag-OFT's block operator A (k x b x b: channel i of a block -> channel j) folded into a Linear's weight:
+    W'_k = A_k^T W_k. The operator's gradient Z_k^T G_k needs the unrotated output Z = x W^T, recovered from the
+    output in closed form: Z_k = (Y_k - b_k) A_k^-1, so grad A_k = A_k^-T ((Y_k - b_k)^T G_k): one pass over Y and
+    G, a b x b solve per block. The caller keeps A well conditioned (rotations blended with the identity)."""
+
+    @staticmethod
+    def weight(weight, op):
+        k, b, _ = op.shape
+        return torch.bmm(op.transpose(1, 2), weight.view(k, b, -1)).view(weight.shape)
+
+    @staticmethod
+    def param_grad(y, g2, bias, op):
+        k, b, _ = op.shape
+        n = g2.shape[0]
+        p = torch.einsum("nki,nkj->kij", y.view(n, k, b), g2.view(n, k, b))
+        if bias is not None:
+            p = p - bias.view(k, b, 1) * g2.sum(0).view(k, 1, b)
+        return torch.linalg.solve(op.transpose(1, 2), p)
 
 
 class DiagOFT(OrthogonalAdapter):
@@ -36,7 +57,7 @@ class DiagOFT(OrthogonalAdapter):
         # the Cayley transform never rotates by a half turn.
         if not args and not kwargs and self.rescale is None and not self._dropouts_active() and \
                 fusable(self, x) and self.many_positions(x):
-            return linear_rotated_blocks(self, x, self.block_operator())
+            return linear_folded(self, x, self.block_operator(), _RotatedBlocks)
         return super().adapted_forward(x, *args, **kwargs)
 
     def output_from(self, y):

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from .base import Adapter
-from .fused_linear import fusable
+from .fused_linear import fusable, gemm_linear
 
 
 class _LinearPlusFull(torch.autograd.Function):
@@ -20,7 +20,7 @@ class _LinearPlusFull(torch.autograd.Function):
         merged = torch.add(weight, diff, alpha=m)
         if diff_b is not None:
             bias = diff_b * m if bias is None else torch.add(bias, diff_b, alpha=m)
-        y = torch.addmm(bias, x2, merged.t()) if bias is not None else x2 @ merged.t()
+        y = gemm_linear(x2, merged, bias)
         ctx.save_for_backward(x2, merged)
         ctx.x_shape, ctx.m = x.shape, m
         return y.view(*x.shape[:-1], weight.shape[0])

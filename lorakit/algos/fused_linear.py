@@ -18,7 +18,7 @@ class _LinearPlusLowRank(torch.autograd.Function):
         h = x2 @ down.t()
         if mask is not None:  # dropouts on the rank activation, per row
             h = h * mask
-        y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+        y = gemm_linear(x2, weight, bias)
         y.addmm_(h, up.t())
         ctx.save_for_backward(x2, weight, down, up, h, mask)
         ctx.x_shape = x.shape
@@ -78,7 +78,7 @@ class _LinearPlusKron(torch.autograd.Function):
     def forward(ctx, x, weight, bias, w1, w2):
         x2 = x.reshape(-1, x.shape[-1])
         merged = weight + torch.kron(w1, w2)
-        y = torch.addmm(bias, x2, merged.t()) if bias is not None else x2 @ merged.t()
+        y = gemm_linear(x2, merged, bias)
         ctx.save_for_backward(x2, weight, w1, w2)
         ctx.x_shape = x.shape
         return y.view(*x.shape[:-1], weight.shape[0])
@@ -105,45 +105,34 @@ def linear_plus_kron(adapter, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tenso
     return _LinearPlusKron.apply(x, layer.weight, layer.bias, w1, w2)
 
 
-class _LinearRotatedBlocks(torch.autograd.Function):
-    """y = (x W^T) blockdiag(A) + b for a frozen Linear, where A (blocks k x b x b: output channel i of a block ->
-    output channel j) is an invertible block operator (Diag-OFT's). The operator is folded into the weight
-    (W'_k = A_k^T W_k), so each way runs only the layer's GEMM. The operator's gradient Z_k^T G_k needs the
-    unrotated output Z = x W^T, recovered from the output in closed form: Z_k = (Y_k - b_k) A_k^-1, so
-    grad A_k = A_k^-T ((Y_k - b_k)^T G_k): one pass over Y and G, a b x b solve per block. The caller keeps the
-    operator well conditioned (orthogonal blocks blended with the identity)."""
+class _FoldedLinear(torch.autograd.Function):
+    """y = x fold(W, p)^T + b for a frozen Linear, where the adapter's parameter p folds cheaply into the weight and
+    its gradient can be recovered from the output: fold.param_grad(y, g, bias, p). Forward and backward each run
+    only the layer's GEMM, with no pass over the output; the folded weight is rebuilt in backward, not kept."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, op):
+    def forward(ctx, x, weight, bias, param, fold):
         x2 = x.reshape(-1, x.shape[-1])
-        merged = _rotated_weight(weight, op)
-        y = torch.addmm(bias, x2, merged.t()) if bias is not None else x2 @ merged.t()
-        ctx.save_for_backward(y, weight, bias, op)  # the merged weight is rebuilt in backward, not kept
-        ctx.x_shape = x.shape
+        y = gemm_linear(x2, fold.weight(weight, param), bias)
+        ctx.save_for_backward(y, weight, bias, param)
+        ctx.fold, ctx.x_shape = fold, x.shape
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, g):
-        y, weight, bias, op = ctx.saved_tensors
-        k, b, _ = op.shape
+        y, weight, bias, param = ctx.saved_tensors
         g2 = g.reshape(-1, g.shape[-1])
-        grad_x = grad_op = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (g2 @ _rotated_weight(weight, op)).view(ctx.x_shape)
-        if ctx.needs_input_grad[3]:
-            n = g2.shape[0]
-            p = torch.einsum("nki,nkj->kij", y.view(n, k, b), g2.view(n, k, b))
-            if bias is not None:
-                p = p - bias.view(k, b, 1) * g2.sum(0).view(k, 1, b)
-            grad_op = torch.linalg.solve(op.transpose(1, 2), p)
-        return grad_x, None, None, grad_op
+        grad_x = (g2 @ ctx.fold.weight(weight, param)).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        grad_param = ctx.fold.param_grad(y, g2, bias, param) if ctx.needs_input_grad[3] else None
+        return grad_x, None, None, grad_param, None
 
 
-def _rotated_weight(weight: torch.Tensor, op: torch.Tensor) -> torch.Tensor:
-    k, b, _ = op.shape
-    return torch.bmm(op.transpose(1, 2), weight.view(k, b, -1)).view(weight.shape)
-
-
-def linear_rotated_blocks(adapter, x: torch.Tensor, op: torch.Tensor) -> torch.Tensor:
+def linear_folded(adapter, x: torch.Tensor, param: torch.Tensor, fold) -> torch.Tensor:
+    """The adapter's frozen Linear with `param` folded into its weight by `fold` (weight and param_grad)."""
     layer = adapter.layer
-    return _LinearRotatedBlocks.apply(x, layer.weight, layer.bias, op)
+    return _FoldedLinear.apply(x, layer.weight, layer.bias, param, fold)
+
+
+def gemm_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x2 W^T + b as one GEMM."""
+    return torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from .base import Adapter
-from .fused_linear import fusable
+from .fused_linear import fusable, linear_folded
 
 
 class _ScaleShift(torch.autograd.Function):
@@ -35,33 +35,20 @@ class _ScaleShift(torch.autograd.Function):
         return grad_y, grad_s, grad_c, None
 
 
-class _LinearScaledRows(torch.autograd.Function):
-    """y = x (W * s[:, None])^T + b for a frozen Linear: the output scale folded into the weight, so the forward is
-    the layer's one GEMM with no pass over the output, and backward the layer's input-gradient GEMM with the scaled
-    weight. grad_s = sum_n g * (W x) comes from the output itself, (y - b) / s: the scales must stay away from 0
-    (the caller checks)."""
+class _ScaledRows:
+    """IA3's output scale folded into a Linear's weight: W * s[:, None]. grad_s = sum_n g * (W x) comes from the
+    output itself, (y - b) / s: the scales must stay away from 0 (the caller checks)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, s):
-        x2 = x.reshape(-1, x.shape[-1])
-        scaled = weight * s[:, None]
-        y = torch.addmm(bias, x2, scaled.t()) if bias is not None else x2 @ scaled.t()
-        ctx.save_for_backward(y, weight, bias, s)  # the scaled weight is rebuilt in backward, not kept
-        ctx.x_shape = x.shape
-        return y.view(*x.shape[:-1], weight.shape[0])
+    def weight(weight, s):
+        return weight * s[:, None]
 
     @staticmethod
-    def backward(ctx, g):
-        y, weight, bias, s = ctx.saved_tensors
-        g2 = g.reshape(-1, g.shape[-1])
-        grad_x = (g2 @ (weight * s[:, None])).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
-        grad_s = None
-        if ctx.needs_input_grad[3]:
-            grad_s = torch.linalg.vecdot(g2, y, dim=0)
-            if bias is not None:
-                grad_s = grad_s - g2.sum(0) * bias
-            grad_s = grad_s / s
-        return grad_x, None, None, grad_s
+    def param_grad(y, g2, bias, s):
+        grad_s = torch.linalg.vecdot(g2, y, dim=0)
+        if bias is not None:
+            grad_s = grad_s - g2.sum(0) * bias
+        return grad_s / s
 
 
 # The folded path divides by the scale in backward; below this it would lose precision (or divide by zero).
@@ -101,7 +88,7 @@ class IA3(Adapter):
                 and fusable(self, x):
             scale = 1 + gain  # the check below reads the values: free on a CPU, a device sync elsewhere
             if bool((scale.detach().abs() >= _MIN_SCALE).all()):
-                return _LinearScaledRows.apply(x, self.layer.weight, self.layer.bias, scale)
+                return linear_folded(self, x, scale, _ScaledRows)
         y = self._org_forward(x, *args, **kwargs)
         if y.dtype == self.dtype:  # one pass: (W x) (1 + m w) + b = y (1 + m w) - b m w
             bias = self.base_bias()
