@@ -46,6 +46,8 @@ SHAPES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], str]] = {
     "linear768x320": (lambda: nn.Linear(768, 320), (2, 77, 768), "Linear 768->320 on (2,77,768)"),
     "conv320k3": (lambda: nn.Conv2d(320, 320, 3, padding=1), (2, 320, 64, 64),
                   "Conv2d 320->320 k3 p1 on (2,320,64,64)"),
+    # not in the list: SD1.x's proj_in/proj_out, in kohya's default LoRA targets
+    "conv320k1": (lambda: nn.Conv2d(320, 320, 1), (2, 320, 64, 64), "Conv2d 320->320 k1 on (2,320,64,64)"),
 }
 
 STAT = statistics.median  # or min (--stat)

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .dora import DoRA
+from .fused_conv import conv_fusable, conv_plus_low_rank
 from .fused_linear import fusable, linear_plus_low_rank, plain_frozen_layer
 from .layer import LayerSpec, describe_layer, positions
 from .options import AdapterOptions, OptionError, parse_options
@@ -88,11 +89,20 @@ class Adapter(DoRA, nn.Module):
         return None
 
     def fused_low_rank_pair(self, x: torch.Tensor):
-        """low_rank_pair where the fused Linear + low-rank pass applies to this call (a plain frozen Linear, the
+        """low_rank_pair where a fused layer + low-rank pass applies to this call (a plain frozen Linear or conv, the
         factor path cheaper than rebuilding dW), else None."""
-        if not fusable(self, x) or not self._use_factor_path(x):
-            return None
-        return self.low_rank_pair(x)
+        if fusable(self, x):
+            return self.low_rank_pair(x) if self._use_factor_path(x) else None
+        if conv_fusable(self, x) and not self._dropouts_active() and self._use_factor_path(x):
+            return self.low_rank_pair(x)  # rank dropouts on a conv act on (n, rank, *spatial): the plain path
+        return None
+
+    def plus_low_rank(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
+                      mask: torch.Tensor | None) -> torch.Tensor:
+        """The frozen layer's output plus up @ down applied to x, as one fused pass (a fused_low_rank_pair)."""
+        if self.spec.is_conv:
+            return conv_plus_low_rank(self, x, down, up)
+        return linear_plus_low_rank(self, x, down, up, mask)
 
     def factor_flops(self, n: int) -> float:
         """Multiply-adds of delta_forward for n output positions; inf where it has no factor path."""
@@ -218,7 +228,7 @@ class Adapter(DoRA, nn.Module):
         pair = None if args or kwargs else self.fused_low_rank_pair(x)
         if pair is not None:
             down, up, mask = pair
-            return linear_plus_low_rank(self, x, down, up * (self.multiplier * self._scalar()), mask)
+            return self.plus_low_rank(x, down, up * (self.multiplier * self._scalar()), mask)
         y = self._org_forward(x, *args, **kwargs)
         d = self._output_dropouts(self._delta(x.to(self.dtype)))
         return y + (d * (self.multiplier * self._scalar())).to(y.dtype)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .fused_linear import linear_plus_low_rank
 
 
 class DoRA:
@@ -46,7 +45,7 @@ class DoRA:
         r = self._dora_ratio()
         if self.options.dora_axis == "in":
             # (W + dW) diag(r) x == (W + dW)(r * x): scale the input channels instead of the weight.
-            fused = self._dora_fused_linear(x, r.reshape(-1), m)
+            fused = self._dora_fused(x, r.reshape(-1), m)
             if fused is not None:
                 return fused
             c = self.spec.channel_view(r.reshape(-1), x.dim())
@@ -60,8 +59,9 @@ class DoRA:
         d = self._output_dropouts(self._delta(x.to(self.dtype)))
         return y + (m * ((rv - 1) * z + rv * d * self._scalar())).to(y.dtype)
 
-    def _dora_fused_linear(self, x, c, m):
-        """W (k x) + b + m dW (c x) with k = 1 + m (c - 1), as one fused pass: dW (c x) = up (down diag(c / k)) (k x)."""
+    def _dora_fused(self, x, c, m):
+        """W (k x) + b + m dW (c x) with k = 1 + m (c - 1) per input channel, as one fused pass:
+        dW (c x) = up (down diag(c / k)) (k x)."""
         pair = self.fused_low_rank_pair(x)
         if pair is None:
             return None
@@ -69,5 +69,7 @@ class DoRA:
         if bool((k.abs() < 1e-4).any()):
             return None
         down, up, mask = pair
-        return linear_plus_low_rank(self, x * k, down * (c / k), up * (m * self._scalar()), mask)
+        rank, spec = down.shape[0], self.spec
+        down = (down.reshape(rank, spec.in_dim, -1) * (c / k)[:, None]).reshape(down.shape)
+        return self.plus_low_rank(x * spec.channel_view(k, x.dim()), down, up * (m * self._scalar()), mask)
 

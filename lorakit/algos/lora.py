@@ -88,6 +88,8 @@ class LoRA(Adapter):
         return mask
 
     def low_rank_pair(self, x):
+        if self.tucker:
+            return None
         down, up, scale = self.factors()
         mask = self.rank_mask((*x.shape[:-1], down.shape[0]), x)
         return down, up * scale, None if mask is None else mask.reshape(-1, down.shape[0])

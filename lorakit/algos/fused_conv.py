@@ -1,0 +1,108 @@
+"""y = conv(x, W) + b + U conv(x, D) for a frozen Conv1d/2d/3d and a low-rank pair (D: rank x in x kernel, U: out x
+rank, applied pointwise): the convolution counterpart of fused_linear._LinearPlusLowRank.
+
+Autograd through the plain ops runs the pointwise up product as a second convolution, then adds its output to the
+layer's and the two input gradients together, each an extra pass over an activation-sized tensor. Here the up
+product is one batched GEMM accumulated in place into the layer's output, in the channel-first layout the conv
+writes, and its gradient is a GEMM on the output gradient as it is.
+
+A 1x1 convolution with unit stride and no padding (SD1.x's proj_in/proj_out) is a GEMM over positions, and there
+every product, the layer's own included, is a batched GEMM on the (n, channels, positions) view: oneDNN runs the
+320 -> 16 down conv far below GEMM speed, and its 1x1 convs vary with what ran before them. Conv2d 320 k1 on
+(2, 320, 64, 64), LoRA rank 16 (in-process A/B, min of 40 rounds): the plain ops 1.43-1.63x the frozen conv, this
+1.20-1.38x; the layer kept on oneDNN with only the low-rank part as GEMMs, 1.21-1.54x.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .fused_linear import plain_frozen_layer
+
+
+class _ConvPlusLowRank(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, down, up, spec):
+        n, rank = x.shape[0], down.shape[0]
+        pointwise = _pointwise(spec)
+        if pointwise:
+            x3 = _flat(x)
+            y = torch.bmm(_batched(weight.view(weight.shape[0], -1), n), x3)
+            if bias is not None:
+                y += bias[:, None]
+            h = torch.bmm(_batched(down.view(rank, -1), n), x3)
+            y = y.view(n, -1, *x.shape[2:])
+        else:
+            y = spec.op(x, weight, bias)
+            h = _flat(spec.op(x, down))
+        _flat(y).baddbmm_(_batched(up, n), h)
+        ctx.save_for_backward(x, weight, down, up, h)
+        ctx.spec, ctx.pointwise, ctx.h_shape = spec, pointwise, (n, rank, *y.shape[2:])
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, down, up, h = ctx.saved_tensors
+        n, rank = x.shape[0], down.shape[0]
+        g = g.contiguous()
+        g3 = _flat(g)
+        gh = torch.bmm(_batched(up.t(), n), g3)
+        need_x, need_down = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+        grad_x = grad_down = grad_up = None
+        if ctx.pointwise:
+            if need_x:
+                grad_x = torch.bmm(_batched(weight.view(weight.shape[0], -1).t(), n), g3)
+                grad_x.baddbmm_(_batched(down.view(rank, -1).t(), n), gh)
+                grad_x = grad_x.view(x.shape)
+            if need_down:
+                grad_down = torch.bmm(gh, _flat(x).transpose(1, 2)).sum(0).view(down.shape)
+        else:
+            if need_x:
+                grad_x = _conv_backward(ctx.spec, g, x, weight, (True, False))[0]
+            if need_x or need_down:
+                gx_down, grad_down = _conv_backward(ctx.spec, gh.view(ctx.h_shape), x, down, (need_x, need_down))
+                if need_x:
+                    grad_x += gx_down
+        if ctx.needs_input_grad[4]:
+            grad_up = torch.bmm(g3, h.transpose(1, 2)).sum(0)
+        return grad_x, None, None, grad_down, grad_up, None
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """(n, channels, *spatial) -> (n, channels, positions), a view."""
+    return t.view(t.shape[0], t.shape[1], -1)
+
+
+def _batched(m: torch.Tensor, n: int) -> torch.Tensor:
+    return m.expand(n, *m.shape)
+
+
+def _pointwise(spec) -> bool:
+    """A 1x1 convolution with unit stride and no padding: a GEMM over positions."""
+    a = spec.conv_args
+    return spec.kernel_numel == 1 and all(s == 1 for s in a["stride"]) and not any(a["padding"])
+
+
+def _conv_backward(spec, g, x, weight, mask):
+    """(input gradient, weight gradient) of spec's convolution, each only where mask asks for it."""
+    a, nd = spec.conv_args, len(spec.kernel)
+    gx, gw, _ = torch.ops.aten.convolution_backward(
+        g, x, weight, None, a["stride"], a["padding"], a["dilation"], False, (0,) * nd, 1, (*mask, False))
+    return gx, gw
+
+
+def conv_fusable(adapter, x: torch.Tensor) -> bool:
+    """A plain frozen convolution on a batched input with numeric padding (convolution_backward takes no 'same'),
+    input and weight contiguous (a channels-last model keeps its layout through the plain ops)."""
+    spec = adapter.spec
+    return spec.is_conv and x.dim() == len(spec.kernel) + 2 and x.is_contiguous() and \
+        adapter.layer.weight.is_contiguous() and not isinstance(spec.conv_args.get("padding"), str) and \
+        plain_frozen_layer(adapter, x)
+
+
+def conv_plus_low_rank(adapter, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The adapter's frozen conv plus up @ conv(x, down); down (rank, in, *kernel) or flat, up (out, rank[, 1..])."""
+    layer, spec = adapter.layer, adapter.spec
+    rank = down.shape[0]
+    return _ConvPlusLowRank.apply(x, layer.weight, layer.bias, down.reshape(rank, spec.in_dim, *spec.kernel),
+                                  up.reshape(spec.out_dim, rank), spec)

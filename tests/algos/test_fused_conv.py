@@ -1,0 +1,62 @@
+"""The fused conv + low-rank pass (fused_conv._ConvPlusLowRank) against the plain formula op(x, W + m dW) in
+float64: strided, dilated, 1x1 (the GEMM form), 1d and 3d convolutions, with and without bias."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from lorakit.algos import make_adapter
+
+from .conftest import make_input, make_layer, randomize
+from .test_contract import layer_forward
+
+CASES = [("lora", {}), ("lora", {"use_scalar": True}), ("lora", {"dora_wd": True}), ("loha", {})]
+KINDS = ["conv1d", "conv2d", "conv2d_1x1", "conv3d", "conv2d_1x1_nobias"]
+
+
+def _layer(kind):
+    if kind == "conv2d_1x1_nobias":
+        torch.manual_seed(0)
+        return nn.Conv2d(6, 8, 1, bias=False).double().requires_grad_(False)
+    return make_layer(kind)
+
+
+def _input(kind):
+    return make_input("conv2d_1x1" if kind == "conv2d_1x1_nobias" else kind)
+
+
+@pytest.mark.parametrize("algo,options", CASES, ids=[f"{a}-{','.join(o) or 'default'}" for a, o in CASES])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_fused_conv_matches_the_merged_weight(algo, options, kind, input_grad):
+    layer, x = _layer(kind), _input(kind)
+    adapter = randomize(make_adapter(algo, layer, bypass_mode=True, **options).double()).eval()
+    adapter.multiplier = 0.7
+    xg = x.clone().requires_grad_(input_grad)
+    out = adapter(xg)
+    assert type(out.grad_fn).__name__ == "_ConvPlusLowRankBackward"  # the fused pass ran
+    out.sin().sum().backward()
+    got = {n: p.grad.clone() for n, p in adapter.named_parameters()}
+    adapter.zero_grad()
+
+    xr = x.clone().requires_grad_(input_grad)
+    expected = layer_forward(layer, xr, layer.weight + adapter.delta_weight(adapter.multiplier), layer.bias)
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-10)
+    expected.sin().sum().backward()
+    for n, p in adapter.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-8, atol=1e-9, msg=n)
+    if input_grad:
+        torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-8, atol=1e-9)
+
+
+def test_channels_last_and_unbatched_inputs_take_the_plain_path():
+    layer = make_layer("conv2d_1x1")
+    adapter = randomize(make_adapter("lora", layer, bypass_mode=True).double()).eval()
+    x = make_input("conv2d_1x1")
+    for given in (x.contiguous(memory_format=torch.channels_last), x[0]):
+        out = adapter(given)
+        assert out.grad_fn is None or type(out.grad_fn).__name__ != "_ConvPlusLowRankBackward"
+        expected = layer_forward(layer, given, layer.weight + adapter.delta_weight(), layer.bias)
+        torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-10)
