@@ -97,12 +97,15 @@ class Adapter(DoRA, nn.Module):
             return self.low_rank_pair(x)  # rank dropouts on a conv act on (n, rank, *spatial): the plain path
         return None
 
-    def plus_low_rank(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
-                      mask: torch.Tensor | None) -> torch.Tensor:
-        """The frozen layer's output plus up @ down applied to x, as one fused pass (a fused_low_rank_pair)."""
+    def plus_low_rank(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, mask: torch.Tensor | None,
+                      in_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The frozen layer's output plus up @ down applied to x (to in_scale * x per input channel, if given), as one
+        fused pass (a fused_low_rank_pair)."""
         if self.spec.is_conv:
+            if in_scale is not None:
+                x = x * self.spec.channel_view(in_scale, x.dim())
             return conv_plus_low_rank(self, x, down, up)
-        return linear_plus_low_rank(self, x, down, up, mask)
+        return linear_plus_low_rank(self, x, down, up, mask, in_scale)
 
     def factor_flops(self, n: int) -> float:
         """Multiply-adds of delta_forward for n output positions; inf where it has no factor path."""

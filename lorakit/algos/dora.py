@@ -71,5 +71,5 @@ class DoRA:
         down, up, mask = pair
         rank, spec = down.shape[0], self.spec
         down = (down.reshape(rank, spec.in_dim, -1) * (c / k)[:, None]).reshape(down.shape)
-        return self.plus_low_rank(x * spec.channel_view(k, x.dim()), down, up * (m * self._scalar()), mask)
+        return self.plus_low_rank(x, down, up * (m * self._scalar()), mask, in_scale=k)
 

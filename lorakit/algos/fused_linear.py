@@ -13,32 +13,47 @@ import torch
 
 class _LinearPlusLowRank(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, down, up, mask):
+    def forward(ctx, x, weight, bias, down, up, mask, in_scale):
         x2 = x.reshape(-1, x.shape[-1])
-        h = x2 @ down.t()
+        w, d = _scaled_columns(weight, down, in_scale)
+        h = x2 @ d.t()
         if mask is not None:  # dropouts on the rank activation, per row
             h = h * mask
-        y = gemm_linear(x2, weight, bias)
+        y = gemm_linear(x2, w, bias)
         y.addmm_(h, up.t())
-        ctx.save_for_backward(x2, weight, down, up, h, mask)
+        ctx.save_for_backward(x2, weight, down, up, h, mask, in_scale)
         ctx.x_shape = x.shape
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, g):
-        x2, weight, down, up, h, mask = ctx.saved_tensors
+        x2, weight, down, up, h, mask, in_scale = ctx.saved_tensors
+        w, d = _scaled_columns(weight, down, in_scale)
         g2 = g.reshape(-1, g.shape[-1])
         gh = g2 @ up
         if mask is not None:
             gh = gh * mask
-        grad_x = grad_down = grad_up = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (g2 @ weight).addmm_(gh, down).view(ctx.x_shape)
+        grad_x = grad_down = grad_up = grad_scale = None
+        need_scale = in_scale is not None and ctx.needs_input_grad[6]
+        if ctx.needs_input_grad[0] or need_scale:
+            grad_x2 = (g2 @ w).addmm_(gh, d)
+            grad_x = grad_x2.view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+            if need_scale:  # grad_x = (g W + gh D) diag(s): the unscaled product is grad_x / s
+                grad_scale = (x2 * grad_x2).sum(0) / in_scale
         if ctx.needs_input_grad[3]:
             grad_down = gh.t() @ x2
+            if in_scale is not None:
+                grad_down *= in_scale
         if ctx.needs_input_grad[4]:
             grad_up = g2.t() @ h
-        return grad_x, None, None, grad_down, grad_up, None
+        return grad_x, None, None, grad_down, grad_up, None, grad_scale
+
+
+def _scaled_columns(weight, down, in_scale):
+    """W diag(s) and D diag(s): an input-channel scale folded into both factors of the call."""
+    if in_scale is None:
+        return weight, down
+    return weight * in_scale, down * in_scale
 
 
 _PLAIN = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
@@ -63,9 +78,13 @@ def fusable(adapter, x: torch.Tensor) -> bool:
 
 
 def linear_plus_low_rank(adapter, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
-                         mask: torch.Tensor | None = None) -> torch.Tensor:
+                         mask: torch.Tensor | None = None, in_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T + b + (x D^T) U^T; with in_scale s (per input channel) the layer and D see s * x instead, folded into
+    W and D (DoRA along columns) so that no scaled copy of x is made or kept."""
     layer = adapter.layer
-    return _LinearPlusLowRank.apply(x, layer.weight, layer.bias, down, up, mask)
+    if in_scale is not None and x.numel() < layer.weight.numel():  # fewer positions than output rows: scaling x
+        x, in_scale = x * in_scale, None  # costs less than scaling W, each way
+    return _LinearPlusLowRank.apply(x, layer.weight, layer.bias, down, up, mask, in_scale)
 
 
 class _LinearPlusKron(torch.autograd.Function):

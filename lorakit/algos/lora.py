@@ -69,11 +69,22 @@ class LoRA(Adapter):
         u = up.flatten(1) * (scale * self._scalar())  # (out, dim)
         d = down.flatten(1)  # (dim, fan_in)
         if self.options.dora_axis == "out":
-            sq = w.square().sum(1) + 2 * ((w @ d.t()) * u).sum(1) + ((u @ (d @ d.t())) * u).sum(1)
+            sq = self._base_square_sums(w, 1) + 2 * ((w @ d.t()) * u).sum(1) + ((u @ (d @ d.t())) * u).sum(1)
             return sq.clamp_min(0).sqrt().reshape(self.dora_scale.shape)
-        sq = w.square().sum(0) + 2 * ((w.t() @ u) * d.t()).sum(1) + (((u.t() @ u) @ d) * d).sum(0)
+        sq = self._base_square_sums(w, 0) + 2 * ((w.t() @ u) * d.t()).sum(1) + (((u.t() @ u) @ d) * d).sum(0)
         sq = sq.reshape(self.spec.in_dim, -1).sum(1)  # a conv's column spans its kernel positions
         return sq.clamp_min(0).sqrt().reshape(self.dora_scale.shape)
+
+    def _base_square_sums(self, w: torch.Tensor, dim: int) -> torch.Tensor:
+        """|W|^2 summed along dim for the frozen base weight w, kept until the weight changes (merge, a new
+        weight): it is a weight-sized pass on every call otherwise, a fixed cost that dominates on short inputs."""
+        weight = self.layer.weight
+        key = (weight.data_ptr(), weight._version, w.dtype, w.device, dim)
+        cached = self.__dict__.get("_square_sums")
+        if cached is None or cached[0] != key:
+            cached = (key, w.square().sum(dim))
+            self.__dict__["_square_sums"] = cached
+        return cached[1]
 
     def rank_mask(self, h_shape, like: torch.Tensor) -> torch.Tensor | None:
         """kohya's dropouts on the rank activation h (shape h_shape) as one multiplicative mask; None in eval."""

@@ -180,3 +180,44 @@ def test_ia3_folds_its_scale_into_a_linear_weight_unless_the_scale_nears_zero(mo
     F.linear(x2, layer.weight + adapter.delta_weight(1.0), layer.bias).sin().sum().backward()
     torch.testing.assert_close(got_w, adapter.weight.grad, rtol=1e-8, atol=1e-9)
     torch.testing.assert_close(got_x, x2.grad, rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize("axis", ["in", "out"])
+def test_dora_follows_a_base_weight_changed_in_place_or_replaced(axis):
+    """DoRA keeps |W|^2 of the frozen base between calls; a weight changed in place (merge, an optimizer on the
+    base) or a new weight must be seen at the next call."""
+    layer, x = make_layer("linear"), make_input("linear")
+    adapter = randomize(make_adapter("lora", layer, dora_wd=True, dora_axis=axis).double()).eval()
+
+    def expected():
+        return layer_forward(layer, x, layer.weight + adapter.delta_weight(), layer.bias)
+
+    torch.testing.assert_close(adapter(x), expected(), **TOL)
+    with torch.no_grad():
+        layer.weight.mul_(1.5)
+    torch.testing.assert_close(adapter(x), expected(), **TOL)
+    layer.weight = torch.nn.Parameter(layer.weight.detach() * 0.5, requires_grad=False)
+    torch.testing.assert_close(adapter(x), expected(), **TOL)
+
+
+@pytest.mark.parametrize("positions", [3, 200])
+def test_dora_fused_linear_scales_the_input_or_folds_the_scale_into_the_weight(positions):
+    """DoRA along columns scales the input channels: on few positions the input is scaled, on many the scale is
+    folded into W and the down factor; both give the plain formula's output and gradients."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(12, 40).double().requires_grad_(False)
+    adapter = randomize(make_adapter("lora", layer, dim=4, dora_wd=True, bypass_mode=True).double()).eval()
+    adapter.multiplier = 0.7
+    x = torch.randn(1, positions, 12, dtype=torch.float64)
+    xg, xr = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out = adapter(xg)
+    assert type(out.grad_fn).__name__ == "_LinearPlusLowRankBackward"
+    out.sin().sum().backward()
+    got = {n: p.grad.clone() for n, p in adapter.named_parameters()}
+    adapter.zero_grad()
+    expected = layer_forward(layer, xr, layer.weight + adapter.delta_weight(adapter.multiplier), layer.bias)
+    torch.testing.assert_close(out, expected, **TOL)
+    expected.sin().sum().backward()
+    for n, p in adapter.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-8, atol=1e-9, msg=n)
+    torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-8, atol=1e-9)
