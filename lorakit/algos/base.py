@@ -85,7 +85,8 @@ class Adapter(DoRA, nn.Module):
         return rebuilt_weight_op(self.spec, x, self._delta_weight, [p for p in self.parameters() if p.requires_grad])
 
     def low_rank_pair(self, x: torch.Tensor):
-        """(down, up, row mask or None) when dW = up @ down exactly for this call (scale in up), else None."""
+        """(down, up, gain, row mask or None) when dW = gain * up @ down exactly for this call, else None; gain is a
+        float (folded into the fused products) or a tensor."""
         return None
 
     def fused_low_rank_pair(self, x: torch.Tensor):
@@ -97,15 +98,17 @@ class Adapter(DoRA, nn.Module):
             return self.low_rank_pair(x)  # rank dropouts on a conv act on (n, rank, *spatial): the plain path
         return None
 
-    def plus_low_rank(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, mask: torch.Tensor | None,
+    def plus_low_rank(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, gain, mask: torch.Tensor | None,
                       in_scale: torch.Tensor | None = None) -> torch.Tensor:
-        """The frozen layer's output plus up @ down applied to x (to in_scale * x per input channel, if given), as one
-        fused pass (a fused_low_rank_pair)."""
+        """The frozen layer's output plus gain * up @ down applied to x (to in_scale * x per input channel, if
+        given), as one fused pass (a fused_low_rank_pair)."""
+        if isinstance(gain, torch.Tensor):  # a trained scalar: its gradient comes through autograd
+            up, gain = up * gain, 1.0
         if self.spec.is_conv:
             if in_scale is not None:
                 x = x * self.spec.channel_view(in_scale, x.dim())
-            return conv_plus_low_rank(self, x, down, up)
-        return linear_plus_low_rank(self, x, down, up, mask, in_scale)
+            return conv_plus_low_rank(self, x, down, up, gain)
+        return linear_plus_low_rank(self, x, down, up, gain, mask, in_scale)
 
     def factor_flops(self, n: int) -> float:
         """Multiply-adds of delta_forward for n output positions; inf where it has no factor path."""
@@ -230,8 +233,8 @@ class Adapter(DoRA, nn.Module):
             return self._dora_forward(x, *args, **kwargs)
         pair = None if args or kwargs else self.fused_low_rank_pair(x)
         if pair is not None:
-            down, up, mask = pair
-            return self.plus_low_rank(x, down, up * (self.multiplier * self._scalar()), mask)
+            down, up, gain, mask = pair
+            return self.plus_low_rank(x, down, up, gain * self.multiplier * self._scalar(), mask)
         y = self._org_forward(x, *args, **kwargs)
         d = self._output_dropouts(self._delta(x.to(self.dtype)))
         return y + (d * (self.multiplier * self._scalar())).to(y.dtype)

@@ -68,8 +68,8 @@ class DoRA:
         k = 1 + m * (c - 1)
         if bool((k.abs() < 1e-4).any()):
             return None
-        down, up, mask = pair
+        down, up, gain, mask = pair
         rank, spec = down.shape[0], self.spec
         down = (down.reshape(rank, spec.in_dim, -1) * (c / k)[:, None]).reshape(down.shape)
-        return self.plus_low_rank(x, down, up * (m * self._scalar()), mask, in_scale=k)
+        return self.plus_low_rank(x, down, up, gain * m * self._scalar(), mask, in_scale=k)
 

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import torch
 
-from .fused_linear import plain_frozen_layer
+from .fused_linear import _times, plain_frozen_layer
 
 
 class _ConvPlusLowRank(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, down, up, spec):
+    def forward(ctx, x, weight, bias, down, up, gain, spec):
         n, rank = x.shape[0], down.shape[0]
         pointwise = _pointwise(spec)
         if pointwise:
@@ -35,9 +35,9 @@ class _ConvPlusLowRank(torch.autograd.Function):
         else:
             y = spec.op(x, weight, bias)
             h = _flat(spec.op(x, down))
-        _flat(y).baddbmm_(_batched(up, n), h)
+        _flat(y).baddbmm_(_batched(up, n), h, alpha=gain)
         ctx.save_for_backward(x, weight, down, up, h)
-        ctx.spec, ctx.pointwise, ctx.h_shape = spec, pointwise, (n, rank, *y.shape[2:])
+        ctx.spec, ctx.pointwise, ctx.h_shape, ctx.gain = spec, pointwise, (n, rank, *y.shape[2:]), gain
         return y
 
     @staticmethod
@@ -46,7 +46,7 @@ class _ConvPlusLowRank(torch.autograd.Function):
         n, rank = x.shape[0], down.shape[0]
         g = g.contiguous()
         g3 = _flat(g)
-        gh = torch.bmm(_batched(up.t(), n), g3)
+        gh = torch.bmm(_batched(_times(up, ctx.gain).t(), n), g3)
         need_x, need_down = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
         grad_x = grad_down = grad_up = None
         if ctx.pointwise:
@@ -64,8 +64,8 @@ class _ConvPlusLowRank(torch.autograd.Function):
                 if need_x:
                     grad_x += gx_down
         if ctx.needs_input_grad[4]:
-            grad_up = torch.bmm(g3, h.transpose(1, 2)).sum(0)
-        return grad_x, None, None, grad_down, grad_up, None
+            grad_up = _times(torch.bmm(g3, h.transpose(1, 2)).sum(0), ctx.gain, in_place=True)
+        return grad_x, None, None, grad_down, grad_up, None, None
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -100,9 +100,11 @@ def conv_fusable(adapter, x: torch.Tensor) -> bool:
         plain_frozen_layer(adapter, x)
 
 
-def conv_plus_low_rank(adapter, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """The adapter's frozen conv plus up @ conv(x, down); down (rank, in, *kernel) or flat, up (out, rank[, 1..])."""
+def conv_plus_low_rank(adapter, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
+                       gain: float = 1.0) -> torch.Tensor:
+    """The adapter's frozen conv plus gain * up @ conv(x, down); down (rank, in, *kernel) or flat, up (out, rank,
+    [1..])."""
     layer, spec = adapter.layer, adapter.spec
     rank = down.shape[0]
     return _ConvPlusLowRank.apply(x, layer.weight, layer.bias, down.reshape(rank, spec.in_dim, *spec.kernel),
-                                  up.reshape(spec.out_dim, rank), spec)
+                                  up.reshape(spec.out_dim, rank), float(gain), spec)

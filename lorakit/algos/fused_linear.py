@@ -13,16 +13,16 @@ import torch
 
 class _LinearPlusLowRank(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, down, up, mask, in_scale):
+    def forward(ctx, x, weight, bias, down, up, mask, in_scale, gain):
         x2 = x.reshape(-1, x.shape[-1])
         w, d = _scaled_columns(weight, down, in_scale)
         h = x2 @ d.t()
         if mask is not None:  # dropouts on the rank activation, per row
             h = h * mask
         y = gemm_linear(x2, w, bias)
-        y.addmm_(h, up.t())
+        y.addmm_(h, up.t(), alpha=gain)
         ctx.save_for_backward(x2, weight, down, up, h, mask, in_scale)
-        ctx.x_shape = x.shape
+        ctx.x_shape, ctx.gain = x.shape, gain
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -30,7 +30,7 @@ class _LinearPlusLowRank(torch.autograd.Function):
         x2, weight, down, up, h, mask, in_scale = ctx.saved_tensors
         w, d = _scaled_columns(weight, down, in_scale)
         g2 = g.reshape(-1, g.shape[-1])
-        gh = g2 @ up
+        gh = g2 @ _times(up, ctx.gain)
         if mask is not None:
             gh = gh * mask
         grad_x = grad_down = grad_up = grad_scale = None
@@ -45,8 +45,15 @@ class _LinearPlusLowRank(torch.autograd.Function):
             if in_scale is not None:
                 grad_down *= in_scale
         if ctx.needs_input_grad[4]:
-            grad_up = g2.t() @ h
-        return grad_x, None, None, grad_down, grad_up, None, grad_scale
+            grad_up = _times(g2.t() @ h, ctx.gain, in_place=True)
+        return grad_x, None, None, grad_down, grad_up, None, grad_scale, None
+
+
+def _times(t: torch.Tensor, gain: float, in_place: bool = False) -> torch.Tensor:
+    """t * gain, skipped at gain 1 (the adapter's scale and multiplier as a float: no autograd node of their own)."""
+    if gain == 1.0:
+        return t
+    return t.mul_(gain) if in_place else t * gain
 
 
 def _scaled_columns(weight, down, in_scale):
@@ -77,14 +84,14 @@ def fusable(adapter, x: torch.Tensor) -> bool:
     return type(adapter.layer) is torch.nn.Linear and plain_frozen_layer(adapter, x)
 
 
-def linear_plus_low_rank(adapter, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
+def linear_plus_low_rank(adapter, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, gain: float = 1.0,
                          mask: torch.Tensor | None = None, in_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x W^T + b + (x D^T) U^T; with in_scale s (per input channel) the layer and D see s * x instead, folded into
+    """x W^T + b + gain (x D^T) U^T; with in_scale s (per input channel) the layer and D see s * x instead, folded into
     W and D (DoRA along columns) so that no scaled copy of x is made or kept."""
     layer = adapter.layer
     if in_scale is not None and x.numel() < layer.weight.numel():  # fewer positions than output rows: scaling x
         x, in_scale = x * in_scale, None  # costs less than scaling W, each way
-    return _LinearPlusLowRank.apply(x, layer.weight, layer.bias, down, up, mask, in_scale)
+    return _LinearPlusLowRank.apply(x, layer.weight, layer.bias, down, up, mask, in_scale, float(gain))
 
 
 class _LinearPlusKron(torch.autograd.Function):

@@ -60,11 +60,11 @@ class LoHa(Adapter):
         return w.reshape(self.spec.weight_shape)
 
     def _khatri_rao(self):
-        """(B1 (x)col B2, (A1 (x)row A2) * scale): the rank-dim^2 pair whose product is dW."""
+        """(B1 (x)col B2, A1 (x)row A2): the rank-dim^2 pair whose product is dW / scale."""
         spec, r = self.spec, self.rank
         a = (self.hada_w1_a[:, :, None] * self.hada_w2_a[:, None, :]).reshape(spec.out_dim, r * r)
         b = (self.hada_w1_b[:, None, :] * self.hada_w2_b[None, :, :]).reshape(r * r, spec.fan_in)
-        return b, a * self.scale
+        return b, a
 
     def prefers_merged_weight(self, x):
         # the Khatri-Rao pair has rank dim^2: on many positions its thin products cost more than one merged pass
@@ -74,13 +74,14 @@ class LoHa(Adapter):
         if self.tucker or (self.training and (self.options.dropout or self.options.rank_dropout)):
             return None  # its dropouts act on the output
         down, up = self._khatri_rao()
-        return down, up, None
+        return down, up, self.scale, None
 
     def delta_forward(self, x):
         if self.tucker:
             return super().delta_forward(x)
         spec, r = self.spec, self.rank
         b, a = self._khatri_rao()
+        a = a * self.scale
         if spec.kind == "linear":
             return torch.nn.functional.linear(torch.nn.functional.linear(x, b), a)
         ones = (1,) * len(spec.kernel)

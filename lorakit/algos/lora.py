@@ -103,7 +103,7 @@ class LoRA(Adapter):
             return None
         down, up, scale = self.factors()
         mask = self.rank_mask((*x.shape[:-1], down.shape[0]), x)
-        return down, up * scale, None if mask is None else mask.reshape(-1, down.shape[0])
+        return down, up, scale, None if mask is None else mask.reshape(-1, down.shape[0])
 
     def delta_forward(self, x):
         down, up, scale = self.factors()
