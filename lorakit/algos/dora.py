@@ -65,11 +65,12 @@ class DoRA:
         pair = self.fused_low_rank_pair(x)
         if pair is None:
             return None
-        k = 1 + m * (c - 1)
+        k = c if m == 1 else 1 + m * (c - 1)
         if bool((k.abs() < 1e-4).any()):
             return None
         down, up, gain, mask = pair
-        rank, spec = down.shape[0], self.spec
-        down = (down.reshape(rank, spec.in_dim, -1) * (c / k)[:, None]).reshape(down.shape)
+        if m != 1:
+            rank, spec = down.shape[0], self.spec
+            down = (down.reshape(rank, spec.in_dim, -1) * (c / k)[:, None]).reshape(down.shape)
         return self.plus_low_rank(x, down, up, gain * m * self._scalar(), mask, in_scale=k)
 

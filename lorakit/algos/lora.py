@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .layer import ONE_BY_ONE
 from .base import LOW_RANK_OPTIONS, Adapter
+from .low_rank_norm import low_rank_column_squares
 
 
 def kaiming_(t: torch.Tensor) -> torch.Tensor:
@@ -68,10 +69,10 @@ class LoRA(Adapter):
         w = self.base_weight().to(self.dtype).flatten(1)  # (out, fan_in)
         u = up.flatten(1) * (scale * self._scalar())  # (out, dim)
         d = down.flatten(1)  # (dim, fan_in)
-        if self.options.dora_axis == "out":
-            sq = self._base_square_sums(w, 1) + 2 * ((w @ d.t()) * u).sum(1) + ((u @ (d @ d.t())) * u).sum(1)
+        if self.options.dora_axis == "out":  # rows of W are the columns of W^T = D^T U^T
+            sq = low_rank_column_squares(w.t(), self._base_square_sums(w, 1), d.t(), u.t())
             return sq.clamp_min(0).sqrt().reshape(self.dora_scale.shape)
-        sq = self._base_square_sums(w, 0) + 2 * ((w.t() @ u) * d.t()).sum(1) + (((u.t() @ u) @ d) * d).sum(0)
+        sq = low_rank_column_squares(w, self._base_square_sums(w, 0), u, d)
         sq = sq.reshape(self.spec.in_dim, -1).sum(1)  # a conv's column spans its kernel positions
         return sq.clamp_min(0).sqrt().reshape(self.dora_scale.shape)
 
