@@ -203,9 +203,10 @@ class Adapter(DoRA, nn.Module):
         return self.dora_scale is not None and self.options.dora_axis == "out" and self.many_positions(x)
 
     def many_positions(self, x: torch.Tensor) -> bool:
-        """A linear call with many more positions than input columns: there the merged weight's extra gradient
-        product costs less than activation passes (on a conv it costs a whole convolution: never)."""
-        return self.spec.kind == "linear" and positions(self.spec, x) >= 2 * self.spec.fan_in
+        """A call with many more positions than input columns on a Linear or a pointwise conv: there the merged
+        weight's extra gradient product costs less than activation passes (on a conv with a kernel it costs a whole
+        convolution: never)."""
+        return self.spec.is_pointwise and positions(self.spec, x) >= 2 * self.spec.fan_in
 
     def _dropouts_active(self) -> bool:
         return self.training and bool(self.options.dropout or self.options.rank_dropout)

@@ -24,7 +24,7 @@ class _ConvPlusLowRank(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, down, up, gain, spec):
         n, rank = x.shape[0], down.shape[0]
-        pointwise = _pointwise(spec)
+        pointwise = spec.is_pointwise
         if pointwise:
             x3 = _flat(x)
             y = torch.bmm(_batched(weight.view(weight.shape[0], -1), n), x3)
@@ -75,12 +75,6 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 def _batched(m: torch.Tensor, n: int) -> torch.Tensor:
     return m.expand(n, *m.shape)
-
-
-def _pointwise(spec) -> bool:
-    """A 1x1 convolution with unit stride and no padding: a GEMM over positions."""
-    a = spec.conv_args
-    return spec.kernel_numel == 1 and all(s == 1 for s in a["stride"]) and not any(a["padding"])
 
 
 def _conv_backward(spec, g, x, weight, mask):

@@ -36,6 +36,16 @@ class LayerSpec:
         return (self.out_dim, self.in_dim, *self.kernel)
 
     @property
+    def is_pointwise(self) -> bool:
+        """A linear layer, or a 1x1 conv with unit stride and no padding: a GEMM over positions, whose weight
+        gradient costs one product of the output gradient and the input."""
+        if self.kind == "linear":
+            return True
+        a = self.conv_args
+        return self.is_conv and self.kernel_numel == 1 and all(s == 1 for s in a["stride"]) and \
+            not isinstance(a["padding"], str) and not any(a["padding"])
+
+    @property
     def kernel_numel(self) -> int:
         return math.prod(self.kernel)
 

@@ -36,7 +36,9 @@ def test_fused_conv_matches_the_merged_weight(algo, options, kind, input_grad):
     adapter.multiplier = 0.7
     xg = x.clone().requires_grad_(input_grad)
     out = adapter(xg)
-    assert type(out.grad_fn).__name__ == "_ConvPlusLowRankBackward"  # the fused pass ran
+    # LoHa's rank-dim^2 pair on a pointwise conv over many positions: one pass with the merged weight instead
+    merged = algo == "loha" and kind.startswith("conv2d_1x1")
+    assert type(out.grad_fn).__name__ == ("_RebuiltWeightOpBackward" if merged else "_ConvPlusLowRankBackward")
     out.sin().sum().backward()
     got = {n: p.grad.clone() for n, p in adapter.named_parameters()}
     adapter.zero_grad()
