@@ -167,6 +167,11 @@ class LoKr(Adapter):
         h = spec.op(x, self.lokr_w2_b.reshape(-1, p["d"], *spec.kernel))
         return spec.op(h, self.lokr_w2_a.reshape(p["c"], -1, *ones), **ONE_BY_ONE)
 
+    def prefers_merged_weight(self, x):
+        # a pointwise conv over many positions: the Kronecker identity would move activations through transposes,
+        # while the merged weight costs one more GEMM-like pass (a Linear takes linear_plus_kron instead)
+        return self.spec.is_conv and self.dora_scale is None and self.many_positions(x)
+
     def adapted_forward(self, x, *args, **kwargs):
         if self.dora_scale is None and not args and not kwargs and not self._dropouts_active() and \
                 self.many_positions(x) and fusable(self, x):
