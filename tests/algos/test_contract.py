@@ -221,3 +221,15 @@ def test_dora_fused_linear_scales_the_input_or_folds_the_scale_into_the_weight(p
     for n, p in adapter.named_parameters():
         torch.testing.assert_close(got[n], p.grad, rtol=1e-8, atol=1e-9, msg=n)
     torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-8, atol=1e-9)
+
+
+def test_dora_on_a_layer_built_in_inference_mode():
+    """A weight made under torch.inference_mode has no version counter; DoRA's |W|^2 is then computed per call."""
+    with torch.inference_mode():
+        layer = torch.nn.Linear(12, 8).double()
+    adapter = randomize(make_adapter("lora", layer, dora_wd=True).double())
+    x = make_input("linear")
+    with torch.inference_mode():
+        out = adapter(x)
+        expected = layer_forward(layer, x, layer.weight + adapter.delta_weight(), layer.bias)
+    torch.testing.assert_close(out, expected, **TOL)
