@@ -30,7 +30,7 @@ class _ConvPlusLowRank(torch.autograd.Function):
             y = torch.bmm(_batched(weight.view(weight.shape[0], -1), n), x3)
             if bias is not None:
                 y += bias[:, None]
-            h = torch.bmm(_batched(down.view(rank, -1), n), x3)
+            h = torch.bmm(_batched(down.reshape(rank, -1), n), x3)
             y = y.view(n, -1, *x.shape[2:])
         else:
             y = spec.op(x, weight, bias)
@@ -52,7 +52,7 @@ class _ConvPlusLowRank(torch.autograd.Function):
         if ctx.pointwise:
             if need_x:
                 grad_x = torch.bmm(_batched(weight.view(weight.shape[0], -1).t(), n), g3)
-                grad_x.baddbmm_(_batched(down.view(rank, -1).t(), n), gh)
+                grad_x.baddbmm_(_batched(down.reshape(rank, -1).t(), n), gh)
                 grad_x = grad_x.view(x.shape)
             if need_down:
                 grad_down = torch.bmm(gh, _flat(x).transpose(1, 2)).sum(0).view(down.shape)
