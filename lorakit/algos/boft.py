@@ -8,7 +8,7 @@ import functools
 
 import torch
 
-from .oft_base import OrthogonalAdapter
+from .oft_base import OrthogonalAdapter, blend_with_identity
 from .options import OptionError
 
 
@@ -46,14 +46,12 @@ class BOFT(OrthogonalAdapter):
     def rotate_rows(self, v, multiplier):
         """Each stage: the channels (rows) gathered into butterfly order, the blocks applied as one batched matmul,
         the order undone; consecutive stages' two gathers composed into one."""
-        r = self.rotations()
+        r = blend_with_identity(self.rotations(), multiplier)  # each stage: m R + (1 - m) I
         stages, count, b, _ = r.shape
-        eye = torch.eye(b, dtype=r.dtype, device=r.device)
         orders, inverses = butterfly_orders(v.shape[0], stages, b, v.device)
         v = _RowGather.apply(v, orders[0], inverses[0])
         for i in range(stages):
-            bi = r[i] if multiplier == 1 else multiplier * r[i] + (1 - multiplier) * eye
-            v = torch.bmm(bi, v.reshape(count, b, -1)).view(v.shape)
+            v = torch.bmm(r[i], v.reshape(count, b, -1)).view(v.shape)
             v = _RowGather.apply(v, orders[i + 1], inverses[i + 1])
         return v
 

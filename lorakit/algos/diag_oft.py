@@ -8,7 +8,7 @@ import torch
 
 from .fused_linear import fusable, linear_folded
 from .lokr import factorization
-from .oft_base import OrthogonalAdapter
+from .oft_base import OrthogonalAdapter, blend_with_identity
 
 
 class _RotatedBlocks:
@@ -47,10 +47,7 @@ class DiagOFT(OrthogonalAdapter):
         r = self.rotations()
         if self.rescale is not None:
             r = r * self.rescale.reshape(n, 1, b)
-        if m == 1:  # training's usual case: no blend, three fewer autograd nodes per call
-            return r
-        eye = torch.eye(b, dtype=r.dtype, device=r.device)
-        return (1 - m) * eye + m * r
+        return blend_with_identity(r, m)
 
     def adapted_forward(self, x, *args, **kwargs):
         # A frozen Linear over many positions: the blocks folded into the weight (one GEMM each way). Without

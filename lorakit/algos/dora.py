@@ -11,7 +11,6 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 
-
 class DoRA:
     """Mixed into Adapter; active when the adapter has a `dora_scale` parameter."""
 

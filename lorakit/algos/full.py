@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from .base import Adapter
-from .fused_linear import fusable, gemm_linear
+from .fused_linear import fusable, gemm_linear, times_gain
 
 
 class _LinearPlusFull(torch.autograd.Function):
@@ -33,13 +33,9 @@ class _LinearPlusFull(torch.autograd.Function):
         grad_x = (g2 @ merged).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
         grad_diff = grad_diff_b = None
         if ctx.needs_input_grad[3]:
-            grad_diff = g2.t() @ x2
-            if m != 1:
-                grad_diff.mul_(m)
+            grad_diff = times_gain(g2.t() @ x2, m, in_place=True)
         if ctx.needs_input_grad[4]:
-            grad_diff_b = g2.sum(0)
-            if m != 1:
-                grad_diff_b.mul_(m)
+            grad_diff_b = times_gain(g2.sum(0), m, in_place=True)
         return grad_x, None, None, grad_diff, grad_diff_b, None
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .fused_linear import _times, plain_frozen_layer
+from .fused_linear import plain_frozen_layer, times_gain
 
 
 class _ConvPlusLowRank(torch.autograd.Function):
@@ -46,7 +46,7 @@ class _ConvPlusLowRank(torch.autograd.Function):
         n, rank = x.shape[0], down.shape[0]
         g = g.contiguous()
         g3 = _flat(g)
-        gh = torch.bmm(_batched(_times(up, ctx.gain).t(), n), g3)
+        gh = torch.bmm(_batched(times_gain(up, ctx.gain).t(), n), g3)
         need_x, need_down = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
         grad_x = grad_down = grad_up = None
         if ctx.pointwise:
@@ -58,13 +58,14 @@ class _ConvPlusLowRank(torch.autograd.Function):
                 grad_down = torch.bmm(gh, _flat(x).transpose(1, 2)).sum(0).view(down.shape)
         else:
             if need_x:
-                grad_x = _conv_backward(ctx.spec, g, x, weight, (True, False))[0]
+                grad_x = conv_backward(ctx.spec.conv_args, g, x, weight, (True, False))[0]
             if need_x or need_down:
-                gx_down, grad_down = _conv_backward(ctx.spec, gh.view(ctx.h_shape), x, down, (need_x, need_down))
+                gx_down, grad_down = conv_backward(ctx.spec.conv_args, gh.view(ctx.h_shape), x, down,
+                                                   (need_x, need_down))
                 if need_x:
                     grad_x += gx_down
         if ctx.needs_input_grad[4]:
-            grad_up = _times(torch.bmm(g3, h.transpose(1, 2)).sum(0), ctx.gain, in_place=True)
+            grad_up = times_gain(torch.bmm(g3, h.transpose(1, 2)).sum(0), ctx.gain, in_place=True)
         return grad_x, None, None, grad_down, grad_up, None, None
 
 
@@ -77,11 +78,13 @@ def _batched(m: torch.Tensor, n: int) -> torch.Tensor:
     return m.expand(n, *m.shape)
 
 
-def _conv_backward(spec, g, x, weight, mask):
-    """(input gradient, weight gradient) of spec's convolution, each only where mask asks for it."""
-    a, nd = spec.conv_args, len(spec.kernel)
+def conv_backward(conv_args: dict, g, x, weight, mask):
+    """(input gradient, weight gradient) of a convolution with these stride/padding/dilation (numeric padding),
+    each only where mask asks for it."""
+    a = conv_args
     gx, gw, _ = torch.ops.aten.convolution_backward(
-        g, x, weight, None, a["stride"], a["padding"], a["dilation"], False, (0,) * nd, 1, (*mask, False))
+        g, x, weight, None, a["stride"], a["padding"], a["dilation"], False, (0,) * len(a["stride"]), 1,
+        (*mask, False))
     return gx, gw
 
 

@@ -30,7 +30,7 @@ class _LinearPlusLowRank(torch.autograd.Function):
         x2, weight, down, up, h, mask, in_scale = ctx.saved_tensors
         w, d = _scaled_columns(weight, down, in_scale)
         g2 = g.reshape(-1, g.shape[-1])
-        gh = g2 @ _times(up, ctx.gain)
+        gh = g2 @ times_gain(up, ctx.gain)
         if mask is not None:
             gh = gh * mask
         grad_x = grad_down = grad_up = grad_scale = None
@@ -45,12 +45,13 @@ class _LinearPlusLowRank(torch.autograd.Function):
             if in_scale is not None:
                 grad_down *= in_scale
         if ctx.needs_input_grad[4]:
-            grad_up = _times(g2.t() @ h, ctx.gain, in_place=True)
+            grad_up = times_gain(g2.t() @ h, ctx.gain, in_place=True)
         return grad_x, None, None, grad_down, grad_up, None, grad_scale, None
 
 
-def _times(t: torch.Tensor, gain: float, in_place: bool = False) -> torch.Tensor:
-    """t * gain, skipped at gain 1 (the adapter's scale and multiplier as a float: no autograd node of their own)."""
+def times_gain(t: torch.Tensor, gain: float, in_place: bool = False) -> torch.Tensor:
+    """t * gain, skipped at gain 1 (a multiplier or scale folded into a custom function's products as a float: no
+    autograd node of its own)."""
     if gain == 1.0:
         return t
     return t.mul_(gain) if in_place else t * gain

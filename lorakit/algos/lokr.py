@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .fused_conv import conv_backward
 from .fused_linear import fusable, linear_plus_kron
 from .layer import ONE_BY_ONE
 from .base import LOW_RANK_OPTIONS, Adapter
@@ -57,10 +58,8 @@ class _ChannelsLastConv2d(torch.autograd.Function):
     def backward(ctx, g):
         x, w = ctx.saved_tensors
         xs = x.contiguous(memory_format=torch.channels_last)
-        a = ctx.conv_args
-        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-            g.contiguous(memory_format=torch.channels_last), xs, w, None, a["stride"], a["padding"], a["dilation"],
-            False, (0, 0), 1, (ctx.needs_input_grad[0], ctx.needs_input_grad[1], False))
+        grad_x, grad_w = conv_backward(ctx.conv_args, g.contiguous(memory_format=torch.channels_last), xs, w,
+                                       ctx.needs_input_grad[:2])
         return grad_x, grad_w, None
 
 

@@ -36,6 +36,15 @@ class _Cayley(torch.autograd.Function):
         return p @ g @ p * 0.5
 
 
+def blend_with_identity(t: torch.Tensor, m: float) -> torch.Tensor:
+    """(1 - m) I + m t over the last two axes: the UIs' multiplier on a rotation; t itself at m = 1 (training's
+    usual case, no blend built per call)."""
+    if m == 1:
+        return t
+    eye = torch.eye(t.shape[-1], dtype=t.dtype, device=t.device)
+    return (1 - m) * eye + m * t
+
+
 class OrthogonalAdapter(Adapter):
     accepts = frozenset({"dim", "constraint", "rescaled"}) | _DROPOUTS
     detect_keys = ("oft_blocks",)
@@ -108,7 +117,7 @@ class OrthogonalAdapter(Adapter):
     def operator(self, multiplier: float) -> torch.Tensor:
         """M = (1 - m) I + m diag(rescale) T as an (out x out) matrix: y' = M (y - b) + b."""
         eye = torch.eye(self.spec.out_dim, dtype=self.dtype, device=self.oft_blocks.device)
-        return (1 - multiplier) * eye + multiplier * self.transformed_rows(eye, multiplier)
+        return blend_with_identity(self.transformed_rows(eye, multiplier), multiplier)
 
     def _dense_output(self, y):
         op = self.operator(self.multiplier)
