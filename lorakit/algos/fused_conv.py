@@ -69,6 +69,38 @@ class _ConvPlusLowRank(torch.autograd.Function):
         return grad_x, None, None, grad_down, grad_up, None, None
 
 
+class _PointwiseConvMergedLowRank(torch.autograd.Function):
+    """A 1x1 conv (unit stride, no padding) with W + gain U D on a call with many positions: the linear
+    _LinearMergedLowRank on the (n, channels, positions) view, each product a batched GEMM."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, down, up, gain):
+        w, d = weight.view(weight.shape[0], -1), down.reshape(down.shape[0], -1)
+        y = torch.bmm(_batched(torch.addmm(w, up, d, alpha=gain), x.shape[0]), _flat(x))
+        if bias is not None:
+            y += bias[:, None]
+        ctx.save_for_backward(x, weight, down, up)
+        ctx.gain = gain
+        return y.view(x.shape[0], -1, *x.shape[2:])
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, down, up = ctx.saved_tensors
+        n, gain = x.shape[0], ctx.gain
+        w, d = weight.view(weight.shape[0], -1), down.reshape(down.shape[0], -1)
+        x3, g3 = _flat(x), _flat(g.contiguous())
+        grad_x = grad_down = grad_up = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.bmm(_batched(torch.addmm(w, up, d, alpha=gain).t(), n), g3).view(x.shape)
+        if ctx.needs_input_grad[3]:
+            gh = torch.bmm(_batched(times_gain(up, gain).t(), n), g3)
+            grad_down = torch.bmm(gh, x3.transpose(1, 2)).sum(0).view(down.shape)
+        if ctx.needs_input_grad[4]:
+            h = torch.bmm(_batched(d, n), x3)
+            grad_up = times_gain(torch.bmm(g3, h.transpose(1, 2)).sum(0), gain, in_place=True)
+        return grad_x, None, None, grad_down, grad_up, None
+
+
 def _flat(t: torch.Tensor) -> torch.Tensor:
     """(n, channels, *spatial) -> (n, channels, positions), a view."""
     return t.view(t.shape[0], t.shape[1], -1)
@@ -103,5 +135,8 @@ def conv_plus_low_rank(adapter, x: torch.Tensor, down: torch.Tensor, up: torch.T
     [1..])."""
     layer, spec = adapter.layer, adapter.spec
     rank = down.shape[0]
+    if spec.is_pointwise and adapter.many_positions(x):
+        return _PointwiseConvMergedLowRank.apply(x, layer.weight, layer.bias, down.reshape(rank, spec.in_dim),
+                                                 up.reshape(spec.out_dim, rank), float(gain))
     return _ConvPlusLowRank.apply(x, layer.weight, layer.bias, down.reshape(rank, spec.in_dim, *spec.kernel),
                                   up.reshape(spec.out_dim, rank), float(gain), spec)

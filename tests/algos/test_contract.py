@@ -223,6 +223,44 @@ def test_dora_fused_linear_scales_the_input_or_folds_the_scale_into_the_weight(p
     torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-8, atol=1e-9)
 
 
+@pytest.mark.parametrize("use_scalar", [False, True])
+@pytest.mark.parametrize("input_grad", [True, False])
+@pytest.mark.parametrize("positions,path", [(5, "_LinearPlusLowRankBackward"), (60, "_LinearMergedLowRankBackward")])
+def test_lora_linear_adds_the_pair_on_few_positions_and_merges_it_on_many(positions, path, input_grad, use_scalar):
+    """Few positions: the two thin products added to the layer's output; many (>= 2 x fan_in): one product with
+    W + m U D, rebuilt in backward. Both give the plain formula's output and gradients, with and without an input
+    that needs a gradient, and with a trained scalar."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(12, 20).double().requires_grad_(False)
+    adapter = randomize(make_adapter("lora", layer, dim=4, use_scalar=use_scalar).double()).eval()
+    adapter.multiplier = 0.7
+    x = torch.randn(2, positions // 2, 12, dtype=torch.float64)
+    xg, xr = x.clone().requires_grad_(input_grad), x.clone().requires_grad_(input_grad)
+    out = adapter(xg)
+    assert type(out.grad_fn).__name__ == path if not use_scalar else path in _grad_fn_names(out)
+    out.sin().sum().backward()
+    got = {n: p.grad.clone() for n, p in adapter.named_parameters()}
+    adapter.zero_grad()
+    expected = layer_forward(layer, xr, layer.weight + adapter.delta_weight(adapter.multiplier), layer.bias)
+    torch.testing.assert_close(out, expected, **TOL)
+    expected.sin().sum().backward()
+    for n, p in adapter.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-8, atol=1e-9, msg=n)
+    if input_grad:
+        torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-8, atol=1e-9)
+
+
+def _grad_fn_names(t: torch.Tensor) -> set[str]:
+    """Names of every node in t's autograd graph."""
+    names, todo = set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and type(node).__name__ not in names:
+            names.add(type(node).__name__)
+            todo.extend(f for f, _ in node.next_functions)
+    return names
+
+
 def test_dora_on_a_layer_built_in_inference_mode():
     """A weight made under torch.inference_mode has no version counter; DoRA's |W|^2 is then computed per call."""
     with torch.inference_mode():

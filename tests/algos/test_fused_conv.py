@@ -1,5 +1,6 @@
-"""The fused conv + low-rank pass (fused_conv._ConvPlusLowRank) against the plain formula op(x, W + m dW) in
-float64: strided, dilated, 1x1 (the GEMM form), 1d and 3d convolutions, with and without bias."""
+"""The fused conv + low-rank passes (fused_conv._ConvPlusLowRank, and _PointwiseConvMergedLowRank on 1x1 convs over
+many positions) against the plain formula op(x, W + m dW) in float64: strided, dilated, 1x1 (the GEMM form, on few
+and many positions), 1d and 3d convolutions, with and without bias."""
 
 from __future__ import annotations
 
@@ -13,18 +14,20 @@ from .conftest import make_input, make_layer, randomize
 from .test_contract import layer_forward
 
 CASES = [("lora", {}), ("lora", {"use_scalar": True}), ("lora", {"dora_wd": True}), ("loha", {})]
-KINDS = ["conv1d", "conv2d", "conv2d_1x1", "conv3d", "conv2d_1x1_nobias"]
+KINDS = ["conv1d", "conv2d", "conv2d_1x1", "conv3d", "conv2d_1x1_nobias", "conv2d_1x1_few"]
 
 
 def _layer(kind):
     if kind == "conv2d_1x1_nobias":
         torch.manual_seed(0)
         return nn.Conv2d(6, 8, 1, bias=False).double().requires_grad_(False)
-    return make_layer(kind)
+    return make_layer("conv2d_1x1" if kind.startswith("conv2d_1x1") else kind)
 
 
 def _input(kind):
-    return make_input("conv2d_1x1" if kind == "conv2d_1x1_nobias" else kind)
+    if kind == "conv2d_1x1_few":  # 4 positions, under 2 x 6 input channels: the pair added, not merged
+        return make_input("conv2d_1x1")[:, :, :2, :2].contiguous()
+    return make_input("conv2d_1x1" if kind.startswith("conv2d_1x1") else kind)
 
 
 @pytest.mark.parametrize("algo,options", CASES, ids=[f"{a}-{','.join(o) or 'default'}" for a, o in CASES])
@@ -36,9 +39,7 @@ def test_fused_conv_matches_the_merged_weight(algo, options, kind, input_grad):
     adapter.multiplier = 0.7
     xg = x.clone().requires_grad_(input_grad)
     out = adapter(xg)
-    # LoHa's rank-dim^2 pair on a pointwise conv over many positions: one pass with the merged weight instead
-    merged = algo == "loha" and kind.startswith("conv2d_1x1")
-    assert type(out.grad_fn).__name__ == ("_RebuiltWeightOpBackward" if merged else "_ConvPlusLowRankBackward")
+    assert type(out.grad_fn).__name__ == _expected_path(algo, kind)
     out.sin().sum().backward()
     got = {n: p.grad.clone() for n, p in adapter.named_parameters()}
     adapter.zero_grad()
@@ -51,6 +52,13 @@ def test_fused_conv_matches_the_merged_weight(algo, options, kind, input_grad):
         torch.testing.assert_close(got[n], p.grad, rtol=1e-8, atol=1e-9, msg=n)
     if input_grad:
         torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-8, atol=1e-9)
+
+
+def _expected_path(algo, kind):
+    if kind.startswith("conv2d_1x1") and kind != "conv2d_1x1_few":  # a pointwise conv over many positions:
+        # LoHa's rank-dim^2 pair runs once with the rebuilt weight, a low-rank pair merges into the layer's GEMM
+        return "_RebuiltWeightOpBackward" if algo == "loha" else "_PointwiseConvMergedLowRankBackward"
+    return "_ConvPlusLowRankBackward"
 
 
 def test_channels_last_and_unbatched_inputs_take_the_plain_path():
