@@ -271,15 +271,17 @@ class Adapter(DoRA, nn.Module):
     def channel_mask(self, d: torch.Tensor, p: float, channels: int | None = None) -> torch.Tensor:
         """A per-sample keep mask over the channels of `d` (or over `channels` rank components), rescaled to
         mean 1 when rank_dropout_scale is set (the LyCORIS convention)."""
-        channel_dim = 1 if self.spec.is_conv else -1
+        channel_dim = self.spec.channel_axis(d.dim())
         c = d.shape[channel_dim] if channels is None else channels
-        batch = d.shape[0] if d.dim() > 1 else 1
+        batch = d.shape[0] if channel_dim > 0 else 1  # an unbatched input is one sample
         mask = (torch.rand(batch, c, device=d.device) >= p).to(d.dtype)
         if self.options.rank_dropout_scale:
             mask = mask / mask.mean(dim=1, keepdim=True).clamp_min(1.0 / c)
-        if self.spec.is_conv:
-            return mask.reshape(batch, c, *([1] * (d.dim() - 2)))
-        return mask.reshape(batch, *([1] * (d.dim() - 2)), c) if d.dim() > 1 else mask.reshape(c)
+        shape = [1] * d.dim()
+        shape[channel_dim] = c
+        if channel_dim > 0:
+            shape[0] = batch
+        return mask.reshape(shape)
 
     # ----- the change as the UIs apply it ----------------------------------------------------------------------
     def delta_weight(self, multiplier: float = 1.0) -> torch.Tensor:

@@ -39,7 +39,7 @@ class _LinearPlusLowRank(torch.autograd.Function):
             grad_x2 = (g2 @ w).addmm_(gh, d)
             grad_x = grad_x2.view(ctx.x_shape) if ctx.needs_input_grad[0] else None
             if need_scale:  # grad_x = (g W + gh D) diag(s): the unscaled product is grad_x / s
-                grad_scale = (x2 * grad_x2).sum(0) / in_scale
+                grad_scale = torch.linalg.vecdot(x2, grad_x2, dim=0) / in_scale
         if ctx.needs_input_grad[3]:
             grad_down = gh.t() @ x2
             if in_scale is not None:
@@ -50,33 +50,47 @@ class _LinearPlusLowRank(torch.autograd.Function):
 
 
 class _LinearMergedLowRank(torch.autograd.Function):
-    """y = x (W + gain U D)^T + b, for calls with many more positions than the weight has columns: the two thin
-    products of the forward pass and the accumulation into y become one small weight-sized product (rebuilt in
-    backward, not kept). Backward recomputes x D^T, which costs one thin product where keeping it would cost
-    memory. Linear 320 on (2, 4096, 320), rank 16 (in-process A/B, min of 40 rounds): 1.30x the frozen layer
-    with _LinearPlusLowRank, 1.24x with this. (Running backward in cache-sized blocks of rows, so that the thin
-    products read g and x from cache, gained 0-3% and lost up to 15% on wide layers: not kept.)"""
+    """y = x ((W + gain U D) diag(s))^T + b (s: an optional input-channel scale, DoRA along columns), for calls with
+    many more positions than the weight has columns: the two thin products of the forward pass and the accumulation
+    into y become one small weight-sized product (rebuilt in backward, not kept). Backward recomputes x D^T, which
+    costs one thin product where keeping it would cost memory. Linear 320 on (2, 4096, 320), rank 16 (in-process
+    A/B, min of 40 rounds): 1.30x the frozen layer with _LinearPlusLowRank, 1.24x with this. (Running backward in
+    cache-sized blocks of rows, so that the thin products read g and x from cache, gained 0-3% and lost up to 15%
+    on wide layers: not kept.)"""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, down, up, gain):
+    def forward(ctx, x, weight, bias, down, up, in_scale, gain):
         x2 = x.reshape(-1, x.shape[-1])
-        y = gemm_linear(x2, torch.addmm(weight, up, down, alpha=gain), bias)
-        ctx.save_for_backward(x2, weight, down, up)
+        y = gemm_linear(x2, _merged(weight, down, up, in_scale, gain), bias)
+        ctx.save_for_backward(x2, weight, down, up, in_scale)
         ctx.x_shape, ctx.gain = x.shape, gain
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, g):
-        x2, weight, down, up = ctx.saved_tensors
-        g2 = g.reshape(-1, g.shape[-1])
-        grad_x = grad_down = grad_up = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (g2 @ torch.addmm(weight, up, down, alpha=ctx.gain)).view(ctx.x_shape)
+        x2, weight, down, up, in_scale = ctx.saved_tensors
+        g2, gain = g.reshape(-1, g.shape[-1]), ctx.gain
+        grad_x = grad_down = grad_up = grad_scale = None
+        need_scale = in_scale is not None and ctx.needs_input_grad[5]
+        if ctx.needs_input_grad[0] or need_scale:
+            grad_x2 = g2 @ _merged(weight, down, up, in_scale, gain)
+            grad_x = grad_x2.view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+            if need_scale:  # grad_x = g (W + gain U D) diag(s): the unscaled product is grad_x / s
+                grad_scale = torch.linalg.vecdot(x2, grad_x2, dim=0) / in_scale
         if ctx.needs_input_grad[3]:
-            grad_down = (g2 @ times_gain(up, ctx.gain)).t() @ x2
+            grad_down = (g2 @ times_gain(up, gain)).t() @ x2
+            if in_scale is not None:
+                grad_down *= in_scale
         if ctx.needs_input_grad[4]:
-            grad_up = times_gain(g2.t() @ (x2 @ down.t()), ctx.gain, in_place=True)
-        return grad_x, None, None, grad_down, grad_up, None
+            d = down if in_scale is None else down * in_scale
+            grad_up = times_gain(g2.t() @ (x2 @ d.t()), gain, in_place=True)
+        return grad_x, None, None, grad_down, grad_up, grad_scale, None
+
+
+def _merged(weight, down, up, in_scale, gain):
+    """(W + gain U D) diag(s), built in one product (and one scaling pass with s)."""
+    merged = torch.addmm(weight, up, down, alpha=gain)
+    return merged if in_scale is None else merged.mul_(in_scale)
 
 
 def times_gain(t: torch.Tensor, gain: float, in_place: bool = False) -> torch.Tensor:
@@ -120,8 +134,8 @@ def linear_plus_low_rank(adapter, x: torch.Tensor, down: torch.Tensor, up: torch
     """x W^T + b + gain (x D^T) U^T; with in_scale s (per input channel) the layer and D see s * x instead, folded into
     W and D (DoRA along columns) so that no scaled copy of x is made or kept."""
     layer = adapter.layer
-    if mask is None and in_scale is None and adapter.many_positions(x):
-        return _LinearMergedLowRank.apply(x, layer.weight, layer.bias, down, up, float(gain))
+    if mask is None and adapter.many_positions(x):
+        return _LinearMergedLowRank.apply(x, layer.weight, layer.bias, down, up, in_scale, float(gain))
     if in_scale is not None and x.numel() < layer.weight.numel():  # fewer positions than output rows: scaling x
         x, in_scale = x * in_scale, None  # costs less than scaling W, each way
     return _LinearPlusLowRank.apply(x, layer.weight, layer.bias, down, up, mask, in_scale, float(gain))

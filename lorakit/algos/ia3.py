@@ -5,6 +5,8 @@ way (Linear 320 on 8192 positions: 1.18x -> 1.08x the frozen layer)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -30,9 +32,18 @@ class _ScaleShift(torch.autograd.Function):
         y, s = ctx.saved_tensors
         dims = [d for d in range(g.dim()) if d != ctx.channel % g.dim()]
         grad_y = g * s.view(ctx.shape) if ctx.needs_input_grad[0] else None
-        grad_s = (g * y).sum(dims) if ctx.needs_input_grad[1] else None
+        grad_s = _channel_dot(g, y, ctx.channel) if ctx.needs_input_grad[1] else None
         grad_c = g.sum(dims) if ctx.needs_input_grad[2] else None
         return grad_y, grad_s, grad_c, None
+
+
+def _channel_dot(a: torch.Tensor, b: torch.Tensor, channel: int) -> torch.Tensor:
+    """sum(a * b) over every axis but the channel axis, without an activation-sized product in memory."""
+    c = a.shape[channel]
+    if channel % a.dim() == a.dim() - 1:
+        return torch.linalg.vecdot(a.reshape(-1, c), b.reshape(-1, c), dim=0)
+    n = math.prod(a.shape[:channel])  # 1 for an unbatched conv input
+    return torch.linalg.vecdot(a.reshape(n, c, -1), b.reshape(n, c, -1), dim=-1).sum(0)
 
 
 class _ScaledRows:
@@ -93,7 +104,7 @@ class IA3(Adapter):
         if y.dtype == self.dtype:  # one pass: (W x) (1 + m w) + b = y (1 + m w) - b m w
             bias = self.base_bias()
             shift = torch.zeros_like(gain) if bias is None else -bias * gain
-            return _ScaleShift.apply(y, 1 + gain, shift, 1 if spec.is_conv else -1)
+            return _ScaleShift.apply(y, 1 + gain, shift, spec.channel_axis(y.dim()))
         z = self.without_bias(y)  # a half-precision layer: the change apart, in the adapter's precision
         return y + (z.to(self.dtype) * spec.channel_view(gain, y.dim())).to(y.dtype)
 

@@ -59,9 +59,17 @@ class LayerSpec:
             return F.linear(x, weight, bias)
         return _CONV_OPS[len(self.kernel)](x, weight, bias, **{**self.conv_args, **override})
 
+    def channel_axis(self, ndim: int) -> int:
+        """The channel axis of an activation of `ndim` dims (a conv's input may come without a batch axis)."""
+        if self.is_conv:
+            return ndim - 1 - len(self.kernel)
+        return 1 if self.kind == "groupnorm" else ndim - 1
+
     def channel_view(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
         """A per-channel vector shaped to broadcast over an activation of `ndim` dims."""
-        if self.is_conv or self.kind == "groupnorm":
+        if self.is_conv:  # channels come before the spatial axes, batched or not
+            return t.reshape(-1, *([1] * len(self.kernel)))
+        if self.kind == "groupnorm":
             return t.reshape(-1, *([1] * (ndim - 2)))
         return t  # linear and layernorm keep channels last
 

@@ -101,11 +101,9 @@ class OrthogonalAdapter(Adapter):
         if self._dense_operator_pays(y):
             return self._dense_output(y)
         z = self.without_bias(y).to(self.dtype)
-        if self.spec.is_conv:
-            z = z.movedim(1, -1)
-        d = self.transformed(z, self.multiplier) - z
-        if self.spec.is_conv:
-            d = d.movedim(-1, 1)
+        channel = self.spec.channel_axis(y.dim())
+        z = z.movedim(channel, -1)
+        d = (self.transformed(z, self.multiplier) - z).movedim(-1, channel)
         return y + (self._output_dropouts(d) * self.multiplier).to(y.dtype)
 
     def _dense_operator_pays(self, y: torch.Tensor) -> bool:

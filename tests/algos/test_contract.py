@@ -135,6 +135,35 @@ def test_gradients_match_autograd_of_the_merged_weight(algo, options, kind, many
     torch.testing.assert_close(got_x, xg2.grad, rtol=1e-8, atol=1e-9)
 
 
+CONV_CASES = [c for c in case_params() if c.values[2].startswith("conv")]
+
+
+@pytest.mark.parametrize("algo,options,kind", CONV_CASES)
+def test_an_unbatched_conv_input_gives_the_formulas_output_and_gradients(algo, options, kind):
+    """torch convs take (channels, *spatial) without a batch axis: every per-channel scale must still land on
+    the channel axis."""
+    if algo == "dylora":
+        pytest.skip("DyLoRA draws a random rank per training step")
+    layer, x = make_layer(kind), make_input(kind)[0]
+    adapter = randomize(make_adapter(algo, layer, **options).double()).eval()
+    adapter.multiplier = 0.7
+    xg, xr = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out = adapter(xg)
+    out.sin().sum().backward()
+    got = {n: p.grad.clone() for n, p in adapter.named_parameters()}
+    adapter.zero_grad()
+    bias = layer.bias
+    db = adapter.delta_bias(adapter.multiplier)
+    if db is not None:
+        bias = db if bias is None else bias + db
+    expected = layer_forward(layer, xr, layer.weight + adapter.delta_weight(adapter.multiplier), bias)
+    torch.testing.assert_close(out, expected, **TOL)
+    expected.sin().sum().backward()
+    for n, p in adapter.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-8, atol=1e-9, msg=n)
+    torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-8, atol=1e-9)
+
+
 def test_apply_with_a_function_is_torchs_module_apply_and_hooks_route_through_the_call():
     from lorakit.network.network import Entry, Network
 
@@ -200,18 +229,20 @@ def test_dora_follows_a_base_weight_changed_in_place_or_replaced(axis):
     torch.testing.assert_close(adapter(x), expected(), **TOL)
 
 
-@pytest.mark.parametrize("positions", [3, 200])
-def test_dora_fused_linear_scales_the_input_or_folds_the_scale_into_the_weight(positions):
-    """DoRA along columns scales the input channels: on few positions the input is scaled, on many the scale is
-    folded into W and the down factor; both give the plain formula's output and gradients."""
+@pytest.mark.parametrize("positions,path", [(3, "_LinearPlusLowRankBackward"), (30, "_LinearPlusLowRankBackward"),
+                                            (200, "_LinearMergedLowRankBackward")])
+def test_dora_fused_linear_scales_the_input_or_folds_the_scale_into_the_weight(positions, path):
+    """DoRA along columns scales the input channels: on few positions the input is scaled, on more the scale is
+    folded into W and the down factor, on many (>= 2 x fan_in) into the merged weight W + m U D; all give the plain
+    formula's output and gradients."""
     torch.manual_seed(0)
-    layer = torch.nn.Linear(12, 40).double().requires_grad_(False)
+    layer = torch.nn.Linear(40, 12).double().requires_grad_(False)
     adapter = randomize(make_adapter("lora", layer, dim=4, dora_wd=True, bypass_mode=True).double()).eval()
     adapter.multiplier = 0.7
-    x = torch.randn(1, positions, 12, dtype=torch.float64)
+    x = torch.randn(1, positions, 40, dtype=torch.float64)
     xg, xr = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     out = adapter(xg)
-    assert type(out.grad_fn).__name__ == "_LinearPlusLowRankBackward"
+    assert type(out.grad_fn).__name__ == path
     out.sin().sum().backward()
     got = {n: p.grad.clone() for n, p in adapter.named_parameters()}
     adapter.zero_grad()

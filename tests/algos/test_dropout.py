@@ -66,6 +66,17 @@ def test_rank_dropout(algo, options, kind, rescale):
     torch.testing.assert_close(adapter(x) - layer(x), expected)
 
 
+@pytest.mark.parametrize("kind,shape,mask_shape", [
+    ("conv2d", (2, 8, 5, 5), (2, 8, 1, 1)), ("conv2d", (8, 5, 5), (8, 1, 1)),  # unbatched: one sample
+    ("conv1d", (8, 7), (8, 1)), ("linear", (3, 5, 8), (3, 1, 8)), ("linear", (8,), (8,))])
+def test_channel_masks_keep_or_drop_whole_channels_per_sample(kind, shape, mask_shape):
+    adapter = make_adapter("lora", make_layer(kind), rank_dropout=0.5)
+    torch.manual_seed(0)
+    mask = adapter.channel_mask(torch.ones(shape), 0.5)
+    assert mask.shape == mask_shape
+    assert set(mask.unique().tolist()) == {0.0, 1.0}
+
+
 @pytest.mark.parametrize("algo,options", [("lora", {}), ("ia3", {}), ("diag-oft", {}), ("full", {})])
 def test_module_dropout_skips_the_whole_adapter(algo, options):
     layer, x = make_layer("linear"), make_input("linear")
