@@ -15,31 +15,38 @@ class _LinearPlusLowRank(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, down, up, mask, in_scale, gain):
         x2 = x.reshape(-1, x.shape[-1])
-        w, d = _scaled_columns(weight, down, in_scale)
-        h = x2 @ d.t()
+        # An input-channel scale s goes on x where x is smaller than W, else into W and D; x itself is what is kept.
+        scale_x = in_scale is not None and x2.numel() < weight.numel()
+        xs = x2 * in_scale if scale_x else x2
+        w, d = (weight, down) if scale_x else _scaled_columns(weight, down, in_scale)
+        h = xs @ d.t()
         if mask is not None:  # dropouts on the rank activation, per row
             h = h * mask
-        y = gemm_linear(x2, w, bias)
+        y = gemm_linear(xs, w, bias)
         y.addmm_(h, up.t(), alpha=gain)
         ctx.save_for_backward(x2, weight, down, up, h, mask, in_scale)
-        ctx.x_shape, ctx.gain = x.shape, gain
+        ctx.x_shape, ctx.gain, ctx.scale_x = x.shape, gain, scale_x
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, g):
         x2, weight, down, up, h, mask, in_scale = ctx.saved_tensors
-        w, d = _scaled_columns(weight, down, in_scale)
+        scale_x = ctx.scale_x
+        w, d = (weight, down) if scale_x else _scaled_columns(weight, down, in_scale)
         g2 = g.reshape(-1, g.shape[-1])
         gh = g2 @ times_gain(up, ctx.gain)
         if mask is not None:
             gh = gh * mask
         grad_x = grad_down = grad_up = grad_scale = None
-        need_scale = in_scale is not None and ctx.needs_input_grad[6]
-        if ctx.needs_input_grad[0] or need_scale:
-            grad_x2 = (g2 @ w).addmm_(gh, d)
-            grad_x = grad_x2.view(ctx.x_shape) if ctx.needs_input_grad[0] else None
-            if need_scale:  # grad_x = (g W + gh D) diag(s): the unscaled product is grad_x / s
-                grad_scale = torch.linalg.vecdot(x2, grad_x2, dim=0) / in_scale
+        need_x, need_scale = ctx.needs_input_grad[0], in_scale is not None and ctx.needs_input_grad[6]
+        if need_x or need_scale:
+            grad_x2 = (g2 @ w).addmm_(gh, d)  # the gradient of s * x (scale_x), else of x itself
+            if need_scale:  # sum(x * grad_x2), divided by s where s sits in W and D
+                grad_scale = torch.linalg.vecdot(x2, grad_x2, dim=0)
+                if not scale_x:
+                    grad_scale /= in_scale
+            if need_x:
+                grad_x = (grad_x2.mul_(in_scale) if scale_x else grad_x2).view(ctx.x_shape)
         if ctx.needs_input_grad[3]:
             grad_down = gh.t() @ x2
             if in_scale is not None:
@@ -136,8 +143,6 @@ def linear_plus_low_rank(adapter, x: torch.Tensor, down: torch.Tensor, up: torch
     layer = adapter.layer
     if mask is None and adapter.many_positions(x):
         return _LinearMergedLowRank.apply(x, layer.weight, layer.bias, down, up, in_scale, float(gain))
-    if in_scale is not None and x.numel() < layer.weight.numel():  # fewer positions than output rows: scaling x
-        x, in_scale = x * in_scale, None  # costs less than scaling W, each way
     return _LinearPlusLowRank.apply(x, layer.weight, layer.bias, down, up, mask, in_scale, float(gain))
 
 
