@@ -63,19 +63,25 @@ class DiagOFT(OrthogonalAdapter):
         unbatched_conv = self.spec.is_conv and y.dim() != len(self.spec.kernel) + 2
         if y.dtype != self.dtype or self._dropouts_active() or unbatched_conv:
             return super().output_from(y)
-        # One pass: y' = M (y - b) + b with M per block, applied to the channel axis in place (no transposes),
-        # the bias term folded into a per-channel constant.
+        # One batched matmul: y' = M (y - b) + b with M per block, the bias term a per-channel constant added by
+        # the same product (baddbmm). A Linear's blocks are read through a strided view (positions x channels seen
+        # as blocks x positions x block), a conv's channel-first blocks are contiguous: no transposed copies in.
         n, b, _ = self.oft_blocks.shape
         op = self.block_operator()
-        if self.spec.is_conv:
-            out = torch.einsum("kij,zkis->zkjs", op, y.reshape(y.shape[0], n, b, -1)).reshape(y.shape)
-        else:
-            out = torch.einsum("kij,...ki->...kj", op, y.unflatten(-1, (n, b))).flatten(-2)
         bias = self.base_bias()
-        if bias is None:
-            return out
-        const = bias - torch.einsum("kij,ki->kj", op, bias.reshape(n, b).to(op.dtype)).reshape(-1)
-        return out + self.spec.channel_view(const, out.dim())
+        const = None if bias is None else \
+            bias.reshape(n, 1, b).to(op.dtype) - torch.bmm(bias.reshape(n, 1, b).to(op.dtype), op)  # (n, 1, b)
+        if self.spec.is_conv:
+            batch = y.shape[0]
+            op_t = op.transpose(1, 2).expand(batch, n, b, b).reshape(batch * n, b, b)
+            v = y.reshape(batch * n, b, -1)
+            if const is None:
+                return torch.bmm(op_t, v).view(y.shape)
+            const = const.reshape(n, b, 1).expand(batch, n, b, 1).reshape(batch * n, b, 1)
+            return torch.baddbmm(const, op_t, v).view(y.shape)
+        v = y.reshape(-1, n, b).transpose(0, 1)
+        out = torch.bmm(v, op) if const is None else torch.baddbmm(const, v, op)
+        return out.transpose(0, 1).reshape(y.shape)
 
     def rotate(self, v, multiplier):
         n, b, _ = self.oft_blocks.shape

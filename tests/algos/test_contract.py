@@ -164,6 +164,34 @@ def test_an_unbatched_conv_input_gives_the_formulas_output_and_gradients(algo, o
     torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-8, atol=1e-9)
 
 
+@pytest.mark.parametrize("algo,options", [("diag-oft", {"dim": 4}), ("boft", {"dim": 2})])
+@pytest.mark.parametrize("layer_kind", ["linear-nobias", "conv1x1-nobias", "conv1x1-channels-last"])
+def test_rotations_of_the_output_without_a_bias_or_in_channels_last(algo, options, layer_kind):
+    """The output rotations (one batched product with the bias term folded in) on layers without a bias and on
+    a channels-last input, against the dense formula."""
+    torch.manual_seed(0)
+    if layer_kind == "linear-nobias":
+        layer, x = torch.nn.Linear(12, 8, bias=False), torch.randn(3, 5, 12)
+    else:
+        layer, x = torch.nn.Conv2d(6, 8, 1, bias=layer_kind.endswith("last")), torch.randn(2, 6, 5, 5)
+        if layer_kind.endswith("last"):
+            x = x.contiguous(memory_format=torch.channels_last)
+    layer = layer.double().requires_grad_(False)
+    adapter = randomize(make_adapter(algo, layer, **options).double()).eval()
+    adapter.multiplier = 0.7
+    xg, xr = x.double().requires_grad_(True), x.double().requires_grad_(True)
+    out = adapter(xg)
+    out.sin().sum().backward()
+    got = {n: p.grad.clone() for n, p in adapter.named_parameters()}
+    adapter.zero_grad()
+    expected = layer_forward(layer, xr, layer.weight + adapter.delta_weight(adapter.multiplier), layer.bias)
+    torch.testing.assert_close(out, expected, **TOL)
+    expected.sin().sum().backward()
+    for n, p in adapter.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-8, atol=1e-9, msg=n)
+    torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-8, atol=1e-9)
+
+
 def test_apply_with_a_function_is_torchs_module_apply_and_hooks_route_through_the_call():
     from lorakit.network.network import Entry, Network
 
