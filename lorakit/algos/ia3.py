@@ -14,27 +14,35 @@ from .base import Adapter
 from .fused_linear import fusable, linear_folded
 
 
-class _ScaleShift(torch.autograd.Function):
-    """y * s + c over the channel axis, with the two reductions of backward written out: autograd's addcmul
-    backward would multiply by the scale twice more."""
+class _ScaledOutput(torch.autograd.Function):
+    """(W x)(1 + m w) + b from the layer's output y = W x + b, as y (1 + m w) - b m w over the channel axis: one
+    pass each way. The scale and the shift are built inside from the parameter w (no autograd nodes of their
+    own, a fixed cost that shows on short inputs), and backward's two reductions are written out."""
 
     @staticmethod
-    def forward(ctx, y, s, c, channel: int):
-        ctx.save_for_backward(y, s)
-        ctx.channel = channel
+    def forward(ctx, y, weight, bias, m: float, channel: int):
         shape = [1] * y.dim()
         shape[channel] = -1
-        ctx.shape = shape
-        return torch.addcmul(c.view(shape), y, s.view(shape))
+        w = weight.reshape(-1)
+        scale = (w * m).add_(1).view(shape)
+        out = y * scale if bias is None else torch.addcmul((bias * w).mul_(-m).view(shape), y, scale)
+        ctx.save_for_backward(y, weight, bias)
+        ctx.m, ctx.channel, ctx.shape = m, channel, shape
+        return out
 
     @staticmethod
     def backward(ctx, g):
-        y, s = ctx.saved_tensors
-        dims = [d for d in range(g.dim()) if d != ctx.channel % g.dim()]
-        grad_y = g * s.view(ctx.shape) if ctx.needs_input_grad[0] else None
-        grad_s = _channel_dot(g, y, ctx.channel) if ctx.needs_input_grad[1] else None
-        grad_c = g.sum(dims) if ctx.needs_input_grad[2] else None
-        return grad_y, grad_s, grad_c, None
+        y, weight, bias = ctx.saved_tensors
+        m, channel = ctx.m, ctx.channel
+        grad_y = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_y = g * (weight.reshape(-1) * m).add_(1).view(ctx.shape)
+        if ctx.needs_input_grad[1]:
+            grad_w = _channel_dot(g, y, channel)
+            if bias is not None:
+                grad_w -= bias * g.sum([d for d in range(g.dim()) if d != channel % g.dim()])
+            grad_w = grad_w.mul_(m).view(weight.shape)
+        return grad_y, grad_w, None, None, None
 
 
 def _channel_dot(a: torch.Tensor, b: torch.Tensor, channel: int) -> torch.Tensor:
@@ -89,24 +97,22 @@ class IA3(Adapter):
 
     def adapted_forward(self, x, *args, **kwargs):
         m, spec = self.multiplier, self.spec
-        gain = self._w() * m
         if self.on_input:
+            gain = self._w() * m
             if x.dtype == self.dtype:  # one pass: the layer on x * (1 + m w)
                 return self._org_forward(x * spec.channel_view(1 + gain, x.dim()), *args, **kwargs)
             u = x.to(self.dtype) * spec.channel_view(gain, x.dim())
             return self.org_with_input_change(x, u, *args, **kwargs)
         if not args and not kwargs and x.device.type == "cpu" and x.numel() >= _MIN_FOLD_POSITIONS * x.shape[-1] \
                 and fusable(self, x):
-            scale = 1 + gain  # the check below reads the values: free on a CPU, a device sync elsewhere
+            scale = 1 + self._w() * m  # the check below reads the values: free on a CPU, a device sync elsewhere
             if bool((scale.detach().abs() >= _MIN_SCALE).all()):
                 return linear_folded(self, x, scale, _ScaledRows)
         y = self._org_forward(x, *args, **kwargs)
-        if y.dtype == self.dtype:  # one pass: (W x) (1 + m w) + b = y (1 + m w) - b m w
-            bias = self.base_bias()
-            shift = torch.zeros_like(gain) if bias is None else -bias * gain
-            return _ScaleShift.apply(y, 1 + gain, shift, spec.channel_axis(y.dim()))
+        if y.dtype == self.dtype:
+            return _ScaledOutput.apply(y, self.weight, self.base_bias(), float(m), spec.channel_axis(y.dim()))
         z = self.without_bias(y)  # a half-precision layer: the change apart, in the adapter's precision
-        return y + (z.to(self.dtype) * spec.channel_view(gain, y.dim())).to(y.dtype)
+        return y + (z.to(self.dtype) * spec.channel_view(self._w() * m, y.dim())).to(y.dtype)
 
     def _delta_weight(self):
         w = self.base_weight().to(self.dtype)

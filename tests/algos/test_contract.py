@@ -164,11 +164,12 @@ def test_an_unbatched_conv_input_gives_the_formulas_output_and_gradients(algo, o
     torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-8, atol=1e-9)
 
 
-@pytest.mark.parametrize("algo,options", [("diag-oft", {"dim": 4}), ("boft", {"dim": 2})])
+@pytest.mark.parametrize("algo,options", [("diag-oft", {"dim": 4}), ("boft", {"dim": 2}), ("ia3", {})])
 @pytest.mark.parametrize("layer_kind", ["linear-nobias", "conv1x1-nobias", "conv1x1-channels-last"])
-def test_rotations_of_the_output_without_a_bias_or_in_channels_last(algo, options, layer_kind):
-    """The output rotations (one batched product with the bias term folded in) on layers without a bias and on
-    a channels-last input, against the dense formula."""
+def test_output_side_adapters_without_a_bias_or_in_channels_last(algo, options, layer_kind):
+    """The adapters that act on the layer's output (rotations as one batched product with the bias term folded
+    in, IA3's scale and shift) on layers without a bias and on a channels-last input, against the dense
+    formula."""
     torch.manual_seed(0)
     if layer_kind == "linear-nobias":
         layer, x = torch.nn.Linear(12, 8, bias=False), torch.randn(3, 5, 12)
