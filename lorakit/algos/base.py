@@ -212,6 +212,10 @@ class Adapter(DoRA, nn.Module):
         return self.training and bool(self.options.dropout or self.options.rank_dropout)
 
     def merged_weight_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dora_scale is not None:
+            fused = self._dora_rows_fused(x)
+            if fused is not None:
+                return fused
         layer = self.layer
 
         def weight():

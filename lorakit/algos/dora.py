@@ -10,6 +10,11 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .fused_linear import fusable, linear_merged_low_rank_rows
+
+# The fused rows path recovers the ratio's gradient by dividing by it; below this it would lose precision.
+_MIN_ROW_RATIO = 0.05
+
 
 class DoRA:
     """Mixed into Adapter; active when the adapter has a `dora_scale` parameter."""
@@ -73,3 +78,21 @@ class DoRA:
             down = (down.reshape(rank, spec.in_dim, -1) * (c / k)[:, None]).reshape(down.shape)
         return self.plus_low_rank(x, down, up, gain * m * self._scalar(), mask, in_scale=k)
 
+    def _dora_rows_fused(self, x):
+        """Along output rows at multiplier 1, on a plain frozen Linear on a CPU: y = x (diag(r) (W + s U D))^T + b
+        with r = dora_scale / |W + s U D| per row, as one GEMM each way with the low-rank pair merged (its
+        gradient is the factors' thin products, not a weight-sized product of the output gradient and the input);
+        None where that does not apply. The CPU only: the ratio check reads its values."""
+        if self.options.dora_axis != "out" or self.multiplier != 1 or x.device.type != "cpu" or not fusable(self, x):
+            return None
+        pair = self.low_rank_pair(x)
+        if pair is None or pair[3] is not None:
+            return None
+        down, up, gain, _ = pair
+        r = self._dora_ratio().reshape(-1)
+        if not bool((r.detach().abs() >= _MIN_ROW_RATIO).all()):
+            return None
+        gain = gain * self._scalar()
+        if isinstance(gain, torch.Tensor):  # a trained scalar: its gradient comes through autograd
+            up, gain = up * gain, 1.0
+        return linear_merged_low_rank_rows(self, x, down.flatten(1), up.flatten(1), gain, r)

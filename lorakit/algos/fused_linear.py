@@ -57,33 +57,43 @@ class _LinearPlusLowRank(torch.autograd.Function):
 
 
 class _LinearMergedLowRank(torch.autograd.Function):
-    """y = x ((W + gain U D) diag(s))^T + b (s: an optional input-channel scale, DoRA along columns), for calls with
-    many more positions than the weight has columns: the two thin products of the forward pass and the accumulation
-    into y become one small weight-sized product (rebuilt in backward, not kept). Backward recomputes x D^T, which
-    costs one thin product where keeping it would cost memory. Linear 320 on (2, 4096, 320), rank 16 (in-process
-    A/B, min of 40 rounds): 1.30x the frozen layer with _LinearPlusLowRank, 1.24x with this. (Running backward in
-    cache-sized blocks of rows, so that the thin products read g and x from cache, gained 0-3% and lost up to 15%
-    on wide layers: not kept.)"""
+    """y = x (diag(r) (W + gain U D) diag(s))^T + b (s: an optional input-channel scale, DoRA along columns; r: an
+    optional output-row scale, DoRA along rows), for calls with many more positions than the weight has columns:
+    the two thin products of the forward pass and the accumulation into y become one small weight-sized product
+    (rebuilt in backward, not kept). Backward recomputes x D^T, which costs one thin product where keeping it would
+    cost memory. Linear 320 on (2, 4096, 320), rank 16 (in-process A/B, min of 40 rounds): 1.30x the frozen layer
+    with _LinearPlusLowRank, 1.24x with this. (Running backward in cache-sized blocks of rows, so that the thin
+    products read g and x from cache, gained 0-3% and lost up to 15% on wide layers: not kept.)
+    r's gradient is recovered from the output, sum(g * (y - b)) / r, so r must stay away from 0 (the caller
+    checks); y is then kept for backward, as the layer's own output."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, down, up, in_scale, gain):
+    def forward(ctx, x, weight, bias, down, up, in_scale, out_scale, gain):
         x2 = x.reshape(-1, x.shape[-1])
-        y = gemm_linear(x2, _merged(weight, down, up, in_scale, gain), bias)
-        ctx.save_for_backward(x2, weight, down, up, in_scale)
+        y = gemm_linear(x2, _merged(weight, down, up, in_scale, out_scale, gain), bias)
+        ctx.save_for_backward(x2, weight, bias if out_scale is not None else None, down, up, in_scale, out_scale,
+                              y if out_scale is not None else None)
         ctx.x_shape, ctx.gain = x.shape, gain
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, g):
-        x2, weight, down, up, in_scale = ctx.saved_tensors
+        x2, weight, bias, down, up, in_scale, out_scale, y = ctx.saved_tensors
         g2, gain = g.reshape(-1, g.shape[-1]), ctx.gain
-        grad_x = grad_down = grad_up = grad_scale = None
-        need_scale = in_scale is not None and ctx.needs_input_grad[5]
-        if ctx.needs_input_grad[0] or need_scale:
-            grad_x2 = g2 @ _merged(weight, down, up, in_scale, gain)
+        grad_x = grad_down = grad_up = grad_in = grad_out = None
+        need_in = in_scale is not None and ctx.needs_input_grad[5]
+        if ctx.needs_input_grad[0] or need_in:
+            grad_x2 = g2 @ _merged(weight, down, up, in_scale, out_scale, gain)
             grad_x = grad_x2.view(ctx.x_shape) if ctx.needs_input_grad[0] else None
-            if need_scale:  # grad_x = g (W + gain U D) diag(s): the unscaled product is grad_x / s
-                grad_scale = torch.linalg.vecdot(x2, grad_x2, dim=0) / in_scale
+            if need_in:  # grad_x = g diag(r) (W + gain U D) diag(s): the unscaled product is grad_x / s
+                grad_in = torch.linalg.vecdot(x2, grad_x2, dim=0) / in_scale
+        if out_scale is not None and ctx.needs_input_grad[6]:
+            grad_out = torch.linalg.vecdot(g2, y, dim=0)
+            if bias is not None:
+                grad_out -= bias * g2.sum(0)
+            grad_out /= out_scale
+        if out_scale is not None:  # the factors see g diag(r)
+            up = up * out_scale[:, None]
         if ctx.needs_input_grad[3]:
             grad_down = (g2 @ times_gain(up, gain)).t() @ x2
             if in_scale is not None:
@@ -91,13 +101,17 @@ class _LinearMergedLowRank(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             d = down if in_scale is None else down * in_scale
             grad_up = times_gain(g2.t() @ (x2 @ d.t()), gain, in_place=True)
-        return grad_x, None, None, grad_down, grad_up, grad_scale, None
+            if out_scale is not None:
+                grad_up *= out_scale[:, None]
+        return grad_x, None, None, grad_down, grad_up, grad_in, grad_out, None
 
 
-def _merged(weight, down, up, in_scale, gain):
-    """(W + gain U D) diag(s), built in one product (and one scaling pass with s)."""
+def _merged(weight, down, up, in_scale, out_scale, gain):
+    """diag(r) (W + gain U D) diag(s), built in one product (and one scaling pass per scale given)."""
     merged = torch.addmm(weight, up, down, alpha=gain)
-    return merged if in_scale is None else merged.mul_(in_scale)
+    if in_scale is not None:
+        merged.mul_(in_scale)
+    return merged if out_scale is None else merged.mul_(out_scale[:, None])
 
 
 def times_gain(t: torch.Tensor, gain: float, in_place: bool = False) -> torch.Tensor:
@@ -142,7 +156,7 @@ def linear_plus_low_rank(adapter, x: torch.Tensor, down: torch.Tensor, up: torch
     W and D (DoRA along columns) so that no scaled copy of x is made or kept."""
     layer = adapter.layer
     if mask is None and adapter.many_positions(x):
-        return _LinearMergedLowRank.apply(x, layer.weight, layer.bias, down, up, in_scale, float(gain))
+        return _LinearMergedLowRank.apply(x, layer.weight, layer.bias, down, up, in_scale, None, float(gain))
     return _LinearPlusLowRank.apply(x, layer.weight, layer.bias, down, up, mask, in_scale, float(gain))
 
 
@@ -214,3 +228,11 @@ def linear_folded(adapter, x: torch.Tensor, param: torch.Tensor, fold) -> torch.
 def gemm_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x2 W^T + b as one GEMM."""
     return torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+
+
+def linear_merged_low_rank_rows(adapter, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, gain: float,
+                                out_scale: torch.Tensor) -> torch.Tensor:
+    """x (diag(r) (W + gain U D))^T + b for the adapter's frozen Linear, in one GEMM each way (DoRA along rows);
+    every r must be away from 0."""
+    layer = adapter.layer
+    return _LinearMergedLowRank.apply(x, layer.weight, layer.bias, down, up, None, out_scale, float(gain))

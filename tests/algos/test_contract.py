@@ -323,6 +323,45 @@ def _grad_fn_names(t: torch.Tensor) -> set[str]:
     return names
 
 
+@pytest.mark.parametrize("algo,options", [("lora", {}), ("lora", {"use_scalar": True}), ("lora", {"rs_lora": True})])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_dora_along_rows_merges_the_pair_into_one_gemm_at_multiplier_1(algo, options, bias, input_grad):
+    """DoRA along output rows on many positions at multiplier 1: y = x (diag(r) (W + s U D))^T + b in one GEMM each
+    way, r's gradient recovered from the output; the plain formula's output and gradients."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(12, 20, bias=bias).double().requires_grad_(False)
+    adapter = randomize(make_adapter(algo, layer, dim=4, dora_wd=True, dora_axis="out", **options).double())
+    adapter.eval()
+    x = torch.randn(2, 30, 12, dtype=torch.float64)
+    xg, xr = x.clone().requires_grad_(input_grad), x.clone().requires_grad_(input_grad)
+    out = adapter(xg)
+    assert "_LinearMergedLowRankBackward" in _grad_fn_names(out)
+    out.sin().sum().backward()
+    got = {n: p.grad.clone() for n, p in adapter.named_parameters()}
+    adapter.zero_grad()
+    expected = layer_forward(layer, xr, layer.weight + adapter.delta_weight(), layer.bias)
+    torch.testing.assert_close(out, expected, **TOL)
+    expected.sin().sum().backward()
+    for n, p in adapter.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-8, atol=1e-9, msg=n)
+    if input_grad:
+        torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-8, atol=1e-9)
+
+
+def test_dora_along_rows_with_a_ratio_near_zero_rebuilds_the_weight_instead():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(12, 20).double().requires_grad_(False)
+    adapter = randomize(make_adapter("lora", layer, dim=4, dora_wd=True, dora_axis="out").double()).eval()
+    with torch.no_grad():
+        adapter.dora_scale[3] = 1e-4  # its ratio to the row norm is far below the path's bound
+    x = torch.randn(2, 30, 12, dtype=torch.float64)
+    out = adapter(x.requires_grad_(True))
+    assert "_LinearMergedLowRankBackward" not in _grad_fn_names(out)
+    expected = layer_forward(layer, x, layer.weight + adapter.delta_weight(), layer.bias)
+    torch.testing.assert_close(out, expected, **TOL)
+
+
 def test_dora_on_a_layer_built_in_inference_mode():
     """A weight made under torch.inference_mode has no version counter; DoRA's |W|^2 is then computed per call."""
     with torch.inference_mode():
