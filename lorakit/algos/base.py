@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .dora import DoRA
 from .fused_conv import conv_fusable, conv_plus_low_rank
-from .fused_linear import fusable, linear_plus_low_rank, plain_frozen_layer
+from .fused_linear import fusable, gain_as_float, linear_plus_low_rank, plain_frozen_layer
 from .layer import LayerSpec, describe_layer, positions
 from .options import AdapterOptions, OptionError, parse_options
 from .rebuilt_op import rebuilt_weight_op
@@ -102,8 +102,7 @@ class Adapter(DoRA, nn.Module):
                       in_scale: torch.Tensor | None = None) -> torch.Tensor:
         """The frozen layer's output plus gain * up @ down applied to x (to in_scale * x per input channel, if
         given), as one fused pass (a fused_low_rank_pair)."""
-        if isinstance(gain, torch.Tensor):  # a trained scalar: its gradient comes through autograd
-            up, gain = up * gain, 1.0
+        up, gain = gain_as_float(up, gain)
         if self.spec.is_conv:
             if in_scale is not None:
                 x = x * self.spec.channel_view(in_scale, x.dim())

@@ -69,8 +69,9 @@ class DiagOFT(OrthogonalAdapter):
         n, b, _ = self.oft_blocks.shape
         op = self.block_operator()
         bias = self.base_bias()
-        const = None if bias is None else \
-            bias.reshape(n, 1, b).to(op.dtype) - torch.bmm(bias.reshape(n, 1, b).to(op.dtype), op)  # (n, 1, b)
+        if bias is not None:
+            bias = bias.reshape(n, 1, b).to(op.dtype)
+        const = None if bias is None else bias - torch.bmm(bias, op)  # (n, 1, b)
         if self.spec.is_conv:
             batch = y.shape[0]
             op_t = op.transpose(1, 2).expand(batch, n, b, b).reshape(batch * n, b, b)

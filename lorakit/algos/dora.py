@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .fused_linear import fusable, linear_merged_low_rank_rows
+from .fused_linear import fusable, gain_as_float, linear_merged_low_rank_rows
 
 # The fused rows path recovers the ratio's gradient by dividing by it; below this it would lose precision.
 _MIN_ROW_RATIO = 0.05
@@ -92,7 +92,5 @@ class DoRA:
         r = self._dora_ratio().reshape(-1)
         if not bool((r.detach().abs() >= _MIN_ROW_RATIO).all()):
             return None
-        gain = gain * self._scalar()
-        if isinstance(gain, torch.Tensor):  # a trained scalar: its gradient comes through autograd
-            up, gain = up * gain, 1.0
+        up, gain = gain_as_float(up, gain * self._scalar())
         return linear_merged_low_rank_rows(self, x, down.flatten(1), up.flatten(1), gain, r)

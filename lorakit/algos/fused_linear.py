@@ -8,6 +8,8 @@ way. Used by LoRA, DyLoRA and LoHa (its Khatri-Rao form is a rank-dim^2 pair).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -88,10 +90,7 @@ class _LinearMergedLowRank(torch.autograd.Function):
             if need_in:  # grad_x = g diag(r) (W + gain U D) diag(s): the unscaled product is grad_x / s
                 grad_in = torch.linalg.vecdot(x2, grad_x2, dim=0) / in_scale
         if out_scale is not None and ctx.needs_input_grad[6]:
-            grad_out = torch.linalg.vecdot(g2, y, dim=0)
-            if bias is not None:
-                grad_out -= bias * g2.sum(0)
-            grad_out /= out_scale
+            grad_out = output_scale_grad(g2, y, bias) / out_scale
         if out_scale is not None:  # the factors see g diag(r)
             up = up * out_scale[:, None]
         if ctx.needs_input_grad[3]:
@@ -112,6 +111,28 @@ def _merged(weight, down, up, in_scale, out_scale, gain):
     if in_scale is not None:
         merged.mul_(in_scale)
     return merged if out_scale is None else merged.mul_(out_scale[:, None])
+
+
+def output_scale_grad(g: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None, channel: int = -1) -> torch.Tensor:
+    """sum(g * (y - b)) over every axis but the channel axis: the gradient of a per-channel scale on W x, read off
+    the layer's output y = W x + b, with no activation-sized product in memory."""
+    c = g.shape[channel]
+    if channel % g.dim() == g.dim() - 1:
+        grad = torch.linalg.vecdot(g.reshape(-1, c), y.reshape(-1, c), dim=0)
+    else:
+        n = math.prod(g.shape[:channel])  # 1 for an unbatched conv input
+        grad = torch.linalg.vecdot(g.reshape(n, c, -1), y.reshape(n, c, -1), dim=-1).sum(0)
+    if bias is not None:
+        grad -= bias * g.sum([d for d in range(g.dim()) if d != channel % g.dim()])
+    return grad
+
+
+def gain_as_float(up: torch.Tensor, gain) -> tuple[torch.Tensor, float]:
+    """(up, gain) with a tensor gain (a trained scalar) moved into up, where its gradient comes through autograd,
+    and a float gain left to fold into a fused function's products."""
+    if isinstance(gain, torch.Tensor):
+        return up * gain, 1.0
+    return up, gain
 
 
 def times_gain(t: torch.Tensor, gain: float, in_place: bool = False) -> torch.Tensor:

@@ -5,13 +5,11 @@ way (Linear 320 on 8192 positions: 1.18x -> 1.08x the frozen layer)."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 
 from .base import Adapter
-from .fused_linear import fusable, linear_folded
+from .fused_linear import fusable, linear_folded, output_scale_grad
 
 
 class _ScaledOutput(torch.autograd.Function):
@@ -38,20 +36,8 @@ class _ScaledOutput(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_y = g * (weight.reshape(-1) * m).add_(1).view(ctx.shape)
         if ctx.needs_input_grad[1]:
-            grad_w = _channel_dot(g, y, channel)
-            if bias is not None:
-                grad_w -= bias * g.sum([d for d in range(g.dim()) if d != channel % g.dim()])
-            grad_w = grad_w.mul_(m).view(weight.shape)
+            grad_w = output_scale_grad(g, y, bias, channel).mul_(m).view(weight.shape)
         return grad_y, grad_w, None, None, None
-
-
-def _channel_dot(a: torch.Tensor, b: torch.Tensor, channel: int) -> torch.Tensor:
-    """sum(a * b) over every axis but the channel axis, without an activation-sized product in memory."""
-    c = a.shape[channel]
-    if channel % a.dim() == a.dim() - 1:
-        return torch.linalg.vecdot(a.reshape(-1, c), b.reshape(-1, c), dim=0)
-    n = math.prod(a.shape[:channel])  # 1 for an unbatched conv input
-    return torch.linalg.vecdot(a.reshape(n, c, -1), b.reshape(n, c, -1), dim=-1).sum(0)
 
 
 class _ScaledRows:
@@ -64,10 +50,7 @@ class _ScaledRows:
 
     @staticmethod
     def param_grad(y, g2, bias, s):
-        grad_s = torch.linalg.vecdot(g2, y, dim=0)
-        if bias is not None:
-            grad_s = grad_s - g2.sum(0) * bias
-        return grad_s / s
+        return output_scale_grad(g2, y, bias) / s
 
 
 # The folded path divides by the scale in backward; below this it would lose precision (or divide by zero).
