@@ -27,6 +27,29 @@ def layer_forward(layer, x, weight, bias):
     return conv(x, weight, bias, layer.stride, layer.padding, layer.dilation)
 
 
+def check_against_formula(adapter, layer, x, input_grad=True):
+    """adapter(x) against the plain formula op(x, W + m dW) with bias b + m db: the output, every parameter's
+    gradient and (with input_grad) the input's, under the loss sum(sin(y)). Returns the adapter's output, whose
+    graph names the path taken."""
+    xg, xr = x.clone().requires_grad_(input_grad), x.clone().requires_grad_(input_grad)
+    out = adapter(xg)
+    out.sin().sum().backward()
+    got = {n: p.grad.clone() for n, p in adapter.named_parameters()}
+    adapter.zero_grad()
+    bias = layer.bias
+    db = adapter.delta_bias(adapter.multiplier)
+    if db is not None:
+        bias = db if bias is None else bias + db
+    expected = layer_forward(layer, xr, layer.weight + adapter.delta_weight(adapter.multiplier), bias)
+    torch.testing.assert_close(out, expected, **TOL)
+    expected.sin().sum().backward()
+    for n, p in adapter.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-8, atol=1e-9, msg=n)
+    if input_grad:
+        torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-8, atol=1e-9)
+    return out
+
+
 def ui_forward(layer, sd, x, strength):
     """The layer run with the weight a UI patches in from the saved tensors alone."""
     dw, db = ui_delta(sd, layer.weight, strength)
@@ -115,24 +138,7 @@ def test_gradients_match_autograd_of_the_merged_weight(algo, options, kind, many
     adapter = randomize(make_adapter(algo, layer, **options).double()).eval()
     if many:
         adapter.multiplier = 0.7
-    xg = x.clone().requires_grad_(True)
-    out = adapter(xg)
-    out.sin().sum().backward()
-    got = {n: p.grad.clone() for n, p in adapter.named_parameters()}
-    got_x = xg.grad.clone()
-    adapter.zero_grad()
-
-    xg2 = x.clone().requires_grad_(True)
-    bias = layer.bias
-    db = adapter.delta_bias(adapter.multiplier)
-    if db is not None:
-        bias = db if bias is None else bias + db
-    expected = layer_forward(layer, xg2, layer.weight + adapter.delta_weight(adapter.multiplier), bias)
-    torch.testing.assert_close(out, expected, **TOL)
-    expected.sin().sum().backward()
-    for n, p in adapter.named_parameters():
-        torch.testing.assert_close(got[n], p.grad, rtol=1e-8, atol=1e-9, msg=n)
-    torch.testing.assert_close(got_x, xg2.grad, rtol=1e-8, atol=1e-9)
+    check_against_formula(adapter, layer, x)
 
 
 CONV_CASES = [c for c in case_params() if c.values[2].startswith("conv")]
@@ -147,21 +153,7 @@ def test_an_unbatched_conv_input_gives_the_formulas_output_and_gradients(algo, o
     layer, x = make_layer(kind), make_input(kind)[0]
     adapter = randomize(make_adapter(algo, layer, **options).double()).eval()
     adapter.multiplier = 0.7
-    xg, xr = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    out = adapter(xg)
-    out.sin().sum().backward()
-    got = {n: p.grad.clone() for n, p in adapter.named_parameters()}
-    adapter.zero_grad()
-    bias = layer.bias
-    db = adapter.delta_bias(adapter.multiplier)
-    if db is not None:
-        bias = db if bias is None else bias + db
-    expected = layer_forward(layer, xr, layer.weight + adapter.delta_weight(adapter.multiplier), bias)
-    torch.testing.assert_close(out, expected, **TOL)
-    expected.sin().sum().backward()
-    for n, p in adapter.named_parameters():
-        torch.testing.assert_close(got[n], p.grad, rtol=1e-8, atol=1e-9, msg=n)
-    torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-8, atol=1e-9)
+    check_against_formula(adapter, layer, x)
 
 
 @pytest.mark.parametrize("algo,options", [("diag-oft", {"dim": 4}), ("boft", {"dim": 2}), ("ia3", {})])
@@ -180,17 +172,7 @@ def test_output_side_adapters_without_a_bias_or_in_channels_last(algo, options, 
     layer = layer.double().requires_grad_(False)
     adapter = randomize(make_adapter(algo, layer, **options).double()).eval()
     adapter.multiplier = 0.7
-    xg, xr = x.double().requires_grad_(True), x.double().requires_grad_(True)
-    out = adapter(xg)
-    out.sin().sum().backward()
-    got = {n: p.grad.clone() for n, p in adapter.named_parameters()}
-    adapter.zero_grad()
-    expected = layer_forward(layer, xr, layer.weight + adapter.delta_weight(adapter.multiplier), layer.bias)
-    torch.testing.assert_close(out, expected, **TOL)
-    expected.sin().sum().backward()
-    for n, p in adapter.named_parameters():
-        torch.testing.assert_close(got[n], p.grad, rtol=1e-8, atol=1e-9, msg=n)
-    torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-8, atol=1e-9)
+    check_against_formula(adapter, layer, x.double())
 
 
 def test_apply_with_a_function_is_torchs_module_apply_and_hooks_route_through_the_call():
@@ -269,20 +251,8 @@ def test_dora_fused_linear_scales_the_input_or_folds_the_scale_into_the_weight(p
     layer = torch.nn.Linear(40, 12).double().requires_grad_(False)
     adapter = randomize(make_adapter("lora", layer, dim=4, dora_wd=True, bypass_mode=True).double()).eval()
     adapter.multiplier = 0.7
-    x = torch.randn(1, positions, 40, dtype=torch.float64)
-    xg, xr = x.clone().requires_grad_(input_grad), x.clone().requires_grad_(input_grad)
-    out = adapter(xg)
+    out = check_against_formula(adapter, layer, torch.randn(1, positions, 40, dtype=torch.float64), input_grad)
     assert type(out.grad_fn).__name__ == path
-    out.sin().sum().backward()
-    got = {n: p.grad.clone() for n, p in adapter.named_parameters()}
-    adapter.zero_grad()
-    expected = layer_forward(layer, xr, layer.weight + adapter.delta_weight(adapter.multiplier), layer.bias)
-    torch.testing.assert_close(out, expected, **TOL)
-    expected.sin().sum().backward()
-    for n, p in adapter.named_parameters():
-        torch.testing.assert_close(got[n], p.grad, rtol=1e-8, atol=1e-9, msg=n)
-    if input_grad:
-        torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-8, atol=1e-9)
 
 
 @pytest.mark.parametrize("use_scalar", [False, True])
@@ -296,20 +266,8 @@ def test_lora_linear_adds_the_pair_on_few_positions_and_merges_it_on_many(positi
     layer = torch.nn.Linear(12, 20).double().requires_grad_(False)
     adapter = randomize(make_adapter("lora", layer, dim=4, use_scalar=use_scalar).double()).eval()
     adapter.multiplier = 0.7
-    x = torch.randn(2, positions // 2, 12, dtype=torch.float64)
-    xg, xr = x.clone().requires_grad_(input_grad), x.clone().requires_grad_(input_grad)
-    out = adapter(xg)
+    out = check_against_formula(adapter, layer, torch.randn(2, positions // 2, 12, dtype=torch.float64), input_grad)
     assert type(out.grad_fn).__name__ == path if not use_scalar else path in _grad_fn_names(out)
-    out.sin().sum().backward()
-    got = {n: p.grad.clone() for n, p in adapter.named_parameters()}
-    adapter.zero_grad()
-    expected = layer_forward(layer, xr, layer.weight + adapter.delta_weight(adapter.multiplier), layer.bias)
-    torch.testing.assert_close(out, expected, **TOL)
-    expected.sin().sum().backward()
-    for n, p in adapter.named_parameters():
-        torch.testing.assert_close(got[n], p.grad, rtol=1e-8, atol=1e-9, msg=n)
-    if input_grad:
-        torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-8, atol=1e-9)
 
 
 def _grad_fn_names(t: torch.Tensor) -> set[str]:
@@ -333,20 +291,8 @@ def test_dora_along_rows_merges_the_pair_into_one_gemm_at_multiplier_1(algo, opt
     layer = torch.nn.Linear(12, 20, bias=bias).double().requires_grad_(False)
     adapter = randomize(make_adapter(algo, layer, dim=4, dora_wd=True, dora_axis="out", **options).double())
     adapter.eval()
-    x = torch.randn(2, 30, 12, dtype=torch.float64)
-    xg, xr = x.clone().requires_grad_(input_grad), x.clone().requires_grad_(input_grad)
-    out = adapter(xg)
+    out = check_against_formula(adapter, layer, torch.randn(2, 30, 12, dtype=torch.float64), input_grad)
     assert "_LinearMergedLowRankBackward" in _grad_fn_names(out)
-    out.sin().sum().backward()
-    got = {n: p.grad.clone() for n, p in adapter.named_parameters()}
-    adapter.zero_grad()
-    expected = layer_forward(layer, xr, layer.weight + adapter.delta_weight(), layer.bias)
-    torch.testing.assert_close(out, expected, **TOL)
-    expected.sin().sum().backward()
-    for n, p in adapter.named_parameters():
-        torch.testing.assert_close(got[n], p.grad, rtol=1e-8, atol=1e-9, msg=n)
-    if input_grad:
-        torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-8, atol=1e-9)
 
 
 def test_dora_along_rows_with_a_ratio_near_zero_rebuilds_the_weight_instead():

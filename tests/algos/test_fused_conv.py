@@ -11,7 +11,7 @@ import torch.nn as nn
 from lorakit.algos import make_adapter
 
 from .conftest import make_input, make_layer, randomize
-from .test_contract import layer_forward
+from .test_contract import check_against_formula, layer_forward
 
 CASES = [("lora", {}), ("lora", {"use_scalar": True}), ("lora", {"dora_wd": True}), ("loha", {})]
 KINDS = ["conv1d", "conv2d", "conv2d_1x1", "conv3d", "conv2d_1x1_nobias", "conv2d_1x1_few"]
@@ -37,21 +37,8 @@ def test_fused_conv_matches_the_merged_weight(algo, options, kind, input_grad):
     layer, x = _layer(kind), _input(kind)
     adapter = randomize(make_adapter(algo, layer, bypass_mode=True, **options).double()).eval()
     adapter.multiplier = 0.7
-    xg = x.clone().requires_grad_(input_grad)
-    out = adapter(xg)
+    out = check_against_formula(adapter, layer, x, input_grad)
     assert type(out.grad_fn).__name__ == _expected_path(algo, kind)
-    out.sin().sum().backward()
-    got = {n: p.grad.clone() for n, p in adapter.named_parameters()}
-    adapter.zero_grad()
-
-    xr = x.clone().requires_grad_(input_grad)
-    expected = layer_forward(layer, xr, layer.weight + adapter.delta_weight(adapter.multiplier), layer.bias)
-    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-10)
-    expected.sin().sum().backward()
-    for n, p in adapter.named_parameters():
-        torch.testing.assert_close(got[n], p.grad, rtol=1e-8, atol=1e-9, msg=n)
-    if input_grad:
-        torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-8, atol=1e-9)
 
 
 def _expected_path(algo, kind):
