@@ -1,5 +1,5 @@
-"""The fused conv + low-rank passes (fused_conv._ConvPlusLowRank, and _PointwiseConvMergedLowRank on 1x1 convs over
-many positions) against the plain formula op(x, W + m dW) in float64: strided, dilated, 1x1 (the GEMM form, on few
+"""The fused conv + low-rank passes (fused_conv._ConvPlusLowRank, and _ConvMergedLowRank on calls with many
+positions) against the plain formula op(x, W + m dW) in float64: strided, dilated, 1x1 (the GEMM form, on few
 and many positions), 1d and 3d convolutions, with and without bias."""
 
 from __future__ import annotations
@@ -42,10 +42,12 @@ def test_fused_conv_matches_the_merged_weight(algo, options, kind, input_grad):
 
 
 def _expected_path(algo, kind):
-    if kind.startswith("conv2d_1x1") and kind != "conv2d_1x1_few":  # a pointwise conv over many positions:
-        # LoHa's rank-dim^2 pair runs once with the rebuilt weight, a low-rank pair merges into the layer's GEMM
-        return "_RebuiltWeightOpBackward" if algo == "loha" else "_PointwiseConvMergedLowRankBackward"
-    return "_ConvPlusLowRankBackward"
+    if kind.startswith("conv2d_1x1") and algo == "loha" and kind != "conv2d_1x1_few":
+        return "_RebuiltWeightOpBackward"  # LoHa's rank-dim^2 pair: the pointwise layer runs with the rebuilt weight
+    # the pair merges into the layer's weight where the call has enough positions against the weight's size: not
+    # on the dilated conv1d's 22 positions (18 input columns, 8 outputs) nor on the 1x1 conv's 8
+    merged = kind not in ("conv1d", "conv2d_1x1_few")
+    return "_ConvMergedLowRankBackward" if merged else "_ConvPlusLowRankBackward"
 
 
 def test_channels_last_and_unbatched_inputs_take_the_plain_path():
