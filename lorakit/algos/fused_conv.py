@@ -80,14 +80,7 @@ class _ConvMergedLowRank(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, down, up, gain, spec):
-        merged = _merged(weight, down, up, gain)
-        if spec.is_pointwise:
-            y = torch.bmm(_batched(merged.view(merged.shape[0], -1), x.shape[0]), _flat(x))
-            if bias is not None:
-                y += bias[:, None]
-            y = y.view(x.shape[0], -1, *x.shape[2:])
-        else:
-            y = spec.op(x, merged, bias)
+        y = conv_op(spec, x, _merged(weight, down, up, gain), bias)
         ctx.save_for_backward(x, weight, down, up)
         ctx.gain, ctx.spec = gain, spec
         return y
@@ -95,29 +88,17 @@ class _ConvMergedLowRank(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, weight, down, up = ctx.saved_tensors
-        n, gain, spec, rank = x.shape[0], ctx.gain, ctx.spec, down.shape[0]
+        n, gain, spec = x.shape[0], ctx.gain, ctx.spec
         g = g.contiguous()
-        g3 = _flat(g)
-        need_x, need_down, need_up = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         grad_x = grad_down = grad_up = None
-        if need_x:
-            merged = _merged(weight, down, up, gain)
-            if spec.is_pointwise:
-                grad_x = torch.bmm(_batched(merged.view(merged.shape[0], -1).t(), n), g3).view(x.shape)
-            else:
-                grad_x = conv_backward(spec.conv_args, g, x, merged, (True, False))[0]
-        if need_down:
-            gh = torch.bmm(_batched(times_gain(up, gain).t(), n), g3)
-            if spec.is_pointwise:
-                grad_down = torch.bmm(gh, _flat(x).transpose(1, 2)).sum(0).view(down.shape)
-            else:
-                grad_down = conv_backward(spec.conv_args, gh.view(n, rank, *g.shape[2:]), x, down, (False, True))[1]
-        if need_up:
-            if spec.is_pointwise:
-                h = torch.bmm(_batched(down.view(rank, -1), n), _flat(x))
-            else:
-                h = _flat(spec.op(x, down))
-            grad_up = times_gain(torch.bmm(g3, h.transpose(1, 2)).sum(0), gain, in_place=True)
+        if ctx.needs_input_grad[0]:
+            grad_x = conv_input_grad(spec, g, x, _merged(weight, down, up, gain))
+        if ctx.needs_input_grad[3]:
+            gh = torch.bmm(_batched(times_gain(up, gain).t(), n), _flat(g))
+            grad_down = conv_weight_grad(spec, gh.view(n, -1, *g.shape[2:]), x, down)
+        if ctx.needs_input_grad[4]:
+            h = _flat(conv_op(spec, x, down))
+            grad_up = times_gain(torch.bmm(_flat(g), h.transpose(1, 2)).sum(0), gain, in_place=True)
         return grad_x, None, None, grad_down, grad_up, None, None
 
 
@@ -134,6 +115,30 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 def _batched(m: torch.Tensor, n: int) -> torch.Tensor:
     return m.expand(n, *m.shape)
+
+
+def conv_op(spec, x, weight, bias=None):
+    """The layer's convolution of x with this weight; a pointwise conv as batched GEMMs over positions."""
+    if spec.is_pointwise:
+        y = torch.bmm(_batched(weight.view(weight.shape[0], -1), x.shape[0]), _flat(x))
+        if bias is not None:
+            y += bias[:, None]
+        return y.view(x.shape[0], -1, *x.shape[2:])
+    return spec.op(x, weight, bias)
+
+
+def conv_input_grad(spec, g, x, weight):
+    """conv_op's gradient for x, given the output gradient g."""
+    if spec.is_pointwise:
+        return torch.bmm(_batched(weight.view(weight.shape[0], -1).t(), x.shape[0]), _flat(g)).view(x.shape)
+    return conv_backward(spec.conv_args, g, x, weight, (True, False))[0]
+
+
+def conv_weight_grad(spec, g, x, weight):
+    """conv_op's gradient for the weight, summed over the batch."""
+    if spec.is_pointwise:
+        return torch.bmm(_flat(g), _flat(x).transpose(1, 2)).sum(0).view(weight.shape)
+    return conv_backward(spec.conv_args, g, x, weight, (False, True))[1]
 
 
 def conv_backward(conv_args: dict, g, x, weight, mask):
@@ -162,12 +167,12 @@ def conv_plus_low_rank(adapter, x: torch.Tensor, down: torch.Tensor, up: torch.T
     layer, spec = adapter.layer, adapter.spec
     rank = down.shape[0]
     down, up = down.reshape(rank, spec.in_dim, *spec.kernel), up.reshape(spec.out_dim, rank)
-    if _merged_pays(spec, x):
+    if merged_pays(spec, x):
         return _ConvMergedLowRank.apply(x, layer.weight, layer.bias, down.contiguous(), up, float(gain), spec)
     return _ConvPlusLowRank.apply(x, layer.weight, layer.bias, down, up, float(gain), spec)
 
 
-def _merged_pays(spec, x: torch.Tensor) -> bool:
+def merged_pays(spec, x: torch.Tensor) -> bool:
     """Whether rebuilding W + U D twice (2 out fan_in rank multiply-adds) costs less than what the merged pass saves
     against the pair added apart: D's input gradient and U's product (positions (fan_in + out) rank), with a
     factor 2 of margin for the small convolutions' lower speed not counted."""

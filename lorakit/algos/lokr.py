@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fused_conv import conv_backward
+from .fused_conv import conv_backward, conv_fusable, merged_pays
+from .fused_conv_kron import conv_plus_kron
 from .fused_linear import fusable, linear_plus_kron
 from .layer import ONE_BY_ONE
 from .base import LOW_RANK_OPTIONS, Adapter
@@ -167,15 +168,19 @@ class LoKr(Adapter):
         return spec.op(h, self.lokr_w2_a.reshape(p["c"], -1, *ones), **ONE_BY_ONE)
 
     def prefers_merged_weight(self, x):
-        # a pointwise conv over many positions: the Kronecker identity would move activations through transposes,
-        # while the merged weight costs one more GEMM-like pass (a Linear takes linear_plus_kron instead)
-        return self.spec.is_conv and self.dora_scale is None and self.many_positions(x)
+        # a pointwise conv over many positions that conv_plus_kron does not take (a channels-last input, say): the
+        # Kronecker identity would move activations through transposes, while the merged weight costs one more
+        # GEMM-like pass
+        return self.spec.is_conv and self.dora_scale is None and self.many_positions(x) and \
+            not conv_fusable(self, x)
 
     def adapted_forward(self, x, *args, **kwargs):
-        if self.dora_scale is None and not args and not kwargs and not self._dropouts_active() and \
-                self.many_positions(x) and fusable(self, x):
+        if self.dora_scale is None and not args and not kwargs and not self._dropouts_active():
             gain = self.scale * self.multiplier * self._scalar()
-            return linear_plus_kron(self, x, self.w1() * gain, self.w2())
+            if self.many_positions(x) and fusable(self, x):
+                return linear_plus_kron(self, x, self.w1() * gain, self.w2())
+            if conv_fusable(self, x) and merged_pays(self.spec, x):
+                return conv_plus_kron(self, x, self.w1() * gain, self.w2())
         return super().adapted_forward(x, *args, **kwargs)
 
     def delta_forward(self, x):

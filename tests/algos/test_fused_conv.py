@@ -1,6 +1,6 @@
-"""The fused conv + low-rank passes (fused_conv._ConvPlusLowRank, and _ConvMergedLowRank on calls with many
-positions) against the plain formula op(x, W + m dW) in float64: strided, dilated, 1x1 (the GEMM form, on few
-and many positions), 1d and 3d convolutions, with and without bias."""
+"""The fused conv passes (fused_conv._ConvPlusLowRank, _ConvMergedLowRank on calls with many positions, and LoKr's
+fused_conv_kron._ConvPlusKron) against the plain formula op(x, W + m dW) in float64: strided, dilated, 1x1 (the
+GEMM form, on few and many positions), 1d and 3d convolutions, with and without bias."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from lorakit.algos import make_adapter
 from .conftest import make_input, make_layer, randomize
 from .test_contract import check_against_formula, layer_forward
 
-CASES = [("lora", {}), ("lora", {"use_scalar": True}), ("lora", {"dora_wd": True}), ("loha", {})]
+CASES = [("lora", {}), ("lora", {"use_scalar": True}), ("lora", {"dora_wd": True}), ("loha", {}),
+         ("lokr", {}), ("lokr", {"use_scalar": True}), ("lokr", {"dim": 1}), ("lokr", {"dim": 1, "use_tucker": True})]
 KINDS = ["conv1d", "conv2d", "conv2d_1x1", "conv3d", "conv2d_1x1_nobias", "conv2d_1x1_few"]
 
 
@@ -42,6 +43,8 @@ def test_fused_conv_matches_the_merged_weight(algo, options, kind, input_grad):
 
 
 def _expected_path(algo, kind):
+    if algo == "lokr":  # Kronecker factors: merged with their gradients from the identity, else the identity alone
+        return "_ConvPlusKronBackward" if kind not in ("conv1d", "conv2d_1x1_few") else "AddBackward0"
     if kind.startswith("conv2d_1x1") and algo == "loha" and kind != "conv2d_1x1_few":
         return "_RebuiltWeightOpBackward"  # LoHa's rank-dim^2 pair: the pointwise layer runs with the rebuilt weight
     # the pair merges into the layer's weight where the call has enough positions against the weight's size: not
