@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from .channel_dots import column_dots, row_dots
+
 
 class _LinearPlusLowRank(torch.autograd.Function):
     @staticmethod
@@ -44,7 +46,7 @@ class _LinearPlusLowRank(torch.autograd.Function):
         if need_x or need_scale:
             grad_x2 = (g2 @ w).addmm_(gh, d)  # the gradient of s * x (scale_x), else of x itself
             if need_scale:  # sum(x * grad_x2), divided by s where s sits in W and D
-                grad_scale = torch.linalg.vecdot(x2, grad_x2, dim=0)
+                grad_scale = column_dots(x2, grad_x2)
                 if not scale_x:
                     grad_scale /= in_scale
             if need_x:
@@ -88,7 +90,7 @@ class _LinearMergedLowRank(torch.autograd.Function):
             grad_x2 = g2 @ _merged(weight, down, up, in_scale, out_scale, gain)
             grad_x = grad_x2.view(ctx.x_shape) if ctx.needs_input_grad[0] else None
             if need_in:  # grad_x = g diag(r) (W + gain U D) diag(s): the unscaled product is grad_x / s
-                grad_in = torch.linalg.vecdot(x2, grad_x2, dim=0) / in_scale
+                grad_in = column_dots(x2, grad_x2) / in_scale
         if out_scale is not None and ctx.needs_input_grad[6]:
             grad_out = output_scale_grad(g2, y, bias) / out_scale
         if out_scale is not None:  # the factors see g diag(r)
@@ -115,16 +117,18 @@ def _merged(weight, down, up, in_scale, out_scale, gain):
 
 def output_scale_grad(g: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None, channel: int = -1) -> torch.Tensor:
     """sum(g * (y - b)) over every axis but the channel axis: the gradient of a per-channel scale on W x, read off
-    the layer's output y = W x + b, with no activation-sized product in memory."""
-    c = g.shape[channel]
+    the layer's output y = W x + b, in cache-sized blocks (channel_dots), with sum(g) taken in the same pass."""
+    c, with_bias = g.shape[channel], bias is not None
     if channel % g.dim() == g.dim() - 1:
-        grad = torch.linalg.vecdot(g.reshape(-1, c), y.reshape(-1, c), dim=0)
-    else:
+        out = column_dots(g.reshape(-1, c), y.reshape(-1, c), sum_a=with_bias)
+    else:  # channel-first (n, c, positions): one dot per (sample, channel) row
         n = math.prod(g.shape[:channel])  # 1 for an unbatched conv input
-        grad = torch.linalg.vecdot(g.reshape(n, c, -1), y.reshape(n, c, -1), dim=-1).sum(0)
-    if bias is not None:
-        grad -= bias * g.sum([d for d in range(g.dim()) if d != channel % g.dim()])
-    return grad
+        out = row_dots(g.reshape(n * c, -1), y.reshape(n * c, -1), sum_a=with_bias)
+        out = tuple(t.view(n, c).sum(0) for t in out) if with_bias else out.view(n, c).sum(0)
+    if not with_bias:
+        return out
+    grad, g_sums = out
+    return grad.sub_(bias * g_sums)
 
 
 def gain_as_float(up: torch.Tensor, gain) -> tuple[torch.Tensor, float]:
