@@ -175,5 +175,6 @@ def conv_plus_low_rank(adapter, x: torch.Tensor, down: torch.Tensor, up: torch.T
 def merged_pays(spec, x: torch.Tensor) -> bool:
     """Whether rebuilding W + U D twice (2 out fan_in rank multiply-adds) costs less than what the merged pass saves
     against the pair added apart: D's input gradient and U's product (positions (fan_in + out) rank), with a
-    factor 2 of margin for the small convolutions' lower speed not counted."""
+    factor 2 of margin for the small convolutions' lower speed not counted. LoKr's merged conv
+    (fused_conv_kron), whose rebuild is one elementwise pass, takes the same rule."""
     return positions(spec, x) * (spec.fan_in + spec.out_dim) >= 4 * spec.out_dim * spec.fan_in
