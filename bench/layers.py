@@ -478,6 +478,10 @@ class Sampler:
 
     def __call__(self, fn, x, g, params, inner: int) -> float:
         while True:
+            # The first step after another method's pays for the memory the allocator maps again (page faults on
+            # activation-sized buffers: up to ~10 ms on the k1 conv), which a training loop repeating one step does
+            # not: one untimed step of this method first.
+            step(fn, x, g, params)
             a = _busy_seconds()
             w0 = time.perf_counter()
             t = time_once(fn, x, g, params, inner)
@@ -674,7 +678,8 @@ def main(argv=None) -> int:
           f"peft {info['peft']}, "
           f"python {info['python']}. Load average at start: {loadavg()}.", file=out)
     print(f"Method: {args.stat} of {args.reps} interleaved rounds after {args.warmup} warm-up steps; each sample "
-          f">= {args.min_time:g} s; loss gradient = fixed random grad_output; input requires grad. "
+          f">= {args.min_time:g} s, after one untimed step of the same method; loss gradient = fixed random "
+          "grad_output; input requires grad. "
           "Ratio = method / frozen layer. Saved MB = distinct storages autograd keeps for backward, "
           "excluding the input and the frozen weight/bias. Best peer = fastest comparable peer column. "
           "A verdict FAIL (peer) with kit/peer within ~1.05 may be noise.", file=out)
