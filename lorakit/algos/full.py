@@ -6,37 +6,6 @@ import torch
 import torch.nn as nn
 
 from .base import Adapter
-from .fused_linear import fusable, gemm_linear, times_gain
-
-
-class _LinearPlusFull(torch.autograd.Function):
-    """y = x (W + m diff)^T + (b + m diff_b) for a frozen Linear: the merged weight is built in one pass and kept
-    for backward (as training the weight itself would keep it), and m is folded into the gradients' products, so
-    the change costs no pass over the weight beyond that one add."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, diff, diff_b, m: float):
-        x2 = x.reshape(-1, x.shape[-1])
-        merged = torch.add(weight, diff, alpha=m)
-        if diff_b is not None:
-            bias = diff_b * m if bias is None else torch.add(bias, diff_b, alpha=m)
-        y = gemm_linear(x2, merged, bias)
-        ctx.save_for_backward(x2, merged)
-        ctx.x_shape, ctx.m = x.shape, m
-        return y.view(*x.shape[:-1], weight.shape[0])
-
-    @staticmethod
-    def backward(ctx, g):
-        x2, merged = ctx.saved_tensors
-        g2 = g.reshape(-1, g.shape[-1])
-        m = ctx.m
-        grad_x = (g2 @ merged).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
-        grad_diff = grad_diff_b = None
-        if ctx.needs_input_grad[3]:
-            grad_diff = times_gain(g2.t() @ x2, m, in_place=True)
-        if ctx.needs_input_grad[4]:
-            grad_diff_b = times_gain(g2.sum(0), m, in_place=True)
-        return grad_x, None, None, grad_diff, grad_diff_b, None
 
 
 class Full(Adapter):
@@ -61,13 +30,15 @@ class Full(Adapter):
         return True  # one pass with W + diff beats the layer plus a second full product
 
     def merged_weight_forward(self, x):
+        # W + m diff in one add, whose backward hands the weight's gradient to diff as it is (scaled only when
+        # m != 1); the layer's op keeps the merged weight, as training the weight itself would. Plain ops: their
+        # autograd nodes cost less per call than a Python autograd function (Linear 768->320 on 154 positions,
+        # min of 60 interleaved rounds: 1.69-1.82x -> 1.61-1.62x the frozen layer).
         layer, m = self.layer, self.multiplier
-        if fusable(self, x) and torch.is_grad_enabled():
-            return _LinearPlusFull.apply(x, layer.weight, layer.bias, self.diff, self.diff_b, float(m))
         bias = layer.bias
         if self.diff_b is not None:
-            bias = self.diff_b * m if bias is None else bias + self.diff_b * m
-        return self.spec.op(x, layer.weight + self.diff * m, bias)
+            bias = self.diff_b * m if bias is None else torch.add(bias, self.diff_b, alpha=m)
+        return self.spec.op(x, torch.add(layer.weight, self.diff, alpha=m), bias)
 
     def factor_flops(self, n):
         return 0.0  # dW is the parameter itself: nothing to rebuild
