@@ -24,47 +24,34 @@ from .layer import positions
 class _ConvPlusLowRank(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, down, up, gain, spec):
-        n, rank = x.shape[0], down.shape[0]
-        pointwise = spec.is_pointwise
-        if pointwise:
-            x3 = _flat(x)
-            y = torch.bmm(_batched(weight.view(weight.shape[0], -1), n), x3)
-            if bias is not None:
-                y += bias[:, None]
-            h = torch.bmm(_batched(down.reshape(rank, -1), n), x3)
-            y = y.view(n, -1, *x.shape[2:])
-        else:
-            y = spec.op(x, weight, bias)
-            h = _flat(spec.op(x, down))
-        _flat(y).baddbmm_(_batched(up, n), h, alpha=gain)
+        y = conv_op(spec, x, weight, bias)
+        h = _flat(conv_op(spec, x, down))
+        _flat(y).baddbmm_(_batched(up, x.shape[0]), h, alpha=gain)
         ctx.save_for_backward(x, weight, down, up, h)
-        ctx.spec, ctx.pointwise, ctx.h_shape, ctx.gain = spec, pointwise, (n, rank, *y.shape[2:]), gain
+        ctx.spec, ctx.gain = spec, gain
         return y
 
     @staticmethod
     def backward(ctx, g):
         x, weight, down, up, h = ctx.saved_tensors
-        n, rank = x.shape[0], down.shape[0]
+        n, rank, spec = x.shape[0], down.shape[0], ctx.spec
         g = g.contiguous()
         g3 = _flat(g)
         gh = torch.bmm(_batched(times_gain(up, ctx.gain).t(), n), g3)
         need_x, need_down = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
         grad_x = grad_down = grad_up = None
-        if ctx.pointwise:
+        if need_x:
+            grad_x = conv_input_grad(spec, g, x, weight)
+        if spec.is_pointwise:  # D's input gradient accumulated in place into the layer's
             if need_x:
-                grad_x = torch.bmm(_batched(weight.view(weight.shape[0], -1).t(), n), g3)
-                grad_x.baddbmm_(_batched(down.reshape(rank, -1).t(), n), gh)
-                grad_x = grad_x.view(x.shape)
+                _flat(grad_x).baddbmm_(_batched(down.reshape(rank, -1).t(), n), gh)
             if need_down:
-                grad_down = torch.bmm(gh, _flat(x).transpose(1, 2)).sum(0).view(down.shape)
-        else:
+                grad_down = conv_weight_grad(spec, gh, x, down)
+        elif need_x or need_down:  # D's two gradients from one convolution backward
+            gx_down, grad_down = conv_backward(spec.conv_args, gh.view(n, rank, *g.shape[2:]), x, down,
+                                               (need_x, need_down))
             if need_x:
-                grad_x = conv_backward(ctx.spec.conv_args, g, x, weight, (True, False))[0]
-            if need_x or need_down:
-                gx_down, grad_down = conv_backward(ctx.spec.conv_args, gh.view(ctx.h_shape), x, down,
-                                                   (need_x, need_down))
-                if need_x:
-                    grad_x += gx_down
+                grad_x += gx_down
         if ctx.needs_input_grad[4]:
             grad_up = times_gain(torch.bmm(g3, h.transpose(1, 2)).sum(0), ctx.gain, in_place=True)
         return grad_x, None, None, grad_down, grad_up, None, None
@@ -120,7 +107,7 @@ def _batched(m: torch.Tensor, n: int) -> torch.Tensor:
 def conv_op(spec, x, weight, bias=None):
     """The layer's convolution of x with this weight; a pointwise conv as batched GEMMs over positions."""
     if spec.is_pointwise:
-        y = torch.bmm(_batched(weight.view(weight.shape[0], -1), x.shape[0]), _flat(x))
+        y = torch.bmm(_batched(weight.reshape(weight.shape[0], -1), x.shape[0]), _flat(x))
         if bias is not None:
             y += bias[:, None]
         return y.view(x.shape[0], -1, *x.shape[2:])
@@ -130,7 +117,7 @@ def conv_op(spec, x, weight, bias=None):
 def conv_input_grad(spec, g, x, weight):
     """conv_op's gradient for x, given the output gradient g."""
     if spec.is_pointwise:
-        return torch.bmm(_batched(weight.view(weight.shape[0], -1).t(), x.shape[0]), _flat(g)).view(x.shape)
+        return torch.bmm(_batched(weight.reshape(weight.shape[0], -1).t(), x.shape[0]), _flat(g)).view(x.shape)
     return conv_backward(spec.conv_args, g, x, weight, (True, False))[0]
 
 
