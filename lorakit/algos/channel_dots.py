@@ -1,5 +1,7 @@
 """Per-channel dot products of two activation-sized tensors, sum(a * b) over every axis but the channel's: the
-gradient of a per-channel scale (IA3, DoRA) from the output or the input and its gradient.
+gradient of a per-channel scale (IA3, DoRA) from the output or the input and its gradient. And the input
+gradient's GEMM taken block by block with such reductions of the output gradient, so that each block of it is
+read from memory once for both.
 
 On a CPU, torch.linalg.vecdot writes the whole product a * b before reducing it: one more activation-sized tensor
 written and read, freshly allocated each call. Here the product is taken in blocks that stay in cache. Linear 320
@@ -11,6 +13,10 @@ from __future__ import annotations
 import torch
 
 _BLOCK = 1 << 19  # elements of a (and of b) per block: the two blocks fit a core's L2 cache with the product
+# Elements of the output gradient per block of input_grad_and_reductions (1 MB, a core's L2: 819 rows of Linear
+# 320). IA3's fold alone on Linear 320, in-process A/B, min of 40 rounds: blocks of 512 rows 1.03x, 1024 rows
+# 1.00x, 2048 rows 1.04x the frozen layer.
+_GEMM_BLOCK = 1 << 18
 
 
 def column_dots(a: torch.Tensor, b: torch.Tensor, sum_a: bool = False):
@@ -39,3 +45,26 @@ def row_dots(a: torch.Tensor, b: torch.Tensor, sum_a: bool = False):
              for i in range(0, a.shape[0], rows)]
     dots = torch.cat([p[0] for p in parts])
     return (dots, torch.cat([p[1] for p in parts])) if sum_a else dots
+
+
+def input_grad_and_reductions(g: torch.Tensor, weight: torch.Tensor | None, y: torch.Tensor, reduce) -> tuple:
+    """(g @ weight, sum over blocks of rows of reduce(g_block, y_block)) for (N, out) tensors g and y and an
+    (out, in) weight (None: no GEMM, the reductions alone, and None for its product); reduce returns a tuple of
+    tensors that do not grow with N. On a CPU the GEMM runs block by
+    block, and each block of g is reduced while it is still in cache: one read of g from memory where the GEMM and
+    the reductions apart take two. Linear 320 on (2, 4096, 320), in-process A/B, min and median of 40 rounds over
+    the frozen layer: IA3 folded 1.09/1.10 -> 1.06/1.05, Diag-OFT folded 1.15/1.14 -> 1.11/1.13, DoRA along rows
+    1.27 either way (its thin products dominate)."""
+    n = g.shape[0]
+    rows = max(1, _GEMM_BLOCK // max(g.shape[1], weight.shape[1] if weight is not None else 1))
+    if g.device.type != "cpu" or n <= rows:
+        return g @ weight if weight is not None else None, reduce(g, y)
+    grad = g.new_empty(n, weight.shape[1], dtype=torch.result_type(g, weight)) if weight is not None else None
+    sums = None
+    for i in range(0, n, rows):
+        gb = g[i:i + rows]
+        if weight is not None:
+            torch.mm(gb, weight, out=grad[i:i + rows])
+        part = reduce(gb, y[i:i + rows])
+        sums = part if sums is None else tuple(s.add_(p) for s, p in zip(sums, part))
+    return grad, sums

@@ -23,12 +23,18 @@ class _RotatedBlocks:
         return torch.bmm(op.transpose(1, 2), weight.view(k, b, -1)).view(weight.shape)
 
     @staticmethod
-    def param_grad(y, g2, bias, op):
+    def output_sums(g, y, bias, op):
         k, b, _ = op.shape
-        n = g2.shape[0]
-        p = torch.einsum("nki,nkj->kij", y.view(n, k, b), g2.view(n, k, b))
+        n = g.shape[0]
+        p = torch.einsum("nki,nkj->kij", y.view(n, k, b), g.view(n, k, b))
+        return (p, g.sum(0)) if bias is not None else (p,)
+
+    @staticmethod
+    def param_grad(sums, bias, op):
+        k, b, _ = op.shape
+        p = sums[0]
         if bias is not None:
-            p = p - bias.view(k, b, 1) * g2.sum(0).view(k, 1, b)
+            p = p - bias.view(k, b, 1) * sums[1].view(k, 1, b)
         return torch.linalg.solve(op.transpose(1, 2), p)
 
 

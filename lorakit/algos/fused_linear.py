@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .channel_dots import column_dots, row_dots
+from .channel_dots import column_dots, input_grad_and_reductions, row_dots
 
 
 class _LinearPlusLowRank(torch.autograd.Function):
@@ -86,13 +86,17 @@ class _LinearMergedLowRank(torch.autograd.Function):
         g2, gain = g.reshape(-1, g.shape[-1]), ctx.gain
         grad_x = grad_down = grad_up = grad_in = grad_out = None
         need_in = in_scale is not None and ctx.needs_input_grad[5]
-        if ctx.needs_input_grad[0] or need_in:
-            grad_x2 = g2 @ _merged(weight, down, up, in_scale, out_scale, gain)
+        need_out = out_scale is not None and ctx.needs_input_grad[6]
+        merged = _merged(weight, down, up, in_scale, out_scale, gain) if ctx.needs_input_grad[0] or need_in else None
+        if need_out:  # r's sums over g and y taken with the input gradient's GEMM, block by block
+            grad_x2, sums = input_grad_and_reductions(g2, merged, y, lambda gb, yb: output_scale_sums(gb, yb, bias))
+            grad_out = output_scale_from_sums(sums, bias) / out_scale
+        elif merged is not None:
+            grad_x2 = g2 @ merged
+        if merged is not None:
             grad_x = grad_x2.view(ctx.x_shape) if ctx.needs_input_grad[0] else None
             if need_in:  # grad_x = g diag(r) (W + gain U D) diag(s): the unscaled product is grad_x / s
                 grad_in = column_dots(x2, grad_x2) / in_scale
-        if out_scale is not None and ctx.needs_input_grad[6]:
-            grad_out = output_scale_grad(g2, y, bias) / out_scale
         if out_scale is not None:  # the factors see g diag(r)
             up = up * out_scale[:, None]
         if ctx.needs_input_grad[3]:
@@ -129,6 +133,17 @@ def output_scale_grad(g: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | Non
         return out
     grad, g_sums = out
     return grad.sub_(bias * g_sums)
+
+
+def output_scale_sums(g: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+    """A block's share of an output-channel scale's gradient: (sum_n g * y) and, with a bias, (sum_n g)."""
+    dots = torch.linalg.vecdot(g, y, dim=0)
+    return (dots, g.sum(0)) if bias is not None else (dots,)
+
+
+def output_scale_from_sums(sums: tuple, bias: torch.Tensor | None) -> torch.Tensor:
+    """sum(g * (y - b)) from output_scale_sums' totals."""
+    return sums[0] if bias is None else sums[0].sub_(bias * sums[1])
 
 
 def gain_as_float(up: torch.Tensor, gain) -> tuple[torch.Tensor, float]:
@@ -224,8 +239,10 @@ def linear_plus_kron(adapter, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tenso
 
 class _FoldedLinear(torch.autograd.Function):
     """y = x fold(W, p)^T + b for a frozen Linear, where the adapter's parameter p folds cheaply into the weight and
-    its gradient can be recovered from the output: fold.param_grad(y, g, bias, p). Forward and backward each run
-    only the layer's GEMM, with no pass over the output; the folded weight is rebuilt in backward, not kept."""
+    its gradient can be recovered from the output: fold.param_grad(sums, bias, p) of the sums over rows of
+    fold.output_sums(g, y, bias, p). Forward and backward each run only the layer's GEMM, with no pass over the
+    output of its own: the sums are taken block by block with backward's GEMM (input_grad_and_reductions). The
+    folded weight is rebuilt in backward, not kept."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, param, fold):
@@ -238,10 +255,13 @@ class _FoldedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         y, weight, bias, param = ctx.saved_tensors
-        g2 = g.reshape(-1, g.shape[-1])
-        grad_x = (g2 @ ctx.fold.weight(weight, param)).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
-        grad_param = ctx.fold.param_grad(y, g2, bias, param) if ctx.needs_input_grad[3] else None
-        return grad_x, None, None, grad_param, None
+        g2, fold = g.reshape(-1, g.shape[-1]), ctx.fold
+        folded = fold.weight(weight, param) if ctx.needs_input_grad[0] else None
+        if not ctx.needs_input_grad[3]:
+            return (g2 @ folded).view(ctx.x_shape) if folded is not None else None, None, None, None, None
+        grad_x2, sums = input_grad_and_reductions(g2, folded, y, lambda gb, yb: fold.output_sums(gb, yb, bias, param))
+        grad_x = grad_x2.view(ctx.x_shape) if grad_x2 is not None else None
+        return grad_x, None, None, fold.param_grad(sums, bias, param), None
 
 
 def linear_folded(adapter, x: torch.Tensor, param: torch.Tensor, fold) -> torch.Tensor:

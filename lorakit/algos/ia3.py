@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from .base import Adapter
-from .fused_linear import fusable, linear_folded, output_scale_grad
+from .fused_linear import fusable, linear_folded, output_scale_from_sums, output_scale_grad, output_scale_sums
 
 
 class _ScaledOutput(torch.autograd.Function):
@@ -49,8 +49,12 @@ class _ScaledRows:
         return weight * s[:, None]
 
     @staticmethod
-    def param_grad(y, g2, bias, s):
-        return output_scale_grad(g2, y, bias) / s
+    def output_sums(g, y, bias, s):
+        return output_scale_sums(g, y, bias)
+
+    @staticmethod
+    def param_grad(sums, bias, s):
+        return output_scale_from_sums(sums, bias) / s
 
 
 # The folded path divides by the scale in backward; below this it would lose precision (or divide by zero).
