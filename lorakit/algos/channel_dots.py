@@ -47,24 +47,27 @@ def row_dots(a: torch.Tensor, b: torch.Tensor, sum_a: bool = False):
     return (dots, torch.cat([p[1] for p in parts])) if sum_a else dots
 
 
-def input_grad_and_reductions(g: torch.Tensor, weight: torch.Tensor | None, y: torch.Tensor, reduce) -> tuple:
-    """(g @ weight, sum over blocks of rows of reduce(g_block, y_block)) for (N, out) tensors g and y and an
-    (out, in) weight (None: no GEMM, the reductions alone, and None for its product); reduce returns a tuple of
-    tensors that do not grow with N. On a CPU the GEMM runs block by
-    block, and each block of g is reduced while it is still in cache: one read of g from memory where the GEMM and
-    the reductions apart take two. Linear 320 on (2, 4096, 320), in-process A/B, min and median of 40 rounds over
-    the frozen layer: IA3 folded 1.09/1.10 -> 1.06/1.05, Diag-OFT folded 1.15/1.14 -> 1.11/1.13, DoRA along rows
-    1.27 either way (its thin products dominate)."""
+def input_grad_and_reductions(g: torch.Tensor, weight: torch.Tensor | None, reduce) -> tuple:
+    """(g @ weight, the sum over blocks of rows of reduce(rows, g[rows], (g @ weight)[rows])) for an (N, out) g and
+    an (out, in) weight (None: no GEMM, the reductions alone, given None for its block, and None for its product);
+    reduce returns a tuple of tensors that do not grow with N, and reads any other (N, ...) tensor at `rows`. On a
+    CPU the GEMM runs block by block, and each block of g and of its product is reduced while it is still in
+    cache: one read of each from memory where the GEMM and the reductions apart take two. Linear 320 on
+    (2, 4096, 320), in-process A/B, min and median of 40 rounds over the frozen layer: IA3 folded 1.09/1.10 ->
+    1.06/1.05, Diag-OFT folded 1.15/1.14 -> 1.11/1.13; DoRA along rows (1.27) and along columns (1.31/1.25 ->
+    1.29/1.24, 60 rounds) about even: their thin products dominate."""
     n = g.shape[0]
     rows = max(1, _GEMM_BLOCK // max(g.shape[1], weight.shape[1] if weight is not None else 1))
     if g.device.type != "cpu" or n <= rows:
-        return g @ weight if weight is not None else None, reduce(g, y)
+        grad = g @ weight if weight is not None else None
+        return grad, reduce(slice(None), g, grad)
     grad = g.new_empty(n, weight.shape[1], dtype=torch.result_type(g, weight)) if weight is not None else None
     sums = None
     for i in range(0, n, rows):
-        gb = g[i:i + rows]
+        block = slice(i, i + rows)
+        gb = g[block]
         if weight is not None:
-            torch.mm(gb, weight, out=grad[i:i + rows])
-        part = reduce(gb, y[i:i + rows])
+            torch.mm(gb, weight, out=grad[block])
+        part = reduce(block, gb, grad[block] if grad is not None else None)
         sums = part if sums is None else tuple(s.add_(p) for s, p in zip(sums, part))
     return grad, sums

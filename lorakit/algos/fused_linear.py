@@ -88,15 +88,22 @@ class _LinearMergedLowRank(torch.autograd.Function):
         need_in = in_scale is not None and ctx.needs_input_grad[5]
         need_out = out_scale is not None and ctx.needs_input_grad[6]
         merged = _merged(weight, down, up, in_scale, out_scale, gain) if ctx.needs_input_grad[0] or need_in else None
-        if need_out:  # r's sums over g and y taken with the input gradient's GEMM, block by block
-            grad_x2, sums = input_grad_and_reductions(g2, merged, y, lambda gb, yb: output_scale_sums(gb, yb, bias))
-            grad_out = output_scale_from_sums(sums, bias) / out_scale
+
+        def scale_sums(rows, gb, grad_xb):
+            # r's: sum(g * (y - b)) / r. s's: grad_x = g diag(r) (W + gain U D) diag(s), so sum(x * grad_x) / s.
+            out = output_scale_sums(gb, y[rows], bias) if need_out else ()
+            return out + (torch.linalg.vecdot(x2[rows], grad_xb, dim=0),) if need_in else out
+
+        if need_out or need_in:  # the scales' sums taken with the input gradient's GEMM, block by block
+            grad_x2, sums = input_grad_and_reductions(g2, merged, scale_sums)
+            if need_out:
+                grad_out = output_scale_from_sums(sums, bias) / out_scale
+            if need_in:
+                grad_in = sums[-1] / in_scale
         elif merged is not None:
             grad_x2 = g2 @ merged
-        if merged is not None:
-            grad_x = grad_x2.view(ctx.x_shape) if ctx.needs_input_grad[0] else None
-            if need_in:  # grad_x = g diag(r) (W + gain U D) diag(s): the unscaled product is grad_x / s
-                grad_in = column_dots(x2, grad_x2) / in_scale
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_x2.view(ctx.x_shape)
         if out_scale is not None:  # the factors see g diag(r)
             up = up * out_scale[:, None]
         if ctx.needs_input_grad[3]:
@@ -259,7 +266,8 @@ class _FoldedLinear(torch.autograd.Function):
         folded = fold.weight(weight, param) if ctx.needs_input_grad[0] else None
         if not ctx.needs_input_grad[3]:
             return (g2 @ folded).view(ctx.x_shape) if folded is not None else None, None, None, None, None
-        grad_x2, sums = input_grad_and_reductions(g2, folded, y, lambda gb, yb: fold.output_sums(gb, yb, bias, param))
+        grad_x2, sums = input_grad_and_reductions(
+            g2, folded, lambda rows, gb, _: fold.output_sums(gb, y[rows], bias, param))
         grad_x = grad_x2.view(ctx.x_shape) if grad_x2 is not None else None
         return grad_x, None, None, fold.param_grad(sums, bias, param), None
 

@@ -21,9 +21,9 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(channel_dots, "_GEMM_BLOCK", 16)
     calls = []
 
-    def recorded(g, weight, y, reduce):
+    def recorded(g, weight, reduce):
         calls.append(g.shape[0])
-        return channel_dots.input_grad_and_reductions(g, weight, y, reduce)
+        return channel_dots.input_grad_and_reductions(g, weight, reduce)
 
     monkeypatch.setattr(fused_linear, "input_grad_and_reductions", recorded)
     return calls
@@ -45,12 +45,17 @@ def test_input_grad_and_reductions_match_the_whole_products(small_blocks, with_w
     torch.manual_seed(0)
     g, y, w = (torch.randn(37, 5, dtype=torch.float64), torch.randn(37, 5, dtype=torch.float64),
                torch.randn(5, 4, dtype=torch.float64))  # 3 rows a block
-    grad, (dots, sums) = channel_dots.input_grad_and_reductions(
-        g, w if with_weight else None, y, lambda gb, yb: ((gb * yb).sum(0), gb.sum(0)))
-    torch.testing.assert_close(dots, (g * y).sum(0), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(sums, g.sum(0), rtol=1e-12, atol=1e-12)
+    weight = w if with_weight else None
+
+    def reduce(rows, gb, grad_b):  # a dot with another tensor's rows, a sum, and a sum over the product's block
+        return ((gb * y[rows]).sum(0), gb.sum(0)) + ((grad_b.sum(0),) if with_weight else ())
+
+    grad, sums = channel_dots.input_grad_and_reductions(g, weight, reduce)
+    torch.testing.assert_close(sums[0], (g * y).sum(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sums[1], g.sum(0), rtol=1e-12, atol=1e-12)
     if with_weight:
         torch.testing.assert_close(grad, g @ w, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(sums[2], (g @ w).sum(0), rtol=1e-12, atol=1e-12)
     else:
         assert grad is None
 
@@ -68,7 +73,7 @@ CASES = [
     ("ia3 folded", "ia3", {}, "linear", (2, ia3._MIN_FOLD_POSITIONS // 2, 6), True),
     ("ia3 output", "ia3", {}, "linear", (3, 7, 6), False),
     ("ia3 conv", "ia3", {}, "conv", (2, 6, 5, 5), False),
-    ("dora columns", "lora", {"dim": 2, "dora_wd": True}, "linear", (2, 30, 6), False),
+    ("dora columns", "lora", {"dim": 2, "dora_wd": True}, "linear", (2, 30, 6), True),
     ("dora columns few", "lora", {"dim": 2, "dora_wd": True}, "linear", (1, 4, 6), False),
     ("dora rows", "lora", {"dim": 2, "dora_wd": True, "dora_axis": "out"}, "linear", (2, 30, 6), True),
     ("diag-oft folded", "diag-oft", {"dim": 3}, "linear", (2, 30, 6), True),
