@@ -222,6 +222,27 @@ def test_ia3_folds_its_scale_into_a_linear_weight_unless_the_scale_nears_zero(mo
     torch.testing.assert_close(got_x, x2.grad, rtol=1e-8, atol=1e-9)
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("short", [True, False])
+def test_ia3_on_the_output_takes_native_ops_on_short_calls(monkeypatch, kind, bias, short):
+    """IA3 on a plain frozen layer's output: a short call runs the layer without its bias and adds it back in one
+    addcmul (native autograd ops), a longer one the custom output pass; both give the merged-weight formula."""
+    from lorakit.algos import ia3
+
+    if not short:
+        monkeypatch.setattr(ia3, "_MAX_NATIVE_INPUT", 0)
+    torch.manual_seed(0)
+    layer = (torch.nn.Linear(6, 5, bias=bias) if kind == "linear" else torch.nn.Conv2d(6, 5, 3, bias=bias))
+    layer = layer.double().requires_grad_(False)
+    adapter = randomize(make_adapter("ia3", layer).double(), scale=0.3).eval()
+    adapter.multiplier = 0.7
+    x = torch.randn((3, 7, 6) if kind == "linear" else (2, 6, 5, 5), dtype=torch.float64)
+    out = check_against_formula(adapter, layer, x)
+    names = {True: "AddcmulBackward" if bias else "MulBackward", False: "_ScaledOutputBackward"}
+    assert names[short] in type(out.grad_fn).__name__
+
+
 @pytest.mark.parametrize("axis", ["in", "out"])
 def test_dora_follows_a_base_weight_changed_in_place_or_replaced(axis):
     """DoRA keeps |W|^2 of the frozen base between calls; a weight changed in place (merge, an optimizer on the
