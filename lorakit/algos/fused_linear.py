@@ -136,10 +136,7 @@ def output_scale_grad(g: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | Non
         n = math.prod(g.shape[:channel])  # 1 for an unbatched conv input
         out = row_dots(g.reshape(n * c, -1), y.reshape(n * c, -1), sum_a=with_bias)
         out = tuple(t.view(n, c).sum(0) for t in out) if with_bias else out.view(n, c).sum(0)
-    if not with_bias:
-        return out
-    grad, g_sums = out
-    return grad.sub_(bias * g_sums)
+    return output_scale_from_sums(out if with_bias else (out,), bias)
 
 
 def output_scale_sums(g: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None) -> tuple:

@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 
 from .base import Adapter
-from .fused_linear import fusable, linear_folded, plain_frozen_layer, output_scale_from_sums, output_scale_grad, output_scale_sums
+from .fused_linear import (fusable, linear_folded, output_scale_from_sums, output_scale_grad, output_scale_sums,
+                           plain_frozen_layer)
 
 
 class _ScaledOutput(torch.autograd.Function):
