@@ -9,6 +9,7 @@ import torch
 from .fused_linear import fusable, linear_folded
 from .lokr import factorization
 from .oft_base import OrthogonalAdapter, blend_with_identity
+from .rotated_linear import linear_rotated
 
 
 class _RotatedBlocks:
@@ -60,9 +61,13 @@ class DiagOFT(OrthogonalAdapter):
         # rescale the blocks are rotations blended with I, which the folded backward inverts safely at any
         # multiplier: the singular values of (1 - m) I + m R stay >= cos(half the largest rotation angle), and
         # the Cayley transform never rotates by a half turn.
-        if not args and not kwargs and self.rescale is None and not self._dropouts_active() and \
-                fusable(self, x) and self.many_positions(x):
-            return linear_folded(self, x, self.block_operator(), _RotatedBlocks)
+        # Fewer positions: the layer, the Cayley transform and the rotation of its output in one function.
+        if not args and not kwargs and self.rescale is None and not self._dropouts_active() and fusable(self, x):
+            if self.many_positions(x):
+                return linear_folded(self, x, self.block_operator(), _RotatedBlocks)
+            if self.bound <= 0:
+                return linear_rotated(self, x, self.oft_blocks, self.multiplier, from_blocks=True)
+            return linear_rotated(self, x, self.skew(), self.multiplier, from_blocks=False)
         return super().adapted_forward(x, *args, **kwargs)
 
     def output_from(self, y):

@@ -77,12 +77,15 @@ class OrthogonalAdapter(Adapter):
         n = torch.linalg.vector_norm(q)
         return torch.where(n > self.bound, self.bound / n.clamp_min(1e-30), torch.ones_like(n))
 
-    def rotations(self) -> torch.Tensor:
-        """R = (I + Q)(I - Q)^-1 per block, solved rather than inverted (the two factors commute)."""
+    def skew(self) -> torch.Tensor:
+        """Q = B - B^T per block, brought within the bound."""
         b = self.oft_blocks
         q = b - b.transpose(-1, -2)
-        q = q * self._clamp_ratio(q)
-        return _Cayley.apply(q)
+        return q if self.bound <= 0 else q * self._clamp_ratio(q)
+
+    def rotations(self) -> torch.Tensor:
+        """R = (I + Q)(I - Q)^-1 per block, solved rather than inverted (the two factors commute)."""
+        return _Cayley.apply(self.skew())
 
     def transformed(self, v: torch.Tensor, multiplier: float) -> torch.Tensor:
         t = self.rotate(v, multiplier)

@@ -291,6 +291,25 @@ def test_lora_linear_adds_the_pair_on_few_positions_and_merges_it_on_many(positi
     assert type(out.grad_fn).__name__ == path if not use_scalar else path in _grad_fn_names(out)
 
 
+@pytest.mark.parametrize("constraint", [0.0, 1e-3])
+@pytest.mark.parametrize("multiplier", [1.0, 0.7])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_diag_oft_rotates_a_linear_output_in_one_function_on_few_positions(constraint, multiplier, bias, input_grad):
+    """Few positions on a frozen Linear: the layer, the Cayley transform (through one inverse) and the rotation of
+    the output in one autograd function, constrained (Q clamped before it) or not (Q built from the blocks inside).
+    The plain formula's output and gradients; the clamp is active in the constrained case."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(12, 20, bias=bias).double().requires_grad_(False)
+    adapter = randomize(make_adapter("diag-oft", layer, dim=4, constraint=constraint).double()).eval()
+    adapter.multiplier = multiplier
+    if constraint:
+        b = adapter.oft_blocks.detach()
+        assert torch.linalg.vector_norm(b - b.mT) > adapter.bound
+    out = check_against_formula(adapter, layer, torch.randn(2, 3, 12, dtype=torch.float64), input_grad)
+    assert type(out.grad_fn).__name__ == "_RotatedLinearBackward"
+
+
 def _grad_fn_names(t: torch.Tensor) -> set[str]:
     """Names of every node in t's autograd graph."""
     names, todo = set(), [t.grad_fn]
