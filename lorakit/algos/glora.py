@@ -1,6 +1,6 @@
 """GLoRA: dW = (W @ a1 @ a2 + b1 @ b2) * alpha/dim (LyCORIS' current layout: a1 (in, dim), a2 (dim, in),
 b1 (out, dim), b2 (dim, in, *k)). The W a1 a2 term mixes input channels, so the forward feeds
-x + a1 a2 x to the layer once and adds b1 b2 x."""
+x + a1 a2 x to the layer once and adds b1 b2 x (on a frozen Linear in one function, glora_linear)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import torch.nn.functional as F
 
 from .layer import ONE_BY_ONE
 from .base import Adapter
+from .fused_linear import fusable
+from .glora_linear import linear_glora
 from .lora import kaiming_
 
 class GLoRA(Adapter):
@@ -63,6 +65,8 @@ class GLoRA(Adapter):
         return self.many_positions(x)  # W a1 a2 + b1 b2 rebuilt costs less than two chains over the activations
 
     def adapted_forward(self, x, *args, **kwargs):
+        if not args and not kwargs and self.scalar is None and not self._dropouts_active() and fusable(self, x):
+            return linear_glora(self, x, self.a1, self.a2, self.b1, self.b2, self.multiplier * self.scale)
         xa = x.to(self.dtype)
         k = self.multiplier * self.scale * self._scalar()
         ax = self._drop(self._chain(xa, self.a2, self.a1, ONE_BY_ONE)) * k

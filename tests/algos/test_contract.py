@@ -310,6 +310,20 @@ def test_diag_oft_rotates_a_linear_output_in_one_function_on_few_positions(const
     assert type(out.grad_fn).__name__ == "_RotatedLinearBackward"
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("input_grad", [True, False])
+@pytest.mark.parametrize("multiplier", [1.0, 0.7])
+def test_glora_runs_a_frozen_linear_and_both_chains_in_one_function(bias, input_grad, multiplier):
+    """GLoRA on a frozen Linear (few positions; many take the merged weight): the layer, x + k a1 a2 x and k b1 b2 x in one autograd
+    function; the plain formula's output and gradients."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(12, 20, bias=bias).double().requires_grad_(False)
+    adapter = randomize(make_adapter("glora", layer, dim=3, alpha=2).double()).eval()
+    adapter.multiplier = multiplier
+    out = check_against_formula(adapter, layer, torch.randn(2, 5, 12, dtype=torch.float64), input_grad)
+    assert type(out.grad_fn).__name__ == "_LinearGLoRABackward"
+
+
 def _grad_fn_names(t: torch.Tensor) -> set[str]:
     """Names of every node in t's autograd graph."""
     names, todo = set(), [t.grad_fn]
