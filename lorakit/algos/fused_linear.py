@@ -17,7 +17,7 @@ from .channel_dots import column_dots, input_grad_and_reductions, row_dots
 
 class _LinearPlusLowRank(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, down, up, mask, in_scale, gain):
+    def forward(ctx, x, weight, bias, down, up, mask, in_scale, out_scale, gain):
         x2 = x.reshape(-1, x.shape[-1])
         # An input-channel scale s goes on x where x is smaller than W, else into W and D; x itself is what is kept.
         scale_x = in_scale is not None and x2.numel() < weight.numel()
@@ -26,18 +26,26 @@ class _LinearPlusLowRank(torch.autograd.Function):
         h = xs @ d.t()
         if mask is not None:  # dropouts on the rank activation, per row
             h = h * mask
-        y = gemm_linear(xs, w, bias)
+        y = gemm_linear(xs, w, bias if out_scale is None else None)
         y.addmm_(h, up.t(), alpha=gain)
-        ctx.save_for_backward(x2, weight, down, up, h, mask, in_scale)
+        if out_scale is not None:  # r (W x + gain U h) + b; r's gradient is read off this output in backward
+            y = torch.addcmul(bias, y, out_scale) if bias is not None else y.mul_(out_scale)
+        ctx.save_for_backward(x2, weight, bias, down, up, h, mask, in_scale, out_scale,
+                              y if out_scale is not None else None)
         ctx.x_shape, ctx.gain, ctx.scale_x = x.shape, gain, scale_x
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, g):
-        x2, weight, down, up, h, mask, in_scale = ctx.saved_tensors
+        x2, weight, bias, down, up, h, mask, in_scale, out_scale, y = ctx.saved_tensors
         scale_x = ctx.scale_x
         w, d = (weight, down) if scale_x else _scaled_columns(weight, down, in_scale)
         g2 = g.reshape(-1, g.shape[-1])
+        grad_out = None
+        if out_scale is not None:  # sum(g * (y - b)) / r, then the rest sees g diag(r)
+            if ctx.needs_input_grad[7]:
+                grad_out = output_scale_grad(g2, y.view(g2.shape), bias) / out_scale
+            g2 = g2 * out_scale
         gh = g2 @ times_gain(up, ctx.gain)
         if mask is not None:
             gh = gh * mask
@@ -57,7 +65,7 @@ class _LinearPlusLowRank(torch.autograd.Function):
                 grad_down *= in_scale
         if ctx.needs_input_grad[4]:
             grad_up = times_gain(g2.t() @ h, ctx.gain, in_place=True)
-        return grad_x, None, None, grad_down, grad_up, None, grad_scale, None
+        return grad_x, None, None, grad_down, grad_up, None, grad_scale, grad_out, None
 
 
 class _LinearMergedLowRank(torch.autograd.Function):
@@ -195,13 +203,15 @@ def fusable(adapter, x: torch.Tensor) -> bool:
 
 
 def linear_plus_low_rank(adapter, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, gain: float = 1.0,
-                         mask: torch.Tensor | None = None, in_scale: torch.Tensor | None = None) -> torch.Tensor:
+                         mask: torch.Tensor | None = None, in_scale: torch.Tensor | None = None,
+                         out_scale: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T + b + gain (x D^T) U^T; with in_scale s (per input channel) the layer and D see s * x instead, folded into
-    W and D (DoRA along columns) so that no scaled copy of x is made or kept."""
+    W and D (DoRA along columns) so that no scaled copy of x is made or kept; with out_scale r (per output channel,
+    DoRA along rows, every r away from 0) the sum is scaled by r before the bias: r (W x + gain U D x) + b."""
     layer = adapter.layer
     if mask is None and adapter.many_positions(x):
-        return _LinearMergedLowRank.apply(x, layer.weight, layer.bias, down, up, in_scale, None, float(gain))
-    return _LinearPlusLowRank.apply(x, layer.weight, layer.bias, down, up, mask, in_scale, float(gain))
+        return _LinearMergedLowRank.apply(x, layer.weight, layer.bias, down, up, in_scale, out_scale, float(gain))
+    return _LinearPlusLowRank.apply(x, layer.weight, layer.bias, down, up, mask, in_scale, out_scale, float(gain))
 
 
 class _LinearPlusKron(torch.autograd.Function):
@@ -278,11 +288,3 @@ def linear_folded(adapter, x: torch.Tensor, param: torch.Tensor, fold) -> torch.
 def gemm_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x2 W^T + b as one GEMM."""
     return torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
-
-
-def linear_merged_low_rank_rows(adapter, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, gain: float,
-                                out_scale: torch.Tensor) -> torch.Tensor:
-    """x (diag(r) (W + gain U D))^T + b for the adapter's frozen Linear, in one GEMM each way (DoRA along rows);
-    every r must be away from 0."""
-    layer = adapter.layer
-    return _LinearMergedLowRank.apply(x, layer.weight, layer.bias, down, up, None, out_scale, float(gain))

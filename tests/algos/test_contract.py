@@ -338,26 +338,31 @@ def _grad_fn_names(t: torch.Tensor) -> set[str]:
 @pytest.mark.parametrize("algo,options", [("lora", {}), ("lora", {"use_scalar": True}), ("lora", {"rs_lora": True})])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("input_grad", [True, False])
-def test_dora_along_rows_merges_the_pair_into_one_gemm_at_multiplier_1(algo, options, bias, input_grad):
-    """DoRA along output rows on many positions at multiplier 1: y = x (diag(r) (W + s U D))^T + b in one GEMM each
-    way, r's gradient recovered from the output; the plain formula's output and gradients."""
+@pytest.mark.parametrize("positions,path", [(60, "_LinearMergedLowRankBackward"), (6, "_LinearPlusLowRankBackward")])
+def test_dora_along_rows_runs_the_layer_and_pair_in_one_function_at_multiplier_1(algo, options, bias, input_grad,
+                                                                                  positions, path):
+    """DoRA along output rows at multiplier 1: y = x (diag(r) (W + s U D))^T + b in one function, on many positions
+    as one GEMM each way with the pair merged, on few as the layer's GEMM plus the pair's thin products scaled by r;
+    r's gradient recovered from the output. The plain formula's output and gradients."""
     torch.manual_seed(0)
     layer = torch.nn.Linear(12, 20, bias=bias).double().requires_grad_(False)
     adapter = randomize(make_adapter(algo, layer, dim=4, dora_wd=True, dora_axis="out", **options).double())
     adapter.eval()
-    out = check_against_formula(adapter, layer, torch.randn(2, 30, 12, dtype=torch.float64), input_grad)
-    assert "_LinearMergedLowRankBackward" in _grad_fn_names(out)
+    x = torch.randn(2, positions // 2, 12, dtype=torch.float64)
+    out = check_against_formula(adapter, layer, x, input_grad)
+    assert path in _grad_fn_names(out)
 
 
-def test_dora_along_rows_with_a_ratio_near_zero_rebuilds_the_weight_instead():
+@pytest.mark.parametrize("positions", [60, 6])
+def test_dora_along_rows_with_a_ratio_near_zero_takes_the_plain_ops_instead(positions):
     torch.manual_seed(0)
     layer = torch.nn.Linear(12, 20).double().requires_grad_(False)
     adapter = randomize(make_adapter("lora", layer, dim=4, dora_wd=True, dora_axis="out").double()).eval()
     with torch.no_grad():
         adapter.dora_scale[3] = 1e-4  # its ratio to the row norm is far below the path's bound
-    x = torch.randn(2, 30, 12, dtype=torch.float64)
+    x = torch.randn(2, positions // 2, 12, dtype=torch.float64)
     out = adapter(x.requires_grad_(True))
-    assert "_LinearMergedLowRankBackward" not in _grad_fn_names(out)
+    assert not {"_LinearMergedLowRankBackward", "_LinearPlusLowRankBackward"} & _grad_fn_names(out)
     expected = layer_forward(layer, x, layer.weight + adapter.delta_weight(), layer.bias)
     torch.testing.assert_close(out, expected, **TOL)
 
