@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from .fused_conv import conv_backward, conv_fusable, merged_pays
 from .fused_conv_kron import conv_plus_kron
 from .fused_linear import fusable, linear_plus_kron
+from .kron_linear import linear_plus_kron_factors
 from .layer import ONE_BY_ONE
 from .base import LOW_RANK_OPTIONS, Adapter
 from .loha import tucker_rebuild
@@ -177,8 +178,9 @@ class LoKr(Adapter):
     def adapted_forward(self, x, *args, **kwargs):
         if self.dora_scale is None and not args and not kwargs and not self._dropouts_active():
             gain = self.scale * self.multiplier * self._scalar()
-            if self.many_positions(x) and fusable(self, x):
-                return linear_plus_kron(self, x, self.w1() * gain, self.w2())
+            if fusable(self, x):
+                fuse = linear_plus_kron if self.many_positions(x) else linear_plus_kron_factors
+                return fuse(self, x, self.w1() * gain, self.w2())
             if conv_fusable(self, x) and merged_pays(self.spec, x):
                 return conv_plus_kron(self, x, self.w1() * gain, self.w2())
         return super().adapted_forward(x, *args, **kwargs)

@@ -324,6 +324,20 @@ def test_glora_runs_a_frozen_linear_and_both_chains_in_one_function(bias, input_
     assert type(out.grad_fn).__name__ == "_LinearGLoRABackward"
 
 
+@pytest.mark.parametrize("options", [{}, {"dim": 1, "decompose_both": True, "factor": 2}])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_lokr_adds_the_kronecker_factors_to_a_linear_in_one_function_on_few_positions(options, bias, input_grad):
+    """Few positions on a frozen Linear: kron(w1, w2) x as w1 (x w2^T) per position, added into the layer's output
+    and input gradient in one function (factors full or low-rank); the plain formula's output and gradients."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(12, 20, bias=bias).double().requires_grad_(False)
+    adapter = randomize(make_adapter("lokr", layer, **options).double()).eval()
+    adapter.multiplier = 0.7
+    out = check_against_formula(adapter, layer, torch.randn(2, 5, 12, dtype=torch.float64), input_grad)
+    assert "_LinearPlusKronFactorsBackward" in _grad_fn_names(out)
+
+
 def _grad_fn_names(t: torch.Tensor) -> set[str]:
     """Names of every node in t's autograd graph."""
     names, todo = set(), [t.grad_fn]

@@ -1,0 +1,56 @@
+"""y = x W^T + b + x kron(w1, w2)^T for a frozen nn.Linear on a short call, through the factors in one function.
+
+With x seen as (n, b, d) per position, kron(w1, w2) x = w1 (x w2^T): two small GEMMs, never the (out x in)
+product. Through autograd the same costs a batched matmul per side, each with transposed copies, an added output
+and an added input gradient; here the change is added into the layer's output and its input gradient in place
+(LoKr 16x24 kron 20x32 on Linear 768->320, 154 positions, in-process A/B, min of 20 rounds: 1.62 -> 1.50x the
+frozen layer; 32x32 kron (40x16)(16x40) on Linear 1280, 512 positions: 1.32 -> 1.23).
+Shapes: w1 (a, b), w2 (c, d), out = a c, in = b d; rows of the flattened tensors are (position, b) or
+(position, c) pairs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .fused_linear import gemm_linear
+
+
+class _LinearPlusKronFactors(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, w1, w2):
+        (a, b), (c, d) = w1.shape, w2.shape
+        x2 = x.reshape(-1, b * d)
+        n = x2.shape[0]
+        t = x2.view(n * b, d) @ w2.t()  # (n b, c): w2 on every (position, b) row
+        t_cb = t.view(n, b, c).transpose(1, 2).reshape(n * c, b)  # (n c, b): the layout w1's product needs
+        y = gemm_linear(x2, weight, bias)
+        y.view(n, a, c).add_((t_cb @ w1.t()).view(n, c, a).transpose(1, 2))
+        ctx.save_for_backward(x2, weight, w1, w2, t_cb)
+        ctx.x_shape = x.shape
+        return y.view(*x.shape[:-1], a * c)
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, weight, w1, w2, t_cb = ctx.saved_tensors
+        (a, b), (c, d) = w1.shape, w2.shape
+        n = x2.shape[0]
+        g_ca = g.reshape(n, a, c).transpose(1, 2).reshape(n * c, a)  # (n c, a)
+        grad_x = grad_w1 = grad_w2 = None
+        if ctx.needs_input_grad[3]:
+            grad_w1 = g_ca.t() @ t_cb
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[4]:
+            u = (g_ca @ w1).view(n, c, b).transpose(1, 2).reshape(n * b, c)  # w1^T g per position: (n b, c)
+            if ctx.needs_input_grad[4]:
+                grad_w2 = u.t() @ x2.view(n * b, d)
+            if ctx.needs_input_grad[0]:
+                grad_x2 = g.reshape(n, a * c) @ weight
+                grad_x2.view(n * b, d).addmm_(u, w2)
+                grad_x = grad_x2.view(ctx.x_shape)
+        return grad_x, None, None, grad_w1, grad_w2
+
+
+def linear_plus_kron_factors(adapter, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """The adapter's frozen Linear plus kron(w1, w2) applied through the factors (w1 with the gain in it)."""
+    layer = adapter.layer
+    return _LinearPlusKronFactors.apply(x, layer.weight, layer.bias, w1, w2)
