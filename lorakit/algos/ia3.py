@@ -116,7 +116,8 @@ class IA3(Adapter):
         on 512 positions even; the 1x1 conv on 64x64 1.02x -> 1.24x, hence the bound on the input's size."""
         layer, spec = self.layer, self.spec
         z = spec.op(x, layer.weight)
-        scale = spec.channel_view(self._w() * m + 1, z.dim())
+        w = self.weight if self.weight.dim() == 1 else self._w()
+        scale = spec.channel_view(torch.add(w.new_ones(()), w, alpha=m), z.dim())  # one autograd node: 1 + m w
         if layer.bias is None:
             return z * scale
         return torch.addcmul(spec.channel_view(layer.bias, z.dim()), z, scale)
