@@ -338,6 +338,20 @@ def test_lokr_adds_the_kronecker_factors_to_a_linear_in_one_function_on_few_posi
     assert "_LinearPlusKronFactorsBackward" in _grad_fn_names(out)
 
 
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_boft_butterfly_stages_backward_matches_finite_differences(input_grad):
+    """BOFT's stages as one function (gathers, per-stage block products into reused buffers, inverse gathers in
+    backward) against numerical differentiation, every stage's blocks and (or not) the input as variables."""
+    from lorakit.algos.boft import _Butterfly, butterfly_orders
+
+    torch.manual_seed(0)
+    stages, count, b, n = 3, 4, 2, 5
+    r = torch.randn(stages, count, b, b, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(count * b, n, dtype=torch.float64, requires_grad=input_grad)
+    orders, inverses = butterfly_orders(count * b, stages, b, v.device)
+    assert torch.autograd.gradcheck(lambda v, r: _Butterfly.apply(v, r, orders, inverses), (v, r))
+
+
 def _grad_fn_names(t: torch.Tensor) -> set[str]:
     """Names of every node in t's autograd graph."""
     names, todo = set(), [t.grad_fn]
