@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .fused_conv import conv_fusable, conv_plus_low_rank, merged_pays
 from .fused_linear import fusable, gain_as_float, linear_plus_low_rank
 
 # The fused rows path recovers the ratio's gradient by dividing by it; below this it would lose precision.
@@ -87,16 +88,23 @@ class DoRA:
         the pair merged (its gradient from the factors' thin products, not a weight-sized product of the output
         gradient and the input), on fewer the layer's GEMM plus the pair's thin products, scaled by r (Linear
         768->320 on 154 positions: ~2.4x the frozen layer through separate ops, see bench/RESULTS.md for this).
-        r: the ratio if the caller has it. None where that does not apply. The CPU only: the ratio check reads its
-        values."""
-        if self.options.dora_axis != "out" or self.multiplier != 1 or x.device.type != "cpu" or not fusable(self, x):
+        A frozen conv on a call where the merged weight pays (fused_conv.merged_pays): one convolution each way
+        with diag(r) (W + s U D), r's gradient read off the output (Conv2d 320 k3 on (2, 320, 64, 64), in-process
+        A/B: see bench/RESULTS.md). r: the ratio if the caller has it. None where that does not apply. The CPU
+        only: the ratio check reads its values."""
+        if self.options.dora_axis != "out" or self.multiplier != 1 or x.device.type != "cpu":
+            return None
+        linear = fusable(self, x)
+        if not linear and not (conv_fusable(self, x) and merged_pays(self.spec, x)):
             return None
         pair = self.low_rank_pair(x)
-        if pair is None:
+        if pair is None or (pair[3] is not None and not linear):
             return None
         down, up, gain, mask = pair
         r = (self._dora_ratio() if r is None else r).reshape(-1)
         if not bool((r.detach().abs() >= _MIN_ROW_RATIO).all()):
             return None
         up, gain = gain_as_float(up, gain * self._scalar())
+        if not linear:
+            return conv_plus_low_rank(self, x, down, up, gain, out_scale=r)
         return linear_plus_low_rank(self, x, down.flatten(1), up.flatten(1), gain, mask, out_scale=r)

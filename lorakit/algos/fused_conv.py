@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .fused_linear import plain_frozen_layer, times_gain
+from .fused_linear import output_scale_grad, plain_frozen_layer, times_gain
 from .layer import positions
 
 
@@ -66,33 +66,40 @@ class _ConvMergedLowRank(torch.autograd.Function):
     (2, 320, 64, 64), LoRA rank 16 (in-process A/B, min of 12 rounds): 1.12x -> 1.08x the frozen conv."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, down, up, gain, spec):
-        y = conv_op(spec, x, _merged(weight, down, up, gain), bias)
-        ctx.save_for_backward(x, weight, down, up)
+    def forward(ctx, x, weight, bias, down, up, out_scale, gain, spec):
+        y = conv_op(spec, x, _merged(weight, down, up, gain, out_scale), bias)
+        ctx.save_for_backward(x, weight, bias if out_scale is not None else None, down, up, out_scale,
+                              y if out_scale is not None else None)
         ctx.gain, ctx.spec = gain, spec
         return y
 
     @staticmethod
     def backward(ctx, g):
-        x, weight, down, up = ctx.saved_tensors
+        x, weight, bias, down, up, out_scale, y = ctx.saved_tensors
         n, gain, spec = x.shape[0], ctx.gain, ctx.spec
         g = g.contiguous()
-        grad_x = grad_down = grad_up = None
+        grad_x = grad_down = grad_up = grad_out = None
         if ctx.needs_input_grad[0]:
-            grad_x = conv_input_grad(spec, g, x, _merged(weight, down, up, gain))
+            grad_x = conv_input_grad(spec, g, x, _merged(weight, down, up, gain, out_scale))
+        if out_scale is not None:  # r's gradient read off the output; the factors see g diag(r)
+            if ctx.needs_input_grad[5]:
+                grad_out = output_scale_grad(g, y, bias, channel=1) / out_scale
+            up = up * out_scale[:, None]
         if ctx.needs_input_grad[3]:
             gh = torch.bmm(_batched(times_gain(up, gain).t(), n), _flat(g))
             grad_down = conv_weight_grad(spec, gh.view(n, -1, *g.shape[2:]), x, down)
         if ctx.needs_input_grad[4]:
             h = _flat(conv_op(spec, x, down))
             grad_up = times_gain(torch.bmm(_flat(g), h.transpose(1, 2)).sum(0), gain, in_place=True)
-        return grad_x, None, None, grad_down, grad_up, None, None
+            if out_scale is not None:
+                grad_up *= out_scale[:, None]
+        return grad_x, None, None, grad_down, grad_up, grad_out, None, None
 
 
-def _merged(weight, down, up, gain):
-    """W + gain U D in the weight's shape (down (rank, in, *kernel), up (out, rank))."""
-    return torch.addmm(weight.view(weight.shape[0], -1), up, down.view(down.shape[0], -1), alpha=gain) \
-        .view(weight.shape)
+def _merged(weight, down, up, gain, out_scale=None):
+    """W + gain U D in the weight's shape (down (rank, in, *kernel), up (out, rank)), rows scaled by out_scale."""
+    merged = torch.addmm(weight.view(weight.shape[0], -1), up, down.view(down.shape[0], -1), alpha=gain)
+    return (merged if out_scale is None else merged.mul_(out_scale[:, None])).view(weight.shape)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -148,14 +155,16 @@ def conv_fusable(adapter, x: torch.Tensor) -> bool:
 
 
 def conv_plus_low_rank(adapter, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
-                       gain: float = 1.0) -> torch.Tensor:
+                       gain: float = 1.0, out_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The adapter's frozen conv plus gain * up @ conv(x, down); down (rank, in, *kernel) or flat, up (out, rank,
-    [1..])."""
+    [1..]). With out_scale r (per output channel, DoRA along rows, every r away from 0; calls where merged_pays
+    only) the sum is scaled by r before the bias: r (conv(x, W + gain U D)) + b, one convolution each way."""
     layer, spec = adapter.layer, adapter.spec
     rank = down.shape[0]
     down, up = down.reshape(rank, spec.in_dim, *spec.kernel), up.reshape(spec.out_dim, rank)
-    if merged_pays(spec, x):
-        return _ConvMergedLowRank.apply(x, layer.weight, layer.bias, down.contiguous(), up, float(gain), spec)
+    if out_scale is not None or merged_pays(spec, x):
+        return _ConvMergedLowRank.apply(x, layer.weight, layer.bias, down.contiguous(), up, out_scale, float(gain),
+                                        spec)
     return _ConvPlusLowRank.apply(x, layer.weight, layer.bias, down, up, float(gain), spec)
 
 

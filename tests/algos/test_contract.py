@@ -381,6 +381,21 @@ def test_dora_along_rows_runs_the_layer_and_pair_in_one_function_at_multiplier_1
     assert path in _grad_fn_names(out)
 
 
+@pytest.mark.parametrize("kernel,size,fused", [(3, 8, True), (1, 8, True), (3, 1, False)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_dora_along_rows_on_a_conv_runs_one_convolution_each_way_where_merging_pays(kernel, size, fused, bias,
+                                                                                   input_grad):
+    """DoRA along output rows on a frozen conv at multiplier 1: r conv(x, W + s U D) + b with the ratio folded into
+    the merged weight, where merging pays (3x3 and 1x1 kernels on 8x8 maps), the plain ops on a 1x1 map; the
+    plain formula's output and gradients either way."""
+    torch.manual_seed(0)
+    layer = torch.nn.Conv2d(4, 6, kernel, padding=kernel // 2, bias=bias).double().requires_grad_(False)
+    adapter = randomize(make_adapter("lora", layer, dim=2, dora_wd=True, dora_axis="out").double()).eval()
+    out = check_against_formula(adapter, layer, torch.randn(2, 4, size, size, dtype=torch.float64), input_grad)
+    assert ("_ConvMergedLowRankBackward" in _grad_fn_names(out)) is fused
+
+
 @pytest.mark.parametrize("positions", [60, 6])
 def test_dora_along_rows_with_a_ratio_near_zero_takes_the_plain_ops_instead(positions):
     torch.manual_seed(0)
