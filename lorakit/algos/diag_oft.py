@@ -8,7 +8,7 @@ import torch
 
 from .fused_linear import fusable, linear_folded
 from .lokr import factorization
-from .oft_base import OrthogonalAdapter, blend_with_identity
+from .oft_base import OrthogonalAdapter, blend_with_identity, solve_dtype
 from .rotated_linear import linear_rotated
 
 
@@ -36,7 +36,8 @@ class _RotatedBlocks:
         p = sums[0]
         if bias is not None:
             p = p - bias.view(k, b, 1) * sums[1].view(k, 1, b)
-        return torch.linalg.solve(op.transpose(1, 2), p)
+        work = solve_dtype(op)
+        return torch.linalg.solve(op.transpose(1, 2).to(work), p.to(work)).to(op.dtype)
 
 
 class DiagOFT(OrthogonalAdapter):

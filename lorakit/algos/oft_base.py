@@ -16,24 +16,32 @@ from .base import Adapter
 _DROPOUTS = frozenset({"dropout", "rank_dropout", "rank_dropout_scale"})
 
 
+def solve_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the Cayley transform is solved in: float32 for half and bfloat16 blocks (a network cast to half
+    precision for training or inference), which torch's linear algebra does not take."""
+    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+
+
 class _Cayley(torch.autograd.Function):
     """R = (I + Q)(I - Q)^-1 for a batch of skew-symmetric Q. Backward needs no second solve: with
     (I - Q)^-1 = (I + R) / 2, dR = (I + R) dQ (I + R) / 2, so dL/dQ = (I + R)^T G (I + R)^T / 2 (BOFT's
-    1024 blocks of a 1280-channel layer: one batched solve per step instead of three)."""
+    1024 blocks of a 1280-channel layer: one batched solve per step instead of three). Half-precision blocks are
+    solved in float32; R is returned in their dtype."""
 
     @staticmethod
     def forward(ctx, q):
-        eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
-        r = torch.linalg.solve(eye - q, eye + q)
+        work = q.to(solve_dtype(q))
+        eye = torch.eye(q.shape[-1], dtype=work.dtype, device=q.device)
+        r = torch.linalg.solve(eye - work, eye + work)
         ctx.save_for_backward(r)
-        return r
+        return r.to(q.dtype)
 
     @staticmethod
     def backward(ctx, g):
         (r,) = ctx.saved_tensors
         eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
         p = (eye + r).transpose(-1, -2)
-        return p @ g @ p * 0.5
+        return (p @ g.to(r.dtype) @ p * 0.5).to(g.dtype)
 
 
 def blend_with_identity(t: torch.Tensor, m: float) -> torch.Tensor:

@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import torch
 
+from .oft_base import solve_dtype
+
 
 class _RotatedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, skew, m, from_blocks):
         n, b, _ = skew.shape
-        eye = torch.eye(b, dtype=skew.dtype, device=skew.device)
-        i_minus_q = (eye - skew).add_(skew.mT) if from_blocks else eye - skew
+        work = skew.to(solve_dtype(skew))  # half-precision blocks are inverted in float32
+        eye = torch.eye(b, dtype=work.dtype, device=skew.device)
+        i_minus_q = (eye - work).add_(work.mT) if from_blocks else eye - work
         inv = torch.linalg.inv_ex(i_minus_q)[0]  # I - Q is never singular: its eigenvalues are 1 - i lambda
-        op = torch.add(eye * (1 - 2 * m), inv, alpha=2 * m)  # op[k, i, j] takes channel i to channel j
+        # op[k, i, j] takes channel i to channel j
+        op = torch.add(eye * (1 - 2 * m), inv, alpha=2 * m).to(skew.dtype)
         x2 = x.reshape(-1, x.shape[-1])
         y0 = x2 @ weight.t()
         v = y0.view(-1, n, b).transpose(0, 1)  # blocks x positions x block: a strided view, no copy
@@ -44,9 +48,10 @@ class _RotatedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             grad_op = torch.bmm(y0.view(-1, n, b).transpose(0, 1).mT, gv)
             inv_t = inv.mT
-            grad_skew = torch.bmm(torch.bmm(inv_t, grad_op), inv_t).mul_(2 * ctx.m)
+            grad_skew = torch.bmm(torch.bmm(inv_t, grad_op.to(inv.dtype)), inv_t).mul_(2 * ctx.m)
             if ctx.from_blocks:
                 grad_skew = grad_skew - grad_skew.mT
+            grad_skew = grad_skew.to(op.dtype)
         return grad_x, None, None, grad_skew, None, None
 
 

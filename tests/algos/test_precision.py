@@ -45,3 +45,33 @@ def test_low_precision_base_keeps_the_change(low, algo, options, kind):
     error = (got - expected).abs().mean()
     assert error < 0.25 * change, f"error {error:.2e} is not small against the change {change:.2e}"
     assert error < 2 * base_error + 1e-9, f"the adapter adds error {error:.2e} beyond the layer's {base_error:.2e}"
+
+
+@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("algo,options", [("diag-oft", {"dim": 4}), ("diag-oft", {"dim": 4, "constraint": 1e-3}),
+                                          ("diag-oft", {"dim": 4, "rescaled": True}), ("boft", {"dim": 2})])
+@pytest.mark.parametrize("kind,shape", [("linear", None), ("linear", (4, 40, 12)), ("conv2d", None)])
+def test_orthogonal_adapters_cast_to_half_precision_solve_in_float32(low, algo, options, kind, shape):
+    """A whole network cast to half precision (kohya's --full_fp16/--full_bf16, a UI running in half): the Cayley
+    transform and the folded path's solve run in float32, which torch's linear algebra needs, and the output and
+    the blocks' gradient follow the float64 formula to half precision (few positions, many, a conv)."""
+    ref_layer = make_layer(kind)
+    x = make_input(kind) if shape is None else torch.randn(shape, dtype=torch.float64)
+    adapter = randomize(make_adapter(algo, ref_layer, **options).double(), scale=0.1).eval()
+    expected = adapter(x)
+    expected.sin().sum().backward()
+
+    low_layer = make_layer(kind).to(low)
+    low_adapter = make_adapter(algo, low_layer, **options).to(low).eval()
+    with torch.no_grad():  # the parameters themselves: a loaded file would also set a bound from its alpha
+        for (_, p), (_, ref) in zip(low_adapter.named_parameters(), adapter.named_parameters()):
+            p.copy_(ref)
+    got = low_adapter(x.to(low))
+    assert got.dtype == low
+    got.float().sin().sum().backward()
+    assert low_adapter.oft_blocks.grad.dtype == low
+
+    scale = expected.abs().max()
+    assert (got.double() - expected).abs().max() < 0.03 * scale
+    ref_grad, grad = adapter.oft_blocks.grad, low_adapter.oft_blocks.grad.double()
+    assert (grad - ref_grad).abs().max() < 0.05 * ref_grad.abs().max()
