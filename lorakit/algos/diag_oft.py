@@ -66,9 +66,9 @@ class DiagOFT(OrthogonalAdapter):
         if not args and not kwargs and self.rescale is None and not self._dropouts_active() and fusable(self, x):
             if self.many_positions(x):
                 return linear_folded(self, x, self.block_operator(), _RotatedBlocks)
-            if self.bound <= 0:
-                return linear_rotated(self, x, self.oft_blocks, self.multiplier, from_blocks=True)
-            return linear_rotated(self, x, self.skew(), self.multiplier, from_blocks=False)
+            from_blocks = self.bound <= 0  # unconstrained: Q = B - B^T built inside the function
+            return linear_rotated(self, x, self.oft_blocks if from_blocks else self.skew(), self.multiplier,
+                                  from_blocks)
         return super().adapted_forward(x, *args, **kwargs)
 
     def output_from(self, y):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .fused_linear import gemm_linear
+
 
 class _LinearGLoRA(torch.autograd.Function):
     @staticmethod
@@ -20,7 +22,7 @@ class _LinearGLoRA(torch.autograd.Function):
         downs = torch.cat((a2, b2))  # (2r, in): both down projections in one product
         h = x2 @ downs.t()
         shifted = torch.addmm(x2, h[:, :r], a1.t(), alpha=k)  # x + k (x a2^T) a1^T
-        y = torch.addmm(bias, shifted, weight.t()) if bias is not None else shifted @ weight.t()
+        y = gemm_linear(shifted, weight, bias)
         y.addmm_(h[:, r:], b1.t(), alpha=k)
         ctx.save_for_backward(x2, weight, a1, b1, downs, h)
         ctx.k, ctx.x_shape = k, x.shape

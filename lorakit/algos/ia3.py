@@ -84,7 +84,8 @@ class IA3(Adapter):
         self.weight = nn.Parameter(torch.zeros(shape))
 
     def _w(self):
-        return self.weight.reshape(-1)
+        # a Linear's (C,) weight as it is: a reshape would add an autograd node on every call
+        return self.weight if self.weight.dim() == 1 else self.weight.reshape(-1)
 
     def adapted_forward(self, x, *args, **kwargs):
         m, spec = self.multiplier, self.spec
@@ -116,7 +117,7 @@ class IA3(Adapter):
         on 512 positions even; the 1x1 conv on 64x64 1.02x -> 1.24x, hence the bound on the input's size."""
         layer, spec = self.layer, self.spec
         z = spec.op(x, layer.weight)
-        w = self.weight if self.weight.dim() == 1 else self._w()
+        w = self._w()
         scale = spec.channel_view(torch.add(w.new_ones(()), w, alpha=m), z.dim())  # one autograd node: 1 + m w
         if layer.bias is None:
             return z * scale

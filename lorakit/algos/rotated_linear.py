@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from .fused_linear import gemm_linear
 from .oft_base import solve_dtype
 
 
@@ -29,7 +30,7 @@ class _RotatedLinear(torch.autograd.Function):
         # op[k, i, j] takes channel i to channel j
         op = torch.add(eye * (1 - 2 * m), inv, alpha=2 * m).to(skew.dtype)
         x2 = x.reshape(-1, x.shape[-1])
-        y0 = x2 @ weight.t()
+        y0 = gemm_linear(x2, weight, None)
         v = y0.view(-1, n, b).transpose(0, 1)  # blocks x positions x block: a strided view, no copy
         out = torch.bmm(v, op) if bias is None else torch.baddbmm(bias.view(n, 1, b), v, op)
         ctx.save_for_backward(y0, weight, inv, op)
