@@ -620,6 +620,15 @@ def report_shape(key: str, desc: str, base_t: float, rows: dict[str, dict[str, V
 
 # ----------------------------------------------------------------------------------------------------------------
 
+def pick_names(ap: argparse.ArgumentParser, given: str, known, what: str) -> list[str]:
+    """The comma-separated names of an option, each checked against the known ones (an argparse error if not)."""
+    names = [s.strip() for s in given.split(",") if s.strip()]
+    bad = [n for n in names if n not in known]
+    if bad:
+        ap.error(f"unknown {what}: {', '.join(bad)} (choose from {', '.join(known)})")
+    return names
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
@@ -645,16 +654,9 @@ def main(argv=None) -> int:
     if args.quick:
         args.reps, args.warmup, args.min_time = 3, 1, 0.05
 
-    def pick(given, known, what):
-        names = [s.strip() for s in given.split(",") if s.strip()]
-        bad = [n for n in names if n not in known]
-        if bad:
-            ap.error(f"unknown {what}: {', '.join(bad)} (choose from {', '.join(known)})")
-        return names
-
-    shapes = pick(args.shapes, SHAPES, "shape")
-    algos = pick(args.algos, ALGOS, "algo")
-    impls = pick(args.impls, IMPLS, "implementation")
+    shapes = pick_names(ap, args.shapes, SHAPES, "shape")
+    algos = pick_names(ap, args.algos, ALGOS, "algo")
+    impls = pick_names(ap, args.impls, IMPLS, "implementation")
     if "lorakit" not in impls:
         impls.insert(0, "lorakit")
 
