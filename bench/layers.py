@@ -345,6 +345,12 @@ def time_once(fn, x, g, params, inner: int) -> float:
     return (time.perf_counter() - t0) / inner
 
 
+def steps_per_sample(fn, x, g, params, min_time: float) -> int:
+    """Steps per timed sample so that a sample lasts about min_time (from the fastest of three single steps)."""
+    once = min(time_once(fn, x, g, params, 1) for _ in range(3))
+    return max(1, math.ceil(min_time / max(once, 1e-6)))
+
+
 def saved_records(fn, x) -> list[tuple[int, int, int, tuple]]:
     """(storage ptr, storage bytes, numel, shape) of each tensor autograd saves for backward of fn(x)."""
     recs = []  # the saved tensors, kept alive until measured
@@ -723,8 +729,7 @@ def main(argv=None) -> int:
         base_fn = base
         for _ in range(max(1, args.warmup)):
             step(base_fn, x, g, [])
-        base_once = min(time_once(base_fn, x, g, [], 1) for _ in range(3))
-        inner = max(1, math.ceil(args.min_time / max(base_once, 1e-6)))
+        inner = steps_per_sample(base_fn, x, g, [], args.min_time)
         for v in live:
             for _ in range(args.warmup):
                 step(v.fn, x, g, v.params)

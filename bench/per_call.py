@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import os
 import sys
 import time
@@ -39,13 +38,8 @@ def one_position(xshape: tuple[int, ...], conv: bool) -> tuple[int, ...]:
     return (1,) * (len(xshape) - 1) + (xshape[-1],)
 
 
-def calibrate(fn, x, g, params, min_time: float) -> int:
-    """Steps per sample so that a sample lasts about min_time."""
-    once = min(layers.time_once(fn, x, g, params, 1) for _ in range(3))
-    return max(1, math.ceil(min_time / max(once, 1e-7)))
-
-
-def measure_shape(key: str, algos, impls, reps: int, min_time: float, seed: int) -> list[dict]:
+def measure_shape(key: str, algos, impls, reps: int, min_time: float, seed: int) -> tuple[list[dict], dict]:
+    """(one row per implementation, the frozen layer's best times at N and at one position)."""
     make_layer, xshape, _ = layers.SHAPES[key]
     torch.manual_seed(seed)
     base = make_layer().requires_grad_(False)
@@ -74,7 +68,7 @@ def measure_shape(key: str, algos, impls, reps: int, min_time: float, seed: int)
                 layers.clear_grads(x, params)
                 failed[i] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
                 continue
-            inner[size][i] = calibrate(fn, x, g, params, min_time)
+            inner[size][i] = layers.steps_per_sample(fn, x, g, params, min_time)
     times = {size: {i: [] for i in range(len(runs))} for size in inputs}
     gc.collect()
     gc.disable()
@@ -96,8 +90,7 @@ def measure_shape(key: str, algos, impls, reps: int, min_time: float, seed: int)
             row["per_call_s"] = per_call = best["1"][i] - best["1"][0]
             row["less_per_call"] = (best["n"][i] - per_call) / best["n"][0]
         rows.append(row)
-    rows.append({"frozen_n_s": best["n"][0], "frozen_1_s": best["1"][0]})
-    return rows
+    return rows, {"frozen_n_s": best["n"][0], "frozen_1_s": best["1"][0]}
 
 
 def main(argv=None) -> int:
@@ -124,8 +117,7 @@ def main(argv=None) -> int:
     print()
     for key in shapes:
         started = time.time()
-        rows = measure_shape(key, algos, impls, args.reps, args.min_time, args.seed)
-        frozen = rows.pop()
+        rows, frozen = measure_shape(key, algos, impls, args.reps, args.min_time, args.seed)
         print(f"### {layers.SHAPES[key][2]}")
         print()
         print(f"Frozen layer: {frozen['frozen_n_s'] * 1e3:.3f} ms at N positions, "
