@@ -41,6 +41,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import layers as common  # noqa: E402  (bench/layers.py: machine header, load, perturbation, formatting helpers)
+from allocator import keep_freed_memory, minor_faults  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -147,6 +148,7 @@ class Method:
     note: str | None = None
     times: list[float] = field(default_factory=list)
     foreign: list[float] = field(default_factory=list)  # share of the CPUs other processes used per sample
+    faults: list[int] = field(default_factory=list)  # minor page faults per sample
     mem: dict[str, Any] | None = None
     keep: Any = None  # the network object, kept alive
 
@@ -469,7 +471,7 @@ def report_size(size: int, methods: dict[str, Method], args, out) -> dict:
         p("| " + " | ".join(cells) + " |")
         record["methods"][name] = {
             "count": m.count, "times_s": m.times, "median_s": t, "ratio_frozen": rf, "ratio_peft": rp,
-            "foreign_cpu": m.foreign, "memory": m.mem, "peak_over_model_bytes": extra, "setting": m.setting,
+            "foreign_cpu": m.foreign, "page_faults": m.faults, "memory": m.mem, "peak_over_model_bytes": extra, "setting": m.setting,
             "error": m.error, "note": m.note, "verdict": verdict,
         }
     p()
@@ -479,6 +481,8 @@ def report_size(size: int, methods: dict[str, Method], args, out) -> dict:
         p("Notes: " + "; ".join(f"[{i + 1}] {s}" for i, s in enumerate(footnotes)) + ".")
     p("Samples (s): " + "; ".join(f"{n} " + ", ".join(f"{t:.2f}" for t in m.times)
                                    for n, m in methods.items() if m.times) + ".")
+    p("Minor page faults per step (median): " + "; ".join(f"{n} {statistics.median(m.faults):.0f}"
+                                                            for n, m in methods.items() if m.faults) + ".")
     if busy:
         p(f"Other processes used {statistics.median(busy) * 100:.0f}% (median; max {max(busy) * 100:.0f}%) of the "
           f"CPUs during the samples; load average now {common.loadavg()}."
@@ -516,6 +520,11 @@ def main(argv=None) -> int:
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                     help="per size, spend up to SECONDS before rounds waiting for other processes to leave the "
                          "CPUs idle (Linux /proc/stat)")
+    ap.add_argument("--allocator", choices=("default", "keep"), default="default",
+                    help="default: the C library's own behaviour, as a user's process has it; keep: the timing "
+                         "process's glibc keeps freed memory (bench/allocator.py), so steps do not pay a varying "
+                         "number of page faults (to tell that noise from the adapters' cost). The memory "
+                         "subprocesses always run with the default")
     ap.add_argument("--json", metavar="PATH", help="also write the raw numbers to PATH")
     ap.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
@@ -540,6 +549,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     import_all()
+    kept = args.allocator == "keep" and keep_freed_memory()
     out = sys.stdout
     info = common.machine()
     try:
@@ -567,7 +577,10 @@ def main(argv=None) -> int:
       "on copies of one U-Net sharing its weights. Memory: one subprocess per method and size runs "
       f"{args.mem_steps} step(s): peak RSS (ru_maxrss), and the same over the RSS right after the U-Net was built "
       "(= activations, saved tensors, adapters and their grads); saved MB = distinct storages autograd keeps "
-      "for backward, without the U-Net weights and the inputs.")
+      "for backward, without the U-Net weights and the inputs. Allocator of the timing process: "
+      + ("glibc told to keep freed memory (no trimming, no per-allocation mappings: bench/allocator.py)" if kept
+         else "the C library's default" + (" (--allocator keep: not glibc)" if args.allocator == "keep" else ""))
+      + "; the memory subprocesses use the default.")
     p()
 
     # Memory first, each in its own process, while this one holds no U-Net.
@@ -610,7 +623,7 @@ def main(argv=None) -> int:
         inp = make_inputs(size, args.batch, args.seed)
         runs = {n: built[n] for n in methods}
         for m in runs.values():
-            m.times, m.foreign = [], []
+            m.times, m.foreign, m.faults = [], [], []
             m.mem = mems.get((size, m.name))
         live = [m for m in runs.values() if m.model is not None]
         for m in list(live):
@@ -631,12 +644,13 @@ def main(argv=None) -> int:
                 waited += common.wait_idle(min(30.0, max(0.0, args.wait_idle - waited)))
                 order = live[r % len(live):] + live[:r % len(live)] if live else []
                 for m in order:
-                    a = common._busy_seconds()
+                    a, f0 = common._busy_seconds(), minor_faults()
                     t0 = time.perf_counter()
                     step(m, inp)
                     wall = time.perf_counter() - t0
                     b = common._busy_seconds()
                     m.times.append(wall)
+                    m.faults.append(minor_faults() - f0)
                     if a and b:
                         m.foreign.append(max(0.0, ((b[0] - a[0]) - (b[1] - a[1])) / (wall * (os.cpu_count() or 1))))
                 log(f"round {r + 1}/{args.steps} @ {size}x{size}: "
