@@ -471,8 +471,8 @@ def report_size(size: int, methods: dict[str, Method], args, out) -> dict:
         p("| " + " | ".join(cells) + " |")
         record["methods"][name] = {
             "count": m.count, "times_s": m.times, "median_s": t, "ratio_frozen": rf, "ratio_peft": rp,
-            "foreign_cpu": m.foreign, "page_faults": m.faults, "memory": m.mem, "peak_over_model_bytes": extra, "setting": m.setting,
-            "error": m.error, "note": m.note, "verdict": verdict,
+            "foreign_cpu": m.foreign, "page_faults": m.faults, "memory": m.mem, "peak_over_model_bytes": extra,
+            "setting": m.setting, "error": m.error, "note": m.note, "verdict": verdict,
         }
     p()
     p(f"Targets for lorakit: <= {TARGET_FROZEN}x the frozen step, <= {TARGET_PEFT}x peft's step, peak RSS over "
