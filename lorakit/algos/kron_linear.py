@@ -20,7 +20,7 @@ class _LinearPlusKronFactors(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, w1, w2):
         (a, b), (c, d) = w1.shape, w2.shape
-        x2 = x.reshape(-1, b * d)
+        x2 = x.reshape(-1, b * d).contiguous()  # rows split into (b, d) below; a permuted input is copied once
         n = x2.shape[0]
         t = x2.view(n * b, d) @ w2.t()  # (n b, c): w2 on every (position, b) row
         t_cb = t.view(n, b, c).transpose(1, 2).reshape(n * c, b)  # (n c, b): the layout w1's product needs
