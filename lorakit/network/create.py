@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from ..algos import OptionError, algorithm, make_adapter
 from ..algos.base import COMMON_OPTIONS
-from ..algos.options import parse_options
+from ..algos.options import ALIASES, parse_options
 from .blocks import KOHYA_SD25, KOHYA_SDXL23, kohya_block_dims_alphas, parse_kohya_block_lr_kwargs
 from .config import NetworkConfig, split_network_kwargs
 from .names import GENERIC_PREFIX, NameIndex, detect_arch
@@ -42,10 +42,14 @@ def check_network_kwargs(kwargs: Mapping[str, Any]) -> tuple[NetworkConfig, dict
     options the algorithm does not take, a preset that does not exist. Returns (config, adapter options, preset)."""
     config, options = split_network_kwargs(kwargs)
     cls = algorithm(config.algo)
-    refused = sorted(set(parse_options(options)[1]) - (COMMON_OPTIONS | cls.accepts))
+    parsed, given = parse_options(options)
+    refused = sorted(given - (COMMON_OPTIONS | cls.accepts))
     if refused:
-        raise OptionError(f"algo '{cls.name}' does not accept option '{refused[0]}' (given {options.get(refused[0])!r});"
-                          f" it accepts: {', '.join(sorted(COMMON_OPTIONS | cls.accepts))}")
+        spelt = next((k for k in options if ALIASES.get(k.strip().lower(), k.strip().lower()) == refused[0]),
+                     refused[0])  # the user's own spelling of the option (an alias such as 'constrain')
+        alias = "" if spelt == refused[0] else f"= {refused[0]}, "
+        raise OptionError(f"algo '{cls.name}' does not accept option '{spelt}' ({alias}given "
+                          f"{getattr(parsed, refused[0])!r}); it accepts: {', '.join(sorted(COMMON_OPTIONS | cls.accepts))}")
     return config, options, load_preset(config.preset)
 
 
@@ -61,9 +65,12 @@ def create_network(model: nn.Module, text_encoders: Sequence[nn.Module] | nn.Mod
     text_encoders, arch, index = index_model(model, text_encoders, preset.lora_prefix or GENERIC_PREFIX)
     if arch is not None:
         selected = select("unet", model, preset, preset.unet_target_module, preset.unet_target_name)
+        _warn_if_none(selected, "unet", model, preset, preset.unet_target_module, preset.unet_target_name)
         for component, te in zip(_COMPONENTS, text_encoders):
-            selected += select(component, te, preset, preset.text_encoder_target_module,
-                               preset.text_encoder_target_name)
+            found = select(component, te, preset, preset.text_encoder_target_module, preset.text_encoder_target_name)
+            _warn_if_none(found, component, te, preset, preset.text_encoder_target_module,
+                          preset.text_encoder_target_name)
+            selected += found
     else:
         everything = not (preset.target_module or preset.target_name)
         selected = select("model", model, preset, preset.target_module, preset.target_name, everything)
@@ -84,6 +91,16 @@ def create_network(model: nn.Module, text_encoders: Sequence[nn.Module] | nn.Mod
     network = Network(adapters, entries, arch, config.multiplier, plan.lr_weights, loraplus)
     network.config = config
     return network
+
+
+def _warn_if_none(selected: list[Selected], component: str, model: nn.Module, preset: Preset, modules, names) -> None:
+    """A preset that targets a component but matches none of its layers (a class named differently in this model,
+    such as sd-scripts' CrossAttention for diffusers' Attention) would silently train nothing there."""
+    if (modules or names) and not any(s.component == component for s in selected):
+        classes = sorted({type(m).__name__ for m in model.modules() if not type(m).__module__.startswith("torch.nn")})
+        log.warning("lorakit: preset '%s' selects no layer of the %s (its target classes %s and names %s match "
+                    "nothing; the module classes there: %s)", preset.name, component, list(modules), list(names),
+                    ", ".join(classes[:20]) + (", ..." if len(classes) > 20 else ""))
 
 
 class _BlockPlan:
@@ -141,14 +158,15 @@ def _make(item: Selected, config: NetworkConfig, algo: str, options: dict, plan:
             if block is not None and block[0] is not None:
                 dim, alpha = block[0], block[1]
         algo = override.pop("algo", algo)
-        dim = override.pop("conv_dim" if conv_k else "dim", override.pop("dim", dim))
-        alpha = override.pop("conv_alpha" if conv_k else "alpha", override.pop("alpha", alpha))
-        override.pop("conv_dim", None), override.pop("conv_alpha", None)
+        conv_override = _canonical({k[5:]: override.pop(k) for k in ("conv_dim", "conv_alpha") if k in override})
+        override = _canonical(override)  # kohya/LyCORIS spellings (lora_dim, network_alpha, wd_on_out, ...)
+        dim, alpha = override.pop("dim", dim), override.pop("alpha", alpha)
+        if conv_k:
+            dim, alpha = conv_override.get("dim", dim), conv_override.get("alpha", alpha)
         if not dim:
             return None  # dim 0 disables this kind of layer (or this block)
     cls = algorithm(algo)
     allowed = COMMON_OPTIONS | cls.accepts
-    override = _canonical(override)  # kohya/LyCORIS spellings (weight_decompose, wd_on_out, ...) -> lorakit's
     refused = sorted(set(override) - allowed)
     if refused:
         raise OptionError(f"{item.component} layer '{item.path}': the preset's override gives option '{refused[0]}', "

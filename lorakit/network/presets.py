@@ -71,6 +71,15 @@ def _check_override(where: str, value: Any) -> dict:
         given = parse_options(options)[1]
     except OptionError as err:
         raise OptionError(f"{where}: {err}") from None
+    if "multiplier" in given:
+        raise OptionError(f"{where}: option 'multiplier' cannot be set per layer in a preset; the network's "
+                          "multiplier (or its per-block multipliers) applies to every adapter")
+    for key in ("conv_dim", "conv_alpha"):  # checked as dim/alpha are, and named as given
+        if key in override:
+            try:
+                parse_options({key[5:]: override[key]})
+            except OptionError as err:
+                raise OptionError(f"{where}: {str(err).replace(repr(key[5:]), repr(key), 1)}") from None
     if "algo" in override:
         try:
             cls = algorithm(str(override["algo"]))

@@ -5,6 +5,7 @@ Selections are checked against names computed here from the models themselves, n
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -21,6 +22,7 @@ from lorakit.algos import OptionError
 from lorakit.network.presets import BUILTIN_DIR, Preset, builtin_presets, load_preset, preset_from_dict
 
 from . import meta_model
+from .sdscripts_unet import crossattention_unet, sdxl_unet
 from .tiny import tiny_model
 
 BUILTINS = ["attn-mlp", "attn-only", "full", "full-lin", "ia3", "unet-convblock-only", "unet-only",
@@ -121,6 +123,52 @@ def test_attn_mlp_is_kohyas_set_and_the_others_relative_to_it():
         "text_encoder")
     assert paths(nets["unet-convblock-only"], "unet") == resnet_lin | convs
     assert set(create_network(unet, tes, preset="full", conv_dim=0).entries) == set(nets["full-lin"].entries)
+
+
+def unet_names(net):
+    return {n for n in net.names() if n.startswith("lora_unet_")}
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_builtin_presets_select_the_same_layers_on_the_unets_sd_scripts_builds(name):
+    """sd-scripts hands a --network_module its own U-Nets: SDXL's with the SGM module tree (time_embed.0, out.2,
+    ...) and an attention class named CrossAttention, SD1/SD2's with diffusers' paths and that class name. Every
+    built-in preset selects there the layers it selects on diffusers' U-Net (SDXL names are written in the SGM
+    style either way, so the names must be equal)."""
+    algo = "ia3" if name == "ia3" else "lora"
+    unet, tes = meta_model("sdxl")
+    expected = unet_names(create_network(unet, tes, preset=name, algo=algo, dim=4, conv_dim=4))
+    got = unet_names(create_network(sdxl_unet(), tes, preset=name, algo=algo, dim=4, conv_dim=4))
+    assert got == expected and len(got) == COUNTS[name][1]["unet"]
+    unet, tes = meta_model("sd15")
+    expected = unet_names(create_network(unet, tes, preset=name, algo=algo, dim=4, conv_dim=4))
+    got = unet_names(create_network(crossattention_unet(unet), tes, preset=name, algo=algo, dim=4, conv_dim=4))
+    assert got == expected and len(got) == COUNTS[name][0]["unet"]
+
+
+def test_text_encoder_presets_cover_the_attention_classes_of_older_transformers():
+    """transformers 4.38-4.47 build CLIP's attention as CLIPSdpaAttention or CLIPFlashAttention2 (subclasses of
+    CLIPAttention); the built-in presets name them as kohya does, so the text encoders keep their adapters."""
+    unet, tes = meta_model("sd15")
+    for class_name in ("CLIPSdpaAttention", "CLIPFlashAttention2"):
+        te = copy.deepcopy(tes[0])
+        for module in te.modules():
+            if type(module).__name__ == "CLIPAttention":
+                module.__class__ = type(class_name, (type(module),), {})
+        for name in ("attn-mlp", "attn-only", "full"):
+            net = create_network(unet, [te], preset=name, dim=4, conv_dim=4)
+            assert counts(net)["text_encoder"] == COUNTS[name][0]["text_encoder"], (class_name, name)
+
+
+def test_a_preset_that_selects_nothing_in_a_component_is_reported(caplog):
+    unet, tes = tiny_model("sd1")
+    preset = {"unet_target_module": ["SelfAttention"], "text_encoder_target_module": ["CLIPMLP"]}
+    with caplog.at_level("WARNING", logger="lorakit"):
+        net = create_network(unet, tes, preset=preset)
+    assert not net.names("unet") and net.names("text_encoder")
+    warned = [r.getMessage() for r in caplog.records if "selects no layer" in r.getMessage()]
+    assert len(warned) == 1 and "of the unet" in warned[0] and "SelfAttention" in warned[0]
+    assert "Transformer2DModel" in warned[0]  # the classes the model has, to pick from
 
 
 # ----- user presets with LyCORIS' keys ------------------------------------------------------------------------------
@@ -365,6 +413,11 @@ algo = "loha"
     ("[name_algo_map.'*.to_k']\nalgo = 'lora'\ntrain_on_input = true",
      r"name_algo_map.\*.to_k: algo 'lora' does not accept option 'train_on_input'"),
     ("[name_algo_map.'*.to_k']\ndropout = 'much'", r"name_algo_map.\*.to_k: option 'dropout'"),
+    ("[module_algo_map.ResnetBlock2D]\nconv_dim = 'abc'",
+     r"bad.toml: module_algo_map.ResnetBlock2D: option 'conv_dim': expected an integer, got 'abc'"),
+    ("[module_algo_map.ResnetBlock2D]\nconv_alpha = 'x'", r"ResnetBlock2D: option 'conv_alpha'"),
+    ("[name_algo_map.'*.to_k']\nmultiplier = 0.5",
+     r"name_algo_map.\*.to_k: option 'multiplier' cannot be set per layer in a preset"),
 ])
 def test_bad_preset_file(tmp_path, text, message):
     path = write(tmp_path, text, "bad.toml")
@@ -416,3 +469,20 @@ def test_lycoris_option_spellings_reach_the_adapters():
     assert any(a.options.use_tucker and "lora_mid.weight" in a.state_dict() for _, a in net.adapters())
     net = create_network(unet, tes, preset="attn-only", algo="diag-oft", dim=2, constrain=0.01)
     assert all(a.options.constraint == 0.01 for _, a in net.adapters())
+    with pytest.raises(OptionError, match=r"algo 'lora' does not accept option 'constrain' \(= constraint, given "
+                                          r"0.1\)"):
+        create_network(unet, tes, algo="lora", constrain=0.1)
+
+
+def test_override_spellings_of_dim_and_alpha_apply():
+    """lora_dim / network_dim / network_alpha in an algo map are dim and alpha (they were accepted, then replaced by
+    the network's own values)."""
+    unet, tes = tiny_model("sd1")
+    for entry in ({"lora_dim": 8, "network_alpha": 2}, {"network_dim": 8, "alpha": 2}, {"dim": 8, "alpha": 2}):
+        preset = {"unet_target_module": ["Transformer2DModel", "ResnetBlock2D"],
+                  "name_algo_map": {"attn1.to_q": entry}, "module_algo_map": {"ResnetBlock2D": {"conv_dim": 3}}}
+        net = create_network(unet, tes, preset=preset, dim=4, alpha=1, conv_dim=2)
+        for path, a in by_path(net, "unet").items():
+            conv_k = isinstance(a.layer, nn.Conv2d) and a.layer.kernel_size != (1, 1)
+            expected = (8, 2.0) if path.endswith("attn1.to_q") else (3, 1.0) if conv_k else (4, 1.0)
+            assert (a.rank, a.alpha) == expected, (entry, path)
