@@ -74,7 +74,9 @@ _FROM_WEIGHTS_KEYS = _RUNTIME_OPTIONS | set(_LR_KEYS) | {
 
 
 def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae,
-                   text_encoder, unet, neuron_dropout: float | None = None, **kwargs: Any) -> "KohyaNetwork":
+                   text_encoder, unet, /, neuron_dropout: float | None = None, **kwargs: Any) -> "KohyaNetwork":
+    # positional-only, as sd-scripts passes them: network_args named multiplier/network_dim/network_alpha then
+    # reach kwargs and get the error below instead of a TypeError about duplicate arguments
     args = _network_args(kwargs)
     dropout = _one_dropout(neuron_dropout, args.pop("dropout", None))
     script = {"network_dim": network_dim, "network_alpha": network_alpha, "multiplier": multiplier}

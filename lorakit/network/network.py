@@ -31,6 +31,12 @@ class Entry:
         return self.component in TEXT_ENCODERS
 
 
+def _regular_path(module, args):
+    """A forward pre-hook that changes nothing: its presence keeps torch's TransformerEncoderLayer off its inference
+    fast path, which would compute the block without calling the adapted layers."""
+    return None
+
+
 class Network(nn.Module):
     def __init__(self, adapters: Mapping[str, Adapter], entries: Mapping[str, Entry], arch: str | None,
                  multiplier: float = 1.0, lr_weights: Mapping[str, float] | None = None,
@@ -45,6 +51,8 @@ class Network(nn.Module):
         self._block_multipliers: dict[str, float] = {}
         self._multiplier = float(multiplier)
         self.applied = False
+        self.fast_path_owners: list[nn.Module] = []  # targets.fast_path_owners (a plain list: not submodules)
+        self._fast_path_hooks: list = []
         self._sync_multipliers()
 
     # ----- the adapters -----
@@ -111,6 +119,7 @@ class Network(nn.Module):
             raise RuntimeError("this network is already applied")
         for _, adapter in self.adapters():
             adapter.apply(hooks=hooks)
+        self._fast_path_hooks = [m.register_forward_pre_hook(_regular_path) for m in self.fast_path_owners]
         self.applied = True
         return self
 
@@ -120,6 +129,9 @@ class Network(nn.Module):
             return
         for _, adapter in reversed(list(self.adapters())):
             adapter.restore()
+        for handle in self._fast_path_hooks:
+            handle.remove()
+        self._fast_path_hooks = []
         self.applied = False
 
     @torch.no_grad()
@@ -159,6 +171,12 @@ class Network(nn.Module):
                 lr = _first(unet_lr, default_lr)
                 kind = "unet"
             weight = self.lr_weights.get(name, 1.0)
+            if lr is None and (weight != 1.0 or plus[kind]):
+                # a group without "lr" takes the optimizer's own: the weight or ratio would silently not apply
+                what = f"block lr weight {weight:g}" if weight != 1.0 else f"LoRA+ ratio {plus[kind]:g}"
+                side = "text_encoder_lr" if kind == "te" else "unet_lr"
+                raise ValueError(f"optimizer_param_groups: adapter '{name}' has a {what}, which multiplies a "
+                                 f"learning rate: pass {side} or default_lr")
             if lr is not None:
                 lr = lr * weight
             if lr == 0 or weight == 0:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch.nn as nn
 
+from ..algos.layer import describe_layer
 from .presets import Preset
+
+log = logging.getLogger(__name__)
 
 ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NORMS = (nn.LayerNorm, nn.GroupNorm)
@@ -34,8 +38,12 @@ def select(component: str, root: nn.Module, preset: Preset, target_modules, targ
     target_modules = set(target_modules)
     chosen: dict[str, Selected] = {}
     classes: dict[str, str] = {}
+    parents: dict[int, nn.Module] = {}
+    skipped: list[str] = []
     for path, module in root.named_modules():
         classes[path] = type(module).__name__
+        for child in module.children():
+            parents.setdefault(id(child), module)
         if preset.excluded(path) or not _leaf(module) or path in chosen:
             continue
         ancestors = _ancestors(path)
@@ -45,6 +53,10 @@ def select(component: str, root: nn.Module, preset: Preset, target_modules, targ
             continue
         if any(preset.excluded(a) for a in ancestors if a):
             continue
+        why = unsupported(module, parents.get(id(module)))
+        if why is not None:
+            skipped.append(f"'{path}' ({why})")
+            continue
         override = preset.override_for_name(path)
         if override is None:
             for a in [path, *ancestors]:
@@ -52,10 +64,37 @@ def select(component: str, root: nn.Module, preset: Preset, target_modules, targ
                 if override is not None:
                     break
         chosen[path] = Selected(component, path, module, override)
+    if skipped:
+        log.warning("lorakit: %d layer(s) of the %s left without an adapter: %s", len(skipped), component,
+                    "; ".join(skipped[:5]) + ("; ..." if len(skipped) > 5 else ""))
     return list(chosen.values())
+
+
+def unsupported(module: nn.Module, parent: nn.Module | None) -> str | None:
+    """Why an adapter cannot act on this layer, or None: a layer kind the algorithms do not take (a grouped or
+    padded-by-reflection conv), or the out_proj of torch's MultiheadAttention, which reads out_proj.weight itself
+    and never calls out_proj's forward (an adapter there would never train)."""
+    if isinstance(parent, nn.MultiheadAttention) and module is parent.out_proj:
+        return "nn.MultiheadAttention never calls its out_proj's forward"
+    if isinstance(module, NORMS):
+        return None  # adapted only with train_norm, where an unsupported norm is an error naming the layer
+    try:
+        describe_layer(module)
+    except (TypeError, ValueError) as err:
+        return str(err)
+    return None
 
 
 def _ancestors(path: str) -> list[str]:
     """Enclosing module paths, nearest first, ending with the root ''."""
     parts = path.split(".")
     return [".".join(parts[:i]) for i in range(len(parts) - 1, -1, -1)]
+
+
+def fast_path_owners(models, layers) -> list[nn.Module]:
+    """torch TransformerEncoderLayers that hold any of these layers. In inference (eval, no grad) their fast path
+    computes the whole block from the weights and never calls the layers' forward, so an applied adapter there
+    would be skipped; torch takes the regular path when a hook is attached (Network.apply attaches one)."""
+    ids = {id(layer) for layer in layers}
+    return [m for root in models for m in root.modules()
+            if isinstance(m, nn.TransformerEncoderLayer) and any(id(c) in ids for c in m.modules())]

@@ -204,6 +204,9 @@ def test_string_network_args_are_typed(kind):
     ({"down_lr_weight": "1,y,1"}, "'down_lr_weight'"),
     ({"loraplus_lr_ratio": "fast"}, "'loraplus_lr_ratio'"),
     ({"dim": "8"}, "network_dim"),  # repeats --network_dim
+    ({"network_dim": "8"}, "'network_dim=8' repeats the script argument network_dim"),  # the script's own names
+    ({"network_alpha": "2"}, "'network_alpha=2' repeats the script argument network_alpha"),
+    ({"multiplier": "0.5"}, "'multiplier=0.5' repeats the script argument multiplier"),
     ({"dropout": "0.2"}, "--network_dropout"),  # disagrees with neuron_dropout below
 ])
 def test_bad_network_args_are_errors_naming_the_arg(kwargs, named):

@@ -145,6 +145,46 @@ def test_generic_model_gets_every_layer_under_lycoris_prefix(tmp_path):
     torch.testing.assert_close(model(x), out)
 
 
+def test_generic_model_leaves_out_layers_an_adapter_cannot_act_on_and_says_so(caplog, tmp_path):
+    """torch's MultiheadAttention reads out_proj.weight itself (an adapter's forward there never runs: it would
+    neither train nor match its merged form); a grouped conv is a layer kind the algorithms do not take. Both are
+    left out of the default selection with a warning naming them. TransformerEncoderLayer's inference fast path
+    would skip linear1/linear2's forward too: an applied network keeps it off, so the applied output (created or
+    loaded) equals the merged one."""
+    torch.manual_seed(0)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 8, 3, padding=1)
+            self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+            self.encoder = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+
+        def forward(self, x):
+            h = self.depthwise(self.conv(x)).flatten(2).transpose(1, 2)
+            return self.encoder(h)
+
+    model = Model().eval()
+    x = torch.randn(2, 4, 3, 3)
+    with caplog.at_level("WARNING", logger="lorakit"):
+        net = randomize(create_network(model, algo="lora", dim=2), scale=0.3)
+    assert set(net.entries) == {"lycoris_conv", "lycoris_encoder_linear1", "lycoris_encoder_linear2"}
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "'encoder.self_attn.out_proj' (nn.MultiheadAttention never calls" in warned
+    assert "'depthwise' (Conv2d with groups=8" in warned
+    with torch.no_grad():
+        net.apply()
+        applied = model(x)
+        net.restore()
+        assert not model.encoder._forward_pre_hooks  # restore takes the fast-path guard away again
+        net.merge(keep_backup=True)
+        torch.testing.assert_close(model(x), applied)
+        net.unmerge()
+        net.save(tmp_path / "m.safetensors")
+        load_network(model, tmp_path / "m.safetensors").apply()
+        torch.testing.assert_close(model(x), applied)
+
+
 def test_optimizer_groups_with_loraplus_and_text_encoder_lr():
     unet, tes = tiny_model("sd1")
     net = create_network(unet, tes, preset="attn-mlp", dim=4, loraplus_lr_ratio=16)
@@ -155,6 +195,11 @@ def test_optimizer_groups_with_loraplus_and_text_encoder_lr():
     ups = {id(a.lora_up) for _, a in net.adapters()}
     assert all(id(p) in ups for p in by_name["unet_plus"]["params"])
     assert sum(len(g["params"]) for g in groups) == len(list(net.parameters()))
+    # the ratio multiplies a learning rate: without one it would silently not apply
+    with pytest.raises(ValueError, match=r"adapter 'lora_unet_.*' has a LoRA\+ ratio 16, which multiplies a "
+                                         r"learning rate: pass unet_lr or default_lr"):
+        net.optimizer_param_groups()
+    assert {g["lr"] for g in net.optimizer_param_groups(default_lr=1.0)} == {1.0, 16.0}
     # text_encoder_lr 0: the text-encoder adapters are frozen and left out
     groups = net.optimizer_param_groups(unet_lr=1e-4, text_encoder_lr=0)
     assert {g["name"] for g in groups} == {"unet", "unet_plus"}
@@ -173,6 +218,8 @@ def test_block_dims_and_lr_weights():
     groups = net.optimizer_param_groups(unet_lr=1.0, text_encoder_lr=1.0)
     lrs = sorted({g["lr"] for g in groups})
     assert lrs[-1] == 1.0 and len(lrs) > 3  # the cosine shape spreads the up blocks' lr
+    with pytest.raises(ValueError, match=r"has a block lr weight .*: pass unet_lr or default_lr"):
+        net.optimizer_param_groups(text_encoder_lr=1.0)
 
 
 def test_block_multipliers_with_seed_003_layout():
