@@ -35,6 +35,7 @@ class Adapter(DoRA, nn.Module):
     aliases: ClassVar[tuple[str, ...]] = ()
     keys: ClassVar[tuple[str, ...]] = ()  # every tensor name this algorithm may write to a file
     detect_keys: ClassVar[tuple[str, ...]] = ()  # any of these in a file means this algorithm
+    optional_keys: ClassVar[tuple[str, ...]] = ()  # tensors a file may leave out (then zero: no change)
     layer_kinds: ClassVar[frozenset] = frozenset({"linear", "conv1d", "conv2d", "conv3d"})
     accepts: ClassVar[frozenset] = frozenset()  # options beyond COMMON_OPTIONS
     scalar_key: ClassVar[str | None] = None  # the file tensor that a trained scalar is folded into
@@ -380,7 +381,10 @@ class Adapter(DoRA, nn.Module):
         mine = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         expected = self.saved_tensors()
         for key in expected:
-            if key not in mine and key != "alpha":  # no alpha: alpha = dim, as kohya and the UIs read old files
+            if key in self.optional_keys and key not in mine:
+                with torch.no_grad():
+                    self._param_for_key(key).zero_()  # absent means no change (full's diff_b, as the UIs read it)
+            elif key not in mine and key != "alpha":  # no alpha: alpha = dim, as kohya and the UIs read old files
                 missing_keys.append(prefix + key)
         for key in mine:
             if key not in expected:

@@ -13,6 +13,7 @@ class Full(Adapter):
     aliases = ("native",)
     keys = ("diff", "diff_b")
     detect_keys = ("diff",)
+    optional_keys = ("diff_b",)  # written only where the bias changed (extract, kohya); the UIs read none as zero
     saves_alpha = False
 
     def build(self, options):

@@ -50,6 +50,24 @@ def test_missing_and_unexpected_tensors_are_named():
     assert "lora_up.weight" in str(err.value) and "lora_upp.weight" in str(err.value)
 
 
+def test_a_full_file_without_diff_b_changes_only_the_weight():
+    """extract writes diff_b only where the bias changed, and the UIs read a missing diff_b as no bias change; a
+    full adapter that had trained diff_b is reset by such a file, not left with its old bias change."""
+    torch.manual_seed(0)
+    linear = nn.Linear(12, 8).double().requires_grad_(False)
+    diff = torch.randn(8, 12, dtype=torch.float64)
+    adapter = adapter_from_state_dict(linear, {"diff": diff})
+    x = make_input("linear")
+    torch.testing.assert_close(adapter(x), nn.functional.linear(x, linear.weight + diff, linear.bias))
+    trained = make_adapter("full", linear).double()
+    with torch.no_grad():
+        trained.diff_b.fill_(1.0)
+    trained.load_state_dict({"diff": diff})
+    assert not trained.diff_b.any()
+    with pytest.raises(RuntimeError, match="diff"):
+        trained.load_state_dict({"diff_b": torch.zeros(8)})  # diff itself stays required
+
+
 def test_shape_mismatch_names_the_tensor_and_both_shapes():
     conv = nn.Conv2d(6, 8, 3)
     sd = make_adapter("lora", conv, dim=4).state_dict()
