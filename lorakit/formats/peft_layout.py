@@ -498,8 +498,15 @@ def peft_to_kohya(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, st
         if "alpha" in sub:
             out[f"{name}.alpha"] = sub["alpha"]
             continue
-        alpha = _peft_alpha(algo, {_PEFT_TO_KOHYA[algo][k]: v for k, v in sub.items()}, configs.get(component, {}),
-                            _pattern_path(component, path))
+        kohya_sub = {_PEFT_TO_KOHYA[algo][k]: v for k, v in sub.items()}
+        config, pattern_path = configs.get(component, {}), _pattern_path(component, path)
+        alpha = _peft_alpha(algo, kohya_sub, config, pattern_path)
+        if algo == "lokr" and _rank(algo, kohya_sub) is None and config:
+            # two full factors: PEFT still scales by alpha/r, kohya loaders by nothing, so the scale goes into w1
+            r, peft_alpha = _peft_r_alpha(algo, None, config, pattern_path)
+            if peft_alpha != r:
+                w1 = out[f"{name}.lokr_w1"]
+                out[f"{name}.lokr_w1"] = (w1.double() * (float(peft_alpha) / float(r))).to(w1.dtype)
         if name in side.get("no_alpha", []):
             continue
         if name in side.get("lokr_full_alpha", {}):
@@ -518,14 +525,20 @@ def _peft_alpha(algo: str, sub, config: Mapping, path: str) -> float:
     rank = _rank(algo, sub)
     if not config:
         return float(rank) if rank is not None else 1.0
-    r = _pattern_value(config.get("rank_pattern") or {}, path, config.get("r", rank))
-    alpha = _pattern_value(config.get("alpha_pattern") or {}, path,
-                           config.get("lora_alpha" if algo == "lora" else "alpha", r))
-    if rank is None:  # LoKr, two full factors: no loader reads alpha; kohya writes dim
+    r, alpha = _peft_r_alpha(algo, rank, config, path)
+    if rank is None:  # LoKr, two full factors: no loader reads alpha; kohya writes dim (PEFT's scale is in w1)
         return float(r)
     if rank == r:
         return float(alpha)
     return float(alpha) / float(r) * rank
+
+
+def _peft_r_alpha(algo: str, rank: int | None, config: Mapping, path: str) -> tuple:
+    """PEFT's (r, alpha) for one module: the config's, or its rank/alpha pattern's (alpha defaults to r)."""
+    r = _pattern_value(config.get("rank_pattern") or {}, path, config.get("r", rank))
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, path,
+                           config.get("lora_alpha" if algo == "lora" else "alpha", r))
+    return r, alpha
 
 
 # --------------------------------------------------------------------------------------------------

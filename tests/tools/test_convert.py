@@ -158,6 +158,33 @@ def test_peft_loha_gives_lorakits_outputs(tmp_path):
         _close(u(*args, **kwargs).sample, ref, base)
 
 
+def test_peft_lokr_with_full_factors_keeps_peft_scale(tmp_path):
+    """PEFT scales LoKr by alpha/r even where both factors are stored whole (r at least half of w2's side), where
+    kohya loaders apply no alpha: the converted file carries the scale in lokr_w1, so lorakit's load gives PEFT's
+    own output (to_k through its rank pattern keeps a low-rank w2 and its alpha)."""
+    from peft import LoKrConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    torch.manual_seed(3)
+    unet, _ = tiny_model("sd1")
+    config = LoKrConfig(r=4, alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"], decompose_factor=-1,
+                        rank_pattern={"to_k": 1}, alpha_pattern={"to_v": 8})
+    u = inject_adapter_in_model(config, copy.deepcopy(unet)).double()
+    with torch.no_grad():
+        for name, p in u.named_parameters():
+            if "lokr_" in name:
+                p.copy_(torch.randn_like(p).float() * 0.1)
+    sd = {f"unet.{k}": v.float().contiguous() for k, v in get_peft_model_state_dict(u).items()}
+    assert any(k.endswith("to_q.lokr_w2") for k in sd) and any(k.endswith("to_k.lokr_w2_a") for k in sd)
+    fields = {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
+    st_save(sd, tmp_path / "p.safetensors",
+            {"lora_adapter_metadata": json.dumps({f"unet.{k}": v for k, v in fields.items()}, default=str)})
+    convert(tmp_path / "p.safetensors", tmp_path / "k.safetensors", to="kohya")
+    out, base = _lorakit_output("sd1", tmp_path / "k.safetensors")
+    args, kwargs = _f64_inputs(u, "sd1")
+    with torch.no_grad():
+        _close(out, u(*args, **kwargs).sample, base)
+
+
 def test_diffusers_own_kohya_converter_agrees_on_names_values_and_alphas(tmp_path):
     from diffusers.loaders.lora_conversion_utils import (_convert_non_diffusers_lora_to_diffusers,
                                                          _maybe_map_sgm_blocks_to_diffusers)
