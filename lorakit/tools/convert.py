@@ -12,6 +12,7 @@ import torch
 from ..formats import add_hashes, load_file, save_file
 from ..formats.dtypes import parse_dtype
 from ..formats.peft_layout import LayoutError, detect_layout, kohya_to_peft, peft_to_kohya, rename_unet
+from .cli_common import refuse_overwrite
 
 __all__ = ["ConvertError", "ConvertReport", "convert", "TARGETS"]
 
@@ -71,8 +72,7 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, to: str | None
     if unet_names is not None and unet_names not in UNET_STYLES:
         raise ConvertError(f"--unet-names {unet_names!r}: expected one of {', '.join(UNET_STYLES)}")
     cast = parse_dtype(dtype, "--dtype")
-    if os.path.abspath(os.fspath(output)) == os.path.abspath(where):
-        raise ConvertError(f"{output}: is the source file; write the converted file elsewhere")
+    refuse_overwrite(output, {"source file": where})
     tensors, metadata = load_file(where)
     if not tensors:
         raise ConvertError(f"{where}: holds no tensors")

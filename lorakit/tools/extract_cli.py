@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from .cli_common import check_device, refuse_overwrite, report_errors
 from .lowrank import MODES
 
 _DTYPES = ("bf16", "bfloat16", "float", "float16", "float32", "fp16", "fp32")  # names parse_dtype reads
@@ -44,11 +45,17 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.mode != "fixed" and args.linear_param is None:
+        raise SystemExit(f"lorakit extract: --mode {args.mode} needs --linear_param")
+    return report_errors("extract", lambda: _extract(args))
+
+
+def _extract(args: argparse.Namespace) -> str:
     from ..formats.dtypes import parse_dtype
     from .extract import extract_lora
 
-    if args.mode != "fixed" and args.linear_param is None:
-        raise SystemExit(f"lorakit extract: --mode {args.mode} needs --linear_param")
+    refuse_overwrite(args.out, {"base model": args.base, "tuned model": args.tuned})
+    check_device(args.device)
     result = extract_lora(
         args.base, args.tuned, args.out, mode=args.mode,
         linear_dim=(args.linear_dim or None) if args.mode != "fixed" else args.linear_dim,
@@ -61,6 +68,5 @@ def run(args: argparse.Namespace) -> int:
             what = "full diff" if r["full"] else f"rank {r['rank']:4d}"
             print(f"{name:90s} {what}  fro retained {r['fro']:.2%}")
     full = sum(1 for r in result.layers.values() if r["full"])
-    print(f"{args.out}: {len(result.layers)} layers ({full} stored whole), {len(result.skipped)} unchanged left out"
-          + (f", bias change dropped in {len(result.bias_dropped)}" if result.bias_dropped else ""))
-    return 0
+    return (f"{args.out}: {len(result.layers)} layers ({full} stored whole), {len(result.skipped)} unchanged left out"
+            + (f", bias change dropped in {len(result.bias_dropped)}" if result.bias_dropped else ""))

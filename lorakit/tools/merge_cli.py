@@ -4,7 +4,8 @@ sdxl_merge_lora.py option names are accepted as aliases (--sd_model, --models, -
 from __future__ import annotations
 
 import argparse
-import sys
+
+from .cli_common import check_device, refuse_overwrite, report_errors
 
 EXAMPLES = """examples:
   lorakit merge --model base.safetensors --loras a.safetensors b.safetensors --ratios 0.8 0.5 \\
@@ -57,13 +58,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        message = _merge(args)
-    except (ValueError, OSError) as e:
-        print(f"lorakit merge: error: {e}", file=sys.stderr)
-        return 1
-    print(message)
-    return 0
+    return report_errors("merge", lambda: _merge(args))
 
 
 def _merge(args: argparse.Namespace) -> str:
@@ -72,6 +67,8 @@ def _merge(args: argparse.Namespace) -> str:
     from ..formats.dtypes import parse_dtype
     from .merge import check_block_weights, check_ratios
 
+    refuse_overwrite(args.save_to, {"model": args.model, **{f"adapter #{i + 1} of --loras": f for i, f in enumerate(args.loras)}})
+    check_device(args.device)
     ratios = check_ratios(args.loras, args.ratios)
     for file in args.loras:
         if not os.path.isfile(file):

@@ -146,6 +146,8 @@ def _dylora_cut(sub, k, name, where) -> dict:
 
 def _svd_resize(sub, cap, method, param, device, where) -> dict:
     up, down, shape, scale = module_factors(sub, torch.float32, where)
+    if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+        raise ValueError(f"{where}: holds NaN or Inf values; it cannot be resized")
     up, down = up.to(device), down.to(device)
     U, S, Vh = lowrank.svd_of_product(up, down)
     mode, p = (method, param) if method else ("fixed", cap)
@@ -172,7 +174,7 @@ def _metadata(metadata, result, new_rank, new_conv_rank, method, param, dylora, 
     elif method is None:
         conv = "" if new_conv_rank == new_rank else f" (conv: {new_conv_rank})"
         meta["ss_training_comment"] = f"dimension is resized from {old_dim} to {new_rank}{conv}; {comment}"
-        meta["ss_network_dim"] = str(new_rank)
+        meta["ss_network_dim"] = str(min(new_rank, max(ranks)))  # a rank is never raised
         alphas = {float(result.tensors[f"{n}.alpha"]) for n in result.layers}
         meta["ss_network_alpha"] = str(alphas.pop()) if len(alphas) == 1 else "Dynamic"
     else:

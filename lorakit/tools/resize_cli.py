@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .cli_common import check_device, refuse_overwrite, report_errors
+
 _DTYPES = ("bf16", "float", "fp16", "fp32")  # names parse_dtype reads
 
 
@@ -30,11 +32,17 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.dynamic_method and args.dynamic_param is None:
+        raise SystemExit("lorakit resize: --dynamic_method needs --dynamic_param")
+    return report_errors("resize", lambda: _resize(args))
+
+
+def _resize(args: argparse.Namespace) -> str:
     from ..formats.dtypes import parse_dtype
     from .resize import resize_lora
 
-    if args.dynamic_method and args.dynamic_param is None:
-        raise SystemExit("lorakit resize: --dynamic_method needs --dynamic_param")
+    refuse_overwrite(args.out, {"source file": args.source})
+    check_device(args.device)
     dtype = parse_dtype(args.save_precision, "--save_precision")
     result = resize_lora(args.source, args.new_rank, args.out, new_conv_rank=args.new_conv_rank,
                          dynamic_method=args.dynamic_method, dynamic_param=args.dynamic_param, dylora=args.dylora,
@@ -49,5 +57,4 @@ def run(args: argparse.Namespace) -> int:
         summary += f", Frobenius norm retained: mean {sum(fro) / len(fro):.2%}, min {min(fro):.2%}"
     if result.copied:
         summary += f"; {len(result.copied)} other tensors copied unchanged"
-    print(summary)
-    return 0
+    return summary

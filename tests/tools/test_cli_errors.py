@@ -1,0 +1,75 @@
+"""What every tool command does with bad input: one `lorakit <command>: error:` line and exit status 1 (no
+traceback), no output written over one of its inputs, and an unusable --device refused before any loading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorakit.cli import main
+from lorakit.formats import load_file, save_file
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/tools/conftest.py
+
+
+def _lora(path, r=4, nan=False):
+    g = torch.Generator().manual_seed(0)
+    down = torch.randn(r, 12, generator=g)
+    if nan:
+        down[0, 0] = float("nan")
+    save_file({"lora_unet_a.lora_down.weight": down, "lora_unet_a.lora_up.weight": torch.randn(8, r, generator=g),
+               "lora_unet_a.alpha": torch.tensor(2.0)}, path, metadata={"ss_network_dim": str(r)})
+    return path
+
+
+def _one_error_line(capsys, command, *fragments):
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"lorakit {command}: error: ") and "Traceback" not in err and len(err.splitlines()) == 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+@pytest.mark.parametrize("command,argv", [
+    ("resize", ["resize", "{src}", "{src}", "--new_rank", "2"]),
+    ("merge", ["merge", "--loras", "{other}", "{src}", "--save_to", "{src}"]),
+    ("merge", ["merge", "--model", "{src}", "--loras", "{other}", "--save_to", "{src}"]),
+    ("extract", ["extract", "{src}", "{other}", "{src}"]),
+    ("extract", ["extract", "{other}", "{src}", "{src}"]),
+])
+def test_an_output_that_is_an_input_is_refused_and_the_input_kept(tmp_path, capsys, command, argv):
+    src, other = _lora(tmp_path / "a.safetensors"), _lora(tmp_path / "b.safetensors", r=2)
+    before = src.read_bytes()
+    assert main([a.format(src=src, other=other) for a in argv]) == 1
+    _one_error_line(capsys, command, "a.safetensors: is also the ")
+    assert src.read_bytes() == before
+
+
+def test_missing_files_and_nan_factors_are_one_line_errors(tmp_path, capsys):
+    assert main(["resize", str(tmp_path / "nope.safetensors"), str(tmp_path / "o.safetensors"), "--new_rank", "2"]) == 1
+    _one_error_line(capsys, "resize", "nope.safetensors")
+    assert main(["extract", str(tmp_path / "nope.safetensors"), str(tmp_path / "nope2.safetensors"),
+                 str(tmp_path / "o.safetensors")]) == 1
+    _one_error_line(capsys, "extract", "nope.safetensors")
+    bad = _lora(tmp_path / "nan.safetensors", nan=True)
+    assert main(["resize", str(bad), str(tmp_path / "o.safetensors"), "--new_rank", "2"]) == 1
+    _one_error_line(capsys, "resize", "nan.safetensors: module 'lora_unet_a': holds NaN or Inf")
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without CUDA")
+def test_a_device_torch_cannot_use_is_refused_first(tmp_path, capsys):
+    src = _lora(tmp_path / "a.safetensors")
+    for argv in (["merge", "--model", "demo:tiny-sd", "--loras", str(src), "--save_to", str(tmp_path / "m")],
+                 ["resize", str(src), str(tmp_path / "r.safetensors"), "--new_rank", "2"],
+                 ["extract", "demo:tiny-sd", "demo:tiny-sd", str(tmp_path / "e.safetensors")]):
+        assert main(argv + ["--device", "cuda"]) == 1
+        _one_error_line(capsys, argv[0], "--device 'cuda': this torch has no CUDA device")
+    assert main(["resize", str(src), str(tmp_path / "r.safetensors"), "--new_rank", "2", "--device", "gpu"]) == 1
+    _one_error_line(capsys, "resize", "--device 'gpu'")
+
+
+def test_resize_never_claims_a_higher_rank(tmp_path):
+    src = _lora(tmp_path / "a.safetensors", r=4)
+    assert main(["resize", str(src), str(tmp_path / "r.safetensors"), "--new_rank", "16"]) == 0
+    tensors, meta = load_file(tmp_path / "r.safetensors")
+    assert tensors["lora_unet_a.lora_down.weight"].shape[0] == 4 and meta["ss_network_dim"] == "4"
