@@ -46,7 +46,7 @@ def module_dim(algo: str, sub: Mapping[str, torch.Tensor]) -> int | None:
                 return int(sub[k].shape[0])
         return None
     if algo == "glora":
-        return int(sub["a1.weight"].shape[0])
+        return int(sub["b1.weight"].shape[1])  # b1 (out, dim); a1 is (in, dim)
     if algo in ("diag-oft", "boft"):
         return int(sub["oft_blocks"].shape[-1])
     return None

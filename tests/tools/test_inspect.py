@@ -46,6 +46,8 @@ def expected_dim(algo, sub):
         return sub["lokr_w2_b"].shape[0] if "lokr_w2_b" in sub else None
     if algo == "diag-oft":
         return sub["oft_blocks"].shape[1]
+    if algo == "glora":  # a1 (in, dim), a2 (dim, in)
+        return sub["a2.weight"].shape[0]
     return None
 
 
@@ -63,6 +65,7 @@ def groups(tensors):
     ("lokr", {"preset": "full", "dim": 2, "alpha": 1, "factor": 4}),
     ("ia3", {"preset": "ia3"}),
     ("diag-oft", {"preset": "attn-mlp", "dim": 4}),
+    ("glora", {"preset": "attn-mlp", "dim": 4, "alpha": 2}),
 ])
 def test_lorakit_files(tmp_path, algo, opts):
     unet, tes = tiny_model("sd1")
@@ -80,7 +83,7 @@ def test_lorakit_files(tmp_path, algo, opts):
         m = by_name[name]
         assert m["algo"] == algo
         assert m["parameters"] == sum(t.numel() for k, t in sub.items() if k not in ("alpha", "on_input"))
-        if algo in ("lora", "loha", "lokr"):
+        if algo in ("lora", "loha", "lokr", "glora"):
             assert m["dim"] == expected_dim(algo, sub)
             if m["dim"] is not None:
                 assert m["alpha"] == float(sub["alpha"])
