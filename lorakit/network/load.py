@@ -66,7 +66,7 @@ def load_network(model: nn.Module, source: str | Path | Mapping[str, torch.Tenso
     for key, value in tensors.items():
         name, suffix = split_key(key)
         groups.setdefault(name, {})[suffix] = value
-    adapters, entries = {}, {}
+    adapters, entries, seen_as = {}, {}, {}
     for name, sub in groups.items():
         target = found[name]
         try:
@@ -75,7 +75,9 @@ def load_network(model: nn.Module, source: str | Path | Mapping[str, torch.Tenso
             raise ValueError(f"{where}: module '{name}': {err}") from None
         primary = index.name_of(target.component, target.path)
         if primary in adapters:
-            raise ValueError(f"{where}: module '{name}' appears twice (also as '{primary}')")
+            raise ValueError(f"{where}: '{name}' and '{seen_as[primary]}' name the same module ({target.component} "
+                             f"{target.path}); the file holds it twice")
+        seen_as[primary] = name
         adapters[primary], entries[primary] = adapter, Entry(target.component, target.path)
     network = Network(adapters, entries, arch, multiplier)
     network.fast_path_owners = fast_path_owners([model, *text_encoders], [a.layer for a in adapters.values()])

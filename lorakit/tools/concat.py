@@ -35,7 +35,7 @@ _UNET_HEADS = (
 )
 
 
-def _canonical_name(name: str) -> str:
+def canonical_name(name: str) -> str:
     """Text-encoder names with the transformers-4 `text_model_` (the community form), whichever was written."""
     return _TE_SHORT.sub(r"\1text_model_", name)
 
@@ -67,7 +67,7 @@ def _read(file: str, dtype: torch.dtype) -> tuple[dict[str, dict[str, torch.Tens
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         name, suffix = split_key(key)
-        modules.setdefault(_canonical_name(name), {})[suffix] = value
+        modules.setdefault(canonical_name(name), {})[suffix] = value
     for name, sd in modules.items():
         try:
             algo = detect_algorithm(sd)

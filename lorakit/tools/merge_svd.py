@@ -11,6 +11,7 @@ import os
 import torch
 
 from . import lowrank
+from .concat import canonical_name
 from .extract import progress
 from .resize import lora_modules, module_factors
 
@@ -18,11 +19,21 @@ __all__ = ["merge_loras_svd"]
 
 
 def _read(source):
+    """(tensors, metadata, where) with text-encoder names in one spelling (LyCORIS and transformers-5 trainers leave
+    out `text_model_`), so that the same layer in two files sums into one module."""
     from ..network.load import check_layout, read_adapter_tensors
+    from ..network.names import split_key
 
     tensors, metadata, where = read_adapter_tensors(source)
     check_layout(tensors, where)
-    return tensors, metadata, where
+    canonical: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        name, suffix = split_key(key)
+        new = f"{canonical_name(name)}.{suffix}"
+        if new in canonical:
+            raise ValueError(f"{where}: '{key}' and another key name the same tensor ({new})")
+        canonical[new] = value
+    return canonical, metadata, where
 
 
 def merge_loras_svd(files: list, ratios: list[float], new_rank: int, new_conv_rank: int | None = None, out=None,

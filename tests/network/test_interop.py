@@ -548,6 +548,10 @@ def _save(tmp_path, name, tensors):
                f"{KOHYA_TO_Q}.alpha": torch.tensor(4.0)},
      rf"(?s)shape.safetensors: module '{KOHYA_TO_Q}': .*lora_down.weight: file has shape \(4, 17\), "
      r"this adapter expects \(4, 16\)"),
+    ("twice", {f"lora_te_{m}encoder_layers_0_mlp_fc1.{k}": torch.zeros(shape) for m in ("", "text_model_")
+               for k, shape in (("lora_down.weight", (4, 32)), ("lora_up.weight", (64, 4)))},
+     r"twice.safetensors: 'lora_te_text_model_encoder_layers_0_mlp_fc1' and 'lora_te_encoder_layers_0_mlp_fc1' "
+     r"name the same module \(text_encoder (text_model\.)?encoder.layers.0.mlp.fc1\); the file holds it twice"),
     ("unknown_suffix", {f"{KOHYA_TO_Q}.lora_dwn.weight": torch.zeros(4, 16)},
      rf"unknown_suffix.safetensors: module '{KOHYA_TO_Q}': no adapter algorithm has the tensors \['lora_dwn.weight'\]"),
 ])

@@ -67,3 +67,21 @@ def test_errors():
         merge_loras_svd([a, bad], [1.0, 1.0], 4)
     with pytest.raises(ValueError, match="hada_w1_a"):
         merge_loras_svd([{"lora_unet_y.hada_w1_a": torch.ones(2, 2)}], [1.0], 4)
+
+
+def test_text_encoder_names_in_either_spelling_sum_into_one_module(tmp_path):
+    """LyCORIS (and trainers on transformers 5) write lora_te_encoder_..., lorakit and kohya
+    lora_te_text_model_encoder_...: the same layer, one module in the merge, as the concatenating merge has it."""
+    long, short = "lora_te_text_model_encoder_layers_0_mlp_fc1", "lora_te_encoder_layers_0_mlp_fc1"
+    a, b = _file(0, 4, [long], 4.0), _file(1, 4, [short], 4.0)
+    pa, pb = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file(a, pa)
+    save_file(b, pb)
+    merged = merge_loras_svd([pa, pb], [1.0, 0.5], 8)
+    assert {k.partition(".")[0] for k in merged} == {long}
+    b_as_long = {k.replace(short, long): v for k, v in b.items()}
+    want = _dense(a, long) + 0.5 * _dense(b_as_long, long)
+    assert torch.allclose(_dense(merged, long), _truncate(want, 8), atol=1e-5)
+    save_file({**a, **b}, tmp_path / "both.safetensors")  # one file holding both spellings: refused, naming both
+    with pytest.raises(ValueError, match="name the same tensor"):
+        merge_loras_svd([tmp_path / "both.safetensors"], [1.0], 4)
