@@ -57,6 +57,18 @@ def _tucker(up: torch.Tensor, down: torch.Tensor, in_dim: int, kernel: tuple[int
     return up, mid, lora_down
 
 
+def _tucker_retained(delta, up, mid, down) -> dict:
+    """fro/energy of what the Tucker factors keep: they are two orthogonal projections of the change (output side,
+    input side), so the kept energy is 1 - |delta - kept|^2 / |delta|^2."""
+    r, kk = mid.shape[0], mid[0, 0].numel()
+    kept = torch.einsum("oa,abk,bi->oik", up.double(), mid.double().reshape(r, r, kk),
+                        down.double().reshape(r, -1))
+    total = float(delta.double().square().sum())
+    lost = float((delta.double().reshape(kept.shape[0], kept.shape[1], kk) - kept).square().sum())
+    energy = 1.0 - lost / total if total > 0 else 1.0
+    return {"energy": energy, "fro": math.sqrt(max(energy, 0.0)), "sum": None}
+
+
 def extract_layer(delta: torch.Tensor, mode: str, param: float, max_rank: int | None, *, tucker: bool = False,
                   svd: str = "auto", niter: int = 2, oversample: int | None = None, full_fallback: bool = True,
                   generator: torch.Generator | None = None) -> tuple[dict[str, torch.Tensor], dict]:
@@ -80,6 +92,7 @@ def extract_layer(delta: torch.Tensor, mode: str, param: float, max_rank: int | 
     if tucker:
         up, mid, down = _tucker(lr.up, lr.down, in_dim, kernel)
         tensors = {"lora_up.weight": up.reshape(out_dim, r, *ones), "lora_mid.weight": mid, "lora_down.weight": down}
+        report.update(_tucker_retained(delta, up, mid, down))  # the input-mode cut loses more than the SVD's
     else:
         tensors = {"lora_up.weight": up, "lora_down.weight": lr.down.reshape(r, in_dim, *kernel)}
     tensors["alpha"] = torch.tensor(float(r))

@@ -188,3 +188,22 @@ def test_extract_layer_conv_exact_rank():
     sub, rep = extract_layer(delta, "fixed", R, None)
     rebuilt = (sub["lora_up.weight"].flatten(1) @ sub["lora_down.weight"].flatten(1)).reshape(delta.shape)
     assert torch.allclose(rebuilt, delta, atol=1e-4) and float(sub["alpha"]) == R
+
+
+def test_tucker_report_is_what_the_saved_factors_keep():
+    """With Tucker the input mode is cut to the rank as well, which can lose much more than the SVD of the
+    flattened change: the report (and so --verbose) gives the norm the saved up, mid and down keep."""
+    g = torch.Generator().manual_seed(0)
+    delta = torch.randn(8, 16, 3, 3, generator=g, dtype=torch.float64)
+    tensors, report = extract_layer(delta, "fixed", 2, None, tucker=True, svd="exact", full_fallback=False)
+    up, mid, down = (tensors[k].double() for k in ("lora_up.weight", "lora_mid.weight", "lora_down.weight"))
+    kept = torch.einsum("oa,abhw,bi->oihw", up.flatten(1), mid, down.flatten(1))
+    fro = float(torch.linalg.norm(kept) / torch.linalg.norm(delta))
+    assert report["fro"] == pytest.approx(fro, rel=1e-9) and report["energy"] == pytest.approx(fro ** 2, rel=1e-9)
+    assert float(torch.linalg.norm(delta - kept) ** 2) == pytest.approx(
+        float(torch.linalg.norm(delta) ** 2) * (1 - fro ** 2), rel=1e-9)  # kept is a projection of delta
+    _, plain = extract_layer(delta, "fixed", 2, None, svd="exact", full_fallback=False)
+    assert report["fro"] < plain["fro"] - 0.05
+    exact = _tucker_change(g, torch.zeros(8, 16, 3, 3), 2).double()
+    assert extract_layer(exact, "fixed", 2, None, tucker=True, svd="exact", full_fallback=False)[1]["fro"] == \
+        pytest.approx(1.0, abs=1e-9)
