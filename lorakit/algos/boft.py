@@ -8,6 +8,7 @@ import functools
 
 import torch
 
+from . import amp
 from .oft_base import OrthogonalAdapter, blend_with_identity
 from .options import OptionError
 
@@ -47,7 +48,7 @@ class BOFT(OrthogonalAdapter):
         r = blend_with_identity(self.rotations(), multiplier)  # each stage: m R + (1 - m) I
         stages, _, b, _ = r.shape
         orders, inverses = butterfly_orders(v.shape[0], stages, b, v.device)
-        return _Butterfly.apply(v.reshape(v.shape[0], -1), r, orders, inverses).view(v.shape)
+        return amp.apply(_Butterfly, v.reshape(v.shape[0], -1), r, orders, inverses).view(v.shape)
 
 
 class _Butterfly(torch.autograd.Function):

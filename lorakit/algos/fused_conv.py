@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from . import amp
 from .fused_linear import output_scale_grad, plain_frozen_layer, times_gain
 from .layer import positions
 
@@ -163,9 +164,9 @@ def conv_plus_low_rank(adapter, x: torch.Tensor, down: torch.Tensor, up: torch.T
     rank = down.shape[0]
     down, up = down.reshape(rank, spec.in_dim, *spec.kernel), up.reshape(spec.out_dim, rank)
     if out_scale is not None or merged_pays(spec, x):
-        return _ConvMergedLowRank.apply(x, layer.weight, layer.bias, down.contiguous(), up, out_scale, float(gain),
+        return amp.apply(_ConvMergedLowRank, x, layer.weight, layer.bias, down.contiguous(), up, out_scale, float(gain),
                                         spec)
-    return _ConvPlusLowRank.apply(x, layer.weight, layer.bias, down, up, float(gain), spec)
+    return amp.apply(_ConvPlusLowRank, x, layer.weight, layer.bias, down, up, float(gain), spec)
 
 
 def merged_pays(spec, x: torch.Tensor) -> bool:

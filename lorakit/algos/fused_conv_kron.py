@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from . import amp
 from .fused_conv import conv_input_grad, conv_op, conv_weight_grad
 
 
@@ -84,4 +85,4 @@ class _Layout:
 def conv_plus_kron(adapter, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """The adapter's frozen conv with W + kron(w1, w2) (w1 carrying the gain), in one pass each way."""
     layer = adapter.layer
-    return _ConvPlusKron.apply(x, layer.weight, layer.bias, w1, w2.contiguous(), adapter.spec)
+    return amp.apply(_ConvPlusKron, x, layer.weight, layer.bias, w1, w2.contiguous(), adapter.spec)

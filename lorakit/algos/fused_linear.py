@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from . import amp
 from .channel_dots import column_dots, input_grad_and_reductions, row_dots
 
 
@@ -212,8 +213,8 @@ def linear_plus_low_rank(adapter, x: torch.Tensor, down: torch.Tensor, up: torch
     DoRA along rows, every r away from 0) the sum is scaled by r before the bias: r (W x + gain U D x) + b."""
     layer = adapter.layer
     if mask is None and adapter.many_positions(x):
-        return _LinearMergedLowRank.apply(x, layer.weight, layer.bias, down, up, in_scale, out_scale, float(gain))
-    return _LinearPlusLowRank.apply(x, layer.weight, layer.bias, down, up, mask, in_scale, out_scale, float(gain))
+        return amp.apply(_LinearMergedLowRank, x, layer.weight, layer.bias, down, up, in_scale, out_scale, float(gain))
+    return amp.apply(_LinearPlusLowRank, x, layer.weight, layer.bias, down, up, mask, in_scale, out_scale, float(gain))
 
 
 class _LinearPlusKron(torch.autograd.Function):
@@ -250,7 +251,7 @@ class _LinearPlusKron(torch.autograd.Function):
 
 def linear_plus_kron(adapter, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     layer = adapter.layer
-    return _LinearPlusKron.apply(x, layer.weight, layer.bias, w1, w2)
+    return amp.apply(_LinearPlusKron, x, layer.weight, layer.bias, w1, w2)
 
 
 class _FoldedLinear(torch.autograd.Function):
@@ -284,7 +285,7 @@ class _FoldedLinear(torch.autograd.Function):
 def linear_folded(adapter, x: torch.Tensor, param: torch.Tensor, fold) -> torch.Tensor:
     """The adapter's frozen Linear with `param` folded into its weight by `fold` (weight and param_grad)."""
     layer = adapter.layer
-    return _FoldedLinear.apply(x, layer.weight, layer.bias, param, fold)
+    return amp.apply(_FoldedLinear, x, layer.weight, layer.bias, param, fold)
 
 
 def gemm_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

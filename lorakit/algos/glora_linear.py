@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from . import amp
 from .fused_linear import gemm_linear
 
 
@@ -52,4 +53,4 @@ class _LinearGLoRA(torch.autograd.Function):
 def linear_glora(adapter, x: torch.Tensor, a1, a2, b1, b2, k: float) -> torch.Tensor:
     """The adapter's frozen Linear with GLoRA's two chains fused in (k: multiplier x scale)."""
     layer = adapter.layer
-    return _LinearGLoRA.apply(x, layer.weight, layer.bias, a1, a2, b1, b2, float(k))
+    return amp.apply(_LinearGLoRA, x, layer.weight, layer.bias, a1, a2, b1, b2, float(k))

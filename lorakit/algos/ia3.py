@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from . import amp
 from .base import Adapter
 from .fused_linear import (fusable, linear_folded, output_scale_from_sums, output_scale_grad, output_scale_sums,
                            plain_frozen_layer)
@@ -104,7 +105,7 @@ class IA3(Adapter):
             return self._scaled_short_call(x, m)
         y = self._org_forward(x, *args, **kwargs)
         if y.dtype == self.dtype:
-            return _ScaledOutput.apply(y, self.weight, self.base_bias(), float(m), spec.channel_axis(y.dim()))
+            return amp.apply(_ScaledOutput, y, self.weight, self.base_bias(), float(m), spec.channel_axis(y.dim()))
         z = self.without_bias(y)  # a half-precision layer: the change apart, in the adapter's precision
         return y + (z.to(self.dtype) * spec.channel_view(self._w() * m, y.dim())).to(y.dtype)
 

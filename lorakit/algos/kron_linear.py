@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from . import amp
 from .fused_linear import gemm_linear
 
 
@@ -53,4 +54,4 @@ class _LinearPlusKronFactors(torch.autograd.Function):
 def linear_plus_kron_factors(adapter, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """The adapter's frozen Linear plus kron(w1, w2) applied through the factors (w1 with the gain in it)."""
     layer = adapter.layer
-    return _LinearPlusKronFactors.apply(x, layer.weight, layer.bias, w1, w2)
+    return amp.apply(_LinearPlusKronFactors, x, layer.weight, layer.bias, w1, w2)

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import amp
 from .fused_conv import conv_backward, conv_fusable, merged_pays
 from .fused_conv_kron import conv_plus_kron
 from .fused_linear import fusable, linear_plus_kron
@@ -201,7 +202,7 @@ class LoKr(Adapter):
         xs = xb.reshape(n * b, d, *spatial)
         if xs.device.type == "cpu" and xs.dim() == 4 and not p["w2_low"] and \
                 not isinstance(spec.conv_args.get("padding"), str):
-            h = _ChannelsLastConv2d.apply(xs, self.lokr_w2, spec.conv_args)
+            h = amp.apply(_ChannelsLastConv2d, xs, self.lokr_w2, spec.conv_args)
         else:
             h = self._w2_forward(xs)  # (n*b, c, *s')
         out_spatial = h.shape[2:]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from . import amp
+
 
 class _LowRankColumnSquares(torch.autograd.Function):
     @staticmethod
@@ -35,4 +37,4 @@ def low_rank_column_squares(w: torch.Tensor, w_square_sums: torch.Tensor, u: tor
                             d: torch.Tensor) -> torch.Tensor:
     """|W + u d|^2 per column: w (rows, columns) frozen, w_square_sums its |W|^2 per column, u (rows, rank), d (rank,
     columns)."""
-    return _LowRankColumnSquares.apply(w, w_square_sums, u, d)
+    return amp.apply(_LowRankColumnSquares, w, w_square_sums, u, d)

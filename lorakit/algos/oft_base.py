@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from . import amp
 from .base import Adapter
 
 _DROPOUTS = frozenset({"dropout", "rank_dropout", "rank_dropout_scale"})
@@ -93,7 +94,7 @@ class OrthogonalAdapter(Adapter):
 
     def rotations(self) -> torch.Tensor:
         """R = (I + Q)(I - Q)^-1 per block, solved rather than inverted (the two factors commute)."""
-        return _Cayley.apply(self.skew())
+        return amp.apply(_Cayley, self.skew(), cast=False)
 
     def transformed(self, v: torch.Tensor, multiplier: float) -> torch.Tensor:
         t = self.rotate(v, multiplier)

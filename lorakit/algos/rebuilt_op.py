@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 import torch
 from torch.nn import grad as nn_grad
 
+from . import amp
 from .layer import LayerSpec
 
 _CONV_GRADS = {
@@ -27,7 +28,7 @@ class _RebuiltWeightOp(torch.autograd.Function):
             w = rebuild()
         ctx.spec, ctx.rebuild = spec, rebuild
         ctx.save_for_backward(x, *params)
-        return spec.op(x, w, bias)
+        return spec.op(x, w.to(x.dtype), bias)  # x's dtype: autocast's, where the caller applied it
 
     @staticmethod
     def backward(ctx, gy):
@@ -38,7 +39,7 @@ class _RebuiltWeightOp(torch.autograd.Function):
         gx = None
         if spec.kind == "linear":
             if ctx.needs_input_grad[3]:
-                gx = gy @ w.detach()
+                gx = gy @ w.detach().to(gy.dtype)
             gw = gy.reshape(-1, gy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
         else:
             grad_input, grad_weight = _CONV_GRADS[len(spec.kernel)]
@@ -46,7 +47,7 @@ class _RebuiltWeightOp(torch.autograd.Function):
             xb, gyb = (x.unsqueeze(0), gy.unsqueeze(0)) if unbatched else (x, gy)
             args = spec.conv_args
             if ctx.needs_input_grad[3]:
-                gx = grad_input(xb.shape, w.detach(), gyb, **args)
+                gx = grad_input(xb.shape, w.detach().to(gyb.dtype), gyb, **args)
                 gx = gx.squeeze(0) if unbatched else gx
             gw = grad_weight(xb, w.shape, gyb, **args)
         gb = None
@@ -63,4 +64,10 @@ def rebuilt_weight_op(spec: LayerSpec, x: torch.Tensor, rebuild: Callable[[], to
     """spec.op(x, rebuild(), bias) with gradients for x, bias and the parameters `rebuild` reads."""
     if not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in params)):
         return spec.op(x, rebuild(), bias)
-    return _RebuiltWeightOp.apply(spec, rebuild, bias, x, *params)
+    dtype = amp.autocast_dtype(x.device.type)
+    if dtype is None:
+        return _RebuiltWeightOp.apply(spec, rebuild, bias, x, *params)
+    # under autocast: the op in autocast's dtype, as torch would run it; the parameters stay as they are, since
+    # rebuild() reads them itself (amp.apply's casts would cut them off from the rebuilt weight)
+    with torch.autocast(x.device.type, enabled=False):
+        return _RebuiltWeightOp.apply(spec, rebuild, None if bias is None else bias.to(dtype), x.to(dtype), *params)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from . import amp
 from .fused_linear import gemm_linear
 from .oft_base import solve_dtype
 
@@ -61,4 +62,4 @@ def linear_rotated(adapter, x: torch.Tensor, skew: torch.Tensor, multiplier: flo
     """The adapter's frozen Linear with its output rotated: `skew` is Q itself, or the trained blocks B with
     Q = B - B^T when from_blocks (unconstrained: no norm clamp between B and Q)."""
     layer = adapter.layer
-    return _RotatedLinear.apply(x, layer.weight, layer.bias, skew, float(multiplier), from_blocks)
+    return amp.apply(_RotatedLinear, x, layer.weight, layer.bias, skew, float(multiplier), from_blocks)

@@ -64,6 +64,17 @@ def _states_equal(a, b):
     return all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
+@pytest.mark.parametrize("algo", ["loha", "lokr"])
+def test_mixed_precision_trains_lycoris_algorithms(base, tmp_path, algo):
+    """bf16 mixed precision (frozen model in bf16, float32 adapter, forward under autocast): the algorithms whose
+    autograd functions once met bf16 activations next to float32 factors in backward train and save finite
+    tensors."""
+    final = train(_config(base, tmp_path, mixed_precision="bf16", max_train_steps=2,
+                          network_args=[f"algo={algo}", "preset=full", "conv_dim=2"]))
+    tensors, _ = load_file(final)
+    assert tensors and all(torch.isfinite(t.float()).all() for t in tensors.values())
+
+
 def test_resume_equals_uninterrupted_run(base, tmp_path):
     full = train(_config(base, tmp_path / "full", max_train_steps=5, gradient_accumulation_steps=1,
                          network_dropout=0.1))
