@@ -26,7 +26,7 @@ from .distributed import current_world
 from .initial_step import initial_progress
 from .fused_backward import install_fused_step
 from .outputs import OutputNames
-from .state import Progress, load_state, save_state
+from .state import Progress, load_state, save_state, saved_seed
 from .step import StepContext, batch_loss
 
 __all__ = ["train", "TrainingError"]
@@ -71,8 +71,11 @@ def train(config, *, stop_at_step: int | None = None, timings: dict | None = Non
 
 class _Run:
     def __init__(self, config):
+        if config.seed is None:  # drawn once and kept: in the saved config, the metadata and the state
+            seed = saved_seed(config.resume) if config.resume and not config.resume_from_huggingface else None
+            config = dataclasses.replace(config, seed=int.from_bytes(os.urandom(4), "little") if seed is None else seed)
         self.config = config
-        self.seed = config.seed if config.seed is not None else int.from_bytes(os.urandom(4), "little")
+        self.seed = config.seed
         local = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
         self.world = current_world(self.device, config.ddp_timeout, group=config.deepspeed)
@@ -297,7 +300,7 @@ class _Run:
         stop_text_at = (math.ceil(max_steps * c.stop_text_encoder_training / 100)
                         if c.stop_text_encoder_training else None)
 
-        progress = Progress(config_digest=self._digest())
+        progress = Progress(config_digest=self._digest(), seed=self.seed)
         if c.resume:
             if c.resume_from_huggingface:
                 from .hub import download_state

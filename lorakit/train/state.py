@@ -33,6 +33,7 @@ class Progress:
     step_in_epoch: int = 0  # batches of that epoch already consumed
     global_step: int = 0    # optimizer steps done
     config_digest: str = ""
+    seed: int | None = None  # the run's seed (drawn at random when the config gave none)
 
 
 def save_state(folder: str | Path, tensors: dict, optimizer, scheduler, progress: Progress, *,
@@ -50,6 +51,15 @@ def save_state(folder: str | Path, tensors: dict, optimizer, scheduler, progress
         save_file(tensors, tmp / "network.safetensors")
         torch.save(states, tmp / "optimizer.pt")
         (tmp / "train_state.json").write_text(json.dumps({**info, **asdict(progress)}, indent=2))
+
+
+def saved_seed(folder: str | Path) -> int | None:
+    """The seed a state folder's run used, so that a resume of a run without `seed` continues with the same one;
+    None when the folder does not tell (load_state then reports what is wrong with it)."""
+    try:
+        return json.loads((Path(folder) / "train_state.json").read_text()).get("seed")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def load_state(folder: str | Path, network, optimizer, scheduler, config_digest: str) -> Progress:

@@ -90,6 +90,19 @@ def test_resume_equals_uninterrupted_run(base, tmp_path):
     assert read_metadata(resumed)["ss_steps"] == "5" and read_metadata(resumed)["ss_epoch"] == "2"
 
 
+def test_a_run_without_seed_records_the_one_it_drew_and_resumes_with_it(base, tmp_path):
+    """seed unset: a random seed, written to the saved config, ss_seed and the state, and taken back by a resume
+    of the same config (whose digest includes the seed)."""
+    train(_config(base, tmp_path / "a", seed=None, max_train_steps=3), stop_at_step=1)
+    saved = load_train_config(tmp_path / "a" / "t_config.toml")
+    state = tmp_path / "a" / "t-step00000001-state"
+    assert saved.seed is not None and json.loads((state / "train_state.json").read_text())["seed"] == saved.seed
+    resumed = train(_config(base, tmp_path / "a", seed=None, max_train_steps=3, resume=str(state)))
+    assert read_metadata(resumed)["ss_seed"] == str(saved.seed)
+    full = train(_config(base, tmp_path / "b", seed=saved.seed, max_train_steps=3))
+    assert _states_equal(full, resumed)  # the resume continued with the seed the first part drew
+
+
 def test_resume_refuses_changed_settings(base, tmp_path):
     train(_config(base, tmp_path, max_train_steps=3), stop_at_step=1)
     with pytest.raises(ValueError, match="different training settings"):
