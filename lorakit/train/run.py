@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import logging
 import math
 import os
 import time
@@ -46,6 +47,9 @@ _RESUME_FREE = {"resume", "output_dir", "output_name", "save_every_n_steps", "sa
                 "validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps",
                 "huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo", "huggingface_token",
                 "huggingface_repo_visibility", "save_state_to_huggingface", "async_upload", "resume_from_huggingface"}
+
+
+log = logging.getLogger(__name__)
 
 
 class TrainingError(RuntimeError):
@@ -106,7 +110,13 @@ class _Run:
         for _, module in model.components():
             module.requires_grad_(False).to(self.device)
         if c.xformers:
-            model.unet.enable_xformers_memory_efficient_attention()
+            import importlib.util
+
+            if importlib.util.find_spec("xformers") is None:  # the kohya_ss GUI writes xformers = true by default
+                log.warning("lorakit train: xformers = true, but the xformers package is not installed; the U-Net "
+                            "keeps PyTorch's scaled-dot-product attention (sdpa), which saves the same memory")
+            else:
+                model.unet.enable_xformers_memory_efficient_attention()
         return model
 
     def _make_network(self, model):

@@ -103,6 +103,18 @@ def test_a_run_without_seed_records_the_one_it_drew_and_resumes_with_it(base, tm
     assert _states_equal(full, resumed)  # the resume continued with the seed the first part drew
 
 
+def test_xformers_without_the_package_keeps_sdpa(base, tmp_path, caplog):
+    """The kohya_ss GUI writes xformers = true by default; without the xformers package the run trains with
+    PyTorch's attention and says so (it crashed in diffusers, after the model had loaded)."""
+    import importlib.util
+
+    if importlib.util.find_spec("xformers") is not None:
+        pytest.skip("xformers is installed")
+    with caplog.at_level("WARNING", logger="lorakit"):
+        assert train(_config(base, tmp_path, xformers=True, max_train_steps=1)).is_file()
+    assert any("xformers package is not installed" in r.getMessage() for r in caplog.records)
+
+
 def test_resume_refuses_changed_settings(base, tmp_path):
     train(_config(base, tmp_path, max_train_steps=3), stop_at_step=1)
     with pytest.raises(ValueError, match="different training settings"):
