@@ -368,6 +368,7 @@ class _Run:
             every = c.save_every_n_steps if by_step else save_every_epochs
             keep, keep_state = ((c.save_last_n_steps, c.save_last_n_steps_state) if by_step
                                 else (c.save_last_n_epochs, c.save_last_n_epochs_state))
+            keep_state = keep_state or keep  # sd-scripts: the *_state count, else the model files' own
             prune = self.names.prune_steps if by_step else self.names.prune_epochs
             path = self.names.step(number) if by_step else self.names.epoch(number)
             if main and uploads is not None and (keep or keep_state):
