@@ -287,8 +287,6 @@ def _warnings(v: dict[str, Any]) -> list[str]:
         notes.append("initial_step and initial_epoch are both given: initial_step is used, as in sd-scripts")
     if v["skip_until_initial_step"] and v["initial_step"] is None and v["initial_epoch"] is None:
         notes.append("skip_until_initial_step without initial_step or initial_epoch skips nothing")
-    if v["lr_scheduler"] == "constant" and v["lr_warmup_steps"]:
-        notes.append("lr_warmup_steps with lr_scheduler 'constant' is ignored: use 'constant_with_warmup'")
     if (v["sample_every_n_steps"] or v["sample_every_n_epochs"] or v["sample_at_first"]) and not v["sample_prompts"]:
         notes.append("sampling is asked for but sample_prompts is not given: no samples")
     if v["network_train_unet_only"] and v["text_encoder_lr"] is not None:
@@ -352,6 +350,11 @@ def check_runnable(config) -> None:
         missing.append("resolution")
     if missing:
         _refuse(f"training needs {', '.join(missing)}")
+    if config.lr_scheduler in ("constant", "adafactor", "piecewise_constant") and config.lr_warmup_steps and \
+            not config.lr_scheduler_type:  # refused by schedulers.py (and sd-scripts) too, but after the model loaded
+        hint = " (use 'constant_with_warmup')" if config.lr_scheduler == "constant" else ""
+        _refuse(f"lr_scheduler '{config.lr_scheduler}' takes no warmup: lr_warmup_steps must be 0, got "
+                f"{config.lr_warmup_steps}{hint}")
 
 
 def resolve(values: dict[str, Any], given: frozenset) -> tuple[dict[str, Any], tuple[str, ...]]:

@@ -86,12 +86,13 @@ def run(args: argparse.Namespace) -> int:
     except OptionError as err:
         print(f"lorakit train: error: {err}", file=sys.stderr)
         return 2
+    from .run import TrainingError, train
+
     try:
-        from .run import train
-    except ModuleNotFoundError as err:
-        if err.name != "lorakit.train.run":
-            raise
-        print("lorakit train: training loop not available yet", file=sys.stderr)
-        return 2
-    result = train(config)
+        result = train(config)
+    except (ValueError, OSError, TrainingError) as err:
+        # lorakit's input errors (options, data, state, model files) and a stopped run: their message says what
+        # and where, so one line, as for the checks above (an unexpected error keeps its traceback)
+        print(f"lorakit train: error: {err}", file=sys.stderr)
+        return 1
     return result if isinstance(result, int) else 0

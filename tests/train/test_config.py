@@ -390,9 +390,8 @@ def test_sd_scripts_rewrites():
 
 
 def test_warnings_are_kept(caplog):
-    config = load_train_config(overrides={"zero_terminal_snr": True, "lr_warmup_steps": 10})
+    config = load_train_config(overrides={"zero_terminal_snr": True})
     assert any("zero_terminal_snr" in w for w in config.warnings)
-    assert any("constant_with_warmup" in w for w in config.warnings)
 
 
 # ----- defaults are sd-scripts' --------------------------------------------------------------------------------------
@@ -476,16 +475,17 @@ def test_cli_print_config_and_errors(tmp_path, capsys):
     assert "cache_latents (or cache_latents_to_disk) and color_aug" in capsys.readouterr().err
 
 
-def test_cli_runs_the_loop_or_says_it_is_missing(tmp_path, capsys, monkeypatch):
+def test_cli_checks_what_training_needs_then_runs_the_loop(tmp_path, capsys, monkeypatch):
     path = write(tmp_path, KOHYA_GUI)
     assert main(["train", "--config", str(path), "--output_dir", "", "--resolution", "none"]) == 2
     assert "training needs output_dir, resolution" in capsys.readouterr().err
-    monkeypatch.setitem(sys.modules, "lorakit.train.run", None)  # as if the module did not exist
-    assert main(["train", "--config", str(path)]) == 2
-    assert "training loop not available yet" in capsys.readouterr().err
+    assert main(["train", "--config", str(path), "--lr_scheduler", "constant", "--lr_warmup_steps", "1"]) == 2
+    assert ("lr_scheduler 'constant' takes no warmup: lr_warmup_steps must be 0, got 1 (use 'constant_with_warmup')"
+            in capsys.readouterr().err)  # before any model loads, with no "ignored" note first
     seen = []
     loop = types.ModuleType("lorakit.train.run")
     loop.train = seen.append
+    loop.TrainingError = type("TrainingError", (RuntimeError,), {})
     monkeypatch.setitem(sys.modules, "lorakit.train.run", loop)
     assert main(["train", "--config", str(path), "--seed", "7"]) == 0
     assert seen == [load_train_config(path, {"seed": 7})]
