@@ -491,6 +491,17 @@ def test_cli_checks_what_training_needs_then_runs_the_loop(tmp_path, capsys, mon
     assert seen == [load_train_config(path, {"seed": 7})]
 
 
+def test_errors_after_training_started_are_one_line(tmp_path, capsys):
+    """An input error found once the run has started (here the data folder, read after the model loads) is the same
+    one line as a config error, not a traceback."""
+    pytest.importorskip("diffusers")
+    argv = ["train", "--pretrained_model_name_or_path", "demo:tiny-sd", "--resolution", "64", "--output_dir",
+            str(tmp_path / "out"), "--train_data_dir", str(tmp_path / "nope")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lorakit train: error: ") and "nope" in err and len(err.splitlines()) == 1, err
+
+
 def test_docs_list_every_option_with_its_default():
     text = (ROOT / "docs" / "training.md").read_text()
     for opt in OPTIONS:
