@@ -48,11 +48,17 @@ def read_sample_prompts(path: str | Path) -> list[SamplePrompt]:
         except ModuleNotFoundError:  # Python 3.10
             import tomli as tomllib
 
-        data = tomllib.loads(text).get("prompt", {})
+        try:
+            data = tomllib.loads(text).get("prompt", {})
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"sample_prompts={path}: not valid TOML ({e})") from None
         defaults = {k: v for k, v in data.items() if k != "subset"}
         entries = [{**defaults, **subset} for subset in data.get("subset", [])]
     elif path.suffix.lower() == ".json":
-        entries = json.loads(text)
+        try:
+            entries = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"sample_prompts={path}: not valid JSON ({e})") from None
         if not isinstance(entries, list):
             raise ValueError(f"sample_prompts={path}: expected a JSON list of prompt objects")
     else:
@@ -80,9 +86,20 @@ def _typed(entry: dict, path: Path) -> SamplePrompt:
     if not str(entry.get("prompt", "")).strip():
         raise ValueError(f"sample_prompts={path}: an entry has no prompt")
     try:
-        return SamplePrompt(**{k: _KINDS[k](v) for k, v in entry.items()})
+        values = {k: _KINDS[k](v) for k, v in entry.items()}
     except ValueError as e:
         raise ValueError(f"sample_prompts={path}: bad value in {entry!r}: {e}") from None
+    for side in ("width", "height"):  # sd-scripts: max(64, v - v % 8), so 60x70 draws 64x64
+        if values.get(side) is not None:
+            values[side] = max(64, values[side] - values[side] % 8)
+    sampler = values.get("sample_sampler")
+    if sampler is not None:  # checked now, not when the first sample is drawn mid-run
+        from ..models.sample import SAMPLERS
+
+        if sampler.lower() not in SAMPLERS:
+            raise ValueError(f"sample_prompts={path}: unknown sampler {sampler!r} in {entry!r}; known: "
+                             f"{', '.join(SAMPLERS)}")
+    return SamplePrompt(**values)
 
 
 def draw_samples(model, prompts: list[SamplePrompt], folder: Path, output_name: str, step: int, *, default_sampler: str,
