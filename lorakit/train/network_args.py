@@ -46,6 +46,11 @@ def network_kwargs(network_module: str, network_args: Iterable[str]) -> dict[str
             raise OptionError(f"network_args algo={algo} contradicts network_module {module!r} (which is {implied}); "
                               f"use network_module = 'lorakit' to choose the algorithm")
         kwargs["algo"] = implied
+        if "preset" not in kwargs:  # sd-scripts' own target sets: the transformer blocks, with conv_dim the ResNets too
+            conv = kwargs.get("conv_dim", "").strip() not in ("", "0", "None")
+            kwargs["preset"] = "attn-mlp-convblock" if conv else "attn-mlp"
+            if conv and "conv_alpha" not in kwargs:
+                kwargs["conv_alpha"] = "1.0"  # sd-scripts' default when conv_dim is given without it
     return kwargs
 
 

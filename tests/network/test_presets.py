@@ -25,7 +25,7 @@ from . import meta_model
 from .sdscripts_unet import crossattention_unet, sdxl_unet
 from .tiny import tiny_model
 
-BUILTINS = ["attn-mlp", "attn-only", "full", "full-lin", "ia3", "unet-convblock-only", "unet-only",
+BUILTINS = ["attn-mlp", "attn-mlp-convblock", "attn-only", "full", "full-lin", "ia3", "unet-convblock-only", "unet-only",
             "unet-transformer-only"]
 
 
@@ -84,6 +84,8 @@ def test_builtin_preset_loads(name):
 # measured on the meta-device models with dim = conv_dim = 4 (docs/networks.md shows these numbers)
 COUNTS = {
     "attn-mlp": ({"unet": 192, "text_encoder": 72}, {"unet": 722, "text_encoder": 72, "text_encoder_2": 192}),
+    "attn-mlp-convblock": ({"unet": 278, "text_encoder": 72},
+                           {"unet": 788, "text_encoder": 72, "text_encoder_2": 192}),
     "attn-only": ({"unet": 128, "text_encoder": 48}, {"unet": 560, "text_encoder": 48, "text_encoder_2": 128}),
     "full": ({"unet": 282, "text_encoder": 72}, {"unet": 792, "text_encoder": 72, "text_encoder_2": 192}),
     "full-lin": ({"unet": 230, "text_encoder": 72}, {"unet": 752, "text_encoder": 72, "text_encoder_2": 192}),
@@ -122,6 +124,8 @@ def test_attn_mlp_is_kohyas_set_and_the_others_relative_to_it():
     assert paths(nets["unet-only"], "unet") == paths(nets["full"], "unet") and not nets["unet-only"].names(
         "text_encoder")
     assert paths(nets["unet-convblock-only"], "unet") == resnet_lin | convs
+    assert paths(nets["attn-mlp-convblock"], "unet") == kohya | resnet_lin | convs - {"conv_in", "conv_out"}
+    assert paths(nets["attn-mlp-convblock"], "text_encoder") == kohya_te
     assert set(create_network(unet, tes, preset="full", conv_dim=0).entries) == set(nets["full-lin"].entries)
 
 

@@ -191,8 +191,25 @@ def test_kohya_gui_config_loads_unchanged(tmp_path):
     assert config.huggingface_repo_id is None and config.huggingface_token is None and config.dynamo_backend == "no"
     assert (config.async_upload, config.huggingface_repo_type, config.huggingface_repo_visibility) == (
         True, "model", "public")
-    assert config.network_kwargs() == {"algo": "lora"}  # networks.lora is lorakit's LoRA
+    # networks.lora is lorakit's LoRA on sd-scripts' own default layers (no conv_dim: the transformer blocks)
+    assert config.network_kwargs() == {"algo": "lora", "preset": "attn-mlp"}
     assert "epoch" not in config.given and "noise_offset_type" not in config.given
+
+
+@pytest.mark.parametrize("module,args,expected", [
+    ("networks.lora", [], {"algo": "lora", "preset": "attn-mlp"}),
+    ("networks.lora", ["conv_dim=4"], {"algo": "lora", "conv_dim": "4", "preset": "attn-mlp-convblock",
+                                       "conv_alpha": "1.0"}),
+    ("networks.lora", ["conv_dim=4", "conv_alpha=2"], {"algo": "lora", "conv_dim": "4", "conv_alpha": "2",
+                                                       "preset": "attn-mlp-convblock"}),
+    ("networks.dylora", ["preset=full"], {"algo": "dylora", "preset": "full"}),  # a preset given is kept
+    ("lorakit", ["conv_dim=4"], {"conv_dim": "4"}),  # lorakit's own defaults (preset full) elsewhere
+])
+def test_sd_scripts_network_modules_select_sd_scripts_layers(module, args, expected):
+    """sd-scripts' networks/lora.py adapts the Transformer2DModel blocks, and with conv_dim the ResNet blocks and
+    resamplers too (conv_alpha 1 by default), never conv_in/conv_out/time embedding."""
+    config = load_train_config(overrides={"network_module": module, "network_args": args})
+    assert config.network_kwargs() == expected
 
 
 def test_sectioned_config_merges_sections(tmp_path):
