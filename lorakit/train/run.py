@@ -46,7 +46,11 @@ _RESUME_FREE = {"resume", "output_dir", "output_name", "save_every_n_steps", "sa
                 "ddp_timeout", "ddp_gradient_as_bucket_view", "ddp_static_graph", "output_config",
                 "validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps",
                 "huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo", "huggingface_token",
-                "huggingface_repo_visibility", "save_state_to_huggingface", "async_upload", "resume_from_huggingface"}
+                "huggingface_repo_visibility", "save_state_to_huggingface", "async_upload", "resume_from_huggingface",
+                # how the files are written, and how memory is spent on the same computation
+                "save_precision", "save_model_as", "gradient_checkpointing", "cpu_offload_checkpointing",
+                "vae_batch_size", "sdpa", "xformers", "mem_eff_attn", "lowram", "highvram", "cache_latents_to_disk",
+                "skip_cache_check"}
 
 
 log = logging.getLogger(__name__)
@@ -233,11 +237,14 @@ class _Run:
         cache_text_outputs(dataset, encode, identity, batch_size=dataset.specs[0].batch_size, split=split,
                            skip_check=c.skip_cache_check)
 
-    def _digest(self) -> str:
-        """What must not change between a run and its resume."""
-        values = {k: v for k, v in self.config.as_dict().items() if k not in _RESUME_FREE}
+    def _settings(self) -> dict[str, str]:
+        """What must not change between a run and its resume, as text (kept in the state, to name what changed)."""
+        values = {k: v for k, v in self.config.as_dict().items() if k not in _RESUME_FREE and k not in SECRET_OPTIONS}
         values["seed"] = self.seed
-        return hashlib.sha256(repr(sorted(values.items())).encode()).hexdigest()[:16]
+        return {k: repr(v) for k, v in sorted(values.items())}
+
+    def _digest(self) -> str:
+        return hashlib.sha256(repr(sorted(self._settings().items())).encode()).hexdigest()[:16]
 
     # --- the run ------------------------------------------------------------------------------------------
     def run(self, stop_at_step: int | None, timings: dict | None = None) -> Path | None:
@@ -310,7 +317,7 @@ class _Run:
         stop_text_at = (math.ceil(max_steps * c.stop_text_encoder_training / 100)
                         if c.stop_text_encoder_training else None)
 
-        progress = Progress(config_digest=self._digest(), seed=self.seed)
+        progress = Progress(config_digest=self._digest(), seed=self.seed, settings=self._settings())
         if c.resume:
             if c.resume_from_huggingface:
                 from .hub import download_state
@@ -318,7 +325,8 @@ class _Run:
                 resume = download_state(c)
             else:
                 resume = c.resume
-            progress = load_state(resume, net, None if c.deepspeed else optimizer, scheduler, progress.config_digest)
+            progress = load_state(resume, net, None if c.deepspeed else optimizer, scheduler, progress.config_digest,
+                                  progress.settings)
         engine = None
         if c.deepspeed:  # after the resumed adapters are in place: the engine copies them as its master weights
             from .deepspeed_engine import DeepSpeedEngine

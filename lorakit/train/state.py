@@ -34,6 +34,7 @@ class Progress:
     global_step: int = 0    # optimizer steps done
     config_digest: str = ""
     seed: int | None = None  # the run's seed (drawn at random when the config gave none)
+    settings: dict | None = None  # the options a resume must keep, as text (config_digest is their hash)
 
 
 def save_state(folder: str | Path, tensors: dict, optimizer, scheduler, progress: Progress, *,
@@ -53,6 +54,15 @@ def save_state(folder: str | Path, tensors: dict, optimizer, scheduler, progress
         (tmp / "train_state.json").write_text(json.dumps({**info, **asdict(progress)}, indent=2))
 
 
+def _changed(saved: dict | None, now: dict | None) -> str:
+    """'name: saved -> now' for the options that differ (states saved before they kept their settings: '')."""
+    if not saved or not now:
+        return ""
+    names = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    shown = [f"{k}: {saved.get(k, 'unset')} -> {now.get(k, 'unset')}" for k in names[:5]]
+    return "; ".join(shown) + (f"; and {len(names) - 5} more" if len(names) > 5 else "")
+
+
 def saved_seed(folder: str | Path) -> int | None:
     """The seed a state folder's run used, so that a resume of a run without `seed` continues with the same one;
     None when the folder does not tell (load_state then reports what is wrong with it)."""
@@ -62,7 +72,8 @@ def saved_seed(folder: str | Path) -> int | None:
         return None
 
 
-def load_state(folder: str | Path, network, optimizer, scheduler, config_digest: str) -> Progress:
+def load_state(folder: str | Path, network, optimizer, scheduler, config_digest: str,
+               settings: dict | None = None) -> Progress:
     """Restore the adapters, the optimizer and the scheduler; ``optimizer`` None: a deepspeed run, whose engine
     reads its own part of the folder afterwards (deepspeed_engine.py)."""
     folder = Path(folder)
@@ -79,8 +90,10 @@ def load_state(folder: str | Path, network, optimizer, scheduler, config_digest:
                          f"deepspeed; resume it with deepspeed = {str(saved_by_deepspeed).lower()}")
     progress = Progress(**info)
     if progress.config_digest and progress.config_digest != config_digest:
+        changed = _changed(progress.settings, settings)
         raise StateError(f"resume={folder}: the state was saved by a run with different training settings "
-                         "(model, data, network or optimisation options changed); resume with the same config")
+                         f"({changed or 'model, data, network or optimisation options changed'}); resume with the "
+                         "same config")
     tensors, _ = load_file(files[0])
     expected = set(network.state_dict())
     if set(tensors) != expected:
