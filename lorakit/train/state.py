@@ -77,11 +77,17 @@ def load_state(folder: str | Path, network, optimizer, scheduler, config_digest:
     """Restore the adapters, the optimizer and the scheduler; ``optimizer`` None: a deepspeed run, whose engine
     reads its own part of the folder afterwards (deepspeed_engine.py)."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise StateError(f"resume={folder}: no such folder (expected a -state folder that a run with save_state "
+                         "wrote)")
     files = [folder / "network.safetensors", folder / "optimizer.pt", folder / "train_state.json"]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise StateError(f"resume={folder}: not a lorakit state folder (missing {', '.join(missing)})")
-    info = json.loads(files[2].read_text())
+    try:
+        info = json.loads(files[2].read_text())
+    except ValueError as e:
+        raise StateError(f"resume={folder}: {files[2].name} is not valid JSON ({e})") from None
     if info.pop("format", None) != _FORMAT:
         raise StateError(f"resume={folder}: state format {info.get('format')} is not {_FORMAT}")
     saved_by_deepspeed = info.pop("deepspeed", None) is not None
@@ -100,7 +106,10 @@ def load_state(folder: str | Path, network, optimizer, scheduler, config_digest:
         diff = sorted(set(tensors) ^ expected)[:3]
         raise StateError(f"resume={folder}: its adapters differ from this run's network (e.g. {diff})")
     network.load_state_dict(tensors)
-    saved = torch.load(files[1], map_location="cpu", weights_only=True)
+    try:
+        saved = torch.load(files[1], map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError) as e:  # a truncated or foreign file
+        raise StateError(f"resume={folder}: {files[1].name} cannot be read ({str(e).splitlines()[0]})") from None
     if optimizer is not None:
         optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])

@@ -129,6 +129,17 @@ def test_resume_refuses_changed_settings(base, tmp_path):
         torch.float16
 
 
+def test_broken_or_missing_state_folders_are_named(base, tmp_path):
+    train(_config(base, tmp_path, max_train_steps=3), stop_at_step=1)
+    state = tmp_path / "t-step00000001-state"
+    with pytest.raises(ValueError, match=r"resume=.*nope: no such folder"):
+        train(_config(base, tmp_path, max_train_steps=3, resume=str(tmp_path / "nope")))
+    data = (state / "optimizer.pt").read_bytes()
+    (state / "optimizer.pt").write_bytes(data[:1000])
+    with pytest.raises(ValueError, match=r"resume=.*t-step00000001-state: optimizer.pt cannot be read"):
+        train(_config(base, tmp_path, max_train_steps=3, resume=str(state)))
+
+
 def test_nan_loss_stops_and_keeps_last_save(base, tmp_path, monkeypatch):
     import lorakit.train.run as run
 
