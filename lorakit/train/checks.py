@@ -93,6 +93,13 @@ def _combinations(v: dict[str, Any]) -> None:
         _refuse(f"full_fp16 needs mixed_precision = 'fp16' (got {v['mixed_precision']!r})")
     if v["full_bf16"] and v["mixed_precision"] != "bf16":  # train_network.py
         _refuse(f"full_bf16 needs mixed_precision = 'bf16' (got {v['mixed_precision']!r})")
+    torch_adam = v["optimizer_type"] in ("AdamW", "Adam", "torch.optim.AdamW", "torch.optim.Adam")
+    if v["full_fp16"] and torch_adam and not any(str(a).split("=")[0].strip() == "eps" for a in v["optimizer_args"]):
+        # torch's Adam keeps its state in the parameters' dtype: in fp16 eps = 1e-8 is 0, and a zero gradient (a
+        # LoRA down factor's, while up is 0) makes its first update 0/0 = NaN
+        _refuse(f"full_fp16 with optimizer_type {v['optimizer_type']!r}: its default eps (1e-8) is 0 in fp16, so the "
+                "first step turns the adapter NaN; give optimizer_args = [\"eps=1e-4\"], use AdamW8bit (whose "
+                "states are not fp16) or full_bf16, or leave full_fp16 off (mixed_precision fp16 trains fp32 adapters)")
     # the timesteps drawn are randint(min_timestep, max_timestep): the range must not be empty
     low = 0 if v["min_timestep"] is None else v["min_timestep"]
     high = 1000 if v["max_timestep"] is None else v["max_timestep"]

@@ -327,6 +327,7 @@ def test_every_default_is_its_own_typed_value():
 COMBINATIONS = [
     ({"network_train_unet_only": True, "network_train_text_encoder_only": True}, "together they train nothing"),
     ({"full_fp16": True}, "full_fp16 needs mixed_precision = 'fp16' (got 'no')"),
+    ({"full_fp16": True, "mixed_precision": "fp16"}, "full_fp16 with optimizer_type 'AdamW': its default eps"),
     ({"full_bf16": True, "mixed_precision": "fp16"}, "full_bf16 needs mixed_precision = 'bf16'"),
     ({"min_timestep": 500, "max_timestep": 500}, "min_timestep (500) must be below max_timestep (500)"),
     ({"min_timestep": 900, "max_timestep": 100}, "min_timestep (900) must be below max_timestep (100)"),
