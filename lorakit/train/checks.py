@@ -71,9 +71,13 @@ def _normalise(values: dict[str, Any]) -> None:
         values["cache_latents"] = True
     if values["cache_text_encoder_outputs_to_disk"]:  # sdxl_train_network.py: the disk cache implies the cache
         values["cache_text_encoder_outputs"] = True
-    for name in ("sample_every_n_steps", "sample_every_n_epochs", "save_every_n_steps", "save_every_n_epochs"):
-        if values[name] == 0:  # verify_training_args disables sampling at <= 0; the GUI writes 0 for "never"
+    for name in ("sample_every_n_steps", "sample_every_n_epochs", "save_every_n_steps", "save_every_n_epochs",
+                 "save_last_n_steps", "save_last_n_epochs", "save_last_n_steps_state", "save_last_n_epochs_state",
+                 "multires_noise_iterations"):
+        if values[name] == 0:  # sd-scripts tests these for truth: 0 is "off" (and older GUIs write 0 for it)
             values[name] = None
+    if values["vae_batch_size"] == 0:
+        values["vae_batch_size"] = 1
     if values["max_token_length"] == 75:  # the GUI writes 75; sd-scripts reads it as the default length
         values["max_token_length"] = None
 

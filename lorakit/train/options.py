@@ -327,7 +327,7 @@ OPTIONS: tuple[Option, ...] = (
     _opt("bool", "cache_latents", False, "data", "encode images once and keep the latents in memory"),
     _opt("bool", "cache_latents_to_disk", False, "data", "keep cached latents on disk next to the images "
          "(implies cache_latents)"),
-    _opt("int", "vae_batch_size", 1, "data", "images per VAE batch when caching latents", low=1),
+    _opt("int", "vae_batch_size", 1, "data", "images per VAE batch when caching latents (0: 1)", low=0),
     _opt("bool", "cache_text_encoder_outputs", False, "data", "encode captions once (needs "
          "network_train_unet_only and fixed captions)"),
     _opt("bool", "cache_text_encoder_outputs_to_disk", False, "data", "keep cached text-encoder outputs in "
@@ -381,8 +381,8 @@ OPTIONS: tuple[Option, ...] = (
     _opt("float", "noise_offset", None, "noise", "add offset noise of this strength (about 0.1)", low=0),
     _opt("bool", "noise_offset_random_strength", False, "noise", "draw the offset strength from [0, noise_offset]"),
     _opt("float", "adaptive_noise_scale", None, "noise", "add |mean latent| * this to noise_offset"),
-    _opt("int", "multires_noise_iterations", None, "noise", "pyramid (multi-resolution) noise levels (6-10)",
-         low=1),
+    _opt("int", "multires_noise_iterations", None, "noise", "pyramid (multi-resolution) noise levels (6-10; 0 or "
+         "unset: none)", low=0),
     _opt("float", "multires_noise_discount", 0.3, "noise", "strength ratio between pyramid levels", low=0, high=1),
     _opt("float", "ip_noise_gamma", None, "noise", "input-perturbation noise strength (about 0.1)", low=0),
     _opt("bool", "ip_noise_gamma_random_strength", False, "noise", "draw the perturbation strength from "
@@ -409,10 +409,12 @@ OPTIONS: tuple[Option, ...] = (
     _opt("choice", "save_model_as", "safetensors", "saving", "file format", choices=("safetensors", "ckpt", "pt")),
     _opt("int", "save_every_n_epochs", None, "saving", "save every N epochs (0 or unset: only at the end)", low=0),
     _opt("int", "save_every_n_steps", None, "saving", "save every N steps (0 or unset: never)", low=0),
-    _opt("int", "save_last_n_epochs", None, "saving", "keep only the last N epoch saves", low=1),
-    _opt("int", "save_last_n_epochs_state", None, "saving", "keep only the last N epoch states", low=1),
-    _opt("int", "save_last_n_steps", None, "saving", "keep step saves of the last N steps", low=1),
-    _opt("int", "save_last_n_steps_state", None, "saving", "keep step states of the last N steps", low=1),
+    _opt("int", "save_last_n_epochs", None, "saving", "keep only the last N epoch saves (0 or unset: all)", low=0),
+    _opt("int", "save_last_n_epochs_state", None, "saving", "keep only the last N epoch states (0 or unset: "
+         "save_last_n_epochs' count, as in sd-scripts)", low=0),
+    _opt("int", "save_last_n_steps", None, "saving", "keep step saves of the last N steps (0 or unset: all)", low=0),
+    _opt("int", "save_last_n_steps_state", None, "saving", "keep step states of the last N steps (0 or unset: "
+         "save_last_n_steps' count, as in sd-scripts)", low=0),
     _opt("bool", "save_state", False, "saving", "save the training state (optimizer ...) with each save"),
     _opt("path", "resume", None, "saving", "a saved state folder to resume from (with resume_from_huggingface: a "
          "state on the Hub)"),

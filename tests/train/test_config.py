@@ -212,6 +212,13 @@ def test_sd_scripts_network_modules_select_sd_scripts_layers(module, args, expec
     assert config.network_kwargs() == expected
 
 
+def test_zero_means_off_where_sd_scripts_tests_for_truth():
+    zeros = ("save_last_n_steps", "save_last_n_epochs", "save_last_n_steps_state", "save_last_n_epochs_state",
+             "multires_noise_iterations")
+    config = load_train_config(overrides={**{name: 0 for name in zeros}, "vae_batch_size": 0})
+    assert all(getattr(config, name) is None for name in zeros) and config.vae_batch_size == 1
+
+
 def test_sectioned_config_merges_sections(tmp_path):
     config = load_train_config(write(tmp_path, SECTIONED))
     assert config.network_module == "lycoris.kohya"
