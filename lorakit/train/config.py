@@ -89,7 +89,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
-        raise OptionError(f"config file {path}: not valid TOML ({err})") from None
+        hint = ("; lorakit reads the TOML config that sd-scripts reads: the kohya_ss GUI writes one next to its .json "
+                "(config_lora-*.toml)") if str(path).lower().endswith(".json") else ""
+        raise OptionError(f"config file {path}: not valid TOML ({err}){hint}") from None
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for key, value in data.items():
@@ -224,7 +226,11 @@ def output_config_file(config: TrainConfig, config_file: str | Path) -> Path:
 
 
 def print_config(config: TrainConfig, file=None) -> None:
-    print(to_toml(config), end="", file=file if file is not None else sys.stdout)
+    """The resolved configuration, as the saved {output_name}_config.toml has it: secrets (API keys, tokens) left
+    out, since printed configs end up in logs and bug reports."""
+    from .options import SECRET_OPTIONS
+
+    print(to_toml(config, leave_out=SECRET_OPTIONS), end="", file=file if file is not None else sys.stdout)
 
 
 __all__ = ["TrainConfig", "load_train_config", "read_config_file", "parse_command_line", "to_toml", "print_config",

@@ -241,6 +241,10 @@ def test_file_problems_are_named(tmp_path):
         load_train_config(tmp_path / "missing.toml")
     with pytest.raises(OptionError, match="not valid TOML"):
         load_train_config(write(tmp_path, "network_dim = = 4\n"))
+    gui_json = tmp_path / "gui.json"
+    gui_json.write_text('{"network_dim": 4}')
+    with pytest.raises(OptionError, match=r"gui.json: not valid TOML .*the kohya_ss GUI writes one next to its .json"):
+        load_train_config(gui_json)
     with pytest.raises(OptionError, match="given twice with different values.*\\[a\\].*\\[b\\]"):
         load_train_config(write(tmp_path, "[a]\nnetwork_dim = 4\n[b]\nnetwork_dim = 8\n"))
     assert load_train_config(write(tmp_path, "[a]\nnetwork_dim = 4\n[b]\nnetwork_dim = 4\n")).network_dim == 4
@@ -485,8 +489,11 @@ def test_saved_toml_is_sectioned_and_flat_for_sd_scripts(tmp_path):
 
 
 def test_print_config(capsys):
-    print_config(load_train_config(overrides={"network_dim": 8}))
-    assert "[network]\nnetwork_module = \"lorakit\"\nnetwork_dim = 8\n" in capsys.readouterr().out
+    print_config(load_train_config(overrides={"network_dim": 8, "wandb_api_key": "secret-key",
+                                              "huggingface_token": "secret-token"}))
+    out = capsys.readouterr().out
+    assert "[network]\nnetwork_module = \"lorakit\"\nnetwork_dim = 8\n" in out
+    assert "secret" not in out  # as in the saved config: printed configs end up in logs and bug reports
 
 
 def test_cli_print_config_and_errors(tmp_path, capsys):
