@@ -365,7 +365,8 @@ OPTIONS: tuple[Option, ...] = (
     _opt("size", "skip_image_resolution", None, "data", "leave out images whose area is at or below this size's"),
     _opt("bool", "skip_cache_check", False, "data", "reuse existing latent cache files without checking them"),
     # ----- precision and memory -----
-    _opt("choice", "mixed_precision", "no", "precision", "compute in fp16 or bf16 with fp32 weights",
+    _opt("choice", "mixed_precision", "no", "precision", "compute in fp16 or bf16 with fp32 adapters (fp16: "
+         "with a loss scale, as accelerate applies)",
          choices=("no", "fp16", "bf16")),
     _opt("bool", "full_fp16", False, "precision", "train in fp16 including gradients (needs mixed_precision fp16)"),
     _opt("bool", "full_bf16", False, "precision", "train in bf16 including gradients (needs mixed_precision bf16)"),

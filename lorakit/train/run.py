@@ -287,6 +287,11 @@ class _Run:
         te_lr = 0.0 if c.network_train_unet_only else c.text_encoder_lr
         groups = net.optimizer_param_groups(unet_lr=unet_lr, text_encoder_lr=te_lr, default_lr=c.learning_rate)
         optimizer = make_optimizer(c.optimizer_type, groups, c.learning_rate, c.optimizer_args)
+        # fp16 autocast: the loss is scaled so that small activation gradients do not underflow, as accelerate does
+        # for sd-scripts. Not with full_fp16 (fp16 gradients cannot be unscaled in place), DeepSpeed (its engine
+        # scales) or fused_backward_pass (each parameter steps inside backward, before any unscaling)
+        scaler = torch.amp.GradScaler(self.device.type, enabled=c.mixed_precision == "fp16" and not (
+            c.full_fp16 or c.deepspeed or c.fused_backward_pass))
         if c.deepspeed:
             from .deepspeed_engine import offload_optimizer
 
@@ -326,7 +331,7 @@ class _Run:
             else:
                 resume = c.resume
             progress = load_state(resume, net, None if c.deepspeed else optimizer, scheduler, progress.config_digest,
-                                  progress.settings)
+                                  progress.settings, scaler=scaler)
         engine = None
         if c.deepspeed:  # after the resumed adapters are in place: the engine copies them as its master weights
             from .deepspeed_engine import DeepSpeedEngine
@@ -365,7 +370,7 @@ class _Run:
             if engine is not None:
                 engine.save_state(folder, scheduler, progress)
             elif main:
-                save_state(folder, net.state_dict(), optimizer, scheduler, progress)
+                save_state(folder, net.state_dict(), optimizer, scheduler, progress, scaler=scaler)
 
         uploads = self.uploads  # huggingface_repo_id: each save is uploaded once written
 
@@ -428,7 +433,7 @@ class _Run:
                     if engine is not None:  # the engine also averages, clips and steps at the boundary
                         engine.backward(loss, boundary)
                     else:
-                        (loss / c.gradient_accumulation_steps).backward()
+                        scaler.scale(loss / c.gradient_accumulation_steps).backward()
                     clock["backward"] += time.perf_counter() - backward_start
                     clock["batches"] += 1
                     if not boundary:
@@ -438,9 +443,11 @@ class _Run:
                     optimizer_start = time.perf_counter()
                     if engine is None and not c.fused_backward_pass:  # fused: backward() stepped each parameter
                         self.world.average_gradients(trainable)
+                        scaler.unscale_(optimizer)  # (a disabled scaler does nothing in these three)
                         if c.max_grad_norm:
                             torch.nn.utils.clip_grad_norm_(trainable, c.max_grad_norm)
-                        optimizer.step()
+                        scaler.step(optimizer)  # skipped where a gradient is inf/NaN, and the scale lowered
+                        scaler.update()
                     scheduler.step()
                     if engine is None:
                         optimizer.zero_grad(set_to_none=True)

@@ -38,7 +38,7 @@ class Progress:
 
 
 def save_state(folder: str | Path, tensors: dict, optimizer, scheduler, progress: Progress, *,
-               deepspeed: tuple[int, Callable[[Path], None]] | None = None) -> None:
+               deepspeed: tuple[int, Callable[[Path], None]] | None = None, scaler=None) -> None:
     """The adapters' ``tensors``, the optimizer and scheduler states and the progress. ``deepspeed``: (ZeRO stage,
     write) for a DeepSpeed run, whose ``write(folder)`` puts the engine's checkpoint in deepspeed/ in place of the
     optimizer state (``optimizer`` is then None)."""
@@ -49,6 +49,8 @@ def save_state(folder: str | Path, tensors: dict, optimizer, scheduler, progress
             write(tmp / "deepspeed")
         else:
             states["optimizer"] = optimizer.state_dict()
+        if scaler is not None and scaler.is_enabled():  # fp16's loss scale: a resume goes on with the same
+            states["scaler"] = scaler.state_dict()
         save_file(tensors, tmp / "network.safetensors")
         torch.save(states, tmp / "optimizer.pt")
         (tmp / "train_state.json").write_text(json.dumps({**info, **asdict(progress)}, indent=2))
@@ -73,7 +75,7 @@ def saved_seed(folder: str | Path) -> int | None:
 
 
 def load_state(folder: str | Path, network, optimizer, scheduler, config_digest: str,
-               settings: dict | None = None) -> Progress:
+               settings: dict | None = None, scaler=None) -> Progress:
     """Restore the adapters, the optimizer and the scheduler; ``optimizer`` None: a deepspeed run, whose engine
     reads its own part of the folder afterwards (deepspeed_engine.py)."""
     folder = Path(folder)
@@ -113,4 +115,6 @@ def load_state(folder: str | Path, network, optimizer, scheduler, config_digest:
     if optimizer is not None:
         optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
+    if scaler is not None and scaler.is_enabled() and "scaler" in saved:
+        scaler.load_state_dict(saved["scaler"])
     return progress

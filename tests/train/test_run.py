@@ -75,6 +75,19 @@ def test_mixed_precision_trains_lycoris_algorithms(base, tmp_path, algo):
     assert tensors and all(torch.isfinite(t.float()).all() for t in tensors.values())
 
 
+def test_fp16_mixed_precision_scales_the_loss_and_resumes_exactly(base, tmp_path):
+    """mixed_precision fp16 trains with a loss scale (torch's GradScaler, as accelerate gives sd-scripts), kept in
+    the state, so that a stopped and resumed run equals the uninterrupted one."""
+    options = dict(mixed_precision="fp16", max_train_steps=4, save_every_n_steps=2, save_state=True)
+    full = train(_config(base, tmp_path / "full", **options))
+    saved = torch.load(tmp_path / "full" / "t-step00000002-state" / "optimizer.pt", weights_only=True)
+    assert saved["scaler"]["scale"] > 1  # scaled, not left at 1
+    train(_config(base, tmp_path / "part", **options), stop_at_step=2)
+    resumed = train(_config(base, tmp_path / "part", **options,
+                            resume=str(tmp_path / "part" / "t-step00000002-state")))
+    assert _states_equal(full, resumed)
+
+
 def test_resume_equals_uninterrupted_run(base, tmp_path):
     full = train(_config(base, tmp_path / "full", max_train_steps=5, gradient_accumulation_steps=1,
                          network_dropout=0.1))
