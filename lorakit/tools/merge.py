@@ -235,15 +235,10 @@ def merge_loras(files: Sequence[str | os.PathLike], ratios: Sequence[float] | No
         if block_weights is not None or shuffle:
             raise ValueError("--block_weights and --shuffle apply to rank concatenation; the SVD merge "
                              "(--new_rank) takes neither")
-        try:
-            from .merge_svd import merge_loras_svd
-        except ModuleNotFoundError as e:
-            if e.name != "lorakit.tools.merge_svd":
-                raise
-            raise ValueError("--new_rank: the SVD merge (lorakit.tools.merge_svd) is not part of this lorakit; "
-                             "merge without --new_rank to concatenate ranks") from None
+        from .merge_svd import merge_loras_svd
+
         return merge_loras_svd(files, ratios, new_rank, new_conv_rank=new_conv_rank, out=os.fspath(save_to),
-                               device=device, dtype=save_dtype)
+                               device=device, dtype=save_dtype, progress=progress)
     if new_conv_rank is not None:
         raise ValueError("--new_conv_rank needs --new_rank (concatenation keeps every rank)")
     from .concat import concat_loras

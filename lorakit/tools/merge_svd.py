@@ -12,7 +12,7 @@ import torch
 
 from . import lowrank
 from .concat import canonical_name
-from .extract import progress
+from .extract import progress as show_progress
 from .resize import lora_modules, module_factors
 
 __all__ = ["merge_loras_svd"]
@@ -37,7 +37,7 @@ def _read(source):
 
 
 def merge_loras_svd(files: list, ratios: list[float], new_rank: int, new_conv_rank: int | None = None, out=None,
-                    device="cpu", dtype=None) -> dict[str, torch.Tensor]:
+                    device="cpu", dtype=None, progress: bool = True) -> dict[str, torch.Tensor]:
     """The merged state dict (float32 unless `dtype`); written to `out` atomically, with metadata, when given."""
     if len(files) != len(ratios):
         raise ValueError(f"merge_loras_svd: {len(files)} file(s) but {len(ratios)} ratio(s); give one ratio per file")
@@ -81,7 +81,7 @@ def merge_loras_svd(files: list, ratios: list[float], new_rank: int, new_conv_ra
     merged: dict[str, torch.Tensor] = {}
     report = {}
     with torch.no_grad():
-        for name in progress(list(shapes), "merge (svd)"):
+        for name in show_progress(list(shapes), "merge (svd)", progress):
             shape = shapes[name]
             is_conv = len(shape) > 2 and shape[2:] != (1,) * (len(shape) - 2)
             cap = new_conv_rank if is_conv else new_rank

@@ -85,3 +85,14 @@ def test_text_encoder_names_in_either_spelling_sum_into_one_module(tmp_path):
     save_file({**a, **b}, tmp_path / "both.safetensors")  # one file holding both spellings: refused, naming both
     with pytest.raises(ValueError, match="name the same tensor"):
         merge_loras_svd([tmp_path / "both.safetensors"], [1.0], 4)
+
+
+def test_quiet_cli_draws_no_progress_bar(tmp_path, capsys):
+    from lorakit.cli import main
+
+    pa, pb = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file(_file(0, 4, ["lora_unet_x"], 2.0), pa)
+    save_file(_file(1, 4, ["lora_unet_x"], 2.0), pb)
+    assert main(["merge", "--loras", str(pa), str(pb), "--new_rank", "2", "--save_to", str(tmp_path / "m.safetensors"),
+                 "--quiet"]) == 0
+    assert "merge (svd)" not in capsys.readouterr().err
