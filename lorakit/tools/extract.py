@@ -42,6 +42,7 @@ class ExtractResult:
     layers: dict[str, dict] = field(default_factory=dict)  # name -> {"kind", "rank" | "full", "fro", ...}
     skipped: list[str] = field(default_factory=list)  # layers whose change is <= min_diff
     bias_dropped: list[str] = field(default_factory=list)  # low-rank layers whose bias changed (LoRA has no bias)
+    not_extracted: list[str] = field(default_factory=list)  # other changed tensors ("component:param"): norms, ...
 
 
 def _tucker(up: torch.Tensor, down: torch.Tensor, in_dim: int, kernel: tuple[int, ...]):
@@ -178,6 +179,8 @@ def extract_lora(base, tuned, out: str | os.PathLike | None = None, *, mode: str
             report["kind"] = "conv" if is_conv else "linear"
             result.layers[name] = report
             tensors.update({f"{name}.{k}": v.to("cpu") for k, v in sub.items()})
+        result.not_extracted = _changed_elsewhere(base_parts, tuned_parts, {(e.component, e.path) for _, e in entries},
+                                                  min_diff, include_text=text_encoders)
     if not tensors:
         raise ValueError(f"tuned {tuned_name} does not differ from base {base_name} in any selected layer by more "
                          f"than min_diff={min_diff} (preset {preset!r}): nothing to extract")
@@ -186,11 +189,29 @@ def extract_lora(base, tuned, out: str | os.PathLike | None = None, *, mode: str
                 "min_diff": min_diff, "full_fallback": full_fallback, "preset": preset, "text_encoders": text_encoders,
                 "base": os.path.basename(base_name), "tuned": os.path.basename(tuned_name),
                 "layers": len(result.layers), "full_layers": sum(1 for r in result.layers.values() if r["full"]),
-                "skipped_layers": len(result.skipped), "bias_dropped_layers": len(result.bias_dropped)}
+                "skipped_layers": len(result.skipped), "bias_dropped_layers": len(result.bias_dropped),
+                "not_extracted_tensors": len(result.not_extracted)}
     result.metadata = _metadata(base_model, settings, out)
     if out is not None:
         save(result, out, save_dtype)
     return result
+
+
+def _changed_elsewhere(base_parts, tuned_parts, selected: set, min_diff: float, include_text: bool) -> list[str]:
+    """Tensors of the U-Net (and text encoders) outside the selected layers that changed by more than min_diff:
+    norms, embeddings, SDXL's add_embedding, ... (a LoRA cannot carry them; the user should know they are lost)."""
+    changed = []
+    for component, part in base_parts.items():
+        if component != "unet" and not include_text:
+            continue
+        tuned = dict(tuned_parts[component].named_parameters())
+        for name, p in part.named_parameters():
+            path = name.rpartition(".")[0]
+            if (component, path) in selected or name not in tuned or tuned[name].shape != p.shape:
+                continue
+            if float((tuned[name].float() - p.float()).abs().max()) > min_diff:
+                changed.append(f"{component}:{name}")
+    return changed
 
 
 def _metadata(model, settings: dict[str, Any], out) -> dict[str, str]:

@@ -68,5 +68,8 @@ def _extract(args: argparse.Namespace) -> str:
             what = "full diff" if r["full"] else f"rank {r['rank']:4d}"
             print(f"{name:90s} {what}  fro retained {r['fro']:.2%}")
     full = sum(1 for r in result.layers.values() if r["full"])
+    lost = result.not_extracted
     return (f"{args.out}: {len(result.layers)} layers ({full} stored whole), {len(result.skipped)} unchanged left out"
-            + (f", bias change dropped in {len(result.bias_dropped)}" if result.bias_dropped else ""))
+            + (f", bias change dropped in {len(result.bias_dropped)}" if result.bias_dropped else "")
+            + (f", {len(lost)} changed tensors outside the preset's layers not extracted (e.g. {', '.join(lost[:3])})"
+               if lost else ""))

@@ -207,3 +207,16 @@ def test_tucker_report_is_what_the_saved_factors_keep():
     exact = _tucker_change(g, torch.zeros(8, 16, 3, 3), 2).double()
     assert extract_layer(exact, "fixed", 2, None, tucker=True, svd="exact", full_fallback=False)[1]["fro"] == \
         pytest.approx(1.0, abs=1e-9)
+
+
+def test_changes_a_lora_cannot_carry_are_listed(pair):
+    """A changed norm layer (or any tensor outside the preset's layers) is lost in a LoRA: listed, not silent."""
+    bp, tp, base, tuned = pair
+    tuned = copy.deepcopy(tuned)
+    with torch.no_grad():
+        tuned.unet.conv_norm_out.weight += 0.1
+        tuned.text_encoders[0].get_submodule(TE[1]).bias += 0.1  # a selected layer's bias: counted apart
+    res = extract_lora(base, tuned, None, linear_dim=R, conv_dim=R, show_progress=False)
+    assert res.not_extracted == ["unet:conv_norm_out.weight"]
+    assert res.bias_dropped == ["lora_te_text_model_encoder_layers_0_mlp_fc1"]
+    assert json.loads(res.metadata["lorakit_extract"])["not_extracted_tensors"] == 1
