@@ -44,6 +44,14 @@ def check_layout(tensors: Mapping[str, torch.Tensor], where: str) -> None:
                          f"kohya/LyCORIS layout with `lorakit convert` first")
 
 
+def warn_non_finite(tensors: Mapping[str, torch.Tensor], where: str, stacklevel: int = 2) -> None:
+    """A warning naming the tensors that hold NaN or Inf (a diverged training run): the file is still read."""
+    bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if bad:
+        warnings.warn(f"{where}: {len(bad)} tensor(s) hold NaN or Inf, e.g. {', '.join(bad[:3])}",
+                      stacklevel=stacklevel + 1)
+
+
 def load_network(model: nn.Module, source: str | Path | Mapping[str, torch.Tensor],
                  text_encoders: Sequence[nn.Module] | nn.Module | None = None, multiplier: float = 1.0,
                  dtype: torch.dtype | None = torch.float32, prefix: str = GENERIC_PREFIX) -> Network:
@@ -58,9 +66,7 @@ def load_network(model: nn.Module, source: str | Path | Mapping[str, torch.Tenso
         shown = ", ".join(repr(n) for n in missing[:3])
         raise ValueError(f"{where}: {len(missing)} adapter name(s) match no module of this model, e.g. {shown} "
                          f"(is it for another model, or a text encoder that was not given?)")
-    bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
-    if bad:
-        warnings.warn(f"{where}: {len(bad)} tensor(s) hold NaN or Inf, e.g. {', '.join(bad[:3])}", stacklevel=2)
+    warn_non_finite(tensors, where, stacklevel=3)
 
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():

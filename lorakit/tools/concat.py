@@ -59,11 +59,12 @@ def _read(file: str, dtype: torch.dtype) -> tuple[dict[str, dict[str, torch.Tens
     """{module name: {tensor suffix: tensor}} of a LoRA file, each module checked to be concatenable."""
     from ..algos import detect_algorithm
     from ..formats import load_file
-    from ..network.load import check_layout
+    from ..network.load import check_layout, warn_non_finite
     from ..network.names import split_key
 
     tensors, metadata = load_file(file)
     check_layout(tensors, file)
+    warn_non_finite(tensors, file)
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         name, suffix = split_key(key)

@@ -21,11 +21,12 @@ __all__ = ["merge_loras_svd"]
 def _read(source):
     """(tensors, metadata, where) with text-encoder names in one spelling (LyCORIS and transformers-5 trainers leave
     out `text_model_`), so that the same layer in two files sums into one module."""
-    from ..network.load import check_layout, read_adapter_tensors
+    from ..network.load import check_layout, read_adapter_tensors, warn_non_finite
     from ..network.names import split_key
 
     tensors, metadata, where = read_adapter_tensors(source)
     check_layout(tensors, where)
+    warn_non_finite(tensors, where)
     canonical: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
         name, suffix = split_key(key)
@@ -71,6 +72,8 @@ def merge_loras_svd(files: list, ratios: list[float], new_rank: int, new_conv_ra
                 raise ValueError(f"{where}: module '{name}' has {sorted(extra)}: merge_loras_svd cannot merge it "
                                  "(DoRA magnitudes do not add)")
             up, down, shape, scale = module_factors(sub, torch.float32, f"{where}: module '{name}'")
+            if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+                raise ValueError(f"{where}: module '{name}' holds NaN or Inf values; an SVD merge cannot use it")
             _check_shape(shapes, name, shape, where)
             pairs.setdefault(name, []).append((up.to(device) * (float(ratio) * scale), down.to(device)))
         for name, diff in full.items():

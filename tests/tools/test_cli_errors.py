@@ -73,3 +73,13 @@ def test_resize_never_claims_a_higher_rank(tmp_path):
     assert main(["resize", str(src), str(tmp_path / "r.safetensors"), "--new_rank", "16"]) == 0
     tensors, meta = load_file(tmp_path / "r.safetensors")
     assert tensors["lora_unet_a.lora_down.weight"].shape[0] == 4 and meta["ss_network_dim"] == "4"
+
+
+def test_nan_tensors_are_reported_by_every_tool_that_passes_them_on(tmp_path):
+    """A diverged training run's file: merged by concatenation or converted all the same, but never silently."""
+    bad, good = _lora(tmp_path / "nan.safetensors", nan=True), _lora(tmp_path / "b.safetensors")
+    with pytest.warns(UserWarning, match=r"nan.safetensors: 1 tensor\(s\) hold NaN or Inf"):
+        assert main(["merge", "--loras", str(bad), str(good), "--save_to", str(tmp_path / "m.safetensors"),
+                     "--quiet"]) == 0
+    with pytest.warns(UserWarning, match=r"nan.safetensors: 1 tensor\(s\) hold NaN or Inf"):
+        assert main(["convert", str(bad), str(tmp_path / "c.safetensors"), "--to", "peft"]) == 0

@@ -96,3 +96,12 @@ def test_quiet_cli_draws_no_progress_bar(tmp_path, capsys):
     assert main(["merge", "--loras", str(pa), str(pb), "--new_rank", "2", "--save_to", str(tmp_path / "m.safetensors"),
                  "--quiet"]) == 0
     assert "merge (svd)" not in capsys.readouterr().err
+
+
+def test_nan_factors_are_named(tmp_path):
+    sd = _file(0, 4, ["lora_unet_x"], 2.0)
+    sd["lora_unet_x.lora_down.weight"][0, 0] = float("nan")
+    save_file(sd, tmp_path / "nan.safetensors")
+    with pytest.warns(UserWarning, match="nan.safetensors: 1 tensor"), \
+            pytest.raises(ValueError, match="nan.safetensors: module 'lora_unet_x' holds NaN or Inf"):
+        merge_loras_svd([tmp_path / "nan.safetensors"], [1.0], 2)
