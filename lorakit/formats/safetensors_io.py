@@ -111,9 +111,9 @@ def read_header(path: str | os.PathLike) -> dict:
         head = f.read(8)
         if head.startswith(_ZIP_MAGIC) or head[:2] in _PICKLE_MAGICS:
             raise SafetensorsFileError(
-                f"{path}: is a PyTorch pickle checkpoint (.ckpt/.pt/.bin), not a safetensors file; "
-                "lorakit does not unpickle files because unpickling can run code. "
-                "Convert it to .safetensors with a tool you trust."
+                f"{path}: is a PyTorch pickle checkpoint (.ckpt/.pt/.bin), not a safetensors file; lorakit "
+                "reads such files only under a .ckpt/.pt/.pth/.bin name, and then only their tensors "
+                "(weights_only=True: unpickling anything else can run code)"
             )
         if len(head) < 8:
             raise SafetensorsFileError(

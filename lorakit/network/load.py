@@ -24,6 +24,13 @@ def read_adapter_tensors(source: str | Path | Mapping[str, torch.Tensor]) -> tup
     """(tensors, metadata, a description for messages) of a file path or an in-memory state dict."""
     if isinstance(source, Mapping):
         return dict(source), {}, "the state dict"
+    if str(source).lower().endswith((".ckpt", ".pt", ".pth", ".bin")):
+        # sd-scripts' save_model_as ckpt/pt: plain tensors, read with weights_only=True (nothing else unpickles)
+        from ..formats.checkpoint_file import CheckpointReader
+
+        with CheckpointReader(source) as reader:
+            _refuse_checkpoint(reader.keys(), f"{source}")  # before reading a whole model's tensors
+            return {k: reader.get(k) for k in reader.keys()}, {}, f"{source}"
     from ..formats import load_file
 
     tensors, metadata = load_file(source)
@@ -35,18 +42,24 @@ def check_layout(tensors: Mapping[str, torch.Tensor], where: str) -> None:
     if not tensors:
         raise ValueError(f"{where}: holds no tensors")
     keys = list(tensors)
-    checkpoint = [k for k in keys if any(m in k for m in _CHECKPOINT_MARKERS)]
-    if checkpoint:
-        raise ValueError(f"{where}: is a model checkpoint (keys like '{checkpoint[0]}'), not an adapter")
+    _refuse_checkpoint(keys, where)
     peft = [k for k in keys if any(m in k for m in _PEFT_MARKERS)]
     if peft:
         raise ValueError(f"{where}: is a PEFT/diffusers-layout LoRA (keys like '{peft[0]}'); convert it to the "
                          f"kohya/LyCORIS layout with `lorakit convert` first")
 
 
+def _refuse_checkpoint(keys, where: str) -> None:
+    checkpoint = [k for k in keys if any(m in k for m in _CHECKPOINT_MARKERS)]
+    if checkpoint:
+        raise ValueError(f"{where}: is a model checkpoint (keys like '{checkpoint[0]}'), not an adapter")
+
+
 def warn_non_finite(tensors: Mapping[str, torch.Tensor], where: str, stacklevel: int = 2) -> None:
     """A warning naming the tensors that hold NaN or Inf (a diverged training run): the file is still read."""
-    bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    from ..formats import find_non_finite
+
+    bad = sorted(find_non_finite(tensors))
     if bad:
         warnings.warn(f"{where}: {len(bad)} tensor(s) hold NaN or Inf, e.g. {', '.join(bad[:3])}",
                       stacklevel=stacklevel + 1)

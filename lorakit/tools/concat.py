@@ -58,11 +58,10 @@ def block_of_name(name: str, layout) -> str | None:
 def _read(file: str, dtype: torch.dtype) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
     """{module name: {tensor suffix: tensor}} of a LoRA file, each module checked to be concatenable."""
     from ..algos import detect_algorithm
-    from ..formats import load_file
-    from ..network.load import check_layout, warn_non_finite
+    from ..network.load import check_layout, read_adapter_tensors, warn_non_finite
     from ..network.names import split_key
 
-    tensors, metadata = load_file(file)
+    tensors, metadata, _ = read_adapter_tensors(file)
     check_layout(tensors, file)
     warn_non_finite(tensors, file)
     modules: dict[str, dict[str, torch.Tensor]] = {}

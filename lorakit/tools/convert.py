@@ -12,7 +12,7 @@ import torch
 from ..formats import add_hashes, load_file, save_file
 from ..formats.dtypes import parse_dtype
 from ..formats.peft_layout import LayoutError, detect_layout, kohya_to_peft, peft_to_kohya, rename_unet
-from ..network.load import warn_non_finite
+from ..network.load import read_adapter_tensors, warn_non_finite
 from .cli_common import refuse_overwrite
 
 __all__ = ["ConvertError", "ConvertReport", "convert", "TARGETS"]
@@ -74,7 +74,7 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, to: str | None
         raise ConvertError(f"--unet-names {unet_names!r}: expected one of {', '.join(UNET_STYLES)}")
     cast = parse_dtype(dtype, "--dtype")
     refuse_overwrite(output, {"source file": where})
-    tensors, metadata = load_file(where)
+    tensors, metadata, _ = read_adapter_tensors(where)
     warn_non_finite(tensors, where)  # converted all the same, as the tensors are passed through
     if not tensors:
         raise ConvertError(f"{where}: holds no tensors")

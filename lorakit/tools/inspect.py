@@ -15,8 +15,9 @@ from typing import Any, Mapping
 
 import torch
 
-from ..formats import find_non_finite, load_file
+from ..formats import find_non_finite
 from ..formats.peft_layout import KOHYA_PREFIXES, LayoutError, detect_layout, name_to_path, peft_to_kohya
+from ..network.load import read_adapter_tensors
 
 __all__ = ["InspectError", "inspect_file", "inspect_tensors", "format_report", "module_dim"]
 
@@ -185,7 +186,7 @@ def inspect_file(path: str | os.PathLike, top_tags: int = 10) -> dict[str, Any]:
     ``non_finite_tensors``, ``metadata`` (``ss``, ``modelspec``, ``other``, ``tag_frequency_top``), ``file``
     and ``file_size``. A model checkpoint or another kind of file raises InspectError saying what it is."""
     where = os.fspath(path)
-    tensors, metadata = load_file(where)
+    tensors, metadata, _ = read_adapter_tensors(where)
     try:
         report = inspect_tensors(tensors, metadata, top_tags)
     except InspectError as e:

@@ -23,16 +23,17 @@ def add_parser(commands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..formats import SafetensorsFileError
-    from .inspect import InspectError, format_report, inspect_file
+    from ..formats.checkpoint_file import CheckpointFileError
+    from .inspect import format_report, inspect_file
 
     try:
         report = inspect_file(args.file, top_tags=args.top_tags)
-    except InspectError as e:
-        print(f"lorakit inspect: {e}", file=sys.stderr)
-        return 1
-    except (SafetensorsFileError, FileNotFoundError) as e:
+    except (SafetensorsFileError, CheckpointFileError, FileNotFoundError) as e:  # unreadable
         print(f"lorakit inspect: error: {e}", file=sys.stderr)
         return 2
+    except ValueError as e:  # readable, but not an adapter (InspectError, a model checkpoint)
+        print(f"lorakit inspect: {e}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(report, indent=2))
     else:

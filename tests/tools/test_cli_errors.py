@@ -83,3 +83,19 @@ def test_nan_tensors_are_reported_by_every_tool_that_passes_them_on(tmp_path):
                      "--quiet"]) == 0
     with pytest.warns(UserWarning, match=r"nan.safetensors: 1 tensor\(s\) hold NaN or Inf"):
         assert main(["convert", str(bad), str(tmp_path / "c.safetensors"), "--to", "peft"]) == 0
+
+
+def test_pickled_adapters_from_sd_scripts_save_model_as_are_read(tmp_path, capsys):
+    """sd-scripts (and lorakit train) can save adapters as .ckpt/.pt: plain tensors, read with weights_only=True by
+    every tool, the same as the safetensors file; a pickled model checkpoint is named as one."""
+    src = _lora(tmp_path / "a.safetensors")
+    tensors, _ = load_file(src)
+    torch.save(tensors, tmp_path / "a.pt")
+    assert main(["inspect", str(tmp_path / "a.pt")]) == 0
+    assert "lora_unet_a" in capsys.readouterr().out
+    assert main(["resize", str(tmp_path / "a.pt"), str(tmp_path / "r.safetensors"), "--new_rank", "2"]) == 0
+    assert main(["convert", str(tmp_path / "a.pt"), str(tmp_path / "c.safetensors")]) == 0
+    assert load_file(tmp_path / "c.safetensors")[0].keys() == tensors.keys()
+    torch.save({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2)}, tmp_path / "model.ckpt")
+    assert main(["inspect", str(tmp_path / "model.ckpt")]) != 0
+    assert "is a model checkpoint" in capsys.readouterr().err
