@@ -137,6 +137,7 @@ class TrainDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.subsets: list[SubsetSpec] = []
         self.image_counts: list[int] = []  # images found per subset (before repeats and reg balancing)
+        self.subset_groups: list[int] = []  # the dataset (spec) index of each subset
         self.entries: list[ImageEntry] = []
         self.tag_frequency: dict[str, dict[str, int]] = {}
         self.num_train_images = 0  # with repeats, as kohya's ss_num_train_images
@@ -172,6 +173,7 @@ class TrainDataset(torch.utils.data.Dataset):
             seen.add(source)
             index = len(self.subsets)
             self.subsets.append(subset)
+            self.subset_groups.append(group)
             sized = [(im, im.size or image_size(im.path)) for im in subset_images(subset)]
             if spec.skip_image_resolution is not None:  # sd-scripts compares areas, at or below is skipped
                 limit = spec.skip_image_resolution[0] * spec.skip_image_resolution[1]
@@ -239,8 +241,7 @@ class TrainDataset(torch.utils.data.Dataset):
 
     def _count_tags(self, subset: SubsetSpec, captions: list[str]) -> None:
         # kohya's ss_tag_frequency: per folder (or metadata file) name, lower-cased comma-separated tags.
-        name = os.path.basename(subset.metadata_file or subset.image_dir.rstrip("/\\"))
-        counts = self.tag_frequency.setdefault(name, {})
+        counts = self.tag_frequency.setdefault(self._tag_name(subset), {})
         for caption in captions:
             for tag in caption.split(","):
                 tag = tag.strip().lower()
@@ -273,6 +274,51 @@ class TrainDataset(torch.utils.data.Dataset):
         for i, ((_, reso), members) in enumerate(self._buckets.items()):
             out[i] = {"resolution": reso, "count": sum(self.entries[m].repeats for m in members)}
         return {"buckets": out}
+
+    def datasets_metadata(self) -> list[dict]:
+        """sd-scripts' ss_datasets (written when a dataset config is used): per dataset its batch size, resolution,
+        bucket settings, image counts, tag frequency and buckets, and per subset its counts and options."""
+        out = []
+        for group, spec in enumerate(self.specs):
+            entries = [e for e in self.entries if e.group == group]
+            subsets = [i for i, g in enumerate(self.subset_groups) if g == group]
+            buckets = [(reso, members) for (g, reso), members in self._buckets.items() if g == group]
+            names = [self._tag_name(self.subsets[i]) for i in subsets]
+            meta = {
+                "is_dreambooth": not any(self.subsets[i].metadata_file for i in subsets),
+                "batch_size_per_device": spec.batch_size,
+                "num_train_images": sum(e.repeats for e in entries if not e.is_reg),
+                "num_reg_images": sum(e.repeats for e in entries if e.is_reg),
+                "resolution": tuple(spec.resolution),
+                "enable_bucket": bool(spec.enable_bucket),
+                "min_bucket_reso": spec.min_bucket_reso,
+                "max_bucket_reso": spec.max_bucket_reso,
+                "tag_frequency": {n: self.tag_frequency.get(n, {}) for n in names},
+                "bucket_info": {"buckets": {i: {"resolution": reso, "count": sum(self.entries[m].repeats
+                                                                                  for m in members)}
+                                            for i, (reso, members) in enumerate(buckets)}},
+                "subsets": [],
+            }
+            for i in subsets:
+                sub = self.subsets[i]
+                info = {"img_count": self.image_counts[i], "num_repeats": sub.num_repeats,
+                        "color_aug": bool(sub.color_aug), "flip_aug": bool(sub.flip_aug),
+                        "random_crop": bool(sub.random_crop), "shuffle_caption": bool(sub.shuffle_caption),
+                        "keep_tokens": sub.keep_tokens, "keep_tokens_separator": sub.keep_tokens_separator,
+                        "secondary_separator": sub.secondary_separator, "enable_wildcard": bool(sub.enable_wildcard),
+                        "caption_prefix": sub.caption_prefix, "caption_suffix": sub.caption_suffix}
+                if sub.image_dir:
+                    info.update(image_dir=os.path.basename(os.path.normpath(sub.image_dir)),
+                                class_tokens=sub.class_tokens, is_reg=bool(sub.is_reg))
+                else:
+                    info["metadata_file"] = os.path.basename(sub.metadata_file)
+                meta["subsets"].append(info)
+            out.append(meta)
+        return out
+
+    @staticmethod
+    def _tag_name(subset: SubsetSpec) -> str:
+        return os.path.basename(subset.metadata_file or subset.image_dir.rstrip("/\\"))
 
     @property
     def summary(self) -> str:

@@ -73,6 +73,12 @@ def training_metadata(config, *, kind: str, v_parameterization: bool, dataset, o
         "ss_dataset_dirs": json.dumps(_dataset_dirs(dataset, reg=False)),
         "ss_reg_dataset_dirs": json.dumps(_dataset_dirs(dataset, reg=True)),
     })
+    if config.dataset_config:
+        # sd-scripts with a dataset config: each dataset's own settings in ss_datasets, not the command line's
+        # (which the datasets override) in the flat keys
+        for key in _PER_DATASET:
+            meta.pop(key, None)
+        meta["ss_datasets"] = json.dumps(dataset.datasets_metadata())
     title = config.metadata_title or config.output_name or "last"
     kind_key = "sd2-v" if kind == "sd2" and v_parameterization else kind
     meta.update(build_modelspec(
@@ -81,6 +87,13 @@ def training_metadata(config, *, kind: str, v_parameterization: bool, dataset, o
         tags=config.metadata_tags or None, prediction_type="v" if v_parameterization else "epsilon",
         clip_skip=config.clip_skip, timestep_range=_timestep_range(config)))
     return meta
+
+
+# flat keys that describe the one dataset of a command-line run; a dataset config's datasets are in ss_datasets
+_PER_DATASET = ("ss_batch_size_per_device", "ss_resolution", "ss_enable_bucket", "ss_min_bucket_reso",
+                "ss_max_bucket_reso", "ss_keep_tokens", "ss_flip_aug", "ss_color_aug", "ss_random_crop",
+                "ss_shuffle_caption", "ss_bucket_no_upscale", "ss_bucket_info", "ss_caption_dropout_rate",
+                "ss_caption_dropout_every_n_epochs", "ss_caption_tag_dropout_rate", "ss_face_crop_aug_range")
 
 
 def progress_metadata(base: dict[str, str], *, epoch: int, step: int, title: str | None = None) -> dict[str, str]:

@@ -88,6 +88,43 @@ def test_fp16_mixed_precision_scales_the_loss_and_resumes_exactly(base, tmp_path
     assert _states_equal(full, resumed)
 
 
+def test_dataset_config_metadata_describes_each_dataset(base, tmp_path):
+    """With a dataset config, sd-scripts writes ss_datasets (each dataset's batch size, resolution, buckets and
+    subsets with their caption options) instead of the flat keys, which describe the command line's defaults."""
+    folder = str(base / "data" / "1_magenta")
+    cfg = tmp_path / "ds.toml"
+    cfg.write_text(f"""
+[general]
+caption_extension = ".txt"
+[[datasets]]
+resolution = 64
+batch_size = 2
+[[datasets.subsets]]
+image_dir = '{folder}'
+shuffle_caption = true
+keep_tokens = 1
+[[datasets]]
+resolution = [128, 64]
+batch_size = 1
+[[datasets.subsets]]
+image_dir = '{folder}'
+num_repeats = 2
+keep_tokens = 2
+""")
+    config = _config(base, tmp_path, train_data_dir=None, dataset_config=str(cfg), max_train_steps=1)
+    meta = read_metadata(train(config))
+    assert "ss_resolution" not in meta and "ss_keep_tokens" not in meta and "ss_batch_size_per_device" not in meta
+    first, second = json.loads(meta["ss_datasets"])
+    assert (first["batch_size_per_device"], first["resolution"], first["num_train_images"]) == (2, [64, 64], 6)
+    assert (second["batch_size_per_device"], second["resolution"], second["num_train_images"]) == (1, [128, 64], 12)
+    sub1, sub2 = first["subsets"][0], second["subsets"][0]
+    assert (sub1["shuffle_caption"], sub1["keep_tokens"], sub1["img_count"], sub1["image_dir"]) == (
+        True, 1, 6, "1_magenta")
+    assert (sub2["shuffle_caption"], sub2["keep_tokens"], sub2["num_repeats"]) == (False, 2, 2)
+    assert sum(b["count"] for b in second["bucket_info"]["buckets"].values()) == 12
+    assert meta["ss_num_train_images"] == "18"
+
+
 def test_resume_equals_uninterrupted_run(base, tmp_path):
     full = train(_config(base, tmp_path / "full", max_train_steps=5, gradient_accumulation_steps=1,
                          network_dropout=0.1))
