@@ -24,9 +24,15 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
         return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
 
 
+# one check for every device type at once (torch >= 2.4), so that a call without autocast costs ~0.2 us more
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
 def apply(function: type[torch.autograd.Function], *args, cast: bool = True):
     """function.apply(*args), with autocast's dtype applied to its floating tensor inputs (cast=False: computed in
     their own dtypes, e.g. small matrices that need float32's range and linear algebra)."""
+    if _any_autocast is not None and not _any_autocast():
+        return function.apply(*args)
     first = next(a for a in args if isinstance(a, torch.Tensor))
     dtype = autocast_dtype(first.device.type)
     if dtype is None:
