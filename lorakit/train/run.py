@@ -479,7 +479,7 @@ class _Run:
                 if save_every_epochs and epoch % save_every_epochs == 0 and epoch < num_epochs:
                     checkpoint("epoch", epoch, epoch)
                 if c.sample_every_n_epochs and epoch % c.sample_every_n_epochs == 0:
-                    sampler.draw(progress.global_step)
+                    sampler.draw(progress.global_step, epoch)
         finally:
             logger.close()
             if timings is not None:
@@ -494,7 +494,7 @@ class _Run:
             if main and uploads is not None:
                 uploads.upload_state(self.names.final_state())
         if c.sample_every_n_steps or c.sample_every_n_epochs:
-            sampler.draw(progress.global_step)
+            sampler.draw(progress.global_step, min(progress.epoch, num_epochs) if c.sample_every_n_epochs else None)
         return final
 
 
@@ -511,7 +511,8 @@ class _Sampler:
 
             self.prompts = read_sample_prompts(config.sample_prompts)  # bad files fail before training
 
-    def draw(self, step: int) -> None:
+    def draw(self, step: int, epoch: int | None = None) -> None:
+        """Samples at this step; `epoch` given (a draw of sample_every_n_epochs): named by epoch, as sd-scripts."""
         if not self.prompts or step == self.last_step:  # the end of training may repeat a step
             return
         self.last_step = step
@@ -524,7 +525,7 @@ class _Sampler:
         try:
             draw_samples(self.model, self.prompts, self.names.sample_dir(), self.names.name, step,
                          default_sampler=self.config.sample_sampler, clip_skip=self.config.clip_skip,
-                         base_seed=self.seed, write=self.write)
+                         base_seed=self.seed, write=self.write, epoch=epoch)
         finally:
             torch.set_rng_state(rng)
             self.net.train()

@@ -103,8 +103,9 @@ def _typed(entry: dict, path: Path) -> SamplePrompt:
 
 
 def draw_samples(model, prompts: list[SamplePrompt], folder: Path, output_name: str, step: int, *, default_sampler: str,
-                 clip_skip: int | None, base_seed: int, write: bool = True) -> list[Path]:
-    """One image per prompt, named as sd-scripts names them: ``{name}_{step:06d}_{i:02d}_{time}_{seed}.png``.
+                 clip_skip: int | None, base_seed: int, write: bool = True, epoch: int | None = None) -> list[Path]:
+    """One image per prompt, named as sd-scripts names them: ``{name}_{step:06d}_{i:02d}_{time}_{seed}.png``, or
+    ``{name}_e{epoch:06d}_...`` for a draw at an epoch's end (``epoch`` given).
     ``write`` False: drawn but not saved (a process that only takes part in a distributed forward)."""
     from ..models.sample import generate
 
@@ -117,7 +118,8 @@ def draw_samples(model, prompts: list[SamplePrompt], folder: Path, output_name: 
         image = generate(model, [p.prompt], negative_prompt=p.negative_prompt, steps=p.sample_steps,
                          guidance_scale=p.scale, width=p.width, height=p.height, seed=seed,
                          sampler=p.sample_sampler or default_sampler, clip_skip=clip_skip)[0]
-        out = folder / f"{output_name}_{step:06d}_{i:02d}_{stamp}_{seed}.png"
+        number = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
+        out = folder / f"{output_name}_{number}_{i:02d}_{stamp}_{seed}.png"
         if write:
             image.save(out)
             saved.append(out)

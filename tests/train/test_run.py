@@ -227,6 +227,16 @@ def test_samples_are_drawn(base, tmp_path):
     assert len(images) == 1, sorted(p.name for p in (tmp_path / "sample").iterdir())  # not again at the end
 
 
+def test_epoch_samples_are_named_by_epoch(base, tmp_path):
+    """sd-scripts names a sample drawn at an epoch's end {name}_e{epoch:06d}_..., one drawn at a step by the step."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a purple circle --w 64 --h 64 --d 5 --s 2\n")
+    train(_config(base, tmp_path, max_train_epochs=2, sample_prompts=str(prompts), sample_every_n_epochs=1,
+                  sample_sampler="ddim"))
+    names = sorted(p.name.split("_")[1] for p in (tmp_path / "sample").glob("t_*.png"))
+    assert names == ["e000001", "e000002"]  # the end of training repeats epoch 2's step: not drawn again
+
+
 def test_sdxl_trains_unet_only(base, tmp_path):
     final = train(_config(base, tmp_path, pretrained_model_name_or_path=str(base / "sdxl.safetensors"),
                           max_train_steps=2, network_train_unet_only=True))
