@@ -48,8 +48,9 @@ def check_network_kwargs(kwargs: Mapping[str, Any]) -> tuple[NetworkConfig, dict
         spelt = next((k for k in options if ALIASES.get(k.strip().lower(), k.strip().lower()) == refused[0]),
                      refused[0])  # the user's own spelling of the option (an alias such as 'constrain')
         alias = "" if spelt == refused[0] else f"= {refused[0]}, "
+        accepted = ", ".join(sorted(COMMON_OPTIONS | cls.accepts))
         raise OptionError(f"algo '{cls.name}' does not accept option '{spelt}' ({alias}given "
-                          f"{getattr(parsed, refused[0])!r}); it accepts: {', '.join(sorted(COMMON_OPTIONS | cls.accepts))}")
+                          f"{getattr(parsed, refused[0])!r}); it accepts: {accepted}")
     return config, options, load_preset(config.preset)
 
 

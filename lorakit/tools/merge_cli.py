@@ -67,7 +67,8 @@ def _merge(args: argparse.Namespace) -> str:
     from ..formats.dtypes import parse_dtype
     from .merge import check_block_weights, check_ratios
 
-    refuse_overwrite(args.save_to, {"model": args.model, **{f"adapter #{i + 1} of --loras": f for i, f in enumerate(args.loras)}})
+    loras = {f"adapter #{i + 1} of --loras": f for i, f in enumerate(args.loras)}
+    refuse_overwrite(args.save_to, {"model": args.model, **loras})
     check_device(args.device)
     ratios = check_ratios(args.loras, args.ratios)
     for file in args.loras:

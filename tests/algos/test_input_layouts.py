@@ -1,7 +1,8 @@
 """Every algorithm x layer x option combination on inputs that are not contiguous (what models pass: diffusers'
 Transformer2DModel hands its Linear proj_in a permuted view, convs see channels-last or strided slices), and a
-contiguous input whose output gradient comes back strided: the output, the input's gradient and every parameter's gradient equal those of the same values laid out contiguously
-(test_contract checks the contiguous case against the dense formula)."""
+contiguous input whose output gradient comes back strided: the output, the input's gradient and every
+parameter's gradient equal those of the same values laid out contiguously (test_contract checks the contiguous
+case against the dense formula)."""
 
 from __future__ import annotations
 

@@ -25,8 +25,8 @@ from . import meta_model
 from .sdscripts_unet import crossattention_unet, sdxl_unet
 from .tiny import tiny_model
 
-BUILTINS = ["attn-mlp", "attn-mlp-convblock", "attn-only", "full", "full-lin", "ia3", "unet-convblock-only", "unet-only",
-            "unet-transformer-only"]
+BUILTINS = ["attn-mlp", "attn-mlp-convblock", "attn-only", "full", "full-lin", "ia3", "unet-convblock-only",
+            "unet-only", "unet-transformer-only"]
 
 
 def counts(net):
