@@ -28,16 +28,18 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
 
 
-def apply(function: type[torch.autograd.Function], *args, cast: bool = True):
-    """function.apply(*args), with autocast's dtype applied to its floating tensor inputs (cast=False: computed in
-    their own dtypes, e.g. small matrices that need float32's range and linear algebra)."""
+def apply(function: type[torch.autograd.Function], *args, cast: bool | tuple[int, ...] = True):
+    """function.apply(*args), with autocast's dtype applied to its floating tensor inputs. cast=False: computed in
+    their own dtypes (small matrices that need float32's range and linear algebra); a tuple: only the inputs at
+    those positions (the others are read as they are, e.g. parameters a closure among the inputs reads itself)."""
     if _any_autocast is not None and not _any_autocast():
         return function.apply(*args)
     first = next(a for a in args if isinstance(a, torch.Tensor))
     dtype = autocast_dtype(first.device.type)
     if dtype is None:
         return function.apply(*args)
-    if cast:
-        args = tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+    if cast is not False:
+        args = tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() and
+                     (cast is True or i in cast) else a for i, a in enumerate(args))
     with torch.autocast(first.device.type, enabled=False):
         return function.apply(*args)

@@ -64,10 +64,6 @@ def rebuilt_weight_op(spec: LayerSpec, x: torch.Tensor, rebuild: Callable[[], to
     """spec.op(x, rebuild(), bias) with gradients for x, bias and the parameters `rebuild` reads."""
     if not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in params)):
         return spec.op(x, rebuild(), bias)
-    dtype = amp.autocast_dtype(x.device.type)
-    if dtype is None:
-        return _RebuiltWeightOp.apply(spec, rebuild, bias, x, *params)
-    # under autocast: the op in autocast's dtype, as torch would run it; the parameters stay as they are, since
-    # rebuild() reads them itself (amp.apply's casts would cut them off from the rebuilt weight)
-    with torch.autocast(x.device.type, enabled=False):
-        return _RebuiltWeightOp.apply(spec, rebuild, None if bias is None else bias.to(dtype), x.to(dtype), *params)
+    # under autocast only the bias and x are cast: rebuild() reads the parameters itself, so casts of them would
+    # be cut off from the rebuilt weight
+    return amp.apply(_RebuiltWeightOp, spec, rebuild, bias, x, *params, cast=(2, 3))
