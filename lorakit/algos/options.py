@@ -138,14 +138,19 @@ def suggest(name: str, known) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def option_name(key):
+    """The lorakit name of an option as written: case and spaces ignored, kohya/LyCORIS aliases resolved."""
+    name = key.strip().lower() if isinstance(key, str) else key
+    return "dora_axis" if name == "wd_on_out" else ALIASES.get(name, name)
+
+
 def parse_options(raw: Mapping[str, Any] | None = None, **kwargs: Any) -> tuple[AdapterOptions, frozenset]:
     """Returns the typed options and the set of option names the caller gave explicitly."""
     given: dict[str, Any] = {}
     for key, value in {**(raw or {}), **kwargs}.items():
-        name = key.strip().lower() if isinstance(key, str) else key
-        if name == "wd_on_out":  # LyCORIS' boolean spelling of the DoRA axis
-            name, value = "dora_axis", "out" if to_bool("wd_on_out", value) else "in"
-        name = ALIASES.get(name, name)
+        name = option_name(key)
+        if isinstance(key, str) and key.strip().lower() == "wd_on_out":  # LyCORIS' boolean spelling of the axis
+            value = "out" if to_bool("wd_on_out", value) else "in"
         if name not in OPTION_NAMES:
             raise OptionError(f"unknown adapter option '{key}'{suggest(str(name), OPTION_NAMES)}")
         if name in given:

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from ..algos import OptionError, algorithm, make_adapter
 from ..algos.base import COMMON_OPTIONS
-from ..algos.options import ALIASES, parse_options
+from ..algos.options import option_name, parse_options
 from .blocks import KOHYA_SD25, KOHYA_SDXL23, kohya_block_dims_alphas, parse_kohya_block_lr_kwargs
 from .config import NetworkConfig, split_network_kwargs
 from .names import GENERIC_PREFIX, NameIndex, detect_arch
@@ -45,8 +45,8 @@ def check_network_kwargs(kwargs: Mapping[str, Any]) -> tuple[NetworkConfig, dict
     parsed, given = parse_options(options)
     refused = sorted(given - (COMMON_OPTIONS | cls.accepts))
     if refused:
-        spelt = next((k for k in options if ALIASES.get(k.strip().lower(), k.strip().lower()) == refused[0]),
-                     refused[0])  # the user's own spelling of the option (an alias such as 'constrain')
+        # the user's own spelling of the option (an alias such as 'constrain')
+        spelt = next((k for k in options if option_name(k) == refused[0]), refused[0])
         alias = "" if spelt == refused[0] else f"= {refused[0]}, "
         accepted = ", ".join(sorted(COMMON_OPTIONS | cls.accepts))
         raise OptionError(f"algo '{cls.name}' does not accept option '{spelt}' ({alias}given "
