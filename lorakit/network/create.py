@@ -66,12 +66,9 @@ def create_network(model: nn.Module, text_encoders: Sequence[nn.Module] | nn.Mod
     text_encoders, arch, index = index_model(model, text_encoders, preset.lora_prefix or GENERIC_PREFIX)
     if arch is not None:
         selected = select("unet", model, preset, preset.unet_target_module, preset.unet_target_name)
-        _warn_if_none(selected, "unet", model, preset, preset.unet_target_module, preset.unet_target_name)
         for component, te in zip(_COMPONENTS, text_encoders):
-            found = select(component, te, preset, preset.text_encoder_target_module, preset.text_encoder_target_name)
-            _warn_if_none(found, component, te, preset, preset.text_encoder_target_module,
-                          preset.text_encoder_target_name)
-            selected += found
+            selected += select(component, te, preset, preset.text_encoder_target_module,
+                               preset.text_encoder_target_name)
     else:
         everything = not (preset.target_module or preset.target_name)
         selected = select("model", model, preset, preset.target_module, preset.target_name, everything)
@@ -93,16 +90,6 @@ def create_network(model: nn.Module, text_encoders: Sequence[nn.Module] | nn.Mod
     network.fast_path_owners = fast_path_owners([model, *text_encoders], [a.layer for a in adapters.values()])
     network.config = config
     return network
-
-
-def _warn_if_none(selected: list[Selected], component: str, model: nn.Module, preset: Preset, modules, names) -> None:
-    """A preset that targets a component but matches none of its layers (a class named differently in this model,
-    such as sd-scripts' CrossAttention for diffusers' Attention) would silently train nothing there."""
-    if (modules or names) and not any(s.component == component for s in selected):
-        classes = sorted({type(m).__name__ for m in model.modules() if not type(m).__module__.startswith("torch.nn")})
-        log.warning("lorakit: preset '%s' selects no layer of the %s (its target classes %s and names %s match "
-                    "nothing; the module classes there: %s)", preset.name, component, list(modules), list(names),
-                    ", ".join(classes[:20]) + (", ..." if len(classes) > 20 else ""))
 
 
 class _BlockPlan:

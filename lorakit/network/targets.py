@@ -35,6 +35,7 @@ def select(component: str, root: nn.Module, preset: Preset, target_modules, targ
     The override of a layer is the name_algo_map entry matching its path, else the module_algo_map entry of
     its nearest enclosing class (LyCORIS' precedence). `everything` selects every adaptable layer (a model with
     no targets given)."""
+    targeted = bool(target_modules or target_names)
     target_modules = set(target_modules)
     chosen: dict[str, Selected] = {}
     classes: dict[str, str] = {}
@@ -67,6 +68,13 @@ def select(component: str, root: nn.Module, preset: Preset, target_modules, targ
     if skipped:
         log.warning("lorakit: %d layer(s) of the %s left without an adapter: %s", len(skipped), component,
                     "; ".join(skipped[:5]) + ("; ..." if len(skipped) > 5 else ""))
+    if targeted and not chosen:
+        # a class named differently in this model (sd-scripts' CrossAttention for diffusers' Attention) would
+        # otherwise train nothing there without a word
+        own = sorted({type(m).__name__ for m in root.modules() if not type(m).__module__.startswith("torch.nn")})
+        log.warning("lorakit: preset '%s' selects no layer of the %s (its target classes %s and names %s match "
+                    "nothing; the module classes there: %s)", preset.name, component, sorted(target_modules),
+                    list(target_names), ", ".join(own[:20]) + (", ..." if len(own) > 20 else ""))
     return list(chosen.values())
 
 
