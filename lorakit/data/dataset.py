@@ -270,10 +270,11 @@ class TrainDataset(torch.utils.data.Dataset):
     @property
     def bucket_info(self) -> dict:
         """kohya's ss_bucket_info: {"buckets": {i: {"resolution": (w, h), "count": n}}} with repeats."""
-        out = {}
-        for i, ((_, reso), members) in enumerate(self._buckets.items()):
-            out[i] = {"resolution": reso, "count": sum(self.entries[m].repeats for m in members)}
-        return {"buckets": out}
+        return self._bucket_info(self._buckets.items())
+
+    def _bucket_info(self, buckets) -> dict:
+        return {"buckets": {i: {"resolution": reso, "count": sum(self.entries[m].repeats for m in members)}
+                            for i, ((_, reso), members) in enumerate(buckets)}}
 
     def datasets_metadata(self) -> list[dict]:
         """sd-scripts' ss_datasets (written when a dataset config is used): per dataset its batch size, resolution,
@@ -282,7 +283,6 @@ class TrainDataset(torch.utils.data.Dataset):
         for group, spec in enumerate(self.specs):
             entries = [e for e in self.entries if e.group == group]
             subsets = [i for i, g in enumerate(self.subset_groups) if g == group]
-            buckets = [(reso, members) for (g, reso), members in self._buckets.items() if g == group]
             names = [self._tag_name(self.subsets[i]) for i in subsets]
             meta = {
                 "is_dreambooth": not any(self.subsets[i].metadata_file for i in subsets),
@@ -294,9 +294,7 @@ class TrainDataset(torch.utils.data.Dataset):
                 "min_bucket_reso": spec.min_bucket_reso,
                 "max_bucket_reso": spec.max_bucket_reso,
                 "tag_frequency": {n: self.tag_frequency.get(n, {}) for n in names},
-                "bucket_info": {"buckets": {i: {"resolution": reso, "count": sum(self.entries[m].repeats
-                                                                                  for m in members)}
-                                            for i, (reso, members) in enumerate(buckets)}},
+                "bucket_info": self._bucket_info((k, v) for k, v in self._buckets.items() if k[0] == group),
                 "subsets": [],
             }
             for i in subsets:
