@@ -361,11 +361,15 @@ def check_runnable(config) -> None:
         missing.append("resolution")
     if missing:
         _refuse(f"training needs {', '.join(missing)}")
-    if config.lr_scheduler in ("constant", "adafactor", "piecewise_constant") and config.lr_warmup_steps and \
-            not config.lr_scheduler_type:  # refused by schedulers.py (and sd-scripts) too, but after the model loaded
-        hint = " (use 'constant_with_warmup')" if config.lr_scheduler == "constant" else ""
-        _refuse(f"lr_scheduler '{config.lr_scheduler}' takes no warmup: lr_warmup_steps must be 0, got "
-                f"{config.lr_warmup_steps}{hint}")
+    if not config.lr_scheduler_type:  # make_scheduler checks it again, but only after the model has loaded
+        refuse_warmup(config.lr_scheduler, config.lr_warmup_steps)
+
+
+def refuse_warmup(scheduler: str, warmup) -> None:
+    """sd-scripts' rule: the constant, adafactor and piecewise_constant schedules take no warmup."""
+    if scheduler in ("constant", "adafactor", "piecewise_constant") and warmup:
+        hint = " (use 'constant_with_warmup')" if scheduler == "constant" else ""
+        _refuse(f"lr_scheduler '{scheduler}' takes no warmup: lr_warmup_steps must be 0, got {warmup}{hint}")
 
 
 def resolve(values: dict[str, Any], given: frozenset) -> tuple[dict[str, Any], tuple[str, ...]]:

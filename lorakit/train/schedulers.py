@@ -27,6 +27,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from ..algos.options import OptionError, suggest
+from .checks import refuse_warmup
 from .optimizers import parse_kwargs
 
 logger = logging.getLogger(__name__)
@@ -278,9 +279,7 @@ def make_scheduler(
             f"unknown lr_scheduler {name!r}{suggest(key, SCHEDULERS)}; known: {', '.join(SCHEDULERS)}, "
             "or a class path such as torch.optim.lr_scheduler.OneCycleLR"
         )
-    if key in ("constant", "adafactor", "piecewise_constant") and warmup:
-        hint = " (use 'constant_with_warmup')" if key == "constant" else ""
-        raise OptionError(f"lr_scheduler '{key}' takes no warmup: lr_warmup_steps must be 0, got {warmup}{hint}")
+    refuse_warmup(key, warmup)
 
     if key == "adafactor":
         from transformers.optimization import Adafactor, AdafactorSchedule
