@@ -243,9 +243,6 @@ class _Run:
         values["seed"] = self.seed
         return {k: repr(v) for k, v in sorted(values.items())}
 
-    def _digest(self) -> str:
-        return hashlib.sha256(repr(sorted(self._settings().items())).encode()).hexdigest()[:16]
-
     # --- the run ------------------------------------------------------------------------------------------
     def run(self, stop_at_step: int | None, timings: dict | None = None) -> Path | None:
         from .logger import TrainLogger
@@ -322,7 +319,9 @@ class _Run:
         stop_text_at = (math.ceil(max_steps * c.stop_text_encoder_training / 100)
                         if c.stop_text_encoder_training else None)
 
-        progress = Progress(config_digest=self._digest(), seed=self.seed, settings=self._settings())
+        settings = self._settings()
+        digest = hashlib.sha256(repr(sorted(settings.items())).encode()).hexdigest()[:16]
+        progress = Progress(config_digest=digest, seed=self.seed, settings=settings)
         if c.resume:
             if c.resume_from_huggingface:
                 from .hub import download_state
