@@ -25,6 +25,7 @@ from .config import to_toml
 from .console_log import console_logging
 from .distributed import current_world
 from .initial_step import initial_progress
+from .loss_scale import make_loss_scaler
 from .fused_backward import install_fused_step
 from .outputs import OutputNames
 from .state import Progress, load_state, save_state, saved_seed
@@ -284,11 +285,7 @@ class _Run:
         te_lr = 0.0 if c.network_train_unet_only else c.text_encoder_lr
         groups = net.optimizer_param_groups(unet_lr=unet_lr, text_encoder_lr=te_lr, default_lr=c.learning_rate)
         optimizer = make_optimizer(c.optimizer_type, groups, c.learning_rate, c.optimizer_args)
-        # fp16 autocast: the loss is scaled so that small activation gradients do not underflow, as accelerate does
-        # for sd-scripts. Not with full_fp16 (fp16 gradients cannot be unscaled in place), DeepSpeed (its engine
-        # scales) or fused_backward_pass (each parameter steps inside backward, before any unscaling)
-        scaler = torch.amp.GradScaler(self.device.type, enabled=c.mixed_precision == "fp16" and not (
-            c.full_fp16 or c.deepspeed or c.fused_backward_pass))
+        scaler = make_loss_scaler(self.device, c)
         if c.deepspeed:
             from .deepspeed_engine import offload_optimizer
 

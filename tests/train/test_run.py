@@ -88,6 +88,20 @@ def test_fp16_mixed_precision_scales_the_loss_and_resumes_exactly(base, tmp_path
     assert _states_equal(full, resumed)
 
 
+def test_full_fp16_scales_the_loss_and_unscales_fp16_gradients(base, tmp_path):
+    """full_fp16 trains an fp16 adapter with the loss scaled too, as sd-scripts does by letting accelerate's scaler
+    unscale fp16 gradients; the adapter moves and stays finite."""
+    options = dict(mixed_precision="fp16", full_fp16=True, optimizer_args=["eps=1e-4"], max_train_steps=3,
+                   save_every_n_steps=2, save_state=True)
+    final = train(_config(base, tmp_path, **options))
+    saved = torch.load(tmp_path / "t-step00000002-state" / "optimizer.pt", weights_only=True)
+    assert saved["scaler"]["scale"] > 1
+    tensors, _ = load_file(final)
+    ups = [t for k, t in tensors.items() if k.endswith("lora_up.weight")]
+    assert ups and all(torch.isfinite(t.float()).all() for t in tensors.values())
+    assert any(t.abs().max() > 0 for t in ups)  # trained: lora_up starts at zero
+
+
 def test_dataset_config_metadata_describes_each_dataset(base, tmp_path):
     """With a dataset config, sd-scripts writes ss_datasets (each dataset's batch size, resolution, buckets and
     subsets with their caption options) instead of the flat keys, which describe the command line's defaults."""
