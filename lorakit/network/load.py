@@ -65,6 +65,27 @@ def warn_non_finite(tensors: Mapping[str, torch.Tensor], where: str, stacklevel:
                       stacklevel=stacklevel + 1)
 
 
+def warn_clamped_rotations(groups: Mapping[str, Mapping[str, torch.Tensor]], where: str, stacklevel: int = 2) -> None:
+    """A warning when OFT/BOFT modules hold a rotation larger than their saved bound `alpha`. lorakit applies
+    `alpha` as the bound, as ComfyUI does, and shrinks such a Q to it; LyCORIS trains with the bound
+    constraint * out_dim but saves the constraint as `alpha`, so its constrained files look like this, and
+    A1111 (reading alpha * out_dim) applies them unshrunk."""
+    over = []
+    for name, sub in groups.items():
+        blocks, alpha = sub.get("oft_blocks"), sub.get("alpha")
+        if blocks is None or alpha is None or float(alpha) <= 0:
+            continue
+        b = blocks.double()
+        norm = float(torch.linalg.vector_norm(b - b.transpose(-1, -2)))
+        if norm > float(alpha) * (1 + 1e-5):
+            over.append(f"{name} (|Q| {norm:.4g} > alpha {float(alpha):.4g})")
+    if over:
+        warnings.warn(f"{where}: {len(over)} OFT module(s) hold a rotation above their saved bound, e.g. "
+                      f"{over[0]}; lorakit applies alpha as the bound, as ComfyUI does, and shrinks them. LyCORIS "
+                      f"saves its `constraint` as alpha but trains with the bound constraint * out_dim, which A1111 "
+                      f"applies", stacklevel=stacklevel + 1)
+
+
 def load_network(model: nn.Module, source: str | Path | Mapping[str, torch.Tensor],
                  text_encoders: Sequence[nn.Module] | nn.Module | None = None, multiplier: float = 1.0,
                  dtype: torch.dtype | None = torch.float32, prefix: str = GENERIC_PREFIX) -> Network:
@@ -85,6 +106,7 @@ def load_network(model: nn.Module, source: str | Path | Mapping[str, torch.Tenso
     for key, value in tensors.items():
         name, suffix = split_key(key)
         groups.setdefault(name, {})[suffix] = value
+    warn_clamped_rotations(groups, where, stacklevel=3)
     adapters, entries, seen_as = {}, {}, {}
     for name, sub in groups.items():
         target = found[name]

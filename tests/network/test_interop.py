@@ -235,6 +235,31 @@ def test_lycoris_generic_file_in_lorakit(tmp_path, algo, opts):
     assert_same([got], [expected], algo)
 
 
+def test_constrained_lycoris_oft_file_warns_that_its_bound_is_read_as_comfyui_reads_it(tmp_path):
+    """LyCORIS trains Diag-OFT with the bound constraint * out_dim and saves the constraint as alpha; lorakit
+    (like ComfyUI) applies alpha as the bound, so a rotation trained past it is shrunk. Loading such a file says
+    so, naming a module; an unconstrained file and one inside its bound load silently."""
+    model, _ = generic_model()
+    paths = {}
+    for label, constraint, scale in (("over", 0.01, 0.5), ("inside", 0.01, 1e-5), ("free", 0.0, 0.5)):
+        lnet = lycoris.create_lycoris(model, 1.0, linear_dim=4, linear_alpha=1.0, algo="diag-oft",
+                                      constraint=constraint)
+        lnet.apply_to()
+        try:
+            randomize(lnet, scale=scale)
+            paths[label] = tmp_path / f"{label}.safetensors"
+            lnet.save_weights(str(paths[label]), torch.float32, None)
+        finally:
+            lnet.restore()
+    with pytest.warns(UserWarning, match=r"OFT module\(s\) hold a rotation above their saved bound, e\.g\. "
+                                         r"lycoris_\w+ \(\|Q\| [\d.e+-]+ > alpha 0\.01\)"):
+        load_network(model, paths["over"])
+    for label in ("inside", "free"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            load_network(model, paths[label])
+
+
 def test_lora_prefix_names_generic_adapters_in_both(tmp_path):
     """A preset's lora_prefix replaces "lycoris" in both; loading needs the same prefix on either side."""
     model, x = generic_model()
