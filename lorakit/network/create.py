@@ -15,7 +15,7 @@ from .config import NetworkConfig, split_network_kwargs
 from .names import GENERIC_PREFIX, NameIndex, detect_arch
 from .network import Entry, Network
 from .presets import Preset, load_preset
-from .targets import NORMS, Selected, fast_path_owners, select
+from .targets import NORMS, Selected, select
 
 log = logging.getLogger(__name__)
 _COMPONENTS = ("text_encoder", "text_encoder_2")
@@ -86,8 +86,8 @@ def create_network(model: nn.Module, text_encoders: Sequence[nn.Module] | nn.Mod
                          f"(dim={config.dim}, conv_dim={config.conv_dims[0]})")
     loraplus = {"all": config.loraplus_lr_ratio, "unet": config.loraplus_unet_lr_ratio,
                 "te": config.loraplus_text_encoder_lr_ratio}
-    network = Network(adapters, entries, arch, config.multiplier, plan.lr_weights, loraplus)
-    network.fast_path_owners = fast_path_owners([model, *text_encoders], [a.layer for a in adapters.values()])
+    network = Network(adapters, entries, arch, config.multiplier, plan.lr_weights, loraplus,
+                      models=[model, *text_encoders])
     network.config = config
     return network
 

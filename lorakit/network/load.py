@@ -13,7 +13,6 @@ from ..algos import adapter_from_state_dict
 from .create import index_model
 from .names import GENERIC_PREFIX, split_key
 from .network import Entry, Network
-from .targets import fast_path_owners
 
 _PEFT_MARKERS = (".lora_A.", ".lora_B.", ".lora.up.", ".lora.down.", "lora_linear_layer", ".lora_magnitude_vector",
                  "_lora.up.", "_lora.down.")  # the last two: diffusers' attention-processor layout (to_q_lora.up)
@@ -120,7 +119,6 @@ def load_network(model: nn.Module, source: str | Path | Mapping[str, torch.Tenso
                              f"{target.path}); the file holds it twice")
         seen_as[primary] = name
         adapters[primary], entries[primary] = adapter, Entry(target.component, target.path)
-    network = Network(adapters, entries, arch, multiplier)
-    network.fast_path_owners = fast_path_owners([model, *text_encoders], [a.layer for a in adapters.values()])
+    network = Network(adapters, entries, arch, multiplier, models=[model, *text_encoders])
     network.metadata = metadata
     return network

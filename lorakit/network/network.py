@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from ..algos import Adapter
 from .blocks import SDXL20, BlockLayout, KOHYA_SD25, layout_for
+from .targets import fast_path_owners
 
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -40,7 +41,9 @@ def _regular_path(module, args):
 class Network(nn.Module):
     def __init__(self, adapters: Mapping[str, Adapter], entries: Mapping[str, Entry], arch: str | None,
                  multiplier: float = 1.0, lr_weights: Mapping[str, float] | None = None,
-                 loraplus: Mapping[str, float | None] | None = None):
+                 loraplus: Mapping[str, float | None] | None = None, models: Sequence[nn.Module] = ()):
+        """`models`: the U-Net (or model) and text encoders the adapters sit in, searched for layers whose
+        inference fast path would skip an adapter (targets.fast_path_owners)."""
         super().__init__()
         for name, adapter in adapters.items():
             self.add_module(name, adapter)
@@ -51,7 +54,8 @@ class Network(nn.Module):
         self._block_multipliers: dict[str, float] = {}
         self._multiplier = float(multiplier)
         self.applied = False
-        self.fast_path_owners: list[nn.Module] = []  # targets.fast_path_owners (a plain list: not submodules)
+        # a plain list: not submodules
+        self.fast_path_owners: list[nn.Module] = fast_path_owners(models, [a.layer for a in adapters.values()])
         self._fast_path_hooks: list = []
         self._sync_multipliers()
 
