@@ -80,8 +80,16 @@ def train(config, *, stop_at_step: int | None = None, timings: dict | None = Non
 
 class _Run:
     def __init__(self, config):
+        self.resume_folder = None  # the state to resume from, downloaded first when it is on the Hub
+        if config.resume:
+            if config.resume_from_huggingface:
+                from .hub import download_state
+
+                self.resume_folder = download_state(config)
+            else:
+                self.resume_folder = config.resume
         if config.seed is None:  # drawn once and kept: in the saved config, the metadata and the state
-            seed = saved_seed(config.resume) if config.resume and not config.resume_from_huggingface else None
+            seed = saved_seed(self.resume_folder) if self.resume_folder else None
             config = dataclasses.replace(config, seed=int.from_bytes(os.urandom(4), "little") if seed is None else seed)
         self.config = config
         self.seed = config.seed
@@ -319,14 +327,8 @@ class _Run:
         settings = self._settings()
         digest = hashlib.sha256(repr(sorted(settings.items())).encode()).hexdigest()[:16]
         progress = Progress(config_digest=digest, seed=self.seed, settings=settings)
-        if c.resume:
-            if c.resume_from_huggingface:
-                from .hub import download_state
-
-                resume = download_state(c)
-            else:
-                resume = c.resume
-            progress = load_state(resume, net, None if c.deepspeed else optimizer, scheduler, progress.config_digest,
+        if self.resume_folder:
+            progress = load_state(self.resume_folder, net, None if c.deepspeed else optimizer, scheduler, progress.config_digest,
                                   progress.settings, scaler=scaler)
         engine = None
         if c.deepspeed:  # after the resumed adapters are in place: the engine copies them as its master weights

@@ -142,6 +142,18 @@ def test_saves_are_uploaded_in_the_background_and_a_hub_state_resumes_exactly(ba
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_run_without_seed_resumes_from_the_hub_with_the_seed_it_drew(base, tmp_path, hub):
+    """seed unset: the state is downloaded before the run starts, so the resume takes back the seed the run drew
+    (written in train_state.json) and equals the uninterrupted run."""
+    full = train(_config(base, tmp_path / "full", seed=None, save_every_n_steps=2, save_state=True,
+                         huggingface_repo_id="me/lora", save_state_to_huggingface=True))
+    resumed = train(_config(base, tmp_path / "resumed", seed=None, resume="me/lora/t-step00000002-state",
+                            resume_from_huggingface=True))
+    assert len(hub.called("snapshot_download")) == 1  # downloaded once
+    a, b = load_file(full)[0], load_file(resumed)[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_failed_uploads_are_logged_and_training_keeps_its_saves(base, tmp_path, hub, caplog):
     hub.fail = ConnectionError("no network")
     with caplog.at_level(logging.INFO, logger="lorakit.train.hub"):
