@@ -108,13 +108,17 @@ def read_header(path: str | os.PathLike) -> dict:
         raise SafetensorsFileError(f"{path}: is a folder, expected a .safetensors file")
     size = os.path.getsize(path)
     with open(path, "rb") as f:
-        head = f.read(8)
-        if head.startswith(_ZIP_MAGIC) or head[:2] in _PICKLE_MAGICS:
+        head = f.read(9)
+        # A safetensors header is a JSON object, so byte 8 is "{": without it, the first bytes tell a pickle. (A
+        # header length such as 640 begins with the bytes of pickle's magic too.)
+        if head[8:9] != b"{" and (head.startswith(_ZIP_MAGIC) or head[:2] in _PICKLE_MAGICS):
             raise SafetensorsFileError(
                 f"{path}: is a PyTorch pickle checkpoint (.ckpt/.pt/.bin), not a safetensors file; lorakit "
                 "reads such files only under a .ckpt/.pt/.pth/.bin name, and then only their tensors "
                 "(weights_only=True: unpickling anything else can run code)"
             )
+        head = head[:8]
+        f.seek(8)
         if len(head) < 8:
             raise SafetensorsFileError(
                 f"{path}: is {size} bytes, too short for a safetensors file "

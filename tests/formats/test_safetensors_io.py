@@ -188,6 +188,24 @@ def test_pickle_checkpoint_is_recognised(tmp_path, how):
     assert "model.ckpt" in str(err.value)
 
 
+@pytest.mark.parametrize("header_bytes", [640, 896, 1152, 1408, 66176])
+def test_header_lengths_that_begin_like_a_pickle_are_read(tmp_path, header_bytes):
+    """A header length of 640 (or 896, 1152, 1408, mod 65536) is stored as 80 02 .. 80 05, pickle's magic bytes;
+    such a file is still a safetensors file, as its header tells."""
+    path = tmp_path / "h.safetensors"
+    tensors = {"w": torch.arange(6.0).reshape(2, 3)}
+    pad = 0
+    for _ in range(16):  # metadata padded until the header (aligned to 8 bytes) has the length asked for
+        sio.save_file(tensors, path, metadata={"pad": "x" * pad})
+        n = int.from_bytes(path.read_bytes()[:8], "little")
+        if n == header_bytes:
+            break
+        pad = max(0, pad + header_bytes - n - (0 if n < header_bytes else 7))
+    assert n == header_bytes and path.read_bytes()[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+    loaded, metadata = sio.load_file(path)
+    assert torch.equal(loaded["w"], tensors["w"]) and sio.read_metadata(path) == metadata == {"pad": "x" * pad}
+
+
 def test_read_metadata_reads_only_the_header(tmp_path, monkeypatch):
     path, _ = _saved(tmp_path)
     monkeypatch.setattr(sio.safetensors, "safe_open", None)  # would fail if tensors were opened
