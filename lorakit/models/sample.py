@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["SAMPLERS", "scheduler_for", "generate"]
+__all__ = ["SAMPLERS", "check_sampler", "scheduler_for", "generate"]
 
 # sd-scripts name -> (diffusers class, extra config). "k_" names are the same schedulers (k-diffusion spelling).
 SAMPLERS: dict[str, tuple[str, dict]] = {
@@ -37,14 +37,26 @@ for _name in ("lms", "euler", "euler_a", "dpm_2", "dpm_2_a"):
     SAMPLERS["k_" + _name] = SAMPLERS[_name]
 
 
-def scheduler_for(model, sampler: str = "euler_a"):
-    """A fresh diffusers scheduler for ``sampler`` with ``model``'s schedule. Unknown names -> ValueError."""
+def check_sampler(sampler: str) -> None:
+    """ValueError for an unknown name, or for a scheduler that cannot run here: diffusers' LMS needs scipy, and
+    without it fails only when the scheduler is built, mid-run for a trainer's samples."""
     key = sampler.lower()
     if key not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
     import diffusers
 
-    class_name, extra = SAMPLERS[key]
+    try:
+        getattr(diffusers, SAMPLERS[key][0])()
+    except ImportError as err:
+        raise ValueError(f"sampler {sampler!r} cannot run here: {err}") from None
+
+
+def scheduler_for(model, sampler: str = "euler_a"):
+    """A fresh diffusers scheduler for ``sampler`` with ``model``'s schedule. Unknown names -> ValueError."""
+    check_sampler(sampler)
+    import diffusers
+
+    class_name, extra = SAMPLERS[sampler.lower()]
     prediction = "v_prediction" if model.v_parameterization else model.scheduler_config.get("prediction_type", "epsilon")
     # clip_sample off: SD latents are not in [-1, 1] (sd-scripts turns it off too)
     return getattr(diffusers, class_name).from_config(dict(model.scheduler_config), prediction_type=prediction,

@@ -505,9 +505,14 @@ class _Sampler:
         self.config, self.model, self.net, self.names, self.seed = config, model, net, names, seed
         self.prompts, self.last_step, self.write = None, None, enabled
         if config.sample_prompts and (enabled or every_process):
+            from ..models.sample import check_sampler
             from .sample_prompts import read_sample_prompts
 
             self.prompts = read_sample_prompts(config.sample_prompts)  # bad files fail before training
+            try:
+                check_sampler(config.sample_sampler)
+            except ValueError as e:
+                raise ValueError(f"sample_sampler: {e}") from None
 
     def draw(self, step: int, epoch: int | None = None) -> None:
         """Samples at this step; `epoch` given (a draw of sample_every_n_epochs): named by epoch, as sd-scripts."""

@@ -94,11 +94,12 @@ def _typed(entry: dict, path: Path) -> SamplePrompt:
             values[side] = max(64, values[side] - values[side] % 8)
     sampler = values.get("sample_sampler")
     if sampler is not None:  # checked now, not when the first sample is drawn mid-run
-        from ..models.sample import SAMPLERS
+        from ..models.sample import check_sampler
 
-        if sampler.lower() not in SAMPLERS:
-            raise ValueError(f"sample_prompts={path}: unknown sampler {sampler!r} in {entry!r}; known: "
-                             f"{', '.join(SAMPLERS)}")
+        try:
+            check_sampler(sampler)
+        except ValueError as e:
+            raise ValueError(f"sample_prompts={path}: {e} (in {entry!r})") from None
     return SamplePrompt(**values)
 
 

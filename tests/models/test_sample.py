@@ -1,7 +1,6 @@
 """generate(): sampler names, sizes, seeds, SDXL conditioning, on small random demo-shaped models."""
 
 import functools
-import importlib.util
 
 import numpy as np
 import pytest
@@ -10,7 +9,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from lorakit.models.demo import random_model  # noqa: E402
-from lorakit.models.sample import SAMPLERS, generate, scheduler_for  # noqa: E402
+from lorakit.models.sample import SAMPLERS, check_sampler, generate, scheduler_for  # noqa: E402
 
 
 @functools.lru_cache(maxsize=None)
@@ -33,8 +32,6 @@ def test_sampler_names_map_to_sd_scripts_schedulers():
                 "dpmsingle": "DPMSolverSinglestepScheduler"}
     for name, cls in expected.items():
         assert SAMPLERS[name][0] == cls, name
-        if "lms" in name and importlib.util.find_spec("scipy") is None:
-            continue  # diffusers' LMS scheduler needs scipy
         s = scheduler_for(m, name)
         assert type(s).__name__ == cls, name
         # the model's own schedule, not the class default
@@ -75,11 +72,25 @@ def test_sizes_and_seed_reproducibility(name):
 @pytest.mark.parametrize("sampler", ["ddim", "pndm", "lms", "euler", "heun", "dpm_2", "dpm_2_a", "dpmsolver++",
                                      "dpmsingle"])
 def test_every_sampler_runs(sampler):
-    if sampler == "lms" and importlib.util.find_spec("scipy") is None:
-        pytest.skip("diffusers' LMS scheduler needs scipy")
     im = generate(_model("tiny-sd"), "a red circle", steps=4, sampler=sampler)[0]
     assert im.size == (64, 64)
     assert np.isfinite(_arr(im)).all()
+
+
+def test_a_sampler_whose_package_is_missing_is_refused_before_use(monkeypatch):
+    """diffusers' LMS scheduler needs scipy and, without it, fails only when built: check_sampler (which the
+    trainer runs before training) says so first."""
+    import diffusers
+
+    class WithoutScipy:  # what diffusers puts in the scheduler's place when scipy is not installed
+        def __init__(self, *args, **kwargs):
+            raise ImportError("LMSDiscreteScheduler requires the scipy library but it was not found in your "
+                              "environment.")
+
+    monkeypatch.setattr(diffusers, "LMSDiscreteScheduler", WithoutScipy)
+    with pytest.raises(ValueError, match="sampler 'k_lms' cannot run here: .*scipy"):
+        check_sampler("k_lms")
+    check_sampler("euler_a")
 
 
 def test_bad_arguments():
