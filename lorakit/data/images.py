@@ -25,9 +25,12 @@ _ORIENTATION_TAG = 0x0112
 
 
 def list_images(folder: str | os.PathLike) -> list[str]:
-    """The image files directly in ``folder`` (not in sub-folders), sorted by name."""
+    """The image files directly in ``folder`` (not in sub-folders), sorted by name. Hidden files are left out, as
+    sd-scripts' glob leaves them out: macOS writes a ``._name.png`` (AppleDouble, not an image) beside each image
+    copied to some drives or zipped."""
     folder = Path(folder)
-    return sorted(str(p) for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(str(p) for p in folder.iterdir()
+                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
 
 
 def _open(path: str) -> Image.Image:
@@ -58,13 +61,22 @@ def image_size(path: str) -> tuple[int, int]:
     return (height, width) if orientation in _SWAPPING_ORIENTATIONS else (width, height)
 
 
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """16-bit greyscale ("I;16", or "I" as Pillow opens some) scaled to 8 bits: convert("RGB") would clip every
+    value above 255, turning the image white. (16-bit colour PNGs open as 8-bit RGB already.)"""
+    if image.mode not in ("I", "I;16", "I;16B", "I;16L"):
+        return image
+    values = np.asarray(image).astype(np.float64)
+    return Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), "L")
+
+
 def load_image(path: str, alpha: bool = False) -> np.ndarray:
     """The upright RGB pixels [H, W, 3] uint8; with ``alpha``, RGBA [H, W, 4] (kohya's alpha_mask: an image
     without transparency gets alpha 255). A truncated or corrupt file is an error, never a partial image."""
     with _open(path) as image:
         try:
             image.load()
-            upright = ImageOps.exif_transpose(image)
+            upright = _eight_bit(ImageOps.exif_transpose(image))
             rgb = upright.convert("RGBA" if alpha else "RGB")
         except (OSError, SyntaxError, ValueError) as e:
             raise DatasetError(f"{path}: image data is damaged or truncated ({e})") from None

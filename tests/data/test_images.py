@@ -25,6 +25,15 @@ def test_rgba_and_grey_become_rgb(tmp_path):
     assert np.array_equal(load_image(str(tmp_path / "g.png")), np.full((8, 8, 3), 77, np.uint8))
 
 
+def test_sixteen_bit_grey_is_scaled_not_clipped(tmp_path):
+    ramp = np.linspace(0, 65535, 16 * 4).reshape(4, 16).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as opened:
+        assert opened.mode.startswith("I")  # what Pillow makes of a 16-bit greyscale PNG
+    expected = np.rint(ramp / 257.0).astype(np.uint8)
+    assert np.array_equal(load_image(str(tmp_path / "g16.png")), np.repeat(expected[..., None], 3, axis=2))
+
+
 def test_exif_orientation(tmp_path):
     # Stored 40 wide x 20 high, with orientation 6 ("rotate 90 clockwise to view"): upright it is 20 x 40.
     stored = np.zeros((20, 40, 3), np.uint8)
@@ -40,7 +49,7 @@ def test_exif_orientation(tmp_path):
 
 
 def test_list_images(tmp_path):
-    for name in ["b.PNG", "a.jpg", "c.webp", "notes.txt", "d.gif"]:
+    for name in ["b.PNG", "a.jpg", "c.webp", "notes.txt", "d.gif", "._a.jpg", ".hidden.png"]:  # (macOS' ._ files)
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "sub.png").mkdir()
     assert [p.split("/")[-1] for p in list_images(tmp_path)] == ["a.jpg", "b.PNG", "c.webp"]
