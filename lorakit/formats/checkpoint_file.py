@@ -13,13 +13,16 @@ from typing import Any
 
 import torch
 
-from .safetensors_io import SafetensorsFileError, read_header
+from .safetensors_io import MAX_HEADER_BYTES, SafetensorsFileError, read_header
 
 __all__ = ["CheckpointFileError", "CheckpointReader"]
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+# First bytes of a torch.save zip archive and of a pickle of protocol 2..5 (torch.save's legacy format).
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_MAGICS = tuple(bytes([0x80, p]) for p in range(2, 6))
 
 
 class CheckpointFileError(ValueError):
@@ -59,25 +62,63 @@ class CheckpointReader:
                          for k, v in header.items()}
         self._handle = open(self.path, "rb")
 
+    def _is_safetensors(self) -> bool:
+        """Whether the file begins as a safetensors file does: an 8-byte header length that fits the file,
+        then the JSON header's "{". No torch.save zip archive or pickle begins so."""
+        with open(self.path, "rb") as f:
+            head = f.read(9)
+        if len(head) < 9 or head[8:9] != b"{":
+            return False
+        n = int.from_bytes(head[:8], "little")
+        return 2 <= n <= MAX_HEADER_BYTES and 8 + n <= os.path.getsize(self.path)
+
     def _open_pickle(self) -> None:
+        if os.path.isdir(self.path):
+            raise CheckpointFileError(f"{self.path}: is a folder, expected a .ckpt/.pt/.pth/.bin model file")
+        if self._is_safetensors():
+            # A safetensors file under a pickle name (renamed, or a diffusers .bin that is not one): reading its
+            # header and tensors runs no code, so it is read as what it is.
+            try:
+                self._open_safetensors()
+            except CheckpointFileError as e:
+                raise CheckpointFileError(f"{e} (the file has a .ckpt/.pt/.pth/.bin name but begins as a "
+                                          "safetensors file)") from None
+            return
+        with open(self.path, "rb") as f:
+            head = f.read(16)
+        looks_like_torch = head.startswith(_ZIP_MAGIC) or head[:2] in _PICKLE_MAGICS
+
+        def unreadable(detail: str) -> CheckpointFileError:
+            if not looks_like_torch:
+                found = "an empty file" if not head else f"a file beginning with {head[:16]!r}"
+                return CheckpointFileError(
+                    f"{self.path}: not a PyTorch checkpoint: expected a torch.save zip archive or pickle (or a "
+                    f"safetensors file), found {found} ({detail})")
+            return CheckpointFileError(f"{self.path}: not a readable PyTorch checkpoint (truncated or "
+                                       f"corrupt?): {detail}")
+
         data = None
         for mmap in (True, False):  # mmap needs the zip format of torch>=1.6; old files fall back
             try:
                 data = torch.load(self.path, map_location="cpu", weights_only=True, mmap=mmap)
                 break
             except pickle.UnpicklingError as e:
-                raise CheckpointFileError(
-                    f"{self.path}: this pickle needs more than plain tensors to load ({str(e).splitlines()[0]}); "
-                    "lorakit loads .ckpt files with weights_only=True only, because unpickling anything else "
-                    "can run code. Convert it to .safetensors with a tool you trust.") from None
+                text = str(e)
+                if looks_like_torch and "Unsupported global" in text:
+                    raise CheckpointFileError(
+                        f"{self.path}: this pickle needs more than plain tensors to load ({text.splitlines()[0]}); "
+                        "lorakit loads .ckpt files with weights_only=True only, because unpickling anything else "
+                        "can run code. Convert it to .safetensors with a tool you trust.") from None
+                # The weights-only unpickler's verdict on bytes that are no pickle ("Unsupported operand 235").
+                detail = next((line.strip() for line in text.splitlines() if "Unsupported" in line),
+                              text.splitlines()[0] if text else type(e).__name__)
+                raise unreadable(detail) from None
             except RuntimeError as e:
                 if mmap and "mmap" in str(e).lower():
                     continue
-                raise CheckpointFileError(f"{self.path}: not a readable PyTorch checkpoint (truncated or "
-                                          f"corrupt?): {str(e).splitlines()[0]}") from None
-            except (EOFError, OSError, ValueError) as e:
-                raise CheckpointFileError(f"{self.path}: not a readable PyTorch checkpoint (truncated or "
-                                          f"corrupt?): {e}") from None
+                raise unreadable(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+            except Exception as e:  # noqa: BLE001 - the unpickler raises KeyError, IndexError, ... on garbage
+                raise unreadable(f"{type(e).__name__}: {e}") from None
         if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
             self.extra = {k: v for k, v in data.items() if k != "state_dict"}
             data = data["state_dict"]
