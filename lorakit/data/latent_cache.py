@@ -1,6 +1,7 @@
 """Latent caching: each image encoded by the VAE once, kept in memory or in a ``.npz`` file reused across runs.
 
-A disk cache file (``<image stem>_lorakit.npz`` next to the image, or ``<cache_dir>/<stem>-<path hash>.npz``)
+A disk cache file (``<image stem>_lorakit.npz`` next to the image (``<image name>_lorakit.npz`` where two images
+share a stem), or ``<cache_dir>/<stem>-<path hash>.npz``)
 stores the latents (and the flipped image's latents with ``flip_aug``), the SDXL conditioning of the crop, and
 ``cache_key``: a SHA-256 of the image file's bytes, its bucket and resized size, ``flip_aug``, the VAE's
 identity (class, config, dtype and a hash of its weights) and this format's version. A file whose key differs is
@@ -25,6 +26,7 @@ import torch
 
 from ..formats.atomic import atomic_write
 from ..formats.hashes import file_sha256
+from .cache_files import READ_ERRORS, cache_base, shared_stems
 from .dataset import ImageEntry, TrainDataset
 from .errors import DatasetError
 from .fingerprint import module_fingerprint
@@ -49,10 +51,12 @@ def cache_key(entry: ImageEntry, flip_aug: bool, vae_id: str, alpha_mask: bool =
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
-def cache_path(image_path: str, cache_dir: str | None = None) -> str:
+def cache_path(image_path: str, cache_dir: str | None = None, shared: frozenset[str] | set[str] = frozenset()) -> str:
+    """``shared``: image paths whose stem another image has (cache_files.shared_stems); they keep their extension
+    in the name."""
     stem = os.path.splitext(os.path.basename(image_path))[0]
     if cache_dir is None:
-        return os.path.splitext(image_path)[0] + "_lorakit.npz"
+        return cache_base(image_path, shared) + "_lorakit.npz"
     tag = hashlib.sha256(os.path.abspath(image_path).encode()).hexdigest()[:12]
     return os.path.join(cache_dir, f"{stem}-{tag}.npz")
 
@@ -66,8 +70,12 @@ def _valid(path: str, key: str | None, alpha_mask: bool = False) -> bool:
         with np.load(path) as npz:
             if key is None:
                 return "latents" in npz and (not alpha_mask or "alpha_mask" in npz)
-            return "cache_key" in npz and str(npz["cache_key"]) == key
-    except (OSError, ValueError, EOFError):  # damaged or not an npz: rebuild it
+            if "cache_key" not in npz or str(npz["cache_key"]) != key:
+                return False
+            for name in npz.files:  # every array read once, so that damaged data is rebuilt now, not mid-run
+                npz[name]
+            return True
+    except READ_ERRORS:  # damaged or not an npz: rebuild it
         return False
 
 
@@ -110,9 +118,10 @@ def cache_latents(dataset: TrainDataset, vae: torch.nn.Module, *, vae_batch_size
     vae_id = module_fingerprint(vae)
     pending: list[tuple[ImageEntry, str, str]] = []
     reused = 0
+    shared = shared_stems(e.path for e in dataset.entries)
     for entry in sorted(dataset.entries, key=lambda e: (e.choice.bucket[0] * e.choice.bucket[1], e.choice.bucket)):
         subset = dataset.subsets[entry.subset]
-        path = cache_path(entry.path, cache_dir) if to_disk else None
+        path = cache_path(entry.path, cache_dir, shared) if to_disk else None
         if to_disk and skip_check and _valid(path, None, subset.alpha_mask):
             entry.cache_file, reused = path, reused + 1
             continue
@@ -174,7 +183,7 @@ def read_cached_mask(entry: ImageEntry) -> torch.Tensor:
     try:
         with np.load(entry.cache_file) as npz:
             return torch.from_numpy(npz["alpha_mask"])
-    except (OSError, ValueError, KeyError, EOFError) as e:
+    except READ_ERRORS as e:
         raise DatasetError(f"{entry.cache_file}: the alpha mask of {entry.path} cannot be read from its latent cache "
                            f"({e}); delete the file and cache again") from None
 
@@ -190,7 +199,7 @@ def read_cached(entry: ImageEntry) -> tuple[torch.Tensor, torch.Tensor | None, C
             cond = Conditioning(tuple(int(v) for v in npz["original_size_hw"]),
                                 tuple(int(v) for v in npz["crop_top_left"]),
                                 tuple(int(v) for v in npz["target_size_hw"]))
-    except (OSError, ValueError, KeyError, EOFError) as e:
+    except READ_ERRORS as e:
         raise DatasetError(f"{entry.cache_file}: latent cache file of {entry.path} cannot be read ({e}); delete it "
                            "and cache again") from None
     return latents, flipped, cond

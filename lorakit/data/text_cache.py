@@ -1,5 +1,6 @@
 """sd-scripts' ``cache_text_encoder_outputs_to_disk``: each image's caption encoded once by the frozen text encoders
-and kept next to the image as ``<image stem>_te_outputs.npz``, reused across runs.
+and kept next to the image as ``<image stem>_te_outputs.npz`` (``<image name>_te_outputs.npz`` where two images
+share a stem), reused across runs.
 
 Arrays use sd-scripts' names: ``hidden_state1`` [S, D1] (the first text encoder's states; SD1/SD2: the only one),
 and for SDXL ``hidden_state2`` [S, D2] and ``pool2`` [P]; float32. ``cache_key`` (lorakit's) is a SHA-256 of the
@@ -18,6 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .cache_files import READ_ERRORS, cache_base, shared_stems
 from .captions import process_caption
 from .errors import DatasetError
 from .latent_cache import _write_npz
@@ -28,8 +30,9 @@ SUFFIX = "_te_outputs.npz"  # sd-scripts' TEXT_ENCODER_OUTPUTS_CACHE_SUFFIX
 FORMAT = "lorakit-te-outputs-1"
 
 
-def text_cache_path(image_path: str) -> str:
-    return os.path.splitext(image_path)[0] + SUFFIX
+def text_cache_path(image_path: str, shared: frozenset[str] | set[str] = frozenset()) -> str:
+    """``shared``: image paths whose stem another image has (cache_files.shared_stems)."""
+    return cache_base(image_path, shared) + SUFFIX
 
 
 def _key(caption: str, identity: str) -> str:
@@ -40,7 +43,7 @@ def _valid(path: str, key: str | None) -> bool:
     try:
         with np.load(path) as npz:
             return "hidden_state1" in npz and (key is None or ("cache_key" in npz and str(npz["cache_key"]) == key))
-    except (OSError, ValueError, EOFError):  # missing, damaged or not an npz: rebuild it
+    except READ_ERRORS:  # missing, damaged or not an npz: rebuild it
         return False
 
 
@@ -53,10 +56,11 @@ def cache_text_outputs(dataset, encode: Callable[[list[str]], tuple[torch.Tensor
     dropout, warmup and wildcards with this cache). Returns {"encoded": n, "reused": m}."""
     pending: list[tuple[object, str, str, str]] = []
     reused = 0
+    shared = shared_stems(e.path for e in dataset.entries)
     for entry in dataset.entries:
         subset = dataset.subsets[entry.subset]
         caption = process_caption(entry.caption, subset, random.Random(0), 1)
-        path, key = text_cache_path(entry.path), _key(caption, identity)
+        path, key = text_cache_path(entry.path, shared), _key(caption, identity)
         if _valid(path, None if skip_check else key):
             entry.te_cache_file, reused = path, reused + 1
             continue
@@ -89,7 +93,7 @@ def read_text_outputs(path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
             pooled = torch.from_numpy(npz["pool2"]) if "pool2" in npz else None
             if not parts:
                 raise KeyError("hidden_state1")
-    except (OSError, ValueError, KeyError, EOFError) as e:
+    except READ_ERRORS as e:
         raise DatasetError(f"{path}: text encoder output cache file cannot be read ({e}); delete it and cache "
                            "again") from None
     return torch.cat(parts, dim=-1), pooled

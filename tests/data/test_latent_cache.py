@@ -104,6 +104,46 @@ def test_disk_cache_reused_and_invalidated(tmp_path):
     assert cache_latents(make(tmp_path, resolution=128), FakeVAE(seed=1), to_disk=True) == {"encoded": 1, "reused": 2}
 
 
+def test_truncated_or_corrupted_cache_files_are_rebuilt(tmp_path):
+    """A cache file cut short (an interrupted copy) or with a flipped byte in its data is rebuilt when caching,
+    not reused to fail mid-run with a zip error."""
+    vae = FakeVAE()
+    cache_latents(make(tmp_path), vae, to_disk=True)
+    cut, flipped = tmp_path / "imgs/0_lorakit.npz", tmp_path / "imgs/1_lorakit.npz"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    data = bytearray(flipped.read_bytes())
+    start = data.index(b"latents.npy") + 200  # inside the stored latents array
+    data[start] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    ds = make(tmp_path)
+    assert cache_latents(ds, vae, to_disk=True) == {"encoded": 2, "reused": 1}
+    for entry in ds.entries:
+        assert npz(entry.cache_file)["latents"].shape == (4, 8, 8)
+
+
+def test_images_sharing_a_stem_get_their_own_cache_files(tmp_path):
+    """a.png and a.jpg in one folder: each its own file (named with its extension), reused on the next run."""
+    folder = tmp_path / "imgs"
+    red, blue = np.zeros((64, 64, 3), np.uint8), np.zeros((64, 64, 3), np.uint8)
+    red[..., 0], blue[..., 2] = 255, 255
+    folder.mkdir()
+    Image.fromarray(red).save(folder / "a.png")
+    Image.fromarray(blue).save(folder / "a.jpg", quality=100)
+    write_image(str(folder / "b.png"), 64, 64, seed=0)
+
+    def dataset():
+        return TrainDataset(DatasetSpec([SubsetSpec(image_dir=str(folder))], resolution=64), seed=1)
+
+    vae = FakeVAE()
+    ds = dataset()
+    assert cache_latents(ds, vae, to_disk=True) == {"encoded": 3, "reused": 0}
+    files = {os.path.basename(e.path): os.path.basename(e.cache_file) for e in ds.entries}
+    assert files == {"a.png": "a.png_lorakit.npz", "a.jpg": "a.jpg_lorakit.npz", "b.png": "b_lorakit.npz"}
+    by_name = {os.path.basename(e.path): npz(e.cache_file)["latents"] for e in ds.entries}
+    assert not np.array_equal(by_name["a.png"], by_name["a.jpg"])
+    assert cache_latents(dataset(), vae, to_disk=True) == {"encoded": 0, "reused": 3}
+
+
 def test_cache_dir_and_vae_batches(tmp_path):
     vae = FakeVAE()
     ds = make(tmp_path, n=5)

@@ -1,0 +1,25 @@
+"""What the disk caches (latents, text-encoder outputs) share: the errors a damaged ``.npz`` raises, and names that
+keep two images of one stem (``a.png``, ``a.jpg``) from sharing a file."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from collections import Counter
+from typing import Iterable
+
+# np.load of a truncated or bit-flipped npz: a zip error (not an OSError), or a CRC error when an array is read
+READ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile)
+
+
+def cache_base(image_path: str, shared: frozenset[str] | set[str] = frozenset()) -> str:
+    """The path a cache file name starts from: the image's path without its extension, or with it where another
+    image of the dataset has the same stem (``shared``, from ``shared_stems``)."""
+    return image_path if image_path in shared else os.path.splitext(image_path)[0]
+
+
+def shared_stems(image_paths: Iterable[str]) -> set[str]:
+    """The image paths whose stem (path without extension) another image path has too."""
+    paths = set(image_paths)
+    counts = Counter(os.path.splitext(p)[0] for p in paths)
+    return {p for p in paths if counts[os.path.splitext(p)[0]] > 1}

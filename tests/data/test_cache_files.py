@@ -1,0 +1,40 @@
+"""Cache file names: two images of one stem (a.png, a.jpg) never share a text-encoder output cache file."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from lorakit.data.cache_files import shared_stems
+from lorakit.data.dataset import TrainDataset
+from lorakit.data.spec import DatasetSpec, SubsetSpec
+from lorakit.data.text_cache import cache_text_outputs, read_text_outputs
+
+from .conftest import write_image
+
+
+def test_shared_stems():
+    assert shared_stems(["d/a.png", "d/a.jpg", "d/b.png", "e/a.png", "d/a.png"]) == {"d/a.png", "d/a.jpg"}
+
+
+def test_text_outputs_of_images_sharing_a_stem_are_kept_apart(tmp_path):
+    folder = tmp_path / "imgs"
+    for name, seed in (("a.png", 0), ("a.jpg", 1), ("b.png", 2)):
+        write_image(str(folder / name), 64, 64, seed=seed)
+    (folder / "a.caption").write_text("shared caption")
+    (folder / "b.caption").write_text("b")
+
+    def encode(captions):  # the caption's length and its first letter's code: a fake encoding
+        hidden = torch.tensor([[[len(c), ord(c[:1] or " ")]] for c in captions], dtype=torch.float32)
+        return hidden, None
+
+    ds = TrainDataset(DatasetSpec([SubsetSpec(image_dir=str(folder))], resolution=64), seed=1)
+    assert cache_text_outputs(ds, encode, "id") == {"encoded": 3, "reused": 0}
+    names = {os.path.basename(e.path): os.path.basename(e.te_cache_file) for e in ds.entries}
+    assert names == {"a.png": "a.png_te_outputs.npz", "a.jpg": "a.jpg_te_outputs.npz", "b.png": "b_te_outputs.npz"}
+    for entry in ds.entries:
+        hidden, _ = read_text_outputs(entry.te_cache_file)
+        assert np.array_equal(hidden.numpy(), encode([entry.caption])[0][0].numpy())
+    assert cache_text_outputs(ds, encode, "id") == {"encoded": 0, "reused": 3}
