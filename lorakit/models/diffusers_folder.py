@@ -14,9 +14,23 @@ import torch
 from ..formats.checkpoint_file import CheckpointReader
 from .detect import ModelKindError
 
-__all__ = ["folder_kind", "weight_files", "read_component_tensors"]
+__all__ = ["folder_kind", "weight_files", "read_component_tensors", "read_json"]
 
 _SHARD = re.compile(r"-\d{5}-of-\d{5}$")
+
+
+def read_json(file: Path) -> dict:
+    """The JSON object in ``file`` (a config.json or model_index.json); ModelKindError naming the file if it is
+    not valid JSON or not an object."""
+    try:
+        data = json.loads(Path(file).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ModelKindError(f"{file}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise ModelKindError(f"{file}: not valid JSON (not UTF-8 text: {e.reason} at byte {e.start})") from None
+    if not isinstance(data, dict):
+        raise ModelKindError(f"{file}: expected a JSON object ({{...}}), found a {type(data).__name__}")
+    return data
 
 
 def folder_kind(root: Path) -> str:
@@ -25,7 +39,7 @@ def folder_kind(root: Path) -> str:
     if not index_file.is_file():
         raise ModelKindError(f"{root}: not a diffusers model folder (no model_index.json); expected a folder with "
                              "model_index.json, unet/, vae/, text_encoder/ ... or a single checkpoint file")
-    index = json.loads(index_file.read_text(encoding="utf-8"))
+    index = read_json(index_file)
     pipeline = str(index.get("_class_name", ""))
     if "text_encoder_2" in index and index.get("text_encoder") not in (None, [None, None]):
         return "sdxl"
@@ -35,7 +49,7 @@ def folder_kind(root: Path) -> str:
     if not te_config.is_file():
         raise ModelKindError(f"{root}: diffusers folder has no text_encoder/config.json")
     # SD2's OpenCLIP encoder uses gelu; SD1's OpenAI CLIP uses quick_gelu (whatever the widths).
-    act = json.loads(te_config.read_text(encoding="utf-8")).get("hidden_act", "quick_gelu")
+    act = read_json(te_config).get("hidden_act", "quick_gelu")
     return "sd2" if act == "gelu" else "sd1"
 
 

@@ -9,7 +9,6 @@ needs about the memory of the finished model, not twice it.
 from __future__ import annotations
 
 import copy
-import json
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -182,12 +181,14 @@ def _load_folder(folder: str, *, v2, v_parameterization, sdxl, dtype, vae_dtype,
 # --- shared --------------------------------------------------------------------------------------------------
 def _folder_configs(root: Path, components: list[str], what: str) -> dict[str, dict[str, Any]]:
     """The config dicts of ``components`` in a diffusers-style folder (``what`` names it in errors)."""
+    from .diffusers_folder import read_json
+
     out = {}
     for component in components:
         file = component_config_file(root, component)
         if not file.is_file():
             raise ModelKindError(f"{root}: {what} has no {component}/{file.name}")
-        out[component] = json.loads(file.read_text(encoding="utf-8"))
+        out[component] = read_json(file)
     return out
 
 

@@ -3,7 +3,6 @@ a diffusers VAE weight file, or a diffusers folder (the VAE's own or a whole mod
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -14,7 +13,7 @@ from ..formats.checkpoint_file import CheckpointReader
 from ..formats.checkpoint_layout import to_diffusers_recipes
 from .assemble import fill_component
 from .detect import ModelKindError, classify_keys
-from .diffusers_folder import read_component_tensors
+from .diffusers_folder import read_component_tensors, read_json
 
 __all__ = ["load_vae"]
 
@@ -30,7 +29,7 @@ def load_vae(source: str | os.PathLike, kind: str, default_config: Mapping[str, 
         config_file = folder / "config.json"
         if not config_file.is_file():
             raise ModelKindError(f"vae={source}: a folder without config.json (expected a diffusers VAE folder)")
-        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config = read_json(config_file)
         return fill_component("vae", config, lambda m: read_component_tensors(folder, m), dtype, f"vae={source}")
     if not source.is_file():
         raise FileNotFoundError(f"vae={source}: no such file or folder")

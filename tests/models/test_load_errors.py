@@ -146,3 +146,43 @@ def test_bad_vae_file(sd_tensors, tmp_path):
     lora = _write(tmp_path, {"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, "lora.safetensors")
     with pytest.raises(ModelKindError, match=r"vae=.*lora.safetensors: expected a VAE.*adapter"):
         load_model(path, vae=lora)
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    from lorakit.models.save import save_diffusers
+
+    folder = tmp_path_factory.mktemp("folder") / "tiny_sd"
+    save_diffusers(_model("tiny-sd"), folder)
+    return folder
+
+
+def _broken_copy(folder, tmp_path, relative, text):
+    import shutil
+
+    copy = tmp_path / "broken"
+    shutil.copytree(folder, copy)
+    (copy / relative).write_text(text, encoding="utf-8")
+    return copy
+
+
+@pytest.mark.parametrize("relative", ["model_index.json", "unet/config.json", "text_encoder/config.json",
+                                      "vae/config.json", "scheduler/scheduler_config.json"])
+def test_broken_json_in_a_model_folder_is_named(sd_folder, tmp_path, relative):
+    folder = _broken_copy(sd_folder, tmp_path, relative, '{"_class_name": "X", "block_out_channels": [32, 32,')
+    with pytest.raises(ModelKindError, match=rf"broken/{relative}: not valid JSON \(.*line 1 column \d+\)"):
+        load_model(folder)
+
+
+def test_broken_json_in_config_and_vae_folders_is_named(sd_folder, sd_tensors, tmp_path):
+    folder = _broken_copy(sd_folder, tmp_path, "unet/config.json", "{oops")
+    path = _write(tmp_path, sd_tensors)
+    with pytest.raises(ModelKindError, match=r"broken/unet/config.json: not valid JSON \(Expecting property"):
+        load_model(path, config=folder)
+    (folder / "unet/config.json").write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(ModelKindError, match=r"broken/unet/config.json: expected a JSON object.*list"):
+        load_model(path, config=folder)
+    (folder / "vae/config.json").write_text("{oops", encoding="utf-8")
+    for vae in (folder, folder / "vae"):
+        with pytest.raises(ModelKindError, match=r"broken/vae/config.json: not valid JSON"):
+            load_model(path, vae=vae)
