@@ -185,7 +185,8 @@ class TrainDataset(torch.utils.data.Dataset):
             if spec.validation_split > 0:
                 sized = self._split(sized, spec, subset)
             self.image_counts.append(len(sized))
-            self._count_tags(subset, [im.caption for im, _ in sized])
+            # sd-scripts counts a metadata file's "tags" only (not its captions), a folder's whole captions
+            self._count_tags(subset, [(im.tags or "") if subset.metadata_file else im.caption for im, _ in sized])
             masks = _mask_images(subset, [im.path for im, _ in sized])
             repeats = 1 if self.validation else subset.num_repeats
             for (im, size), mask_path in zip(sized, masks):

@@ -75,6 +75,7 @@ class SourceImage:
     path: str
     caption: str
     size: tuple[int, int] | None = None  # (width, height) when known without opening the image (cache_info)
+    tags: str | None = None  # a metadata entry's "tags" beside a caption: what its ss_tag_frequency counts
 
 
 def subset_images(subset: SubsetSpec) -> list[SourceImage]:
@@ -141,9 +142,14 @@ def _metadata_images(subset: SubsetSpec) -> list[SourceImage]:
         caption, tags = entry.get("caption"), entry.get("tags")
         if caption is None:
             caption, tags = tags, None
-        if tags:
-            caption = caption + subset.caption_separator + tags
-        out.append(SourceImage(image, caption or ""))
+        sep = subset.caption_separator
+        if subset.enable_wildcard:  # sd-scripts: the tags as one line, added to every line of the caption
+            if tags is not None:
+                tags = tags.replace("\n", sep)
+                caption = "\n".join(f"{line}{sep}{tags}" for line in caption.split("\n") if line.strip())
+        elif tags:
+            caption = caption + sep + tags
+        out.append(SourceImage(image, caption or "", tags=tags or None))
     return out
 
 

@@ -97,6 +97,24 @@ def test_metadata_file(tmp_path, image_factory):
         subset_images(SubsetSpec(image_dir=str(tmp_path / "imgs"), metadata_file=str(meta)))
 
 
+def test_metadata_tags_with_wildcards_go_on_every_caption_line_and_are_what_tag_frequency_counts(tmp_path,
+                                                                                                   image_factory):
+    """sd-scripts' FineTuningDataset: with enable_wildcard the tags (made one line) follow every non-blank caption
+    line, so each drawn line trains with them; ss_tag_frequency of a metadata subset counts its tags only."""
+    image_factory("imgs/a.png")
+    image_factory("imgs/b.png")
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"a": {"caption": "a photo of sks\n\nsks standing", "tags": "red hat,\nsmile"},
+                                "b": {"caption": "a dog", "tags": "Smile"}}))
+    wild = SubsetSpec(image_dir=str(tmp_path / "imgs"), metadata_file=str(meta), enable_wildcard=True)
+    assert [i.caption for i in subset_images(wild)] == ["a photo of sks,red hat,,smile\nsks standing,red hat,,smile",
+                                                        "a dog,Smile"]
+    plain = SubsetSpec(image_dir=str(tmp_path / "imgs"), metadata_file=str(meta))
+    assert [i.caption for i in subset_images(plain)][1] == "a dog,Smile"
+    ds = TrainDataset(DatasetSpec([plain], resolution=64))
+    assert ds.tag_frequency == {"meta.json": {"red hat": 1, "smile": 2}}
+
+
 def test_bad_caption_stops_the_build(tmp_path, image_factory):
     path, _ = image_factory("train/1_x/a.png")
     (tmp_path / "train/1_x/a.txt").write_bytes(b"\xff\xfeb\x00a\x00d\x00")  # UTF-16
