@@ -66,19 +66,21 @@ def _pick(transform: Callable[[list[Tensor]], list[Tensor]], index: int, tensors
 
 
 def to_diffusers_recipes(kind: str, component: str, model_keys: Iterable[str], model_config: Any,
-                         checkpoint_keys: Iterable[str]) -> dict[str, Recipe]:
+                         checkpoint_keys: Iterable[str], prefix: str | None = None) -> dict[str, Recipe]:
     """A ``Recipe`` for every key of the target module's state dict (``model_keys``), reading the
     component's checkpoint keys (prefix stripped). Raises ``ValueError`` naming the checkpoint keys that
-    are needed but missing, or the model keys that have no counterpart at all."""
+    are needed but missing, or the model keys that have no counterpart at all. ``prefix``: the prefix the
+    keys had in the file, for the message (default the component's ``COMPONENT_PREFIXES`` entry; "" for a
+    file without one, such as a VAE file of bare ``encoder.*``/``decoder.*`` keys)."""
     present = set(checkpoint_keys)
     links = _links(kind, component, model_keys, model_config, present)
     missing = [(src, link.model[0]) for link in links for src in link.checkpoint if src not in present]
     if missing:
         shown = ", ".join(f"{src!r} (for {key!r})" for src, key in missing[:10])
         more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
-        prefix = COMPONENT_PREFIXES[kind][component]
-        raise ValueError(f"{kind} {component}: the checkpoint lacks {len(missing)} key(s) under {prefix!r}: "
-                         f"{shown}{more}")
+        prefix = COMPONENT_PREFIXES[kind][component] if prefix is None else prefix
+        under = f" under {prefix!r}" if prefix else ""
+        raise ValueError(f"{kind} {component}: the checkpoint lacks {len(missing)} key(s){under}: {shown}{more}")
     recipes = {}
     for link in links:
         for i, key in enumerate(link.model):

@@ -100,7 +100,8 @@ def _load_single_file(path: str, *, v2, v_parameterization, sdxl, config, dtype,
                   if k not in used and not k.startswith(_DROPPED_PREFIXES)
                   and not (skipped_vae and k.startswith(skipped_vae))}
         if vae is not None:
-            modules["vae"] = _separate_vae(vae, kind, configs["vae"], vae_dtype)
+            modules["vae"] = _separate_vae(vae, kind, configs["vae"], vae_dtype,
+                                           "the VAE config of the model's config")
         return _model(kind, v_pred, modules, configs["scheduler"], path, extras)
 
 
@@ -129,7 +130,7 @@ def _recipes_checked(reader, kind, component, config, prefix):
     module = component_on_meta(component, config)
     ckpt_keys = [k[len(prefix):] for k in reader.keys() if k.startswith(prefix)]
     shapes = {k: v.shape for k, v in module.state_dict().items()}
-    recipes = to_diffusers_recipes(kind, component, shapes.keys(), module.config, ckpt_keys)
+    recipes = to_diffusers_recipes(kind, component, shapes.keys(), module.config, ckpt_keys, prefix=prefix)
     for key, recipe in recipes.items():
         got = recipe.build([reader.meta_tensor(prefix + s) for s in recipe.sources]).shape
         if got != shapes[key]:
@@ -172,9 +173,14 @@ def _load_folder(folder: str, *, v2, v_parameterization, sdxl, dtype, vae_dtype,
     configs["scheduler"]["prediction_type"] = "v_prediction" if v_pred else "epsilon"
     modules = {c: fill_component(c, configs[c], lambda m, c=c: read_component_tensors(root / c, m),
                                  vae_dtype if c == "vae" else dtype, f"{root / c}") for c in components}
-    if vae is not None:
-        modules["vae"] = _separate_vae(vae, kind, _configs(CANDIDATE_CONFIGS[kind][0], kind, v_pred)["vae"],
-                                       vae_dtype)
+    if vae is not None:  # a single-file vae= is read with the folder's own VAE config when it has one
+        if component_config_file(root, "vae").is_file():
+            vae_config = _folder_configs(root, ["vae"], "diffusers folder")["vae"]
+            origin = str(component_config_file(root, "vae"))
+        else:
+            vae_config = _configs(CANDIDATE_CONFIGS[kind][0], kind, v_pred)["vae"]
+            origin = f"the bundled {CANDIDATE_CONFIGS[kind][0]!r} VAE config"
+        modules["vae"] = _separate_vae(vae, kind, vae_config, vae_dtype, origin)
     return _model(kind, v_pred, modules, configs["scheduler"], folder, {})
 
 
@@ -201,7 +207,8 @@ def _model(kind, v_pred, modules, scheduler_config, source, extras) -> StableDif
                                 scheduler_config=dict(scheduler_config), source=source, extras=extras)
 
 
-def _separate_vae(source, kind: str, default_config: Mapping[str, Any], dtype) -> torch.nn.Module:
+def _separate_vae(source, kind: str, default_config: Mapping[str, Any], dtype,
+                  config_origin: str) -> torch.nn.Module:
     from .vae_file import load_vae
 
-    return load_vae(source, kind, default_config, dtype)
+    return load_vae(source, kind, default_config, dtype, config_origin)

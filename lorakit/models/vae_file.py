@@ -21,8 +21,9 @@ _LDM_PREFIX = "first_stage_model."
 
 
 def load_vae(source: str | os.PathLike, kind: str, default_config: Mapping[str, Any],
-             dtype: torch.dtype | None) -> torch.nn.Module:
-    """The AutoencoderKL in ``source``; ``default_config`` (the model's VAE config) is used for single files."""
+             dtype: torch.dtype | None, config_origin: str = "the model's VAE config") -> torch.nn.Module:
+    """The AutoencoderKL in ``source``; ``default_config`` (the model's VAE config, from ``config_origin``, which
+    errors name) is used for single files."""
     source = Path(source)
     if source.is_dir():
         folder = source / "vae" if (source / "vae" / "config.json").is_file() else source
@@ -39,7 +40,11 @@ def load_vae(source: str | os.PathLike, kind: str, default_config: Mapping[str, 
         inner = [k[len(prefix):] for k in keys if k.startswith(prefix)]
         if any(k.startswith("encoder.down.") for k in inner):
             def tensors(module):
-                recipes = to_diffusers_recipes(kind, "vae", module.state_dict().keys(), module.config, inner)
+                try:
+                    recipes = to_diffusers_recipes(kind, "vae", module.state_dict().keys(), module.config, inner,
+                                                   prefix=prefix)
+                except ValueError as e:
+                    raise ModelKindError(f"vae={source}: {e} (checked against {config_origin})") from None
                 return ((key, r.build([reader.get(prefix + s) for s in r.sources])) for key, r in recipes.items())
         elif any(k.startswith("encoder.down_blocks.") for k in inner):
             def tensors(module):

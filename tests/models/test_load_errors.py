@@ -186,3 +186,16 @@ def test_broken_json_in_config_and_vae_folders_is_named(sd_folder, sd_tensors, t
     for vae in (folder, folder / "vae"):
         with pytest.raises(ModelKindError, match=r"broken/vae/config.json: not valid JSON"):
             load_model(path, vae=vae)
+
+
+def test_vae_file_missing_a_key_names_the_file_and_no_absent_prefix(sd_tensors, tmp_path):
+    path = _write(tmp_path, sd_tensors)
+    for prefix in ("", "first_stage_model."):
+        vae = {prefix + k.removeprefix("first_stage_model."): v for k, v in sd_tensors.items()
+               if k.startswith("first_stage_model.")}
+        del vae[prefix + "decoder.up.0.block.0.conv1.weight"]
+        vae_file = _write(tmp_path, vae, "vae_missing.safetensors")
+        with pytest.raises(ModelKindError, match=r"vae=.*vae_missing.safetensors: .*lacks 1 key\(s\)"
+                                                 r".*decoder\.up\.0\.block\.0\.conv1\.weight") as info:
+            load_model(path, vae=vae_file)
+        assert ("first_stage_model." in str(info.value)) == bool(prefix)

@@ -255,3 +255,16 @@ def test_sd2_single_file_with_openclip_extras(tmp_path):
     assert saved.keys() == tensors.keys() and all(torch.equal(saved[k], tensors[k]) for k in tensors)
     # the std probe (ComfyUI's rule) calls these small random norms epsilon when no flag is given
     assert not load_model(path, config=folder).v_parameterization
+
+
+def test_single_file_vae_with_a_folder_model_uses_the_folders_vae_config(sd_file, tmp_path):
+    # tiny-sd's VAE (1 resnet per level) is not the bundled sd15 one (2): the folder's vae/config.json decides
+    model = load_model(sd_file)
+    folder = tmp_path / "pipe"
+    save_diffusers(model, folder)
+    tensors = load_file(sd_file)[0]
+    vae_file = tmp_path / "vae_bare.safetensors"
+    save_file({k.removeprefix("first_stage_model."): v for k, v in tensors.items()
+               if k.startswith("first_stage_model.")}, vae_file)
+    again = load_model(folder, vae=vae_file)
+    _assert_same_states({"vae": again.vae.state_dict()}, {"vae": model.vae.state_dict()})
