@@ -146,14 +146,25 @@ def guess_arch(unet_paths: list[str], components: set[str]) -> str | None:
     return None
 
 
+# diffusers' own LoRA layout (what its training scripts and save_lora_weights write from a PEFT model through
+# convert_state_dict_to_diffusers): the same factors as PEFT's lora_A/lora_B under other names
+_DIFFUSERS_NAMES = {"lora.down.weight": "lora_A.weight", "lora.up.weight": "lora_B.weight",
+                    "lora_linear_layer.down.weight": "lora_A.weight", "lora_linear_layer.up.weight": "lora_B.weight"}
+
+
 def split_peft_key(key: str) -> tuple[str, str, str]:
-    """``unet.down_blocks.0...to_q.lora_A.weight`` -> (component, module path, tensor name)."""
+    """``unet.down_blocks.0...to_q.lora_A.weight`` -> (component, module path, tensor name); diffusers' names
+    (``to_q.lora.down.weight``, ``q_proj.lora_linear_layer.down.weight``) come back as PEFT's."""
     for suffix in ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector", "alpha",
-                   *_LOHA, *_LOKR, "lora.down.weight", "lora.up.weight"):
+                   *_LOHA, *_LOKR, *_DIFFUSERS_NAMES):
         if key.endswith("." + suffix):
             head = key[: -len(suffix) - 1]
+            suffix = _DIFFUSERS_NAMES.get(suffix, suffix)
             break
     else:
+        if key.endswith(("_lora.down.weight", "_lora.up.weight")):
+            raise LayoutError(f"{key}: diffusers' old attention-processor layout (to_q_lora.down); load it with "
+                              f"diffusers' load_attn_procs and save it again with save_lora_weights, then convert")
         raise LayoutError(f"{key}: not a PEFT adapter tensor (expected lora_A/lora_B, hada_*, lokr_* keys)")
     if head.startswith("base_model.model."):
         head = head[len("base_model.model."):]
@@ -462,9 +473,6 @@ def peft_to_kohya(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, st
     modules: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         component, path, suffix = split_peft_key(key)
-        if suffix in ("lora.down.weight", "lora.up.weight"):
-            raise LayoutError(f"{key}: diffusers' old attention-processor layout; load it with diffusers and save "
-                              f"it again with save_lora_weights, then convert")
         if suffix == "lora_magnitude_vector":
             raise LayoutError(f"{key}: PEFT DoRA (lora_magnitude_vector) has no exact kohya/LyCORIS counterpart")
         if suffix == "lora_B.bias":

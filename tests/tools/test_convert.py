@@ -216,6 +216,35 @@ def test_diffusers_own_kohya_converter_agrees_on_names_values_and_alphas(tmp_pat
         assert len(alphas) == len({k.rsplit(".lora_", 1)[0] for k in ours})
 
 
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_diffusers_own_layout_converts_back_to_the_same_kohya_file(tmp_path, kind):
+    """What diffusers' training scripts save (convert_state_dict_to_diffusers of a PEFT model: U-Net attention
+    as to_q.lora.down/up, CLIP attention as q_proj.lora_linear_layer.down/up, the rest lora_A/lora_B) converts
+    to the kohya tensors it came from; load_network points at convert for it."""
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers
+
+    src = _save(tmp_path, kind, "lora", preset="attn-mlp", dim=4, alpha=3)
+    convert(src, tmp_path / "peft.safetensors", to="diffusers")
+    peft_sd, meta = load_file(tmp_path / "peft.safetensors")
+    theirs = convert_state_dict_to_diffusers(dict(peft_sd))
+    assert any(".lora.down." in k for k in theirs) and any(".lora_linear_layer.down." in k for k in theirs)
+    st_save(theirs, str(tmp_path / "diffusers.safetensors"), metadata=meta)
+    unet, tes = tiny_model(kind)
+    with pytest.raises(ValueError, match="lorakit convert"):
+        load_network(copy.deepcopy(unet), tmp_path / "diffusers.safetensors", text_encoders=tes)
+    convert(tmp_path / "diffusers.safetensors", tmp_path / "back.safetensors", to="kohya")
+    back, original = st_load(tmp_path / "back.safetensors"), st_load(src)
+    assert set(back) == set(original)
+    assert all(torch.equal(back[k], original[k]) for k in original)
+
+
+def test_diffusers_old_attention_processor_layout_is_named(tmp_path):
+    st_save({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight":
+             torch.zeros(2, 8)}, str(tmp_path / "old.safetensors"))
+    with pytest.raises(ConvertError, match="old attention-processor layout"):
+        convert(tmp_path / "old.safetensors", tmp_path / "o.safetensors", to="kohya")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # round trips
 
