@@ -17,12 +17,10 @@ from typing import Any
 
 import torch
 
+from ..train.metadata import base_model_version
 from . import lowrank
 
 __all__ = ["extract_lora", "ExtractResult", "extract_layer", "progress"]
-
-_BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-
 
 def progress(items, desc: str, enabled: bool = True):
     """tqdm over items when tqdm is installed and enabled; the plain iterable otherwise."""
@@ -226,7 +224,7 @@ def _metadata(model, settings: dict[str, Any], out) -> dict[str, str]:
         "ss_network_alpha": dim,  # alpha = rank in every module: scale 1
         "ss_network_args": json.dumps({"conv_dim": conv, "conv_alpha": conv, "use_tucker": settings["use_tucker"]}),
         "ss_v2": str(model.kind == "sd2"),
-        "ss_base_model_version": _BASE_VERSION[model.kind],
+        "ss_base_model_version": base_model_version(model.kind, model.v_parameterization),
         "ss_sd_model_name": settings["base"],
         "ss_training_comment": f"extracted by lorakit extract: {settings['tuned']} - {settings['base']}, mode "
                                f"{settings['mode']}",

@@ -54,7 +54,7 @@ def training_metadata(config, *, kind: str, v_parameterization: bool, dataset, o
         "ss_total_batch_size": str(config.train_batch_size * config.gradient_accumulation_steps),
         "ss_optimizer": optimizer_name + (f"({', '.join(config.optimizer_args)})" if config.optimizer_args else ""),
         "ss_network_args": json.dumps(network_kwargs),
-        "ss_base_model_version": _base_model_version(kind, v_parameterization),
+        "ss_base_model_version": base_model_version(kind, v_parameterization),
         "ss_v2": str(kind == "sd2"),
         "ss_sd_model_name": os.path.basename(model_path),
         "ss_vae_name": os.path.basename(config.vae) if config.vae else "None",
@@ -105,8 +105,12 @@ def progress_metadata(base: dict[str, str], *, epoch: int, step: int, title: str
     return meta
 
 
-def _base_model_version(kind: str, v: bool) -> str:
-    return {"sd1": "sd_v1", "sd2": "sd_2.0_v" if v else "sd_2.0", "sdxl": "sdxl_base_v1-0"}[kind]
+def base_model_version(kind: str, v_parameterization: bool) -> str:
+    """ss_base_model_version as sd-scripts writes it (model_util.get_model_version_str_for_sd1_sd2, and SDXL's
+    constant): "sd_v1"/"sd_v2", "_v" added for v-prediction; "sdxl_base_v1-0"."""
+    if kind == "sdxl":
+        return "sdxl_base_v1-0"
+    return ("sd_v2" if kind == "sd2" else "sd_v1") + ("_v" if v_parameterization else "")
 
 
 def _timestep_range(config):
