@@ -56,7 +56,7 @@ def merge_loras_svd(files: list, ratios: list[float], new_rank: int, new_conv_ra
     for source, ratio in zip(files, ratios):
         tensors, _, where = _read(source)
         names.append(os.path.basename(where) if not isinstance(source, dict) else "state dict")
-        loras, other = lora_modules(tensors)
+        loras, other = lora_modules(tensors, where)
         full = {}
         for key, value in other.items():
             name, _, suffix = key.partition(".")

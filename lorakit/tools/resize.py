@@ -23,8 +23,10 @@ __all__ = ["lora_modules", "module_factors", "resize_lora", "ResizeResult"]
 DYNAMIC = ("sv_ratio", "sv_fro", "sv_cumulative")
 
 
-def lora_modules(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """({module name: {suffix: tensor}} of the LoRA/LoCon modules, {key: tensor} of everything else)."""
+def lora_modules(tensors: dict[str, torch.Tensor], where: str = "the state dict") -> tuple[
+        dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """({module name: {suffix: tensor}} of the LoRA/LoCon modules, {key: tensor} of everything else). A module
+    with one of lora_down/lora_up but not the other is an error naming it, never copied on as half a module."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         name, _, suffix = key.partition(".")
@@ -33,6 +35,10 @@ def lora_modules(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, 
     for name, sub in groups.items():
         if "lora_down.weight" in sub and "lora_up.weight" in sub:
             loras[name] = sub
+        elif "lora_down.weight" in sub or "lora_up.weight" in sub:
+            has, lacks = ("lora_down", "lora_up") if "lora_down.weight" in sub else ("lora_up", "lora_down")
+            raise ValueError(f"{where}: module '{name}' has {has}.weight but no {lacks}.weight (a damaged or "
+                             "incomplete file)")
         else:
             other.update({f"{name}.{k}": v for k, v in sub.items()})
     return loras, other
@@ -97,7 +103,7 @@ def resize_lora(source, new_rank: int, out=None, *, new_conv_rank: int | None = 
     dylora = _is_dylora(metadata) if dylora is None else dylora
     if dylora and dynamic_method is not None:
         raise ValueError("a DyLoRA cut keeps the first k components; it takes new_rank, not a dynamic_method")
-    loras, other = lora_modules(tensors)
+    loras, other = lora_modules(tensors, where)
     if not loras:
         raise ValueError(f"{where}: holds no LoRA/LoCon module (lora_down/lora_up): nothing to resize")
     file_dtype = next(iter(loras.values()))["lora_down.weight"].dtype

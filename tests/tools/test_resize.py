@@ -110,6 +110,16 @@ def test_errors_name_the_problem():
         resize_lora({"x.w_norm": torch.ones(2)}, 4)
 
 
+def test_half_a_module_is_an_error_not_copied(tmp_path):
+    """A module missing lora_up (a damaged file) stops the resize, naming file and module; nothing is written."""
+    half = {k: v for k, v in _lora().items() if k != "lora_unet_c.lora_up.weight"}
+    save_file(half, tmp_path / "half.safetensors")
+    with pytest.raises(ValueError, match=r"half\.safetensors: module 'lora_unet_c' has lora_down\.weight but no "
+                                         r"lora_up\.weight"):
+        resize_lora(str(tmp_path / "half.safetensors"), 4, out=tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
 def test_cli(tmp_path, capsys):
     from lorakit.cli import main
 
