@@ -1,9 +1,10 @@
 """``sample_prompts`` files as sd-scripts reads them, and drawing the samples during training.
 
 .txt: one prompt per line (``#`` starts a comment) with options ``--n`` negative prompt, ``--w``/``--h`` size,
-``--d`` seed, ``--l`` guidance scale, ``--s`` steps, ``--ss`` sampler. .toml: ``[prompt]`` holds the defaults
+``--d`` seed, ``--l`` guidance scale, ``--s`` steps (clamped to 1..1000), ``--ss`` sampler, in any case (``--W``), as
+sd-scripts' ``line_to_prompt_dict`` reads them. .toml: ``[prompt]`` holds the defaults
 and each ``[[prompt.subset]]`` one prompt. .json: a list of objects. Keys: prompt, negative_prompt, width, height,
-seed, scale, sample_steps, sample_sampler.
+seed, scale, sample_steps (1..1000), sample_sampler.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ __all__ = ["SamplePrompt", "read_sample_prompts", "draw_samples"]
 
 _TXT_OPTIONS = {"n": "negative_prompt", "w": "width", "h": "height", "d": "seed", "l": "scale", "s": "sample_steps",
                 "ss": "sample_sampler"}
+# The values sd-scripts' line_to_prompt_dict reads for each flag (re.match: the value's start; it ignores a flag whose
+# value does not start so, where lorakit says so when the run starts).
+_TXT_VALUES = {"w": (r"\d+", "a whole number"), "h": (r"\d+", "a whole number"), "d": (r"\d+", "a whole number"),
+               "s": (r"\d+", "a whole number"), "l": (r"[\d.]+", "a number such as 7.5")}
+_MAX_STEPS = 1000  # sd-scripts: sample_steps = max(1, min(1000, int(value)))
 _KINDS = {"prompt": str, "negative_prompt": str, "width": int, "height": int, "seed": int, "scale": float,
           "sample_steps": int, "sample_sampler": str}
 
@@ -62,7 +68,13 @@ def read_sample_prompts(path: str | Path) -> list[SamplePrompt]:
         if not isinstance(entries, list):
             raise ValueError(f"sample_prompts={path}: expected a JSON list of prompt objects")
     else:
-        entries = [_parse_line(line) for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        entries = []
+        for line in text.splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                try:
+                    entries.append(_parse_line(line))
+                except ValueError as e:
+                    raise ValueError(f"sample_prompts={path}: {e}") from None
     prompts = [_typed(entry, path) for entry in entries]
     if not prompts:
         raise ValueError(f"sample_prompts={path}: holds no prompt")
@@ -70,12 +82,25 @@ def read_sample_prompts(path: str | Path) -> list[SamplePrompt]:
 
 
 def _parse_line(line: str) -> dict:
-    parts = re.split(r"\s--(?=[a-z]+\s)", " " + line.strip())
+    """One .txt line as sd-scripts' ``line_to_prompt_dict`` reads it: flags in any case (``--W`` is ``--w``), ``--s``
+    clamped to 1..1000. A numeric flag whose value sd-scripts would ignore (``--d -1``, ``--w abc``) is an error."""
+    parts = re.split(r"\s--(?=[a-z]+\s)", " " + line.strip(), flags=re.IGNORECASE)
     entry = {"prompt": parts[0].strip()}
     for part in parts[1:]:
         flag, _, value = part.partition(" ")
-        if flag in _TXT_OPTIONS:
-            entry[_TXT_OPTIONS[flag]] = value.strip()
+        flag, value = flag.lower(), value.strip()
+        if flag not in _TXT_OPTIONS:
+            continue
+        if flag in _TXT_VALUES:
+            pattern, wanted = _TXT_VALUES[flag]
+            match = re.match(pattern, value)  # a prefix, as sd-scripts' re.match: "--w 96px" is 96
+            if not match:
+                raise ValueError(f"bad value in {line.strip()!r}: --{flag} takes {wanted}, got {value!r} "
+                                 "(sd-scripts would ignore the flag)")
+            value = match.group(0)
+            if flag == "s":
+                value = max(1, min(_MAX_STEPS, int(value)))
+        entry[_TXT_OPTIONS[flag]] = value
     return entry
 
 
@@ -89,6 +114,9 @@ def _typed(entry: dict, path: Path) -> SamplePrompt:
         values = {k: _KINDS[k](v) for k, v in entry.items()}
     except ValueError as e:
         raise ValueError(f"sample_prompts={path}: bad value in {entry!r}: {e}") from None
+    steps = values.get("sample_steps")
+    if steps is not None and not 1 <= steps <= _MAX_STEPS:  # .txt values are clamped already, as sd-scripts does
+        raise ValueError(f"sample_prompts={path}: sample_steps must be 1..{_MAX_STEPS}, got {steps} (in {entry!r})")
     for side in ("width", "height"):  # sd-scripts: max(64, v - v % 8), so 60x70 draws 64x64
         if values.get(side) is not None:
             values[side] = max(64, values[side] - values[side] % 8)

@@ -36,3 +36,40 @@ def test_what_would_fail_mid_run_fails_at_start(tmp_path, name, text, message):
     path.write_text(text, encoding="utf-8")
     with pytest.raises(ValueError, match=message):
         read_sample_prompts(path)
+
+
+def test_txt_flags_in_any_case_as_sd_scripts(tmp_path):
+    # sd-scripts' line_to_prompt_dict matches every flag with re.IGNORECASE
+    path = tmp_path / "p.txt"
+    path.write_text("a red circle --W 96 --H 104 --D 7 --L 5.5 --S 12 --N blurry --SS ddim\n", encoding="utf-8")
+    (p,) = read_sample_prompts(path)
+    assert (p.prompt, p.width, p.height, p.seed, p.scale, p.sample_steps, p.negative_prompt, p.sample_sampler) \
+        == ("a red circle", 96, 104, 7, 5.5, 12, "blurry", "ddim")
+
+
+def test_txt_steps_clamped_to_1_1000_as_sd_scripts(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("a --s 0\nb --s 5000\nc --s 1\nd --s 20steps --w 96px\n", encoding="utf-8")
+    prompts = read_sample_prompts(path)
+    assert [p.sample_steps for p in prompts] == [1, 1000, 1, 20]
+    assert prompts[-1].width == 96  # re.match: the value's leading digits, as sd-scripts reads them
+
+
+@pytest.mark.parametrize("flag", ["--d -1", "--w -64", "--l -2", "--s -3", "--h px96"])
+def test_txt_values_sd_scripts_would_ignore_are_errors(tmp_path, flag):
+    path = tmp_path / "p.txt"
+    path.write_text(f"a circle {flag}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"p.txt: bad value in 'a circle {flag}'.*sd-scripts would ignore"):
+        read_sample_prompts(path)
+
+
+@pytest.mark.parametrize("steps", [0, -1, 1001])
+def test_toml_json_steps_out_of_range_fail_at_start(tmp_path, steps):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps([{"prompt": "x", "sample_steps": steps}]), encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"p.json: sample_steps must be 1..1000, got {steps}"):
+        read_sample_prompts(path)
+    path = tmp_path / "p.toml"
+    path.write_text(f'[prompt]\nsample_steps = {steps}\n[[prompt.subset]]\nprompt = "x"\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"p.toml: sample_steps must be 1..1000, got {steps}"):
+        read_sample_prompts(path)
