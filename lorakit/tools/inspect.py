@@ -84,6 +84,34 @@ def _untrained(algo: str, sub: Mapping[str, torch.Tensor], zero: set[str]) -> bo
     return bool(trained) and all(k in zero for k in trained)
 
 
+# Tensors a module cannot do without, and factor pairs whose ranks must agree (left.shape[1] == right.shape[0]);
+# Tucker modules contract through their core and are checked for presence only.
+_REQUIRED = {"lora": (("lora_up.weight",), ("lora_down.weight",)), "dylora": (("lora_up.weight",), ("lora_down.weight",)),
+             "loha": (("hada_w1_a",), ("hada_w1_b",), ("hada_w2_a",), ("hada_w2_b",)),
+             "lokr": (("lokr_w1", "lokr_w1_a"), ("lokr_w2", "lokr_w2_a")),
+             "glora": (("a1.weight",), ("a2.weight",), ("b1.weight",), ("b2.weight",))}
+_PAIRS = {"lora": (("lora_up.weight", "lora_down.weight"),), "dylora": (("lora_up.weight", "lora_down.weight"),),
+          "loha": (("hada_w1_a", "hada_w1_b"), ("hada_w2_a", "hada_w2_b")),
+          "lokr": (("lokr_w1_a", "lokr_w1_b"), ("lokr_w2_a", "lokr_w2_b"))}
+_CORES = ("lora_mid.weight", "hada_t1", "hada_t2", "lokr_t2")
+
+
+def _malformed(algo: str, sub: Mapping[str, torch.Tensor]) -> str | None:
+    """What makes one module unusable (a missing factor, factors of different ranks), or None. load_network,
+    merge and resize refuse such a module; ComfyUI skips or errors on it."""
+    for choices in _REQUIRED.get(algo, ()):
+        if not any(k in sub for k in choices):
+            return f"no {' or '.join(choices)}"
+    for left, right in _PAIRS.get(algo, ()):
+        if (left in sub) != (right in sub):
+            has, lacks = (left, right) if left in sub else (right, left)
+            return f"{has} without {lacks}"
+        if left in sub and not any(k in sub for k in _CORES) and sub[left].shape[1] != sub[right].shape[0]:
+            return (f"{left} {tuple(sub[left].shape)} and {right} {tuple(sub[right].shape)} have different ranks "
+                    f"({sub[left].shape[1]}, {sub[right].shape[0]})")
+    return None
+
+
 def _tag_frequency(raw: str, top: int) -> list[tuple[str, int]] | str:
     try:
         data = json.loads(raw)
@@ -147,6 +175,7 @@ def inspect_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, 
             "parameters": sum(t.numel() for k, t in sub.items() if k not in _NOT_PARAMS),
             "dora": "dora_scale" in sub, "tucker": any(k in sub for k in ("lora_mid.weight", "hada_t1", "lokr_t2")),
             "untrained": _untrained(algo, sub, local_zero),
+            "malformed": _malformed(algo, sub),
         })
     blocks = sorted({m["block"] for m in modules if m["block"]}, key=_block_key)
     ss = {k: v for k, v in sorted(metadata.items()) if k.startswith("ss_")}
@@ -171,6 +200,7 @@ def inspect_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, 
         },
         "zero_tensors": sorted(zero_keys),
         "untrained_modules": [m["name"] for m in modules if m["untrained"]],
+        "malformed_modules": {m["name"]: m["malformed"] for m in modules if m["malformed"]},
         "non_finite_tensors": non_finite,
         "metadata": {"ss": ss, "modelspec": spec, "other": other,
                      "tag_frequency_top": _tag_frequency(ss["ss_tag_frequency"], top_tags)
@@ -183,6 +213,7 @@ def inspect_file(path: str | os.PathLike, top_tags: int = 10) -> dict[str, Any]:
     tensors with shapes and dtypes, parameters, dora, tucker, untrained), ``summary`` (counts per algorithm,
     component, dim, alpha, dtype; total parameters (every tensor but ``alpha``/``on_input``); blocks present),
     ``zero_tensors``, ``untrained_modules`` (a factor of the product is all zero, or every tensor is),
+    ``malformed_modules`` ({name: what is wrong}: a missing factor, factors of different ranks),
     ``non_finite_tensors``, ``metadata`` (``ss``, ``modelspec``, ``other``, ``tag_frequency_top``), ``file``
     and ``file_size``. A model checkpoint or another kind of file raises InspectError saying what it is."""
     where = os.fspath(path)
@@ -221,13 +252,17 @@ def format_report(report: Mapping[str, Any], modules: bool = True) -> str:
     untrained = report["untrained_modules"]
     lines.append(f"untrained:  {len(untrained)} module(s) with an all-zero factor" +
                  (": " + ", ".join(untrained[:5]) + (" ..." if len(untrained) > 5 else "") if untrained else ""))
+    malformed = report["malformed_modules"]
+    lines.append(f"malformed:  {len(malformed)} module(s)" + (": " + "; ".join(
+        f"{name}: {why}" for name, why in list(malformed.items())[:5]) + (" ..." if len(malformed) > 5 else "")
+        if malformed else ""))
     if modules:
         lines.append("")
         lines.append(f"{'module':<72} {'algo':<8} {'block':<6} {'dim':>5} {'alpha':>8} {'params':>10}  dtype")
         for m in report["modules"]:
             dtype = ",".join(sorted({t["dtype"] for t in m["tensors"].values()}))
             flags = (" dora" if m["dora"] else "") + (" tucker" if m["tucker"] else "") + \
-                    (" UNTRAINED" if m["untrained"] else "")
+                    (" UNTRAINED" if m["untrained"] else "") + (" MALFORMED" if m["malformed"] else "")
             alpha = "-" if m["alpha"] is None else f"{m['alpha']:g}"
             lines.append(f"{m['name']:<72} {m['algo']:<8} {m['block'] or '-':<6} {m['dim'] if m['dim'] is not None else '-':>5} "
                          f"{alpha:>8} {m['parameters']:>10,}  {dtype}{flags}")

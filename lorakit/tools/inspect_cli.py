@@ -13,7 +13,8 @@ def add_parser(commands) -> None:
         description="Report an adapter file (kohya/LyCORIS or diffusers/PEFT layout): each module's algorithm, "
         "dim, alpha, dtype and parameter count, the file size, the U-Net blocks present, tensors that are all "
         "zero (untrained) or hold NaN/Inf, and the metadata (ss_*, top tags, modelspec.*). A model checkpoint "
-        "is reported as such (exit code 1).")
+        "is reported as such (exit code 1); so is a file with malformed modules (a missing factor, factors of "
+        "different ranks), after its report.")
     p.add_argument("file", help="the .safetensors file")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--top-tags", type=int, default=10, metavar="N", help="tags shown from ss_tag_frequency (10)")
@@ -38,4 +39,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
     else:
         print(format_report(report, modules=not args.summary))
+    if report["malformed_modules"]:  # loaders refuse the file: a check that passes it would mislead
+        print(f"lorakit inspect: {args.file}: {len(report['malformed_modules'])} malformed module(s)", file=sys.stderr)
+        return 1
     return 0

@@ -215,3 +215,31 @@ def test_checkpoint_and_bad_files_are_named(tmp_path, capsys):
     n = len(st_load(tmp_path / "a.safetensors")) // 3
     assert f"algorithms: lora x{n}" in text
     assert "blocks:     BASE IN01 IN02 IN04 IN05 IN07 IN08 MID " + " ".join(f"OUT{k:02d}" for k in range(3, 12)) in text
+
+
+def test_malformed_modules_are_reported_and_fail_the_check(tmp_path, capsys):
+    """A module missing a factor, or with factors of different ranks, is what load_network, merge and resize
+    refuse: inspect names each with its problem and exits 1 after the report; lorakit's own files have none."""
+    g = torch.Generator().manual_seed(0)
+    t = {"lora_unet_a.lora_down.weight": torch.randn(4, 32, generator=g),  # no lora_up
+         "lora_unet_a.alpha": torch.tensor(1.0),
+         "lora_unet_b.lora_down.weight": torch.randn(4, 32, generator=g),
+         "lora_unet_b.lora_up.weight": torch.randn(32, 3, generator=g),  # rank 3 against 4
+         "lora_unet_c.hada_w1_a": torch.randn(8, 2, generator=g), "lora_unet_c.hada_w1_b": torch.randn(2, 8, generator=g),
+         "lora_unet_c.hada_w2_a": torch.randn(8, 2, generator=g),  # no hada_w2_b
+         "lora_unet_d.lora_down.weight": torch.randn(4, 32, generator=g),
+         "lora_unet_d.lora_up.weight": torch.randn(32, 4, generator=g)}
+    st_save(t, tmp_path / "bad.safetensors")
+    report = inspect_file(tmp_path / "bad.safetensors")
+    assert report["malformed_modules"] == {
+        "lora_unet_a": "no lora_up.weight",
+        "lora_unet_b": "lora_up.weight (32, 3) and lora_down.weight (4, 32) have different ranks (3, 4)",
+        "lora_unet_c": "no hada_w2_b"}
+    assert main(["inspect", str(tmp_path / "bad.safetensors")]) == 1
+    out, err = capsys.readouterr()
+    assert "malformed:  3 module(s): lora_unet_a: no lora_up.weight" in out and "3 malformed module(s)" in err
+    unet, tes = tiny_model("sd1")
+    for algo, opts in (("lora", {"use_tucker": True, "conv_dim": 2}), ("loha", {"use_tucker": True}),
+                       ("lokr", {"decompose_both": True, "factor": 4}), ("glora", {})):
+        create_network(unet, tes, algo=algo, preset="full", dim=2, **opts).save(tmp_path / "ok.safetensors")
+        assert inspect_file(tmp_path / "ok.safetensors")["malformed_modules"] == {}, algo
