@@ -3,7 +3,8 @@
 Sampler names are kohya sd-scripts' (``--sample_sampler``), mapped to the diffusers scheduler classes that
 sd-scripts' ``get_my_scheduler`` uses; each scheduler is built from the model's own training schedule
 (``model.scheduler_config``), so betas, timestep spacing and the prediction type (epsilon or v) follow the model.
-Each image has its own generator (seed + index): image i is the same whichever batch it is drawn in.
+Each image has its own generator (seed + index): image i is the same, up to float rounding (batched matmuls may
+differ by a grey level in a few pixels), whichever batch it is drawn in.
 """
 
 from __future__ import annotations
@@ -74,12 +75,20 @@ def _as_list(value: str | Sequence[str], n: int, what: str) -> list[str]:
 def generate(model, prompts: str | Sequence[str], negative_prompt: str | Sequence[str] = "", steps: int = 20,
              guidance_scale: float = 7.5, width: int | None = None, height: int | None = None, seed: int = 0,
              sampler: str = "euler_a", clip_skip: int | None = None) -> list[Image.Image]:
-    """One image per prompt from ``model`` (a ``StableDiffusionModel``), image i drawn with seed ``seed + i``.
+    """One image per prompt from ``model`` (a ``StableDiffusionModel``), image i drawn with seed ``seed + i`` (the
+    same image, up to float rounding, whatever the batch).
 
-    ``width``/``height`` default to the U-Net's native size (``sample_size`` x the VAE's scale factor).
-    ``guidance_scale`` <= 1 runs the conditional branch only. SDXL gets its pooled text embeds and time ids
-    (original size = target size = (height, width), crop (0, 0)), as kohya samples.
+    ``steps`` >= 1. ``width``/``height`` default to the U-Net's native size (``sample_size`` x the VAE's scale
+    factor). ``guidance_scale`` <= 1 runs the conditional branch only. SDXL gets its pooled text embeds and time ids
+    (original size = target size = (height, width), crop (0, 0)), as kohya samples. Text-to-image only: a U-Net
+    that takes more input channels than the VAE's latents (inpainting, instruct-pix2pix) is refused.
     """
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
+    latent_channels = model.vae.config.latent_channels
+    if model.unet.config.in_channels != latent_channels:
+        raise ValueError(f"generate() draws text-to-image only; this U-Net takes {model.unet.config.in_channels} "
+                         f"input channels (an inpainting model?), the VAE's latents have {latent_channels}")
     from .text import encode_prompts
 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)

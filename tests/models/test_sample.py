@@ -101,3 +101,29 @@ def test_bad_arguments():
         generate(m, "x", width=60)
     with pytest.raises(ValueError, match="negative prompt"):
         generate(m, ["a", "b"], negative_prompt=["x"])
+
+
+@pytest.mark.parametrize("steps", [0, -3])
+def test_steps_below_one_are_refused(steps):
+    m = _model("tiny-sd")
+    calls = []
+    forward = m.unet.forward
+    m.unet.forward = lambda *a, **k: (calls.append(1), forward(*a, **k))[1]
+    try:
+        with pytest.raises(ValueError, match=rf"steps must be a whole number >= 1, got {steps}"):
+            generate(m, "x", steps=steps)
+    finally:
+        del m.unet.forward
+    assert calls == []
+
+
+def test_an_inpainting_unet_is_refused_with_a_clear_message():
+    import copy
+
+    from diffusers import UNet2DConditionModel
+
+    m = copy.copy(_model("tiny-sd"))
+    m.unet = UNet2DConditionModel.from_config({**m.unet.config, "in_channels": 9})
+    with pytest.raises(ValueError, match=r"generate\(\) draws text-to-image only; this U-Net takes 9 input channels "
+                                         r"\(an inpainting model\?\)"):
+        generate(m, "x", steps=1)
