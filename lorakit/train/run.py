@@ -337,7 +337,7 @@ class _Run:
             engine = DeepSpeedEngine(c, self.world, net, model, optimizer,
                                      train_unet=not c.network_train_text_encoder_only, train_text=train_text)
             if c.resume:
-                engine.load_state(resume)
+                engine.load_state(self.resume_folder)
         full_weights = engine.full_weights if engine else contextlib.nullcontext
         progress = initial_progress(c, progress, updates_per_epoch, max_steps)
         main = self.world.main
