@@ -14,7 +14,10 @@ import torch
 from ..formats.checkpoint_file import CheckpointReader
 from .detect import ModelKindError
 
-__all__ = ["folder_kind", "weight_files", "read_component_tensors", "read_json"]
+__all__ = ["folder_kind", "weight_files", "read_component_tensors", "read_json", "text_encoder_class"]
+
+# The text-encoder classes lorakit builds (from config.json "architectures", else model_index.json).
+_TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
 
 _SHARD = re.compile(r"-\d{5}-of-\d{5}$")
 
@@ -51,6 +54,22 @@ def folder_kind(root: Path) -> str:
     # SD2's OpenCLIP encoder uses gelu; SD1's OpenAI CLIP uses quick_gelu (whatever the widths).
     act = read_json(te_config).get("hidden_act", "quick_gelu")
     return "sd2" if act == "gelu" else "sd1"
+
+
+def text_encoder_class(root: Path, component: str, config: dict) -> str:
+    """The transformers class of text encoder ``component``: its config.json's "architectures", else the class
+    model_index.json names for it (as diffusers' ``from_pretrained`` builds it: SDXL's text_encoder_2 is
+    ``CLIPTextModelWithProjection``), else ``CLIPTextModel``."""
+    if config.get("architectures"):
+        return config["architectures"][0]
+    entry = read_json(root / "model_index.json").get(component)
+    if not (isinstance(entry, list) and len(entry) == 2 and entry[1]):
+        return "CLIPTextModel"
+    library, name = entry
+    if library != "transformers" or name not in _TEXT_ENCODER_CLASSES:
+        raise ModelKindError(f"{root / 'model_index.json'}: {component} is {library}.{name}; expected "
+                             f"transformers {' or '.join(_TEXT_ENCODER_CLASSES)}")
+    return name
 
 
 def weight_files(folder: Path) -> list[Path]:

@@ -161,13 +161,15 @@ def _configs(name: str | os.PathLike, kind: str, v_pred: bool) -> dict[str, dict
 
 # --- diffusers folders ---------------------------------------------------------------------------------------
 def _load_folder(folder: str, *, v2, v_parameterization, sdxl, dtype, vae_dtype, vae) -> StableDiffusionModel:
-    from .diffusers_folder import folder_kind, read_component_tensors
+    from .diffusers_folder import folder_kind, read_component_tensors, text_encoder_class
 
     root = Path(folder)
     kind = folder_kind(root)
     check_overrides(folder, kind, v2, sdxl)
     components = ["unet", *text_components(kind)] + ([] if vae is not None else ["vae"])
     configs = _folder_configs(root, [*components, "scheduler"], "diffusers folder")
+    for c in text_components(kind):  # a config.json without "architectures": the class model_index.json names
+        configs[c]["architectures"] = [text_encoder_class(root, c, configs[c])]
     predicted = configs["scheduler"].get("prediction_type", "epsilon") == "v_prediction"
     v_pred = predicted if v_parameterization is None else bool(v_parameterization)
     configs["scheduler"]["prediction_type"] = "v_prediction" if v_pred else "epsilon"

@@ -130,6 +130,27 @@ def test_diffusers_folder_round_trip(sdxl_file, tmp_path):
     assert load_model(folder, dtype=None).unet.conv_in.weight.dtype == torch.float16
 
 
+def test_text_encoder_class_from_model_index_when_config_lacks_architectures(sdxl_file, tmp_path):
+    # diffusers' from_pretrained builds the class model_index.json names; so does lorakit
+    model = load_model(sdxl_file)
+    folder = tmp_path / "pipe"
+    save_diffusers(model, folder)
+    for component in ("text_encoder", "text_encoder_2"):
+        config_file = folder / component / "config.json"
+        config = json.loads(config_file.read_text())
+        config.pop("architectures")
+        config_file.write_text(json.dumps(config))
+    back = load_model(folder)
+    assert [type(te).__name__ for te in back.text_encoders] == ["CLIPTextModel", "CLIPTextModelWithProjection"]
+    _assert_same_states(_states(back), _states(model))
+    index_file = folder / "model_index.json"
+    index = json.loads(index_file.read_text())
+    index["text_encoder_2"] = ["transformers", "T5EncoderModel"]
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(ModelKindError, match=r"model_index.json: text_encoder_2 is transformers.T5EncoderModel"):
+        load_model(folder)
+
+
 def test_diffusers_folder_loads_with_diffusers_and_transformers(sd_file, tmp_path):
     import diffusers
     import transformers
