@@ -99,9 +99,10 @@ class BucketSelector:
         return BucketChoice(bucket, resized)
 
 
-def check_bucket(path: str, size: Size, choice: BucketChoice, min_side: int) -> None:
-    """An image whose bucket would have a side under ``min_side`` (or zero) is refused, naming the file."""
-    if min(choice.bucket) < max(min_side, 1):
-        raise DatasetError(f"{path}: image of {size[0]}x{size[1]} pixels is too small: its bucket would be "
-                           f"{choice.bucket[0]}x{choice.bucket[1]}, under the minimum side {min_side} "
-                           "(min_bucket_reso / bucket_reso_steps); remove it, enlarge it, or lower min_bucket_reso")
+def check_bucket(path: str, size: Size, choice: BucketChoice, steps: int) -> None:
+    """An image whose bucket would have an empty side (bucket_no_upscale and a side under ``steps``) is refused,
+    naming the file (sd-scripts would fail on the empty batch)."""
+    if min(choice.bucket) < 1:
+        raise DatasetError(f"{path}: image of {size[0]}x{size[1]} pixels is too small: with bucket_no_upscale, a "
+                           f"side under bucket_reso_steps ({steps}) leaves an empty bucket "
+                           f"({choice.bucket[0]}x{choice.bucket[1]}); remove it or enlarge it")

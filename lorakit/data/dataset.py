@@ -161,7 +161,7 @@ class TrainDataset(torch.utils.data.Dataset):
     def _add_group(self, group: int, spec: DatasetSpec, reso_multiple: int) -> None:
         if not spec.subsets:
             raise DatasetError(f"dataset {group}: no subsets (expected image_dir or metadata_file subsets)")
-        selector, min_side = self._selector(group, spec, reso_multiple)
+        selector = self._selector(group, spec, reso_multiple)
         seen = set()
         train: list[ImageEntry] = []
         reg: list[ImageEntry] = []
@@ -191,7 +191,7 @@ class TrainDataset(torch.utils.data.Dataset):
             repeats = 1 if self.validation else subset.num_repeats
             for (im, size), mask_path in zip(sized, masks):
                 choice = selector.select(*size)
-                check_bucket(im.path, size, choice, min_side)
+                check_bucket(im.path, size, choice, spec.bucket_reso_steps)
                 entry = ImageEntry(im.path, im.caption, group, index, subset.is_reg, repeats, size, choice,
                                    mask_path=mask_path)
                 if subset.face_crop_aug_range is not None and not spec.enable_bucket:  # sd-scripts: not with buckets
@@ -219,26 +219,32 @@ class TrainDataset(torch.utils.data.Dataset):
         cut = len(shuffled) - held_out
         return shuffled[cut:] if self.validation else shuffled[:cut]
 
-    def _selector(self, group: int, spec: DatasetSpec, multiple: int) -> tuple[BucketSelector, int]:
+    def _selector(self, group: int, spec: DatasetSpec, multiple: int) -> BucketSelector:
         w, h = spec.resolution
         if not spec.enable_bucket:
             if w % multiple or h % multiple:
                 raise DatasetError(f"dataset {group}: resolution {w}x{h} must be a multiple of {multiple} on each "
                                    "side for this model")
-            return BucketSelector([(w, h)]), 1
-        if spec.bucket_reso_steps % multiple:
-            raise DatasetError(f"dataset {group}: bucket_reso_steps {spec.bucket_reso_steps} must be a multiple of "
-                               f"{multiple} for this model")
-        if spec.bucket_no_upscale:
-            return BucketSelector(None, max_area=w * h, steps=spec.bucket_reso_steps, no_upscale=True), \
-                spec.min_bucket_reso
-        resos = make_bucket_resolutions((w, h), spec.min_bucket_reso, spec.max_bucket_reso, spec.bucket_reso_steps)
+            return BucketSelector([(w, h)])
+        steps = spec.bucket_reso_steps
+        if steps % multiple:
+            raise DatasetError(f"dataset {group}: bucket_reso_steps {steps} must be a multiple of {multiple} for "
+                               "this model")
+        if spec.bucket_no_upscale:  # each image's own size floored to the steps (sd-scripts ignores min/max here)
+            logger.info("dataset %d: bucket_no_upscale: min_bucket_reso and max_bucket_reso are not used", group)
+            return BucketSelector(None, max_area=w * h, steps=steps, no_upscale=True)
+        # sd-scripts' adjust_min_max_bucket_reso_by_steps: min rounded down, max up, to the steps
+        lo, hi = spec.min_bucket_reso - spec.min_bucket_reso % steps, -(-spec.max_bucket_reso // steps) * steps
+        for name, given, used in (("min_bucket_reso", spec.min_bucket_reso, lo), ("max_bucket_reso", spec.max_bucket_reso, hi)):
+            if given != used:
+                logger.warning("dataset %d: %s %d is not a multiple of bucket_reso_steps %d; %d is used", group,
+                               name, given, steps, used)
+        resos = make_bucket_resolutions((w, h), lo, hi, steps)
         bad = [r for r in resos if r[0] % multiple or r[1] % multiple]
         if bad:
             raise DatasetError(f"dataset {group}: buckets {bad[:3]} are not multiples of {multiple}; make "
-                               f"min_bucket_reso ({spec.min_bucket_reso}) and resolution multiples of "
-                               f"bucket_reso_steps ({spec.bucket_reso_steps})")
-        return BucketSelector(resos, steps=spec.bucket_reso_steps), 1
+                               f"resolution ({w}x{h}) a multiple of bucket_reso_steps ({steps})")
+        return BucketSelector(resos, steps=steps)
 
     def _count_tags(self, subset: SubsetSpec, captions: list[str]) -> None:
         # kohya's ss_tag_frequency: per folder (or metadata file) name, lower-cased comma-separated tags.

@@ -78,9 +78,12 @@ def test_select_no_upscale_by_hand():
     assert (c.bucket, c.resized) == ((256, 192), (300, 200))
 
 
-def test_too_small_for_bucket_minimum():
+def test_no_upscale_ignores_min_bucket_reso_and_refuses_only_empty_buckets():
+    """sd-scripts with bucket_no_upscale: each image's own size floored to the steps, min/max_bucket_reso not
+    used; only an image with a side under the steps (an empty bucket) is refused."""
     s = BucketSelector(None, max_area=512 * 512, steps=64, no_upscale=True)
-    with pytest.raises(DatasetError, match=r"small\.png: image of 300x200 pixels is too small.*192.*256"):
-        check_bucket("small.png", (300, 200), s.select(300, 200), 256)
-    with pytest.raises(DatasetError, match="tiny.png"):
-        check_bucket("tiny.png", (40, 40), s.select(40, 40), 1)
+    assert s.select(300, 200).bucket == (256, 192)
+    check_bucket("small.png", (300, 200), s.select(300, 200), 64)
+    with pytest.raises(DatasetError, match=r"tiny\.png: image of 40x40 pixels is too small: .*bucket_reso_steps "
+                                           r"\(64\) leaves an empty bucket \(0x0\)"):
+        check_bucket("tiny.png", (40, 40), s.select(40, 40), 64)

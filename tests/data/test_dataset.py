@@ -131,8 +131,25 @@ def test_resolution_and_bucket_errors(tmp_path, image_factory):
     with pytest.raises(DatasetError, match="bucket_reso_steps 32 must be a multiple of 64"):
         TrainDataset(DatasetSpec(subsets, resolution=128, enable_bucket=True, min_bucket_reso=64,
                                  bucket_reso_steps=32))
-    with pytest.raises(DatasetError, match=r"s/a\.png: image of 100x60 pixels is too small.*64x0"):
+    with pytest.raises(DatasetError, match=r"s/a\.png: image of 100x60 pixels is too small.*\(64x0\)"):
         TrainDataset(DatasetSpec(subsets, resolution=128, enable_bucket=True, min_bucket_reso=64,
                                  bucket_no_upscale=True))
     with pytest.raises(DatasetError, match="min_bucket_reso 256 is larger than the smaller side of resolution"):
         DatasetSpec(subsets, resolution=128, enable_bucket=True)
+
+
+def test_bucket_limits_follow_sd_scripts(tmp_path, image_factory, caplog):
+    """bucket_no_upscale trains an image under min_bucket_reso at its own size floored to the steps (sd-scripts
+    ignores min/max there); min/max_bucket_reso off the steps are rounded down/up with a warning, as sd-scripts'
+    adjust_min_max_bucket_reso_by_steps does."""
+    image_factory("s/small.png", 200, 200)
+    image_factory("s/wide.png", 1000, 250)
+    subsets = [SubsetSpec(image_dir=str(tmp_path / "s"))]
+    ds = TrainDataset(DatasetSpec(subsets, resolution=512, enable_bucket=True, bucket_no_upscale=True))
+    assert {e.path.rsplit("/", 1)[1]: e.choice.bucket for e in ds.entries} == {"small.png": (192, 192),
+                                                                               "wide.png": (960, 192)}
+    ds = TrainDataset(DatasetSpec(subsets, resolution=512, enable_bucket=True, min_bucket_reso=200,
+                                  max_bucket_reso=1000))
+    assert "max_bucket_reso 1000 is not a multiple of bucket_reso_steps 64; 1024 is used" in caplog.text
+    assert "min_bucket_reso 200 is not a multiple of bucket_reso_steps 64; 192 is used" in caplog.text
+    assert {e.path.rsplit("/", 1)[1]: e.choice.bucket for e in ds.entries}["wide.png"] == (1024, 256)
