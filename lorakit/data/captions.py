@@ -44,8 +44,10 @@ def read_caption_file(path: str, *, all_lines: bool = False) -> str:
     except UnicodeDecodeError as e:
         raise DatasetError(f"{path}: caption file is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
                            f"{e.start}); save it as UTF-8") from None
-    lines = text.splitlines()
-    if not lines:
+    # Only \n, \r and \r\n end a line, as in sd-scripts' text-mode readlines(); str.splitlines() would also cut
+    # at U+2028, U+0085, form feeds and vertical tabs, which text pasted from web pages and PDFs carries.
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    if not text:
         raise DatasetError(f"{path}: caption file is empty (write the caption, or delete the file to use the "
                            "folder's class tokens)")
     if all_lines:

@@ -119,6 +119,14 @@ def test_caption_files(tmp_path):
     assert read_caption_file(str(tmp_path / "bom.txt")) == "café"
 
 
+def test_only_newlines_end_a_caption_line(tmp_path):
+    """As sd-scripts' readlines(): CR, LF and CRLF end lines; U+2028, U+0085, form feed, vertical tab do not."""
+    (tmp_path / "u.txt").write_text("a photo of sks\u2028 dog\x85 red\x0cx\x0by\r\nsecond\rthird",
+                                    encoding="utf-8", newline="")
+    assert read_caption_file(str(tmp_path / "u.txt")) == "a photo of sks\u2028 dog\x85 red\x0cx\x0by"
+    assert read_caption_file(str(tmp_path / "u.txt"), all_lines=True).split("\n")[1:] == ["second", "third"]
+
+
 def test_caption_in_wrong_encoding(tmp_path):
     path = tmp_path / "latin.txt"
     path.write_bytes("un café".encode("latin-1"))
