@@ -269,13 +269,33 @@ def test_sd2_single_file_with_openclip_extras(tmp_path):
     assert loaded.kind == "sd2" and loaded.v_parameterization
     _assert_same_states(_states(loaded), _states(model))
     assert set(loaded.extras) == set(extra_layer) | {"cond_stage_model.model.text_projection",
-                                                       "cond_stage_model.model.logit_scale"}
+                                                       "cond_stage_model.model.logit_scale", "v_pred"}
     again = tmp_path / "again.safetensors"
     save_checkpoint(loaded, again, dtype=None)
     saved = load_file(again)[0]
-    assert saved.keys() == tensors.keys() and all(torch.equal(saved[k], tensors[k]) for k in tensors)
+    # every tensor back as it was; v_parameterization=True, which the weights do not show, is kept as the marker
+    assert saved.keys() == tensors.keys() | {"v_pred"} and all(torch.equal(saved[k], tensors[k]) for k in tensors)
+    assert load_model(again, config=folder).v_parameterization
     # the std probe (ComfyUI's rule) calls these small random norms epsilon when no flag is given
     assert not load_model(path, config=folder).v_parameterization
+    # a 768-v-like file (the probe's bias spread above 0.09) needs no marker: its round trip stays exact
+    probe = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
+    tensors[probe] = torch.linspace(-0.3, 0.3, tensors[probe].numel())
+    save_file(tensors, path)
+    loaded = load_model(path, config=folder)
+    assert loaded.v_parameterization and "v_pred" not in loaded.extras
+    save_checkpoint(loaded, again, dtype=None)
+    saved = load_file(again)[0]
+    assert saved.keys() == tensors.keys() and all(torch.equal(saved[k], tensors[k]) for k in tensors)
+    # a v-prediction SD2 diffusers folder whose weights the probe calls epsilon: its single file says v too
+    tensors[probe] = torch.zeros_like(tensors[probe])
+    save_file(tensors, path)
+    pipe = tmp_path / "pipe"
+    save_diffusers(load_model(path, config=folder, v_parameterization=True), pipe)
+    from_folder = load_model(pipe)
+    assert from_folder.kind == "sd2" and from_folder.v_parameterization
+    save_checkpoint(from_folder, again, dtype=None)
+    assert "v_pred" in load_file(again)[0] and load_model(again, config=folder).v_parameterization
 
 
 def test_single_file_vae_with_a_folder_model_uses_the_folders_vae_config(sd_file, tmp_path):
