@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["SAMPLERS", "check_sampler", "scheduler_for", "generate"]
+__all__ = ["SAMPLERS", "check_sampler", "scheduler_for", "prompt_conditioning", "generate"]
 
 # sd-scripts name -> (diffusers class, extra config). "k_" names are the same schedulers (k-diffusion spelling).
 SAMPLERS: dict[str, tuple[str, dict]] = {
@@ -64,6 +64,33 @@ def scheduler_for(model, sampler: str = "euler_a"):
                                                       clip_sample=False, **extra)
 
 
+def prompt_conditioning(model, texts: Sequence[str], clip_skip: int | None = None,
+                        max_token_length: int | None = None):
+    """The conditioning (``text.PromptEmbeds``) of ``texts`` as sd-scripts samples with it (its
+    StableDiffusionLongPromptWeightingPipeline): A1111 weights ("(red:1.3)", "[x]") scale each token's states,
+    which are then brought back to the mean they had before weighting, per text; and as many 75-token chunks
+    as the longest text needs, up to 3 (225 tokens), unless ``max_token_length`` (75, 150, 225) says."""
+    from ..data.weighted import CHUNK, apply_token_weights, parse_prompt_attention, tokenize_weighted
+    from .text import PromptEmbeds, encode_prompts
+
+    texts = list(texts)
+    if max_token_length is None:
+        first = model.tokenizers[0]
+        longest = max(sum(len(first(piece).input_ids) - 2 for piece, _ in parse_prompt_attention(t)) for t in texts)
+        max_token_length = CHUNK * min(3, max(1, -(-longest // CHUNK)))
+    tokenized = [tokenize_weighted(tokenizer, texts, max_token_length) for tokenizer in model.tokenizers]
+    embeds = encode_prompts(model, texts, clip_skip=clip_skip, max_token_length=max_token_length,
+                            input_ids=[ids for ids, _ in tokenized])
+    weights = tokenized[0][1]
+    if bool((weights == 1).all()):
+        return embeds
+    hidden = embeds.hidden
+    before = hidden.float().mean(dim=(-2, -1))
+    hidden = apply_token_weights(hidden, weights.to(hidden.device))
+    after = hidden.float().mean(dim=(-2, -1))
+    return PromptEmbeds(hidden * (before / after).to(hidden.dtype)[:, None, None], embeds.pooled)
+
+
 def _as_list(value: str | Sequence[str], n: int, what: str) -> list[str]:
     values = [value] * n if isinstance(value, str) else list(value)
     if len(values) != n:
@@ -74,11 +101,13 @@ def _as_list(value: str | Sequence[str], n: int, what: str) -> list[str]:
 @torch.no_grad()
 def generate(model, prompts: str | Sequence[str], negative_prompt: str | Sequence[str] = "", steps: int = 20,
              guidance_scale: float = 7.5, width: int | None = None, height: int | None = None, seed: int = 0,
-             sampler: str = "euler_a", clip_skip: int | None = None) -> list[Image.Image]:
+             sampler: str = "euler_a", clip_skip: int | None = None,
+             max_token_length: int | None = None) -> list[Image.Image]:
     """One image per prompt from ``model`` (a ``StableDiffusionModel``), image i drawn with seed ``seed + i`` (the
     same image, up to float rounding, whatever the batch).
 
-    ``steps`` >= 1. ``width``/``height`` default to the U-Net's native size (``sample_size`` x the VAE's scale
+    Prompts are read as sd-scripts' sampling reads them (``prompt_conditioning``): A1111 weights, and up to 225
+    tokens (``max_token_length`` fixes the length instead). ``steps`` >= 1. ``width``/``height`` default to the U-Net's native size (``sample_size`` x the VAE's scale
     factor). ``guidance_scale`` <= 1 runs the conditional branch only. SDXL gets its pooled text embeds and time ids
     (original size = target size = (height, width), crop (0, 0)), as kohya samples. Text-to-image only: a U-Net
     that takes more input channels than the VAE's latents (inpainting, instruct-pix2pix) is refused.
@@ -89,8 +118,6 @@ def generate(model, prompts: str | Sequence[str], negative_prompt: str | Sequenc
     if model.unet.config.in_channels != latent_channels:
         raise ValueError(f"generate() draws text-to-image only; this U-Net takes {model.unet.config.in_channels} "
                          f"input channels (an inpainting model?), the VAE's latents have {latent_channels}")
-    from .text import encode_prompts
-
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     n = len(prompts)
     negatives = _as_list(negative_prompt, n, "negative prompt")
@@ -105,12 +132,9 @@ def generate(model, prompts: str | Sequence[str], negative_prompt: str | Sequenc
         raise ValueError(f"width and height must be multiples of {factor}, got {width}x{height}")
 
     cfg = guidance_scale > 1.0
-    cond = encode_prompts(model, prompts, clip_skip=clip_skip)
-    hidden, pooled = cond.hidden, cond.pooled
-    if cfg:
-        uncond = encode_prompts(model, negatives, clip_skip=clip_skip)
-        hidden = torch.cat([uncond.hidden, hidden])
-        pooled = None if pooled is None else torch.cat([uncond.pooled, pooled])
+    # negatives first: the batch is [uncond, cond]; one length for both, as the pipeline pads them together
+    embeds = prompt_conditioning(model, (negatives if cfg else []) + prompts, clip_skip, max_token_length)
+    hidden, pooled = embeds.hidden, embeds.pooled
     hidden = hidden.to(device, dtype)
     added = None
     if model.is_sdxl:

@@ -127,3 +127,49 @@ def test_an_inpainting_unet_is_refused_with_a_clear_message():
     with pytest.raises(ValueError, match=r"generate\(\) draws text-to-image only; this U-Net takes 9 input channels "
                                          r"\(an inpainting model\?\)"):
         generate(m, "x", steps=1)
+
+
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-sdxl"])
+def test_prompts_are_read_as_sd_scripts_samples_them(name):
+    """sd-scripts samples through its long-prompt-weighting pipeline: as many 75-token chunks as the longest
+    prompt needs (up to 3), and A1111 weights scaling each token's states, brought back to the prompt's mean."""
+    import copy
+
+    import torch
+
+    from lorakit.models.sample import prompt_conditioning
+    from lorakit.models.text import encode_prompts
+
+    m = copy.deepcopy(_model(name))
+    for encoder in m.text_encoders:  # trained CLIP norms have biases; a zero-mean output would make the mean 0
+        for module in encoder.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.bias.data.add_(0.3)
+    long = "a red circle " + "on a blue background " * 40 + "with a green border"
+    n_tokens = len(m.tokenizers[0](long).input_ids) - 2
+    assert 150 < n_tokens <= 225
+    got = prompt_conditioning(m, [long, "x"])
+    ref = encode_prompts(m, [long, "x"], max_token_length=225)
+    assert got.hidden.shape[1] == 227 and torch.allclose(got.hidden, ref.hidden, atol=1e-6)
+    assert prompt_conditioning(m, ["x", "y"]).hidden.shape[1] == 77
+    assert prompt_conditioning(m, [long * 2]).hidden.shape[1] == 227  # cut at 225 tokens
+    assert prompt_conditioning(m, [long], max_token_length=75).hidden.shape[1] == 77
+
+    weighted = prompt_conditioning(m, ["(red:1.5) circle", "red circle"])
+    plain = encode_prompts(m, ["red circle"]).hidden[0].double()
+    w = torch.ones(plain.shape[0], 1, dtype=torch.float64)
+    w[1] = 1.5  # <BOS>, red, circle, ...
+    expected = plain * w
+    expected = expected * plain.mean() / expected.mean()
+    assert torch.allclose(weighted.hidden[0].double(), expected, atol=1e-5)
+    assert torch.allclose(weighted.hidden[1].double(), plain, atol=1e-6)  # unweighted prompts are unchanged
+    if m.is_sdxl:
+        assert torch.allclose(weighted.pooled[0], weighted.pooled[1], atol=1e-6)  # the pooled embeds are not weighted
+
+
+def test_words_past_75_tokens_change_the_image():
+    m = _model("tiny-sd")
+    head = "a circle " + "on a background " * 30
+    a, b = (generate(m, head + tail, steps=2, sampler="ddim", seed=3)[0] for tail in ("red red red", "blue blue blue"))
+    assert len(m.tokenizers[0](head).input_ids) - 2 > 75
+    assert np.abs(_arr(a) - _arr(b)).max() > 0
