@@ -191,6 +191,11 @@ class TrainDataset(torch.utils.data.Dataset):
             repeats = 1 if self.validation else subset.num_repeats
             for (im, size), mask_path in zip(sized, masks):
                 choice = selector.select(*size)
+                if not spec.enable_bucket and subset.random_crop and min(size[0] - spec.resolution[0],
+                                                                         size[1] - spec.resolution[1]) >= 0:
+                    # sd-scripts without buckets: random_crop cuts a resolution-sized window of the image at
+                    # its own size (an image is not scaled there); scaled to cover, nothing would be left to move
+                    choice = BucketChoice(tuple(spec.resolution), size)
                 check_bucket(im.path, size, choice, spec.bucket_reso_steps)
                 entry = ImageEntry(im.path, im.caption, group, index, subset.is_reg, repeats, size, choice,
                                    mask_path=mask_path)

@@ -97,6 +97,23 @@ def test_pixels_and_conditioning_are_the_crop_of_the_file(tmp_path, image_factor
     assert len(seen) > 10  # random crops and flips both happened
 
 
+def test_random_crop_without_buckets_cuts_a_window_of_the_unscaled_image(tmp_path, image_factory):
+    """sd-scripts without buckets does not scale: random_crop takes a resolution-sized window anywhere in the
+    image, so a large image trains as many different crops (scaled to cover first, there would be nothing to
+    move along one side)."""
+    _, original = image_factory("big/a.png", 160, 120, seed=2, caption="x")
+    spec = DatasetSpec([SubsetSpec(image_dir=str(tmp_path / "big"), num_repeats=30, random_crop=True)],
+                       resolution=64)
+    seen = set()
+    for batch in run(TrainDataset(spec, seed=5), 1):
+        image = ((batch.images[0].permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).numpy()
+        top, left = batch.crop_top_lefts[0].tolist()
+        assert batch.original_sizes_hw[0].tolist() == [120, 160]
+        assert np.array_equal(image, original[top: top + 64, left: left + 64])
+        seen.add((top, left))
+    assert len({t for t, _ in seen}) > 5 and len({l for _, l in seen}) > 5
+
+
 def test_centre_crop_and_loss_weights(tmp_path, image_factory):
     ds = build(tmp_path, image_factory)
     for batch in run(ds, 1):
