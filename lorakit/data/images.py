@@ -50,6 +50,11 @@ def _open(path: str) -> Image.Image:
 
 def image_size(path: str) -> tuple[int, int]:
     """(width, height) of the upright image, from the header (the pixels are not decoded)."""
+    return stored_and_upright_size(path)[1]
+
+
+def stored_and_upright_size(path: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((width, height) as stored, as the header gives it; (width, height) upright, after the EXIF orientation)."""
     with _open(path) as image:
         width, height = image.size
         try:
@@ -58,7 +63,7 @@ def image_size(path: str) -> tuple[int, int]:
             orientation = 1
     if width < 1 or height < 1:
         raise DatasetError(f"{path}: image has no pixels ({width}x{height})")
-    return (height, width) if orientation in _SWAPPING_ORIENTATIONS else (width, height)
+    return (width, height), ((height, width) if orientation in _SWAPPING_ORIENTATIONS else (width, height))
 
 
 def _eight_bit(image: Image.Image) -> Image.Image:

@@ -5,6 +5,10 @@ dataset needs neither reading every caption file nor opening every image.
 The file is reused when its images are exactly the folder's images (matched by file name, so a moved folder
 keeps its cache); otherwise it is rebuilt. Edited captions are not noticed: delete the file after editing them
 (sd-scripts does not notice either).
+
+``resolution`` is the size as stored, as sd-scripts writes it (imagesize, no EXIF orientation); lorakit trains
+images upright, so each entry also holds ``upright_resolution``, which sd-scripts ignores. A file without it
+(written by sd-scripts) is rebuilt once: its sizes are wrong for a photo with an EXIF rotation.
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ from typing import Callable
 
 from ..formats.atomic import atomic_write
 from .errors import DatasetError
-from .images import image_size
+from .images import stored_and_upright_size
 
 __all__ = ["CACHE_FILE", "cached_images"]
 
 CACHE_FILE = "metadata_cache.json"
+UPRIGHT = "upright_resolution"  # lorakit's key beside sd-scripts' "resolution" (see the module doc)
 logger = logging.getLogger(__name__)
 
 
@@ -42,7 +47,7 @@ def _entries(data: dict, paths: list[str]) -> list | None:
     by_name = {}
     for key, meta in data.items():
         try:
-            caption, (w, h) = meta["caption"], meta["resolution"]
+            caption, (w, h) = meta["caption"], meta[UPRIGHT]
         except (KeyError, TypeError, ValueError):
             return None
         if not isinstance(caption, str) or not all(isinstance(v, int) and v > 0 for v in (w, h)):
@@ -65,10 +70,15 @@ def cached_images(subset, paths: list[str], read: Callable[[], list]) -> list:
     if entries is not None:
         return [SourceImage(p, caption, size) for p, (caption, size) in zip(paths, entries)]
     if data is not None:
-        logger.info("%s: the folder's images changed since the cache was written; rebuilding it", cache)
-    images = [SourceImage(im.path, im.caption, image_size(im.path)) for im in read()]
-    text = json.dumps({im.path: {"caption": im.caption, "resolution": list(im.size)} for im in images},
-                      ensure_ascii=False, indent=2)
+        foreign = any(isinstance(m, dict) and UPRIGHT not in m for m in data.values())
+        logger.info("%s: %s; rebuilding it", cache, "written without upright sizes (by sd-scripts?)" if foreign
+                    else "the folder's images changed since the cache was written")
+    images, entries = [], {}
+    for im in read():
+        stored, upright = stored_and_upright_size(im.path)
+        images.append(SourceImage(im.path, im.caption, upright))
+        entries[im.path] = {"caption": im.caption, "resolution": list(stored), UPRIGHT: list(upright)}
+    text = json.dumps(entries, ensure_ascii=False, indent=2)
     try:
         atomic_write(cache, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     except OSError as e:

@@ -132,12 +132,13 @@ def test_cache_info_writes_reuses_and_rebuilds(image_factory, tmp_path, monkeypa
     first = subset_images(subset)
     cache = tmp_path / "c" / "metadata_cache.json"
     data = json.loads(cache.read_text(encoding="utf-8"))
-    assert data == {str(tmp_path / "c" / f"{i}.png"): {"caption": f"caption {i}", "resolution": list(size)}
+    assert data == {str(tmp_path / "c" / f"{i}.png"): {"caption": f"caption {i}", "resolution": list(size),
+                                                       "upright_resolution": list(size)}
                     for i, size in enumerate([(64, 64), (96, 64), (64, 128)])}
     assert [im.size for im in first] == [(64, 64), (96, 64), (64, 128)]
 
     (tmp_path / "c" / "0.txt").write_text("edited", encoding="utf-8")
-    monkeypatch.setattr(info_cache, "image_size", lambda path: pytest.fail("the cache was not used"))
+    monkeypatch.setattr(info_cache, "stored_and_upright_size", lambda path: pytest.fail("the cache was not used"))
     again = subset_images(subset)  # reused: no image opened, the cached caption kept
     assert [(im.caption, im.size) for im in again] == [(im.caption, im.size) for im in first]
     ds = TrainDataset([DatasetSpec([subset], resolution=64, enable_bucket=True, min_bucket_reso=64,
@@ -149,6 +150,23 @@ def test_cache_info_writes_reuses_and_rebuilds(image_factory, tmp_path, monkeypa
     rebuilt = subset_images(subset)
     assert [im.caption for im in rebuilt] == ["edited", "caption 1", "caption 2", "caption 3"]
     assert len(json.loads(cache.read_text(encoding="utf-8"))) == 4
+
+
+def test_cache_info_of_sd_scripts_is_rebuilt_with_upright_sizes(tmp_path):
+    """sd-scripts records the stored size (no EXIF orientation); lorakit trains the photo upright, so such a
+    file is rebuilt, keeping sd-scripts' "resolution" and adding the upright size."""
+    folder = tmp_path / "c"
+    folder.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees to view: stored 96 wide x 64 high, upright 64 x 96
+    Image.fromarray(np.zeros((64, 96, 3), np.uint8)).save(folder / "rot.jpg", exif=exif)
+    cache = folder / "metadata_cache.json"
+    cache.write_text(json.dumps({str(folder / "rot.jpg"): {"caption": "", "resolution": [96, 64]}}))
+    subset = SubsetSpec(image_dir=str(folder), cache_info=True)
+    assert [im.size for im in subset_images(subset)] == [(64, 96)]
+    assert json.loads(cache.read_text())[str(folder / "rot.jpg")] == {"caption": "", "resolution": [96, 64],
+                                                                      "upright_resolution": [64, 96]}
+    assert [im.size for im in subset_images(subset)] == [(64, 96)]
 
 
 # ----- in_json -----
