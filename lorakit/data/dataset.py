@@ -171,10 +171,13 @@ class TrainDataset(torch.utils.data.Dataset):
                 raise DatasetError(f"{source}: listed twice in dataset {group}; merge the two subsets (or raise "
                                    "num_repeats)")
             seen.add(source)
+            images = subset_images(subset)
+            if not images:  # an empty folder (warned about): left out, as sd-scripts leaves it out
+                continue
             index = len(self.subsets)
             self.subsets.append(subset)
             self.subset_groups.append(group)
-            sized = [(im, im.size or image_size(im.path)) for im in subset_images(subset)]
+            sized = [(im, im.size or image_size(im.path)) for im in images]
             if spec.skip_image_resolution is not None:  # sd-scripts compares areas, at or below is skipped
                 limit = spec.skip_image_resolution[0] * spec.skip_image_resolution[1]
                 kept = [(im, size) for im, size in sized if size[0] * size[1] > limit]

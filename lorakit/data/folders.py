@@ -87,8 +87,10 @@ def subset_images(subset: SubsetSpec) -> list[SourceImage]:
     if not folder.is_dir():
         raise DatasetError(f"{folder}: image_dir is not a folder" + ("" if folder.exists() else " (it does not exist)"))
     paths = list_images(folder)
-    if not paths:
-        raise DatasetError(f"{folder}: no images in this folder (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    if not paths:  # sd-scripts: "ignore subset ... no images found"; a dataset left with none is an error later
+        logger.warning("%s: no images in this folder (looked for %s); the subset is left out", folder,
+                       ", ".join(IMAGE_EXTENSIONS))
+        return []
     if subset.cache_info:
         from .info_cache import cached_images
 

@@ -50,8 +50,10 @@ def test_folder_errors(tmp_path, image_factory):
     with pytest.raises(DatasetError, match=r"oops: a concept folder name must start"):
         subsets_from_folders(tmp_path / "mixed")
     (tmp_path / "empty" / "3_x").mkdir(parents=True)
-    with pytest.raises(DatasetError, match=r"3_x: no images in this folder"):
-        subset_images(subsets_from_folders(tmp_path / "empty")[0])
+    (tmp_path / "empty" / "3_x" / "notes.txt").write_text("no images here")
+    assert subset_images(subsets_from_folders(tmp_path / "empty")[0]) == []
+    with pytest.raises(DatasetError, match="the dataset is empty"):
+        TrainDataset(DatasetSpec(subsets_from_folders(tmp_path / "empty"), resolution=64))
     with pytest.raises(DatasetError, match=r"missing: image_dir is not a folder"):
         subset_images(SubsetSpec(image_dir=str(tmp_path / "missing")))
 
@@ -128,3 +130,12 @@ def test_duplicate_subset(tmp_path, image_factory):
     s = SubsetSpec(image_dir=str(tmp_path / "d"))
     with pytest.raises(DatasetError, match="listed twice"):
         TrainDataset(DatasetSpec([s, SubsetSpec(image_dir=str(tmp_path / "d") + "/")], resolution=64))
+
+
+def test_an_empty_concept_folder_is_left_out_with_a_warning(tmp_path, image_factory, caplog):
+    """sd-scripts logs "ignore subset ... no images found" and trains the other folders."""
+    image_factory("train/2_cat/a.png")
+    (tmp_path / "train" / "3_empty").mkdir()
+    ds = TrainDataset(DatasetSpec(subsets_from_folders(tmp_path / "train"), resolution=64))
+    assert [s.image_dir.rsplit("/", 1)[1] for s in ds.subsets] == ["2_cat"] and ds.image_counts == [1]
+    assert "3_empty: no images in this folder" in caplog.text and "left out" in caplog.text
