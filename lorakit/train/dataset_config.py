@@ -205,32 +205,36 @@ def parse_dataset_config(data: Mapping[str, Any], train: Any = None, source: str
     """A parsed dataset TOML (a dict) -> DatasetGroupConfig. `train`: the TrainConfig (or a mapping) whose data
     options are the last fallback, as sd-scripts' command-line arguments are."""
     where_file = f" ({source})" if source else ""
+
+    def here(dataset: int | None = None, subset: int | None = None) -> str:  # the file, then the table
+        return (f"{source} " if source else "") + _where(dataset, subset)
+
     if not isinstance(data, Mapping):
         raise OptionError(f"dataset config{where_file}: expected a table, got {type(data).__name__}")
     for key in data:
         if key not in ("general", "datasets"):
             raise OptionError(f"dataset config{where_file}: unknown top-level key '{key}'"
                               f"{suggest(key, ['general', 'datasets'])}; expected [general] and [[datasets]]")
-    general = _check_table(data.get("general", {}), "general", _where())
+    general = _check_table(data.get("general", {}), "general", here())
     raw_datasets = data.get("datasets", [])
     if not isinstance(raw_datasets, list) or not raw_datasets:
         raise OptionError(f"dataset config{where_file}: needs at least one [[datasets]] with [[datasets.subsets]]")
     fallback = _fallback_getter(train)
     datasets = []
     for d, raw in enumerate(raw_datasets):
-        dataset = _check_table(raw, "dataset", _where(d))
+        dataset = _check_table(raw, "dataset", here(d))
         raw_subsets = raw.get("subsets", [])
         if not isinstance(raw_subsets, list) or not raw_subsets:
-            raise OptionError(f"dataset config {_where(d)}: needs at least one [[datasets.subsets]]")
-        subsets_typed = [_check_table(s, "subset", _where(d, i)) for i, s in enumerate(raw_subsets)]
+            raise OptionError(f"dataset config {here(d)}: needs at least one [[datasets.subsets]]")
+        subsets_typed = [_check_table(s, "subset", here(d, i)) for i, s in enumerate(raw_subsets)]
         finetuning = ["metadata_file" in s for s in subsets_typed]
         if any(finetuning) and not all(finetuning):
-            raise OptionError(f"dataset config {_where(d)}: DreamBooth subsets (image_dir, no metadata_file) and "
+            raise OptionError(f"dataset config {here(d)}: DreamBooth subsets (image_dir, no metadata_file) and "
                               "fine-tuning subsets (metadata_file) cannot be mixed in one dataset; split them into "
                               "separate [[datasets]]")
         kind = "finetuning" if all(finetuning) else "dreambooth"
         if kind == "finetuning":
-            for level, table in [(_where(d), dataset)] + [(_where(d, i), s) for i, s in enumerate(subsets_typed)]:
+            for level, table in [(here(d), dataset)] + [(here(d, i), s) for i, s in enumerate(subsets_typed)]:
                 wrong = sorted(set(table) & _DREAMBOOTH_ONLY)
                 if wrong:
                     raise OptionError(f"dataset config {level}: '{wrong[0]}' is for DreamBooth subsets (image_dir "
@@ -238,18 +242,18 @@ def parse_dataset_config(data: Mapping[str, Any], train: Any = None, source: str
         subsets, seen = [], set()
         for i, own in enumerate(subsets_typed):
             if kind == "dreambooth" and own.get("image_dir") is None:
-                raise OptionError(f"dataset config {_where(d, i)}: image_dir is required")
+                raise OptionError(f"dataset config {here(d, i)}: image_dir is required")
             subset = _resolve(SubsetConfig, [own, dataset, general], fallback, {"kind": kind})
             identity = subset.image_dir if kind == "dreambooth" else subset.metadata_file
             if identity in seen:
                 log.warning("dataset config %s: %s repeats an earlier subset of the dataset; ignored, as in "
-                            "sd-scripts", _where(d, i), identity)
+                            "sd-scripts", here(d, i), identity)
                 continue
             seen.add(identity)
             subsets.append(subset)
         resolved = _resolve(DatasetConfig, [dataset, general], fallback,
                             {"kind": kind, "subsets": tuple(subsets)})
-        _check_dataset(resolved, _where(d))
+        _check_dataset(resolved, here(d))
         datasets.append(resolved)
     return DatasetGroupConfig(tuple(datasets), source)
 

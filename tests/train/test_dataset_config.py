@@ -258,3 +258,11 @@ def test_missing_or_broken_files(tmp_path):
         load_dataset_config(broken)
     with pytest.raises(OptionError, match="dataset config file not found"):
         load_train_config(dataset_config=tmp_path / "none.toml")
+
+
+def test_errors_inside_datasets_name_the_file(tmp_path):
+    path = tmp_path / "ds.toml"
+    path.write_text('[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "x"\nnum_repeat = 2\n')
+    with pytest.raises(OptionError, match=r"dataset config .*ds\.toml \[\[datasets\]\] #1 \[\[datasets\.subsets\]\] #1: "
+                                          r"unknown key 'num_repeat' \(did you mean 'num_repeats'\?\)"):
+        load_dataset_config(path)
