@@ -93,6 +93,16 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError, TrainingError) as err:
         # lorakit's input errors (options, data, state, model files) and a stopped run: their message says what
         # and where, so one line, as for the checks above (an unexpected error keeps its traceback)
-        print(f"lorakit train: error: {err}", file=sys.stderr)
+        print(f"lorakit train: error: {worker_error_message(err)}", file=sys.stderr)
         return 1
     return result if isinstance(result, int) else 0
+
+
+def worker_error_message(err: BaseException) -> str:
+    """The message of an error, or, for one raised in a DataLoader worker (which torch re-raises as "Caught X in
+    DataLoader worker process N. Original Traceback ..."), the original message alone."""
+    text = str(err)
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        last = text.rstrip().splitlines()[-1]  # "module.ErrorType: message"
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text

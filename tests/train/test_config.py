@@ -10,8 +10,10 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 from lorakit.algos.options import OptionError
+from lorakit.data.errors import DatasetError
 from lorakit.cli import main
 from lorakit.train.config import TrainConfig, load_train_config, parse_command_line, print_config, to_toml
 from lorakit.train.options import BY_NAME, COERCE, NOT_YET_SUPPORTED, OPTIONS, coerce
@@ -540,3 +542,24 @@ def test_docs_list_every_option_with_its_default():
         row = re.search(rf"^\| `{opt.name}` \|.*$", text, re.M)
         assert row, opt.name
         assert ("not yet" in row.group(0)) is (not opt.supported), opt.name
+
+
+class _Damaged(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):
+        raise DatasetError("/data/1_x/a.jpg: image data is damaged or truncated")
+
+
+def test_an_error_in_a_data_loader_worker_is_reported_as_its_own_message():
+    """torch re-raises a worker's error with its traceback in the message; the train command prints the
+    original message alone, as it does for errors in the main process."""
+    from lorakit.train.cli import worker_error_message
+
+    loader = torch.utils.data.DataLoader(_Damaged(), num_workers=1)
+    with pytest.raises(DatasetError) as caught:
+        next(iter(loader))
+    assert "Original Traceback" in str(caught.value)
+    assert worker_error_message(caught.value) == "/data/1_x/a.jpg: image data is damaged or truncated"
+    assert worker_error_message(ValueError("plain")) == "plain"
