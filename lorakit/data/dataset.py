@@ -320,11 +320,12 @@ class TrainDataset(torch.utils.data.Dataset):
                         "keep_tokens": sub.keep_tokens, "keep_tokens_separator": sub.keep_tokens_separator,
                         "secondary_separator": sub.secondary_separator, "enable_wildcard": bool(sub.enable_wildcard),
                         "caption_prefix": sub.caption_prefix, "caption_suffix": sub.caption_suffix}
-                if sub.image_dir:
-                    info.update(image_dir=os.path.basename(os.path.normpath(sub.image_dir)),
-                                class_tokens=sub.class_tokens, is_reg=bool(sub.is_reg))
-                else:
+                if sub.image_dir:  # sd-scripts' train_network.py: image_dir for both kinds when set
+                    info["image_dir"] = os.path.basename(os.path.normpath(sub.image_dir))
+                if sub.metadata_file:
                     info["metadata_file"] = os.path.basename(sub.metadata_file)
+                else:
+                    info.update(class_tokens=sub.class_tokens, is_reg=bool(sub.is_reg))
                 meta["subsets"].append(info)
             out.append(meta)
         return out

@@ -120,6 +120,6 @@ def _timestep_range(config):
 
 def _dataset_dirs(dataset, reg: bool) -> dict[str, dict[str, int]]:
     """sd-scripts' ss_dataset_dirs / ss_reg_dataset_dirs: each subset's folder name, repeats and image count."""
-    return {os.path.basename(os.path.normpath(subset.image_dir or subset.metadata_file)):
+    return {os.path.basename(os.path.normpath(subset.metadata_file or subset.image_dir)):
             {"n_repeats": subset.num_repeats, "img_count": count}
             for subset, count in zip(dataset.subsets, dataset.image_counts) if bool(subset.is_reg) == reg}

@@ -139,3 +139,19 @@ def test_an_empty_concept_folder_is_left_out_with_a_warning(tmp_path, image_fact
     ds = TrainDataset(DatasetSpec(subsets_from_folders(tmp_path / "train"), resolution=64))
     assert [s.image_dir.rsplit("/", 1)[1] for s in ds.subsets] == ["2_cat"] and ds.image_counts == [1]
     assert "3_empty: no images in this folder" in caplog.text and "left out" in caplog.text
+
+
+def test_metadata_of_a_fine_tuning_subset_is_written_as_sd_scripts_writes_it(tmp_path, image_factory):
+    """train_network.py: a metadata_file subset has image_dir and metadata_file (no class_tokens, is_reg), and
+    its ss_dataset_dirs entry is named by the metadata file."""
+    from lorakit.train.metadata import _dataset_dirs
+
+    image_factory("imgs/a.png")
+    meta = tmp_path / "piyo_md.json"
+    meta.write_text(json.dumps({"a": {"caption": "a cat"}}))
+    ds = TrainDataset(DatasetSpec([SubsetSpec(image_dir=str(tmp_path / "imgs"), metadata_file=str(meta))],
+                                  resolution=64))
+    (subset,) = ds.datasets_metadata()[0]["subsets"]
+    assert subset["image_dir"] == "imgs" and subset["metadata_file"] == "piyo_md.json"
+    assert "class_tokens" not in subset and "is_reg" not in subset
+    assert _dataset_dirs(ds, reg=False) == {"piyo_md.json": {"n_repeats": 1, "img_count": 1}}
