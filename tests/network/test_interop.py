@@ -212,6 +212,30 @@ def test_lorakit_generic_file_in_lycoris(tmp_path, algo, opts):
     assert_same([got], [expected], algo)
 
 
+@pytest.mark.parametrize("algo", ["lora", "loha"])
+def test_lycoris_loads_dora_files_only_along_output_rows(tmp_path, algo):
+    """As docs/networks.md says: LyCORIS' loader builds every DoRA module per output row, so it loads a lorakit
+    DoRA file with dora_axis "out" (same forward) and fails on the default "in" axis."""
+    model, x = generic_model()
+    for axis in ("out", "in"):
+        net = randomize(create_network(model, algo=algo, dim=4, alpha=2, dora_wd=True, dora_axis=axis), scale=0.1)
+        expected = lorakit_outputs(net, no_grad(model, x))
+        path = tmp_path / f"{axis}.safetensors"
+        net.save(path)
+        if axis == "in":
+            with pytest.raises(RuntimeError, match="shape"):
+                lycoris.create_lycoris_from_weights(1.0, str(path), model)
+            continue
+        lnet, _ = lycoris.create_lycoris_from_weights(1.0, str(path), model)
+        lnet.apply_to()
+        try:
+            with torch.no_grad():
+                got = model(x)
+        finally:
+            lnet.restore()
+        assert_same([got], [expected], f"{algo} dora out")
+
+
 @pytest.mark.parametrize("algo,opts", ALGOS)
 def test_lycoris_generic_file_in_lorakit(tmp_path, algo, opts):
     model, x = generic_model()
