@@ -248,3 +248,16 @@ def test_bad_network_options():
         create_network(unet, tes, preset="attn_mlp")
     with pytest.raises(OptionError, match="'dim'"):
         create_network(unet, tes, dim="many")
+
+
+def test_a_name_of_a_container_suggests_its_first_layer(tmp_path):
+    """kohya's to_out is to_out_0 (a ModuleList around the Linear): the error says so."""
+    from safetensors.torch import save_file
+
+    unet, tes = tiny_model("sd1")
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out"
+    width = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_out[0].in_features
+    save_file({f"{name}.lora_down.weight": torch.zeros(2, width), f"{name}.lora_up.weight": torch.zeros(width, 2)},
+              str(tmp_path / "x.safetensors"))
+    with pytest.raises(ValueError, match=rf"module '{name}': .*did you mean '{name}_0', its first layer\?"):
+        load_network(unet, tmp_path / "x.safetensors", text_encoders=tes)
