@@ -16,11 +16,11 @@ from typing import Any, Mapping
 import torch
 
 from ..formats.checkpoint_file import CheckpointFileError, CheckpointReader
-from ..formats.checkpoint_layout import COMPONENT_PREFIXES, to_checkpoint, to_diffusers_recipes
+from ..formats.checkpoint_layout import COMPONENT_PREFIXES, to_diffusers_recipes
 from ..formats.dtypes import parse_dtype
 from .assemble import fill_component
 from .configs import component_config_file, load_config
-from .detect import _SD2_V_PROBE, _SD2_V_STD, ModelKindError, check_overrides, detect_kind, detect_v_parameterization
+from .detect import ModelKindError, check_overrides, detect_kind, detect_v_parameterization
 from .meta import component_on_meta
 from .model import StableDiffusionModel
 
@@ -200,24 +200,8 @@ def _folder_configs(root: Path, components: list[str], what: str) -> dict[str, d
     return out
 
 
-def _sd2_v_marker(kind: str, v_pred: bool, unet: torch.nn.Module, extras: dict[str, torch.Tensor]) -> None:
-    """An SD2 model that predicts v but whose weights ComfyUI's probe (the spread of output_blocks.11's norm1.bias)
-    would judge epsilon (v from ``v_parameterization=True`` or a folder's scheduler): keep a ``v_pred`` marker in
-    ``extras``, so that the file ``save_checkpoint`` writes reloads as v (``save_checkpoint`` writes the marker for
-    SD1/SDXL itself, and leaves it out for SD2, whose real 768-v files have none). ComfyUI's own saves mark SD2 v
-    models so too; its loader judges SD2 by the probe alone, which the marker does not change."""
-    if kind != "sd2" or not v_pred or "v_pred" in extras:
-        return
-    inner = _SD2_V_PROBE.removeprefix(COMPONENT_PREFIXES["sd2"]["unet"])
-    probe = to_checkpoint("sd2", "unet", unet.state_dict(), unet.config).get(inner)
-    if probe is None or probe.is_meta or float(probe.float().std(unbiased=False)) <= _SD2_V_STD:
-        extras["v_pred"] = torch.tensor([])
-
-
 def _model(kind, v_pred, modules, scheduler_config, source, extras) -> StableDiffusionModel:
     from .tokenizer import tokenizers_for
-
-    _sd2_v_marker(kind, v_pred, modules["unet"], extras)
 
     tes = [modules[c] for c in text_components(kind)]
     return StableDiffusionModel(kind=kind, v_parameterization=v_pred, unet=modules["unet"], vae=modules.get("vae"),

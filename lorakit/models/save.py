@@ -12,6 +12,7 @@ from ..formats.atomic import atomic_write, staging_folder
 from ..formats.checkpoint_layout import COMPONENT_PREFIXES, to_checkpoint
 from ..formats.dtypes import parse_dtype
 from ..formats.safetensors_io import prepare_tensors, save_file
+from .detect import sd2_weights_say_v
 from .model import StableDiffusionModel
 
 __all__ = ["checkpoint_tensors", "save_checkpoint", "save_diffusers"]
@@ -28,8 +29,12 @@ def checkpoint_tensors(model: StableDiffusionModel) -> dict[str, torch.Tensor]:
         out.update({prefixes[component] + key: value for key, value in converted.items()})
     for key, value in model.extras.items():
         out.setdefault(key, value)
-    # ComfyUI and Forge read an empty "v_pred" tensor as "predicts v"; SD2-768 files are recognised without it.
-    if model.v_parameterization and model.kind != "sd2":
+    # ComfyUI and Forge read an empty "v_pred" tensor as "predicts v". SD2 files are judged by their weights
+    # (detect.sd2_weights_say_v): the marker only where those would say epsilon, so 768-v files round-trip as
+    # they are. A model no longer predicting v (an override) drops a loaded marker.
+    if not model.v_parameterization:
+        out.pop("v_pred", None)
+    elif model.kind != "sd2" or not sd2_weights_say_v(out):
         out.setdefault("v_pred", torch.tensor([]))
     return out
 
