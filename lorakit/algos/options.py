@@ -23,6 +23,7 @@ ALIASES = {
     "network_dim": "dim",
     "network_alpha": "alpha",
     "weight_decompose": "dora_wd",
+    "unit": "block_size",  # sd-scripts' networks/dylora.py (kohya_ss writes it for "Kohya DyLoRA")
 }
 
 
@@ -153,9 +154,13 @@ def parse_options(raw: Mapping[str, Any] | None = None, **kwargs: Any) -> tuple[
             value = "out" if to_bool("wd_on_out", value) else "in"
         if name not in OPTION_NAMES:
             raise OptionError(f"unknown adapter option '{key}'{suggest(str(name), OPTION_NAMES)}")
-        if name in given:
-            raise OptionError(f"option '{name}' given twice (also as an alias)")
-        given[name] = _coerce(name, value)
+        typed = _coerce(name, value)
+        if name in given and given[name] != typed:
+            if not isinstance(typed, bool):
+                raise OptionError(f"option '{name}' given twice (also as an alias) with different values: "
+                                  f"{given[name]!r} and {typed!r}")
+            typed = typed or given[name]  # LyCORIS ORs the spellings (use_tucker, use_cp: kohya_ss writes both)
+        given[name] = typed
     options = dataclasses.replace(DEFAULTS, **given)
     _check_ranges(options)
     return options, frozenset(given)

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from ..algos import OptionError, algorithm, make_adapter
 from ..algos.base import COMMON_OPTIONS
-from ..algos.options import option_name, parse_options
+from ..algos.options import DEFAULTS, option_name, parse_options
 from .blocks import KOHYA_SD25, KOHYA_SDXL23, kohya_block_dims_alphas, parse_kohya_block_lr_kwargs
 from .config import NetworkConfig, split_network_kwargs
 from .names import GENERIC_PREFIX, NameIndex, detect_arch
@@ -44,6 +44,15 @@ def check_network_kwargs(kwargs: Mapping[str, Any]) -> tuple[NetworkConfig, dict
     cls = algorithm(config.algo)
     parsed, given = parse_options(options)
     refused = sorted(given - (COMMON_OPTIONS | cls.accepts))
+    idle = [name for name in refused if getattr(parsed, name) == getattr(DEFAULTS, name)]
+    if idle:
+        # kohya_ss writes use_tucker=False, rank_dropout=0, ... for every LyCORIS type, as LyCORIS ignores what an
+        # algorithm does not use: an option at its default changes nothing, so it is dropped; a real value stays
+        # an error
+        log.warning("algo '%s' does not use %s; given at the default, ignored", cls.name,
+                    ", ".join(f"{n}={getattr(parsed, n)!r}" for n in idle))
+        options = {k: v for k, v in options.items() if option_name(k) not in idle}
+        refused = [name for name in refused if name not in idle]
     if refused:
         # the user's own spelling of the option (an alias such as 'constrain')
         spelt = next((k for k in options if option_name(k) == refused[0]), refused[0])

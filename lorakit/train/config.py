@@ -37,9 +37,10 @@ class _Methods:
 
     def network_kwargs(self) -> dict[str, str]:
         """network_args as a dict, with the algorithm that network_module implies."""
-        from .network_args import network_kwargs
+        from .network_args import LORAPLUS_OPTIONS, network_kwargs
 
-        return network_kwargs(self.network_module, self.network_args)
+        return network_kwargs(self.network_module, self.network_args,
+                              {name: getattr(self, name) for name in LORAPLUS_OPTIONS})
 
     def as_dict(self) -> dict[str, Any]:
         return {o.name: getattr(self, o.name) for o in OPTIONS}

@@ -4,9 +4,12 @@ it early)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Iterable, Mapping
 
 from ..algos.options import OptionError, suggest
+
+log = logging.getLogger(__name__)
 
 # sd-scripts network modules lorakit trains in their place: the value is the algorithm the module implies
 # (None: any, chosen by network_args algo=..., default lora).
@@ -25,13 +28,19 @@ def parse_network_args(items: Iterable[str]) -> dict[str, str]:
         key = key.strip()
         if not eq or not key:
             raise OptionError(f"network_args: expected 'key=value', got {item!r}")
-        if key in parsed:
-            raise OptionError(f"network_args: '{key}' given twice ({parsed[key]!r} and {value.strip()!r})")
+        if key in parsed and parsed[key] != value.strip():
+            # sd-scripts fills a dict: the last one wins (kohya_ss' LoCon/LoHa args hold use_tucker twice)
+            log.warning("network_args: '%s' given twice (%r, then %r); the last is used, as in sd-scripts", key,
+                        parsed[key], value.strip())
         parsed[key] = value.strip()
     return parsed
 
 
-def network_kwargs(network_module: str, network_args: Iterable[str]) -> dict[str, str]:
+LORAPLUS_OPTIONS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
+
+
+def network_kwargs(network_module: str, network_args: Iterable[str],
+                   loraplus: Mapping[str, float | None] | None = None) -> dict[str, str]:
     """The network options a run asks for: network_args, plus the algorithm its network_module implies."""
     module = network_module.strip()
     if module not in NETWORK_MODULES:
@@ -39,6 +48,12 @@ def network_kwargs(network_module: str, network_args: Iterable[str]) -> dict[str
                           f"{suggest(module, NETWORK_MODULES)}; use 'lorakit' with network_args algo=... "
                           f"(accepted: {', '.join(NETWORK_MODULES)})")
     kwargs = parse_network_args(network_args)
+    for name, value in (loraplus or {}).items():  # the kohya_ss GUI writes these at the top level
+        if not value:  # unset, or 0: the GUI's "off"
+            continue
+        if name in kwargs and float(kwargs[name]) != value:
+            raise OptionError(f"{name} given twice: {value:g} and network_args {name}={kwargs[name]}")
+        kwargs.setdefault(name, f"{value:g}")
     implied = NETWORK_MODULES[module]
     if implied is not None:
         algo = kwargs.get("algo", implied)
@@ -58,7 +73,8 @@ def check_network_args(values: Mapping[str, Any], given: frozenset) -> None:
     """Refuse, before any model loads, network_args the network would refuse: unknown names (with the closest
     suggested), bad values, options the algorithm does not take, a preset that does not exist, and repeats of
     network_dim / network_alpha / network_dropout."""
-    kwargs = network_kwargs(values["network_module"], values["network_args"])
+    kwargs = network_kwargs(values["network_module"], values["network_args"],
+                            {name: values[name] for name in LORAPLUS_OPTIONS})
     for key, option in _REPEATS.items():
         if key not in kwargs:
             continue

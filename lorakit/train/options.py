@@ -56,7 +56,10 @@ def _str(opt: Option, value: Any) -> Any:
 
 
 def _path(opt: Option, value: Any) -> Any:
-    # kohya_ss GUI writes unset paths as "" (train_data_dir = ""): empty means not given
+    # kohya_ss GUI writes unset paths as "" (train_data_dir = ""): empty means not given. false too: LyCORIS'
+    # example configs write resume = false, which sd-scripts reads as "no resume" (it tests the value's truth)
+    if value is False:
+        return None
     value = _str(opt, value)
     return None if value.strip() == "" else value
 
@@ -227,6 +230,11 @@ OPTIONS: tuple[Option, ...] = (
          "0 means alpha = dim", low=0),
     _opt("float", "network_dropout", None, "network", "dropout on each adapter's hidden units, in [0, 1) "
          "(0 or unset: none)", low=0),
+    *[_opt("float", name, None, "network", f"{what} as a top-level key, as the kohya_ss GUI writes it (the same "
+           f"as network_args {name}=...)", low=0)
+      for name, what in (("loraplus_lr_ratio", "LoRA+ lr ratio of the up factors"),
+                         ("loraplus_unet_lr_ratio", "LoRA+ ratio for the U-Net"),
+                         ("loraplus_text_encoder_lr_ratio", "LoRA+ ratio for the text encoders"))],
     _opt("strings", "network_args", (), "network", "more network and adapter options as 'key=value' "
          "(algo=loha conv_dim=8 preset=attn-mlp ...); see docs/networks.md"),
     _opt("path", "network_weights", None, "network", "adapter file to start training from"),

@@ -563,3 +563,66 @@ def test_an_error_in_a_data_loader_worker_is_reported_as_its_own_message():
     assert "Original Traceback" in str(caught.value)
     assert worker_error_message(caught.value) == "/data/1_x/a.jpg: image data is damaged or truncated"
     assert worker_error_message(ValueError("plain")) == "plain"
+
+
+# network_args exactly as kohya_ss' lora_gui.py writes them for each network type (with the GUI's default values)
+_KOHYA_SS_ARGS = {
+    "locon": ["preset=full", "conv_dim=8", "conv_alpha=4", "use_tucker=False", "rank_dropout=0", "bypass_mode=False",
+              "dora_wd=False", "module_dropout=0", "use_tucker=False", "use_scalar=False", "rank_dropout_scale=False",
+              "algo=locon", "train_norm=False"],
+    "loha": ["preset=full", "conv_dim=8", "conv_alpha=4", "use_tucker=False", "rank_dropout=0", "bypass_mode=False",
+             "dora_wd=False", "module_dropout=0", "use_tucker=False", "use_scalar=False", "rank_dropout_scale=False",
+             "algo=loha", "train_norm=False"],
+    "lokr": ["preset=full", "conv_dim=8", "conv_alpha=4", "use_tucker=False", "rank_dropout=0", "bypass_mode=False",
+             "dora_wd=False", "module_dropout=0", "factor=-1", "use_cp=False", "use_scalar=False",
+             "decompose_both=False", "rank_dropout_scale=False", "algo=lokr", "train_norm=False"],
+    "dylora": ["preset=full", "conv_dim=8", "conv_alpha=4", "use_tucker=False", "block_size=1", "rank_dropout=0",
+               "module_dropout=0", "algo=dylora", "train_norm=False"],
+    "boft": ["preset=full", "conv_dim=8", "conv_alpha=4", "module_dropout=0", "use_tucker=False", "rank_dropout=0",
+             "rank_dropout_scale=False", "algo=boft", "train_norm=False"],
+    "diag-oft": ["preset=full", "conv_dim=8", "conv_alpha=4", "module_dropout=0", "use_tucker=False", "rank_dropout=0",
+                 "rank_dropout_scale=False", "constraint=0", "rescaled=False", "algo=diag-oft", "train_norm=False"],
+    "glora": ["preset=full", "conv_dim=8", "conv_alpha=4", "use_tucker=False", "rank_dropout=0", "module_dropout=0",
+              "rank_dropout_scale=False", "algo=glora", "train_norm=False"],
+    "full": ["preset=full", "rank_dropout=0", "module_dropout=0", "rank_dropout_scale=False", "algo=full",
+             "train_norm=False"],
+    "ia3": ["preset=full", "conv_dim=8", "conv_alpha=4", "train_on_input=False", "algo=ia3"],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_KOHYA_SS_ARGS))
+def test_kohya_ss_lycoris_configs_run_as_written(kind, caplog):
+    """kohya_ss writes use_tucker twice (LoCon, LoHa), use_tucker beside use_cp (LoKr), and the off values of
+    options an algorithm does not use; sd-scripts and LyCORIS accept all of it, and so does lorakit."""
+    from lorakit import create_network
+
+    from ..network.tiny import tiny_model
+
+    config = load_train_config(overrides={"network_module": "lycoris.kohya", "network_dim": 8, "network_alpha": 4,
+                                          "network_args": _KOHYA_SS_ARGS[kind], "resume": False,
+                                          "loraplus_lr_ratio": 0 if kind != "lokr" else 16})
+    kwargs = config.network_kwargs()
+    assert config.resume is None and ("loraplus_lr_ratio" in kwargs) == (kind == "lokr")
+    unet, tes = tiny_model("sd1")
+    net = create_network(unet, tes, dim=8, alpha=4, **kwargs)
+    assert {a.name for _, a in net.adapters()} == {"lora" if kind == "locon" else kind}
+    if kind == "lokr":
+        assert kwargs["loraplus_lr_ratio"] == "16" and net.loraplus["all"] == 16
+
+
+def test_kohya_ss_spellings_meet_lorakit_options():
+    """use_tucker and use_cp OR-ed as LyCORIS does; differing repeats: the last wins (sd-scripts' dict); DyLoRA's
+    unit is block_size; an option an algorithm does not use stays an error when it is set."""
+    from lorakit.algos.options import parse_options
+
+    assert parse_options({"use_tucker": "False", "use_cp": "True"})[0].use_tucker is True
+    with pytest.raises(OptionError, match="'dim' given twice .* different values: 4 and 8"):
+        parse_options({"dim": 4, "lora_dim": 8})
+    config = load_train_config(overrides={"network_module": "networks.dylora",
+                                          "network_args": ["unit=4", "conv_dim=2", "conv_dim=4"]})
+    assert config.network_kwargs()["conv_dim"] == "4"
+    assert parse_options({"unit": config.network_kwargs()["unit"]})[0].block_size == 4
+    with pytest.raises(OptionError, match="algo 'boft' does not accept option 'use_tucker' \\(given True\\)"):
+        load_train_config(overrides={"network_args": ["algo=boft", "use_tucker=True"]})
+    with pytest.raises(OptionError, match="loraplus_lr_ratio given twice"):
+        load_train_config(overrides={"loraplus_lr_ratio": 4, "network_args": ["loraplus_lr_ratio=8"]})
