@@ -4,6 +4,7 @@ sdxl_merge_lora.py option names are accepted as aliases (--sd_model, --models, -
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .cli_common import check_device, refuse_overwrite, report_errors
 
@@ -101,8 +102,9 @@ def _into_model(args, ratios, precision, save_dtype) -> str:
     for option in ("new_rank", "new_conv_rank"):
         if getattr(args, option) is not None:
             raise ValueError(f"--{option} re-factorises LoRAs into one LoRA; it does not apply with --model")
-    if args.concat or args.shuffle:
-        raise ValueError("--concat/--shuffle merge LoRAs into one LoRA; they do not apply with --model")
+    if args.concat or args.shuffle:  # kohya's merge_lora.py takes and ignores them with --sd_model
+        print("lorakit merge: note: --concat/--shuffle shape a LoRA-into-LoRA merge; with --model they change "
+              "nothing and are ignored, as in kohya's merge_lora.py", file=sys.stderr)
     model = load_model(args.model, v2=True if args.v2 else None, sdxl=True if args.sdxl else None, dtype=precision)
     if args.device != "cpu":
         for _, module in model.components():

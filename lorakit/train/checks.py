@@ -363,6 +363,10 @@ def check_runnable(config) -> None:
         _refuse(f"training needs {', '.join(missing)}")
     if not config.lr_scheduler_type:  # make_scheduler checks it again, but only after the model has loaded
         refuse_warmup(config.lr_scheduler, config.lr_warmup_steps)
+    from .logger import missing_tracker_packages
+
+    for message in missing_tracker_packages(config):  # before the model loads and the latents are cached
+        _refuse(message)
 
 
 def refuse_warmup(scheduler: str, warmup) -> None:

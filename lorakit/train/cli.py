@@ -32,8 +32,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
     parser = commands.add_parser(
         "train", help="train an adapter (sd-scripts config files and option names)", allow_abbrev=False,
         description="Train a LoRA/LyCORIS adapter. Options come from --config (an sd-scripts --config_file TOML "
-        "works unchanged), then from the command line. Options lorakit does not implement yet are accepted at their "
-        "defaults and hidden here; docs/training.md lists them all.")
+        "works unchanged), then from the command line; docs/training.md describes every option.")
     parser.__class__ = _TrainParser
     parser.add_argument("--config", "--config_file", dest="config_file", metavar="TOML",
                         help="the config file (sd-scripts' --config_file format)")

@@ -91,7 +91,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
         hint = ("; lorakit reads the TOML config that sd-scripts reads: the kohya_ss GUI writes one next to its .json "
-                "(config_lora-*.toml)") if str(path).lower().endswith(".json") else ""
+                "(config_lora-*.toml, in output_dir, each time it starts a training; a .json saved with its Save "
+                "button has none until then)") if str(path).lower().endswith(".json") else ""
         raise OptionError(f"config file {path}: not valid TOML ({err}){hint}") from None
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}

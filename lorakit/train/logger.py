@@ -8,7 +8,18 @@ import time
 
 from .tracker_config import loggable_config, tracker_init_kwargs
 
-__all__ = ["TrainLogger"]
+__all__ = ["TrainLogger", "missing_tracker_packages"]
+
+
+def missing_tracker_packages(config) -> list[str]:
+    """The messages for trackers the run asks for whose package is not installed (checked before the model loads)."""
+    import importlib.util
+
+    log_with = config.log_with or ("tensorboard" if config.logging_dir else None)
+    wanted = {"tensorboard": "logging_dir needs the tensorboard package: pip install tensorboard",
+              "wandb": "log_with=wandb needs the wandb package: pip install wandb"}
+    return [message for package, message in wanted.items()
+            if log_with in (package, "all") and importlib.util.find_spec(package) is None]
 
 
 class TrainLogger:

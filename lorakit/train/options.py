@@ -382,7 +382,8 @@ OPTIONS: tuple[Option, ...] = (
          choices=("float", "fp16", "bf16")),
     _opt("bool", "no_half_vae", False, "precision", "keep the VAE in fp32 under mixed precision"),
     _opt("bool", "sdpa", False, "precision", "PyTorch scaled-dot-product attention"),
-    _opt("bool", "xformers", False, "precision", "memory-efficient attention; lorakit uses PyTorch's (sdpa)"),
+    _opt("bool", "xformers", False, "precision", "memory-efficient attention through the xformers package when it "
+         "is installed (without it: a warning, and PyTorch's sdpa)"),
     _opt("bool", "mem_eff_attn", False, "precision", "memory-efficient attention; lorakit uses PyTorch's (sdpa)"),
     _opt("bool", "lowram", False, "precision", "load models straight to the accelerator (little main memory)"),
     _opt("bool", "highvram", False, "precision", "accepted: a hint that memory is plentiful (no cache clearing)"),

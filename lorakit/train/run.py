@@ -458,7 +458,7 @@ class _Run:
                         logger.validation("step", validate(), progress.global_step, epoch)
                     clock["optimizer_and_log"] += time.perf_counter() - optimizer_start
                     step = progress.global_step
-                    if c.save_every_n_steps and step % c.save_every_n_steps == 0 and step < max_steps:
+                    if c.save_every_n_steps and step % c.save_every_n_steps == 0:  # the last step too, as sd-scripts
                         checkpoint("step", step, epoch)
                     if c.sample_every_n_steps and step % c.sample_every_n_steps == 0:
                         sampler.draw(step)

@@ -180,14 +180,15 @@ def test_cli_saves_single_file_and_diffusers_folder_that_reload(models, tmp_path
 
     out = tmp_path / "merged.safetensors"  # kohya's option names
     assert main(["merge", "--sd_model", ckpt, "--models", *files, "--ratios", "0.8", "0.5", "--save_to", str(out),
-                 "--save_precision", "fp16", "--quiet"]) == 0
+                 "--save_precision", "fp16", "--quiet", "--concat"]) == 0  # kohya ignores --concat here too
     reloaded = load_model(out, dtype=None)
     state = reloaded.unet.state_dict()
     assert all(state[k].dtype == torch.float16 and torch.equal(state[k], v) for k, v in want.items())
     te = reloaded.text_encoders[0].state_dict()
     assert all(torch.equal(te[k], v.to(torch.float16)) for k, v in expected.text_encoders[0].state_dict().items())
 
-    assert "saved checkpoint" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "saved checkpoint" in printed.out and "--concat/--shuffle" in printed.err and "ignored" in printed.err
 
     folder = tmp_path / "merged_diffusers"  # what the CLI calls for a --save_to without a checkpoint suffix
     assert save_model(expected, folder, "bf16") == "diffusers"

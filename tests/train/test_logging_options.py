@@ -140,3 +140,20 @@ def test_scheduler_and_counter_combinations():
     assert "lr_scheduler_type 'StepLR' replaces lr_scheduler 'cosine'" in notes
     assert any("initial_step is used" in n for n in notes)
     assert load_train_config(overrides={"lr_scheduler": "warmup_stable_decay", "lr_decay_steps": 10}).warnings == ()
+
+
+def test_a_missing_tracker_package_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    import importlib.util
+
+    from lorakit.train.checks import check_runnable
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("tensorboard", "wandb") else real(name, *a))
+    base = {"pretrained_model_name_or_path": "demo:tiny-sd", "train_data_dir": str(tmp_path),
+            "resolution": "64", "output_dir": str(tmp_path / "out")}
+    check_runnable(load_train_config(overrides=base))
+    with pytest.raises(OptionError, match="logging_dir needs the tensorboard package"):
+        check_runnable(load_train_config(overrides={**base, "logging_dir": str(tmp_path / "logs")}))
+    with pytest.raises(OptionError, match="log_with=wandb needs the wandb package"):
+        check_runnable(load_train_config(overrides={**base, "log_with": "wandb"}))

@@ -82,6 +82,7 @@ def test_fp16_mixed_precision_scales_the_loss_and_resumes_exactly(base, tmp_path
     full = train(_config(base, tmp_path / "full", **options))
     saved = torch.load(tmp_path / "full" / "t-step00000002-state" / "optimizer.pt", weights_only=True)
     assert saved["scaler"]["scale"] > 1  # scaled, not left at 1
+    assert _states_equal(tmp_path / "full" / "t-step00000004.safetensors", full)  # sd-scripts saves the last step too
     train(_config(base, tmp_path / "part", **options), stop_at_step=2)
     resumed = train(_config(base, tmp_path / "part", **options,
                             resume=str(tmp_path / "part" / "t-step00000002-state")))
@@ -225,11 +226,11 @@ def test_nan_loss_stops_and_keeps_last_save(base, tmp_path, monkeypatch):
 def test_save_last_n_steps_prunes(base, tmp_path):
     train(_config(base, tmp_path, max_train_steps=6, save_every_n_steps=1, save_last_n_steps=2, save_state=True))
     kept = sorted(p.name for p in tmp_path.glob("t-step*.safetensors"))
-    # sd-scripts keeps the saves of the last n steps: at step 5, steps 3..5 (the final step 6 is t.safetensors)
-    assert kept == ["t-step00000003.safetensors", "t-step00000004.safetensors", "t-step00000005.safetensors"]
+    # sd-scripts keeps the saves of the last n steps: at step 6 (the last step is saved too), steps 4..6
+    assert kept == ["t-step00000004.safetensors", "t-step00000005.safetensors", "t-step00000006.safetensors"]
     # and, with save_last_n_steps_state unset, the states by the same count (sd-scripts' fallback)
     states = sorted(p.name for p in tmp_path.glob("t-step*-state"))
-    assert states == ["t-step00000003-state", "t-step00000004-state", "t-step00000005-state"]
+    assert states == ["t-step00000004-state", "t-step00000005-state", "t-step00000006-state"]
 
 
 def test_samples_are_drawn(base, tmp_path):
