@@ -243,7 +243,8 @@ class TrainDataset(torch.utils.data.Dataset):
             return BucketSelector(None, max_area=w * h, steps=steps, no_upscale=True)
         # sd-scripts' adjust_min_max_bucket_reso_by_steps: min rounded down, max up, to the steps
         lo, hi = spec.min_bucket_reso - spec.min_bucket_reso % steps, -(-spec.max_bucket_reso // steps) * steps
-        for name, given, used in (("min_bucket_reso", spec.min_bucket_reso, lo), ("max_bucket_reso", spec.max_bucket_reso, hi)):
+        for name, given, used in (("min_bucket_reso", spec.min_bucket_reso, lo),
+                                  ("max_bucket_reso", spec.max_bucket_reso, hi)):
             if given != used:
                 logger.warning("dataset %d: %s %d is not a multiple of bucket_reso_steps %d; %d is used", group,
                                name, given, steps, used)

@@ -107,8 +107,9 @@ def generate(model, prompts: str | Sequence[str], negative_prompt: str | Sequenc
     same image, up to float rounding, whatever the batch).
 
     Prompts are read as sd-scripts' sampling reads them (``prompt_conditioning``): A1111 weights, and up to 225
-    tokens (``max_token_length`` fixes the length instead). ``steps`` >= 1. ``width``/``height`` default to the U-Net's native size (``sample_size`` x the VAE's scale
-    factor). ``guidance_scale`` <= 1 runs the conditional branch only. SDXL gets its pooled text embeds and time ids
+    tokens (``max_token_length`` fixes the length instead). ``steps`` >= 1. ``width``/``height`` default to the
+    U-Net's native size (``sample_size`` x the VAE's scale factor). ``guidance_scale`` <= 1 runs the conditional
+    branch only. SDXL gets its pooled text embeds and time ids
     (original size = target size = (height, width), crop (0, 0)), as kohya samples. Text-to-image only: a U-Net
     that takes more input channels than the VAE's latents (inpainting, instruct-pix2pix) is refused.
     """

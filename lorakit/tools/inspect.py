@@ -86,7 +86,8 @@ def _untrained(algo: str, sub: Mapping[str, torch.Tensor], zero: set[str]) -> bo
 
 # Tensors a module cannot do without, and factor pairs whose ranks must agree (left.shape[1] == right.shape[0]);
 # Tucker modules contract through their core and are checked for presence only.
-_REQUIRED = {"lora": (("lora_up.weight",), ("lora_down.weight",)), "dylora": (("lora_up.weight",), ("lora_down.weight",)),
+_REQUIRED = {"lora": (("lora_up.weight",), ("lora_down.weight",)),
+             "dylora": (("lora_up.weight",), ("lora_down.weight",)),
              "loha": (("hada_w1_a",), ("hada_w1_b",), ("hada_w2_a",), ("hada_w2_b",)),
              "lokr": (("lokr_w1", "lokr_w1_a"), ("lokr_w2", "lokr_w2_a")),
              "glora": (("a1.weight",), ("a2.weight",), ("b1.weight",), ("b2.weight",))}

@@ -328,8 +328,8 @@ class _Run:
         digest = hashlib.sha256(repr(sorted(settings.items())).encode()).hexdigest()[:16]
         progress = Progress(config_digest=digest, seed=self.seed, settings=settings)
         if self.resume_folder:
-            progress = load_state(self.resume_folder, net, None if c.deepspeed else optimizer, scheduler, progress.config_digest,
-                                  progress.settings, scaler=scaler)
+            progress = load_state(self.resume_folder, net, None if c.deepspeed else optimizer, scheduler,
+                                  progress.config_digest, progress.settings, scaler=scaler)
         engine = None
         if c.deepspeed:  # after the resumed adapters are in place: the engine copies them as its master weights
             from .deepspeed_engine import DeepSpeedEngine
