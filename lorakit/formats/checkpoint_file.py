@@ -13,16 +13,13 @@ from typing import Any
 
 import torch
 
-from .safetensors_io import MAX_HEADER_BYTES, SafetensorsFileError, read_header
+from .safetensors_io import MAX_HEADER_BYTES, SafetensorsFileError, looks_like_torch_file, read_header
 
 __all__ = ["CheckpointFileError", "CheckpointReader"]
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-# First bytes of a torch.save zip archive and of a pickle of protocol 2..5 (torch.save's legacy format).
-_ZIP_MAGIC = b"PK\x03\x04"
-_PICKLE_MAGICS = tuple(bytes([0x80, p]) for p in range(2, 6))
 
 
 class CheckpointFileError(ValueError):
@@ -86,7 +83,7 @@ class CheckpointReader:
             return
         with open(self.path, "rb") as f:
             head = f.read(16)
-        looks_like_torch = head.startswith(_ZIP_MAGIC) or head[:2] in _PICKLE_MAGICS
+        looks_like_torch = looks_like_torch_file(head)
 
         def unreadable(detail: str) -> CheckpointFileError:
             if not looks_like_torch:

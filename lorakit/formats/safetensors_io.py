@@ -19,8 +19,15 @@ from .atomic import atomic_write
 # safetensors refuses headers above 100 MB; a bigger length field means garbage.
 MAX_HEADER_BYTES = 100_000_000
 # First bytes of a torch.save zip file and of a plain pickle (protocol 2..5).
-_ZIP_MAGIC = b"PK\x03\x04"
-_PICKLE_MAGICS = tuple(bytes([0x80, p]) for p in range(2, 6))
+# First bytes of a torch.save zip archive and of a pickle of protocol 2..5 (torch.save's legacy format).
+ZIP_MAGIC = b"PK\x03\x04"
+PICKLE_MAGICS = tuple(bytes([0x80, p]) for p in range(2, 6))
+
+
+def looks_like_torch_file(head: bytes) -> bool:
+    """Whether a file's first bytes (9 or more) are those of a torch.save archive or pickle. A safetensors header is
+    a JSON object, so its byte 8 is "{"; a header length such as 640 begins with pickle's magic bytes too."""
+    return head[8:9] != b"{" and (head.startswith(ZIP_MAGIC) or head[:2] in PICKLE_MAGICS)
 
 
 class SafetensorsFileError(ValueError):
@@ -109,9 +116,7 @@ def read_header(path: str | os.PathLike) -> dict:
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(9)
-        # A safetensors header is a JSON object, so byte 8 is "{": without it, the first bytes tell a pickle. (A
-        # header length such as 640 begins with the bytes of pickle's magic too.)
-        if head[8:9] != b"{" and (head.startswith(_ZIP_MAGIC) or head[:2] in _PICKLE_MAGICS):
+        if looks_like_torch_file(head):
             raise SafetensorsFileError(
                 f"{path}: is a PyTorch pickle checkpoint (.ckpt/.pt/.bin), not a safetensors file; lorakit "
                 "reads such files only under a .ckpt/.pt/.pth/.bin name, and then only their tensors "
