@@ -343,6 +343,11 @@ class Adapter(DoRA, nn.Module):
         ``fn``: torch's Module.apply (fn on every submodule), which this name shadows; libraries call it."""
         if fn is not None:
             return super().apply(fn)
+        # The layer's own weight and bias are frozen while it is adapted: every path treats them as constants
+        # (a trainable bias would get a wrong gradient through IA3/OFT, and each step would fill a weight-sized
+        # .grad); restore() gives back their requires_grad.
+        self._layer_requires_grad = {n: p.requires_grad for n, p in self.layer.named_parameters(recurse=False)}
+        self.layer.requires_grad_(False)
         self._org_forward = self.layer.forward
         self._routed = self.__call__ if hooks else self.forward
         self.layer.forward = self._routed
@@ -356,6 +361,10 @@ class Adapter(DoRA, nn.Module):
             del layer.forward  # back to the class's own forward
         else:
             layer.forward = self._org_forward
+        for name, flag in getattr(self, "_layer_requires_grad", {}).items():
+            param = getattr(layer, name, None)
+            if isinstance(param, nn.Parameter):
+                param.requires_grad_(flag)
 
     # ----- saved form -------------------------------------------------------------------------------------------
     def saved_tensors(self) -> dict[str, torch.Tensor]:

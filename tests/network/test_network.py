@@ -261,3 +261,22 @@ def test_a_name_of_a_container_suggests_its_first_layer(tmp_path):
               str(tmp_path / "x.safetensors"))
     with pytest.raises(ValueError, match=rf"module '{name}': .*did you mean '{name}_0', its first layer\?"):
         load_network(unet, tmp_path / "x.safetensors", text_encoders=tes)
+
+
+def test_applying_freezes_the_adapted_layers_and_restore_gives_their_flags_back():
+    """Every adapter path treats the layer's weight and bias as constants; while applied they are frozen (no
+    weight-sized .grad each step), the rest of the model keeps its flags, and restore() gives them back, in
+    the reverse order of stacked networks."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4), nn.LayerNorm(4))
+    model[2].bias.requires_grad_(False)  # a flag of the user's own, given back as it was
+    first = create_network(model, algo="lora", dim=2, preset={"target_name": ["0", "2"]}).apply()
+    second = create_network(model, algo="ia3", preset={"target_name": ["0"]}).apply()
+    assert not any(p.requires_grad for p in [*model[0].parameters(), *model[2].parameters()])
+    assert all(p.requires_grad for p in model[3].parameters())
+    model(torch.randn(3, 8)).sum().backward()
+    assert all(p.grad is None for p in [*model[0].parameters(), *model[2].parameters()])
+    second.restore()
+    assert not model[0].weight.requires_grad  # the first network still adapts it
+    first.restore()
+    assert model[0].weight.requires_grad and model[0].bias.requires_grad and model[2].weight.requires_grad
+    assert not model[2].bias.requires_grad
