@@ -28,6 +28,18 @@ def _leaf(module: nn.Module) -> bool:
     return isinstance(module, ADAPTABLE + NORMS)
 
 
+def _unsupported_kind(module: nn.Module) -> str | None:
+    """Layers a user may expect adapted that no algorithm takes, named when skipped: transformers' Conv1D (GPT-2's
+    Linear with a transposed weight) always, since a default network would otherwise leave GPT-2's blocks out
+    without a word; transposed convs, embeddings and recurrent layers when a preset names them."""
+    cls = type(module)
+    if cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers"):
+        return "transformers' Conv1D (a Linear with its weight transposed, as GPT-2 has) is not supported"
+    if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Embedding, nn.RNNBase)):
+        return f"{cls.__name__} is not a layer kind the algorithms take (Linear, Conv1d/2d/3d)"
+    return None
+
+
 def select(component: str, root: nn.Module, preset: Preset, target_modules, target_names,
            everything: bool = False) -> list[Selected]:
     """Layers under the target module classes, and layers whose path matches a target name, in model order.
@@ -45,16 +57,20 @@ def select(component: str, root: nn.Module, preset: Preset, target_modules, targ
         classes[path] = type(module).__name__
         for child in module.children():
             parents.setdefault(id(child), module)
-        if preset.excluded(path) or not _leaf(module) or path in chosen:
+        kind = _unsupported_kind(module)
+        if preset.excluded(path) or not (_leaf(module) or kind) or path in chosen:
             continue
         ancestors = _ancestors(path)
         inside = next((a for a in ancestors if classes.get(a) in target_modules), None)
         by_name = any(preset.matches(t, path) for t in target_names)
-        if not (everything or by_name or inside is not None or type(module).__name__ in target_modules):
+        named = by_name or type(module).__name__ in target_modules
+        if not (everything or named or inside is not None):
             continue
         if any(preset.excluded(a) for a in ancestors if a):
             continue
-        why = unsupported(module, parents.get(id(module)))
+        if kind is not None and not named and not kind.startswith("transformers' Conv1D"):
+            continue  # an embedding or the like inside a targeted block: not asked for by name, left out quietly
+        why = kind or unsupported(module, parents.get(id(module)))
         if why is not None:
             skipped.append(f"'{path}' ({why})")
             continue
@@ -68,7 +84,7 @@ def select(component: str, root: nn.Module, preset: Preset, target_modules, targ
     if skipped:
         log.warning("lorakit: %d layer(s) of the %s left without an adapter: %s", len(skipped), component,
                     "; ".join(skipped[:5]) + ("; ..." if len(skipped) > 5 else ""))
-    if targeted and not chosen:
+    if targeted and not chosen and not skipped:
         # a class named differently in this model (sd-scripts' CrossAttention for diffusers' Attention) would
         # otherwise train nothing there without a word
         own = sorted({type(m).__name__ for m in root.modules() if not type(m).__module__.startswith("torch.nn")})

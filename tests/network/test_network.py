@@ -280,3 +280,23 @@ def test_applying_freezes_the_adapted_layers_and_restore_gives_their_flags_back(
     first.restore()
     assert model[0].weight.requires_grad and model[0].bias.requires_grad and model[2].weight.requires_grad
     assert not model[2].bias.requires_grad
+
+
+def test_layers_no_algorithm_takes_are_named_when_skipped(caplog):
+    """GPT-2's attention and MLP are transformers' Conv1D (a Linear with a transposed weight): left out with a
+    warning naming each, also when a preset names them (not "matches nothing"); an embedding is named when a
+    preset asks for it, and left out quietly by the default selection."""
+    transformers = pytest.importorskip("transformers")
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64,
+                                                                 n_positions=8, bos_token_id=0, eos_token_id=0))
+    with caplog.at_level("WARNING", logger="lorakit"):
+        net = create_network(model, algo="lora", dim=2)
+    assert set(net.entries) == {"lycoris_lm_head"}
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "'transformer.h.0.attn.c_attn' (transformers' Conv1D" in warned and "wte" not in warned
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lorakit"), pytest.raises(ValueError, match="selected no layer"):
+        create_network(model, algo="lora", dim=2, preset={"target_name": ["c_attn", "transformer.wte"]})
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "'transformer.h.0.attn.c_attn'" in warned and "'transformer.wte' (Embedding is not a layer kind" in warned
+    assert "match nothing" not in warned
