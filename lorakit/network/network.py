@@ -6,6 +6,7 @@ state_dict keys are the file's keys (`lora_unet_..._to_q.lora_down.weight`).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
@@ -14,7 +15,9 @@ import torch.nn as nn
 
 from ..algos import Adapter
 from .blocks import SDXL20, BlockLayout, KOHYA_SD25, layout_for
-from .targets import fast_path_owners
+from .targets import fast_path_owners, tied_parameters
+
+log = logging.getLogger(__name__)
 
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -56,6 +59,12 @@ class Network(nn.Module):
         self.applied = False
         # a plain list: not submodules
         self.fast_path_owners: list[nn.Module] = fast_path_owners(models, [a.layer for a in adapters.values()])
+        self.tied = tied_parameters(models, {n: a.layer for n, a in adapters.items()})
+        if self.tied:
+            name, shared = next(iter(self.tied.items()))
+            log.warning("lorakit: %d adapted layer(s) share their weights with another module (tied), e.g. %s: %s; "
+                        "the adapted model is right, but merge() would change every sharer, so it is refused",
+                        len(self.tied), name, ", ".join(shared))
         self._fast_path_hooks: list = []
         self._sync_multipliers()
 
@@ -141,6 +150,11 @@ class Network(nn.Module):
     @torch.no_grad()
     def merge(self, multiplier: float | None = None, keep_backup: bool = False) -> None:
         """Add every adapter's change into the model weights (at `multiplier` times its block multiplier)."""
+        if self.tied:
+            name, shared = next(iter(self.tied.items()))
+            raise ValueError(f"merge: {len(self.tied)} adapted layer(s) share their weights with another module, "
+                             f"e.g. {name}: {', '.join(shared)}; merging would change them all (the applied "
+                             "network changes the adapted layer alone). Untie the weights first, or keep it applied")
         for name, adapter in self.adapters():
             m = adapter.multiplier if multiplier is None else multiplier * self._block_multipliers.get(name, 1.0)
             adapter.merge(m, keep_backup=keep_backup)

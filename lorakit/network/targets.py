@@ -122,3 +122,19 @@ def fast_path_owners(models, layers) -> list[nn.Module]:
     ids = {id(layer) for layer in layers}
     return [m for root in models for m in root.modules()
             if isinstance(m, nn.TransformerEncoderLayer) and any(id(c) in ids for c in m.modules())]
+
+
+def tied_parameters(models, layers: dict) -> dict[str, list[str]]:
+    """{adapter name: the other parameter names} for adapted layers ({name: layer}) whose weight or bias another
+    module of ``models`` shares (tied weights, as GPT-2's lm_head and wte): merging such an adapter writes its
+    change into the other module too."""
+    owners: dict[int, list[str]] = {}
+    for index, root in enumerate(models):
+        for pname, param in root.named_parameters(remove_duplicate=False):
+            owners.setdefault(id(param), []).append(pname if index == 0 else f"[{index}].{pname}")
+    tied = {}
+    for name, layer in layers.items():
+        shared = [p for param in layer.parameters(recurse=False) for p in owners.get(id(param), [])]
+        if len(shared) > len(list(layer.parameters(recurse=False))):
+            tied[name] = shared
+    return tied

@@ -300,3 +300,30 @@ def test_layers_no_algorithm_takes_are_named_when_skipped(caplog):
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert "'transformer.h.0.attn.c_attn'" in warned and "'transformer.wte' (Embedding is not a layer kind" in warned
     assert "match nothing" not in warned
+
+
+def test_tied_weights_are_named_and_merging_them_is_refused(caplog):
+    """A head tied to the embedding (GPT-2's lm_head and wte): the applied network changes the head alone, but a
+    merge would write into the shared weight and change the embedding too; it is refused, naming both."""
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 6)
+            self.body = nn.Linear(6, 6)
+            self.head = nn.Linear(6, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(self.body(self.emb(ids)))
+
+    model = Tied()
+    with caplog.at_level("WARNING", logger="lorakit"):
+        net = randomize(create_network(model, algo="lora", dim=2), scale=0.3)
+    assert net.tied == {"lycoris_head": ["emb.weight", "head.weight"]}
+    assert "share their weights with another module (tied), e.g. lycoris_head: emb.weight, head.weight" in caplog.text
+    before = model.emb.weight.clone()
+    with pytest.raises(ValueError, match="merge: 1 adapted layer.*lycoris_head: emb.weight, head.weight"):
+        net.merge()
+    assert torch.equal(model.emb.weight, before)
+    untied = create_network(nn.Sequential(nn.Linear(4, 4)), algo="lora", dim=2)
+    assert untied.tied == {}
