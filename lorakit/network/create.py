@@ -93,6 +93,13 @@ def create_network(model: nn.Module, text_encoders: Sequence[nn.Module] | nn.Mod
     if not adapters:
         raise ValueError(f"preset '{preset.name}' selected no layer of this model for algo '{cls.name}' "
                          f"(dim={config.dim}, conv_dim={config.conv_dims[0]})")
+    # a 1x1 orthogonal block is the identity: an output count with no factor near dim (a prime) rotates nothing
+    fixed = [name for name, a in adapters.items() if getattr(a, "oft_blocks", None) is not None
+             and a.oft_blocks.shape[-1] == 1]
+    if fixed:
+        log.warning("lorakit: %d OFT adapter(s) have blocks of size 1, which cannot rotate anything (their output "
+                    "count has no factor near dim, e.g. a prime): %s", len(fixed),
+                    ", ".join(fixed[:5]) + (", ..." if len(fixed) > 5 else ""))
     loraplus = {"all": config.loraplus_lr_ratio, "unet": config.loraplus_unet_lr_ratio,
                 "te": config.loraplus_text_encoder_lr_ratio}
     network = Network(adapters, entries, arch, config.multiplier, plan.lr_weights, loraplus,

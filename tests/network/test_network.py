@@ -327,3 +327,11 @@ def test_tied_weights_are_named_and_merging_them_is_refused(caplog):
     assert torch.equal(model.emb.weight, before)
     untied = create_network(nn.Sequential(nn.Linear(4, 4)), algo="lora", dim=2)
     assert untied.tied == {}
+
+
+def test_oft_blocks_of_size_one_are_named(caplog):
+    model = nn.Sequential(nn.Linear(8, 7), nn.Linear(7, 8))  # 7 outputs: blocks of 1, which rotate nothing
+    with caplog.at_level("WARNING", logger="lorakit"):
+        net = create_network(model, algo="diag-oft", dim=4)
+    assert dict(net.adapters())["lycoris_0"].oft_blocks.shape[-1] == 1
+    assert "1 OFT adapter(s) have blocks of size 1" in caplog.text and "lycoris_0" in caplog.text
