@@ -93,6 +93,7 @@ def _combinations(v: dict[str, Any]) -> None:
 
     both("network_train_unet_only", "network_train_text_encoder_only", "together they train nothing")
     both("full_fp16", "full_bf16", "choose one training dtype")
+    both("stop_text_encoder_training", "stop_text_encoder_training_pct", "give the stop as steps or as a percentage")
     if v["full_fp16"] and v["mixed_precision"] != "fp16":  # train_network.py
         _refuse(f"full_fp16 needs mixed_precision = 'fp16' (got {v['mixed_precision']!r})")
     if v["full_bf16"] and v["mixed_precision"] != "bf16":  # train_network.py

@@ -321,8 +321,9 @@ class _Run:
                                  max_steps=c.max_validation_steps)
         train_text = not c.network_train_unet_only and any(
             g["name"].startswith("text_encoder") for g in groups if "name" in g)
-        stop_text_at = (math.ceil(max_steps * c.stop_text_encoder_training / 100)
-                        if c.stop_text_encoder_training else None)
+        stop_text_at = (c.stop_text_encoder_training or  # steps; the GUI's percentage converted as it converts it
+                        (math.ceil(max_steps * c.stop_text_encoder_training_pct / 100)
+                         if c.stop_text_encoder_training_pct else None))
 
         settings = self._settings()
         digest = hashlib.sha256(repr(sorted(settings.items())).encode()).hexdigest()[:16]

@@ -313,3 +313,18 @@ def test_alpha_mask_of_zero_trains_nothing(base, tmp_path):
         Image.fromarray(np.asarray(Image.open(path))[..., :3]).save(path)
     full = load_file(train(_config(base, tmp_path / "full", **common)))[0]
     assert any(torch.count_nonzero(v) > 0 for k, v in full.items() if k.endswith("lora_up.weight"))
+
+
+@pytest.mark.parametrize("option,value", [("stop_text_encoder_training", 2), ("stop_text_encoder_training_pct", 50)])
+def test_text_encoders_stop_training_after_the_steps_given(base, tmp_path, option, value):
+    """sd-scripts' stop_text_encoder_training counts steps (the kohya_ss GUI converts its percentage to them;
+    stop_text_encoder_training_pct is that percentage): the text encoders train steps 1-2 of 4, then no more."""
+    train(_config(base, tmp_path, max_train_steps=4, save_every_n_steps=1, **{option: value}))
+    saves = [load_file(tmp_path / f"t-step{s:08d}.safetensors")[0] for s in range(1, 5)]
+
+    def moved(a, b, prefix):
+        return max(float((a[k] - b[k]).abs().max()) for k in a if k.startswith(prefix))
+
+    assert moved(saves[0], saves[1], "lora_te_") > 0  # step 2 trained the text encoder
+    assert moved(saves[1], saves[2], "lora_te_") == 0 and moved(saves[2], saves[3], "lora_te_") == 0
+    assert moved(saves[2], saves[3], "lora_unet_") > 0
