@@ -139,8 +139,6 @@ def _combinations(v: dict[str, Any]) -> None:
                     f"{v['gradient_accumulation_steps']}): each gradient is used and freed during the backward pass")
     if v["sdxl"] and v["v2"]:  # sdxl_train_util.verify_sdxl_training_args
         _refuse("sdxl and v2 cannot both be on: a model is SD2 or SDXL")
-    if v["sdxl"] and v["clip_skip"] is not None and v["clip_skip"] > 1:
-        _refuse(f"clip_skip = {v['clip_skip']} does nothing for SDXL (sd-scripts ignores it too); remove it")
     if v["network_dropout"] is not None and v["network_dropout"] >= 1:
         _refuse(f"option 'network_dropout': expected a value in [0, 1), got {v['network_dropout']}")
     if v["lr_scheduler"] == "adafactor" and v["optimizer_type"] != "Adafactor":  # train_util.get_scheduler_fix
@@ -286,6 +284,8 @@ def _warnings(v: dict[str, Any]) -> list[str]:
     notes = []
     if v["v2"] and v["clip_skip"] is not None and v["clip_skip"] > 1:
         notes.append("v2 with clip_skip: SD2 models were not trained with clip_skip")
+    if v["sdxl"] and v["clip_skip"] is not None and v["clip_skip"] > 1:  # sd-scripts warns too, and goes on
+        notes.append(f"clip_skip = {v['clip_skip']} does nothing for SDXL (sd-scripts ignores it too)")
     if v["zero_terminal_snr"] and not v["v_parameterization"]:
         notes.append("zero_terminal_snr without v_parameterization: training will be unexpected (sd-scripts)")
     scheduler = "lr_scheduler_type" if v["lr_scheduler_type"] else v["lr_scheduler"]

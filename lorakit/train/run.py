@@ -45,6 +45,7 @@ _RESUME_FREE = {"resume", "output_dir", "output_name", "save_every_n_steps", "sa
                 "metadata_author", "metadata_description", "metadata_license", "metadata_tags", "wandb_run_name",
                 "log_tracker_config", "log_config", "console_log_level", "console_log_file", "console_log_simple",
                 "ddp_timeout", "ddp_gradient_as_bucket_view", "ddp_static_graph", "output_config",
+                "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk",
                 "validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps",
                 "huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo", "huggingface_token",
                 "huggingface_repo_visibility", "save_state_to_huggingface", "async_upload", "resume_from_huggingface",
@@ -326,6 +327,8 @@ class _Run:
                          if c.stop_text_encoder_training_pct else None))
 
         settings = self._settings()
+        # the data too: a resume from a state of a dataset with other batches would take other images
+        settings["batches per epoch (the dataset)"] = repr(batches_per_epoch)
         digest = hashlib.sha256(repr(sorted(settings.items())).encode()).hexdigest()[:16]
         progress = Progress(config_digest=digest, seed=self.seed, settings=settings)
         if self.resume_folder:

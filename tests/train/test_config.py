@@ -352,7 +352,6 @@ COMBINATIONS = [
     ({"ip_noise_gamma_random_strength": True}, "ip_noise_gamma_random_strength needs ip_noise_gamma"),
     ({"dim_from_weights": True}, "dim_from_weights needs network_weights"),
     ({"sdxl": True, "v2": True}, "sdxl and v2 cannot both be on"),
-    ({"sdxl": True, "clip_skip": 2}, "clip_skip = 2 does nothing for SDXL"),
     ({"lr_scheduler": "adafactor"}, "lr_scheduler 'adafactor' needs optimizer_type Adafactor"),
     ({"use_8bit_adam": True, "optimizer_type": "Lion"}, "use_8bit_adam and optimizer_type = 'Lion' are both given"),
     ({"use_8bit_adam": True, "use_lion_optimizer": True}, "use_8bit_adam and use_lion_optimizer are both given"),
@@ -626,3 +625,10 @@ def test_kohya_ss_spellings_meet_lorakit_options():
         load_train_config(overrides={"network_args": ["algo=boft", "use_tucker=True"]})
     with pytest.raises(OptionError, match="loraplus_lr_ratio given twice"):
         load_train_config(overrides={"loraplus_lr_ratio": 4, "network_args": ["loraplus_lr_ratio=8"]})
+
+
+def test_clip_skip_with_sdxl_is_a_warning_as_in_sd_scripts():
+    """sd-scripts' verify_sdxl_training_args warns and trains on; the config's sdxl flag or a detected SDXL model
+    give the same note."""
+    config = load_train_config(overrides={"sdxl": True, "clip_skip": 2})
+    assert "clip_skip = 2 does nothing for SDXL (sd-scripts ignores it too)" in config.warnings

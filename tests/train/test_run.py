@@ -194,6 +194,21 @@ def test_resume_refuses_changed_settings(base, tmp_path):
         torch.float16
 
 
+def test_resume_refuses_a_dataset_of_other_batches(base, tmp_path):
+    """A state records the batches per epoch: a resume after images were removed or added would take other images
+    from the saved position, so it is refused, saying the dataset changed."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(base / "data", data)
+    options = dict(train_data_dir=str(data), max_train_steps=4)
+    train(_config(base, tmp_path / "out", **options), stop_at_step=1)
+    for image in sorted(data.rglob("*.png"))[:2]:
+        image.unlink()
+    with pytest.raises(ValueError, match=r"different training settings \(batches per epoch \(the dataset\): 3 -> 2\)"):
+        train(_config(base, tmp_path / "out", **options, resume=str(tmp_path / "out" / "t-step00000001-state")))
+
+
 def test_broken_or_missing_state_folders_are_named(base, tmp_path):
     train(_config(base, tmp_path, max_train_steps=3), stop_at_step=1)
     state = tmp_path / "t-step00000001-state"
