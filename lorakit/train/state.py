@@ -57,11 +57,12 @@ def save_state(folder: str | Path, tensors: dict, optimizer, scheduler, progress
 
 
 def _changed(saved: dict | None, now: dict | None) -> str:
-    """'name: saved -> now' for the options that differ (states saved before they kept their settings: '')."""
+    """'name: saved -> now' for the settings both runs record that differ. A setting only one side records (an
+    option another lorakit version added, or lets a resume change) is not compared."""
     if not saved or not now:
         return ""
-    names = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-    shown = [f"{k}: {saved.get(k, 'unset')} -> {now.get(k, 'unset')}" for k in names[:5]]
+    names = sorted(k for k in set(saved) & set(now) if saved[k] != now[k])
+    shown = [f"{k}: {saved[k]} -> {now[k]}" for k in names[:5]]
     return "; ".join(shown) + (f"; and {len(names) - 5} more" if len(names) > 5 else "")
 
 
@@ -98,10 +99,14 @@ def load_state(folder: str | Path, network, optimizer, scheduler, config_digest:
                          f"deepspeed; resume it with deepspeed = {str(saved_by_deepspeed).lower()}")
     progress = Progress(**info)
     if progress.config_digest and progress.config_digest != config_digest:
+        # compared setting by setting where the state records them (the digest alone changes when a lorakit
+        # version adds an option or frees one for resumes); only states without settings rely on the digest
         changed = _changed(progress.settings, settings)
-        raise StateError(f"resume={folder}: the state was saved by a run with different training settings "
-                         f"({changed or 'model, data, network or optimisation options changed'}); resume with the "
-                         "same config")
+        if changed or not (progress.settings and settings):
+            raise StateError(f"resume={folder}: the state was saved by a run with different training settings "
+                             f"({changed or 'model, data, network or optimisation options changed'}); resume with "
+                             "the same config")
+        progress.config_digest, progress.settings = config_digest, dict(settings)
     tensors, _ = load_file(files[0])
     expected = set(network.state_dict())
     if set(tensors) != expected:
