@@ -293,7 +293,8 @@ def test_layers_no_algorithm_takes_are_named_when_skipped(caplog):
         net = create_network(model, algo="lora", dim=2)
     assert set(net.entries) == {"lycoris_lm_head"}
     warned = " ".join(r.getMessage() for r in caplog.records)
-    assert "'transformer.h.0.attn.c_attn' (transformers' Conv1D" in warned and "wte" not in warned
+    assert "'transformer.h.0.attn.c_attn' (transformers' Conv1D" in warned and "'transformer.wte' (" not in warned
+    assert net.tied == {"lycoris_lm_head": ["transformer.wte.weight", "lm_head.weight"]}  # GPT-2 ties the head
     caplog.clear()
     with caplog.at_level("WARNING", logger="lorakit"), pytest.raises(ValueError, match="selected no layer"):
         create_network(model, algo="lora", dim=2, preset={"target_name": ["c_attn", "transformer.wte"]})
