@@ -112,10 +112,10 @@ def load_network(model: nn.Module, source: str | Path | Mapping[str, torch.Tenso
         try:
             adapter = adapter_from_state_dict(target.module, sub, dtype=dtype, multiplier=multiplier)
         except (ValueError, RuntimeError, TypeError, KeyError) as err:
-            first = next(iter(target.module.children()), None)
+            first = next(target.module.children(), None)
+            leaf_first = first is not None and next(first.children(), None) is None
             hint = f" (a container: did you mean '{name}_0', its first layer?)" if isinstance(
-                target.module, (nn.ModuleList, nn.Sequential)) and first is not None and not any(
-                True for _ in first.children()) else ""
+                target.module, (nn.ModuleList, nn.Sequential)) and leaf_first else ""
             raise ValueError(f"{where}: module '{name}': {err}{hint}") from None
         primary = index.name_of(target.component, target.path)
         if primary in adapters:

@@ -61,10 +61,8 @@ class Network(nn.Module):
         self.fast_path_owners: list[nn.Module] = fast_path_owners(models, [a.layer for a in adapters.values()])
         self.tied = tied_parameters(models, {n: a.layer for n, a in adapters.items()})
         if self.tied:
-            name, shared = next(iter(self.tied.items()))
-            log.warning("lorakit: %d adapted layer(s) share their weights with another module (tied), e.g. %s: %s; "
-                        "the adapted model is right, but merge() would change every sharer, so it is refused",
-                        len(self.tied), name, ", ".join(shared))
+            log.warning("lorakit: %s; the adapted model is right, but merge() would change every sharer, so it is "
+                        "refused", self._tied_example(" (tied)"))
         self._fast_path_hooks: list = []
         self._sync_multipliers()
 
@@ -147,14 +145,18 @@ class Network(nn.Module):
         self._fast_path_hooks = []
         self.applied = False
 
+    def _tied_example(self, note: str = "") -> str:
+        """How many adapted layers share their weights, and the first one with its sharers."""
+        name, shared = next(iter(self.tied.items()))
+        return (f"{len(self.tied)} adapted layer(s) share their weights with another module{note}, e.g. {name}: "
+                f"{', '.join(shared)}")
+
     @torch.no_grad()
     def merge(self, multiplier: float | None = None, keep_backup: bool = False) -> None:
         """Add every adapter's change into the model weights (at `multiplier` times its block multiplier)."""
         if self.tied:
-            name, shared = next(iter(self.tied.items()))
-            raise ValueError(f"merge: {len(self.tied)} adapted layer(s) share their weights with another module, "
-                             f"e.g. {name}: {', '.join(shared)}; merging would change them all (the applied "
-                             "network changes the adapted layer alone). Untie the weights first, or keep it applied")
+            raise ValueError(f"merge: {self._tied_example()}; merging would change them all (the applied network "
+                             "changes the adapted layer alone). Untie the weights first, or keep it applied")
         for name, adapter in self.adapters():
             m = adapter.multiplier if multiplier is None else multiplier * self._block_multipliers.get(name, 1.0)
             adapter.merge(m, keep_backup=keep_backup)
