@@ -155,6 +155,15 @@ def lorakit_outputs(net, fn):
         net.restore()
 
 
+def lycoris_generic_outputs(lnet, fn):
+    """fn() with a LyCORIS network of a generic model applied."""
+    lnet.apply_to()
+    try:
+        return fn()
+    finally:
+        lnet.restore()
+
+
 def lycoris_sd_outputs(lnet, te_arg, unet, fn):
     lnet.apply_to(te_arg, unet, apply_text_encoder=True, apply_unet=True)
     try:
@@ -202,12 +211,7 @@ def test_lorakit_generic_file_in_lycoris(tmp_path, algo, opts):
 
     lnet, _ = lycoris.create_lycoris_from_weights(1.0, str(path), model)
     assert {m.lora_name for m in lnet.loras} == set(net.entries) == GENERIC_NAMES
-    lnet.apply_to()
-    try:
-        with torch.no_grad():
-            got = model(x)
-    finally:
-        lnet.restore()
+    got = lycoris_generic_outputs(lnet, no_grad(model, x))
     assert_changed([expected], [base])
     assert_same([got], [expected], algo)
 
@@ -227,12 +231,7 @@ def test_lycoris_loads_dora_files_only_along_output_rows(tmp_path, algo):
                 lycoris.create_lycoris_from_weights(1.0, str(path), model)
             continue
         lnet, _ = lycoris.create_lycoris_from_weights(1.0, str(path), model)
-        lnet.apply_to()
-        try:
-            with torch.no_grad():
-                got = model(x)
-        finally:
-            lnet.restore()
+        got = lycoris_generic_outputs(lnet, no_grad(model, x))
         assert_same([got], [expected], f"{algo} dora out")
 
 
@@ -301,12 +300,7 @@ def test_lora_prefix_names_generic_adapters_in_both(tmp_path):
     LycorisNetwork.apply_preset({"lora_prefix": "mynet"})
     lnet, _ = lycoris.create_lycoris_from_weights(1.0, str(path), model)
     assert {m.lora_name for m in lnet.loras} == {"mynet_head", "mynet_out_proj"}
-    lnet.apply_to()
-    try:
-        with torch.no_grad():
-            assert_same([model(x)], [expected])
-    finally:
-        lnet.restore()
+    assert_same([lycoris_generic_outputs(lnet, no_grad(model, x))], [expected])
 
 
 # ----- Stable Diffusion: lorakit -> LyCORIS -------------------------------------------------------------------------
