@@ -52,7 +52,9 @@ _RESUME_FREE = {"resume", "output_dir", "output_name", "save_every_n_steps", "sa
                 # how the files are written, and how memory is spent on the same computation
                 "save_precision", "save_model_as", "gradient_checkpointing", "cpu_offload_checkpointing",
                 "vae_batch_size", "sdpa", "xformers", "mem_eff_attn", "lowram", "highvram", "cache_latents_to_disk",
-                "skip_cache_check"}
+                "skip_cache_check",
+                # a resume may train on for longer, as in sd-scripts (the lr schedule then follows the new length)
+                "max_train_steps", "max_train_epochs"}
 
 
 log = logging.getLogger(__name__)
@@ -258,7 +260,7 @@ class _Run:
         from .logger import TrainLogger
         from .metadata import progress_metadata, training_metadata
         from .optimizers import make_optimizer, optimizer_name
-        from .schedulers import make_scheduler
+        from .schedulers import follow_new_length, make_scheduler
 
         c = self.config
         if c.dataset_class:  # a wrong class path fails before the model loads
@@ -330,10 +332,10 @@ class _Run:
         # the data too: a resume from a state of a dataset with other batches would take other images
         settings["batches per epoch (the dataset)"] = repr(batches_per_epoch)
         digest = hashlib.sha256(repr(sorted(settings.items())).encode()).hexdigest()[:16]
-        progress = Progress(config_digest=digest, seed=self.seed, settings=settings)
+        progress = Progress(config_digest=digest, seed=self.seed, settings=settings, max_steps=max_steps)
         if self.resume_folder:
             progress = load_state(self.resume_folder, net, None if c.deepspeed else optimizer, scheduler,
-                                  progress.config_digest, progress.settings, scaler=scaler)
+                                  progress.config_digest, progress.settings, scaler=scaler, max_steps=max_steps)
         engine = None
         if c.deepspeed:  # after the resumed adapters are in place: the engine copies them as its master weights
             from .deepspeed_engine import DeepSpeedEngine
@@ -342,6 +344,8 @@ class _Run:
                                      train_unet=not c.network_train_text_encoder_only, train_text=train_text)
             if c.resume:
                 engine.load_state(self.resume_folder)
+        if self.resume_folder:
+            follow_new_length(scheduler)  # a resume with more steps: the lr schedule of the new length
         full_weights = engine.full_weights if engine else contextlib.nullcontext
         progress = initial_progress(c, progress, updates_per_epoch, max_steps)
         main = self.world.main
@@ -473,7 +477,8 @@ class _Run:
                     if step >= max_steps:
                         break
                     last = time.perf_counter()
-                progress.epoch, progress.step_in_epoch = epoch + 1, 0
+                if progress.step_in_epoch >= batches_per_epoch:  # not when max_steps ended it part-way: a state
+                    progress.epoch, progress.step_in_epoch = epoch + 1, 0  # saved now resumes (longer) from there
                 if validate and (c.validate_every_n_epochs is None or epoch % c.validate_every_n_epochs == 0):
                     logger.validation("epoch", validate(), progress.global_step, epoch)
                 if progress.global_step >= max_steps:

@@ -196,6 +196,35 @@ class PiecewiseConstantFactor:
         return self.last
 
 
+_OWN_FACTORS = (_Warmup, WarmupStableDecayFactor, PiecewiseConstantFactor)
+
+
+def _own_curve(scheduler) -> bool:
+    return isinstance(scheduler, LambdaLR) and all(isinstance(f, _OWN_FACTORS) for f in scheduler.lr_lambdas)
+
+
+def load_scheduler_state(scheduler, state: dict) -> None:
+    """A resume: the saved step count. lorakit's own curves keep the factors this run built from its config, which
+    the resume checked equal but for the length; a longer run's curve thus follows the new length, as in
+    sd-scripts, where only the step count comes back (diffusers' lambdas are closures, which LambdaLR does not
+    save). Any other scheduler gets its whole saved state."""
+    if _own_curve(scheduler):
+        state = {**state, "lr_lambdas": [None] * len(scheduler.lr_lambdas)}
+    scheduler.load_state_dict(state)
+
+
+def follow_new_length(scheduler) -> None:
+    """After a resume, the optimizer's lr at the restored step from this run's curve. The optimizer state brought
+    back the saved run's lr, which differs from it when the run was made longer; for the same length the two are
+    the same number."""
+    if not _own_curve(scheduler):
+        return
+    lrs = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+
+
 def _reject_args(name: str, args: dict, allowed: Iterable[str] = ()) -> None:
     extra = sorted(set(args) - set(allowed))
     if extra:

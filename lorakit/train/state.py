@@ -9,6 +9,7 @@ A state is a folder written under a temporary name and renamed into place (a kil
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -17,10 +18,12 @@ import torch
 
 from ..formats.atomic import staging_folder
 from ..formats.safetensors_io import load_file, save_file
+from .schedulers import load_scheduler_state
 
 __all__ = ["Progress", "save_state", "load_state", "StateError"]
 
 _FORMAT = 1
+log = logging.getLogger(__name__)
 
 
 class StateError(ValueError):
@@ -35,6 +38,7 @@ class Progress:
     config_digest: str = ""
     seed: int | None = None  # the run's seed (drawn at random when the config gave none)
     settings: dict | None = None  # the options a resume must keep, as text (config_digest is their hash)
+    max_steps: int | None = None  # the run's length (a resume may make it longer)
 
 
 def save_state(folder: str | Path, tensors: dict, optimizer, scheduler, progress: Progress, *,
@@ -76,9 +80,10 @@ def saved_seed(folder: str | Path) -> int | None:
 
 
 def load_state(folder: str | Path, network, optimizer, scheduler, config_digest: str,
-               settings: dict | None = None, scaler=None) -> Progress:
+               settings: dict | None = None, scaler=None, max_steps: int | None = None) -> Progress:
     """Restore the adapters, the optimizer and the scheduler; ``optimizer`` None: a deepspeed run, whose engine
-    reads its own part of the folder afterwards (deepspeed_engine.py)."""
+    reads its own part of the folder afterwards (deepspeed_engine.py). ``max_steps``: this run's length, which may
+    differ from the saved run's (as in sd-scripts: train on for longer); the progress returned has it."""
     folder = Path(folder)
     if not folder.is_dir():
         raise StateError(f"resume={folder}: no such folder (expected a -state folder that a run with save_state "
@@ -98,6 +103,16 @@ def load_state(folder: str | Path, network, optimizer, scheduler, config_digest:
         raise StateError(f"resume={folder}: the state was saved {'with' if saved_by_deepspeed else 'without'} "
                          f"deepspeed; resume it with deepspeed = {str(saved_by_deepspeed).lower()}")
     progress = Progress(**info)
+    if max_steps is not None:
+        if progress.global_step > max_steps:
+            raise StateError(f"resume={folder}: the state is at step {progress.global_step}, past this run's "
+                             f"{max_steps} training steps (max_train_steps / max_train_epochs); give more steps")
+        if progress.max_steps not in (None, max_steps):
+            log.warning("resume=%s: the run trains on to step %d instead of %d; the lr schedule (and any option given "
+                        "as a share of the steps) follows the new length from step %d on, so the result differs from "
+                        "a run of %d steps from the start unless the schedule is constant", folder, max_steps,
+                        progress.max_steps, progress.global_step, max_steps)
+        progress.max_steps = max_steps
     if progress.config_digest and progress.config_digest != config_digest:
         # compared setting by setting where the state records them (the digest alone changes when a lorakit
         # version adds an option or frees one for resumes); only states without settings rely on the digest
@@ -119,7 +134,7 @@ def load_state(folder: str | Path, network, optimizer, scheduler, config_digest:
         raise StateError(f"resume={folder}: {files[1].name} cannot be read ({str(e).splitlines()[0]})") from None
     if optimizer is not None:
         optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
+    load_scheduler_state(scheduler, saved["scheduler"])
     if scaler is not None and scaler.is_enabled() and "scaler" in saved:
         scaler.load_state_dict(saved["scaler"])
     return progress

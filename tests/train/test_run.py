@@ -183,8 +183,8 @@ def test_xformers_without_the_package_keeps_sdpa(base, tmp_path, caplog):
 def test_resume_refuses_changed_settings(base, tmp_path):
     train(_config(base, tmp_path, max_train_steps=3), stop_at_step=1)
     with pytest.raises(ValueError, match=r"different training settings \(learning_rate: 0.01 -> 0.005; "
-                                         r"max_train_steps: 3 -> 4\)"):
-        train(_config(base, tmp_path, max_train_steps=4, learning_rate=5e-3,
+                                         r"lr_scheduler: 'cosine' -> 'linear'\)"):
+        train(_config(base, tmp_path, max_train_steps=4, learning_rate=5e-3, lr_scheduler="linear",
                       resume=str(tmp_path / "t-step00000001-state")))
     # how files are written and how memory is spent may change (resuming with checkpointing after running out of
     # memory is the usual case)
@@ -192,6 +192,39 @@ def test_resume_refuses_changed_settings(base, tmp_path):
                             save_precision="fp16", gradient_checkpointing=True, vae_batch_size=2))
     assert load_file(resumed)[0]["lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight"].dtype == \
         torch.float16
+
+
+def test_a_resume_trains_on_for_longer(base, tmp_path, caplog):
+    """sd-scripts' usual reason to resume: more steps. A run of 4 steps that ended part-way through its second
+    epoch (3 batches each) and saved its state goes on to 6 steps; with a constant lr that equals a run of 6 steps
+    from the start (the data position is where the first run stopped)."""
+    options = dict(lr_scheduler="constant", gradient_accumulation_steps=1)
+    full = train(_config(base, tmp_path / "full", max_train_steps=6, **options))
+    train(_config(base, tmp_path / "part", max_train_steps=4, save_state=True, **options))
+    state = tmp_path / "part" / "t-state"
+    assert json.loads((state / "train_state.json").read_text())["epoch"] == 2  # not 3: epoch 2 is not finished
+    with caplog.at_level("WARNING", logger="lorakit"):
+        longer = train(_config(base, tmp_path / "part", max_train_steps=6, resume=str(state), **options))
+    assert any("trains on to step 6 instead of 4" in r.getMessage() for r in caplog.records)
+    assert _states_equal(full, longer)
+    assert read_metadata(longer)["ss_steps"] == "6" and read_metadata(longer)["ss_max_train_steps"] == "6"
+    with pytest.raises(ValueError, match=r"t-state: the state is at step 4, past this run's 3 training steps"):
+        train(_config(base, tmp_path / "part", max_train_steps=3, resume=str(state), **options))
+
+
+def test_a_longer_resume_follows_the_lr_schedule_of_the_new_length(base, tmp_path):
+    """A linear schedule of 4 steps reaches lr 0 at step 4: made 8 steps long, the resumed run's lr follows the
+    8-step line (lr x (8 - s) / 8) from the first step after the resume, as sd-scripts' rebuilt scheduler does."""
+    train(_config(base, tmp_path, max_train_steps=4, save_state=True, lr_scheduler="linear"))
+    train(_config(base, tmp_path, max_train_steps=8, lr_scheduler="linear", resume=str(tmp_path / "t-state")),
+          stop_at_step=5)
+    saved = torch.load(tmp_path / "t-step00000005-state" / "optimizer.pt", weights_only=True)
+    lrs = [g["lr"] for g in saved["optimizer"]["param_groups"]]
+    assert saved["scheduler"]["last_epoch"] == 5 and lrs == pytest.approx([1e-2 * 3 / 8] * len(lrs))
+    assert json.loads((tmp_path / "t-step00000005-state" / "train_state.json").read_text())["max_steps"] == 8
+    # step 5 itself trained (at 4/8 of the lr): the optimizer state had brought back the 4-step run's lr, 0
+    before, after = (load_file(tmp_path / s / "network.safetensors")[0] for s in ("t-state", "t-step00000005-state"))
+    assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
 def test_a_state_of_another_lorakit_version_resumes_when_its_settings_agree(base, tmp_path):
