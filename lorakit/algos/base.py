@@ -43,6 +43,8 @@ class Adapter(DoRA, nn.Module):
     # Algorithms whose dropouts act on their own rank axis (LoRA) apply them inside delta_forward;
     # for the others the base drops channels of the delta output.
     dropout_on_output: ClassVar[bool] = True
+    # Whether the output is affine in the multiplier (W + m dW); BOFT's is not (ComfyUI's per-stage blend)
+    multiplier_is_affine: ClassVar[bool] = True
     # LoRA+: the output-side factors ("B") that train with a higher learning rate
     plus_params: ClassVar[tuple[str, ...]] = ()
 
@@ -62,6 +64,7 @@ class Adapter(DoRA, nn.Module):
         self._layer = [layer]  # a list keeps the base layer out of this module's parameters
         self._org_forward = layer.forward
         self.multiplier = float(options.multiplier)
+        self.rate = None  # the application-rate explorer's differentiable multiplier: a callable giving a 0-d tensor
         self.merged = False
         self._backup: tuple | None = None
         self.alpha = options.scale_alpha
@@ -188,12 +191,36 @@ class Adapter(DoRA, nn.Module):
 
     # ----- forward ----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.rate is not None and not self.merged:
+            return self._rated_forward(x, *args, **kwargs)
         if self.merged or self.multiplier == 0 or self._module_dropped():
             return self._org_forward(x, *args, **kwargs)
         if self.prefers_merged_weight(x) and not args and not kwargs and not self._dropouts_active() and \
                 plain_frozen_layer(self, x):
             return self.merged_weight_forward(x)
         return self.adapted_forward(x, *args, **kwargs)
+
+    def _rated_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The output at multiplier r x multiplier with a gradient for r = ``rate()``. Where the output is affine in
+        the multiplier (W + m dW, the UIs' DoRA and OFT included) that is y0 + r (y - y0), with y0 the layer's own
+        output and y the adapted one (additive algorithms give y - y0 directly); otherwise (BOFT) the adapted
+        forward runs with the multiplier as a tensor."""
+        r = self.rate()
+        if not self.multiplier_is_affine:
+            multiplier = self.multiplier
+            self.multiplier = r * multiplier
+            try:
+                return self.adapted_forward(x, *args, **kwargs)
+            finally:
+                self.multiplier = multiplier
+        y0 = self._org_forward(x, *args, **kwargs)
+        if self.multiplier == 0:
+            return y0
+        if self.dora_scale is None and type(self).adapted_forward is Adapter.adapted_forward:
+            change = self._delta(x.to(self.dtype)) * (self.multiplier * self._scalar())
+        else:
+            change = self.adapted_forward(x, *args, **kwargs) - y0
+        return y0 + (r * change).to(y0.dtype)
 
     def prefers_merged_weight(self, x: torch.Tensor) -> bool:
         """Whether the layer run once with W + dW (dW rebuilt again in backward, never kept) costs less than the

@@ -31,6 +31,7 @@ def power2_factorization(dimension: int, factor: int) -> tuple[int, int] | None:
 
 class BOFT(OrthogonalAdapter):
     name = "boft"
+    multiplier_is_affine = False  # each stage is m R + (1 - m) I
 
     def block_shape(self, options):
         split = power2_factorization(self.spec.out_dim, options.dim)
