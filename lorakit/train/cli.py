@@ -1,6 +1,6 @@
-"""`lorakit train --config run.toml [--option value ...] [--print-config]`: every option of options.py as `--name`
-(sd-scripts' spelling); the config file's values, overridden by the command line, resolved and checked; then the
-training loop (lorakit.train.run), or with --print-config the resolved TOML."""
+"""`lorakit train` and `lorakit explore` `--config run.toml [--option value ...] [--print-config]`: every option
+of options.py as `--name` (sd-scripts' spelling); the config file's values, overridden by the command line,
+resolved and checked; then the training loop (lorakit.train.run), or with --print-config the resolved TOML."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ import argparse
 import sys
 
 from ..algos.options import OptionError
+from .config import LIST_KINDS
 from .options import BY_NAME, GROUPS, coerce, options_in
-
-_LIST_KINDS = ("strings", "floats", "lrs")
 
 
 class _TrainParser(argparse.ArgumentParser):
@@ -28,36 +27,49 @@ def _help(opt) -> str:
     return f"{opt.help}{choices} (default: {default})".replace("%", "%%")
 
 
-def add_parser(commands) -> argparse.ArgumentParser:
-    parser = commands.add_parser(
-        "train", help="train an adapter (sd-scripts config files and option names)", allow_abbrev=False,
-        description="Train a LoRA/LyCORIS adapter. Options come from --config (an sd-scripts --config_file TOML "
-        "works unchanged), then from the command line; docs/training.md describes every option.")
-    parser.__class__ = _TrainParser
-    parser.add_argument("--config", "--config_file", dest="config_file", metavar="TOML",
-                        help="the config file (sd-scripts' --config_file format)")
-    parser.add_argument("--print-config", "--print_config", dest="print_config", action="store_true",
-                        help="print the resolved configuration as TOML and exit")
-    for group in GROUPS:
-        arguments = parser.add_argument_group(group)
-        for opt in options_in(group):
-            kwargs = {"dest": opt.name, "default": argparse.SUPPRESS,
-                      "help": _help(opt) if opt.supported else argparse.SUPPRESS}
-            if opt.kind == "bool":
-                kwargs.update(nargs="?", const="true", metavar="BOOL")
-            elif opt.kind in _LIST_KINDS:
-                kwargs.update(nargs="*", metavar="VALUE")
-            else:
-                kwargs.update(metavar={"choice_int": "INT", "steps": "STEPS|RATIO"}.get(opt.kind, opt.kind.upper()))
-            arguments.add_argument(f"--{opt.name}", *(f"--{a}" for a in opt.aliases), **kwargs)
-    parser.set_defaults(run=run)
-    return parser
+_COMMANDS = {
+    "train": ("train an adapter (sd-scripts config files and option names)",
+              "Train a LoRA/LyCORIS adapter. Options come from --config (an sd-scripts --config_file TOML works "
+              "unchanged), then from the command line; docs/training.md describes every option."),
+    "explore": ("search the layer-wise application rates of trained adapters (sd-scripts' appl_weights)",
+                "Learn one application rate per block for each adapter file in network_weights, by training on "
+                "images with the adapters frozen, as sd-scripts' train_network_appl_weights.py (SDXL and SD1/SD2). "
+                "Every option of `lorakit train` applies; docs/training.md ('Application rates') describes the "
+                "run and its output."),
+}
+
+
+def add_parser(commands) -> None:
+    for command, (short, description) in _COMMANDS.items():
+        parser = commands.add_parser(command, help=short, allow_abbrev=False, description=description)
+        parser.__class__ = _TrainParser
+        parser.add_argument("--config", "--config_file", dest="config_file", metavar="TOML",
+                            help="the config file (sd-scripts' --config_file format)")
+        parser.add_argument("--print-config", "--print_config", dest="print_config", action="store_true",
+                            help="print the resolved configuration as TOML and exit")
+        for group in GROUPS:
+            if group == "explore" and command != "explore":
+                continue
+            arguments = parser.add_argument_group(group)
+            for opt in options_in(group):
+                kwargs = {"dest": opt.name, "default": argparse.SUPPRESS,
+                          "help": _help(opt) if opt.supported else argparse.SUPPRESS}
+                if opt.kind == "bool":
+                    kwargs.update(nargs="?", const="true", metavar="BOOL")
+                elif opt.kind in LIST_KINDS:
+                    kwargs.update(nargs="*", metavar="VALUE")
+                else:
+                    kwargs.update(metavar={"choice_int": "INT", "steps": "STEPS|RATIO"}.get(opt.kind,
+                                                                                             opt.kind.upper()))
+                arguments.add_argument(f"--{opt.name}", *(f"--{a}" for a in opt.aliases), **kwargs)
+        parser.set_defaults(run=run, command_name=command)
 
 
 def run(args: argparse.Namespace) -> int:
     from .checks import check_runnable
     from .config import load_train_config, output_config_file, parse_command_line, print_config
 
+    command = getattr(args, "command_name", "train")
     overrides = {name: getattr(args, name) for name in BY_NAME if hasattr(args, name)}
     try:
         if getattr(args, "unknown_args", None):
@@ -68,14 +80,14 @@ def run(args: argparse.Namespace) -> int:
             if not args.config_file:
                 raise OptionError("output_config needs config_file: the file to write the options to")
             written = output_config_file(load_train_config(None, overrides), args.config_file)
-            print(f"lorakit train: options written to {written}", file=sys.stderr)
+            print(f"lorakit {command}: options written to {written}", file=sys.stderr)
             return 0
         config = load_train_config(args.config_file, overrides)
         if config.output_config:
             raise OptionError("output_config belongs on the command line: inside a config file it would rewrite "
                               "the file it is read from")
     except OptionError as err:
-        print(f"lorakit train: error: {err}", file=sys.stderr)
+        print(f"lorakit {command}: error: {err}", file=sys.stderr)
         return 2
     if args.print_config:
         print_config(config)
@@ -83,16 +95,16 @@ def run(args: argparse.Namespace) -> int:
     try:
         check_runnable(config)
     except OptionError as err:
-        print(f"lorakit train: error: {err}", file=sys.stderr)
+        print(f"lorakit {command}: error: {err}", file=sys.stderr)
         return 2
     from .run import TrainingError, train
 
     try:
-        result = train(config)
+        result = train(config, explore=True) if command == "explore" else train(config)
     except (ValueError, OSError, TrainingError) as err:
         # lorakit's input errors (options, data, state, model files) and a stopped run: their message says what
         # and where, so one line, as for the checks above (an unexpected error keeps its traceback)
-        print(f"lorakit train: error: {worker_error_message(err)}", file=sys.stderr)
+        print(f"lorakit {command}: error: {worker_error_message(err)}", file=sys.stderr)
         return 1
     return result if isinstance(result, int) else 0
 

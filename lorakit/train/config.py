@@ -28,7 +28,7 @@ except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib
 
 log = logging.getLogger(__name__)
-_LIST_KINDS = ("strings", "floats", "lrs")
+LIST_KINDS = ("strings", "paths", "floats", "lrs")  # several values after one --option
 _BOOL_WORDS = {"true", "false", "1", "0", "yes", "no", "on", "off", "y", "n", "t", "f"}
 
 
@@ -130,7 +130,7 @@ def parse_command_line(args: Sequence[str]) -> dict[str, Any]:
             value = True
             if i < len(args) and str(args[i]).strip().lower() in _BOOL_WORDS:
                 value, i = args[i], i + 1
-        elif kind in _LIST_KINDS:
+        elif kind in LIST_KINDS:
             start = i
             while i < len(args) and not str(args[i]).startswith("--"):
                 i += 1

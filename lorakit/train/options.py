@@ -103,6 +103,13 @@ def _strings(opt: Option, value: Any) -> tuple[str, ...]:
     _fail(opt.name, "a list of strings", value)
 
 
+def _paths(opt: Option, value: Any) -> tuple[str, ...]:
+    # a TOML list of paths, or one path (never split: paths may hold spaces)
+    if isinstance(value, str):
+        return (value.strip(),) if value.strip() else ()
+    return _strings(opt, value)
+
+
 def _floats(opt: Option, value: Any) -> tuple[float, ...]:
     items = value.replace(",", " ").split() if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)):
@@ -156,11 +163,11 @@ COERCE = {
     "int": lambda opt, v: to_int(opt.name, v),
     "float": lambda opt, v: to_float(opt.name, v),
     "str": _str, "path": _path, "choice": _choice, "choice_int": _choice_int, "steps": _steps,
-    "strings": _strings, "floats": _floats, "lrs": _lrs, "size": _size, "pair": _pair, "table": _table,
+    "strings": _strings, "paths": _paths, "floats": _floats, "lrs": _lrs, "size": _size, "pair": _pair, "table": _table,
 }
 # the Python type of each kind, for TrainConfig's annotations and the docs
 TYPES = {"bool": "bool", "int": "int", "float": "float", "str": "str", "path": "str", "choice": "str",
-         "choice_int": "int", "steps": "int | float", "strings": "tuple[str, ...]", "floats": "tuple[float, ...]",
+         "choice_int": "int", "steps": "int | float", "strings": "tuple[str, ...]", "paths": "tuple[str, ...]", "floats": "tuple[float, ...]",
          "lrs": "float | tuple[float, float]", "size": "tuple[int, int]", "pair": "tuple[float, float]",
          "table": "dict"}
 
@@ -237,7 +244,8 @@ OPTIONS: tuple[Option, ...] = (
                          ("loraplus_text_encoder_lr_ratio", "LoRA+ ratio for the text encoders"))],
     _opt("strings", "network_args", (), "network", "more network and adapter options as 'key=value' "
          "(algo=loha conv_dim=8 preset=attn-mlp ...); see docs/networks.md"),
-    _opt("path", "network_weights", None, "network", "adapter file to start training from"),
+    _opt("paths", "network_weights", (), "network", "adapter file to start training from (lorakit explore: the "
+         "files whose application rates it searches, one or several)"),
     _opt("bool", "dim_from_weights", False, "network", "take dims (ranks) from network_weights"),
     _opt("bool", "network_train_unet_only", False, "network", "train only the U-Net's adapters"),
     _opt("bool", "network_train_text_encoder_only", False, "network", "train only the text encoders' adapters"),
@@ -247,6 +255,12 @@ OPTIONS: tuple[Option, ...] = (
          "algorithm lorakit reads)"),
     _opt("floats", "base_weights_multiplier", (), "network", "the multiplier of each base_weights file, in order "
          "(files without one: 1.0)"),
+    # ----- explore (lorakit explore: application rates of trained networks, sd-scripts' appl_weights) -----
+    _opt("float", "application_loss_weight", 0.0001, "explore", "lorakit explore: weight of the rates' total in "
+         "the loss (negative rates count 10x); 0: search freely for the closest reproduction", low=0),
+    _opt("str", "application_layout", None, "explore", "lorakit explore: the block layout of the rates; unset: "
+         "SDXL sdxl20 (BASE, IN00-08, MID, OUT00-08), SD1/SD2 lbw26 (BASE, IN00-11, MID, OUT00-11); or lbw17, "
+         "lbw12, kohya_sd25, kohya_sdxl23"),
     # ----- optimizer -----
     _opt("str", "optimizer_type", "AdamW", "optimizer",
          "AdamW, AdamW8bit, PagedAdamW(8bit/32bit), Lion, Lion8bit, PagedLion8bit, SGDNesterov, SGDNesterov8bit, "

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..algos.options import OptionError
 from ..formats.atomic import atomic_write
 from ..formats.dtypes import parse_dtype
 from .loss import DiffusionLoss, LossOptions
@@ -64,16 +65,18 @@ class TrainingError(RuntimeError):
     """The run cannot go on (e.g. the loss became NaN); the message says where it stopped and what was kept."""
 
 
-def train(config, *, stop_at_step: int | None = None, timings: dict | None = None) -> Path | None:
+def train(config, *, stop_at_step: int | None = None, timings: dict | None = None,
+          explore: bool = False) -> Path | None:
     """Train the network ``config`` describes. Returns the final adapter file (None when ``stop_at_step``, a
     test hook that stops like a killed run right after that step's saves). ``timings``, if given, receives the
     seconds spent per phase of the steps (data, text_and_noise, unet_forward, backward, optimizer, total) and
-    the number of batches."""
+    the number of batches. ``explore``: `lorakit explore`, which trains the application rates of the adapter files
+    in network_weights instead of an adapter, and saves the rates."""
     from .checks import check_runnable
 
     check_runnable(config)
     with console_logging(config):
-        run = _Run(config)
+        run = _Run(config, explore)
         try:
             return run.run(stop_at_step, timings)
         finally:
@@ -82,7 +85,13 @@ def train(config, *, stop_at_step: int | None = None, timings: dict | None = Non
 
 
 class _Run:
-    def __init__(self, config):
+    def __init__(self, config, explore: bool = False):
+        self.explore = explore
+        if explore:
+            _check_explore(config)
+        else:
+            for name in sorted({"application_loss_weight", "application_layout"} & set(config.given)):
+                log.warning("%s is an option of lorakit explore; lorakit train does not use it", name)
         self.resume_folder = None  # the state to resume from, downloaded first when it is on the Hub
         if config.resume:
             if config.resume_from_huggingface:
@@ -140,9 +149,16 @@ class _Run:
         from ..network.load import load_network, read_adapter_tensors
 
         c = self.config
+        if self.explore:
+            return self._rated_networks(model)
+        if len(c.network_weights) > 1:
+            raise TrainingError(f"network_weights: lorakit train starts from one adapter file, got "
+                                f"{len(c.network_weights)} ({', '.join(c.network_weights)}); several files are for "
+                                "lorakit explore")
+        weights = c.network_weights[0] if c.network_weights else None
         tes = None if c.network_train_unet_only else model.text_encoders
-        if c.network_weights and c.dim_from_weights:
-            net = load_network(model.unet, c.network_weights, text_encoders=tes)
+        if weights and c.dim_from_weights:
+            net = load_network(model.unet, weights, text_encoders=tes)
         else:
             options = dict(c.network_kwargs())
             options.setdefault("dim", c.network_dim if c.network_dim is not None else 4)
@@ -150,8 +166,8 @@ class _Run:
             if c.network_dropout is not None:
                 options.setdefault("dropout", c.network_dropout)
             net = create_network(model.unet, tes, **options)
-            if c.network_weights:
-                tensors, _, where = read_adapter_tensors(c.network_weights)
+            if weights:
+                tensors, _, where = read_adapter_tensors(weights)
                 missing, unexpected = net.load_state_dict(tensors, strict=False)
                 if unexpected:
                     raise TrainingError(f"network_weights={where}: {len(unexpected)} tensor(s) match no adapter of "
@@ -160,6 +176,33 @@ class _Run:
         net.apply(hooks=c.deepspeed and c.zero_stage == 3)  # ZeRO-3 gathers each adapter in a forward hook
         net.train()
         return net
+
+    def _rated_networks(self, model):
+        """lorakit explore: the adapter files applied and frozen, and their application rates, which train."""
+        from ..network.load import load_network
+        from ..network.rates import ApplicationRates, rate_layout
+
+        c = self.config
+        nets = []
+        for path in c.network_weights:
+            net = load_network(model.unet, path, text_encoders=model.text_encoders)
+            if net.arch is None:
+                raise TrainingError(f"network_weights={path}: application rates need a Stable Diffusion network")
+            net.to(self.device, torch.float32).requires_grad_(False)
+            net.apply()
+            net.eval()  # no dropouts, as sd-scripts' network.eval()
+            nets.append(net)
+        try:
+            layout = rate_layout(model.kind, c.application_layout)
+        except ValueError as e:
+            raise OptionError(str(e)) from None
+        rates = ApplicationRates(nets, layout).to(self.device)
+        if rates.outside:
+            log.warning("%d adapter(s) lie outside the blocks of layout %s and keep rate 1 (e.g. %s)",
+                        len(rates.outside), layout.key, rates.outside[0])
+        log.info("exploring the application rates of %d network(s) over layout %s (%s)", len(nets), layout.key,
+                 ", ".join(layout.names))
+        return rates
 
     def _dataset(self, model, cache: bool = True):
         from ..data import BatchOrder, make_loader
@@ -322,8 +365,9 @@ class _Run:
             validate = Validator(ctx, self.validation_dataset, net,
                                  c.validation_seed if c.validation_seed is not None else self.seed,
                                  max_steps=c.max_validation_steps)
-        train_text = not c.network_train_unet_only and any(
-            g["name"].startswith("text_encoder") for g in groups if "name" in g)
+        train_text = not c.network_train_unet_only and (any(
+            g["name"].startswith("text_encoder") for g in groups if "name" in g) or
+            getattr(net, "text_encoder_rates", False))  # explore: the BASE rate learns through the text encoders
         stop_text_at = (c.stop_text_encoder_training or  # steps; the GUI's percentage converted as it converts it
                         (math.ceil(max_steps * c.stop_text_encoder_training_pct / 100)
                          if c.stop_text_encoder_training_pct else None))
@@ -369,7 +413,10 @@ class _Run:
             with full_weights():
                 if main:
                     meta = {} if c.no_metadata else progress_metadata(base_meta, epoch=epoch, step=step, title=None)
-                    _save_adapter(net, path, self.save_dtype, meta, drop_unet=c.network_train_text_encoder_only)
+                    if self.explore:
+                        _save_rates(net, path, meta, c.network_weights)
+                    else:
+                        _save_adapter(net, path, self.save_dtype, meta, drop_unet=c.network_train_text_encoder_only)
 
         def write_state(folder: Path) -> None:
             """A state folder: by the main process, or by all of them with deepspeed (each writes its slices)."""
@@ -428,6 +475,8 @@ class _Run:
                     generator = torch.Generator(device=self.device).manual_seed(step_seed)
                     text_now = train_text and (stop_text_at is None or progress.global_step < stop_text_at)
                     loss = batch_loss(ctx, batch, generator, text_now)
+                    if self.explore:  # sd-scripts: the rates' total as a penalty, negatives 10x
+                        loss = loss + c.application_loss_weight * net.penalty()
                     if not torch.isfinite(loss):
                         raise TrainingError(f"the loss became {loss.item()} at step {progress.global_step + 1} "
                                             f"(epoch {epoch}); training stopped, the last save is kept. Lower the "
@@ -450,7 +499,7 @@ class _Run:
                     if engine is None and not c.fused_backward_pass:  # fused: backward() stepped each parameter
                         self.world.average_gradients(trainable)
                         scaler.unscale_(optimizer)  # (a disabled scaler does nothing in these three)
-                        if c.max_grad_norm:
+                        if c.max_grad_norm and not self.explore:  # sd-scripts' appl_weights does not clip
                             torch.nn.utils.clip_grad_norm_(trainable, c.max_grad_norm)
                         scaler.step(optimizer)  # skipped where a gradient is inf/NaN, and the scale lowered
                         scaler.update()
@@ -558,6 +607,37 @@ def _save_adapter(net, path: Path, dtype, metadata: dict, drop_unet: bool) -> No
         save_file(tensors, path, metadata=add_hashes(tensors, metadata) if metadata else None)
     else:  # .ckpt / .pt as sd-scripts writes them: a plain state dict
         atomic_write(path, lambda tmp: torch.save(tensors, tmp))
+
+
+def _save_rates(rates, path: Path, metadata: dict, sources) -> None:
+    """lorakit explore's file: the rates under sd-scripts' key `weights` (float32), with the layout and each
+    network's rates by block in the metadata; printed as sd-scripts prints them."""
+    import json
+
+    from ..formats import save_file
+
+    tensors = {k: v.detach().float().contiguous() for k, v in rates.state_dict().items()}
+    meta = {**metadata, "lorakit_application_layout": rates.layout.key,
+            "lorakit_application_rates": json.dumps(
+                [{"network": str(src), "rates": vals} for src, vals in zip(sources, rates.values())])}
+    if path.suffix == ".safetensors":
+        save_file(tensors, path, metadata=meta)
+    else:
+        atomic_write(path, lambda tmp: torch.save(tensors, tmp))
+    print(rates.describe([Path(s).name for s in sources]), flush=True)
+
+
+def _check_explore(config) -> None:
+    """What lorakit explore needs and what it cannot combine with."""
+    if not config.network_weights:
+        raise OptionError("lorakit explore: network_weights names no adapter file: give the trained network(s) "
+                          "whose application rates to search")
+    for name, why in (("deepspeed", "the rates are one small vector"),
+                      ("scale_weight_norms", "the networks are frozen"),
+                      ("network_train_text_encoder_only", "the rates act on every block"),
+                      ("dim_from_weights", "the networks are read whole from their files")):
+        if getattr(config, name):
+            raise OptionError(f"lorakit explore: {name} cannot be used ({why})")
 
 
 def _resolution(config) -> tuple[int, int]:

@@ -24,7 +24,7 @@ __all__ = ["tracker_init_kwargs", "loggable_config"]
 TRACKERS = ("tensorboard", "wandb")
 # sd-scripts' sensitive_args and sensitive_path_args, and every other path option: paths can hold user names
 _HIDDEN = {*SECRET_OPTIONS, "tokenizer_cache_dir", "conditioning_data_dir"} | {
-    o.name for o in OPTIONS if o.kind == "path"}
+    o.name for o in OPTIONS if o.kind in ("path", "paths")}
 
 
 def tracker_init_kwargs(config) -> dict[str, dict[str, Any]]:
