@@ -13,7 +13,9 @@ w(t) is the product of the enabled SNR weights (SNR(t) = a_t / (1 - a_t), a = al
 | `v_pred_like_loss` k | 1 + k / s | - |
 | `debiased_estimation_loss` (Yu et al. 2024) | 1 / sqrt(S) | 1 / (S + 1) |
 
-kohya computes these in float32 on the fly; here the SNR table is float64, built once from the scheduler.
+kohya computes these in float32 on the fly; here the SNR table is float64, built once from the scheduler. With
+`zero_terminal_snr` the weights use the SNR of the schedule before the rescale, as sd-scripts does (its SNR table is
+built first); the noise, the v target and the huber `snr` schedule use the rescaled one.
 """
 
 from __future__ import annotations
@@ -61,8 +63,8 @@ class LossOptions:
                 raise OptionError(f"huber_c={self.huber_c}: expected a number > 0")
             if not self.huber_scale > 0:
                 raise OptionError(f"huber_scale={self.huber_scale}: expected a number > 0")
-        if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
-            raise OptionError(f"min_snr_gamma={self.min_snr_gamma}: expected a number > 0 (5 is the paper's)")
+        if self.min_snr_gamma is not None and self.min_snr_gamma < 0:  # 0: off, as in sd-scripts
+            raise OptionError(f"min_snr_gamma={self.min_snr_gamma}: expected a number >= 0 (5 is the paper's)")
         if self.scale_v_pred_loss_like_noise_pred and not self.v_parameterization:
             raise OptionError("scale_v_pred_loss_like_noise_pred needs v_parameterization (it rescales a v loss)")
         if self.v_pred_like_loss and self.v_parameterization:
@@ -76,8 +78,9 @@ class LossOptions:
 
 
 def snr_table(scheduler) -> torch.Tensor:
-    """SNR(t) = a_t / (1 - a_t) for every training timestep, float64 (0 at a zero-terminal-SNR last step)."""
-    a = scheduler.alphas_cumprod.detach().double().cpu()
+    """SNR(t) = a_t / (1 - a_t) for every training timestep, float64, of the schedule before a zero-terminal-SNR
+    rescale (make_noise_scheduler's `snr_alphas_cumprod`): sd-scripts weights with that schedule's SNR."""
+    a = getattr(scheduler, "snr_alphas_cumprod", scheduler.alphas_cumprod).detach().double().cpu()
     return a / (1.0 - a)
 
 
@@ -162,7 +165,7 @@ def timestep_weights(timesteps: torch.Tensor, snr: torch.Tensor, options: LossOp
         if v:
             w = w * clipped / (s + 1.0)
         else:
-            # min(S, g) / S -> 1 as S -> 0: the limit, not kohya's 0/0, at a zero-terminal-SNR step
+            # min(S, g) / S -> 1 as S -> 0: the limit, for a scheduler whose own SNR reaches 0
             w = w * torch.where(s > 0, clipped / torch.where(s > 0, s, 1.0), 1.0)
     capped = torch.clamp(s, max=SNR_CLAMP)
     scale = capped / (capped + 1.0)
@@ -188,18 +191,6 @@ class DiffusionLoss:
         self.options = options or LossOptions()
         self.snr = snr_table(scheduler)
         self.alphas_cumprod = scheduler.alphas_cumprod.detach().double().cpu()
-        o = self.options
-        if bool((self.snr == 0).any()) and not o.v_parameterization:
-            # with zero terminal SNR these weights are infinite at the last timestep: say so now, not as a NaN later
-            for name, on in (
-                ("debiased_estimation_loss", o.debiased_estimation_loss),
-                ("v_pred_like_loss", o.v_pred_like_loss),
-            ):
-                if on:
-                    raise OptionError(
-                        f"{name} divides by SNR(t), which is 0 at the last timestep of this (zero-terminal-SNR) "
-                        "schedule; use v_parameterization or leave zero_terminal_snr off"
-                    )
 
     def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return prediction_target(self.scheduler, latents, noise, timesteps, self.options.v_parameterization)

@@ -47,7 +47,7 @@ def make_noise_scheduler(
     """The DDPM scheduler kohya trains with (scaled-linear betas, no sample clipping).
 
     `zero_terminal_snr` rescales the betas so that alphas_cumprod[-1] == 0 (pure noise at the last timestep);
-    the paper pairs it with v-prediction."""
+    the paper pairs it with v-prediction. `snr_alphas_cumprod` keeps the schedule before the rescale."""
     from diffusers import DDPMScheduler  # the `sd` extra; imported here so the rest of train/ needs only torch
 
     if prediction_type not in ("epsilon", "v_prediction"):
@@ -60,6 +60,9 @@ def make_noise_scheduler(
         clip_sample=False,
         prediction_type=prediction_type,
     )
+    # the SNR weights (min_snr_gamma, debiased_estimation_loss, ...) read the schedule before any rescale, as in
+    # sd-scripts, which builds its SNR table first (prepare_scheduler_for_custom_training)
+    scheduler.snr_alphas_cumprod = scheduler.alphas_cumprod.clone()
     if zero_terminal_snr:
         dtype = scheduler.betas.dtype
         betas64 = rescale_zero_terminal_snr(scheduler.betas.double())
@@ -88,10 +91,8 @@ class NoiseOptions:
         # the rules kohya's verify_training_args enforces, as errors that name the option
         if self.noise_offset is not None and self.noise_offset < 0:
             raise OptionError(f"noise_offset={self.noise_offset}: expected a number >= 0")
-        if self.adaptive_noise_scale and not self.noise_offset:
+        if self.adaptive_noise_scale and self.noise_offset is None:  # an offset of 0 is off, as in sd-scripts
             raise OptionError("adaptive_noise_scale needs noise_offset (it scales the offset by the latent means)")
-        if self.noise_offset and self.multires_noise_iterations:
-            raise OptionError("noise_offset and multires_noise_iterations cannot be used together (as in kohya)")
         if self.multires_noise_iterations is not None and self.multires_noise_iterations < 0:
             raise OptionError(f"multires_noise_iterations={self.multires_noise_iterations}: expected an integer >= 0")
         if self.ip_noise_gamma is not None and self.ip_noise_gamma < 0:

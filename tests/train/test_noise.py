@@ -305,8 +305,9 @@ def test_half_precision_latents_and_generator_resume():
 def test_option_errors_name_the_option():
     with pytest.raises(OptionError, match="adaptive_noise_scale needs noise_offset"):
         NoiseOptions(adaptive_noise_scale=0.1)
-    with pytest.raises(OptionError, match="noise_offset and multires_noise_iterations"):
-        NoiseOptions(noise_offset=0.1, multires_noise_iterations=6)
+    # sd-scripts allows what follows (its check of offset + multires is commented out; an offset of 0 is off)
+    NoiseOptions(noise_offset=0.1, multires_noise_iterations=6)
+    NoiseOptions(noise_offset=0.0, adaptive_noise_scale=0.1)
     with pytest.raises(OptionError, match="ip_noise_gamma"):
         NoiseOptions(ip_noise_gamma=-1.0)
     with pytest.raises(OptionError, match="prediction_type"):
