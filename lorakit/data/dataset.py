@@ -241,8 +241,10 @@ class TrainDataset(torch.utils.data.Dataset):
         if spec.bucket_no_upscale:  # each image's own size floored to the steps (sd-scripts ignores min/max here)
             logger.info("dataset %d: bucket_no_upscale: min_bucket_reso and max_bucket_reso are not used", group)
             return BucketSelector(None, max_area=w * h, steps=steps, no_upscale=True)
-        # sd-scripts' adjust_min_max_bucket_reso_by_steps: min rounded down, max up, to the steps
-        lo, hi = spec.min_bucket_reso - spec.min_bucket_reso % steps, -(-spec.max_bucket_reso // steps) * steps
+        # sd-scripts' adjust_min_max_bucket_reso_by_steps: min rounded down, max up, to the steps (min at least one
+        # step: rounded down to 0 it divides by zero in sd-scripts)
+        lo = max(spec.min_bucket_reso - spec.min_bucket_reso % steps, steps)
+        hi = -(-spec.max_bucket_reso // steps) * steps
         for name, given, used in (("min_bucket_reso", spec.min_bucket_reso, lo),
                                   ("max_bucket_reso", spec.max_bucket_reso, hi)):
             if given != used:

@@ -139,7 +139,7 @@ def generate(model, prompts: str | Sequence[str], negative_prompt: str | Sequenc
     hidden = hidden.to(device, dtype)
     added = None
     if model.is_sdxl:
-        time_ids = torch.tensor([height, width, 0, 0, height, width], device=device, dtype=dtype)
+        time_ids = torch.tensor([height, width, 0, 0, height, width], device=device, dtype=torch.float32)  # exact
         added = {"text_embeds": pooled.to(device, dtype), "time_ids": time_ids.expand(hidden.shape[0], 6)}
 
     generators = [torch.Generator(device).manual_seed(seed + i) for i in range(n)]

@@ -108,8 +108,9 @@ def batch_loss(ctx: StepContext, batch, generator: torch.Generator, train_text: 
     added = None
     if ctx.model.is_sdxl:
         time_ids = torch.cat([batch.original_sizes_hw, batch.crop_top_lefts, batch.target_sizes_hw], dim=1)
-        added = {"text_embeds": emb.pooled.to(ctx.weight_dtype),
-                 "time_ids": time_ids.to(ctx.device, ctx.weight_dtype)}
+        # the sizes stay float32 (the U-Net embeds them in float32): bf16 would round 333 to 332, and sd-scripts
+        # embeds the exact integers before casting
+        added = {"text_embeds": emb.pooled.to(ctx.weight_dtype), "time_ids": time_ids.to(ctx.device, torch.float32)}
     start = time.perf_counter()
     with ctx.autocast():
         pred = ctx.model.unet(noisy.noisy_latents.to(ctx.weight_dtype), noisy.timesteps,

@@ -170,3 +170,8 @@ def test_bucket_limits_follow_sd_scripts(tmp_path, image_factory, caplog):
     assert "max_bucket_reso 1000 is not a multiple of bucket_reso_steps 64; 1024 is used" in caplog.text
     assert "min_bucket_reso 200 is not a multiple of bucket_reso_steps 64; 192 is used" in caplog.text
     assert {e.path.rsplit("/", 1)[1]: e.choice.bucket for e in ds.entries}["wide.png"] == (1024, 256)
+    # below one step, min_bucket_reso is one step (rounded down to 0 it divided by zero, in sd-scripts too)
+    ds = TrainDataset(DatasetSpec(subsets, resolution=128, enable_bucket=True, min_bucket_reso=32,
+                                  max_bucket_reso=256))
+    assert "min_bucket_reso 32 is not a multiple of bucket_reso_steps 64; 64 is used" in caplog.text
+    assert {e.path.rsplit("/", 1)[1]: e.choice.bucket for e in ds.entries}["wide.png"] == (256, 64)
