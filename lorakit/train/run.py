@@ -484,6 +484,7 @@ class _Run:
                     backward_start = time.perf_counter()
                     clock["forward"] += backward_start - began
                     micro += 1
+                    step_loss = loss.detach() if micro == 1 else step_loss + loss.detach()
                     boundary = micro >= c.gradient_accumulation_steps or index + 1 == batches_per_epoch
                     if engine is not None:  # the engine also averages, clips and steps at the boundary
                         engine.backward(loss, boundary)
@@ -494,7 +495,7 @@ class _Run:
                     if not boundary:
                         last = time.perf_counter()
                         continue
-                    micro = 0
+                    micro_done, micro = micro, 0
                     optimizer_start = time.perf_counter()
                     if engine is None and not c.fused_backward_pass:  # fused: backward() stepped each parameter
                         self.world.average_gradients(trainable)
@@ -510,7 +511,8 @@ class _Run:
                     progress.step_in_epoch = index + 1
                     if c.scale_weight_norms:
                         net.apply_max_norm_regularization(c.scale_weight_norms)
-                    logger.step(loss.item(), scheduler.get_last_lr(), progress.global_step, epoch)
+                    # the step's loss: the mean over its accumulated batches (sd-scripts records every one)
+                    logger.step(step_loss.item() / micro_done, scheduler.get_last_lr(), progress.global_step, epoch)
                     if validate and c.validate_every_n_steps and progress.global_step % c.validate_every_n_steps == 0:
                         logger.validation("step", validate(), progress.global_step, epoch)
                     clock["optimizer_and_log"] += time.perf_counter() - optimizer_start

@@ -286,6 +286,32 @@ def test_nan_loss_stops_and_keeps_last_save(base, tmp_path, monkeypatch):
     assert not (tmp_path / "t.safetensors").exists()
 
 
+def test_a_step_logs_the_mean_loss_of_its_accumulated_batches(base, tmp_path, monkeypatch):
+    """With gradient_accumulation_steps 2 the logged loss of a step is the mean over its two batches (sd-scripts
+    records every batch's loss); only the last batch's used to be logged."""
+    import lorakit.train.logger as logger
+    import lorakit.train.run as run
+
+    values = iter([1.0, 3.0, 5.0, 7.0, 9.0, 11.0])
+    real = run.batch_loss
+
+    def known(*args, **kwargs):  # the real loss's gradient, a known value
+        loss = real(*args, **kwargs)
+        return loss - loss.detach() + next(values)
+
+    logged = []
+    real_step = logger.TrainLogger.step
+
+    def record(self, loss, *args, **kwargs):
+        logged.append(loss)
+        return real_step(self, loss, *args, **kwargs)
+
+    monkeypatch.setattr(run, "batch_loss", known)
+    monkeypatch.setattr(logger.TrainLogger, "step", record)
+    train(_config(base, tmp_path, max_train_steps=2, train_batch_size=1, gradient_accumulation_steps=2))
+    assert logged == pytest.approx([2.0, 6.0])
+
+
 def test_save_last_n_steps_prunes(base, tmp_path):
     train(_config(base, tmp_path, max_train_steps=6, save_every_n_steps=1, save_last_n_steps=2, save_state=True))
     kept = sorted(p.name for p in tmp_path.glob("t-step*.safetensors"))
@@ -313,6 +339,32 @@ def test_epoch_samples_are_named_by_epoch(base, tmp_path):
                   sample_sampler="ddim"))
     names = sorted(p.name.split("_")[1] for p in (tmp_path / "sample").glob("t_*.png"))
     assert names == ["e000001", "e000002"]  # the end of training repeats epoch 2's step: not drawn again
+
+
+def test_sdxl_size_conditioning_is_embedded_from_exact_sizes_under_bf16(base, tmp_path, monkeypatch):
+    """sd-scripts embeds SDXL's original/crop/target sizes from the integers in float32 and casts afterwards; cast to
+    bf16 first, an original size of (333, 777) reached the U-Net as (332, 776)."""
+    from PIL import Image
+    from diffusers.models.embeddings import Timesteps
+
+    folder = tmp_path / "data" / "1_x"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (777, 333), (200, 30, 90)).save(folder / "a.png")
+    seen = []
+    real = Timesteps.forward
+
+    def record(self, timesteps):
+        seen.append(timesteps.detach().clone())
+        return real(self, timesteps)
+
+    monkeypatch.setattr(Timesteps, "forward", record)
+    train(_config(base, tmp_path / "out", pretrained_model_name_or_path=str(base / "sdxl.safetensors"),
+                  train_data_dir=str(tmp_path / "data"), enable_bucket=True, min_bucket_reso=32, max_bucket_reso=128,
+                  train_batch_size=1, max_train_steps=1,
+                  mixed_precision="bf16", network_train_unet_only=True, cache_latents=False))
+    sizes = [t for t in seen if t.numel() == 6]  # add_time_proj's input: the six sizes of the one image
+    assert sizes and all(t.dtype == torch.float32 for t in sizes)
+    assert sizes[0][:2].tolist() == [333.0, 777.0]
 
 
 def test_sdxl_trains_unet_only(base, tmp_path):
