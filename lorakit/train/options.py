@@ -413,13 +413,14 @@ OPTIONS: tuple[Option, ...] = (
     _opt("float", "ip_noise_gamma", None, "noise", "input-perturbation noise strength (about 0.1)", low=0),
     _opt("bool", "ip_noise_gamma_random_strength", False, "noise", "draw the perturbation strength from "
          "[0, ip_noise_gamma]"),
-    _opt("float", "min_snr_gamma", None, "noise", "min-SNR loss weighting gamma (5 is the paper's)", low=0),
+    _opt("float", "min_snr_gamma", None, "noise", "min-SNR loss weighting gamma (5 is the paper's; 0: off)", low=0),
     _opt("bool", "scale_v_pred_loss_like_noise_pred", False, "noise", "scale v-prediction loss like noise "
          "prediction (needs v_parameterization)"),
     _opt("float", "v_pred_like_loss", None, "noise", "add a v-prediction-like loss term: loss * (1 + k / scale), "
          "scale = SNR / (SNR + 1) (epsilon models only)", low=0),
-    _opt("bool", "debiased_estimation_loss", False, "noise", "weight the loss by 1/sqrt(SNR)"),
-    _opt("bool", "zero_terminal_snr", False, "noise", "rescale the noise schedule to zero terminal SNR"),
+    _opt("bool", "debiased_estimation_loss", False, "noise", "weight the loss by 1/sqrt(SNR) (v_parameterization: 1/(SNR+1))"),
+    _opt("bool", "zero_terminal_snr", False, "noise", "rescale the noise schedule to zero terminal SNR (the SNR loss "
+         "weights keep the schedule before the rescale, as in sd-scripts)"),
     _opt("int", "min_timestep", None, "noise", "lowest timestep trained (unset: 0)", low=0, high=999),
     _opt("int", "max_timestep", None, "noise", "timesteps trained are below this (unset: 1000)", low=1, high=1000),
     _opt("choice", "loss_type", "l2", "noise", "loss: l1, l2, huber or smooth_l1",
