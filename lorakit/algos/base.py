@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .dora import DoRA
 from .fused_conv import conv_fusable, conv_plus_low_rank
 from .fused_linear import fusable, gain_as_float, linear_plus_low_rank, plain_frozen_layer
-from .layer import LayerSpec, describe_layer, positions
+from .layer import LayerSpec, TransposedLinear, describe_layer, is_transposed_linear, positions
 from .options import AdapterOptions, OptionError, parse_options
 from .rebuilt_op import rebuilt_weight_op
 
@@ -61,7 +61,10 @@ class Adapter(DoRA, nn.Module):
         self.spec: LayerSpec = describe_layer(layer)
         self._check_options(options, given)
         self.options = options
-        self._layer = [layer]  # a list keeps the base layer out of this module's parameters
+        # lists keep the layers out of this module's parameters. `layer` is what the math reads (a Linear view of a
+        # transformers Conv1D), `host` the module in the model whose forward is routed and whose weights freeze
+        self._host = [layer]
+        self._layer = [TransposedLinear(layer) if is_transposed_linear(layer) else layer]
         self._org_forward = layer.forward
         self.multiplier = float(options.multiplier)
         self.rate = None  # the application-rate explorer's differentiable multiplier: a callable giving a 0-d tensor
@@ -151,6 +154,11 @@ class Adapter(DoRA, nn.Module):
     @property
     def layer(self) -> nn.Module:
         return self._layer[0]
+
+    @property
+    def host(self) -> nn.Module:
+        """The module in the model: the layer itself, or the Conv1D that ``layer`` views as a Linear."""
+        return self._host[0]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -373,15 +381,16 @@ class Adapter(DoRA, nn.Module):
         # The layer's own weight and bias are frozen while it is adapted: every path treats them as constants
         # (a trainable bias would get a wrong gradient through IA3/OFT, and each step would fill a weight-sized
         # .grad); restore() gives back their requires_grad.
-        self._layer_requires_grad = {n: p.requires_grad for n, p in self.layer.named_parameters(recurse=False)}
-        self.layer.requires_grad_(False)
-        self._org_forward = self.layer.forward
+        host = self.host
+        self._layer_requires_grad = {n: p.requires_grad for n, p in host.named_parameters(recurse=False)}
+        host.requires_grad_(False)
+        self._org_forward = host.forward
         self._routed = self.__call__ if hooks else self.forward
-        self.layer.forward = self._routed
+        host.forward = self._routed
         return self
 
     def restore(self) -> None:
-        layer = self.layer
+        layer = self.host
         if layer.__dict__.get("forward") != getattr(self, "_routed", self.forward):
             raise RuntimeError(f"{self.name} adapter is not the last one applied to this layer: restore in reverse order")
         if getattr(self._org_forward, "__self__", None) is layer and self._org_forward.__func__ is type(layer).forward:

@@ -74,10 +74,41 @@ class LayerSpec:
         return t  # linear and layernorm keep channels last
 
 
+def is_transposed_linear(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2's attention and MLP): a Linear whose weight is stored (in, out)."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers") and module.weight.dim() == 2
+
+
+class TransposedLinear(nn.Module):
+    """A Linear view of a layer that stores its weight transposed (transformers' Conv1D): the adapters see a weight
+    (out, in) and the bias, as of a Linear. The weight is a view of the layer's own, so a merge writes into it and
+    a move of the model (``.to()``) is seen at once. Not a submodule of anything: the layer keeps its parameters."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self._host = [layer]
+        self.in_features, self.out_features = layer.weight.shape
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._host[0].weight.t()
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self._host[0].bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
 def describe_layer(module: nn.Module) -> LayerSpec:
     """LayerSpec of a supported layer; a clear error for anything else."""
     if isinstance(module, nn.Linear):
         return LayerSpec("linear", module.out_features, module.in_features)
+    if isinstance(module, TransposedLinear) or is_transposed_linear(module):
+        n_in, n_out = module.weight.shape if is_transposed_linear(module) else (module.in_features, module.out_features)
+        return LayerSpec("linear", n_out, n_in)
     for n, cls in ((1, nn.Conv1d), (2, nn.Conv2d), (3, nn.Conv3d)):
         if isinstance(module, cls):
             if module.groups != 1:
@@ -95,7 +126,8 @@ def describe_layer(module: nn.Module) -> LayerSpec:
     if isinstance(module, nn.GroupNorm):
         return LayerSpec("groupnorm", module.num_channels, module.num_channels)
     raise TypeError(
-        f"cannot adapt a {type(module).__name__}: supported layers are Linear, Conv1d/2d/3d, LayerNorm, GroupNorm"
+        f"cannot adapt a {type(module).__name__}: supported layers are Linear (and transformers' Conv1D), Conv1d/2d/3d, "
+        "LayerNorm, GroupNorm"
     )
 
 

@@ -58,8 +58,8 @@ class Network(nn.Module):
         self._multiplier = float(multiplier)
         self.applied = False
         # a plain list: not submodules
-        self.fast_path_owners: list[nn.Module] = fast_path_owners(models, [a.layer for a in adapters.values()])
-        self.tied = tied_parameters(models, {n: a.layer for n, a in adapters.items()})
+        self.fast_path_owners: list[nn.Module] = fast_path_owners(models, [a.host for a in adapters.values()])
+        self.tied = tied_parameters(models, {n: a.host for n, a in adapters.items()})
         if self.tied:
             log.warning("lorakit: %s; the adapted model is right, but merge() would change every sharer, so it is "
                         "refused", self._tied_example(" (tied)"))

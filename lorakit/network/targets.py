@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from ..algos.layer import describe_layer
+from ..algos.layer import describe_layer, is_transposed_linear
 from .presets import Preset
 
 log = logging.getLogger(__name__)
@@ -25,21 +25,14 @@ class Selected:
 
 
 def _leaf(module: nn.Module) -> bool:
-    return isinstance(module, ADAPTABLE + NORMS)
-
-
-def _transformers_conv1d(module: nn.Module) -> bool:
-    cls = type(module)
-    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+    # transformers' Conv1D (GPT-2) is a Linear with its weight stored transposed: adapted as a Linear
+    return isinstance(module, ADAPTABLE + NORMS) or is_transposed_linear(module)
 
 
 def _unsupported_kind(module: nn.Module) -> str | None:
-    """Layers a user may expect adapted that no algorithm takes, named when skipped: transformers' Conv1D (GPT-2's
-    Linear with a transposed weight) always, since a default network would otherwise leave GPT-2's blocks out
-    without a word; transposed convs, embeddings and recurrent layers when a preset names them."""
+    """Layers a user may expect adapted that no algorithm takes, named when a preset names them and they are
+    skipped: transposed convs, embeddings and recurrent layers."""
     cls = type(module)
-    if _transformers_conv1d(module):
-        return "transformers' Conv1D (a Linear with its weight transposed, as GPT-2 has) is not supported"
     if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Embedding, nn.RNNBase)):
         return f"{cls.__name__} is not a layer kind the algorithms take (Linear, Conv1d/2d/3d)"
     return None
@@ -73,7 +66,7 @@ def select(component: str, root: nn.Module, preset: Preset, target_modules, targ
             continue
         if any(preset.excluded(a) for a in ancestors if a):
             continue
-        if kind is not None and not named and not _transformers_conv1d(module):
+        if kind is not None and not named:
             continue  # an embedding or the like inside a targeted block: not asked for by name, left out quietly
         why = kind or unsupported(module, parents.get(id(module)))
         if why is not None:
