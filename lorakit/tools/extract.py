@@ -75,12 +75,10 @@ def extract_layer(delta: torch.Tensor, mode: str, param: float, max_rank: int | 
     out_dim, in_dim, kernel = delta.shape[0], delta.shape[1], tuple(delta.shape[2:])
     kk = math.prod(kernel)
     flat = delta.reshape(out_dim, in_dim * kk)
-    tucker = tucker and kk > 1
     cap = min(out_dim, in_dim * kk, *(() if max_rank is None else (max_rank,)))
-    if tucker:
-        cap = min(cap, in_dim)
     lr = lowrank.low_rank(flat, mode, param, cap, svd, niter, oversample, generator)
     r = lr.rank
+    tucker = tucker and kk > 1 and _tucker_fits(r, out_dim, in_dim)
     params = r * out_dim + (r * r * kk + r * in_dim if tucker else r * in_dim * kk)
     report = dict(lr.report)
     if full_fallback and params >= out_dim * in_dim * kk:
@@ -95,8 +93,16 @@ def extract_layer(delta: torch.Tensor, mode: str, param: float, max_rank: int | 
     else:
         tensors = {"lora_up.weight": up, "lora_down.weight": lr.down.reshape(r, in_dim, *kernel)}
     tensors["alpha"] = torch.tensor(float(r))
-    report["full"] = False
+    report.update(full=False, tucker=tucker)
     return tensors, report
+
+
+def _tucker_fits(rank: int, out_dim: int, in_dim: int) -> bool:
+    """Whether the Tucker form is used at `rank`: only below half the smaller channel count, LyCORIS' bound
+    (extract_conv stores a layer whole from rank >= out/2). Above it the input-mode cut to `rank` loses much of
+    what the plain form keeps (conv_out, 4 outputs: 42% of the norm against all of it; conv_in, 4 inputs, caps
+    the Tucker rank at 4), so the plain LoCon form (or the whole layer, by the usual fallback) is stored."""
+    return 2 * rank < min(out_dim, in_dim)
 
 
 def _components(model) -> dict[str, torch.nn.Module]:

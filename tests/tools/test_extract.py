@@ -209,6 +209,27 @@ def test_tucker_report_is_what_the_saved_factors_keep():
         pytest.approx(1.0, abs=1e-9)
 
 
+@pytest.mark.parametrize("shape", [(4, 64, 3, 3), (64, 4, 3, 3)], ids=["conv_out", "conv_in"])
+def test_tucker_never_keeps_less_than_the_plain_form_where_a_side_is_small(shape):
+    """conv_out (4 outputs) and conv_in (4 inputs): at a rank reaching half the smaller side the Tucker form would
+    cut the input mode to that rank (conv_out kept 42% of its norm, the plain path all of it), so these layers
+    are extracted as without --use_tucker: whole where the factors are not smaller (LyCORIS stores conv_out
+    whole), else plain LoCon."""
+    delta = torch.randn(*shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for fallback in (True, False):
+        tucker, t_rep = extract_layer(delta, "fixed", 8, None, tucker=True, svd="exact", full_fallback=fallback)
+        plain, p_rep = extract_layer(delta, "fixed", 8, None, svd="exact", full_fallback=fallback)
+        assert sorted(tucker) == sorted(plain) and "lora_mid.weight" not in tucker
+        assert t_rep["fro"] == pytest.approx(p_rep["fro"], rel=1e-12)
+    if shape[0] == 4:  # the factors would hold more numbers than conv_out's change: stored whole, exactly
+        assert "diff" in extract_layer(delta, "fixed", 8, None, tucker=True, svd="exact")[0]
+    # below half the smaller side the Tucker form is kept
+    wide = torch.randn(16, 16, 3, 3, generator=torch.Generator().manual_seed(4))
+    sub, rep = extract_layer(wide, "fixed", 7, None, tucker=True, svd="exact")
+    assert sub["lora_mid.weight"].shape == (7, 7, 3, 3) and rep["tucker"]
+    assert not extract_layer(wide, "fixed", 8, None, tucker=True, svd="exact", full_fallback=False)[1]["tucker"]
+
+
 def test_changes_a_lora_cannot_carry_are_listed(pair):
     """A changed norm layer (or any tensor outside the preset's layers) is lost in a LoRA: listed, not silent."""
     bp, tp, base, tuned = pair
