@@ -21,7 +21,8 @@ Layouts number these for a per-block vector:
   ``mid_lr_weight`` 3; EMB and FINAL are fixed at 1.0 for lr weights.
 * ``SDXL20``       seed 003 (train_network_appl_weights) and the LoRA Block Weight "20 (XL full)" layout:
   BASE (text encoders), IN00-IN08, MID, OUT00-OUT08.
-* ``LBW26``/``LBW17`` (SD1/SD2) and ``LBW12`` (SDXL): LoRA Block Weight's other layouts.
+* ``LBW26``/``LBW17`` (SD1/SD2) and ``LBW12`` (SDXL): LoRA Block Weight's other layouts. As in the
+  extension (``to26()``), the blocks the 17 and 12 values leave out get weight 0 (``BlockLayout.unlisted``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from .names import SD_LAYOUT, SDXL_LAYOUT, UNET_PREFIX, adapter_name, diffusers_
 
 __all__ = [
     "Location", "locate", "BlockLayout",
-    "KOHYA_SD25", "KOHYA_SDXL23", "SDXL20", "LBW26", "LBW17", "LBW12", "LAYOUTS", "layout_for",
+    "KOHYA_SD25", "KOHYA_SDXL23", "SDXL20", "LBW26", "LBW17", "LBW12", "LAYOUTS", "layout_for", "pick_layout",
     "block_index", "block_name", "expand_block_values",
     "kohya_block_index", "kohya_lr_shape", "kohya_block_lr_weight", "parse_kohya_block_lr_kwargs",
     "kohya_block_dims_alphas", "KOHYA_SD_NUM_BLOCKS", "KOHYA_SDXL_NUM_BLOCKS",
@@ -154,16 +155,25 @@ def locate(path: str, component: str = "unet", layers_per_block: int = 2) -> Loc
 _ALIASES = {"M00": "MID", "M0": "MID", "MID00": "MID", "BASE": "BASE", "TE": "BASE"}
 
 
+_LBW_SECTIONS = frozenset({"base", "in", "mid", "out"})  # the LoRA Block Weight extension's 26 blocks
+
+
 @dataclass(frozen=True)
 class BlockLayout:
     """A numbering of blocks for per-block vectors. ``names[i]`` is the block of value ``i``;
-    ``split_mid`` numbers the three middle sub-blocks separately (MID0, MID1, MID2)."""
+    ``split_mid`` numbers the three middle sub-blocks separately (MID0, MID1, MID2).
+
+    ``unlisted`` is the weight of a module lying in one of the LoRA Block Weight extension's blocks (BASE,
+    IN00-IN11, MID, OUT00-OUT11) that this layout has no value for: 0 for its 17- and 12-value layouts (the
+    extension's ``to26()`` fills the blocks they leave out with 0), 1 for the others. Modules in no such block
+    (EMB, FINAL, where the layout does not list them) always keep 1, as in the extension."""
 
     key: str
     arch: str                      # "sd" (SD1/SD2) or "sdxl"
     names: tuple[str, ...]
     split_mid: bool = False
     doc: str = ""
+    unlisted: float = 1.0
     _pos: Mapping[str, int] = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
@@ -200,6 +210,28 @@ class BlockLayout:
         name = self.name(path, component)
         return None if name is None else self._pos[name]
 
+    def block_values(self, values: Sequence[float] | Mapping[str, float]) -> dict[str, float]:
+        """{block name: value} of a vector of ``len(self)`` values, or of {block name or alias: value}."""
+        if isinstance(values, Mapping):
+            return {self.names[self.position(k)]: float(v) for k, v in values.items()}
+        if len(values) != len(self):
+            raise ValueError(f"layout {self.key} takes {len(self)} values, got {len(values)}")
+        return dict(zip(self.names, (float(v) for v in values)))
+
+    def outside_weight(self, path: str, component: str = "unet") -> float:
+        """The weight of a module this layout has no value for: ``unlisted`` in one of the extension's blocks,
+        else 1."""
+        loc = locate(path, component)
+        return self.unlisted if loc is not None and loc.section in _LBW_SECTIONS else 1.0
+
+    def module_weight(self, block_values: Mapping[str, float], path: str, component: str = "unet") -> float:
+        """The weight of module ``path`` of ``component`` under ``block_values`` (from ``block_values()``): its
+        block's value (1 for a listed block a partial mapping leaves out), else ``outside_weight``."""
+        name = self.name(path, component)
+        if name is None:
+            return self.outside_weight(path, component)
+        return block_values.get(name, 1.0)
+
 
 def _seq(prefix: str, n: int) -> tuple[str, ...]:
     return tuple(f"{prefix}{k:02d}" for k in range(n))
@@ -221,10 +253,12 @@ LBW26 = BlockLayout(
     doc="LoRA Block Weight 26 (SD1/SD2 full)")
 LBW17 = BlockLayout(
     "lbw17", "sd", ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "MID") + tuple(f"OUT{k:02d}" for k in range(3, 12)),
-    doc="LoRA Block Weight 17 (SD1/SD2, blocks holding attentions)")
+    doc="LoRA Block Weight 17 (SD1/SD2, blocks holding attentions; IN00, IN03, IN06, IN09-IN11, OUT00-OUT02 get 0)",
+    unlisted=0.0)
 LBW12 = BlockLayout(
     "lbw12", "sdxl", ("BASE", "IN04", "IN05", "IN07", "IN08", "MID") + _seq("OUT", 6),
-    doc="LoRA Block Weight 12 (SDXL, blocks holding attentions)")
+    doc="LoRA Block Weight 12 (SDXL, blocks holding attentions; IN00-IN03, IN06, OUT06-OUT08 get 0)",
+    unlisted=0.0)
 
 LAYOUTS: dict[str, BlockLayout] = {l.key: l for l in (KOHYA_SD25, KOHYA_SDXL23, SDXL20, LBW26, LBW17, LBW12)}
 
@@ -238,6 +272,28 @@ def layout_for(arch: str, num_values: int) -> BlockLayout:
             return layout
     sizes = sorted(len(l) for l in LAYOUTS.values() if l.arch == a)
     raise ValueError(f"no {a} block layout has {num_values} values (known sizes: {sizes})")
+
+
+def pick_layout(arch: str | None, values: Sequence[float] | Mapping[str, float],
+                layout: BlockLayout | str | None = None) -> BlockLayout:
+    """The layout of per-block multipliers: ``layout`` (or its key) when given; else, for {block name: value},
+    kohya's 25 blocks (SD1/SD2) or the 20-value SDXL names, and for a vector the layout of its length
+    (``arch`` None: of any architecture, the lengths differ)."""
+    if isinstance(layout, BlockLayout):
+        return layout
+    if layout is not None:
+        try:
+            return LAYOUTS[str(layout).lower()]
+        except KeyError:
+            raise ValueError(f"unknown block layout {layout!r} (known: {', '.join(LAYOUTS)})") from None
+    if isinstance(values, Mapping):
+        return SDXL20 if arch is not None and "xl" in str(arch).lower() else KOHYA_SD25
+    if arch is not None:
+        return layout_for(arch, len(values))
+    found = [l for l in LAYOUTS.values() if len(l) == len(values)]
+    if not found:
+        raise ValueError(f"no block layout has {len(values)} values (known sizes: {sorted(len(l) for l in LAYOUTS.values())})")
+    return found[0]
 
 
 def block_index(path: str, layout: BlockLayout, component: str = "unet") -> int | None:

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from ..algos import Adapter
-from .blocks import SDXL20, BlockLayout, KOHYA_SD25, layout_for
+from .blocks import BlockLayout, pick_layout
 from .targets import fast_path_owners, tied_parameters
 
 log = logging.getLogger(__name__)
@@ -90,29 +90,19 @@ class Network(nn.Module):
                               layout: BlockLayout | str | None = None) -> None:
         """Per-block multipliers on top of the global one: a vector in a block layout (by length for SD models:
         SD 25/26/17, SDXL 23/20/12 values; seed 003's 20-value SDXL layout is BASE, IN00-08, MID, OUT00-08),
-        or {block name: value}. Modules outside the given blocks keep 1. None clears them."""
+        or {block name: value}. Blocks a mapping leaves out keep 1; modules outside the layout's blocks get its
+        `unlisted` weight (0 in the 17- and 12-value layouts, as LoRA Block Weight sets them) or 1 (EMB, FINAL,
+        the other layouts). None clears them."""
         if values is None:
             self._block_multipliers = {}
             self._sync_multipliers()
             return
         if self.arch is None:
             raise ValueError("block multipliers need a Stable Diffusion network (this one adapts a generic model)")
-        if isinstance(values, Mapping):
-            if layout is None:
-                layout = SDXL20 if self.arch == "sdxl" else KOHYA_SD25
-            per_block = {layout.names[layout.position(k)]: float(v) for k, v in values.items()}
-        else:
-            values = [float(v) for v in values]
-            if layout is None:
-                layout = layout_for(self.arch, len(values))
-            elif len(values) != len(layout):
-                raise ValueError(f"layout {layout.key} takes {len(layout)} values, got {len(values)}")
-            per_block = dict(zip(layout.names, values))
-        self._block_multipliers = {}
-        for name, entry in self.entries.items():
-            block = layout.name(entry.path, entry.component)
-            if block in per_block:
-                self._block_multipliers[name] = per_block[block]
+        layout = pick_layout(self.arch, values, layout)
+        per_block = layout.block_values(values)
+        self._block_multipliers = {name: layout.module_weight(per_block, entry.path, entry.component)
+                                   for name, entry in self.entries.items()}
         self._sync_multipliers()
 
     def _sync_multipliers(self) -> None:

@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-__all__ = ["concat_loras", "block_of_name"]
+__all__ = ["concat_loras", "block_of_name", "module_of_name", "module_block_weights"]
 
 LORA_KEYS = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha")
 _TE_SHORT = re.compile(r"^(lora_te[12]?_)(?=encoder_|embeddings_|final_layer_norm)")
@@ -40,19 +40,44 @@ def canonical_name(name: str) -> str:
     return _TE_SHORT.sub(r"\1text_model_", name)
 
 
-def block_of_name(name: str, layout) -> str | None:
-    """The block (in `layout`) of an adapter name, without a model: text encoders are BASE; U-Net names in
-    diffusers or SGM form; None outside the layout's blocks."""
+def module_of_name(name: str) -> tuple[str, str] | None:
+    """(component, the part of the module path that fixes its block) of an adapter name, without a model:
+    text encoders ("text_encoder", ""); U-Net names in diffusers or SGM form; None for other names."""
     if name.startswith(("lora_te_", "lora_te1_", "lora_te2_")):
-        return layout.name("", "text_encoder")
+        return "text_encoder", ""
     if not name.startswith("lora_unet_"):
         return None
     rest = name[len("lora_unet_"):]
     for pattern, path in _UNET_HEADS:
         m = pattern.match(rest)
         if m:
-            return layout.name(path(m), "unet")
+            return "unet", path(m)
     return None
+
+
+def block_of_name(name: str, layout) -> str | None:
+    """The block (in `layout`) of an adapter name, without a model: text encoders are BASE; U-Net names in
+    diffusers or SGM form; None outside the layout's blocks."""
+    where = module_of_name(name)
+    return None if where is None else layout.name(where[1], where[0])
+
+
+def module_block_weights(names, block_weights, arch: str | None) -> dict[str, float]:
+    """{adapter name: block weight} of one file's modules under one vector or {block: value} (None: all 1), as
+    `Network.set_block_multipliers` weighs them (`BlockLayout.module_weight`); names with no place in the
+    U-Net's blocks or the text encoders keep 1."""
+    from ..network.blocks import pick_layout
+
+    if block_weights is None:
+        return {}
+    layout = pick_layout(arch, block_weights)
+    per_block = layout.block_values(block_weights)
+    out = {}
+    for name in names:
+        where = module_of_name(name)
+        if where is not None:
+            out[name] = layout.module_weight(per_block, where[1], where[0])
+    return out
 
 
 def _read(file: str, dtype: torch.dtype) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
@@ -154,7 +179,7 @@ def concat_loras(files: Sequence[str | os.PathLike], ratios: Sequence[float], bl
     read = [(f, *_read(f, dtype)) for f in tqdm(files, desc="reading LoRAs", unit="file", disable=not progress)]
     arch = _arch_of([(f, mods) for f, mods, _ in read])
     weights = check_block_weights(block_weights, len(files), arch)
-    module_weights = [_module_weights(mods, bw, arch) for (_, mods, _), bw in zip(read, weights)]
+    module_weights = [module_block_weights(mods, bw, arch) for (_, mods, _), bw in zip(read, weights)]
 
     names = list(dict.fromkeys(n for _, mods, _ in read for n in mods))
     generator = torch.Generator().manual_seed(seed)
@@ -197,26 +222,6 @@ def concat_loras(files: Sequence[str | os.PathLike], ratios: Sequence[float], bl
     metadata = _metadata([m for _, _, m in read], ranks)
     kind = "sdxl" if arch == "sdxl" else ("sd2" if _is_v2(metadata) else ("sd1" if arch == "sd" else None))
     return out, metadata, kind
-
-
-def _module_weights(mods, bw, arch: str | None) -> dict[str, float]:
-    """{module name: block weight} of one file (names outside the given blocks are absent: weight 1)."""
-    from ..network.blocks import KOHYA_SD25, LAYOUTS, SDXL20, layout_for
-
-    if bw is None:
-        return {}
-    if isinstance(bw, Mapping):  # block names: the layouts Network.set_block_multipliers names by default
-        layout = SDXL20 if arch == "sdxl" else KOHYA_SD25
-        per_block = {layout.names[layout.position(k)]: float(v) for k, v in bw.items()}
-    else:  # vector lengths are unique across SD and SDXL layouts, so an unknown arch still finds its layout
-        layout = layout_for(arch, len(bw)) if arch else next(l for l in LAYOUTS.values() if len(l) == len(bw))
-        per_block = dict(zip(layout.names, bw))
-    out = {}
-    for name in mods:
-        block = block_of_name(name, layout)
-        if block in per_block:
-            out[name] = per_block[block]
-    return out
 
 
 def _mismatch(name, file_a, file_b, down_a, up_a, mid_a, down_b, up_b, mid_b):

@@ -172,6 +172,32 @@ def test_default_targets_per_block(model):
         assert Counter(KOHYA_SDXL23.name(p) for c, p in targets if c == "unet")["MID1"] == 102
 
 
+def test_blocks_a_short_lbw_vector_leaves_out_get_weight_0():
+    """LoRA Block Weight's to26() fills the blocks its 17 and 12 values leave out with 0; EMB and FINAL, which
+    none of its layouts lists, keep 1. Every other layout keeps 1 for what it does not list."""
+    assert LBW17.unlisted == LBW12.unlisted == 0.0
+    assert all(l.unlisted == 1.0 for l in (KOHYA_SD25, KOHYA_SDXL23, SDXL20, LBW26))
+    half = LBW17.block_values([0.5] * 17)
+    weights = {p: LBW17.module_weight(half, p) for p in (
+        "conv_in", "down_blocks.0.downsamplers.0.conv", "up_blocks.0.resnets.0.conv1", "down_blocks.3.resnets.1.conv2",
+        "down_blocks.0.attentions.0.proj_in", "mid_block.resnets.0.conv1", "time_embedding.linear_1", "conv_out")}
+    assert weights == {"conv_in": 0.0, "down_blocks.0.downsamplers.0.conv": 0.0, "up_blocks.0.resnets.0.conv1": 0.0,
+                       "down_blocks.3.resnets.1.conv2": 0.0, "down_blocks.0.attentions.0.proj_in": 0.5,
+                       "mid_block.resnets.0.conv1": 0.5, "time_embedding.linear_1": 1.0, "conv_out": 1.0}
+    assert LBW17.module_weight(half, "encoder.layers.0.mlp.fc1", "text_encoder") == 0.5
+    xl = LBW12.block_values([2.0] * 12)
+    assert [LBW12.module_weight(xl, p) for p in ("input_blocks.0.0", "input_blocks.3.0.op", "output_blocks.8.0.skip_connection",
+                                                 "input_blocks.4.1.proj_in", "time_embed.0", "label_emb.0.0", "out.2")] \
+        == [0.0, 0.0, 0.0, 2.0, 1.0, 1.0, 1.0]
+    # a mapping names some blocks of a layout: the others keep 1
+    some = KOHYA_SD25.block_values({"IN04": 0.5, "M00": 0})
+    assert [KOHYA_SD25.module_weight(some, p) for p in ("down_blocks.1.attentions.0.proj_in", "mid_block.resnets.1.conv1",
+                                                        "conv_in", "time_embedding.linear_1")] == [0.5, 0.0, 1.0, 1.0]
+    assert KOHYA_SD25.module_weight(some, "encoder.layers.0.mlp.fc1", "text_encoder") == 1.0
+    with pytest.raises(ValueError, match="layout lbw12 takes 12 values, got 3"):
+        LBW12.block_values([1, 2, 3])
+
+
 # ---------------------------------------------------------------------- kohya vectors
 
 

@@ -238,6 +238,39 @@ def test_block_multipliers_with_seed_003_layout():
         net.set_block_multipliers([1.0] * 7)
 
 
+# the LoRA Block Weight extension (hako-mikan/sd-webui-lora-block-weight, scripts/lora_block_weight.py):
+# to26() spreads a 17/12/20-value vector onto its 26 blocks, [0] * 26 for the blocks the vector leaves out,
+# and a module takes the value of its block among the 26 (1 for modules in none: time embedding, conv_out)
+BLOCKID26 = ["BASE", *(f"IN{i:02d}" for i in range(12)), "MID", *(f"OUT{i:02d}" for i in range(12))]
+
+
+def lbw_extension_weight(values, layout, path, component):
+    from lorakit.network.blocks import LBW26
+
+    full = [0.0] * 26
+    for name, value in zip(layout.names, values):
+        full[BLOCKID26.index(name)] = value
+    at = LBW26.index(path, component)
+    return 1.0 if at is None else full[at]
+
+
+@pytest.mark.parametrize("model,n", [("sd15", 17), ("sdxl", 12), ("sd15", 26), ("sdxl", 20)])
+def test_block_multipliers_of_lbw_vectors_are_the_extensions(model, n):
+    """Every module of the full preset (resnets, samplers, conv_in, conv_out, time embedding, text encoders)."""
+    from lorakit.network.blocks import layout_for
+
+    unet, tes = meta_model(model)
+    net = create_network(unet, tes, preset="full", dim=1, conv_dim=1)
+    values = [0.1 + 0.01 * i for i in range(n)]
+    net.set_block_multipliers(values)
+    layout = layout_for("sdxl" if model == "sdxl" else "sd", n)
+    got = {name: a.multiplier for name, a in net.adapters()}
+    want = {name: lbw_extension_weight(values, layout, e.path, e.component) for name, e in net.entries.items()}
+    assert got == pytest.approx(want, abs=1e-12)
+    if n < 20:  # the blocks the short vector leaves out (resnet-only blocks, samplers, conv_in) are off
+        assert 0.0 in got.values()
+
+
 def test_bad_network_options():
     unet, tes = tiny_model("sd1")
     with pytest.raises(OptionError, match="unknown network option 'conv_dimm'.*did you mean 'conv_dim'"):

@@ -243,6 +243,26 @@ def test_concat_is_the_weighted_sum_of_changes(models, tmp_path):
     load_network(model.unet, str(out), model.text_encoders)  # loads as a plain LoRA
 
 
+def test_17_zeros_turn_a_locon_off_except_outside_the_blocks(models, tmp_path):
+    """LoRA Block Weight's 17 values leave out IN00, IN03, IN06, IN09-IN11 and OUT00-OUT02 (resnets, samplers,
+    conv_in), which its to26() sets to 0; the time embedding and conv_out are in none of its blocks (weight 1).
+    Into a model and concatenated alike."""
+    model, ckpt = models["sd1"]
+    lora = adapter_file(model, tmp_path / "locon.safetensors", "locon", 3, preset="full", conv_dim=2)
+    zeros = ",".join(["0"] * 17)
+    kept = {"lora_unet_time_embedding_linear_1", "lora_unet_time_embedding_linear_2", "lora_unet_conv_out"}
+    out = tmp_path / "off.safetensors"
+    assert main(["merge", "--loras", lora, "--block_weights", zeros, "--save_to", str(out), "--quiet"]) == 0
+    assert module_names(load_file(out)[0]) == kept
+    merged = merge_into_model(clone(model), [lora], [1.0], block_weights=zeros, progress=False)
+    base = clone(model)
+    changed = {n for (n, p), (_, q) in zip(merged.unet.named_parameters(), base.unet.named_parameters())
+               if not torch.equal(p, q)}
+    assert changed == {"time_embedding.linear_1.weight", "time_embedding.linear_2.weight", "conv_out.weight"}
+    for a, b in zip(merged.text_encoders[0].parameters(), base.text_encoders[0].parameters()):
+        assert torch.equal(a, b)
+
+
 def test_concat_tucker_files_uses_a_block_diagonal_mid(models, tmp_path):
     model, _ = models["sdxl"]
     opts = dict(preset="unet-convblock-only", use_tucker=True)
