@@ -61,8 +61,14 @@ def _optimizer(values: dict[str, Any], given: frozenset) -> None:
     elif "." in name:
         values["optimizer_type"] = name  # a class path, imported when training starts
     else:
-        _refuse(f"option 'optimizer_type': unknown optimizer {name!r}{suggest(name.lower(), by_key)}; use one of "
-                f"{', '.join(OPTIMIZERS)} or a class path such as torch.optim.RAdam")
+        from .optimizers import torch_optimizer_name  # imports torch: only for a name outside sd-scripts' list
+
+        bare = torch_optimizer_name(name)
+        if bare is None:
+            _refuse(f"option 'optimizer_type': unknown optimizer {name!r}{suggest(name.lower(), by_key)}; use one "
+                    f"of {', '.join(OPTIMIZERS)}, a torch.optim class name such as RAdam, or a class path such as "
+                    "module.Class")
+        values["optimizer_type"] = bare  # sd-scripts: a name without a dot is a torch.optim class
 
 
 def _normalise(values: dict[str, Any]) -> None:

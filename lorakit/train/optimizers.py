@@ -136,14 +136,23 @@ def _resolve(optimizer_type: str) -> OptimizerSpec:
     if "." in name:
         module, _, attr = name.rpartition(".")
         return OptimizerSpec(name, module, attr)
-    if isinstance(getattr(torch.optim, name, None), type):  # kohya: a bare name is looked up in torch.optim
-        return OptimizerSpec(name, "torch.optim", name)
+    bare = torch_optimizer_name(name)
+    if bare is not None:  # kohya: a bare name is looked up in torch.optim
+        return OptimizerSpec(bare, "torch.optim", bare)
     close = difflib.get_close_matches(key, list(SPECS), n=1, cutoff=0.5)
     hint = f" Did you mean '{SPECS[close[0]].name}'?" if close else ""
     raise OptionError(
         f"unknown optimizer_type {optimizer_type!r}.{hint} Known: {', '.join(OPTIMIZER_TYPES)}; "
         "or a class path such as torch.optim.RAdam or module.Class"
     )
+
+
+def torch_optimizer_name(name: str) -> str | None:
+    """The torch.optim optimizer class a bare name (any case) means, as sd-scripts' get_optimizer looks up a name it
+    does not know and that has no dot (`RAdam`, `SGD`); None if there is none."""
+    classes = {attr.lower(): attr for attr, cls in vars(torch.optim).items()
+               if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer) and cls is not torch.optim.Optimizer}
+    return classes.get(name.strip().lower())
 
 
 def _load_class(spec: OptimizerSpec):

@@ -632,3 +632,11 @@ def test_clip_skip_with_sdxl_is_a_warning_as_in_sd_scripts():
     give the same note."""
     config = load_train_config(overrides={"sdxl": True, "clip_skip": 2})
     assert "clip_skip = 2 does nothing for SDXL (sd-scripts ignores it too)" in config.warnings
+
+
+@pytest.mark.parametrize("name,expected", [("RAdam", "RAdam"), ("SGD", "SGD"), ("Adam", "Adam"),
+                                           ("Adagrad", "Adagrad"), ("NAdam", "NAdam"), ("radam", "RAdam")])
+def test_a_bare_torch_optim_name_is_an_optimizer_as_in_sd_scripts(name, expected):
+    """sd-scripts' get_optimizer looks a name it does not know, without a dot, up in torch.optim."""
+    assert load_train_config(overrides={"optimizer_type": name}).optimizer_type == expected
+    assert "unknown optimizer 'RAdamm'" in error_of(optimizer_type="RAdamm")

@@ -231,3 +231,8 @@ def test_dadaptation_if_installed(caplog, name, attr):
     assert type(opt).__name__ == attr and opt.defaults["weight_decay"] == 0.02
     assert opt.defaults["d"] == 1e-5 and opt.defaults["log_every"] == 7  # d0 is stored as the initial d
     assert "expect lr around 1.0" in caplog.text
+
+
+def test_a_bare_torch_optim_name_in_any_case_builds_that_class():
+    assert type(make_optimizer("radam", groups(), 1e-3)) is torch.optim.RAdam
+    assert type(make_optimizer("NAdam", groups(), 1e-3)) is torch.optim.NAdam
