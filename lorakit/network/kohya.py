@@ -33,6 +33,7 @@ network (train_network.py, in call order)
   save_weights(ckpt_file, save_dtype, metadata)                 save_dtype may be None; metadata str -> str
   merge_to(text_encoder, unet, weights_sd, weight_dtype, device)
   is_mergeable(), pre_calculation(), backup_weights(), restore_weights()   gen_img --network_merge/--network_pre_calc
+      (one copy of each layer's original weights, shared by every network on it, as in kohya)
   set_loraplus_lr_ratio(ratio, unet_ratio, text_encoder_ratio); text_encoder_loras, unet_loras, adapter.lora_name
 Not provided: set_region/set_current_generation (gen_img regional prompting), set_enabled.
 """
@@ -42,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import weakref
 from typing import Any
 
 import torch
@@ -237,17 +239,31 @@ class KohyaNetwork(Network):
             if name in names:
                 adapter.merge(keep_backup=False)
 
-    def pre_calculation(self) -> None:
-        """gen_img --network_pre_calc: merge into the weights, keeping the originals for restore_weights."""
-        self.merge(keep_backup=True)
-
+    # gen_img --network_pre_calc calls, per batch, set_multiplier, then restore_weights of every network, then
+    # pre_calculation of every network, all in network order. As in kohya (org_module._lora_org_weight), each
+    # layer keeps one copy of its original weights, shared by every network on it: the first restore_weights
+    # puts it back and un-merges every network merged into that layer, whichever network restores first.
     def backup_weights(self) -> None:
-        pass  # pre_calculation keeps the backup
-
-    def restore_weights(self) -> None:
+        """Keep each adapted layer's original weights, unless another network already keeps them."""
         for _, adapter in self.adapters():
-            if adapter.merged:
-                adapter.unmerge()
+            if adapter.host not in _ORIGINALS:
+                _ORIGINALS[adapter.host] = _LayerOriginal.of(adapter.host)
+
+    @torch.no_grad()
+    def pre_calculation(self) -> None:
+        """Merge into the weights at the current multiplier; restore_weights (of any network) undoes it."""
+        self.backup_weights()  # gen_img calls it first; other callers need not
+        self.merge(keep_backup=False)
+        for _, adapter in self.adapters():
+            _ORIGINALS[adapter.host].merged.append(adapter)
+
+    @torch.no_grad()
+    def restore_weights(self) -> None:
+        """Put back the original weights of this network's layers, with every network merged into them."""
+        for _, adapter in self.adapters():
+            original = _ORIGINALS.get(adapter.host)
+            if original is not None:
+                original.restore(adapter.host)
 
     # ----- network_args of a network built from a file -----
     def _take_runtime_args(self, args: dict[str, Any]) -> None:
@@ -273,6 +289,35 @@ class KohyaNetwork(Network):
         if ignored:
             log.warning("lorakit: the weights file decides the network's layout; ignoring network_args %s",
                         ", ".join(ignored))
+
+
+# ----- the layers' original weights, for gen_img --network_pre_calc -----
+@dataclasses.dataclass
+class _LayerOriginal:
+    weight: torch.Tensor
+    bias: torch.Tensor | None  # None: the layer had no bias (a merge may add one)
+    merged: list = dataclasses.field(default_factory=list)  # the adapters merged into the layer now
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> "_LayerOriginal":
+        bias = getattr(layer, "bias", None)
+        return cls(layer.weight.detach().clone(), None if bias is None else bias.detach().clone())
+
+    def restore(self, layer: nn.Module) -> None:
+        if not self.merged:
+            return
+        layer.weight.copy_(self.weight)
+        if self.bias is None:
+            layer.bias = None
+        else:
+            layer.bias.copy_(self.bias)
+        for adapter in self.merged:
+            adapter.merged = False
+        self.merged.clear()
+
+
+# keyed by the model's layer: it lives as long as the model, as kohya's attribute on the layer does
+_ORIGINALS: "weakref.WeakKeyDictionary[nn.Module, _LayerOriginal]" = weakref.WeakKeyDictionary()
 
 
 # ----- helpers -----

@@ -302,6 +302,47 @@ def test_set_multiplier_and_gen_img_calls():
     net.restore()
 
 
+@pytest.mark.parametrize("restore_order", [1, -1])
+def test_pre_calc_with_several_networks_restores_the_original_weights(tmp_path, restore_order):
+    """gen_img --network_pre_calc with two files on the same layers. Before every batch gen_img calls
+    set_multiplier, then restore_weights of every network, then pre_calculation of every network."""
+    unet, tes, te_arg = fresh("sd1")
+    weights = model_state(unet, tes)
+    paths = []
+    for seed, args in enumerate(({"algo": "lora", "conv_dim": "2"}, {"algo": "loha", "train_norm": "True"})):
+        made = kohya.create_network(1.0, 4, 1.0, None, te_arg, unet, **args)
+        randomize(made, seed=seed)
+        paths.append(str(tmp_path / f"{seed}.safetensors"))
+        made.save_weights(paths[-1], None, None)
+    nets = []
+    for path in paths:  # gen_img's load: a list of text encoders, apply_to, load_state_dict, backup_weights
+        net, weights_sd = kohya.create_network_from_weights(1.0, path, None, tes, unet, for_inference=True)
+        net.apply_to(tes, unet)
+        net.load_state_dict(weights_sd, False)
+        net.eval()
+        net.backup_weights()
+        nets.append(net)
+    batches = [(1.0, 1.0), (0.5, 1.0), (1.0, -0.7)]  # prompts' --am multipliers
+    applied = {}
+    for muls in batches:
+        for net, m in zip(nets, muls):
+            net.set_multiplier(m)
+        applied[muls] = run(unet, tes, "sd1")
+    for muls in batches:
+        for net, m in zip(nets, muls):
+            net.set_multiplier(m)
+        for net in nets[::restore_order]:
+            net.restore_weights()
+        assert all(torch.equal(v, weights[k]) for k, v in model_state(unet, tes).items())
+        for net in nets:
+            net.pre_calculation()
+        torch.testing.assert_close(run(unet, tes, "sd1"), applied[muls], rtol=1e-4, atol=1e-5)
+    for net in nets[::restore_order]:
+        net.restore_weights()
+    assert all(torch.equal(v, weights[k]) for k, v in model_state(unet, tes).items())
+    torch.testing.assert_close(run(unet, tes, "sd1"), applied[batches[-1]])  # applied again, unmerged
+
+
 # ----- scale_weight_norms -----
 
 @pytest.mark.parametrize("algo,args", [
