@@ -21,6 +21,13 @@ OPTIMIZERS = ("AdamW", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit", "PagedAdamW3
 _LATER_OPTIMIZERS = ("AdamWScheduleFree", "RAdamScheduleFree", "SGDScheduleFree", "ProdigyPlusScheduleFree")
 
 
+# the 'adafactor' schedule reports Adafactor's own step size; without one it would set the lr to 0 (sd-scripts fails on
+# it: get_scheduler_fix reads the initial lr from "adafactor:<lr>", which only a relative-step Adafactor writes)
+ADAFACTOR_SCHEDULE_WITHOUT_RELATIVE_STEP = (
+    "lr_scheduler 'adafactor' needs an Adafactor with relative_step, and optimizer_args sets relative_step=False: "
+    "that Adafactor steps with learning_rate, which the 'adafactor' schedule would set to 0; use another "
+    "lr_scheduler (sd-scripts suggests 'constant_with_warmup') or remove relative_step=False from optimizer_args")
+
 # sd-scripts' is_text_encoder_output_cacheable: options that change a caption from step to step
 _CHANGING_CAPTIONS = ("shuffle_caption", "caption_dropout_rate", "caption_dropout_every_n_epochs",
                       "caption_tag_dropout_rate", "token_warmup_step")
@@ -149,6 +156,11 @@ def _combinations(v: dict[str, Any]) -> None:
         _refuse(f"option 'network_dropout': expected a value in [0, 1), got {v['network_dropout']}")
     if v["lr_scheduler"] == "adafactor" and v["optimizer_type"] != "Adafactor":  # train_util.get_scheduler_fix
         _refuse(f"lr_scheduler 'adafactor' needs optimizer_type Adafactor (got {v['optimizer_type']!r})")
+    if v["lr_scheduler"] == "adafactor" and v["optimizer_type"] == "Adafactor" and not v["lr_scheduler_type"]:
+        from .optimizers import adafactor_relative_step, parse_kwargs
+
+        if not adafactor_relative_step(parse_kwargs(v["optimizer_args"])):
+            _refuse(ADAFACTOR_SCHEDULE_WITHOUT_RELATIVE_STEP)
     if (v["lr_scheduler"] == "cosine_with_min_lr" and not v["lr_scheduler_type"] and v["lr_scheduler_min_lr_ratio"]
             is None and not any(arg.partition("=")[0].strip() == "min_lr" for arg in v["lr_scheduler_args"])):
         _refuse("lr_scheduler 'cosine_with_min_lr' needs lr_scheduler_min_lr_ratio (the lowest lr as a ratio of the "

@@ -194,13 +194,18 @@ def _check_adaptive_lr(spec: OptimizerSpec, groups: list, lr) -> None:
         )
 
 
+def adafactor_relative_step(kwargs: Mapping[str, Any]) -> bool:
+    """Whether Adafactor with these optimizer_args picks its own step size: kohya's rule, relative_step defaults to
+    True and warmup_init=True forces it."""
+    return bool(kwargs.get("relative_step", True) or kwargs.get("warmup_init"))
+
+
 def _adafactor(groups: list, lr, kwargs: dict):
-    """kohya's Adafactor rules: relative_step defaults to True (and warmup_init forces it); with it Adafactor
-    picks its own step size, so lr and the groups' lrs are dropped and the scheduler must be 'adafactor'."""
-    kwargs.setdefault("relative_step", True)
-    if kwargs.get("warmup_init") and not kwargs["relative_step"]:
+    """kohya's Adafactor rules (adafactor_relative_step); with a relative step Adafactor picks its own step size,
+    so lr and the groups' lrs are dropped and the scheduler must be 'adafactor'."""
+    if kwargs.get("warmup_init") and kwargs.get("relative_step", True) is False:
         logger.warning("Adafactor: warmup_init=True needs relative_step; setting relative_step=True")
-        kwargs["relative_step"] = True
+    kwargs["relative_step"] = adafactor_relative_step(kwargs)
     if not kwargs["relative_step"]:
         return lr, groups
     if any(isinstance(g, dict) and g.pop("lr", None) is not None for g in groups):

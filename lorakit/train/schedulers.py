@@ -27,7 +27,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from ..algos.options import OptionError, suggest
-from .checks import refuse_warmup
+from .checks import ADAFACTOR_SCHEDULE_WITHOUT_RELATIVE_STEP, refuse_warmup
 from .optimizers import parse_kwargs
 
 logger = logging.getLogger(__name__)
@@ -315,6 +315,8 @@ def make_scheduler(
 
         if not isinstance(optimizer, Adafactor):
             raise OptionError(f"lr_scheduler 'adafactor' needs the Adafactor optimizer, not {type(optimizer).__name__}")
+        if not _is_relative_step_adafactor(optimizer):
+            raise OptionError(ADAFACTOR_SCHEDULE_WITHOUT_RELATIVE_STEP)
         _reject_args(key, args)
         return AdafactorSchedule(optimizer, getattr(optimizer, "lorakit_initial_lr", 0.0))
 

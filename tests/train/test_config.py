@@ -640,3 +640,14 @@ def test_a_bare_torch_optim_name_is_an_optimizer_as_in_sd_scripts(name, expected
     """sd-scripts' get_optimizer looks a name it does not know, without a dot, up in torch.optim."""
     assert load_train_config(overrides={"optimizer_type": name}).optimizer_type == expected
     assert "unknown optimizer 'RAdamm'" in error_of(optimizer_type="RAdamm")
+
+
+@pytest.mark.parametrize("args", [["relative_step=False"], ["relative_step=False", "scale_parameter=False"]])
+def test_the_adafactor_schedule_without_a_relative_step_is_refused(args):
+    """It would set the lr to 0 and train nothing; sd-scripts fails on it (its 'adafactor:<lr>' comes only from a
+    relative-step Adafactor)."""
+    message = error_of(optimizer_type="Adafactor", optimizer_args=args, lr_scheduler="adafactor")
+    assert "lr_scheduler 'adafactor'" in message and "relative_step=False" in message
+    for fine in ([], ["relative_step=True"], ["relative_step=False", "warmup_init=True"]):
+        load_train_config(overrides={"optimizer_type": "Adafactor", "optimizer_args": fine,
+                                     "lr_scheduler": "adafactor"})

@@ -274,3 +274,10 @@ def test_newer_scheduler_errors_name_the_option():
         make_scheduler("piecewise_constant", optimizer(), T, 5, scheduler_args=["step_rules='1:10,0.1'"])
     with pytest.raises(OptionError, match="\\['timescale'\\] are not arguments of the 'inverse_sqrt'"):
         make_scheduler("inverse_sqrt", optimizer(), T, W, scheduler_args=["timescale=3"])
+
+
+def test_the_adafactor_schedule_refuses_an_adafactor_without_relative_step():
+    opt = make_optimizer("Adafactor", [torch.nn.Parameter(torch.ones(2))], 1e-3, ["relative_step=False"])
+    with pytest.raises(OptionError, match="lr_scheduler 'adafactor'.*relative_step=False"):
+        make_scheduler("adafactor", opt, T)
+    assert opt.param_groups[0]["lr"] == 1e-3  # not set to 0
