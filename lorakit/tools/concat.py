@@ -141,8 +141,9 @@ def _block_diag(mids: Sequence[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def _arch_of(files_modules: Sequence[tuple[str, Mapping]]) -> str | None:
-    """"sd" or "sdxl" from the names; files of both, or U-Net names in both SDXL styles, are errors."""
+def common_arch(files_modules: Sequence[tuple[str, Sequence[str]]]) -> str | None:
+    """"sd" or "sdxl" from the module names of every file (None: the names do not tell); files of both are an
+    error."""
     from .merge import adapter_arch
 
     archs = {file: adapter_arch(mods) for file, mods in files_modules}
@@ -150,17 +151,23 @@ def _arch_of(files_modules: Sequence[tuple[str, Mapping]]) -> str | None:
     if len(known) > 1:
         shown = ", ".join(f"{f}: {'SDXL' if a == 'sdxl' else 'SD1/SD2'}" for f, a in archs.items() if a)
         raise ValueError(f"the adapters are for different model architectures ({shown}); merge files of one")
+    return known.pop() if known else None
+
+
+def _arch_of(files_modules: Sequence[tuple[str, Mapping]]) -> str | None:
+    """"sd" or "sdxl" from the names; files of both, or U-Net names in both SDXL styles, are errors."""
+    arch = common_arch(files_modules)
     styles = {}
     for file, mods in files_modules:
         if any(_SGM_UNET.match(n) for n in mods):
             styles.setdefault("SGM (input_blocks)", file)
         if any(_DIFFUSERS_UNET.match(n) for n in mods):
             styles.setdefault("diffusers (down_blocks)", file)
-    if len(styles) > 1 and known == {"sdxl"}:
+    if len(styles) > 1 and arch == "sdxl":
         shown = ", ".join(f"{s} in {f}" for s, f in styles.items())
         raise ValueError(f"the SDXL adapters name U-Net modules in two styles ({shown}); the same module would be "
                          f"written twice under two names. Convert them to one style first (`lorakit convert`)")
-    return known.pop() if known else None
+    return arch
 
 
 def concat_loras(files: Sequence[str | os.PathLike], ratios: Sequence[float], block_weights=None,
@@ -220,8 +227,7 @@ def concat_loras(files: Sequence[str | os.PathLike], ratios: Sequence[float], bl
     if not out:
         raise ValueError("the merged LoRA would be empty: every ratio (or block weight) is 0")
     metadata = _metadata([m for _, _, m in read], ranks)
-    kind = "sdxl" if arch == "sdxl" else ("sd2" if _is_v2(metadata) else ("sd1" if arch == "sd" else None))
-    return out, metadata, kind
+    return out, metadata, lora_kind(arch, metadata)
 
 
 def _mismatch(name, file_a, file_b, down_a, up_a, mid_a, down_b, up_b, mid_b):
@@ -241,12 +247,25 @@ def _is_v2(metadata: Mapping[str, str]) -> bool:
     return metadata.get("ss_v2") == "True" or metadata.get("ss_base_model_version", "").startswith("sd_v2")
 
 
-def _metadata(inputs: Sequence[Mapping[str, str]], ranks: set[int]) -> dict[str, str]:
-    """kohya's minimum network metadata; the base model keys come from the first input that has them."""
-    dim = str(next(iter(ranks))) if len(ranks) == 1 else "Dynamic"
-    meta = {"ss_network_module": "networks.lora", "ss_network_dim": dim, "ss_network_alpha": dim}
+def base_model_keys(inputs: Sequence[Mapping[str, str]]) -> dict[str, str]:
+    """ss_v2, ss_base_model_version, ss_sd_model_name, each from the first input that has it (UIs tell an SDXL
+    LoRA from an SD1 one by them)."""
+    meta = {}
     for key in ("ss_v2", "ss_base_model_version", "ss_sd_model_name"):
         value = next((m[key] for m in inputs if key in m), None)
         if value is not None:
             meta[key] = value
+    return meta
+
+
+def lora_kind(arch: str | None, metadata: Mapping[str, str]) -> str | None:
+    """"sd1", "sd2" or "sdxl" of a merged LoRA from its names' architecture and its base model keys; None unknown."""
+    return "sdxl" if arch == "sdxl" else ("sd2" if _is_v2(metadata) else ("sd1" if arch == "sd" else None))
+
+
+def _metadata(inputs: Sequence[Mapping[str, str]], ranks: set[int]) -> dict[str, str]:
+    """kohya's minimum network metadata; the base model keys come from the first input that has them."""
+    dim = str(next(iter(ranks))) if len(ranks) == 1 else "Dynamic"
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": dim, "ss_network_alpha": dim}
+    meta.update(base_model_keys(inputs))
     return meta

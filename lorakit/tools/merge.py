@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 import torch
 
 __all__ = ["merge_into_model", "merge_loras", "save_model", "parse_block_weights", "check_ratios",
-           "check_block_weights", "layout_sizes", "adapter_arch"]
+           "check_block_weights", "layout_sizes", "adapter_arch", "merged_lora_metadata"]
 
 BlockWeights = Sequence[float] | Mapping[str, float]
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt")
@@ -218,7 +218,7 @@ def merge_loras(files: Sequence[str | os.PathLike], ratios: Sequence[float] | No
                 metadata: bool = True, progress: bool = True) -> dict:
     """Several LoRA/LoCon files into one, saved to `save_to`: ranks concatenated (exact), or with `new_rank`
     the summed change re-factorised by SVD (`lorakit.tools.merge_svd`). Returns the saved tensors."""
-    from ..formats import add_hashes, build_modelspec, save_file
+    from ..formats import add_hashes, save_file
     from ..formats.dtypes import parse_dtype
 
     files = [os.fspath(f) for f in files]
@@ -238,7 +238,7 @@ def merge_loras(files: Sequence[str | os.PathLike], ratios: Sequence[float] | No
         from .merge_svd import merge_loras_svd
 
         return merge_loras_svd(files, ratios, new_rank, new_conv_rank=new_conv_rank, out=os.fspath(save_to),
-                               device=device, dtype=save_dtype, progress=progress)
+                               device=device, dtype=save_dtype, progress=progress, modelspec=metadata)
     if new_conv_rank is not None:
         raise ValueError("--new_conv_rank needs --new_rank (concatenation keeps every rank)")
     from .concat import concat_loras
@@ -246,11 +246,19 @@ def merge_loras(files: Sequence[str | os.PathLike], ratios: Sequence[float] | No
     tensors, meta, kind = concat_loras(files, ratios, block_weights=block_weights, dtype=precision,
                                        shuffle=shuffle, progress=progress)
     tensors = {k: v.to(save_dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    if metadata:
-        meta.update(build_modelspec(kind or "sd1", title=Path(save_to).stem, is_lora=True,
-                                    merged_from=[Path(f).name for f in files]))
-    else:
-        meta = {k: v for k, v in meta.items() if k.startswith("ss_")}
+    meta = merged_lora_metadata(meta, kind, save_to, files, modelspec=metadata)
     save_file(tensors, save_to, metadata=add_hashes(tensors, meta))
     return tensors
+
+
+def merged_lora_metadata(meta: dict[str, str], kind: str | None, save_to, files: Sequence,
+                         modelspec: bool = True) -> dict[str, str]:
+    """A merged LoRA's metadata: `meta` plus the sai modelspec (title from the output name, merged_from the
+    inputs); without `modelspec` only the ss_* keys, as kohya's merge scripts keep with --no_metadata."""
+    from ..formats import build_modelspec
+
+    if not modelspec:
+        return {k: v for k, v in meta.items() if k.startswith("ss_")}
+    return {**meta, **build_modelspec(kind or "sd1", title=Path(os.fspath(save_to)).stem, is_lora=True,
+                                      merged_from=[Path(os.fspath(f)).name for f in files])}
 

@@ -38,8 +38,9 @@ def _read(source):
 
 
 def merge_loras_svd(files: list, ratios: list[float], new_rank: int, new_conv_rank: int | None = None, out=None,
-                    device="cpu", dtype=None, progress: bool = True) -> dict[str, torch.Tensor]:
-    """The merged state dict (float32 unless `dtype`); written to `out` atomically, with metadata, when given."""
+                    device="cpu", dtype=None, progress: bool = True, modelspec: bool = True) -> dict[str, torch.Tensor]:
+    """The merged state dict (float32 unless `dtype`); written to `out` atomically, with metadata, when given
+    (`modelspec` False: the ss_* keys only)."""
     if len(files) != len(ratios):
         raise ValueError(f"merge_loras_svd: {len(files)} file(s) but {len(ratios)} ratio(s); give one ratio per file")
     if not files:
@@ -52,10 +53,11 @@ def merge_loras_svd(files: list, ratios: list[float], new_rank: int, new_conv_ra
     pairs: dict[str, list] = {}
     dense: dict[str, torch.Tensor] = {}
     shapes: dict[str, tuple] = {}
-    names = []
+    names, metas = [], []
     for source, ratio in zip(files, ratios):
-        tensors, _, where = _read(source)
+        tensors, metadata, where = _read(source)
         names.append(os.path.basename(where) if not isinstance(source, dict) else "state dict")
+        metas.append(metadata)
         loras, other = lora_modules(tensors, where)
         full = {}
         for key, value in other.items():
@@ -82,7 +84,7 @@ def merge_loras_svd(files: list, ratios: list[float], new_rank: int, new_conv_ra
             d = diff.to(device, torch.float32).reshape(shape[0], -1) * float(ratio)
             dense[name] = d if name not in dense else dense[name] + d
     merged: dict[str, torch.Tensor] = {}
-    report = {}
+    ranks: dict[str, tuple[int, bool]] = {}  # name -> (rank written, kxk conv)
     with torch.no_grad():
         for name in show_progress(list(shapes), "merge (svd)", progress):
             shape = shapes[name]
@@ -102,23 +104,41 @@ def merge_loras_svd(files: list, ratios: list[float], new_rank: int, new_conv_ra
             merged[f"{name}.lora_down.weight"] = down.reshape(k, *shape[1:]).cpu()
             merged[f"{name}.lora_up.weight"] = up.reshape(shape[0], k, *(1,) * len(kernel)).cpu()
             merged[f"{name}.alpha"] = torch.tensor(float(k))
-            report[name] = k
+            ranks[name] = (k, is_conv)
     if dtype is not None:
         merged = {k: v.to(dtype) for k, v in merged.items()}
     if out is not None:
         from ..formats import add_hashes, prepare_tensors, save_file
+        from .merge import merged_lora_metadata
 
-        meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(new_rank),
-                "ss_network_alpha": str(float(new_rank)),
-                "ss_network_args": json.dumps({"conv_dim": str(new_conv_rank), "conv_alpha": str(float(new_conv_rank))}),
-                "ss_training_comment": "merged by lorakit merge_loras_svd: " + ", ".join(
-                    f"{n} x {r}" for n, r in zip(names, ratios)),
-                "lorakit_merge_svd": json.dumps({"files": names, "ratios": [float(r) for r in ratios],
-                                                 "new_rank": new_rank, "new_conv_rank": new_conv_rank})}
+        settings = {"files": names, "ratios": [float(r) for r in ratios], "new_rank": new_rank,
+                    "new_conv_rank": new_conv_rank}
+        meta, kind = _metadata(metas, ranks, settings)
+        meta = merged_lora_metadata(meta, kind, out, names, modelspec=modelspec)
         cast = prepare_tensors(merged, dtype)
         meta = add_hashes(cast, meta)
         save_file(cast, out, metadata=meta)
     return merged
+
+
+def _metadata(inputs: list[dict[str, str]], ranks: dict[str, tuple[int, bool]], settings: dict):
+    """(kohya's network metadata of the ranks written, the base model keys of the inputs; the LoRA's kind).
+    `ss_network_dim` is the largest rank written (a module whose summed change has a lower rank keeps it: the SVD
+    never pads), alpha = rank in every module; conv_dim/conv_alpha likewise for the kxk convs."""
+    from .concat import base_model_keys, lora_kind
+    from .merge import adapter_arch
+
+    linear = [k for k, conv in ranks.values() if not conv]
+    convs = [k for k, conv in ranks.values() if conv]
+    dim = max(linear or convs)
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(dim), "ss_network_alpha": str(float(dim))}
+    if convs:
+        meta["ss_network_args"] = json.dumps({"conv_dim": str(max(convs)), "conv_alpha": str(float(max(convs)))})
+    meta.update(base_model_keys(inputs))
+    meta["ss_training_comment"] = "merged by lorakit merge_loras_svd: " + ", ".join(
+        f"{n} x {r}" for n, r in zip(settings["files"], settings["ratios"]))
+    meta["lorakit_merge_svd"] = json.dumps(settings)
+    return meta, lora_kind(adapter_arch(ranks), meta)
 
 
 def _check_shape(shapes: dict, name: str, shape: tuple, where: str) -> None:

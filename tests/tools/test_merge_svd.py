@@ -105,3 +105,30 @@ def test_nan_factors_are_named(tmp_path):
     with pytest.warns(UserWarning, match="nan.safetensors: 1 tensor"), \
             pytest.raises(ValueError, match="nan.safetensors: module 'lora_unet_x' holds NaN or Inf"):
         merge_loras_svd([tmp_path / "nan.safetensors"], [1.0], 2)
+
+
+def test_metadata_tells_the_base_model_and_the_ranks_written(tmp_path):
+    """As kohya's svd_merge_lora.py: ss_v2, ss_base_model_version and the sai modelspec from the inputs (UIs tell
+    an SDXL LoRA by them), the modelspec left out with --no_metadata. ss_network_dim/alpha and the conv args give
+    the largest rank written, never a --new_rank above every module's (the SVD does not pad)."""
+    from lorakit.cli import main
+
+    pa, pb = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file(_file(0, 4, ["lora_unet_x", "lora_te1_y", "lora_unet_conv"], 2.0), pa,
+              metadata={"ss_base_model_version": "sdxl_base_v1-0", "ss_v2": "False"})
+    save_file(_file(1, 8, ["lora_unet_x"], 8.0), pb)
+    out, bare = tmp_path / "m.safetensors", tmp_path / "bare.safetensors"
+    for target, extra in ((out, []), (bare, ["--no_metadata"])):
+        assert main(["merge", "--loras", str(pa), str(pb), "--new_rank", "32", "--new_conv_rank", "16", "--save_to",
+                     str(target), "--quiet", *extra]) == 0
+    tensors, meta = load_file(out)
+    ranks = {k.partition(".")[0]: v.shape[0] for k, v in tensors.items() if k.endswith("lora_down.weight")}
+    assert ranks == {"lora_unet_x": 12, "lora_te1_y": 4, "lora_unet_conv": 4}
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("12", "12.0")
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "4.0"}
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_v2"] == "False"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert json.loads(meta["lorakit_merge_svd"])["new_rank"] == 32
+    _, meta = load_file(bare)
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_network_dim"] == "12"
+    assert not any(k.startswith(("modelspec.", "lorakit_")) for k in meta)
