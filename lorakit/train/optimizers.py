@@ -99,7 +99,8 @@ def parse_kwargs(
     args: Iterable[str] | Mapping[str, Any] | str | None, option: str = "optimizer_args"
 ) -> dict[str, Any]:
     """kohya's `optimizer_args`/`lr_scheduler_args`: "key=value" strings (a list, or one string split on
-    spaces) or a mapping whose string values are parsed the same way."""
+    spaces) or a mapping whose string values are parsed the same way. A key given twice takes its last value, as
+    in kohya's dict (with a warning when the values differ)."""
     if args is None:
         return {}
     if isinstance(args, Mapping):
@@ -112,9 +113,11 @@ def parse_kwargs(
         key = key.strip()
         if not sep or not key:
             raise OptionError(f"{option}: {arg!r} is not of the form key=value")
-        if key in kwargs:
-            raise OptionError(f"{option}: {key!r} given twice")
-        kwargs[key] = parse_value(key, value, option)
+        parsed = parse_value(key, value, option)
+        if key in kwargs and kwargs[key] != parsed:
+            logger.warning("%s: '%s' given twice (%r, then %r); the last is used, as in sd-scripts", option, key,
+                           kwargs[key], parsed)
+        kwargs[key] = parsed
     return kwargs
 
 
