@@ -19,6 +19,9 @@ from .targets import NORMS, Selected, select
 
 log = logging.getLogger(__name__)
 _COMPONENTS = ("text_encoder", "text_encoder_2")
+# LyCORIS' defaults (lycoris/kohya.py create_network) where lorakit's differ: given to an algorithm that does not
+# use it, such a value changes nothing in LyCORIS either
+_LYCORIS_DEFAULTS = {"bypass_mode": False, "block_size": 4}
 
 
 def _is_sd_unet(model: nn.Module) -> bool:
@@ -44,7 +47,7 @@ def check_network_kwargs(kwargs: Mapping[str, Any]) -> tuple[NetworkConfig, dict
     cls = algorithm(config.algo)
     parsed, given = parse_options(options)
     refused = sorted(given - (COMMON_OPTIONS | cls.accepts))
-    idle = [name for name in refused if getattr(parsed, name) == getattr(DEFAULTS, name)]
+    idle = [name for name in refused if _at_a_default(name, getattr(parsed, name))]
     if idle:
         # kohya_ss writes use_tucker=False, rank_dropout=0, ... for every LyCORIS type, as LyCORIS ignores what an
         # algorithm does not use: an option at its default changes nothing, so it is dropped; a real value stays
@@ -61,6 +64,11 @@ def check_network_kwargs(kwargs: Mapping[str, Any]) -> tuple[NetworkConfig, dict
         raise OptionError(f"algo '{cls.name}' does not accept option '{spelt}' ({alias}given "
                           f"{getattr(parsed, refused[0])!r}); it accepts: {accepted}")
     return config, options, load_preset(config.preset)
+
+
+def _at_a_default(name: str, value: Any) -> bool:
+    """The value is lorakit's default for the option, or LyCORIS' (bypass_mode=False: lorakit's None is "auto")."""
+    return value == getattr(DEFAULTS, name) or (name in _LYCORIS_DEFAULTS and value == _LYCORIS_DEFAULTS[name])
 
 
 def create_network(model: nn.Module, text_encoders: Sequence[nn.Module] | nn.Module | None = None,

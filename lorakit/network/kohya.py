@@ -307,10 +307,10 @@ class _LayerOriginal:
         if not self.merged:
             return
         layer.weight.copy_(self.weight)
-        if self.bias is None:
-            layer.bias = None
-        else:
+        if self.bias is not None:
             layer.bias.copy_(self.bias)
+        elif getattr(layer, "bias", None) is not None:
+            layer.bias = None  # a merge added it
         for adapter in self.merged:
             adapter.merged = False
         self.merged.clear()

@@ -215,6 +215,28 @@ def test_bad_network_args_are_errors_naming_the_arg(kwargs, named):
         kohya.create_network(1.0, 4, 1.0, None, tes[0], unet, neuron_dropout=0.1, **kwargs)
 
 
+@pytest.mark.parametrize("algo", ["diag-oft", "boft", "glora", "ia3", "full"])
+def test_lycoris_defaults_of_options_an_algo_does_not_use_are_ignored(caplog, algo):
+    """LyCORIS reads bypass_mode (default False) and block_size (default 4) for every algorithm; given at those
+    defaults to an algorithm that does not use them they change nothing, in lorakit.kohya and in `lorakit train`
+    with network_module lycoris.kohya. Another value stays an error."""
+    from lorakit.train.network_args import check_network_args
+
+    unet, tes = tiny_model("sd1")
+    args = {"algo": algo, "preset": "attn-mlp", "bypass_mode": "False", "block_size": "4"}
+    with caplog.at_level("WARNING"):
+        net = kohya.create_network(1.0, 4, 1.0, None, tes[0], unet, **args)
+    assert net.unet_loras and {a.name for _, a in net.adapters()} == {algo}
+    assert "bypass_mode=False" in caplog.text and "block_size=4" in caplog.text
+    values = {"network_module": "lycoris.kohya", "network_args": [f"{k}={v}" for k, v in args.items()],
+              "loraplus_lr_ratio": None, "loraplus_unet_lr_ratio": None, "loraplus_text_encoder_lr_ratio": None}
+    check_network_args(values, frozenset())
+    with pytest.raises(OptionError, match="'bypass_mode'"):
+        kohya.create_network(1.0, 4, 1.0, None, tes[0], unet, algo=algo, bypass_mode="True")
+    with pytest.raises(OptionError, match="'bypass_mode'"):
+        check_network_args({**values, "network_args": [f"algo={algo}", "bypass_mode=True"]}, frozenset())
+
+
 def test_bad_script_values_and_bad_args_from_weights(tmp_path):
     unet, tes = tiny_model("sd1")
     with pytest.raises(OptionError, match="'dim'"):
