@@ -121,7 +121,7 @@ def resize_lora(source, new_rank: int, out=None, *, new_conv_rank: int | None = 
             else:
                 new = _svd_resize(sub, cap, dynamic_method, dynamic_param, device, f"{where}: module '{name}'")
             report = new.pop("_report")
-            report["old_rank"] = old
+            report.update(old_rank=old, conv=is_conv)
             result.layers[name] = report
             if "dora_scale" in sub:
                 new["dora_scale"] = sub["dora_scale"]
@@ -173,28 +173,19 @@ def _svd_resize(sub, cap, method, param, device, where) -> dict:
 def _metadata(metadata, result, new_rank, new_conv_rank, method, param, dylora, old_dim) -> dict[str, str]:
     meta = dict(metadata)
     comment = meta.get("ss_training_comment", "")
-    ranks = {r["rank"] for r in result.layers.values()}
+    linear, conv = _dim_alpha(result, conv=False), _dim_alpha(result, conv=True)
     if dylora:
         meta["ss_training_comment"] = f"DyLoRA cut from {old_dim} to {new_rank}; {comment}"
-        meta["ss_network_dim"] = str(max(ranks))
+        meta["ss_network_dim"] = linear[0]
     elif method is None:
-        conv = "" if new_conv_rank == new_rank else f" (conv: {new_conv_rank})"
-        meta["ss_training_comment"] = f"dimension is resized from {old_dim} to {new_rank}{conv}; {comment}"
-        meta["ss_network_dim"] = str(min(new_rank, max(ranks)))  # a rank is never raised
-        alphas = {float(result.tensors[f"{n}.alpha"]) for n in result.layers}
-        meta["ss_network_alpha"] = str(alphas.pop()) if len(alphas) == 1 else "Dynamic"
+        conv_note = "" if new_conv_rank == new_rank else f" (conv: {new_conv_rank})"
+        meta["ss_training_comment"] = f"dimension is resized from {old_dim} to {new_rank}{conv_note}; {comment}"
+        meta["ss_network_dim"], meta["ss_network_alpha"] = linear
     else:
         meta["ss_training_comment"] = f"Dynamic resize with {method}: {param} from {old_dim}; {comment}"
         meta["ss_network_dim"] = "Dynamic"
         meta["ss_network_alpha"] = "Dynamic"
-    if meta.get("ss_network_args", "").strip().startswith("{"):
-        try:  # keep conv_dim in the args consistent with the new ranks
-            args = json.loads(meta["ss_network_args"])
-            if "conv_dim" in args and method is None:
-                args["conv_dim"] = str(new_conv_rank)
-                meta["ss_network_args"] = json.dumps(args)
-        except json.JSONDecodeError:
-            pass
+    _update_conv_args(meta, conv, dynamic=method is not None)
     fro = [r["fro"] for r in result.layers.values() if "fro" in r]
     meta["lorakit_resize"] = json.dumps({"new_rank": new_rank, "new_conv_rank": new_conv_rank, "dynamic_method": method,
                                          "dynamic_param": param, "dylora_cut": bool(dylora), "old_dim": old_dim,
@@ -202,3 +193,31 @@ def _metadata(metadata, result, new_rank, new_conv_rank, method, param, dylora, 
     for key in ("sshs_model_hash", "sshs_legacy_hash"):
         meta.pop(key, None)  # recomputed for the new tensors when saved
     return meta
+
+
+def _dim_alpha(result, conv: bool) -> tuple[str, str] | None:
+    """(largest rank, shared alpha or "Dynamic") of the resized Linear/1x1 modules (`conv` False; all modules
+    where there are none) or kxk convs (`conv` True; None where there are none): what ss_network_dim/alpha and
+    conv_dim/conv_alpha describe. A rank is never raised, so the largest is at most the requested one."""
+    names = [n for n, r in result.layers.items() if r["conv"] == conv]
+    if not names:
+        if conv:
+            return None
+        names = list(result.layers)
+    alphas = {float(result.tensors[f"{n}.alpha"]) for n in names}
+    dim = max(result.layers[n]["rank"] for n in names)
+    return str(dim), (str(alphas.pop()) if len(alphas) == 1 else "Dynamic")
+
+
+def _update_conv_args(meta: dict[str, str], conv: tuple[str, str] | None, dynamic: bool) -> None:
+    """conv_dim and conv_alpha of ss_network_args (kohya's JSON form), updated together for the resized convs."""
+    if conv is None or not meta.get("ss_network_args", "").strip().startswith("{"):
+        return
+    try:
+        args = json.loads(meta["ss_network_args"])
+    except json.JSONDecodeError:
+        return
+    if "conv_dim" not in args:
+        return
+    args["conv_dim"], args["conv_alpha"] = ("Dynamic", "Dynamic") if dynamic else conv
+    meta["ss_network_args"] = json.dumps(args)

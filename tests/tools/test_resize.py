@@ -41,7 +41,8 @@ def _best(A, k):
 
 def test_eckart_young_and_metadata(tmp_path):
     src = tmp_path / "in.safetensors"
-    save_file(_lora(), src, metadata={"ss_network_dim": "8", "ss_network_alpha": "4.0", "sshs_model_hash": "old"})
+    save_file(_lora(), src, metadata={"ss_network_dim": "8", "ss_network_alpha": "4.0", "sshs_model_hash": "old",
+                                      "ss_network_args": json.dumps({"conv_dim": "8", "conv_alpha": "4.0"})})
     out = tmp_path / "out.safetensors"
     res = resize_lora(src, 3, out, new_conv_rank=2)
     t, meta = load_file(out)
@@ -53,7 +54,9 @@ def test_eckart_young_and_metadata(tmp_path):
         assert rep["old_rank"] == 8 and rep["rank"] == k
         assert rep["energy"] == pytest.approx((S[:k] ** 2).sum() / (S ** 2).sum(), rel=1e-5)
     assert torch.equal(t["lora_unet_n.w_norm"], _lora()["lora_unet_n.w_norm"])  # other algorithms copied
-    assert meta["ss_network_dim"] == "3" and meta["ss_network_alpha"] == "Dynamic"  # conv alpha differs
+    # network dim/alpha describe the Linear modules, conv_dim/conv_alpha the kxk convs: updated as a pair
+    assert meta["ss_network_dim"] == "3" and meta["ss_network_alpha"] == "1.5"
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1.0"}
     assert meta["sshs_model_hash"] == sshs_hashes(t, meta)[0] != "old"
     assert json.loads(meta["lorakit_resize"])["old_dim"] == 8
 
