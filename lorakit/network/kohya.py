@@ -104,7 +104,9 @@ def create_network_from_weights(multiplier: float, file, vae, text_encoder, unet
     if weights_sd is None:
         weights_sd, metadata, _ = read_adapter_tensors(file)
     text_encoders = _text_encoders(text_encoder)
-    net = load_network(unet, weights_sd, text_encoders, multiplier=to_float("multiplier", multiplier))
+    # gen_img passes every file to this: its messages name the file, not "the state dict"
+    net = load_network(unet, weights_sd, text_encoders, multiplier=to_float("multiplier", multiplier),
+                       where=None if file is None else str(file))
     net.metadata = metadata
     network = KohyaNetwork.wrap(net, _name_index(net, unet, text_encoders))
     network._take_runtime_args(_network_args(kwargs))

@@ -87,11 +87,13 @@ def warn_clamped_rotations(groups: Mapping[str, Mapping[str, torch.Tensor]], whe
 
 def load_network(model: nn.Module, source: str | Path | Mapping[str, torch.Tensor],
                  text_encoders: Sequence[nn.Module] | nn.Module | None = None, multiplier: float = 1.0,
-                 dtype: torch.dtype | None = torch.float32, prefix: str = GENERIC_PREFIX) -> Network:
+                 dtype: torch.dtype | None = torch.float32, prefix: str = GENERIC_PREFIX,
+                 where: str | None = None) -> Network:
     """The network a file describes, on `model` (a U-Net with its text encoders, or any nn.Module whose file uses
     `prefix`). U-Net names are accepted in diffusers and SGM style. `dtype` is the adapters' dtype (None: the
-    file's)."""
-    tensors, metadata, where = read_adapter_tensors(source)
+    file's). `where` names the tensors in messages (default: the file, or "the state dict")."""
+    tensors, metadata, described = read_adapter_tensors(source)
+    where = where or described
     check_layout(tensors, where)
     text_encoders, arch, index = index_model(model, text_encoders, prefix)
     found, missing = index.resolve_keys(tensors)

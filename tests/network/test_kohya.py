@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import re
 import statistics
 from types import SimpleNamespace
 
@@ -249,6 +250,19 @@ def test_bad_script_values_and_bad_args_from_weights(tmp_path):
         kohya.create_network_from_weights(1.0, str(path), None, tes[0], unet, dropuot="0.1")
     with pytest.raises(OptionError, match="'rank_dropout'"):
         kohya.create_network_from_weights(1.0, str(path), None, tes[0], unet, rank_dropout="x")
+
+
+def test_errors_of_create_network_from_weights_name_the_file(tmp_path):
+    """gen_img and --base_weights pass several files: an error says which one."""
+    unet, tes = tiny_model("sd1")
+    sdxl_file = tmp_path / "for_sdxl.safetensors"
+    sdxl_unet, sdxl_tes = tiny_model("sdxl")
+    kohya.create_network(1.0, 4, 1.0, None, sdxl_tes, sdxl_unet).save_weights(str(sdxl_file), None, None)
+    peft_file = tmp_path / "peft.safetensors"
+    save_file({"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.zeros(4, 16)}, peft_file)
+    for path, what in ((sdxl_file, "match no module"), (peft_file, "PEFT")):
+        with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: .*{what}"):
+            kohya.create_network_from_weights(1.0, str(path), None, [tes[0]], unet, for_inference=True)
 
 
 # ----- optimizer params -----
