@@ -311,6 +311,9 @@ def _warnings(v: dict[str, Any]) -> list[str]:
                           ("lr_scheduler_min_lr_ratio", ("cosine_with_min_lr", "warmup_stable_decay"))):
         if v[option] not in (None, 0) and scheduler not in users:  # get_scheduler_fix passes them to these only
             notes.append(f"{option} is used by lr_scheduler {' or '.join(users)} only; unused with {scheduler}")
+    if scheduler == "piecewise_constant" and v["lr_warmup_steps"]:  # get_scheduler_fix does not pass it
+        notes.append(f"lr_warmup_steps ({v['lr_warmup_steps']}) is unused with lr_scheduler piecewise_constant, as in "
+                     "sd-scripts: its step_rules give the whole curve")
     if v["lr_scheduler_type"] and v["lr_scheduler"] != "constant":
         notes.append(f"lr_scheduler_type {v['lr_scheduler_type']!r} replaces lr_scheduler {v['lr_scheduler']!r}")
     if v["initial_step"] is not None and v["initial_epoch"] is not None:
@@ -389,8 +392,9 @@ def check_runnable(config) -> None:
 
 
 def refuse_warmup(scheduler: str, warmup) -> None:
-    """sd-scripts' rule: the constant, adafactor and piecewise_constant schedules take no warmup."""
-    if scheduler in ("constant", "adafactor", "piecewise_constant") and warmup:
+    """sd-scripts' rule (get_scheduler_fix): the constant and adafactor schedules take no warmup. (piecewise_constant
+    ignores it there, with a note in _warnings here.)"""
+    if scheduler in ("constant", "adafactor") and warmup:
         hint = " (use 'constant_with_warmup')" if scheduler == "constant" else ""
         _refuse(f"lr_scheduler '{scheduler}' takes no warmup: lr_warmup_steps must be 0, got {warmup}{hint}")
 

@@ -651,3 +651,14 @@ def test_the_adafactor_schedule_without_a_relative_step_is_refused(args):
     for fine in ([], ["relative_step=True"], ["relative_step=False", "warmup_init=True"]):
         load_train_config(overrides={"optimizer_type": "Adafactor", "optimizer_args": fine,
                                      "lr_scheduler": "adafactor"})
+
+
+def test_piecewise_constant_with_a_warmup_runs_with_a_note_as_in_sd_scripts():
+    from lorakit.train.checks import check_runnable
+
+    config = load_train_config(overrides={"lr_scheduler": "piecewise_constant", "lr_warmup_steps": 5,
+                                          "lr_scheduler_args": ["step_rules='1:2,0.1'"], "output_dir": "out",
+                                          "pretrained_model_name_or_path": "m", "train_data_dir": "d",
+                                          "resolution": 64})
+    check_runnable(config)
+    assert any("lr_warmup_steps (5) is unused with lr_scheduler piecewise_constant" in n for n in config.warnings)

@@ -270,8 +270,6 @@ def test_newer_scheduler_errors_name_the_option():
         make_scheduler("piecewise_constant", optimizer(), T)
     with pytest.raises(OptionError, match="step_rules='1-10,0.1': expected 'factor:step"):
         make_scheduler("piecewise_constant", optimizer(), T, scheduler_args=["step_rules='1-10,0.1'"])
-    with pytest.raises(OptionError, match="'piecewise_constant' takes no warmup"):
-        make_scheduler("piecewise_constant", optimizer(), T, 5, scheduler_args=["step_rules='1:10,0.1'"])
     with pytest.raises(OptionError, match="\\['timescale'\\] are not arguments of the 'inverse_sqrt'"):
         make_scheduler("inverse_sqrt", optimizer(), T, W, scheduler_args=["timescale=3"])
 
@@ -281,3 +279,10 @@ def test_the_adafactor_schedule_refuses_an_adafactor_without_relative_step():
     with pytest.raises(OptionError, match="lr_scheduler 'adafactor'.*relative_step=False"):
         make_scheduler("adafactor", opt, T)
     assert opt.param_groups[0]["lr"] == 1e-3  # not set to 0
+
+
+def test_piecewise_constant_ignores_the_warmup_as_sd_scripts():
+    """get_scheduler_fix returns diffusers' piecewise_constant before its warmup check, without the warmup."""
+    with_warmup = make_scheduler("piecewise_constant", optimizer(), T, 5, scheduler_args=["step_rules='1:10,0.1'"])
+    without = make_scheduler("piecewise_constant", optimizer(), T, 0, scheduler_args=["step_rules='1:10,0.1'"])
+    assert curve(with_warmup) == curve(without)
