@@ -17,6 +17,8 @@ from .network import Entry, Network
 _PEFT_MARKERS = (".lora_A.", ".lora_B.", ".lora.up.", ".lora.down.", "lora_linear_layer", ".lora_magnitude_vector",
                  "_lora.up.", "_lora.down.")  # the last two: diffusers' attention-processor layout (to_q_lora.up)
 _CHECKPOINT_MARKERS = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.embedders.")
+# textual-inversion embeddings bundled in a LoRA file (bundle_emb.<name>.<tensor>), which A1111 loads with it
+_BUNDLED_EMBEDDING = "bundle_emb."
 
 
 def read_adapter_tensors(source: str | Path | Mapping[str, torch.Tensor]) -> tuple[dict, dict, str]:
@@ -85,6 +87,18 @@ def warn_clamped_rotations(groups: Mapping[str, Mapping[str, torch.Tensor]], whe
                       f"applies", stacklevel=stacklevel + 1)
 
 
+def without_bundled_embeddings(tensors: Mapping[str, torch.Tensor], where: str, stacklevel: int = 2) -> dict:
+    """The tensors less the embeddings bundled in the file (bundle_emb.*), with a warning naming them: they are no
+    adapter, and loading them is the UI's part."""
+    names = sorted({key.split(".")[1] for key in tensors if key.startswith(_BUNDLED_EMBEDDING)})
+    if not names:
+        return dict(tensors)
+    warnings.warn(f"{where}: leaves out the {len(names)} embedding(s) bundled in the file ({', '.join(names)}; "
+                  f"bundle_emb.* keys, which A1111 loads as textual inversions): only the adapters are loaded",
+                  stacklevel=stacklevel + 1)
+    return {k: v for k, v in tensors.items() if not k.startswith(_BUNDLED_EMBEDDING)}
+
+
 def load_network(model: nn.Module, source: str | Path | Mapping[str, torch.Tensor],
                  text_encoders: Sequence[nn.Module] | nn.Module | None = None, multiplier: float = 1.0,
                  dtype: torch.dtype | None = torch.float32, prefix: str = GENERIC_PREFIX,
@@ -94,6 +108,7 @@ def load_network(model: nn.Module, source: str | Path | Mapping[str, torch.Tenso
     file's). `where` names the tensors in messages (default: the file, or "the state dict")."""
     tensors, metadata, described = read_adapter_tensors(source)
     where = where or described
+    tensors = without_bundled_embeddings(tensors, where, stacklevel=2)
     check_layout(tensors, where)
     text_encoders, arch, index = index_model(model, text_encoders, prefix)
     found, missing = index.resolve_keys(tensors)

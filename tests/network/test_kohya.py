@@ -265,6 +265,25 @@ def test_errors_of_create_network_from_weights_name_the_file(tmp_path):
             kohya.create_network_from_weights(1.0, str(path), None, [tes[0]], unet, for_inference=True)
 
 
+def test_embeddings_bundled_in_a_lora_file_are_left_out_with_a_warning(tmp_path):
+    """A1111 reads bundle_emb.<name>.* in a LoRA file as textual inversions; kohya's gen_img reports them as
+    unexpected keys. The adapters load; the warning names the embeddings."""
+    from lorakit import load_network
+
+    unet, tes = tiny_model("sd1")
+    net = kohya.create_network(1.0, 4, 1.0, None, tes[0], unet, preset="attn-mlp")
+    tensors = {**net.state_dict(), "bundle_emb.mytoken.string_to_param.*": torch.randn(2, 32)}
+    path = tmp_path / "bundled.safetensors"
+    save_file(tensors, path)
+    with pytest.warns(UserWarning, match=f"^{re.escape(str(path))}: .*embedding.*mytoken"):
+        loaded, weights_sd = kohya.create_network_from_weights(1.0, str(path), None, [tes[0]], unet,
+                                                               for_inference=True)
+    assert set(loaded.state_dict()) == set(net.state_dict())
+    assert "bundle_emb.mytoken.string_to_param.*" in weights_sd  # gen_img: load_state_dict(weights_sd, False)
+    with pytest.warns(UserWarning, match="mytoken"):
+        assert set(load_network(unet, path, text_encoders=tes).state_dict()) == set(net.state_dict())
+
+
 # ----- optimizer params -----
 
 def test_prepare_optimizer_params_in_every_calling_convention():
