@@ -64,6 +64,13 @@ log = logging.getLogger(__name__)
 # network_args that repeat a script argument: the script argument wins unless it was left unset (None)
 _SCRIPT_ARGS = {"dim": "network_dim", "network_dim": "network_dim", "lora_dim": "network_dim",
                 "alpha": "network_alpha", "network_alpha": "network_alpha", "multiplier": "multiplier"}
+# what to do instead, per script argument ({} is the value given in network_args)
+_GIVE_INSTEAD = {
+    "network_dim": "give it once, as --network_dim {}",
+    # argparse's default: train_network.py always passes it, given or not
+    "network_alpha": "sd-scripts sets --network_alpha to 1 when it is not given; give it as --network_alpha {}",
+    "multiplier": "sd-scripts passes the multiplier itself (1.0 for training), network_args cannot change it",
+}
 # comma lists that kohya parses later with bare int()/float(): checked here so that errors name the arg
 _NUMBER_LISTS = {"block_dims": to_int, "conv_block_dims": to_int, "block_alphas": to_float,
                  "conv_block_alphas": to_float, "down_lr_weight": to_float, "mid_lr_weight": to_float,
@@ -86,7 +93,7 @@ def create_network(multiplier: float, network_dim: int | None, network_alpha: fl
         target = _SCRIPT_ARGS[key]
         if script[target] is not None:
             raise OptionError(f"network_args '{key}={args[key]}' repeats the script argument {target} "
-                              f"(= {script[target]!r}); give it once")
+                              f"(= {script[target]!r}); {_GIVE_INSTEAD[target].format(args[key])}")
         script[target] = args.pop(key)
     options = {"dim": 4 if script["network_dim"] is None else script["network_dim"],
                "alpha": 1.0 if script["network_alpha"] is None else script["network_alpha"],

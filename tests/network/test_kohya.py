@@ -207,6 +207,8 @@ def test_string_network_args_are_typed(kind):
     ({"dim": "8"}, "network_dim"),  # repeats --network_dim
     ({"network_dim": "8"}, "'network_dim=8' repeats the script argument network_dim"),  # the script's own names
     ({"network_alpha": "2"}, "'network_alpha=2' repeats the script argument network_alpha"),
+    # sd-scripts' --network_alpha defaults to 1: the message says so, and what to write instead
+    ({"alpha": "8"}, r"sets --network_alpha to 1 when it is not given; give it as --network_alpha 8$"),
     ({"multiplier": "0.5"}, "'multiplier=0.5' repeats the script argument multiplier"),
     ({"dropout": "0.2"}, "--network_dropout"),  # disagrees with neuron_dropout below
 ])
