@@ -132,14 +132,16 @@ def split_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, k: int):
 
 def retained(S: torch.Tensor, k: int, total_sq: float | None = None, total_sum: float | None = None) -> dict:
     """Per-layer report: the fraction of the Frobenius norm (`fro`), of the energy (`energy` = fro^2) and of the
-    singular-value sum (`sum`, None when unknown) that rank k keeps, and S_0 / S_{k-1} (`max_ratio`)."""
+    singular-value sum (`sum`, None when unknown) that rank k keeps, and S_0 / S_{k-1} (`max_ratio`). A zero
+    matrix has no fraction to keep: fro, energy and sum are None there (kohya's resize gets NaN and leaves such
+    modules out of its average)."""
     S = S.detach().to(torch.float64).cpu()
     sq = float(S.square().sum()) if total_sq is None else float(total_sq)
     kept_sq = float(S[:k].square().sum())
-    energy = kept_sq / sq if sq > 0 else 1.0
+    energy = kept_sq / sq if sq > 0 else None
     ssum = float(S.sum()) if total_sum is None and total_sq is None else total_sum
-    out = {"rank": k, "energy": energy, "fro": math.sqrt(energy),
-           "sum": (float(S[:k].sum()) / ssum if ssum else 1.0) if ssum is not None else None,
+    out = {"rank": k, "energy": energy, "fro": None if energy is None else math.sqrt(energy),
+           "sum": float(S[:k].sum()) / ssum if ssum else None,
            "max_ratio": float(S[0] / S[k - 1]) if k >= 1 and S.numel() >= k and S[k - 1] > 0 else float("inf")}
     return out
 

@@ -18,7 +18,7 @@ import torch
 
 from . import lowrank
 
-__all__ = ["lora_modules", "module_factors", "resize_lora", "ResizeResult"]
+__all__ = ["lora_modules", "module_factors", "resize_lora", "ResizeResult", "fro_summary"]
 
 DYNAMIC = ("sv_ratio", "sv_fro", "sv_cumulative")
 
@@ -186,13 +186,23 @@ def _metadata(metadata, result, new_rank, new_conv_rank, method, param, dylora, 
         meta["ss_network_dim"] = "Dynamic"
         meta["ss_network_alpha"] = "Dynamic"
     _update_conv_args(meta, conv, dynamic=method is not None)
-    fro = [r["fro"] for r in result.layers.values() if "fro" in r]
+    kept = fro_summary(result.layers)
     meta["lorakit_resize"] = json.dumps({"new_rank": new_rank, "new_conv_rank": new_conv_rank, "dynamic_method": method,
                                          "dynamic_param": param, "dylora_cut": bool(dylora), "old_dim": old_dim,
-                                         "mean_fro_retained": sum(fro) / len(fro) if fro else None}, sort_keys=True)
+                                         "mean_fro_retained": kept and kept["mean"]}, sort_keys=True)
     for key in ("sshs_model_hash", "sshs_legacy_hash"):
         meta.pop(key, None)  # recomputed for the new tensors when saved
     return meta
+
+
+def fro_summary(layers: dict[str, dict]) -> dict | None:
+    """Mean and minimum retained Frobenius norm over the modules resized by SVD that had a change (`modules` of
+    `of` resized): an untrained module (e.g. lora_up all zero) has no fraction to keep and is left out, as in
+    kohya's average. None when no module counts."""
+    fro = [r["fro"] for r in layers.values() if r.get("fro") is not None]
+    if not fro:
+        return None
+    return {"mean": sum(fro) / len(fro), "min": min(fro), "modules": len(fro), "of": len(layers)}
 
 
 def _dim_alpha(result, conv: bool) -> tuple[str, str] | None:

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _resize(args: argparse.Namespace) -> str:
     from ..formats.dtypes import parse_dtype
-    from .resize import resize_lora
+    from .resize import fro_summary, resize_lora
 
     refuse_overwrite(args.out, {"source file": args.source})
     check_device(args.device)
@@ -47,14 +47,23 @@ def _resize(args: argparse.Namespace) -> str:
     result = resize_lora(args.source, args.new_rank, args.out, new_conv_rank=args.new_conv_rank,
                          dynamic_method=args.dynamic_method, dynamic_param=args.dynamic_param, dylora=args.dylora,
                          save_dtype=dtype, device=args.device)
-    fro = [r["fro"] for r in result.layers.values() if "fro" in r]
-    for name, r in result.layers.items():
-        if args.verbose:
-            kept = "cut" if r.get("cut") else f"fro retained {r['fro']:.2%}, energy {r['energy']:.2%}"
-            print(f"{name:90s} {r['old_rank']:4d} -> {r['rank']:4d}  {kept}")
+    if args.verbose:
+        for name, r in result.layers.items():
+            print(f"{name:90s} {r['old_rank']:4d} -> {r['rank']:4d}  {_kept(r)}")
     summary = f"{args.out}: {len(result.layers)} modules resized"
-    if fro:
-        summary += f", Frobenius norm retained: mean {sum(fro) / len(fro):.2%}, min {min(fro):.2%}"
+    kept = fro_summary(result.layers)
+    if kept:
+        summary += f", Frobenius norm retained: mean {kept['mean']:.2%}, min {kept['min']:.2%}"
+        if kept["modules"] < kept["of"]:
+            summary += f" over the {kept['modules']} modules with a change"
     if result.copied:
         summary += f"; {len(result.copied)} other tensors copied unchanged"
     return summary
+
+
+def _kept(report: dict) -> str:
+    if report.get("cut"):
+        return "cut"
+    if report["fro"] is None:
+        return "no change (untrained)"
+    return f"fro retained {report['fro']:.2%}, energy {report['energy']:.2%}"

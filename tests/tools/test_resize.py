@@ -132,3 +132,25 @@ def test_cli(tmp_path, capsys):
     t, meta = load_file(out)
     assert t["lora_unet_a.lora_down.weight"].shape == (2, 40) and t["lora_unet_a.lora_down.weight"].dtype == torch.float16
     assert "Frobenius norm retained" in capsys.readouterr().out
+
+
+def test_untrained_modules_are_left_out_of_the_mean_retained_norm(tmp_path, capsys):
+    """A module whose lora_up is all zero has no change to keep (kohya: fro_retained NaN, left out of its
+    'Average Frobenius norm retention'); it was counted as 100%."""
+    from lorakit.cli import main
+
+    sd = _lora()
+    sd["lora_unet_z.lora_down.weight"] = torch.randn(8, 40)
+    sd["lora_unet_z.lora_up.weight"] = torch.zeros(30, 8)
+    src, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    save_file(sd, src)
+    res = resize_lora(src, 3, out)
+    assert res.layers["lora_unet_z"]["rank"] == 1 and res.layers["lora_unet_z"]["fro"] is None
+    trained = [res.layers[n]["fro"] for n in ("lora_unet_a", "lora_unet_c")]
+    mean = json.loads(load_file(out)[1]["lorakit_resize"])["mean_fro_retained"]
+    assert mean == pytest.approx(sum(trained) / 2) and mean < 1
+    out.unlink()
+    assert main(["resize", str(src), str(out), "--new_rank", "3", "--verbose"]) == 0
+    printed = capsys.readouterr().out
+    assert f"mean {sum(trained) / 2:.2%}" in printed and "over the 2 modules with a change" in printed
+    assert "no change (untrained)" in printed
