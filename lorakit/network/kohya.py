@@ -35,7 +35,8 @@ network (train_network.py, in call order)
   is_mergeable(), pre_calculation(), backup_weights(), restore_weights()   gen_img --network_merge/--network_pre_calc
       (one copy of each layer's original weights, shared by every network on it, as in kohya)
   set_loraplus_lr_ratio(ratio, unet_ratio, text_encoder_ratio); text_encoder_loras, unet_loras, adapter.lora_name
-Not provided: set_region/set_current_generation (gen_img regional prompting), set_enabled.
+  set_region(), set_current_generation()   gen_img --mask_path / regional prompts: NotImplementedError saying so
+Not provided: set_enabled.
 """
 
 from __future__ import annotations
@@ -274,6 +275,13 @@ class KohyaNetwork(Network):
             if original is not None:
                 original.restore(adapter.host)
 
+    # ----- gen_img regional networks: not supported -----
+    def set_region(self, sub_prompt_index, is_last_network, mask) -> None:
+        _no_regions()
+
+    def set_current_generation(self, batch_size, num_sub_prompts, width, height, shared, ds_ratio=None) -> None:
+        _no_regions()
+
     # ----- network_args of a network built from a file -----
     def _take_runtime_args(self, args: dict[str, Any]) -> None:
         config, adapter_args = split_network_kwargs(args)  # unknown names and bad values fail, naming the arg
@@ -330,6 +338,16 @@ _ORIGINALS: "weakref.WeakKeyDictionary[nn.Module, _LayerOriginal]" = weakref.Wea
 
 
 # ----- helpers -----
+def _no_regions():
+    # kohya's regional LoRA reshapes the batches inside the U-Net's cross-attention (one query per sub-prompt,
+    # masked sums over every network at attn2.to_out): code for its LoRA alone, which lorakit's algorithms lack
+    raise NotImplementedError(
+        "lorakit.kohya does not do gen_img's regional networks: gen_img turns them on whenever --mask_path is given "
+        "with --network_module (the mask's channels become the networks' regions, also for plain inpainting), and "
+        "regional prompts (AND) need them. For inpainting, merge the networks with --network_merge (merged networks "
+        "get no region); for regions, use --network_module networks.lora")
+
+
 def _network_args(kwargs: dict[str, Any]) -> dict[str, Any]:
     """network_args as sd-scripts passes them: string values; None means not given."""
     args = {str(k).strip(): v for k, v in kwargs.items() if v is not None}

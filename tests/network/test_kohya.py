@@ -400,6 +400,17 @@ def test_pre_calc_with_several_networks_restores_the_original_weights(tmp_path, 
     torch.testing.assert_close(run(unet, tes, "sd1"), applied[batches[-1]])  # applied again, unmerged
 
 
+def test_gen_img_regions_are_refused_naming_the_option():
+    """gen_img calls set_region (networks with --mask_path) and set_current_generation; lorakit.kohya has no
+    regional networks, and says which gen_img option asks for them."""
+    unet, tes = tiny_model("sd1")
+    net = kohya.create_network(1.0, 4, 1.0, None, tes[0], unet)
+    with pytest.raises(NotImplementedError, match="--mask_path.*regional prompts"):
+        net.set_region(0, True, torch.ones(8, 8))
+    with pytest.raises(NotImplementedError, match="--mask_path"):
+        net.set_current_generation(1, 1, 64, 64, {}, None)
+
+
 # ----- scale_weight_norms -----
 
 @pytest.mark.parametrize("algo,args", [
