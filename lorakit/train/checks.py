@@ -28,6 +28,18 @@ ADAFACTOR_SCHEDULE_WITHOUT_RELATIVE_STEP = (
     "that Adafactor steps with learning_rate, which the 'adafactor' schedule would set to 0; use another "
     "lr_scheduler (sd-scripts suggests 'constant_with_warmup') or remove relative_step=False from optimizer_args")
 
+# D-Adaptation and Prodigy optimizers that raise at their first step when the parameter groups' lrs differ ("only
+# supported for values of 0"); DAdaptAdaGrad, DAdaptAdan and DAdaptAdanIP step every group with the first group's lr
+REFUSE_UNEQUAL_LRS = ("DAdaptation", "DAdaptAdamPreprint", "DAdaptAdam", "DAdaptLion", "DAdaptSGD", "Prodigy")
+
+
+def unequal_lrs_message(optimizer_type: str, lrs: str) -> str:
+    return (f"optimizer_type {optimizer_type} cannot train parameter groups at different learning rates ({lrs}): it "
+            "raises at its first step; give them one learning rate (learning_rate, or unet_lr equal to "
+            "text_encoder_lr) without LoRA+ ratios or block lr weights, or use DAdaptAdaGrad or DAdaptAdan, which "
+            "step every group with the first group's learning rate")
+
+
 # sd-scripts' is_text_encoder_output_cacheable: options that change a caption from step to step
 _CHANGING_CAPTIONS = ("shuffle_caption", "caption_dropout_rate", "caption_dropout_every_n_epochs",
                       "caption_tag_dropout_rate", "token_warmup_step")
@@ -161,6 +173,10 @@ def _combinations(v: dict[str, Any]) -> None:
 
         if not adafactor_relative_step(parse_kwargs(v["optimizer_args"])):
             _refuse(ADAFACTOR_SCHEDULE_WITHOUT_RELATIVE_STEP)
+    if v["optimizer_type"] in REFUSE_UNEQUAL_LRS:
+        lrs = _planned_lrs(v)
+        if len(set(lrs.values())) > 1:
+            _refuse(unequal_lrs_message(v["optimizer_type"], ", ".join(f"{k} {lr:g}" for k, lr in lrs.items())))
     if (v["lr_scheduler"] == "cosine_with_min_lr" and not v["lr_scheduler_type"] and v["lr_scheduler_min_lr_ratio"]
             is None and not any(arg.partition("=")[0].strip() == "min_lr" for arg in v["lr_scheduler_args"])):
         _refuse("lr_scheduler 'cosine_with_min_lr' needs lr_scheduler_min_lr_ratio (the lowest lr as a ratio of the "
@@ -225,6 +241,28 @@ def _combinations(v: dict[str, Any]) -> None:
         from .hub import parse_hub_resume  # no huggingface_hub import: this only reads the string
 
         parse_hub_resume(v["resume"])
+
+
+def _planned_lrs(v: dict[str, Any]) -> dict[str, float]:
+    """The learning rates the trained adapters' groups get, as far as the options tell (network.
+    optimizer_param_groups' rule for unet_lr, the first text_encoder_lr and the LoRA+ ratios; block lr weights are
+    checked when the optimizer is built): {what: lr}, without the 0s (frozen) and the unset (the optimizer's own)."""
+    from .network_args import LORAPLUS_OPTIONS, network_kwargs
+
+    te_lr = v["text_encoder_lr"][0] if isinstance(v["text_encoder_lr"], tuple) else v["text_encoder_lr"]
+    sides = {"unet_lr": (v["unet_lr"], "loraplus_unet_lr_ratio", not v["network_train_text_encoder_only"]),
+             "text_encoder_lr": (te_lr, "loraplus_text_encoder_lr_ratio", not v["network_train_unet_only"])}
+    kwargs = network_kwargs(v["network_module"], v["network_args"], {name: v[name] for name in LORAPLUS_OPTIONS})
+    lrs = {}
+    for side, (lr, plus_option, trained) in sides.items():
+        lr = v["learning_rate"] if lr is None else lr
+        if not trained or not lr:
+            continue
+        lrs[side] = lr
+        ratio = kwargs.get(plus_option, kwargs.get("loraplus_lr_ratio"))
+        if ratio is not None and float(ratio) not in (0, 1):
+            lrs[f"{side} x LoRA+ ratio"] = lr * float(ratio)
+    return lrs
 
 
 _DEEPSPEED_OPTIONS = ("zero_stage", "offload_optimizer_device", "offload_optimizer_nvme_path", "offload_param_device",

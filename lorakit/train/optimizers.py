@@ -19,6 +19,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from ..algos.options import OptionError
+from .checks import REFUSE_UNEQUAL_LRS, unequal_lrs_message
 
 logger = logging.getLogger(__name__)
 
@@ -189,12 +190,13 @@ def _check_adaptive_lr(spec: OptimizerSpec, groups: list, lr) -> None:
     lrs = _group_lrs(groups, lr)
     if lrs[0] is not None and lrs[0] <= 0.1:
         logger.warning("%s: learning rate %s is low; these optimizers expect lr around 1.0", spec.name, lrs[0])
-    if len(set(lrs)) > 1:
-        logger.warning(
-            "%s: parameter groups have different learning rates %s; the step size is adapted from the first",
-            spec.name,
-            sorted(set(lrs)),
-        )
+    if len(set(lrs)) == 1:
+        return
+    if spec.name in REFUSE_UNEQUAL_LRS:
+        named = [(g.get("name", f"group {i}"), g.get("lr", lr)) for i, g in enumerate(groups) if isinstance(g, dict)]
+        raise OptionError(unequal_lrs_message(spec.name, ", ".join(f"{name} {value}" for name, value in named)))
+    logger.warning("%s: parameter groups have different learning rates %s; every group steps with the first "
+                   "group's (%s), as sd-scripts warns", spec.name, sorted(set(lrs)), lrs[0])
 
 
 def adafactor_relative_step(kwargs: Mapping[str, Any]) -> bool:

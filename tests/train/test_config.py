@@ -662,3 +662,26 @@ def test_piecewise_constant_with_a_warmup_runs_with_a_note_as_in_sd_scripts():
                                           "resolution": 64})
     check_runnable(config)
     assert any("lr_warmup_steps (5) is unused with lr_scheduler piecewise_constant" in n for n in config.warnings)
+
+
+@pytest.mark.parametrize("overrides,lrs", [
+    ({"learning_rate": 1.0, "text_encoder_lr": 0.5}, "unet_lr 1, text_encoder_lr 0.5"),
+    ({"learning_rate": 1.0, "unet_lr": 1.0, "text_encoder_lr": [0.5, 1.0]}, "unet_lr 1, text_encoder_lr 0.5"),
+    ({"learning_rate": 1.0, "loraplus_lr_ratio": 4},
+     "unet_lr 1, unet_lr x LoRA+ ratio 4, text_encoder_lr 1, text_encoder_lr x LoRA+ ratio 4"),
+    ({"learning_rate": 1.0, "network_args": ["loraplus_unet_lr_ratio=2"], "network_train_unet_only": True},
+     "unet_lr 1, unet_lr x LoRA+ ratio 2"),
+])
+def test_unequal_group_lrs_with_d_adaptation_or_prodigy_are_refused_before_the_model_loads(overrides, lrs):
+    """DAdaptAdam and Prodigy raise at their first step when the groups' lrs differ (sd-scripts fails the same way)."""
+    for name in ("Prodigy", "DAdaptAdam"):
+        message = error_of(optimizer_type=name, **overrides)
+        assert f"optimizer_type {name} cannot train parameter groups at different learning rates ({lrs})" in message
+
+
+def test_group_lrs_that_end_equal_are_fine_with_prodigy():
+    for overrides in ({"learning_rate": 1.0}, {"learning_rate": 0.5, "unet_lr": 1.0, "text_encoder_lr": 1.0},
+                      {"learning_rate": 1.0, "text_encoder_lr": 0.5, "network_train_unet_only": True},
+                      {"learning_rate": 1.0, "text_encoder_lr": 0},  # frozen text encoders
+                      {"learning_rate": 1.0, "text_encoder_lr": 0.5, "optimizer_type": "DAdaptAdaGrad"}):
+        load_train_config(overrides={"optimizer_type": "Prodigy", **overrides})

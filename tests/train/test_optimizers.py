@@ -204,10 +204,11 @@ def test_lion_if_installed():
 def test_prodigy_if_installed(caplog):
     prodigyopt = pytest.importorskip("prodigyopt")
     with caplog.at_level(logging.WARNING):
-        opt = make_optimizer("prodigy", groups(), 1.0, ["d_coef=2.0", "decouple=True", "use_bias_correction=True"])
+        opt = make_optimizer("prodigy", [torch.nn.Parameter(torch.zeros(3))], 0.1,
+                             ["d_coef=2.0", "decouple=True", "use_bias_correction=True"])
     assert type(opt) is prodigyopt.Prodigy
     assert opt.defaults["d_coef"] == 2.0 and opt.defaults["use_bias_correction"] is True
-    assert "different learning rates" in caplog.text  # 1e-4 and 1.0: only the first drives the adaptation
+    assert "expect lr around 1.0" in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -244,3 +245,29 @@ def test_a_key_given_twice_takes_its_last_value_as_in_sd_scripts(caplog):
     assert "'weight_decay' given twice (0.01, then 0.1); the last is used" in caplog.text
     opt = make_optimizer("AdamW", groups(), 1e-3, ["weight_decay=0.01", "betas=0.9,0.99", "weight_decay=0.1"])
     assert opt.defaults["weight_decay"] == 0.1
+
+
+def _two_groups(te_lr):
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    return [{"params": [a], "lr": 1.0, "name": "unet"}, {"params": [b], "lr": te_lr, "name": "text_encoder"}]
+
+
+@pytest.mark.parametrize("name", ["DAdaptation", "DAdaptAdam", "DAdaptLion", "DAdaptSGD", "Prodigy"])
+def test_adaptive_optimizers_that_raise_on_unequal_group_lrs_are_refused_before_building(name):
+    """DAdaptAdam(Preprint), DAdaptLion, DAdaptSGD and Prodigy raise at their first step when the groups' lrs differ
+    (sd-scripts fails the same way): refused with a message naming the groups, before the optimizer is built."""
+    pytest.importorskip("prodigyopt" if name == "Prodigy" else "dadaptation")
+    with pytest.raises(OptionError, match=f"optimizer_type {name} cannot train parameter groups at different "
+                                          "learning rates \\(unet 1.0, text_encoder 0.5\\)"):
+        make_optimizer(name, _two_groups(0.5), 1.0)
+
+
+@pytest.mark.parametrize("name", ["DAdaptAdaGrad", "DAdaptAdan", "DAdaptAdanIP"])
+def test_adaptive_optimizers_that_take_unequal_group_lrs_warn_that_the_first_is_used(caplog, name):
+    pytest.importorskip("dadaptation")
+    groups_ = _two_groups(0.5)
+    with caplog.at_level(logging.WARNING):
+        opt = make_optimizer(name, groups_, 1.0)
+    assert "every group steps with the first group's (1.0)" in caplog.text
+    sum(p.sum() for g in groups_ for p in g["params"]).backward()
+    opt.step()
