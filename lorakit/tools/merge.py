@@ -232,13 +232,14 @@ def merge_loras(files: Sequence[str | os.PathLike], ratios: Sequence[float] | No
         if not os.path.isfile(file):
             raise FileNotFoundError(f"{file}: no such adapter file")
     if new_rank is not None:
-        if block_weights is not None or shuffle:
-            raise ValueError("--block_weights and --shuffle apply to rank concatenation; the SVD merge "
-                             "(--new_rank) takes neither")
+        if shuffle:
+            raise ValueError("--shuffle permutes concatenated rank components; the SVD merge (--new_rank) has "
+                             "none to permute")
         from .merge_svd import merge_loras_svd
 
         return merge_loras_svd(files, ratios, new_rank, new_conv_rank=new_conv_rank, out=os.fspath(save_to),
-                               device=device, dtype=save_dtype, progress=progress, modelspec=metadata)
+                               device=device, dtype=save_dtype, progress=progress, modelspec=metadata,
+                               block_weights=block_weights)
     if new_conv_rank is not None:
         raise ValueError("--new_conv_rank needs --new_rank (concatenation keeps every rank)")
     from .concat import concat_loras

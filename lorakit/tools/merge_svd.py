@@ -1,7 +1,8 @@
-"""Merge several LoRA/LoCon files into one of a new rank: per module, sum ratio_i * scale_i * up_i @ down_i and
-re-factor the sum by SVD. The sum stays factored (the factors side by side, rank = the sum of the ranks), so the
-SVD is of a small core (lowrank.svd_of_product); only modules stored whole (`diff`) make the sum dense. Modules in
-only some files are included. Saved alpha = the new rank (scale 1), as kohya's svd_merge_lora writes it."""
+"""Merge several LoRA/LoCon files into one of a new rank: per module, sum ratio_i * block weight_i * scale_i *
+up_i @ down_i and re-factor the sum by SVD. The sum stays factored (the factors side by side, rank = the sum of the
+ranks), so the SVD is of a small core (lowrank.svd_of_product); only modules stored whole (`diff`) make the sum
+dense. Modules in only some files are included. Saved alpha = the new rank (scale 1), as kohya's svd_merge_lora
+writes it."""
 
 from __future__ import annotations
 
@@ -38,9 +39,14 @@ def _read(source):
 
 
 def merge_loras_svd(files: list, ratios: list[float], new_rank: int, new_conv_rank: int | None = None, out=None,
-                    device="cpu", dtype=None, progress: bool = True, modelspec: bool = True) -> dict[str, torch.Tensor]:
+                    device="cpu", dtype=None, progress: bool = True, modelspec: bool = True,
+                    block_weights=None) -> dict[str, torch.Tensor]:
     """The merged state dict (float32 unless `dtype`); written to `out` atomically, with metadata, when given
-    (`modelspec` False: the ss_* keys only)."""
+    (`modelspec` False: the ss_* keys only). `block_weights` as `merge_loras` takes them: each module's part is
+    multiplied by its block weight before the SVD, as kohya's svd_merge_lora.py applies --lbws."""
+    from .concat import common_arch, module_block_weights
+    from .merge import check_block_weights
+
     if len(files) != len(ratios):
         raise ValueError(f"merge_loras_svd: {len(files)} file(s) but {len(ratios)} ratio(s); give one ratio per file")
     if not files:
@@ -49,57 +55,25 @@ def merge_loras_svd(files: list, ratios: list[float], new_rank: int, new_conv_ra
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"merge_loras_svd: {option} must be a whole number >= 1, got {value!r}")
     new_conv_rank = new_rank if new_conv_rank is None else new_conv_rank
-    # name -> list of (up, down) pairs of the sum; dense parts; the weight shape and who set it
-    pairs: dict[str, list] = {}
-    dense: dict[str, torch.Tensor] = {}
-    shapes: dict[str, tuple] = {}
-    names, metas = [], []
-    for source, ratio in zip(files, ratios):
-        tensors, metadata, where = _read(source)
-        names.append(os.path.basename(where) if not isinstance(source, dict) else "state dict")
-        metas.append(metadata)
-        loras, other = lora_modules(tensors, where)
-        full = {}
-        for key, value in other.items():
-            name, _, suffix = key.partition(".")
-            if suffix == "diff":
-                full[name] = value
-            elif suffix not in ("diff_b",):
-                raise ValueError(f"{where}: module '{name}' has '{suffix}': merge_loras_svd merges LoRA/LoCon modules "
-                                 "(lora_down/lora_up/alpha, lora_mid) and full ones (diff); convert or merge it "
-                                 "another way")
-        for name, sub in loras.items():
-            extra = set(sub) - {"lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha"}
-            if extra:
-                raise ValueError(f"{where}: module '{name}' has {sorted(extra)}: merge_loras_svd cannot merge it "
-                                 "(DoRA magnitudes do not add)")
-            up, down, shape, scale = module_factors(sub, torch.float32, f"{where}: module '{name}'")
-            if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
-                raise ValueError(f"{where}: module '{name}' holds NaN or Inf values; an SVD merge cannot use it")
-            _check_shape(shapes, name, shape, where)
-            pairs.setdefault(name, []).append((up.to(device) * (float(ratio) * scale), down.to(device)))
-        for name, diff in full.items():
-            shape = tuple(diff.shape)
-            _check_shape(shapes, name, shape, where)
-            d = diff.to(device, torch.float32).reshape(shape[0], -1) * float(ratio)
-            dense[name] = d if name not in dense else dense[name] + d
+    read = [_read(source) for source in files]
+    names = [os.path.basename(where) if not isinstance(source, dict) else "state dict"
+             for source, (_, _, where) in zip(files, read)]
+    modules = [(where, [k.partition(".")[0] for k in tensors]) for tensors, _, where in read]
+    arch = common_arch(modules)
+    per_file = check_block_weights(block_weights, len(files), arch)
+    weights = [module_block_weights(set(mods), bw, arch) for (_, mods), bw in zip(modules, per_file)]
+    summed = _Sum(device)
+    for (tensors, _, where), ratio, module_weights in zip(read, ratios, weights):
+        summed.add(tensors, where, float(ratio), module_weights)
+    if not summed.names():
+        raise ValueError("the merged LoRA would be empty: every ratio (or block weight) is 0")
     merged: dict[str, torch.Tensor] = {}
     ranks: dict[str, tuple[int, bool]] = {}  # name -> (rank written, kxk conv)
     with torch.no_grad():
-        for name in show_progress(list(shapes), "merge (svd)", progress):
-            shape = shapes[name]
+        for name in show_progress(summed.names(), "merge (svd)", progress):
+            shape = summed.shapes[name]
             is_conv = len(shape) > 2 and shape[2:] != (1,) * (len(shape) - 2)
-            cap = new_conv_rank if is_conv else new_rank
-            ups = [u for u, _ in pairs.get(name, [])]
-            downs = [d for _, d in pairs.get(name, [])]
-            if name in dense:
-                A = dense[name] + (torch.cat(ups, 1) @ torch.cat(downs, 0) if ups else 0)
-                lr = lowrank.low_rank(A, "fixed", min(cap, *A.shape), svd="exact")
-                up, down, k = lr.up, lr.down, lr.rank
-            else:
-                U, S, Vh = lowrank.svd_of_product(torch.cat(ups, 1), torch.cat(downs, 0))
-                k = min(cap, S.numel())
-                up, down = lowrank.split_factors(U, S, Vh, k)
+            up, down, k = summed.factor(name, new_conv_rank if is_conv else new_rank)
             kernel = shape[2:]
             merged[f"{name}.lora_down.weight"] = down.reshape(k, *shape[1:]).cpu()
             merged[f"{name}.lora_up.weight"] = up.reshape(shape[0], k, *(1,) * len(kernel)).cpu()
@@ -112,13 +86,77 @@ def merge_loras_svd(files: list, ratios: list[float], new_rank: int, new_conv_ra
         from .merge import merged_lora_metadata
 
         settings = {"files": names, "ratios": [float(r) for r in ratios], "new_rank": new_rank,
-                    "new_conv_rank": new_conv_rank}
-        meta, kind = _metadata(metas, ranks, settings)
+                    "new_conv_rank": new_conv_rank, "block_weights": per_file}
+        meta, kind = _metadata([m for _, m, _ in read], ranks, settings)
         meta = merged_lora_metadata(meta, kind, out, names, modelspec=modelspec)
         cast = prepare_tensors(merged, dtype)
         meta = add_hashes(cast, meta)
         save_file(cast, out, metadata=meta)
     return merged
+
+
+class _Sum:
+    """Per module name, the weighted sum of the files' changes: (up, down) pairs side by side (scale, ratio and
+    block weight folded into up) and, for modules stored whole (`diff`), a dense part."""
+
+    def __init__(self, device):
+        self.device = device
+        self.pairs: dict[str, list] = {}
+        self.dense: dict[str, torch.Tensor] = {}
+        self.shapes: dict[str, tuple] = {}  # the weight shape of every module seen, checked across files
+
+    def names(self) -> list[str]:
+        return [n for n in self.shapes if n in self.pairs or n in self.dense]
+
+    def add(self, tensors: dict[str, torch.Tensor], where: str, ratio: float, weights: dict[str, float]) -> None:
+        """One file's modules at `ratio` times their block weight (a part weighted 0 is left out)."""
+        loras, other = lora_modules(tensors, where)
+        for name, sub in loras.items():
+            extra = set(sub) - {"lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha"}
+            if extra:
+                raise ValueError(f"{where}: module '{name}' has {sorted(extra)}: merge_loras_svd cannot merge it "
+                                 "(DoRA magnitudes do not add)")
+            up, down, shape, scale = module_factors(sub, torch.float32, f"{where}: module '{name}'")
+            if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+                raise ValueError(f"{where}: module '{name}' holds NaN or Inf values; an SVD merge cannot use it")
+            _check_shape(self.shapes, name, shape, where)
+            factor = ratio * weights.get(name, 1.0) * scale
+            if factor != 0:
+                self.pairs.setdefault(name, []).append((up.to(self.device) * factor, down.to(self.device)))
+        for name, diff in _full_modules(other, where).items():
+            shape = tuple(diff.shape)
+            _check_shape(self.shapes, name, shape, where)
+            factor = ratio * weights.get(name, 1.0)
+            if factor != 0:
+                d = diff.to(self.device, torch.float32).reshape(shape[0], -1) * factor
+                self.dense[name] = d if name not in self.dense else self.dense[name] + d
+
+    def factor(self, name: str, cap: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(up, down, k) of the sum's best rank-k approximation, k = min(cap, the sum's rank bound)."""
+        ups = [u for u, _ in self.pairs.get(name, [])]
+        downs = [d for _, d in self.pairs.get(name, [])]
+        if name in self.dense:
+            A = self.dense[name] + (torch.cat(ups, 1) @ torch.cat(downs, 0) if ups else 0)
+            lr = lowrank.low_rank(A, "fixed", min(cap, *A.shape), svd="exact")
+            return lr.up, lr.down, lr.rank
+        U, S, Vh = lowrank.svd_of_product(torch.cat(ups, 1), torch.cat(downs, 0))
+        k = min(cap, S.numel())
+        up, down = lowrank.split_factors(U, S, Vh, k)
+        return up, down, k
+
+
+def _full_modules(other: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """{name: diff} of the modules stored whole; anything else but their diff_b is refused."""
+    full = {}
+    for key, value in other.items():
+        name, _, suffix = key.partition(".")
+        if suffix == "diff":
+            full[name] = value
+        elif suffix != "diff_b":
+            raise ValueError(f"{where}: module '{name}' has '{suffix}': merge_loras_svd merges LoRA/LoCon modules "
+                             "(lora_down/lora_up/alpha, lora_mid) and full ones (diff); convert or merge it "
+                             "another way")
+    return full
 
 
 def _metadata(inputs: list[dict[str, str]], ranks: dict[str, tuple[int, bool]], settings: dict):

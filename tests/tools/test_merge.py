@@ -290,6 +290,34 @@ def test_new_rank_calls_the_svd_merge(models, tmp_path):
     load_network(model.unet, str(out), model.text_encoders)
 
 
+def test_new_rank_takes_block_weights(models, tmp_path):
+    """kohya's svd_merge_lora.py multiplies each module's part by its --lbws weight before the SVD; at a rank that
+    holds the whole sum the result is the sum weighted as set_block_multipliers weighs the modules at run time."""
+    model, _ = models["sd1"]
+    a = adapter_file(model, tmp_path / "a.safetensors", "lora", 1, preset="attn-mlp", dim=4, alpha=2)
+    b = adapter_file(model, tmp_path / "b.safetensors", "locon", 2, preset="full", dim=4, alpha=8, conv_dim=2)
+    v17 = [0.25 * (i % 5) for i in range(17)]
+    v26 = [0.0] + [0.5 + 0.05 * i for i in range(25)]  # BASE 0 in both vectors: no text-encoder module
+    out = tmp_path / "ab.safetensors"
+    assert main(["merge", "--loras", a, b, "--ratios", "0.7", "-0.4", "--lbws", json.dumps(v17), json.dumps(v26),
+                 "--new_rank", "8", "--save_to", str(out), "--quiet"]) == 0
+    merged = load_file(out)[0]
+    want = {}
+    for file, ratio, vector in ((a, 0.7, v17), (b, -0.4, v26)):
+        net = load_network(model.unet, file, model.text_encoders)
+        net.set_block_multipliers(vector)
+        tensors = load_file(file)[0]
+        for name, adapter in net.adapters():
+            if adapter.multiplier != 0:
+                want[name] = want.get(name, 0) + ratio * adapter.multiplier * dense(tensors, name)
+    assert module_names(merged) == set(want)  # a module weighted 0 in every file is left out
+    assert not any(n.startswith("lora_te") for n in want) and any(n.startswith("lora_unet") for n in want)
+    for name, change in want.items():
+        got = dense(merged, name).reshape(change.shape)
+        assert torch.allclose(got, change, rtol=0, atol=1e-5 * max(1.0, change.abs().max().item())), name
+    assert json.loads(load_file(out)[1]["lorakit_merge_svd"])["block_weights"] == [v17, v26]
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 def run_error(capsys, *argv) -> str:
     assert main(["merge", *argv, "--quiet"]) == 1
