@@ -32,7 +32,9 @@ def add_parser(commands) -> None:
                    help="auto: randomized for fixed ranks, exact for the other modes")
     p.add_argument("--niter", type=int, default=2, help="power iterations of the randomized SVD (default 2)")
     p.add_argument("--min_diff", type=float, default=0.0,
-                   help="leave out layers whose largest |tuned - base| is <= this (default 0: only unchanged ones)")
+                   help="leave out layers whose largest |tuned - base| is <= this, U-Net layers included (default "
+                   "0: only unchanged ones). Not kohya's min_diff, which only decides whether the text encoder is "
+                   "extracted; for that use --no_text_encoder")
     p.add_argument("--no_full_fallback", action="store_true",
                    help="never store a layer whole, even where its factors would be larger than the change")
     p.add_argument("--preset", default="full", help="which layers (a network preset, default full)")

@@ -114,6 +114,18 @@ def test_full_fallback_and_min_diff(pair, tmp_path):
         extract_lora(base, tuned, None, linear_dim=R, min_diff=1e9, show_progress=False)
 
 
+def test_min_diff_is_per_layer_unet_included(pair):
+    """lorakit's min_diff leaves out each layer whose largest change is <= it, U-Net layers too (kohya's option of
+    that name only decides whether the text encoder is extracted; docs/tools.md says so)."""
+    _, _, base, tuned = pair
+    biggest = {w: float((_weights(tuned, w) - _weights(base, w)).abs().max()) for w in (LIN, CONV, TE)}
+    cut = (biggest[LIN] + biggest[TE]) / 2
+    assert biggest[LIN] < cut < biggest[TE]
+    res = extract_lora(base, tuned, None, linear_dim=R, conv_dim=R, min_diff=cut, show_progress=False)
+    assert "lora_te_text_model_encoder_layers_0_mlp_fc1" in res.layers
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in res.skipped
+
+
 def test_different_architectures_refused(pair):
     _, _, base, _ = pair
     other = copy.copy(base)
