@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 _COMPONENTS = ("text_encoder", "text_encoder_2")
 # LyCORIS' defaults (lycoris/kohya.py create_network) where lorakit's differ: given to an algorithm that does not
 # use it, such a value changes nothing in LyCORIS either
-_LYCORIS_DEFAULTS = {"bypass_mode": False, "block_size": 4}
+_LYCORIS_DEFAULTS = {"bypass_mode": False, "block_size": 4, "dora_axis": "out"}  # dora_axis: wd_on_output=True
 
 
 def _is_sd_unet(model: nn.Module) -> bool:

@@ -220,13 +220,13 @@ def test_bad_network_args_are_errors_naming_the_arg(kwargs, named):
 
 @pytest.mark.parametrize("algo", ["diag-oft", "boft", "glora", "ia3", "full"])
 def test_lycoris_defaults_of_options_an_algo_does_not_use_are_ignored(caplog, algo):
-    """LyCORIS reads bypass_mode (default False) and block_size (default 4) for every algorithm; given at those
-    defaults to an algorithm that does not use them they change nothing, in lorakit.kohya and in `lorakit train`
-    with network_module lycoris.kohya. Another value stays an error."""
+    """LyCORIS reads bypass_mode (default False), block_size (default 4) and wd_on_output (default True) for every
+    algorithm; given at those defaults to an algorithm that does not use them they change nothing, in lorakit.kohya
+    and in `lorakit train` with network_module lycoris.kohya. Another value stays an error."""
     from lorakit.train.network_args import check_network_args
 
     unet, tes = tiny_model("sd1")
-    args = {"algo": algo, "preset": "attn-mlp", "bypass_mode": "False", "block_size": "4"}
+    args = {"algo": algo, "preset": "attn-mlp", "bypass_mode": "False", "block_size": "4", "wd_on_output": "True"}
     with caplog.at_level("WARNING"):
         net = kohya.create_network(1.0, 4, 1.0, None, tes[0], unet, **args)
     assert net.unet_loras and {a.name for _, a in net.adapters()} == {algo}
