@@ -352,6 +352,15 @@ def _warnings(v: dict[str, Any]) -> list[str]:
     if scheduler == "piecewise_constant" and v["lr_warmup_steps"]:  # get_scheduler_fix does not pass it
         notes.append(f"lr_warmup_steps ({v['lr_warmup_steps']}) is unused with lr_scheduler piecewise_constant, as in "
                      "sd-scripts: its step_rules give the whole curve")
+    for option in ("optimizer_args", "lr_scheduler_args"):
+        notes += _repeated_keys(option, v[option])
+    if v["optimizer_type"] == "Adafactor":
+        from .optimizers import parse_kwargs
+
+        kwargs = parse_kwargs(v["optimizer_args"])
+        if kwargs.get("warmup_init") and kwargs.get("relative_step", True) is False:  # train_util.get_optimizer
+            notes.append("Adafactor: warmup_init=True needs relative_step; relative_step=True is used, as in "
+                         "sd-scripts")
     if v["lr_scheduler_type"] and v["lr_scheduler"] != "constant":
         notes.append(f"lr_scheduler_type {v['lr_scheduler_type']!r} replaces lr_scheduler {v['lr_scheduler']!r}")
     if v["initial_step"] is not None and v["initial_epoch"] is not None:
@@ -374,6 +383,20 @@ def _warnings(v: dict[str, Any]) -> list[str]:
     unused = [name for name in _FOLDER_ONLY if v["dataset_class"] is not None and v[name] != BY_NAME[name].default]
     if unused:  # sd-scripts ignores them silently
         notes.append(f"with dataset_class the class makes the batches: {', '.join(unused)} not used")
+    return notes
+
+
+def _repeated_keys(option: str, args) -> list[str]:
+    """sd-scripts fills a dict from "key=value" arguments: a key given twice takes its last value."""
+    seen: dict[str, str] = {}
+    notes = []
+    for arg in args:
+        key, _, value = str(arg).partition("=")
+        key, value = key.strip(), value.strip()
+        if key in seen and seen[key] != value:
+            notes.append(f"{option}: '{key}' given twice ({seen[key]}, then {value}); the last is used, as in "
+                         "sd-scripts")
+        seen[key] = value
     return notes
 
 

@@ -101,7 +101,7 @@ def parse_kwargs(
 ) -> dict[str, Any]:
     """kohya's `optimizer_args`/`lr_scheduler_args`: "key=value" strings (a list, or one string split on
     spaces) or a mapping whose string values are parsed the same way. A key given twice takes its last value, as
-    in kohya's dict (with a warning when the values differ)."""
+    in kohya's dict (the config's warnings name it)."""
     if args is None:
         return {}
     if isinstance(args, Mapping):
@@ -114,11 +114,7 @@ def parse_kwargs(
         key = key.strip()
         if not sep or not key:
             raise OptionError(f"{option}: {arg!r} is not of the form key=value")
-        parsed = parse_value(key, value, option)
-        if key in kwargs and kwargs[key] != parsed:
-            logger.warning("%s: '%s' given twice (%r, then %r); the last is used, as in sd-scripts", option, key,
-                           kwargs[key], parsed)
-        kwargs[key] = parsed
+        kwargs[key] = parse_value(key, value, option)
     return kwargs
 
 
@@ -208,8 +204,6 @@ def adafactor_relative_step(kwargs: Mapping[str, Any]) -> bool:
 def _adafactor(groups: list, lr, kwargs: dict):
     """kohya's Adafactor rules (adafactor_relative_step); with a relative step Adafactor picks its own step size,
     so lr and the groups' lrs are dropped and the scheduler must be 'adafactor'."""
-    if kwargs.get("warmup_init") and kwargs.get("relative_step", True) is False:
-        logger.warning("Adafactor: warmup_init=True needs relative_step; setting relative_step=True")
     kwargs["relative_step"] = adafactor_relative_step(kwargs)
     if not kwargs["relative_step"]:
         return lr, groups

@@ -685,3 +685,13 @@ def test_group_lrs_that_end_equal_are_fine_with_prodigy():
                       {"learning_rate": 1.0, "text_encoder_lr": 0},  # frozen text encoders
                       {"learning_rate": 1.0, "text_encoder_lr": 0.5, "optimizer_type": "DAdaptAdaGrad"}):
         load_train_config(overrides={"optimizer_type": "Prodigy", **overrides})
+
+
+def test_repeated_optimizer_and_scheduler_args_are_noted_once_before_the_model_loads():
+    notes = load_train_config(overrides={"optimizer_args": ["weight_decay=0.01", "weight_decay=0.1"],
+                                         "lr_scheduler_args": ["gamma=0.5", "gamma=0.5"]}).warnings
+    assert "optimizer_args: 'weight_decay' given twice (0.01, then 0.1); the last is used, as in sd-scripts" in notes
+    assert not any("gamma" in n for n in notes)  # the same value twice changes nothing
+    notes = load_train_config(overrides={"optimizer_type": "Adafactor",
+                                         "optimizer_args": ["relative_step=False", "warmup_init=True"]}).warnings
+    assert "Adafactor: warmup_init=True needs relative_step; relative_step=True is used, as in sd-scripts" in notes
