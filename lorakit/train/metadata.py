@@ -52,7 +52,6 @@ def training_metadata(config, *, kind: str, v_parameterization: bool, dataset, o
         "ss_num_epochs": str(num_epochs),
         "ss_batch_size_per_device": str(config.train_batch_size),
         "ss_total_batch_size": str(config.train_batch_size * config.gradient_accumulation_steps),
-        "ss_optimizer": optimizer_name + (f"({', '.join(config.optimizer_args)})" if config.optimizer_args else ""),
         "ss_network_args": json.dumps(network_kwargs),
         "ss_base_model_version": base_model_version(kind, v_parameterization),
         "ss_v2": str(kind == "sd2"),
@@ -73,6 +72,7 @@ def training_metadata(config, *, kind: str, v_parameterization: bool, dataset, o
         "ss_dataset_dirs": json.dumps(_dataset_dirs(dataset, reg=False)),
         "ss_reg_dataset_dirs": json.dumps(_dataset_dirs(dataset, reg=True)),
     })
+    meta.update(_optimizer_metadata(config, optimizer_name))
     if config.dataset_config:
         # sd-scripts with a dataset config: each dataset's own settings in ss_datasets, not the command line's
         # (which the datasets override) in the flat keys
@@ -86,6 +86,21 @@ def training_metadata(config, *, kind: str, v_parameterization: bool, dataset, o
         description=config.metadata_description or None, license=config.metadata_license or None,
         tags=config.metadata_tags or None, prediction_type="v" if v_parameterization else "epsilon",
         clip_skip=config.clip_skip, timestep_range=_timestep_range(config)))
+    return meta
+
+
+def _optimizer_metadata(config, optimizer_name: str) -> dict[str, str]:
+    """ss_optimizer as sd-scripts writes it, `module.Class(k=v,...)` with the arguments its get_optimizer passed; and
+    for a relative-step Adafactor what get_optimizer rewrites: the lrs it drops are None, the scheduler is
+    'adafactor:<learning_rate>'."""
+    from .optimizers import kohya_kwargs
+
+    kwargs = kohya_kwargs(config.optimizer_type, config.optimizer_args)
+    args = ",".join(f"{k}={v}" for k, v in kwargs.items())
+    meta = {"ss_optimizer": optimizer_name + (f"({args})" if args else "")}
+    if config.optimizer_type.lower() == "adafactor" and kwargs["relative_step"]:
+        meta.update({"ss_learning_rate": "None", "ss_unet_lr": "None", "ss_text_encoder_lr": "None",
+                     "ss_lr_scheduler": f"adafactor:{config.learning_rate}"})
     return meta
 
 

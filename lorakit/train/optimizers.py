@@ -202,14 +202,25 @@ def adafactor_relative_step(kwargs: Mapping[str, Any]) -> bool:
 
 
 def _adafactor(groups: list, lr, kwargs: dict):
-    """kohya's Adafactor rules (adafactor_relative_step); with a relative step Adafactor picks its own step size,
-    so lr and the groups' lrs are dropped and the scheduler must be 'adafactor'."""
-    kwargs["relative_step"] = adafactor_relative_step(kwargs)
+    """With a relative step (kohya_kwargs set relative_step) Adafactor picks its own step size, so lr and the groups'
+    lrs are dropped and the scheduler must be 'adafactor'."""
     if not kwargs["relative_step"]:
         return lr, groups
     if any(isinstance(g, dict) and g.pop("lr", None) is not None for g in groups):
         logger.warning("Adafactor with relative_step: the parameter groups' learning rates are ignored")
     return None, groups
+
+
+def kohya_kwargs(optimizer_type: str | None, optimizer_args) -> dict[str, Any]:
+    """The keyword arguments kohya's get_optimizer builds from `optimizer_args`: parsed, plus what it adds to them
+    (momentum 0.9 for SGDNesterov(8bit); relative_step for Adafactor). Not nesterov, which it passes apart."""
+    key = _resolve(optimizer_type or "AdamW").name.lower()
+    kwargs = parse_kwargs(optimizer_args, "optimizer_args")
+    if key in ("sgdnesterov", "sgdnesterov8bit"):
+        kwargs.setdefault("momentum", 0.9)  # Nesterov needs momentum
+    elif key == "adafactor":
+        kwargs["relative_step"] = adafactor_relative_step(kwargs)
+    return kwargs
 
 
 def make_optimizer(
@@ -226,13 +237,12 @@ def make_optimizer(
     a dict. SGDNesterov(8bit) get nesterov=True and momentum 0.9 unless given. An Adafactor with relative_step keeps the
     requested lr as `optimizer.lorakit_initial_lr` for the 'adafactor' scheduler to report before the first step."""
     spec = _resolve(optimizer_type or "AdamW")
-    kwargs = parse_kwargs(optimizer_args, "optimizer_args")
+    kwargs = kohya_kwargs(spec.name, optimizer_args)
     groups = _copy_groups(param_groups)
     cls = _load_class(spec)
     requested_lr = lr
     key = spec.name.lower()
     if key in ("sgdnesterov", "sgdnesterov8bit"):
-        kwargs.setdefault("momentum", 0.9)  # Nesterov needs momentum
         kwargs.setdefault("nesterov", True)
     elif key.startswith("dadapt") or key == "prodigy":
         _check_adaptive_lr(spec, groups, lr)

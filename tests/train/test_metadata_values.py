@@ -16,3 +16,47 @@ def test_base_model_version_is_sd_scripts_string(kind, v, expected):
     """model_util.get_model_version_str_for_sd1_sd2: "sd" + "_v2"/"_v1" + "_v" for v-prediction."""
     assert base_model_version(kind, v) == expected
     assert _is_v2({"ss_base_model_version": base_model_version(kind, v)}) == (kind == "sd2")
+
+
+def _training_metadata(**overrides):
+    from types import SimpleNamespace
+
+    from lorakit.train.config import load_train_config
+    from lorakit.train.metadata import training_metadata
+    from lorakit.train.optimizers import make_optimizer, optimizer_name
+    import torch
+
+    config = load_train_config(overrides=overrides)
+    optimizer = make_optimizer(config.optimizer_type, [torch.nn.Parameter(torch.zeros(2))], config.learning_rate,
+                               config.optimizer_args)
+    dataset = SimpleNamespace(num_train_images=1, num_reg_images=0, steps_per_epoch=1, tag_frequency={},
+                              bucket_info={}, subsets=[], image_counts=[])
+    return training_metadata(config, kind="sd1", v_parameterization=False, dataset=dataset,
+                             optimizer_name=optimizer_name(optimizer), num_epochs=1, max_train_steps=1,
+                             session_id="s", started_at=0.0, network_kwargs={}, model_path="m.safetensors",
+                             resolution=(64, 64))
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ({"optimizer_args": ["weight_decay=0.01", "betas=0.9,0.99"]},
+     "torch.optim.adamw.AdamW(weight_decay=0.01,betas=(0.9, 0.99))"),
+    ({}, "torch.optim.adamw.AdamW"),
+    ({"optimizer_type": "SGDNesterov", "learning_rate": 1e-2}, "torch.optim.sgd.SGD(momentum=0.9)"),
+    ({"optimizer_type": "Adafactor"}, "transformers.optimization.Adafactor(relative_step=True)"),
+    ({"optimizer_type": "Adafactor", "optimizer_args": ["relative_step=False", "warmup_init=True"]},
+     "transformers.optimization.Adafactor(relative_step=True,warmup_init=True)"),
+])
+def test_ss_optimizer_is_written_as_sd_scripts_writes_it(overrides, expected):
+    """train_util.get_optimizer: ",".join(f"{k}={v}") of the kwargs it passed, with its own additions (momentum for
+    SGDNesterov, relative_step for Adafactor)."""
+    assert _training_metadata(**overrides)["ss_optimizer"] == expected
+
+
+def test_relative_step_adafactor_metadata_as_sd_scripts_rewrites_it():
+    """get_optimizer sets learning_rate, unet_lr and text_encoder_lr to None and lr_scheduler to 'adafactor:<lr>'."""
+    meta = _training_metadata(optimizer_type="Adafactor", learning_rate=1e-3, unet_lr=1e-3, text_encoder_lr=1e-4)
+    assert (meta["ss_learning_rate"], meta["ss_unet_lr"], meta["ss_text_encoder_lr"]) == ("None", "None", "None")
+    assert meta["ss_lr_scheduler"] == "adafactor:0.001"
+    meta = _training_metadata(optimizer_type="Adafactor", learning_rate=1e-3, optimizer_args=["relative_step=False"],
+                              lr_scheduler="constant_with_warmup")
+    assert (meta["ss_learning_rate"], meta["ss_lr_scheduler"]) == ("0.001", "constant_with_warmup")
