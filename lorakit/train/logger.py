@@ -8,7 +8,7 @@ import time
 
 from .tracker_config import loggable_config, tracker_init_kwargs
 
-__all__ = ["TrainLogger", "missing_tracker_packages"]
+__all__ = ["TrainLogger", "lr_logs", "missing_tracker_packages"]
 
 
 def missing_tracker_packages(config) -> list[str]:
@@ -55,13 +55,13 @@ class TrainLogger:
             run = wandb.init(config=run_config, **settings)
             self.writers.append(_Wandb(run))
 
-    def step(self, loss: float, lrs: list[float], step: int, epoch: int) -> None:
+    def step(self, loss: float, lrs: list[float], step: int, epoch: int, groups: list[dict] | None = None) -> None:
+        """One optimizer step: `lrs` the scheduler's last lrs, `groups` the optimizer's param_groups (for the lr
+        metrics' names and D-Adaptation/Prodigy's d, see lr_logs)."""
         self.losses.append(loss)
         window = self.losses[-100:]  # sd-scripts shows the mean over the last epoch's steps; 100 is steadier
         average = sum(window) / len(window)
-        logs = {"loss/current": loss, "loss/average": average}
-        for i, lr in enumerate(lrs):
-            logs[f"lr/group{i}"] = lr
+        logs = {"loss/current": loss, "loss/average": average, **lr_logs(lrs, groups)}
         for writer in self.writers:
             writer.log(logs, step)
         if self._bar is not None:
@@ -89,6 +89,27 @@ class TrainLogger:
             self._bar.close()
         for writer in self.writers:
             writer.close()
+
+
+def lr_logs(lrs: list[float], groups: list[dict] | None = None) -> dict[str, float]:
+    """sd-scripts' lr metrics (train_network.py generate_step_logs with the network's lr descriptions): lr/<group>
+    for each parameter group, named as sd-scripts names them (textencoder, unet, "unet plus" for LoRA+'s boosted
+    factors); and where a group holds the adapted step d (D-Adaptation, Prodigy), lr/d*lr/<group> = d x lr, the
+    step size these optimizers take. Without the groups: lr/group<i>."""
+    if groups is None:
+        return {f"lr/group{i}": lr for i, lr in enumerate(lrs)}
+    logs = {}
+    for i, (lr, group) in enumerate(zip(lrs, groups)):
+        name = lr_description(group.get("name", f"group{i}"))
+        logs[f"lr/{name}"] = lr
+        if "d" in group:
+            logs[f"lr/d*lr/{name}"] = group["d"] * group["lr"]
+    return logs
+
+
+def lr_description(group_name: str) -> str:
+    """sd-scripts' lr description of a lorakit parameter group: text_encoder -> textencoder, unet_plus -> unet plus."""
+    return group_name.replace("text_encoder", "textencoder").replace("_plus", " plus")
 
 
 def _progress_bar(total: int, initial: int):
