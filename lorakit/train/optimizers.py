@@ -1,8 +1,8 @@
 """Optimizers by kohya sd-scripts' `optimizer_type` names, with `optimizer_args` given as "key=value" strings.
 
 The optional optimizer packages are the `optim` extra (`pip install "lorakit[optim]"`): bitsandbytes (8-bit and
-paged types, CUDA only), lion-pytorch (Lion), dadaptation (DAdapt*), prodigyopt (Prodigy). Adafactor is
-transformers' (the `sd` extra). Any other optimizer: a class path such as `torch.optim.RAdam` or
+paged types, on whatever device the installed bitsandbytes runs them: 0.50 runs them on CPU too), lion-pytorch
+(Lion), dadaptation (DAdapt*), prodigyopt (Prodigy). Adafactor is transformers' (the `sd` extra). Any other optimizer: a class path such as `torch.optim.RAdam` or
 `module.Class`, or a bare `torch.optim` class name (`RAdam`), constructed as `Class(param_groups, lr=lr, **args)`.
 """
 
@@ -33,11 +33,10 @@ class OptimizerSpec:
     attr: str
     pip: str | None = None  # the package to install when `module` is missing (None: a core dependency)
     extra: str | None = None  # the lorakit extra that brings it
-    cuda: bool = False  # bitsandbytes' optimizers run only on CUDA
 
 
 def _bnb(name: str, attr: str | None = None) -> OptimizerSpec:
-    return OptimizerSpec(name, "bitsandbytes.optim", attr or name, "bitsandbytes", "optim", cuda=True)
+    return OptimizerSpec(name, "bitsandbytes.optim", attr or name, "bitsandbytes", "optim")
 
 
 def _dadapt(name: str, attr: str | None = None, experimental: bool = False) -> OptimizerSpec:
@@ -156,11 +155,6 @@ def torch_optimizer_name(name: str) -> str | None:
 
 
 def _load_class(spec: OptimizerSpec):
-    if spec.cuda and not torch.cuda.is_available():
-        raise OptionError(
-            f"optimizer_type '{spec.name}': bitsandbytes 8-bit and paged optimizers need CUDA, and this machine has "
-            "no CUDA device (torch.cuda.is_available() is False); use 'AdamW' (or 'Lion', 'SGDNesterov') instead"
-        )
     try:
         module = importlib.import_module(spec.module)
     except ImportError as e:
@@ -251,7 +245,7 @@ def make_optimizer(
     if "lr" in kwargs:
         raise OptionError("optimizer_args: give the learning rate as learning_rate (lr), not in optimizer_args")
     if lr is None and key != "adafactor":
-        if spec.module == "torch.optim" and key in SPECS or spec.cuda:
+        if key in SPECS and spec.module in ("torch.optim", "bitsandbytes.optim"):
             raise OptionError(f"optimizer_type '{spec.name}' needs a learning rate (learning_rate / lr)")
     else:
         kwargs["lr"] = (

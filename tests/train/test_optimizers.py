@@ -1,5 +1,5 @@
 """Optimizers by kohya's names: the class built, the arguments it received (optimizer.defaults and the groups),
-and the messages for missing packages, CPU-only 8-bit and unknown names."""
+and the messages for missing packages and unknown names."""
 
 from __future__ import annotations
 
@@ -170,12 +170,27 @@ BNB = ["AdamW8bit", "PagedAdamW8bit", "PagedAdamW", "PagedAdamW32bit", "Lion8bit
 
 
 @pytest.mark.parametrize("name", BNB)
-def test_8bit_types_need_cuda(monkeypatch, name):
+def test_8bit_types_are_built_without_cuda_when_bitsandbytes_has_them(monkeypatch, name):
+    """bitsandbytes 0.50 runs its 8-bit and paged optimizers on CPU; sd-scripts does not check the device."""
+    import types
+
+    attr = "SGD8bit" if name == "SGDNesterov8bit" else name
+    fake = types.ModuleType("bitsandbytes.optim")
+    setattr(fake, attr, type(attr, (torch.optim.SGD,), {}))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(
-        OptionError, match=f"optimizer_type '{name}': bitsandbytes 8-bit and paged optimizers need CUDA"
-    ):
-        make_optimizer(name, groups(), 1e-3)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", types.ModuleType("bitsandbytes"))
+    monkeypatch.setitem(sys.modules, "bitsandbytes.optim", fake)
+    assert type(make_optimizer(name, groups(), 1e-3, ["momentum=0.5"])).__name__ == attr
+
+
+def test_bitsandbytes_8bit_adamw_steps_on_cpu_if_installed():
+    bnb = pytest.importorskip("bitsandbytes")
+    p = torch.nn.Parameter(torch.ones(64, 64))
+    opt = make_optimizer("AdamW8bit", [p], 1e-2)
+    assert type(opt) is bnb.optim.AdamW8bit
+    p.sum().backward()
+    opt.step()
+    assert (p < 1).all()
 
 
 @pytest.mark.parametrize("name", ["AdamW8bit", "SGDNesterov8bit"])
