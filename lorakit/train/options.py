@@ -285,7 +285,8 @@ OPTIONS: tuple[Option, ...] = (
     _opt("float", "lr_scheduler_min_lr_ratio", None, "optimizer", "lowest lr as a ratio of the initial one, for "
          "cosine_with_min_lr (needed) and warmup_stable_decay (unset: 0)", low=0, high=1),
     _opt("str", "lr_scheduler_type", "", "optimizer", "a custom scheduler class 'module.Class' (or a "
-         "torch.optim.lr_scheduler class name), built with lr_scheduler_args; replaces lr_scheduler"),
+         "torch.optim.lr_scheduler class name, or a function that builds a scheduler), built with "
+         "lr_scheduler_args; replaces lr_scheduler"),
     _opt("strings", "lr_scheduler_args", (), "optimizer", "scheduler keyword arguments as 'key=value': for "
          "lr_scheduler_type, or polynomial's lr_end, piecewise_constant's step_rules, cosine_with_min_lr's min_lr, "
          "warmup_stable_decay's warmup_type/decay_type"),

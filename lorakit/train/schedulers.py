@@ -245,13 +245,16 @@ def _class_scheduler(name: str, optimizer, args: dict):
             raise OptionError(f"lr_scheduler {name!r}: cannot import module '{module_name}' ({e})") from e
     else:
         module, attr = torch.optim.lr_scheduler, name
-    cls = getattr(module, attr, None)
-    if not isinstance(cls, type):
-        raise OptionError(f"lr_scheduler {name!r}: '{attr}' is not a class of {module.__name__}")
+    factory = getattr(module, attr, None)  # a class, or a function that builds one (sd-scripts calls either)
+    if not callable(factory):
+        raise OptionError(f"lr_scheduler {name!r}: {module.__name__} has no scheduler class or function '{attr}'")
     try:
-        return cls(optimizer, **args)
+        scheduler = factory(optimizer, **args)
     except TypeError as e:
         raise OptionError(f"lr_scheduler_args {args} for {name}: {e}") from e
+    if not callable(getattr(scheduler, "step", None)):
+        raise OptionError(f"lr_scheduler {name!r} returned {type(scheduler).__name__}, not a scheduler")
+    return scheduler
 
 
 def make_scheduler(
@@ -275,8 +278,9 @@ def make_scheduler(
     cosine_with_min_lr's `min_lr`, warmup_stable_decay's `warmup_type`/`decay_type`. `num_decay_steps`
     (lr_decay_steps, an int or a ratio), `timescale` (lr_scheduler_timescale) and `min_lr_ratio`
     (lr_scheduler_min_lr_ratio) are those of warmup_stable_decay, inverse_sqrt and cosine_with_min_lr, passed as
-    sd-scripts' get_scheduler_fix passes them. `scheduler_type` (lr_scheduler_type) is a class path that replaces
-    `name`, as there.
+    sd-scripts' get_scheduler_fix passes them. `scheduler_type` (lr_scheduler_type) is a class path, or the path of a
+    function that builds the scheduler (`transformers.optimization.get_cosine_schedule_with_warmup`), called as
+    `factory(optimizer, **scheduler_args)`; it replaces `name`, as there.
 
     An Adafactor with relative_step (kohya's default) sets its own step size: it gets the 'adafactor' scheduler
     whatever `name` says, as in kohya."""

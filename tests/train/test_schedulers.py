@@ -286,3 +286,15 @@ def test_piecewise_constant_ignores_the_warmup_as_sd_scripts():
     with_warmup = make_scheduler("piecewise_constant", optimizer(), T, 5, scheduler_args=["step_rules='1:10,0.1'"])
     without = make_scheduler("piecewise_constant", optimizer(), T, 0, scheduler_args=["step_rules='1:10,0.1'"])
     assert curve(with_warmup) == curve(without)
+
+
+def test_lr_scheduler_type_may_be_a_function_that_builds_the_scheduler():
+    """sd-scripts' get_scheduler_fix calls getattr(module, name)(optimizer, **lr_scheduler_args): a factory too."""
+    transformers = pytest.importorskip("transformers.optimization")
+    args = ["num_warmup_steps=2", "num_training_steps=20"]
+    ours = make_scheduler("constant", optimizer(), 20, 0, scheduler_args=args,
+                          scheduler_type="transformers.optimization.get_cosine_schedule_with_warmup")
+    theirs = transformers.get_cosine_schedule_with_warmup(optimizer(), 2, 20)
+    assert curve(ours, 20) == curve(theirs, 20)
+    with pytest.raises(OptionError, match="returned int, not a scheduler"):
+        make_scheduler("constant", optimizer(), 20, scheduler_type="builtins.id")
