@@ -16,9 +16,8 @@ log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("AdamW", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit", "PagedAdamW32bit", "Lion", "Lion8bit",
               "PagedLion8bit", "SGDNesterov", "SGDNesterov8bit", "DAdaptation", "DAdaptAdamPreprint", "DAdaptAdaGrad",
-              "DAdaptAdam", "DAdaptAdan", "DAdaptAdanIP", "DAdaptLion", "DAdaptSGD", "Prodigy", "Adafactor")
-# sd-scripts optimizer names lorakit does not build yet
-_LATER_OPTIMIZERS = ("AdamWScheduleFree", "RAdamScheduleFree", "SGDScheduleFree", "ProdigyPlusScheduleFree")
+              "DAdaptAdam", "DAdaptAdan", "DAdaptAdanIP", "DAdaptLion", "DAdaptSGD", "Prodigy", "Adafactor",
+              "AdamWScheduleFree", "RAdamScheduleFree", "SGDScheduleFree")
 
 
 # the 'adafactor' schedule reports Adafactor's own step size; without one it would set the lr to 0 (sd-scripts fails on
@@ -75,8 +74,9 @@ def _optimizer(values: dict[str, Any], given: frozenset) -> None:
     by_key = {o.lower(): o for o in OPTIMIZERS}
     if name.lower() in by_key:
         values["optimizer_type"] = by_key[name.lower()]
-    elif name.lower() in {o.lower() for o in _LATER_OPTIMIZERS}:
-        _refuse(f"option 'optimizer_type': {name!r} is an sd-scripts optimizer lorakit does not support yet")
+    elif name.lower() == "prodigyplusschedulefree":  # sd-scripts has no short name for it either
+        _refuse(f"option 'optimizer_type': {name!r} is given by its class path: "
+                "prodigyplus.ProdigyPlusScheduleFree (pip install prodigy-plus-schedule-free)")
     elif "." in name:
         values["optimizer_type"] = name  # a class path, imported when training starts
     else:
@@ -293,6 +293,10 @@ def _deepspeed(v: dict[str, Any]) -> None:
         _refuse(f"optimizer_type Adafactor cannot train with DeepSpeed zero_stage {stage}: ZeRO hands the optimizer "
                 "flat 1-D slices of the weights, and Adafactor factors its statistics by each weight's 2-D shape; "
                 "use zero_stage 0 or another optimizer")
+    if schedule_free(v["optimizer_type"]):
+        _refuse(f"deepspeed and optimizer_type {v['optimizer_type']} cannot both be on: a schedule-free optimizer "
+                "swaps the weights it holds between train and eval mode, and under DeepSpeed those are the engine's "
+                "master copies, not the weights lorakit samples with and saves")
     for name, why in (("fused_backward_pass", "the engine steps the optimizer itself"),
                       ("scale_weight_norms", "the rescale would edit the weights behind the optimizer's fp32 master "
                                              "copy, which the next step writes back"),
@@ -345,6 +349,11 @@ def _warnings(v: dict[str, Any]) -> list[str]:
     if v["zero_terminal_snr"] and not v["v_parameterization"]:
         notes.append("zero_terminal_snr without v_parameterization: training will be unexpected (sd-scripts)")
     scheduler = "lr_scheduler_type" if v["lr_scheduler_type"] else v["lr_scheduler"]
+    unused = [f"{name} = {v[name]!r}" for name, off in (("lr_scheduler", "constant"), ("lr_warmup_steps", 0),
+                                                      ("lr_scheduler_type", "")) if v[name] not in (off, None)]
+    if schedule_free(v["optimizer_type"]) and unused:  # get_scheduler_fix gives it a dummy scheduler
+        notes.append(f"optimizer_type {v['optimizer_type']} is schedule-free: {', '.join(unused)} unused, as in "
+                     "sd-scripts (the lr stays learning_rate; its own warmup is optimizer_args warmup_steps=...)")
     for option, users in (("lr_decay_steps", ("warmup_stable_decay",)), ("lr_scheduler_timescale", ("inverse_sqrt",)),
                           ("lr_scheduler_min_lr_ratio", ("cosine_with_min_lr", "warmup_stable_decay"))):
         if v[option] not in (None, 0) and scheduler not in users:  # get_scheduler_fix passes them to these only
@@ -444,12 +453,17 @@ def check_runnable(config) -> None:
         missing.append("resolution")
     if missing:
         _refuse(f"training needs {', '.join(missing)}")
-    if not config.lr_scheduler_type:  # make_scheduler checks it again, but only after the model has loaded
-        refuse_warmup(config.lr_scheduler, config.lr_warmup_steps)
+    if not config.lr_scheduler_type and not schedule_free(config.optimizer_type):  # make_scheduler checks it again,
+        refuse_warmup(config.lr_scheduler, config.lr_warmup_steps)  # but only after the model has loaded
     from .logger import missing_tracker_packages
 
     for message in missing_tracker_packages(config):  # before the model loads and the latents are cached
         _refuse(message)
+
+
+def schedule_free(optimizer_type: str) -> bool:
+    """sd-scripts' is_schedulefree_optimizer: the name (or class path) ends with ScheduleFree."""
+    return optimizer_type.lower().endswith("schedulefree")
 
 
 def refuse_warmup(scheduler: str, warmup) -> None:

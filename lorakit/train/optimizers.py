@@ -2,8 +2,13 @@
 
 The optional optimizer packages are the `optim` extra (`pip install "lorakit[optim]"`): bitsandbytes (8-bit and
 paged types, on whatever device the installed bitsandbytes runs them: 0.50 runs them on CPU too), lion-pytorch
-(Lion), dadaptation (DAdapt*), prodigyopt (Prodigy). Adafactor is transformers' (the `sd` extra). Any other optimizer: a class path such as `torch.optim.RAdam` or
+(Lion), dadaptation (DAdapt*), prodigyopt (Prodigy). Adafactor is transformers' (the `sd` extra); the schedule-free
+types are the `schedulefree` package's. Any other optimizer: a class path such as `torch.optim.RAdam` or
 `module.Class`, or a bare `torch.optim` class name (`RAdam`), constructed as `Class(param_groups, lr=lr, **args)`.
+
+A schedule-free optimizer (one with train() and eval(), such as schedulefree's) is returned in train mode, as
+sd-scripts returns it; `set_train_mode` switches it (eval for sampling, validation and saving, which then see its
+averaged weights), and does nothing for other optimizers.
 """
 
 from __future__ import annotations
@@ -39,6 +44,10 @@ def _bnb(name: str, attr: str | None = None) -> OptimizerSpec:
     return OptimizerSpec(name, "bitsandbytes.optim", attr or name, "bitsandbytes", "optim")
 
 
+def _schedulefree(name: str) -> OptimizerSpec:
+    return OptimizerSpec(name, "schedulefree", name, "schedulefree")
+
+
 def _dadapt(name: str, attr: str | None = None, experimental: bool = False) -> OptimizerSpec:
     module = "dadaptation.experimental" if experimental else "dadaptation"
     return OptimizerSpec(name, module, attr or name, "dadaptation", "optim")
@@ -67,6 +76,9 @@ SPECS: dict[str, OptimizerSpec] = {
         _dadapt("DAdaptSGD"),
         OptimizerSpec("Prodigy", "prodigyopt", "Prodigy", "prodigyopt", "optim"),
         OptimizerSpec("Adafactor", "transformers.optimization", "Adafactor", "transformers", "sd"),
+        _schedulefree("AdamWScheduleFree"),
+        _schedulefree("RAdamScheduleFree"),
+        _schedulefree("SGDScheduleFree"),
     )
 }
 OPTIMIZER_TYPES = tuple(s.name for s in SPECS.values())
@@ -160,9 +172,10 @@ def _load_class(spec: OptimizerSpec):
     except ImportError as e:
         if spec.pip is None:
             raise OptionError(f"optimizer_type '{spec.name}': cannot import module '{spec.module}' ({e})") from e
+        extra = f'  (or pip install "lorakit[{spec.extra}]")' if spec.extra else ""
         raise OptionError(
             f"optimizer_type '{spec.name}' needs the package '{spec.pip}', which is not installed: "
-            f'pip install {spec.pip}  (or pip install "lorakit[{spec.extra}]")'
+            f"pip install {spec.pip}{extra}"
         ) from e
     cls = getattr(module, spec.attr, None)
     if cls is None:
@@ -258,7 +271,21 @@ def make_optimizer(
         raise OptionError(f"optimizer_args {shown} for {spec.name} ({cls.__module__}.{cls.__name__}): {e}") from e
     if key == "adafactor" and lr is None:
         optimizer.lorakit_initial_lr = requested_lr or 0.0
+    set_train_mode(optimizer, True)  # sd-scripts: a schedule-free optimizer trains only in train mode
     return optimizer
+
+
+def is_schedule_free(optimizer) -> bool:
+    """An optimizer with train()/eval() modes (schedulefree's, ProdigyPlusScheduleFree): its weights are an
+    interpolation while training and the averaged weights in eval mode."""
+    return callable(getattr(optimizer, "train", None)) and callable(getattr(optimizer, "eval", None))
+
+
+def set_train_mode(optimizer, training: bool) -> None:
+    """Switches a schedule-free optimizer to train mode (before training steps) or eval mode (before sampling,
+    validation and saving, as sd-scripts' optimizer_eval_fn); nothing for other optimizers. Both are idempotent."""
+    if is_schedule_free(optimizer):
+        optimizer.train() if training else optimizer.eval()
 
 
 def optimizer_name(optimizer: torch.optim.Optimizer) -> str:

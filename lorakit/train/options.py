@@ -265,8 +265,9 @@ OPTIONS: tuple[Option, ...] = (
     _opt("str", "optimizer_type", "AdamW", "optimizer",
          "AdamW, AdamW8bit, PagedAdamW(8bit/32bit), Lion, Lion8bit, PagedLion8bit, SGDNesterov, SGDNesterov8bit, "
          "DAdaptation (DAdaptAdamPreprint), "
-         "DAdaptAdaGrad, DAdaptAdam, DAdaptAdan, DAdaptAdanIP, DAdaptLion, DAdaptSGD, Prodigy, Adafactor, a "
-         "torch.optim class name (RAdam) or a class path (module.Class); sd-scripts' default '' means AdamW"),
+         "DAdaptAdaGrad, DAdaptAdam, DAdaptAdan, DAdaptAdanIP, DAdaptLion, DAdaptSGD, Prodigy, Adafactor, "
+         "AdamWScheduleFree, RAdamScheduleFree, SGDScheduleFree, a torch.optim class name (RAdam) or a class path "
+         "(module.Class); sd-scripts' default '' means AdamW"),
     _opt("strings", "optimizer_args", (), "optimizer", "optimizer keyword arguments as 'key=value' "
          "(weight_decay=0.01 betas=0.9,0.999)"),
     _opt("float", "learning_rate", 2e-6, "optimizer", "learning rate of every group without its own", low=0),

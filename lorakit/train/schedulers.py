@@ -28,7 +28,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from ..algos.options import OptionError, suggest
 from .checks import ADAFACTOR_SCHEDULE_WITHOUT_RELATIVE_STEP, refuse_warmup
-from .optimizers import parse_kwargs
+from .optimizers import is_schedule_free, parse_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -282,8 +282,13 @@ def make_scheduler(
     function that builds the scheduler (`transformers.optimization.get_cosine_schedule_with_warmup`), called as
     `factory(optimizer, **scheduler_args)`; it replaces `name`, as there.
 
+    A schedule-free optimizer keeps its lr (its own warmup is its optimizer_args warmup_steps): a constant schedule,
+    whatever the arguments say, as sd-scripts gives it a dummy scheduler.
+
     An Adafactor with relative_step (kohya's default) sets its own step size: it gets the 'adafactor' scheduler
     whatever `name` says, as in kohya."""
+    if is_schedule_free(optimizer):  # sd-scripts' get_scheduler_fix: a dummy scheduler that keeps the lr
+        return LambdaLR(optimizer, ConstantFactor(0, num_training_steps))
     args = parse_kwargs(scheduler_args, "lr_scheduler_args")
     name = (name or "constant").strip()
     warmup = warmup_steps(num_warmup_steps, num_training_steps)

@@ -398,7 +398,6 @@ def test_dataset_config_with_train_data_dir_is_refused(tmp_path):
 
 @pytest.mark.parametrize("overrides,message", [
     ({"lr_scheduler": "greedy"}, "'greedy' is an sd-scripts value lorakit does not support"),
-    ({"optimizer_type": "AdamWScheduleFree"}, "an sd-scripts optimizer lorakit does not support yet"),
 ])
 def test_not_yet_supported_options_are_refused_unless_default(overrides, message):
     assert message in error_of(**overrides)
@@ -695,3 +694,26 @@ def test_repeated_optimizer_and_scheduler_args_are_noted_once_before_the_model_l
     notes = load_train_config(overrides={"optimizer_type": "Adafactor",
                                          "optimizer_args": ["relative_step=False", "warmup_init=True"]}).warnings
     assert "Adafactor: warmup_init=True needs relative_step; relative_step=True is used, as in sd-scripts" in notes
+
+
+@pytest.mark.parametrize("name,expected", [("AdamWScheduleFree", "AdamWScheduleFree"),
+                                           ("radamschedulefree", "RAdamScheduleFree"),
+                                           ("SGDScheduleFree", "SGDScheduleFree"),
+                                           ("schedulefree.AdamWScheduleFree", "schedulefree.AdamWScheduleFree")])
+def test_schedule_free_optimizers_are_accepted_and_keep_a_constant_lr_as_in_sd_scripts(name, expected):
+    """sd-scripts builds them and gives them a dummy scheduler: lr_scheduler and lr_warmup_steps are unused."""
+    from lorakit.train.checks import check_runnable
+
+    config = load_train_config(overrides={"optimizer_type": name, "lr_warmup_steps": 10, "output_dir": "out",
+                                          "pretrained_model_name_or_path": "m", "train_data_dir": "d",
+                                          "resolution": 64})
+    assert config.optimizer_type == expected
+    check_runnable(config)  # constant with a warmup: refused for other optimizers
+    assert any(f"optimizer_type {expected} is schedule-free: lr_warmup_steps = 10 unused" in n for n in config.warnings)
+    assert not any("schedule-free" in n for n in load_train_config(overrides={"optimizer_type": name}).warnings)
+
+
+def test_schedule_free_refusals():
+    assert "prodigyplus.ProdigyPlusScheduleFree" in error_of(optimizer_type="ProdigyPlusScheduleFree")
+    assert "deepspeed and optimizer_type AdamWScheduleFree cannot both be on" in error_of(
+        optimizer_type="AdamWScheduleFree", deepspeed=True)

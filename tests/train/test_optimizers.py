@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from lorakit.algos.options import OptionError
-from lorakit.train.optimizers import OPTIMIZER_TYPES, make_optimizer, optimizer_name, parse_kwargs
+from lorakit.train.optimizers import (OPTIMIZER_TYPES, is_schedule_free, make_optimizer, optimizer_name,
+                                      parse_kwargs, set_train_mode)
 
 
 def groups():
@@ -203,7 +204,7 @@ def test_8bit_types_without_bitsandbytes(monkeypatch, name):
 
 
 def test_every_type_is_covered():
-    tested = {"AdamW", "SGDNesterov", "Adafactor"} | {m[0] for m in MISSING} | set(BNB)
+    tested = {"AdamW", "SGDNesterov", "Adafactor"} | {m[0] for m in MISSING} | set(BNB) | set(SCHEDULE_FREE)
     assert set(OPTIMIZER_TYPES) - tested == {"DAdaptAdanIP"}  # same package and path as DAdaptAdamPreprint
 
 
@@ -284,3 +285,41 @@ def test_adaptive_optimizers_that_take_unequal_group_lrs_warn_that_the_first_is_
     assert "every group steps with the first group's (1.0)" in caplog.text
     sum(p.sum() for g in groups_ for p in g["params"]).backward()
     opt.step()
+
+
+
+SCHEDULE_FREE = ["AdamWScheduleFree", "RAdamScheduleFree", "SGDScheduleFree"]
+
+
+@pytest.mark.parametrize("name", SCHEDULE_FREE)
+def test_schedule_free_without_the_package_names_it(monkeypatch, name):
+    monkeypatch.setitem(sys.modules, "schedulefree", None)
+    with pytest.raises(OptionError, match=f"'{name}' needs the package 'schedulefree'.*pip install schedulefree$"):
+        make_optimizer(name, groups(), 1e-3)
+
+
+@pytest.mark.parametrize("name", SCHEDULE_FREE + ["schedulefree.AdamWScheduleFree"])
+def test_schedule_free_optimizers_train_and_switch_to_their_averaged_weights_if_installed(name):
+    """sd-scripts returns them in train mode (a step in eval mode raises) and switches them to eval mode for
+    sampling and saving: there the weights are the average x, in train mode the interpolation y."""
+    pytest.importorskip("schedulefree")
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = make_optimizer(name, [p], 0.1)
+    assert is_schedule_free(opt) and opt.param_groups[0]["train_mode"]
+    for _ in range(8):  # RAdam's first steps move nothing
+        opt.zero_grad()
+        (p * torch.arange(4.0)).sum().backward()
+        opt.step()
+    trained = p.detach().clone()
+    set_train_mode(opt, False)
+    set_train_mode(opt, False)  # idempotent
+    assert not opt.param_groups[0]["train_mode"] and not torch.equal(p.detach(), trained)
+    set_train_mode(opt, True)
+    assert torch.allclose(p.detach(), trained)
+
+
+def test_set_train_mode_does_nothing_for_other_optimizers():
+    opt = make_optimizer("AdamW", groups(), 1e-3)
+    assert not is_schedule_free(opt)
+    set_train_mode(opt, False)
+    set_train_mode(opt, True)

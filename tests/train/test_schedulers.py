@@ -298,3 +298,22 @@ def test_lr_scheduler_type_may_be_a_function_that_builds_the_scheduler():
     assert curve(ours, 20) == curve(theirs, 20)
     with pytest.raises(OptionError, match="returned int, not a scheduler"):
         make_scheduler("constant", optimizer(), 20, scheduler_type="builtins.id")
+
+
+class _ScheduleFree(torch.optim.SGD):
+    """Has train/eval modes, as schedulefree's optimizers."""
+
+    def train(self):
+        pass
+
+    def eval(self):
+        pass
+
+
+def test_a_schedule_free_optimizer_keeps_its_lr_whatever_the_scheduler_as_in_sd_scripts():
+    """get_scheduler_fix returns a dummy scheduler for it, before looking at lr_scheduler and the warmup."""
+    sched = make_scheduler("cosine", _ScheduleFree([torch.nn.Parameter(torch.zeros(2))], lr=LR), T, W)
+    assert set(flat(curve(sched))) == {LR}
+    sched = make_scheduler("constant", _ScheduleFree([torch.nn.Parameter(torch.zeros(2))], lr=LR), T, W,
+                           scheduler_type="StepLR")
+    assert set(flat(curve(sched))) == {LR}
