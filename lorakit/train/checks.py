@@ -98,7 +98,7 @@ def _normalise(values: dict[str, Any]) -> None:
         values["cache_text_encoder_outputs"] = True
     for name in ("sample_every_n_steps", "sample_every_n_epochs", "save_every_n_steps", "save_every_n_epochs",
                  "save_last_n_steps", "save_last_n_epochs", "save_last_n_steps_state", "save_last_n_epochs_state",
-                 "multires_noise_iterations"):
+                 "multires_noise_iterations", "min_snr_gamma"):
         if values[name] == 0:  # sd-scripts tests these for truth: 0 is "off" (and older GUIs write 0 for it)
             values[name] = None
     if values["vae_batch_size"] == 0:
@@ -145,7 +145,8 @@ def _combinations(v: dict[str, Any]) -> None:
         _refuse("adaptive_noise_scale needs noise_offset")
     needs("scale_v_pred_loss_like_noise_pred", "v_parameterization", "it rescales a v-prediction loss")
     both("v_pred_like_loss", "v_parameterization", "v_pred_like_loss adds a v-like term to an epsilon-prediction loss")
-    needs("noise_offset_random_strength", "noise_offset", "it draws the strength from [0, noise_offset]")
+    if v["noise_offset_random_strength"] and v["noise_offset"] is None:  # 0 is fine: sd-scripts skips a 0 offset
+        _refuse("noise_offset_random_strength needs noise_offset: it draws the strength from [0, noise_offset]")
     needs("ip_noise_gamma_random_strength", "ip_noise_gamma", "it draws the strength from [0, ip_noise_gamma]")
     needs("dim_from_weights", "network_weights", "the dims are read from that file")
     needs("cpu_offload_checkpointing", "gradient_checkpointing", "it moves what checkpointing stores")

@@ -717,3 +717,12 @@ def test_schedule_free_refusals():
     assert "prodigyplus.ProdigyPlusScheduleFree" in error_of(optimizer_type="ProdigyPlusScheduleFree")
     assert "deepspeed and optimizer_type AdamWScheduleFree cannot both be on" in error_of(
         optimizer_type="AdamWScheduleFree", deepspeed=True)
+
+
+def test_a_zero_noise_offset_or_min_snr_gamma_is_off_as_in_sd_scripts():
+    """sd-scripts skips a 0 offset (`if args.noise_offset:`) without refusing its companions, and tests
+    min_snr_gamma for truth."""
+    config = load_train_config(overrides={"noise_offset": 0, "noise_offset_random_strength": True,
+                                          "adaptive_noise_scale": 0.01, "min_snr_gamma": 0})
+    assert config.noise_offset == 0 and config.noise_offset_random_strength and config.min_snr_gamma is None
+    assert load_train_config(overrides={"min_snr_gamma": 5}).min_snr_gamma == 5
