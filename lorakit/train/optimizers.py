@@ -14,6 +14,7 @@ averaged weights), and does nothing for other optimizers.
 from __future__ import annotations
 
 import ast
+import contextlib
 import difflib
 import importlib
 import logging
@@ -279,6 +280,17 @@ def is_schedule_free(optimizer) -> bool:
     """An optimizer with train()/eval() modes (schedulefree's, ProdigyPlusScheduleFree): its weights are an
     interpolation while training and the averaged weights in eval mode."""
     return callable(getattr(optimizer, "train", None)) and callable(getattr(optimizer, "eval", None))
+
+
+@contextlib.contextmanager
+def eval_mode(optimizer):
+    """A schedule-free optimizer in eval mode (its averaged weights) for the block, back in train mode after: wrap
+    sampling, validation and saves in it."""
+    set_train_mode(optimizer, False)
+    try:
+        yield
+    finally:
+        set_train_mode(optimizer, True)
 
 
 def set_train_mode(optimizer, training: bool) -> None:

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from lorakit.algos.options import OptionError
-from lorakit.train.optimizers import (OPTIMIZER_TYPES, is_schedule_free, make_optimizer, optimizer_name,
-                                      parse_kwargs, set_train_mode)
+from lorakit.train.optimizers import (OPTIMIZER_TYPES, eval_mode, is_schedule_free, make_optimizer,
+                                      optimizer_name, parse_kwargs, set_train_mode)
 
 
 def groups():
@@ -316,6 +316,9 @@ def test_schedule_free_optimizers_train_and_switch_to_their_averaged_weights_if_
     assert not opt.param_groups[0]["train_mode"] and not torch.equal(p.detach(), trained)
     set_train_mode(opt, True)
     assert torch.allclose(p.detach(), trained)
+    with eval_mode(opt):
+        assert not opt.param_groups[0]["train_mode"]
+    assert opt.param_groups[0]["train_mode"] and torch.allclose(p.detach(), trained)
 
 
 def test_set_train_mode_does_nothing_for_other_optimizers():
