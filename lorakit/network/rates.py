@@ -43,8 +43,9 @@ def rate_layout(arch: str, key: str | None) -> BlockLayout:
 
 class ApplicationRates(nn.Module):
     """The trainable rates of ``networks`` (applied, frozen), one vector of ``len(layout)`` values per network,
-    concatenated in network order as sd-scripts saves them (state dict key ``weights``). Adapters outside the
-    layout's blocks keep rate 1 (no gradient)."""
+    concatenated in network order as sd-scripts saves them (state dict key ``weights``). An adapter the layout
+    has no value for runs at the fixed weight a block-weight vector of that layout gives it (``outside_weight``:
+    0 in a block that LoRA Block Weight's 17/12 values leave out, else 1), without a gradient."""
 
     def __init__(self, networks: Sequence[Network], layout: BlockLayout):
         super().__init__()
@@ -54,13 +55,16 @@ class ApplicationRates(nn.Module):
         self.layout = layout
         self.weights = nn.Parameter(torch.full((len(layout) * len(networks),), START))
         self.text_encoder_rates = False  # whether a rate reaches a text-encoder adapter (BASE)
-        self.outside: list[str] = []  # adapters the layout has no block for
+        self.outside: dict[str, float] = {}  # adapters the layout has no value for -> their fixed weight
         for n, net in enumerate(self.networks):
             for name, adapter in net.adapters():
                 entry = net.entries[name]
                 block = layout.name(entry.path, entry.component)
                 if block is None:
-                    self.outside.append(name)
+                    weight = layout.outside_weight(entry.path, entry.component)
+                    self.outside[name] = weight
+                    if weight != 1.0:
+                        adapter.rate = self._fixed_rate(weight)
                     continue
                 adapter.rate = self._rate_reader(n * len(layout) + layout.position(block))
                 self.text_encoder_rates |= entry.is_text_encoder
@@ -68,6 +72,11 @@ class ApplicationRates(nn.Module):
     def _rate_reader(self, index: int):
         # read at every call: each forward builds its own graph from the parameter
         return lambda: self.weights[index]
+
+    @staticmethod
+    def _fixed_rate(weight: float):
+        value = torch.tensor(weight)
+        return lambda: value
 
     def release(self) -> None:
         """The adapters back to their plain multipliers."""

@@ -198,8 +198,9 @@ class _Run:
             raise OptionError(str(e)) from None
         rates = ApplicationRates(nets, layout).to(self.device)
         if rates.outside:
-            log.warning("%d adapter(s) lie outside the blocks of layout %s and keep rate 1 (e.g. %s)",
-                        len(rates.outside), layout.key, rates.outside[0])
+            name, weight = next(iter(rates.outside.items()))
+            log.warning("%d adapter(s) lie in no block of layout %s and run at a fixed weight, as that layout's "
+                        "block weights give them (e.g. %s at %g)", len(rates.outside), layout.key, name, weight)
         log.info("exploring the application rates of %d network(s) over layout %s (%s)", len(nets), layout.key,
                  ", ".join(layout.names))
         return rates
