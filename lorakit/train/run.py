@@ -303,7 +303,7 @@ class _Run:
     def run(self, stop_at_step: int | None, timings: dict | None = None) -> Path | None:
         from .logger import TrainLogger
         from .metadata import progress_metadata, training_metadata
-        from .optimizers import make_optimizer, optimizer_name
+        from .optimizers import eval_mode, make_optimizer, optimizer_name, set_train_mode
         from .schedulers import follow_new_length, make_scheduler
 
         c = self.config
@@ -391,6 +391,7 @@ class _Run:
                 engine.load_state(self.resume_folder)
         if self.resume_folder:
             follow_new_length(scheduler)  # a resume with more steps: the lr schedule of the new length
+        set_train_mode(optimizer, True)  # schedule-free: a state saved in eval mode comes back in it
         full_weights = engine.full_weights if engine else contextlib.nullcontext
         progress = initial_progress(c, progress, updates_per_epoch, max_steps)
         main = self.world.main
@@ -410,8 +411,10 @@ class _Run:
                            every_process=engine is not None and engine.samples_on_every_process)
 
         def save(path: Path, epoch: int, step: int) -> None:
-            """The adapter file, by the main process; every process calls it (ZeRO-3 gathers the adapters)."""
-            with full_weights():
+            """The adapter file, by the main process; every process calls it (ZeRO-3 gathers the adapters). A
+            schedule-free optimizer is in eval mode (its averaged weights) for it, for samples and for validation,
+            as sd-scripts' optimizer_eval_fn."""
+            with full_weights(), eval_mode(optimizer):
                 if main:
                     meta = {} if c.no_metadata else progress_metadata(base_meta, epoch=epoch, step=step, title=None)
                     if self.explore:
@@ -421,10 +424,19 @@ class _Run:
 
         def write_state(folder: Path) -> None:
             """A state folder: by the main process, or by all of them with deepspeed (each writes its slices)."""
-            if engine is not None:
-                engine.save_state(folder, scheduler, progress)
-            elif main:
-                save_state(folder, net.state_dict(), optimizer, scheduler, progress, scaler=scaler)
+            with eval_mode(optimizer):
+                if engine is not None:
+                    engine.save_state(folder, scheduler, progress)
+                elif main:
+                    save_state(folder, net.state_dict(), optimizer, scheduler, progress, scaler=scaler)
+
+        def draw(step: int, epoch: int | None = None) -> None:
+            with eval_mode(optimizer):
+                sampler.draw(step, epoch)
+
+        def evaluate() -> float:
+            with eval_mode(optimizer):
+                return validate()
 
         uploads = self.uploads  # huggingface_repo_id: each save is uploaded once written
 
@@ -454,7 +466,7 @@ class _Run:
                     prune(number, every, keep_state, state=True)
 
         if c.sample_at_first and progress.global_step == 0:
-            sampler.draw(0)
+            draw(0)
         trainable = [p for g in optimizer.param_groups for p in g["params"]]
         if c.fused_backward_pass:  # after resume: loading a state replaces the optimizer's group dicts
             install_fused_step(optimizer, c.max_grad_norm, self.world)
@@ -513,15 +525,16 @@ class _Run:
                     if c.scale_weight_norms:
                         net.apply_max_norm_regularization(c.scale_weight_norms)
                     # the step's loss: the mean over its accumulated batches (sd-scripts records every one)
-                    logger.step(step_loss.item() / micro_done, scheduler.get_last_lr(), progress.global_step, epoch)
+                    logger.step(step_loss.item() / micro_done, scheduler.get_last_lr(), progress.global_step, epoch,
+                                groups=optimizer.param_groups)
                     if validate and c.validate_every_n_steps and progress.global_step % c.validate_every_n_steps == 0:
-                        logger.validation("step", validate(), progress.global_step, epoch)
+                        logger.validation("step", evaluate(), progress.global_step, epoch)
                     clock["optimizer_and_log"] += time.perf_counter() - optimizer_start
                     step = progress.global_step
                     if c.save_every_n_steps and step % c.save_every_n_steps == 0:  # the last step too, as sd-scripts
                         checkpoint("step", step, epoch)
                     if c.sample_every_n_steps and step % c.sample_every_n_steps == 0:
-                        sampler.draw(step)
+                        draw(step)
                     if stop_at_step is not None and step >= stop_at_step:
                         if not (c.save_every_n_steps and step % c.save_every_n_steps == 0 and c.save_state):
                             write_state(self.names.step_state(step))
@@ -532,13 +545,13 @@ class _Run:
                 if progress.step_in_epoch >= batches_per_epoch:  # not when max_steps ended it part-way: a state
                     progress.epoch, progress.step_in_epoch = epoch + 1, 0  # saved now resumes (longer) from there
                 if validate and (c.validate_every_n_epochs is None or epoch % c.validate_every_n_epochs == 0):
-                    logger.validation("epoch", validate(), progress.global_step, epoch)
+                    logger.validation("epoch", evaluate(), progress.global_step, epoch)
                 if progress.global_step >= max_steps:
                     break
                 if save_every_epochs and epoch % save_every_epochs == 0 and epoch < num_epochs:
                     checkpoint("epoch", epoch, epoch)
                 if c.sample_every_n_epochs and epoch % c.sample_every_n_epochs == 0:
-                    sampler.draw(progress.global_step, epoch)
+                    draw(progress.global_step, epoch)
         finally:
             logger.close()
             if timings is not None:
@@ -553,7 +566,7 @@ class _Run:
             if main and uploads is not None:
                 uploads.upload_state(self.names.final_state())
         if c.sample_every_n_steps or c.sample_every_n_epochs:
-            sampler.draw(progress.global_step, min(progress.epoch, num_epochs) if c.sample_every_n_epochs else None)
+            draw(progress.global_step, min(progress.epoch, num_epochs) if c.sample_every_n_epochs else None)
         return final
 
 

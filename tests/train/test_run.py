@@ -312,6 +312,35 @@ def test_a_step_logs_the_mean_loss_of_its_accumulated_batches(base, tmp_path, mo
     assert logged == pytest.approx([2.0, 6.0])
 
 
+def test_a_schedule_free_optimizer_trains_in_train_mode_and_saves_and_samples_in_eval_mode(base, tmp_path,
+                                                                                            monkeypatch):
+    """Schedule-free optimizers hold two sets of weights: the steps take the interpolated ones (train mode), saves,
+    states, samples and validation the averaged ones (eval mode), as sd-scripts' optimizer_train_fn/eval_fn."""
+    pytest.importorskip("schedulefree")
+    import lorakit.train.optimizers as optimizers
+    import lorakit.train.run as run
+
+    made, modes = [], []
+    real_make, real_loss, real_save, real_state = (optimizers.make_optimizer, run.batch_loss, run._save_adapter,
+                                                   run.save_state)
+
+    def make(*args, **kwargs):
+        made.append(real_make(*args, **kwargs))
+        return made[-1]
+
+    def mode(what):
+        modes.append((what, made[0].param_groups[0]["train_mode"]))
+
+    monkeypatch.setattr(optimizers, "make_optimizer", make)
+    monkeypatch.setattr(run, "batch_loss", lambda *a, **k: (mode("step"), real_loss(*a, **k))[1])
+    monkeypatch.setattr(run, "_save_adapter", lambda *a, **k: (mode("save"), real_save(*a, **k))[1])
+    monkeypatch.setattr(run, "save_state", lambda *a, **k: (mode("state"), real_state(*a, **k))[1])
+    train(_config(base, tmp_path, optimizer_type="AdamWScheduleFree", lr_scheduler="constant", max_train_steps=3,
+                  save_every_n_steps=2, save_state=True))
+    assert {m for w, m in modes if w == "step"} == {True} and len(modes) == 3 + 2 + 2  # steps, saves at 2 and 3
+    assert {m for w, m in modes if w != "step"} == {False}
+
+
 def test_save_last_n_steps_prunes(base, tmp_path):
     train(_config(base, tmp_path, max_train_steps=6, save_every_n_steps=1, save_last_n_steps=2, save_state=True))
     kept = sorted(p.name for p in tmp_path.glob("t-step*.safetensors"))
