@@ -83,10 +83,11 @@ def module_block_weights(names, block_weights, arch: str | None) -> dict[str, fl
 def _read(file: str, dtype: torch.dtype) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
     """{module name: {tensor suffix: tensor}} of a LoRA file, each module checked to be concatenable."""
     from ..algos import detect_algorithm
-    from ..network.load import check_layout, read_adapter_tensors, warn_non_finite
+    from ..network.load import check_layout, read_adapter_tensors, warn_non_finite, without_bundled_embeddings
     from ..network.names import split_key
 
-    tensors, metadata, _ = read_adapter_tensors(file)
+    tensors, metadata, where = read_adapter_tensors(file)
+    tensors = without_bundled_embeddings(tensors, where)
     check_layout(tensors, file)
     warn_non_finite(tensors, file)
     modules: dict[str, dict[str, torch.Tensor]] = {}

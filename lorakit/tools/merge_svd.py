@@ -22,10 +22,11 @@ __all__ = ["merge_loras_svd"]
 def _read(source):
     """(tensors, metadata, where) with text-encoder names in one spelling (LyCORIS and transformers-5 trainers leave
     out `text_model_`), so that the same layer in two files sums into one module."""
-    from ..network.load import check_layout, read_adapter_tensors, warn_non_finite
+    from ..network.load import check_layout, read_adapter_tensors, warn_non_finite, without_bundled_embeddings
     from ..network.names import split_key
 
     tensors, metadata, where = read_adapter_tensors(source)
+    tensors = without_bundled_embeddings(tensors, where)
     check_layout(tensors, where)
     warn_non_finite(tensors, where)
     canonical: dict[str, torch.Tensor] = {}

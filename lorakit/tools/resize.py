@@ -87,9 +87,10 @@ def resize_lora(source, new_rank: int, out=None, *, new_conv_rank: int | None = 
     """Resize a LoRA/LoCon file (path) or state dict. `dylora`: cut to the first k components instead of an SVD
     (None: when the file's metadata says DyLoRA). Writes `out` atomically when given (`save_dtype` None keeps the
     file's dtype)."""
-    from ..network.load import check_layout, read_adapter_tensors
+    from ..network.load import check_layout, read_adapter_tensors, without_bundled_embeddings
 
     tensors, metadata, where = read_adapter_tensors(source)
+    tensors = without_bundled_embeddings(tensors, where)
     check_layout(tensors, where)
     if not isinstance(new_rank, int) or new_rank < 1:
         raise ValueError(f"new_rank must be a whole number >= 1, got {new_rank!r}")

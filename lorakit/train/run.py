@@ -146,7 +146,7 @@ class _Run:
 
     def _make_network(self, model):
         from ..network.create import create_network
-        from ..network.load import load_network, read_adapter_tensors
+        from ..network.load import load_network, read_adapter_tensors, without_bundled_embeddings
 
         c = self.config
         if self.explore:
@@ -168,6 +168,7 @@ class _Run:
             net = create_network(model.unet, tes, **options)
             if weights:
                 tensors, _, where = read_adapter_tensors(weights)
+                tensors = without_bundled_embeddings(tensors, where)
                 missing, unexpected = net.load_state_dict(tensors, strict=False)
                 if unexpected:
                     raise TrainingError(f"network_weights={where}: {len(unexpected)} tensor(s) match no adapter of "

@@ -154,3 +154,22 @@ def test_untrained_modules_are_left_out_of_the_mean_retained_norm(tmp_path, caps
     printed = capsys.readouterr().out
     assert f"mean {sum(trained) / 2:.2%}" in printed and "over the 2 modules with a change" in printed
     assert "no change (untrained)" in printed
+
+
+def test_bundled_embeddings_are_left_out_by_every_lora_tool(tmp_path):
+    """A1111 reads embeddings bundled in a LoRA file (bundle_emb.<name>.*); the tools work on the adapters and say
+    that they leave the embeddings out (they refused the file)."""
+    from lorakit.tools.concat import concat_loras
+    from lorakit.tools.merge_svd import merge_loras_svd
+
+    tensors = {k: v for k, v in _lora().items() if k.startswith("lora_unet_a.")}
+    path = tmp_path / "with_emb.safetensors"
+    save_file({**tensors, "bundle_emb.mychar.string_to_param.*": torch.randn(2, 16)}, path)
+    with pytest.warns(UserWarning, match=r"leaves out the 1 embedding\(s\) bundled in the file \(mychar"):
+        resized = resize_lora(str(path), new_rank=2)
+    assert not any(k.startswith("bundle_emb") for k in resized.tensors)
+    with pytest.warns(UserWarning, match="bundled in the file"):
+        merge_loras_svd([str(path)], [1.0], new_rank=2, progress=False)
+    with pytest.warns(UserWarning, match="bundled in the file"):
+        concatenated, _, _ = concat_loras([str(path)], [1.0], progress=False)
+    assert set(concatenated) == set(tensors)
