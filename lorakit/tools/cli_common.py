@@ -22,7 +22,9 @@ def report_errors(command: str, work: Callable[[], str | None]) -> int:
 
 
 def refuse_overwrite(output, inputs: Mapping[str, object]) -> None:
-    """An output path that is one of the inputs ({what: path}) would replace it: refused, naming both."""
+    """An output path that is one of the inputs ({what: path}), or a folder holding one, would replace it: refused,
+    naming both. An output folder is written whole (a diffusers model), replacing what is there: an existing folder
+    that is not a diffusers model and holds files is refused too."""
     out = os.path.abspath(os.fspath(output))
     for what, path in inputs.items():
         if path is None:
@@ -31,6 +33,12 @@ def refuse_overwrite(output, inputs: Mapping[str, object]) -> None:
         same = given == out or (os.path.exists(given) and os.path.exists(out) and os.path.samefile(given, out))
         if same:
             raise ValueError(f"{output}: is also the {what}; write the output elsewhere")
+        if os.path.commonpath([given, out]) == out:
+            raise ValueError(f"{output}: holds the {what} ({path}), and writing the output replaces the folder; "
+                             "write the output elsewhere")
+    if os.path.isdir(out) and not os.path.isfile(os.path.join(out, "model_index.json")) and any(os.scandir(out)):
+        raise ValueError(f"{output}: is a folder with files that is not a diffusers model; writing the output would "
+                         "replace it whole: give a new path")
 
 
 def check_device(device: str) -> None:

@@ -44,6 +44,22 @@ def test_an_output_that_is_an_input_is_refused_and_the_input_kept(tmp_path, caps
     assert src.read_bytes() == before
 
 
+def test_an_output_folder_is_never_a_folder_of_other_files(tmp_path, capsys):
+    """merge --save_to a folder writes a diffusers model there, replacing the folder whole: it deleted a folder
+    holding the inputs (or anything else). A folder holding an input, or files that are not a diffusers model, is
+    refused; the files stay."""
+    folder = tmp_path / "work"
+    folder.mkdir()
+    src, other = _lora(folder / "a.safetensors"), _lora(tmp_path / "b.safetensors", r=2)
+    assert main(["merge", "--loras", str(src), str(other), "--save_to", str(folder)]) == 1
+    _one_error_line(capsys, "merge", "holds the adapter #1 of --loras", "write the output elsewhere")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    assert main(["merge", "--loras", str(other), "--save_to", str(tmp_path / "notes")]) == 1
+    _one_error_line(capsys, "merge", "is a folder with files that is not a diffusers model")
+    assert src.is_file() and (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+
+
 def test_missing_files_and_nan_factors_are_one_line_errors(tmp_path, capsys):
     assert main(["resize", str(tmp_path / "nope.safetensors"), str(tmp_path / "o.safetensors"), "--new_rank", "2"]) == 1
     _one_error_line(capsys, "resize", "nope.safetensors")
