@@ -298,6 +298,10 @@ class _Run:
         """What must not change between a run and its resume, as text (kept in the state, to name what changed)."""
         values = {k: v for k, v in self.config.as_dict().items() if k not in _RESUME_FREE and k not in SECRET_OPTIONS}
         values["seed"] = self.seed
+        # network_weights as states of versions where it was one path record it (so that those still resume)
+        weights = values.get("network_weights")
+        if isinstance(weights, tuple) and len(weights) < 2:
+            values["network_weights"] = weights[0] if weights else None
         return {k: repr(v) for k, v in sorted(values.items())}
 
     # --- the run ------------------------------------------------------------------------------------------

@@ -236,6 +236,7 @@ def test_a_state_of_another_lorakit_version_resumes_when_its_settings_agree(base
     info = json.loads((state / "train_state.json").read_text())
     info["settings"].pop("batches per epoch (the dataset)")  # not recorded by that version
     info["settings"]["an_option_since_removed"] = "False"
+    assert info["settings"]["network_weights"] == "None"  # as when it was one path: such states resume
     info["config_digest"] = "0" * 16
     (state / "train_state.json").write_text(json.dumps(info))
     resumed = train(_config(base, tmp_path / "part", max_train_steps=3, resume=str(state)))
