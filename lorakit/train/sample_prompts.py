@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..formats.atomic import atomic_write
+
 __all__ = ["SamplePrompt", "read_sample_prompts", "draw_samples"]
 
 _TXT_OPTIONS = {"n": "negative_prompt", "w": "width", "h": "height", "d": "seed", "l": "scale", "s": "sample_steps",
@@ -149,7 +151,7 @@ def draw_samples(model, prompts: list[SamplePrompt], folder: Path, output_name: 
                          sampler=p.sample_sampler or default_sampler, clip_skip=clip_skip)[0]
         number = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
         out = folder / f"{output_name}_{number}_{i:02d}_{stamp}_{seed}.png"
-        if write:
-            image.save(out)
+        if write:  # under a temporary name first: a killed run leaves no truncated image under its name
+            atomic_write(out, lambda tmp, image=image: image.save(tmp, format="PNG"))
             saved.append(out)
     return saved

@@ -361,6 +361,26 @@ def test_samples_are_drawn(base, tmp_path):
     assert len(images) == 1, sorted(p.name for p in (tmp_path / "sample").iterdir())  # not again at the end
 
 
+def test_a_sample_that_fails_half_written_leaves_no_image(base, tmp_path, monkeypatch):
+    """A sample is written under a temporary name and renamed: a write that fails (a full disk, a kill) leaves no
+    truncated PNG under the sample's name."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    def half_written(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"\x89PNG\r\n")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", half_written)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a purple circle --w 64 --h 64 --d 5 --s 2\n")
+    with pytest.raises(OSError, match="No space left"):
+        train(_config(base, tmp_path, max_train_steps=1, sample_prompts=str(prompts), sample_at_first=True,
+                      sample_sampler="ddim"))
+    assert list((tmp_path / "sample").iterdir()) == []
+
+
 def test_epoch_samples_are_named_by_epoch(base, tmp_path):
     """sd-scripts names a sample drawn at an epoch's end {name}_e{epoch:06d}_..., one drawn at a step by the step."""
     prompts = tmp_path / "prompts.txt"
