@@ -401,6 +401,8 @@ class _Run:
         progress = initial_progress(c, progress, updates_per_epoch, max_steps)
         main = self.world.main
         if main:
+            self.names.check_kinds(states=c.save_state or c.save_state_on_train_end,
+                                   samples=bool(c.sample_prompts))
             self.names.dir.mkdir(parents=True, exist_ok=True)
             text = to_toml(c, leave_out=SECRET_OPTIONS)  # no secrets in the output folder
             atomic_write(self.names.config_file(), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

@@ -381,6 +381,20 @@ def test_a_sample_that_fails_half_written_leaves_no_image(base, tmp_path, monkey
     assert list((tmp_path / "sample").iterdir()) == []
 
 
+def test_output_paths_of_the_wrong_kind_are_refused_before_training(base, tmp_path, monkeypatch):
+    """A folder named like the final adapter (or a file like the final state) failed the run at its end, losing it."""
+    import lorakit.train.run as run
+
+    monkeypatch.setattr(run, "batch_loss", lambda *a, **k: pytest.fail("trained before refusing"))
+    (tmp_path / "t.safetensors").mkdir()
+    with pytest.raises(FileExistsError, match=r"t.safetensors: is a folder, where this run writes its output"):
+        train(_config(base, tmp_path, max_train_steps=1))
+    (tmp_path / "t.safetensors").rmdir()
+    (tmp_path / "t-state").write_text("")
+    with pytest.raises(FileExistsError, match=r"t-state: is a file"):
+        train(_config(base, tmp_path, max_train_steps=1, save_state_on_train_end=True))
+
+
 def test_epoch_samples_are_named_by_epoch(base, tmp_path):
     """sd-scripts names a sample drawn at an epoch's end {name}_e{epoch:06d}_..., one drawn at a step by the step."""
     prompts = tmp_path / "prompts.txt"
