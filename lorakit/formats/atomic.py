@@ -18,6 +18,16 @@ def _sibling(path: Path, suffix: str) -> Path:
     return path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.{suffix}"
 
 
+def _write_error(path: Path, err: BaseException) -> OSError:
+    """An error while writing, named by the destination (the temporary name means nothing to a user); torch's
+    stream errors (a full disk gives "basic_ios::clear: iostream error") become OSErrors too."""
+    code = getattr(err, "errno", None)
+    hint = "; is the disk full or the folder read-only?" if not isinstance(err, OSError) or code in (
+        28, 30, 13, 122) else ""
+    message = f"{path}: could not be written ({getattr(err, 'strerror', None) or err}){hint}"
+    return OSError(code, message) if code is not None else OSError(message)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None], fsync: bool = False) -> None:
     """``write(tmp)`` writes the file at ``tmp``; it is then renamed to ``path`` (parent folders are created).
     ``fsync``: flush the data to disk before the rename makes it visible."""
@@ -30,9 +40,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], fsync: b
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(err, (OSError, RuntimeError)):
+            raise _write_error(path, err) from err
         raise
 
 
@@ -54,6 +66,8 @@ def staging_folder(target: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, (OSError, RuntimeError)) and not isinstance(err, NotADirectoryError):
+            raise _write_error(target, err) from err
         raise
