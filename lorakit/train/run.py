@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..algos.options import OptionError
-from ..formats.atomic import atomic_write
+from ..formats.atomic import atomic_write, remove_stale_temporaries
 from ..formats.dtypes import parse_dtype
 from .loss import DiffusionLoss, LossOptions
 from .noise import NoiseOptions, make_noise_scheduler
@@ -403,6 +403,8 @@ class _Run:
         if main:
             self.names.check_kinds(states=c.save_state or c.save_state_on_train_end,
                                    samples=bool(c.sample_prompts))
+            for left in remove_stale_temporaries(self.names.dir):  # from a killed run's saves
+                log.info("removed %s, left by a run that was stopped while saving", left)
             self.names.dir.mkdir(parents=True, exist_ok=True)
             text = to_toml(c, leave_out=SECRET_OPTIONS)  # no secrets in the output folder
             atomic_write(self.names.config_file(), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

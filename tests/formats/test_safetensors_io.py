@@ -262,3 +262,21 @@ def test_a_failed_write_names_the_destination_not_the_temporary_file(tmp_path):
         with staging_folder(tmp_path / "t-state") as folder:
             raise OSError(28, "No space left on device", str(folder / "optimizer.pt"))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_temporaries_of_killed_writers_are_removed_and_those_of_running_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    from lorakit.formats.atomic import remove_stale_temporaries
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (tmp_path / f".t.safetensors.{gone}.0123abcd.tmp").write_bytes(b"x" * 10)
+    (tmp_path / f".t-state.{gone}.0123abcd.tmp").mkdir()
+    (tmp_path / f".t-state.{gone}.0123abcd.tmp" / "optimizer.pt").write_bytes(b"x")
+    mine = tmp_path / f".u.safetensors.{os.getpid()}.0123abcd.tmp"
+    mine.write_bytes(b"x")
+    (tmp_path / "t.safetensors").write_bytes(b"x")
+    removed = remove_stale_temporaries(tmp_path)
+    assert len(removed) == 2 and sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, "t.safetensors"])
