@@ -104,10 +104,10 @@ class TransposedLinear(nn.Module):
 
 def describe_layer(module: nn.Module) -> LayerSpec:
     """LayerSpec of a supported layer; a clear error for anything else."""
-    if isinstance(module, nn.Linear):
+    if isinstance(module, (nn.Linear, TransposedLinear)):
         return LayerSpec("linear", module.out_features, module.in_features)
-    if isinstance(module, TransposedLinear) or is_transposed_linear(module):
-        n_in, n_out = module.weight.shape if is_transposed_linear(module) else (module.in_features, module.out_features)
+    if is_transposed_linear(module):
+        n_in, n_out = module.weight.shape
         return LayerSpec("linear", n_out, n_in)
     for n, cls in ((1, nn.Conv1d), (2, nn.Conv2d), (3, nn.Conv3d)):
         if isinstance(module, cls):

@@ -5,6 +5,7 @@ one file system, hence the same folder)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -55,12 +56,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
+_FULL_OR_READ_ONLY = (errno.ENOSPC, getattr(errno, "EDQUOT", 122), errno.EROFS, errno.EACCES)  # EDQUOT: not on Windows
+
+
 def _write_error(path: Path, err: BaseException) -> OSError:
     """An error while writing, named by the destination (the temporary name means nothing to a user); torch's
     stream errors (a full disk gives "basic_ios::clear: iostream error") become OSErrors too."""
     code = getattr(err, "errno", None)
-    hint = "; is the disk full or the folder read-only?" if not isinstance(err, OSError) or code in (
-        28, 30, 13, 122) else ""
+    likely = not isinstance(err, OSError) or code in _FULL_OR_READ_ONLY  # torch's stream errors say nothing more
+    hint = "; is the disk full or the folder read-only?" if likely else ""
     message = f"{path}: could not be written ({getattr(err, 'strerror', None) or err}){hint}"
     return OSError(code, message) if code is not None else OSError(message)
 

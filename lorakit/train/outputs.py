@@ -46,15 +46,14 @@ class OutputNames:
     def check_kinds(self, states: bool, samples: bool) -> None:
         """Output paths that exist as the wrong kind (a folder named like the final adapter, a file named like the
         final state or the sample folder) would fail the run at its end, after all the training: refused first."""
-        wrong = [(self.final(), "a folder", Path.is_dir)]
+        wrong = [(self.final(), "a folder", Path.is_dir, "output")]
         if states:
-            wrong.append((self.final_state(), "a file", Path.is_file))
+            wrong.append((self.final_state(), "a file", Path.is_file, "output"))
         if samples:
-            wrong.append((self.sample_dir(), "a file", Path.is_file))
-        for path, kind, test in wrong:
+            wrong.append((self.sample_dir(), "a file", Path.is_file, "samples"))
+        for path, kind, test, what in wrong:
             if test(path):
-                raise FileExistsError(f"{path}: is {kind}, where this run writes its "
-                                      f"{'samples' if path == self.sample_dir() else 'output'}; move it away or "
+                raise FileExistsError(f"{path}: is {kind}, where this run writes its {what}; move it away or "
                                       "change output_dir / output_name")
 
     # --- save_last_n_*: keep the newest n saves (sd-scripts removes the one that falls out of the window) --

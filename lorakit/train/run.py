@@ -193,10 +193,7 @@ class _Run:
             net.apply()
             net.eval()  # no dropouts, as sd-scripts' network.eval()
             nets.append(net)
-        try:
-            layout = rate_layout(model.kind, c.application_layout)
-        except ValueError as e:
-            raise OptionError(str(e)) from None
+        layout = rate_layout(model.kind, c.application_layout)
         rates = ApplicationRates(nets, layout).to(self.device)
         if rates.outside:
             name, weight = next(iter(rates.outside.items()))
@@ -396,7 +393,7 @@ class _Run:
                 engine.load_state(self.resume_folder)
         if self.resume_folder:
             follow_new_length(scheduler)  # a resume with more steps: the lr schedule of the new length
-        set_train_mode(optimizer, True)  # schedule-free: a state saved in eval mode comes back in it
+            set_train_mode(optimizer, True)  # schedule-free: a state saved in eval mode comes back in it
         full_weights = engine.full_weights if engine else contextlib.nullcontext
         progress = initial_progress(c, progress, updates_per_epoch, max_steps)
         main = self.world.main
@@ -620,7 +617,7 @@ class _Sampler:
 
 def _save_adapter(net, path: Path, dtype, metadata: dict, drop_unet: bool) -> None:
     """The adapter file (atomic). Text-encoder-only runs leave out the U-Net adapters they never trained."""
-    from ..formats import add_hashes, prepare_tensors, save_file
+    from ..formats import add_hashes, prepare_tensors
     from ..network.names import split_key
 
     tensors = net.state_dict()
@@ -628,9 +625,16 @@ def _save_adapter(net, path: Path, dtype, metadata: dict, drop_unet: bool) -> No
         unet = {name for name, entry in net.entries.items() if entry.component == "unet"}
         tensors = {k: v for k, v in tensors.items() if split_key(k)[0] not in unet}
     tensors = prepare_tensors(tensors, dtype)
+    _write_tensors(path, tensors, add_hashes(tensors, metadata) if metadata else None)
+
+
+def _write_tensors(path: Path, tensors: dict, metadata: dict | None) -> None:
+    """A .safetensors file with its metadata, or (.ckpt / .pt, as sd-scripts writes them) a plain state dict."""
+    from ..formats import save_file
+
     if path.suffix == ".safetensors":
-        save_file(tensors, path, metadata=add_hashes(tensors, metadata) if metadata else None)
-    else:  # .ckpt / .pt as sd-scripts writes them: a plain state dict
+        save_file(tensors, path, metadata=metadata)
+    else:
         atomic_write(path, lambda tmp: torch.save(tensors, tmp))
 
 
@@ -639,16 +643,11 @@ def _save_rates(rates, path: Path, metadata: dict, sources) -> None:
     network's rates by block in the metadata; printed as sd-scripts prints them."""
     import json
 
-    from ..formats import save_file
-
     tensors = {k: v.detach().float().contiguous() for k, v in rates.state_dict().items()}
     meta = {**metadata, "lorakit_application_layout": rates.layout.key,
             "lorakit_application_rates": json.dumps(
                 [{"network": str(src), "rates": vals} for src, vals in zip(sources, rates.values())])}
-    if path.suffix == ".safetensors":
-        save_file(tensors, path, metadata=meta)
-    else:
-        atomic_write(path, lambda tmp: torch.save(tensors, tmp))
+    _write_tensors(path, tensors, meta)
     print(rates.describe([Path(s).name for s in sources]), flush=True)
 
 
