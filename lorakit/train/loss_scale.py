@@ -14,6 +14,18 @@ class LossScaler(torch.amp.GradScaler):
     def _unscale_grads_(self, optimizer, inv_scale, found_inf, allow_fp16):
         return super()._unscale_grads_(optimizer, inv_scale, found_inf, True)
 
+    def step_and_update(self, optimizer) -> bool:
+        """Step (skipped where a gradient is inf/NaN) and adjust the scale; True when the optimizer stepped. A
+        skip lowers the scale, which is how accelerate tells (AcceleratedOptimizer.step_was_skipped) so that its
+        scheduler holds the lr schedule for that step, as sd-scripts' runs do."""
+        if not self.is_enabled():
+            optimizer.step()
+            return True
+        before = self.get_scale()
+        self.step(optimizer)
+        self.update()
+        return self.get_scale() >= before
+
 
 def make_loss_scaler(device: torch.device, config) -> LossScaler:
     """Enabled for mixed_precision fp16 (full_fp16 included), except where something else owns the scale:

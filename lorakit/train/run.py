@@ -516,14 +516,15 @@ class _Run:
                         continue
                     micro_done, micro = micro, 0
                     optimizer_start = time.perf_counter()
+                    stepped = True
                     if engine is None and not c.fused_backward_pass:  # fused: backward() stepped each parameter
                         self.world.average_gradients(trainable)
-                        scaler.unscale_(optimizer)  # (a disabled scaler does nothing in these three)
+                        scaler.unscale_(optimizer)  # (a disabled scaler does nothing here)
                         if c.max_grad_norm and not self.explore:  # sd-scripts' appl_weights does not clip
                             torch.nn.utils.clip_grad_norm_(trainable, c.max_grad_norm)
-                        scaler.step(optimizer)  # skipped where a gradient is inf/NaN, and the scale lowered
-                        scaler.update()
-                    scheduler.step()
+                        stepped = scaler.step_and_update(optimizer)
+                    if stepped:  # fp16's skipped step holds the schedule; the step still counts, as in sd-scripts
+                        scheduler.step()
                     if engine is None:
                         optimizer.zero_grad(set_to_none=True)
                     progress.global_step += 1

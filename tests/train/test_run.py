@@ -89,6 +89,23 @@ def test_fp16_mixed_precision_scales_the_loss_and_resumes_exactly(base, tmp_path
     assert _states_equal(full, resumed)
 
 
+def test_fp16_skipped_step_holds_the_lr_schedule(base, tmp_path, monkeypatch):
+    """A step whose scaled gradients overflow is skipped: the step counts, but the lr schedule holds, as
+    accelerate's scheduler does for sd-scripts when the optimizer step was skipped. The scale starts far too high
+    and its backoff brings it into range at once, so exactly the first step is skipped."""
+    from lorakit.train import loss_scale, run
+
+    def overflowing_first(device, config):
+        return loss_scale.LossScaler(device.type, init_scale=1e30, backoff_factor=1e-26)
+
+    monkeypatch.setattr(run, "make_loss_scaler", overflowing_first)
+    train(_config(base, tmp_path, mixed_precision="fp16", max_train_steps=3, save_every_n_steps=3,
+                  save_state=True))
+    saved = torch.load(tmp_path / "t-step00000003-state" / "optimizer.pt", weights_only=True)
+    assert saved["scaler"]["scale"] < 1e30 / 2  # the first step overflowed
+    assert saved["scheduler"]["last_epoch"] == 2  # 3 steps counted, 2 of them stepped the schedule
+
+
 def test_full_fp16_scales_the_loss_and_unscales_fp16_gradients(base, tmp_path):
     """full_fp16 trains an fp16 adapter with the loss scaled too, as sd-scripts does by letting accelerate's scaler
     unscale fp16 gradients; the adapter moves and stays finite."""
