@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
-__all__ = ["atomic_write", "staging_folder", "remove_stale_temporaries"]
+__all__ = ["atomic_write", "staging_folder", "remove_stale_temporaries", "remove_folder"]
 
 _TEMPORARY = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.(tmp|old)$")  # _sibling's names: .{name}.{pid}.{hex}.{tmp|old}
 
@@ -42,6 +42,15 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
                 path.unlink()
         removed.append(path)
     return removed
+
+
+def remove_folder(path: str | os.PathLike) -> None:
+    """Delete a folder so that a kill part-way never leaves it half-deleted under its own name: it is renamed
+    aside first (what a kill leaves then is a temporary, removed at the next run's start)."""
+    path = Path(path)
+    aside = _sibling(path, "old")
+    os.replace(path, aside)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:

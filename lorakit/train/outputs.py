@@ -7,8 +7,9 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
+
+from ..formats.atomic import remove_folder
 
 __all__ = ["OutputNames"]
 
@@ -79,7 +80,7 @@ class OutputNames:
 
 
 def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
+    if path.is_dir():  # a state folder: never left half-deleted under its name, which a resume would refuse
+        remove_folder(path)
     elif path.exists():
         path.unlink()

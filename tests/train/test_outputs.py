@@ -1,0 +1,44 @@
+"""save_last_n_* clean-up: which saves go, and that a kill part-way leaves nothing that looks like a state."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from lorakit.formats import atomic
+from lorakit.train.outputs import OutputNames
+
+
+def _state(names: OutputNames, step: int):
+    folder = names.step_state(step)
+    folder.mkdir(parents=True)
+    for name in ("network.safetensors", "optimizer.pt", "train_state.json"):
+        (folder / name).write_bytes(b"x")
+    return folder
+
+
+def test_save_last_n_steps_keeps_the_newest_states(tmp_path):
+    names = OutputNames(tmp_path, "t")
+    for step in (2, 4, 6, 8):
+        _state(names, step)
+    names.prune_steps(8, every=2, keep=4, state=True)  # sd-scripts: saves older than step - keep go
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t-step00000004-state", "t-step00000006-state",
+                                                          "t-step00000008-state"]
+
+
+def test_a_kill_while_pruning_never_leaves_a_half_deleted_state_under_its_name(tmp_path, monkeypatch):
+    """A resume refuses a state folder with files missing; the old folder is renamed aside before it is deleted,
+    so what a kill leaves is a temporary, which the next run's start removes."""
+    names = OutputNames(tmp_path, "t")
+    old, new = _state(names, 2), _state(names, 4)
+
+    def killed_part_way(path, ignore_errors=False):
+        sorted(path.iterdir())[0].unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", killed_part_way)
+    with pytest.raises(KeyboardInterrupt):
+        names.prune_steps(4, every=2, keep=1, state=True)
+    left = sorted(p.name for p in tmp_path.iterdir() if p != new)
+    assert not old.exists() and len(left) == 1 and atomic._TEMPORARY.match(left[0])
