@@ -1,5 +1,6 @@
-"""What the disk caches (latents, text-encoder outputs) share: the errors a damaged ``.npz`` raises, and names that
-keep two images of one stem (``a.png``, ``a.jpg``) from sharing a file."""
+"""What the disk caches (latents, text-encoder outputs) share: the errors a damaged ``.npz`` raises, names that
+keep two images of one stem (``a.png``, ``a.jpg``) from sharing a file, and the clean-up of a killed run's
+temporaries."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 import zipfile
 from collections import Counter
 from typing import Iterable
+
+from ..formats.atomic import remove_stale_temporaries
 
 # np.load of a truncated or bit-flipped npz: a zip error (not an OSError), or a CRC error when an array is read
 READ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile)
@@ -23,3 +26,10 @@ def shared_stems(image_paths: Iterable[str]) -> set[str]:
     paths = set(image_paths)
     counts = Counter(os.path.splitext(p)[0] for p in paths)
     return {p for p in paths if counts[os.path.splitext(p)[0]] > 1}
+
+
+def remove_stale_cache_temporaries(cache_paths: Iterable[str]) -> None:
+    """The cache files' temporaries that a killed run left in their folders (cache files are written under a
+    temporary name and renamed, so a kill leaves one there, in the user's dataset folder)."""
+    for folder in sorted({os.path.dirname(p) or "." for p in cache_paths}):
+        remove_stale_temporaries(folder)

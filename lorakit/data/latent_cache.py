@@ -26,7 +26,7 @@ import torch
 
 from ..formats.atomic import atomic_write
 from ..formats.hashes import file_sha256
-from .cache_files import READ_ERRORS, cache_base, shared_stems
+from .cache_files import READ_ERRORS, cache_base, remove_stale_cache_temporaries, shared_stems
 from .dataset import ImageEntry, TrainDataset
 from .errors import DatasetError
 from .fingerprint import module_fingerprint
@@ -119,6 +119,8 @@ def cache_latents(dataset: TrainDataset, vae: torch.nn.Module, *, vae_batch_size
     pending: list[tuple[ImageEntry, str, str]] = []
     reused = 0
     shared = shared_stems(e.path for e in dataset.entries)
+    if to_disk:
+        remove_stale_cache_temporaries(cache_path(e.path, cache_dir, shared) for e in dataset.entries)
     for entry in sorted(dataset.entries, key=lambda e: (e.choice.bucket[0] * e.choice.bucket[1], e.choice.bucket)):
         subset = dataset.subsets[entry.subset]
         path = cache_path(entry.path, cache_dir, shared) if to_disk else None

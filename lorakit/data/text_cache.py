@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .cache_files import READ_ERRORS, cache_base, shared_stems
+from .cache_files import READ_ERRORS, cache_base, remove_stale_cache_temporaries, shared_stems
 from .captions import process_caption
 from .errors import DatasetError
 from .latent_cache import _write_npz
@@ -57,6 +57,7 @@ def cache_text_outputs(dataset, encode: Callable[[list[str]], tuple[torch.Tensor
     pending: list[tuple[object, str, str, str]] = []
     reused = 0
     shared = shared_stems(e.path for e in dataset.entries)
+    remove_stale_cache_temporaries(text_cache_path(e.path, shared) for e in dataset.entries)
     for entry in dataset.entries:
         subset = dataset.subsets[entry.subset]
         caption = process_caption(entry.caption, subset, random.Random(0), 1)

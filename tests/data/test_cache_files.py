@@ -38,3 +38,31 @@ def test_text_outputs_of_images_sharing_a_stem_are_kept_apart(tmp_path):
         hidden, _ = read_text_outputs(entry.te_cache_file)
         assert np.array_equal(hidden.numpy(), encode([entry.caption])[0][0].numpy())
     assert cache_text_outputs(ds, encode, "id") == {"encoded": 0, "reused": 3}
+
+
+def test_a_killed_runs_cache_temporaries_are_removed_from_the_dataset_folder(tmp_path):
+    """Cache files are written under a temporary name and renamed; those a killed run left in the image folder
+    (its process is gone) are removed when the caches are built again. Other hidden files stay."""
+    import subprocess
+    import sys
+
+    from lorakit.data.latent_cache import cache_latents
+
+    from .test_latent_cache import FakeVAE
+
+    folder = tmp_path / "imgs"
+    write_image(str(folder / "a.png"), 64, 64, seed=0)
+    (folder / "a.caption").write_text("a")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (folder / ".hidden_note").write_text("kept")
+    ds = TrainDataset(DatasetSpec([SubsetSpec(image_dir=str(folder))], resolution=64), seed=1)
+    for name, build in ((".a_lorakit.npz", lambda: cache_latents(ds, FakeVAE(), to_disk=True)),
+                        (".a_te_outputs.npz", lambda: cache_text_outputs(
+                            ds, lambda captions: (torch.zeros(len(captions), 1, 2), None), "id"))):
+        stale = folder / f"{name}.{gone}.0123abcd.tmp"
+        stale.write_bytes(b"half")
+        build()
+        assert not stale.exists(), name
+    assert sorted(p.name for p in folder.iterdir()) == [".hidden_note", "a.caption", "a.png", "a_lorakit.npz",
+                                                        "a_te_outputs.npz"]
