@@ -80,6 +80,7 @@ def create_network(model: nn.Module, text_encoders: Sequence[nn.Module] | nn.Mod
     and any adapter option (dropout, factor, dora_wd, ...), with kohya's and LyCORIS' spellings."""
     config, options, preset = check_network_kwargs(kwargs)
     cls = algorithm(config.algo)
+    preset = preset.for_algo(cls.name)
     text_encoders, arch, index = index_model(model, text_encoders, preset.lora_prefix or GENERIC_PREFIX)
     if arch is not None:
         selected = select("unet", model, preset, preset.unet_target_module, preset.unet_target_name)
@@ -179,11 +180,7 @@ def _make(item: Selected, config: NetworkConfig, algo: str, options: dict, plan:
         if not dim:
             return None  # dim 0 disables this kind of layer (or this block)
     cls = algorithm(algo)
-    allowed = COMMON_OPTIONS | cls.accepts
-    refused = sorted(set(override) - allowed)
-    if refused:
-        raise OptionError(f"{item.component} layer '{item.path}': the preset's override gives option '{refused[0]}', "
-                          f"which algo '{cls.name}' does not accept; it accepts: {', '.join(sorted(allowed))}")
+    allowed = COMMON_OPTIONS | cls.accepts  # the override holds only these (Preset.for_algo)
     merged = {k: v for k, v in {**_canonical(options), **override}.items() if k in allowed}
     if "dim" in cls.accepts and dim is not None:
         merged["dim"] = dim

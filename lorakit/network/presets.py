@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import fnmatch
+import logging
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,11 @@ except ModuleNotFoundError:  # Python 3.10
 
 from ..algos import algorithm
 from ..algos.base import COMMON_OPTIONS
-from ..algos.options import OptionError, parse_options, suggest
+from ..algos.options import OptionError, option_name, parse_options, suggest
 
+log = logging.getLogger(__name__)
 BUILTIN_DIR = Path(__file__).with_name("presets")
+_ALGO_MAPS = ("module_algo_map", "name_algo_map")
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class Preset:
     use_fnmatch: bool = False
     exclude_name: tuple[str, ...] = ()
     lora_prefix: str | None = None
+    source: str = field(default="preset", compare=False)  # where it was read from, for messages
 
     def matches(self, pattern: str, path: str) -> bool:
         """A module path matches a name when equal, when it ends with '.' + name, or by the pattern (fnmatch
@@ -57,9 +61,17 @@ class Preset:
                 return override
         return None
 
+    def for_algo(self, algo: str) -> Preset:
+        """The preset less the algo-map options that an entry's algorithm (its own `algo`, else the network's
+        `algo`) does not take, each named in a warning. LyCORIS' modules ignore such options (its own example
+        preset gives `factor` to a `lora` entry), so a LyCORIS preset builds here too."""
+        maps = {key: {entry: _drop_unused_options(f"{self.source}: {key}.{entry}", override, algo)
+                      for entry, override in getattr(self, key).items()} for key in _ALGO_MAPS}
+        return replace(self, **maps)
+
 
 _LISTS = {f.name for f in fields(Preset) if f.type == "tuple[str, ...]"}
-_KEYS = {f.name for f in fields(Preset)} - {"name"}
+_KEYS = {f.name for f in fields(Preset)} - {"name", "source"}
 
 
 def _check_override(where: str, value: Any) -> dict:
@@ -82,14 +94,22 @@ def _check_override(where: str, value: Any) -> dict:
                 raise OptionError(f"{where}: {str(err).replace(repr(key[5:]), repr(key), 1)}") from None
     if "algo" in override:
         try:
-            cls = algorithm(str(override["algo"]))
+            algorithm(str(override["algo"]))
         except OptionError as err:
             raise OptionError(f"{where}: {err}") from None
-        refused = sorted(given - COMMON_OPTIONS - cls.accepts)
-        if refused:
-            raise OptionError(f"{where}: algo '{cls.name}' does not accept option '{refused[0]}'; it accepts: "
-                              f"{', '.join(sorted(COMMON_OPTIONS | cls.accepts))}")
     return override
+
+
+def _drop_unused_options(where: str, override: dict, default_algo: str) -> dict:
+    """The entry less the adapter options its algorithm does not take, with a warning naming them."""
+    cls = algorithm(str(override.get("algo", default_algo)))
+    taken = COMMON_OPTIONS | cls.accepts | {"dim", "alpha"}  # dim/alpha: ignored by algorithms without a rank
+    unused = [k for k in override if k not in ("algo", "conv_dim", "conv_alpha") and option_name(k) not in taken]
+    if not unused:
+        return override
+    log.warning("lorakit: %s: algo '%s' does not take %s; ignored, as LyCORIS does (it takes: %s)", where, cls.name,
+                ", ".join(f"{k} = {override[k]!r}" for k in unused), ", ".join(sorted(COMMON_OPTIONS | cls.accepts)))
+    return {k: v for k, v in override.items() if k not in unused}
 
 
 def preset_from_dict(data: dict, name: str = "custom", source: str = "preset") -> Preset:
@@ -114,7 +134,7 @@ def preset_from_dict(data: dict, name: str = "custom", source: str = "preset") -
                 raise OptionError(f"{source}: preset key '{key}' must be a table, got {value!r}")
             value = {k: _check_override(f"{source}: {key}.{k}", v) for k, v in value.items()}
         values[key] = value
-    return Preset(name=name, **values)
+    return Preset(name=name, source=source, **values)
 
 
 def builtin_presets() -> list[str]:

@@ -6,7 +6,9 @@ Selections are checked against names computed here from the models themselves, n
 from __future__ import annotations
 
 import copy
+import logging
 import os
+import re
 
 import pytest
 import torch
@@ -411,11 +413,6 @@ algo = "loha"
      r"bad.toml: module_algo_map.Attention: unknown adapter option 'factr' \(did you mean 'factor'\?\)"),
     ("[module_algo_map.Attention]\nalgo = 'lokr'\nfactor = 'four'",
      r"module_algo_map.Attention: option 'factor': expected an integer, got 'four'"),
-    ("[module_algo_map.Attention]\nalgo = 'ia3'\nfactor = 4",
-     r"bad.toml: module_algo_map.Attention: algo 'ia3' does not accept option 'factor'; it accepts: "
-     r"module_dropout, multiplier, train_on_input"),
-    ("[name_algo_map.'*.to_k']\nalgo = 'lora'\ntrain_on_input = true",
-     r"name_algo_map.\*.to_k: algo 'lora' does not accept option 'train_on_input'"),
     ("[name_algo_map.'*.to_k']\ndropout = 'much'", r"name_algo_map.\*.to_k: option 'dropout'"),
     ("[module_algo_map.ResnetBlock2D]\nconv_dim = 'abc'",
      r"bad.toml: module_algo_map.ResnetBlock2D: option 'conv_dim': expected an integer, got 'abc'"),
@@ -450,18 +447,136 @@ def test_missing_preset_file_and_unknown_name(tmp_path):
         load_preset("ful")
 
 
-def test_override_option_the_networks_algo_does_not_take():
-    """An override without `algo` gives options to the network's algorithm: ones it does not take are an error at
-    create time (naming the layer), not silently dropped."""
+def test_an_entry_option_its_algo_does_not_take_is_ignored_with_a_warning(tmp_path, caplog):
+    """LyCORIS' modules ignore options they do not take, in an entry with its own algo or with the network's: the
+    entry builds, and the warning names the file, the entry and the option."""
+    text = """
+unet_target_module = ["Transformer2DModel"]
+[module_algo_map.Attention]
+algo = "ia3"
+factor = 4
+[name_algo_map.proj_in]
+train_on_input = true
+dim = 6
+"""
     unet, tes = tiny_model("sd1")
-    preset = {"unet_target_module": ["Transformer2DModel"], "module_algo_map": {"Attention": {"factor": 4}}}
-    with pytest.raises(OptionError, match=r"unet layer 'down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q': "
-                                          r"the preset's override gives option 'factor', which algo 'lora' does not "
-                                          r"accept"):
-        create_network(unet, tes, preset=preset, algo="lora")
-    net = create_network(unet, tes, preset=preset, algo="lokr", dim=2)
-    assert {a.options.factor for p, a in by_path(net, "unet").items() if ".attn" in p} == {4}
-    assert {a.options.factor for p, a in by_path(net, "unet").items() if ".attn" not in p} == {-1}
+    with caplog.at_level(logging.WARNING):
+        net = create_network(unet, tes, preset=str(write(tmp_path, text, "loose.toml")), algo="lora", dim=4)
+    assert re.search(r"preset file .*loose.toml: module_algo_map.Attention: algo 'ia3' does not take factor = 4; "
+                     r"ignored", caplog.text)
+    assert re.search(r"loose.toml: name_algo_map.proj_in: algo 'lora' does not take train_on_input = True; "
+                     r"ignored", caplog.text)
+    layers = by_path(net, "unet")
+    assert {a.name for p, a in layers.items() if p in under_class(unet, {"Attention"})} == {"ia3"}
+    assert {(a.name, a.rank) for p, a in layers.items() if p.endswith("proj_in")} == {("lora", 6)}
+    # with an algo that takes the option, the same entry gives it
+    net = create_network(unet, tes, preset={"unet_target_module": ["Transformer2DModel"],
+                                            "name_algo_map": {"proj_in": {"factor": 2}}}, algo="lokr", dim=2)
+    assert {a.options.factor for p, a in by_path(net, "unet").items() if p.endswith("proj_in")} == {2}
+
+
+# KohakuBlueleaf/LyCORIS example_configs/preset_configs/example.toml, verbatim
+LYCORIS_EXAMPLE_PRESET = """enable_conv = true
+
+# An example for use different algo/settings in "full" preset
+unet_target_module = [
+  "Transformer2DModel",
+  "ResnetBlock2D",
+  "Downsample2D",
+  "Upsample2D",
+  "HunYuanDiTBlock",
+  "DoubleStreamBlock",
+  "SingleStreamBlock",
+  "SingleDiTBlock",
+  "MMDoubleStreamBlock",       #HunYuanVideo
+  "MMSingleStreamBlock",       #HunYuanVideo
+  "JointTransformerBlock",     # lumina-image-2
+  "FinalLayer",                # lumina-image-2
+  "QwenImageTransformerBlock", # Qwen
+  "LensTransformerBlock",      # Lens
+  "Ideogram4TransformerBlock", # Ideogram 4
+  "ZImageTransformerBlock",
+  "AceStepEncoderLayer",
+  "AceStepDiTLayer",
+  "TextFusionBlock",          # Krea 2
+]
+unet_target_name = [
+  "conv_in",
+  "conv_out",
+  "time_embedding.linear_1",
+  "time_embedding.linear_2",
+]
+text_encoder_target_module = [
+  "CLIPAttention",
+  "CLIPSdpaAttention",
+  "CLIPMLP",
+  "MT5Block",
+  "BertLayer",
+  "Gemma2Attention",
+  "Gemma2FlashAttention2",
+  "Gemma2SdpaAttention",
+  "Gemma2MLP",
+]
+text_encoder_target_name = [
+  # "token_embedding", # not supported, Embedding module in CLIP
+]
+
+
+[module_algo_map]
+[module_algo_map.CrossAttention] # Attention Layer in UNet
+algo = "lokr"
+dim = 10000000000000
+factor = 64          # Try to fit the head dim (doesn't have special effect)
+
+[module_algo_map.FeedForward] # MLP Layer in UNet
+algo = "lokr"
+dim = 100000000000 # Trigger full matrix
+factor = 12
+
+[module_algo_map.ResnetBlock2D] # ResBlock in UNet
+algo = "lora"
+dim = 4
+alpha = 1
+use_tucker = true # Use tucker decomposition for convolution
+factor = 8
+
+[module_algo_map.CLIPAttention] # Attention Layer in TE
+algo = "lora"
+dim = 8
+alpha = 1
+
+[module_algo_map.CLIPMLP] # MLP Layer in TE
+algo = "lokr"
+dim = 100000000000 # Trigger full matrix
+"""
+
+
+def test_lycoris_example_preset_builds(tmp_path, caplog):
+    """LyCORIS' own example preset (a `lora` entry with `factor = 8`, which LyCORIS' LoCon ignores) builds with
+    each entry's algorithm and dim, and the ignored option is named."""
+    unet, tes = tiny_model("sd1")
+    with caplog.at_level(logging.WARNING):
+        net = create_network(unet, tes, preset=str(write(tmp_path, LYCORIS_EXAMPLE_PRESET, "example.toml")),
+                             dim=2, alpha=2)
+    assert re.search(r"preset file .*example.toml: module_algo_map.ResnetBlock2D: algo 'lora' does not take "
+                     r"factor = 8; ignored", caplog.text)
+    any_layer = lambda layer: isinstance(layer, (nn.Linear, nn.Conv2d))  # noqa: E731
+    classes = {"Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"}
+    names = {"conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2"}
+    unet_layers = by_path(net, "unet")
+    assert set(unet_layers) == under_class(unet, classes, any_layer) | names
+    in_resnets, in_ff = under_class(unet, {"ResnetBlock2D"}, any_layer), under_class(unet, {"FeedForward"}, any_layer)
+    for path, a in unet_layers.items():
+        if path in in_ff:
+            assert a.name == "lokr" and "lokr_w2" in a.state_dict(), path  # the huge dim: full-matrix LoKr
+        elif path in in_resnets:
+            assert (a.name, a.rank, a.alpha, a.options.use_tucker) == ("lora", 4, 1.0, True), path
+        else:  # no entry: the network's (CrossAttention is no class of a current diffusers U-Net)
+            assert (a.name, a.rank, a.alpha, a.options.use_tucker) == ("lora", 2, 2.0, False), path
+    te = by_path(net, "text_encoder")
+    assert set(te) == under_class(tes[0], {"CLIPAttention", "CLIPMLP"}, any_layer)
+    assert {(a.name, a.rank, a.alpha) for p, a in te.items() if ".self_attn." in p} == {("lora", 8, 1.0)}
+    assert {a.name for p, a in te.items() if ".mlp." in p} == {"lokr"}
 
 
 def test_lycoris_option_spellings_reach_the_adapters():
