@@ -202,3 +202,21 @@ def _thumbnail(value: str | os.PathLike) -> str:
         raise ModelSpecError(f"modelspec.thumbnail: {path}: not an image file type (got {mime})")
     with open(path, "rb") as f:
         return f"data:{mime};base64,{base64.b64encode(f.read()).decode('ascii')}"
+
+
+def base_model_version(kind: str, v_parameterization: bool = False) -> str:
+    """ss_base_model_version as sd-scripts writes it (model_util.get_model_version_str_for_sd1_sd2, and SDXL's
+    constant): "sd_v1"/"sd_v2", "_v" added for v-prediction; "sdxl_base_v1-0"."""
+    if kind == "sdxl":
+        return "sdxl_base_v1-0"
+    return ("sd_v2" if kind == "sd2" else "sd_v1") + ("_v" if v_parameterization else "")
+
+
+def with_base_model_keys(metadata: dict[str, str], kind: str | None) -> dict[str, str]:
+    """``metadata`` with sd-scripts' ss_v2 and ss_base_model_version for a LoRA of ``kind`` ("sd1", "sd2",
+    "sdxl"), where it has neither. A1111 tells an SDXL LoRA by ss_base_model_version and takes any other file
+    with metadata for SD1, hiding it from its Lora tab while an SDXL model is loaded."""
+    if kind not in ("sd1", "sd2", "sdxl") or "ss_base_model_version" in metadata or "ss_v2" in metadata:
+        return metadata
+    return {**metadata, "ss_v2": str(kind == "sd2"), "ss_base_model_version": base_model_version(kind)}
+

@@ -217,11 +217,13 @@ class Network(nn.Module):
         return limit_change_norms(self.adapters(), max_norm_value)
 
     def save(self, path, dtype: torch.dtype | None = None, metadata: Mapping[str, str] | None = None) -> None:
-        """Write the adapters as safetensors (LyCORIS/kohya layout) atomically, with metadata and kohya's hashes."""
+        """Write the adapters as safetensors (LyCORIS/kohya layout) atomically, with metadata, kohya's hashes and, for
+        a Stable Diffusion network, the base model keys UIs sort LoRAs by (unless ``metadata`` has them)."""
         from ..formats import add_hashes, prepare_tensors, save_file
+        from ..formats.modelspec import with_base_model_keys
 
         tensors = prepare_tensors(self.state_dict(), dtype)
-        meta = dict(metadata or {})
+        meta = with_base_model_keys(dict(metadata or {}), self.arch)
         meta = add_hashes(tensors, meta)
         save_file(tensors, path, metadata=meta)
 

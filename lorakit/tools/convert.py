@@ -12,8 +12,10 @@ import torch
 from ..formats import add_hashes, load_file, save_file
 from ..formats.dtypes import parse_dtype
 from ..formats.peft_layout import LayoutError, detect_layout, kohya_to_peft, peft_to_kohya, rename_unet
+from ..formats.modelspec import with_base_model_keys
 from ..network.load import read_adapter_tensors, warn_non_finite
 from .cli_common import refuse_overwrite
+from .merge import with_named_base_model
 
 __all__ = ["ConvertError", "ConvertReport", "convert", "TARGETS"]
 
@@ -102,6 +104,7 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, to: str | None
             out, meta = dict(tensors), dict(metadata)
     except LayoutError as e:
         raise ConvertError(f"{where}: {e}") from None
+    meta = with_base_model_keys(meta, arch) if arch else with_named_base_model(meta, tensors, out)
     if cast is not None:
         out = {k: (v.to(cast) if v.is_floating_point() else v)
                for k, v in _progress(out.items(), len(out), "cast", progress)}

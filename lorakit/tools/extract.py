@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..train.metadata import base_model_version
+from ..formats.modelspec import base_model_version
 from . import lowrank
 
 __all__ = ["extract_lora", "ExtractResult", "extract_layer", "progress"]

@@ -135,6 +135,15 @@ def adapter_arch(keys) -> str | None:
     return None
 
 
+def with_named_base_model(meta: dict[str, str], *key_sets) -> dict[str, str]:
+    """``meta`` with SDXL's base model keys where the adapter names (any of ``key_sets``) tell SDXL and ``meta``
+    has none (with_base_model_keys); SD1 from SD2 only a file's own keys tell."""
+    from ..formats.modelspec import with_base_model_keys
+
+    sdxl = any(adapter_arch(keys) == "sdxl" for keys in key_sets)
+    return with_base_model_keys(meta, "sdxl") if sdxl else meta
+
+
 def _arch_family(kind: str) -> str:
     return "sdxl" if kind == "sdxl" else "sd"
 
@@ -257,7 +266,10 @@ def merged_lora_metadata(meta: dict[str, str], kind: str | None, save_to, files:
     """A merged LoRA's metadata: `meta` plus the sai modelspec (title from the output name, merged_from the
     inputs); without `modelspec` only the ss_* keys, as kohya's merge scripts keep with --no_metadata."""
     from ..formats import build_modelspec
+    from ..formats.modelspec import with_base_model_keys
 
+    if kind == "sdxl":  # the names tell SDXL; SD1 from SD2 only the inputs' keys do
+        meta = with_base_model_keys(meta, kind)
     if not modelspec:
         return {k: v for k, v in meta.items() if k.startswith("ss_")}
     return {**meta, **build_modelspec(kind or "sd1", title=Path(os.fspath(save_to)).stem, is_lora=True,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import lowrank
+from .merge import with_named_base_model
 
 __all__ = ["lora_modules", "module_factors", "resize_lora", "ResizeResult", "fro_summary"]
 
@@ -128,8 +129,9 @@ def resize_lora(source, new_rank: int, out=None, *, new_conv_rank: int | None = 
                 new["dora_scale"] = sub["dora_scale"]
             result.tensors.update({f"{name}.{k}": v for k, v in new.items()})
     result.tensors.update(other)
-    result.metadata = _metadata(metadata, result, new_rank, new_conv_rank, dynamic_method, dynamic_param, dylora,
-                                max(old_ranks))
+    result.metadata = with_named_base_model(
+        _metadata(metadata, result, new_rank, new_conv_rank, dynamic_method, dynamic_param, dylora, max(old_ranks)),
+        result.tensors)
     if out is not None:
         from ..formats import add_hashes, prepare_tensors, save_file
 

@@ -8,7 +8,7 @@ import os
 import time
 from typing import Any
 
-from ..formats.modelspec import build_modelspec
+from ..formats.modelspec import base_model_version, build_modelspec
 
 __all__ = ["training_metadata", "progress_metadata"]
 
@@ -118,14 +118,6 @@ def progress_metadata(base: dict[str, str], *, epoch: int, step: int, title: str
     if title:
         meta["modelspec.title"] = title
     return meta
-
-
-def base_model_version(kind: str, v_parameterization: bool) -> str:
-    """ss_base_model_version as sd-scripts writes it (model_util.get_model_version_str_for_sd1_sd2, and SDXL's
-    constant): "sd_v1"/"sd_v2", "_v" added for v-prediction; "sdxl_base_v1-0"."""
-    if kind == "sdxl":
-        return "sdxl_base_v1-0"
-    return ("sd_v2" if kind == "sd2" else "sd_v1") + ("_v" if v_parameterization else "")
 
 
 def _timestep_range(config):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lorakit.tools.concat import _is_v2
-from lorakit.train.metadata import base_model_version
+from lorakit.formats.modelspec import base_model_version
 
 
 @pytest.mark.parametrize("kind,v,expected", [
