@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Iterable, Mapping
 
-from ..algos.options import OptionError, suggest
+from ..algos.options import OptionError, option_name, suggest
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +61,23 @@ def network_kwargs(network_module: str, network_args: Iterable[str],
             raise OptionError(f"network_args algo={algo} contradicts network_module {module!r} (which is {implied}); "
                               f"use network_module = 'lorakit' to choose the algorithm")
         kwargs["algo"] = implied
+        if module == "networks.lora":
+            _rescale_rank_dropout_as_sd_scripts(kwargs)
         if "preset" not in kwargs:  # sd-scripts' own target sets: the transformer blocks, with conv_dim the ResNets too
             conv = kwargs.get("conv_dim", "").strip() not in ("", "0", "None")
             kwargs["preset"] = "attn-mlp-convblock" if conv else "attn-mlp"
             if conv and "conv_alpha" not in kwargs:
                 kwargs["conv_alpha"] = "1.0"  # sd-scripts' default when conv_dim is given without it
     return kwargs
+
+
+def _rescale_rank_dropout_as_sd_scripts(kwargs: dict[str, str]) -> None:
+    """sd-scripts' LoRAModule.forward always divides the kept rank components by (1 - rank_dropout), so a training
+    step sees the eval-time change on average; lorakit's lora follows LyCORIS (no rescale) unless
+    rank_dropout_scale is set: networks.lora sets it, unless network_args give it."""
+    given = {option_name(key) for key in kwargs}
+    if "rank_dropout" in given and "rank_dropout_scale" not in given:
+        kwargs["rank_dropout_scale"] = "true"
 
 
 def check_network_args(values: Mapping[str, Any], given: frozenset) -> None:

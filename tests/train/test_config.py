@@ -205,6 +205,9 @@ def test_kohya_gui_config_loads_unchanged(tmp_path):
     ("networks.lora", ["conv_dim=4", "conv_alpha=2"], {"algo": "lora", "conv_dim": "4", "conv_alpha": "2",
                                                        "preset": "attn-mlp-convblock"}),
     ("networks.dylora", ["preset=full"], {"algo": "dylora", "preset": "full"}),  # a preset given is kept
+    # sd-scripts' LoRAModule rescales the kept rank components by 1/(1 - rank_dropout)
+    ("networks.lora", ["rank_dropout=0.1"], {"algo": "lora", "rank_dropout": "0.1", "rank_dropout_scale": "true",
+                                             "preset": "attn-mlp"}),
     ("lorakit", ["conv_dim=4"], {"conv_dim": "4"}),  # lorakit's own defaults (preset full) elsewhere
 ])
 def test_sd_scripts_network_modules_select_sd_scripts_layers(module, args, expected):
