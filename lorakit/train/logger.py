@@ -8,7 +8,7 @@ import time
 
 from .tracker_config import loggable_config, tracker_init_kwargs
 
-__all__ = ["TrainLogger", "lr_logs", "missing_tracker_packages"]
+__all__ = ["TrainLogger", "lr_logs", "max_norm_logs", "missing_tracker_packages"]
 
 
 def missing_tracker_packages(config) -> list[str]:
@@ -55,20 +55,25 @@ class TrainLogger:
             run = wandb.init(config=run_config, **settings)
             self.writers.append(_Wandb(run))
 
-    def step(self, loss: float, lrs: list[float], step: int, epoch: int, groups: list[dict] | None = None) -> None:
+    def step(self, loss: float, lrs: list[float], step: int, epoch: int, groups: list[dict] | None = None,
+             max_norm: tuple[int, float, float] | None = None) -> None:
         """One optimizer step: `lrs` the scheduler's last lrs, `groups` the optimizer's param_groups (for the lr
-        metrics' names and D-Adaptation/Prodigy's d, see lr_logs)."""
+        metrics' names and D-Adaptation/Prodigy's d, see lr_logs), `max_norm` what scale_weight_norms' regularisation
+        returned (adapters scaled, mean and maximum norm)."""
         self.losses.append(loss)
         window = self.losses[-100:]  # sd-scripts shows the mean over the last epoch's steps; 100 is steadier
         average = sum(window) / len(window)
-        logs = {"loss/current": loss, "loss/average": average, **lr_logs(lrs, groups)}
+        logs = {"loss/current": loss, "loss/average": average, **max_norm_logs(max_norm), **lr_logs(lrs, groups)}
         for writer in self.writers:
             writer.log(logs, step)
+        shown = {} if max_norm is None else {"Keys Scaled": max_norm[0], "Average key norm": f"{max_norm[1]:.4g}"}
         if self._bar is not None:
-            self._bar.set_postfix(avr_loss=f"{average:.4f}", lr=f"{lrs[0]:.2e}", epoch=epoch)
+            self._bar.set_postfix(**shown, avr_loss=f"{average:.4f}", lr=f"{lrs[0]:.2e}", epoch=epoch)
             self._bar.update(1)
         elif not self.quiet:
-            print(f"step {step} epoch {epoch} loss {loss:.4f} avr_loss {average:.4f} lr {lrs[0]:.2e}", flush=True)
+            extra = "".join(f" {key.lower().replace(' ', '_')} {value}" for key, value in shown.items())
+            print(f"step {step} epoch {epoch} loss {loss:.4f} avr_loss {average:.4f} lr {lrs[0]:.2e}{extra}",
+                  flush=True)
 
     def validation(self, kind: str, loss: float, step: int, epoch: int) -> None:
         """sd-scripts' validation logs (``kind`` "step" or "epoch"); epoch logs go at x = epoch, as there."""
@@ -89,6 +94,16 @@ class TrainLogger:
             self._bar.close()
         for writer in self.writers:
             writer.close()
+
+
+def max_norm_logs(max_norm: tuple[int, float, float] | None) -> dict[str, float]:
+    """sd-scripts' scale_weight_norms metrics (train_network.py generate_step_logs): the adapters scaled this step,
+    the mean and the largest norm after scaling. None (no scale_weight_norms): none."""
+    if max_norm is None:
+        return {}
+    keys_scaled, mean_norm, maximum_norm = max_norm
+    return {"max_norm/keys_scaled": keys_scaled, "max_norm/average_key_norm": mean_norm,
+            "max_norm/max_key_norm": maximum_norm}
 
 
 def lr_logs(lrs: list[float], groups: list[dict] | None = None) -> dict[str, float]:

@@ -529,11 +529,11 @@ class _Run:
                         optimizer.zero_grad(set_to_none=True)
                     progress.global_step += 1
                     progress.step_in_epoch = index + 1
-                    if c.scale_weight_norms:
-                        net.apply_max_norm_regularization(c.scale_weight_norms)
+                    # (adapters scaled, mean and max norm), logged as sd-scripts does
+                    max_norm = net.apply_max_norm_regularization(c.scale_weight_norms) if c.scale_weight_norms else None
                     # the step's loss: the mean over its accumulated batches (sd-scripts records every one)
                     logger.step(step_loss.item() / micro_done, scheduler.get_last_lr(), progress.global_step, epoch,
-                                groups=optimizer.param_groups)
+                                groups=optimizer.param_groups, max_norm=max_norm)
                     if validate and c.validate_every_n_steps and progress.global_step % c.validate_every_n_steps == 0:
                         logger.validation("step", evaluate(), progress.global_step, epoch)
                     clock["optimizer_and_log"] += time.perf_counter() - optimizer_start

@@ -68,3 +68,39 @@ def test_without_the_groups_the_lrs_are_numbered():
     logger.writers.append(recorder := _Recorder())
     logger.step(0.5, [1e-3, 1e-4], 1, 1)
     assert {k for k in recorder.logs[0] if k.startswith("lr/")} == {"lr/group0", "lr/group1"}
+
+
+def test_max_norm_metrics_have_sd_scripts_names():
+    """scale_weight_norms: sd-scripts logs max_norm/keys_scaled, average_key_norm and max_key_norm every step."""
+    logger = TrainLogger(load_train_config(overrides={}), total=2, quiet=True)
+    logger.writers.append(recorder := _Recorder())
+    logger.step(0.5, [1e-3], 1, 1, max_norm=(3, 0.5, 1.0))
+    logger.step(0.5, [1e-3], 2, 1)
+    assert {k: v for k, v in recorder.logs[0].items() if k.startswith("max_norm/")} == {
+        "max_norm/keys_scaled": 3, "max_norm/average_key_norm": 0.5, "max_norm/max_key_norm": 1.0}
+    assert not any(k.startswith("max_norm/") for k in recorder.logs[1])  # no scale_weight_norms: none
+
+
+def test_a_run_with_scale_weight_norms_logs_what_the_regularisation_returns(tmp_path, monkeypatch):
+    """The trainer hands each step's (adapters scaled, mean norm, max norm) to the logger."""
+    from pathlib import Path
+
+    from lorakit.network.network import Network
+    from lorakit.train.run import train
+
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(root)  # the example's paths are relative to the repository
+    returned, recorder = [], _Recorder()
+    regularise = Network.apply_max_norm_regularization
+    monkeypatch.setattr(Network, "apply_max_norm_regularization",
+                        lambda self, *a, **k: returned.append(regularise(self, *a, **k)) or returned[-1])
+    start = TrainLogger.__init__
+    monkeypatch.setattr(TrainLogger, "__init__",
+                        lambda self, *a, **k: start(self, *a, **k) or self.writers.append(recorder))
+    config = load_train_config(root / "examples" / "quickstart.toml", overrides={
+        "output_dir": str(tmp_path), "sample_prompts": None, "sample_at_first": False, "sample_every_n_steps": None,
+        "max_train_steps": 2, "scale_weight_norms": 1e-4, "train_batch_size": 2, "cache_latents": False})
+    train(config)
+    logged = [tuple(logs[f"max_norm/{k}"] for k in ("keys_scaled", "average_key_norm", "max_key_norm"))
+              for logs in recorder.logs]
+    assert len(returned) == 2 and logged == returned and returned[-1][0] > 0
