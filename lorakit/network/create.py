@@ -22,6 +22,10 @@ _COMPONENTS = ("text_encoder", "text_encoder_2")
 # LyCORIS' defaults (lycoris/kohya.py create_network) where lorakit's differ: given to an algorithm that does not
 # use it, such a value changes nothing in LyCORIS either
 _LYCORIS_DEFAULTS = {"bypass_mode": False, "block_size": 4, "dora_axis": "out"}  # dora_axis: wd_on_output=True
+# algo 'norm' alone adapts nothing: norm layers get adapters only with train_norm, and the other layers need another
+# algorithm
+_NORM_HINT = ("; LayerNorm/GroupNorm layers are trained with the option train_norm=true (whatever algo is: algo is "
+              "the algorithm of the Linear/Conv layers; dim=0 and conv_dim=0 train the norm layers alone)")
 
 
 def _is_sd_unet(model: nn.Module) -> bool:
@@ -100,8 +104,9 @@ def create_network(model: nn.Module, text_encoders: Sequence[nn.Module] | nn.Mod
         name = index.name_of(item.component, item.path)
         adapters[name], entries[name] = made, Entry(item.component, item.path)
     if not adapters:
+        hint = _NORM_HINT if cls.name == "norm" and not config.train_norm else ""
         raise ValueError(f"preset '{preset.name}' selected no layer of this model for algo '{cls.name}' "
-                         f"(dim={config.dim}, conv_dim={config.conv_dims[0]})")
+                         f"(dim={config.dim}, conv_dim={config.conv_dims[0]}){hint}")
     # a 1x1 orthogonal block is the identity: an output count with no factor near dim (a prime) rotates nothing
     fixed = [name for name, a in adapters.items() if getattr(a, "oft_blocks", None) is not None
              and a.oft_blocks.shape[-1] == 1]
@@ -191,7 +196,8 @@ def _make(item: Selected, config: NetworkConfig, algo: str, options: dict, plan:
         extra = {"strict_factor": False} if cls.name == "lokr" else {}
         return make_adapter(cls.name, module, **merged, **extra)
     except (OptionError, ValueError, TypeError) as err:
-        raise type(err)(f"{item.component} layer '{item.path}' ({type(module).__name__}): {err}") from None
+        hint = _NORM_HINT if cls.name == "norm" and not isinstance(module, NORMS) else ""
+        raise type(err)(f"{item.component} layer '{item.path}' ({type(module).__name__}): {err}{hint}") from None
 
 
 def _canonical(options: dict) -> dict:

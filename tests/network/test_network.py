@@ -68,6 +68,17 @@ def test_train_norm_adds_norm_adapters():
     assert norms and all("norm" in n for n in norms)
 
 
+@pytest.mark.parametrize("preset", [None, {"target_module": ["LayerNorm", "GroupNorm"]}])
+def test_algo_norm_without_train_norm_names_the_option(preset):
+    """Norm layers get adapters only with train_norm; algo 'norm' is refused on the Linear/Conv layers."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Conv1d(8, 8, 1), nn.GroupNorm(2, 8))
+    kwargs = {} if preset is None else {"preset": preset}
+    with pytest.raises(ValueError, match=r"LayerNorm/GroupNorm layers are trained with the option train_norm=true"):
+        create_network(model, algo="norm", **kwargs)
+    net = create_network(model, algo="lora", dim=0, conv_dim=0, train_norm=True, **kwargs)  # what the hint says
+    assert {n: a.name for n, a in net.adapters()} == {"lycoris_1": "norm", "lycoris_3": "norm"}
+
+
 @pytest.mark.parametrize("kind", ["sd1", "sdxl"])
 @pytest.mark.parametrize("algo,options", [("lora", {}), ("loha", {}), ("lokr", {"factor": 4}), ("ia3", {}),
                                           ("diag-oft", {"dim": 2}), ("lora", {"dora_wd": True})])
