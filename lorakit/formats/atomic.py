@@ -35,11 +35,7 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
         if match is None or _alive(int(match.group(1))):
             continue
         path = Path(entry.path)
-        if entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                path.unlink()
+        _remove_entry(path)
         removed.append(path)
     return removed
 
@@ -68,34 +64,69 @@ def _alive(pid: int) -> bool:
 _FULL_OR_READ_ONLY = (errno.ENOSPC, getattr(errno, "EDQUOT", 122), errno.EROFS, errno.EACCES)  # EDQUOT: not on Windows
 
 
+_RUST_IO_ERROR = re.compile(r"I/O error: (.+?) \(os error (\d+)\)")  # how safetensors' Rust side reports one
+
+
 def _write_error(path: Path, err: BaseException) -> OSError:
     """An error while writing, named by the destination (the temporary name means nothing to a user); torch's
-    stream errors (a full disk gives "basic_ios::clear: iostream error") become OSErrors too."""
-    code = getattr(err, "errno", None)
-    likely = not isinstance(err, OSError) or code in _FULL_OR_READ_ONLY  # torch's stream errors say nothing more
+    stream errors (a full disk gives "basic_ios::clear: iostream error") and safetensors' SafetensorError ("I/O
+    error: ... (os error 28) at path <its temporary>") become OSErrors too."""
+    code, reason = getattr(err, "errno", None), getattr(err, "strerror", None)
+    rust = _RUST_IO_ERROR.search(str(err)) if code is None else None
+    if rust is not None:
+        reason, code = rust.group(1), int(rust.group(2))
+    likely = code in _FULL_OR_READ_ONLY or (code is None and not isinstance(err, OSError))
     hint = "; is the disk full or the folder read-only?" if likely else ""
-    message = f"{path}: could not be written ({getattr(err, 'strerror', None) or err}){hint}"
+    message = f"{path}: could not be written ({reason or err}){hint}"
     return OSError(code, message) if code is not None else OSError(message)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None], fsync: bool = False) -> None:
+def _is_write_error(err: BaseException) -> bool:
+    return isinstance(err, (OSError, RuntimeError)) or type(err).__name__ == "SafetensorError"
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], fsync: bool = False,
+                 writer_temporaries: bool = False) -> None:
     """``write(tmp)`` writes the file at ``tmp``; it is then renamed to ``path`` (parent folders are created).
-    ``fsync``: flush the data to disk before the rename makes it visible."""
+    ``fsync``: flush the data to disk before the rename makes it visible. ``writer_temporaries``: ``write`` makes
+    temporaries of its own next to ``tmp`` (safetensors >= 0.8 does, with private permissions), so ``tmp`` lies in
+    a temporary folder of ours, which a kill leaves for the next run's clean-up; the file gets the permissions the
+    umask gives new files."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling(path, "tmp")
+    stage = _sibling(path, "tmp")
+    tmp = stage / path.name if writer_temporaries else stage
     try:
+        if writer_temporaries:
+            stage.mkdir()
         write(str(tmp))
         if fsync:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
+        if writer_temporaries:
+            os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException as err:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        if isinstance(err, (OSError, RuntimeError)):
+        _remove_entry(stage)
+        if _is_write_error(err):
             raise _write_error(path, err) from err
         raise
+    if writer_temporaries:
+        _remove_entry(stage)
+
+
+def _remove_entry(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -118,6 +149,6 @@ def staging_folder(target: str | os.PathLike) -> Iterator[Path]:
             os.replace(tmp, target)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, (OSError, RuntimeError)) and not isinstance(err, NotADirectoryError):
+        if _is_write_error(err) and not isinstance(err, NotADirectoryError):
             raise _write_error(target, err) from err
         raise

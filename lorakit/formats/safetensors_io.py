@@ -100,7 +100,8 @@ def save_file(
     meta = check_metadata(metadata)
     if os.path.isdir(path):
         raise IsADirectoryError(f"{path}: is a folder; expected a file path to save the tensors to")
-    atomic_write(path, lambda tmp: safetensors.torch.save_file(prepared, tmp, metadata=meta), fsync=True)
+    atomic_write(path, lambda tmp: safetensors.torch.save_file(prepared, tmp, metadata=meta), fsync=True,
+                 writer_temporaries=True)
 
 
 def read_header(path: str | os.PathLike) -> dict:

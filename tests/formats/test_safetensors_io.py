@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import struct
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -280,3 +281,43 @@ def test_temporaries_of_killed_writers_are_removed_and_those_of_running_ones_kep
     (tmp_path / "t.safetensors").write_bytes(b"x")
     removed = remove_stale_temporaries(tmp_path)
     assert len(removed) == 2 and sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, "t.safetensors"])
+
+
+def test_safetensors_own_errors_and_temporaries_stay_under_lorakits_names(tmp_path, monkeypatch):
+    """safetensors >= 0.8 writes through a .tmpXXXXXX file of its own, with private permissions, and reports an
+    I/O error as SafetensorError naming that file. Its temporary lies in a temporary folder of lorakit's (so the
+    clean-up of a killed run finds it), the error names the destination and the cause, and the saved file has
+    the permissions the umask gives."""
+    import safetensors.torch
+
+    from lorakit.formats import atomic
+    from lorakit.formats.safetensors_io import save_file
+
+    seen = []
+    real = safetensors.torch.save_file
+
+    def recording(tensors, path, metadata=None):
+        seen.append(Path(path))
+        real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", recording)
+    target = tmp_path / "a.safetensors"
+    save_file({"w": torch.ones(2)}, target)
+    stage = seen[0].parent
+    assert stage.parent == tmp_path and atomic._TEMPORARY.match(stage.name) and not stage.exists()
+    assert list(tmp_path.iterdir()) == [target]
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask
+
+    def full_disk(tensors, path, metadata=None):
+        Path(path).with_name(".tmpAbC123").write_bytes(b"partial")
+        raise safetensors.SafetensorError(f'Error while serializing: I/O error: No space left on device (os error 28) '
+                                          f'at path "{Path(path).with_name(".tmpAbC123")}"')
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(OSError, match=r"b.safetensors: could not be written \(No space left on device\); is the "
+                                      r"disk full") as caught:
+        save_file({"w": torch.ones(2)}, tmp_path / "b.safetensors")
+    assert caught.value.errno == 28 and ".tmp" not in str(caught.value)
+    assert list(tmp_path.iterdir()) == [target]
