@@ -97,10 +97,12 @@ def run(args: argparse.Namespace) -> int:
     except OptionError as err:
         print(f"lorakit {command}: error: {err}", file=sys.stderr)
         return 2
+    from .console_log import default_console_logging
     from .run import TrainingError, train
 
     try:
-        result = train(config, explore=True) if command == "explore" else train(config)
+        with default_console_logging(config):  # the run's summary, as sd-scripts prints it by default
+            result = train(config, explore=True) if command == "explore" else train(config)
     except (ValueError, OSError, TrainingError) as err:
         # lorakit's input errors (options, data, state, model files) and a stopped run: their message says what
         # and where, so one line, as for the checks above (an unexpected error keeps its traceback)

@@ -291,6 +291,11 @@ class _Run:
         cache_text_outputs(dataset, encode, identity, batch_size=dataset.specs[0].batch_size, split=split,
                            skip_check=c.skip_cache_check)
 
+    def _batch_sizes(self, ds) -> list[int]:
+        """Each dataset's batch size per process (the specs hold the global batch of all processes)."""
+        sizes = [spec.batch_size // self.world.size for spec in getattr(ds, "specs", ())]
+        return sizes or [self.config.train_batch_size]  # dataset_class: its batches are the user's
+
     def _settings(self) -> dict[str, str]:
         """What must not change between a run and its resume, as text (kept in the state, to name what changed)."""
         values = {k: v for k, v in self.config.as_dict().items() if k not in _RESUME_FREE and k not in SECRET_OPTIONS}
@@ -329,6 +334,8 @@ class _Run:
         max_steps = c.max_train_epochs * updates_per_epoch if c.max_train_epochs else c.max_train_steps
         num_epochs = math.ceil(max_steps / updates_per_epoch)
         ds.set_schedule(max_steps, c.gradient_accumulation_steps)  # token_warmup_step counts optimizer steps
+        if self.world.main:
+            _log_dataset(ds)
         if c.debug_dataset:  # sd-scripts shows the batches instead of training
             from .debug_dataset import print_batches
 
@@ -405,6 +412,8 @@ class _Run:
             self.names.dir.mkdir(parents=True, exist_ok=True)
             text = to_toml(c, leave_out=SECRET_OPTIONS)  # no secrets in the output folder
             atomic_write(self.names.config_file(), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+            _log_schedule(ds, self.validation_dataset, batches_per_epoch, num_epochs, self._batch_sizes(ds),
+                          c.gradient_accumulation_steps, max_steps)
 
         resolution = _resolution(c)
         base_meta = {} if c.no_metadata else training_metadata(
@@ -422,6 +431,7 @@ class _Run:
             as sd-scripts' optimizer_eval_fn."""
             with full_weights(), eval_mode(optimizer):
                 if main:
+                    log.info("saving checkpoint: %s", path)
                     meta = {} if c.no_metadata else progress_metadata(base_meta, epoch=epoch, step=step, title=None)
                     if self.explore:
                         _save_rates(net, path, meta, c.network_weights)
@@ -430,6 +440,8 @@ class _Run:
 
         def write_state(folder: Path) -> None:
             """A state folder: by the main process, or by all of them with deepspeed (each writes its slices)."""
+            if main:
+                log.info("saving state: %s", folder)
             with eval_mode(optimizer):
                 if engine is not None:
                     engine.save_state(folder, scheduler, progress)
@@ -482,6 +494,8 @@ class _Run:
         clock = ctx.timings
         try:
             for epoch in range(progress.epoch, num_epochs + 1):
+                if main:
+                    log.info("epoch %d/%d", epoch, num_epochs)
                 start = progress.step_in_epoch if epoch == progress.epoch else 0
                 order.set_position(epoch, start)
                 micro = 0
@@ -568,6 +582,8 @@ class _Run:
         if uploads is not None:
             uploads.upload(final, force_sync=True)  # as sd-scripts: the last upload does not wait in the background
         self.world.barrier()  # the other processes return once the main one has written the file
+        if main:
+            log.info("model saved.")
         if c.save_state or c.save_state_on_train_end:
             write_state(self.names.final_state())
             if main and uploads is not None:
@@ -614,6 +630,33 @@ class _Sampler:
             torch.set_rng_state(rng)
             self.net.train()
             self.model.unet.train(unet_mode)
+
+
+def _log_dataset(ds) -> None:
+    """sd-scripts' dataset lines (DreamBoothDataset): the images found in each folder, the totals with repeats."""
+    for subset, count in zip(ds.subsets, ds.image_counts):
+        where = f"metadata file {subset.metadata_file}" if subset.metadata_file else f"directory {subset.image_dir}"
+        kind = "regularisation images, " if subset.is_reg else ""
+        log.info("found %s contains %d image files (%s%d repeats)", where, count, kind, subset.num_repeats)
+    log.info("%d train images with repeating.", ds.num_train_images)
+    log.info("%d reg images.", ds.num_reg_images)
+
+
+def _log_schedule(ds, validation, batches_per_epoch: int, num_epochs: int, batch_sizes: list[int],
+                  accumulation: int, max_steps: int) -> None:
+    """sd-scripts' "running training" block (train_network.py), in its words: GUIs and monitors read these lines."""
+    lines = [("num train images * repeats / 学習画像の数×繰り返し回数: ", ds.num_train_images),
+             ("num validation images * repeats / 学習画像の数×繰り返し回数: ",
+              validation.num_train_images if validation is not None else 0),
+             ("num reg images / 正則化画像の数: ", ds.num_reg_images),
+             ("num batches per epoch / 1epochのバッチ数: ", batches_per_epoch),
+             ("num epochs / epoch数: ", num_epochs),
+             ("batch size per device / バッチサイズ: ", ", ".join(map(str, batch_sizes))),
+             ("gradient accumulation steps / 勾配を合計するステップ数 = ", accumulation),
+             ("total optimization steps / 学習ステップ数: ", max_steps)]
+    log.info("running training / 学習開始")
+    for text, value in lines:
+        log.info("  %s%s", text, value)
 
 
 def _save_adapter(net, path: Path, dtype, metadata: dict, drop_unet: bool) -> None:

@@ -1,0 +1,65 @@
+"""What a run prints: sd-scripts' dataset lines, its "running training" block, "epoch k/N" and the path of each
+save, at INFO; `lorakit train` shows them without any console option, as sd-scripts does by default."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from lorakit.cli import main  # noqa: E402
+from lorakit.models.demo import random_model  # noqa: E402
+from lorakit.models.demo_data import write_concept_folder  # noqa: E402
+from lorakit.models.save import save_checkpoint  # noqa: E402
+from lorakit.train.config import load_train_config  # noqa: E402
+from lorakit.train.run import train  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("summary")
+    save_checkpoint(random_model("tiny-sd", seed=0), root / "sd.safetensors", dtype=None)
+    write_concept_folder(root / "data", n=3, repeats=2)
+    return root
+
+
+def _options(base, out, **overrides):
+    values = dict(pretrained_model_name_or_path=str(base / "sd.safetensors"), train_data_dir=str(base / "data"),
+                  resolution="64", output_dir=str(out), output_name="t", network_dim=2, learning_rate=1e-3,
+                  max_train_steps=4, train_batch_size=2, seed=3, max_data_loader_n_workers=0,
+                  optimizer_type="AdamW")
+    values.update(overrides)
+    return values
+
+
+def test_a_run_logs_the_dataset_the_schedule_the_epochs_and_each_save(base, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="lorakit")
+    train(load_train_config(overrides=_options(base, tmp_path, save_every_n_steps=3, save_state=True)))
+    lines = [r.getMessage() for r in caplog.records if r.name == "lorakit.train.run"]
+    folder = base / "data" / "2_magenta"
+    # 3 images x 2 repeats = 6 samples, 3 batches of 2 per epoch: 4 steps are 2 epochs
+    expected = [f"found directory {folder} contains 3 image files (2 repeats)", "6 train images with repeating.",
+                "0 reg images.", "running training / 学習開始",
+                "  num train images * repeats / 学習画像の数×繰り返し回数: 6",
+                "  num validation images * repeats / 学習画像の数×繰り返し回数: 0",
+                "  num reg images / 正則化画像の数: 0", "  num batches per epoch / 1epochのバッチ数: 3",
+                "  num epochs / epoch数: 2", "  batch size per device / バッチサイズ: 2",
+                "  gradient accumulation steps / 勾配を合計するステップ数 = 1",
+                "  total optimization steps / 学習ステップ数: 4", "epoch 1/2",
+                f"saving checkpoint: {tmp_path / 't-step00000003.safetensors'}",
+                f"saving state: {tmp_path / 't-step00000003-state'}", "epoch 2/2",
+                f"saving checkpoint: {tmp_path / 't.safetensors'}", "model saved.",
+                f"saving state: {tmp_path / 't-state'}"]
+    assert [line for line in lines if line in expected] == expected
+
+
+def test_lorakit_train_shows_the_summary_without_console_options(base, tmp_path, capsys):
+    args = [f"--{k}={v}" for k, v in _options(base, tmp_path, max_train_steps=1).items()]
+    assert main(["train", *args]) == 0
+    err = capsys.readouterr().err
+    assert "\n  total optimization steps / 学習ステップ数: 1\n" in err  # messages only, as sd-scripts prints them
+    assert "epoch 1/1" in err and f"saving checkpoint: {tmp_path / 't.safetensors'}" in err
+    assert not logging.getLogger("lorakit").handlers  # gone with the run
