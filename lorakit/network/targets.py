@@ -42,9 +42,9 @@ def select(component: str, root: nn.Module, preset: Preset, target_modules, targ
            everything: bool = False) -> list[Selected]:
     """Layers under the target module classes, and layers whose path matches a target name, in model order.
 
-    The override of a layer is the name_algo_map entry matching its path, else the module_algo_map entry of
-    its nearest enclosing class (LyCORIS' precedence). `everything` selects every adaptable layer (a model with
-    no targets given)."""
+    The override of a layer is the module_algo_map entry of its nearest enclosing class (its own first); a layer
+    not inside a target class nor a module_algo_map class takes the name_algo_map entry matching its path first
+    (LyCORIS' precedence). `everything` selects every adaptable layer (a model with no targets given)."""
     targeted = bool(target_modules or target_names)
     target_modules = set(target_modules)
     chosen: dict[str, Selected] = {}
@@ -72,7 +72,10 @@ def select(component: str, root: nn.Module, preset: Preset, target_modules, targ
         if why is not None:
             skipped.append(f"'{path}' ({why})")
             continue
-        override = preset.override_for_name(path)
+        # as LyCORIS' create_modules: name_algo_map only for layers reached by name, not for those inside a module
+        # walked by class (a target class, or a module_algo_map class, which LyCORIS walks as a target too)
+        walked = inside is not None or any(classes.get(a) in preset.module_algo_map for a in ancestors)
+        override = None if walked else preset.override_for_name(path)
         if override is None:
             for a in [path, *ancestors]:
                 override = preset.module_algo_map.get(classes.get(a, ""))

@@ -248,7 +248,8 @@ def test_text_encoder_names_are_matched_on_the_paths_as_built():
 
 MAP_PRESET = r"""
 use_fnmatch = true
-unet_target_module = ["Transformer2DModel"]
+unet_target_module = ["Attention"]
+unet_target_name = ["*.proj_in", "*.proj_out", "*.ff.net.*"]   # with the attentions: all of Transformer2DModel
 text_encoder_target_module = ["CLIPAttention", "CLIPMLP"]
 
 [module_algo_map.Attention]          # diffusers' attention: to_q, to_k, to_v, to_out.0
@@ -263,9 +264,12 @@ alpha = 4
 weight_decompose = true              # LyCORIS' spelling of dora_wd
 wd_on_out = true                     # and of dora_axis = "out" (its module argument)
 
-[name_algo_map."*.attn2.to_k"]       # a name beats the enclosing class
+[name_algo_map."*.ff.net.2"]         # a layer selected by name takes its name entry
 algo = "ia3"
 train_on_input = true
+
+[name_algo_map."*.attn2.to_k"]       # inside a class walked by module: ignored, the class entry applies
+algo = "ia3"
 
 [name_algo_map."*.proj_out"]         # no algo: the network's, with other options
 dim = 6
@@ -283,9 +287,9 @@ def test_algo_maps_change_exactly_the_matching_layers(tmp_path, kind):
     assert set(layers) == under_class(unet, {"Transformer2DModel"})
     in_attention = under_class(unet, {"Attention"})
     for path, a in layers.items():
-        if path.endswith("attn2.to_k"):
+        if path.endswith("ff.net.2"):
             assert (a.name, a.options.train_on_input) == ("ia3", True), path
-        elif path in in_attention:
+        elif path in in_attention:  # attn2.to_k included
             assert (a.name, a.options.factor, a.options.dim, a.options.alpha) == ("lokr", 4, 2, 1.0), path
             assert a.options.dropout == 0.1  # the network's own options still apply where the algo takes them
         elif path.endswith("proj_out"):
@@ -390,6 +394,32 @@ algo = "loha"
             setattr(LycorisNetwork, k, v)
 
 
+class TwoLinears(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+
+
+class BlocksAndHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([TwoLinears() for _ in range(2)])
+        self.head = nn.Linear(16, 4)
+
+
+def test_name_algo_map_applies_to_layers_reached_by_name_only():
+    """LyCORIS' create_modules looks name_algo_map up only for target_name layers: a layer inside a target class
+    takes that class's module_algo_map entry even where a name entry matches it."""
+    preset = {"target_module": ["TwoLinears"], "target_name": ["head"],
+              "module_algo_map": {"TwoLinears": {"algo": "lokr", "dim": 3}},
+              "name_algo_map": {"blocks.0.fc1": {"algo": "loha", "dim": 5}, "head": {"algo": "loha", "dim": 2}}}
+    net = create_network(BlocksAndHead(), preset=preset, dim=4)
+    got = {n: a.name for n, a in net.adapters()}
+    assert got == {"lycoris_blocks_0_fc1": "lokr", "lycoris_blocks_0_fc2": "lokr", "lycoris_blocks_1_fc1": "lokr",
+                   "lycoris_blocks_1_fc2": "lokr", "lycoris_head": "loha"}
+    assert net.get_submodule("lycoris_head").rank == 2
+
+
 # ----- errors -------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("text,message", [
     ("unet_target_modules = ['Attention']",
@@ -451,7 +481,8 @@ def test_an_entry_option_its_algo_does_not_take_is_ignored_with_a_warning(tmp_pa
     """LyCORIS' modules ignore options they do not take, in an entry with its own algo or with the network's: the
     entry builds, and the warning names the file, the entry and the option."""
     text = """
-unet_target_module = ["Transformer2DModel"]
+unet_target_module = ["BasicTransformerBlock"]
+unet_target_name = ["proj_in"]
 [module_algo_map.Attention]
 algo = "ia3"
 factor = 4
@@ -470,7 +501,7 @@ dim = 6
     assert {a.name for p, a in layers.items() if p in under_class(unet, {"Attention"})} == {"ia3"}
     assert {(a.name, a.rank) for p, a in layers.items() if p.endswith("proj_in")} == {("lora", 6)}
     # with an algo that takes the option, the same entry gives it
-    net = create_network(unet, tes, preset={"unet_target_module": ["Transformer2DModel"],
+    net = create_network(unet, tes, preset={"unet_target_name": ["proj_in"],
                                             "name_algo_map": {"proj_in": {"factor": 2}}}, algo="lokr", dim=2)
     assert {a.options.factor for p, a in by_path(net, "unet").items() if p.endswith("proj_in")} == {2}
 
@@ -598,9 +629,10 @@ def test_override_spellings_of_dim_and_alpha_apply():
     the network's own values)."""
     unet, tes = tiny_model("sd1")
     for entry in ({"lora_dim": 8, "network_alpha": 2}, {"network_dim": 8, "alpha": 2}, {"dim": 8, "alpha": 2}):
-        preset = {"unet_target_module": ["Transformer2DModel", "ResnetBlock2D"],
+        preset = {"unet_target_module": ["ResnetBlock2D"], "unet_target_name": ["attn1.to_q"],
                   "name_algo_map": {"attn1.to_q": entry}, "module_algo_map": {"ResnetBlock2D": {"conv_dim": 3}}}
         net = create_network(unet, tes, preset=preset, dim=4, alpha=1, conv_dim=2)
+        assert any(p.endswith("attn1.to_q") for p in paths(net, "unet"))
         for path, a in by_path(net, "unet").items():
             conv_k = isinstance(a.layer, nn.Conv2d) and a.layer.kernel_size != (1, 1)
             expected = (8, 2.0) if path.endswith("attn1.to_q") else (3, 1.0) if conv_k else (4, 1.0)
