@@ -2,7 +2,9 @@
 environment) training one network, data-parallel.
 
 Every process builds the same batches of ``train_batch_size x world`` samples (the global batch) and trains on
-its slice of each; gradients are averaged over the processes before each optimizer step. Random draws (VAE
+its slice of each; gradients are averaged over the processes before each optimizer step. A batch that does not
+divide (a bucket's or the epoch's last) is split as evenly as it goes, each process's loss weighted by its share
+of the samples, so the step is the one a single process takes on the whole batch. Random draws (VAE
 samples, noise, timesteps) are made for the whole global batch on every process and sliced, so the result equals
 a single process training with the global batch (dropout masks are drawn per process: statistically the same,
 not the same numbers). Only the main process saves, samples and logs.
@@ -34,11 +36,23 @@ class World:
         return self.size > 1
 
     def shard(self, n: int) -> slice:
-        """This process's part of a global batch of ``n`` samples."""
-        if n % self.size:
-            raise ValueError(f"a batch of {n} samples cannot be split over {self.size} processes")
-        per = n // self.size
-        return slice(self.rank * per, (self.rank + 1) * per)
+        """This process's part of a global batch of ``n`` samples: consecutive slices, one sample more for each of
+        the first ``n % size`` processes (a bucket's or the epoch's last batch is short). A process left without a
+        sample gets the last one as a stand-in, weighted 0 by ``loss_weight``: it must still compute gradients for
+        every parameter to join their all-reduce."""
+        per, extra = divmod(n, self.size)
+        start = self.rank * per + min(self.rank, extra)
+        count = self._count(n)
+        return slice(start, start + count) if count else slice(n - 1, n)
+
+    def loss_weight(self, n: int) -> float:
+        """The factor on this process's mean loss that makes the gradients' average over the processes the mean over
+        all ``n`` samples of the global batch: its sample count x processes / n (1 when the batch divides)."""
+        return self._count(n) * self.size / n
+
+    def _count(self, n: int) -> int:
+        per, extra = divmod(n, self.size)
+        return per + (self.rank < extra)
 
     def scale_specs(self, specs):
         """Dataset specs with the global batch size (per-process ``batch_size`` x processes)."""

@@ -86,8 +86,9 @@ def _conditioning(ctx: StepContext, batch, train_text: bool) -> PromptEmbeds:
 
 
 def batch_loss(ctx: StepContext, batch, generator: torch.Generator, train_text: bool) -> torch.Tensor:
-    """The mean loss of this process's part of ``batch`` (the global batch); every random draw (VAE sample,
-    noise, timesteps) comes from ``generator``, drawn for the whole global batch."""
+    """The mean loss of this process's part of ``batch`` (the global batch), its gradient weighted by the part's
+    share of the samples; every random draw (VAE sample, noise, timesteps) comes from ``generator``, drawn for the
+    whole global batch."""
     n = len(batch)
     part = ctx.world.shard(n)
     if ctx.world.active:
@@ -119,4 +120,12 @@ def batch_loss(ctx: StepContext, batch, generator: torch.Generator, train_text: 
     target = ctx.loss.target(latents, noisy.noise, noisy.timesteps)
     weights = batch.loss_weights.to(ctx.device, torch.float32)
     # sd-scripts masks whenever the batch has masks (alpha_mask), or with masked_loss (conditioning images)
-    return ctx.loss(pred.float(), target.float(), noisy.timesteps, sample_weights=weights, mask=batch.masks)
+    loss = ctx.loss(pred.float(), target.float(), noisy.timesteps, sample_weights=weights, mask=batch.masks)
+    return _weight_gradient(loss, ctx.world.loss_weight(n))
+
+
+def _weight_gradient(loss: torch.Tensor, weight: float) -> torch.Tensor:
+    """``loss`` with its gradient scaled by ``weight``; its value stays this process's mean loss (what is logged)."""
+    if weight == 1:
+        return loss
+    return loss * weight + (loss * (1 - weight)).detach()
