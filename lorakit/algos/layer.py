@@ -138,4 +138,6 @@ def positions(spec: LayerSpec, x: torch.Tensor) -> int:
     n = x.shape[0] if x.dim() == len(spec.kernel) + 2 else 1
     spatial = x.shape[-len(spec.kernel):]
     stride = spec.conv_args.get("stride", (1,) * len(spatial))
-    return n * math.prod(max(1, s // st) for s, st in zip(spatial, stride))
+    for size, step in zip(spatial, stride):  # a loop, not math.prod of a generator: torch.compile breaks on that
+        n *= max(1, size // step)
+    return n
