@@ -3,6 +3,10 @@
     {output_name}.safetensors                 final adapter        {output_name}-state               final state
     {output_name}-{epoch:06d}.safetensors     every n epochs       {output_name}-{epoch:06d}-state
     {output_name}-step{step:08d}.safetensors  every n steps        {output_name}-step{step:08d}-state
+
+Without output_name each kind takes sd-scripts' own name (library/train_util.py DEFAULT_LAST_OUTPUT_NAME,
+DEFAULT_EPOCH_NAME, DEFAULT_STEP_NAME): last.safetensors / last-state, epoch-000001.safetensors / epoch-000001-state,
+at-step00000020.safetensors / at-step00000020-state; sample images then have no name prefix.
 """
 
 from __future__ import annotations
@@ -14,32 +18,39 @@ from ..formats.atomic import remove_folder
 __all__ = ["OutputNames"]
 
 
+# sd-scripts' names of each kind of save when output_name is not given
+LAST_NAME, EPOCH_NAME, STEP_NAME = "last", "epoch", "at"
+
+
 class OutputNames:
     def __init__(self, output_dir: str | Path, output_name: str | None, save_model_as: str = "safetensors"):
         self.dir = Path(output_dir)
-        self.name = output_name or "last"
+        self.output_name = output_name or None  # "" is how a command line unsets a config file's name
         self.ext = "." + save_model_as
 
+    def _name(self, default: str) -> str:
+        return self.output_name or default
+
     def final(self) -> Path:
-        return self.dir / f"{self.name}{self.ext}"
+        return self.dir / f"{self._name(LAST_NAME)}{self.ext}"
 
     def epoch(self, epoch: int) -> Path:
-        return self.dir / f"{self.name}-{epoch:06d}{self.ext}"
+        return self.dir / f"{self._name(EPOCH_NAME)}-{epoch:06d}{self.ext}"
 
     def step(self, step: int) -> Path:
-        return self.dir / f"{self.name}-step{step:08d}{self.ext}"
+        return self.dir / f"{self._name(STEP_NAME)}-step{step:08d}{self.ext}"
 
     def final_state(self) -> Path:
-        return self.dir / f"{self.name}-state"
+        return self.dir / f"{self._name(LAST_NAME)}-state"
 
     def epoch_state(self, epoch: int) -> Path:
-        return self.dir / f"{self.name}-{epoch:06d}-state"
+        return self.dir / f"{self._name(EPOCH_NAME)}-{epoch:06d}-state"
 
     def step_state(self, step: int) -> Path:
-        return self.dir / f"{self.name}-step{step:08d}-state"
+        return self.dir / f"{self._name(STEP_NAME)}-step{step:08d}-state"
 
     def config_file(self) -> Path:
-        return self.dir / f"{self.name}_config.toml"
+        return self.dir / f"{self._name(LAST_NAME)}_config.toml"
 
     def sample_dir(self) -> Path:
         return self.dir / "sample"

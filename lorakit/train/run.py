@@ -484,7 +484,7 @@ class _Run:
                     prune(number, every, keep_state, state=True)
 
         if c.sample_at_first and progress.global_step == 0:
-            draw(0)
+            draw(0, 0)  # named as epoch 0, as sd-scripts' sample_images(..., 0, global_step, ...) names it
         trainable = [p for g in optimizer.param_groups for p in g["params"]]
         if c.fused_backward_pass:  # after resume: loading a state replaces the optimizer's group dicts
             install_fused_step(optimizer, c.max_grad_norm, self.world)
@@ -623,7 +623,7 @@ class _Sampler:
         self.model.unet.eval()
         rng = torch.get_rng_state()
         try:
-            draw_samples(self.model, self.prompts, self.names.sample_dir(), self.names.name, step,
+            draw_samples(self.model, self.prompts, self.names.sample_dir(), self.names.output_name, step,
                          default_sampler=self.config.sample_sampler, clip_skip=self.config.clip_skip,
                          base_seed=self.seed, write=self.write, epoch=epoch)
         finally:

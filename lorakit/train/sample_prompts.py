@@ -133,10 +133,12 @@ def _typed(entry: dict, path: Path) -> SamplePrompt:
     return SamplePrompt(**values)
 
 
-def draw_samples(model, prompts: list[SamplePrompt], folder: Path, output_name: str, step: int, *, default_sampler: str,
-                 clip_skip: int | None, base_seed: int, write: bool = True, epoch: int | None = None) -> list[Path]:
-    """One image per prompt, named as sd-scripts names them: ``{name}_{step:06d}_{i:02d}_{time}_{seed}.png``, or
-    ``{name}_e{epoch:06d}_...`` for a draw at an epoch's end (``epoch`` given).
+def draw_samples(model, prompts: list[SamplePrompt], folder: Path, output_name: str | None, step: int, *,
+                 default_sampler: str, clip_skip: int | None, base_seed: int, write: bool = True,
+                 epoch: int | None = None) -> list[Path]:
+    """One image per prompt, named as sd-scripts' sample_image_inference names them:
+    ``{output_name}_{step:06d}_{i:02d}_{time}_{seed}.png``, or ``{output_name}_e{epoch:06d}_...`` for a draw at an
+    epoch's end or before training (``epoch`` given, 0 for sample_at_first); without output_name, no prefix.
     ``write`` False: drawn but not saved (a process that only takes part in a distributed forward)."""
     from ..models.sample import generate
 
@@ -150,7 +152,7 @@ def draw_samples(model, prompts: list[SamplePrompt], folder: Path, output_name: 
                          guidance_scale=p.scale, width=p.width, height=p.height, seed=seed,
                          sampler=p.sample_sampler or default_sampler, clip_skip=clip_skip)[0]
         number = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
-        out = folder / f"{output_name}_{number}_{i:02d}_{stamp}_{seed}.png"
+        out = folder / f"{f'{output_name}_' if output_name else ''}{number}_{i:02d}_{stamp}_{seed}.png"
         if write:  # under a temporary name first: a killed run leaves no truncated image under its name
             atomic_write(out, lambda tmp, image=image: image.save(tmp, format="PNG"))
             saved.append(out)

@@ -417,9 +417,28 @@ def test_epoch_samples_are_named_by_epoch(base, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a purple circle --w 64 --h 64 --d 5 --s 2\n")
     train(_config(base, tmp_path, max_train_epochs=2, sample_prompts=str(prompts), sample_every_n_epochs=1,
-                  sample_sampler="ddim"))
+                  sample_sampler="ddim", sample_at_first=True))
     names = sorted(p.name.split("_")[1] for p in (tmp_path / "sample").glob("t_*.png"))
-    assert names == ["e000001", "e000002"]  # the end of training repeats epoch 2's step: not drawn again
+    # sample_at_first is epoch 0 (sd-scripts: sample_images(..., 0, global_step, ...)); the end of training repeats
+    # epoch 2's step: not drawn again
+    assert names == ["e000000", "e000001", "e000002"]
+
+
+def test_without_output_name_saves_and_samples_take_sd_scripts_default_names(base, tmp_path):
+    """sd-scripts' train_util names saves without output_name by kind: epoch-NNNNNN, at-stepNNNNNNNN, last; and its
+    sample_image_inference leaves the prefix out. A state of such a run resumes."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a purple circle --w 64 --h 64 --d 5 --s 2\n")
+    out = tmp_path / "out"
+    train(_config(base, out, output_name=None, save_every_n_epochs=1, save_every_n_steps=2, save_state=True,
+                  sample_prompts=str(prompts), sample_at_first=True, sample_every_n_steps=4, sample_sampler="ddim"))
+    assert sorted(p.name for p in out.iterdir()) == [
+        "at-step00000002-state", "at-step00000002.safetensors", "at-step00000004-state", "at-step00000004.safetensors",
+        "epoch-000001-state", "epoch-000001.safetensors", "last-state", "last.safetensors", "last_config.toml",
+        "sample"]
+    assert sorted(p.name[:9] for p in (out / "sample").iterdir()) == ["000004_00", "e000000_0"]
+    resumed = train(_config(base, tmp_path / "resumed", output_name=None, resume=str(out / "at-step00000002-state")))
+    assert _states_equal(resumed, out / "last.safetensors")
 
 
 def test_sdxl_size_conditioning_is_embedded_from_exact_sizes_under_bf16(base, tmp_path, monkeypatch):
