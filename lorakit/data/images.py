@@ -78,11 +78,13 @@ def _eight_bit(image: Image.Image) -> Image.Image:
 def load_image(path: str, alpha: bool = False) -> np.ndarray:
     """The upright RGB pixels [H, W, 3] uint8; with ``alpha``, RGBA [H, W, 4] (kohya's alpha_mask: an image
     without transparency gets alpha 255). A truncated or corrupt file is an error, never a partial image."""
+    mode = "RGBA" if alpha else "RGB"
     with _open(path) as image:
         try:
             image.load()
-            upright = _eight_bit(ImageOps.exif_transpose(image))
-            rgb = upright.convert("RGBA" if alpha else "RGB")
+            ImageOps.exif_transpose(image, in_place=True)  # in place: a large photo is decoded once, not copied
+            upright = _eight_bit(image)
+            pixels = upright if upright.mode == mode else upright.convert(mode)
+            return np.array(pixels, dtype=np.uint8)
         except (OSError, SyntaxError, ValueError) as e:
             raise DatasetError(f"{path}: image data is damaged or truncated ({e})") from None
-    return np.asarray(rgb, dtype=np.uint8).copy()

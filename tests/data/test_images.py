@@ -48,6 +48,21 @@ def test_exif_orientation(tmp_path):
     assert upright[:10].min() == 255 and upright[10:].max() == 0
 
 
+def test_an_upright_rgb_image_is_decoded_once_not_copied(tmp_path, monkeypatch):
+    """A large photo's pixels are held once by Pillow and once as the array, as sd-scripts' load_image holds them:
+    no upright copy when there is no EXIF rotation and no conversion when the mode is already RGB (a 9000x9000
+    image peaked at 1.4 GB instead of 0.77 GB)."""
+    path = str(tmp_path / "a.png")
+    write_image(path, 24, 16, seed=3)
+    calls = []
+    for name in ("copy", "convert", "transpose"):
+        real = getattr(Image.Image, name)
+        monkeypatch.setattr(Image.Image, name, lambda self, *a, _real=real, _name=name, **k: (
+            calls.append(_name), _real(self, *a, **k))[1])
+    pixels = load_image(path)
+    assert calls == [] and pixels.shape == (16, 24, 3) and pixels.flags.writeable
+
+
 def test_list_images(tmp_path):
     for name in ["b.PNG", "a.jpg", "c.webp", "notes.txt", "d.gif", "._a.jpg", ".hidden.png"]:  # (macOS' ._ files)
         (tmp_path / name).write_bytes(b"x")
