@@ -39,8 +39,12 @@ _COPIED = {
 
 def training_metadata(config, *, kind: str, v_parameterization: bool, dataset, optimizer_name: str,
                       num_epochs: int, max_train_steps: int, session_id: str, started_at: float,
-                      network_kwargs: dict[str, Any], model_path: str, resolution: tuple[int, int]) -> dict[str, str]:
-    """Everything known when training starts (sd-scripts computes the same set before the loop)."""
+                      network_kwargs: dict[str, Any], model_path: str, resolution: tuple[int, int],
+                      num_processes: int | None = None) -> dict[str, str]:
+    """Everything known when training starts (sd-scripts computes the same set before the loop).
+    ``num_processes``: the processes training together (unset: the initialised process group's size, else 1)."""
+    if num_processes is None:
+        num_processes = _process_count()
     meta = {key: str(getattr(config, option)) for option, key in _COPIED.items()}
     meta.update({
         "ss_session_id": session_id,
@@ -51,7 +55,8 @@ def training_metadata(config, *, kind: str, v_parameterization: bool, dataset, o
         "ss_num_batches_per_epoch": str(dataset.steps_per_epoch),
         "ss_num_epochs": str(num_epochs),
         "ss_batch_size_per_device": str(config.train_batch_size),
-        "ss_total_batch_size": str(config.train_batch_size * config.gradient_accumulation_steps),
+        # sd-scripts: train_batch_size * accelerator.num_processes * gradient_accumulation_steps
+        "ss_total_batch_size": str(config.train_batch_size * num_processes * config.gradient_accumulation_steps),
         "ss_network_args": json.dumps(network_kwargs),
         "ss_base_model_version": base_model_version(kind, v_parameterization),
         "ss_v2": str(kind == "sd2"),
@@ -87,6 +92,12 @@ def training_metadata(config, *, kind: str, v_parameterization: bool, dataset, o
         tags=config.metadata_tags or None, prediction_type="v" if v_parameterization else "epsilon",
         clip_skip=config.clip_skip, timestep_range=_timestep_range(config)))
     return meta
+
+
+def _process_count() -> int:
+    import torch
+
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
 def _optimizer_metadata(config, optimizer_name: str) -> dict[str, str]:

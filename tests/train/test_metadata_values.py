@@ -60,3 +60,14 @@ def test_relative_step_adafactor_metadata_as_sd_scripts_rewrites_it():
     meta = _training_metadata(optimizer_type="Adafactor", learning_rate=1e-3, optimizer_args=["relative_step=False"],
                               lr_scheduler="constant_with_warmup")
     assert (meta["ss_learning_rate"], meta["ss_lr_scheduler"]) == ("0.001", "constant_with_warmup")
+
+
+def test_ss_total_batch_size_counts_the_processes(monkeypatch):
+    """train_network.py: total_batch_size = train_batch_size * num_processes * gradient_accumulation_steps."""
+    meta = _training_metadata(train_batch_size=2, gradient_accumulation_steps=3)
+    assert (meta["ss_batch_size_per_device"], meta["ss_total_batch_size"]) == ("2", "6")
+    import torch
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # a run under torchrun
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    assert _training_metadata(train_batch_size=2, gradient_accumulation_steps=3)["ss_total_batch_size"] == "12"
