@@ -8,7 +8,7 @@ import time
 
 from .tracker_config import loggable_config, tracker_init_kwargs
 
-__all__ = ["TrainLogger", "lr_logs", "max_norm_logs", "missing_tracker_packages"]
+__all__ = ["TrainLogger", "lr_logs", "max_norm_logs", "missing_tracker_packages", "tensorboard_folder"]
 
 
 def missing_tracker_packages(config) -> list[str]:
@@ -26,6 +26,7 @@ class TrainLogger:
     def __init__(self, config, total: int, initial: int = 0, quiet: bool = False):
         """``quiet``: no bar, no log files (the other processes of a multi-process run)."""
         self.losses: list[float] = []
+        self.epoch_losses: list[float] = []  # this epoch's steps, for loss/epoch_average
         self.writers = []
         self.quiet = quiet
         self._bar = None if quiet else _progress_bar(total, initial)
@@ -39,8 +40,7 @@ class TrainLogger:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise ValueError("logging_dir needs the tensorboard package: pip install tensorboard") from None
-            name = (config.log_prefix or "") + time.strftime("%Y%m%d%H%M%S")
-            writer = SummaryWriter(os.path.join(config.logging_dir, name), **init_kwargs.get("tensorboard", {}))
+            writer = SummaryWriter(tensorboard_folder(config), **init_kwargs.get("tensorboard", {}))
             if run_config is not None:  # what accelerate's TensorBoardTracker.store_init_configuration writes
                 writer.add_hparams({k: v for k, v in run_config.items() if v is not None}, metric_dict={})
             self.writers.append(_TensorBoard(writer))
@@ -61,6 +61,7 @@ class TrainLogger:
         metrics' names and D-Adaptation/Prodigy's d, see lr_logs), `max_norm` what scale_weight_norms' regularisation
         returned (adapters scaled, mean and maximum norm)."""
         self.losses.append(loss)
+        self.epoch_losses.append(loss)
         window = self.losses[-100:]  # sd-scripts shows the mean over the last epoch's steps; 100 is steadier
         average = sum(window) / len(window)
         logs = {"loss/current": loss, "loss/average": average, **max_norm_logs(max_norm), **lr_logs(lrs, groups)}
@@ -74,6 +75,15 @@ class TrainLogger:
             extra = "".join(f" {key.lower().replace(' ', '_')} {value}" for key, value in shown.items())
             print(f"step {step} epoch {epoch} loss {loss:.4f} avr_loss {average:.4f} lr {lrs[0]:.2e}{extra}",
                   flush=True)
+
+    def epoch_end(self, epoch: int) -> None:
+        """sd-scripts' loss/epoch_average at each epoch's end, at x = epoch (train_network.py epoch_logging): the
+        mean loss of the epoch's steps (those of this run, for an epoch a resume entered part-way)."""
+        if self.epoch_losses:
+            logs = {"loss/epoch_average": sum(self.epoch_losses) / len(self.epoch_losses)}
+            for writer in self.writers:
+                writer.log(logs, epoch)
+        self.epoch_losses = []
 
     def validation(self, kind: str, loss: float, step: int, epoch: int) -> None:
         """sd-scripts' validation logs (``kind`` "step" or "epoch"); epoch logs go at x = epoch, as there."""
@@ -94,6 +104,13 @@ class TrainLogger:
             self._bar.close()
         for writer in self.writers:
             writer.close()
+
+
+def tensorboard_folder(config) -> str:
+    """Where the event files go, as sd-scripts' accelerate puts them: logging_dir/<log_prefix><time>/<tracker name>
+    (the Accelerator's project_dir, then TensorBoardTracker's run name, log_tracker_name or network_train)."""
+    run = (config.log_prefix or "") + time.strftime("%Y%m%d%H%M%S")
+    return os.path.join(config.logging_dir, run, config.log_tracker_name or "network_train")
 
 
 def max_norm_logs(max_norm: tuple[int, float, float] | None) -> dict[str, float]:

@@ -567,6 +567,7 @@ class _Run:
                     progress.epoch, progress.step_in_epoch = epoch + 1, 0  # saved now resumes (longer) from there
                 if validate and (c.validate_every_n_epochs is None or epoch % c.validate_every_n_epochs == 0):
                     logger.validation("epoch", evaluate(), progress.global_step, epoch)
+                logger.epoch_end(epoch)  # also the last, part-way epoch, as sd-scripts logs it
                 if progress.global_step >= max_steps:
                     break
                 if save_every_epochs and epoch % save_every_epochs == 0 and epoch < num_epochs:

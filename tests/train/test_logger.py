@@ -14,10 +14,11 @@ from ..network.tiny import tiny_model
 
 class _Recorder:
     def __init__(self):
-        self.logs = []
+        self.logs, self.steps = [], []
 
     def log(self, logs, step):
         self.logs.append(dict(logs))
+        self.steps.append(step)
 
     def close(self):
         pass
@@ -102,5 +103,50 @@ def test_a_run_with_scale_weight_norms_logs_what_the_regularisation_returns(tmp_
         "max_train_steps": 2, "scale_weight_norms": 1e-4, "train_batch_size": 2, "cache_latents": False})
     train(config)
     logged = [tuple(logs[f"max_norm/{k}"] for k in ("keys_scaled", "average_key_norm", "max_key_norm"))
-              for logs in recorder.logs]
+              for logs in recorder.logs if "loss/current" in logs]
     assert len(returned) == 2 and logged == returned and returned[-1][0] > 0
+
+
+def test_epoch_average_is_logged_at_each_epoch_end_at_x_epoch(tmp_path, monkeypatch):
+    """sd-scripts' train_network.py logs loss/epoch_average at every epoch's end (the last, part-way one too) with
+    the epoch as TensorBoard's x."""
+    pytest.importorskip("diffusers")
+    from lorakit.models.demo import random_model
+    from lorakit.models.demo_data import write_concept_folder
+    from lorakit.models.save import save_checkpoint
+    from lorakit.train.run import train
+
+    save_checkpoint(random_model("tiny-sd", seed=0), tmp_path / "sd.safetensors", dtype=None)
+    write_concept_folder(tmp_path / "data", n=2, repeats=1)
+    recorder = _Recorder()
+    start = TrainLogger.__init__
+    monkeypatch.setattr(TrainLogger, "__init__",
+                        lambda self, *a, **k: start(self, *a, **k) or self.writers.append(recorder))
+    train(load_train_config(overrides=dict(
+        pretrained_model_name_or_path=str(tmp_path / "sd.safetensors"), train_data_dir=str(tmp_path / "data"),
+        resolution="64", output_dir=str(tmp_path / "out"), network_dim=2, max_train_steps=3, train_batch_size=1,
+        seed=1, max_data_loader_n_workers=0)))
+    steps = [logs["loss/current"] for logs in recorder.logs if "loss/current" in logs]
+    epochs = [(x, logs["loss/epoch_average"]) for logs, x in zip(recorder.logs, recorder.steps)
+              if "loss/epoch_average" in logs]
+    assert epochs == [(1, pytest.approx((steps[0] + steps[1]) / 2)), (2, pytest.approx(steps[2]))]
+
+
+def test_tensorboard_files_go_where_sd_scripts_puts_them(tmp_path, monkeypatch):
+    """accelerate (sd-scripts' trackers): logging_dir/<log_prefix><time>/<log_tracker_name or network_train>."""
+    import re
+    import sys
+    import types
+
+    folders = []
+
+    class FakeWriter:
+        def __init__(self, log_dir, **kwargs):
+            folders.append(log_dir)
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    for extra in ({}, {"log_tracker_name": "mine"}):
+        TrainLogger(load_train_config(overrides={"logging_dir": str(tmp_path), "log_prefix": "pre_", **extra}),
+                    total=1)
+    pattern = re.escape(str(tmp_path)) + r"/pre_\d{14}/"
+    assert re.fullmatch(pattern + "network_train", folders[0]) and re.fullmatch(pattern + "mine", folders[1])
