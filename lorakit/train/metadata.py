@@ -33,16 +33,21 @@ _COPIED = {
     "ss_noise_offset_random_strength", "ip_noise_gamma_random_strength": "ss_ip_noise_gamma_random_strength",
     "loss_type": "ss_loss_type", "huber_schedule": "ss_huber_schedule", "huber_c": "ss_huber_c",
     "max_train_steps": "ss_max_train_steps", "lr_warmup_steps": "ss_lr_warmup_steps",
-    "network_module": "ss_network_module", "output_name": "ss_output_name",
+    "network_module": "ss_network_module", "output_name": "ss_output_name", "huber_scale": "ss_huber_scale",
+    "fp8_base": "ss_fp8_base", "fp8_base_unet": "ss_fp8_base_unet", "validation_seed": "ss_validation_seed",
+    "validation_split": "ss_validation_split", "max_validation_steps": "ss_max_validation_steps",
+    "validate_every_n_epochs": "ss_validate_every_n_epochs", "validate_every_n_steps": "ss_validate_every_n_steps",
+    "resize_interpolation": "ss_resize_interpolation",
 }
 
 
 def training_metadata(config, *, kind: str, v_parameterization: bool, dataset, optimizer_name: str,
                       num_epochs: int, max_train_steps: int, session_id: str, started_at: float,
                       network_kwargs: dict[str, Any], model_path: str, resolution: tuple[int, int],
-                      num_processes: int | None = None) -> dict[str, str]:
+                      num_processes: int | None = None, validation_dataset=None) -> dict[str, str]:
     """Everything known when training starts (sd-scripts computes the same set before the loop).
-    ``num_processes``: the processes training together (unset: the initialised process group's size, else 1)."""
+    ``num_processes``: the processes training together (unset: the initialised process group's size, else 1).
+    ``validation_dataset``: the images validation_split holds out, if any."""
     if num_processes is None:
         num_processes = _process_count()
     meta = {key: str(getattr(config, option)) for option, key in _COPIED.items()}
@@ -52,6 +57,7 @@ def training_metadata(config, *, kind: str, v_parameterization: bool, dataset, o
         "ss_max_train_steps": str(max_train_steps),
         "ss_num_train_images": str(dataset.num_train_images),
         "ss_num_reg_images": str(dataset.num_reg_images),
+        "ss_num_validation_images": str(validation_dataset.num_train_images if validation_dataset else 0),
         "ss_num_batches_per_epoch": str(dataset.steps_per_epoch),
         "ss_num_epochs": str(num_epochs),
         "ss_batch_size_per_device": str(config.train_batch_size),

@@ -18,7 +18,7 @@ def test_base_model_version_is_sd_scripts_string(kind, v, expected):
     assert _is_v2({"ss_base_model_version": base_model_version(kind, v)}) == (kind == "sd2")
 
 
-def _training_metadata(**overrides):
+def _training_metadata(validation_dataset=None, **overrides):
     from types import SimpleNamespace
 
     from lorakit.train.config import load_train_config
@@ -34,7 +34,7 @@ def _training_metadata(**overrides):
     return training_metadata(config, kind="sd1", v_parameterization=False, dataset=dataset,
                              optimizer_name=optimizer_name(optimizer), num_epochs=1, max_train_steps=1,
                              session_id="s", started_at=0.0, network_kwargs={}, model_path="m.safetensors",
-                             resolution=(64, 64))
+                             resolution=(64, 64), validation_dataset=validation_dataset)
 
 
 @pytest.mark.parametrize("overrides,expected", [
@@ -71,3 +71,22 @@ def test_ss_total_batch_size_counts_the_processes(monkeypatch):
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # a run under torchrun
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
     assert _training_metadata(train_batch_size=2, gradient_accumulation_steps=3)["ss_total_batch_size"] == "12"
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ({}, ["False", "False", "1.0", "0", "None", "0.0", "None", "None", "None", "None"]),
+    ({"mixed_precision": "bf16", "fp8_base": True, "fp8_base_unet": True, "huber_scale": 2.5, "validation_seed": 7,
+      "validation_split": 0.25, "max_validation_steps": 4, "validate_every_n_epochs": 2, "validate_every_n_steps": 5,
+      "resize_interpolation": "lanczos"}, ["True", "True", "2.5", "3", "7", "0.25", "4", "2", "5", "lanczos"]),
+])
+def test_fp8_huber_scale_validation_and_resize_interpolation_keys_as_sd_scripts_writes_them(overrides, expected):
+    """train_network.py's metadata dict: bool(args.fp8_base), bool(args.fp8_base_unet), and str() of args.huber_scale,
+    the validation options, resize_interpolation; ss_num_validation_images counts the held-out images (0 without)."""
+    from types import SimpleNamespace
+
+    held_out = SimpleNamespace(num_train_images=3) if overrides else None
+    meta = _training_metadata(validation_dataset=held_out, **overrides)
+    keys = ["ss_fp8_base", "ss_fp8_base_unet", "ss_huber_scale", "ss_num_validation_images", "ss_validation_seed",
+            "ss_validation_split", "ss_max_validation_steps", "ss_validate_every_n_epochs",
+            "ss_validate_every_n_steps", "ss_resize_interpolation"]
+    assert [meta.get(k) for k in keys] == expected
