@@ -3,8 +3,9 @@ folders, image folders with caption files, and kohya metadata JSON files.
 
 ``train_data_dir`` holds one folder per concept named ``<repeats>_<class tokens>`` ("10_sks dog": each image
 10 times per epoch, "sks dog" the caption of images without a caption file). A folder whose name does not start
-with a number is an error (kohya skips it with a log line, which is easy to miss and trains on less than the
-user meant); hidden folders (".name") are skipped; "0_x" folders are skipped with a warning, as kohya does.
+with a number (a "backup" or "originals" folder beside the concepts) is left out with a warning that says how many
+images it holds, as kohya leaves it out ("ignore directory without repeats"); hidden folders (".name") are skipped;
+"0_x" folders are skipped with a warning, as kohya does.
 """
 
 from __future__ import annotations
@@ -52,20 +53,32 @@ def subsets_from_folders(train_data_dir: str | os.PathLike, reg_data_dir: str | 
         if not root.is_dir():
             raise DatasetError(f"{root}: {option} is not a folder" + ("" if root.exists() else " (it does not exist)"))
         folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if not folders:
+        concepts = [(folder, parsed) for folder in folders if (parsed := _concept_or_warn(folder)) is not None]
+        if not concepts:
             loose = [p.name for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]
             hint = (f"; it holds images directly ({len(loose)}): move them into a sub-folder such as "
                     f"{root / '10_concept'}") if loose else ""
             raise DatasetError(f"{root}: {option} has no concept folders (expected sub-folders named "
                                f"<repeats>_<class tokens>, like 10_sks dog){hint}")
-        for folder in folders:
-            repeats, class_tokens = parse_concept_folder(folder)
+        for folder, (repeats, class_tokens) in concepts:
             if repeats < 1:
                 logger.warning("%s: %d repeats, folder skipped", folder, repeats)
                 continue
             subsets.append(SubsetSpec(image_dir=str(folder), num_repeats=repeats, is_reg=is_reg,
                                       class_tokens=class_tokens, **options))
     return subsets
+
+
+def _concept_or_warn(folder: Path) -> tuple[int, str] | None:
+    """(repeats, class tokens) of a concept folder; None, with sd-scripts' warning, for a folder without repeats."""
+    try:
+        return parse_concept_folder(folder)
+    except DatasetError:
+        images = len(list_images(folder))
+        logger.warning("ignore directory without repeats / 繰り返し回数のないディレクトリを無視します: %s (%s; a concept "
+                       "folder is named <repeats>_<class tokens>, like 10_%s)", folder,
+                       f"its {images} image(s) are not trained" if images else "no images", folder.name)
+        return None
 
 
 @dataclass

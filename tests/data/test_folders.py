@@ -45,10 +45,9 @@ def test_folder_errors(tmp_path, image_factory):
     image_factory("flat/a.png")
     with pytest.raises(DatasetError, match=r"flat: train_data_dir has no concept folders.*holds images directly"):
         subsets_from_folders(tmp_path / "flat")
-    image_factory("mixed/5_ok/a.png")
-    (tmp_path / "mixed" / "oops").mkdir()
-    with pytest.raises(DatasetError, match=r"oops: a concept folder name must start"):
-        subsets_from_folders(tmp_path / "mixed")
+    (tmp_path / "ignored" / "backup").mkdir(parents=True)
+    with pytest.raises(DatasetError, match=r"ignored: train_data_dir has no concept folders"):
+        subsets_from_folders(tmp_path / "ignored")
     (tmp_path / "empty" / "3_x").mkdir(parents=True)
     (tmp_path / "empty" / "3_x" / "notes.txt").write_text("no images here")
     assert subset_images(subsets_from_folders(tmp_path / "empty")[0]) == []
@@ -56,6 +55,20 @@ def test_folder_errors(tmp_path, image_factory):
         TrainDataset(DatasetSpec(subsets_from_folders(tmp_path / "empty"), resolution=64))
     with pytest.raises(DatasetError, match=r"missing: image_dir is not a folder"):
         subset_images(SubsetSpec(image_dir=str(tmp_path / "missing")))
+
+
+def test_folders_without_repeats_are_ignored_with_a_warning(tmp_path, image_factory, caplog):
+    """sd-scripts' config_util (extract_dreambooth_params): "ignore directory without repeats", and the others
+    train; the warning says whether the folder held images that are now left out."""
+    image_factory("mixed/5_ok/a.png")
+    image_factory("mixed/my concept/b.png")
+    (tmp_path / "mixed" / "backup").mkdir()
+    subsets = subsets_from_folders(tmp_path / "mixed")
+    assert [s.image_dir.split("/")[-1] for s in subsets] == ["5_ok"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2
+    assert "ignore directory without repeats" in warnings[0] and "backup (no images;" in warnings[0]
+    assert "my concept (its 1 image(s) are not trained; " in warnings[1] and "like 10_my concept" in warnings[1]
 
 
 def test_regularization_balanced_like_kohya(tmp_path, image_factory):
