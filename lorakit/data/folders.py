@@ -100,6 +100,7 @@ def subset_images(subset: SubsetSpec) -> list[SourceImage]:
     if not folder.is_dir():
         raise DatasetError(f"{folder}: image_dir is not a folder" + ("" if folder.exists() else " (it does not exist)"))
     paths = list_images(folder)
+    _warn_unreadable_entries(folder)
     if not paths:  # sd-scripts: "ignore subset ... no images found"; a dataset left with none is an error later
         logger.warning("%s: no images in this folder (looked for %s); the subset is left out", folder,
                        ", ".join(IMAGE_EXTENSIONS))
@@ -109,6 +110,16 @@ def subset_images(subset: SubsetSpec) -> list[SourceImage]:
 
         return cached_images(subset, paths, lambda: _folder_images(subset, paths))
     return _folder_images(subset, paths)
+
+
+def _warn_unreadable_entries(folder: Path) -> None:
+    """Image names that are neither files nor folders (a link whose target was moved or deleted): list_images leaves
+    them out, where sd-scripts would fail on them; the user is told which."""
+    broken = sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS
+                    and not p.name.startswith(".") and not p.is_file() and not p.is_dir())
+    if broken:
+        logger.warning("%s: %d image(s) are not readable files (a link whose target is missing?) and are left out: "
+                       "%s", folder, len(broken), ", ".join(broken[:3]) + (", ..." if len(broken) > 3 else ""))
 
 
 def _folder_images(subset: SubsetSpec, paths: list[str]) -> list[SourceImage]:

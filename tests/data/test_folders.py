@@ -71,6 +71,18 @@ def test_folders_without_repeats_are_ignored_with_a_warning(tmp_path, image_fact
     assert "my concept (its 1 image(s) are not trained; " in warnings[1] and "like 10_my concept" in warnings[1]
 
 
+def test_a_dangling_image_link_is_left_out_with_a_warning_naming_it(tmp_path, image_factory, caplog):
+    """A link whose target is gone is no image file: it is left out, and the warning names it (sd-scripts lists
+    it and fails when it reads its size)."""
+    image_factory("data/2_x/a.png")
+    broken = tmp_path / "data" / "2_x" / "broken.png"
+    broken.symlink_to(tmp_path / "nowhere.png")
+    images = subset_images(subsets_from_folders(tmp_path / "data")[0])
+    assert [i.path.split("/")[-1] for i in images] == ["a.png"]
+    assert any(r.levelname == "WARNING" and "1 image(s) are not readable files" in r.getMessage()
+               and str(broken) in r.getMessage() for r in caplog.records)
+
+
 def test_regularization_balanced_like_kohya(tmp_path, image_factory):
     # 2 training images x 5 repeats = 10. Reg: 3 images x 1 repeat. kohya: first round adds r0, r1, r2 (n = 3),
     # then one more repeat per image in order until n = 10: r0 +3, r1 +2, r2 +2 -> repeats 4, 3, 3.
