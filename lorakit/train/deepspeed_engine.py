@@ -9,7 +9,8 @@ sd-scripts hands its options to DeepSpeed through accelerate; lorakit builds the
   on NVMe. With a CPU-offloaded optimizer AdamW steps with DeepSpeed's CPU Adam, as accelerate swaps it in.
 - mixed_precision fp16 / bf16: DeepSpeed's own, the trained weights in 16 bits and fp32 master copies in the
   optimizer; fp16 scales the loss dynamically starting from 2^0, as sd-scripts sets it.
-- Gradient accumulation, the averaging over processes and max_grad_norm clipping happen in the engine.
+- Gradient accumulation, the averaging over processes and max_grad_norm clipping happen in the engine; a step it
+  skips for fp16 overflow reports ``step_applied`` False.
 
 The data parallelism stays lorakit's (distributed.py): every process builds the global batch and trains on its
 slice, so the batches, noise and timesteps are those of a run without DeepSpeed.
@@ -148,6 +149,13 @@ class DeepSpeedEngine:
         self.engine.set_gradient_accumulation_boundary(boundary)
         self.engine.backward(loss)
         self.engine.step()
+
+    @property
+    def step_applied(self) -> bool:
+        """Whether the last boundary's optimizer step changed the weights: False when fp16's dynamic loss scale
+        skipped it for overflowing gradients, whose step then holds the lr schedule (as accelerate's
+        AcceleratedScheduler does in sd-scripts, reading the optimizer's overflow flag)."""
+        return self.engine.was_step_applied()
 
     def full_weights(self):
         """A block in which the adapters' weights are whole on every process (stage 3 gathers them; every process

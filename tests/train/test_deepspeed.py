@@ -200,3 +200,25 @@ def test_missing_package_is_named(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_deepspeed)
     with pytest.raises(RuntimeError, match=r"deepspeed = true needs the deepspeed package .*pip install deepspeed"):
         require_deepspeed(load_train_config(overrides={"deepspeed": True}))
+
+
+def test_step_applied_is_false_between_boundaries_and_after_an_overflow():
+    # DeepSpeed's fp16 optimizer sets `overflow` when it skips a step (the CPU accelerator has no fp16, so a plain
+    # optimizer carries the flag here); the trainer holds the lr schedule for such a step
+    from lorakit.train.deepspeed_engine import DeepSpeedEngine
+    from lorakit.train.distributed import current_world
+
+    config = load_train_config(overrides={"deepspeed": True, "zero_stage": 0, "train_batch_size": 1})
+    network = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
+    engine = DeepSpeedEngine(config, current_world(torch.device("cpu"), group=True), network, None, optimizer,
+                             train_unet=True, train_text=False)
+
+    def step(boundary: bool) -> bool:
+        engine.backward(engine.engine(torch.ones(1, 2)).sum(), boundary)
+        return engine.step_applied
+
+    assert step(boundary=False) is False
+    assert step(boundary=True) is True
+    engine.engine.optimizer.overflow = True
+    assert step(boundary=True) is False
