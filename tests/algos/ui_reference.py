@@ -5,6 +5,8 @@ Everything runs in float64. Where the two UIs differ, the function says which on
 - strength (multiplier) of Diag-OFT: A1111's W + s (R^T W - W) (ComfyUI applies s^2 when s != 1);
 - BOFT: ComfyUI's (A1111 has no BOFT);
 - (IA)^3: A1111's (ComfyUI has none), with LyCORIS' per-output-channel product for convs, which A1111 cannot apply;
+- LoKr with a Tucker core (lokr_t2): A1111's, which makes w2 contiguous before torch.kron (ComfyUI's kron fails on
+  its non-contiguous einsum result and leaves the layer unpatched; see docs/algorithms.md);
 - DoRA: the per-input-column norm of W + scale dW, which A1111 always uses and ComfyUI uses for a
   column-shaped dora_scale; for a row-shaped dora_scale (dora_axis="out") LyCORIS' row norm of W + scale dW.
 """
@@ -61,6 +63,7 @@ def lokr_delta(sd, w):
     if w2.dim() > 2:  # a decomposed conv w2 stays 2-d: the 2-d kron is reshaped to the weight, as the UIs do
         w1 = w1.reshape(*w1.shape, *([1] * (w2.dim() - 2)))
     scale = float(sd["alpha"]) / dim if ("alpha" in sd and dim is not None) else 1.0
+    # .contiguous(): A1111's make_kron; ComfyUI's kron fails on a Tucker w2 here (module docstring)
     return torch.kron(w1.contiguous(), w2.contiguous()).reshape(w.shape) * scale
 
 
