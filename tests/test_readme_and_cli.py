@@ -44,3 +44,11 @@ def test_readme_quickstart_command_runs_the_example_config():
     out = subprocess.run([sys.executable, "-m", "lorakit", "train", "--config", config, "--print-config"],
                          capture_output=True, text=True, check=True, cwd=ROOT)
     assert 'pretrained_model_name_or_path = "demo:tiny-sd"' in out.stdout
+
+
+def test_a_misspelt_flag_suggests_the_flag_the_docs_use(capsys):
+    """--config and --print-config are the CLI's own flags: their typos name them, not the closest option."""
+    for typo, expected in (("--confg", "config"), ("--print-confg", "print-config"), ("--config_fle", "config_file"),
+                           ("--outptu_dir", "output_dir")):
+        assert main(["train", typo, "x"]) == 2
+        assert f"unknown option '{typo[2:]}' (did you mean '{expected}'?)" in capsys.readouterr().err

@@ -5,11 +5,15 @@ resolved and checked; then the training loop (lorakit.train.run), or with --prin
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 
 from ..algos.options import OptionError
 from .config import LIST_KINDS
-from .options import BY_NAME, GROUPS, coerce, options_in
+from .options import ALIASES, BY_NAME, COMMAND_LINE_ONLY, GROUPS, GUI_KEYS, coerce, options_in
+
+# the CLI's own flags, which options.py does not list: a misspelt one is suggested too
+_CLI_FLAGS = ("config", "print-config", "print_config")
 
 
 class _TrainParser(argparse.ArgumentParser):
@@ -73,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name) for name in BY_NAME if hasattr(args, name)}
     try:
         if getattr(args, "unknown_args", None):
+            _refuse_misspelt_cli_flags(args.unknown_args)
             parse_command_line(args.unknown_args)  # raises the error naming the closest option
             raise OptionError(f"unexpected arguments: {' '.join(args.unknown_args)}")
         if coerce(BY_NAME["output_config"], overrides.pop("output_config", None)):
@@ -109,6 +114,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"lorakit {command}: error: {worker_error_message(err)}", file=sys.stderr)
         return 1
     return result if isinstance(result, int) else 0
+
+
+def _refuse_misspelt_cli_flags(unknown: list[str]) -> None:
+    """An unknown --name closest to one of the CLI's own flags (--confg: --config) names that flag; the others are
+    left to parse_command_line, which suggests among the options."""
+    known = sorted(set(BY_NAME) | set(ALIASES) | set(GUI_KEYS) | set(COMMAND_LINE_ONLY) | set(_CLI_FLAGS))
+    for token in unknown:
+        if not token.startswith("--"):
+            continue
+        key = token[2:].partition("=")[0]
+        close = difflib.get_close_matches(key, known, n=1)
+        if close and close[0] in _CLI_FLAGS:
+            raise OptionError(f"unknown option '{key}' (did you mean '{close[0]}'?)")
 
 
 def worker_error_message(err: BaseException) -> str:
