@@ -58,6 +58,7 @@ class OutputNames:
     def check_kinds(self, states: bool, samples: bool) -> None:
         """Output paths that exist as the wrong kind (a folder named like the final adapter, a file named like the
         final state or the sample folder) would fail the run at its end, after all the training: refused first."""
+        self._check_folder()
         wrong = [(self.final(), "a folder", Path.is_dir, "output")]
         if states:
             wrong.append((self.final_state(), "a file", Path.is_file, "output"))
@@ -67,6 +68,14 @@ class OutputNames:
             if test(path):
                 raise FileExistsError(f"{path}: is {kind}, where this run writes its {what}; move it away or "
                                       "change output_dir / output_name")
+
+    def _check_folder(self) -> None:
+        """output_dir (or a folder above it) that exists as a file: one line naming it, not mkdir's errno."""
+        existing = next((p for p in (self.dir, *self.dir.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            where = "output_dir" if existing == self.dir else f"output_dir {self.dir}"
+            raise FileExistsError(f"{existing}: is a file, where {where} needs a folder; move it away or change "
+                                  "output_dir")
 
     # --- save_last_n_*: keep the newest n saves (sd-scripts removes the one that falls out of the window) --
     def prune_epochs(self, epoch: int, every: int, keep: int | None, state: bool = False) -> None:

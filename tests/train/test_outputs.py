@@ -42,3 +42,10 @@ def test_a_kill_while_pruning_never_leaves_a_half_deleted_state_under_its_name(t
         names.prune_steps(4, every=2, keep=1, state=True)
     left = sorted(p.name for p in tmp_path.iterdir() if p != new)
     assert not old.exists() and len(left) == 1 and atomic._TEMPORARY.match(left[0])
+
+
+@pytest.mark.parametrize("output_dir", ["afile", "afile/sub"])
+def test_an_output_dir_that_is_a_file_is_refused_naming_it(tmp_path, output_dir):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(FileExistsError, match=r"afile: is a file, where output_dir .*needs a folder"):
+        OutputNames(tmp_path / output_dir, "t").check_kinds(states=False, samples=False)
