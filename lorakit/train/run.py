@@ -699,14 +699,14 @@ def _save_rates(rates, path: Path, metadata: dict, sources) -> None:
 def _check_explore(config) -> None:
     """What lorakit explore needs and what it cannot combine with."""
     if not config.network_weights:
-        raise OptionError("lorakit explore: network_weights names no adapter file: give the trained network(s) "
-                          "whose application rates to search")
+        raise OptionError("network_weights names no adapter file: give the trained network(s) whose application "
+                          "rates to search")
     for name, why in (("deepspeed", "the rates are one small vector"),
                       ("scale_weight_norms", "the networks are frozen"),
                       ("network_train_text_encoder_only", "the rates act on every block"),
                       ("dim_from_weights", "the networks are read whole from their files")):
         if getattr(config, name):
-            raise OptionError(f"lorakit explore: {name} cannot be used ({why})")
+            raise OptionError(f"{name} cannot be used ({why})")
 
 
 def _resolution(config) -> tuple[int, int]:

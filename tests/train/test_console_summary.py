@@ -63,3 +63,13 @@ def test_lorakit_train_shows_the_summary_without_console_options(base, tmp_path,
     assert "\n  total optimization steps / 学習ステップ数: 1\n" in err  # messages only, as sd-scripts prints them
     assert "epoch 1/1" in err and f"saving checkpoint: {tmp_path / 't.safetensors'}" in err
     assert not logging.getLogger("lorakit").handlers  # gone with the run
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "network_weights names no adapter file"),
+    (["--network_weights=x.safetensors", "--deepspeed"], "deepspeed cannot be used (the rates are one small vector)")])
+def test_explore_refusals_carry_the_command_name_once(base, tmp_path, capsys, extra, message):
+    args = [f"--{k}={v}" for k, v in _options(base, tmp_path).items()]
+    assert main(["explore", *args, *extra]) == 1
+    err = capsys.readouterr().err
+    assert f"lorakit explore: error: {message}" in err and err.count("lorakit explore") == 1
