@@ -93,7 +93,7 @@ def test_several_networks_sdxl_and_resume(base, tmp_path):
 
 
 def test_refusals_name_the_option(base, tmp_path, capsys):
-    with pytest.raises(ValueError, match="lorakit explore: network_weights names no adapter file"):
+    with pytest.raises(ValueError, match="network_weights names no adapter file"):
         train(_config(base, tmp_path, network_weights=[]), explore=True)
     with pytest.raises(ValueError, match="application_layout='lbw12': not a sd block layout"):
         train(_config(base, tmp_path, application_layout="lbw12"), explore=True)
@@ -102,7 +102,7 @@ def test_refusals_name_the_option(base, tmp_path, capsys):
     assert main(["explore", "--pretrained_model_name_or_path", str(base / "tiny-sd.safetensors"),
                  "--train_data_dir", str(base / "data"), "--output_dir", str(tmp_path), "--resolution", "64",
                  "--scale_weight_norms", "1"]) == 1
-    assert "lorakit explore: error: lorakit explore: network_weights names no adapter file" in capsys.readouterr().err
+    assert "lorakit explore: error: network_weights names no adapter file" in capsys.readouterr().err
 
 
 def test_help_lists_the_explore_options_only_for_explore(capsys):
