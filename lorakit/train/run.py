@@ -530,7 +530,7 @@ class _Run:
                         continue
                     micro_done, micro = micro, 0
                     optimizer_start = time.perf_counter()
-                    stepped = True
+                    stepped = engine.step_applied if engine is not None else True  # DeepSpeed: False on overflow
                     if engine is None and not c.fused_backward_pass:  # fused: backward() stepped each parameter
                         self.world.average_gradients(trainable)
                         scaler.unscale_(optimizer)  # (a disabled scaler does nothing here)
