@@ -113,7 +113,22 @@ def run(args: argparse.Namespace) -> int:
         # and where, so one line, as for the checks above (an unexpected error keeps its traceback)
         print(f"lorakit {command}: error: {worker_error_message(err)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"lorakit {command}: interrupted; {_where_to_resume(config.output_dir)}", file=sys.stderr)
+        return 130  # the shell's code for a run stopped by Ctrl-C
     return result if isinstance(result, int) else 0
+
+
+def _where_to_resume(output_dir) -> str:
+    """The newest state folder a stopped run can resume from (saves are atomic: whatever is there is whole)."""
+    from pathlib import Path
+
+    folder = Path(output_dir)
+    states = [p for p in folder.glob("*-state") if (p / "train_state.json").is_file()] if folder.is_dir() else []
+    if not states:
+        return "no state was saved to resume from (save_state = true keeps one at every save)"
+    newest = max(states, key=lambda p: (p / "train_state.json").stat().st_mtime)
+    return f"to go on from the last state saved, resume = \"{newest}\""
 
 
 def _refuse_misspelt_cli_flags(unknown: list[str]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -543,3 +544,26 @@ def test_text_encoders_stop_training_after_the_steps_given(base, tmp_path, optio
     assert moved(saves[0], saves[1], "lora_te_") > 0  # step 2 trained the text encoder
     assert moved(saves[1], saves[2], "lora_te_") == 0 and moved(saves[2], saves[3], "lora_te_") == 0
     assert moved(saves[2], saves[3], "lora_unet_") > 0
+
+
+def test_ctrl_c_prints_one_line_naming_the_state_to_resume_from(base, tmp_path, monkeypatch, capsys):
+    """Ctrl-C stops the run with one line (exit 130, the shell's code for it) that names the newest state folder to
+    resume from, instead of a traceback."""
+    from lorakit.cli import main
+    from lorakit.train import run
+
+    def interrupted(config, explore=False):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "train", interrupted)
+    args = ["train", "--pretrained_model_name_or_path", str(base / "sd.safetensors"), "--train_data_dir",
+            str(base / "data"), "--output_dir", str(tmp_path), "--resolution", "64"]
+    assert main(args) == 130
+    assert capsys.readouterr().err.strip() == ("lorakit train: interrupted; no state was saved to resume from "
+                                               "(save_state = true keeps one at every save)")
+    for when, name in enumerate(("t-000002-state", "t-000001-state")):  # the newer save, not the larger name
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train_state.json").write_text("{}")
+        os.utime(tmp_path / name / "train_state.json", (1e9 - when, 1e9 - when))
+    assert main(args) == 130
+    assert capsys.readouterr().err.strip().endswith(f'resume = "{tmp_path / "t-000002-state"}"')
