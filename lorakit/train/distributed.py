@@ -1,5 +1,6 @@
 """Several processes (``accelerate launch`` or ``torchrun``: RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT in the
-environment) training one network, data-parallel.
+environment; on CPUs also mpirun, accelerate's multi-CPU launch, whose MPI variables are read as accelerate reads
+them) training one network, data-parallel.
 
 Every process builds the same batches of ``train_batch_size x world`` samples (the global batch) and trains on
 its slice of each; gradients are averaged over the processes before each optimizer step. A batch that does not
@@ -89,6 +90,8 @@ def current_world(device: torch.device, timeout_minutes: int | None = None, grou
     """The process group the launcher describes, initialised once; a single process when there is none.
     ``timeout_minutes`` (ddp_timeout) bounds how long a collective waits for the other processes. ``group``: a
     process group even for a single process (DeepSpeed needs one), on a free local port when no launcher set one."""
+    if device.type == "cpu" and "WORLD_SIZE" not in os.environ:
+        _adopt_mpi_environment()
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1 and not group:
         return World()
@@ -101,6 +104,31 @@ def current_world(device: torch.device, timeout_minutes: int | None = None, grou
             kwargs.update(init_method="env://")
         torch.distributed.init_process_group(backend=backend, **kwargs)
     return World(rank=torch.distributed.get_rank(), size=torch.distributed.get_world_size())
+
+
+# torch's name: (the names mpirun sets: MPICH / Intel MPI, Open MPI, MVAPICH; accelerate's default), in accelerate's
+# order (utils/environment.py get_cpu_distributed_information)
+_MPI_NAMES = {
+    "RANK": (("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"), "0"),
+    "WORLD_SIZE": (("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"), "1"),
+    "LOCAL_RANK": (("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK"), "0"),
+    "LOCAL_WORLD_SIZE": (("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE"), "1"),
+}
+
+
+def _adopt_mpi_environment() -> None:
+    """Under mpirun (several processes on CPUs, as accelerate's multi-CPU launch runs them), torch's variables from
+    MPI's, set as accelerate's PartialState sets them: torch's env:// rendezvous and DeepSpeed read them. MASTER_PORT
+    defaults to accelerate's 29500, MASTER_ADDR to this machine when every process runs on it."""
+    found = {name: next((os.environ[m] for m in names if m in os.environ), default)
+             for name, (names, default) in _MPI_NAMES.items()}
+    if int(found["WORLD_SIZE"]) <= 1:
+        return
+    for name, value in found.items():
+        os.environ.setdefault(name, value)
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if found["LOCAL_WORLD_SIZE"] == found["WORLD_SIZE"]:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
 
 
 def _free_port() -> int:

@@ -11,7 +11,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from lorakit.formats.safetensors_io import load_file  # noqa: E402
-from lorakit.train.distributed import _free_port  # noqa: E402  (also the deepspeed tests' port)
+from lorakit.train.distributed import World, _free_port  # noqa: E402  (also the deepspeed tests' port)
 
 from .test_run import _config, base  # noqa: E402,F401  (the shared model/data fixture)
 
@@ -74,3 +74,36 @@ def test_ddp_timeout_reaches_the_process_group(monkeypatch):
     seen.clear()
     current_world(torch.device("cpu"))
     assert "timeout" not in seen  # unset: torch's default
+
+
+@pytest.mark.parametrize("mpi", [
+    {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+     "OMPI_COMM_WORLD_LOCAL_SIZE": "2"},  # Open MPI
+    {"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"},  # MPICH / Intel MPI
+])
+def test_mpirun_on_cpus_is_read_as_accelerate_reads_it(monkeypatch, mpi):
+    """accelerate's multi-CPU launch runs the script under mpirun; its PartialState takes the rank and the world size
+    from MPI's variables and sets torch's (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_PORT 29500) from them."""
+    from lorakit.train.distributed import current_world
+
+    env = dict(mpi)
+    monkeypatch.setattr(os, "environ", env)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kw: env.update(INIT=kw["init_method"]))
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: int(env["RANK"]))
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: int(env["WORLD_SIZE"]))
+    assert current_world(torch.device("cpu")) == World(rank=1, size=2)
+    assert {k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "INIT")} == {
+        "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500",
+        "INIT": "env://"}
+
+
+def test_torchrun_variables_win_over_mpi_and_gpus_ignore_mpi(monkeypatch):
+    from lorakit.train.distributed import current_world
+
+    env = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"}
+    monkeypatch.setattr(os, "environ", env)
+    # accelerate reads MPI's variables for CPU processes only (its MULTI_CPU): a GPU process under mpirun alone
+    assert current_world(torch.device("cuda")) == World() and "WORLD_SIZE" not in env
+    env["WORLD_SIZE"] = "1"  # the launcher's own WORLD_SIZE is taken as it is
+    assert current_world(torch.device("cpu")) == World() and "RANK" not in env
