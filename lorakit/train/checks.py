@@ -205,11 +205,8 @@ def _combinations(v: dict[str, Any]) -> None:
              "step (sd-scripts silently caches the uncropped image)")
         both("face_crop_aug_range", "enable_bucket", "sd-scripts crops around faces only without buckets (it "
              "ignores the faces with them)")
-    if v["in_json"] is not None:  # train_network.py: in_json makes a fine-tuning dataset, without reg images
-        for name in ("reg_data_dir", "dataset_config"):
-            both("in_json", name, "in_json describes the whole dataset (put it in the dataset config as a subset's "
-                 "metadata_file instead)" if name == "dataset_config" else "a fine-tuning dataset has no "
-                 "regularisation images")
+    if v["in_json"] is not None and v["dataset_config"] is None:  # train_network.py: a fine-tuning dataset
+        both("in_json", "reg_data_dir", "a fine-tuning dataset has no regularisation images")
         both("in_json", "cache_info", "cache_info caches image folders; the metadata JSON already lists the images")
     if v["enable_bucket"]:
         if v["min_bucket_reso"] > v["max_bucket_reso"]:
@@ -228,12 +225,6 @@ def _combinations(v: dict[str, Any]) -> None:
     if v["masked_loss"] and v["dataset_config"] is None and v["dataset_class"] is None and not (
             v["conditioning_data_dir"] or v["alpha_mask"]):
         _refuse("masked_loss needs the masks: conditioning_data_dir (mask images) or alpha_mask (the images' alpha)")
-    if v["dataset_config"] is not None:  # train_network.py ignores these with a warning; two data sources is a mistake
-        for name in ("train_data_dir", "reg_data_dir"):
-            if v[name] is not None:
-                _refuse(f"{name} and dataset_config are both given: with dataset_config, sd-scripts ignores {name}; "
-                        "put the folder in the dataset config as a [[datasets.subsets]] image_dir (is_reg = true for "
-                        "regularisation images) or remove dataset_config")
     if v["dataset_class"] is not None:
         _dataset_class(v)
     if v["deepspeed"]:
@@ -340,9 +331,17 @@ _FOLDER_ONLY = ("train_batch_size", "prior_loss_weight", "caption_extension", "s
                 "resize_interpolation", "skip_image_resolution", "vae_batch_size")
 
 
+# train_network.py reads the images from the dataset config alone and warns that these are ignored
+_IGNORED_WITH_DATASET_CONFIG = ("train_data_dir", "reg_data_dir", "in_json")
+
+
 def _warnings(v: dict[str, Any]) -> list[str]:
     """Allowed but probably not meant: sd-scripts warns of (or silently ignores) these."""
     notes = []
+    ignored = [name for name in _IGNORED_WITH_DATASET_CONFIG if v["dataset_config"] is not None and v[name]]
+    if ignored:  # kohya_ss' GUI and LyCORIS' example configs set train_data_dir next to dataset_config
+        notes.append(f"ignoring the following options because config file is found: {', '.join(ignored)} (the "
+                     f"images come from dataset_config {v['dataset_config']}, as in sd-scripts)")
     if v["v2"] and v["clip_skip"] is not None and v["clip_skip"] > 1:
         notes.append("v2 with clip_skip: SD2 models were not trained with clip_skip")
     if v["sdxl"] and v["clip_skip"] is not None and v["clip_skip"] > 1:  # sd-scripts warns too, and goes on

@@ -154,3 +154,16 @@ def test_refused_combinations(overrides, words):
     values.update(overrides)
     with pytest.raises(OptionError, match=words):
         load_train_config(overrides=values)
+
+
+@pytest.mark.parametrize("ignored", [dict(train_data_dir="img"), dict(reg_data_dir="reg"),
+                                     dict(reg_data_dir="reg", in_json="m.json")])
+def test_folder_options_beside_a_dataset_config_are_ignored_with_a_warning(tmp_path, ignored):
+    """train_network.py: with a dataset config, train_data_dir / reg_data_dir / in_json are ignored with a warning
+    (kohya_ss' GUI and LyCORIS' example configs set train_data_dir next to dataset_config)."""
+    dataset = tmp_path / "data.toml"
+    dataset.write_text('[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "img"\n', encoding="utf-8")
+    config = load_train_config(overrides=ignored, dataset_config=dataset)
+    assert [s.image_dir for d in config.dataset_group.datasets for s in d.subsets] == ["img"]
+    assert any(note.startswith("ignoring the following options because config file is found: "
+                               + ", ".join(ignored)) for note in config.warnings)
