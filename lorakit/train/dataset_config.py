@@ -2,7 +2,8 @@
 
 The file has `[general]`, then `[[datasets]]`, each with `[[datasets.subsets]]`. Keys are sd-scripts' names
 (library/config_util.py ConfigSanitizer); an unknown key, or a key at a level that does not take it, is an error that
-names where it is and suggests the closest name. A `.json` file with the same structure is read too.
+names where it is and suggests the closest name. A `.json` file with the same structure is read too; other
+suffixes (`.yaml`, `.txt`) are refused, as sd-scripts refuses them.
 
 What `parse_dataset_config` / `load_dataset_config` return (plain frozen dataclasses, every value resolved):
 
@@ -273,17 +274,23 @@ def _check_dataset(dataset: DatasetConfig, where: str) -> None:
                               " (as sd-scripts requires)")
 
 
+# sd-scripts' load_user_config picks the parser by the suffix and refuses any other
+_PARSERS = {".toml": ("TOML", tomllib.loads, tomllib.TOMLDecodeError),
+            ".json": ("JSON", json.loads, json.JSONDecodeError)}
+
+
 def read_dataset_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise OptionError(f"dataset config file not found: {path}")
+    if path.suffix.lower() not in _PARSERS:
+        raise OptionError(f"dataset config file {path}: not supported config file format (sd-scripts reads "
+                          f"{' and '.join(_PARSERS)} files only)")
+    kind, parse, error = _PARSERS[path.suffix.lower()]
     try:
-        if path.suffix.lower() == ".json":
-            return json.loads(path.read_text(encoding="utf-8"))
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as err:
-        raise OptionError(f"dataset config file {path}: not valid {path.suffix.lstrip('.').upper() or 'TOML'} "
-                          f"({err})") from None
+        return parse(path.read_text(encoding="utf-8"))
+    except error as err:
+        raise OptionError(f"dataset config file {path}: not valid {kind} ({err})") from None
 
 
 def load_dataset_config(path: str | Path, train: Any = None) -> DatasetGroupConfig:

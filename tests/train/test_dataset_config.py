@@ -260,6 +260,20 @@ def test_missing_or_broken_files(tmp_path):
         load_train_config(dataset_config=tmp_path / "none.toml")
 
 
+@pytest.mark.parametrize("name", ["data.yaml", "data.txt"])
+def test_other_file_formats_are_refused_as_in_sd_scripts(tmp_path, name):
+    """sd-scripts' load_user_config reads .toml and .json only ("not supported config file format")."""
+    path = tmp_path / name
+    path.write_text("datasets:\n  - resolution: 64\n    subsets:\n      - image_dir: imgs\n")
+    with pytest.raises(OptionError, match=rf"{name}: not supported config file format \(sd-scripts reads \.toml and "
+                                          r"\.json files only\)"):
+        load_dataset_config(path)
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    with pytest.raises(OptionError, match=r"broken\.json: not valid JSON"):
+        load_dataset_config(broken)
+
+
 def test_errors_inside_datasets_name_the_file(tmp_path):
     path = tmp_path / "ds.toml"
     path.write_text('[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "x"\nnum_repeat = 2\n')
