@@ -14,7 +14,7 @@ with equal generator states both give the same text:
    part before it stays in front and the part after a second occurrence stays at the end; the other tags are
    shuffled, then each is dropped with probability ``caption_tag_dropout_rate``; tags are joined with ", ".
    With ``token_warmup_step`` (steps, or below 1 a ratio of ``max_train_steps``), before the shuffle only the
-   first floor(step * (n - token_warmup_min) / token_warmup_step) + ``token_warmup_min`` of the n shuffled tags
+   first floor(step * ((n - token_warmup_min) / token_warmup_step)) + ``token_warmup_min`` of the n shuffled tags
    are kept, until that step (sd-scripts' caption tag warmup; ``step``: the optimizer steps done so far).
 5. ``secondary_separator`` is replaced by ``caption_separator`` (it joins tags that move as one).
 """
@@ -74,10 +74,11 @@ def _split_tags(text: str, separator: str) -> list[str]:
     return [t.strip() for t in text.split(separator) if t.strip()]
 
 
-def warmup_steps(options: CaptionOptions, max_train_steps: int) -> int:
-    """token_warmup_step in steps: a value below 1 is a ratio of ``max_train_steps`` (floored, as sd-scripts)."""
+def warmup_steps(options: CaptionOptions, max_train_steps: int) -> float:
+    """token_warmup_step in steps: a value below 1 is a ratio of ``max_train_steps`` (floored, as sd-scripts);
+    from 1 on the value itself, a fraction kept (sd-scripts divides by the float 2.5 as given)."""
     value = options.token_warmup_step
-    return math.floor(value * max_train_steps) if value < 1 else int(value)
+    return math.floor(value * max_train_steps) if value < 1 else value
 
 
 def process_caption(caption: str, options: CaptionOptions, rng: random.Random, epoch: int, step: int = 0,
@@ -117,7 +118,8 @@ def process_caption(caption: str, options: CaptionOptions, rng: random.Random, e
                 fixed, flex = flex[: o.keep_tokens], flex[o.keep_tokens:]
         warmup = warmup_steps(o, max_train_steps) if o.token_warmup_step > 0 else 0
         if warmup and step < warmup:
-            flex = flex[: math.floor(step * (len(flex) - o.token_warmup_min) / warmup) + o.token_warmup_min]
+            # sd-scripts' order of operations: the share per step first, then times the step (float rounding)
+            flex = flex[: math.floor(step * ((len(flex) - o.token_warmup_min) / warmup)) + o.token_warmup_min]
         if o.shuffle_caption:
             rng.shuffle(flex)
         if o.caption_tag_dropout_rate > 0:

@@ -110,6 +110,26 @@ def test_statistics_of_tag_dropout():
     assert math.isclose(kept / 16000, 0.75, abs_tol=0.02)
 
 
+def _sd_scripts_warmup_count(step, n, low, warmup, max_train_steps):
+    """sd-scripts process_caption: a warmup below 1 is floored to steps, anything else is divided by as given."""
+    if warmup < 1:
+        warmup = math.floor(warmup * max_train_steps)
+    if warmup and step < warmup:
+        return math.floor(step * ((n - low) / warmup)) + low
+    return n
+
+
+@pytest.mark.parametrize("n, warmup, max_train_steps", [(11, 2.5, 100), (31, 22, 0), (9, 0.5, 9), (6, 4, 0)])
+def test_token_warmup_follows_sd_scripts_arithmetic(n, warmup, max_train_steps):
+    """A fractional token_warmup_step of 1 or more stays a float (2.5, not 2); the share of tags per step is computed
+    before multiplying by the step, as sd-scripts does (11 * (30 / 22) is 14.999..., not 15)."""
+    tags = [f"t{i}" for i in range(n)]
+    options = CaptionOptions(token_warmup_min=1, token_warmup_step=warmup)
+    for step in range(math.ceil(warmup if warmup >= 1 else warmup * max_train_steps) + 1):
+        text = process_caption(", ".join(tags), options, random.Random(0), 1, step, max_train_steps)
+        assert text.split(", ") == tags[: _sd_scripts_warmup_count(step, n, 1, warmup, max_train_steps)], step
+
+
 def test_caption_files(tmp_path):
     (tmp_path / "a.txt").write_text("first line, tags \nsecond\n", encoding="utf-8")
     assert caption_for_image(str(tmp_path / "a.png"), ".txt") == "first line, tags"
