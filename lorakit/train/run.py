@@ -493,6 +493,8 @@ class _Run:
             compile_models(([] if c.network_train_text_encoder_only else [model.unet])
                            + (list(model.text_encoders) if train_text else []), c.dynamo_backend)
         clock = ctx.timings
+        # sd-scripts' sample_images_common: with sample_every_n_epochs, sample_every_n_steps is ignored
+        sample_every_steps = None if c.sample_every_n_epochs else c.sample_every_n_steps
         try:
             for epoch in range(progress.epoch, num_epochs + 1):
                 if main:
@@ -555,7 +557,7 @@ class _Run:
                     step = progress.global_step
                     if c.save_every_n_steps and step % c.save_every_n_steps == 0:  # the last step too, as sd-scripts
                         checkpoint("step", step, epoch)
-                    if c.sample_every_n_steps and step % c.sample_every_n_steps == 0:
+                    if sample_every_steps and step % sample_every_steps == 0:
                         draw(step)
                     if stop_at_step is not None and step >= stop_at_step:
                         if not (c.save_every_n_steps and step % c.save_every_n_steps == 0 and c.save_state):

@@ -72,3 +72,14 @@ def test_save_n_epoch_ratio_state_on_train_end_and_modelspec(base, tmp_path):
                            **STATELESS))
     assert sorted(p.name for p in ratio2.parent.glob("t-0*")) == ["t-000002.safetensors"]  # 4 // 2 = every 2nd
     assert read_metadata(ratio2)["modelspec.title"] == "t"  # unset: output_name, as sd-scripts
+
+
+def test_sample_every_n_epochs_overrides_sample_every_n_steps(base, tmp_path):
+    """sd-scripts' sample_images_common ignores sample_every_n_steps when sample_every_n_epochs is given: only the
+    epoch samples are drawn, named by epoch."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a purple circle --w 64 --h 64 --d 5 --s 1\n")
+    train(_config(base, tmp_path, max_train_epochs=2, train_batch_size=3, sample_prompts=str(prompts),
+                  sample_every_n_steps=1, sample_every_n_epochs=1, sample_sampler="ddim", **STATELESS))
+    names = sorted(p.name.split("_")[1] for p in (tmp_path / "sample").glob("t_*.png"))
+    assert names == ["e000001", "e000002"]
