@@ -322,7 +322,8 @@ class TrainDataset(torch.utils.data.Dataset):
                         "random_crop": bool(sub.random_crop), "shuffle_caption": bool(sub.shuffle_caption),
                         "keep_tokens": sub.keep_tokens, "keep_tokens_separator": sub.keep_tokens_separator,
                         "secondary_separator": sub.secondary_separator, "enable_wildcard": bool(sub.enable_wildcard),
-                        "caption_prefix": sub.caption_prefix, "caption_suffix": sub.caption_suffix}
+                        "caption_prefix": sub.caption_prefix, "caption_suffix": sub.caption_suffix,
+                        "resize_interpolation": sub.resize_interpolation}
                 if sub.image_dir:  # sd-scripts' train_network.py: image_dir for both kinds when set
                     info["image_dir"] = os.path.basename(os.path.normpath(sub.image_dir))
                 if sub.metadata_file:

@@ -143,6 +143,7 @@ batch_size = 1
 image_dir = '{folder}'
 num_repeats = 2
 keep_tokens = 2
+resize_interpolation = "lanczos"
 """)
     config = _config(base, tmp_path, train_data_dir=None, dataset_config=str(cfg), max_train_steps=1)
     meta = read_metadata(train(config))
@@ -154,6 +155,7 @@ keep_tokens = 2
     assert (sub1["shuffle_caption"], sub1["keep_tokens"], sub1["img_count"], sub1["image_dir"]) == (
         True, 1, 6, "1_magenta")
     assert (sub2["shuffle_caption"], sub2["keep_tokens"], sub2["num_repeats"]) == (False, 2, 2)
+    assert (sub1["resize_interpolation"], sub2["resize_interpolation"]) == (None, "lanczos")
     assert sum(b["count"] for b in second["bucket_info"]["buckets"].values()) == 12
     assert meta["ss_num_train_images"] == "18"
 
