@@ -3,8 +3,8 @@
 .txt: one prompt per line (``#`` starts a comment) with options ``--n`` negative prompt, ``--w``/``--h`` size,
 ``--d`` seed, ``--l`` guidance scale, ``--s`` steps (clamped to 1..1000), ``--ss`` sampler, in any case (``--W``), as
 sd-scripts' ``line_to_prompt_dict`` reads them. .toml: ``[prompt]`` holds the defaults
-and each ``[[prompt.subset]]`` one prompt. .json: a list of objects. Keys: prompt, negative_prompt, width, height,
-seed, scale, sample_steps (1..1000), sample_sampler.
+and each ``[[prompt.subset]]`` one prompt. .json: a list of objects, or of strings read as .txt lines (sd-scripts'
+load_prompts). Keys: prompt, negative_prompt, width, height, seed, scale, sample_steps (1..1000), sample_sampler.
 """
 
 from __future__ import annotations
@@ -68,30 +68,44 @@ def read_sample_prompts(path: str | Path) -> list[SamplePrompt]:
         except json.JSONDecodeError as e:
             raise ValueError(f"sample_prompts={path}: not valid JSON ({e})") from None
         if not isinstance(entries, list):
-            raise ValueError(f"sample_prompts={path}: expected a JSON list of prompt objects")
+            raise ValueError(f"sample_prompts={path}: expected a JSON list of prompt objects or prompt lines")
+        entries = [_json_entry(entry, path) for entry in entries]
     else:
-        entries = []
-        for line in text.splitlines():
-            if line.strip() and not line.lstrip().startswith("#"):
-                try:
-                    entries.append(_parse_line(line))
-                except ValueError as e:
-                    raise ValueError(f"sample_prompts={path}: {e}") from None
+        entries = [_line_entry(line, path) for line in text.splitlines()
+                   if line.strip() and not line.lstrip().startswith("#")]
     prompts = [_typed(entry, path) for entry in entries]
     if not prompts:
         raise ValueError(f"sample_prompts={path}: holds no prompt")
     return prompts
 
 
+def _json_entry(entry, path: Path) -> dict:
+    """A .json list item: an object, or a string read as a .txt line (sd-scripts' load_prompts)."""
+    if isinstance(entry, str):
+        return _line_entry(entry, path)
+    if not isinstance(entry, dict):
+        raise ValueError(f"sample_prompts={path}: expected a prompt object or a prompt line, got {entry!r}")
+    return entry
+
+
+def _line_entry(line: str, path: Path) -> dict:
+    try:
+        return _parse_line(line)
+    except ValueError as e:
+        raise ValueError(f"sample_prompts={path}: {e}") from None
+
+
 def _parse_line(line: str) -> dict:
     """One .txt line as sd-scripts' ``line_to_prompt_dict`` reads it: flags in any case (``--W`` is ``--w``), ``--s``
-    clamped to 1..1000. A numeric flag whose value sd-scripts would ignore (``--d -1``, ``--w abc``) is an error."""
+    clamped to 1..1000. A numeric flag whose value sd-scripts would ignore (``--d -1``, ``--w abc``, ``--w`` at the
+    end) is an error; ``--n`` or ``--ss`` without a value is left out, as there."""
+    # sd-scripts splits at every " --"; a flag is a word alone, so "--n-dash" stays in the prompt
     parts = re.split(r"\s--(?=[a-z]+\s)", " " + line.strip(), flags=re.IGNORECASE)
     entry = {"prompt": parts[0].strip()}
     for part in parts[1:]:
         flag, _, value = part.partition(" ")
         flag, value = flag.lower(), value.strip()
-        if flag not in _TXT_OPTIONS:
+        if flag not in _TXT_OPTIONS or not value and flag not in _TXT_VALUES:  # sd-scripts' "n (.+)" needs a value
             continue
         if flag in _TXT_VALUES:
             pattern, wanted = _TXT_VALUES[flag]

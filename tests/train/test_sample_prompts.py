@@ -73,3 +73,21 @@ def test_toml_json_steps_out_of_range_fail_at_start(tmp_path, steps):
     path.write_text(f'[prompt]\nsample_steps = {steps}\n[[prompt.subset]]\nprompt = "x"\n', encoding="utf-8")
     with pytest.raises(ValueError, match=rf"p.toml: sample_steps must be 1..1000, got {steps}"):
         read_sample_prompts(path)
+
+
+def test_json_list_of_prompt_lines_as_sd_scripts(tmp_path):
+    """sd-scripts' load_prompts reads a .json string entry with line_to_prompt_dict; objects and lines may mix."""
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(["a red circle --w 64 --h 72 --d 1 --s 3", {"prompt": "a blue square", "seed": 2},
+                                "a cat --n dog"]), encoding="utf-8")
+    first, second, third = read_sample_prompts(path)
+    assert (first.prompt, first.width, first.height, first.seed, first.sample_steps) == ("a red circle", 64, 72, 1, 3)
+    assert (second.prompt, second.seed) == ("a blue square", 2)
+    assert (third.prompt, third.negative_prompt) == ("a cat", "dog")
+    path.write_text(json.dumps(["a circle --w abc"]), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"p.json: bad value in 'a circle --w abc'"):
+        read_sample_prompts(path)
+    path.write_text(json.dumps([3]), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"p.json: expected a prompt object or a prompt line, got 3"):
+        read_sample_prompts(path)
+
