@@ -28,7 +28,8 @@ What `parse_dataset_config` / `load_dataset_config` return (plain frozen datacla
 Each value is the subset's own, else its dataset's, else [general]'s, else the training option of the same name
 (train_batch_size for batch_size, dataset_repeats for num_repeats), else sd-scripts' default: the lookup order of
 sd-scripts' BlueprintGenerator, so command-line data options act as a last [general]. Like sd-scripts, a subset
-whose image_dir (dreambooth) or metadata_file (finetuning) repeats an earlier one in the same dataset is dropped.
+whose image_dir (dreambooth) or metadata_file (finetuning) repeats an earlier one in the same dataset is dropped, and
+so is a subset with num_repeats 0 (a dataset left without subsets too).
 Paths are kept as written (sd-scripts reads them relative to the working directory).
 """
 
@@ -114,7 +115,7 @@ _OWN = {o.name: o for o in (
     Option("metadata_file", "path", None, "dataset", "fine-tuning metadata JSON of the subset"),
     Option("is_reg", "bool", False, "dataset", "the subset holds regularisation images"),
     Option("class_tokens", "str", None, "dataset", "caption of images without a caption file"),
-    Option("num_repeats", "int", 1, "dataset", "repeats of each image per epoch", low=1),
+    Option("num_repeats", "int", 1, "dataset", "repeats of each image per epoch (0: the subset is skipped)", low=0),
     Option("batch_size", "int", 1, "dataset", "images per batch", low=1),
     Option("network_multiplier", "float", 1.0, "dataset", "network multiplier for the dataset", supported=False),
     Option("custom_attributes", "table", None, "dataset", "attributes passed to the trainer", supported=False),
@@ -246,16 +247,26 @@ def parse_dataset_config(data: Mapping[str, Any], train: Any = None, source: str
                 raise OptionError(f"dataset config {here(d, i)}: image_dir is required")
             subset = _resolve(SubsetConfig, [own, dataset, general], fallback, {"kind": kind})
             identity = subset.image_dir if kind == "dreambooth" else subset.metadata_file
+            identity_key = "image_dir" if kind == "dreambooth" else "metadata_file"
+            if subset.num_repeats < 1:  # how users switch a subset off; sd-scripts' datasets skip it
+                log.warning("dataset config %s: ignore subset with %s='%s': num_repeats is less than 1, as in "
+                            "sd-scripts", here(d, i), identity_key, identity)
+                continue
             if identity in seen:
                 log.warning("dataset config %s: %s repeats an earlier subset of the dataset; ignored, as in "
                             "sd-scripts", here(d, i), identity)
                 continue
             seen.add(identity)
             subsets.append(subset)
+        if not subsets:
+            log.warning("dataset config %s: every subset has num_repeats 0; the dataset is left out", here(d))
+            continue
         resolved = _resolve(DatasetConfig, [dataset, general], fallback,
                             {"kind": kind, "subsets": tuple(subsets)})
         _check_dataset(resolved, here(d))
         datasets.append(resolved)
+    if not datasets:
+        raise OptionError(f"dataset config{where_file}: every subset has num_repeats 0; no images to train")
     return DatasetGroupConfig(tuple(datasets), source)
 
 

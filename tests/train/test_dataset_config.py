@@ -136,6 +136,19 @@ def test_repeated_folder_in_one_dataset_is_dropped_as_in_sd_scripts():
     assert [(s.image_dir, s.num_repeats) for s in group.datasets[0].subsets] == [("a", 2), ("b", 1)]
 
 
+def test_subset_with_no_repeats_is_skipped_with_a_warning_as_in_sd_scripts(caplog):
+    """DreamBoothDataset / FineTuningDataset: "ignore subset with image_dir='b': num_repeats is less than 1"; a
+    dataset left without subsets is left out."""
+    group = parse("[[datasets]]\nresolution = 512\n[[datasets.subsets]]\nimage_dir = 'a'\n[[datasets.subsets]]\n"
+                  "image_dir = 'b'\nnum_repeats = 0\n[[datasets]]\nresolution = 64\nnum_repeats = 0\n"
+                  "[[datasets.subsets]]\nmetadata_file = 'm.json'\n")
+    assert [[s.image_dir for s in d.subsets] for d in group.datasets] == [["a"]]
+    assert "[[datasets]] #1 [[datasets.subsets]] #2: ignore subset with image_dir='b': num_repeats is less than 1" \
+        in caplog.text
+    assert "ignore subset with metadata_file='m.json'" in caplog.text
+    assert "[[datasets]] #2: every subset has num_repeats 0; the dataset is left out" in caplog.text
+
+
 def test_docs_separator_example_parses():
     (dataset,) = parse(DOCS_SEPARATORS).datasets
     (subset,) = dataset.subsets
@@ -223,7 +236,8 @@ SUBSET = "[[datasets]]\nresolution = 512\n[[datasets.subsets]]\nimage_dir = 'a'\
      "[[datasets.subsets]]"),
     (SUBSET + "batch_size = 2\n", "'batch_size' cannot be set here; it belongs in [general] or [[datasets]]"),
     (SUBSET + "num_repeats = 'ten'\n", "option 'num_repeats': expected an integer"),
-    (SUBSET + "num_repeats = 0\n", "option 'num_repeats': expected a value >= 1"),
+    (SUBSET + "num_repeats = -1\n", "option 'num_repeats': expected a value >= 0"),
+    (SUBSET + "num_repeats = 0\n", "every subset has num_repeats 0; no images to train"),
     (SUBSET + "caption_dropout_rate = 1.5\n", "expected a value in [0, 1]"),
     (SUBSET + "flip_aug = 'sometimes'\n", "expected a boolean"),
     ("[[datasets]]\nresolution = [512, 512, 3]\n[[datasets.subsets]]\nimage_dir = 'a'\n", "expected a size"),
