@@ -100,7 +100,7 @@ def _parse_line(line: str) -> dict:
     clamped to 1..1000. A numeric flag whose value sd-scripts would ignore (``--d -1``, ``--w abc``, ``--w`` at the
     end) is an error; ``--n`` or ``--ss`` without a value is left out, as there."""
     # sd-scripts splits at every " --"; a flag is a word alone, so "--n-dash" stays in the prompt
-    parts = re.split(r"\s--(?=[a-z]+\s)", " " + line.strip(), flags=re.IGNORECASE)
+    parts = re.split(r"\s--(?=[a-z]+(?:\s|$))", " " + line.strip(), flags=re.IGNORECASE)
     entry = {"prompt": parts[0].strip()}
     for part in parts[1:]:
         flag, _, value = part.partition(" ")

@@ -91,3 +91,15 @@ def test_json_list_of_prompt_lines_as_sd_scripts(tmp_path):
     with pytest.raises(ValueError, match=r"p.json: expected a prompt object or a prompt line, got 3"):
         read_sample_prompts(path)
 
+
+def test_txt_flag_without_value_is_left_out_as_sd_scripts(tmp_path):
+    """sd-scripts splits a line at every " --" (line_to_prompt_dict) and its "n (.+)" needs a value: a trailing
+    "--n" leaves the prompt and sets nothing; a flag inside a word ("--n-dash") is prompt text here."""
+    path = tmp_path / "p.txt"
+    path.write_text("a cat --n\na cat --n blurry --n\na dog --x\na --n-dash prompt --w 64\n", encoding="utf-8")
+    prompts = read_sample_prompts(path)
+    assert [(p.prompt, p.negative_prompt) for p in prompts] == [
+        ("a cat", ""), ("a cat", "blurry"), ("a dog", ""), ("a --n-dash prompt", "")]
+    path.write_text("a cat --w\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"p.txt: bad value in 'a cat --w'.*got ''"):
+        read_sample_prompts(path)
