@@ -36,6 +36,7 @@ def parse_network_args(items: Iterable[str]) -> dict[str, str]:
     return parsed
 
 
+_LR_WEIGHTS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight")
 LORAPLUS_OPTIONS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 
 
@@ -63,12 +64,23 @@ def network_kwargs(network_module: str, network_args: Iterable[str],
         kwargs["algo"] = implied
         if module == "networks.lora":
             _rescale_rank_dropout_as_sd_scripts(kwargs)
-        if "preset" not in kwargs:  # sd-scripts' own target sets: the transformer blocks, with conv_dim the ResNets too
-            conv = kwargs.get("conv_dim", "").strip() not in ("", "0", "None")
+        conv = _sd_scripts_trains_convs(kwargs)
+        if "preset" not in kwargs:  # sd-scripts' own target sets: the transformer blocks, and the ResNets with convs
             kwargs["preset"] = "attn-mlp-convblock" if conv else "attn-mlp"
-            if conv and "conv_alpha" not in kwargs:
-                kwargs["conv_alpha"] = "1.0"  # sd-scripts' default when conv_dim is given without it
+        if conv and "conv_alpha" not in kwargs:
+            # sd-scripts' default for conv_dim's alpha and conv_block_alphas (not network_alpha, lorakit's own)
+            kwargs["conv_alpha"] = "1.0"
     return kwargs
+
+
+def _sd_scripts_trains_convs(kwargs: Mapping[str, str]) -> bool:
+    """sd-scripts' LoRANetwork extends its U-Net targets to the ResNets and samplers when conv_dim is given, or
+    conv_block_dims (which create_network reads only with block_dims or a block lr weight: kohya_ss' "Standard" LoRA
+    writes conv_block_dims without conv_dim)."""
+    if kwargs.get("conv_dim", "").strip() not in ("", "0", "None"):
+        return True
+    per_block = any(key in kwargs for key in ("block_dims", *_LR_WEIGHTS))
+    return per_block and kwargs.get("conv_block_dims", "").strip() not in ("", "None")
 
 
 def _rescale_rank_dropout_as_sd_scripts(kwargs: dict[str, str]) -> None:

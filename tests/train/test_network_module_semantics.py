@@ -50,3 +50,38 @@ def test_networks_lora_keeps_a_rank_dropout_scale_the_user_gave():
     assert "rank_dropout_scale" not in network_kwargs("networks.lora", ["dropout=0.1"])
     assert _train_over_eval_change("networks.lora", ["rank_dropout=0.5", "rank_dropout_scale=false"]) == (
         pytest.approx(0.5, abs=0.03))
+
+
+def _networks_lora(args: list[str], dim: int = 8, alpha: float = 4.0):
+    from ..network.tiny import tiny_model
+
+    unet, tes = tiny_model("sd1")
+    return create_network(unet, tes, dim=dim, alpha=alpha, **network_kwargs("networks.lora", args))
+
+
+def _dims_alphas(net) -> dict[str, tuple[int, float]]:
+    return {name: (a.lora_down.shape[0], float(a.alpha)) for name, a in net.adapters()}
+
+
+def test_networks_lora_conv_block_dims_without_conv_dim_trains_the_resnet_convs():
+    """kohya_ss' "Standard" LoRA writes block_dims + conv_block_dims without conv_dim: sd-scripts' LoRANetwork then
+    extends its targets to the ResNets and samplers, the 3x3 convs at conv_block_dims with alpha 1 (its default)."""
+    dims = _dims_alphas(_networks_lora([f"block_dims={','.join(['8'] * 25)}",
+                                        f"conv_block_dims={','.join(['4'] * 25)}"]))
+    assert dims["lora_unet_down_blocks_0_resnets_0_conv1"] == (4, 1.0)
+    assert dims["lora_unet_down_blocks_0_downsamplers_0_conv"] == (4, 1.0)
+    assert dims["lora_unet_down_blocks_0_resnets_0_time_emb_proj"] == (8, 4.0)  # a Linear: block_dims, alpha
+    assert dims["lora_unet_down_blocks_0_attentions_0_proj_in"] == (8, 4.0)
+
+
+def test_networks_lora_conv_block_alphas_default_to_1_with_a_preset_given():
+    """sd-scripts' conv_block_alphas default is conv_alpha or 1.0, whichever layers a preset selects."""
+    dims = _dims_alphas(_networks_lora(["preset=attn-mlp-convblock", f"block_dims={','.join(['8'] * 25)}",
+                                        f"conv_block_dims={','.join(['4'] * 25)}"]))
+    assert dims["lora_unet_down_blocks_0_resnets_0_conv1"] == (4, 1.0)
+
+
+def test_networks_lora_conv_block_dims_alone_select_no_conv():
+    """sd-scripts reads conv_block_dims only with block_dims or a block lr weight."""
+    dims = _dims_alphas(_networks_lora([f"conv_block_dims={','.join(['4'] * 25)}"]))
+    assert not any("resnets" in name for name in dims)
