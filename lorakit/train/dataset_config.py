@@ -13,7 +13,7 @@ What `parse_dataset_config` / `load_dataset_config` return (plain frozen datacla
     DatasetConfig                           one [[datasets]]: subsets trained at one resolution / batch size
       kind: "dreambooth" | "finetuning"     finetuning when its subsets have metadata_file (never mixed)
       subsets: tuple[SubsetConfig, ...]
-      resolution: (width, height) | None    required for dreambooth datasets
+      resolution: (width, height)           from the dataset, [general] or the training option; required
       batch_size, enable_bucket, min_bucket_reso, max_bucket_reso, bucket_reso_steps, bucket_no_upscale,
       prior_loss_weight (from the training config), network_multiplier, validation_seed, validation_split,
       skip_image_resolution
@@ -271,9 +271,14 @@ def parse_dataset_config(data: Mapping[str, Any], train: Any = None, source: str
 
 
 def _check_dataset(dataset: DatasetConfig, where: str) -> None:
-    if dataset.kind == "dreambooth" and dataset.resolution is None:
+    if dataset.resolution is None:
+        # sd-scripts' FineTuningDataset trains without it only at the metadata's train_resolution buckets, which
+        # lorakit does not use: it would need a size from somewhere
+        finetuning = ("; sd-scripts needs it too unless every metadata entry has train_resolution (\"if metadata "
+                      "doesn't have bucket info, resolution is required\"), and lorakit does not use train_resolution"
+                      if dataset.kind == "finetuning" else "")
         raise OptionError(f"dataset config {where}: resolution is required (in the dataset, [general], or the "
-                          "training option resolution)")
+                          f"training option resolution){finetuning}")
     if dataset.enable_bucket:
         if dataset.min_bucket_reso > dataset.max_bucket_reso:
             raise OptionError(f"dataset config {where}: min_bucket_reso {dataset.min_bucket_reso} > max_bucket_reso "
