@@ -1,5 +1,9 @@
 """Progress and logs of a run: a progress bar with loss, lr, it/s and ETA; TensorBoard (``logging_dir``) and
-wandb (``log_with``; offline unless WANDB_MODE says otherwise), with sd-scripts' metric names."""
+wandb (``log_with``; offline unless WANDB_MODE says otherwise), with sd-scripts' metric names.
+
+As sd-scripts' accelerator_logging: TensorBoard's x is the global step, or the epoch for the per-epoch metrics;
+wandb gets no step (its step must only grow) but ``global_step`` and ``epoch`` keys in every log, hidden metrics
+to chart against."""
 
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ class TrainLogger:
         self.epoch_losses: list[float] = []  # this epoch's steps, for loss/epoch_average
         self.writers = []
         self.quiet = quiet
+        self.global_step = initial  # the last step logged, for the per-epoch logs' global_step
         self._bar = None if quiet else _progress_bar(total, initial)
         log_with = None if quiet else config.log_with or ("tensorboard" if config.logging_dir else None)
         init_kwargs = tracker_init_kwargs(config) if log_with else {}
@@ -65,8 +70,8 @@ class TrainLogger:
         window = self.losses[-100:]  # sd-scripts shows the mean over the last epoch's steps; 100 is steadier
         average = sum(window) / len(window)
         logs = {"loss/current": loss, "loss/average": average, **max_norm_logs(max_norm), **lr_logs(lrs, groups)}
-        for writer in self.writers:
-            writer.log(logs, step)
+        self.global_step = step
+        self._log(logs, step, epoch)
         shown = {} if max_norm is None else {"Keys Scaled": max_norm[0], "Average key norm": f"{max_norm[1]:.4g}"}
         if self._bar is not None:
             self._bar.set_postfix(**shown, avr_loss=f"{average:.4f}", lr=f"{lrs[0]:.2e}", epoch=epoch)
@@ -81,8 +86,7 @@ class TrainLogger:
         mean loss of the epoch's steps (those of this run, for an epoch a resume entered part-way)."""
         if self.epoch_losses:
             logs = {"loss/epoch_average": sum(self.epoch_losses) / len(self.epoch_losses)}
-            for writer in self.writers:
-                writer.log(logs, epoch)
+            self._log(logs, epoch, epoch)
         self.epoch_losses = []
 
     def validation(self, kind: str, loss: float, step: int, epoch: int) -> None:
@@ -90,14 +94,18 @@ class TrainLogger:
         train = sum(self.losses[-100:]) / len(self.losses[-100:]) if self.losses else loss
         logs = {f"loss/validation/{kind}_average": loss, f"loss/validation/{kind}_divergence": loss - train}
         self.last_validation = logs
-        for writer in self.writers:
-            writer.log(logs, epoch if kind == "epoch" else step)
+        self._log(logs, epoch if kind == "epoch" else step, epoch)
         if not self.quiet:
             message = f"validation ({kind} {epoch if kind == 'epoch' else step}): loss {loss:.4f}"
             if self._bar is not None:
                 self._bar.write(message)
             else:
                 print(message, flush=True)
+
+    def _log(self, logs: dict, x: int, epoch: int) -> None:
+        """``x``: TensorBoard's x (the global step, or the epoch for per-epoch metrics)."""
+        for writer in self.writers:
+            writer.log(logs, x, global_step=self.global_step, epoch=epoch)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -156,9 +164,9 @@ class _TensorBoard:
     def __init__(self, writer):
         self.writer = writer
 
-    def log(self, logs: dict, step: int) -> None:
+    def log(self, logs: dict, x: int, *, global_step: int, epoch: int) -> None:
         for key, value in logs.items():
-            self.writer.add_scalar(key, value, step)
+            self.writer.add_scalar(key, value, x)
 
     def close(self) -> None:
         self.writer.close()
@@ -167,9 +175,12 @@ class _TensorBoard:
 class _Wandb:
     def __init__(self, run):
         self.run = run
+        for axis in ("global_step", "epoch"):  # sd-scripts' init_trackers: x-axes to choose, not charts
+            run.define_metric(axis, hidden=True)
 
-    def log(self, logs: dict, step: int) -> None:
-        self.run.log(logs, step=step)
+    def log(self, logs: dict, x: int, *, global_step: int, epoch: int) -> None:
+        # no step=: wandb drops a log at a step below its last one, as an epoch would be after the steps
+        self.run.log({**logs, "global_step": global_step, "epoch": epoch})
 
     def close(self) -> None:
         self.run.finish()

@@ -16,7 +16,7 @@ class _Recorder:
     def __init__(self):
         self.logs, self.steps = [], []
 
-    def log(self, logs, step):
+    def log(self, logs, step, **_):
         self.logs.append(dict(logs))
         self.steps.append(step)
 
@@ -150,3 +150,46 @@ def test_tensorboard_files_go_where_sd_scripts_puts_them(tmp_path, monkeypatch):
                     total=1)
     pattern = re.escape(str(tmp_path)) + r"/pre_\d{14}/"
     assert re.fullmatch(pattern + "network_train", folders[0]) and re.fullmatch(pattern + "mine", folders[1])
+
+
+class _WandbRun:
+    """A stand-in wandb run that keeps what wandb keeps: a log at a step below its current one is dropped."""
+
+    def __init__(self):
+        self.step, self.history, self.hidden = 0, [], []
+
+    def define_metric(self, name, hidden=False):
+        if hidden:
+            self.hidden.append(name)
+
+    def log(self, data, step=None, commit=None):
+        if step is not None and step < self.step:
+            return  # wandb: "Steps must be monotonically increasing, so this data will be ignored"
+        self.step = self.step if step is None else step
+        self.history.append(dict(data))
+        self.step += 1
+
+    def finish(self):
+        pass
+
+
+def test_wandb_gets_the_epoch_metrics_with_global_step_and_epoch_keys(monkeypatch):
+    """sd-scripts' accelerator_logging logs to wandb without a step, adding global_step and epoch (declared hidden
+    by init_trackers): an epoch's metrics after its steps are kept."""
+    import sys
+    import types
+
+    run = _WandbRun()
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: run))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    logger = TrainLogger(load_train_config(overrides={"log_with": "wandb"}), total=2, quiet=False)
+    logger.step(0.5, [1e-3], 1, 1)
+    logger.step(0.25, [1e-3], 2, 1)
+    logger.validation("epoch", 0.75, 2, 1)
+    logger.epoch_end(1)
+    logger.close()
+    assert run.hidden == ["global_step", "epoch"]
+    kept = {key: (logs[key], logs["global_step"], logs["epoch"]) for logs in run.history for key in logs}
+    assert kept["loss/epoch_average"] == (pytest.approx(0.375), 2, 1)
+    assert kept["loss/validation/epoch_average"] == (0.75, 2, 1)
+    assert kept["loss/current"] == (0.25, 2, 1)

@@ -27,8 +27,8 @@ except ModuleNotFoundError:  # Python < 3.11
 def fake_wandb(monkeypatch):
     calls = []
     module = types.ModuleType("wandb")
-    module.init = lambda **kw: calls.append(kw) or types.SimpleNamespace(log=lambda *a, **k: None,
-                                                                          finish=lambda: None)
+    module.init = lambda **kw: calls.append(kw) or types.SimpleNamespace(
+        log=lambda *a, **k: None, define_metric=lambda *a, **k: None, finish=lambda: None)
     monkeypatch.setitem(sys.modules, "wandb", module)
     monkeypatch.setenv("WANDB_MODE", "offline")
     return calls
