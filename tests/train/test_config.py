@@ -392,10 +392,12 @@ def test_impossible_combinations_are_refused(overrides, message):
     assert message in error_of(**overrides)
 
 
-def test_dataset_config_with_train_data_dir_is_refused(tmp_path):
+def test_dataset_config_ignores_train_data_dir_with_a_warning(tmp_path):
+    """sd-scripts' train_network.py: "ignoring the following options because config file is found"."""
     dataset = write(tmp_path, '[[datasets]]\nresolution = 512\n[[datasets.subsets]]\nimage_dir = "img"\n', "data.toml")
-    with pytest.raises(OptionError, match="train_data_dir and dataset_config are both given"):
-        load_train_config(overrides={"train_data_dir": "img"}, dataset_config=dataset)
+    config = load_train_config(overrides={"train_data_dir": "img"}, dataset_config=dataset)
+    assert any(n.startswith("ignoring the following options because config file is found: train_data_dir")
+               for n in config.warnings)
     assert load_train_config(overrides={"train_data_dir": ""}, dataset_config=dataset).dataset_config == str(dataset)
 
 
