@@ -161,9 +161,9 @@ class Network(nn.Module):
                                default_lr: float | None = None, loraplus_lr_ratio: float | None = None,
                                loraplus_unet_lr_ratio: float | None = None,
                                loraplus_text_encoder_lr_ratio: float | None = None) -> list[dict]:
-        """Parameter groups in kohya's manner: U-Net and text-encoder learning rates (a list gives SDXL's two
-        text encoders their own), block lr weights from down/mid/up_lr_weight, and LoRA+ (the output-side
-        factors of every algorithm that has them train at ratio x lr). A learning rate of 0 leaves those
+        """Parameter groups in kohya's manner, the text encoders' first: U-Net and text-encoder learning rates (a
+        list gives SDXL's two text encoders their own), block lr weights from down/mid/up_lr_weight, and LoRA+ (the
+        output-side factors of every algorithm that has them train at ratio x lr). A learning rate of 0 leaves those
         adapters out (frozen)."""
         plus = {"unet": _first(loraplus_unet_lr_ratio, loraplus_lr_ratio, self.loraplus.get("unet"),
                                self.loraplus.get("all")),
@@ -205,7 +205,9 @@ class Network(nn.Module):
                     if lr is not None:
                         group["lr"] = lr * (plus[kind] if boosted else 1.0)
                 group["params"].append(p)
-        return list(groups.values())
+        # text encoders first, as sd-scripts' prepare_optimizer_params: DAdaptAdan & co. step every group with the
+        # first group's lr, and the progress bar shows it
+        return sorted(groups.values(), key=lambda g: not g["name"].startswith(TEXT_ENCODERS))
 
     # ----- files -----
     def apply_max_norm_regularization(self, max_norm_value: float, device=None) -> tuple[int, float, float]:

@@ -70,6 +70,32 @@ def _changed(saved: dict | None, now: dict | None) -> str:
     return "; ".join(shown) + (f"; and {len(names) - 5} more" if len(names) > 5 else "")
 
 
+# the scheduler state's per-group lists (torch's LRScheduler, LambdaLR, CyclicLR, ReduceLROnPlateau)
+_PER_GROUP_SCHEDULER_KEYS = ("base_lrs", "_last_lr", "lr_lambdas", "max_lrs", "min_lrs")
+
+
+def _match_group_order(folder: Path, saved: dict, optimizer) -> None:
+    """Bring the saved optimizer and scheduler groups into this run's group order, by group name: torch maps a
+    state onto the groups by position, and an earlier lorakit put the U-Net's groups before the text encoders'
+    (the state's lrs and moments would land on the wrong adapters). Groups that differ, not only in order, are
+    refused."""
+    groups = saved["optimizer"]["param_groups"]
+    saved_names = [g.get("name") for g in groups]
+    names = [g.get("name") for g in optimizer.param_groups]
+    if saved_names == names:
+        return
+    if None in names or len(set(names)) != len(names) or sorted(map(str, saved_names)) != sorted(map(str, names)):
+        raise StateError(f"resume={folder}: its optimizer parameter groups ({', '.join(map(str, saved_names))}) are "
+                         f"not this run's ({', '.join(map(str, names))}): it was saved by another lorakit version "
+                         "or network. Start a new run from its adapters with network_weights instead")
+    order = [saved_names.index(name) for name in names]
+    saved["optimizer"]["param_groups"] = [groups[i] for i in order]
+    scheduler = saved["scheduler"]
+    for key in _PER_GROUP_SCHEDULER_KEYS:
+        if isinstance(scheduler.get(key), list) and len(scheduler[key]) == len(order):
+            scheduler[key] = [scheduler[key][i] for i in order]
+
+
 def saved_seed(folder: str | Path) -> int | None:
     """The seed a state folder's run used, so that a resume of a run without `seed` continues with the same one;
     None when the folder does not tell (load_state then reports what is wrong with it)."""
@@ -133,7 +159,12 @@ def load_state(folder: str | Path, network, optimizer, scheduler, config_digest:
     except (RuntimeError, EOFError, OSError, ValueError) as e:  # a truncated or foreign file
         raise StateError(f"resume={folder}: {files[1].name} cannot be read ({str(e).splitlines()[0]})") from None
     if optimizer is not None:
-        optimizer.load_state_dict(saved["optimizer"])
+        _match_group_order(folder, saved, optimizer)
+        try:
+            optimizer.load_state_dict(saved["optimizer"])
+        except ValueError as e:  # torch's own check: as many groups, of the same sizes
+            raise StateError(f"resume={folder}: its optimizer state does not fit this run's parameter groups "
+                             f"({e})") from None
     load_scheduler_state(scheduler, saved["scheduler"])
     if scaler is not None and scaler.is_enabled() and "scaler" in saved:
         scaler.load_state_dict(saved["scaler"])

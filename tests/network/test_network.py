@@ -436,3 +436,15 @@ def test_oft_blocks_of_size_one_are_named(caplog):
         net = create_network(model, algo="diag-oft", dim=4)
     assert dict(net.adapters())["lycoris_0"].oft_blocks.shape[-1] == 1
     assert "1 OFT adapter(s) have blocks of size 1" in caplog.text and "lycoris_0" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_optimizer_groups_put_the_text_encoders_first(kind):
+    """sd-scripts' prepare_optimizer_params appends the text-encoder groups before the U-Net's; DAdaptAdan and
+    DAdaptAdaGrad step every group with the first group's lr."""
+    unet, tes = tiny_model(kind)
+    net = create_network(unet, tes, preset="attn-mlp", dim=4, loraplus_lr_ratio=4)
+    names = [g["name"] for g in net.optimizer_param_groups(unet_lr=1.0, text_encoder_lr=0.5)]
+    encoders = ["text_encoder", "text_encoder_plus"] + (["text_encoder_2", "text_encoder_2_plus"] if kind == "sdxl"
+                                                        else [])
+    assert names == encoders + ["unet", "unet_plus"]

@@ -1,0 +1,59 @@
+"""Optimizer parameter groups as sd-scripts' networks.lora builds them, and resumes of states saved with
+another group order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorakit.network.create import create_network
+from lorakit.train.state import Progress, StateError, load_state, save_state
+
+from ..network.tiny import tiny_model
+
+
+def _network():
+    unet, tes = tiny_model("sd1")
+    return create_network(unet, tes, preset="attn-mlp", dim=4)
+
+
+def _optimizer(groups):
+    optimizer = torch.optim.AdamW(groups, lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return optimizer, scheduler
+
+
+def _save_trained_state(folder, net, groups):
+    optimizer, scheduler = _optimizer(groups)
+    torch.manual_seed(0)
+    for p in net.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    scheduler.step()
+    save_state(folder, net.state_dict(), optimizer, scheduler, Progress(config_digest="same"))
+    return optimizer
+
+
+def test_a_state_saved_with_the_unet_groups_first_resumes_onto_the_right_groups(tmp_path):
+    """Earlier lorakit put the U-Net's groups first; torch maps a state onto the groups by position."""
+    net = _network()
+    groups = net.optimizer_param_groups(unet_lr=1e-3, text_encoder_lr=5e-4)
+    assert [g["name"] for g in groups] == ["text_encoder", "unet"]
+    old = _save_trained_state(tmp_path / "s", net, list(reversed(groups)))
+    optimizer, scheduler = _optimizer(net.optimizer_param_groups(unet_lr=1e-3, text_encoder_lr=5e-4))
+    load_state(tmp_path / "s", net, optimizer, scheduler, "same")
+    assert [(g["name"], g["lr"]) for g in optimizer.param_groups] == [("text_encoder", 5e-4), ("unet", 1e-3)]
+    assert scheduler.base_lrs == [5e-4, 1e-3]
+    for p in net.parameters():
+        torch.testing.assert_close(optimizer.state[p]["exp_avg"], old.state[p]["exp_avg"])
+
+
+def test_a_state_with_other_groups_is_refused(tmp_path):
+    net = _network()
+    groups = net.optimizer_param_groups(unet_lr=1e-3, text_encoder_lr=5e-4)
+    renamed = [{**g, "name": "unet_w0.5"} if g["name"] == "unet" else g for g in groups]
+    _save_trained_state(tmp_path / "s", net, renamed)
+    optimizer, scheduler = _optimizer(net.optimizer_param_groups(unet_lr=1e-3, text_encoder_lr=5e-4))
+    with pytest.raises(StateError, match=r"optimizer parameter groups \(text_encoder, unet_w0.5\) are not this "
+                                         r"run's \(text_encoder, unet\)"):
+        load_state(tmp_path / "s", net, optimizer, scheduler, "same")
