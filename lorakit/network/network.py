@@ -165,10 +165,10 @@ class Network(nn.Module):
         list gives SDXL's two text encoders their own), block lr weights from down/mid/up_lr_weight, and LoRA+ (the
         output-side factors of every algorithm that has them train at ratio x lr). A learning rate of 0 leaves those
         adapters out (frozen)."""
-        plus = {"unet": _first(loraplus_unet_lr_ratio, loraplus_lr_ratio, self.loraplus.get("unet"),
-                               self.loraplus.get("all")),
-                "te": _first(loraplus_text_encoder_lr_ratio, loraplus_lr_ratio, self.loraplus.get("te"),
-                             self.loraplus.get("all"))}
+        plus = {"unet": _first_ratio(loraplus_unet_lr_ratio, loraplus_lr_ratio, self.loraplus.get("unet"),
+                                     self.loraplus.get("all")),
+                "te": _first_ratio(loraplus_text_encoder_lr_ratio, loraplus_lr_ratio, self.loraplus.get("te"),
+                                   self.loraplus.get("all"))}
         te_lrs = list(text_encoder_lr) if isinstance(text_encoder_lr, (list, tuple)) else [text_encoder_lr]
         te_lrs = (te_lrs or [None]) * 2 if len(te_lrs) < 2 else te_lrs  # one value serves both text encoders
         groups: dict[tuple, dict] = {}
@@ -238,3 +238,9 @@ class Network(nn.Module):
 
 def _first(*values):
     return next((v for v in values if v is not None), None)
+
+
+def _first_ratio(*ratios):
+    """The first LoRA+ ratio set and not 0: sd-scripts' `loraplus_unet_lr_ratio or loraplus_lr_ratio` (a side's 0
+    falls back to the common ratio; all 0 or unset: no LoRA+)."""
+    return next((r for r in ratios if r), None)

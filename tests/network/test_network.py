@@ -448,3 +448,13 @@ def test_optimizer_groups_put_the_text_encoders_first(kind):
     encoders = ["text_encoder", "text_encoder_plus"] + (["text_encoder_2", "text_encoder_2_plus"] if kind == "sdxl"
                                                         else [])
     assert names == encoders + ["unet", "unet_plus"]
+
+
+def test_a_loraplus_side_ratio_of_0_falls_back_to_the_common_ratio():
+    """sd-scripts: `loraplus_text_encoder_lr_ratio or loraplus_lr_ratio` (0 is falsy); all 0: no LoRA+."""
+    unet, tes = tiny_model("sd1")
+    net = create_network(unet, tes, preset="attn-mlp", dim=4, loraplus_lr_ratio=16, loraplus_text_encoder_lr_ratio=0)
+    lrs = {g["name"]: g["lr"] for g in net.optimizer_param_groups(unet_lr=1e-3, text_encoder_lr=5e-5)}
+    assert lrs == pytest.approx({"text_encoder": 5e-5, "text_encoder_plus": 8e-4, "unet": 1e-3, "unet_plus": 1.6e-2})
+    net = create_network(unet, tes, preset="attn-mlp", dim=4, loraplus_lr_ratio=0)
+    assert [g["name"] for g in net.optimizer_param_groups(unet_lr=1e-3)] == ["text_encoder", "unet"]
