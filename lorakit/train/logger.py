@@ -102,6 +102,11 @@ class TrainLogger:
             else:
                 print(message, flush=True)
 
+    def samples(self, drawn: list) -> None:
+        """Sample images (prompt, PIL image) as sd-scripts' sample_image_inference sends them: to wandb only."""
+        for writer in self.writers if drawn else ():
+            writer.samples(drawn)
+
     def _log(self, logs: dict, x: int, epoch: int) -> None:
         """``x``: TensorBoard's x (the global step, or the epoch for per-epoch metrics)."""
         for writer in self.writers:
@@ -112,6 +117,7 @@ class TrainLogger:
             self._bar.close()
         for writer in self.writers:
             writer.close()
+        self.writers = []  # the samples drawn after training are on disk only
 
 
 def tensorboard_folder(config) -> str:
@@ -168,6 +174,9 @@ class _TensorBoard:
         for key, value in logs.items():
             self.writer.add_scalar(key, value, x)
 
+    def samples(self, drawn: list) -> None:
+        pass  # sd-scripts sends samples to wandb only
+
     def close(self) -> None:
         self.writer.close()
 
@@ -181,6 +190,13 @@ class _Wandb:
     def log(self, logs: dict, x: int, *, global_step: int, epoch: int) -> None:
         # no step=: wandb drops a log at a step below its last one, as an epoch would be after the steps
         self.run.log({**logs, "global_step": global_step, "epoch": epoch})
+
+    def samples(self, drawn: list) -> None:
+        import wandb
+
+        # commit=False, as sd-scripts: the images join the next metrics' row instead of taking a step of their own
+        self.run.log({f"sample_{i}": wandb.Image(image, caption=prompt) for i, (prompt, image) in enumerate(drawn)},
+                     commit=False)
 
     def close(self) -> None:
         self.run.finish()

@@ -451,7 +451,7 @@ class _Run:
 
         def draw(step: int, epoch: int | None = None) -> None:
             with eval_mode(optimizer):
-                sampler.draw(step, epoch)
+                logger.samples(sampler.draw(step, epoch))
 
         def evaluate() -> float:
             with eval_mode(optimizer):
@@ -615,10 +615,11 @@ class _Sampler:
             except ValueError as e:
                 raise ValueError(f"sample_sampler: {e}") from None
 
-    def draw(self, step: int, epoch: int | None = None) -> None:
-        """Samples at this step; `epoch` given (a draw of sample_every_n_epochs): named by epoch, as sd-scripts."""
+    def draw(self, step: int, epoch: int | None = None) -> list:
+        """Samples at this step; `epoch` given (a draw of sample_every_n_epochs): named by epoch, as sd-scripts.
+        Returns each prompt's text and image (none when nothing was drawn)."""
         if not self.prompts or step == self.last_step:  # the end of training may repeat a step
-            return
+            return []
         self.last_step = step
         from .sample_prompts import draw_samples
 
@@ -627,9 +628,9 @@ class _Sampler:
         self.model.unet.eval()
         rng = torch.get_rng_state()
         try:
-            draw_samples(self.model, self.prompts, self.names.sample_dir(), self.names.output_name, step,
-                         default_sampler=self.config.sample_sampler, clip_skip=self.config.clip_skip,
-                         base_seed=self.seed, write=self.write, epoch=epoch)
+            return draw_samples(self.model, self.prompts, self.names.sample_dir(), self.names.output_name, step,
+                                default_sampler=self.config.sample_sampler, clip_skip=self.config.clip_skip,
+                                base_seed=self.seed, write=self.write, epoch=epoch)
         finally:
             torch.set_rng_state(rng)
             self.net.train()

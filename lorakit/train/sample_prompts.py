@@ -149,17 +149,18 @@ def _typed(entry: dict, path: Path) -> SamplePrompt:
 
 def draw_samples(model, prompts: list[SamplePrompt], folder: Path, output_name: str | None, step: int, *,
                  default_sampler: str, clip_skip: int | None, base_seed: int, write: bool = True,
-                 epoch: int | None = None) -> list[Path]:
+                 epoch: int | None = None) -> list[tuple[str, object]]:
     """One image per prompt, named as sd-scripts' sample_image_inference names them:
     ``{output_name}_{step:06d}_{i:02d}_{time}_{seed}.png``, or ``{output_name}_e{epoch:06d}_...`` for a draw at an
     epoch's end or before training (``epoch`` given, 0 for sample_at_first); without output_name, no prefix.
-    ``write`` False: drawn but not saved (a process that only takes part in a distributed forward)."""
+    ``write`` False: drawn but not saved (a process that only takes part in a distributed forward). Returns each
+    prompt's text and image (PIL), in the file's order, for the trackers."""
     from ..models.sample import generate
 
     if write:
         folder.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d%H%M%S")
-    saved = []
+    drawn = []
     for i, p in enumerate(prompts):
         seed = p.seed if p.seed is not None else base_seed + i
         image = generate(model, [p.prompt], negative_prompt=p.negative_prompt, steps=p.sample_steps,
@@ -169,5 +170,5 @@ def draw_samples(model, prompts: list[SamplePrompt], folder: Path, output_name: 
         out = folder / f"{f'{output_name}_' if output_name else ''}{number}_{i:02d}_{stamp}_{seed}.png"
         if write:  # under a temporary name first: a killed run leaves no truncated image under its name
             atomic_write(out, lambda tmp, image=image: image.save(tmp, format="PNG"))
-            saved.append(out)
-    return saved
+        drawn.append((p.prompt, image))
+    return drawn

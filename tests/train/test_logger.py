@@ -14,11 +14,14 @@ from ..network.tiny import tiny_model
 
 class _Recorder:
     def __init__(self):
-        self.logs, self.steps = [], []
+        self.logs, self.steps, self.drawn = [], [], []
 
     def log(self, logs, step, **_):
         self.logs.append(dict(logs))
         self.steps.append(step)
+
+    def samples(self, drawn):
+        self.drawn.append(drawn)
 
     def close(self):
         pass
@@ -193,3 +196,49 @@ def test_wandb_gets_the_epoch_metrics_with_global_step_and_epoch_keys(monkeypatc
     assert kept["loss/epoch_average"] == (pytest.approx(0.375), 2, 1)
     assert kept["loss/validation/epoch_average"] == (0.75, 2, 1)
     assert kept["loss/current"] == (0.25, 2, 1)
+
+
+def test_samples_go_to_wandb_as_sd_scripts_sends_them(monkeypatch):
+    """sd-scripts' sample_image_inference: wandb_tracker.log({f"sample_{i}": wandb.Image(image, caption=prompt)},
+    commit=False) for each sample; TensorBoard gets none."""
+    import sys
+    import types
+
+    run = _WandbRun()
+    logged = []
+    run.log = lambda data, step=None, commit=None: logged.append((data, commit))
+    wandb = types.SimpleNamespace(init=lambda **kw: run, Image=lambda image, caption: ("image", image, caption))
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    logger = TrainLogger(load_train_config(overrides={"log_with": "wandb"}), total=1, quiet=False)
+    logger.samples([("a cat", "pixels 0"), ("a dog", "pixels 1")])
+    logger.samples([])  # nothing drawn: nothing logged
+    logger.close()
+    logger.samples([("after training", "pixels")])  # the run is finished: on disk only
+    assert logged == [({"sample_0": ("image", "pixels 0", "a cat"), "sample_1": ("image", "pixels 1", "a dog")},
+                       False)]
+
+
+def test_a_run_hands_its_samples_to_the_logger(tmp_path, monkeypatch):
+    """Each draw's prompts and images reach the trackers (the recorder stands in for wandb)."""
+    from pathlib import Path
+
+    from lorakit.train.run import train
+
+    pytest.importorskip("diffusers")
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(root)  # the example's paths are relative to the repository
+    recorder = _Recorder()
+    start = TrainLogger.__init__
+    monkeypatch.setattr(TrainLogger, "__init__",
+                        lambda self, *a, **k: start(self, *a, **k) or self.writers.append(recorder))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a purple circle --w 64 --h 64 --d 5 --s 1\na square --w 64 --h 64 --s 1\n")
+    config = load_train_config(root / "examples" / "quickstart.toml", overrides={
+        "output_dir": str(tmp_path), "sample_prompts": str(prompts), "sample_at_first": False,
+        "sample_every_n_steps": 1, "sample_sampler": "ddim", "max_train_steps": 1, "train_batch_size": 2,
+        "cache_latents": False})
+    train(config)
+    (drawn,) = recorder.drawn
+    assert [prompt for prompt, _ in drawn] == ["a purple circle", "a square"]
+    assert all(image.size == (64, 64) for _, image in drawn)
