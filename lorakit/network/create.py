@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Mapping, Sequence
 
@@ -128,10 +129,8 @@ class _BlockPlan:
     def __init__(self, config: NetworkConfig, arch: str | None, index: NameIndex, selected: list[Selected]):
         self.dims: dict[str, tuple] = {}
         self.lr_weights: dict[str, float] = {}
-        per_block = any(v is not None for v in (config.block_dims, config.block_alphas, config.conv_block_dims,
-                                                config.conv_block_alphas, config.down_lr_weight,
-                                                config.mid_lr_weight, config.up_lr_weight))
-        if not per_block:
+        config = _without_lone_block_options(config)
+        if config.block_dims is None and not _has_lr_weights(config):
             return
         if arch is None:
             raise OptionError("block_dims, block_alphas, conv_block_* and *_lr_weight need a Stable Diffusion U-Net")
@@ -154,6 +153,24 @@ class _BlockPlan:
             if lr is not None:
                 self.lr_weights[name] = lr[i]
             self.dims[item.path] = tuple(v[i] if v is not None else None for v in dims)
+
+
+_FOLLOWER_BLOCK_OPTIONS = ("block_alphas", "conv_block_dims", "conv_block_alphas")
+
+
+def _has_lr_weights(config: NetworkConfig) -> bool:
+    return any(v is not None for v in (config.down_lr_weight, config.mid_lr_weight, config.up_lr_weight))
+
+
+def _without_lone_block_options(config: NetworkConfig) -> NetworkConfig:
+    """sd-scripts' create_network reads block_alphas and conv_block_* only with block_dims or a block lr weight:
+    alone, they are dropped, with a warning."""
+    lone = [name for name in _FOLLOWER_BLOCK_OPTIONS if getattr(config, name) is not None]
+    if not lone or config.block_dims is not None or _has_lr_weights(config):
+        return config
+    log.warning("lorakit: %s ignored: as in sd-scripts' networks.lora, they apply only with block_dims or a block lr "
+                "weight (down/mid/up_lr_weight); give block_dims too (every value the dim) to use them", ", ".join(lone))
+    return dataclasses.replace(config, **{name: None for name in lone})
 
 
 def _make(item: Selected, config: NetworkConfig, algo: str, options: dict, plan: _BlockPlan, preset: Preset):

@@ -85,3 +85,17 @@ def test_networks_lora_conv_block_dims_alone_select_no_conv():
     """sd-scripts reads conv_block_dims only with block_dims or a block lr weight."""
     dims = _dims_alphas(_networks_lora([f"conv_block_dims={','.join(['4'] * 25)}"]))
     assert not any("resnets" in name for name in dims)
+
+
+def test_block_alphas_and_conv_block_options_alone_are_ignored_with_a_warning(caplog):
+    """sd-scripts' create_network reads block_alphas and conv_block_* only with block_dims or a block lr weight."""
+    ramp = ",".join(str(i) for i in range(25))
+    with caplog.at_level("WARNING"):
+        dims = _dims_alphas(_networks_lora([f"block_alphas={ramp}", f"conv_block_dims={ramp}", "conv_dim=4"]))
+    assert dims["lora_unet_down_blocks_0_attentions_0_proj_in"] == (8, 4.0)
+    assert dims["lora_unet_down_blocks_0_resnets_0_conv1"] == (4, 1.0)  # conv_dim, not conv_block_dims' 1
+    assert "block_alphas, conv_block_dims ignored: as in sd-scripts' networks.lora, they apply only with block_dims" \
+        in caplog.text
+    # with an lr weight they apply
+    dims = _dims_alphas(_networks_lora([f"block_alphas={ramp}", "mid_lr_weight=1"]))
+    assert dims["lora_unet_down_blocks_0_attentions_0_proj_in"] == (8, 1.0)
