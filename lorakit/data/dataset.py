@@ -34,7 +34,7 @@ import torch
 from .buckets import BucketChoice, BucketSelector, check_bucket, make_bucket_resolutions
 from .captions import process_caption
 from .face_crop import crop_around_face, face_box
-from .errors import DatasetError
+from .errors import DatasetError, NoValidationImages
 from .folders import subset_images
 from .images import image_size, load_image
 from .spec import DatasetSpec, SubsetSpec
@@ -149,7 +149,7 @@ class TrainDataset(torch.utils.data.Dataset):
             self._add_group(group, spec, reso_multiple)
         if not self.entries:
             if validation:
-                raise DatasetError("validation_split holds out no image (too few images for the split)")
+                raise NoValidationImages("validation_split holds out no image (too few images for the split)")
             raise DatasetError("the dataset is empty: no training images (regularization images alone are not "
                                "used)")
         self._buckets: dict[tuple[int, tuple[int, int]], list[int]] = {}

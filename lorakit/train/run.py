@@ -220,6 +220,7 @@ class _Run:
         """The training dataset of the image folders (or dataset_config), and the validation one (or None), with
         their latents and text-encoder outputs cached as the options ask."""
         from ..data import TrainDataset, cache_latents, pixel_multiple
+        from ..data.errors import NoValidationImages
         from ..data.from_config import specs_from_config, specs_from_folders
 
         c = self.config
@@ -229,9 +230,12 @@ class _Run:
                           weighted_captions=c.weighted_captions, seed=self.seed, reso_multiple=pixel_multiple(model))
         val = None
         if any(spec.validation_split > 0 for spec in specs):  # the images validation_split holds out
-            val = TrainDataset(specs, tokenizers=model.tokenizers, max_token_length=c.max_token_length,
-                               weighted_captions=c.weighted_captions, seed=self.seed,
-                               reso_multiple=pixel_multiple(model), validation=True)
+            try:
+                val = TrainDataset(specs, tokenizers=model.tokenizers, max_token_length=c.max_token_length,
+                                   weighted_captions=c.weighted_captions, seed=self.seed,
+                                   reso_multiple=pixel_multiple(model), validation=True)
+            except NoValidationImages as err:  # sd-scripts trains on without validation
+                log.warning("%s: training goes on without validation", err)
         if cache and (c.cache_latents or c.cache_latents_to_disk):
             if c.cache_latents_to_disk and not self.world.main:
                 self.world.barrier()  # the main process writes the disk cache first; the others then read it

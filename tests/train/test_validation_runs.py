@@ -19,3 +19,16 @@ def test_saved_adapter_counts_the_held_out_images(base, tmp_path):
     meta = read_metadata(final)
     # 6 images: round(6 * 0.34) = 2 held out, 4 train
     assert (meta["ss_num_validation_images"], meta["ss_num_train_images"]) == ("2", "4")
+
+
+def test_a_split_that_holds_out_no_image_trains_without_validation(base, tmp_path, caplog, monkeypatch):
+    """sd-scripts trains on without validation when validation_split is too small for the images; lorakit used to
+    stop with an error."""
+    from lorakit.train.logger import TrainLogger
+
+    validations = []
+    monkeypatch.setattr(TrainLogger, "validation", lambda self, *args: validations.append(args))
+    final = train(_config(base, tmp_path, validation_split=0.01, max_train_steps=1, cache_latents=False))
+    assert read_metadata(final)["ss_num_validation_images"] == "0" and validations == []
+    assert "validation_split holds out no image (too few images for the split): training goes on without " \
+           "validation" in caplog.text
