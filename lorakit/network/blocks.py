@@ -27,6 +27,7 @@ Layouts number these for a per-block vector:
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ __all__ = [
     "kohya_block_dims_alphas", "KOHYA_SD_NUM_BLOCKS", "KOHYA_SDXL_NUM_BLOCKS",
     "TEXT_ENCODER_COMPONENTS",
 ]
+log = logging.getLogger(__name__)
 
 TEXT_ENCODER_COMPONENTS = frozenset({"text_encoder", "text_encoder_2", "te", "te1", "te2", "text_encoders"})
 
@@ -407,8 +409,18 @@ def kohya_lr_shape(spec: str, n: int) -> list[float]:
 def _fit(values: list[float] | None, n: int) -> list[float] | None:
     if values is None:
         return None
-    values = list(values)[:n]            # too long: extra values are ignored (kohya warns)
-    return values + [1.0] * (n - len(values))   # too short: filled with 1.0 (kohya warns)
+    values = list(values)[:n]            # too long: extra values are ignored
+    return values + [1.0] * (n - len(values))   # too short: filled with 1.0
+
+
+def _warn_lengths(kind: str, given: dict[str, Sequence[float] | None], n: int) -> None:
+    """sd-scripts' get_block_lr_weight warnings (its words) for lists of another length than the model's blocks."""
+    lengths = {name: len(v) for name, v in given.items() if v is not None and len(v) != n}
+    for too, what in (("long", "are ignored"), ("short", "are filled with 1")):
+        names = [f"{name} has {size}" for name, size in lengths.items() if (size > n) == (too == "long")]
+        if names:
+            log.warning("%s is too %s. Parameters after %d-th %s. (%s values; this model's take %d)", kind, too, n,
+                        what, ", ".join(names), n)
 
 
 def kohya_block_lr_weight(is_sdxl: bool, down_lr_weight: str | Sequence[float] | None = None,
@@ -429,6 +441,8 @@ def kohya_block_lr_weight(is_sdxl: bool, down_lr_weight: str | Sequence[float] |
         up_lr_weight = kohya_lr_shape(up_lr_weight, n)
     if isinstance(mid_lr_weight, (int, float)):
         mid_lr_weight = [float(mid_lr_weight)]
+    _warn_lengths("down_weight or up_weight", {"down_lr_weight": down_lr_weight, "up_lr_weight": up_lr_weight}, n)
+    _warn_lengths("mid_weight", {"mid_lr_weight": mid_lr_weight}, n_mid)
     down = _fit(down_lr_weight, n)
     mid = _fit(mid_lr_weight, n_mid)
     up = _fit(up_lr_weight, n)

@@ -299,3 +299,18 @@ def test_expand_onto_modules():
         expand_block_values(rates[:19], targets, SDXL20)
     with pytest.raises(ValueError):
         expand_block_values(rates, targets, SDXL20, exact_kohya=True)
+
+
+def test_lr_weight_lists_of_another_length_warn_as_sd_scripts(caplog):
+    """sd-scripts' get_block_lr_weight cuts and fills the lists with a warning; SDXL takes 9 down/up values."""
+    with caplog.at_level("WARNING"):
+        w = kohya_block_lr_weight(True, down_lr_weight=[1.0, 2.0] + [0.5] * 10, up_lr_weight=[1.0] * 14,
+                                  mid_lr_weight=[0.5])
+    assert w[1:10] == [1.0, 2.0] + [0.5] * 7 and w[10:13] == [0.5, 1.0, 1.0]
+    assert ("down_weight or up_weight is too long. Parameters after 9-th are ignored. (down_lr_weight has 12, "
+            "up_lr_weight has 14 values; this model's take 9)") in caplog.text
+    assert "mid_weight is too short. Parameters after 3-th are filled with 1. (mid_lr_weight has 1" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        kohya_block_lr_weight(False, down_lr_weight="sine", mid_lr_weight=[1.0])
+    assert not caplog.text
