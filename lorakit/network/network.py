@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from ..algos import Adapter
-from .blocks import BlockLayout, pick_layout
+from .blocks import KOHYA_SD25, KOHYA_SDXL23, BlockLayout, pick_layout
 from .targets import fast_path_owners, tied_parameters
 
 log = logging.getLogger(__name__)
@@ -172,6 +172,7 @@ class Network(nn.Module):
         te_lrs = list(text_encoder_lr) if isinstance(text_encoder_lr, (list, tuple)) else [text_encoder_lr]
         te_lrs = (te_lrs or [None]) * 2 if len(te_lrs) < 2 else te_lrs  # one value serves both text encoders
         groups: dict[tuple, dict] = {}
+        blocks = self._lr_blocks()
         for name, adapter in self.adapters():
             entry = self.entries[name]
             if entry.is_text_encoder:
@@ -193,21 +194,31 @@ class Network(nn.Module):
                 adapter.requires_grad_(False)
                 continue
             plus_ids = {id(p) for p in adapter.plus_parameters()} if plus[kind] else set()
+            block = blocks.get(name)
             for p in adapter.parameters():
                 if not p.requires_grad:
                     continue
                 boosted = id(p) in plus_ids
-                key = (entry.component, weight, boosted)
+                key = (_component_rank(entry.component), entry.component, -1 if block is None else block, boosted)
                 group = groups.get(key)
                 if group is None:
-                    label = entry.component + ("" if weight == 1.0 else f"_w{weight:g}") + ("_plus" if boosted else "")
-                    group = groups[key] = {"params": [], "name": label}
+                    group = groups[key] = {"params": [], "name": _group_name(entry.component, block, boosted)}
                     if lr is not None:
                         group["lr"] = lr * (plus[kind] if boosted else 1.0)
                 group["params"].append(p)
-        # text encoders first, as sd-scripts' prepare_optimizer_params: DAdaptAdan & co. step every group with the
-        # first group's lr, and the progress bar shows it
-        return sorted(groups.values(), key=lambda g: not g["name"].startswith(TEXT_ENCODERS))
+        # sd-scripts' prepare_optimizer_params order: the text encoders first (DAdaptAdan & co. step every group with
+        # the first group's lr, and the progress bar shows it), then the U-Net by block, each plain then LoRA+
+        return [groups[key] for key in sorted(groups)]
+
+    def _lr_blocks(self) -> dict[str, int]:
+        """With block lr weights, each weighted adapter's kohya block index (sd-scripts' get_block_index: 0-24 SD,
+        0-22 SDXL), which gives it a parameter group of its own block, as sd-scripts makes them."""
+        if not self.lr_weights:
+            return {}
+        layout = KOHYA_SDXL23 if self.arch == "sdxl" else KOHYA_SD25
+        indices = {name: layout.index(self.entries[name].path, self.entries[name].component)
+                   for name in self.lr_weights if name in self.entries}
+        return {name: i for name, i in indices.items() if i is not None}
 
     # ----- files -----
     def apply_max_norm_regularization(self, max_norm_value: float, device=None) -> tuple[int, float, float]:
@@ -244,3 +255,13 @@ def _first_ratio(*ratios):
     """The first LoRA+ ratio set and not 0: sd-scripts' `loraplus_unet_lr_ratio or loraplus_lr_ratio` (a side's 0
     falls back to the common ratio; all 0 or unset: no LoRA+)."""
     return next((r for r in ratios if r), None)
+
+
+def _component_rank(component: str) -> int:
+    return TEXT_ENCODERS.index(component) if component in TEXT_ENCODERS else len(TEXT_ENCODERS)
+
+
+def _group_name(component: str, block: int | None, boosted: bool) -> str:
+    """unet, text_encoder_2_plus, unet_block5: the lr logs (train/logger.py lr_description) turn them into sd-scripts'
+    lr descriptions (unet, textencoder_2 plus, unet_block5)."""
+    return component + ("" if block is None else f"_block{block}") + ("_plus" if boosted else "")

@@ -57,3 +57,21 @@ def test_a_state_with_other_groups_is_refused(tmp_path):
     with pytest.raises(StateError, match=r"optimizer parameter groups \(text_encoder, unet_w0.5\) are not this "
                                          r"run's \(text_encoder, unet\)"):
         load_state(tmp_path / "s", net, optimizer, scheduler, "same")
+
+
+def test_block_lr_weights_make_one_group_per_block_logged_under_sd_scripts_names():
+    """sd-scripts' prepare_optimizer_params: with block lr weights, one group per U-Net block (and its LoRA+ group),
+    described f"unet_block{idx}" (+ " plus"), which train_network logs as lr/<description>."""
+    from lorakit.train.logger import lr_logs
+
+    unet, tes = tiny_model("sd1")
+    net = create_network(unet, tes, preset="attn-mlp", dim=4, down_lr_weight="1,0.5,0,0.25", mid_lr_weight="0.5",
+                         loraplus_unet_lr_ratio=4)
+    groups = net.optimizer_param_groups(unet_lr=1e-3, text_encoder_lr=5e-4)
+    blocks = [1, 4, 5, 7, 8, 12, *range(16, 25)]  # IN02's weight is 0: its transformer has no adapter
+    names = ["lr/textencoder"] + [f"lr/unet_block{i}{plus}" for i in blocks for plus in ("", " plus")]
+    logs = lr_logs([g["lr"] for g in groups], groups)
+    assert list(logs) == names
+    assert logs["lr/unet_block1"] == pytest.approx(5e-4) and logs["lr/unet_block1 plus"] == pytest.approx(2e-3)
+    assert logs["lr/unet_block4"] == pytest.approx(1e-3) and logs["lr/unet_block12"] == pytest.approx(5e-4)
+    assert logs["lr/unet_block24"] == pytest.approx(1e-3)
