@@ -4,6 +4,7 @@ it early)."""
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Iterable, Mapping
 
@@ -37,6 +38,22 @@ def parse_network_args(items: Iterable[str]) -> dict[str, str]:
 
 
 _LR_WEIGHTS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight")
+def ss_network_args(network_args: Iterable[str], network_dropout: float | None,
+                    dim_from_weights: bool = False) -> str | None:
+    """The ss_network_args metadata as sd-scripts' train_network.py writes it: the key=value strings as given (split
+    at the first '='; a repeated key keeps its last value) plus "dropout" = network_dropout when they give none (its
+    LyCORIS workaround; null when unset; not with dim_from_weights), as JSON; None (no key) without network_args.
+    lorakit's own rewrites (algo, preset, conv_alpha, ...) stay out: a reader re-running these args with sd-scripts
+    or LyCORIS gets the network they describe."""
+    items = [str(item) for item in network_args]
+    if not items:
+        return None
+    kwargs: dict[str, Any] = dict(item.partition("=")[::2] for item in items)
+    if not dim_from_weights:
+        kwargs.setdefault("dropout", network_dropout)
+    return json.dumps(kwargs)
+
+
 LORAPLUS_OPTIONS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 
 

@@ -99,3 +99,18 @@ def test_block_alphas_and_conv_block_options_alone_are_ignored_with_a_warning(ca
     # with an lr weight they apply
     dims = _dims_alphas(_networks_lora([f"block_alphas={ramp}", "mid_lr_weight=1"]))
     assert dims["lora_unet_down_blocks_0_attentions_0_proj_in"] == (8, 1.0)
+
+
+def test_ss_network_args_are_the_given_strings_as_sd_scripts_writes_them():
+    """train_network.py: json.dumps(net_kwargs) only with network_args, net_kwargs the key=value strings plus
+    "dropout" = network_dropout when they give none (not with dim_from_weights)."""
+    import json
+
+    from lorakit.train.network_args import ss_network_args
+
+    assert ss_network_args([], None) is None
+    assert json.loads(ss_network_args(["conv_dim=8"], None)) == {"conv_dim": "8", "dropout": None}
+    assert json.loads(ss_network_args(["rank_dropout=0.1", "a=b=c"], 0.1)) == {"rank_dropout": "0.1", "a": "b=c",
+                                                                                "dropout": 0.1}
+    assert json.loads(ss_network_args(["dropout=0.2"], None)) == {"dropout": "0.2"}
+    assert json.loads(ss_network_args(["conv_dim=8"], 0.1, dim_from_weights=True)) == {"conv_dim": "8"}
