@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
 
 from ..formats.modelspec import base_model_version, build_modelspec
+from .network_args import ss_network_args
 
 __all__ = ["training_metadata", "progress_metadata"]
 
@@ -43,7 +43,7 @@ _COPIED = {
 
 def training_metadata(config, *, kind: str, v_parameterization: bool, dataset, optimizer_name: str,
                       num_epochs: int, max_train_steps: int, session_id: str, started_at: float,
-                      network_kwargs: dict[str, Any], model_path: str, resolution: tuple[int, int],
+                      model_path: str, resolution: tuple[int, int],
                       num_processes: int | None = None, validation_dataset=None) -> dict[str, str]:
     """Everything known when training starts (sd-scripts computes the same set before the loop).
     ``num_processes``: the processes training together (unset: the initialised process group's size, else 1).
@@ -51,6 +51,9 @@ def training_metadata(config, *, kind: str, v_parameterization: bool, dataset, o
     if num_processes is None:
         num_processes = _process_count()
     meta = {key: str(getattr(config, option)) for option, key in _COPIED.items()}
+    given = ss_network_args(config.network_args, config.network_dropout, bool(config.dim_from_weights))
+    if given is not None:  # sd-scripts: the args as given, no key without any
+        meta["ss_network_args"] = given
     meta.update({
         "ss_session_id": session_id,
         "ss_training_started_at": str(started_at),
@@ -63,7 +66,6 @@ def training_metadata(config, *, kind: str, v_parameterization: bool, dataset, o
         "ss_batch_size_per_device": str(config.train_batch_size),
         # sd-scripts: train_batch_size * accelerator.num_processes * gradient_accumulation_steps
         "ss_total_batch_size": str(config.train_batch_size * num_processes * config.gradient_accumulation_steps),
-        "ss_network_args": json.dumps(network_kwargs),
         "ss_base_model_version": base_model_version(kind, v_parameterization),
         "ss_v2": str(kind == "sd2"),
         "ss_sd_model_name": os.path.basename(model_path),

@@ -423,7 +423,7 @@ class _Run:
         base_meta = {} if c.no_metadata else training_metadata(
             c, kind=model.kind, v_parameterization=model.v_parameterization, dataset=ds,
             optimizer_name=optimizer_name(optimizer), num_epochs=num_epochs, max_train_steps=max_steps,
-            session_id=uuid.uuid4().hex, started_at=time.time(), network_kwargs=c.network_kwargs(),
+            session_id=uuid.uuid4().hex, started_at=time.time(),
             model_path=str(c.pretrained_model_name_or_path), resolution=resolution,
             validation_dataset=self.validation_dataset)
         logger = TrainLogger(c, total=max_steps, initial=progress.global_step, quiet=not main)

@@ -675,6 +675,8 @@ def test_piecewise_constant_with_a_warmup_runs_with_a_note_as_in_sd_scripts():
      "unet_lr 1, unet_lr x LoRA+ ratio 4, text_encoder_lr 1, text_encoder_lr x LoRA+ ratio 4"),
     ({"learning_rate": 1.0, "network_args": ["loraplus_unet_lr_ratio=2"], "network_train_unet_only": True},
      "unet_lr 1, unet_lr x LoRA+ ratio 2"),
+    ({"learning_rate": 1.0, "network_args": ["loraplus_lr_ratio=3", "loraplus_unet_lr_ratio=0"],  # sd-scripts' `or`
+      "network_train_unet_only": True}, "unet_lr 1, unet_lr x LoRA+ ratio 3"),
 ])
 def test_unequal_group_lrs_with_d_adaptation_or_prodigy_are_refused_before_the_model_loads(overrides, lrs):
     """DAdaptAdam and Prodigy raise at their first step when the groups' lrs differ (sd-scripts fails the same way)."""

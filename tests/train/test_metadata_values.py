@@ -33,7 +33,7 @@ def _training_metadata(validation_dataset=None, **overrides):
                               bucket_info={}, subsets=[], image_counts=[])
     return training_metadata(config, kind="sd1", v_parameterization=False, dataset=dataset,
                              optimizer_name=optimizer_name(optimizer), num_epochs=1, max_train_steps=1,
-                             session_id="s", started_at=0.0, network_kwargs={}, model_path="m.safetensors",
+                             session_id="s", started_at=0.0, model_path="m.safetensors",
                              resolution=(64, 64), validation_dataset=validation_dataset)
 
 

@@ -51,7 +51,8 @@ def test_run_writes_adapter_metadata_and_config(base, tmp_path):
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2.0"
     assert meta["ss_steps"] == "4" and meta["ss_num_train_images"] == "6"
     assert meta["ss_base_model_version"] == "sd_v1" and "sshs_model_hash" in meta
-    assert json.loads(meta["ss_network_args"]) == {"algo": "lora", "conv_dim": "2"}
+    assert json.loads(meta["ss_network_args"]) == {"algo": "lora", "conv_dim": "2", "dropout": None}  # as given
+    assert "ss_network_args" not in read_metadata(train(_config(base, tmp_path / "plain")))  # none given: no key
     assert json.loads(meta["ss_dataset_dirs"]) == {"1_magenta": {"n_repeats": 1, "img_count": 6}}
     assert json.loads(meta["ss_reg_dataset_dirs"]) == {}
     assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
