@@ -93,8 +93,9 @@ def network_kwargs(network_module: str, network_args: Iterable[str],
 def _sd_scripts_trains_convs(kwargs: Mapping[str, str]) -> bool:
     """sd-scripts' LoRANetwork extends its U-Net targets to the ResNets and samplers when conv_dim is given, or
     conv_block_dims (which create_network reads only with block_dims or a block lr weight: kohya_ss' "Standard" LoRA
-    writes conv_block_dims without conv_dim)."""
-    if kwargs.get("conv_dim", "").strip() not in ("", "0", "None"):
+    writes conv_block_dims without conv_dim). conv_dim=0 counts as given: the ResNets' Linear and 1x1 layers train at
+    network_dim, only the kxk convs are left out."""
+    if kwargs.get("conv_dim", "").strip() not in ("", "None"):
         return True
     per_block = any(key in kwargs for key in ("block_dims", *_LR_WEIGHTS))
     return per_block and kwargs.get("conv_block_dims", "").strip() not in ("", "None")

@@ -114,3 +114,12 @@ def test_ss_network_args_are_the_given_strings_as_sd_scripts_writes_them():
                                                                                 "dropout": 0.1}
     assert json.loads(ss_network_args(["dropout=0.2"], None)) == {"dropout": "0.2"}
     assert json.loads(ss_network_args(["conv_dim=8"], 0.1, dim_from_weights=True)) == {"conv_dim": "8"}
+
+
+def test_networks_lora_conv_dim_0_trains_the_resnets_linear_and_1x1_layers():
+    """sd-scripts: conv_dim=0 is given (not None), so the ResNets are targets; their time_emb_proj and 1x1
+    conv_shortcut train at network_dim and only the 3x3 convs (dim 0) are skipped (kohya_ss' conv-rank slider at 0)."""
+    dims = _dims_alphas(_networks_lora(["conv_dim=0"]))
+    assert dims["lora_unet_down_blocks_0_resnets_0_time_emb_proj"] == (8, 4.0)
+    assert dims["lora_unet_down_blocks_2_resnets_0_conv_shortcut"] == (8, 4.0)
+    assert not any(name.endswith(("_conv1", "_conv2")) for name in dims)
