@@ -49,6 +49,7 @@ class AdapterOptions:
     full_matrix: bool = False
     unbalanced_factorization: bool = False
     block_size: int = 1
+    dylora_all_ranks: bool = False  # sd-scripts' DyLoRA step: every rank, alpha/dim x sqrt(dim/rank)
     rescaled: bool = False
     constraint: float = 0.0
     rs_lora: bool = False

@@ -81,6 +81,8 @@ def network_kwargs(network_module: str, network_args: Iterable[str],
         kwargs["algo"] = implied
         if module == "networks.lora":
             _rescale_rank_dropout_as_sd_scripts(kwargs)
+        if module == "networks.dylora" and "dylora_all_ranks" not in kwargs:
+            kwargs["dylora_all_ranks"] = "true"  # sd-scripts' DyLoRA training step (algos/dylora.py)
         conv = _sd_scripts_trains_convs(kwargs)
         if "preset" not in kwargs:  # sd-scripts' own target sets: the transformer blocks, and the ResNets with convs
             kwargs["preset"] = "attn-mlp-convblock" if conv else "attn-mlp"

@@ -123,3 +123,35 @@ def test_networks_lora_conv_dim_0_trains_the_resnets_linear_and_1x1_layers():
     assert dims["lora_unet_down_blocks_0_resnets_0_time_emb_proj"] == (8, 4.0)
     assert dims["lora_unet_down_blocks_2_resnets_0_conv_shortcut"] == (8, 4.0)
     assert not any(name.endswith(("_conv1", "_conv2")) for name in dims)
+
+
+def test_networks_dylora_trains_as_sd_scripts_dylora_module(monkeypatch):
+    """sd-scripts' DyLoRAModule.forward, in float64: every rank component, only the drawn block (a multiple of unit)
+    learning, at scale alpha/dim x sqrt(dim / (block end)); networks.dylora trains that step."""
+    import math
+
+    from lorakit.algos import make_adapter
+
+    assert network_kwargs("networks.dylora", ["unit=2"])["dylora_all_ranks"] == "true"
+    assert "dylora_all_ranks" not in network_kwargs("lorakit", ["algo=dylora"])  # LyCORIS' DyLoRA stays
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 5).double().requires_grad_(False)
+    adapter = make_adapter("dylora", layer, dim=8, alpha=4.0, block_size=2, dylora_all_ranks=True).double()
+    with torch.no_grad():
+        adapter.lora_up.normal_()
+    adapter.apply().train()
+    x = torch.randn(3, 6, dtype=torch.float64)
+    for block in range(4):
+        monkeypatch.setattr(torch, "randint", lambda high, size, _b=block: torch.tensor(_b))
+        adapter.zero_grad()
+        y = layer(x)
+        (y * torch.arange(5, dtype=torch.float64)).sum().backward()
+        down, up = (p.detach().clone().requires_grad_() for p in (adapter.lora_down, adapter.lora_up))
+        lo, hi = 2 * block, 2 * block + 2
+        ref = x @ layer.weight.T + layer.bias + (x @ down.T @ up.T) * (4.0 / 8) * math.sqrt(8 / hi)
+        (ref * torch.arange(5, dtype=torch.float64)).sum().backward()
+        torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+        keep = torch.zeros(8, dtype=torch.float64)
+        keep[lo:hi] = 1  # sd-scripts: requires_grad only on the drawn block
+        torch.testing.assert_close(adapter.lora_down.grad, down.grad * keep[:, None], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(adapter.lora_up.grad, up.grad * keep[None, :], rtol=1e-12, atol=1e-12)
