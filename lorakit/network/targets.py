@@ -43,8 +43,8 @@ def select(component: str, root: nn.Module, preset: Preset, target_modules, targ
     """Layers under the target module classes, and layers whose path matches a target name, in model order.
 
     The override of a layer is the module_algo_map entry of its nearest enclosing class (its own first); a layer
-    not inside a target class nor a module_algo_map class takes the name_algo_map entry matching its path first
-    (LyCORIS' precedence). `everything` selects every adaptable layer (a model with no targets given)."""
+    not inside a target class (nor, on a generic model, a module_algo_map class) takes the name_algo_map entry
+    matching its path first (LyCORIS' precedence). `everything` selects every adaptable layer (a model with no targets given)."""
     targeted = bool(target_modules or target_names)
     target_modules = set(target_modules)
     chosen: dict[str, Selected] = {}
@@ -73,11 +73,13 @@ def select(component: str, root: nn.Module, preset: Preset, target_modules, targ
             skipped.append(f"'{path}' ({why})")
             continue
         # as LyCORIS' create_modules: name_algo_map only for layers reached by name, not for those inside a module
-        # walked by class (a target class, or a module_algo_map class, which LyCORIS walks as a target too)
-        walked = inside is not None or any(classes.get(a) in preset.module_algo_map for a in ancestors)
+        # walked by class: a target class, and on a generic model a module_algo_map class too (wrapper.py adds
+        # those to its targets; the SD networks' kohya.py does not)
+        walked = inside is not None or (component == "model" and any(
+            classes.get(a) in preset.module_algo_map for a in ancestors))
         override = None if walked else preset.override_for_name(path)
         if override is None:
-            for a in [path, *ancestors]:
+            for a in _class_scope(component, path, ancestors, classes, target_modules):
                 override = preset.module_algo_map.get(classes.get(a, ""))
                 if override is not None:
                     break
@@ -108,6 +110,18 @@ def unsupported(module: nn.Module, parent: nn.Module | None) -> str | None:
     except (TypeError, ValueError) as err:
         return str(err)
     return None
+
+
+def _class_scope(component: str, path: str, ancestors: list[str], classes: dict[str, str],
+                 target_modules: set[str]) -> list[str]:
+    """The layer and the enclosing modules whose module_algo_map entry it may take, nearest first. On a generic
+    model every enclosing class (LyCORIS' wrapper.py walks the map classes as targets). In an SD network only the
+    classes up to the outermost target class it lies in, or its own class when it was selected by name: LyCORIS'
+    kohya.py walks each target class with its entry and nested map classes, and looks nothing up above it."""
+    if component == "model":
+        return [path, *ancestors]
+    outer = next((i for i in range(len(ancestors) - 1, -1, -1) if classes.get(ancestors[i]) in target_modules), None)
+    return [path] if outer is None else [path, *ancestors[:outer + 1]]
 
 
 def _ancestors(path: str) -> list[str]:

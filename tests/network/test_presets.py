@@ -420,6 +420,21 @@ def test_name_algo_map_applies_to_layers_reached_by_name_only():
     assert net.get_submodule("lycoris_head").rank == 2
 
 
+def test_sd_name_algo_map_applies_inside_a_module_algo_map_class_that_is_not_a_target():
+    """LyCORIS' kohya.py (the SD networks) walks only the target classes: a target_name layer inside a
+    module_algo_map class that is not a target takes its name_algo_map entry there (LyCORIS 4.1.3 gives LoHa here),
+    and a layer inside a target class takes no entry of a map class above that target (LyCORIS: LoCon)."""
+    unet, tes = tiny_model("sd1")
+    preset = {"use_fnmatch": True, "unet_target_module": ["Attention"], "unet_target_name": ["*.ff.net.2"],
+              "text_encoder_target_module": [], "module_algo_map": {"BasicTransformerBlock": {"algo": "lokr"}},
+              "name_algo_map": {"*.ff.net.2": {"algo": "loha"}}}
+    net = create_network(unet, tes, preset=preset, dim=4)
+    got = {n: a.name for n, a in net.adapters()}
+    assert {a for n, a in got.items() if n.endswith("ff_net_2")} == {"loha"}
+    # inside the target class Attention, whose walk does not look at the map class above it: the default algo
+    assert {a for n, a in got.items() if n.endswith("attn1_to_q")} == {"lora"}
+
+
 # ----- errors -------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("text,message", [
     ("unet_target_modules = ['Attention']",
