@@ -552,17 +552,19 @@ class _Run:
                     progress.step_in_epoch = index + 1
                     # (adapters scaled, mean and max norm), logged as sd-scripts does
                     max_norm = net.apply_max_norm_regularization(c.scale_weight_norms) if c.scale_weight_norms else None
-                    # the step's loss: the mean over its accumulated batches (sd-scripts records every one)
-                    logger.step(step_loss.item() / micro_done, scheduler.get_last_lr(), progress.global_step, epoch,
-                                groups=optimizer.param_groups, max_norm=max_norm)
-                    if validate and c.validate_every_n_steps and progress.global_step % c.validate_every_n_steps == 0:
-                        logger.validation("step", evaluate(), progress.global_step, epoch)
-                    clock["optimizer_and_log"] += time.perf_counter() - optimizer_start
                     step = progress.global_step
+                    if sample_every_steps and step % sample_every_steps == 0:  # before the step's logs, as
+                        drawing = time.perf_counter()  # sd-scripts: wandb puts the samples in that step's row
+                        draw(step)
+                        optimizer_start += time.perf_counter() - drawing  # (not counted as the optimizer's time)
+                    # the step's loss: the mean over its accumulated batches (sd-scripts records every one)
+                    logger.step(step_loss.item() / micro_done, scheduler.get_last_lr(), step, epoch,
+                                groups=optimizer.param_groups, max_norm=max_norm)
+                    if validate and c.validate_every_n_steps and step % c.validate_every_n_steps == 0:
+                        logger.validation("step", evaluate(), step, epoch)
+                    clock["optimizer_and_log"] += time.perf_counter() - optimizer_start
                     if c.save_every_n_steps and step % c.save_every_n_steps == 0:  # the last step too, as sd-scripts
                         checkpoint("step", step, epoch)
-                    if sample_every_steps and step % sample_every_steps == 0:
-                        draw(step)
                     if stop_at_step is not None and step >= stop_at_step:
                         if not (c.save_every_n_steps and step % c.save_every_n_steps == 0 and c.save_state):
                             write_state(self.names.step_state(step))

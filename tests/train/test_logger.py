@@ -14,14 +14,16 @@ from ..network.tiny import tiny_model
 
 class _Recorder:
     def __init__(self):
-        self.logs, self.steps, self.drawn = [], [], []
+        self.logs, self.steps, self.drawn, self.events = [], [], [], []
 
     def log(self, logs, step, **_):
         self.logs.append(dict(logs))
         self.steps.append(step)
+        self.events.append("log")
 
     def samples(self, drawn):
         self.drawn.append(drawn)
+        self.events.append("samples")
 
     def close(self):
         pass
@@ -241,4 +243,6 @@ def test_a_run_hands_its_samples_to_the_logger(tmp_path, monkeypatch):
     train(config)
     (drawn,) = recorder.drawn
     assert [prompt for prompt, _ in drawn] == ["a purple circle", "a square"]
+    # drawn before the step's metrics are logged, as sd-scripts does: wandb shows them in that step's row
+    assert recorder.events[:2] == ["samples", "log"]
     assert all(image.size == (64, 64) for _, image in drawn)
