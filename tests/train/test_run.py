@@ -567,6 +567,6 @@ def test_ctrl_c_prints_one_line_naming_the_state_to_resume_from(base, tmp_path, 
     for when, name in enumerate(("t-000002-state", "t-000001-state")):  # the newer save, not the larger name
         (tmp_path / name).mkdir()
         (tmp_path / name / "train_state.json").write_text("{}")
-        os.utime(tmp_path / name / "train_state.json", (1e9 - when, 1e9 - when))
+        os.utime(tmp_path / name / "train_state.json", (1e9 + when, 1e9 + when))  # t-000001 saved last
     assert main(args) == 130
-    assert capsys.readouterr().err.strip().endswith(f'resume = "{tmp_path / "t-000002-state"}"')
+    assert capsys.readouterr().err.strip().endswith(f'resume = "{tmp_path / "t-000001-state"}"')
