@@ -10,7 +10,7 @@ import time
 from ..formats.modelspec import base_model_version, build_modelspec
 from .network_args import ss_network_args
 
-__all__ = ["training_metadata", "progress_metadata"]
+__all__ = ["training_metadata", "progress_metadata", "minimum_metadata"]
 
 # TrainConfig option -> ss_ key, copied as str(value) (sd-scripts' names; the rest are computed below).
 _COPIED = {
@@ -128,6 +128,18 @@ _PER_DATASET = ("ss_batch_size_per_device", "ss_resolution", "ss_enable_bucket",
                 "ss_max_bucket_reso", "ss_keep_tokens", "ss_flip_aug", "ss_color_aug", "ss_random_crop",
                 "ss_shuffle_caption", "ss_bucket_no_upscale", "ss_bucket_info", "ss_caption_dropout_rate",
                 "ss_caption_dropout_every_n_epochs", "ss_caption_tag_dropout_rate", "ss_face_crop_aug_range")
+
+
+# sd-scripts' train_util.SS_METADATA_MINIMUM_KEYS: what no_metadata still writes (with modelspec.*), so that UIs can
+# tell the base model and the network
+MINIMUM_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
+                "ss_network_args")
+
+
+def minimum_metadata(base: dict[str, str]) -> dict[str, str]:
+    """What a save with ``no_metadata`` carries: sd-scripts' minimum keys and the modelspec, nothing about the data
+    or the training."""
+    return {k: v for k, v in base.items() if k in MINIMUM_KEYS or k.startswith("modelspec.")}
 
 
 def progress_metadata(base: dict[str, str], *, epoch: int, step: int, title: str | None = None) -> dict[str, str]:

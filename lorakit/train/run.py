@@ -313,7 +313,7 @@ class _Run:
     # --- the run ------------------------------------------------------------------------------------------
     def run(self, stop_at_step: int | None, timings: dict | None = None) -> Path | None:
         from .logger import TrainLogger
-        from .metadata import progress_metadata, training_metadata
+        from .metadata import minimum_metadata, progress_metadata, training_metadata
         from .optimizers import eval_mode, make_optimizer, optimizer_name, set_train_mode
         from .schedulers import follow_new_length, make_scheduler
 
@@ -420,7 +420,7 @@ class _Run:
                           c.gradient_accumulation_steps, max_steps)
 
         resolution = _resolution(c)
-        base_meta = {} if c.no_metadata else training_metadata(
+        base_meta = training_metadata(
             c, kind=model.kind, v_parameterization=model.v_parameterization, dataset=ds,
             optimizer_name=optimizer_name(optimizer), num_epochs=num_epochs, max_train_steps=max_steps,
             session_id=uuid.uuid4().hex, started_at=time.time(),
@@ -437,7 +437,8 @@ class _Run:
             with full_weights(), eval_mode(optimizer):
                 if main:
                     log.info("saving checkpoint: %s", path)
-                    meta = {} if c.no_metadata else progress_metadata(base_meta, epoch=epoch, step=step, title=None)
+                    meta = (minimum_metadata(base_meta) if c.no_metadata  # sd-scripts' minimum keys and modelspec
+                            else progress_metadata(base_meta, epoch=epoch, step=step, title=None))
                     if self.explore:
                         _save_rates(net, path, meta, c.network_weights)
                     else:

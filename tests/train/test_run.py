@@ -570,3 +570,13 @@ def test_ctrl_c_prints_one_line_naming_the_state_to_resume_from(base, tmp_path, 
         os.utime(tmp_path / name / "train_state.json", (1e9 + when, 1e9 + when))  # t-000001 saved last
     assert main(args) == 130
     assert capsys.readouterr().err.strip().endswith(f'resume = "{tmp_path / "t-000001-state"}"')
+
+
+def test_no_metadata_keeps_sd_scripts_minimum_keys_and_the_modelspec(base, tmp_path):
+    """sd-scripts' no_metadata still writes SS_METADATA_MINIMUM_KEYS and the sai modelspec (UIs tell the base model
+    and the network by them), but nothing about the data or the training."""
+    meta = read_metadata(train(_config(base, tmp_path, no_metadata=True, max_train_steps=1,
+                                       network_args=["conv_dim=2"])))
+    assert (meta["ss_base_model_version"], meta["ss_v2"], meta["ss_network_dim"]) == ("sd_v1", "False", "4")
+    assert json.loads(meta["ss_network_args"])["conv_dim"] == "2" and "modelspec.architecture" in meta
+    assert not any(k in meta for k in ("ss_tag_frequency", "ss_dataset_dirs", "ss_steps", "ss_learning_rate"))
