@@ -11,6 +11,7 @@ at-step00000020.safetensors / at-step00000020-state; sample images then have no 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from ..formats.atomic import remove_folder
@@ -39,6 +40,15 @@ class OutputNames:
 
     def step(self, step: int) -> Path:
         return self.dir / f"{self._name(STEP_NAME)}-step{step:08d}{self.ext}"
+
+    def holds(self, path: str | Path) -> bool:
+        """Whether ``path`` is one of the files this run may save (final, epoch or step)."""
+        path = Path(path).resolve()
+        if path.parent != self.dir.resolve() or path.suffix != self.ext:
+            return False
+        patterns = (re.escape(self._name(LAST_NAME)), rf"{re.escape(self._name(EPOCH_NAME))}-\d{{6}}",
+                    rf"{re.escape(self._name(STEP_NAME))}-step\d{{8}}")
+        return any(re.fullmatch(p, path.stem) for p in patterns)
 
     def final_state(self) -> Path:
         return self.dir / f"{self._name(LAST_NAME)}-state"

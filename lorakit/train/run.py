@@ -180,13 +180,21 @@ class _Run:
 
     def _rated_networks(self, model):
         """lorakit explore: the adapter files applied and frozen, and their application rates, which train."""
-        from ..network.load import load_network
+        from ..network.load import load_network, read_adapter_tensors
+        from ..network.names import TE1_PREFIX, TE2_PREFIX, TE_PREFIX
         from ..network.rates import ApplicationRates, rate_layout
 
         c = self.config
         nets = []
         for path in c.network_weights:
-            net = load_network(model.unet, path, text_encoders=model.text_encoders)
+            if c.network_train_unet_only:
+                # sd-scripts' apply_to(apply_text_encoder=False): the text encoders run without the files' adapters
+                # (their outputs may be cached; cached with adapters, they would hold the rate of the moment)
+                tensors, _, _ = read_adapter_tensors(path)
+                unet_only = {k: v for k, v in tensors.items() if not k.startswith((TE_PREFIX, TE1_PREFIX, TE2_PREFIX))}
+                net = load_network(model.unet, unet_only, where=str(path))
+            else:
+                net = load_network(model.unet, path, text_encoders=model.text_encoders)
             if net.arch is None:
                 raise TrainingError(f"network_weights={path}: application rates need a Stable Diffusion network")
             net.to(self.device, torch.float32).requires_grad_(False)
@@ -437,12 +445,12 @@ class _Run:
             with full_weights(), eval_mode(optimizer):
                 if main:
                     log.info("saving checkpoint: %s", path)
+                    if self.explore:
+                        _save_rates(net, path, c.network_weights)
+                        return
                     meta = (minimum_metadata(base_meta) if c.no_metadata  # sd-scripts' minimum keys and modelspec
                             else progress_metadata(base_meta, epoch=epoch, step=step, title=None))
-                    if self.explore:
-                        _save_rates(net, path, meta, c.network_weights)
-                    else:
-                        _save_adapter(net, path, self.save_dtype, meta, drop_unet=c.network_train_text_encoder_only)
+                    _save_adapter(net, path, self.save_dtype, meta, drop_unet=c.network_train_text_encoder_only)
 
         def write_state(folder: Path) -> None:
             """A state folder: by the main process, or by all of them with deepspeed (each writes its slices)."""
@@ -694,17 +702,24 @@ def _write_tensors(path: Path, tensors: dict, metadata: dict | None) -> None:
         atomic_write(path, lambda tmp: torch.save(tensors, tmp))
 
 
-def _save_rates(rates, path: Path, metadata: dict, sources) -> None:
+def _save_rates(rates, path: Path, sources) -> None:
     """lorakit explore's file: the rates under sd-scripts' key `weights` (float32), with the layout and each
-    network's rates by block in the metadata; printed as sd-scripts prints them."""
+    network's rates by block in the metadata (sd-scripts writes none; no ss_* or modelspec keys: it is not a
+    network); printed as sd-scripts prints them."""
     import json
 
     tensors = {k: v.detach().float().contiguous() for k, v in rates.state_dict().items()}
-    meta = {**metadata, "lorakit_application_layout": rates.layout.key,
+    meta = {"lorakit_application_layout": rates.layout.key,
             "lorakit_application_rates": json.dumps(
                 [{"network": str(src), "rates": vals} for src, vals in zip(sources, rates.values())])}
     _write_tensors(path, tensors, meta)
     print(rates.describe([Path(s).name for s in sources]), flush=True)
+
+
+# options of a network's training that explore (which trains only the rates, at learning_rate) does not use
+_NETWORK_TRAINING_OPTIONS = ("unet_lr", "text_encoder_lr", "network_dim", "network_alpha", "network_args",
+                             "network_dropout", "loraplus_lr_ratio", "loraplus_unet_lr_ratio",
+                             "loraplus_text_encoder_lr_ratio")
 
 
 def _check_explore(config) -> None:
@@ -718,6 +733,17 @@ def _check_explore(config) -> None:
                       ("dim_from_weights", "the networks are read whole from their files")):
         if getattr(config, name):
             raise OptionError(f"{name} cannot be used ({why})")
+    names = OutputNames(config.output_dir, config.output_name, config.save_model_as)
+    for path in config.network_weights:
+        if names.holds(path):
+            raise OptionError(f"network_weights {path}: is a file this run would write its rates to (output_dir "
+                              f"{config.output_dir}, output_name {config.output_name or '(none)'}); choose another "
+                              "output_name or output_dir, or the adapter would be overwritten")
+    unused = [name for name in _NETWORK_TRAINING_OPTIONS if name in config.given]
+    if unused:
+        log.warning("%s: options of a network's training, not used by lorakit explore (the networks are read whole "
+                    "from network_weights and only the rates train, at learning_rate %g)", ", ".join(unused),
+                    config.learning_rate)
 
 
 def _resolution(config) -> tuple[int, int]:

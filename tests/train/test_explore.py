@@ -71,6 +71,7 @@ def test_the_rates_train_and_the_penalty_pulls_each_block_down(base, tmp_path):
     assert all(abs(rates[b] - 0.35) > 1e-6 for b in held)  # the loss moved these too
     meta = read_metadata(out)
     assert meta["lorakit_application_layout"] == "lbw26"
+    assert set(meta) == {"lorakit_application_layout", "lorakit_application_rates"}  # not a network: no ss_*
     (entry,) = json.loads(meta["lorakit_application_rates"])
     assert entry["network"].endswith("tiny-sd-lora.safetensors") and entry["rates"]["MID"] == pytest.approx(
         rates["MID"])
@@ -95,6 +96,11 @@ def test_several_networks_sdxl_and_resume(base, tmp_path):
 def test_refusals_name_the_option(base, tmp_path, capsys):
     with pytest.raises(ValueError, match="network_weights names no adapter file"):
         train(_config(base, tmp_path, network_weights=[]), explore=True)
+    lora = base / "tiny-sd-lora.safetensors"
+    with pytest.raises(ValueError, match=r"network_weights .*tiny-sd-lora.safetensors: is a file this run would "
+                                         r"write its rates to"):  # the explored adapter, overwritten
+        train(_config(base, tmp_path, output_dir=str(base), output_name="tiny-sd-lora"), explore=True)
+    assert lora.is_file() and "weights" not in load_file(lora)[0]
     with pytest.raises(ValueError, match="application_layout='lbw12': not a sd block layout"):
         train(_config(base, tmp_path, application_layout="lbw12"), explore=True)
     with pytest.raises(TrainingError, match="lorakit train starts from one adapter file, got 2"):
@@ -112,3 +118,34 @@ def test_help_lists_the_explore_options_only_for_explore(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     assert "--application_loss_weight" not in capsys.readouterr().out
+
+
+def test_options_of_a_networks_training_are_named_as_unused(base, tmp_path, caplog):
+    """Explore reads the networks whole and trains only the rates, at learning_rate: unet_lr, network_dim and the
+    like do nothing there, and a user who sets them is told so."""
+    train(_config(base, tmp_path, unet_lr=0.5, network_dim=8, max_train_steps=1), explore=True)
+    assert "unet_lr, network_dim: options of a network's training, not used by lorakit explore" in caplog.text
+
+
+
+
+def test_unet_only_leaves_the_text_encoder_adapters_out_so_cached_outputs_are_the_plain_encoders(base, tmp_path):
+    """sd-scripts' apply_to(apply_text_encoder=False): with network_train_unet_only (which the text-encoder cache
+    needs) the text encoders run without the files' adapters, so BASE only feels the penalty (0.5 - 3 x 0.1 x 0.5)
+    and the disk cache explore writes holds the plain encoders' outputs, as a later plain run writes them."""
+    import numpy as np
+
+    explored, plain = tmp_path / "explored", tmp_path / "plain"
+    for data in (explored, plain):
+        write_concept_folder(data, n=4, repeats=1)
+    out = train(_config(base, tmp_path / "out", application_loss_weight=0.5, network_train_unet_only=True,
+                        cache_text_encoder_outputs_to_disk=True, train_data_dir=str(explored)), explore=True)
+    rates = dict(zip(LBW26.names, load_file(out)[0]["weights"].tolist()))
+    assert rates["BASE"] == pytest.approx(0.35, abs=1e-7)
+    train(_config(base, tmp_path / "out2", network_train_unet_only=True, cache_text_encoder_outputs_to_disk=True,
+                  train_data_dir=str(plain), max_train_steps=1, network_weights=[]))
+    files = sorted(explored.rglob("*_te_outputs.npz"))
+    assert files
+    for mine in files:
+        with np.load(mine) as a, np.load(plain / mine.relative_to(explored)) as b:
+            assert np.array_equal(a["hidden_state1"], b["hidden_state1"]), mine.name
