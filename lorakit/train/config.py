@@ -28,7 +28,7 @@ except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib
 
 log = logging.getLogger(__name__)
-LIST_KINDS = ("strings", "paths", "floats", "lrs")  # several values after one --option
+LIST_KINDS = ("strings", "paths", "floats", "lrs", "module")  # several values after one --option
 _BOOL_WORDS = {"true", "false", "1", "0", "yes", "no", "on", "off", "y", "n", "t", "f"}
 
 

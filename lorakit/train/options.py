@@ -55,6 +55,16 @@ def _str(opt: Option, value: Any) -> Any:
     return value
 
 
+def _module(opt: Option, value: Any) -> str:
+    """network_module: one name, or (sd-scripts' appl_weights takes one per network_weights file) several of the
+    same name; lorakit reads each file's own algorithm, so one value says all."""
+    names = (value,) if isinstance(value, str) else _strings(opt, value)
+    distinct = list(dict.fromkeys(n.strip() for n in names))
+    if len(distinct) != 1:
+        _fail(opt.name, "one network module (or the same one repeated, one per network_weights file)", value)
+    return distinct[0]
+
+
 def _path(opt: Option, value: Any) -> Any:
     # kohya_ss GUI writes unset paths as "" (train_data_dir = ""): empty means not given. false too: LyCORIS'
     # example configs write resume = false, which sd-scripts reads as "no resume" (it tests the value's truth)
@@ -162,11 +172,11 @@ COERCE = {
     "bool": lambda opt, v: to_bool(opt.name, v),
     "int": lambda opt, v: to_int(opt.name, v),
     "float": lambda opt, v: to_float(opt.name, v),
-    "str": _str, "path": _path, "choice": _choice, "choice_int": _choice_int, "steps": _steps,
+    "str": _str, "module": _module, "path": _path, "choice": _choice, "choice_int": _choice_int, "steps": _steps,
     "strings": _strings, "paths": _paths, "floats": _floats, "lrs": _lrs, "size": _size, "pair": _pair, "table": _table,
 }
 # the Python type of each kind, for TrainConfig's annotations and the docs
-TYPES = {"bool": "bool", "int": "int", "float": "float", "str": "str", "path": "str", "choice": "str",
+TYPES = {"bool": "bool", "int": "int", "float": "float", "str": "str", "module": "str", "path": "str", "choice": "str",
          "choice_int": "int", "steps": "int | float", "strings": "tuple[str, ...]", "paths": "tuple[str, ...]", "floats": "tuple[float, ...]",
          "lrs": "float | tuple[float, float]", "size": "tuple[int, int]", "pair": "tuple[float, float]",
          "table": "dict"}
@@ -228,9 +238,10 @@ OPTIONS: tuple[Option, ...] = (
     _opt("bool", "fp8_base_unet", False, "model", "fp8_base for the U-Net only (the text encoders keep the "
          "mixed_precision dtype)"),
     # ----- network -----
-    _opt("str", "network_module", "lorakit", "network",
+    _opt("module", "network_module", "lorakit", "network",
          "the network: 'lorakit' (any algorithm via network_args algo=...); sd-scripts' 'networks.lora', "
-         "'networks.dylora' and LyCORIS' 'lycoris.kohya' are read as lorakit with that algorithm"),
+         "'networks.dylora' and LyCORIS' 'lycoris.kohya' are read as lorakit with that algorithm (lorakit explore: "
+         "also one per network_weights file, as sd-scripts takes them)"),
     _opt("int", "network_dim", None, "network", "rank (dim) of each adapter; unset: 4, or read from "
          "network_weights with dim_from_weights", low=1),
     _opt("float", "network_alpha", 1.0, "network", "alpha: adapters scale their change by alpha/dim; "

@@ -204,7 +204,8 @@ def test_kohya_gui_config_loads_unchanged(tmp_path):
                                        "conv_alpha": "1.0"}),
     ("networks.lora", ["conv_dim=4", "conv_alpha=2"], {"algo": "lora", "conv_dim": "4", "conv_alpha": "2",
                                                        "preset": "attn-mlp-convblock"}),
-    ("networks.dylora", ["preset=full"], {"algo": "dylora", "preset": "full"}),  # a preset given is kept
+    ("networks.dylora", ["preset=full"], {"algo": "dylora", "preset": "full",  # a preset given is kept
+                                          "dylora_all_ranks": "true"}),  # sd-scripts' DyLoRA step
     # sd-scripts' LoRAModule rescales the kept rank components by 1/(1 - rank_dropout)
     ("networks.lora", ["rank_dropout=0.1"], {"algo": "lora", "rank_dropout": "0.1", "rank_dropout_scale": "true",
                                              "preset": "attn-mlp"}),

@@ -149,3 +149,17 @@ def test_unet_only_leaves_the_text_encoder_adapters_out_so_cached_outputs_are_th
     for mine in files:
         with np.load(mine) as a, np.load(plain / mine.relative_to(explored)) as b:
             assert np.array_equal(a["hidden_state1"], b["hidden_state1"]), mine.name
+
+
+def test_one_network_module_per_file_as_seed_003_gives_them(base, tmp_path):
+    """sd-scripts' appl_weights takes a network_module per network_weights file (`--network_module networks.lora
+    networks.lora`); lorakit reads each file's own algorithm, so the same module repeated is one value, and
+    different ones are refused by name."""
+    files = [str(base / "tiny-sd-lora.safetensors"), str(base / "tiny-sd-loha.safetensors")]
+    assert main(["explore", "--pretrained_model_name_or_path", str(base / "tiny-sd.safetensors"),
+                 "--train_data_dir", str(base / "data"), "--output_dir", str(tmp_path), "--output_name", "rates",
+                 "--resolution", "64", "--max_train_steps", "1", "--network_module", "networks.lora",
+                 "networks.lora", "--network_weights", *files]) == 0
+    assert load_file(tmp_path / "rates.safetensors")[0]["weights"].shape == (52,)
+    with pytest.raises(ValueError, match="option 'network_module': expected one network module"):
+        _config(base, tmp_path, network_module=["networks.lora", "lycoris.kohya"])
