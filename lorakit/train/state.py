@@ -70,8 +70,9 @@ def _changed(saved: dict | None, now: dict | None) -> str:
     return "; ".join(shown) + (f"; and {len(names) - 5} more" if len(names) > 5 else "")
 
 
-# the scheduler state's per-group lists (torch's LRScheduler, LambdaLR, CyclicLR, ReduceLROnPlateau)
-_PER_GROUP_SCHEDULER_KEYS = ("base_lrs", "_last_lr", "lr_lambdas", "max_lrs", "min_lrs")
+# the scheduler state's per-group lists (torch's LRScheduler, LambdaLR, CyclicLR with its momenta, ReduceLROnPlateau)
+_PER_GROUP_SCHEDULER_KEYS = ("base_lrs", "_last_lr", "lr_lambdas", "max_lrs", "min_lrs", "base_momentums",
+                             "max_momentums")
 
 
 def _match_group_order(folder: Path, saved: dict, optimizer) -> None:

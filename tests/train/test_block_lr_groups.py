@@ -75,3 +75,21 @@ def test_block_lr_weights_make_one_group_per_block_logged_under_sd_scripts_names
     assert logs["lr/unet_block1"] == pytest.approx(5e-4) and logs["lr/unet_block1 plus"] == pytest.approx(2e-3)
     assert logs["lr/unet_block4"] == pytest.approx(1e-3) and logs["lr/unet_block12"] == pytest.approx(5e-4)
     assert logs["lr/unet_block24"] == pytest.approx(1e-3)
+
+
+def test_cyclic_lrs_per_group_momenta_follow_their_groups(tmp_path):
+    """CyclicLR keeps each group's momentum bounds in its state: they are reordered with the groups too."""
+    net = _network()
+    groups = net.optimizer_param_groups(unet_lr=1e-3, text_encoder_lr=5e-4)
+
+    def cyclic(groups):
+        optimizer = torch.optim.SGD(groups, lr=1e-3, momentum=0.9)
+        return optimizer, torch.optim.lr_scheduler.CyclicLR(optimizer, [1e-4, 2e-4], [1e-3, 2e-3],
+                                                            base_momentum=[0.7, 0.8], max_momentum=[0.9, 0.95])
+
+    optimizer, scheduler = cyclic(list(reversed(groups)))  # unet first, as an earlier lorakit saved it
+    save_state(tmp_path / "s", net.state_dict(), optimizer, scheduler, Progress(config_digest="same"))
+    optimizer, scheduler = cyclic(net.optimizer_param_groups(unet_lr=1e-3, text_encoder_lr=5e-4))
+    load_state(tmp_path / "s", net, optimizer, scheduler, "same")
+    assert scheduler.base_momentums == [0.8, 0.7] and scheduler.max_momentums == [0.95, 0.9]
+    assert scheduler.max_lrs == [2e-3, 1e-3]
