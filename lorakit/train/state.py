@@ -97,6 +97,17 @@ def _match_group_order(folder: Path, saved: dict, optimizer) -> None:
             scheduler[key] = [scheduler[key][i] for i in order]
 
 
+def _refuse_reordered_groups(folder: Path, saved_scheduler: dict, scheduler) -> None:
+    """A DeepSpeed state: its engine maps the optimizer groups by position and records no names. Groups whose
+    learning rates come in another order (a state of an earlier lorakit, which put the U-Net's groups first) would
+    land on the wrong adapters: refused."""
+    saved, now = saved_scheduler.get("base_lrs"), getattr(scheduler, "base_lrs", None)
+    if isinstance(saved, list) and now is not None and saved != list(now) and sorted(saved) == sorted(now):
+        raise StateError(f"resume={folder}: its parameter groups come in another order (learning rates {saved}, "
+                         f"this run's {list(now)}): it was saved by an earlier lorakit, and DeepSpeed maps groups by "
+                         "position. Start a new run from its adapters with network_weights instead")
+
+
 def saved_seed(folder: str | Path) -> int | None:
     """The seed a state folder's run used, so that a resume of a run without `seed` continues with the same one;
     None when the folder does not tell (load_state then reports what is wrong with it)."""
@@ -166,6 +177,8 @@ def load_state(folder: str | Path, network, optimizer, scheduler, config_digest:
         except ValueError as e:  # torch's own check: as many groups, of the same sizes
             raise StateError(f"resume={folder}: its optimizer state does not fit this run's parameter groups "
                              f"({e})") from None
+    else:
+        _refuse_reordered_groups(folder, saved["scheduler"], scheduler)
     load_scheduler_state(scheduler, saved["scheduler"])
     if scaler is not None and scaler.is_enabled() and "scaler" in saved:
         scaler.load_state_dict(saved["scaler"])

@@ -93,3 +93,23 @@ def test_cyclic_lrs_per_group_momenta_follow_their_groups(tmp_path):
     load_state(tmp_path / "s", net, optimizer, scheduler, "same")
     assert scheduler.base_momentums == [0.8, 0.7] and scheduler.max_momentums == [0.95, 0.9]
     assert scheduler.max_lrs == [2e-3, 1e-3]
+
+
+def test_a_deepspeed_state_with_groups_in_another_order_is_refused(tmp_path):
+    """DeepSpeed's engine restores its optimizer by group position (optimizer None here): a state whose groups'
+    learning rates come in another order is refused rather than loaded onto the wrong adapters."""
+    net = _network()
+    groups = net.optimizer_param_groups(unet_lr=1e-3, text_encoder_lr=5e-4)
+
+    def deepspeed_state(folder, groups):  # the engine's own files stand in as an empty folder
+        _, scheduler = _optimizer(groups)
+        save_state(folder, net.state_dict(), None, scheduler, Progress(config_digest="same"),
+                   deepspeed=(2, lambda path: path.mkdir()))
+
+    deepspeed_state(tmp_path / "s", list(reversed(groups)))
+    _, scheduler = _optimizer(net.optimizer_param_groups(unet_lr=1e-3, text_encoder_lr=5e-4))
+    with pytest.raises(StateError, match=r"its parameter groups come in another order \(learning rates \[0.001, "
+                                         r"0.0005\], this run's \[0.0005, 0.001\]\)"):
+        load_state(tmp_path / "s", net, None, scheduler, "same")
+    deepspeed_state(tmp_path / "same", groups)
+    load_state(tmp_path / "same", net, None, scheduler, "same")  # the same order: resumed
