@@ -191,7 +191,8 @@ class _Run:
                 # sd-scripts' apply_to(apply_text_encoder=False): the text encoders run without the files' adapters
                 # (their outputs may be cached; cached with adapters, they would hold the rate of the moment)
                 tensors, _, _ = read_adapter_tensors(path)
-                unet_only = {k: v for k, v in tensors.items() if not k.startswith((TE_PREFIX, TE1_PREFIX, TE2_PREFIX))}
+                text = (TE_PREFIX, TE1_PREFIX, TE2_PREFIX)
+                unet_only = {k: v for k, v in tensors.items() if not k.startswith(text)}
                 net = load_network(model.unet, unet_only, where=str(path))
             else:
                 net = load_network(model.unet, path, text_encoders=model.text_encoders)
@@ -427,12 +428,11 @@ class _Run:
             _log_schedule(ds, self.validation_dataset, batches_per_epoch, num_epochs, self._batch_sizes(ds),
                           c.gradient_accumulation_steps, max_steps)
 
-        resolution = _resolution(c)
-        base_meta = training_metadata(
+        base_meta = None if self.explore else training_metadata(  # the rates file carries its own
             c, kind=model.kind, v_parameterization=model.v_parameterization, dataset=ds,
             optimizer_name=optimizer_name(optimizer), num_epochs=num_epochs, max_train_steps=max_steps,
             session_id=uuid.uuid4().hex, started_at=time.time(),
-            model_path=str(c.pretrained_model_name_or_path), resolution=resolution,
+            model_path=str(c.pretrained_model_name_or_path), resolution=_resolution(c),
             validation_dataset=self.validation_dataset)
         logger = TrainLogger(c, total=max_steps, initial=progress.global_step, quiet=not main)
         sampler = _Sampler(c, model, net, self.names, self.seed, enabled=main,
