@@ -13,4 +13,3 @@ class DatasetError(ValueError):
 class NoValidationImages(DatasetError):
     """validation_split holds out no image (too few images for the split): sd-scripts then trains without
     validation, so the trainer tells this case from a dataset that cannot be built."""
-

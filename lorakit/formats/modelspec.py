@@ -219,4 +219,3 @@ def with_base_model_keys(metadata: dict[str, str], kind: str | None) -> dict[str
     if kind not in ("sd1", "sd2", "sdxl") or "ss_base_model_version" in metadata or "ss_v2" in metadata:
         return metadata
     return {**metadata, "ss_v2": str(kind == "sd2"), "ss_base_model_version": base_model_version(kind)}
-

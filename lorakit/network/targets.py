@@ -44,7 +44,8 @@ def select(component: str, root: nn.Module, preset: Preset, target_modules, targ
 
     The override of a layer is the module_algo_map entry of its nearest enclosing class (its own first); a layer
     not inside a target class (nor, on a generic model, a module_algo_map class) takes the name_algo_map entry
-    matching its path first (LyCORIS' precedence). `everything` selects every adaptable layer (a model with no targets given)."""
+    matching its path first (LyCORIS' precedence). `everything` selects every adaptable layer (a model with no
+    targets given)."""
     targeted = bool(target_modules or target_names)
     target_modules = set(target_modules)
     chosen: dict[str, Selected] = {}

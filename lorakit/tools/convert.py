@@ -11,8 +11,8 @@ import torch
 
 from ..formats import add_hashes, load_file, save_file
 from ..formats.dtypes import parse_dtype
-from ..formats.peft_layout import LayoutError, detect_layout, kohya_to_peft, peft_to_kohya, rename_unet
 from ..formats.modelspec import with_base_model_keys
+from ..formats.peft_layout import LayoutError, detect_layout, kohya_to_peft, peft_to_kohya, rename_unet
 from ..network.load import read_adapter_tensors, warn_non_finite
 from .cli_common import refuse_overwrite
 from .merge import with_named_base_model

@@ -274,4 +274,3 @@ def merged_lora_metadata(meta: dict[str, str], kind: str | None, save_to, files:
         return {k: v for k, v in meta.items() if k.startswith("ss_")}
     return {**meta, **build_modelspec(kind or "sd1", title=Path(os.fspath(save_to)).stem, is_lora=True,
                                       merged_from=[Path(os.fspath(f)).name for f in files])}
-

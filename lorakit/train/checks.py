@@ -254,7 +254,7 @@ def _planned_lrs(v: dict[str, Any]) -> dict[str, float]:
         # sd-scripts' `side ratio or common ratio`: a side's 0 falls back to the common one
         ratio = float(kwargs.get(plus_option) or 0) or float(kwargs.get("loraplus_lr_ratio") or 0)
         if ratio not in (0, 1):
-            lrs[f"{side} x LoRA+ ratio"] = lr * float(ratio)
+            lrs[f"{side} x LoRA+ ratio"] = lr * ratio
     return lrs
 
 

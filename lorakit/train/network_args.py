@@ -37,7 +37,6 @@ def parse_network_args(items: Iterable[str]) -> dict[str, str]:
     return parsed
 
 
-_LR_WEIGHTS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight")
 def ss_network_args(network_args: Iterable[str], network_dropout: float | None,
                     dim_from_weights: bool = False) -> str | None:
     """The ss_network_args metadata as sd-scripts' train_network.py writes it: the key=value strings as given (split
@@ -90,6 +89,9 @@ def network_kwargs(network_module: str, network_args: Iterable[str],
             # sd-scripts' default for conv_dim's alpha and conv_block_alphas (not network_alpha, lorakit's own)
             kwargs["conv_alpha"] = "1.0"
     return kwargs
+
+
+_LR_WEIGHTS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight")
 
 
 def _sd_scripts_trains_convs(kwargs: Mapping[str, str]) -> bool:
