@@ -138,6 +138,7 @@ class TrainDataset(torch.utils.data.Dataset):
         self.subsets: list[SubsetSpec] = []
         self.image_counts: list[int] = []  # images found per subset (before repeats and reg balancing)
         self.subset_groups: list[int] = []  # the dataset (spec) index of each subset
+        self.metadata_bucketed: list[bool] = []  # per dataset: trained at its metadata's train_resolution buckets
         self.entries: list[ImageEntry] = []
         self.tag_frequency: dict[str, dict[str, int]] = {}
         self.num_train_images = 0  # with repeats, as kohya's ss_num_train_images
@@ -161,17 +162,21 @@ class TrainDataset(torch.utils.data.Dataset):
     def _add_group(self, group: int, spec: DatasetSpec, reso_multiple: int) -> None:
         if not spec.subsets:
             raise DatasetError(f"dataset {group}: no subsets (expected image_dir or metadata_file subsets)")
-        selector = self._selector(group, spec, reso_multiple)
         seen = set()
-        train: list[ImageEntry] = []
-        reg: list[ImageEntry] = []
         for subset in spec.subsets:
             source = subset.metadata_file or os.path.abspath(subset.image_dir)
             if source in seen:
                 raise DatasetError(f"{source}: listed twice in dataset {group}; merge the two subsets (or raise "
                                    "num_repeats)")
             seen.add(source)
-            images = subset_images(subset)
+        subset_list = [(subset, subset_images(subset)) for subset in spec.subsets]
+        selector = _metadata_buckets(group, spec, reso_multiple, [im for _, ims in subset_list for im in ims])
+        bucketed = spec.enable_bucket or selector is not None  # sd-scripts turns buckets on for metadata buckets
+        self.metadata_bucketed.append(selector is not None)
+        selector = selector or self._selector(group, spec, reso_multiple)
+        train: list[ImageEntry] = []
+        reg: list[ImageEntry] = []
+        for subset, images in subset_list:
             if not images:  # an empty folder (warned about): left out, as sd-scripts leaves it out
                 continue
             index = len(self.subsets)
@@ -193,8 +198,8 @@ class TrainDataset(torch.utils.data.Dataset):
             masks = _mask_images(subset, [im.path for im, _ in sized])
             repeats = 1 if self.validation else subset.num_repeats
             for (im, size), mask_path in zip(sized, masks):
-                choice = selector.select(*size)
-                if not spec.enable_bucket and subset.random_crop and min(size[0] - spec.resolution[0],
+                choice = selector.select(*(im.train_resolution or size))
+                if not bucketed and subset.random_crop and min(size[0] - spec.resolution[0],
                                                                          size[1] - spec.resolution[1]) >= 0:
                     # sd-scripts without buckets: random_crop cuts a resolution-sized window of the image at
                     # its own size (an image is not scaled there); scaled to cover, nothing would be left to move
@@ -202,7 +207,7 @@ class TrainDataset(torch.utils.data.Dataset):
                 check_bucket(im.path, size, choice, spec.bucket_reso_steps)
                 entry = ImageEntry(im.path, im.caption, group, index, subset.is_reg, repeats, size, choice,
                                    mask_path=mask_path)
-                if subset.face_crop_aug_range is not None and not spec.enable_bucket:  # sd-scripts: not with buckets
+                if subset.face_crop_aug_range is not None and not bucketed:  # sd-scripts: not with buckets
                     entry.face = face_box(im.path)
                 (reg if subset.is_reg else train).append(entry)
         n_train = sum(e.repeats for e in train)
@@ -307,8 +312,8 @@ class TrainDataset(torch.utils.data.Dataset):
                 "batch_size_per_device": spec.batch_size,
                 "num_train_images": sum(e.repeats for e in entries if not e.is_reg),
                 "num_reg_images": sum(e.repeats for e in entries if e.is_reg),
-                "resolution": tuple(spec.resolution),
-                "enable_bucket": bool(spec.enable_bucket),
+                "resolution": tuple(spec.resolution) if spec.resolution is not None else None,
+                "enable_bucket": bool(spec.enable_bucket or self.metadata_bucketed[group]),
                 "min_bucket_reso": spec.min_bucket_reso,
                 "max_bucket_reso": spec.max_bucket_reso,
                 "tag_frequency": {n: self.tag_frequency.get(n, {}) for n in names},
@@ -448,6 +453,28 @@ class TrainDataset(torch.utils.data.Dataset):
             flipped=[s["flipped"] for s in samples], paths=[s["path"] for s in samples],
             keys=[s["key"] for s in samples], masks=_stack_masks(samples), text_hidden=text_hidden,
             text_pooled=text_pooled)
+
+
+def _metadata_buckets(group: int, spec: DatasetSpec, multiple: int, images: list) -> BucketSelector | None:
+    """sd-scripts' FineTuningDataset: when every metadata entry of the dataset has a train_resolution, those sizes
+    are the buckets and each image trains at its own (scaled to it), whatever resolution and the bucket options
+    say. None when some entry has none; then the dataset needs a resolution."""
+    if not images or any(im.train_resolution is None for im in images):
+        if spec.resolution is None:
+            raise DatasetError(f"dataset {group}: resolution is required, as not every metadata entry has a "
+                               "train_resolution (sd-scripts: \"if metadata doesn't have bucket info, resolution is "
+                               "required\")")
+        return None
+    if spec.bucket_no_upscale:
+        raise DatasetError(f"dataset {group}: bucket_no_upscale cannot be used when every metadata entry has a "
+                           "train_resolution: the buckets are those sizes (as sd-scripts refuses it)")
+    resos = sorted({im.train_resolution for im in images})
+    bad = [r for r in resos if r[0] % multiple or r[1] % multiple]
+    if bad:
+        raise DatasetError(f"dataset {group}: train_resolution {bad[0][0]}x{bad[0][1]} in the metadata is not a "
+                           f"multiple of {multiple} on each side for this model")
+    logger.info("dataset %d: using the buckets of the metadata's train_resolution (%d sizes)", group, len(resos))
+    return BucketSelector(resos)
 
 
 def _stack_masks(samples: list[dict]) -> torch.Tensor | None:

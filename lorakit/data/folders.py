@@ -89,6 +89,8 @@ class SourceImage:
     caption: str
     size: tuple[int, int] | None = None  # (width, height) when known without opening the image (cache_info)
     tags: str | None = None  # a metadata entry's "tags" beside a caption: what its ss_tag_frequency counts
+    # a metadata entry's "train_resolution" (width, height), as sd-scripts' prepare_buckets_latents.py writes it
+    train_resolution: tuple[int, int] | None = None
 
 
 def subset_images(subset: SubsetSpec) -> list[SourceImage]:
@@ -175,8 +177,19 @@ def _metadata_images(subset: SubsetSpec) -> list[SourceImage]:
                 caption = "\n".join(f"{line}{sep}{tags}" for line in caption.split("\n") if line.strip())
         elif tags:
             caption = caption + sep + tags
-        out.append(SourceImage(image, caption or "", tags=tags or None))
+        out.append(SourceImage(image, caption or "", tags=tags or None,
+                               train_resolution=_train_resolution(path, key, entry.get("train_resolution"))))
     return out
+
+
+def _train_resolution(path: str, key: str, value) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if not (isinstance(value, (list, tuple)) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+        raise DatasetError(f"{path}: entry {key!r}: train_resolution must be [width, height] (two positive whole "
+                           f"numbers), not {value!r}")
+    return int(value[0]), int(value[1])
 
 
 def _find_image(key: str, image_dir: str | None) -> str | None:

@@ -43,8 +43,14 @@ def specs_from_config(group: Any) -> list[DatasetSpec]:
     specs = []
     for dataset in datasets:
         subsets = [SubsetSpec(**_values(s, _SUBSET_FIELDS)) for s in _get(dataset, "subsets")]
-        specs.append(DatasetSpec(subsets, **_values(dataset, _DATASET_FIELDS)))
+        specs.append(DatasetSpec(subsets, **_dataset_values(dataset)))
     return specs
+
+
+def _dataset_values(source: Any, renames: Mapping[str, str] = {}) -> dict[str, Any]:
+    """The dataset options of ``source``; a missing resolution stays None (a fine-tuning dataset then trains at
+    its metadata's train_resolution buckets, or is refused), never the spec's default."""
+    return {**_values(source, _DATASET_FIELDS, renames), "resolution": _get(source, "resolution")}
 
 
 def specs_from_folders(options: Any) -> list[DatasetSpec]:
@@ -57,7 +63,7 @@ def specs_from_folders(options: Any) -> list[DatasetSpec]:
     if not train_dir and not in_json:
         raise DatasetError("no training images: set train_data_dir (a folder of N_concept folders) or "
                            "dataset_config")
-    if _get(options, "resolution") is None:
+    if _get(options, "resolution") is None and not in_json:
         raise DatasetError("resolution is required with train_data_dir (e.g. resolution = \"512\" or \"512,768\")")
     shared = _values(options, [n for n in _SUBSET_FIELDS
                                if n not in ("image_dir", "num_repeats", "is_reg", "class_tokens", "metadata_file")])
@@ -65,6 +71,6 @@ def specs_from_folders(options: Any) -> list[DatasetSpec]:
         shared.pop("cache_info", None)  # a DreamBooth folder option; the JSON already lists the images
         subsets = [SubsetSpec(image_dir=train_dir or None, metadata_file=in_json,
                               num_repeats=_get(options, "dataset_repeats") or 1, **shared)]
-        return [DatasetSpec(subsets, **_values(options, _DATASET_FIELDS, _TRAIN_NAME))]
+        return [DatasetSpec(subsets, **_dataset_values(options, _TRAIN_NAME))]
     subsets = subsets_from_folders(train_dir, _get(options, "reg_data_dir") or None, **shared)
-    return [DatasetSpec(subsets, **_values(options, _DATASET_FIELDS, _TRAIN_NAME))]
+    return [DatasetSpec(subsets, **_dataset_values(options, _TRAIN_NAME))]

@@ -139,7 +139,9 @@ def parse_resolution(value: Any, option: str = "resolution") -> tuple[int, int]:
 class DatasetSpec:
     """One kohya "dataset": subsets sharing a batch size, a resolution and bucket settings.
 
-    ``resolution``: the training size (width, height); with ``enable_bucket`` the bucket area. Buckets:
+    ``resolution``: the training size (width, height); with ``enable_bucket`` the bucket area. None only for
+    a fine-tuning dataset whose metadata entries all have ``train_resolution``: each image then trains at its own
+    (sd-scripts' FineTuningDataset uses those buckets whenever every entry has one, resolution given or not). Buckets:
     ``min_bucket_reso``/``max_bucket_reso`` bound each side, ``bucket_reso_steps`` is the size step (a multiple
     of the model's pixel multiple: 64 for SD1/SD2, 32 for SDXL), ``bucket_no_upscale`` makes buckets from each
     image's own size (never enlarging it). ``prior_loss_weight`` weights the loss of regularization images.
@@ -159,7 +161,8 @@ class DatasetSpec:
     validation_seed: int | None = None  # shuffles before the split (None: the training seed)
 
     def __post_init__(self) -> None:
-        self.resolution = parse_resolution(self.resolution)
+        if self.resolution is not None:
+            self.resolution = parse_resolution(self.resolution)
         if self.skip_image_resolution is not None:
             self.skip_image_resolution = parse_resolution(self.skip_image_resolution, "skip_image_resolution")
         if isinstance(self.validation_split, bool) or not 0.0 <= float(self.validation_split) < 1.0:
@@ -170,7 +173,7 @@ class DatasetSpec:
                 raise DatasetError(f"{name} must be a whole number >= 1, not {value!r}")
         if self.prior_loss_weight < 0:
             raise DatasetError(f"prior_loss_weight must be >= 0, not {self.prior_loss_weight!r}")
-        if self.enable_bucket and not self.bucket_no_upscale:
+        if self.enable_bucket and not self.bucket_no_upscale and self.resolution is not None:
             # kohya's checks, as errors naming both options.
             if min(self.resolution) < self.min_bucket_reso:
                 raise DatasetError(f"min_bucket_reso {self.min_bucket_reso} is larger than the smaller side of "

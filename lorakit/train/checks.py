@@ -450,7 +450,8 @@ def check_runnable(config) -> None:
     if config.dataset_class is None and config.train_data_dir is None and config.dataset_config is None \
             and config.in_json is None:
         missing.append("train_data_dir (or dataset_config, or dataset_class)")
-    if config.dataset_config is None and config.dataset_class is None and config.resolution is None:
+    if config.dataset_config is None and config.dataset_class is None and config.in_json is None \
+            and config.resolution is None:  # a fine-tuning JSON may hold each image's train_resolution instead
         missing.append("resolution")
     if missing:
         _refuse(f"training needs {', '.join(missing)}")

@@ -271,14 +271,11 @@ def parse_dataset_config(data: Mapping[str, Any], train: Any = None, source: str
 
 
 def _check_dataset(dataset: DatasetConfig, where: str) -> None:
-    if dataset.resolution is None:
-        # sd-scripts' FineTuningDataset trains without it only at the metadata's train_resolution buckets, which
-        # lorakit does not use: it would need a size from somewhere
-        finetuning = ("; sd-scripts needs it too unless every metadata entry has train_resolution (\"if metadata "
-                      "doesn't have bucket info, resolution is required\"), and lorakit does not use train_resolution"
-                      if dataset.kind == "finetuning" else "")
+    if dataset.resolution is None and dataset.kind != "finetuning":
+        # a fine-tuning dataset may train at its metadata's train_resolution buckets instead (checked when its
+        # metadata is read, as sd-scripts' FineTuningDataset checks it)
         raise OptionError(f"dataset config {where}: resolution is required (in the dataset, [general], or the "
-                          f"training option resolution){finetuning}")
+                          "training option resolution)")
     if dataset.enable_bucket:
         if dataset.min_bucket_reso > dataset.max_bucket_reso:
             raise OptionError(f"dataset config {where}: min_bucket_reso {dataset.min_bucket_reso} > max_bucket_reso "

@@ -43,7 +43,7 @@ _COPIED = {
 
 def training_metadata(config, *, kind: str, v_parameterization: bool, dataset, optimizer_name: str,
                       num_epochs: int, max_train_steps: int, session_id: str, started_at: float,
-                      model_path: str, resolution: tuple[int, int],
+                      model_path: str, resolution: tuple[int, int] | None,
                       num_processes: int | None = None, validation_dataset=None) -> dict[str, str]:
     """Everything known when training starts (sd-scripts computes the same set before the loop).
     ``num_processes``: the processes training together (unset: the initialised process group's size, else 1).
@@ -70,10 +70,11 @@ def training_metadata(config, *, kind: str, v_parameterization: bool, dataset, o
         "ss_v2": str(kind == "sd2"),
         "ss_sd_model_name": os.path.basename(model_path),
         "ss_vae_name": os.path.basename(config.vae) if config.vae else "None",
-        "ss_resolution": f"({resolution[0]}, {resolution[1]})",
+        "ss_resolution": f"({resolution[0]}, {resolution[1]})" if resolution is not None else "None",
         "ss_tag_frequency": json.dumps(dataset.tag_frequency),
         "ss_bucket_info": json.dumps(dataset.bucket_info),
-        "ss_enable_bucket": str(config.enable_bucket),
+        # sd-scripts writes the dataset's: on for a fine-tuning dataset at its metadata's buckets
+        "ss_enable_bucket": str(bool(config.enable_bucket) or any(getattr(dataset, "metadata_bucketed", ()))),
         "ss_min_bucket_reso": str(config.min_bucket_reso),
         "ss_max_bucket_reso": str(config.max_bucket_reso),
         "ss_keep_tokens": str(config.keep_tokens),

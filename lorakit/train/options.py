@@ -383,7 +383,8 @@ OPTIONS: tuple[Option, ...] = (
          "from which all tags are used; 0: off", low=0),
     _opt("pair", "face_crop_aug_range", None, "data", "crop around the face box in 'name_x_y_w_h' file names, the "
          "face 1/high..1/low of the crop (e.g. 2.0,4.0; without enable_bucket)"),
-    _opt("path", "in_json", None, "data", "fine-tuning metadata JSON {image: {caption, tags}} for train_data_dir"),
+    _opt("path", "in_json", None, "data", "fine-tuning metadata JSON {image: {caption, tags, train_resolution}} for "
+         "train_data_dir"),
     _opt("int", "dataset_repeats", 1, "data", "repeats of the in_json dataset (and num_repeats' fallback in "
          "dataset_config)", low=1),
     _opt("bool", "masked_loss", False, "data", "mask the loss with the conditioning_data_dir images (red channel / "

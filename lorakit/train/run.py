@@ -746,10 +746,15 @@ def _check_explore(config) -> None:
                     config.learning_rate)
 
 
-def _resolution(config) -> tuple[int, int]:
+def _resolution(config) -> tuple[int, int] | None:
+    """The training resolution for the metadata; None when the data sets none (a fine-tuning dataset at its
+    metadata's train_resolution buckets): ss_resolution is then "None" and modelspec the model's default, as in
+    sd-scripts."""
     reso = config.resolution
     if reso is None and config.dataset_group is not None and config.dataset_group.datasets:
         reso = config.dataset_group.datasets[0].resolution
     if isinstance(reso, (list, tuple)):
         return int(reso[0]), int(reso[-1])
+    if reso is None and (config.in_json is not None or config.dataset_group is not None):
+        return None
     return (int(reso), int(reso)) if reso else (512, 512)

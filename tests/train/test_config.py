@@ -517,6 +517,10 @@ def test_cli_checks_what_training_needs_then_runs_the_loop(tmp_path, capsys, mon
     path = write(tmp_path, KOHYA_GUI)
     assert main(["train", "--config", str(path), "--output_dir", "", "--resolution", "none"]) == 2
     assert "training needs output_dir, resolution" in capsys.readouterr().err
+    # a fine-tuning JSON may give each image its train_resolution instead (checked when the JSON is read)
+    assert main(["train", "--config", str(path), "--output_dir", "", "--resolution", "none", "--in_json",
+                 str(tmp_path / "meta.json")]) == 2
+    assert "training needs output_dir\n" in capsys.readouterr().err
     assert main(["train", "--config", str(path), "--lr_scheduler", "constant", "--lr_warmup_steps", "1"]) == 2
     assert ("lr_scheduler 'constant' takes no warmup: lr_warmup_steps must be 0, got 1 (use 'constant_with_warmup')"
             in capsys.readouterr().err)  # before any model loads, with no "ignored" note first

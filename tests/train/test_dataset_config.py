@@ -245,9 +245,6 @@ SUBSET = "[[datasets]]\nresolution = 512\n[[datasets.subsets]]\nimage_dir = 'a'\
     ("[[datasets]]\nresolution = 512\n", "[[datasets]] #1: needs at least one [[datasets.subsets]]"),
     ("[[datasets]]\nresolution = 512\n[[datasets.subsets]]\nclass_tokens = 'x'\n", "image_dir is required"),
     ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'\n", "resolution is required"),
-    ("[[datasets]]\n[[datasets.subsets]]\nmetadata_file = 'm.json'\n", "[[datasets]] #1: resolution is required (in "
-     "the dataset, [general], or the training option resolution); sd-scripts needs it too unless every metadata entry "
-     "has train_resolution (\"if metadata doesn't have bucket info, resolution is required\")"),
     (SUBSET + "[[datasets.subsets]]\nmetadata_file = 'm.json'\n", "cannot be mixed in one dataset"),
     ("[[datasets]]\ncaption_extension = '.txt'\n[[datasets.subsets]]\nmetadata_file = 'm.json'\n",
      "'caption_extension' is for DreamBooth subsets"),

@@ -18,7 +18,7 @@ def test_base_model_version_is_sd_scripts_string(kind, v, expected):
     assert _is_v2({"ss_base_model_version": base_model_version(kind, v)}) == (kind == "sd2")
 
 
-def _training_metadata(validation_dataset=None, **overrides):
+def _training_metadata(validation_dataset=None, resolution=(64, 64), dataset_values={}, **overrides):
     from types import SimpleNamespace
 
     from lorakit.train.config import load_train_config
@@ -30,11 +30,21 @@ def _training_metadata(validation_dataset=None, **overrides):
     optimizer = make_optimizer(config.optimizer_type, [torch.nn.Parameter(torch.zeros(2))], config.learning_rate,
                                config.optimizer_args)
     dataset = SimpleNamespace(num_train_images=1, num_reg_images=0, steps_per_epoch=1, tag_frequency={},
-                              bucket_info={}, subsets=[], image_counts=[])
+                              bucket_info={}, subsets=[], image_counts=[], **dataset_values)
     return training_metadata(config, kind="sd1", v_parameterization=False, dataset=dataset,
                              optimizer_name=optimizer_name(optimizer), num_epochs=1, max_train_steps=1,
                              session_id="s", started_at=0.0, model_path="m.safetensors",
-                             resolution=(64, 64), validation_dataset=validation_dataset)
+                             resolution=resolution, validation_dataset=validation_dataset)
+
+
+def test_a_dataset_at_its_metadata_buckets_writes_sd_scripts_resolution_and_bucket_keys():
+    """sd-scripts: ss_resolution is args.resolution ("None" when unset), ss_enable_bucket the dataset's (turned on
+    for metadata buckets), modelspec.resolution the model's default."""
+    meta = _training_metadata(resolution=None, dataset_values={"metadata_bucketed": [True]})
+    assert (meta["ss_resolution"], meta["ss_enable_bucket"], meta["modelspec.resolution"]) == ("None", "True",
+                                                                                               "512x512")
+    meta = _training_metadata(dataset_values={"metadata_bucketed": [False]})
+    assert (meta["ss_resolution"], meta["ss_enable_bucket"]) == ("(64, 64)", "False")
 
 
 @pytest.mark.parametrize("overrides,expected", [
