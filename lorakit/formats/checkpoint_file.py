@@ -22,6 +22,33 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
               "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
+# How torch's weights-only unpickler words a refusal of something that is no plain tensor data (a global it does
+# not allow, one from a blocked module such as os/posix/subprocess, a call or object it will not build), across
+# torch versions; other UnpicklingErrors ("Unsupported operand 235") mean bytes that are no pickle.
+_CODE_REFUSALS = ("unsupported global", "unsupported class", "is blocked", "unrecognized function",
+                  "can only create new object", "can only build", "must be imported to load")
+
+
+def _unsafe_globals(path: str) -> list[str]:
+    """The functions/classes a torch.save zip archive's pickle refers to beyond what weights_only allows, read
+    statically (nothing is run); [] when torch cannot tell (older torch, a legacy or damaged file)."""
+    find = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    try:
+        return sorted(find(path)) if find else []
+    except Exception:  # noqa: BLE001 - a file torch cannot disassemble is judged by the refusal's wording
+        return []
+
+
+def _needs_code(path: str, text: str) -> str | None:
+    """What a weights-only refusal says the pickle needs (its unsafe globals, or torch's line about them), or
+    None when the refusal is about bytes that are no pickle."""
+    found = _unsafe_globals(path)
+    if found:
+        return f"it refers to {', '.join(found[:5])}{' ...' if len(found) > 5 else ''}"
+    return next((line.strip() for line in text.splitlines()
+                 if any(words in line.lower() for words in _CODE_REFUSALS)), None)
+
+
 class CheckpointFileError(ValueError):
     """A model file that cannot be read; the message names the file and what was expected."""
 
@@ -101,11 +128,12 @@ class CheckpointReader:
                 break
             except pickle.UnpicklingError as e:
                 text = str(e)
-                if looks_like_torch and "Unsupported global" in text:
+                needs = _needs_code(self.path, text) if looks_like_torch else None
+                if needs:
                     raise CheckpointFileError(
-                        f"{self.path}: this pickle needs more than plain tensors to load ({text.splitlines()[0]}); "
-                        "lorakit loads .ckpt files with weights_only=True only, because unpickling anything else "
-                        "can run code. Convert it to .safetensors with a tool you trust.") from None
+                        f"{self.path}: this pickle needs more than plain tensors to load ({needs}); lorakit loads "
+                        ".ckpt files with weights_only=True only, because unpickling anything else can run code. "
+                        "Convert it to .safetensors with a tool you trust.") from None
                 # The weights-only unpickler's verdict on bytes that are no pickle ("Unsupported operand 235").
                 detail = next((line.strip() for line in text.splitlines() if "Unsupported" in line),
                               text.splitlines()[0] if text else type(e).__name__)

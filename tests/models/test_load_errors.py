@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 import torch
@@ -64,6 +65,39 @@ def test_ckpt_that_needs_code_is_refused(tmp_path):
     torch.save({"state_dict": {"x": torch.zeros(1)}, "cb": _Evil()}, path)
     with pytest.raises(CheckpointFileError, match="evil.ckpt.*weights_only=True"):
         load_model(path)
+
+
+def _payloads():
+    """(name, callable, args maker) of the usual malicious-pickle payloads; each would create `marker` if run.
+    os.system pickles as posix.system (nt.system on Windows); the native module's own name is tried too."""
+    native_system = __import__(os.name).system
+    return [("os_system", os.system, lambda m: (f"echo > {m}",)),
+            ("posix_system", native_system, lambda m: (f"echo > {m}",)),
+            ("subprocess", subprocess.call, lambda m: (["touch", str(m)],))]
+
+
+class _Payload:
+    def __init__(self, func, args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return (self.func, self.args)
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+@pytest.mark.parametrize("payload", _payloads(), ids=lambda p: p[0])
+def test_ckpt_that_runs_a_command_is_refused_not_called_corrupt(tmp_path, payload, zip_format):
+    # torch words a blocked module (os/posix/subprocess) otherwise than an unknown global; either is "needs more
+    # than plain tensors", never "truncated or corrupt". weights_only=True refuses before calling anything.
+    _, func, args = payload
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "cb": _Payload(func, args(marker))}, path,
+               _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(CheckpointFileError, match="evil.ckpt: this pickle needs more than plain tensors") as e:
+        load_model(path)
+    assert "corrupt" not in str(e.value)
+    assert not marker.exists()
 
 
 def test_lora_given_as_checkpoint(tmp_path):
