@@ -444,6 +444,23 @@ def check_datasets(v: dict[str, Any], group) -> None:
                             "never change")
 
 
+def _refuse_all_zero_learning_rates(config) -> None:
+    """Every trained part at lr 0 leaves no parameter to train (sd-scripts fails late, on an empty optimizer)."""
+    def rates(value):
+        value = config.learning_rate if value is None else value
+        return list(value) if isinstance(value, (list, tuple)) else [value]
+
+    used = {}
+    if not config.network_train_text_encoder_only:
+        used["unet_lr"] = rates(config.unet_lr)
+    if not config.network_train_unet_only:
+        used["text_encoder_lr"] = rates(config.text_encoder_lr)
+    if used and all(r is not None and float(r) == 0 for values in used.values() for r in values):
+        _refuse(f"every learning rate is 0 (learning_rate {config.learning_rate}, "
+                f"{', '.join(f'{k} {getattr(config, k)}' for k in used)}): nothing would train; set learning_rate "
+                "or the part's own rate above 0")
+
+
 def check_runnable(config) -> None:
     """What training needs beyond a consistent config (--print-config does not): a model, data and a place to save."""
     missing = [name for name in ("pretrained_model_name_or_path", "output_dir") if getattr(config, name) is None]
@@ -455,12 +472,16 @@ def check_runnable(config) -> None:
         missing.append("resolution")
     if missing:
         _refuse(f"training needs {', '.join(missing)}")
+    _refuse_all_zero_learning_rates(config)
     if not config.lr_scheduler_type and not schedule_free(config.optimizer_type):  # make_scheduler checks it again,
         refuse_warmup(config.lr_scheduler, config.lr_warmup_steps)  # but only after the model has loaded
     from .logger import missing_tracker_packages
 
     for message in missing_tracker_packages(config):  # before the model loads and the latents are cached
         _refuse(message)
+    from .optimizers import check_optimizer_installed
+
+    check_optimizer_installed(config.optimizer_type)  # the same: make_optimizer runs after both
 
 
 def schedule_free(optimizer_type: str) -> bool:

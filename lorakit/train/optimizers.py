@@ -167,6 +167,12 @@ def torch_optimizer_name(name: str) -> str | None:
     return classes.get(name.strip().lower())
 
 
+def check_optimizer_installed(optimizer_type: str | None) -> None:
+    """Refuses an unknown optimizer_type, or one whose package is missing, from the config alone (before a model
+    loads), with the error make_optimizer would give after it."""
+    _load_class(_resolve(optimizer_type or "AdamW"))
+
+
 def _load_class(spec: OptimizerSpec):
     try:
         module = importlib.import_module(spec.module)

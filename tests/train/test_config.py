@@ -529,8 +529,12 @@ def test_cli_checks_what_training_needs_then_runs_the_loop(tmp_path, capsys, mon
     loop.train = seen.append
     loop.TrainingError = type("TrainingError", (RuntimeError,), {})
     monkeypatch.setitem(sys.modules, "lorakit.train.run", loop)
-    assert main(["train", "--config", str(path), "--seed", "7"]) == 0
-    assert seen == [load_train_config(path, {"seed": 7})]
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed: refused before the model loads
+    monkeypatch.setitem(sys.modules, "bitsandbytes.optim", None)
+    assert main(["train", "--config", str(path), "--seed", "7"]) == 2  # the GUI's AdamW8bit
+    assert "optimizer_type 'AdamW8bit' needs the package 'bitsandbytes'" in capsys.readouterr().err
+    assert main(["train", "--config", str(path), "--seed", "7", "--optimizer_type", "AdamW"]) == 0
+    assert seen == [load_train_config(path, {"seed": 7, "optimizer_type": "AdamW"})]
 
 
 def test_errors_after_training_started_are_one_line(tmp_path, capsys):
