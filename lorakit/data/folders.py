@@ -66,6 +66,10 @@ def subsets_from_folders(train_data_dir: str | os.PathLike, reg_data_dir: str | 
                 continue
             subsets.append(SubsetSpec(image_dir=str(folder), num_repeats=repeats, is_reg=is_reg,
                                       class_tokens=class_tokens, **options))
+        if not is_reg and not subsets:
+            raise DatasetError(f"{root}: {option}: every concept folder has 0 repeats "
+                               f"({', '.join(folder.name for folder, _ in concepts)}), so nothing trains; a folder "
+                               "trains when named <repeats>_<class tokens> with repeats >= 1, like 10_sks dog")
     return subsets
 
 
