@@ -17,7 +17,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-__all__ = ["concat_loras", "block_of_name", "module_of_name", "module_block_weights"]
+__all__ = ["concat_loras", "block_of_name", "module_of_name", "module_block_weights", "module_algorithm",
+           "wrong_algorithm"]
 
 LORA_KEYS = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha")
 _TE_SHORT = re.compile(r"^(lora_te[12]?_)(?=encoder_|embeddings_|final_layer_norm)")
@@ -80,9 +81,24 @@ def module_block_weights(names, block_weights, arch: str | None) -> dict[str, fl
     return out
 
 
+def module_algorithm(name: str, sd: Mapping[str, torch.Tensor], where: str) -> str:
+    """The algorithm of one module's tensors as the loaders detect it ("lora", "loha", "full", ...); an error
+    naming the file and module when no algorithm has them."""
+    from ..algos import detect_algorithm
+
+    try:
+        return detect_algorithm(sd).name
+    except ValueError as e:
+        raise ValueError(f"{where}: module '{name}': {e}") from None
+
+
+def wrong_algorithm(where: str, name: str, sd: Mapping[str, torch.Tensor], algo: str, accepted: str) -> ValueError:
+    """The error for a module of an algorithm a merge cannot take: what it is, its tensors, what is taken."""
+    return ValueError(f"{where}: module '{name}' is {algo} (tensors {', '.join(sorted(sd))}); only {accepted}")
+
+
 def _read(file: str, dtype: torch.dtype) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
     """{module name: {tensor suffix: tensor}} of a LoRA file, each module checked to be concatenable."""
-    from ..algos import detect_algorithm
     from ..network.load import check_layout, read_adapter_tensors, warn_non_finite, without_bundled_embeddings
     from ..network.names import split_key
 
@@ -95,16 +111,12 @@ def _read(file: str, dtype: torch.dtype) -> tuple[dict[str, dict[str, torch.Tens
         name, suffix = split_key(key)
         modules.setdefault(canonical_name(name), {})[suffix] = value
     for name, sd in modules.items():
-        try:
-            algo = detect_algorithm(sd)
-        except ValueError as e:
-            raise ValueError(f"{file}: module '{name}': {e}") from None
-        if algo.name != "lora":
-            raise ValueError(
-                f"{file}: module '{name}' is {algo.name} (tensors {', '.join(sorted(sd))}); only LoRA/LoCon files "
-                f"can be concatenated into one LoRA ({algo.name}'s change is no sum of low-rank products of its "
-                f"factors). Merge it into a model with --model, or re-factorise the summed change with SVD "
-                f"(--new_rank), if the SVD merge reads {algo.name}")
+        algo = module_algorithm(name, sd, file)
+        if algo != "lora":
+            raise wrong_algorithm(
+                file, name, sd, algo, f"LoRA/LoCon files can be concatenated into one LoRA ({algo}'s change is no "
+                f"sum of low-rank products of its factors). Merge it into a model with --model, or re-factorise the "
+                f"summed change with SVD (--new_rank), if the SVD merge reads {algo}")
         if "dora_scale" in sd:
             raise ValueError(f"{file}: module '{name}' is DoRA (dora_scale): its change depends on the weight it "
                              f"is added to, so it has no place in a sum of LoRAs; merge it into a model with --model")

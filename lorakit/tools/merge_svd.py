@@ -147,16 +147,22 @@ class _Sum:
 
 
 def _full_modules(other: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
-    """{name: diff} of the modules stored whole; anything else but their diff_b is refused."""
-    full = {}
+    """{name: diff} of the modules stored whole (their diff_b is left out); a module of any other algorithm
+    (LoHa, LoKr, ...) is refused, named as concat names it."""
+    from .concat import module_algorithm, wrong_algorithm
+
+    groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in other.items():
         name, _, suffix = key.partition(".")
-        if suffix == "diff":
-            full[name] = value
-        elif suffix != "diff_b":
-            raise ValueError(f"{where}: module '{name}' has '{suffix}': merge_loras_svd merges LoRA/LoCon modules "
-                             "(lora_down/lora_up/alpha, lora_mid) and full ones (diff); convert or merge it "
-                             "another way")
+        groups.setdefault(name, {})[suffix] = value
+    full = {}
+    for name, sd in groups.items():
+        algo = module_algorithm(name, sd, where)
+        if algo != "full":
+            raise wrong_algorithm(
+                where, name, sd, algo, "LoRA/LoCon and full modules (diff) can be merged by SVD (--new_rank); "
+                "merge it into a model with --model")
+        full[name] = sd["diff"]
     return full
 
 

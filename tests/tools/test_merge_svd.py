@@ -69,6 +69,17 @@ def test_errors():
         merge_loras_svd([{"lora_unet_y.hada_w1_a": torch.ones(2, 2)}], [1.0], 4)
 
 
+@pytest.mark.parametrize("algo,keys", [("loha", ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")),
+                                       ("lokr", ("lokr_w1", "lokr_w2"))])
+def test_other_algorithm_is_named_as_concat_names_it(tmp_path, algo, keys):
+    """A LoHa/LoKr module (its alpha sorts first) is refused as what it is, not as a module that 'has alpha'."""
+    sd = {"lora_unet_y.alpha": torch.tensor(2.0), **{f"lora_unet_y.{k}": torch.ones(2, 2) for k in keys}}
+    save_file(sd, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match=rf"other.safetensors: module 'lora_unet_y' is {algo} \(tensors alpha, "
+                                         r".*\); only LoRA/LoCon and full modules"):
+        merge_loras_svd([tmp_path / "other.safetensors"], [1.0], 4)
+
+
 def test_text_encoder_names_in_either_spelling_sum_into_one_module(tmp_path):
     """LyCORIS (and trainers on transformers 5) write lora_te_encoder_..., lorakit and kohya
     lora_te_text_model_encoder_...: the same layer, one module in the merge, as the concatenating merge has it."""
