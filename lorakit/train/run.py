@@ -508,8 +508,14 @@ class _Run:
         clock = ctx.timings
         # sd-scripts' sample_images_common: with sample_every_n_epochs, sample_every_n_steps is ignored
         sample_every_steps = None if c.sample_every_n_epochs else c.sample_every_n_steps
+        first_epoch = progress.epoch
+        if progress.global_step >= max_steps:  # a resume from a state at this run's last step, part-way or not
+            first_epoch = num_epochs + 1  # through its epoch (sd-scripts refuses it: max_train_steps > initial_step)
+            if main:
+                log.info("resume=%s: the state is at step %d, this run's last: nothing is left to train, the final "
+                         "adapter is the state's", self.resume_folder, progress.global_step)
         try:
-            for epoch in range(progress.epoch, num_epochs + 1):
+            for epoch in range(first_epoch, num_epochs + 1):
                 if main:
                     log.info("epoch %d/%d", epoch, num_epochs)
                 start = progress.step_in_epoch if epoch == progress.epoch else 0
