@@ -97,9 +97,15 @@ _PAIRS = {"lora": (("lora_up.weight", "lora_down.weight"),), "dylora": (("lora_u
 _CORES = ("lora_mid.weight", "hada_t1", "hada_t2", "lokr_t2")
 
 
-def _malformed(algo: str, sub: Mapping[str, torch.Tensor]) -> str | None:
-    """What makes one module unusable (a missing factor, factors of different ranks), or None. load_network,
-    merge and resize refuse such a module; ComfyUI skips or errors on it."""
+def _malformed(cls: type | None, algo: str, sub: Mapping[str, torch.Tensor]) -> str | None:
+    """What makes one module unusable (tensors of no algorithm or not of its own, a missing factor, factors of
+    different ranks), or None. load_network, merge and resize refuse such a module; ComfyUI skips or errors on
+    it. `cls` is the detected algorithm (None: none has these tensors)."""
+    if cls is None:
+        return f"no adapter algorithm has the tensors {sorted(sub)}"
+    extra = sorted(set(sub) - set(cls.keys))
+    if extra:
+        return f"tensor(s) {extra} that {algo} does not have"
     for choices in _REQUIRED.get(algo, ()):
         if not any(k in sub for k in choices):
             return f"no {' or '.join(choices)}"
@@ -159,9 +165,10 @@ def inspect_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, 
     modules = []
     for name, sub in groups.items():
         try:
-            algo = detect_algorithm(sub).name
+            cls = detect_algorithm(sub)
         except ValueError:
-            algo = "unknown"
+            cls = None
+        algo = "unknown" if cls is None else cls.name
         component, block = _block(name)
         dim = module_dim(algo, sub) if algo != "unknown" else None
         alpha = float(sub["alpha"].float().reshape(-1)[0]) if "alpha" in sub and sub["alpha"].numel() else None
@@ -176,7 +183,7 @@ def inspect_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, 
             "parameters": sum(t.numel() for k, t in sub.items() if k not in _NOT_PARAMS),
             "dora": "dora_scale" in sub, "tucker": any(k in sub for k in ("lora_mid.weight", "hada_t1", "lokr_t2")),
             "untrained": _untrained(algo, sub, local_zero),
-            "malformed": _malformed(algo, sub),
+            "malformed": _malformed(cls, algo, sub),
         })
     blocks = sorted({m["block"] for m in modules if m["block"]}, key=_block_key)
     ss = {k: v for k, v in sorted(metadata.items()) if k.startswith("ss_")}
@@ -214,7 +221,8 @@ def inspect_file(path: str | os.PathLike, top_tags: int = 10) -> dict[str, Any]:
     tensors with shapes and dtypes, parameters, dora, tucker, untrained), ``summary`` (counts per algorithm,
     component, dim, alpha, dtype; total parameters (every tensor but ``alpha``/``on_input``); blocks present),
     ``zero_tensors``, ``untrained_modules`` (a factor of the product is all zero, or every tensor is),
-    ``malformed_modules`` ({name: what is wrong}: a missing factor, factors of different ranks),
+    ``malformed_modules`` ({name: what is wrong}: tensors of no algorithm or not of the module's, a missing factor,
+    factors of different ranks),
     ``non_finite_tensors``, ``metadata`` (``ss``, ``modelspec``, ``other``, ``tag_frequency_top``), ``file``
     and ``file_size``. A model checkpoint or another kind of file raises InspectError saying what it is."""
     where = os.fspath(path)

@@ -17,7 +17,7 @@ from safetensors.torch import save_file as st_save
 
 pytest.importorskip("diffusers")
 
-from lorakit import create_network  # noqa: E402
+from lorakit import create_network, load_network  # noqa: E402
 from lorakit.cli import main  # noqa: E402
 from lorakit.tools.inspect import InspectError, inspect_file  # noqa: E402
 
@@ -242,4 +242,30 @@ def test_malformed_modules_are_reported_and_fail_the_check(tmp_path, capsys):
     for algo, opts in (("lora", {"use_tucker": True, "conv_dim": 2}), ("loha", {"use_tucker": True}),
                        ("lokr", {"decompose_both": True, "factor": 4}), ("glora", {})):
         create_network(unet, tes, algo=algo, preset="full", dim=2, **opts).save(tmp_path / "ok.safetensors")
+        assert inspect_file(tmp_path / "ok.safetensors")["malformed_modules"] == {}, algo
+
+
+def test_tensors_no_loader_reads_are_malformed(tmp_path, capsys):
+    """A module whose tensors no algorithm has, or with a tensor its algorithm does not have, is refused by
+    load_network and merge ("no adapter algorithm has the tensors", "Unexpected key(s)"): inspect says so and
+    exits 1, as for a missing factor."""
+    unet, tes = tiny_model("sd1")
+    g = torch.Generator().manual_seed(0)
+    path = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    name = "lora_unet_" + path.replace(".", "_")
+    t = {f"{name}.lora_down.weight": torch.randn(4, 16, generator=g),
+         f"{name}.lora_up.weight": torch.randn(16, 4, generator=g), f"{name}.scale_weight": torch.ones(16),
+         "lora_unet_mid_block_attentions_0_proj_in.oft_diag": torch.randn(4, 8, 8, generator=g)}
+    st_save(t, tmp_path / "odd.safetensors")
+    report = inspect_file(tmp_path / "odd.safetensors")
+    assert report["malformed_modules"] == {
+        name: "tensor(s) ['scale_weight'] that lora does not have",
+        "lora_unet_mid_block_attentions_0_proj_in": "no adapter algorithm has the tensors ['oft_diag']"}
+    assert main(["inspect", str(tmp_path / "odd.safetensors")]) == 1
+    assert "2 malformed module(s)" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="scale_weight"):
+        load_network(unet, {k: v for k, v in t.items() if k.startswith(name)}, tes)
+    for algo, opts in (("ia3", {}), ("diag-oft", {"dim": 4, "rescaled": True}), ("boft", {"dim": 4}),
+                       ("full", {}), ("dylora", {"dim": 4}), ("lora", {"dora_wd": True})):
+        create_network(unet, tes, algo=algo, preset="attn-only", **opts).save(tmp_path / "ok.safetensors")
         assert inspect_file(tmp_path / "ok.safetensors")["malformed_modules"] == {}, algo
