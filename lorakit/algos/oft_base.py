@@ -15,6 +15,7 @@ from . import amp
 from .base import Adapter
 
 _DROPOUTS = frozenset({"dropout", "rank_dropout", "rank_dropout_scale"})
+_UNCONSTRAINED_FLOOR = 1e-7  # the saved bound of unconstrained blocks is never 0, which A1111 reads as "no rotation"
 
 
 def solve_dtype(t: torch.Tensor) -> torch.dtype:
@@ -160,9 +161,11 @@ class OrthogonalAdapter(Adapter):
         relative 1e-8 / bound more: the one difference left between the loaders.)"""
         if self.bound > 0:
             return float(self.bound)
+        b = self.oft_blocks
+        if b.is_meta:  # a network built on the meta device holds no values: the alpha of untrained blocks (Q = 0)
+            return _UNCONSTRAINED_FLOOR
         with torch.no_grad():
-            b = self.oft_blocks
-            return float(torch.linalg.vector_norm(b - b.transpose(-1, -2))) * (1 + 1e-6) + 1e-7
+            return float(torch.linalg.vector_norm(b - b.transpose(-1, -2))) * (1 + 1e-6) + _UNCONSTRAINED_FLOOR
 
     def _load_alpha(self, saved):
         self.bound = float(saved)

@@ -458,3 +458,19 @@ def test_a_loraplus_side_ratio_of_0_falls_back_to_the_common_ratio():
     assert lrs == pytest.approx({"text_encoder": 5e-5, "text_encoder_plus": 8e-4, "unet": 1e-3, "unet_plus": 1.6e-2})
     net = create_network(unet, tes, preset="attn-mlp", dim=4, loraplus_lr_ratio=0)
     assert [g["name"] for g in net.optimizer_param_groups(unet_lr=1e-3)] == ["text_encoder", "unet"]
+
+
+@pytest.mark.parametrize("algo,options", [("diag-oft", {}), ("diag-oft", {"constraint": 1e-3, "rescaled": True}),
+                                          ("boft", {}), ("boft", {"rescaled": True})])
+def test_an_oft_network_on_the_meta_device_lists_its_file_keys(algo, options):
+    """As every other algorithm (and LyCORIS' OFT modules) does: key and shape checks of full-size models on meta."""
+    def model():
+        return nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Conv1d(16, 8, 3))
+
+    real = create_network(model(), algo=algo, dim=4, **options).state_dict()
+    with torch.device("meta"):
+        layers = model()
+    on_meta = create_network(layers, algo=algo, dim=4, **options).state_dict()
+    assert {k: t.shape for k, t in on_meta.items()} == {k: t.shape for k, t in real.items()}
+    assert {k: float(t) for k, t in on_meta.items() if k.endswith("alpha")} == \
+        {k: float(t) for k, t in real.items() if k.endswith("alpha")}  # untrained blocks: the same alpha
