@@ -20,7 +20,7 @@ import torch
 from ..formats.modelspec import base_model_version
 from . import lowrank
 
-__all__ = ["extract_lora", "ExtractResult", "extract_layer", "progress"]
+__all__ = ["extract_lora", "ExtractResult", "extract_layer", "progress", "stored_whole_warning"]
 
 def progress(items, desc: str, enabled: bool = True):
     """tqdm over items when tqdm is installed and enabled; the plain iterable otherwise."""
@@ -195,7 +195,7 @@ def extract_lora(base, tuned, out: str | os.PathLike | None = None, *, mode: str
                 "layers": len(result.layers), "full_layers": sum(1 for r in result.layers.values() if r["full"]),
                 "skipped_layers": len(result.skipped), "bias_dropped_layers": len(result.bias_dropped),
                 "not_extracted_tensors": len(result.not_extracted)}
-    result.metadata = _metadata(base_model, settings, out)
+    result.metadata = _metadata(base_model, settings, out, result.layers)
     if out is not None:
         save(result, out, save_dtype)
     return result
@@ -218,17 +218,47 @@ def _changed_elsewhere(base_parts, tuned_parts, selected: set, min_diff: float, 
     return changed
 
 
-def _metadata(model, settings: dict[str, Any], out) -> dict[str, str]:
+def _rank_label(ranks: set[int]) -> str:
+    """kohya's dim value: the one rank written, or `Dynamic` (its word for ranks that differ; here also for no
+    module of that kind kept low-rank, where any number would be made up)."""
+    return str(next(iter(ranks))) if len(ranks) == 1 else "Dynamic"
+
+
+def _network_labels(settings: dict[str, Any], layers: dict[str, dict]) -> dict[str, str]:
+    """ss_network_module/dim/alpha/args as the file is written. A file with a module stored whole (`diff`) is a
+    LyCORIS file (`lycoris.kohya`, algo `locon`, or `full` when every module is whole), as sd-scripts labels what
+    it trains with LyCORIS: kohya's `networks.lora` would tell sd-scripts users its merge_lora.py and
+    --network_weights read the file, and they read only lora_down/lora_up. Dims are the ranks written (alpha =
+    rank, scale 1). UIs load by keys; A1111 reads only ss_base_model_version/ss_v2 of these labels."""
+    linear = {r["rank"] for r in layers.values() if not r["full"] and r["kind"] == "linear"}
+    convs = {r["rank"] for r in layers.values() if not r["full"] and r["kind"] == "conv"}
+    whole = sum(1 for r in layers.values() if r["full"])
+    dim = _rank_label(linear)
+    args: dict[str, Any] = {}
+    if whole:
+        args["algo"] = "full" if whole == len(layers) else "locon"
+    if convs:
+        args.update(conv_dim=_rank_label(convs), conv_alpha=_rank_label(convs))
+    args["use_tucker"] = settings["use_tucker"]
+    return {"ss_network_module": "lycoris.kohya" if whole else "networks.lora", "ss_network_dim": dim,
+            "ss_network_alpha": dim, "ss_network_args": json.dumps(args)}
+
+
+def stored_whole_warning(result: ExtractResult) -> str | None:
+    """One line when modules were stored whole: the tools that will not apply them."""
+    whole = sum(1 for r in result.layers.values() if r["full"])
+    if not whole:
+        return None
+    return (f"{whole} of {len(result.layers)} modules are stored whole (diff), so the file is labelled LyCORIS "
+            "(lycoris.kohya): A1111, ComfyUI and LyCORIS apply them, sd-scripts' networks/merge_lora.py and "
+            "--network_weights skip them (--no_full_fallback stores them as larger LoRA factors)")
+
+
+def _metadata(model, settings: dict[str, Any], out, layers: dict[str, dict]) -> dict[str, str]:
     from ..formats import build_modelspec
 
-    fixed = settings["mode"] == "fixed"
-    dim = str(settings["linear_dim"]) if fixed else "Dynamic"
-    conv = str(settings["conv_dim"]) if fixed else "Dynamic"
     meta = {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": dim,
-        "ss_network_alpha": dim,  # alpha = rank in every module: scale 1
-        "ss_network_args": json.dumps({"conv_dim": conv, "conv_alpha": conv, "use_tucker": settings["use_tucker"]}),
+        **_network_labels(settings, layers),
         "ss_v2": str(model.kind == "sd2"),
         "ss_base_model_version": base_model_version(model.kind, model.v_parameterization),
         "ss_sd_model_name": settings["base"],

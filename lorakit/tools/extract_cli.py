@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .cli_common import check_device, refuse_overwrite, report_errors
 from .lowrank import MODES
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _extract(args: argparse.Namespace) -> str:
     from ..formats.dtypes import parse_dtype
-    from .extract import extract_lora
+    from .extract import extract_lora, stored_whole_warning
 
     refuse_overwrite(args.out, {"base model": args.base, "tuned model": args.tuned})
     check_device(args.device)
@@ -69,6 +70,9 @@ def _extract(args: argparse.Namespace) -> str:
         for name, r in result.layers.items():
             what = "full diff" if r["full"] else f"rank {r['rank']:4d}"
             print(f"{name:90s} {what}  fro retained {r['fro']:.2%}")
+    warning = stored_whole_warning(result)
+    if warning:
+        print(f"lorakit extract: warning: {warning}", file=sys.stderr)
     full = sum(1 for r in result.layers.values() if r["full"])
     lost = result.not_extracted
     return (f"{args.out}: {len(result.layers)} layers ({full} stored whole), {len(result.skipped)} unchanged left out"

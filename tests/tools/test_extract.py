@@ -253,3 +253,45 @@ def test_changes_a_lora_cannot_carry_are_listed(pair):
     assert res.not_extracted == ["unet:conv_norm_out.weight"]
     assert res.bias_dropped == ["lora_te_text_model_encoder_layers_0_mlp_fc1"]
     assert json.loads(res.metadata["lorakit_extract"])["not_extracted_tensors"] == 1
+
+
+LIN_NAME = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+
+
+def test_modules_stored_whole_label_the_file_lycoris(pair, tmp_path):
+    """sd-scripts' merge_lora.py and --network_weights read only lora_down/lora_up: a file with `diff` modules is
+    labelled as sd-scripts labels LyCORIS files (lycoris.kohya, algo locon, or full when every module is
+    whole), dims as written. The keys the UIs read to place a LoRA (ss_base_model_version, ss_v2) stay."""
+    _, _, base, tuned = pair
+    # rank 20 on the 32x32 attention layer is not smaller than the layer: stored whole; the 3x3 conv: rank R
+    mixed = extract_lora(base, tuned, None, linear_dim=20, conv_dim=R, text_encoders=False, show_progress=False)
+    assert mixed.layers[LIN_NAME]["full"] and not mixed.layers["lora_unet_down_blocks_1_resnets_0_conv1"]["full"]
+    meta = mixed.metadata
+    assert meta["ss_network_module"] == "lycoris.kohya"
+    assert json.loads(meta["ss_network_args"]) == {"algo": "locon", "conv_dim": str(R), "conv_alpha": str(R),
+                                                   "use_tucker": False}
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("Dynamic", "Dynamic")  # no Linear kept low-rank
+    assert (meta["ss_base_model_version"], meta["ss_v2"]) == ("sd_v1", "False")
+    whole = extract_lora(base, tuned, None, linear_dim=20, conv_dim=0, text_encoders=False, show_progress=False)
+    assert set(whole.layers) == {LIN_NAME}
+    assert whole.metadata["ss_network_module"] == "lycoris.kohya"
+    assert json.loads(whole.metadata["ss_network_args"])["algo"] == "full"
+
+
+def test_cli_warns_once_about_modules_stored_whole(pair, tmp_path, capsys):
+    from lorakit.cli import main
+
+    bp, tp, base, tuned = pair
+    out = tmp_path / "w.safetensors"
+    assert main(["extract", str(bp), str(tp), str(out), "--linear_dim", "20", "--conv_dim", "0",
+                 "--no_text_encoder"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "1 of 1 modules are stored whole" in warnings[0]
+    assert "merge_lora.py" in warnings[0] and "lycoris.kohya" in warnings[0]
+    model = copy.deepcopy(base)  # and the file loads and applies as before
+    load_network(model.unet, out).merge()
+    assert torch.allclose(_weights(model, LIN), _weights(tuned, LIN), atol=2e-3 * _weights(tuned, LIN).abs().max())
+    assert main(["extract", str(bp), str(tp), str(tmp_path / "n.safetensors"), "--linear_dim", str(R),
+                 "--conv_dim", "0", "--no_text_encoder"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
