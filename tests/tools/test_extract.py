@@ -295,3 +295,39 @@ def test_cli_warns_once_about_modules_stored_whole(pair, tmp_path, capsys):
                  "--conv_dim", "0", "--no_text_encoder"]) == 0
     assert "warning" not in capsys.readouterr().err
 
+
+def _sdxl_targets(model) -> dict[str, torch.nn.Module]:
+    """A U-Net attention Linear, a 3x3 resnet conv, and fc1 of the first layer of each text encoder."""
+    te1, te2 = model.text_encoders
+    fc1 = "encoder.layers.0.mlp.fc1"
+    return {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q":
+            model.unet.get_submodule("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"),
+            "lora_unet_input_blocks_1_0_in_layers_2": model.unet.get_submodule("down_blocks.0.resnets.0.conv1"),
+            "lora_te1_text_model_encoder_layers_0_mlp_fc1": next(m for n, m in te1.named_modules() if n.endswith(fc1)),
+            "lora_te2_text_model_encoder_layers_0_mlp_fc1": next(m for n, m in te2.named_modules() if n.endswith(fc1))}
+
+
+def test_sdxl_known_changes_recovered_with_both_text_encoders(tmp_path):
+    """SDXL: rank-R changes in the U-Net (Linear and 3x3 conv, SGM names) and in both text encoders (lora_te1_,
+    lora_te2_) come back exactly; nothing else is written; the metadata says SDXL."""
+    base = random_model("tiny-sdxl", 0)
+    tuned = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in _sdxl_targets(tuned).values():
+            w = layer.weight
+            w += (torch.randn(w.shape[0], R, generator=g) @ torch.randn(R, w[0].numel(), generator=g)
+                  * 0.05).reshape(w.shape)
+    out = tmp_path / "xl.safetensors"
+    res = extract_lora(base, tuned, out, linear_dim=R, conv_dim=R, save_dtype=torch.float32, show_progress=False)
+    assert set(res.layers) == set(_sdxl_targets(base))
+    assert all(r["rank"] == R and not r["full"] for r in res.layers.values())
+    model = copy.deepcopy(base)
+    load_network(model.unet, out, text_encoders=model.text_encoders).merge()
+    merged, want = _sdxl_targets(model), _sdxl_targets(tuned)
+    for name, layer in merged.items():
+        ref = want[name].weight.detach().double()
+        assert torch.allclose(layer.weight.detach().double(), ref, rtol=0, atol=2e-6 * ref.abs().max()), name
+    meta = read_metadata(out)
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_network_module"] == "networks.lora"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
