@@ -196,9 +196,10 @@ def _make(item: Selected, config: NetworkConfig, algo: str, options: dict, plan:
         algo = override.pop("algo", algo)
         conv_override = _canonical({k[5:]: override.pop(k) for k in ("conv_dim", "conv_alpha") if k in override})
         override = _canonical(override)  # kohya/LyCORIS spellings (lora_dim, network_alpha, wd_on_out, ...)
-        dim, alpha = override.pop("dim", dim), override.pop("alpha", alpha)
+        # an entry's alpha of 0 is the layer's alpha (LyCORIS' create_single_module: alpha or self.alpha)
+        dim, alpha = override.pop("dim", dim), override.pop("alpha", 0) or alpha
         if conv_k:
-            dim, alpha = conv_override.get("dim", dim), conv_override.get("alpha", alpha)
+            dim, alpha = conv_override.get("dim", dim), conv_override.get("alpha", 0) or alpha
         if not dim:
             return None  # dim 0 disables this kind of layer (or this block)
     cls = algorithm(algo)

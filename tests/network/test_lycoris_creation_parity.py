@@ -1,0 +1,80 @@
+"""lorakit.create_network against lycoris-lora 4.1.3's own creation, where the rules are LyCORIS': network_dim 0
+with conv_dim, an algo-map entry's alpha of 0, and preset files that leave keys out. Tiny SD1 through
+lycoris.kohya.create_network (what sd-scripts calls with --network_module lycoris.kohya, string network_args), and a
+generic model through lycoris.create_lycoris; each side's modules with their tensor shapes and alpha."""
+
+from __future__ import annotations
+
+import pytest
+import torch.nn as nn
+
+from lorakit import create_network
+
+from .test_interop import LORAKIT_FULL, lycoris, lycoris_class_state, lycoris_create_sd  # noqa: F401 (fixture)
+from .test_interop import lycoris_text_encoders
+from .tiny import tiny_model
+
+
+def toml_of(preset: dict) -> str:
+    """A preset dict as TOML: top-level keys, then one table per algo-map entry."""
+    def value(v):
+        return str(v).lower() if isinstance(v, bool) else repr(v).replace("'", '"')
+
+    lines = [f"{k} = {value(v)}" for k, v in preset.items() if not isinstance(v, dict)]
+    for key, entries in ((k, v) for k, v in preset.items() if isinstance(v, dict)):
+        for entry, options in entries.items():
+            lines += [f'[{key}."{entry}"]'] + [f"{k} = {value(v)}" for k, v in options.items()]
+    return "\n".join(lines) + "\n"
+
+
+def preset_file(tmp_path, preset: dict, name: str = "preset.toml") -> str:
+    path = tmp_path / name
+    path.write_text(toml_of(preset))
+    return str(path)
+
+
+def lycoris_sd(dim, alpha, preset_path, **network_args) -> dict:
+    """{module: {tensor: (shape, alpha value)}} of LyCORIS' SD network on tiny SD1 (its text encoder seen with
+    `text_model`, so that both sides name it lora_te_text_model_...)."""
+    unet, tes = tiny_model("sd1")
+    args = {k: str(v) for k, v in network_args.items()}
+    lnet = lycoris_create_sd(1.0, dim, alpha, None, lycoris_text_encoders("sd1", tes), unet, preset=preset_path,
+                             **args)
+    return {m.lora_name: described(m.state_dict()) for m in lnet.loras}
+
+
+def lorakit_modules(net) -> dict:
+    tensors = net.state_dict()
+    return {name: described({k.partition(".")[2]: t for k, t in tensors.items() if k.partition(".")[0] == name})
+            for name in net.entries}
+
+
+def described(tensors) -> dict:
+    return {k: float(t) if k == "alpha" else tuple(t.shape) for k, t in tensors.items()}
+
+
+def one_by_one_convs(net) -> set[str]:
+    return {n for n, a in net.adapters() if a.spec.is_conv and a.spec.kernel_numel == 1}
+
+
+# ----- algo-map entries ---------------------------------------------------------------------------------------------
+def test_an_entry_alpha_of_0_is_the_networks_alpha_as_in_lycoris(tmp_path):
+    """lycoris/kohya.py create_single_module: alpha = alpha or self.alpha (self.conv_alpha for convs), so an
+    entry's alpha 0 means the network's; only the network's own alpha 0 reaches the module (alpha = dim)."""
+    preset = {**LORAKIT_FULL, "module_algo_map": {"CLIPMLP": {"alpha": 0, "dim": 8}, "Attention": {"alpha": 0}},
+              "name_algo_map": {"conv_in": {"alpha": 0}}}
+    path = preset_file(tmp_path, preset)
+    unet, tes = tiny_model("sd1")
+    ours = create_network(unet, tes, preset=path, dim=4, alpha=2, conv_alpha=3)
+    assert lorakit_modules(ours) == lycoris_sd(4, 2.0, path, conv_alpha=3)
+    alphas = {n: float(ours.state_dict()[f"{n}.alpha"]) for n in ours.entries}
+    assert alphas["lora_te_text_model_encoder_layers_0_mlp_fc1"] == 2.0 and alphas["lora_unet_conv_in"] == 3.0
+
+
+def test_an_entry_conv_alpha_of_0_is_the_networks_conv_alpha():
+    """lorakit's entry conv_alpha (LyCORIS' modules ignore it) reads 0 as its alpha does: the network's."""
+    unet, tes = tiny_model("sd1")
+    preset = {**LORAKIT_FULL, "name_algo_map": {"conv_in": {"conv_dim": 8, "conv_alpha": 0}}}
+    net = create_network(unet, tes, preset=preset, dim=4, alpha=2, conv_alpha=3)
+    assert net.get_submodule("lora_unet_conv_in").rank == 8
+    assert float(net.state_dict()["lora_unet_conv_in.alpha"]) == 3.0
