@@ -18,6 +18,8 @@ class NetworkConfig:
     alpha: float = 1.0
     conv_dim: int | None = None  # None: the linear dim (LyCORIS); 0 disables convs with kernel > 1
     conv_alpha: float | None = None
+    # 1x1 convs take dim/alpha, and with dim 0 conv_dim/conv_alpha (LyCORIS); true: always dim (sd-scripts)
+    conv_1x1_always_linear: bool = False
     train_norm: bool = False
     multiplier: float = 1.0
     block_dims: Any = None
@@ -47,6 +49,7 @@ NETWORK_KEYS = frozenset(f.name for f in dataclasses.fields(NetworkConfig))
 _NETWORK_ALIASES = {"network_dim": "dim", "network_alpha": "alpha", "lora_dim": "dim", "conv_lora_dim": "conv_dim",
                     "network_module": "algo", "neuron_dropout": "dropout"}
 _INTS = {"dim", "conv_dim"}
+_BOOLS = {"train_norm", "conv_1x1_always_linear"}
 _FLOATS = {"alpha", "conv_alpha", "multiplier", "block_lr_zero_threshold", "loraplus_lr_ratio",
            "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"}
 
@@ -61,7 +64,7 @@ def _network_value(name: str, value: Any) -> Any:
         return number
     if name in _FLOATS:
         return to_float(name, value)
-    if name == "train_norm":
+    if name in _BOOLS:
         return to_bool(name, value)
     if name == "algo":
         return str(value).strip().lower()

@@ -181,7 +181,7 @@ def _make(item: Selected, config: NetworkConfig, algo: str, options: dict, plan:
             return None
         algo, dim, alpha, override = "norm", None, None, {}  # train_norm's norm adapters take no override
     else:
-        conv_k = isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and any(k != 1 for k in module.kernel_size)
+        conv_k = _takes_conv_dim(module, config)
         block = plan.dims.get(item.path) if item.component == "unet" else None
         if conv_k:
             if not preset.enable_conv:
@@ -216,6 +216,18 @@ def _make(item: Selected, config: NetworkConfig, algo: str, options: dict, plan:
     except (OptionError, ValueError, TypeError) as err:
         hint = _NORM_HINT if cls.name == "norm" and not isinstance(module, NORMS) else ""
         raise type(err)(f"{item.component} layer '{item.path}' ({type(module).__name__}): {err}{hint}") from None
+
+
+def _takes_conv_dim(module: nn.Module, config: NetworkConfig) -> bool:
+    """Convs with a kernel > 1 take conv_dim/conv_alpha; 1x1 convs too when dim is 0, as LyCORIS'
+    create_single_module counts them as Linear layers only while the linear dim is > 0. With
+    conv_1x1_always_linear (sd-scripts' networks.lora and networks.dylora) they stay Linear layers: dim 0 leaves
+    them out."""
+    if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return False
+    if any(k != 1 for k in module.kernel_size):
+        return True
+    return config.dim == 0 and not config.conv_1x1_always_linear
 
 
 def _canonical(options: dict) -> dict:

@@ -57,6 +57,29 @@ def one_by_one_convs(net) -> set[str]:
     return {n for n, a in net.adapters() if a.spec.is_conv and a.spec.kernel_numel == 1}
 
 
+# ----- network_dim 0 ------------------------------------------------------------------------------------------------
+def test_network_dim_0_puts_the_1x1_convs_at_conv_dim_as_lycoris(tmp_path):
+    """LyCORIS' create_single_module counts a 1x1 conv as a Linear only while lora_dim > 0; with dim 0 it takes
+    conv_dim/conv_alpha (SD1's proj_in/proj_out and the ResNets' conv_shortcut)."""
+    unet, tes = tiny_model("sd1")
+    ours = create_network(unet, tes, preset="full", dim=0, alpha=1, conv_dim=4, conv_alpha=2)
+    assert lorakit_modules(ours) == lycoris_sd(0, 1.0, preset_file(tmp_path, LORAKIT_FULL), conv_dim=4, conv_alpha=2)
+    pointwise = one_by_one_convs(ours)
+    assert pointwise and {ours.get_submodule(n).rank for n in pointwise} == {4}
+
+
+def test_conv_1x1_always_linear_keeps_sd_scripts_rule():
+    """sd-scripts' networks/lora.py and networks/dylora.py give a 1x1 conv the linear dim always: dim 0 leaves it
+    out, whatever conv_dim is."""
+    unet, tes = tiny_model("sd1")
+    lycoris_rule = create_network(unet, tes, preset="full", dim=0, conv_dim=4)
+    kohya_rule = create_network(unet, tes, preset="full", dim=0, conv_dim=4, conv_1x1_always_linear="true")
+    assert set(kohya_rule.entries) == set(lycoris_rule.entries) - one_by_one_convs(lycoris_rule)
+    with_dim = dict(preset="full", dim=2, conv_dim=4)
+    assert lorakit_modules(create_network(unet, tes, **with_dim, conv_1x1_always_linear=True)) == \
+        lorakit_modules(create_network(unet, tes, **with_dim))  # with a dim, both rules give 1x1 convs dim
+
+
 # ----- algo-map entries ---------------------------------------------------------------------------------------------
 def test_an_entry_alpha_of_0_is_the_networks_alpha_as_in_lycoris(tmp_path):
     """lycoris/kohya.py create_single_module: alpha = alpha or self.alpha (self.conv_alpha for convs), so an
