@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 import torch
 
 __all__ = ["concat_loras", "block_of_name", "module_of_name", "module_block_weights", "module_algorithm",
-           "wrong_algorithm"]
+           "wrong_algorithm", "unlisted_block_modules"]
 
 LORA_KEYS = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha")
 _TE_SHORT = re.compile(r"^(lora_te[12]?_)(?=encoder_|embeddings_|final_layer_norm)")
@@ -95,6 +95,26 @@ def module_algorithm(name: str, sd: Mapping[str, torch.Tensor], where: str) -> s
 def wrong_algorithm(where: str, name: str, sd: Mapping[str, torch.Tensor], algo: str, accepted: str) -> ValueError:
     """The error for a module of an algorithm a merge cannot take: what it is, its tensors, what is taken."""
     return ValueError(f"{where}: module '{name}' is {algo} (tensors {', '.join(sorted(sd))}); only {accepted}")
+
+
+def unlisted_block_modules(names, block_weights, arch: str | None) -> dict[str, str]:
+    """{adapter name: block} of the modules lying in a LoRA Block Weight block that a 17/12-value vector leaves
+    out: they get weight 0 (`BlockLayout.unlisted`, the extension's to26()), where kohya's svd_merge_lora.py
+    keeps them at 1. {} for every other vector or mapping."""
+    from ..network.blocks import locate, pick_layout
+
+    if block_weights is None or isinstance(block_weights, Mapping):
+        return {}
+    layout = pick_layout(arch, block_weights)
+    if layout.unlisted == 1.0:
+        return {}
+    out = {}
+    for name in names:
+        where = module_of_name(name)
+        if where is not None and layout.name(where[1], where[0]) is None \
+                and layout.outside_weight(where[1], where[0]) != 1.0:
+            out[name] = locate(where[1], where[0]).label(layout.split_mid)
+    return out
 
 
 def _read(file: str, dtype: torch.dtype) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:

@@ -4,6 +4,7 @@ sdxl_merge_lora.py option names are accepted as aliases (--sd_model, --models, -
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .cli_common import check_device, refuse_overwrite, report_errors
@@ -16,6 +17,15 @@ EXAMPLES = """examples:
   lorakit merge --loras a.safetensors b.safetensors --ratios 1 0.5 --save_to ab.safetensors
   lorakit merge --loras a.safetensors b.safetensors --new_rank 32 --save_to ab32.safetensors
 """
+
+
+class _BlockWeights(argparse.Action):
+    """Stores the vectors and the spelling used: kohya's --lbws users get a note where LoRA Block Weight's rule
+    (the one lorakit follows) and kohya's differ."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.block_weights_option = option_string
 
 
 def add_parser(commands) -> argparse.ArgumentParser:
@@ -31,7 +41,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
     p.add_argument("--loras", "--models", dest="loras", nargs="+", required=True, metavar="FILE",
                    help="adapter .safetensors files, merged in this order")
     p.add_argument("--ratios", nargs="+", type=float, metavar="R", help="one ratio per file (default: 1 each)")
-    p.add_argument("--block_weights", "--lbws", dest="block_weights", nargs="+", metavar="W",
+    p.add_argument("--block_weights", "--lbws", dest="block_weights", nargs="+", metavar="W", action=_BlockWeights,
                    help="per-block weights: one vector for all files or one per file ('none' for a file without), as "
                         "'1,0.5,...', a JSON list, or 'IN04=0.5,MID=0'. SD1/SD2: 25 (kohya IN00-IN11, MID, "
                         "OUT00-OUT11), 26 or 17 (LoRA Block Weight, BASE = text encoders first); SDXL: 23 (kohya), "
@@ -54,7 +64,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="device for the merge computation (default cpu)")
     p.add_argument("--no_metadata", action="store_true", help="write no modelspec metadata")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, block_weights_option=None)
     return p
 
 
@@ -63,8 +73,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> str:
-    import os
-
     from ..formats.dtypes import parse_dtype
     from .merge import check_block_weights, check_ratios
 
@@ -76,7 +84,9 @@ def _merge(args: argparse.Namespace) -> str:
         if not os.path.isfile(file):
             raise FileNotFoundError(f"{file}: no such adapter file (given with --loras)")
     _check_not_checkpoints(args.loras)  # before loading a model: fail fast
-    check_block_weights(args.block_weights, len(args.loras), None)  # lengths of no layout fail before any loading
+    per_file = check_block_weights(args.block_weights, len(args.loras), None)  # no layout's length: fail early
+    if args.block_weights_option == "--lbws":
+        _note_unlisted_blocks(args.loras, per_file)
     precision = parse_dtype(args.precision, "--precision")
     save_dtype = parse_dtype(args.save_precision, "--save_precision") or precision
     if args.v2 and args.sdxl:
@@ -113,6 +123,29 @@ def _into_model(args, ratios, precision, save_dtype) -> str:
     metadata = None if args.no_metadata else checkpoint_metadata(model, args.model, args.loras, args.save_to)
     kind = save_model(model, args.save_to, save_dtype, metadata=metadata)
     return f"merged {len(args.loras)} adapter(s) into {model.kind} model {args.model}; saved {kind} {args.save_to}"
+
+
+def _note_unlisted_blocks(files, per_file) -> None:
+    """One line when a 17/12-value --lbws gives weight 0 to modules of the files (LoRA Block Weight's rule, which
+    lorakit follows everywhere, so the merge equals the adapters running with the same vector); kohya's
+    svd_merge_lora.py/sdxl_merge_lora.py keep them at 1."""
+    from ..formats import read_header
+    from .concat import unlisted_block_modules
+
+    found, blocks, length = [], set(), 0
+    for file, vector in zip(files, per_file):
+        names = {k.partition(".")[0] for k in read_header(file) if k != "__metadata__"}
+        unlisted = unlisted_block_modules(names, vector, None)
+        if unlisted:
+            found.append(f"{len(unlisted)} module(s) of {os.path.basename(file)}")
+            blocks.update(unlisted.values())
+            length = len(vector)
+    if found:
+        full = "26" if length == 17 else "20"
+        print(f"lorakit merge: note: --lbws with {length} values gives the blocks it leaves out weight 0, as the "
+              f"LoRA Block Weight extension does: {', '.join(found)} lie there ({', '.join(sorted(blocks))}); "
+              f"kohya's svd_merge_lora.py keeps them at 1 (to keep them, give the {full}-value vector with 1 there)",
+              file=sys.stderr)
 
 
 def _check_adapter_arch(args) -> None:

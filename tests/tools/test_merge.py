@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -261,6 +262,38 @@ def test_17_zeros_turn_a_locon_off_except_outside_the_blocks(models, tmp_path):
     assert changed == {"time_embedding.linear_1.weight", "time_embedding.linear_2.weight", "conv_out.weight"}
     for a, b in zip(merged.text_encoders[0].parameters(), base.text_encoders[0].parameters()):
         assert torch.equal(a, b)
+
+
+def test_lbws_with_17_or_12_values_notes_the_modules_it_turns_off(models, tmp_path, capsys):
+    """kohya's svd_merge_lora.py/sdxl_merge_lora.py keep the blocks a 17/12-value --lbws leaves out at 1; lorakit
+    follows LoRA Block Weight (0 there), as at run time: spelled --lbws, a note counts the modules that get 0.
+    Not with --block_weights, nor when no module lies there."""
+    model, _ = models["sd1"]
+    locon = adapter_file(model, tmp_path / "locon.safetensors", "locon", 3, preset="full", conv_dim=2)
+    attn = adapter_file(model, tmp_path / "attn.safetensors", "lora", 4, preset="attn-mlp")
+    ones = json.dumps([1] * 17)
+    # IN00 (conv_in), IN03/IN06/IN09 (downsamplers), IN09-IN11 (down_blocks.3), OUT00-OUT02 (up_blocks.0)
+    unlisted = re.compile(r"^lora_unet_(conv_in|down_blocks_\d_downsamplers|down_blocks_3_|up_blocks_0_)")
+    in_unlisted = {n for n in module_names(load_file(locon)[0]) if unlisted.match(n)}
+    assert "lora_unet_conv_in" in in_unlisted and len(in_unlisted) > 10
+    out = tmp_path / "m.safetensors"
+    assert main(["merge", "--loras", locon, attn, "--lbws", ones, "--new_rank", "4", "--save_to", str(out),
+                 "--quiet"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "note:" in line]
+    assert len(notes) == 1 and f"{len(in_unlisted)} module(s) of locon.safetensors lie there" in notes[0]
+    assert "attn.safetensors" not in notes[0] and "IN00" in notes[0] and "svd_merge_lora.py keeps them at 1" in notes[0]
+    assert module_names(load_file(out)[0]).isdisjoint(in_unlisted)  # the documented rule still applies
+    for option in ("--block_weights", "--lbws"):
+        files = [locon] if option == "--block_weights" else [attn]
+        assert main(["merge", "--loras", *files, option, ones, "--save_to", str(tmp_path / f"{option}.safetensors"),
+                     "--quiet"]) == 0
+        assert "note:" not in capsys.readouterr().err
+    xl, _ = models["sdxl"]
+    xl_locon = adapter_file(xl, tmp_path / "xl.safetensors", "locon", 5, preset="full", conv_dim=2)
+    assert main(["merge", "--loras", xl_locon, "--lbws", json.dumps([1] * 12), "--save_to",
+                 str(tmp_path / "xl_m.safetensors"), "--quiet"]) == 0
+    note = capsys.readouterr().err
+    assert "--lbws with 12 values" in note and "module(s) of xl.safetensors" in note and "20-value vector" in note
 
 
 def test_concat_tucker_files_uses_a_block_diagonal_mid(models, tmp_path):
