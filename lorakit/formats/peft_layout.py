@@ -14,6 +14,9 @@ bit-exact. (Folding alpha/r into ``lora_B`` instead would round every up weight.
 (the alpha a LoKr with two full factors was saved with, which no loader reads; an alpha tensor whose dtype
 differs from its module's weights) goes in ``lorakit_kohya`` metadata, used only on the way back.
 
+Read-only layouts of other trainers, with kohya's tensors under other names: OneTrainer's OMI layout
+(``unet.<SGM path>.lora_down.weight``, ``clip_l.``/``clip_g.`` + the CLIP path; ``omi_to_kohya``).
+
 Names: kohya names are not parsed by guessing where ``_`` was ``.``: every module name of the SD U-Nets (diffusers
 and SGM) and CLIP text models is a sequence of the words in ``_WORDS`` and integers, matched longest first;
 an unknown word is an error naming the key. The test checks this on every module of full-size SD1.5/SDXL.
@@ -30,9 +33,9 @@ import torch
 
 from .unet_paths import SD_LAYOUT, SDXL_LAYOUT, UNetLayout, diffusers_to_ldm, is_ldm_path, ldm_to_diffusers
 
-__all__ = ["LayoutError", "KOHYA_PREFIXES", "PEFT_COMPONENTS", "METADATA_KEY", "LORAKIT_KEY",
+__all__ = ["LayoutError", "KOHYA_PREFIXES", "PEFT_COMPONENTS", "OMI_PREFIXES", "METADATA_KEY", "LORAKIT_KEY",
            "name_to_path", "path_to_name", "detect_layout", "guess_arch", "module_algorithm",
-           "kohya_to_peft", "peft_to_kohya", "rename_unet", "split_peft_key"]
+           "kohya_to_peft", "peft_to_kohya", "rename_unet", "split_peft_key", "omi_arch", "omi_to_kohya"]
 
 
 class LayoutError(ValueError):
@@ -42,6 +45,8 @@ class LayoutError(ValueError):
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                   "lora_te2_": "text_encoder_2"}
 PEFT_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+# OneTrainer's OMI layout (modules/util/convert/lora/convert_sd_lora.py, convert_sdxl_lora.py): component prefixes
+OMI_PREFIXES = {"unet.": "unet", "clip_l.": "text_encoder", "clip_g.": "text_encoder_2"}
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 LORAKIT_KEY = "lorakit_kohya"           # what PEFT's config cannot carry, for the way back
 
@@ -185,15 +190,23 @@ def split_peft_key(key: str) -> tuple[str, str, str]:
 
 def detect_layout(keys) -> str:
     """"kohya" (kohya/LyCORIS names), "peft" (diffusers/PEFT names), "generic" (``lycoris_`` names of another
-    model) or "unknown"."""
+    model), "omi" (OneTrainer's OMI names) or "unknown"."""
     keys = list(keys)
     if keys and all(k.startswith(tuple(KOHYA_PREFIXES)) for k in keys):
         return "kohya"
     if keys and all(k.startswith("lycoris_") for k in keys):
         return "generic"
+    if keys and all(k.startswith(tuple(OMI_PREFIXES)) for k in keys) and any(map(_omi_only, keys)):
+        return "omi"
     if keys and all(k.startswith(tuple(c + "." for c in PEFT_COMPONENTS) + ("base_model.model.",)) for k in keys):
         return "peft"
     return "unknown"
+
+
+def _omi_only(key: str) -> bool:
+    """A key only the OMI layout has: a CLIP prefix, or a U-Net module under its SGM path (diffusers/PEFT files,
+    which share the ``unet.`` prefix, have diffusers paths)."""
+    return key.startswith(("clip_l.", "clip_g.")) or (key.startswith("unet.") and is_ldm_path(key[len("unet."):]))
 
 
 def module_algorithm(sub: Mapping[str, torch.Tensor], name: str) -> str:
@@ -574,3 +587,50 @@ def rename_unet(tensors: Mapping[str, torch.Tensor], style: str, arch: str | Non
                 raise LayoutError(f"{name}: names the same module as another adapter in this file ({new})")
             out[key] = v
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# OneTrainer OMI -> kohya
+
+
+def _module_and_tensor(rest: str) -> tuple[str, str]:
+    """``input_blocks.4.1.proj_in.lora_down.weight`` -> (module path, tensor name) by the tensor names of lorakit's
+    algorithms (a dot cannot tell: ``lora_down.weight`` has one); an unknown tensor is the last part, for the
+    loaders to name."""
+    from ..algos import ALGORITHMS
+
+    for tensor in sorted({k for cls in ALGORITHMS for k in cls.keys} | {"dora_scale"}, key=len, reverse=True):
+        if rest.endswith("." + tensor):
+            return rest[: -len(tensor) - 1], tensor
+    path, _, tensor = rest.rpartition(".")
+    return path, tensor
+
+
+def omi_arch(tensors, arch: str | None = None) -> str:
+    """"sd1" or "sdxl" of an OMI file: ``arch`` when given, else from ``clip_g.`` and the U-Net paths; "sd1" when
+    nothing tells (as for diffusers/PEFT files)."""
+    if arch is not None:
+        return _check_arch(arch)
+    components = {"text_encoder_2"} if any(k.startswith("clip_g.") for k in tensors) else set()
+    paths = [_module_and_tensor(k[len("unet."):])[0] for k in tensors if k.startswith("unet.")]
+    return guess_arch(paths, components) or "sd1"
+
+
+def omi_to_kohya(tensors: Mapping[str, torch.Tensor], arch: str | None = None,
+                 unet_names: str = "kohya") -> dict[str, torch.Tensor]:
+    """OneTrainer's OMI layout (what its LoRASaverMixin writes with the OMI format and in internal backups:
+    ``unet.`` + the SGM path, ``clip_l.``/``clip_g.`` + the CLIP path, then kohya's tensor names) -> kohya names:
+    ``lora_unet_``, ``clip_l.`` -> ``lora_te_`` (SD1/SD2) or ``lora_te1_`` (SDXL), ``clip_g.`` -> ``lora_te2_``.
+    OneTrainer's key sets map prefixes only, so the tensors (alphas included) pass through unchanged. ``unet_names``
+    as for ``rename_unet``; "sgm" keeps the file's paths. Keys of no OMI prefix are kept."""
+    a = omi_arch(tensors, arch)
+    prefixes = {"unet.": "lora_unet_", "clip_l.": "lora_te1_" if a == "sdxl" else "lora_te_", "clip_g.": "lora_te2_"}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        head = next((p for p in prefixes if key.startswith(p)), None)
+        if head is None:
+            out[key] = value
+            continue
+        path, tensor = _module_and_tensor(key[len(head):])
+        out[f"{path_to_name(prefixes[head], path)}.{tensor}"] = value
+    return out if unet_names == "sgm" else rename_unet(out, unet_names, a)

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..algos import adapter_from_state_dict
+from ..formats.peft_layout import detect_layout, omi_to_kohya
 from .create import index_model
 from .names import GENERIC_PREFIX, split_key
 from .network import Entry, Network
@@ -48,6 +49,14 @@ def check_layout(tensors: Mapping[str, torch.Tensor], where: str) -> None:
     if peft:
         raise ValueError(f"{where}: is a PEFT/diffusers-layout LoRA (keys like '{peft[0]}'); convert it to the "
                          f"kohya/LyCORIS layout with `lorakit convert` first")
+    if detect_layout(keys) == "omi":
+        raise ValueError(f"{where}: is a OneTrainer OMI-layout file (keys like '{keys[0]}'); convert it to the "
+                         f"kohya/LyCORIS layout with `lorakit convert --to kohya` first")
+    dotted = [k for k in keys if split_key(k)[1].count(".") > 1]
+    if dotted:
+        raise ValueError(f"{where}: keys like '{dotted[0]}' give the module as a dotted path, which is not the "
+                         f"kohya/LyCORIS layout (lora_unet_<module path with _>.lora_down.weight, "
+                         f"lora_te_..., lycoris_...)")
 
 
 def _refuse_checkpoint(keys, where: str) -> None:
@@ -99,6 +108,14 @@ def without_bundled_embeddings(tensors: Mapping[str, torch.Tensor], where: str, 
     return {k: v for k, v in tensors.items() if not k.startswith(_BUNDLED_EMBEDDING)}
 
 
+def _in_kohya_layout(tensors: dict, arch: str | None, where: str) -> tuple[dict, str]:
+    """Files of other trainers that hold kohya's tensors under other names, renamed (OneTrainer's OMI layout);
+    `where` then names the layout, as messages name the modules by their kohya names."""
+    if detect_layout(tensors) == "omi":
+        return omi_to_kohya(tensors, arch, unet_names="sgm"), f"{where} (OneTrainer OMI layout)"
+    return tensors, where
+
+
 def load_network(model: nn.Module, source: str | Path | Mapping[str, torch.Tensor],
                  text_encoders: Sequence[nn.Module] | nn.Module | None = None, multiplier: float = 1.0,
                  dtype: torch.dtype | None = torch.float32, prefix: str = GENERIC_PREFIX,
@@ -109,8 +126,9 @@ def load_network(model: nn.Module, source: str | Path | Mapping[str, torch.Tenso
     tensors, metadata, described = read_adapter_tensors(source)
     where = where or described
     tensors = without_bundled_embeddings(tensors, where, stacklevel=2)
-    check_layout(tensors, where)
     text_encoders, arch, index = index_model(model, text_encoders, prefix)
+    tensors, where = _in_kohya_layout(tensors, arch, where)
+    check_layout(tensors, where)
     found, missing = index.resolve_keys(tensors)
     if missing:
         shown = ", ".join(repr(n) for n in missing[:3])

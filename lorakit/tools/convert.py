@@ -1,5 +1,6 @@
-"""convert: an adapter file between the kohya/LyCORIS and diffusers/PEFT layouts, SDXL U-Net name styles and
-dtypes. The key mapping is ``lorakit.formats.peft_layout``; this file reads, checks, casts and writes."""
+"""convert: an adapter file between the kohya/LyCORIS and diffusers/PEFT layouts (and from OneTrainer's OMI
+layout), SDXL U-Net name styles and dtypes. The key mapping is ``lorakit.formats.peft_layout``; this file reads,
+checks, casts and writes."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import torch
 from ..formats import add_hashes, load_file, save_file
 from ..formats.dtypes import parse_dtype
 from ..formats.modelspec import with_base_model_keys
-from ..formats.peft_layout import LayoutError, detect_layout, kohya_to_peft, peft_to_kohya, rename_unet
+from ..formats.peft_layout import (LayoutError, detect_layout, kohya_to_peft, omi_arch, omi_to_kohya, peft_to_kohya,
+                                   rename_unet)
 from ..network.load import read_adapter_tensors, warn_non_finite
 from .cli_common import refuse_overwrite
 from .merge import with_named_base_model
@@ -64,7 +66,8 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, to: str | None
             progress: bool = False) -> ConvertReport:
     """Write ``source`` converted to ``output`` (atomically; nothing is written on error).
 
-    to: "kohya" (= "lycoris") or "diffusers" (= "peft"); None keeps the source's layout.
+    to: "kohya" (= "lycoris") or "diffusers" (= "peft"); None keeps the source's layout (OneTrainer's OMI layout,
+    which is read only: kohya).
     unet_names: U-Net name style of kohya output: "kohya" (SGM names for SDXL, diffusers for SD1/SD2; the
     default), "sgm" or "diffusers". dtype: cast floating tensors ("fp16", "bf16", "fp32", ...).
     arch: "sd1", "sd2" or "sdxl" when the file does not tell (only U-Net name styles depend on it).
@@ -87,19 +90,26 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, to: str | None
                            f"adapters (lora_unet_/lora_te*_ or unet./text_encoder. keys) can be converted")
     if layout == "unknown":
         example = next(iter(tensors))
-        raise ConvertError(f"{where}: not a kohya/LyCORIS nor a diffusers/PEFT adapter layout (e.g. key "
-                           f"'{example}'); expected lora_unet_/lora_te_ names or unet./text_encoder. prefixes")
-    target = TARGETS[str(to).lower()] if to is not None else layout
+        raise ConvertError(f"{where}: not a kohya/LyCORIS, diffusers/PEFT nor OneTrainer OMI adapter layout (e.g. "
+                           f"key '{example}'); expected lora_unet_/lora_te_ names, or unet./text_encoder. or "
+                           f"unet./clip_l./clip_g. prefixes")
+    # OneTrainer's OMI layout is read, not written: to kohya unless told
+    target = TARGETS[str(to).lower()] if to is not None else ("kohya" if layout == "omi" else layout)
     if target == "peft" and unet_names is not None:
         raise ConvertError("--unet-names applies to kohya output only (the diffusers layout has diffusers names)")
     notes = []
+    names_arch = arch
     try:
-        if layout == "kohya" and target == "peft":
-            out, meta = kohya_to_peft(tensors, metadata, arch)
+        if layout == "omi":  # kohya names first (SGM paths as in the file), then as a kohya file
+            names_arch = omi_arch(tensors, arch)
+            tensors = omi_to_kohya(tensors, names_arch, unet_names="sgm")
+            unet_names = unet_names or ("kohya" if target == "kohya" else None)
+        if layout in ("kohya", "omi") and target == "peft":
+            out, meta = kohya_to_peft(tensors, metadata, names_arch)
         elif layout == "peft" and target == "kohya":
             out, meta = peft_to_kohya(tensors, metadata, arch, unet_names or "kohya")
-        elif layout == "kohya":
-            out, meta = (rename_unet(tensors, unet_names, arch) if unet_names else dict(tensors)), dict(metadata)
+        elif layout in ("kohya", "omi"):
+            out, meta = (rename_unet(tensors, unet_names, names_arch) if unet_names else dict(tensors)), dict(metadata)
         else:
             out, meta = dict(tensors), dict(metadata)
     except LayoutError as e:

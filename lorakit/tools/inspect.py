@@ -1,9 +1,9 @@
 """inspect: what an adapter file holds. Per module: algorithm, dim, alpha, dtype, parameters, block; the file's
 blocks, zero (untrained) and NaN/Inf tensors, and its metadata (``ss_*``, tag frequencies, ``modelspec.*``).
 
-Reads kohya/LyCORIS files (``lora_unet_``/``lora_te*_``, ``lycoris_``) and diffusers/PEFT files (shown under the
-kohya names ``lorakit convert`` would give them, with the alphas their config holds). A model checkpoint is
-reported as one, not as an adapter.
+Reads kohya/LyCORIS files (``lora_unet_``/``lora_te*_``, ``lycoris_``), diffusers/PEFT files (shown under the
+kohya names ``lorakit convert`` would give them, with the alphas their config holds) and OneTrainer's OMI files
+(under kohya names with their SGM paths). A model checkpoint is reported as one, not as an adapter.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from typing import Any, Mapping
 import torch
 
 from ..formats import find_non_finite
-from ..formats.peft_layout import KOHYA_PREFIXES, LayoutError, detect_layout, name_to_path, peft_to_kohya
+from ..formats.peft_layout import (KOHYA_PREFIXES, LayoutError, detect_layout, name_to_path, omi_to_kohya,
+                                   peft_to_kohya)
 from ..network.load import read_adapter_tensors
 
 __all__ = ["InspectError", "inspect_file", "inspect_tensors", "format_report", "module_dim"]
@@ -154,6 +155,9 @@ def inspect_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, 
             names_from = "kohya names of the diffusers/PEFT modules (as lorakit convert gives them)"
         except LayoutError as e:
             raise InspectError(f"diffusers/PEFT layout that cannot be read: {e}") from None
+    elif layout == "omi":
+        view = omi_to_kohya(tensors, unet_names="sgm")
+        names_from = "kohya names of the OneTrainer OMI modules (lora_unet_ + their SGM paths)"
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in view.items():
         name, _, suffix = key.partition(".")
@@ -191,7 +195,7 @@ def inspect_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, 
     other = {k: v for k, v in sorted(metadata.items()) if k not in ss and k not in spec}
     return {
         "layout": {"kohya": "kohya/LyCORIS", "generic": "LyCORIS (generic model, lycoris_ names)",
-                   "peft": "diffusers/PEFT"}.get(layout, layout),
+                   "peft": "diffusers/PEFT", "omi": "OneTrainer OMI (unet./clip_l./clip_g. names)"}[layout],
         "names": names_from,
         "modules": modules,
         "summary": {
