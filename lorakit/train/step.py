@@ -29,7 +29,7 @@ class StepContext:
     autocast_dtype: torch.dtype | None
     clip_skip: int | None
     max_token_length: int | None
-    text_cache: dict | None = None  # cache_text_encoder_outputs: input ids -> embeddings (frozen encoders only)
+    text_cache: dict | None = None  # cache_text_encoder_outputs: one sample's ids -> its embeddings (frozen encoders)
     timings: dict = field(default_factory=lambda: defaultdict(float))  # seconds per phase, summed over steps
     world: World = field(default_factory=World)
 
@@ -73,16 +73,39 @@ def _conditioning(ctx: StepContext, batch, train_text: bool) -> PromptEmbeds:
     if getattr(batch, "text_hidden", None) is not None and not train_text:  # cache_text_encoder_outputs_to_disk
         pooled = None if batch.text_pooled is None else batch.text_pooled.to(ctx.device)
         return PromptEmbeds(batch.text_hidden.to(ctx.device), pooled)
-    ids = [t.to(ctx.device) for t in batch.input_ids]
     if ctx.text_cache is not None and not train_text:
-        key = tuple(tuple(t.flatten().tolist()) for t in ids)
-        if key not in ctx.text_cache:
-            with torch.no_grad(), ctx.autocast():
-                ctx.text_cache[key] = encode_prompts(ctx.model, batch.captions, ctx.clip_skip, ctx.max_token_length,
-                                                     input_ids=ids)
-        return ctx.text_cache[key]
+        return _cached_conditioning(ctx, batch)
+    ids = [t.to(ctx.device) for t in batch.input_ids]
     with torch.set_grad_enabled(train_text), ctx.autocast():
         return encode_prompts(ctx.model, batch.captions, ctx.clip_skip, ctx.max_token_length, input_ids=ids)
+
+
+def _sample_keys(input_ids: list[torch.Tensor]) -> list[tuple[bytes, ...]]:
+    """One key per sample: its token ids for every text encoder, all that the frozen encoders' output depends on."""
+    rows = [t.reshape(t.shape[0], -1).cpu() for t in input_ids]
+    return [tuple(r[i].numpy().tobytes() for r in rows) for i in range(rows[0].shape[0])]
+
+
+def _cached_conditioning(ctx: StepContext, batch) -> PromptEmbeds:
+    """cache_text_encoder_outputs in memory: one entry per distinct caption (as sd-scripts caches per image), so
+    memory is bounded by the captions; the samples not cached yet are encoded together, the batch is stacked from
+    the entries."""
+    cache, keys = ctx.text_cache, _sample_keys(batch.input_ids)
+    new: dict = {}  # key -> the first sample of the batch that has it
+    for i, key in enumerate(keys):
+        if key not in cache:
+            new.setdefault(key, i)
+    if new:
+        rows = list(new.values())
+        ids = [t[rows].to(ctx.device) for t in batch.input_ids]
+        captions = [batch.captions[i] for i in rows]
+        with torch.no_grad(), ctx.autocast():
+            out = encode_prompts(ctx.model, captions, ctx.clip_skip, ctx.max_token_length, input_ids=ids)
+        for j, key in enumerate(new):  # clones: a view would keep the whole encoded batch alive
+            cache[key] = PromptEmbeds(out.hidden[j].clone(), None if out.pooled is None else out.pooled[j].clone())
+    entries = [cache[key] for key in keys]
+    pooled = None if entries[0].pooled is None else torch.stack([e.pooled for e in entries])
+    return PromptEmbeds(torch.stack([e.hidden for e in entries]), pooled)
 
 
 def batch_loss(ctx: StepContext, batch, generator: torch.Generator, train_text: bool) -> torch.Tensor:
