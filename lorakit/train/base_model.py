@@ -69,8 +69,24 @@ def _offloaded_checkpoint(module, *args):
 
 
 def enable_checkpointing(unet, cpu_offload: bool) -> None:
+    """gradient_checkpointing on the U-Net; the text encoders follow when they train (checkpoint_text_encoders)."""
     unet.enable_gradient_checkpointing(_offloaded_checkpoint if cpu_offload else None)
     unet.train()  # diffusers checkpoints only in training mode; the base stays frozen
+
+
+def checkpoint_text_encoders(encoders: Sequence[torch.nn.Module]) -> None:
+    """sd-scripts' gradient_checkpointing of the text encoders it trains: each CLIP layer is recomputed in the
+    backward pass, and the encoders go to training mode, which transformers checkpoints in (CLIP's dropouts are 0,
+    so no output changes; sd-scripts does the same). Non-reentrant checkpointing: the adapters' gradients flow
+    without sd-scripts' workaround for the reentrant one (embeddings.requires_grad_), and cpu_offload_checkpointing
+    stays the U-Net's, as in sd-scripts."""
+    options = {"use_reentrant": False}
+    for encoder in encoders:
+        if hasattr(encoder, "activation_checkpointing_enable"):  # the name in recent transformers
+            encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        else:
+            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+        encoder.train()
 
 
 def check_dynamo_backend(backend: str) -> None:
@@ -96,4 +112,4 @@ def note_ignored(config) -> None:
 
 
 __all__ = ["base_weight_ratios", "merge_base_weights", "keep_in_fp8", "fp8_targets", "enable_checkpointing",
-           "check_dynamo_backend", "compile_models", "note_ignored"]
+           "checkpoint_text_encoders", "check_dynamo_backend", "compile_models", "note_ignored"]
