@@ -93,8 +93,8 @@ def create_network(model: nn.Module, text_encoders: Sequence[nn.Module] | nn.Mod
             selected += select(component, te, preset, preset.text_encoder_target_module,
                                preset.text_encoder_target_name)
     else:
-        everything = not (preset.target_module or preset.target_name)
-        selected = select("model", model, preset, preset.target_module, preset.target_name, everything)
+        everything = preset.target_module is None or not (preset.target_module or preset.target_name)
+        selected = select("model", model, preset, preset.target_module or (), preset.target_name, everything)
 
     plan = _BlockPlan(config, arch, index, selected)
     adapters, entries = {}, {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
 import re
 from dataclasses import dataclass, field, fields, replace
@@ -31,7 +32,7 @@ class Preset:
     unet_target_name: tuple[str, ...] = ()
     text_encoder_target_module: tuple[str, ...] = ()
     text_encoder_target_name: tuple[str, ...] = ()
-    target_module: tuple[str, ...] = ()  # any other model
+    target_module: tuple[str, ...] | None = ()  # any other model; None: every layer kind (LyCORIS' default)
     target_name: tuple[str, ...] = ()
     module_algo_map: dict = field(default_factory=dict)  # class name -> {"algo": ..., option: value}
     name_algo_map: dict = field(default_factory=dict)  # module path or pattern -> {...}
@@ -70,8 +71,9 @@ class Preset:
         return replace(self, **maps)
 
 
-_LISTS = {f.name for f in fields(Preset) if f.type == "tuple[str, ...]"}
+_LISTS = {f.name for f in fields(Preset) if f.type.startswith("tuple[str, ...]")}
 _KEYS = {f.name for f in fields(Preset)} - {"name", "source"}
+_SD_LISTS = ("unet_target_module", "unet_target_name", "text_encoder_target_module", "text_encoder_target_name")
 
 
 def _check_override(where: str, value: Any) -> dict:
@@ -137,6 +139,22 @@ def preset_from_dict(data: dict, name: str = "custom", source: str = "preset") -
     return Preset(name=name, source=source, **values)
 
 
+def preset_from_file_data(data: dict, name: str = "custom", source: str = "preset") -> Preset:
+    """A preset file's keys as LyCORIS' apply_preset reads them: it sets only the keys the file has, and the others
+    keep its class defaults. On Stable Diffusion those are the `full` preset's lists (LycorisNetworkKohya's, less
+    its TimestepEmbedding class, which duplicates time_embedding.linear_1/2); on other models every layer kind
+    (LycorisNetwork's Linear, Conv1d/2d/3d, GroupNorm, LayerNorm)."""
+    defaults = {key: value for key, value in _full_preset_lists().items() if key not in data}
+    preset = preset_from_dict({**defaults, **data}, name=name, source=source)
+    return preset if "target_module" in data else replace(preset, target_module=None)
+
+
+@functools.lru_cache(maxsize=1)
+def _full_preset_lists() -> dict:
+    data = tomllib.loads((BUILTIN_DIR / "full.toml").read_text())
+    return {key: data[key] for key in _SD_LISTS}
+
+
 def builtin_presets() -> list[str]:
     return sorted(p.stem for p in BUILTIN_DIR.glob("*.toml"))
 
@@ -150,7 +168,7 @@ def load_preset(preset: str | Path | dict | Preset) -> Preset:
     text = str(preset)
     builtin = BUILTIN_DIR / f"{text}.toml"
     if builtin.is_file():
-        return preset_from_dict(tomllib.loads(builtin.read_text()), name=text, source=f"preset '{text}'")
+        return preset_from_file_data(tomllib.loads(builtin.read_text()), name=text, source=f"preset '{text}'")
     path = Path(text)
     if path.suffix.lower() != ".toml" and not path.is_file():
         raise OptionError(f"unknown preset '{text}'{suggest(text, builtin_presets())}: use one of "
@@ -161,4 +179,4 @@ def load_preset(preset: str | Path | dict | Preset) -> Preset:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise OptionError(f"preset file {path}: not valid TOML ({err})") from None
-    return preset_from_dict(data, name=path.stem, source=f"preset file {path}")
+    return preset_from_file_data(data, name=path.stem, source=f"preset file {path}")

@@ -101,3 +101,31 @@ def test_an_entry_conv_alpha_of_0_is_the_networks_conv_alpha():
     net = create_network(unet, tes, preset=preset, dim=4, alpha=2, conv_alpha=3)
     assert net.get_submodule("lora_unet_conv_in").rank == 8
     assert float(net.state_dict()["lora_unet_conv_in.alpha"]) == 3.0
+
+
+# ----- preset files that leave keys out -----------------------------------------------------------------------------
+def test_a_preset_file_without_the_text_encoder_keys_keeps_lycoris_defaults(tmp_path):
+    """LyCORIS' apply_preset sets only the keys the file has (lycoris/kohya.py): a U-Net-only file still trains
+    the text encoders, and conv_in/conv_out/time_embedding by the default target names."""
+    path = preset_file(tmp_path, {"unet_target_module": ["Transformer2DModel"]})
+    unet, tes = tiny_model("sd1")
+    ours = create_network(unet, tes, preset=path, dim=4)
+    assert lorakit_modules(ours) == lycoris_sd(4, 1.0, path)
+    assert ours.names("text_encoder") and "lora_unet_conv_in" in ours.entries
+
+
+class BlocksAndHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Conv1d(8, 8, 1))
+        self.head = nn.Linear(8, 2)
+
+
+def test_a_generic_preset_file_with_target_name_only_keeps_every_layer_kind(tmp_path):
+    """lycoris/wrapper.py: target_module left out keeps LycorisNetwork's default, every Linear/Conv/norm layer."""
+    path = preset_file(tmp_path, {"target_name": ["head"]})
+    model = BlocksAndHead()
+    theirs = lycoris.create_lycoris(model, 1.0, linear_dim=2, linear_alpha=1.0, preset=path)
+    ours = create_network(model, preset=path, dim=2)
+    assert lorakit_modules(ours) == {m.lora_name: described(m.state_dict()) for m in theirs.loras}
+    assert set(ours.entries) == {"lycoris_blocks_0", "lycoris_blocks_2", "lycoris_head"}

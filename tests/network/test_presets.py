@@ -21,7 +21,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from lorakit import create_network
 from lorakit.algos import OptionError
-from lorakit.network.presets import BUILTIN_DIR, Preset, builtin_presets, load_preset, preset_from_dict
+from lorakit.network.presets import BUILTIN_DIR, Preset, builtin_presets, load_preset, preset_from_file_data
 
 from . import meta_model
 from .sdscripts_unet import crossattention_unet, sdxl_unet
@@ -72,7 +72,8 @@ def test_builtin_preset_loads(name):
     preset = load_preset(name)
     assert isinstance(preset, Preset) and preset.name == name
     data = tomllib.loads((BUILTIN_DIR / f"{name}.toml").read_text())
-    assert preset == preset_from_dict(data, name=name)
+    assert preset == preset_from_file_data(data, name=name)
+    assert preset.target_module is None  # no generic key: every layer of a generic model, as LyCORIS' default
     for key, value in data.items():
         got = getattr(preset, key)
         assert (list(got) if isinstance(got, tuple) else got) == value
@@ -652,3 +653,16 @@ def test_override_spellings_of_dim_and_alpha_apply():
             conv_k = isinstance(a.layer, nn.Conv2d) and a.layer.kernel_size != (1, 1)
             expected = (8, 2.0) if path.endswith("attn1.to_q") else (3, 1.0) if conv_k else (4, 1.0)
             assert (a.rank, a.alpha) == expected, (entry, path)
+
+
+def test_a_dict_is_the_whole_preset_while_a_file_keeps_lycoris_defaults(tmp_path):
+    """A file's keys left out keep LyCORIS' defaults (tests/network/test_lycoris_creation_parity.py); a dict given
+    in Python is the whole preset: what it leaves out is empty."""
+    unet, tes = tiny_model("sd1")
+    from_dict = create_network(unet, tes, preset={"unet_target_module": ["Transformer2DModel"]}, dim=4)
+    path = write(tmp_path, 'unet_target_module = ["Transformer2DModel"]\n')
+    from_file = create_network(unet, tes, preset=str(path), dim=4)
+    assert not from_dict.names("text_encoder") and from_file.names("text_encoder")
+    assert set(from_file.entries) - set(from_dict.entries) == set(from_file.names("text_encoder")) | {
+        "lora_unet_conv_in", "lora_unet_conv_out", "lora_unet_time_embedding_linear_1",
+        "lora_unet_time_embedding_linear_2"}
