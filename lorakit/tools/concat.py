@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 import torch
 
 __all__ = ["concat_loras", "block_of_name", "module_of_name", "module_block_weights", "module_algorithm",
-           "wrong_algorithm", "unlisted_block_modules"]
+           "wrong_algorithm", "unlisted_block_modules", "one_layer_shape"]
 
 LORA_KEYS = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha")
 _TE_SHORT = re.compile(r"^(lora_te[12]?_)(?=encoder_|embeddings_|final_layer_norm)")
@@ -150,10 +150,40 @@ def _read(file: str, dtype: torch.dtype) -> tuple[dict[str, dict[str, torch.Tens
     return modules, metadata
 
 
-def _parts(name: str, sd: Mapping[str, torch.Tensor], factor: float, file: str):
-    """(down, up, mid or None) of one file's module with `factor` (ratio x block weight x alpha/rank) folded in."""
+def one_layer_shape(a: tuple, b: tuple) -> tuple | None:
+    """The weight shape to write for a layer two files change as `a` and `b`: the shape when they agree; a
+    Linear-shaped (out, in) and a 1x1-conv-shaped (out, in, 1, 1) change of one layer (an SD2-style file on SD1's
+    conv proj_in, or the reverse on SDXL's Linear one) as (out, in, 1, 1), which every loader reshapes to the
+    layer: ComfyUI and A1111 to the weight's shape, kohya's merge_lora.py by squeezing 4-D factors on a Linear.
+    None when they are different layers' shapes."""
+    if a == b:
+        return a
+    flat, conv = sorted((a, b), key=len)
+    return conv if len(flat) == 2 and conv[:2] == flat and conv[2:] == (1, 1) else None
+
+
+def _weight_shape(sd: Mapping[str, torch.Tensor]) -> tuple:
+    down, up = sd["lora_down.weight"], sd["lora_up.weight"]
+    kernel = tuple(sd["lora_mid.weight"].shape[2:]) if "lora_mid.weight" in sd else tuple(down.shape[2:])
+    return (up.shape[0], down.shape[1], *kernel)
+
+
+def _conv1x1_view(sds: Sequence[Mapping[str, torch.Tensor]]) -> bool:
+    """Whether one module comes Linear-shaped in some files and 1x1-conv-shaped in others (one_layer_shape)."""
+    shapes = {_weight_shape(sd) for sd in sds}
+    if len(shapes) != 2:
+        return False
+    a, b = shapes
+    return one_layer_shape(a, b) is not None
+
+
+def _parts(name: str, sd: Mapping[str, torch.Tensor], factor: float, file: str, conv1x1: bool = False):
+    """(down, up, mid or None) of one file's module with `factor` (ratio x block weight x alpha/rank) folded in;
+    `conv1x1`: Linear-shaped factors written as a 1x1 conv's."""
     down, up, mid = sd["lora_down.weight"], sd["lora_up.weight"], sd.get("lora_mid.weight")
     rank = down.shape[0]
+    if conv1x1 and down.dim() == 2:
+        down = down.reshape(*down.shape, 1, 1)
     if up.dim() == 2 and down.dim() > 2:  # a conv's up saved as (out, rank), as the UIs accept
         up = up.reshape(*up.shape, *([1] * (down.dim() - 2)))
     if up.shape[1] != rank or (mid is not None and tuple(mid.shape[:2]) != (rank, rank)):
@@ -227,6 +257,7 @@ def concat_loras(files: Sequence[str | os.PathLike], ratios: Sequence[float], bl
     ranks: set[int] = set()
     for name in tqdm(names, desc="concatenating", unit="module", disable=not progress):
         downs, ups, mids, sources = [], [], [], []
+        conv1x1 = _conv1x1_view([mods[name] for _, mods, _ in read if name in mods])
         for (file, mods, _), ratio, per_module in zip(read, ratios, module_weights):
             sd = mods.get(name)
             if sd is None:
@@ -234,7 +265,7 @@ def concat_loras(files: Sequence[str | os.PathLike], ratios: Sequence[float], bl
             rank = sd["lora_down.weight"].shape[0]
             alpha = float(sd["alpha"]) if "alpha" in sd else rank  # no alpha: alpha = rank, as loaders read it
             factor = ratio * per_module.get(name, 1.0) * alpha / rank
-            down, up, mid = _parts(name, sd, factor, file)
+            down, up, mid = _parts(name, sd, factor, file, conv1x1)
             if downs and (down.shape[1:] != downs[0].shape[1:] or up.shape[0] != ups[0].shape[0]
                           or up.shape[2:] != ups[0].shape[2:] or (mid is None) != (mids[0] is None)
                           or (mid is not None and mid.shape[2:] != mids[0].shape[2:])):

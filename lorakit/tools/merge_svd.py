@@ -187,7 +187,14 @@ def _metadata(inputs: list[dict[str, str]], ranks: dict[str, tuple[int, bool]], 
 
 
 def _check_shape(shapes: dict, name: str, shape: tuple, where: str) -> None:
+    """Record the weight shape a module changes; a Linear-shaped and a 1x1-conv-shaped change of one layer sum
+    into one, written 1x1-conv-shaped (concat.one_layer_shape)."""
+    from .concat import one_layer_shape
+
     old = shapes.setdefault(name, shape)
-    if old != shape:
+    written = one_layer_shape(old, shape)
+    if written is not None:
+        shapes[name] = written
+    else:
         raise ValueError(f"{where}: module '{name}' changes a weight of shape {shape}, but an earlier file's module "
                          f"of that name changes one of shape {old}")

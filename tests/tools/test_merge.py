@@ -296,6 +296,39 @@ def test_lbws_with_17_or_12_values_notes_the_modules_it_turns_off(models, tmp_pa
     assert "--lbws with 12 values" in note and "module(s) of xl.safetensors" in note and "20-value vector" in note
 
 
+@pytest.mark.parametrize("svd", [False, True], ids=["concat", "new_rank"])
+def test_linear_and_conv_shaped_loras_of_one_1x1_conv_merge(models, tmp_path, svd):
+    """SD1's proj_in is a 1x1 conv; an SD2-style file changes it with Linear-shaped (2-D) factors, which the loaders
+    reshape (ComfyUI's reshape). Merged with a 4-D file of the same layer, both parts sum into one module written
+    4-D, which lorakit and kohya's merge_lora.py (it squeezes 4-D factors on a Linear) both apply."""
+    from lorakit.formats import save_file
+
+    model, _ = models["sd1"]
+    name, path = "lora_unet_down_blocks_0_attentions_0_proj_in", "down_blocks.0.attentions.0.proj_in"
+    out_dim, in_dim = model.unet.get_submodule(path).weight.shape[:2]
+    g = torch.Generator().manual_seed(0)
+    conv = {f"{name}.lora_down.weight": torch.randn(2, in_dim, 1, 1, generator=g),
+            f"{name}.lora_up.weight": torch.randn(out_dim, 2, 1, 1, generator=g), f"{name}.alpha": torch.tensor(1.0)}
+    flat = {f"{name}.lora_down.weight": torch.randn(3, in_dim, generator=g),
+            f"{name}.lora_up.weight": torch.randn(out_dim, 3, generator=g), f"{name}.alpha": torch.tensor(6.0)}
+    files = [tmp_path / "flat.safetensors", tmp_path / "conv.safetensors"]
+    save_file(flat, files[0])
+    save_file(conv, files[1])
+    out = tmp_path / "m.safetensors"
+    extra = ["--new_rank", "8"] if svd else []
+    assert main(["merge", "--loras", *map(str, files), "--ratios", "0.5", "-1", "--save_to", str(out), "--quiet",
+                 *extra]) == 0
+    merged = load_file(out)[0]
+    assert merged[f"{name}.lora_down.weight"].dim() == 4 and merged[f"{name}.lora_up.weight"].dim() == 4
+    want = 0.5 * dense(flat, name).reshape(out_dim, in_dim, 1, 1) - dense(conv, name)
+    assert torch.allclose(dense(merged, name), want, rtol=0, atol=1e-5 * want.abs().max().item())
+    base = clone(model)
+    net = load_network(base.unet, str(out), base.text_encoders, dtype=torch.float64)
+    net.merge()
+    change = base.unet.get_submodule(path).weight - clone(model).unet.get_submodule(path).weight
+    assert torch.allclose(change, want, rtol=0, atol=1e-5 * want.abs().max().item())
+
+
 def test_concat_tucker_files_uses_a_block_diagonal_mid(models, tmp_path):
     model, _ = models["sdxl"]
     opts = dict(preset="unet-convblock-only", use_tucker=True)

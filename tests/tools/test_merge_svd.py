@@ -80,6 +80,19 @@ def test_other_algorithm_is_named_as_concat_names_it(tmp_path, algo, keys):
         merge_loras_svd([tmp_path / "other.safetensors"], [1.0], 4)
 
 
+def test_a_layer_in_two_shapes_sums_only_as_linear_and_1x1_conv(tmp_path):
+    """(out, in) and (out, in, 1, 1) are one layer (written 4-D); (out, in) and (out, in, 3, 3) are not."""
+    flat = _file(0, 4, ["lora_unet_x"], 4.0)
+    square = {k: v.reshape(*v.shape, 1, 1) if "lora_" in k else v for k, v in _file(1, 2, ["lora_unet_x"], 2.0).items()}
+    merged = merge_loras_svd([flat, square], [1.0, 1.0], 6)
+    assert merged["lora_unet_x.lora_down.weight"].shape == (6, 12, 1, 1)
+    want = _dense(flat, "lora_unet_x") + _dense(square, "lora_unet_x")
+    assert torch.allclose(_dense(merged, "lora_unet_x"), want, atol=1e-5)
+    with pytest.raises(ValueError, match=r"shape \(20, 12, 3, 3\).*shape \(20, 12\)"):
+        merge_loras_svd([flat, {"lora_unet_x.lora_down.weight": torch.randn(2, 12, 3, 3),
+                                "lora_unet_x.lora_up.weight": torch.randn(20, 2, 1, 1)}], [1.0, 1.0], 4)
+
+
 def test_text_encoder_names_in_either_spelling_sum_into_one_module(tmp_path):
     """LyCORIS (and trainers on transformers 5) write lora_te_encoder_..., lorakit and kohya
     lora_te_text_model_encoder_...: the same layer, one module in the merge, as the concatenating merge has it."""
