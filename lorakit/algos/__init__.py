@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from .base import Adapter
 from .boft import BOFT
-from .diag_oft import DiagOFT
+from .diag_oft import LEGACY_ROTATION_KEY, DiagOFT, from_legacy_rotation
 from .dylora import DyLoRA
 from .full import Full
 from .glora import GLoRA
@@ -50,11 +50,18 @@ def detect_algorithm(sd: Mapping[str, torch.Tensor]) -> type[Adapter]:
             if cls is BOFT and sd["oft_blocks"].dim() == 3:
                 return DiagOFT
             return cls
+    if LEGACY_ROTATION_KEY in sd:
+        raise ValueError(f"the tensors {sorted(sd)} are an old LyCORIS Diag-OFT module ('{LEGACY_ROTATION_KEY}': "
+                         "each block's rotation R itself, LyCORIS 2.0): loading it (load_network) reads it as "
+                         "Diag-OFT; save the loaded network again for the other tools")
     raise ValueError(f"no adapter algorithm has the tensors {sorted(sd)}")
 
 
 def adapter_from_state_dict(layer: nn.Module, sd: Mapping[str, torch.Tensor], **options) -> Adapter:
-    """Build and load the adapter that one module's saved tensors describe."""
+    """Build and load the adapter that one module's saved tensors describe (an old LyCORIS Diag-OFT module's
+    rotations converted to Diag-OFT's blocks)."""
+    if LEGACY_ROTATION_KEY in sd:
+        sd = from_legacy_rotation(dict(sd))
     return detect_algorithm(sd).from_state_dict(layer, sd, **options)
 
 

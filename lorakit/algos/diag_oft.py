@@ -40,6 +40,35 @@ class _RotatedBlocks:
         return torch.linalg.solve(op.transpose(1, 2).to(work), p.to(work)).to(op.dtype)
 
 
+LEGACY_ROTATION_KEY = "oft_diag"
+
+
+def from_legacy_rotation(sd: dict) -> dict:
+    """One module's tensors from LyCORIS 2.0's Diag-OFT file, which saved each block's rotation R itself as
+    `oft_diag` (k, b, b), as lorakit's Diag-OFT tensors. A1111 (network_oft.py) applies such R as
+    W' = blockdiag(R^T) W, the einsum lorakit's Diag-OFT uses, with block size shape[1], no constraint and the
+    file's `alpha` unused. R is the Cayley transform of Q = (R + I)^-1 (R - I); oft_blocks = Q / 2 gives that Q
+    (Q = B - B^T), unconstrained. A block that is no rotation (a rescale folded into R, or LyCORIS' earliest
+    additive OFT) has no such Q: refused."""
+    r = sd[LEGACY_ROTATION_KEY]
+    if r.dim() != 3 or r.shape[1] != r.shape[2]:
+        raise ValueError(f"'{LEGACY_ROTATION_KEY}' of shape {tuple(r.shape)} is no Diag-OFT file's (blocks, size, size)"
+                         " rotation")
+    work = r.double()
+    eye = torch.eye(r.shape[-1], dtype=work.dtype)
+    error = float((work.mT @ work - eye).abs().max())
+    tolerance = max(1e-4, 8 * r.shape[-1] ** 0.5 * torch.finfo(r.dtype).eps)  # R rounded to the file's dtype
+    if error > tolerance:
+        raise ValueError(f"an old LyCORIS Diag-OFT file ('{LEGACY_ROTATION_KEY}': each block's R itself) whose blocks "
+                         f"are not rotations (|R^T R - I| up to {error:.3g}: a rescale folded in, or LyCORIS' first "
+                         "OFT format), which lorakit's Diag-OFT cannot represent; train it again with a current "
+                         "LyCORIS or lorakit")
+    q = torch.linalg.solve(work + eye, work - eye)
+    out = {k: v for k, v in sd.items() if k not in (LEGACY_ROTATION_KEY, "alpha")}
+    out["oft_blocks"] = ((q - q.mT) / 4).to(r.dtype)  # B = Q / 2, with Q made exactly skew-symmetric
+    return out
+
+
 class DiagOFT(OrthogonalAdapter):
     name = "diag-oft"
     aliases = ("oft",)
