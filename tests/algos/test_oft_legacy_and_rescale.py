@@ -3,12 +3,16 @@ network_oft.py applies), and LyCORIS' `rescale` at a multiplier other than 1 (ly
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn as nn
 
 from lorakit import load_network
-from lorakit.algos import detect_algorithm
+from lorakit.algos import adapter_from_state_dict, detect_algorithm
+
+os.environ["LYCORIS_KERNEL_BACKEND"] = "torch"  # LyCORIS' eager reference bodies, as tests/algos/test_lycoris_interop.py
 
 
 def model():
@@ -72,3 +76,36 @@ def test_an_oft_diag_module_in_half_precision_loads():
     net.merge()
     torch.testing.assert_close(m[0].weight, a1111_weight(w, r, 1.0), rtol=0, atol=5e-3)
 
+
+# ----- rescale at a multiplier other than 1 --------------------------------------------------------------------------
+@pytest.mark.parametrize("make_layer,x", [(lambda: nn.Linear(24, 16), (3, 5, 24)),
+                                          (lambda: nn.Conv2d(24, 16, 3, padding=1), (2, 24, 6, 6))])
+def test_rescaled_diag_oft_at_a_multiplier_is_the_linear_blend_of_lycoris_weight(make_layer, x):
+    """lorakit: W + m (diag(s) R^T W - W), what every other algorithm does with m (m = 0: the layer unchanged).
+    LyCORIS' make_weight: diag(s) ((1 - m) W + m R^T W) (m = 0 still rescales W). Equal at m = 1; they differ by
+    (1 - m)(1 - s) W (docs/algorithms.md). LyCORIS runs in float32 ((I - Q).float().inverse() fails in float64)."""
+    modules = pytest.importorskip("lycoris.modules")
+    torch.manual_seed(0)
+    layer = make_layer()
+    lyco = modules.DiagOFTModule("lyco", layer, lora_dim=4, rescaled=True)
+    with torch.no_grad():
+        lyco.oft_blocks.normal_(0, 0.2)
+        lyco.rescale.copy_(1 + 0.2 * torch.randn_like(lyco.rescale))
+    m, w, s = 0.7, layer.weight.double(), lyco.rescale.detach().double()
+    lycoris_at = {k: lyco.get_merged_weight(k)[0].detach().double() for k in (1.0, m)}
+
+    sd = {k: v.detach().double() for k, v in lyco.state_dict().items()}
+    adapter = adapter_from_state_dict(layer.double(), sd, multiplier=m)
+    ours = w + adapter.delta_weight(m)
+    torch.testing.assert_close(w + adapter.delta_weight(1.0), lycoris_at[1.0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours, w + m * (lycoris_at[1.0] - w), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lycoris_at[m], m * lycoris_at[1.0] + (1 - m) * s * w, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours - lycoris_at[m], (1 - m) * (1 - s) * w, rtol=1e-4, atol=1e-6)  # not 0
+
+    inputs = torch.randn(*x, dtype=torch.float64)
+    op = nn.functional.linear if isinstance(layer, nn.Linear) else nn.functional.conv2d
+    extra = {} if isinstance(layer, nn.Linear) else {"padding": 1}
+    with torch.no_grad():  # the forward (per-block and dense paths) and the merge give the same weight
+        torch.testing.assert_close(adapter(inputs), op(inputs, ours, layer.bias, **extra), rtol=1e-9, atol=1e-10)
+        adapter.merge()
+        torch.testing.assert_close(layer.weight, ours, rtol=1e-12, atol=1e-12)
