@@ -15,7 +15,8 @@ bit-exact. (Folding alpha/r into ``lora_B`` instead would round every up weight.
 differs from its module's weights) goes in ``lorakit_kohya`` metadata, used only on the way back.
 
 Read-only layouts of other trainers, with kohya's tensors under other names: OneTrainer's OMI layout
-(``unet.<SGM path>.lora_down.weight``, ``clip_l.``/``clip_g.`` + the CLIP path; ``omi_to_kohya``).
+(``unet.<SGM path>.lora_down.weight``, ``clip_l.``/``clip_g.`` + the CLIP path; ``omi_to_kohya``) and sd-scripts'
+own OFT (``oft_unet_`` names; its alpha convention is read in ``network.load``).
 
 Names: kohya names are not parsed by guessing where ``_`` was ``.``: every module name of the SD U-Nets (diffusers
 and SGM) and CLIP text models is a sequence of the words in ``_WORDS`` and integers, matched longest first;
@@ -33,9 +34,10 @@ import torch
 
 from .unet_paths import SD_LAYOUT, SDXL_LAYOUT, UNetLayout, diffusers_to_ldm, is_ldm_path, ldm_to_diffusers
 
-__all__ = ["LayoutError", "KOHYA_PREFIXES", "PEFT_COMPONENTS", "OMI_PREFIXES", "METADATA_KEY", "LORAKIT_KEY",
-           "name_to_path", "path_to_name", "detect_layout", "guess_arch", "module_algorithm",
-           "kohya_to_peft", "peft_to_kohya", "rename_unet", "split_peft_key", "omi_arch", "omi_to_kohya"]
+__all__ = ["LayoutError", "KOHYA_PREFIXES", "PEFT_COMPONENTS", "OMI_PREFIXES", "SD_SCRIPTS_OFT_PREFIX",
+           "METADATA_KEY", "LORAKIT_KEY", "name_to_path", "path_to_name", "detect_layout", "guess_arch",
+           "module_algorithm", "kohya_to_peft", "peft_to_kohya", "rename_unet", "split_peft_key", "omi_arch",
+           "omi_to_kohya"]
 
 
 class LayoutError(ValueError):
@@ -47,6 +49,7 @@ KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_":
 PEFT_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 # OneTrainer's OMI layout (modules/util/convert/lora/convert_sd_lora.py, convert_sdxl_lora.py): component prefixes
 OMI_PREFIXES = {"unet.": "unet", "clip_l.": "text_encoder", "clip_g.": "text_encoder_2"}
+SD_SCRIPTS_OFT_PREFIX = "oft_unet_"  # sd-scripts networks/oft.py (OFTNetwork.OFT_PREFIX_UNET): U-Net only
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 LORAKIT_KEY = "lorakit_kohya"           # what PEFT's config cannot carry, for the way back
 
@@ -190,12 +193,14 @@ def split_peft_key(key: str) -> tuple[str, str, str]:
 
 def detect_layout(keys) -> str:
     """"kohya" (kohya/LyCORIS names), "peft" (diffusers/PEFT names), "generic" (``lycoris_`` names of another
-    model), "omi" (OneTrainer's OMI names) or "unknown"."""
+    model), "omi" (OneTrainer's OMI names), "sd-scripts-oft" (sd-scripts' OFT names) or "unknown"."""
     keys = list(keys)
     if keys and all(k.startswith(tuple(KOHYA_PREFIXES)) for k in keys):
         return "kohya"
     if keys and all(k.startswith("lycoris_") for k in keys):
         return "generic"
+    if keys and all(k.startswith(SD_SCRIPTS_OFT_PREFIX) for k in keys):
+        return "sd-scripts-oft"
     if keys and all(k.startswith(tuple(OMI_PREFIXES)) for k in keys) and any(map(_omi_only, keys)):
         return "omi"
     if keys and all(k.startswith(tuple(c + "." for c in PEFT_COMPONENTS) + ("base_model.model.",)) for k in keys):

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..algos import adapter_from_state_dict
-from ..formats.peft_layout import detect_layout, omi_to_kohya
+from ..formats.peft_layout import SD_SCRIPTS_OFT_PREFIX, detect_layout, omi_to_kohya
 from .create import index_model
 from .names import GENERIC_PREFIX, split_key
 from .network import Entry, Network
@@ -108,12 +108,58 @@ def without_bundled_embeddings(tensors: Mapping[str, torch.Tensor], where: str, 
     return {k: v for k, v in tensors.items() if not k.startswith(_BUNDLED_EMBEDDING)}
 
 
-def _in_kohya_layout(tensors: dict, arch: str | None, where: str) -> tuple[dict, str]:
-    """Files of other trainers that hold kohya's tensors under other names, renamed (OneTrainer's OMI layout);
-    `where` then names the layout, as messages name the modules by their kohya names."""
-    if detect_layout(tensors) == "omi":
+def _in_kohya_layout(tensors: dict, layout: str, arch: str | None, where: str) -> tuple[dict, str]:
+    """Files of other trainers that hold kohya's tensors under other names, renamed (OneTrainer's OMI layout) or
+    read with their own conventions (sd-scripts' OFT); `where` then names the layout, as messages name the
+    modules by their kohya names. `layout` is detect_layout's."""
+    if layout == "omi":
         return omi_to_kohya(tensors, arch, unet_names="sgm"), f"{where} (OneTrainer OMI layout)"
+    if layout == "sd-scripts-oft":
+        where = f"{where} (sd-scripts OFT)"
+        return from_sd_scripts_oft(tensors, where), where
     return tensors, where
+
+
+def oft_split_problem(blocks: torch.Tensor) -> str | None:
+    """Why lorakit's Diag-OFT cannot hold these (count, size, size) blocks, or None. It splits out_dim as LyCORIS
+    does, into blocks no larger than their count; sd-scripts' networks/oft.py makes `dim` blocks of out_dim / dim
+    channels, larger whenever dim < sqrt(out_dim)."""
+    if blocks.dim() != 3 or blocks.shape[1] <= blocks.shape[0]:
+        return None
+    count, size = blocks.shape[:2]
+    return (f"{count} blocks of {size} channels: lorakit's Diag-OFT holds blocks no larger than their number (the "
+            f"split LyCORIS makes of out_dim); sd-scripts OFT files with network_dim (their block count) below "
+            f"sqrt(out_dim) have such blocks and are not supported")
+
+
+def from_sd_scripts_oft(tensors: Mapping[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """sd-scripts' OFT (networks/oft.py: oft_unet_ names, alpha = the constraint per output channel) as lorakit's
+    Diag-OFT: lora_unet_ names, blocks kept, and as alpha the bound that gives sd-scripts' rotation. sd-scripts
+    (and A1111, which reads these files alike) bounds |Q| by alpha * out_dim and scales a larger Q by
+    (bound + 1e-8) / (|Q| + 1e-8); lorakit scales it by alpha / |Q| (ComfyUI's reading), so alpha becomes |Q| times
+    sd-scripts' factor, the bound itself for a Q within it."""
+    out = {}
+    for key, value in tensors.items():
+        name, suffix = split_key(key)
+        kohya_key = "lora_unet_" + key[len(SD_SCRIPTS_OFT_PREFIX):]
+        blocks = tensors.get(f"{name}.oft_blocks")
+        if suffix == "alpha" and blocks is not None and blocks.dim() == 3:
+            value = _sd_scripts_bound(blocks, value)
+        problem = oft_split_problem(value) if suffix == "oft_blocks" else None
+        if problem:
+            raise ValueError(f"{where}: module '{name}': {problem}")
+        out[kohya_key] = value
+    return out
+
+
+def _sd_scripts_bound(blocks: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """The absolute bound lorakit applies for an sd-scripts OFT module (see from_sd_scripts_oft), float64."""
+    b = blocks.double()
+    norm = float(torch.linalg.vector_norm(b - b.transpose(-1, -2)))
+    constraint = float(alpha) * b.shape[0] * b.shape[1]  # alpha * out_dim
+    if norm <= constraint:
+        return torch.tensor(constraint, dtype=torch.float64)
+    return torch.tensor(norm * (constraint + 1e-8) / (norm + 1e-8), dtype=torch.float64)
 
 
 def load_network(model: nn.Module, source: str | Path | Mapping[str, torch.Tensor],
@@ -127,7 +173,8 @@ def load_network(model: nn.Module, source: str | Path | Mapping[str, torch.Tenso
     where = where or described
     tensors = without_bundled_embeddings(tensors, where, stacklevel=2)
     text_encoders, arch, index = index_model(model, text_encoders, prefix)
-    tensors, where = _in_kohya_layout(tensors, arch, where)
+    layout = detect_layout(tensors)
+    tensors, where = _in_kohya_layout(tensors, layout, arch, where)
     check_layout(tensors, where)
     found, missing = index.resolve_keys(tensors)
     if missing:
@@ -140,7 +187,8 @@ def load_network(model: nn.Module, source: str | Path | Mapping[str, torch.Tenso
     for key, value in tensors.items():
         name, suffix = split_key(key)
         groups.setdefault(name, {})[suffix] = value
-    warn_clamped_rotations(groups, where, stacklevel=3)
+    if layout != "sd-scripts-oft":  # sd-scripts (and A1111) shrink Q to the bound too: no reader differs there
+        warn_clamped_rotations(groups, where, stacklevel=3)
     adapters, entries, seen_as = {}, {}, {}
     for name, sub in groups.items():
         target = found[name]

@@ -88,6 +88,10 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, to: str | None
     if layout == "generic":
         raise ConvertError(f"{where}: names adapters of a generic model (lycoris_...); only Stable Diffusion "
                            f"adapters (lora_unet_/lora_te*_ or unet./text_encoder. keys) can be converted")
+    if layout == "sd-scripts-oft":
+        raise ConvertError(f"{where}: is an sd-scripts OFT file (oft_unet_ names), which load_network, lorakit merge "
+                           f"--model and inspect read as it is; convert handles LoRA, LoHa and LoKr layouts (PEFT "
+                           f"parametrises OFT differently)")
     if layout == "unknown":
         example = next(iter(tensors))
         raise ConvertError(f"{where}: not a kohya/LyCORIS, diffusers/PEFT nor OneTrainer OMI adapter layout (e.g. "

@@ -2,8 +2,9 @@
 blocks, zero (untrained) and NaN/Inf tensors, and its metadata (``ss_*``, tag frequencies, ``modelspec.*``).
 
 Reads kohya/LyCORIS files (``lora_unet_``/``lora_te*_``, ``lycoris_``), diffusers/PEFT files (shown under the
-kohya names ``lorakit convert`` would give them, with the alphas their config holds) and OneTrainer's OMI files
-(under kohya names with their SGM paths). A model checkpoint is reported as one, not as an adapter.
+kohya names ``lorakit convert`` would give them, with the alphas their config holds), OneTrainer's OMI files
+(under kohya names with their SGM paths) and sd-scripts' OFT files (``oft_unet_``, their own names and alphas). A
+model checkpoint is reported as one, not as an adapter.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from typing import Any, Mapping
 import torch
 
 from ..formats import find_non_finite
-from ..formats.peft_layout import (KOHYA_PREFIXES, LayoutError, detect_layout, name_to_path, omi_to_kohya,
-                                   peft_to_kohya)
-from ..network.load import read_adapter_tensors
+from ..formats.peft_layout import (KOHYA_PREFIXES, SD_SCRIPTS_OFT_PREFIX, LayoutError, detect_layout, name_to_path,
+                                   omi_to_kohya, peft_to_kohya)
+from ..network.load import oft_split_problem, read_adapter_tensors
 
 __all__ = ["InspectError", "inspect_file", "inspect_tensors", "format_report", "module_dim"]
 
@@ -29,6 +30,10 @@ _FACTORS = {"lora": ("lora_down.weight", "lora_up.weight", "lora_mid.weight"),
             "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")}
 _NOT_PARAMS = ("alpha", "on_input")  # scalars/flags in the file, not trained parameters
 _SECTION_ORDER = {"BASE": 0, "EMB": 1, "IN": 2, "MID": 3, "OUT": 4, "FINAL": 5}
+_PREFIXES = {**KOHYA_PREFIXES, SD_SCRIPTS_OFT_PREFIX: "unet"}  # name prefix -> component
+_LAYOUTS = {"kohya": "kohya/LyCORIS", "generic": "LyCORIS (generic model, lycoris_ names)", "peft": "diffusers/PEFT",
+            "omi": "OneTrainer OMI (unet./clip_l./clip_g. names)",
+            "sd-scripts-oft": "sd-scripts OFT (oft_unet_ names; alpha x out_dim bounds |Q|)"}
 
 
 class InspectError(ValueError):
@@ -58,9 +63,9 @@ def _block(name: str) -> tuple[str, str | None]:
     """(component, block label) of an adapter name: "IN04", "MID", "OUT02", "EMB", "FINAL", "BASE" or None."""
     from ..network.blocks import locate
 
-    for prefix in sorted(KOHYA_PREFIXES, key=len, reverse=True):
+    for prefix in sorted(_PREFIXES, key=len, reverse=True):
         if name.startswith(prefix):
-            component = KOHYA_PREFIXES[prefix]
+            component = _PREFIXES[prefix]
             if component != "unet":
                 return component, "BASE"
             try:
@@ -99,14 +104,16 @@ _CORES = ("lora_mid.weight", "hada_t1", "hada_t2", "lokr_t2")
 
 
 def _malformed(cls: type | None, algo: str, sub: Mapping[str, torch.Tensor]) -> str | None:
-    """What makes one module unusable (tensors of no algorithm or not of its own, a missing factor, factors of
-    different ranks), or None. load_network, merge and resize refuse such a module; ComfyUI skips or errors on
+    """What makes one module unusable (tensors of no algorithm or not of its own, OFT blocks Diag-OFT cannot hold,
+    a missing factor, factors of different ranks), or None. load_network, merge and resize refuse such a module; ComfyUI skips or errors on
     it. `cls` is the detected algorithm (None: none has these tensors)."""
     if cls is None:
         return f"no adapter algorithm has the tensors {sorted(sub)}"
     extra = sorted(set(sub) - set(cls.keys))
     if extra:
         return f"tensor(s) {extra} that {algo} does not have"
+    if algo == "diag-oft" and "oft_blocks" in sub:
+        return oft_split_problem(sub["oft_blocks"])
     for choices in _REQUIRED.get(algo, ()):
         if not any(k in sub for k in choices):
             return f"no {' or '.join(choices)}"
@@ -194,8 +201,7 @@ def inspect_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, 
     spec = {k: v for k, v in sorted(metadata.items()) if k.startswith("modelspec.")}
     other = {k: v for k, v in sorted(metadata.items()) if k not in ss and k not in spec}
     return {
-        "layout": {"kohya": "kohya/LyCORIS", "generic": "LyCORIS (generic model, lycoris_ names)",
-                   "peft": "diffusers/PEFT", "omi": "OneTrainer OMI (unet./clip_l./clip_g. names)"}[layout],
+        "layout": _LAYOUTS[layout],
         "names": names_from,
         "modules": modules,
         "summary": {

@@ -120,3 +120,100 @@ def test_omi_and_dotted_names_are_named_by_the_tools_that_do_not_read_them(tmp_p
     with pytest.raises(ValueError, match=r"give the module as a dotted path") as err:
         load_network(unet, dotted, tes)
     assert "adapter name" not in str(err.value)
+
+
+# sd-scripts OFT modules on the tiny SD1 U-Net: (module path, block count); out_dim / count channels per block
+SD_SCRIPTS_OFT = [("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", 4),   # Linear 16: 4 x 4
+                  ("down_blocks.0.attentions.0.proj_in", 4),                           # conv 1x1 16: 4 x 4
+                  ("down_blocks.2.attentions.1.transformer_blocks.0.ff.net.2", 8),     # Linear 32: 8 x 4
+                  ("up_blocks.1.resnets.0.conv1", 16)]                                 # conv 3x3 32: 16 x 2
+
+
+def _sd_scripts_oft_file(alpha, scale, dtype=torch.float32, table=SD_SCRIPTS_OFT, seed=0):
+    """What OFTNetwork.save_weights writes: oft_unet_<path>.oft_blocks (dim, out/dim, out/dim), raw (unclamped),
+    and the alpha buffer (the constraint per output channel)."""
+    g = torch.Generator().manual_seed(seed)
+    unet, _ = tiny_model("sd1")
+    t = {}
+    for path, count in table:
+        size = _module(unet, path).weight.shape[0] // count
+        name = "oft_unet_" + path.replace(".", "_")
+        t[f"{name}.oft_blocks"] = (torch.randn(count, size, size, generator=g) * scale).to(dtype)
+        t[f"{name}.alpha"] = torch.tensor(alpha, dtype=dtype)
+    return t
+
+
+def _sd_scripts_oft_weight(blocks, alpha, weight, m):
+    """sd-scripts OFTInfModule.merge_to (get_weight, then einsum 'k n m, k n ... -> k m ...'), float64; A1111's
+    network_oft.py (is_kohya) computes the same with the multiplier on the difference."""
+    b = blocks.double()
+    count, size, _ = b.shape
+    constraint = float(alpha) * weight.shape[0]
+    q = b - b.transpose(1, 2)
+    norm = torch.norm(q.flatten())
+    q = q * ((torch.clamp(norm, max=constraint) + 1e-8) / (norm + 1e-8))
+    eye = torch.eye(size, dtype=torch.float64).unsqueeze(0).repeat(count, 1, 1)
+    r = torch.matmul(eye + q, (eye - q).inverse())
+    r = m * (r - eye) + eye
+    w = weight.double().reshape(count, size, -1)
+    return torch.einsum("k n m, k n ... -> k m ...", r, w).reshape(weight.shape)
+
+
+@pytest.mark.parametrize("alpha, scale", [(1e-3, 0.05), (0.5, 0.01), (0.0, 0.05)],
+                         ids=["shrunk", "within-bound", "alpha-0"])
+@pytest.mark.parametrize("m", [1.0, 0.7])
+def test_sd_scripts_oft_file_merges_as_sd_scripts_does(tmp_path, alpha, scale, m):
+    """sd-scripts' own OFT files (networks/oft.py, oft_unet_ names, alpha * out_dim the bound on |Q|, a larger Q
+    shrunk by (bound + 1e-8) / (|Q| + 1e-8)) load as Diag-OFT and merge to sd-scripts' weights in float64."""
+    import copy
+    import warnings
+
+    t = _sd_scripts_oft_file(alpha, scale)
+    st_save(t, tmp_path / "oft.safetensors")
+    unet, tes = tiny_model("sd1")
+    model = copy.deepcopy(unet).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # sd-scripts shrinks Q itself: nothing to warn about
+        net = load_network(model, tmp_path / "oft.safetensors", tes, multiplier=m, dtype=torch.float64)
+    assert sorted(net.names()) == sorted("lora_unet_" + p.replace(".", "_") for p, _ in SD_SCRIPTS_OFT)
+    assert {a.name for _, a in net.adapters()} == {"diag-oft"}
+    net.merge()
+    for path, _ in SD_SCRIPTS_OFT:
+        name = "oft_unet_" + path.replace(".", "_")
+        expected = _sd_scripts_oft_weight(t[f"{name}.oft_blocks"], t[f"{name}.alpha"], _module(unet, path).weight, m)
+        torch.testing.assert_close(_module(model, path).weight, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_sd_scripts_oft_with_blocks_larger_than_their_count_is_refused_by_name(tmp_path, capsys):
+    """sd-scripts' dim is the block count (4 by default): blocks of out_dim / 4 channels, which lorakit's Diag-OFT
+    (LyCORIS' split) cannot hold. load_network says so, naming the module; inspect reads the file, counts such
+    modules as malformed and exits 1; convert says what the file is."""
+    t = _sd_scripts_oft_file(1e-3, 0.05, dtype=torch.float16, table=[(SD_SCRIPTS_OFT[2][0], 2)])
+    st_save(t, tmp_path / "oft.safetensors")
+    unet, tes = tiny_model("sd1")
+    with pytest.raises(ValueError, match=r"oft\.safetensors \(sd-scripts OFT\): module 'oft_unet_down_blocks_2_"
+                       r".*2 blocks of 16 channels: .*sd-scripts OFT files with network_dim .* not supported"):
+        load_network(unet, tmp_path / "oft.safetensors", tes)
+    report = inspect_file(tmp_path / "oft.safetensors")
+    assert report["layout"].startswith("sd-scripts OFT")
+    [module] = report["modules"]
+    assert (module["algo"], module["component"], module["dim"], module["alpha"]) == ("diag-oft", "unet", 16,
+                                                                                   pytest.approx(1e-3, rel=1e-3))
+    assert "2 blocks of 16 channels" in report["malformed_modules"][module["name"]]
+    assert main(["inspect", str(tmp_path / "oft.safetensors")]) == 1
+    capsys.readouterr()
+    with pytest.raises(ValueError, match=r"sd-scripts OFT file \(oft_unet_"):
+        convert(tmp_path / "oft.safetensors", tmp_path / "out.safetensors")
+
+
+def test_sd_scripts_oft_file_inspects_with_its_own_names_and_alphas(tmp_path):
+    t = _sd_scripts_oft_file(1e-3, 0.05)
+    st_save(t, tmp_path / "oft.safetensors")
+    report = inspect_file(tmp_path / "oft.safetensors")
+    assert report["malformed_modules"] == {}
+    assert {m["name"]: (m["algo"], m["component"], m["block"], m["dim"]) for m in report["modules"]} == {
+        "oft_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": ("diag-oft", "unet", "IN01", 4),
+        "oft_unet_down_blocks_0_attentions_0_proj_in": ("diag-oft", "unet", "IN01", 4),
+        "oft_unet_down_blocks_2_attentions_1_transformer_blocks_0_ff_net_2": ("diag-oft", "unet", "IN08", 4),
+        "oft_unet_up_blocks_1_resnets_0_conv1": ("diag-oft", "unet", "OUT03", 2)}
+    assert report["summary"]["alphas"] == {str(float(torch.tensor(1e-3))): 4}
