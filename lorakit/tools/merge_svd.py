@@ -7,6 +7,7 @@ writes it."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import torch
@@ -17,6 +18,8 @@ from .extract import progress as show_progress
 from .resize import lora_modules, module_factors
 
 __all__ = ["merge_loras_svd"]
+
+logger = logging.getLogger(__name__)
 
 
 def _read(source):
@@ -68,6 +71,10 @@ def merge_loras_svd(files: list, ratios: list[float], new_rank: int, new_conv_ra
         summed.add(tensors, where, float(ratio), module_weights)
     if not summed.names():
         raise ValueError("the merged LoRA would be empty: every ratio (or block weight) is 0")
+    if summed.bias_left_out:
+        logger.warning("%d module(s) stored whole change their bias too (diff_b, e.g. %s); a LoRA has no bias, so the "
+                       "merged file leaves those changes out: merge the files into a model with --model to keep them",
+                       len(summed.bias_left_out), sorted(summed.bias_left_out)[0])
     merged: dict[str, torch.Tensor] = {}
     ranks: dict[str, tuple[int, bool]] = {}  # name -> (rank written, kxk conv)
     with torch.no_grad():
@@ -105,6 +112,7 @@ class _Sum:
         self.pairs: dict[str, list] = {}
         self.dense: dict[str, torch.Tensor] = {}
         self.shapes: dict[str, tuple] = {}  # the weight shape of every module seen, checked across files
+        self.bias_left_out: set[str] = set()  # modules stored whole whose bias change a LoRA cannot carry
 
     def names(self) -> list[str]:
         return [n for n in self.shapes if n in self.pairs or n in self.dense]
@@ -124,13 +132,16 @@ class _Sum:
             factor = ratio * weights.get(name, 1.0) * scale
             if factor != 0:
                 self.pairs.setdefault(name, []).append((up.to(self.device) * factor, down.to(self.device)))
-        for name, diff in _full_modules(other, where).items():
+        for name, sd in _full_modules(other, where).items():
+            diff = sd["diff"]
             shape = tuple(diff.shape)
             _check_shape(self.shapes, name, shape, where)
             factor = ratio * weights.get(name, 1.0)
             if factor != 0:
                 d = diff.to(self.device, torch.float32).reshape(shape[0], -1) * factor
                 self.dense[name] = d if name not in self.dense else self.dense[name] + d
+                if "diff_b" in sd and bool(sd["diff_b"].ne(0).any()):
+                    self.bias_left_out.add(name)
 
     def factor(self, name: str, cap: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(up, down, k) of the sum's best rank-k approximation, k = min(cap, the sum's rank bound)."""
@@ -146,9 +157,9 @@ class _Sum:
         return up, down, k
 
 
-def _full_modules(other: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
-    """{name: diff} of the modules stored whole (their diff_b is left out); a module of any other algorithm
-    (LoHa, LoKr, ...) is refused, named as concat names it."""
+def _full_modules(other: dict[str, torch.Tensor], where: str) -> dict[str, dict[str, torch.Tensor]]:
+    """{name: {"diff", maybe "diff_b"}} of the modules stored whole; a module of any other algorithm (LoHa, LoKr,
+    ...) is refused, named as concat names it."""
     from .concat import module_algorithm, wrong_algorithm
 
     groups: dict[str, dict[str, torch.Tensor]] = {}
@@ -162,7 +173,7 @@ def _full_modules(other: dict[str, torch.Tensor], where: str) -> dict[str, torch
             raise wrong_algorithm(
                 where, name, sd, algo, "LoRA/LoCon and full modules (diff) can be merged by SVD (--new_rank); "
                 "merge it into a model with --model")
-        full[name] = sd["diff"]
+        full[name] = sd
     return full
 
 

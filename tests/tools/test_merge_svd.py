@@ -156,3 +156,19 @@ def test_metadata_tells_the_base_model_and_the_ranks_written(tmp_path):
     _, meta = load_file(bare)
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_network_dim"] == "12"
     assert not any(k.startswith(("modelspec.", "lorakit_")) for k in meta)
+
+
+def test_a_bias_change_of_a_module_stored_whole_is_named_as_left_out(tmp_path, caplog):
+    """A LoRA has no bias: the merged file cannot carry a full module's diff_b, and says so (kohya's svd_merge_lora
+    reads no diff at all)."""
+    b = {"lora_unet_full.diff": torch.randn(20, 12), "lora_unet_full.diff_b": torch.randn(20)}
+    path = tmp_path / "b.safetensors"
+    save_file(b, path)
+    merged = merge_loras_svd([path], [1.0], 4)
+    assert not any(k.endswith("diff_b") for k in merged)
+    assert "1 module(s) stored whole change their bias too (diff_b, e.g. lora_unet_full)" in caplog.text
+    caplog.clear()
+    b["lora_unet_full.diff_b"] = torch.zeros(20)  # an unchanged bias loses nothing
+    save_file(b, path)
+    merge_loras_svd([path], [1.0], 4)
+    assert "diff_b" not in caplog.text
