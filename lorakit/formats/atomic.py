@@ -13,9 +13,12 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
-__all__ = ["atomic_write", "staging_folder", "remove_stale_temporaries", "remove_folder"]
+__all__ = ["atomic_write", "staging_folder", "remove_stale_temporaries", "remove_folder", "stale_copies",
+           "restore_stale_folder", "restore_stale_folders"]
 
-_TEMPORARY = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.(tmp|old)$")  # _sibling's names: .{name}.{pid}.{hex}.{tmp|old}
+# _sibling's names: .{name}.{pid}.{hex}.{kind}; kind tmp: a new version being written, old: the version it replaces
+# (moved aside), del: a folder being deleted
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.(?P<kind>tmp|old|del)$")
 
 
 def _sibling(path: Path, suffix: str) -> Path:
@@ -26,25 +29,71 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     """Remove the temporary files and folders that writers in ``folder`` left when they were killed (their process
     is gone); those of running processes stay. Returns what was removed."""
     removed = []
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return removed
-    for entry in entries:
-        match = _TEMPORARY.match(entry.name)
-        if match is None or _alive(int(match.group(1))):
-            continue
-        path = Path(entry.path)
+    for path, _ in _stale_temporaries(folder):
         _remove_entry(path)
         removed.append(path)
     return removed
 
 
+def _stale_temporaries(folder: str | os.PathLike) -> list[tuple[Path, re.Match]]:
+    """The temporaries in ``folder`` whose writer is gone, with their name's parts."""
+    try:
+        with os.scandir(folder) as entries:
+            matches = [(Path(entry.path), _TEMPORARY.match(entry.name)) for entry in entries]
+    except OSError:
+        return []
+    return [(path, match) for path, match in matches if match is not None and not _alive(int(match["pid"]))]
+
+
+def stale_copies(target: str | os.PathLike) -> list[Path]:
+    """The versions of folder ``target`` that writers killed while replacing it left (staging_folder): the new one
+    (.tmp, complete or not) and the previous one, moved aside (.old)."""
+    target = Path(target)
+    return [path for path, match in _stale_temporaries(target.parent)
+            if match["name"] == target.name and match["kind"] in ("tmp", "old") and path.is_dir()
+            and not path.is_symlink()]
+
+
+def restore_stale_folder(target: str | os.PathLike, complete: Callable[[Path], bool]) -> Path | None:
+    """A kill between staging_folder's two renames leaves no folder under ``target``'s name, only its previous
+    version (.old) and the new one (.tmp): when ``target`` is missing, the newest of them that ``complete`` accepts
+    is renamed to it (the others are left to remove_stale_temporaries). Returns the copy put back, or None."""
+    target = Path(target)
+    if os.path.lexists(target):
+        return None
+    whole = [copy for copy in stale_copies(target) if complete(copy)]
+    if not whole:
+        return None
+    newest = max(whole, key=lambda copy: (_last_written(copy), copy.name.endswith(".tmp")))
+    os.replace(newest, target)
+    return newest
+
+
+def restore_stale_folders(folder: str | os.PathLike, complete: Callable[[Path], bool]) -> list[tuple[Path, Path]]:
+    """restore_stale_folder for every folder of ``folder`` that killed writers left only as copies; returns
+    (folder put back, the copy it was)."""
+    names = {match["name"] for _, match in _stale_temporaries(folder)}
+    restored = []
+    for name in sorted(names):
+        target = Path(folder) / name
+        copy = restore_stale_folder(target, complete)
+        if copy is not None:
+            restored.append((target, copy))
+    return restored
+
+
+def _last_written(folder: Path) -> float:
+    """When the newest file of a folder was written (a folder's own time does not follow its files')."""
+    with os.scandir(folder) as entries:
+        times = [entry.stat().st_mtime for entry in entries]
+    return max(times, default=folder.stat().st_mtime)
+
+
 def remove_folder(path: str | os.PathLike) -> None:
     """Delete a folder so that a kill part-way never leaves it half-deleted under its own name: it is renamed
-    aside first (what a kill leaves then is a temporary, removed at the next run's start)."""
+    aside first (what a kill leaves then is a temporary, removed at the next run's start, never put back)."""
     path = Path(path)
-    aside = _sibling(path, "old")
+    aside = _sibling(path, "del")
     os.replace(path, aside)
     shutil.rmtree(aside, ignore_errors=True)
 
@@ -132,7 +181,8 @@ def _umask() -> int:
 @contextlib.contextmanager
 def staging_folder(target: str | os.PathLike) -> Iterator[Path]:
     """A fresh temporary folder next to ``target``; when the block ends without error it replaces ``target``
-    (an existing one is moved aside first and removed after), else it is deleted."""
+    (an existing one is moved aside first and removed after), else it is deleted. A kill between the two renames
+    leaves both versions, as temporaries: restore_stale_folder puts one back."""
     target = Path(target)
     tmp = _sibling(target, "tmp")
     tmp.mkdir(parents=True)
