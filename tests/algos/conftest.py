@@ -8,6 +8,8 @@ import torch.nn as nn
 
 LAYERS = {
     "linear": lambda: nn.Linear(12, 8),
+    # wide enough that LoHa's Khatri-Rao factors cost less than rebuilding dW (the small layers rebuild it)
+    "linear_wide": lambda: nn.Linear(64, 64),
     "conv1d": lambda: nn.Conv1d(6, 8, 3, padding=2, dilation=2),
     "conv2d": lambda: nn.Conv2d(6, 8, 3, stride=2, padding=1),
     "conv2d_1x1": lambda: nn.Conv2d(6, 8, 1),
@@ -17,6 +19,7 @@ LAYERS = {
 }
 INPUTS = {
     "linear": (3, 5, 12),
+    "linear_wide": (2, 4, 64),
     "conv1d": (2, 6, 11),
     "conv2d": (2, 6, 9, 9),
     "conv2d_1x1": (2, 6, 5, 5),
