@@ -13,12 +13,16 @@ from .conftest import make_input, make_layer, randomize
 DROPOUT_CASES = [
     ("lora", {}, "linear"), ("lora", {"bypass_mode": False}, "conv2d"), ("lora", {"use_tucker": True}, "conv2d"),
     ("lora", {"dora_wd": True}, "linear"), ("loha", {}, "linear"), ("loha", {"use_tucker": True}, "conv2d"),
+    ("loha", {}, "linear_wide"),  # a layer where LoHa's Khatri-Rao pair would run fused in eval
+    ("loha", {"dora_wd": True}, "linear"), ("lokr", {"dim": 1, "dora_wd": True, "dora_axis": "out"}, "conv2d"),
     ("lokr", {"dim": 1}, "conv2d"), ("dylora", {"dim": 4, "block_size": 4}, "linear"), ("glora", {}, "linear"),
+    ("glora", {}, "conv2d"),  # its chains as plain ops (a frozen Linear in eval takes one fused function)
     ("diag-oft", {}, "linear"), ("boft", {"dim": 2}, "conv2d"),
 ]
 DRAWS = 600
 
 
+@torch.no_grad()  # the draws' values only: grad mode picks no other path (it only skips recomputation)
 def deltas(adapter, layer, x, n):
     base = layer(x)
     return torch.stack([adapter(x) - base for _ in range(n)])
@@ -53,6 +57,7 @@ def test_rank_dropout(algo, options, kind, rescale):
     adapter = randomize(make_adapter(algo, layer, rank_dropout=p, rank_dropout_scale=rescale, **options).double())
     adapter.eval()
     expected = adapter(x) - layer(x)
+    assert torch.equal(adapter(x), adapter(x)), "eval must be deterministic"
     adapter.train()
     torch.manual_seed(0)
     drawn = deltas(adapter, layer, x, DRAWS)
