@@ -103,12 +103,25 @@ _PAIRS = {"lora": (("lora_up.weight", "lora_down.weight"),), "dylora": (("lora_u
 _CORES = ("lora_mid.weight", "hada_t1", "hada_t2", "lokr_t2")
 
 
-def _malformed(cls: type | None, algo: str, sub: Mapping[str, torch.Tensor]) -> str | None:
+def _as_loaded(sub: Mapping[str, torch.Tensor]) -> tuple[type | None, Mapping[str, torch.Tensor], str | None]:
+    """(algorithm, the module's tensors as load_network reads them, why no algorithm reads them): LyCORIS 2.0's
+    Diag-OFT rotations (oft_diag) become Diag-OFT blocks there, so they are reported as such."""
+    from ..algos import detect_algorithm
+    from ..algos.diag_oft import LEGACY_ROTATION_KEY, from_legacy_rotation
+
+    try:
+        loaded = from_legacy_rotation(dict(sub)) if LEGACY_ROTATION_KEY in sub else sub
+        return detect_algorithm(loaded), loaded, None
+    except ValueError as err:
+        return None, sub, str(err)
+
+
+def _malformed(cls: type | None, algo: str, sub: Mapping[str, torch.Tensor], why: str | None) -> str | None:
     """What makes one module unusable (tensors of no algorithm or not of its own, OFT blocks Diag-OFT cannot hold,
-    a missing factor, factors of different ranks), or None. load_network, merge and resize refuse such a module; ComfyUI skips or errors on
-    it. `cls` is the detected algorithm (None: none has these tensors)."""
+    a missing factor, factors of different ranks), or None. load_network, merge and resize refuse such a module;
+    ComfyUI skips or errors on it. `cls` is the detected algorithm (None: `why` none reads these tensors)."""
     if cls is None:
-        return f"no adapter algorithm has the tensors {sorted(sub)}"
+        return why
     extra = sorted(set(sub) - set(cls.keys))
     if extra:
         return f"tensor(s) {extra} that {algo} does not have"
@@ -143,7 +156,6 @@ def inspect_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, 
                     top_tags: int = 10) -> dict[str, Any]:
     """The report of an adapter's tensors (kohya/LyCORIS or diffusers/PEFT layout) and metadata; see
     ``inspect_file``. Raises InspectError for a model checkpoint or an unknown layout."""
-    from ..algos import detect_algorithm
     from ..models.detect import classify_keys
 
     metadata = dict(metadata or {})
@@ -175,14 +187,12 @@ def inspect_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, 
     non_finite = find_non_finite(view)
     modules = []
     for name, sub in groups.items():
-        try:
-            cls = detect_algorithm(sub)
-        except ValueError:
-            cls = None
+        cls, loaded, why = _as_loaded(sub)
         algo = "unknown" if cls is None else cls.name
         component, block = _block(name)
-        dim = module_dim(algo, sub) if algo != "unknown" else None
-        alpha = float(sub["alpha"].float().reshape(-1)[0]) if "alpha" in sub and sub["alpha"].numel() else None
+        dim = module_dim(algo, loaded) if algo != "unknown" else None
+        alpha = loaded.get("alpha")
+        alpha = float(alpha.float().reshape(-1)[0]) if alpha is not None and alpha.numel() else None
         if algo == "lora" and alpha is None:
             alpha = float(dim)  # kohya and the UIs read a missing alpha as alpha = dim
         local_zero = {k.partition(".")[2] for k in zero if k.partition(".")[0] == name}
@@ -194,7 +204,7 @@ def inspect_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, 
             "parameters": sum(t.numel() for k, t in sub.items() if k not in _NOT_PARAMS),
             "dora": "dora_scale" in sub, "tucker": any(k in sub for k in ("lora_mid.weight", "hada_t1", "lokr_t2")),
             "untrained": _untrained(algo, sub, local_zero),
-            "malformed": _malformed(cls, algo, sub),
+            "malformed": _malformed(cls, algo, loaded, why),
         })
     blocks = sorted({m["block"] for m in modules if m["block"]}, key=_block_key)
     ss = {k: v for k, v in sorted(metadata.items()) if k.startswith("ss_")}

@@ -248,23 +248,33 @@ def test_malformed_modules_are_reported_and_fail_the_check(tmp_path, capsys):
 def test_tensors_no_loader_reads_are_malformed(tmp_path, capsys):
     """A module whose tensors no algorithm has, or with a tensor its algorithm does not have, is refused by
     load_network and merge ("no adapter algorithm has the tensors", "Unexpected key(s)"): inspect says so and
-    exits 1, as for a missing factor."""
+    exits 1, as for a missing factor. LyCORIS 2.0's Diag-OFT rotations (oft_diag) are what load_network reads
+    them as: Diag-OFT when they are rotations, refused when they are not."""
     unet, tes = tiny_model("sd1")
     g = torch.Generator().manual_seed(0)
     path = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     name = "lora_unet_" + path.replace(".", "_")
+    q = torch.randn(4, 4, 4, generator=g) * 0.1
+    rotations = torch.linalg.matrix_exp(q - q.mT)
     t = {f"{name}.lora_down.weight": torch.randn(4, 16, generator=g),
          f"{name}.lora_up.weight": torch.randn(16, 4, generator=g), f"{name}.scale_weight": torch.ones(16),
-         "lora_unet_mid_block_attentions_0_proj_in.oft_diag": torch.randn(4, 8, 8, generator=g)}
+         "lora_unet_mid_block_attentions_0_proj_in.hada_x": torch.randn(4, 8, generator=g),
+         "lora_unet_down_blocks_0_attentions_0_proj_in.oft_diag": rotations,
+         "lora_unet_down_blocks_0_attentions_0_proj_out.oft_diag": torch.randn(4, 4, 4, generator=g)}
     st_save(t, tmp_path / "odd.safetensors")
     report = inspect_file(tmp_path / "odd.safetensors")
-    assert report["malformed_modules"] == {
-        name: "tensor(s) ['scale_weight'] that lora does not have",
-        "lora_unet_mid_block_attentions_0_proj_in": "no adapter algorithm has the tensors ['oft_diag']"}
+    malformed = report["malformed_modules"]
+    assert malformed.pop(name) == "tensor(s) ['scale_weight'] that lora does not have"
+    assert malformed.pop("lora_unet_mid_block_attentions_0_proj_in") == "no adapter algorithm has the tensors ['hada_x']"
+    assert "old LyCORIS Diag-OFT" in malformed.pop("lora_unet_down_blocks_0_attentions_0_proj_out")
+    assert malformed == {}
+    legacy = next(m for m in report["modules"] if m["name"] == "lora_unet_down_blocks_0_attentions_0_proj_in")
+    assert (legacy["algo"], legacy["dim"]) == ("diag-oft", 4)
     assert main(["inspect", str(tmp_path / "odd.safetensors")]) == 1
-    assert "2 malformed module(s)" in capsys.readouterr().err
+    assert "3 malformed module(s)" in capsys.readouterr().err
     with pytest.raises(ValueError, match="scale_weight"):
         load_network(unet, {k: v for k, v in t.items() if k.startswith(name)}, tes)
+    load_network(unet, {k: v for k, v in t.items() if "attentions_0_proj_in" in k and "down" in k}, tes)
     for algo, opts in (("ia3", {}), ("diag-oft", {"dim": 4, "rescaled": True}), ("boft", {"dim": 4}),
                        ("full", {}), ("dylora", {"dim": 4}), ("lora", {"dora_wd": True})):
         create_network(unet, tes, algo=algo, preset="attn-only", **opts).save(tmp_path / "ok.safetensors")
