@@ -29,7 +29,7 @@ from .initial_step import initial_progress
 from .loss_scale import make_loss_scaler
 from .fused_backward import install_fused_step
 from .outputs import OutputNames
-from .state import Progress, load_state, save_state, saved_seed
+from .state import Progress, check_state_folder, load_state, restore_states, save_state, saved_seed
 from .step import StepContext, batch_loss
 
 __all__ = ["train", "TrainingError"]
@@ -100,15 +100,18 @@ class _Run:
                 self.resume_folder = download_state(config)
             else:
                 self.resume_folder = config.resume
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+        self.world = current_world(self.device, config.ddp_timeout, group=config.deepspeed)
+        self.names = OutputNames(config.output_dir, config.output_name, config.save_model_as)
+        self._restore_states()
+        if self.resume_folder:
+            check_state_folder(self.resume_folder)  # before the model loads
         if config.seed is None:  # drawn once and kept: in the saved config, the metadata and the state
             seed = saved_seed(self.resume_folder) if self.resume_folder else None
             config = dataclasses.replace(config, seed=int.from_bytes(os.urandom(4), "little") if seed is None else seed)
         self.config = config
         self.seed = config.seed
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        self.device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-        self.world = current_world(self.device, config.ddp_timeout, group=config.deepspeed)
-        self.names = OutputNames(config.output_dir, config.output_name, config.save_model_as)
         mp = config.mixed_precision
         self.weight_dtype = parse_dtype(mp, "mixed_precision")
         self.autocast_dtype = None if mp == "no" else self.weight_dtype
@@ -119,6 +122,15 @@ class _Run:
             from .hub import HubUploader
 
             self.uploads = HubUploader(config)
+
+    def _restore_states(self) -> None:
+        """States that a kill while re-saving them left only as temporaries are put back, by the main process,
+        before any process reads the one to resume from."""
+        if self.world.main:
+            for state, copy in restore_states(self.names.dir, self.resume_folder):
+                log.warning("%s: put back from %s, the complete copy a run killed while saving it left", state,
+                            copy.name)
+        self.world.barrier()
 
     # --- setup --------------------------------------------------------------------------------------------
     def _load_model(self):

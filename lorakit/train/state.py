@@ -3,7 +3,9 @@ the run stands (epoch, step). Randomness needs no saving: every step draws from 
 (seed, step) and the data order is a function of (seed, epoch), so a resumed run repeats exactly what the
 uninterrupted run would have done.
 
-A state is a folder written under a temporary name and renamed into place (a kill leaves the previous state).
+A state is a folder written under a temporary name and renamed into place (a kill leaves the previous state; one
+between the rename that moves the previous state aside and the one that puts the new in place leaves both as
+temporaries, and the next run's start puts the newest complete one back: restore_states).
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ from typing import Callable
 
 import torch
 
-from ..formats.atomic import staging_folder
+from ..formats.atomic import restore_stale_folder, restore_stale_folders, stale_copies, staging_folder
 from ..formats.safetensors_io import load_file, save_file
 from .schedulers import load_scheduler_state
 
-__all__ = ["Progress", "save_state", "load_state", "StateError"]
+__all__ = ["Progress", "save_state", "load_state", "StateError", "check_state_folder", "is_complete_state",
+           "restore_states"]
 
 _FORMAT = 1
+_FILES = ("network.safetensors", "optimizer.pt", "train_state.json")  # save_state writes train_state.json last
 log = logging.getLogger(__name__)
 
 
@@ -117,17 +121,59 @@ def saved_seed(folder: str | Path) -> int | None:
         return None
 
 
+def _missing_files(folder: Path) -> list[str]:
+    return [name for name in _FILES if not (folder / name).is_file()]
+
+
+def is_complete_state(folder: str | Path) -> bool:
+    """Every file of a state is there (train_state.json, written last, whole)."""
+    folder = Path(folder)
+    if _missing_files(folder):
+        return False
+    try:
+        json.loads((folder / "train_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def restore_states(folder: str | Path, resume: str | Path | None = None) -> list[tuple[Path, Path]]:
+    """Put back the states of ``folder`` (and the ``resume`` one) that a kill while they were re-saved left only as
+    temporaries (atomic.restore_stale_folder); returns (state, the copy it was)."""
+    restored = restore_stale_folders(folder, is_complete_state)
+    if resume is not None:
+        copy = restore_stale_folder(resume, is_complete_state)
+        if copy is not None:
+            restored.append((Path(resume), copy))
+    return restored
+
+
+def check_state_folder(folder: str | Path) -> None:
+    """The resume path is a folder: checked when the run starts, before the model loads."""
+    folder = Path(folder)
+    if folder.is_dir():
+        return
+    expected = "expected a -state folder that a run with save_state wrote"
+    if folder.exists():
+        raise StateError(f"resume={folder}: is a file, not a state folder ({expected})")
+    copies = stale_copies(folder)
+    left = ""
+    if copies:
+        shown = ", ".join(f"{c.name} ({'complete' if is_complete_state(c) else 'incomplete'})" for c in copies)
+        left = (f"; a run killed while saving it left only temporary copies ({shown}): a lorakit train in "
+                f"{folder.parent} puts the newest complete one back, the others are removed")
+    raise StateError(f"resume={folder}: no such folder ({expected}){left}")
+
+
 def load_state(folder: str | Path, network, optimizer, scheduler, config_digest: str,
                settings: dict | None = None, scaler=None, max_steps: int | None = None) -> Progress:
     """Restore the adapters, the optimizer and the scheduler; ``optimizer`` None: a deepspeed run, whose engine
     reads its own part of the folder afterwards (deepspeed_engine.py). ``max_steps``: this run's length, which may
     differ from the saved run's (as in sd-scripts: train on for longer); the progress returned has it."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise StateError(f"resume={folder}: no such folder (expected a -state folder that a run with save_state "
-                         "wrote)")
-    files = [folder / "network.safetensors", folder / "optimizer.pt", folder / "train_state.json"]
-    missing = [f.name for f in files if not f.is_file()]
+    check_state_folder(folder)
+    files = [folder / name for name in _FILES]
+    missing = _missing_files(folder)
     if missing:
         raise StateError(f"resume={folder}: not a lorakit state folder (missing {', '.join(missing)})")
     try:
@@ -141,16 +187,6 @@ def load_state(folder: str | Path, network, optimizer, scheduler, config_digest:
         raise StateError(f"resume={folder}: the state was saved {'with' if saved_by_deepspeed else 'without'} "
                          f"deepspeed; resume it with deepspeed = {str(saved_by_deepspeed).lower()}")
     progress = Progress(**info)
-    if max_steps is not None:
-        if progress.global_step > max_steps:
-            raise StateError(f"resume={folder}: the state is at step {progress.global_step}, past this run's "
-                             f"{max_steps} training steps (max_train_steps / max_train_epochs); give more steps")
-        if progress.max_steps not in (None, max_steps):
-            log.warning("resume=%s: the run trains on to step %d instead of %d; the lr schedule (and any option given "
-                        "as a share of the steps) follows the new length from step %d on, so the result differs from "
-                        "a run of %d steps from the start unless the schedule is constant", folder, max_steps,
-                        progress.max_steps, progress.global_step, max_steps)
-        progress.max_steps = max_steps
     if progress.config_digest and progress.config_digest != config_digest:
         # compared setting by setting where the state records them (the digest alone changes when a lorakit
         # version adds an option or frees one for resumes); only states without settings rely on the digest
@@ -160,6 +196,9 @@ def load_state(folder: str | Path, network, optimizer, scheduler, config_digest:
                              f"({changed or 'model, data, network or optimisation options changed'}); resume with "
                              "the same config")
         progress.config_digest, progress.settings = config_digest, dict(settings)
+    if max_steps is not None and progress.global_step > max_steps:
+        raise StateError(f"resume={folder}: the state is at step {progress.global_step}, past this run's "
+                         f"{max_steps} training steps (max_train_steps / max_train_epochs); give more steps")
     tensors, _ = load_file(files[0])
     expected = set(network.state_dict())
     if set(tensors) != expected:
@@ -182,4 +221,15 @@ def load_state(folder: str | Path, network, optimizer, scheduler, config_digest:
     load_scheduler_state(scheduler, saved["scheduler"])
     if scaler is not None and scaler.is_enabled() and "scaler" in saved:
         scaler.load_state_dict(saved["scaler"])
+    if max_steps is not None:  # once every check passed: a refused resume trains on to no step
+        _note_new_length(folder, progress, max_steps)
+        progress.max_steps = max_steps
     return progress
+
+
+def _note_new_length(folder: Path, progress: Progress, max_steps: int) -> None:
+    if progress.max_steps not in (None, max_steps):
+        log.warning("resume=%s: the run trains on to step %d instead of %d; the lr schedule (and any option given as a "
+                    "share of the steps) follows the new length from step %d on, so the result differs from a run of "
+                    "%d steps from the start unless the schedule is constant", folder, max_steps, progress.max_steps,
+                    progress.global_step, max_steps)

@@ -18,6 +18,7 @@ from lorakit.models.demo_data import write_concept_folder  # noqa: E402
 from lorakit.models.save import save_checkpoint  # noqa: E402
 from lorakit.train.config import load_train_config  # noqa: E402
 from lorakit.train.run import train  # noqa: E402
+from lorakit.train.state import StateError, check_state_folder  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +55,63 @@ def test_a_resume_from_a_state_at_the_last_step_part_way_through_an_epoch_trains
     assert read_metadata(again)["ss_steps"] == "4" and read_metadata(again)["ss_epoch"] == "2"
     assert json.loads((tmp_path / "t-state" / "train_state.json").read_text())["global_step"] == 4
     assert any("nothing is left to train" in r.getMessage() for r in caplog.records)
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+
+
+def test_a_state_a_kill_left_only_as_temporaries_is_put_back_and_resumed(base, tmp_path, caplog):
+    """A kill between the renames of a re-save of t-state leaves the previous state (.old) and the new one (.tmp),
+    and no t-state: the next run puts the newest complete one back, resumes from it, and removes the other."""
+    out = tmp_path / "out"
+    train(_config(base, out, max_train_steps=2, save_state=True))
+    previous = out / "previous-state"
+    (out / "t-state").rename(previous)
+    longer = train(_config(base, out, save_state=True, resume=str(previous)))  # t-state at step 4
+    kept = tmp_path / "longer.safetensors"
+    kept.write_bytes(longer.read_bytes())
+    pid = _dead_pid()
+    previous.rename(out / f".t-state.{pid}.0123abcd.old")
+    (out / "t-state").rename(out / f".t-state.{pid}.4567abcd.tmp")
+    with pytest.raises(StateError, match=r"no such folder .*left only temporary copies \(.*complete"):
+        check_state_folder(out / "t-state")
+    with caplog.at_level(logging.WARNING, logger="lorakit.train.run"):
+        again = train(_config(base, out, resume=str(out / "t-state")))
+    assert any("put back from" in r.getMessage() and ".tmp" in r.getMessage() for r in caplog.records)
+    assert json.loads((out / "t-state" / "train_state.json").read_text())["global_step"] == 4
+    assert _same_tensors(kept, again)  # the step-4 state: nothing left to train
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+class _ModelLoaded(Exception):
+    pass
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    from lorakit.train import run
+
+    def refuse(self):
+        raise _ModelLoaded
+    monkeypatch.setattr(run._Run, "_load_model", refuse)
+
+
+def test_a_resume_path_that_is_a_file_or_missing_is_refused_before_the_model_loads(base, tmp_path, no_model_load):
+    adapter = tmp_path / "t.safetensors"
+    adapter.write_bytes(b"")
+    with pytest.raises(StateError, match=r"t.safetensors: is a file, not a state folder"):
+        train(_config(base, tmp_path, resume=str(adapter)))
+    with pytest.raises(StateError, match=r"nowhere-state: no such folder"):
+        train(_config(base, tmp_path, resume=str(tmp_path / "nowhere-state")))
+
+
+def test_a_refused_resume_does_not_first_announce_a_longer_run(base, tmp_path, caplog):
+    train(_config(base, tmp_path, max_train_steps=2, save_state=True))
+    with caplog.at_level(logging.WARNING), pytest.raises(StateError, match=r"network_dim: 4 -> 8"):
+        train(_config(base, tmp_path, max_train_steps=3, network_dim=8, resume=str(tmp_path / "t-state")))
+    assert not [r for r in caplog.records if "trains on to step" in r.getMessage()]
