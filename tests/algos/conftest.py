@@ -45,6 +45,7 @@ CASES = [
     ("loha", {"dora_wd": True}, WEIGHTED),
     ("loha", {"use_scalar": True}, ["linear", "conv2d"]),
     ("loha", {"bypass_mode": False}, ["linear", "conv2d"]),
+    ("loha", {"bypass_mode": True}, ["linear", "conv2d"]),  # its factor path on these small layers too
     ("lokr", {}, WEIGHTED),
     ("lokr", {"dim": 1}, WEIGHTED),
     ("lokr", {"dim": 1, "decompose_both": True, "factor": 2}, ["linear", "conv2d"]),

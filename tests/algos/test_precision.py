@@ -16,6 +16,8 @@ def small_change_cases():
         for kind in ("linear", "conv2d", "layernorm"):
             if kind in layers and not options.get("bypass_mode") is False:
                 yield pytest.param(algo, options, kind, id=f"{algo}-{kind}-{options}")
+    # LoHa on a layer where its Khatri-Rao factors cost less than rebuilding dW: the factor path, chosen by cost
+    yield pytest.param("loha", {}, "linear_wide", id="loha-linear_wide-{}")
 
 
 @pytest.mark.parametrize("low", [torch.float16, torch.bfloat16])
