@@ -50,7 +50,10 @@ CASES = [
     ("lokr", {"dim": 1}, WEIGHTED),
     ("lokr", {"dim": 1, "decompose_both": True, "factor": 2}, ["linear", "conv2d"]),
     ("lokr", {"dim": 1, "use_tucker": True}, CONVS_K),
+    # factor 1 leaves w2 the whole layer: Tucker at rank 2 (where w2_a and its transpose differ), scale 1/2
+    ("lokr", {"dim": 2, "alpha": 1, "use_tucker": True, "factor": 1}, ["conv1d", "conv2d"]),
     ("lokr", {"full_matrix": True}, ["linear", "conv2d"]),
+    ("lokr", {"full_matrix": True, "rs_lora": True, "alpha": 2}, ["linear"]),  # both full: scale 1 all the same
     ("lokr", {"unbalanced_factorization": True, "dim": 1}, ["linear", "conv2d"]),
     ("lokr", {"dora_wd": True, "dim": 1}, ["linear", "conv2d"]),
     ("lokr", {"use_scalar": True, "dim": 1}, ["linear"]),
