@@ -6,6 +6,7 @@ state_dict keys are the file's keys (`lora_unet_..._to_q.lora_down.weight`).
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
@@ -13,7 +14,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from ..algos import Adapter
+from ..algos import Adapter, algorithm
 from .blocks import KOHYA_SD25, KOHYA_SDXL23, BlockLayout, pick_layout
 from .targets import fast_path_owners, tied_parameters
 
@@ -230,15 +231,33 @@ class Network(nn.Module):
         return limit_change_norms(self.adapters(), max_norm_value)
 
     def save(self, path, dtype: torch.dtype | None = None, metadata: Mapping[str, str] | None = None) -> None:
-        """Write the adapters as safetensors (LyCORIS/kohya layout) atomically, with metadata, kohya's hashes and, for
-        a Stable Diffusion network, the base model keys UIs sort LoRAs by (unless ``metadata`` has them)."""
+        """Write the adapters as safetensors (LyCORIS/kohya layout) atomically, with metadata, kohya's hashes, the
+        network's algorithm and, for a Stable Diffusion network, the base model keys UIs sort LoRAs by (unless
+        ``metadata`` has them)."""
         from ..formats import add_hashes, prepare_tensors, save_file
         from ..formats.modelspec import with_base_model_keys
 
         tensors = prepare_tensors(self.state_dict(), dtype)
-        meta = with_base_model_keys(dict(metadata or {}), self.arch)
+        meta = with_base_model_keys(self._with_algorithm(dict(metadata or {})), self.arch)
         meta = add_hashes(tensors, meta)
         save_file(tensors, path, metadata=meta)
+
+    def _with_algorithm(self, meta: dict[str, str]) -> dict[str, str]:
+        """The algorithm as sd-scripts records a network: ss_network_module ("lorakit") and ss_network_args
+        ({"algo": ...}), unless the caller gives either. DyLoRA files are LoRA files: only this tells `lorakit
+        resize` to cut one rather than re-factorise it."""
+        algo = self._algorithm()
+        if algo is None or "ss_network_module" in meta or "ss_network_args" in meta:
+            return meta
+        return {**meta, "ss_network_module": "lorakit", "ss_network_args": json.dumps({"algo": algo})}
+
+    def _algorithm(self) -> str | None:
+        """The algorithm the network was created with; for a loaded one, its adapters' if they share one."""
+        config = getattr(self, "config", None)
+        if config is not None:
+            return algorithm(config.algo).name
+        names = {adapter.name for _, adapter in self.adapters() if adapter.name != "norm"}
+        return names.pop() if len(names) == 1 else None
 
     def extra_repr(self) -> str:
         counts: dict[str, int] = {}
