@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
 import sys
+import time
 
 from ..algos.options import OptionError
 from .config import LIST_KINDS
@@ -105,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
     from .console_log import default_console_logging
     from .run import TrainingError, train
 
+    started = time.time()
     try:
         with default_console_logging(config):  # the run's summary, as sd-scripts prints it by default
             result = train(config, explore=True) if command == "explore" else train(config)
@@ -114,21 +117,51 @@ def run(args: argparse.Namespace) -> int:
         print(f"lorakit {command}: error: {worker_error_message(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"lorakit {command}: interrupted; {_where_to_resume(config.output_dir)}", file=sys.stderr)
+        print(f"lorakit {command}: interrupted; {_where_to_resume(config, started)}", file=sys.stderr)
         return 130  # the shell's code for a run stopped by Ctrl-C
     return result if isinstance(result, int) else 0
 
 
-def _where_to_resume(output_dir) -> str:
-    """The newest state folder a stopped run can resume from (saves are atomic: whatever is there is whole)."""
+def _where_to_resume(config, started: float) -> str:
+    """The newest state a stopped run can go on from: one of its output_name that it saved (saves are atomic:
+    whatever is there is whole), else the one it resumed from. States of other runs in output_dir, or older ones of
+    the same name, would resume other adapters or other settings."""
     from pathlib import Path
 
-    folder = Path(output_dir)
-    states = [p for p in folder.glob("*-state") if (p / "train_state.json").is_file()] if folder.is_dir() else []
+    from .outputs import OutputNames
+
+    names = OutputNames(config.output_dir, config.output_name, config.save_model_as)
+    saved = [p for p in _states_named(names) if _saved_at(p) >= started - _CLOCK_SLACK_S]
+    resumed = Path(config.resume) if config.resume and not config.resume_from_huggingface else None
+    states = saved + ([resumed] if resumed is not None and _saved_at(resumed) > 0 else [])
     if not states:
         return "no state was saved to resume from (save_state = true keeps one at every save)"
-    newest = max(states, key=lambda p: (p / "train_state.json").stat().st_mtime)
+    newest = max(states, key=_saved_at)
     return f"to go on from the last state saved, resume = \"{newest}\""
+
+
+_CLOCK_SLACK_S = 1.0  # file times come from a coarser clock than time.time(), a little behind it
+
+
+def _states_named(names) -> list:
+    """The state folders in output_dir under the run's names: its final state and its epoch and step states."""
+    if not names.dir.is_dir():
+        return []
+    own = []
+    for path in names.dir.glob("*-state"):
+        number = re.search(r"(\d+)-state$", path.name)
+        if path == names.final_state() or (number is not None and path in (
+                names.step_state(int(number[1])), names.epoch_state(int(number[1])))):
+            own.append(path)
+    return own
+
+
+def _saved_at(state) -> float:
+    """When a state folder's train_state.json (its last file) was written; 0 when it has none."""
+    try:
+        return (state / "train_state.json").stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _refuse_misspelt_cli_flags(unknown: list[str]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import pytest
 import torch
@@ -115,3 +116,41 @@ def test_a_refused_resume_does_not_first_announce_a_longer_run(base, tmp_path, c
     with caplog.at_level(logging.WARNING), pytest.raises(StateError, match=r"network_dim: 4 -> 8"):
         train(_config(base, tmp_path, max_train_steps=3, network_dim=8, resume=str(tmp_path / "t-state")))
     assert not [r for r in caplog.records if "trains on to step" in r.getMessage()]
+
+
+def _write_state(folder, when: float | None = None):
+    folder.mkdir()
+    (folder / "train_state.json").write_text("{}")
+    if when is not None:
+        os.utime(folder / "train_state.json", (when, when))
+
+
+def test_ctrl_c_names_only_a_state_of_this_run(base, tmp_path, monkeypatch, capsys):
+    """The state named after Ctrl-C is one this run's output_name saved during the run, or the one it resumed from;
+    never another output_name's, nor an older state of the same name."""
+    from lorakit.cli import main
+    from lorakit.train import run
+
+    saves = []
+
+    def interrupted(config, explore=False):
+        for name in saves:
+            _write_state(tmp_path / name)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "train", interrupted)
+    args = ["train", "--pretrained_model_name_or_path", str(base / "sd.safetensors"), "--train_data_dir",
+            str(base / "data"), "--output_dir", str(tmp_path), "--resolution", "64", "--output_name", "b"]
+    _write_state(tmp_path / "b-state", when=1e9)  # an earlier run's
+    saves[:] = ["a-step00000002-state"]  # another output_name's, saved meanwhile
+    assert main(args) == 130
+    assert capsys.readouterr().err.strip().endswith("no state was saved to resume from (save_state = true keeps one "
+                                                    "at every save)")
+    saves[:] = ["b-step00000002-state", "a-step00000004-state"]
+    assert main(args) == 130
+    assert capsys.readouterr().err.strip().endswith(f'resume = "{tmp_path / "b-step00000002-state"}"')
+    for name in saves:  # from now on, saves of earlier runs
+        os.utime(tmp_path / name / "train_state.json", (1e9, 1e9))
+    saves[:] = []
+    assert main(args + ["--resume", str(tmp_path / "b-state")]) == 130  # nothing saved since the resume
+    assert capsys.readouterr().err.strip().endswith(f'resume = "{tmp_path / "b-state"}"')

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 
 import numpy as np
 import pytest
@@ -560,14 +561,15 @@ def test_ctrl_c_prints_one_line_naming_the_state_to_resume_from(base, tmp_path, 
 
     monkeypatch.setattr(run, "train", interrupted)
     args = ["train", "--pretrained_model_name_or_path", str(base / "sd.safetensors"), "--train_data_dir",
-            str(base / "data"), "--output_dir", str(tmp_path), "--resolution", "64"]
+            str(base / "data"), "--output_dir", str(tmp_path), "--resolution", "64", "--output_name", "t"]
     assert main(args) == 130
     assert capsys.readouterr().err.strip() == ("lorakit train: interrupted; no state was saved to resume from "
                                                "(save_state = true keeps one at every save)")
+    now = time.time()  # (states this run saved: test_resume_edges.py has those of other runs)
     for when, name in enumerate(("t-000002-state", "t-000001-state")):  # the newer save, not the larger name
         (tmp_path / name).mkdir()
         (tmp_path / name / "train_state.json").write_text("{}")
-        os.utime(tmp_path / name / "train_state.json", (1e9 + when, 1e9 + when))  # t-000001 saved last
+        os.utime(tmp_path / name / "train_state.json", (now + when, now + when))  # t-000001 saved last
     assert main(args) == 130
     assert capsys.readouterr().err.strip().endswith(f'resume = "{tmp_path / "t-000001-state"}"')
 
