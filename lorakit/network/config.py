@@ -16,7 +16,7 @@ class NetworkConfig:
     preset: Any = "full"
     dim: int = 4
     alpha: float = 1.0
-    conv_dim: int | None = None  # None: the linear dim (LyCORIS); 0 disables convs with kernel > 1
+    conv_dim: int | None = None  # None: the linear dim (LyCORIS); 0 disables the convs that take it
     conv_alpha: float | None = None
     # 1x1 convs take dim/alpha, and with dim 0 conv_dim/conv_alpha (LyCORIS); true: always dim (sd-scripts)
     conv_1x1_always_linear: bool = False
