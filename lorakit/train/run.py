@@ -425,7 +425,7 @@ class _Run:
                 engine.load_state(self.resume_folder)
         if self.resume_folder:
             follow_new_length(scheduler)  # a resume with more steps: the lr schedule of the new length
-            set_train_mode(optimizer, True)  # schedule-free: a state saved in eval mode comes back in it
+            set_train_mode(optimizer, True)  # schedule-free: a state an earlier lorakit saved in eval mode
         full_weights = engine.full_weights if engine else contextlib.nullcontext
         progress = initial_progress(c, progress, updates_per_epoch, max_steps)
         main = self.world.main
@@ -465,14 +465,15 @@ class _Run:
                     _save_adapter(net, path, self.save_dtype, meta, drop_unet=c.network_train_text_encoder_only)
 
         def write_state(folder: Path) -> None:
-            """A state folder: by the main process, or by all of them with deepspeed (each writes its slices)."""
+            """A state folder: by the main process, or by all of them with deepspeed (each writes its slices). A
+            schedule-free optimizer stays in train mode, so the state holds the weights it trains and a resume goes
+            on from them bit for bit (sd-scripts saves its averaged weights, which give them back to float noise)."""
             if main:
                 log.info("saving state: %s", folder)
-            with eval_mode(optimizer):
-                if engine is not None:
-                    engine.save_state(folder, scheduler, progress)
-                elif main:
-                    save_state(folder, net.state_dict(), optimizer, scheduler, progress, scaler=scaler)
+            if engine is not None:
+                engine.save_state(folder, scheduler, progress)
+            elif main:
+                save_state(folder, net.state_dict(), optimizer, scheduler, progress, scaler=scaler)
 
         def draw(step: int, epoch: int | None = None) -> None:
             with eval_mode(optimizer):

@@ -154,3 +154,16 @@ def test_ctrl_c_names_only_a_state_of_this_run(base, tmp_path, monkeypatch, caps
     saves[:] = []
     assert main(args + ["--resume", str(tmp_path / "b-state")]) == 130  # nothing saved since the resume
     assert capsys.readouterr().err.strip().endswith(f'resume = "{tmp_path / "b-state"}"')
+
+
+@pytest.mark.parametrize("saves", [{}, {"save_every_n_steps": 2}])
+def test_a_schedule_free_run_resumes_bit_for_bit(base, tmp_path, saves):
+    """The state holds the weights a schedule-free optimizer trains (train mode), not its averaged ones: the resume
+    does not recompute them from the average, so it equals the uninterrupted run exactly."""
+    pytest.importorskip("schedulefree")
+    options = dict(optimizer_type="AdamWScheduleFree", max_train_steps=5, **saves)
+    full = train(_config(base, tmp_path / "full", **options))
+    assert train(_config(base, tmp_path / "part", **options), stop_at_step=2) is None
+    resumed = train(_config(base, tmp_path / "part", resume=str(tmp_path / "part" / "t-step00000002-state"),
+                            **options))
+    assert _same_tensors(full, resumed)
