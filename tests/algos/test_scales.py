@@ -1,0 +1,100 @@
+"""The scale each algorithm trains with and LoKr's factor layout, pinned as values. LyCORIS' modules define them
+(scale = alpha / dim, alpha / sqrt(dim) with rs_lora; LoKr factors full from dim >= max/2 on); ComfyUI and A1111
+apply alpha / dim from the saved alpha. A scale that is wrong the same way on both sides of a save stays
+self-consistent, so the round-trip and UI checks of test_contract cannot see it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from lorakit.algos import make_adapter
+
+from .conftest import make_input, make_layer, randomize
+from .ui_reference import ui_delta
+
+DIM, ALPHA = 4, 3.0
+# (algo, options): every algorithm with rs_lora, on Linear(64, 64); LoKr's factor 4 keeps w2 (16 x 16) a rank-4
+# product (both factors full would make the scale 1)
+RS_LORA = [("lora", {}), ("loha", {}), ("lokr", {"factor": 4}), ("glora", {})]
+
+
+def rs_adapter(algo, options):
+    layer = make_layer("linear_wide")
+    adapter = make_adapter(algo, layer, dim=DIM, alpha=ALPHA, rs_lora=True, **options).double()
+    return layer, randomize(adapter).eval()
+
+
+@pytest.mark.parametrize("algo,options", RS_LORA, ids=[a for a, _ in RS_LORA])
+def test_rs_lora_trains_at_alpha_over_sqrt_dim_and_saves_the_alpha_that_gives_the_uis_that_scale(algo, options):
+    layer, adapter = rs_adapter(algo, options)
+    x = make_input("linear_wide")
+    scale = ALPHA / math.sqrt(DIM)
+    assert adapter.scale == pytest.approx(scale)
+    sd = adapter.state_dict()
+    assert float(sd["alpha"]) == pytest.approx(ALPHA * math.sqrt(DIM))  # LyCORIS' alpha * dim / sqrt(dim)
+    unscaled = ui_delta({k: v for k, v in sd.items() if k != "alpha"}, layer.weight, 1.0)[0]  # no alpha: scale 1
+    expected = nn.functional.linear(x, layer.weight + scale * unscaled, layer.bias)
+    torch.testing.assert_close(adapter(x), expected, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(ui_delta(sd, layer.weight, 1.0)[0], scale * unscaled, rtol=1e-9, atol=1e-12)
+
+
+def test_lokr_with_both_factors_full_keeps_scale_1_with_rs_lora():
+    """Both factors full: ComfyUI and A1111 apply scale 1 whatever alpha says, so lorakit trains at 1 and saves
+    alpha = dim (LyCORIS itself trains this case at sqrt(dim) and saves dim^1.5: its own files then load at 1)."""
+    layer, x = make_layer("linear"), make_input("linear")
+    adapter = randomize(make_adapter("lokr", layer, dim=DIM, alpha=ALPHA, full_matrix=True, rs_lora=True).double())
+    adapter.eval()
+    assert adapter.scale == 1.0
+    assert float(adapter.state_dict()["alpha"]) == DIM
+    dw = torch.kron(adapter.lokr_w1, adapter.lokr_w2)
+    expected = nn.functional.linear(x, layer.weight + dw, layer.bias)
+    torch.testing.assert_close(adapter(x), expected, rtol=1e-9, atol=1e-10)
+
+
+# LoKr on Linear(24, 16): w1 (4 x 4) kron w2 (4 x 6). LyCORIS makes w2 a rank-dim product while dim < max(4, 6) / 2
+# = 3 and (decompose_both) w1 one while dim < max(4, 4) / 2 = 2; at dim == max / 2 the factor is full.
+BOUNDARY = [
+    ({"dim": 2}, {"lokr_w1", "lokr_w2_a", "lokr_w2_b"}),
+    ({"dim": 3}, {"lokr_w1", "lokr_w2"}),
+    ({"dim": 1, "decompose_both": True}, {"lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b"}),
+    ({"dim": 2, "decompose_both": True}, {"lokr_w1", "lokr_w2_a", "lokr_w2_b"}),
+]
+
+
+def lokr_24_16(options):
+    return make_adapter("lokr", nn.Linear(24, 16), **options)
+
+
+@pytest.mark.parametrize("options,factors", BOUNDARY, ids=[str(o) for o, _ in BOUNDARY])
+def test_lokr_factors_are_full_from_dim_half_their_size_on(options, factors):
+    assert set(lokr_24_16(options).state_dict()) - {"alpha"} == factors
+
+
+def lycoris_modules(monkeypatch):
+    monkeypatch.setenv("LYCORIS_KERNEL_BACKEND", "torch")  # its eager reference ops (test_lycoris_interop)
+    monkeypatch.setenv("LYCORIS_KERNEL_TUNE", "off")
+    return pytest.importorskip("lycoris.modules")
+
+
+@pytest.mark.parametrize("algo,options", RS_LORA, ids=[a for a, _ in RS_LORA])
+def test_rs_lora_scale_and_saved_alpha_are_lycoris(algo, options, monkeypatch):
+    modules = lycoris_modules(monkeypatch)
+    module = {"lora": modules.LoConModule, "loha": modules.LohaModule, "lokr": modules.LokrModule,
+              "glora": modules.GLoRAModule}[algo]
+    theirs = module("x", make_layer("linear_wide"), lora_dim=DIM, alpha=ALPHA, rs_lora=True, **options)
+    _, ours = rs_adapter(algo, options)
+    assert ours.scale == pytest.approx(theirs.scale)
+    if algo != "glora":  # LyCORIS' GLoRA keeps alpha itself, which the UIs then apply as alpha / dim
+        assert float(ours.state_dict()["alpha"]) == pytest.approx(float(theirs.alpha))
+
+
+@pytest.mark.parametrize("options", [o for o, _ in BOUNDARY], ids=[str(o) for o, _ in BOUNDARY])
+def test_lokr_layout_at_the_full_matrix_boundary_is_lycoris(options, monkeypatch):
+    theirs = lycoris_modules(monkeypatch).LokrModule("x", nn.Linear(24, 16), lora_dim=options["dim"],
+                                                     decompose_both=options.get("decompose_both", False))
+    assert set(lokr_24_16(options).state_dict()) == {k for k in theirs.state_dict() if k.startswith("lokr") or
+                                                     k == "alpha"}
