@@ -173,3 +173,60 @@ def test_bundled_embeddings_are_left_out_by_every_lora_tool(tmp_path):
     with pytest.warns(UserWarning, match="bundled in the file"):
         concatenated, _, _ = concat_loras([str(path)], [1.0], progress=False)
     assert set(concatenated) == set(tensors)
+
+
+def _module(g, down_shape, up_shape, alpha=None):
+    sub = {"lora_down.weight": torch.randn(*down_shape, generator=g), "lora_up.weight": torch.randn(*up_shape, generator=g)}
+    return sub if alpha is None else {**sub, "alpha": torch.tensor(alpha)}
+
+
+def _file(modules):
+    return {f"{name}.{k}": v for name, sub in modules.items() for k, v in sub.items()}
+
+
+def _ref_dense(sub):
+    """Dense float64 change of one module as kohya and the UIs read it: a missing alpha is alpha = rank."""
+    down, up = sub["lora_down.weight"].double(), sub["lora_up.weight"].double()
+    alpha = float(sub["alpha"]) if "alpha" in sub else down.shape[0]
+    return alpha / down.shape[0] * up.flatten(1) @ down.flatten(1)
+
+
+def test_a_module_without_alpha_keeps_its_change():
+    """An old LoRA file without `.alpha` tensors means alpha = rank, scale 1 (kohya's create_network_from_weights:
+    'support old LoRA without alpha', resize_lora.py: scale 1.0): resize and merge_svd keep scale * up @ down."""
+    from lorakit.tools.merge_svd import merge_loras_svd
+
+    sub = _module(torch.Generator().manual_seed(11), (4, 16), (8, 4))
+    sd = _file({"lora_unet_q": sub})
+    want = _ref_dense(sub)
+    for k in (4, 2):
+        best, _ = _best(want, k)
+        assert torch.allclose(_dense(resize_lora(dict(sd), k).tensors, "lora_unet_q"), best, atol=1e-5)
+    merged = merge_loras_svd([dict(sd)], [1.0], 4, progress=False)
+    assert torch.allclose(_dense(merged, "lora_unet_q"), want, atol=1e-5)
+
+
+def test_1x1_convs_take_new_rank_and_the_dims_written_are_the_largest(tmp_path):
+    """--new_conv_rank is the rank of the kxk convs only (sd-scripts' resize_lora.py help 'rank ... for Conv2d 3x3';
+    svd_merge_lora.py and extract_lora_from_models.py give 1x1 convs the linear rank), so SD1's 1x1 proj_in takes
+    new_rank. ss_network_dim and conv_dim are the largest ranks written: an untrained module keeps 1 component
+    and a module already below the rank keeps its own (kohya writes new_rank, which is the largest here)."""
+    g = torch.Generator().manual_seed(12)
+    modules = {"lora_unet_p": _module(g, (8, 16, 1, 1), (12, 8, 1, 1), 8.0),
+               "lora_unet_l": _module(g, (8, 16), (12, 8), 4.0),
+               "lora_unet_s": _module(g, (3, 16), (12, 3), 3.0),
+               "lora_unet_z": _module(g, (8, 16), (12, 8), 8.0),
+               "lora_unet_c": _module(g, (8, 6, 3, 3), (10, 8, 1, 1), 4.0),
+               "lora_unet_c1": _module(g, (1, 6, 3, 3), (10, 1, 1, 1), 1.0)}
+    modules["lora_unet_z"]["lora_up.weight"].zero_()
+    src = tmp_path / "in.safetensors"
+    save_file(_file(modules), src, metadata={"ss_network_args": json.dumps({"conv_dim": "8", "conv_alpha": "4"})})
+    res = resize_lora(src, 4, new_conv_rank=2)
+    ranks = {name: res.tensors[f"{name}.lora_down.weight"].shape[0] for name in modules}
+    assert ranks == {"lora_unet_p": 4, "lora_unet_l": 4, "lora_unet_s": 3, "lora_unet_z": 1, "lora_unet_c": 2,
+                     "lora_unet_c1": 1}
+    for name in ("lora_unet_p", "lora_unet_c"):
+        best, _ = _best(_ref_dense(modules[name]), ranks[name])
+        assert torch.allclose(_dense(res.tensors, name), best, atol=1e-5), name
+    assert res.metadata["ss_network_dim"] == "4"
+    assert json.loads(res.metadata["ss_network_args"])["conv_dim"] == "2"
