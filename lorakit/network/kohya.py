@@ -55,7 +55,7 @@ from ..algos.options import OptionError, parse_options, to_float, to_int
 from .blocks import KOHYA_SD25, KOHYA_SDXL23, parse_kohya_block_lr_kwargs
 from .config import split_network_kwargs
 from .create import create_network as _create
-from .load import load_network, read_adapter_tensors
+from .load import kohya_tensors, load_network, read_adapter_tensors
 from .names import NameIndex
 from .network import Network
 
@@ -219,7 +219,8 @@ class KohyaNetwork(Network):
     def load_weights(self, file):
         """Load a .safetensors file's tensors (names in either style) into this network; returns torch's
         (missing_keys, unexpected_keys), as kohya does. Shapes that differ are an error."""
-        tensors, _, _ = read_adapter_tensors(file)
+        tensors, _, where = read_adapter_tensors(file)
+        tensors, _, _ = kohya_tensors(tensors, self.arch, where)  # OneTrainer OMI, sd-scripts OFT files too
         return self.load_state_dict(tensors, strict=False)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):

@@ -108,6 +108,17 @@ def without_bundled_embeddings(tensors: Mapping[str, torch.Tensor], where: str, 
     return {k: v for k, v in tensors.items() if not k.startswith(_BUNDLED_EMBEDDING)}
 
 
+def kohya_tensors(tensors: Mapping[str, torch.Tensor], arch: str | None, where: str,
+                  stacklevel: int = 2) -> tuple[dict, str, str]:
+    """(tensors, where, layout): a file's adapter tensors as the loaders read them, under kohya names: the bundled
+    embeddings left out (with a warning), OneTrainer's OMI names renamed, sd-scripts' OFT read with its
+    conventions; `where` then names the layout too. `layout` is detect_layout's."""
+    tensors = without_bundled_embeddings(tensors, where, stacklevel=stacklevel)
+    layout = detect_layout(tensors)
+    tensors, where = _in_kohya_layout(tensors, layout, arch, where)
+    return tensors, where, layout
+
+
 def _in_kohya_layout(tensors: dict, layout: str, arch: str | None, where: str) -> tuple[dict, str]:
     """Files of other trainers that hold kohya's tensors under other names, renamed (OneTrainer's OMI layout) or
     read with their own conventions (sd-scripts' OFT); `where` then names the layout, as messages name the
@@ -170,11 +181,8 @@ def load_network(model: nn.Module, source: str | Path | Mapping[str, torch.Tenso
     `prefix`). U-Net names are accepted in diffusers and SGM style. `dtype` is the adapters' dtype (None: the
     file's). `where` names the tensors in messages (default: the file, or "the state dict")."""
     tensors, metadata, described = read_adapter_tensors(source)
-    where = where or described
-    tensors = without_bundled_embeddings(tensors, where, stacklevel=2)
     text_encoders, arch, index = index_model(model, text_encoders, prefix)
-    layout = detect_layout(tensors)
-    tensors, where = _in_kohya_layout(tensors, layout, arch, where)
+    tensors, where, layout = kohya_tensors(tensors, arch, where or described, stacklevel=3)
     check_layout(tensors, where)
     found, missing = index.resolve_keys(tensors)
     if missing:

@@ -15,7 +15,7 @@ from ..formats.dtypes import parse_dtype
 from ..formats.modelspec import with_base_model_keys
 from ..formats.peft_layout import (LayoutError, detect_layout, kohya_to_peft, omi_arch, omi_to_kohya, peft_to_kohya,
                                    rename_unet)
-from ..network.load import read_adapter_tensors, warn_non_finite
+from ..network.load import read_adapter_tensors, warn_non_finite, without_bundled_embeddings
 from .cli_common import refuse_overwrite
 from .merge import with_named_base_model
 
@@ -80,6 +80,7 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, to: str | None
     cast = parse_dtype(dtype, "--dtype")
     refuse_overwrite(output, {"source file": where})
     tensors, metadata, _ = read_adapter_tensors(where)
+    tensors = without_bundled_embeddings(tensors, where)  # not converted: the UIs load them as embeddings
     warn_non_finite(tensors, where)  # converted all the same, as the tensors are passed through
     if not tensors:
         raise ConvertError(f"{where}: holds no tensors")

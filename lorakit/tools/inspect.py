@@ -19,7 +19,7 @@ import torch
 from ..formats import find_non_finite
 from ..formats.peft_layout import (KOHYA_PREFIXES, SD_SCRIPTS_OFT_PREFIX, LayoutError, detect_layout, name_to_path,
                                    omi_to_kohya, peft_to_kohya)
-from ..network.load import oft_split_problem, read_adapter_tensors
+from ..network.load import oft_split_problem, read_adapter_tensors, without_bundled_embeddings
 
 __all__ = ["InspectError", "inspect_file", "inspect_tensors", "format_report", "module_dim"]
 
@@ -247,6 +247,7 @@ def inspect_file(path: str | os.PathLike, top_tags: int = 10) -> dict[str, Any]:
     and ``file_size``. A model checkpoint or another kind of file raises InspectError saying what it is."""
     where = os.fspath(path)
     tensors, metadata, _ = read_adapter_tensors(where)
+    tensors = without_bundled_embeddings(tensors, where)  # as the loaders leave them out
     try:
         report = inspect_tensors(tensors, metadata, top_tags)
     except InspectError as e:
