@@ -158,7 +158,7 @@ class _Run:
 
     def _make_network(self, model):
         from ..network.create import create_network
-        from ..network.load import load_network, read_adapter_tensors, without_bundled_embeddings
+        from ..network.load import load_network
 
         c = self.config
         if self.explore:
@@ -169,8 +169,9 @@ class _Run:
                                 "lorakit explore")
         weights = c.network_weights[0] if c.network_weights else None
         tes = None if c.network_train_unet_only else model.text_encoders
+        source = _unet_adapters(weights) if weights and c.network_train_unet_only else weights
         if weights and c.dim_from_weights:
-            net = load_network(model.unet, weights, text_encoders=tes)
+            net = load_network(model.unet, source, text_encoders=tes, where=str(weights))
         else:
             options = dict(c.network_kwargs())
             options.setdefault("dim", c.network_dim if c.network_dim is not None else 4)
@@ -179,12 +180,7 @@ class _Run:
                 options.setdefault("dropout", c.network_dropout)
             net = create_network(model.unet, tes, **options)
             if weights:
-                tensors, _, where = read_adapter_tensors(weights)
-                tensors = without_bundled_embeddings(tensors, where)
-                missing, unexpected = net.load_state_dict(tensors, strict=False)
-                if unexpected:
-                    raise TrainingError(f"network_weights={where}: {len(unexpected)} tensor(s) match no adapter of "
-                                        f"this network (e.g. {unexpected[0]}); use dim_from_weights for its shapes")
+                _load_network_weights(net, source, str(weights), model.unet, tes)
         net.to(self.device, torch.float32 if not (c.full_fp16 or c.full_bf16) else self.weight_dtype)
         net.apply(hooks=c.deepspeed and c.zero_stage == 3)  # ZeRO-3 gathers each adapter in a forward hook
         net.train()
@@ -192,20 +188,16 @@ class _Run:
 
     def _rated_networks(self, model):
         """lorakit explore: the adapter files applied and frozen, and their application rates, which train."""
-        from ..network.load import load_network, read_adapter_tensors
-        from ..network.names import TE1_PREFIX, TE2_PREFIX, TE_PREFIX
+        from ..network.load import load_network
         from ..network.rates import ApplicationRates, rate_layout
 
         c = self.config
         nets = []
         for path in c.network_weights:
             if c.network_train_unet_only:
-                # sd-scripts' apply_to(apply_text_encoder=False): the text encoders run without the files' adapters
-                # (their outputs may be cached; cached with adapters, they would hold the rate of the moment)
-                tensors, _, _ = read_adapter_tensors(path)
-                text = (TE_PREFIX, TE1_PREFIX, TE2_PREFIX)
-                unet_only = {k: v for k, v in tensors.items() if not k.startswith(text)}
-                net = load_network(model.unet, unet_only, where=str(path))
+                # the text encoders run without the files' adapters (their outputs may be cached; cached with
+                # adapters, they would hold the rate of the moment)
+                net = load_network(model.unet, _unet_adapters(path), where=str(path))
             else:
                 net = load_network(model.unet, path, text_encoders=model.text_encoders)
             if net.arch is None:
@@ -696,6 +688,35 @@ def _log_schedule(ds, validation, batches_per_epoch: int, num_epochs: int, batch
     log.info("running training / 学習開始")
     for text, value in lines:
         log.info("  %s%s", text, value)
+
+
+def _unet_adapters(path) -> dict:
+    """network_weights' tensors for a network_train_unet_only run: its text-encoder adapters left out (one log line
+    says how many), as sd-scripts' apply_to(apply_text_encoder=False) builds none and load_weights ignores them."""
+    from ..network.load import read_adapter_tensors
+    from ..network.names import TE1_PREFIX, TE2_PREFIX, TE_PREFIX
+
+    tensors, _, where = read_adapter_tensors(path)
+    unet = {k: v for k, v in tensors.items() if not k.startswith((TE_PREFIX, TE1_PREFIX, TE2_PREFIX))}
+    if len(unet) < len(tensors):
+        log.info("network_weights=%s: %d text-encoder tensor(s) (lora_te*) left out: network_train_unet_only trains "
+                 "the U-Net's adapters only", where, len(tensors) - len(unet))
+    return unet
+
+
+def _load_network_weights(net, source, where: str, unet, text_encoders) -> None:
+    """network_weights into the network the options built, its names in either U-Net style (SDXL: SGM or
+    diffusers), mapped to the network's as load_network and sd-scripts' load_weights read them."""
+    from ..network.kohya import KohyaNetwork
+    from ..network.load import read_adapter_tensors, without_bundled_embeddings
+    from ..network.names import NameIndex
+
+    tensors = without_bundled_embeddings(read_adapter_tensors(source)[0], where)
+    index = NameIndex.for_sd(unet, text_encoders or (), net.arch) if net.arch is not None else None
+    _, unexpected = KohyaNetwork.wrap(net, index).load_state_dict(tensors, strict=False)  # its adapters are net's
+    if unexpected:
+        raise TrainingError(f"network_weights={where}: {len(unexpected)} tensor(s) match no adapter of this network "
+                            f"(e.g. {unexpected[0]}); use dim_from_weights for its shapes")
 
 
 def _save_adapter(net, path: Path, dtype, metadata: dict, drop_unet: bool) -> None:
