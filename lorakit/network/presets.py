@@ -57,6 +57,10 @@ class Preset:
         return any(self.matches(p, path) for p in self.exclude_name)
 
     def override_for_name(self, path: str) -> dict | None:
+        """The name_algo_map entry for a module path: the path itself as a key first, else the first entry (in
+        the table's order) that matches, as LyCORIS' find_conf_for_name reads it."""
+        if path in self.name_algo_map:
+            return self.name_algo_map[path]
         for pattern, override in self.name_algo_map.items():
             if self.matches(pattern, path):
                 return override

@@ -21,7 +21,8 @@ except ModuleNotFoundError:  # Python 3.10
 
 from lorakit import create_network
 from lorakit.algos import OptionError
-from lorakit.network.presets import BUILTIN_DIR, Preset, builtin_presets, load_preset, preset_from_file_data
+from lorakit.network.presets import (BUILTIN_DIR, Preset, builtin_presets, load_preset, preset_from_dict,
+                                     preset_from_file_data)
 
 from . import meta_model
 from .sdscripts_unet import crossattention_unet, sdxl_unet
@@ -666,3 +667,16 @@ def test_a_dict_is_the_whole_preset_while_a_file_keeps_lycoris_defaults(tmp_path
     assert set(from_file.entries) - set(from_dict.entries) == set(from_file.names("text_encoder")) | {
         "lora_unet_conv_in", "lora_unet_conv_out", "lora_unet_time_embedding_linear_1",
         "lora_unet_time_embedding_linear_2"}
+
+
+def test_name_algo_map_takes_the_exact_path_first_then_the_first_matching_entry():
+    """LyCORIS' find_conf_for_name: a key equal to the module path wins; else the first entry of the table whose
+    pattern matches (in the table's order)."""
+    path = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    exact_last = preset_from_dict({"name_algo_map": {".*attn1.*": {"algo": "loha"}, path: {"algo": "lokr"}}})
+    assert exact_last.override_for_name(path) == {"algo": "lokr"}
+    two_patterns = preset_from_dict({"name_algo_map": {"down_blocks\\.0\\..*": {"algo": "loha"},
+                                                       ".*to_q": {"algo": "lokr"}}})
+    assert two_patterns.override_for_name(path) == {"algo": "loha"}
+    assert two_patterns.override_for_name("up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q") == {
+        "algo": "lokr"}
