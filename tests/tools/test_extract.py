@@ -110,6 +110,9 @@ def test_full_fallback_and_min_diff(pair, tmp_path):
     assert lin["full"]  # rank 20 on a 32x32 layer: 20*64 >= 32*32 numbers, stored whole
     key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.diff"
     assert torch.allclose(res.tensors[key].double(), _weights(tuned, LIN) - _weights(base, LIN), atol=1e-7)
+    # conv_dim 0 leaves the kxk convs out (kohya's create_modules skips dim 0), not a rank-0 module each
+    assert all(r["kind"] == "linear" for r in res.layers.values())
+    assert not any(t.dim() == 4 and t.shape[2:] != (1, 1) for t in res.tensors.values())
     with pytest.raises(ValueError, match="min_diff"):
         extract_lora(base, tuned, None, linear_dim=R, min_diff=1e9, show_progress=False)
 
@@ -331,3 +334,38 @@ def test_sdxl_known_changes_recovered_with_both_text_encoders(tmp_path):
     meta = read_metadata(out)
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_network_module"] == "networks.lora"
     assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+
+
+PROJ_IN = ("unet", "down_blocks.0.attentions.0.proj_in")
+
+
+def test_1x1_convs_take_linear_dim(pair):
+    """kohya's extract_lora_from_models.py: rank = conv_dim only for conv2d_3x3 (kernel != (1, 1)); SD1's 1x1
+    proj_in takes dim, and the metadata counts it with the Linear modules."""
+    _, _, base, _ = pair
+    tuned = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for where in (PROJ_IN, CONV):
+            w = _module(tuned, where).weight
+            w += (torch.randn(w.shape[0], 4, generator=g) @ torch.randn(4, w[0].numel(), generator=g)
+                  * 0.05).reshape(w.shape)
+    res = extract_lora(base, tuned, None, linear_dim=4, conv_dim=2, full_fallback=False, text_encoders=False,
+                       show_progress=False)
+    proj, conv = "lora_unet_down_blocks_0_attentions_0_proj_in", "lora_unet_down_blocks_1_resnets_0_conv1"
+    assert {n: (r["kind"], r["rank"]) for n, r in res.layers.items()} == {proj: ("linear", 4), conv: ("conv", 2)}
+    assert res.tensors[f"{proj}.lora_down.weight"].shape == (4, 32, 1, 1)
+    change = _weights(tuned, PROJ_IN) - _weights(base, PROJ_IN)
+    got = (res.tensors[f"{proj}.lora_up.weight"].double().flatten(1)
+           @ res.tensors[f"{proj}.lora_down.weight"].double().flatten(1))
+    assert torch.allclose(got, change.flatten(1), atol=1e-6)  # a rank-4 change: recovered exactly
+    assert (res.metadata["ss_network_dim"], json.loads(res.metadata["ss_network_args"])["conv_dim"]) == ("4", "2")
+
+
+def test_v_prediction_base_is_named_in_ss_base_model_version(pair):
+    """sd-scripts' get_model_version_str_for_sd1_sd2 adds "_v" for v-parameterization: sd_v1_v here."""
+    _, _, base, tuned = pair
+    v_base, v_tuned = copy.copy(base), copy.copy(tuned)
+    v_base.v_parameterization = v_tuned.v_parameterization = True
+    res = extract_lora(v_base, v_tuned, None, linear_dim=R, conv_dim=0, text_encoders=False, show_progress=False)
+    assert (res.metadata["ss_base_model_version"], res.metadata["ss_v2"]) == ("sd_v1_v", "False")
