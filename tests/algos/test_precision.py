@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from lorakit.algos import make_adapter
 
@@ -77,3 +79,41 @@ def test_orthogonal_adapters_cast_to_half_precision_solve_in_float32(low, algo, 
     assert (got.double() - expected).abs().max() < 0.03 * scale
     ref_grad, grad = adapter.oft_blocks.grad, low_adapter.oft_blocks.grad.double()
     assert (grad - ref_grad).abs().max() < 0.05 * ref_grad.abs().max()
+
+
+@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16])
+def test_merge_into_a_half_precision_layer_rounds_the_sum_once(low):
+    """merge() adds a float32 dW to a half-precision W in float32 and rounds the sum once: the weight is W + dW
+    rounded from float64. (Rounding dW to half first and then the sum moves ~0.5% of the elements by one unit, an
+    error that grows with every LoRA merged into a half-precision model.)"""
+    torch.manual_seed(0)
+    layer = nn.Linear(128, 128).to(low).requires_grad_(False)
+    w0 = layer.weight.clone()
+    adapter = make_adapter("lora", layer, dim=8, alpha=8)
+    with torch.no_grad():
+        adapter.lora_up.normal_(std=1e-3)  # a small change, as trained adapters make
+    dw = adapter.delta_weight().detach()
+    adapter.merge()
+    assert torch.equal(layer.weight, (w0.double() + dw.double()).to(low))
+
+
+class Float32OutputLinear(nn.Linear):
+    """A half-precision Linear that computes in float32, as layers upcasting a stored weight do: its output shows an
+    input change without the half-precision rounding of the output on top."""
+
+    def forward(self, x):
+        return F.linear(x.float(), self.weight.float(), self.bias.float())
+
+
+def test_a_float32_input_change_on_a_half_precision_layer_is_not_rounded_to_the_input():
+    """IA3 on the input with small scales (early training): the change W (m w * x) is computed apart from W x, so
+    the half-precision input does not round it away (x + u in float16 keeps u to ~5e-4 of x: ~15% of this change)."""
+    torch.manual_seed(0)
+    layer = Float32OutputLinear(64, 32).half().requires_grad_(False)
+    adapter = make_adapter("ia3", layer, train_on_input=True)
+    with torch.no_grad():
+        adapter.weight.copy_(1e-3 * (1 + torch.rand(64)))
+    x = torch.randn(8, 64).half()
+    expected = F.linear(x.double() * adapter.weight.detach().double(), layer.weight.double())
+    change = (adapter(x) - layer(x)).detach().double()
+    assert float((change - expected).norm() / expected.norm()) < 0.01
