@@ -176,7 +176,8 @@ def test_bundled_embeddings_are_left_out_by_every_lora_tool(tmp_path):
 
 
 def _module(g, down_shape, up_shape, alpha=None):
-    sub = {"lora_down.weight": torch.randn(*down_shape, generator=g), "lora_up.weight": torch.randn(*up_shape, generator=g)}
+    sub = {"lora_down.weight": torch.randn(*down_shape, generator=g),
+           "lora_up.weight": torch.randn(*up_shape, generator=g)}
     return sub if alpha is None else {**sub, "alpha": torch.tensor(alpha)}
 
 
