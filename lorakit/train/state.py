@@ -156,13 +156,18 @@ def check_state_folder(folder: str | Path) -> None:
     expected = "expected a -state folder that a run with save_state wrote"
     if folder.exists():
         raise StateError(f"resume={folder}: is a file, not a state folder ({expected})")
+    raise StateError(f"resume={folder}: no such folder ({expected}){_left_copies(folder)}")
+
+
+def _left_copies(folder: Path) -> str:
+    """What a kill while saving ``folder`` left of it, for the message that it is missing."""
     copies = stale_copies(folder)
-    left = ""
-    if copies:
-        shown = ", ".join(f"{c.name} ({'complete' if is_complete_state(c) else 'incomplete'})" for c in copies)
-        left = (f"; a run killed while saving it left only temporary copies ({shown}): a lorakit train in "
-                f"{folder.parent} puts the newest complete one back, the others are removed")
-    raise StateError(f"resume={folder}: no such folder ({expected}){left}")
+    if not copies:
+        return ""
+    complete = [copy for copy in copies if is_complete_state(copy)]
+    shown = ", ".join(f"{c.name} ({'complete' if c in complete else 'incomplete'})" for c in copies)
+    then = "lorakit train puts the newest complete one back when it starts" if complete else "none is complete"
+    return f"; a run killed while saving it left only temporary copies ({shown}): {then}"
 
 
 def load_state(folder: str | Path, network, optimizer, scheduler, config_digest: str,
