@@ -124,9 +124,11 @@ class IA3(Adapter):
         z = spec.op(x, layer.weight, zero)
         w = self._w()
         scale = spec.channel_view(torch.add(w.new_ones(()), w, alpha=m), z.dim())  # one autograd node: 1 + m w
+        # under autocast z is in its dtype: the float32 scale and bias would promote the output back to float32
+        scale = scale.to(z.dtype)
         if layer.bias is None:
             return z * scale
-        return torch.addcmul(spec.channel_view(layer.bias, z.dim()), z, scale)
+        return torch.addcmul(spec.channel_view(layer.bias, z.dim()).to(z.dtype), z, scale)
 
     def _delta_weight(self):
         w = self.base_weight().to(self.dtype)
