@@ -21,7 +21,8 @@ from ..formats.dtypes import parse_dtype
 from .loss import DiffusionLoss, LossOptions
 from .noise import NoiseOptions, make_noise_scheduler
 from .options import SECRET_OPTIONS
-from .base_model import compile_models, enable_checkpointing, fp8_targets, keep_in_fp8, merge_base_weights
+from .base_model import (checkpoint_text_encoders, compile_models, enable_checkpointing, fp8_targets, keep_in_fp8,
+                         merge_base_weights)
 from .config import to_toml
 from .console_log import console_logging
 from .distributed import current_world
@@ -169,7 +170,7 @@ class _Run:
                                 "lorakit explore")
         weights = c.network_weights[0] if c.network_weights else None
         tes = None if c.network_train_unet_only else model.text_encoders
-        source = _unet_adapters(weights) if weights and c.network_train_unet_only else weights
+        source = _unet_adapters(weights, model.kind) if weights and c.network_train_unet_only else weights
         if weights and c.dim_from_weights:
             net = load_network(model.unet, source, text_encoders=tes, where=str(weights))
         else:
@@ -197,7 +198,7 @@ class _Run:
             if c.network_train_unet_only:
                 # the text encoders run without the files' adapters (their outputs may be cached; cached with
                 # adapters, they would hold the rate of the moment)
-                net = load_network(model.unet, _unet_adapters(path), where=str(path))
+                net = load_network(model.unet, _unet_adapters(path, model.kind), where=str(path))
             else:
                 net = load_network(model.unet, path, text_encoders=model.text_encoders)
             if net.arch is None:
@@ -395,6 +396,8 @@ class _Run:
         train_text = not c.network_train_unet_only and (any(
             g["name"].startswith("text_encoder") for g in groups if "name" in g) or
             getattr(net, "text_encoder_rates", False))  # explore: the BASE rate learns through the text encoders
+        if c.gradient_checkpointing and train_text:  # before compiling: turned on at the first step, it recompiles
+            checkpoint_text_encoders(model.text_encoders)
         stop_text_at = (c.stop_text_encoder_training or  # steps; the GUI's percentage converted as it converts it
                         (math.ceil(max_steps * c.stop_text_encoder_training_pct / 100)
                          if c.stop_text_encoder_training_pct else None))
@@ -690,13 +693,15 @@ def _log_schedule(ds, validation, batches_per_epoch: int, num_epochs: int, batch
         log.info("  %s%s", text, value)
 
 
-def _unet_adapters(path) -> dict:
-    """network_weights' tensors for a network_train_unet_only run: its text-encoder adapters left out (one log line
-    says how many), as sd-scripts' apply_to(apply_text_encoder=False) builds none and load_weights ignores them."""
-    from ..network.load import read_adapter_tensors
+def _unet_adapters(path, arch: str | None) -> dict:
+    """network_weights' tensors for a network_train_unet_only run, under kohya names (other trainers' layouts read
+    as the loaders read them): its text-encoder adapters left out (one log line says how many), as sd-scripts'
+    apply_to(apply_text_encoder=False) builds none and load_weights ignores them."""
+    from ..network.load import kohya_tensors, read_adapter_tensors
     from ..network.names import TE1_PREFIX, TE2_PREFIX, TE_PREFIX
 
     tensors, _, where = read_adapter_tensors(path)
+    tensors, where, _ = kohya_tensors(tensors, arch, where)
     unet = {k: v for k, v in tensors.items() if not k.startswith((TE_PREFIX, TE1_PREFIX, TE2_PREFIX))}
     if len(unet) < len(tensors):
         log.info("network_weights=%s: %d text-encoder tensor(s) (lora_te*) left out: network_train_unet_only trains "
@@ -708,10 +713,10 @@ def _load_network_weights(net, source, where: str, unet, text_encoders) -> None:
     """network_weights into the network the options built, its names in either U-Net style (SDXL: SGM or
     diffusers), mapped to the network's as load_network and sd-scripts' load_weights read them."""
     from ..network.kohya import KohyaNetwork
-    from ..network.load import read_adapter_tensors, without_bundled_embeddings
+    from ..network.load import kohya_tensors, read_adapter_tensors
     from ..network.names import NameIndex
 
-    tensors = without_bundled_embeddings(read_adapter_tensors(source)[0], where)
+    tensors, where, _ = kohya_tensors(read_adapter_tensors(source)[0], net.arch, where)  # OneTrainer OMI, ...
     index = NameIndex.for_sd(unet, text_encoders or (), net.arch) if net.arch is not None else None
     _, unexpected = KohyaNetwork.wrap(net, index).load_state_dict(tensors, strict=False)  # its adapters are net's
     if unexpected:

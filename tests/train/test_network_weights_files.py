@@ -89,3 +89,17 @@ def test_an_sdxl_file_with_diffusers_unet_names_starts_a_run(base, tmp_path, dim
     final = train(_config(base, tmp_path / "out", kind="sdxl", network_weights=str(path),
                           network_train_unet_only=True, dim_from_weights=dim_from_weights))
     assert _started_from(final, file)
+
+
+def test_a_unet_only_run_leaves_out_the_text_encoder_adapters_of_a_onetrainer_omi_file(tmp_path):
+    """OneTrainer's OMI names (unet./clip_l./clip_g.) are read as the loaders read them, so its clip_* adapters are
+    the text encoders' ones that a network_train_unet_only run leaves out."""
+    from lorakit.train.run import _unet_adapters
+
+    omi = {f"{prefix}.{suffix}": torch.ones(2, 2) for prefix in (
+        "unet.input_blocks.4.1.transformer_blocks.0.attn1.to_q", "clip_l.text_model.encoder.layers.0.mlp.fc1",
+        "clip_g.text_model.encoder.layers.1.mlp.fc1") for suffix in ("lora_down.weight", "lora_up.weight")}
+    save_file(omi, tmp_path / "omi.safetensors")
+    kept = _unet_adapters(tmp_path / "omi.safetensors", "sdxl")
+    assert sorted(kept) == ["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight",
+                            "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_up.weight"]

@@ -98,10 +98,9 @@ def test_lorakit_train_checkpoints_the_text_encoder(tmp_path, monkeypatch):
     seen = []
     real = run.batch_loss
 
-    def recording(ctx, batch, generator, train_text):
-        loss = real(ctx, batch, generator, train_text)
+    def recording(ctx, batch, generator, train_text):  # set before the first step (so before torch.compile)
         seen.append([(_checkpointed(te), te.training) for te in ctx.model.text_encoders])
-        return loss
+        return real(ctx, batch, generator, train_text)
 
     monkeypatch.setattr(run, "batch_loss", recording)
     outputs = []
