@@ -10,9 +10,11 @@ temporaries, and the next run's start puts the newest complete one back: restore
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -66,12 +68,32 @@ def save_state(folder: str | Path, tensors: dict, optimizer, scheduler, progress
 
 def _changed(saved: dict | None, now: dict | None) -> str:
     """'name: saved -> now' for the settings both runs record that differ. A setting only one side records (an
-    option another lorakit version added, or lets a resume change) is not compared."""
+    option another lorakit version added, or lets a resume change) is not compared; paths are compared as the
+    places they name (a trailing slash, "./" or a relative spelling of the same folder is no change)."""
     if not saved or not now:
         return ""
-    names = sorted(k for k in set(saved) & set(now) if saved[k] != now[k])
+    names = sorted(k for k in set(saved) & set(now) if saved[k] != now[k] and not _same_place(k, saved[k], now[k]))
     shown = [f"{k}: {saved[k]} -> {now[k]}" for k in names[:5]]
     return "; ".join(shown) + (f"; and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def _same_place(name: str, saved: str, now: str) -> bool:
+    """Whether two recorded values (reprs) of a path option name the same files."""
+    from .options import BY_NAME
+
+    option = BY_NAME.get(name)
+    if option is None or option.kind not in ("path", "paths"):
+        return False
+    try:
+        saved_value, now_value = ast.literal_eval(saved), ast.literal_eval(now)
+    except (ValueError, SyntaxError):
+        return False
+
+    def places(value):  # a name such as demo:tiny-sd is not a path
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        return [os.path.abspath(os.path.expanduser(v)) if isinstance(v, str) and ":" not in v else v for v in values]
+
+    return places(saved_value) == places(now_value)
 
 
 # the scheduler state's per-group lists (torch's LRScheduler, LambdaLR, CyclicLR with its momenta, ReduceLROnPlateau)
@@ -185,13 +207,18 @@ def load_state(folder: str | Path, network, optimizer, scheduler, config_digest:
         info = json.loads(files[2].read_text())
     except ValueError as e:
         raise StateError(f"resume={folder}: {files[2].name} is not valid JSON ({e})") from None
-    if info.pop("format", None) != _FORMAT:
-        raise StateError(f"resume={folder}: state format {info.get('format')} is not {_FORMAT}")
+    if not isinstance(info, dict):
+        raise StateError(f"resume={folder}: {files[2].name} holds a {type(info).__name__}, not a lorakit state's "
+                         "object")
+    saved_format = info.pop("format", None)
+    if saved_format != _FORMAT:
+        raise StateError(f"resume={folder}: state format {saved_format} is not {_FORMAT} (saved by another lorakit "
+                         "version?)")
     saved_by_deepspeed = info.pop("deepspeed", None) is not None
     if saved_by_deepspeed != (optimizer is None):
         raise StateError(f"resume={folder}: the state was saved {'with' if saved_by_deepspeed else 'without'} "
                          f"deepspeed; resume it with deepspeed = {str(saved_by_deepspeed).lower()}")
-    progress = Progress(**info)
+    progress = _progress(folder, files[2].name, info)
     if progress.config_digest and progress.config_digest != config_digest:
         # compared setting by setting where the state records them (the digest alone changes when a lorakit
         # version adds an option or frees one for resumes); only states without settings rely on the digest
@@ -209,11 +236,19 @@ def load_state(folder: str | Path, network, optimizer, scheduler, config_digest:
     if set(tensors) != expected:
         diff = sorted(set(tensors) ^ expected)[:3]
         raise StateError(f"resume={folder}: its adapters differ from this run's network (e.g. {diff})")
-    network.load_state_dict(tensors)
+    try:
+        network.load_state_dict(tensors)
+    except RuntimeError as e:  # torch's shape check: the names fit, the tensors do not
+        raise StateError(f"resume={folder}: {files[0].name} does not fit this run's network "
+                         f"({str(e).splitlines()[-1].strip()})") from None
     try:
         saved = torch.load(files[1], map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError) as e:  # a truncated or foreign file
         raise StateError(f"resume={folder}: {files[1].name} cannot be read ({str(e).splitlines()[0]})") from None
+    needed = ("scheduler",) if optimizer is None else ("optimizer", "scheduler")
+    if not isinstance(saved, dict) or any(not isinstance(saved.get(k), dict) for k in needed):
+        raise StateError(f"resume={folder}: {files[1].name} is not a lorakit optimizer state (expected "
+                         f"{' and '.join(needed)} states)")
     if optimizer is not None:
         _match_group_order(folder, saved, optimizer)
         try:
@@ -230,6 +265,25 @@ def load_state(folder: str | Path, network, optimizer, scheduler, config_digest:
         _note_new_length(folder, progress, max_steps)
         progress.max_steps = max_steps
     return progress
+
+
+_COUNTERS = ("epoch", "step_in_epoch", "global_step")
+
+
+def _progress(folder: Path, name: str, info: dict) -> Progress:
+    """The saved progress, its counters checked: a missing or mistyped one, or a field this lorakit does not know
+    (a newer version's state), is refused naming the file, not read as 0."""
+    known = {f.name for f in fields(Progress)}
+    unknown = sorted(set(info) - known)
+    if unknown:
+        raise StateError(f"resume={folder}: {name} has fields this lorakit does not know ({', '.join(unknown)}; "
+                         "saved by a newer version?)")
+    bad = [k for k in _COUNTERS if not isinstance(info.get(k), int) or isinstance(info.get(k), bool)
+           or info[k] < 0]
+    if bad:
+        raise StateError(f"resume={folder}: {name}: {', '.join(f'{k} = {info.get(k)!r}' for k in bad)} (expected "
+                         "whole numbers >= 0)")
+    return Progress(**info)
 
 
 def _note_new_length(folder: Path, progress: Progress, max_steps: int) -> None:
