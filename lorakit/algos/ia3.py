@@ -96,12 +96,14 @@ class IA3(Adapter):
                 return self._org_forward(x * spec.channel_view(1 + gain, x.dim()), *args, **kwargs)
             u = x.to(self.dtype) * spec.channel_view(gain, x.dim())
             return self.org_with_input_change(x, u, *args, **kwargs)
-        if not args and not kwargs and x.device.type == "cpu" and x.numel() >= _MIN_FOLD_POSITIONS * x.shape[-1] \
-                and fusable(self, x):
+        # Under autocast neither fast path: each scales in autocast's dtype, where 1 + m w rounds to 1 for any |m w|
+        # under its resolution (2^-8 in bfloat16); the last path adds the change apart, as LyCORIS does.
+        plain = not args and not kwargs and amp.autocast_dtype(x.device.type) is None
+        if plain and x.device.type == "cpu" and x.numel() >= _MIN_FOLD_POSITIONS * x.shape[-1] and fusable(self, x):
             scale = 1 + self._w() * m  # the check below reads the values: free on a CPU, a device sync elsewhere
             if bool((scale.detach().abs() >= _MIN_SCALE).all()):
                 return linear_folded(self, x, scale, _ScaledRows)
-        if not args and not kwargs and x.numel() <= _MAX_NATIVE_INPUT and plain_frozen_layer(self, x):
+        if plain and x.numel() <= _MAX_NATIVE_INPUT and plain_frozen_layer(self, x):
             return self._scaled_short_call(x, m)
         y = self._org_forward(x, *args, **kwargs)
         if y.dtype == self.dtype:
@@ -124,11 +126,9 @@ class IA3(Adapter):
         z = spec.op(x, layer.weight, zero)
         w = self._w()
         scale = spec.channel_view(torch.add(w.new_ones(()), w, alpha=m), z.dim())  # one autograd node: 1 + m w
-        # under autocast z is in its dtype: the float32 scale and bias would promote the output back to float32
-        scale = scale.to(z.dtype)
         if layer.bias is None:
             return z * scale
-        return torch.addcmul(spec.channel_view(layer.bias, z.dim()).to(z.dtype), z, scale)
+        return torch.addcmul(spec.channel_view(layer.bias, z.dim()), z, scale)
 
     def _delta_weight(self):
         w = self.base_weight().to(self.dtype)

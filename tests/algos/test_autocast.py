@@ -45,6 +45,27 @@ def test_ia3_on_the_output_gives_autocasts_dtype_under_amp():
     assert y.dtype == LOW
 
 
+@pytest.mark.parametrize("chunks", [1, 512], ids=["long_call", "short_calls"])
+def test_ia3_keeps_a_change_below_autocasts_resolution(chunks):
+    """A scale 1 + m w rounded to bfloat16 is 1 for |m w| < 2^-8 (a weight a run reaches in its first steps): the
+    change must be added apart from the layer's output, as LyCORIS does, so that it survives on average."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 64).requires_grad_(False)
+    adapter = make_adapter("ia3", layer)
+    adapter.apply()
+    x = torch.randn(8192, 64) + 1.0  # a nonzero mean, so each channel's change shows in its mean
+
+    def mean_output(w):
+        with torch.no_grad():
+            adapter.weight.fill_(w)
+            with torch.autocast("cpu", dtype=LOW):
+                return torch.cat([layer(c) for c in x.chunk(chunks)]).double().mean(0)
+
+    want = 3e-3 * torch.nn.functional.linear(x.double(), layer.weight.double()).mean(0)
+    got = mean_output(3e-3) - mean_output(0.0)
+    assert float((got * want).sum() / (want * want).sum()) == pytest.approx(1.0, abs=0.05)
+
+
 @pytest.mark.parametrize("style", ["trainer", "amp"])
 @pytest.mark.parametrize("algo,options,kind,many", [p for p in case_params(with_positions=True)
                                                      if p.values[2] not in ("layernorm", "groupnorm")])
