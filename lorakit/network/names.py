@@ -29,7 +29,7 @@ from .unet_paths import (SD_LAYOUT, SDXL_LAYOUT, UNetLayout, diffusers_to_ldm, i
 
 __all__ = [
     "UNET_PREFIX", "TE_PREFIX", "TE1_PREFIX", "TE2_PREFIX", "GENERIC_PREFIX",
-    "adapter_name", "split_key", "text_encoder_prefixes", "clip_name_path", "clip_model_path",
+    "adapter_name", "split_key", "group_by_module", "text_encoder_prefixes", "clip_name_path", "clip_model_path",
     "UNetLayout", "SD_LAYOUT", "SDXL_LAYOUT",
     "diffusers_to_ldm", "ldm_to_diffusers", "sdxl_diffusers_to_sgm", "sdxl_sgm_to_diffusers",
     "is_ldm_path", "detect_arch", "unet_name_path",
@@ -68,6 +68,15 @@ def split_key(key: str) -> tuple[str, str]:
     never contain a dot, so the first dot ends the name."""
     name, _, suffix = key.partition(".")
     return name, suffix
+
+
+def group_by_module(tensors) -> dict[str, dict]:
+    """A file's tensors per adapter: ``{name: {suffix: tensor}}`` (see split_key)."""
+    groups: dict[str, dict] = {}
+    for key, value in tensors.items():
+        name, suffix = split_key(key)
+        groups.setdefault(name, {})[suffix] = value
+    return groups
 
 
 def text_encoder_prefixes(arch: str) -> tuple[str, ...]:

@@ -162,10 +162,9 @@ def _full_modules(other: dict[str, torch.Tensor], where: str) -> dict[str, dict[
     ...) is refused, named as concat names it."""
     from .concat import module_algorithm, wrong_algorithm
 
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in other.items():
-        name, _, suffix = key.partition(".")
-        groups.setdefault(name, {})[suffix] = value
+    from ..network.names import group_by_module
+
+    groups = group_by_module(other)
     full = {}
     for name, sd in groups.items():
         algo = module_algorithm(name, sd, where)

@@ -28,10 +28,9 @@ def lora_modules(tensors: dict[str, torch.Tensor], where: str = "the state dict"
         dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
     """({module name: {suffix: tensor}} of the LoRA/LoCon modules, {key: tensor} of everything else). A module
     with one of lora_down/lora_up but not the other is an error naming it, never copied on as half a module."""
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        name, _, suffix = key.partition(".")
-        groups.setdefault(name, {})[suffix] = value
+    from ..network.names import group_by_module
+
+    groups = group_by_module(tensors)
     loras, other = {}, {}
     for name, sub in groups.items():
         if "lora_down.weight" in sub and "lora_up.weight" in sub:
