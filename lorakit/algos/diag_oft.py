@@ -1,5 +1,6 @@
 """Diag-OFT: a block-diagonal orthogonal rotation of the output channels, W' = blockdiag(R^T) W (the einsum
-'k n m, k n ... -> k m ...' of LyCORIS, ComfyUI and A1111). `dim` is the block size, split as LyCORIS splits it.
+'k n m, k n ... -> k m ...' of LyCORIS, ComfyUI and A1111). `dim` is the block size, split as LyCORIS splits it;
+an adapter read from a file keeps the file's split (sd-scripts' OFT has `dim` blocks, larger than their count).
 The multiplier is linear, W + m (R^T W - W), as A1111 and LyCORIS apply it (ComfyUI applies m^2 for m != 1)."""
 
 from __future__ import annotations
@@ -73,9 +74,27 @@ class DiagOFT(OrthogonalAdapter):
     name = "diag-oft"
     aliases = ("oft",)
 
+    def __init__(self, layer, options=None, *, saved_split: tuple[int, int] | None = None, **kwargs):
+        # saved_split: (count, size) of a file's blocks, given by from_state_dict only (no user option): sd-scripts'
+        # networks/oft.py makes `dim` blocks of out_dim / dim channels, larger than their count for a small dim,
+        # a split that LyCORIS' factorization of `dim` never gives
+        self._saved_split = saved_split
+        super().__init__(layer, options, **kwargs)
+
     def block_shape(self, options):
-        size, count = factorization(self.spec.out_dim, options.dim)
+        if self._saved_split is not None:
+            count, size = self._saved_split
+        else:
+            size, count = factorization(self.spec.out_dim, options.dim)
         return (count, size, size)
+
+    @classmethod
+    def options_from_tensors(cls, spec, sd):
+        options = super().options_from_tensors(spec, sd)
+        shape = tuple(sd["oft_blocks"].shape)
+        if len(shape) == 3 and shape[1] == shape[2] and shape[0] * shape[1] == spec.out_dim:
+            options["saved_split"] = shape[:2]  # another shape: refused by load_state_dict, naming both
+        return options
 
     def block_operator(self) -> torch.Tensor:
         """M = (1 - m) I + m diag(rescale) R^T per block: op[k, i, j] takes channel i to channel j of block k."""

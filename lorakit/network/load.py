@@ -127,28 +127,17 @@ def _in_kohya_layout(tensors: dict, layout: str, arch: str | None, where: str) -
         return omi_to_kohya(tensors, arch, unet_names="sgm"), f"{where} (OneTrainer OMI layout)"
     if layout == "sd-scripts-oft":
         where = f"{where} (sd-scripts OFT)"
-        return from_sd_scripts_oft(tensors, where), where
+        return from_sd_scripts_oft(tensors), where
     return tensors, where
 
 
-def oft_split_problem(blocks: torch.Tensor) -> str | None:
-    """Why lorakit's Diag-OFT cannot hold these (count, size, size) blocks, or None. It splits out_dim as LyCORIS
-    does, into blocks no larger than their count; sd-scripts' networks/oft.py makes `dim` blocks of out_dim / dim
-    channels, larger whenever dim < sqrt(out_dim)."""
-    if blocks.dim() != 3 or blocks.shape[1] <= blocks.shape[0]:
-        return None
-    count, size = blocks.shape[:2]
-    return (f"{count} blocks of {size} channels: lorakit's Diag-OFT holds blocks no larger than their number (the "
-            f"split LyCORIS makes of out_dim); sd-scripts OFT files with network_dim (their block count) below "
-            f"sqrt(out_dim) have such blocks and are not supported")
-
-
-def from_sd_scripts_oft(tensors: Mapping[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+def from_sd_scripts_oft(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """sd-scripts' OFT (networks/oft.py: oft_unet_ names, alpha = the constraint per output channel) as lorakit's
-    Diag-OFT: lora_unet_ names, blocks kept, and as alpha the bound that gives sd-scripts' rotation. sd-scripts
-    (and A1111, which reads these files alike) bounds |Q| by alpha * out_dim and scales a larger Q by
-    (bound + 1e-8) / (|Q| + 1e-8); lorakit scales it by alpha / |Q| (ComfyUI's reading), so alpha becomes |Q| times
-    sd-scripts' factor, the bound itself for a Q within it."""
+    Diag-OFT: lora_unet_ names, blocks kept (Diag-OFT keeps a file's split: sd-scripts' `dim` blocks of out_dim / dim
+    channels), and as alpha the bound that gives sd-scripts' rotation. sd-scripts (and A1111, which reads these files
+    alike) bounds |Q| by alpha * out_dim and scales a larger Q by (bound + 1e-8) / (|Q| + 1e-8); lorakit scales it by
+    alpha / |Q| (ComfyUI's reading), so alpha becomes |Q| times sd-scripts' factor, the bound itself for a Q within
+    it."""
     out = {}
     for key, value in tensors.items():
         name, suffix = split_key(key)
@@ -156,9 +145,6 @@ def from_sd_scripts_oft(tensors: Mapping[str, torch.Tensor], where: str) -> dict
         blocks = tensors.get(f"{name}.oft_blocks")
         if suffix == "alpha" and blocks is not None and blocks.dim() == 3:
             value = _sd_scripts_bound(blocks, value)
-        problem = oft_split_problem(value) if suffix == "oft_blocks" else None
-        if problem:
-            raise ValueError(f"{where}: module '{name}': {problem}")
         out[kohya_key] = value
     return out
 

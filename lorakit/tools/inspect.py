@@ -19,7 +19,7 @@ import torch
 from ..formats import find_non_finite
 from ..formats.peft_layout import (KOHYA_PREFIXES, SD_SCRIPTS_OFT_PREFIX, LayoutError, detect_layout, name_to_path,
                                    omi_to_kohya, peft_to_kohya)
-from ..network.load import oft_split_problem, read_adapter_tensors, without_bundled_embeddings
+from ..network.load import read_adapter_tensors, without_bundled_embeddings
 
 __all__ = ["InspectError", "inspect_file", "inspect_tensors", "format_report", "module_dim"]
 
@@ -117,16 +117,14 @@ def _as_loaded(sub: Mapping[str, torch.Tensor]) -> tuple[type | None, Mapping[st
 
 
 def _malformed(cls: type | None, algo: str, sub: Mapping[str, torch.Tensor], why: str | None) -> str | None:
-    """What makes one module unusable (tensors of no algorithm or not of its own, OFT blocks Diag-OFT cannot hold,
-    a missing factor, factors of different ranks), or None. load_network, merge and resize refuse such a module;
-    ComfyUI skips or errors on it. `cls` is the detected algorithm (None: `why` none reads these tensors)."""
+    """What makes one module unusable (tensors of no algorithm or not of its own, a missing factor, factors of
+    different ranks), or None. load_network, merge and resize refuse such a module; ComfyUI skips or errors on it.
+    `cls` is the detected algorithm (None: `why` none reads these tensors)."""
     if cls is None:
         return why
     extra = sorted(set(sub) - set(cls.keys))
     if extra:
         return f"tensor(s) {extra} that {algo} does not have"
-    if algo == "diag-oft" and "oft_blocks" in sub:
-        return oft_split_problem(sub["oft_blocks"])
     for choices in _REQUIRED.get(algo, ()):
         if not any(k in sub for k in choices):
             return f"no {' or '.join(choices)}"

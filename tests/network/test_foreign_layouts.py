@@ -184,26 +184,41 @@ def test_sd_scripts_oft_file_merges_as_sd_scripts_does(tmp_path, alpha, scale, m
         torch.testing.assert_close(_module(model, path).weight, expected, rtol=1e-12, atol=1e-14)
 
 
-def test_sd_scripts_oft_with_blocks_larger_than_their_count_is_refused_by_name(tmp_path, capsys):
-    """sd-scripts' dim is the block count (4 by default): blocks of out_dim / 4 channels, which lorakit's Diag-OFT
-    (LyCORIS' split) cannot hold. load_network says so, naming the module; inspect reads the file, counts such
-    modules as malformed and exits 1; convert says what the file is."""
-    t = _sd_scripts_oft_file(1e-3, 0.05, dtype=torch.float16, table=[(SD_SCRIPTS_OFT[2][0], 2)])
+# sd-scripts' default network_dim 4 (its block count) below sqrt(out_dim): blocks larger than their count, a split
+# LyCORIS' factorization never makes
+SD_SCRIPTS_OFT_LARGE_BLOCKS = [("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", 2),  # Linear 16: 2 x 8
+                               ("down_blocks.2.attentions.1.transformer_blocks.0.ff.net.2", 2),    # Linear 32: 2 x 16
+                               ("up_blocks.1.resnets.0.conv1", 4)]                                 # conv 3x3 32: 4 x 8
+
+
+@pytest.mark.parametrize("m", [1.0, 0.7])
+def test_sd_scripts_oft_with_blocks_larger_than_their_count_merges_as_sd_scripts_does(tmp_path, m):
+    """sd-scripts' dim is the block count (4 by default): blocks of out_dim / dim channels, larger than their count.
+    Diag-OFT keeps the file's split: the merged weight is sd-scripts' (float64), inspect finds nothing malformed, and
+    the network saved and loaded again keeps the blocks' shape and weight."""
+    import copy
+
+    t = _sd_scripts_oft_file(1e-3, 0.05, table=SD_SCRIPTS_OFT_LARGE_BLOCKS)
     st_save(t, tmp_path / "oft.safetensors")
     unet, tes = tiny_model("sd1")
-    with pytest.raises(ValueError, match=r"oft\.safetensors \(sd-scripts OFT\): module 'oft_unet_down_blocks_2_"
-                       r".*2 blocks of 16 channels: .*sd-scripts OFT files with network_dim .* not supported"):
-        load_network(unet, tmp_path / "oft.safetensors", tes)
+    model = copy.deepcopy(unet).double()
+    net = load_network(model, tmp_path / "oft.safetensors", tes, multiplier=m, dtype=torch.float64)
+    net.save(tmp_path / "saved.safetensors")
+    net.merge()
+    for path, count in SD_SCRIPTS_OFT_LARGE_BLOCKS:
+        name = "oft_unet_" + path.replace(".", "_")
+        expected = _sd_scripts_oft_weight(t[f"{name}.oft_blocks"], t[f"{name}.alpha"], _module(unet, path).weight, m)
+        torch.testing.assert_close(_module(model, path).weight, expected, rtol=1e-12, atol=1e-14)
+    saved = st_load(tmp_path / "saved.safetensors")
+    again = load_network(copy.deepcopy(unet).double(), tmp_path / "saved.safetensors", tes, multiplier=m,
+                         dtype=torch.float64)
+    for path, count in SD_SCRIPTS_OFT_LARGE_BLOCKS:
+        name = "lora_unet_" + path.replace(".", "_")
+        size = _module(unet, path).weight.shape[0] // count
+        assert saved[f"{name}.oft_blocks"].shape == (count, size, size)
+        torch.testing.assert_close(again.state_dict()[f"{name}.oft_blocks"], net.state_dict()[f"{name}.oft_blocks"])
     report = inspect_file(tmp_path / "oft.safetensors")
-    assert report["layout"].startswith("sd-scripts OFT")
-    [module] = report["modules"]
-    assert (module["algo"], module["component"], module["dim"], module["alpha"]) == ("diag-oft", "unet", 16,
-                                                                                   pytest.approx(1e-3, rel=1e-3))
-    assert "2 blocks of 16 channels" in report["malformed_modules"][module["name"]]
-    assert main(["inspect", str(tmp_path / "oft.safetensors")]) == 1
-    capsys.readouterr()
-    with pytest.raises(ValueError, match=r"sd-scripts OFT file \(oft_unet_"):
-        convert(tmp_path / "oft.safetensors", tmp_path / "out.safetensors")
+    assert report["layout"].startswith("sd-scripts OFT") and report["malformed_modules"] == {}
 
 
 def test_sd_scripts_oft_file_inspects_with_its_own_names_and_alphas(tmp_path):
