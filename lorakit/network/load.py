@@ -12,7 +12,7 @@ import torch.nn as nn
 from ..algos import adapter_from_state_dict
 from ..formats.peft_layout import SD_SCRIPTS_OFT_PREFIX, detect_layout, omi_to_kohya
 from .create import index_model
-from .names import GENERIC_PREFIX, split_key
+from .names import GENERIC_PREFIX, group_by_module, split_key
 from .network import Entry, Network
 
 _PEFT_MARKERS = (".lora_A.", ".lora_B.", ".lora.up.", ".lora.down.", "lora_linear_layer", ".lora_magnitude_vector",
@@ -177,10 +177,7 @@ def load_network(model: nn.Module, source: str | Path | Mapping[str, torch.Tenso
                          f"(is it for another model, or a text encoder that was not given?)")
     warn_non_finite(tensors, where, stacklevel=3)
 
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        name, suffix = split_key(key)
-        groups.setdefault(name, {})[suffix] = value
+    groups = group_by_module(tensors)
     if layout != "sd-scripts-oft":  # sd-scripts (and A1111) shrink Q to the bound too: no reader differs there
         warn_clamped_rotations(groups, where, stacklevel=3)
     adapters, entries, seen_as = {}, {}, {}

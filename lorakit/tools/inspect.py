@@ -20,6 +20,7 @@ from ..formats import find_non_finite
 from ..formats.peft_layout import (KOHYA_PREFIXES, SD_SCRIPTS_OFT_PREFIX, LayoutError, detect_layout, name_to_path,
                                    omi_to_kohya, peft_to_kohya)
 from ..network.load import read_adapter_tensors, without_bundled_embeddings
+from ..network.names import group_by_module
 
 __all__ = ["InspectError", "inspect_file", "inspect_tensors", "format_report", "module_dim"]
 
@@ -175,10 +176,7 @@ def inspect_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, 
     elif layout == "omi":
         view = omi_to_kohya(tensors, unet_names="sgm")
         names_from = "kohya names of the OneTrainer OMI modules (lora_unet_ + their SGM paths)"
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in view.items():
-        name, _, suffix = key.partition(".")
-        groups.setdefault(name, {})[suffix] = value
+    groups = group_by_module(view)
     zero_keys = [k for k, t in view.items()
                  if t.is_floating_point() and t.numel() and not k.endswith(".alpha") and not bool(t.any())]
     zero = set(zero_keys)
