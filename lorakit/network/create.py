@@ -184,15 +184,17 @@ def _make(item: Selected, config: NetworkConfig, algo: str, options: dict, plan:
         conv_k = _takes_conv_dim(module, config)
         block = plan.dims.get(item.path) if item.component == "unet" else None
         if conv_k:
-            if not preset.enable_conv:
-                return None
             dim, alpha = config.conv_dims
             if block is not None and block[2] is not None:
                 dim, alpha = block[2], block[3]
+            if not preset.enable_conv:  # LyCORIS: conv dim 0, which an algo-map entry's dim still overrides
+                dim = 0
         else:
             dim, alpha = config.dim, config.alpha
             if block is not None and block[0] is not None:
                 dim, alpha = block[0], block[1]
+            if not dim:  # LyCORIS' create_single_module: linear dim 0 leaves the layer out, whatever an entry says
+                return None
         algo = override.pop("algo", algo)
         conv_override = _canonical({k[5:]: override.pop(k) for k in ("conv_dim", "conv_alpha") if k in override})
         override = _canonical(override)  # kohya/LyCORIS spellings (lora_dim, network_alpha, wd_on_out, ...)

@@ -129,3 +129,16 @@ def test_a_generic_preset_file_with_target_name_only_keeps_every_layer_kind(tmp_
     ours = create_network(model, preset=path, dim=2)
     assert lorakit_modules(ours) == {m.lora_name: described(m.state_dict()) for m in theirs.loras}
     assert set(ours.entries) == {"lycoris_blocks_0", "lycoris_blocks_2", "lycoris_head"}
+
+
+# ----- algo-map entries where the network's dim is 0 -----------------------------------------------------------------
+def test_entry_dims_where_the_network_dim_is_0_follow_lycoris(tmp_path):
+    """LyCORIS' create_single_module: a Linear with network dim 0 is left out even when an entry gives it a dim,
+    and a kxk conv with conv dim 0 (or enable_conv = false) is adapted when an entry gives it one."""
+    preset = {**LORAKIT_FULL, "enable_conv": False,
+              "name_algo_map": {"conv_in": {"dim": 4}, "time_embedding.linear_1": {"dim": 4}}}
+    unet, tes = tiny_model("sd1")
+    ours = create_network(unet, tes, preset=preset_file(tmp_path, preset), dim=0, alpha=1)
+    theirs = lycoris_sd(0, 1.0, preset_file(tmp_path, preset))
+    assert lorakit_modules(ours) == theirs
+    assert "lora_unet_conv_in" in theirs and "lora_unet_time_embedding_linear_1" not in theirs
