@@ -169,7 +169,7 @@ class TrainDataset(torch.utils.data.Dataset):
                 raise DatasetError(f"{source}: listed twice in dataset {group}; merge the two subsets (or raise "
                                    "num_repeats)")
             seen.add(source)
-        subset_list = [(subset, subset_images(subset)) for subset in spec.subsets]
+        subset_list = [(subset, subset_images(subset)) for subset in self._used_subsets(spec)]
         selector = _metadata_buckets(group, spec, reso_multiple, [im for _, ims in subset_list for im in ims])
         bucketed = spec.enable_bucket or selector is not None  # sd-scripts turns buckets on for metadata buckets
         self.metadata_bucketed.append(selector is not None)
@@ -218,6 +218,18 @@ class TrainDataset(torch.utils.data.Dataset):
         if n_reg > n_train:
             logger.warning("dataset %d: %d regularization images (with repeats) for %d training images: some are "
                            "not used", group, n_reg, n_train)
+
+    def _used_subsets(self, spec: DatasetSpec) -> list[SubsetSpec]:
+        """sd-scripts' datasets: a subset with num_repeats 0 does not train (nor counts, nor shapes the buckets),
+        but the validation dataset (repeats 1 there) still takes its held-out images."""
+        if self.validation:
+            return list(spec.subsets)
+        for subset in spec.subsets:
+            if subset.num_repeats < 1:
+                key = "metadata_file" if subset.metadata_file else "image_dir"
+                logger.warning("ignore subset with %s='%s': num_repeats is less than 1", key,
+                               subset.metadata_file or subset.image_dir)
+        return [subset for subset in spec.subsets if subset.num_repeats >= 1]
 
     def _split(self, sized: list, spec: DatasetSpec, subset: SubsetSpec) -> list:
         """sd-scripts' split_train_val: shuffle with validation_seed, hold out the last round(n * split) images.

@@ -62,7 +62,8 @@ class CaptionOptions:
 class SubsetSpec(CaptionOptions):
     """One folder of images (``image_dir``) or one kohya metadata JSON (``metadata_file``, fine-tuning style).
 
-    ``num_repeats``: how many times each image appears per epoch. ``is_reg``: regularization images (their loss
+    ``num_repeats``: how many times each image appears per epoch (0: not trained on, only validated with
+    ``validation_split``). ``is_reg``: regularization images (their loss
     is weighted by ``prior_loss_weight`` and their repeats are balanced against the training images).
     ``class_tokens``: the caption of an image that has no caption file. ``caption_extension``: kohya's default
     is ".caption"; ".txt" is the common choice.
@@ -94,8 +95,9 @@ class SubsetSpec(CaptionOptions):
         if self.image_dir is None and self.metadata_file is None:
             raise DatasetError("a subset needs image_dir (a folder of images) or metadata_file (a kohya metadata "
                                "JSON); neither was given")
-        if isinstance(self.num_repeats, bool) or not isinstance(self.num_repeats, int) or self.num_repeats < 1:
-            raise DatasetError(f"{owner}: num_repeats must be a whole number >= 1, not {self.num_repeats!r}")
+        # 0: the subset does not train but validation_split still holds out its images (sd-scripts)
+        if isinstance(self.num_repeats, bool) or not isinstance(self.num_repeats, int) or self.num_repeats < 0:
+            raise DatasetError(f"{owner}: num_repeats must be a whole number >= 0, not {self.num_repeats!r}")
         if self.is_reg and self.metadata_file is not None:
             raise DatasetError(f"{owner}: is_reg applies to image folders, not to metadata_file subsets")
         if self.caption_extension and not self.caption_extension.startswith("."):

@@ -28,8 +28,9 @@ What `parse_dataset_config` / `load_dataset_config` return (plain frozen datacla
 Each value is the subset's own, else its dataset's, else [general]'s, else the training option of the same name
 (train_batch_size for batch_size, dataset_repeats for num_repeats), else sd-scripts' default: the lookup order of
 sd-scripts' BlueprintGenerator, so command-line data options act as a last [general]. Like sd-scripts, a subset
-whose image_dir (dreambooth) or metadata_file (finetuning) repeats an earlier one in the same dataset is dropped, and
-so is a subset with num_repeats 0 (a dataset left without subsets too).
+whose image_dir (dreambooth) or metadata_file (finetuning) repeats an earlier one in the same dataset is dropped. A
+subset with num_repeats 0 is kept: it does not train, but validation_split holds out its images as sd-scripts'
+validation dataset does; a dataset whose subsets all have num_repeats 0 is left out.
 Paths are kept as written (sd-scripts reads them relative to the working directory).
 """
 
@@ -115,7 +116,8 @@ _OWN = {o.name: o for o in (
     Option("metadata_file", "path", None, "dataset", "fine-tuning metadata JSON of the subset"),
     Option("is_reg", "bool", False, "dataset", "the subset holds regularisation images"),
     Option("class_tokens", "str", None, "dataset", "caption of images without a caption file"),
-    Option("num_repeats", "int", 1, "dataset", "repeats of each image per epoch (0: the subset is skipped)", low=0),
+    Option("num_repeats", "int", 1, "dataset", "repeats of each image per epoch (0: not trained on, but "
+           "validation_split still holds out its images)", low=0),
     Option("batch_size", "int", 1, "dataset", "images per batch", low=1),
     Option("network_multiplier", "float", 1.0, "dataset", "network multiplier for the dataset", supported=False),
     Option("custom_attributes", "table", None, "dataset", "attributes passed to the trainer", supported=False),
@@ -241,24 +243,13 @@ def parse_dataset_config(data: Mapping[str, Any], train: Any = None, source: str
                 if wrong:
                     raise OptionError(f"dataset config {level}: '{wrong[0]}' is for DreamBooth subsets (image_dir "
                                       "without metadata_file), not for a fine-tuning dataset")
-        subsets, seen = [], set()
+        resolved_subsets = []
         for i, own in enumerate(subsets_typed):
             if kind == "dreambooth" and own.get("image_dir") is None:
                 raise OptionError(f"dataset config {here(d, i)}: image_dir is required")
-            subset = _resolve(SubsetConfig, [own, dataset, general], fallback, {"kind": kind})
-            identity = subset.image_dir if kind == "dreambooth" else subset.metadata_file
-            identity_key = "image_dir" if kind == "dreambooth" else "metadata_file"
-            if subset.num_repeats < 1:  # how users switch a subset off; sd-scripts' datasets skip it
-                log.warning("dataset config %s: ignore subset with %s='%s': num_repeats is less than 1, as in "
-                            "sd-scripts", here(d, i), identity_key, identity)
-                continue
-            if identity in seen:
-                log.warning("dataset config %s: %s repeats an earlier subset of the dataset; ignored, as in "
-                            "sd-scripts", here(d, i), identity)
-                continue
-            seen.add(identity)
-            subsets.append(subset)
-        if not subsets:
+            resolved_subsets.append(_resolve(SubsetConfig, [own, dataset, general], fallback, {"kind": kind}))
+        subsets = _distinct_subsets(resolved_subsets, here, d)
+        if all(subset.num_repeats < 1 for subset in subsets):
             log.warning("dataset config %s: every subset has num_repeats 0; the dataset is left out", here(d))
             continue
         resolved = _resolve(DatasetConfig, [dataset, general], fallback,
@@ -268,6 +259,26 @@ def parse_dataset_config(data: Mapping[str, Any], train: Any = None, source: str
     if not datasets:
         raise OptionError(f"dataset config{where_file}: every subset has num_repeats 0; no images to train")
     return DatasetGroupConfig(tuple(datasets), source)
+
+
+def _identity(subset: SubsetConfig) -> str | None:
+    return subset.image_dir if subset.kind == "dreambooth" else subset.metadata_file
+
+
+def _distinct_subsets(subsets: list[SubsetConfig], here, d: int) -> list[SubsetConfig]:
+    """The subsets without repeats of an earlier one (sd-scripts keeps the first). Subsets with num_repeats 0 stay:
+    they do not train, but validation_split holds out their images (sd-scripts' validation dataset takes them);
+    as sd-scripts' training dataset skips them before it looks for duplicates, they never hide a training one."""
+    kept, seen = [], set()
+    training_first = sorted(range(len(subsets)), key=lambda i: subsets[i].num_repeats < 1)
+    for i in training_first:
+        if _identity(subsets[i]) in seen:
+            log.warning("dataset config %s: %s repeats an earlier subset of the dataset; ignored, as in "
+                        "sd-scripts", here(d, i), _identity(subsets[i]))
+            continue
+        seen.add(_identity(subsets[i]))
+        kept.append(i)
+    return [subsets[i] for i in sorted(kept)]
 
 
 def _check_dataset(dataset: DatasetConfig, where: str) -> None:

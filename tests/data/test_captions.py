@@ -164,7 +164,7 @@ def test_empty_caption_file(tmp_path):
     (dict(caption_dropout_rate=1.5), "caption_dropout_rate must be between 0 and 1"),
     (dict(caption_tag_dropout_rate=-0.1), "caption_tag_dropout_rate must be between 0 and 1"),
     (dict(keep_tokens=-1), "keep_tokens must be a whole number"),
-    (dict(num_repeats=0), "num_repeats must be a whole number >= 1"),
+    (dict(num_repeats=-1), "num_repeats must be a whole number >= 0"),
 ])
 def test_bad_subset_options(options, message):
     from lorakit.data.spec import SubsetSpec

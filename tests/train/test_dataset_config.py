@@ -136,17 +136,21 @@ def test_repeated_folder_in_one_dataset_is_dropped_as_in_sd_scripts():
     assert [(s.image_dir, s.num_repeats) for s in group.datasets[0].subsets] == [("a", 2), ("b", 1)]
 
 
-def test_subset_with_no_repeats_is_skipped_with_a_warning_as_in_sd_scripts(caplog):
-    """DreamBoothDataset / FineTuningDataset: "ignore subset with image_dir='b': num_repeats is less than 1"; a
-    dataset left without subsets is left out."""
+def test_subset_with_no_repeats_is_kept_for_validation_as_in_sd_scripts(caplog):
+    """sd-scripts' training dataset skips a num_repeats 0 subset but its validation dataset takes its held-out
+    images (num_repeats 1 there), so the config keeps it; a dataset of only such subsets is left out."""
     group = parse("[[datasets]]\nresolution = 512\n[[datasets.subsets]]\nimage_dir = 'a'\n[[datasets.subsets]]\n"
                   "image_dir = 'b'\nnum_repeats = 0\n[[datasets]]\nresolution = 64\nnum_repeats = 0\n"
                   "[[datasets.subsets]]\nmetadata_file = 'm.json'\n")
-    assert [[s.image_dir for s in d.subsets] for d in group.datasets] == [["a"]]
-    assert "[[datasets]] #1 [[datasets.subsets]] #2: ignore subset with image_dir='b': num_repeats is less than 1" \
-        in caplog.text
-    assert "ignore subset with metadata_file='m.json'" in caplog.text
+    assert [[(s.image_dir, s.num_repeats) for s in d.subsets] for d in group.datasets] == [[("a", 1), ("b", 0)]]
     assert "[[datasets]] #2: every subset has num_repeats 0; the dataset is left out" in caplog.text
+
+
+def test_zero_repeat_subset_never_hides_a_training_subset_of_the_same_folder():
+    """sd-scripts' training dataset skips the 0-repeat subset before it looks for duplicates."""
+    group = parse("[[datasets]]\nresolution = 512\n[[datasets.subsets]]\nimage_dir = 'a'\nnum_repeats = 0\n"
+                  "[[datasets.subsets]]\nimage_dir = 'a'\nnum_repeats = 5\n")
+    assert [(s.image_dir, s.num_repeats) for s in group.datasets[0].subsets] == [("a", 5)]
 
 
 def test_docs_separator_example_parses():
