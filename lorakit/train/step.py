@@ -11,7 +11,6 @@ import torch
 
 from ..data.weighted import apply_token_weights
 from ..models.text import PromptEmbeds, encode_prompts
-from .base_model import checkpoint_text_encoders
 from .distributed import World
 from .loss import DiffusionLoss
 from .noise import NoiseOptions, noisy_batch
@@ -33,7 +32,6 @@ class StepContext:
     text_cache: dict | None = None  # cache_text_encoder_outputs: one sample's ids -> its embeddings (frozen encoders)
     timings: dict = field(default_factory=lambda: defaultdict(float))  # seconds per phase, summed over steps
     world: World = field(default_factory=World)
-    text_checkpointing_checked: bool = False  # whether gradient_checkpointing was carried to the text encoders
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -77,8 +75,6 @@ def _conditioning(ctx: StepContext, batch, train_text: bool) -> PromptEmbeds:
         return PromptEmbeds(batch.text_hidden.to(ctx.device), pooled)
     if ctx.text_cache is not None and not train_text:
         return _cached_conditioning(ctx, batch)
-    if train_text:
-        _checkpoint_text_like_unet(ctx)
     ids = [t.to(ctx.device) for t in batch.input_ids]
     with torch.set_grad_enabled(train_text), ctx.autocast():
         return encode_prompts(ctx.model, batch.captions, ctx.clip_skip, ctx.max_token_length, input_ids=ids)
@@ -110,16 +106,6 @@ def _cached_conditioning(ctx: StepContext, batch) -> PromptEmbeds:
     entries = [cache[key] for key in keys]
     pooled = None if entries[0].pooled is None else torch.stack([e.pooled for e in entries])
     return PromptEmbeds(torch.stack([e.hidden for e in entries]), pooled)
-
-
-def _checkpoint_text_like_unet(ctx: StepContext) -> None:
-    """gradient_checkpointing (set on the U-Net) also checkpoints the text encoders once they train, as sd-scripts
-    does; looked at on the first step that trains them."""
-    if ctx.text_checkpointing_checked:
-        return
-    ctx.text_checkpointing_checked = True
-    if getattr(ctx.model.unet, "is_gradient_checkpointing", False):
-        checkpoint_text_encoders(ctx.model.text_encoders)
 
 
 def batch_loss(ctx: StepContext, batch, generator: torch.Generator, train_text: bool) -> torch.Tensor:

@@ -18,7 +18,7 @@ from lorakit.models.load import load_model  # noqa: E402
 from lorakit.models.text import tokenize  # noqa: E402
 from lorakit.network.create import create_network  # noqa: E402
 from lorakit.train import run  # noqa: E402
-from lorakit.train.base_model import enable_checkpointing  # noqa: E402
+from lorakit.train.base_model import checkpoint_text_encoders  # noqa: E402
 from lorakit.train.config import load_train_config  # noqa: E402
 from lorakit.train.step import StepContext, _conditioning  # noqa: E402
 
@@ -74,7 +74,7 @@ def test_trained_text_encoders_are_checkpointed_with_the_same_gradients(name):
     plain_grads, plain_bytes = _step(model, net)
     assert not any(map(_checkpointed, model.text_encoders))
 
-    enable_checkpointing(model.unet, cpu_offload=False)
+    checkpoint_text_encoders(model.text_encoders)  # what a run with gradient_checkpointing does when they train
     grads, kept = _step(model, net)
     assert all(_checkpointed(te) and te.training for te in model.text_encoders)
     assert grads and all(grad.abs().sum() > 0 for grad in grads.values())
@@ -82,15 +82,6 @@ def test_trained_text_encoders_are_checkpointed_with_the_same_gradients(name):
     for key, grad in plain_grads.items():
         torch.testing.assert_close(grads[key], grad, rtol=1e-5, atol=1e-7, msg=key)
     assert kept < plain_bytes / 2, (kept, plain_bytes)
-
-
-def test_frozen_text_encoders_are_left_alone():
-    model = load_model("demo:tiny-sd")
-    enable_checkpointing(model.unet, cpu_offload=False)
-    with torch.no_grad():
-        _conditioning(_context(model), _batch(model), train_text=False)
-    encoder = model.text_encoders[0]
-    assert not _checkpointed(encoder) and not encoder.training
 
 
 def test_lorakit_train_checkpoints_the_text_encoder(tmp_path, monkeypatch):
@@ -117,3 +108,23 @@ def test_lorakit_train_checkpoints_the_text_encoder(tmp_path, monkeypatch):
     assert any(k.startswith("lora_te") for k in plain)
     for key in plain:
         torch.testing.assert_close(checkpointed[key], plain[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_frozen_text_encoders_are_left_alone(tmp_path, monkeypatch):
+    """A U-Net-only run with gradient_checkpointing leaves its text encoders as they are (not checkpointed, in
+    eval mode)."""
+    write_concept_folder(tmp_path / "data", n=2, repeats=1)
+    seen = []
+    real = run.batch_loss
+
+    def recording(ctx, batch, generator, train_text):
+        seen.append([(_checkpointed(te), te.training) for te in ctx.model.text_encoders])
+        return real(ctx, batch, generator, train_text)
+
+    monkeypatch.setattr(run, "batch_loss", recording)
+    run.train(load_train_config(overrides=dict(
+        pretrained_model_name_or_path="demo:tiny-sd", train_data_dir=str(tmp_path / "data"), resolution="64",
+        output_dir=str(tmp_path / "out"), output_name="t", network_dim=2, learning_rate=1e-2, max_train_steps=1,
+        train_batch_size=2, seed=3, max_data_loader_n_workers=0, optimizer_type="AdamW",
+        gradient_checkpointing=True, network_train_unet_only=True)))
+    assert seen == [[(False, False)]]
