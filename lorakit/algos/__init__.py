@@ -57,15 +57,19 @@ def detect_algorithm(sd: Mapping[str, torch.Tensor]) -> type[Adapter]:
     raise ValueError(f"no adapter algorithm has the tensors {sorted(sd)}")
 
 
+def as_loaded(sd: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """One module's saved tensors as the loaders read them: an old LyCORIS Diag-OFT module's rotations converted to
+    Diag-OFT's blocks, any other module as it is."""
+    return from_legacy_rotation(dict(sd)) if LEGACY_ROTATION_KEY in sd else sd
+
+
 def adapter_from_state_dict(layer: nn.Module, sd: Mapping[str, torch.Tensor], **options) -> Adapter:
-    """Build and load the adapter that one module's saved tensors describe (an old LyCORIS Diag-OFT module's
-    rotations converted to Diag-OFT's blocks)."""
-    if LEGACY_ROTATION_KEY in sd:
-        sd = from_legacy_rotation(dict(sd))
+    """Build and load the adapter that one module's saved tensors describe (read as_loaded)."""
+    sd = as_loaded(sd)
     return detect_algorithm(sd).from_state_dict(layer, sd, **options)
 
 
 __all__ = [
     "ALGORITHMS", "Adapter", "AdapterOptions", "OptionError", "parse_options", "algorithm", "make_adapter",
-    "detect_algorithm", "adapter_from_state_dict", *[cls.__name__ for cls in ALGORITHMS],
+    "detect_algorithm", "as_loaded", "adapter_from_state_dict", *[cls.__name__ for cls in ALGORITHMS],
 ]

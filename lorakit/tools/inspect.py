@@ -107,11 +107,10 @@ _CORES = ("lora_mid.weight", "hada_t1", "hada_t2", "lokr_t2")
 def _as_loaded(sub: Mapping[str, torch.Tensor]) -> tuple[type | None, Mapping[str, torch.Tensor], str | None]:
     """(algorithm, the module's tensors as load_network reads them, why no algorithm reads them): LyCORIS 2.0's
     Diag-OFT rotations (oft_diag) become Diag-OFT blocks there, so they are reported as such."""
-    from ..algos import detect_algorithm
-    from ..algos.diag_oft import LEGACY_ROTATION_KEY, from_legacy_rotation
+    from ..algos import as_loaded, detect_algorithm
 
     try:
-        loaded = from_legacy_rotation(dict(sub)) if LEGACY_ROTATION_KEY in sub else sub
+        loaded = as_loaded(sub)
         return detect_algorithm(loaded), loaded, None
     except ValueError as err:
         return None, sub, str(err)
