@@ -73,6 +73,7 @@ class ImageEntry:
     mask_path: str | None = None  # the conditioning (mask) image with conditioning_data_dir
     face: tuple[int, int, int, int] | None = None  # face_crop_aug_range: (cx, cy, w, h) from the file name
     te_cache_file: str | None = None  # cache_text_encoder_outputs_to_disk: this caption's encoder outputs
+    te_outputs: tuple[torch.Tensor, torch.Tensor | None] | None = None  # cache_text_encoder_outputs in memory
 
 
 class SampleKey(NamedTuple):
@@ -95,8 +96,9 @@ class Batch:
     ``loss_weights`` [B]: 1, or ``prior_loss_weight`` for regularization images. SDXL conditioning, [B, 2] long:
     ``original_sizes_hw``, ``crop_top_lefts``, ``target_sizes_hw``. ``masks`` [B, H, W] in [0, 1]: the loss
     mask at image size (alpha_mask, or conditioning_data_dir's R channel; 1 for samples without one), else None.
-    ``text_hidden`` [B, S, D] / ``text_pooled`` [B, P]: the text encoders' outputs read from
-    cache_text_encoder_outputs_to_disk files (pooled: SDXL only), else None.
+    ``text_hidden`` [B, S, D] / ``text_pooled`` [B, P]: the text encoders' outputs cached before training (from
+    cache_text_encoder_outputs_to_disk files, or kept in memory by cache_text_encoder_outputs; pooled: SDXL
+    only), else None.
     """
 
     images: torch.Tensor | None
@@ -422,7 +424,7 @@ class TrainDataset(torch.utils.data.Dataset):
         step = self.optimizer_step(key) if warmup else 1 << 62  # past any warmup
         caption = process_caption(entry.caption, subset, rng, key.epoch, step, self.max_train_steps)
         loss_weight = self.specs[entry.group].prior_loss_weight if entry.is_reg else 1.0
-        text = None
+        text = entry.te_outputs
         if entry.te_cache_file is not None:
             from .text_cache import read_text_outputs
 

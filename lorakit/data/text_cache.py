@@ -49,11 +49,16 @@ def _valid(path: str, key: str | None) -> bool:
 
 def cache_text_outputs(dataset, encode: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor | None]],
                        identity: str, *, batch_size: int = 1, split: int | None = None,
-                       skip_check: bool = False) -> dict[str, int]:
+                       skip_check: bool = False, to_disk: bool = True) -> dict[str, int]:
     """Write (or reuse) every image's ``_te_outputs.npz`` and point its entry at it. ``encode(captions)`` ->
     (hidden [B, S, D], pooled [B, P] or None) from the frozen encoders; ``split``: SDXL's first encoder width
     (hidden_state1 = hidden[..., :split]). Captions must not change per step (the trainer refuses shuffling,
-    dropout, warmup and wildcards with this cache). Returns {"encoded": n, "reused": m}."""
+    dropout, warmup and wildcards with this cache). Returns {"encoded": n, "reused": m}.
+
+    ``to_disk`` False (``cache_text_encoder_outputs`` alone): the outputs stay in memory (``entry.te_outputs``, on
+    the CPU, float32 as the files hold them), each distinct caption encoded once and shared by its images."""
+    if not to_disk:
+        return _cache_in_memory(dataset, encode, batch_size)
     pending: list[tuple[object, str, str, str]] = []
     reused = 0
     shared = shared_stems(e.path for e in dataset.entries)
@@ -84,6 +89,24 @@ def cache_text_outputs(dataset, encode: Callable[[list[str]], tuple[torch.Tensor
             _write_npz(path, arrays)
             entry.te_cache_file = path
     return {"encoded": len(pending), "reused": reused}
+
+
+def _cache_in_memory(dataset, encode, batch_size: int) -> dict[str, int]:
+    by_caption: dict[str, list] = {}
+    for entry in dataset.entries:
+        caption = process_caption(entry.caption, dataset.subsets[entry.subset], random.Random(0), 1)
+        by_caption.setdefault(caption, []).append(entry)
+    captions = list(by_caption)
+    for start in range(0, len(captions), max(1, batch_size)):
+        batch = captions[start: start + max(1, batch_size)]
+        with torch.no_grad():
+            hidden, pooled = encode(batch)
+        for i, caption in enumerate(batch):  # clones: a row view would keep the whole encoded batch alive
+            outputs = (hidden[i].detach().float().cpu().clone(),
+                       None if pooled is None else pooled[i].detach().float().cpu().clone())
+            for entry in by_caption[caption]:
+                entry.te_outputs = outputs
+    return {"encoded": len(captions), "reused": 0}
 
 
 def read_text_outputs(path: str) -> tuple[torch.Tensor, torch.Tensor | None]:

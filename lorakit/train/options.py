@@ -361,11 +361,13 @@ OPTIONS: tuple[Option, ...] = (
     _opt("int", "max_bucket_reso", 1024, "data", "largest bucket side", low=1),
     _opt("int", "bucket_reso_steps", 64, "data", "bucket sides are multiples of this", low=1),
     _opt("bool", "bucket_no_upscale", False, "data", "never enlarge images to fill a bucket"),
-    _opt("bool", "cache_latents", False, "data", "encode images once and keep the latents in memory"),
+    _opt("bool", "cache_latents", False, "data", "encode images once and keep the latents in memory; the VAE then "
+         "leaves the accelerator"),
     _opt("bool", "cache_latents_to_disk", False, "data", "keep cached latents on disk next to the images "
          "(implies cache_latents)"),
     _opt("int", "vae_batch_size", 1, "data", "images per VAE batch when caching latents (0: 1)", low=0),
-    _opt("bool", "cache_text_encoder_outputs", False, "data", "encode captions once (needs "
+    _opt("bool", "cache_text_encoder_outputs", False, "data", "encode each caption once before "
+         "training, outputs kept in memory; the text encoders then leave the accelerator (needs "
          "network_train_unet_only and fixed captions)"),
     _opt("bool", "cache_text_encoder_outputs_to_disk", False, "data", "keep cached text-encoder outputs in "
          "<image stem>_te_outputs.npz files (implies cache_text_encoder_outputs)"),

@@ -30,6 +30,7 @@ from .initial_step import initial_progress
 from .loss_scale import make_loss_scaler
 from .fused_backward import install_fused_step
 from .outputs import OutputNames
+from .parking import Parking
 from .state import Progress, check_state_folder, load_state, restore_states, save_state, saved_seed
 from .step import StepContext, batch_loss
 
@@ -258,12 +259,13 @@ class _Run:
                               to_disk=c.cache_latents_to_disk, skip_check=c.skip_cache_check)
             if c.cache_latents_to_disk and self.world.main:
                 self.world.barrier()
-        if cache and c.cache_text_encoder_outputs_to_disk:
-            if not self.world.main:
+        if cache and c.cache_text_encoder_outputs:  # before training, as sd-scripts caches them
+            to_disk = c.cache_text_encoder_outputs_to_disk
+            if to_disk and not self.world.main:
                 self.world.barrier()  # as for latents: the main process writes the files, the others read them
             for dataset in (ds, val) if val is not None else (ds,):
-                self._cache_text(model, dataset)
-            if self.world.main:
+                self._cache_text(model, dataset, to_disk)
+            if to_disk and self.world.main:
                 self.world.barrier()
         return ds, val
 
@@ -284,9 +286,9 @@ class _Run:
                              reso_multiple=pixel_multiple(model), vae_scale_factor=model.vae_scale_factor,
                              latent_channels=model.vae.config.latent_channels, masked_loss=c.masked_loss)
 
-    def _cache_text(self, model, dataset) -> None:
-        """cache_text_encoder_outputs_to_disk: each caption's frozen text-encoder outputs in a file by its image,
-        encoded (tokenized as the batches are) under the training's autocast."""
+    def _cache_text(self, model, dataset, to_disk: bool) -> None:
+        """cache_text_encoder_outputs: each caption's frozen text-encoder outputs, encoded (tokenized as the
+        batches are) under the training's autocast, in memory or (to_disk) in a file by its image."""
         from ..data.fingerprint import module_fingerprint
         from ..data.text_cache import cache_text_outputs
         from ..data.weighted import tokenize_weighted
@@ -307,7 +309,21 @@ class _Run:
 
         split = model.text_encoders[0].config.hidden_size if model.is_sdxl else None
         cache_text_outputs(dataset, encode, identity, batch_size=dataset.specs[0].batch_size, split=split,
-                           skip_check=c.skip_cache_check)
+                           skip_check=c.skip_cache_check, to_disk=to_disk)
+
+    def _park_cached_models(self, model) -> Parking:
+        """The VAE and text encoders whose outputs the image folders' caches now hold, off the accelerator until a
+        sample needs them (dataset_class batches bring images and captions: their models stay)."""
+        c, parking = self.config, Parking(self.device)
+        if c.dataset_class or not parking.frees_memory:
+            return parking
+        if c.cache_latents or c.cache_latents_to_disk:
+            log.info("move the VAE to the CPU: every latent is cached")
+            parking.park(model.vae)
+        if c.cache_text_encoder_outputs:
+            log.info("move the text encoders to the CPU: every caption's outputs are cached")
+            parking.park(*model.text_encoders)
+        return parking
 
     def _batch_sizes(self, ds) -> list[int]:
         """Each dataset's batch size per process (the specs hold the global batch of all processes)."""
@@ -359,6 +375,7 @@ class _Run:
 
             print_batches(ds, order, loader)
             return None
+        parking = self._park_cached_models(model)
         save_every_epochs = c.save_every_n_epochs
         if c.save_n_epoch_ratio:  # train_network.py: at least save_n_epoch_ratio epoch saves over the run
             save_every_epochs = math.floor(num_epochs / c.save_n_epoch_ratio) or 1
@@ -385,7 +402,9 @@ class _Run:
                           loss=DiffusionLoss(noise_scheduler, LossOptions(**loss_options)), device=self.device,
                           weight_dtype=self.weight_dtype, autocast_dtype=self.autocast_dtype, clip_skip=c.clip_skip,
                           max_token_length=c.max_token_length,
-                          text_cache={} if c.cache_text_encoder_outputs else None, world=self.world)
+                          # dataset_class batches bring no cached outputs: they fill this cache as they come
+                          text_cache={} if c.cache_text_encoder_outputs and c.dataset_class else None,
+                          world=self.world)
         validate = None
         if self.validation_dataset is not None:
             from .validation import Validator
@@ -442,7 +461,7 @@ class _Run:
             model_path=str(c.pretrained_model_name_or_path), resolution=_resolution(c),
             validation_dataset=self.validation_dataset)
         logger = TrainLogger(c, total=max_steps, initial=progress.global_step, quiet=not main)
-        sampler = _Sampler(c, model, net, self.names, self.seed, enabled=main,
+        sampler = _Sampler(c, model, net, self.names, self.seed, parking, enabled=main,
                            every_process=engine is not None and engine.samples_on_every_process)
 
         def save(path: Path, epoch: int, step: int) -> None:
@@ -630,9 +649,10 @@ class _Sampler:
     """Sample images, drawn by the main process; ``every_process``: by all of them in step (DeepSpeed ZeRO-3, whose
     forward needs every process's slice of the weights), saved by the main one."""
 
-    def __init__(self, config, model, net, names: OutputNames, seed: int, enabled: bool = True,
+    def __init__(self, config, model, net, names: OutputNames, seed: int, parking: Parking, enabled: bool = True,
                  every_process: bool = False):
         self.config, self.model, self.net, self.names, self.seed = config, model, net, names, seed
+        self.parking = parking  # the VAE and text encoders come back to the device for the draw
         self.prompts, self.last_step, self.write = None, None, enabled
         if config.sample_prompts and (enabled or every_process):
             from ..models.sample import check_sampler
@@ -657,9 +677,11 @@ class _Sampler:
         self.model.unet.eval()
         rng = torch.get_rng_state()
         try:
-            return draw_samples(self.model, self.prompts, self.names.sample_dir(), self.names.output_name, step,
-                                default_sampler=self.config.sample_sampler, clip_skip=self.config.clip_skip,
-                                base_seed=self.seed, write=self.write, epoch=epoch)
+            with self.parking.borrowed(self.model.vae, *self.model.text_encoders):
+                return draw_samples(self.model, self.prompts, self.names.sample_dir(), self.names.output_name,
+                                    step, default_sampler=self.config.sample_sampler,
+                                    clip_skip=self.config.clip_skip, base_seed=self.seed, write=self.write,
+                                    epoch=epoch)
         finally:
             torch.set_rng_state(rng)
             self.net.train()

@@ -29,7 +29,9 @@ class StepContext:
     autocast_dtype: torch.dtype | None
     clip_skip: int | None
     max_token_length: int | None
-    text_cache: dict | None = None  # cache_text_encoder_outputs: one sample's ids -> its embeddings (frozen encoders)
+    # cache_text_encoder_outputs with dataset_class batches (folder datasets cache before training): one sample's
+    # ids -> its embeddings (frozen encoders)
+    text_cache: dict | None = None
     timings: dict = field(default_factory=lambda: defaultdict(float))  # seconds per phase, summed over steps
     world: World = field(default_factory=World)
 
@@ -70,7 +72,7 @@ def _latents(ctx: StepContext, batch, generator: torch.Generator, part: slice, n
 
 
 def _conditioning(ctx: StepContext, batch, train_text: bool) -> PromptEmbeds:
-    if getattr(batch, "text_hidden", None) is not None and not train_text:  # cache_text_encoder_outputs_to_disk
+    if getattr(batch, "text_hidden", None) is not None and not train_text:  # cached before training
         pooled = None if batch.text_pooled is None else batch.text_pooled.to(ctx.device)
         return PromptEmbeds(batch.text_hidden.to(ctx.device), pooled)
     if ctx.text_cache is not None and not train_text:

@@ -66,3 +66,34 @@ def test_a_killed_runs_cache_temporaries_are_removed_from_the_dataset_folder(tmp
         assert not stale.exists(), name
     assert sorted(p.name for p in folder.iterdir()) == [".hidden_note", "a.caption", "a.png", "a_lorakit.npz",
                                                         "a_te_outputs.npz"]
+
+
+def test_text_outputs_in_memory_one_encoding_per_caption(tmp_path):
+    """cache_text_encoder_outputs without _to_disk: every caption encoded before training, once however many images
+    share it, kept on the entries (float32, CPU) and served in the batches; no file is written."""
+    folder = tmp_path / "imgs"
+    for name, seed in (("a.png", 0), ("b.png", 1), ("c.png", 2)):
+        write_image(str(folder / name), 64, 64, seed=seed)
+    (folder / "a.caption").write_text("same")
+    (folder / "b.caption").write_text("same")
+    (folder / "c.caption").write_text("other")
+    encoded = []
+
+    def encode(captions):
+        encoded.extend(captions)
+        hidden = torch.tensor([[[len(c), ord(c[0])]] for c in captions], dtype=torch.float16)
+        return hidden, hidden[:, 0] * 2
+
+    ds = TrainDataset(DatasetSpec([SubsetSpec(image_dir=str(folder), caption_extension=".caption")], resolution=64),
+                      seed=1)
+    assert cache_text_outputs(ds, encode, "id", batch_size=4, to_disk=False) == {"encoded": 2, "reused": 0}
+    assert sorted(encoded) == ["other", "same"]
+    assert sorted(os.listdir(folder)) == ["a.caption", "a.png", "b.caption", "b.png", "c.caption", "c.png"]
+    for entry in ds.entries:
+        hidden, pooled = entry.te_outputs
+        assert hidden.dtype == torch.float32 and hidden.device.type == "cpu" and entry.te_cache_file is None
+        assert hidden.tolist() == [[len(entry.caption), ord(entry.caption[0])]]
+        assert pooled.tolist() == [2 * len(entry.caption), 2 * ord(entry.caption[0])]
+    batch = ds.collate([ds[key] for keys in ds.batches(1) for key in keys])
+    want = torch.tensor([[[len(c), ord(c[0])]] for c in batch.captions], dtype=torch.float32)
+    assert torch.equal(batch.text_hidden, want) and torch.equal(batch.text_pooled, 2 * want[:, 0])

@@ -1,0 +1,112 @@
+"""Cached models off the accelerator: with cache_latents and cache_text_encoder_outputs the VAE and the text
+encoders leave the device before the first step (as sd-scripts moves them to the CPU) and come back only for the
+samples. A CPU run moves nothing, so the test parks them as unusable tensors instead: any use outside a borrow
+fails, and the run must give the same adapter as one that never parks."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from lorakit.models.demo import random_model  # noqa: E402
+from lorakit.models.demo_data import write_concept_folder  # noqa: E402
+from lorakit.models.save import save_checkpoint  # noqa: E402
+from safetensors.torch import load_file as read_tensors  # noqa: E402
+from lorakit.train import parking as parking_module  # noqa: E402
+from lorakit.train import run as run_module  # noqa: E402
+from lorakit.train.config import load_train_config  # noqa: E402
+from lorakit.train.run import train  # noqa: E402
+
+
+class _Parked(torch.Tensor):
+    """A parked model's tensor: what it is can be read (dtype, shape), any computation with it fails."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") == "__get__":
+            return super().__torch_function__(func, types, args, kwargs or {})
+        raise AssertionError(f"a parked model's tensor was used ({getattr(func, '__name__', func)})")
+
+
+class _StrictParking(parking_module.Parking):
+    """Parking that acts as on an accelerator, and makes a parked model unusable until it is borrowed."""
+
+    log: list[str] = []
+
+    @property
+    def frees_memory(self) -> bool:
+        return True
+
+    def _move(self, module, device):  # the device is the CPU both ways here: what is stashed tells which way
+        stores = [(m, store) for m in module.modules() for store in (m._parameters, m._buffers)]
+        if not getattr(module, "_stash", None):
+            module._stash = {(id(store), name): t for _, store in stores for name, t in store.items() if t is not None}
+            for _, store in stores:
+                for name, t in store.items():
+                    if t is not None:
+                        store[name] = torch.Tensor._make_subclass(_Parked, t.detach())
+            self.log.append(f"park {type(module).__name__}")
+        else:
+            for _, store in stores:
+                for name in list(store):
+                    if (id(store), name) in module._stash:
+                        store[name] = module._stash[(id(store), name)]
+            module._stash = None
+            self.log.append(f"borrow {type(module).__name__}")
+
+
+@pytest.fixture(scope="module", params=["tiny-sd", "tiny-sdxl"])
+def base(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp("parking")
+    save_checkpoint(random_model(request.param, seed=0), root / "sd.safetensors", dtype=None)
+    encoders = ["CLIPTextModel"] + (["CLIPTextModelWithProjection"] if request.param == "tiny-sdxl" else [])
+    write_concept_folder(root / "data", n=4, repeats=1)
+    (root / "prompts.txt").write_text("a red circle --w 64 --h 64 --s 2 --d 5\n")
+    return SimpleNamespace(root=root, encoders=encoders)
+
+
+def _train(base, out, **extra):
+    base = base.root
+    values = dict(pretrained_model_name_or_path=str(base / "sd.safetensors"), resolution="64", output_dir=str(out),
+                  output_name="t", network_dim=4, network_alpha=2, learning_rate=1e-2, max_train_steps=3,
+                  train_batch_size=2, seed=3, max_data_loader_n_workers=0, caption_extension=".txt",
+                  train_data_dir=str(base / "data"), network_train_unet_only=True, cache_latents=True,
+                  cache_text_encoder_outputs=True, sample_prompts=str(base / "prompts.txt"), sample_at_first=True,
+                  sample_every_n_steps=2, validation_split=0.25, validate_every_n_steps=1)
+    values.update(extra)
+    return train(load_train_config(overrides=values))
+
+
+def test_cached_models_leave_the_device_and_come_back_for_samples(base, tmp_path, monkeypatch):
+    plain = read_tensors(_train(base, tmp_path / "plain"))
+    monkeypatch.setattr(run_module, "Parking", _StrictParking)
+    _StrictParking.log = []
+    parked = read_tensors(_train(base, tmp_path / "parked"))
+    assert parked.keys() == plain.keys()
+    for key in plain:
+        assert torch.equal(parked[key], plain[key]), key
+    models = ["AutoencoderKL", *base.encoders]
+    parks = [f"park {name}" for name in models]
+    draw = [f"borrow {name}" for name in models] + parks
+    assert _StrictParking.log == parks + draw * 3  # samples at first, at step 2 and at the end
+    assert len(list((tmp_path / "parked" / "sample").glob("*.png"))) == 3
+
+
+def test_models_stay_when_nothing_is_cached(base, tmp_path, monkeypatch):
+    monkeypatch.setattr(run_module, "Parking", _StrictParking)
+    _StrictParking.log = []
+    _train(base, tmp_path / "out", cache_latents=False, cache_text_encoder_outputs=False, sample_prompts=None,
+           validation_split=0.0, max_train_steps=1)
+    assert _StrictParking.log == []
+
+
+def test_the_cpu_parks_nothing():
+    module = torch.nn.Linear(2, 2)
+    parking = parking_module.Parking(torch.device("cpu"))
+    parking.park(module)
+    assert parking.parked == [] and module.weight.device.type == "cpu"
