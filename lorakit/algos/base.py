@@ -10,6 +10,7 @@ scalar, DoRA, dropouts, merge/unmerge, dtype casts and the saved key layout live
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, ClassVar, Mapping
 
 import torch
@@ -20,7 +21,7 @@ from .dora import DoRA
 from .fused_conv import conv_fusable, conv_plus_low_rank
 from .fused_linear import fusable, gain_as_float, linear_plus_low_rank, plain_frozen_layer
 from .layer import LayerSpec, TransposedLinear, describe_layer, is_transposed_linear, positions
-from .options import AdapterOptions, OptionError, parse_options
+from .options import AdapterOptions, OptionError, idle_options, parse_options
 from .rebuilt_op import rebuilt_weight_op
 
 COMMON_OPTIONS = frozenset({"multiplier", "module_dropout"})
@@ -143,6 +144,8 @@ class Adapter(DoRA, nn.Module):
         for name in sorted(given - allowed):
             raise OptionError(f"algo '{self.name}' does not accept option '{name}' "
                               f"(got {getattr(options, name)!r}); it accepts: {', '.join(sorted(allowed))}")
+        for idle in idle_options(options, given):  # a network warns once: the text is the same on every layer
+            warnings.warn(f"algo '{self.name}': {idle}", UserWarning, stacklevel=4)
 
     def set_scale(self, dim: int, alpha: float) -> None:
         """scale = alpha / dim, or alpha / sqrt(dim) with rs_lora (saved so that alpha / dim gives it)."""

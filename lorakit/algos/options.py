@@ -135,6 +135,21 @@ def _check_ranges(o: AdapterOptions) -> None:
         fail("constraint", "a number >= 0 (0 means unconstrained)")
 
 
+# options that only change what another option does: (option, the other one, whether that one leaves it idle)
+_DEPENDENT = (
+    ("dora_axis", "without dora_wd", lambda o: not o.dora_wd),
+    ("rank_dropout_scale", "without rank_dropout", lambda o: not o.rank_dropout),
+    ("decompose_both", "with full_matrix (both factors are then full matrices)", lambda o: o.full_matrix),
+)
+
+
+def idle_options(options: AdapterOptions, given) -> list[str]:
+    """What the caller set that changes nothing here: an option that modifies another one that is off, as text
+    naming both (at their defaults they are quiet: kohya_ss writes some of them for every LyCORIS type)."""
+    return [f"option '{name}' ({getattr(options, name)!r}) changes nothing {why}" for name, why, idle in _DEPENDENT
+            if name in given and getattr(options, name) != getattr(DEFAULTS, name) and idle(options)]
+
+
 def suggest(name: str, known) -> str:
     close = difflib.get_close_matches(name, sorted(known), n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""

@@ -68,7 +68,20 @@ def check_network_kwargs(kwargs: Mapping[str, Any]) -> tuple[NetworkConfig, dict
         accepted = ", ".join(sorted(COMMON_OPTIONS | cls.accepts))
         raise OptionError(f"algo '{cls.name}' does not accept option '{spelt}' ({alias}given "
                           f"{getattr(parsed, refused[0])!r}); it accepts: {accepted}")
+    _warn_unused_sizes(config, cls)
     return config, options, load_preset(config.preset)
+
+
+def _warn_unused_sizes(config: NetworkConfig, cls) -> None:
+    """dim/alpha (and the conv ones) that the algorithm does not use, at a value other than the default: a warning
+    naming them, not an error, as every trainer passes network_dim and network_alpha (dim still selects the layers:
+    0 leaves them out)."""
+    defaults = NetworkConfig()
+    unused = [f"{name}={getattr(config, name)!r}" for name, kind in
+              (("dim", "dim"), ("conv_dim", "dim"), ("alpha", "alpha"), ("conv_alpha", "alpha"))
+              if kind not in cls.accepts and getattr(config, name) not in (getattr(defaults, name), 0)]
+    if unused:
+        log.warning("algo '%s' does not use %s; ignored", cls.name, ", ".join(unused))
 
 
 def _at_a_default(name: str, value: Any) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch.nn as nn
 
@@ -109,3 +111,21 @@ def test_algorithm_on_the_wrong_kind_of_layer(linear):
         make_adapter("lora", nn.LayerNorm(8))
     with pytest.raises(ValueError, match="affine LayerNorm"):
         make_adapter("norm", nn.LayerNorm(8, elementwise_affine=False))
+
+
+@pytest.mark.parametrize("algo,options,named", [
+    ("lora", {"dora_axis": "out"}, "'dora_axis' ('out') changes nothing without dora_wd"),
+    ("loha", {"rank_dropout_scale": True}, "'rank_dropout_scale' (True) changes nothing without rank_dropout"),
+    ("lokr", {"decompose_both": True, "full_matrix": True}, "'decompose_both' (True) changes nothing with full_matrix"),
+])
+def test_an_option_whose_parent_is_off_is_warned_about(linear, algo, options, named):
+    with pytest.warns(UserWarning, match=re.escape(f"algo '{algo}': option {named}")):
+        make_adapter(algo, linear, **options)
+
+
+@pytest.mark.parametrize("options", [{"dora_axis": "out", "dora_wd": True}, {"dora_axis": "in"},
+                                     {"rank_dropout_scale": True, "rank_dropout": 0.1},
+                                     {"rank_dropout_scale": False}, {"decompose_both": True}])
+def test_dependent_options_in_use_or_at_their_default_are_quiet(linear, options, recwarn):
+    make_adapter("lokr" if "decompose_both" in options else "lora", linear, **options)
+    assert not [w for w in recwarn if "changes nothing" in str(w.message)]

@@ -639,3 +639,17 @@ def test_network_args_still_apply_to_a_network_from_weights(tmp_path):
     trained = {id(p) for p in net.get_trainable_params()}
     up_blocks = [a for n, a in net.adapters() if n.startswith("lora_unet_up_blocks")]
     assert up_blocks and not any(id(p) in trained for a in up_blocks for p in a.parameters())
+
+
+@pytest.mark.parametrize("algo,dim,alpha,unused", [
+    ("ia3", 32, 16.0, "dim=32, alpha=16.0"), ("full", 8, 1.0, "dim=8"), ("diag-oft", 8, 16.0, "alpha=16.0"),
+    ("boft", 4, 2.0, "alpha=2.0"), ("diag-oft", 8, 1.0, None), ("lora", 32, 16.0, None)])
+def test_network_dim_and_alpha_an_algo_does_not_use_are_named(caplog, algo, dim, alpha, unused):
+    """network_dim/network_alpha reach every algorithm (sd-scripts always passes them): one that does not use them
+    is told so by name when they are not at their defaults (4 and 1), and the network is built anyway."""
+    unet, tes = tiny_model("sd1")
+    with caplog.at_level("WARNING"):
+        net = kohya.create_network(1.0, dim, alpha, None, tes[0], unet, algo=algo, preset="attn-mlp")
+    assert net.unet_loras
+    said = [r.getMessage() for r in caplog.records if "does not use" in r.getMessage()]
+    assert said == ([f"algo '{algo}' does not use {unused}; ignored"] if unused else [])
