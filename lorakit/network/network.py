@@ -174,6 +174,7 @@ class Network(nn.Module):
         te_lrs = (te_lrs or [None]) * 2 if len(te_lrs) < 2 else te_lrs  # one value serves both text encoders
         groups: dict[tuple, dict] = {}
         blocks = self._lr_blocks()
+        unboosted: set[str] = set()  # algorithms with a LoRA+ ratio and no output-side factor
         for name, adapter in self.adapters():
             entry = self.entries[name]
             if entry.is_text_encoder:
@@ -195,6 +196,8 @@ class Network(nn.Module):
                 adapter.requires_grad_(False)
                 continue
             plus_ids = {id(p) for p in adapter.plus_parameters()} if plus[kind] else set()
+            if plus[kind] and not plus_ids:
+                unboosted.add(adapter.name)
             block = blocks.get(name)
             for p in adapter.parameters():
                 if not p.requires_grad:
@@ -207,6 +210,9 @@ class Network(nn.Module):
                     if lr is not None:
                         group["lr"] = lr * (plus[kind] if boosted else 1.0)
                 group["params"].append(p)
+        if unboosted:
+            log.warning("LoRA+ has no effect on %s adapters: they have no output-side (B) factor to train at the "
+                        "ratio, so they train at the plain learning rate", ", ".join(sorted(unboosted)))
         # sd-scripts' prepare_optimizer_params order: the text encoders first (DAdaptAdan & co. step every group with
         # the first group's lr, and the progress bar shows it), then the U-Net by block, each plain then LoRA+
         return [groups[key] for key in sorted(groups)]

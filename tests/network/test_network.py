@@ -216,6 +216,28 @@ def test_optimizer_groups_with_loraplus_and_text_encoder_lr():
     assert {g["name"] for g in groups} == {"unet", "unet_plus"}
 
 
+@pytest.mark.parametrize("algo,boosted", [
+    ("lora", {"lora_up"}), ("dylora", {"lora_up"}), ("loha", {"hada_w1_a", "hada_w2_a"}),
+    ("lokr", {"lokr_w2", "lokr_w2_a"}), ("glora", {"a1", "b1"}),
+    ("ia3", set()), ("diag-oft", set()), ("boft", set()), ("full", set())])
+def test_loraplus_boosts_each_algorithms_output_side_factors(caplog, algo, boosted):
+    """LoRA+ for every algorithm: the output-side factors train at ratio x lr; an algorithm without one trains at
+    the plain rate, and the log says so by name."""
+    unet, tes = tiny_model("sd1")
+    options = {"dim": 4} if algo in ("lora", "dylora", "loha", "lokr", "glora") else {}
+    net = create_network(unet, tes, algo=algo, preset="attn-mlp", loraplus_lr_ratio=16, **options)
+    with caplog.at_level("WARNING"):
+        groups = net.optimizer_param_groups(unet_lr=1e-4, text_encoder_lr=5e-5)
+    names = {id(p): n.rsplit(".", 1)[-1] for n, p in net.named_parameters()}
+    plus = {names[id(p)] for g in groups if g["name"].endswith("_plus") for p in g["params"]}
+    assert plus == boosted
+    assert all(g["lr"] == pytest.approx(16 * (1e-4 if g["name"] == "unet_plus" else 5e-5))
+               for g in groups if g["name"].endswith("_plus"))
+    said = [r.getMessage() for r in caplog.records if "LoRA+" in r.getMessage()]
+    assert said == ([] if boosted else [f"LoRA+ has no effect on {algo} adapters: they have no output-side (B) "
+                                        "factor to train at the ratio, so they train at the plain learning rate"])
+
+
 def test_block_dims_and_lr_weights():
     unet, tes = tiny_model("sd1")
     dims = [2] * 12 + [3] + [5] * 12
