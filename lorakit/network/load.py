@@ -9,7 +9,7 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from ..algos import adapter_from_state_dict
+from ..algos import adapter_from_state_dict, as_loaded, detect_algorithm
 from ..formats.peft_layout import SD_SCRIPTS_OFT_PREFIX, detect_layout, omi_to_kohya
 from .create import index_model
 from .names import GENERIC_PREFIX, group_by_module, split_key
@@ -57,6 +57,20 @@ def check_layout(tensors: Mapping[str, torch.Tensor], where: str) -> None:
         raise ValueError(f"{where}: keys like '{dotted[0]}' give the module as a dotted path, which is not the "
                          f"kohya/LyCORIS layout (lora_unet_<module path with _>.lora_down.weight, "
                          f"lora_te_..., lycoris_...)")
+    modules = group_by_module(tensors)
+    named_as_adapters = any(name.startswith(("lora_", "lycoris_")) for name in modules)  # else: a typo is named
+    if not named_as_adapters and not any(_holds_an_adapter(module) for module in modules.values()):
+        raise ValueError(f"{where}: holds no adapter tensors (keys like '{keys[0]}'; an adapter module has "
+                         f"lora_down/lora_up, hada_w1_a, lokr_w1, oft_blocks, diff, ... tensors): is it an "
+                         f"embedding, a VAE or another kind of file?")
+
+
+def _holds_an_adapter(module: Mapping[str, torch.Tensor]) -> bool:
+    try:
+        detect_algorithm(as_loaded(module))
+    except (ValueError, KeyError, AttributeError):
+        return False
+    return True
 
 
 def _refuse_checkpoint(keys, where: str) -> None:

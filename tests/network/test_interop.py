@@ -595,6 +595,12 @@ def _save(tmp_path, name, tensors):
                for k, shape in (("lora_down.weight", (4, 32)), ("lora_up.weight", (64, 4)))},
      r"twice.safetensors: 'lora_te_text_model_encoder_layers_0_mlp_fc1' and 'lora_te_encoder_layers_0_mlp_fc1' "
      r"name the same module \(text_encoder (text_model\.)?encoder.layers.0.mlp.fc1\); the file holds it twice"),
+    ("ti_embedding", {"emb_params": torch.zeros(2, 32)},
+     r"ti_embedding.safetensors: holds no adapter tensors \(keys like 'emb_params'; an adapter module has "
+     r"lora_down/lora_up, hada_w1_a, lokr_w1, oft_blocks, diff, ... tensors\): is it an embedding, a VAE or another "
+     r"kind of file\?"),
+    ("vae", {"encoder.conv_in.weight": torch.zeros(4, 3, 3, 3), "decoder.conv_out.bias": torch.zeros(3)},
+     r"vae.safetensors: holds no adapter tensors \(keys like '(en|de)coder\."),
     ("unknown_suffix", {f"{KOHYA_TO_Q}.lora_dwn.weight": torch.zeros(4, 16)},
      rf"unknown_suffix.safetensors: module '{KOHYA_TO_Q}': no adapter algorithm has the tensors \['lora_dwn.weight'\]"),
 ])
