@@ -145,6 +145,8 @@ class TrainDataset(torch.utils.data.Dataset):
         self.tag_frequency: dict[str, dict[str, int]] = {}
         self.num_train_images = 0  # with repeats, as kohya's ss_num_train_images
         self.num_reg_images = 0
+        # per dataset: (training, regularization) images with repeats, before the reg balancing (ss_datasets)
+        self.group_image_counts: list[tuple[int, int]] = []
         # the optimizer steps of the run, for token_warmup_step (set_schedule; the trainer sets them)
         self.max_train_steps, self.gradient_accumulation_steps = 0, 1
         self._updates_per_epoch: int | None = None
@@ -216,6 +218,7 @@ class TrainDataset(torch.utils.data.Dataset):
         n_reg = sum(e.repeats for e in reg)
         self.num_train_images += n_train
         self.num_reg_images += n_reg
+        self.group_image_counts.append((n_train, n_reg))
         self.entries += train + _balance_reg(reg, n_train)
         if n_reg > n_train:
             logger.warning("dataset %d: %d regularization images (with repeats) for %d training images: some are "
@@ -318,14 +321,13 @@ class TrainDataset(torch.utils.data.Dataset):
         bucket settings, image counts, tag frequency and buckets, and per subset its counts and options."""
         out = []
         for group, spec in enumerate(self.specs):
-            entries = [e for e in self.entries if e.group == group]
             subsets = [i for i, g in enumerate(self.subset_groups) if g == group]
             names = [self._tag_name(self.subsets[i]) for i in subsets]
             meta = {
                 "is_dreambooth": not any(self.subsets[i].metadata_file for i in subsets),
                 "batch_size_per_device": spec.batch_size,
-                "num_train_images": sum(e.repeats for e in entries if not e.is_reg),
-                "num_reg_images": sum(e.repeats for e in entries if e.is_reg),
+                "num_train_images": self.group_image_counts[group][0],
+                "num_reg_images": self.group_image_counts[group][1],
                 "resolution": tuple(spec.resolution) if spec.resolution is not None else None,
                 "enable_bucket": bool(spec.enable_bucket or self.metadata_bucketed[group]),
                 "min_bucket_reso": spec.min_bucket_reso,
