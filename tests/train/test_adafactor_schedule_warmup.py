@@ -27,7 +27,7 @@ def _scheduler(config):
 
 def test_adafactor_schedule_with_a_warmup_is_refused(tmp_path):
     config = _config(tmp_path, 10)
-    with pytest.raises(OptionError, match="lr_scheduler 'adafactor' takes no warmup: lr_warmup_steps must be 0, got 10"):
+    with pytest.raises(OptionError, match="'adafactor' takes no warmup: lr_warmup_steps must be 0, got 10"):
         check_runnable(config)
     with pytest.raises(OptionError, match="'adafactor' takes no warmup"):
         _scheduler(config)
