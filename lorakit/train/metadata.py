@@ -7,6 +7,7 @@ import json
 import os
 import time
 
+from ..formats.hashes import file_legacy_hash, file_sha256
 from ..formats.modelspec import base_model_version, build_modelspec
 from .network_args import ss_network_args
 
@@ -69,7 +70,6 @@ def training_metadata(config, *, kind: str, v_parameterization: bool, dataset, o
         "ss_base_model_version": base_model_version(kind, v_parameterization),
         "ss_v2": str(kind == "sd2"),
         "ss_sd_model_name": os.path.basename(model_path),
-        "ss_vae_name": os.path.basename(config.vae) if config.vae else "None",
         "ss_resolution": f"({resolution[0]}, {resolution[1]})" if resolution is not None else "None",
         "ss_tag_frequency": json.dumps(dataset.tag_frequency),
         "ss_bucket_info": json.dumps(dataset.bucket_info),
@@ -86,6 +86,10 @@ def training_metadata(config, *, kind: str, v_parameterization: bool, dataset, o
         "ss_dataset_dirs": json.dumps(_dataset_dirs(dataset, reg=False)),
         "ss_reg_dataset_dirs": json.dumps(_dataset_dirs(dataset, reg=True)),
     })
+    meta.update(_model_file_keys("sd_model", model_path))
+    if config.vae:  # sd-scripts: the VAE's keys only when one is given
+        meta["ss_vae_name"] = os.path.basename(config.vae)
+        meta.update(_model_file_keys("vae", config.vae))
     meta.update(_optimizer_metadata(config, optimizer_name))
     if config.dataset_config:
         # sd-scripts with a dataset config: each dataset's own settings in ss_datasets, not the command line's
@@ -101,6 +105,14 @@ def training_metadata(config, *, kind: str, v_parameterization: bool, dataset, o
         tags=config.metadata_tags or None, prediction_type="v" if v_parameterization else "epsilon",
         clip_skip=config.clip_skip, timestep_range=_timestep_range(config)))
     return meta
+
+
+def _model_file_keys(kind: str, path) -> dict[str, str]:
+    """sd-scripts' ss_<kind>_hash (A1111's old 8-hex model_hash) and ss_new_<kind>_hash (the file's sha256) of a
+    model file; none for a folder, a demo or a hub name."""
+    if not path or not os.path.isfile(path):
+        return {}
+    return {f"ss_{kind}_hash": file_legacy_hash(path), f"ss_new_{kind}_hash": file_sha256(path)}
 
 
 def _process_count() -> int:

@@ -18,7 +18,8 @@ def test_base_model_version_is_sd_scripts_string(kind, v, expected):
     assert _is_v2({"ss_base_model_version": base_model_version(kind, v)}) == (kind == "sd2")
 
 
-def _training_metadata(validation_dataset=None, resolution=(64, 64), dataset_values={}, **overrides):
+def _training_metadata(validation_dataset=None, resolution=(64, 64), dataset_values={}, model_path="m.safetensors",
+                       **overrides):
     from types import SimpleNamespace
 
     from lorakit.train.config import load_train_config
@@ -33,7 +34,7 @@ def _training_metadata(validation_dataset=None, resolution=(64, 64), dataset_val
                               bucket_info={}, subsets=[], image_counts=[], **dataset_values)
     return training_metadata(config, kind="sd1", v_parameterization=False, dataset=dataset,
                              optimizer_name=optimizer_name(optimizer), num_epochs=1, max_train_steps=1,
-                             session_id="s", started_at=0.0, model_path="m.safetensors",
+                             session_id="s", started_at=0.0, model_path=model_path,
                              resolution=resolution, validation_dataset=validation_dataset)
 
 
@@ -100,3 +101,25 @@ def test_fp8_huber_scale_validation_and_resize_interpolation_keys_as_sd_scripts_
             "ss_validation_split", "ss_max_validation_steps", "ss_validate_every_n_epochs",
             "ss_validate_every_n_steps", "ss_resize_interpolation"]
     assert [meta.get(k) for k in keys] == expected
+
+
+def test_model_and_vae_file_hashes_and_names_as_sd_scripts_writes_them(tmp_path):
+    """train_network.py: for a model file, ss_sd_model_hash (A1111's old model_hash: sha256 of the 64 KiB at 1 MiB,
+    8 hex) and ss_new_sd_model_hash (the file's sha256); ss_vae_name and the VAE's two hashes only when a VAE is
+    given; nothing for a name that is no file (a hub name, a demo)."""
+    import hashlib
+    import os
+
+    model, vae = tmp_path / "model.safetensors", tmp_path / "vae.safetensors"
+    model.write_bytes(os.urandom(0x100000 + 0x10000 + 100))
+    vae.write_bytes(os.urandom(5000))  # under 1 MiB: the old hash of no bytes
+    meta = _training_metadata(model_path=str(model))
+    data = model.read_bytes()
+    assert meta["ss_sd_model_hash"] == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    assert meta["ss_new_sd_model_hash"] == hashlib.sha256(data).hexdigest()
+    assert not [k for k in meta if "vae" in k]
+    meta = _training_metadata(model_path=str(model), vae=str(vae))
+    assert meta["ss_vae_name"] == "vae.safetensors"
+    assert (meta["ss_vae_hash"], meta["ss_new_vae_hash"]) == ("e3b0c442", hashlib.sha256(vae.read_bytes()).hexdigest())
+    meta = _training_metadata(model_path="stabilityai/stable-diffusion-xl-base-1.0")
+    assert not [k for k in meta if k.endswith("_hash")]
