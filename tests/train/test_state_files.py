@@ -1,0 +1,104 @@
+"""A state folder read back by load_state, without a training run: a state with no per-setting record (an older
+lorakit's) is checked by its digest alone, optimizer groups saved in another order come back on the groups of the
+same name (torch's Optimizer.load_state_dict maps groups by position), a resume state in another folder that a
+kill while re-saving it left only as a temporary copy is put back, and fp16's loss scale comes back as saved
+(accelerate's save_state/load_state keep the GradScaler's, which sd-scripts' resume relies on)."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import torch
+
+from lorakit.train.loss_scale import LossScaler
+from lorakit.train.state import Progress, StateError, load_state, restore_states, save_state
+
+
+class _TwoAdapters(torch.nn.Module):
+    """Two adapters of the same shape, so that a state put on the wrong one still loads without an error."""
+
+    def __init__(self):
+        super().__init__()
+        self.unet = torch.nn.Parameter(torch.zeros(3))
+        self.te = torch.nn.Parameter(torch.zeros(3))
+
+
+def _optimizer(net, order):
+    lrs = {"unet": 1e-3, "text_encoder": 1e-4}
+    params = {"unet": net.unet, "text_encoder": net.te}
+    groups = [{"params": [params[name]], "lr": lrs[name], "name": name} for name in order]
+    optimizer = torch.optim.AdamW(groups)
+    return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=10)
+
+
+def _trained_state(folder, progress):
+    """One AdamW step with a different gradient on each adapter, saved with the U-Net's group first."""
+    net = _TwoAdapters()
+    optimizer, scheduler = _optimizer(net, ["unet", "text_encoder"])
+    net.unet.grad, net.te.grad = torch.full((3,), 1.0), torch.full((3,), -5.0)
+    optimizer.step()
+    scheduler.step()
+    save_state(folder, net.state_dict(), optimizer, scheduler, progress)
+    return net
+
+
+def test_a_state_without_recorded_settings_and_another_digest_is_refused(tmp_path):
+    """A state that records only the digest of its settings (no 'settings'): a different digest is all there is to
+    tell the settings changed, so the resume is refused; the same digest resumes."""
+    _trained_state(tmp_path / "s", Progress(global_step=1, step_in_epoch=1, config_digest="a" * 16))
+    net = _TwoAdapters()
+    optimizer, scheduler = _optimizer(net, ["unet", "text_encoder"])
+    with pytest.raises(StateError, match="different training settings"):
+        load_state(tmp_path / "s", net, optimizer, scheduler, "b" * 16, settings={"learning_rate": "0.001"})
+    progress = load_state(tmp_path / "s", net, optimizer, scheduler, "a" * 16, settings={"learning_rate": "0.001"})
+    assert progress.global_step == 1
+
+
+def test_optimizer_groups_saved_in_another_order_come_back_by_name(tmp_path):
+    """Saved as (unet, text_encoder), resumed by a run whose groups are (text_encoder, unet): each adapter gets
+    its own moments and learning rate back, as if the order had not changed."""
+    saved_net = _trained_state(tmp_path / "s", Progress(global_step=1, step_in_epoch=1))
+    net = _TwoAdapters()
+    optimizer, scheduler = _optimizer(net, ["text_encoder", "unet"])
+    load_state(tmp_path / "s", net, optimizer, scheduler, "")
+    assert torch.equal(net.unet, saved_net.unet) and torch.equal(net.te, saved_net.te)
+    # AdamW's first step: exp_avg = (1 - beta1) * grad = 0.1 * grad, per adapter
+    assert torch.allclose(optimizer.state[net.unet]["exp_avg"], torch.full((3,), 0.1))
+    assert torch.allclose(optimizer.state[net.te]["exp_avg"], torch.full((3,), -0.5))
+    assert [(g["name"], g["lr"]) for g in optimizer.param_groups] == [("text_encoder", 1e-4), ("unet", 1e-3)]
+    assert scheduler.base_lrs == [1e-4, 1e-3] and scheduler.last_epoch == 1
+
+
+def test_the_fp16_loss_scale_comes_back_as_saved(tmp_path):
+    """A skipped step (an inf gradient) halves GradScaler's scale, 65536 -> 32768, and a good step counts towards
+    the next growth: a resume goes on from that scale and count, not from a fresh scaler's."""
+    net = _TwoAdapters()
+    optimizer, scheduler = _optimizer(net, ["unet", "text_encoder"])
+    scaler = LossScaler("cpu", enabled=True)
+    scaler.scale(torch.tensor(1.0))
+    for unet_grad in (float("inf"), 1.0):
+        net.unet.grad, net.te.grad = torch.full((3,), unet_grad), torch.full((3,), 1.0)
+        scaler.step_and_update(optimizer)
+    saved = scaler.state_dict()
+    assert (saved["scale"], saved["_growth_tracker"]) == (32768.0, 1)
+    save_state(tmp_path / "s", net.state_dict(), optimizer, scheduler, Progress(global_step=2), scaler=scaler)
+    net = _TwoAdapters()
+    resumed = LossScaler("cpu", enabled=True)
+    load_state(tmp_path / "s", net, *_optimizer(net, ["unet", "text_encoder"]), "", scaler=resumed)
+    assert resumed.state_dict() == saved
+
+
+def test_a_resume_state_outside_the_output_folder_left_as_a_temporary_is_put_back(tmp_path):
+    """resume= names a state of another run's folder, which a kill between staging_folder's two renames left only as
+    .t-state.{pid}.{hex}.tmp (its writer gone): the run's start puts it back under its name, as it does for the
+    states of its own output folder, and the resume reads it."""
+    _trained_state(tmp_path / "first" / "t-state", Progress(global_step=1, step_in_epoch=1))
+    writer = subprocess.Popen(["true"])
+    writer.wait()  # a process id that is no longer running: the kill
+    copy = tmp_path / "first" / f".t-state.{writer.pid}.4567abcd.tmp"
+    (tmp_path / "first" / "t-state").rename(copy)
+    resume = tmp_path / "first" / "t-state"
+    assert restore_states(tmp_path / "second", resume) == [(resume, copy)]
+    net = _TwoAdapters()
+    assert load_state(resume, net, *_optimizer(net, ["unet", "text_encoder"]), "").global_step == 1
