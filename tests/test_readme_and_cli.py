@@ -52,3 +52,9 @@ def test_a_misspelt_flag_suggests_the_flag_the_docs_use(capsys):
                            ("--outptu_dir", "output_dir")):
         assert main(["train", typo, "x"]) == 2
         assert f"unknown option '{typo[2:]}' (did you mean '{expected}'?)" in capsys.readouterr().err
+
+
+def test_no_command_prints_the_help_and_succeeds(capsys):
+    """`lorakit` alone: the help on stdout and exit status 0, as `lorakit --help`."""
+    assert main([]) == 0
+    assert "usage: lorakit" in capsys.readouterr().out
