@@ -11,28 +11,20 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from lorakit.cli import main  # noqa: E402
-from lorakit.models.demo import random_model  # noqa: E402
-from lorakit.models.demo_data import write_concept_folder  # noqa: E402
-from lorakit.models.save import save_checkpoint  # noqa: E402
 from lorakit.train.config import load_train_config  # noqa: E402
 from lorakit.train.run import train  # noqa: E402
+
+from .tiny_run import make_base, run_options  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    root = tmp_path_factory.mktemp("summary")
-    save_checkpoint(random_model("tiny-sd", seed=0), root / "sd.safetensors", dtype=None)
-    write_concept_folder(root / "data", n=3, repeats=2)
-    return root
+    return make_base(tmp_path_factory.mktemp("summary"), images=3, repeats=2)
 
 
 def _options(base, out, **overrides):
-    values = dict(pretrained_model_name_or_path=str(base / "sd.safetensors"), train_data_dir=str(base / "data"),
-                  resolution="64", output_dir=str(out), output_name="t", network_dim=2, learning_rate=1e-3,
-                  max_train_steps=4, train_batch_size=2, seed=3, max_data_loader_n_workers=0,
-                  optimizer_type="AdamW")
-    values.update(overrides)
-    return values
+    return run_options(base, out, dict(network_dim=2, learning_rate=1e-3, max_train_steps=4, optimizer_type="AdamW"),
+                       overrides)
 
 
 def test_a_run_logs_the_dataset_the_schedule_the_epochs_and_each_save(base, tmp_path, caplog):

@@ -16,32 +16,29 @@ pytest.importorskip("transformers")
 
 from lorakit.algos.options import OptionError  # noqa: E402
 from lorakit.data.from_config import specs_from_config  # noqa: E402
-from lorakit.models.demo import random_model  # noqa: E402
 from lorakit.models.demo_data import write_concept_folder  # noqa: E402
 from lorakit.models.load import load_model  # noqa: E402
-from lorakit.models.save import save_checkpoint  # noqa: E402
 from lorakit.models.text import encode_prompts  # noqa: E402
 from lorakit.train import step as step_module  # noqa: E402
 from lorakit.train.config import load_train_config  # noqa: E402
 from lorakit.train.dataset_config import parse_dataset_config  # noqa: E402
 from lorakit.train.run import train  # noqa: E402
 
+from .tiny_run import make_base, run_options  # noqa: E402
+
 TAGS = ["t0", "t1", "t2", "t3", "t4", "t5"]
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data_options")
-    save_checkpoint(random_model("tiny-sd", seed=0), root / "sd.safetensors", dtype=None)
-    return root
+    return make_base(tmp_path_factory.mktemp("data_options"), images=0)
 
 
 def _config(base, out, **overrides):
-    values = dict(pretrained_model_name_or_path=str(base / "sd.safetensors"), resolution="64", output_dir=str(out),
-                  output_name="t", network_dim=4, network_alpha=2, learning_rate=1e-2, max_train_steps=2,
-                  train_batch_size=2, seed=3, max_data_loader_n_workers=0, caption_extension=".txt")
-    values.update(overrides)
-    return load_train_config(overrides=values)
+    values = run_options(base, out, dict(network_dim=4, network_alpha=2, learning_rate=1e-2, max_train_steps=2,
+                                         caption_extension=".txt"))
+    del values["train_data_dir"]  # each test gives its own data
+    return load_train_config(overrides={**values, **overrides})
 
 
 def test_text_encoder_outputs_on_disk_equal_the_encoder(base, tmp_path, monkeypatch):

@@ -16,30 +16,24 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from lorakit.formats.safetensors_io import load_file  # noqa: E402
-from lorakit.models.demo import random_model  # noqa: E402
-from lorakit.models.demo_data import write_concept_folder  # noqa: E402
-from lorakit.models.save import save_checkpoint  # noqa: E402
 from lorakit.train.config import load_train_config  # noqa: E402
 from lorakit.train.run import train  # noqa: E402
+
+from .tiny_run import make_base, run_options  # noqa: E402
 
 LR, MAX_GRAD_NORM = 0.5, 1e-4  # the tiny model's gradient norm is far above 1e-4
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    root = tmp_path_factory.mktemp("clipping")
-    save_checkpoint(random_model("tiny-sd", seed=0), root / "sd.safetensors", dtype=None)
-    write_concept_folder(root / "data", n=2, repeats=1)
-    return root
+    return make_base(tmp_path_factory.mktemp("clipping"), images=2)
 
 
 def _one_step(base, out, **overrides):
-    values = dict(pretrained_model_name_or_path=str(base / "sd.safetensors"), train_data_dir=str(base / "data"),
-                  resolution="64", output_dir=str(out), output_name="t", network_dim=4, network_alpha=2,
-                  learning_rate=LR, max_train_steps=1, train_batch_size=2, seed=3, cache_latents=True,
-                  max_data_loader_n_workers=0, optimizer_type="SGDNesterov", lr_scheduler="constant",
-                  save_precision="float", max_grad_norm=MAX_GRAD_NORM)
-    return load_file(train(load_train_config(overrides={**values, **overrides})))[0]
+    values = run_options(base, out, dict(network_dim=4, network_alpha=2, learning_rate=LR, max_train_steps=1,
+                                         cache_latents=True, optimizer_type="SGDNesterov", lr_scheduler="constant",
+                                         save_precision="float", max_grad_norm=MAX_GRAD_NORM), overrides)
+    return load_file(train(load_train_config(overrides=values)))[0]
 
 
 def _norm(tensors, part):

@@ -14,29 +14,22 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from lorakit.formats.safetensors_io import load_file, read_metadata  # noqa: E402
-from lorakit.models.demo import random_model  # noqa: E402
-from lorakit.models.demo_data import write_concept_folder  # noqa: E402
-from lorakit.models.save import save_checkpoint  # noqa: E402
 from lorakit.train.config import load_train_config  # noqa: E402
 from lorakit.train.run import train  # noqa: E402
 from lorakit.train.state import StateError, check_state_folder  # noqa: E402
 
+from .tiny_run import make_base, run_options  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume_edges")
-    save_checkpoint(random_model("tiny-sd", seed=0), root / "sd.safetensors", dtype=None)
-    write_concept_folder(root / "data", n=6, repeats=1)  # 3 batches of 2 per epoch
-    return root
+    return make_base(tmp_path_factory.mktemp("resume_edges"), images=6)  # 3 batches of 2 per epoch
 
 
 def _config(base, out, **overrides):
-    values = dict(pretrained_model_name_or_path=str(base / "sd.safetensors"), train_data_dir=str(base / "data"),
-                  resolution="64", output_dir=str(out), output_name="t", network_dim=4, network_alpha=2,
-                  learning_rate=1e-2, max_train_steps=4, train_batch_size=2, seed=3, cache_latents=True,
-                  max_data_loader_n_workers=0, optimizer_type="AdamW", lr_scheduler="constant")
-    values.update(overrides)
-    return load_train_config(overrides=values)
+    return load_train_config(overrides=run_options(base, out, dict(
+        network_dim=4, network_alpha=2, learning_rate=1e-2, max_train_steps=4, cache_latents=True,
+        optimizer_type="AdamW", lr_scheduler="constant"), overrides))
 
 
 def _same_tensors(a, b) -> bool:

@@ -16,29 +16,21 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from lorakit.formats.safetensors_io import load_file, read_metadata  # noqa: E402
-from lorakit.models.demo import random_model  # noqa: E402
-from lorakit.models.demo_data import write_concept_folder  # noqa: E402
-from lorakit.models.save import save_checkpoint  # noqa: E402
 from lorakit.train.config import load_train_config  # noqa: E402
 from lorakit.train.run import TrainingError, train  # noqa: E402
+
+from .tiny_run import make_base, run_options  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    save_checkpoint(random_model("tiny-sd", seed=0), root / "sd.safetensors", dtype=None)
-    save_checkpoint(random_model("tiny-sdxl", seed=0), root / "sdxl.safetensors", dtype=None)
-    write_concept_folder(root / "data", n=6, repeats=1)
-    return root
+    return make_base(tmp_path_factory.mktemp("train"), images=6, sdxl=True)
 
 
 def _config(base, out, **overrides):
-    values = dict(pretrained_model_name_or_path=str(base / "sd.safetensors"), train_data_dir=str(base / "data"),
-                  resolution="64", output_dir=str(out), output_name="t", network_dim=4, network_alpha=2,
-                  learning_rate=1e-2, max_train_steps=4, train_batch_size=2, seed=3, cache_latents=True,
-                  max_data_loader_n_workers=0, optimizer_type="AdamW", lr_scheduler="cosine")
-    values.update(overrides)
-    return load_train_config(overrides=values)
+    return load_train_config(overrides=run_options(base, out, dict(
+        network_dim=4, network_alpha=2, learning_rate=1e-2, max_train_steps=4, cache_latents=True,
+        optimizer_type="AdamW", lr_scheduler="cosine"), overrides))
 
 
 def test_run_writes_adapter_metadata_and_config(base, tmp_path):
