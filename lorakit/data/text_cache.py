@@ -59,54 +59,62 @@ def cache_text_outputs(dataset, encode: Callable[[list[str]], tuple[torch.Tensor
     the CPU, float32 as the files hold them), each distinct caption encoded once and shared by its images."""
     if not to_disk:
         return _cache_in_memory(dataset, encode, batch_size)
-    pending: list[tuple[object, str, str, str]] = []
+    pending: list[tuple[object, str, str]] = []
+    captions: list[str] = []
     reused = 0
     shared = shared_stems(e.path for e in dataset.entries)
     remove_stale_cache_temporaries(text_cache_path(e.path, shared) for e in dataset.entries)
     for entry in dataset.entries:
-        subset = dataset.subsets[entry.subset]
-        caption = process_caption(entry.caption, subset, random.Random(0), 1)
+        caption = _trained_caption(dataset, entry)
         path, key = text_cache_path(entry.path, shared), _key(caption, identity)
         if _valid(path, None if skip_check else key):
             entry.te_cache_file, reused = path, reused + 1
             continue
-        pending.append((entry, caption, key, path))
-    for start in range(0, len(pending), max(1, batch_size)):
-        batch = pending[start: start + max(1, batch_size)]
-        with torch.no_grad():
-            hidden, pooled = encode([caption for _, caption, _, _ in batch])
-        hidden = hidden.detach().float().cpu()
-        pooled = None if pooled is None else pooled.detach().float().cpu()
-        for i, (entry, _, key, path) in enumerate(batch):
-            arrays = {"cache_key": np.array(key)}
-            if split is None:
-                arrays["hidden_state1"] = hidden[i].numpy()
-            else:
-                arrays["hidden_state1"] = hidden[i, :, :split].numpy()
-                arrays["hidden_state2"] = hidden[i, :, split:].numpy()
-            if pooled is not None:
-                arrays["pool2"] = pooled[i].numpy()
-            _write_npz(path, arrays)
-            entry.te_cache_file = path
+        pending.append((entry, key, path))
+        captions.append(caption)
+    for (entry, key, path), hidden, pooled in _encoded(pending, captions, encode, batch_size):
+        arrays = {"cache_key": np.array(key)}
+        if split is None:
+            arrays["hidden_state1"] = hidden.numpy()
+        else:
+            arrays["hidden_state1"] = hidden[:, :split].numpy()
+            arrays["hidden_state2"] = hidden[:, split:].numpy()
+        if pooled is not None:
+            arrays["pool2"] = pooled.numpy()
+        _write_npz(path, arrays)
+        entry.te_cache_file = path
     return {"encoded": len(pending), "reused": reused}
 
 
 def _cache_in_memory(dataset, encode, batch_size: int) -> dict[str, int]:
     by_caption: dict[str, list] = {}
     for entry in dataset.entries:
-        caption = process_caption(entry.caption, dataset.subsets[entry.subset], random.Random(0), 1)
-        by_caption.setdefault(caption, []).append(entry)
+        by_caption.setdefault(_trained_caption(dataset, entry), []).append(entry)
     captions = list(by_caption)
-    for start in range(0, len(captions), max(1, batch_size)):
-        batch = captions[start: start + max(1, batch_size)]
-        with torch.no_grad():
-            hidden, pooled = encode(batch)
-        for i, caption in enumerate(batch):  # clones: a row view would keep the whole encoded batch alive
-            outputs = (hidden[i].detach().float().cpu().clone(),
-                       None if pooled is None else pooled[i].detach().float().cpu().clone())
-            for entry in by_caption[caption]:
-                entry.te_outputs = outputs
+    for caption, hidden, pooled in _encoded(captions, captions, encode, batch_size):
+        # clones: a row view would keep the whole encoded batch alive
+        outputs = (hidden.clone(), None if pooled is None else pooled.clone())
+        for entry in by_caption[caption]:
+            entry.te_outputs = outputs
     return {"encoded": len(captions), "reused": 0}
+
+
+def _trained_caption(dataset, entry) -> str:
+    """The caption as every step trains on it (the trainer refuses the options that change it per step)."""
+    return process_caption(entry.caption, dataset.subsets[entry.subset], random.Random(0), 1)
+
+
+def _encoded(items: list, captions: list[str], encode, batch_size: int):
+    """(item, hidden [S, D], pooled [P] or None) for each item, its caption encoded in batches of ``batch_size``,
+    float32 on the CPU."""
+    step = max(1, batch_size)
+    for start in range(0, len(items), step):
+        with torch.no_grad():
+            hidden, pooled = encode(captions[start: start + step])
+        hidden = hidden.detach().float().cpu()
+        pooled = None if pooled is None else pooled.detach().float().cpu()
+        for i, item in enumerate(items[start: start + step]):
+            yield item, hidden[i], None if pooled is None else pooled[i]
 
 
 def read_text_outputs(path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
