@@ -454,7 +454,8 @@ class _Run:
             _log_schedule(ds, self.validation_dataset, batches_per_epoch, num_epochs, self._batch_sizes(ds),
                           c.gradient_accumulation_steps, max_steps)
 
-        base_meta = None if self.explore else training_metadata(  # the rates file carries its own
+        # by the main process only, which saves: the model file's hashes read it whole; the rates file carries its own
+        base_meta = None if self.explore or not main else training_metadata(
             c, kind=model.kind, v_parameterization=model.v_parameterization, dataset=ds,
             optimizer_name=optimizer_name(optimizer), num_epochs=num_epochs, max_train_steps=max_steps,
             session_id=uuid.uuid4().hex, started_at=time.time(),
