@@ -417,7 +417,8 @@ OPTIONS: tuple[Option, ...] = (
     _opt("bool", "xformers", False, "precision", "memory-efficient attention through the xformers package when it "
          "is installed (without it: a warning, and PyTorch's sdpa)"),
     _opt("bool", "mem_eff_attn", False, "precision", "memory-efficient attention; lorakit uses PyTorch's (sdpa)"),
-    _opt("bool", "lowram", False, "precision", "load models straight to the accelerator (little main memory)"),
+    _opt("bool", "lowram", False, "precision",
+         "load models straight to the accelerator and keep them there while the caches fill (little main memory)"),
     _opt("bool", "highvram", False, "precision", "accepted: a hint that memory is plentiful (no cache clearing)"),
     # ----- noise and loss -----
     _opt("float", "noise_offset", None, "noise", "add offset noise of this strength (about 0.1)", low=0),

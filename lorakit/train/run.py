@@ -135,7 +135,9 @@ class _Run:
         self.world.barrier()
 
     # --- setup --------------------------------------------------------------------------------------------
-    def _load_model(self):
+    def _load_model(self, parking: Parking):
+        """The base model, frozen. On the CPU, as sd-scripts loads it, each model waiting for its turn on the
+        device (see Parking); with lowram, straight on the device (sd-scripts then keeps them there)."""
         from ..models.load import load_model
         from .base_model import note_ignored
 
@@ -146,8 +148,12 @@ class _Run:
                            sdxl=c.sdxl if "sdxl" in given else None,
                            v_parameterization=c.v_parameterization if "v_parameterization" in given else None,
                            vae=c.vae or None, dtype=self.weight_dtype, no_half_vae=c.no_half_vae)
-        for _, module in model.components():
-            module.requires_grad_(False).to(self.device)
+        modules = [module.requires_grad_(False) for _, module in model.components()]
+        if c.lowram:
+            for module in modules:
+                module.to(self.device)
+        else:
+            parking.wait(*modules)
         if c.xformers:
             import importlib.util
 
@@ -254,17 +260,19 @@ class _Run:
         if cache and (c.cache_latents or c.cache_latents_to_disk):
             if c.cache_latents_to_disk and not self.world.main:
                 self.world.barrier()  # the main process writes the disk cache first; the others then read it
-            for dataset in (ds, val) if val is not None else (ds,):
-                cache_latents(dataset, model.vae, vae_batch_size=c.vae_batch_size or 1,
-                              to_disk=c.cache_latents_to_disk, skip_check=c.skip_cache_check)
+            with self.parking.borrowed(model.vae):
+                for dataset in (ds, val) if val is not None else (ds,):
+                    cache_latents(dataset, model.vae, vae_batch_size=c.vae_batch_size or 1,
+                                  to_disk=c.cache_latents_to_disk, skip_check=c.skip_cache_check)
             if c.cache_latents_to_disk and self.world.main:
                 self.world.barrier()
         if cache and c.cache_text_encoder_outputs:  # before training, as sd-scripts caches them
             to_disk = c.cache_text_encoder_outputs_to_disk
             if to_disk and not self.world.main:
                 self.world.barrier()  # as for latents: the main process writes the files, the others read them
-            for dataset in (ds, val) if val is not None else (ds,):
-                self._cache_text(model, dataset, to_disk)
+            with self.parking.borrowed(*model.text_encoders):
+                for dataset in (ds, val) if val is not None else (ds,):
+                    self._cache_text(model, dataset, to_disk)
             if to_disk and self.world.main:
                 self.world.barrier()
         return ds, val
@@ -311,19 +319,23 @@ class _Run:
         cache_text_outputs(dataset, encode, identity, batch_size=dataset.specs[0].batch_size, split=split,
                            skip_check=c.skip_cache_check, to_disk=to_disk)
 
-    def _park_cached_models(self, model) -> Parking:
-        """The VAE and text encoders whose outputs the image folders' caches now hold, off the accelerator until a
-        sample needs them (dataset_class batches bring images and captions: their models stay)."""
-        c, parking = self.config, Parking(self.device)
-        if c.dataset_class or not parking.frees_memory:
-            return parking
-        if c.cache_latents or c.cache_latents_to_disk:
-            log.info("move the VAE to the CPU: every latent is cached")
-            parking.park(model.vae)
-        if c.cache_text_encoder_outputs:
-            log.info("move the text encoders to the CPU: every caption's outputs are cached")
-            parking.park(*model.text_encoders)
-        return parking
+    def _place_for_training(self, model) -> None:
+        """The VAE and text encoders whose outputs the image folders' caches now hold stay off the accelerator until
+        a sample needs them (dataset_class batches bring images and captions: their models are used); every other
+        model joins the device."""
+        c, parking = self.config, self.parking
+        cached, what = [], []
+        if not c.dataset_class:
+            if c.cache_latents or c.cache_latents_to_disk:
+                cached.append(model.vae)
+                what.append("VAE")
+            if c.cache_text_encoder_outputs:
+                cached.extend(model.text_encoders)
+                what.append("text encoders")
+        if what and parking.frees_memory:
+            log.info("the %s stay on the CPU: their outputs are cached", " and ".join(what))
+        parking.park(*cached)
+        parking.bring(*(m for _, m in model.components() if not any(m is x for x in cached)))
 
     def _batch_sizes(self, ds) -> list[int]:
         """Each dataset's batch size per process (the specs hold the global batch of all processes)."""
@@ -353,7 +365,8 @@ class _Run:
 
             self.dataset_cls = load_dataset_class(c.dataset_class)
         torch.manual_seed(self.seed)
-        model = self._load_model()
+        self.parking = Parking(self.device)
+        model = self._load_model(self.parking)
         merge_base_weights(model, c.base_weights, c.base_weights_multiplier)  # before the network, as sd-scripts
         net = self._make_network(model)
         keep_in_fp8(fp8_targets(model, c.fp8_base, c.fp8_base_unet), self.weight_dtype)  # after: adapters read W
@@ -375,7 +388,7 @@ class _Run:
 
             print_batches(ds, order, loader)
             return None
-        parking = self._park_cached_models(model)
+        self._place_for_training(model)
         save_every_epochs = c.save_every_n_epochs
         if c.save_n_epoch_ratio:  # train_network.py: at least save_n_epoch_ratio epoch saves over the run
             save_every_epochs = math.floor(num_epochs / c.save_n_epoch_ratio) or 1
@@ -462,7 +475,7 @@ class _Run:
             model_path=str(c.pretrained_model_name_or_path), resolution=_resolution(c),
             validation_dataset=self.validation_dataset)
         logger = TrainLogger(c, total=max_steps, initial=progress.global_step, quiet=not main)
-        sampler = _Sampler(c, model, net, self.names, self.seed, parking, enabled=main,
+        sampler = _Sampler(c, model, net, self.names, self.seed, self.parking, enabled=main,
                            every_process=engine is not None and engine.samples_on_every_process)
 
         def save(path: Path, epoch: int, step: int) -> None:

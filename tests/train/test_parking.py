@@ -34,30 +34,48 @@ class _Parked(torch.Tensor):
 
 
 class _StrictParking(parking_module.Parking):
-    """Parking that acts as on an accelerator, and makes a parked model unusable until it is borrowed."""
+    """Parking that acts as on an accelerator, and makes a parked model unusable until it is borrowed or brought.
+    It logs where each model goes, and which models are on the device while each cache is filled."""
 
     log: list[str] = []
+    live: "_StrictParking | None" = None
+
+    def __init__(self, device):
+        super().__init__(device)
+        self.away: set[int] = set()  # the models off the device (as their ids), borrowed ones not among them
+        type(self).live = self
 
     @property
     def frees_memory(self) -> bool:
         return True
 
-    def _move(self, module, device):  # the device is the CPU both ways here: what is stashed tells which way
-        stores = [(m, store) for m in module.modules() for store in (m._parameters, m._buffers)]
-        if not getattr(module, "_stash", None):
-            module._stash = {(id(store), name): t for _, store in stores for name, t in store.items() if t is not None}
-            for _, store in stores:
+    def on_device(self) -> list[str]:
+        model = self.model
+        return [type(m).__name__ for _, m in model.components() if id(m) not in self.away]
+
+    def wait(self, *modules):
+        super().wait(*modules)
+        self.away.update(id(m) for m in modules)
+        self.log.extend(f"wait {type(m).__name__}" for m in modules)
+
+    def _move(self, module, onto_device):  # the device is the CPU both ways here: tensors are poisoned instead
+        stores = [store for m in module.modules() for store in (m._parameters, m._buffers)]
+        if onto_device:
+            for store in stores:
+                for name in list(store):
+                    if (id(store), name) in (getattr(module, "_stash", None) or {}):
+                        store[name] = module._stash[(id(store), name)]
+            module._stash = None
+            self.away.discard(id(module))
+            self.log.append(f"on {type(module).__name__}")
+        else:
+            module._stash = {(id(store), name): t for store in stores for name, t in store.items() if t is not None}
+            for store in stores:
                 for name, t in store.items():
                     if t is not None:
                         store[name] = torch.Tensor._make_subclass(_Parked, t.detach())
-            self.log.append(f"park {type(module).__name__}")
-        else:
-            for _, store in stores:
-                for name in list(store):
-                    if (id(store), name) in module._stash:
-                        store[name] = module._stash[(id(store), name)]
-            module._stash = None
-            self.log.append(f"borrow {type(module).__name__}")
+            self.away.add(id(module))
+            self.log.append(f"off {type(module).__name__}")
 
 
 @pytest.fixture(scope="module", params=["tiny-sd", "tiny-sdxl"])
@@ -82,27 +100,62 @@ def _train(base, out, **extra):
     return train(load_train_config(overrides=values))
 
 
-def test_cached_models_leave_the_device_and_come_back_for_samples(base, tmp_path, monkeypatch):
-    plain = read_tensors(_train(base, tmp_path / "plain"))
+def _watch(monkeypatch):
+    """The strict parking in the run, and a log line with the models on the device as each cache fills."""
+    import lorakit.data
+    import lorakit.data.text_cache
+
     monkeypatch.setattr(run_module, "Parking", _StrictParking)
     _StrictParking.log = []
+    original_load = run_module._Run._load_model
+
+    def load(run, parking):
+        model = original_load(run, parking)
+        parking.model = model
+        return model
+
+    monkeypatch.setattr(run_module._Run, "_load_model", load)
+    for owner, name in ((lorakit.data, "cache_latents"), (lorakit.data.text_cache, "cache_text_outputs")):
+        def filled(*args, _fill=getattr(owner, name), _name=name, **kwargs):
+            _StrictParking.log.append(f"{_name} with {_StrictParking.live.on_device()}")
+            return _fill(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, filled)
+
+
+def test_each_model_joins_the_device_when_used_and_cached_ones_come_back_for_samples(base, tmp_path, monkeypatch):
+    plain = read_tensors(_train(base, tmp_path / "plain"))
+    _watch(monkeypatch)
     parked = read_tensors(_train(base, tmp_path / "parked"))
     assert parked.keys() == plain.keys()
     for key in plain:
         assert torch.equal(parked[key], plain[key]), key
-    models = ["AutoencoderKL", *base.encoders]
-    parks = [f"park {name}" for name in models]
-    draw = [f"borrow {name}" for name in models] + parks
-    assert _StrictParking.log == parks + draw * 3  # samples at first, at step 2 and at the end
+    unet, vae, encoders = "UNet2DConditionModel", "AutoencoderKL", base.encoders
+    # latents for the training and the validation images, then each caption's outputs for both: only the model
+    # that is encoding is on the device, as in sd-scripts; then the U-Net joins it for training
+    caching = ([f"wait {name}" for name in (unet, vae, *encoders)] + [f"on {vae}"] + [f"cache_latents with {[vae]}"] * 2
+               + [f"off {vae}"] + [f"on {name}" for name in encoders] + [f"cache_text_outputs with {encoders}"] * 2
+               + [f"off {name}" for name in encoders] + [f"on {unet}"])
+    draw = [f"on {name}" for name in (vae, *encoders)] + [f"off {name}" for name in (vae, *encoders)]
+    assert _StrictParking.log == caching + draw * 3  # samples at first, at step 2 and at the end
     assert len(list((tmp_path / "parked" / "sample").glob("*.png"))) == 3
 
 
-def test_models_stay_when_nothing_is_cached(base, tmp_path, monkeypatch):
-    monkeypatch.setattr(run_module, "Parking", _StrictParking)
-    _StrictParking.log = []
+def test_with_lowram_every_model_loads_on_the_device_and_the_cached_ones_leave_it(base, tmp_path, monkeypatch):
+    _watch(monkeypatch)
+    _train(base, tmp_path / "out", lowram=True, sample_prompts=None, max_train_steps=1)
+    vae, encoders = "AutoencoderKL", base.encoders
+    on_device = ["UNet2DConditionModel", vae, *encoders]
+    assert _StrictParking.log == ([f"cache_latents with {on_device}"] * 2 + [f"cache_text_outputs with {on_device}"] * 2
+                                  + [f"off {name}" for name in (vae, *encoders)])
+
+
+def test_models_join_the_device_for_training_when_nothing_is_cached(base, tmp_path, monkeypatch):
+    _watch(monkeypatch)
     _train(base, tmp_path / "out", cache_latents=False, cache_text_encoder_outputs=False, sample_prompts=None,
            validation_split=0.0, max_train_steps=1)
-    assert _StrictParking.log == []
+    names = ["UNet2DConditionModel", "AutoencoderKL", *base.encoders]
+    assert _StrictParking.log == [f"wait {name}" for name in names] + [f"on {name}" for name in names]
 
 
 def test_the_cpu_parks_nothing():
