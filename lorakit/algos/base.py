@@ -474,9 +474,7 @@ class Adapter(DoRA, nn.Module):
         spec = describe_layer(layer)
         inferred = cls.options_from_tensors(spec, sd)
         if "dora_scale" in sd:
-            ds = sd["dora_scale"]
-            out_axis = ds.shape[0] == spec.out_dim and ds.dim() > 1 and ds.shape[1] == 1 and spec.out_dim != 1
-            inferred.update(dora_wd=True, dora_axis="out" if out_axis else "in")
+            inferred.update(dora_wd=True, dora_axis=saved_dora_axis(spec, sd["dora_scale"]))
         inferred.update(options)
         adapter = cls(layer, **inferred)
         if dtype is None:
@@ -487,3 +485,13 @@ class Adapter(DoRA, nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.spec.kind} {self.spec.weight_shape}, multiplier={self.multiplier}"
+
+
+def saved_dora_axis(spec: LayerSpec, dora_scale: torch.Tensor) -> str:
+    """The DoRA axis of a saved dora_scale: output rows (out, 1, ..) or input columns (1, in, ..). On a layer with
+    one output channel a (1, 1, ..) scale is its rows unless the layer also has one input channel (ComfyUI reads
+    shape[0] == out as rows too); there both axes take the same norm, and the default axis (columns) is kept."""
+    shape = tuple(dora_scale.shape)
+    rows = len(shape) > 1 and shape[0] == spec.out_dim and shape[1] == 1
+    columns = len(shape) > 1 and shape[0] == 1 and shape[1] == spec.in_dim
+    return "out" if rows and not columns else "in"

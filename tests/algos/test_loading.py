@@ -88,3 +88,20 @@ def test_dora_axis_is_read_from_the_shape():
     for axis in ("in", "out"):
         sd = make_adapter("lora", linear, dora_wd=True, dora_axis=axis).state_dict()
         assert adapter_from_state_dict(linear, sd).options.dora_axis == axis
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(40, 1), nn.Conv1d(40, 1, 3), nn.Linear(1, 8)], ids=repr)
+@pytest.mark.parametrize("axis", ["in", "out"])
+def test_dora_of_a_layer_with_one_channel_loads_back_on_its_axis(layer, axis):
+    """A (1, 1, ..) dora_scale is the rows of a layer with one output channel (its columns would be (1, in, ..)) and
+    the columns of a layer with one input channel (its rows would be (out, 1, ..))."""
+    torch.manual_seed(0)
+    layer = layer.double()
+    adapter = make_adapter("lora", layer, dim=4, dora_wd=True, dora_axis=axis).double()
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    loaded = adapter_from_state_dict(layer, adapter.state_dict())
+    assert loaded.options.dora_axis == axis
+    x = torch.randn(3, layer.in_features) if isinstance(layer, nn.Linear) else torch.randn(3, 40, 7)
+    torch.testing.assert_close(loaded(x.double()), adapter(x.double()))
