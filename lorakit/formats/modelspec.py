@@ -55,6 +55,8 @@ def build_modelspec(
     usage_hint: str | None = None,
     trigger_phrase: str | None = None,
     thumbnail: str | os.PathLike | None = None,
+    preprocessor: str | None = None,
+    is_negative_embedding: str | None = None,
     architecture: str | None = None,
     implementation: str | None = None,
 ) -> dict[str, str]:
@@ -63,6 +65,7 @@ def build_modelspec(
     kind "other" needs `architecture`, `implementation` and `resolution`; for the SD kinds they
     default as sd-scripts sets them. `date` defaults to now. `tags` and `merged_from` accept a list
     (joined with ", "). `thumbnail` is a data URL, or an image file that is embedded as one.
+    `preprocessor` and `is_negative_embedding` are written as given (sd-scripts' --metadata_* strings).
     """
     arch, reso, pred, impl = _base_values(kind, is_lora, architecture, implementation)
     spec = {
@@ -82,7 +85,9 @@ def build_modelspec(
         "modelspec.encoder_layer": None if clip_skip is None else _clip_skip(clip_skip),
         "modelspec.usage_hint": _text("usage_hint", usage_hint),
         "modelspec.trigger_phrase": _text("trigger_phrase", trigger_phrase),
-        "modelspec.thumbnail": None if thumbnail is None else _thumbnail(thumbnail),
+        "modelspec.thumbnail": None if thumbnail is None else thumbnail_data_url(thumbnail),
+        "modelspec.preprocessor": _text("preprocessor", preprocessor),
+        "modelspec.is_negative_embedding": _text("is_negative_embedding", is_negative_embedding),
     }
     return {k: v for k, v in spec.items() if v is not None}
 
@@ -188,8 +193,10 @@ def _clip_skip(value: int) -> str:
     return str(value)
 
 
-def _thumbnail(value: str | os.PathLike) -> str:
-    """A data URL as given, or an image file read into one (sd-scripts does the same)."""
+def thumbnail_data_url(value: str | os.PathLike) -> str:
+    """modelspec.thumbnail: a data URL as given, or an image file read into one (sd-scripts'
+    sai_model_spec.file_to_data_url). Raises ModelSpecError for a missing file, a file that is not an image, or a
+    data URL that is not a base64 image."""
     if isinstance(value, str) and value.startswith("data:"):
         if not value.startswith("data:image/") or ";base64," not in value:
             raise ModelSpecError(f"modelspec.thumbnail must be a base64 image data URL, got {value[:40]!r}...")

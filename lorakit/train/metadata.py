@@ -4,14 +4,16 @@ read them), plus ``modelspec.*``. Values are strings, as safetensors metadata mu
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 
 from ..formats.hashes import file_legacy_hash, file_sha256
-from ..formats.modelspec import base_model_version, build_modelspec
+from ..formats.modelspec import ModelSpecError, base_model_version, build_modelspec, thumbnail_data_url
 from .network_args import ss_network_args
 
 __all__ = ["training_metadata", "progress_metadata", "minimum_metadata"]
+log = logging.getLogger(__name__)
 
 # TrainConfig option -> ss_ key, copied as str(value) (sd-scripts' names; the rest are computed below).
 _COPIED = {
@@ -103,8 +105,29 @@ def training_metadata(config, *, kind: str, v_parameterization: bool, dataset, o
         kind_key, title=title, resolution=resolution, author=config.metadata_author or None,
         description=config.metadata_description or None, license=config.metadata_license or None,
         tags=config.metadata_tags or None, prediction_type="v" if v_parameterization else "epsilon",
-        clip_skip=config.clip_skip, timestep_range=_timestep_range(config)))
+        clip_skip=config.clip_skip, timestep_range=_timestep_range(config), **_modelspec_options(config)))
     return meta
+
+
+def _modelspec_options(config) -> dict:
+    """sd-scripts' newer metadata_* options (sai_model_spec.add_model_spec_arguments), which it writes as the
+    modelspec.* key of the same name."""
+    return {"usage_hint": config.metadata_usage_hint, "merged_from": config.metadata_merged_from,
+            "trigger_phrase": config.metadata_trigger_phrase, "preprocessor": config.metadata_preprocessor,
+            "is_negative_embedding": config.metadata_is_negative_embedding,
+            "thumbnail": _thumbnail(config.metadata_thumbnail)}
+
+
+def _thumbnail(value: str | None) -> str | None:
+    """metadata_thumbnail as a data URL; None, with a warning, when it cannot be embedded: sd-scripts leaves a
+    missing file out the same way (a thumbnail is not worth stopping a training for)."""
+    if value is None:
+        return None
+    try:
+        return thumbnail_data_url(value)
+    except ModelSpecError as err:
+        log.warning("metadata_thumbnail left out of the metadata: %s", err)
+        return None
 
 
 def _model_file_keys(kind: str, path) -> dict[str, str]:

@@ -472,6 +472,16 @@ OPTIONS: tuple[Option, ...] = (
     _opt("str", "metadata_description", None, "saving", "modelspec.description"),
     _opt("str", "metadata_license", None, "saving", "modelspec.license"),
     _opt("str", "metadata_tags", None, "saving", "modelspec.tags, comma-separated"),
+    _opt("str", "metadata_usage_hint", None, "saving", "modelspec.usage_hint: a short hint on how to use the model"),
+    _opt("str", "metadata_thumbnail", None, "saving", "modelspec.thumbnail: an image file (embedded as a data URL) "
+         "or a data URL; a file that is missing or not an image is left out with a warning"),
+    _opt("str", "metadata_merged_from", None, "saving", "modelspec.merged_from: the models this one was merged from"),
+    _opt("str", "metadata_trigger_phrase", None, "saving", "modelspec.trigger_phrase: the words that call up what "
+         "was trained"),
+    _opt("str", "metadata_preprocessor", None, "saving", "modelspec.preprocessor: the preprocessing the model "
+         "expects"),
+    _opt("str", "metadata_is_negative_embedding", None, "saving", "modelspec.is_negative_embedding, as given "
+         "(e.g. 'true')"),
     # ----- sample images -----
     _opt("path", "sample_prompts", None, "sampling", "file of prompts (.txt/.toml/.json) for sample images"),
     _opt("int", "sample_every_n_steps", None, "sampling", "sample every N steps (0 or unset: never)", low=0),
