@@ -128,13 +128,14 @@ def tensorboard_folder(config) -> str:
 
 
 def max_norm_logs(max_norm: tuple[int, float, float] | None) -> dict[str, float]:
-    """sd-scripts' scale_weight_norms metrics (train_network.py generate_step_logs): the adapters scaled this step,
-    the mean and the largest norm after scaling. None (no scale_weight_norms): none."""
+    """sd-scripts' scale_weight_norms metrics, with current train_network.py's generate_step_logs names: the
+    adapters scaled this step, the largest norm after scaling, and the mean in the norm/ namespace (older releases
+    named it max_norm/average_key_norm). None (no scale_weight_norms): none."""
     if max_norm is None:
         return {}
     keys_scaled, mean_norm, maximum_norm = max_norm
-    return {"max_norm/keys_scaled": keys_scaled, "max_norm/average_key_norm": mean_norm,
-            "max_norm/max_key_norm": maximum_norm}
+    return {"max_norm/keys_scaled": keys_scaled, "max_norm/max_key_norm": maximum_norm,
+            "norm/avg_key_norm": mean_norm}
 
 
 def lr_logs(lrs: list[float], groups: list[dict] | None = None) -> dict[str, float]:

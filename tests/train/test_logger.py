@@ -77,14 +77,15 @@ def test_without_the_groups_the_lrs_are_numbered():
 
 
 def test_max_norm_metrics_have_sd_scripts_names():
-    """scale_weight_norms: sd-scripts logs max_norm/keys_scaled, average_key_norm and max_key_norm every step."""
+    """scale_weight_norms: current sd-scripts (train_network.py generate_step_logs) logs max_norm/keys_scaled,
+    max_norm/max_key_norm and norm/avg_key_norm every step."""
     logger = TrainLogger(load_train_config(overrides={}), total=2, quiet=True)
     logger.writers.append(recorder := _Recorder())
     logger.step(0.5, [1e-3], 1, 1, max_norm=(3, 0.5, 1.0))
     logger.step(0.5, [1e-3], 2, 1)
-    assert {k: v for k, v in recorder.logs[0].items() if k.startswith("max_norm/")} == {
-        "max_norm/keys_scaled": 3, "max_norm/average_key_norm": 0.5, "max_norm/max_key_norm": 1.0}
-    assert not any(k.startswith("max_norm/") for k in recorder.logs[1])  # no scale_weight_norms: none
+    assert {k: v for k, v in recorder.logs[0].items() if k.startswith(("max_norm/", "norm/"))} == {
+        "max_norm/keys_scaled": 3, "max_norm/max_key_norm": 1.0, "norm/avg_key_norm": 0.5}
+    assert not any(k.startswith(("max_norm/", "norm/")) for k in recorder.logs[1])  # no scale_weight_norms: none
 
 
 def test_a_run_with_scale_weight_norms_logs_what_the_regularisation_returns(tmp_path, monkeypatch):
@@ -107,7 +108,7 @@ def test_a_run_with_scale_weight_norms_logs_what_the_regularisation_returns(tmp_
         "output_dir": str(tmp_path), "sample_prompts": None, "sample_at_first": False, "sample_every_n_steps": None,
         "max_train_steps": 2, "scale_weight_norms": 1e-4, "train_batch_size": 2, "cache_latents": False})
     train(config)
-    logged = [tuple(logs[f"max_norm/{k}"] for k in ("keys_scaled", "average_key_norm", "max_key_norm"))
+    logged = [tuple(logs[k] for k in ("max_norm/keys_scaled", "norm/avg_key_norm", "max_norm/max_key_norm"))
               for logs in recorder.logs if "loss/current" in logs]
     assert len(returned) == 2 and logged == returned and returned[-1][0] > 0
 
