@@ -499,8 +499,9 @@ OPTIONS: tuple[Option, ...] = (
          "wandb.init arguments, a [tensorboard] table of SummaryWriter arguments"),
     _opt("bool", "log_config", False, "logging", "send the configuration to the trackers (without keys, tokens and "
          "paths)"),
-    _opt("choice", "console_log_level", None, "logging", "level of the console log (unset: Python's default, warnings "
-         "and errors; INFO when console_log_file or console_log_simple is set)",
+    _opt("choice", "console_log_level", None, "logging", "level of the console log (unset: INFO; for a program "
+         "calling `train()`, Python's default, warnings and errors, unless console_log_file or console_log_simple is "
+         "set)",
          choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")),
     _opt("path", "console_log_file", None, "logging", "write the log to this file instead of the console"),
     _opt("bool", "console_log_simple", False, "logging", "log messages only, without time, level and source"),

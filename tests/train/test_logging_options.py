@@ -94,6 +94,18 @@ def test_console_log_options(tmp_path, capsys):
     assert "hidden" not in capsys.readouterr().err
 
 
+def test_console_log_level_help_says_what_an_unset_level_does(capsys):
+    """`lorakit train` without console options shows INFO messages (sd-scripts' default level); --help says so."""
+    from lorakit.train.console_log import default_console_logging
+
+    with default_console_logging(load_train_config()):
+        logging.getLogger("lorakit.train.somewhere").info("an info line")
+    assert "an info line" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "level of the console log (unset: INFO;" in " ".join(capsys.readouterr().out.split())
+
+
 def test_output_config_writes_the_options_and_exits(tmp_path, capsys):
     target = tmp_path / "written"
     args = ["train", "--config_file", str(target), "--output_config", "--network_dim", "8", "--flip_aug",
