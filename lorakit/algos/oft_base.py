@@ -4,6 +4,7 @@ and a forward that rotates the layer's output channels (y = T W x + b) instead o
 Constraint: the option `constraint` bounds the Frobenius norm of Q over all blocks at constraint * out_dim
 (LyCORIS' and A1111's reading). Files store blocks already scaled into the bound and `alpha` = the absolute bound
 (ComfyUI's reading), which they satisfy, so LyCORIS, ComfyUI and A1111 compute the same rotation from them.
+Loading a file keeps an adapter's own bound; one built from a file alone takes the file's alpha as its bound.
 """
 
 from __future__ import annotations
@@ -168,7 +169,9 @@ class OrthogonalAdapter(Adapter):
             return float(torch.linalg.vector_norm(b - b.transpose(-1, -2))) * (1 + 1e-6) + _UNCONSTRAINED_FLOOR
 
     def _load_alpha(self, saved):
-        self.bound = float(saved)
+        """Loaded weights keep the constraint this adapter was built with, as LyCORIS' and sd-scripts' modules keep
+        their constructor's: a file's alpha is no training bound (an unconstrained adapter saves |Q| there, for
+        A1111). An adapter built from a file alone takes the file's alpha as its bound (options_from_tensors)."""
 
     @classmethod
     def options_from_tensors(cls, spec, sd):
