@@ -9,6 +9,7 @@ import pytest
 import torch.nn as nn
 
 from lorakit import create_network
+from lorakit.train.network_args import network_kwargs
 
 from .test_interop import LORAKIT_FULL, lycoris, lycoris_class_state, lycoris_create_sd  # noqa: F401 (fixture)
 from .test_interop import lycoris_text_encoders
@@ -101,6 +102,30 @@ def test_an_entry_conv_alpha_of_0_is_the_networks_conv_alpha():
     net = create_network(unet, tes, preset=preset, dim=4, alpha=2, conv_alpha=3)
     assert net.get_submodule("lora_unet_conv_in").rank == 8
     assert float(net.state_dict()["lora_unet_conv_in.alpha"]) == 3.0
+
+
+# ----- conv_dim / conv_alpha of 0 ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("args", [["conv_dim=0"], ["conv_alpha=0"], ["conv_dim=0", "conv_alpha=0"]], ids=str)
+def test_conv_dim_and_conv_alpha_of_0_under_lycoris_kohya_are_lycoris_reading(tmp_path, args):
+    """sd-scripts hands lycoris.kohya.create_network the network_args as strings: its int(conv_dim or network_dim)
+    keeps "0" (a non-empty string), so conv_dim=0 leaves the kxk convs out and conv_alpha=0 gives them alpha =
+    conv_dim, as lorakit reads 0 with every network_module."""
+    path = preset_file(tmp_path, LORAKIT_FULL)
+    unet, tes = tiny_model("sd1")
+    ours = create_network(unet, tes, dim=4, alpha=8.0, **network_kwargs("lycoris.kohya", [f"preset={path}", *args]))
+    assert lorakit_modules(ours) == lycoris_sd(4, 8.0, path, **dict(arg.split("=") for arg in args))
+    conv_alphas = {float(ours.state_dict()[f"{n}.alpha"]) for n, a in ours.adapters() if a.spec.kernel_numel > 1}
+    assert conv_alphas == (set() if "conv_dim=0" in args else {4.0})
+
+
+def test_lycoris_python_api_reads_a_number_0_as_not_given():
+    """The one reader that differs: create_lycoris given the number 0 (int(0 or linear_dim)) trains the convs at
+    the network's dim and alpha; lorakit's create_network leaves them out, as sd-scripts' networks/lora.py."""
+    model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.Flatten(), nn.Linear(8, 2))
+    theirs = lycoris.create_lycoris(model, 1.0, linear_dim=2, linear_alpha=1.0, conv_dim=0)
+    ours = create_network(model, dim=2, conv_dim=0)
+    assert {m.lora_name for m in theirs.loras} == {"lycoris_0", "lycoris_2"}
+    assert set(ours.entries) == {"lycoris_2"}
 
 
 # ----- preset files that leave keys out -----------------------------------------------------------------------------
