@@ -18,7 +18,8 @@ from .atomic import atomic_write
 
 # safetensors refuses headers above 100 MB; a bigger length field means garbage.
 MAX_HEADER_BYTES = 100_000_000
-# First bytes of a torch.save zip file and of a plain pickle (protocol 2..5).
+# File names read and written as torch.save files (sd-scripts' save_model_as ckpt/pt, diffusers' .bin).
+TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # First bytes of a torch.save zip archive and of a pickle of protocol 2..5 (torch.save's legacy format).
 ZIP_MAGIC = b"PK\x03\x04"
 PICKLE_MAGICS = tuple(bytes([0x80, p]) for p in range(2, 6))
@@ -28,6 +29,11 @@ def looks_like_torch_file(head: bytes) -> bool:
     """Whether a file's first bytes (9 or more) are those of a torch.save archive or pickle. A safetensors header is
     a JSON object, so its byte 8 is "{"; a header length such as 640 begins with pickle's magic bytes too."""
     return head[8:9] != b"{" and (head.startswith(ZIP_MAGIC) or head[:2] in PICKLE_MAGICS)
+
+
+def is_torch_name(path: str | os.PathLike) -> bool:
+    """Whether a file name says torch.save format (.ckpt/.pt/.pth/.bin, any case)."""
+    return os.fspath(path).lower().endswith(TORCH_SUFFIXES)
 
 
 class SafetensorsFileError(ValueError):
@@ -118,11 +124,7 @@ def read_header(path: str | os.PathLike) -> dict:
     with open(path, "rb") as f:
         head = f.read(9)
         if looks_like_torch_file(head):
-            raise SafetensorsFileError(
-                f"{path}: is a PyTorch pickle checkpoint (.ckpt/.pt/.bin), not a safetensors file; lorakit "
-                "reads such files only under a .ckpt/.pt/.pth/.bin name, and then only their tensors "
-                "(weights_only=True: unpickling anything else can run code)"
-            )
+            raise SafetensorsFileError(f"{path}: is a PyTorch pickle checkpoint, not a safetensors file; {_torch_hint(path)}")
         head = head[:8]
         f.seek(8)
         if len(head) < 8:
@@ -147,6 +149,15 @@ def read_header(path: str | os.PathLike) -> dict:
         raise SafetensorsFileError(f"{path}: corrupt header: expected a JSON object, got {type(header).__name__}")
     _check_entries(path, header, data_size=size - 8 - n)
     return header
+
+
+def _torch_hint(path: str) -> str:
+    """What to do with a torch file given where safetensors was read: a torch name means the caller should have
+    read it as one (CheckpointReader); another name hides what it is."""
+    if is_torch_name(path):
+        return "this reads safetensors files only (lorakit's adapter and model readers take torch files)"
+    return ("lorakit reads such files only under a .ckpt/.pt/.pth/.bin name, and then only their tensors "
+            "(weights_only=True: unpickling anything else can run code)")
 
 
 def _check_entries(path: str, header: dict, data_size: int) -> None:

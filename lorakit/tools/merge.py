@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 import torch
 
 __all__ = ["merge_into_model", "merge_loras", "save_model", "parse_block_weights", "check_ratios",
-           "check_block_weights", "layout_sizes", "adapter_arch", "merged_lora_metadata"]
+           "check_block_weights", "layout_sizes", "adapter_arch", "adapter_keys", "merged_lora_metadata"]
 
 BlockWeights = Sequence[float] | Mapping[str, float]
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt")
@@ -135,6 +135,15 @@ def adapter_arch(keys) -> str | None:
     return None
 
 
+def adapter_keys(file: str | os.PathLike) -> list[str]:
+    """The tensor names of an adapter (or model) file: a safetensors file's header, or a .ckpt/.pt/.pth/.bin file's
+    tensors read as the loaders read them (weights_only: no pickled code runs)."""
+    from ..formats.checkpoint_file import CheckpointReader
+
+    with CheckpointReader(file) as reader:
+        return reader.keys()
+
+
 def with_named_base_model(meta: dict[str, str], *key_sets) -> dict[str, str]:
     """``meta`` with SDXL's base model keys where the adapter names (any of ``key_sets``) tell SDXL and ``meta``
     has none (with_base_model_keys); SD1 from SD2 only a file's own keys tell."""
@@ -181,10 +190,7 @@ def _load_for_model(load_network, model, file: str, ratio: float, bw, dtype):
     try:
         net = load_network(model.unet, file, text_encoders=model.text_encoders, multiplier=ratio, dtype=dtype)
     except ValueError as err:
-        from ..formats import read_header
-
-        header = read_header(file)
-        arch = adapter_arch(k for k in header if k != "__metadata__")
+        arch = adapter_arch(adapter_keys(file))
         if arch is not None and arch != _arch_family(model.kind):
             names = "SDXL" if arch == "sdxl" else "SD1/SD2"
             raise ValueError(f"{file}: is an adapter for {names} models, but the model is {model.kind} "

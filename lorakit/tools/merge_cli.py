@@ -39,7 +39,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
     p.add_argument("--model", "--sd_model", dest="model", metavar="BASE",
                    help="checkpoint file, diffusers folder or demo:tiny-sd to merge into; omit to merge LoRAs into one")
     p.add_argument("--loras", "--models", dest="loras", nargs="+", required=True, metavar="FILE",
-                   help="adapter .safetensors files, merged in this order")
+                   help="adapter files (.safetensors, or .ckpt/.pt/.pth/.bin torch files), merged in this order")
     p.add_argument("--ratios", nargs="+", type=float, metavar="R", help="one ratio per file (default: 1 each)")
     p.add_argument("--block_weights", "--lbws", dest="block_weights", nargs="+", metavar="W", action=_BlockWeights,
                    help="per-block weights: one vector for all files or one per file ('none' for a file without), as "
@@ -129,12 +129,12 @@ def _note_unlisted_blocks(files, per_file) -> None:
     """One line when a 17/12-value --lbws gives weight 0 to modules of the files (LoRA Block Weight's rule, which
     lorakit follows everywhere, so the merge equals the adapters running with the same vector); kohya's
     svd_merge_lora.py/sdxl_merge_lora.py keep them at 1."""
-    from ..formats import read_header
     from .concat import unlisted_block_modules
+    from .merge import adapter_keys
 
     found, blocks, length = [], set(), 0
     for file, vector in zip(files, per_file):
-        names = {k.partition(".")[0] for k in read_header(file) if k != "__metadata__"}
+        names = {k.partition(".")[0] for k in adapter_keys(file)}
         unlisted = unlisted_block_modules(names, vector, None)
         if unlisted:
             found.append(f"{len(unlisted)} module(s) of {os.path.basename(file)}")
@@ -152,24 +152,23 @@ def _check_adapter_arch(args) -> None:
     """--v2/--sdxl without a model: the adapters' names must not say otherwise."""
     if not (args.v2 or args.sdxl):
         return
-    from ..formats import read_header
-    from .merge import adapter_arch
+    from .merge import adapter_arch, adapter_keys
 
     want = "sdxl" if args.sdxl else "sd"
     for file in args.loras:
-        arch = adapter_arch(k for k in read_header(file) if k != "__metadata__")
+        arch = adapter_arch(adapter_keys(file))
         if arch is not None and arch != want:
             raise ValueError(f"{file}: is an adapter for {'SDXL' if arch == 'sdxl' else 'SD1/SD2'} models, but "
                              f"{'--sdxl' if args.sdxl else '--v2'} was given")
 
 
 def _check_not_checkpoints(files) -> None:
-    from ..formats import read_header
     from ..models.detect import classify_keys
     from ..models.model import KINDS
+    from .merge import adapter_keys
 
     for file in files:
-        kind = classify_keys(k for k in read_header(file) if k != "__metadata__")
+        kind = classify_keys(adapter_keys(file))
         if kind in KINDS:
             raise ValueError(f"{file}: is a model checkpoint ({kind}), not an adapter; give the model with --model "
                              f"and adapter files with --loras")
