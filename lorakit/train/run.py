@@ -180,6 +180,7 @@ class _Run:
         source = _unet_adapters(weights, model.kind) if weights and c.network_train_unet_only else weights
         if weights and c.dim_from_weights:
             net = load_network(model.unet, source, text_encoders=tes, where=str(weights))
+            _unbind_unconstrained_rotations(net, weights)
         else:
             options = dict(c.network_kwargs())
             options.setdefault("dim", c.network_dim if c.network_dim is not None else 4)
@@ -758,6 +759,34 @@ def _load_network_weights(net, source, where: str, unet, text_encoders) -> None:
     if unexpected:
         raise TrainingError(f"network_weights={where}: {len(unexpected)} tensor(s) match no adapter of this network "
                             f"(e.g. {unexpected[0]}); use dim_from_weights for its shapes")
+
+
+def _unbind_unconstrained_rotations(net, path) -> None:
+    """dim_from_weights: a Diag-OFT/BOFT file trained without a constraint stores alpha just above its blocks' norm
+    (A1111 reads 0 as no rotation), which a network built from the file alone takes as its bound. Its training
+    arguments (ss_network_args: no constraint, or 0) tell the two apart, and the run goes on unconstrained."""
+    import json
+
+    from ..algos.oft_base import OrthogonalAdapter
+    from ..formats.safetensors_io import read_metadata
+
+    if not str(path).endswith(".safetensors"):
+        return
+    try:
+        args = json.loads(read_metadata(path).get("ss_network_args", "null"))
+    except ValueError:
+        return
+    algo = str(args.get("algo", "")).lower().replace("_", "-") if isinstance(args, dict) else ""
+    if algo not in {"diag-oft", "oft", "boft"}:
+        return
+    try:
+        constraint = float(args.get("constraint") or 0)
+    except (TypeError, ValueError):
+        return
+    if constraint == 0:
+        for _, adapter in net.adapters():
+            if isinstance(adapter, OrthogonalAdapter):
+                adapter.bound = 0.0
 
 
 def _save_adapter(net, path: Path, dtype, metadata: dict, drop_unet: bool) -> None:
