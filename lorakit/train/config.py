@@ -19,8 +19,8 @@ from typing import Any, Mapping, Sequence
 from ..algos.options import OptionError
 from . import checks
 from .dataset_config import DatasetGroupConfig, load_dataset_config  # noqa: F401 (TrainConfig's annotation)
-from .options import (BY_NAME, COMMAND_LINE_ONLY, GROUPS, GUI_KEYS, OPTIONS, SECRET_OPTIONS, TYPES, canonical_name,
-                      coerce)
+from .options import (BY_NAME, COMMAND_LINE_ONLY, GROUPS, GUI_KEYS, OPTIONS, SAME_NETWORK, SECRET_OPTIONS, TYPES,
+                      canonical_name, coerce)
 
 try:
     import tomllib
@@ -199,16 +199,36 @@ def _toml_value(kind: str, value: Any) -> str:
     raise TypeError(f"cannot write {value!r} to TOML")  # a kind added without a writer
 
 
+_SD_SCRIPTS_MODULE = {network: module for module, network in SAME_NETWORK.items()}  # "lorakit" -> "lorakit.kohya"
+
+
+def _for_sd_scripts(name: str, value: Any) -> Any:
+    """An option's value as the saved file writes it, so that sd-scripts' train_network.py reads what lorakit ran
+    (lorakit reads each form back to the same value); None: left out. sd-scripts takes a key that is present as
+    given (`network_weights = []` is "not None": it would load weights from []), so unset lists are left out;
+    lorakit's own network is named by the module sd-scripts can import (lorakit.kohya, with sd-scripts'
+    create_network); one network_weights file is a string, as sd-scripts' --network_weights takes one path."""
+    if value == ():
+        return None
+    if name == "network_module":
+        return _SD_SCRIPTS_MODULE.get(value, value)
+    if name == "network_weights" and len(value) == 1:
+        return value[0]
+    return value
+
+
 def to_toml(config: TrainConfig, leave_out: tuple[str, ...] = ()) -> str:
     """The resolved configuration as a TOML file that sd-scripts and lorakit both read: one section per group,
     every implemented option that has a value (unset options, and the not-yet-supported ones, which are always at
     their defaults, are left out; so is output_config, which would make the file write itself again), less the
     options named in `leave_out`."""
-    lines = ["# lorakit train: the resolved configuration (loads back unchanged; sd-scripts reads it as --config_file)"]
+    lines = ["# lorakit train: the resolved configuration (lorakit loads it back unchanged; sd-scripts reads it as "
+             "--config_file, its network_module lorakit.kohya needing lorakit installed there)"]
     skip = {"output_config", *leave_out}
     for group in GROUPS:
-        rows = [f"{o.name} = {_toml_value(o.kind, getattr(config, o.name))}" for o in OPTIONS
-                if o.group == group and o.supported and getattr(config, o.name) is not None and o.name not in skip]
+        written = ((o, _for_sd_scripts(o.name, getattr(config, o.name))) for o in OPTIONS
+                   if o.group == group and o.supported and o.name not in skip)
+        rows = [f"{o.name} = {_toml_value(o.kind, value)}" for o, value in written if value is not None]
         if rows:
             lines += ["", f"[{group}]", *rows]
     return "\n".join(lines) + "\n"

@@ -55,11 +55,16 @@ def _str(opt: Option, value: Any) -> Any:
     return value
 
 
+# lorakit's own network under the name sd-scripts imports it by (the saved config writes it so): one network, one
+# name, so that the saved config loads back to the same configuration and a resume sees no change
+SAME_NETWORK = {"lorakit.kohya": "lorakit"}
+
+
 def _module(opt: Option, value: Any) -> str:
     """network_module: one name, or (sd-scripts' appl_weights takes one per network_weights file) several of the
     same name; lorakit reads each file's own algorithm, so one value says all."""
     names = (value,) if isinstance(value, str) else _strings(opt, value)
-    distinct = list(dict.fromkeys(n.strip() for n in names))
+    distinct = list(dict.fromkeys(SAME_NETWORK.get(n.strip(), n.strip()) for n in names))
     if len(distinct) != 1:
         _fail(opt.name, "one network module (or the same one repeated, one per network_weights file)", value)
     return distinct[0]

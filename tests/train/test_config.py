@@ -494,11 +494,51 @@ def test_saved_toml_is_sectioned_and_flat_for_sd_scripts(tmp_path):
     assert not set(flat) & set(NOT_YET_SUPPORTED) and "network_dim" in data["network"]
 
 
+def _as_sd_scripts_reads(path: Path) -> dict:
+    """sd-scripts' train_util.read_config_from_file: every section's keys merged into the argparse namespace, each
+    value as TOML gives it; a key that is absent keeps argparse's default (None for the options checked here)."""
+    args = {}
+    for key, value in tomllib.loads(path.read_text(encoding="utf-8")).items():
+        args.update(value if isinstance(value, dict) else {key: value})
+    return args
+
+
+def test_the_saved_config_is_what_sd_scripts_train_network_runs(tmp_path):
+    """What train_network.py does with the saved file: network_module is imported and its create_network(multiplier,
+    dim, alpha, vae, text_encoder, unet, neuron_dropout=...) called; `if args.network_weights is not None:
+    network.load_weights(args.network_weights)` (one path); list options tested for `is not None`. And the file still
+    loads back into lorakit to the same configuration."""
+    import importlib
+
+    from lorakit.models.demo import random_model
+
+    model = random_model("tiny-sd", seed=0)
+    weights = tmp_path / "w.safetensors"
+    for overrides in ({"network_dim": 2}, {"network_dim": 2, "network_weights": str(weights)}):
+        config = load_train_config(overrides=overrides)
+        saved = write(tmp_path, to_toml(config), "saved.toml")
+        assert load_train_config(saved) == config
+        args = _as_sd_scripts_reads(saved)
+        assert all(args.get(name) is None for name in ("network_args", "base_weights", "base_weights_multiplier",
+                                                        "optimizer_args", "lr_scheduler_args"))
+        network = importlib.import_module(args["network_module"]).create_network(
+            1.0, args["network_dim"], args["network_alpha"], model.vae, model.text_encoders[0], model.unet,
+            neuron_dropout=args.get("network_dropout"))
+        network.apply_to(model.text_encoders[0], model.unet, True, True)
+        if args.get("network_weights") is not None:
+            assert args["network_weights"] == str(weights)
+            network.load_weights(args["network_weights"])
+        else:
+            network.save_weights(str(weights), None, {})
+    explore = load_train_config(overrides={"network_weights": ["a.safetensors", "b.safetensors"]})
+    assert load_train_config(write(tmp_path, to_toml(explore), "saved.toml")) == explore  # lorakit explore's list
+
+
 def test_print_config(capsys):
     print_config(load_train_config(overrides={"network_dim": 8, "wandb_api_key": "secret-key",
                                               "huggingface_token": "secret-token"}))
     out = capsys.readouterr().out
-    assert "[network]\nnetwork_module = \"lorakit\"\nnetwork_dim = 8\n" in out
+    assert "[network]\nnetwork_module = \"lorakit.kohya\"\nnetwork_dim = 8\n" in out
     assert "secret" not in out  # as in the saved config: printed configs end up in logs and bug reports
 
 
