@@ -1,4 +1,5 @@
-"""Reading and writing .safetensors files: atomic saves, clear errors, memory-mapped loads.
+"""Reading and writing .safetensors files: atomic saves, clear errors, memory-mapped loads; and save_tensors, the
+writer of adapter files, which writes a torch state dict under a .ckpt/.pt/.pth/.bin name.
 
 Layout of a safetensors file: 8 bytes little-endian header length N, N bytes of JSON header
 ({name: {dtype, shape, data_offsets}, "__metadata__": {str: str}}), then the tensor data.
@@ -7,6 +8,7 @@ Layout of a safetensors file: 8 bytes little-endian header length N, N bytes of 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Mapping
 
@@ -29,6 +31,9 @@ def looks_like_torch_file(head: bytes) -> bool:
     """Whether a file's first bytes (9 or more) are those of a torch.save archive or pickle. A safetensors header is
     a JSON object, so its byte 8 is "{"; a header length such as 640 begins with pickle's magic bytes too."""
     return head[8:9] != b"{" and (head.startswith(ZIP_MAGIC) or head[:2] in PICKLE_MAGICS)
+
+
+logger = logging.getLogger(__name__)
 
 
 def is_torch_name(path: str | os.PathLike) -> bool:
@@ -108,6 +113,36 @@ def save_file(
         raise IsADirectoryError(f"{path}: is a folder; expected a file path to save the tensors to")
     atomic_write(path, lambda tmp: safetensors.torch.save_file(prepared, tmp, metadata=meta), fsync=True,
                  writer_temporaries=True)
+
+
+def save_tensors(
+    tensors: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    metadata: Mapping[str, str] | None = None,
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Write an adapter's tensors in the format its name says, atomically: a plain state dict by torch.save under a
+    .ckpt/.pt/.pth/.bin name (what kohya's resize_lora.py, extract_lora_from_models.py and merge scripts write for
+    a name that is not .safetensors), safetensors (save_file) under any other. A torch file has no place for
+    metadata: it is left out, with a warning when there is any."""
+    if not is_torch_name(path):
+        save_file(tensors, path, metadata=metadata, dtype=dtype)
+        return
+    path = os.fspath(path)
+    prepared = {key: _own_storage(t) for key, t in prepare_tensors(tensors, dtype).items()}
+    check_metadata(metadata)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path}: is a folder; expected a file path to save the tensors to")
+    if metadata:
+        logger.warning("%s: a torch file (.ckpt/.pt/.pth/.bin) holds tensors only: its %d metadata entries (ss_*, "
+                       "modelspec.*, hashes) are not written; save as .safetensors to keep them", path, len(metadata))
+    atomic_write(path, lambda tmp: torch.save(prepared, tmp), fsync=True)
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """The tensor with a storage of its own size: torch.save writes a view's whole storage (a rank cut of a
+    larger factor would carry the rest along)."""
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
 
 
 def read_header(path: str | os.PathLike) -> dict:

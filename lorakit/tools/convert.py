@@ -10,7 +10,8 @@ from typing import Iterable
 
 import torch
 
-from ..formats import add_hashes, load_file, save_file
+from ..formats import add_hashes
+from ..formats.safetensors_io import save_tensors
 from ..formats.dtypes import parse_dtype
 from ..formats.modelspec import with_base_model_keys
 from ..formats.peft_layout import (LayoutError, detect_layout, kohya_to_peft, omi_arch, omi_to_kohya, peft_to_kohya,
@@ -126,6 +127,6 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, to: str | None
     if "sshs_model_hash" in meta or "sshs_legacy_hash" in meta:
         meta = add_hashes(out, meta)  # kohya's hashes cover the tensors' bytes: recompute for the new ones
         notes.append("sshs_model_hash/sshs_legacy_hash recomputed")
-    save_file(out, output, metadata=meta)
+    save_tensors(out, output, metadata=meta)
     return ConvertReport(where, os.fspath(output), layout, target, len(out),
                          None if cast is None else str(cast).removeprefix("torch."), notes)

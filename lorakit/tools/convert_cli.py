@@ -14,8 +14,9 @@ def add_parser(commands) -> None:
         "lora_up/alpha; LoHa hada_*, LoKr lokr_*) and diffusers/PEFT (unet.<path>.lora_A/lora_B, alphas in "
         "diffusers' lora_adapter_metadata). LoRA, LoHa and LoKr convert; kohya -> diffusers -> kohya gives the "
         "same bytes back. Metadata is kept; kohya's sshs hashes are recomputed.")
-    p.add_argument("source", help="the adapter file (.safetensors)")
-    p.add_argument("output", help="the file to write (written atomically)")
+    p.add_argument("source", help="the adapter file (.safetensors, or .ckpt/.pt/.pth/.bin)")
+    p.add_argument("output", help="the file to write (atomically): .safetensors, or .ckpt/.pt/.pth/.bin for a torch "
+                   "state dict (no metadata)")
     p.add_argument("--to", choices=("kohya", "lycoris", "diffusers", "peft"), default=None, type=str.lower,
                    help="target layout (default: the source's; diffusers = peft)")
     p.add_argument("--unet-names", choices=("kohya", "sgm", "diffusers"), default=None,

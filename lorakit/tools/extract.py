@@ -274,8 +274,9 @@ def _metadata(model, settings: dict[str, Any], out, layers: dict[str, dict]) -> 
 
 def save(result: ExtractResult, out, dtype: torch.dtype | None = torch.float16) -> None:
     """Cast, hash (kohya's sshs_* of the cast tensors) and write atomically."""
-    from ..formats import add_hashes, prepare_tensors, save_file
+    from ..formats import add_hashes, prepare_tensors
+    from ..formats.safetensors_io import save_tensors
 
     tensors = prepare_tensors(result.tensors, dtype)
     result.metadata = add_hashes(tensors, result.metadata)
-    save_file(tensors, out, metadata=result.metadata)
+    save_tensors(tensors, out, metadata=result.metadata)

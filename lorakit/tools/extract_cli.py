@@ -17,7 +17,7 @@ def add_parser(commands) -> None:
                             "included) into a kohya/LyCORIS LoRA/LoCon file.")
     p.add_argument("base", help="the base model: checkpoint file or diffusers folder")
     p.add_argument("tuned", help="the fine-tuned model (same architecture)")
-    p.add_argument("out", help="the .safetensors file to write")
+    p.add_argument("out", help="the file to write: .safetensors, or .ckpt/.pt/.pth/.bin for a torch state dict (no metadata)")
     p.add_argument("--mode", choices=MODES, default="fixed",
                    help="rank selection: fixed (ranks --linear_dim/--conv_dim), threshold, ratio, quantile (on "
                    "singular values), quantile_energy (on S^2), sv_ratio, sv_fro, sv_cumulative (default fixed)")

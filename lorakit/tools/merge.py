@@ -233,16 +233,17 @@ def merge_loras(files: Sequence[str | os.PathLike], ratios: Sequence[float] | No
                 metadata: bool = True, progress: bool = True) -> dict:
     """Several LoRA/LoCon files into one, saved to `save_to`: ranks concatenated (exact), or with `new_rank`
     the summed change re-factorised by SVD (`lorakit.tools.merge_svd`). Returns the saved tensors."""
-    from ..formats import add_hashes, save_file
+    from ..formats import add_hashes
     from ..formats.dtypes import parse_dtype
+    from ..formats.safetensors_io import is_torch_name, save_tensors
 
     files = [os.fspath(f) for f in files]
     ratios = check_ratios(files, ratios)
     precision = parse_dtype(precision, "--precision") or torch.float32
     save_dtype = parse_dtype(save_precision, "--save_precision") or precision
-    if not os.fspath(save_to).lower().endswith(".safetensors"):
-        raise ValueError(f"--save_to {save_to}: a merged LoRA is written as safetensors; expected a .safetensors "
-                         f"file name")
+    if not os.fspath(save_to).lower().endswith(".safetensors") and not is_torch_name(save_to):
+        raise ValueError(f"--save_to {save_to}: a merged LoRA is written as safetensors (.safetensors) or as a torch "
+                         f"state dict (.ckpt/.pt/.pth/.bin); expected such a file name")
     for file in files:
         if not os.path.isfile(file):
             raise FileNotFoundError(f"{file}: no such adapter file")
@@ -263,7 +264,7 @@ def merge_loras(files: Sequence[str | os.PathLike], ratios: Sequence[float] | No
                                        shuffle=shuffle, progress=progress)
     tensors = {k: v.to(save_dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     meta = merged_lora_metadata(meta, kind, save_to, files, modelspec=metadata)
-    save_file(tensors, save_to, metadata=add_hashes(tensors, meta))
+    save_tensors(tensors, save_to, metadata=add_hashes(tensors, meta))
     return tensors
 
 

@@ -47,7 +47,8 @@ def add_parser(commands) -> argparse.ArgumentParser:
                         "OUT00-OUT11), 26 or 17 (LoRA Block Weight, BASE = text encoders first); SDXL: 23 (kohya), "
                         "20 or 12 (LoRA Block Weight)")
     p.add_argument("--save_to", required=True, metavar="OUT",
-                   help="output: .safetensors/.ckpt file, or a folder name for diffusers (with --model)")
+                   help="output: a .safetensors or .ckpt file (a merged LoRA also .pt/.pth/.bin: a torch state dict, "
+                        "without metadata), or a folder name for diffusers (with --model)")
     p.add_argument("--save_precision", default=None, metavar="DTYPE",
                    help="dtype of the saved tensors: float, fp16, bf16 (default: --precision)")
     p.add_argument("--precision", default="float", metavar="DTYPE",

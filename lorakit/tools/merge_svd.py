@@ -90,7 +90,8 @@ def merge_loras_svd(files: list, ratios: list[float], new_rank: int, new_conv_ra
     if dtype is not None:
         merged = {k: v.to(dtype) for k, v in merged.items()}
     if out is not None:
-        from ..formats import add_hashes, prepare_tensors, save_file
+        from ..formats import add_hashes, prepare_tensors
+        from ..formats.safetensors_io import save_tensors
         from .merge import merged_lora_metadata
 
         settings = {"files": names, "ratios": [float(r) for r in ratios], "new_rank": new_rank,
@@ -99,7 +100,7 @@ def merge_loras_svd(files: list, ratios: list[float], new_rank: int, new_conv_ra
         meta = merged_lora_metadata(meta, kind, out, names, modelspec=modelspec)
         cast = prepare_tensors(merged, dtype)
         meta = add_hashes(cast, meta)
-        save_file(cast, out, metadata=meta)
+        save_tensors(cast, out, metadata=meta)
     return merged
 
 

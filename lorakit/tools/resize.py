@@ -132,11 +132,12 @@ def resize_lora(source, new_rank: int, out=None, *, new_conv_rank: int | None = 
         _metadata(metadata, result, new_rank, new_conv_rank, dynamic_method, dynamic_param, dylora, max(old_ranks)),
         result.tensors)
     if out is not None:
-        from ..formats import add_hashes, prepare_tensors, save_file
+        from ..formats import add_hashes, prepare_tensors
+        from ..formats.safetensors_io import save_tensors
 
         cast = prepare_tensors(result.tensors, save_dtype or file_dtype)
         result.metadata = add_hashes(cast, result.metadata)
-        save_file(cast, out, metadata=result.metadata)
+        save_tensors(cast, out, metadata=result.metadata)
     return result
 
 

@@ -13,8 +13,8 @@ def add_parser(commands) -> None:
     p = commands.add_parser("resize", help="reduce the rank of a LoRA/LoCon file by SVD (or cut a DyLoRA file)",
                             description="Per module: the best rank-k approximation of up @ down (no base model "
                             "needed), or a DyLoRA file's first k components.")
-    p.add_argument("source", help="the LoRA/LoCon .safetensors file")
-    p.add_argument("out", help="the .safetensors file to write")
+    p.add_argument("source", help="the LoRA/LoCon file (.safetensors, or .ckpt/.pt/.pth/.bin)")
+    p.add_argument("out", help="the file to write: .safetensors, or .ckpt/.pt/.pth/.bin for a torch state dict (no metadata)")
     p.add_argument("--new_rank", type=int, required=True, help="the new rank; the cap of a dynamic method")
     p.add_argument("--new_conv_rank", type=int, default=None, help="for convs with kernel > 1 (default: new_rank)")
     p.add_argument("--dynamic_method", choices=("sv_ratio", "sv_fro", "sv_cumulative"), default=None,

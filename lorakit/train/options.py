@@ -319,7 +319,7 @@ OPTIONS: tuple[Option, ...] = (
     _opt("int", "max_train_steps", 1600, "training", "optimizer steps to train", low=1),
     _opt("int", "max_train_epochs", None, "training", "epochs to train (overrides max_train_steps)", low=1),
     _opt("int", "stop_text_encoder_training", None, "training", "stop training the text encoders after this "
-         "many steps (sd-scripts' meaning; 0: never)", low=0),
+         "many steps (as sd-scripts' train_db.py; its train_network.py ignores the key; 0: never)", low=0),
     _opt("int", "stop_text_encoder_training_pct", None, "training", "stop training the text encoders after this "
          "percentage of the steps (the kohya_ss GUI's field; 0: never)", low=0, high=100),
     _opt("int", "seed", None, "training", "random seed (unset: a random one, recorded in the saved config)"),

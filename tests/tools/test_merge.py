@@ -422,5 +422,5 @@ def test_bad_input_is_refused_by_name_and_writes_nothing(models, tmp_path, capsy
     err = run_error(capsys, "--loras", lora, xl, "--save_to", out)
     assert "different model architectures" in err
     err = run_error(capsys, "--loras", lora, "--save_to", str(tmp_path / "folder"))
-    assert "expected a .safetensors file name" in err
+    assert "(.ckpt/.pt/.pth/.bin); expected such a file name" in err
     assert set(os.listdir(tmp_path)) == before | {"conv.safetensors"}  # no output, no temporary left behind

@@ -1,8 +1,10 @@
 """Adapters as torch files (.ckpt/.pt/.pth/.bin, sd-scripts' save_model_as ckpt/pt): every tool reads them through
-the weights-only reader."""
+the weights-only reader, and writes one under such a name with torch.save, as kohya's resize_lora.py,
+extract_lora_from_models.py and merge scripts do (tensors only: the metadata is left out, with a warning)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 
@@ -97,3 +99,51 @@ def test_read_header_on_a_torch_name_does_not_contradict_it(files):
     with pytest.raises(ValueError) as err:
         read_header(files["lora_pt"])
     assert "pickle checkpoint" in str(err.value) and "only under a" not in str(err.value)
+
+
+# ------------------------------------------------------------------------------------------------ writing
+def written_by_every_tool(files, folder, suffix) -> dict[str, str]:
+    """{tool: output file} of resize, extract, convert and both merges, each written to a `suffix` name."""
+    out = {tool: str(folder / f"{tool}{suffix}") for tool in ("resize", "extract", "convert", "concat", "svd")}
+    assert main(["resize", files["locon"], out["resize"], "--new_rank", "2"]) == 0
+    assert main(["extract", files["model"], files["tuned"], out["extract"], "--linear_dim", "2", "--conv_dim", "0",
+                 "--preset", "attn-only", "--no_text_encoder"]) == 0
+    assert main(["convert", files["lora"], out["convert"], "--dtype", "fp16", "--no-progress"]) == 0
+    merge("--loras", files["lora"], files["locon"], "--save_to", out["concat"])
+    merge("--loras", files["lora"], files["locon"], "--new_rank", "3", "--save_to", out["svd"])
+    return out
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".pt"])
+def test_tools_write_a_torch_file_under_a_torch_name(files, tmp_path, suffix, caplog):
+    """The tensors of the .safetensors output, as a plain state dict torch.load(weights_only=True) and lorakit's
+    loader read; the metadata is left out with a warning naming the file."""
+    model = random_model("tiny-sd", seed=0)
+    want = written_by_every_tool(files, tmp_path / "st", ".safetensors")
+    with caplog.at_level(logging.WARNING):
+        got = written_by_every_tool(files, tmp_path / "torch", suffix)
+    for tool, path in got.items():
+        with open(path, "rb") as f:
+            assert f.read(2) == b"PK", tool  # a torch.save zip archive, not safetensors bytes
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        assert same_tensors(state, load_file(want[tool])[0]), tool
+        assert same_tensors(read_adapter_tensors(path)[0], state), tool
+        load_network(model.unet, path, model.text_encoders)
+        assert any(path in r.getMessage() and "metadata" in r.getMessage() for r in caplog.records), tool
+
+
+def test_other_names_keep_safetensors_and_a_merged_lora_needs_a_file_name(files, tmp_path, capsys):
+    out = tmp_path / "small.lora"
+    assert main(["resize", files["lora"], str(out), "--new_rank", "2"]) == 0
+    assert load_file(out)[1]["ss_network_dim"] == "2"  # safetensors with its metadata, as before
+    assert main(["merge", "--loras", files["lora"], "--save_to", str(tmp_path / "folder"), "--quiet"]) == 1
+    assert "expected such a file name" in capsys.readouterr().err
+
+
+def test_a_torch_file_holds_each_tensor_without_the_rest_of_its_storage(tmp_path):
+    from lorakit.formats.safetensors_io import save_tensors
+
+    big = torch.arange(1000.0)
+    save_tensors({"a.lora_down.weight": big[:4].reshape(2, 2)}, tmp_path / "x.pt")
+    assert os.path.getsize(tmp_path / "x.pt") < 2000  # not the 4000 bytes of `big`
+    assert torch.equal(torch.load(tmp_path / "x.pt", weights_only=True)["a.lora_down.weight"], big[:4].reshape(2, 2))

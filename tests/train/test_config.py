@@ -782,3 +782,9 @@ def test_a_zero_noise_offset_or_min_snr_gamma_is_off_as_in_sd_scripts():
                                           "adaptive_noise_scale": 0.01, "min_snr_gamma": 0})
     assert config.noise_offset == 0 and config.noise_offset_random_strength and config.min_snr_gamma is None
     assert load_train_config(overrides={"min_snr_gamma": 5}).min_snr_gamma == 5
+
+
+def test_stop_text_encoder_training_help_says_sd_scripts_train_network_ignores_it():
+    """lorakit applies train_db.py's stop_text_encoder_training; sd-scripts' train_network.py never reads the key,
+    which the kohya_ss GUI writes for LoRA: the same config trains the text encoders longer there."""
+    assert "train_network.py ignores the key" in BY_NAME["stop_text_encoder_training"].help
