@@ -117,6 +117,16 @@ def unlisted_block_modules(names, block_weights, arch: str | None) -> dict[str, 
     return out
 
 
+def _not_concatenable(algo: str) -> str:
+    """Why a module of `algo` cannot be concatenated, and only the merges that take it: the SVD merge takes full
+    modules (merge_svd), a model every algorithm."""
+    if algo == "full":
+        return ("LoRA/LoCon files can be concatenated into one LoRA (a full module stores its whole change, no "
+                "factors). Re-factorise the summed change with SVD (--new_rank), or merge it into a model with --model")
+    return (f"LoRA/LoCon files can be concatenated into one LoRA ({algo}'s change is no sum of low-rank products of "
+            f"its factors). Merge it into a model with --model")
+
+
 def _read(file: str, dtype: torch.dtype) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
     """{module name: {tensor suffix: tensor}} of a LoRA file, each module checked to be concatenable."""
     from ..network.load import check_layout, read_adapter_tensors, warn_non_finite, without_bundled_embeddings
@@ -133,10 +143,7 @@ def _read(file: str, dtype: torch.dtype) -> tuple[dict[str, dict[str, torch.Tens
     for name, sd in modules.items():
         algo = module_algorithm(name, sd, file)
         if algo != "lora":
-            raise wrong_algorithm(
-                file, name, sd, algo, f"LoRA/LoCon files can be concatenated into one LoRA ({algo}'s change is no "
-                f"sum of low-rank products of its factors). Merge it into a model with --model, or re-factorise the "
-                f"summed change with SVD (--new_rank), if the SVD merge reads {algo}")
+            raise wrong_algorithm(file, name, sd, algo, _not_concatenable(algo))
         if "dora_scale" in sd:
             raise ValueError(f"{file}: module '{name}' is DoRA (dora_scale): its change depends on the weight it "
                              f"is added to, so it has no place in a sum of LoRAs; merge it into a model with --model")

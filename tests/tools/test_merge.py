@@ -390,6 +390,23 @@ def run_error(capsys, *argv) -> str:
     return capsys.readouterr().err
 
 
+@pytest.mark.parametrize("algo,options", [("loha", dict(preset="attn-mlp")), ("lokr", dict(preset="attn-mlp")),
+                                          ("full", dict(preset="attn-only"))])
+def test_a_refused_concatenation_suggests_only_merges_that_take_the_file(models, tmp_path, capsys, algo, options):
+    """Each merge the message names runs on the same files: --model takes every algorithm, --new_rank (the SVD
+    merge) LoRA/LoCon and full modules only."""
+    model, ckpt = models["sd1"]
+    files = [adapter_file(model, tmp_path / "lora.safetensors", "lora", 1, preset="attn-mlp"),
+             adapter_file(model, tmp_path / f"{algo}.safetensors", algo, 2, **options)]
+    err = run_error(capsys, "--loras", *files, "--save_to", str(tmp_path / "out.safetensors"))
+    merges = {"--model": ["--model", ckpt], "--new_rank": ["--new_rank", "4"]}
+    named = [option for option in merges if option in err]
+    assert named == (["--model", "--new_rank"] if algo == "full" else ["--model"]), err
+    for option in named:
+        assert main(["merge", "--loras", *files, *merges[option], "--save_to",
+                     str(tmp_path / f"{option[2:]}.safetensors"), "--quiet"]) == 0
+
+
 def test_bad_input_is_refused_by_name_and_writes_nothing(models, tmp_path, capsys):
     sd_model, sd_ckpt = models["sd1"]
     xl_model, _ = models["sdxl"]
@@ -415,7 +432,7 @@ def test_bad_input_is_refused_by_name_and_writes_nothing(models, tmp_path, capsy
     err = run_error(capsys, "--model", sd_ckpt, "--loras", lora, xl, "--save_to", out)
     assert f"{xl}: is an adapter for SDXL models, but the model is sd1" in err
     err = run_error(capsys, "--loras", lora, loha, "--save_to", out)
-    assert f"{loha}: module" in err and "is loha" in err and "--new_rank" in err
+    assert f"{loha}: module" in err and "is loha" in err and "--model" in err
     conv = adapter_file(sd_model, tmp_path / "conv.safetensors", "locon", 2, preset="unet-convblock-only")
     err = run_error(capsys, "--loras", tucker, conv, "--save_to", out)
     assert "Tucker (lora_mid) in" in err and "cannot be concatenated" in err
