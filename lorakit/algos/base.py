@@ -327,13 +327,13 @@ class Adapter(DoRA, nn.Module):
 
     # ----- the change as the UIs apply it ----------------------------------------------------------------------
     def delta_weight(self, multiplier: float = 1.0) -> torch.Tensor:
-        """The change of the layer weight at this multiplier, as ComfyUI and A1111 add it."""
+        """The change of the layer weight at this multiplier, as ComfyUI and A1111 add it (DoRA's in dora_dtype)."""
         dw = self._delta_weight() * self._scalar()
         if self.dora_scale is None:
             return dw * multiplier
-        w = self.base_weight().to(dw.dtype)
-        merged = (w + dw) * (self.dora_scale / self._axis_norm(w + dw))
-        return (merged - w) * multiplier
+        w = self.base_weight().to(self.dora_dtype())
+        summed = w + dw.to(w.dtype)
+        return (summed * (self.dora_scale / self._axis_norm(summed)) - w) * multiplier
 
     def delta_bias(self, multiplier: float = 1.0) -> torch.Tensor | None:
         return None

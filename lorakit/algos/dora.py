@@ -27,6 +27,14 @@ class DoRA:
         dims = [0] + list(range(2, w.dim()))
         return torch.linalg.vector_norm(w, dim=dims, keepdim=True)
 
+    def dora_dtype(self) -> torch.dtype:
+        """The dtype of DoRA's terms in the base weight (|W + dW|, W x rescaled): the wider of the layer's and the
+        adapter's, so that a float32 adapter's dW is not rounded to a half-precision layer, nor a float32 layer's W
+        to a half-precision adapter (LyCORIS computes W + dW in the layer's dtype). A float8 weight, which torch
+        does not promote, is read in the adapter's dtype."""
+        weight = self.layer.weight.dtype
+        return self.dtype if weight.itemsize == 1 else torch.promote_types(weight, self.dtype)
+
     def _initial_dora_scale(self) -> torch.Tensor:
         w = self.base_weight()
         return self._axis_norm(w.to(torch.promote_types(w.dtype, torch.float32)))
@@ -34,15 +42,15 @@ class DoRA:
     def dora_norm(self) -> torch.Tensor:
         """|W + dW| along the DoRA axis, shaped like dora_scale. Generic form: dW is rebuilt, and rebuilt again in
         backward instead of keeping a weight-sized tensor; LoRA overrides it with a closed form."""
-        w = self.base_weight()
+        w, dtype = self.base_weight(), self.dora_dtype()
 
-        def norm():
-            return self._axis_norm(w.to(self.dtype) + self._delta_weight() * self._scalar())
+        def norm():  # W cast inside: checkpoint then keeps no weight-sized copy for backward
+            return self._axis_norm(w.to(dtype) + (self._delta_weight() * self._scalar()).to(dtype))
 
         return checkpoint(norm, use_reentrant=False) if torch.is_grad_enabled() else norm()
 
     def _dora_ratio(self) -> torch.Tensor:
-        """dora_scale / |W + dW| along the DoRA axis."""
+        """dora_scale / |W + dW| along the DoRA axis, in dora_dtype."""
         return self.dora_scale / self.dora_norm()
 
     def _dora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -54,15 +62,15 @@ class DoRA:
             if fused is not None:
                 return fused
             c = self.spec.channel_view(r.reshape(-1), x.dim())
-            xa = x.to(self.dtype)
-            y = self.org_with_input_change(x, xa * (m * (c - 1)), *args, **kwargs)
-            d = self._output_dropouts(self._delta(xa * c))
+            xw = x.to(r.dtype)
+            y = self.org_with_input_change(x, xw * (m * (c - 1)), *args, **kwargs)
+            d = self._output_dropouts(self._delta((xw * c).to(self.dtype)))
             return y + (d * (m * self._scalar())).to(y.dtype)
         fused = None if args or kwargs else self._dora_rows_fused(x, r)
         if fused is not None:
             return fused
         y = self._org_forward(x, *args, **kwargs)
-        z = self.without_bias(y).to(self.dtype)
+        z = self.without_bias(y).to(r.dtype)
         rv = self.spec.channel_view(r.reshape(-1), y.dim())
         d = self._output_dropouts(self._delta(x.to(self.dtype)))
         return y + (m * ((rv - 1) * z + rv * d * self._scalar())).to(y.dtype)

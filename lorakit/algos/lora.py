@@ -66,9 +66,10 @@ class LoRA(Adapter):
         if self.tucker:
             return super().dora_norm()
         down, up, scale = self.factors()
-        w = self.base_weight().to(self.dtype).flatten(1)  # (out, fan_in)
-        u = up.flatten(1) * (scale * self._scalar())  # (out, dim)
-        d = down.flatten(1)  # (dim, fan_in)
+        dtype = self.dora_dtype()
+        w = self.base_weight().to(dtype).flatten(1)  # (out, fan_in)
+        u = (up.flatten(1) * (scale * self._scalar())).to(dtype)  # (out, dim)
+        d = down.flatten(1).to(dtype)  # (dim, fan_in)
         if self.options.dora_axis == "out":  # rows of W are the columns of W^T = D^T U^T
             sq = low_rank_column_squares(w.t(), self._base_square_sums(w, 1), d.t(), u.t())
             return sq.clamp_min(0).sqrt().reshape(self.dora_scale.shape)

@@ -117,3 +117,41 @@ def test_a_float32_input_change_on_a_half_precision_layer_is_not_rounded_to_the_
     expected = F.linear(x.double() * adapter.weight.detach().double(), layer.weight.double())
     change = (adapter(x) - layer(x)).detach().double()
     assert float((change - expected).norm() / expected.norm()) < 0.01
+
+
+def _relative_error(got: torch.Tensor, expected: torch.Tensor, change: torch.Tensor) -> float:
+    return float((got.double() - expected).norm() / change.norm())
+
+
+@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("axis", ["in", "out"])
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_a_half_precision_dora_adapter_keeps_a_float32_layers_weight(low, axis, kind):
+    """DoRA held in half precision on a float32 layer (a half-precision file loaded in its own dtype): W + dW and
+    its norm are computed in float32, as LyCORIS computes them in the layer's dtype, so the forward,
+    delta_weight() and merge() carry the half-precision rounding of the change, as plain LoRA's do, not that of W
+    itself (rounding W to the adapter's dtype gave 12-26 units of its precision against the change)."""
+    layer = make_layer(kind, torch.float32)
+    ref_layer = make_layer(kind, torch.float32).double()  # the same float32 weight, read exactly
+    ref = make_adapter("lora", ref_layer, dim=4, dora_wd=True, dora_axis=axis).double()
+    with torch.no_grad():  # a change of 2% of the weight, as trained adapters make
+        ref.lora_up.normal_()
+        ref.lora_up.mul_(0.02 * ref_layer.weight.norm() / ref._delta_weight().norm())
+        ref.dora_scale.mul_(1 + 0.02 * torch.rand_like(ref.dora_scale))
+    saved = {k: v.to(low) for k, v in ref.state_dict().items()}  # the file, in half precision
+    ref.load_state_dict({k: v.double() for k, v in saved.items()})  # float64 truth of the same tensors
+    adapter = make_adapter("lora", layer, dim=4, dora_wd=True, dora_axis=axis).to(low)
+    adapter.load_state_dict(saved)
+    tolerance = 2 * torch.finfo(low).eps  # W kept: 0.2-0.4 eps; W rounded: 12-26 eps
+
+    x = make_input(kind)
+    expected = ref(x).detach()
+    with torch.no_grad():
+        got = adapter(x.float())
+    assert got.dtype == torch.float32
+    assert _relative_error(got, expected, expected - ref_layer(x)) < tolerance
+
+    dw = ref.delta_weight().detach()
+    assert _relative_error(adapter.delta_weight().detach(), dw, dw) < tolerance
+    adapter.merge()
+    assert _relative_error(layer.weight, ref_layer.weight + dw, dw) < tolerance
