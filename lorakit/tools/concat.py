@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 import torch
 
 __all__ = ["concat_loras", "block_of_name", "module_of_name", "module_block_weights", "module_algorithm",
-           "wrong_algorithm", "unlisted_block_modules", "one_layer_shape"]
+           "wrong_algorithm", "unlisted_block_modules", "kohya_embedding_modules", "one_layer_shape"]
 
 LORA_KEYS = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha")
 _TE_SHORT = re.compile(r"^(lora_te[12]?_)(?=encoder_|embeddings_|final_layer_norm)")
@@ -115,6 +115,23 @@ def unlisted_block_modules(names, block_weights, arch: str | None) -> dict[str, 
                 and layout.outside_weight(where[1], where[0]) != 1.0:
             out[name] = locate(where[1], where[0]).label(layout.split_mid)
     return out
+
+
+_SGM_EMBEDDINGS = ("lora_unet_time_embed_", "lora_unet_label_emb_")  # what get_lbw_block_index(is_sdxl) calls IN00
+
+
+def kohya_embedding_modules(names, block_weights, arch: str | None) -> dict[str, float]:
+    """{adapter name: IN00's value} of the SDXL time/label-embedding modules (SGM names) to which kohya's
+    svd_merge_lora.py/sdxl_merge_lora.py give IN00's value of a 20-value vector (get_lbw_block_index returns 1,
+    IN00, for them), where lorakit keeps 1: they lie in none of the LoRA Block Weight extension's blocks, and
+    lorakit applies its rule at run time too. {} for other vectors, or where IN00 is 1."""
+    from ..network.blocks import SDXL20, pick_layout
+
+    if block_weights is None or isinstance(block_weights, Mapping):
+        return {}
+    layout = pick_layout(arch, block_weights)
+    in00 = layout.block_values(block_weights)["IN00"] if layout is SDXL20 else 1.0
+    return {} if in00 == 1.0 else {n: in00 for n in names if n.startswith(_SGM_EMBEDDINGS)}
 
 
 def _not_concatenable(algo: str) -> str:

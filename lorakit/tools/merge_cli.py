@@ -127,16 +127,24 @@ def _into_model(args, ratios, precision, save_dtype) -> str:
 
 
 def _note_unlisted_blocks(files, per_file) -> None:
-    """One line when a 17/12-value --lbws gives weight 0 to modules of the files (LoRA Block Weight's rule, which
-    lorakit follows everywhere, so the merge equals the adapters running with the same vector); kohya's
-    svd_merge_lora.py/sdxl_merge_lora.py keep them at 1."""
-    from .concat import unlisted_block_modules
+    """Notes where a --lbws vector (kohya's spelling) weighs modules of the files otherwise than kohya's
+    svd_merge_lora.py/sdxl_merge_lora.py: lorakit follows LoRA Block Weight's rule everywhere, so the merge equals
+    the adapters running with the same vector."""
     from .merge import adapter_keys
 
+    names = [{k.partition(".")[0] for k in adapter_keys(file)} for file in files]
+    _note_zeroed_blocks(files, names, per_file)
+    _note_kohya_embeddings(files, names, per_file)
+
+
+def _note_zeroed_blocks(files, names, per_file) -> None:
+    """One line when a 17/12-value vector gives weight 0 to modules of the files (LoRA Block Weight's to26());
+    kohya keeps them at 1."""
+    from .concat import unlisted_block_modules
+
     found, blocks, length = [], set(), 0
-    for file, vector in zip(files, per_file):
-        names = {k.partition(".")[0] for k in adapter_keys(file)}
-        unlisted = unlisted_block_modules(names, vector, None)
+    for file, modules, vector in zip(files, names, per_file):
+        unlisted = unlisted_block_modules(modules, vector, None)
         if unlisted:
             found.append(f"{len(unlisted)} module(s) of {os.path.basename(file)}")
             blocks.update(unlisted.values())
@@ -147,6 +155,22 @@ def _note_unlisted_blocks(files, per_file) -> None:
               f"LoRA Block Weight extension does: {', '.join(found)} lie there ({', '.join(sorted(blocks))}); "
               f"kohya's svd_merge_lora.py keeps them at 1 (to keep them, give the {full}-value vector with 1 there)",
               file=sys.stderr)
+
+
+def _note_kohya_embeddings(files, names, per_file) -> None:
+    """One line when a 20-value SDXL vector with IN00 != 1 meets time/label-embedding modules: kohya gives them
+    IN00's value, lorakit (with the LoRA Block Weight extension, whose blocks do not hold them) keeps 1."""
+    from .concat import kohya_embedding_modules
+
+    found = []
+    for file, modules, vector in zip(files, names, per_file):
+        embeddings = kohya_embedding_modules(modules, vector, None)
+        if embeddings:
+            found.append(f"{len(embeddings)} module(s) of {os.path.basename(file)}")
+    if found:
+        print(f"lorakit merge: note: --lbws with 20 values keeps the SDXL time and label embedding (time_embed, "
+              f"label_emb) at 1, as the LoRA Block Weight extension's blocks leave them out: {', '.join(found)}; "
+              f"kohya's svd_merge_lora.py/sdxl_merge_lora.py give them IN00's value", file=sys.stderr)
 
 
 def _check_adapter_arch(args) -> None:

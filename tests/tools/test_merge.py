@@ -296,6 +296,34 @@ def test_lbws_with_17_or_12_values_notes_the_modules_it_turns_off(models, tmp_pa
     assert "--lbws with 12 values" in note and "module(s) of xl.safetensors" in note and "20-value vector" in note
 
 
+def test_sdxl_20_values_keep_the_embeddings_at_1_and_note_kohyas_in00(models, tmp_path, capsys):
+    """kohya's svd_merge_lora.py/sdxl_merge_lora.py (get_lbw_block_index(name, is_sdxl=True)) give time_embed_ and
+    label_emb_ modules IN00's value; the LoRA Block Weight extension's blocks (input/middle/output blocks, text
+    encoders) hold neither, and lorakit keeps them at 1, at run time as in a merge: --lbws notes them."""
+    from lorakit.tools.concat import kohya_embedding_modules
+
+    xl, _ = models["sdxl"]
+    locon = adapter_file(xl, tmp_path / "xl.safetensors", "locon", 5, preset="full", conv_dim=2)
+    source = load_file(locon)[0]
+    embeddings = {n for n in module_names(source) if n.startswith(("lora_unet_time_embed_", "lora_unet_label_emb_"))}
+    assert embeddings == {"lora_unet_time_embed_0", "lora_unet_time_embed_2"}  # full adapts the time embedding
+    v20 = [0.5] + [0.13] + [0.7] * 18  # IN00 = 0.13
+    assert kohya_embedding_modules(module_names(source), v20, "sdxl") == dict.fromkeys(embeddings, 0.13)
+    assert kohya_embedding_modules(module_names(source), [1.0] + [1.0] + [0.7] * 18, "sdxl") == {}  # IN00 = 1
+    # kohya matches SGM names only: diffusers' time_embedding gets its -1 (weight 1); conv_in is IN00 for both
+    assert kohya_embedding_modules({"lora_unet_label_emb_0_0", "lora_unet_time_embedding_linear_1",
+                                    "lora_unet_input_blocks_0_0"}, v20, "sdxl") == {"lora_unet_label_emb_0_0": 0.13}
+    out = tmp_path / "m.safetensors"
+    assert main(["merge", "--loras", locon, "--lbws", json.dumps(v20), "--save_to", str(out), "--quiet"]) == 0
+    note = [line for line in capsys.readouterr().err.splitlines() if "time_embed" in line]
+    assert len(note) == 1 and "2 module(s) of xl.safetensors" in note[0] and "IN00's value" in note[0]
+    merged = load_file(out)[0]
+    for name in embeddings:
+        assert torch.allclose(dense(merged, name), dense(source, name), rtol=0, atol=1e-6), name  # weight 1
+    assert torch.allclose(dense(merged, "lora_unet_input_blocks_0_0"), 0.13 * dense(source, "lora_unet_input_blocks_0_0"),
+                          rtol=0, atol=1e-6)  # conv_in is IN00 itself
+
+
 @pytest.mark.parametrize("svd", [False, True], ids=["concat", "new_rank"])
 def test_linear_and_conv_shaped_loras_of_one_1x1_conv_merge(models, tmp_path, svd):
     """SD1's proj_in is a 1x1 conv; an SD2-style file changes it with Linear-shaped (2-D) factors, which the loaders
