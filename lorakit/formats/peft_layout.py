@@ -75,7 +75,6 @@ ALGO_KEYS = {"lora": _LORA, "loha": _LOHA, "lokr": _LOKR}
 PEFT_TYPES = {"lora": "LORA", "loha": "LOHA", "lokr": "LOKR"}
 _NOT_IN_PEFT = (  # (marker tensor, what it is) for kohya modules we cannot express in PEFT
     ("lora_mid.weight", "LoRA with a Tucker core (lora_mid): PEFT's LoRA has no Tucker form"),
-    ("dora_scale", "DoRA (dora_scale): PEFT's lora_magnitude_vector is normed along another axis"),
     ("oft_blocks", "OFT/BOFT: PEFT parametrises OFT differently"),
     ("on_input", "(IA)^3: PEFT's IA3 is not converted by lorakit"),
     ("a1.weight", "GLoRA: PEFT has no GLoRA"),
@@ -222,11 +221,39 @@ def module_algorithm(sub: Mapping[str, torch.Tensor], name: str) -> str:
                               f"can)")
     for algo, table in ALGO_KEYS.items():
         if any(k in sub for k in table):
-            extra = sorted(set(sub) - set(table) - {"alpha"})
+            _check_dora(sub, name, algo)
+            extra = sorted(set(sub) - set(table) - {"alpha", "dora_scale"})
             if extra:
                 raise LayoutError(f"{name}: unexpected tensor(s) {extra} for {algo}")
             return algo
     raise LayoutError(f"{name}: no adapter algorithm has the tensors {sorted(sub)}")
+
+
+def _check_dora(sub: Mapping[str, torch.Tensor], name: str, algo: str) -> None:
+    """PEFT's DoRA (LoRA only) keeps one magnitude per output row (DoraLinearLayer.get_weight_norm: the norm of
+    W + s BA over dim 1): lorakit's dora_axis "out" (LyCORIS' wd_on_out), dora_scale (out, 1, ..). The input-column
+    axis (dora_scale (1, in, ..), lorakit's default) has no PEFT form."""
+    scale = sub.get("dora_scale")
+    if scale is None:
+        return
+    if algo != "lora":
+        raise LayoutError(f"{name}: DoRA (dora_scale) on {algo}: PEFT has DoRA for LoRA only; it cannot be "
+                          f"converted to the PEFT layout")
+    out_dim = sub["lora_up.weight"].shape[0]
+    if scale.shape[0] != out_dim or any(d != 1 for d in scale.shape[1:]):
+        raise LayoutError(f"{name}: DoRA along input columns (dora_scale {tuple(scale.shape)}, dora_axis \"in\"): "
+                          f"PEFT's lora_magnitude_vector holds one magnitude per output row (dora_axis \"out\", "
+                          f"LyCORIS' wd_on_out); it cannot be converted to the PEFT layout")
+
+
+def _peft_magnitude(scale: torch.Tensor, conv: bool) -> torch.Tensor:
+    """dora_scale (out, 1[, 1, 1]) as PEFT stores the magnitude: (out,) for a Linear, (1, out, 1, 1) for a conv."""
+    return scale.reshape(1, -1, *scale.shape[2:]) if conv else scale.reshape(-1)
+
+
+def _kohya_dora_scale(magnitude: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """PEFT's magnitude as lorakit's row-axis dora_scale: (out, 1) for a Linear, (out, 1, 1, 1) for a conv."""
+    return magnitude.reshape(-1, *([1] * (down.dim() - 1)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -367,11 +394,16 @@ def kohya_to_peft(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, st
             raise LayoutError(f"{name}: {algo} next to {comp['algo']} in the {component}; a PEFT config has one "
                               f"algorithm per component")
         comp["subs"][name] = (path, sub)
+        if comp.setdefault("dora", "dora_scale" in sub) != ("dora_scale" in sub):
+            raise LayoutError(f"{name}: DoRA and plain LoRA modules in the {component}; PEFT's use_dora applies to "
+                              f"every module of a component's config")
         for k, v in sub.items():
-            if k != "alpha":
+            if k == "dora_scale":
+                out[f"{full}.lora_magnitude_vector"] = _peft_magnitude(v, sub["lora_down.weight"].dim() > 2)
+            elif k != "alpha":
                 out[f"{full}.{ALGO_KEYS[algo][k]}"] = v
         if "alpha" in sub:
-            w_dtype = next(t.dtype for k, t in sub.items() if k != "alpha")
+            w_dtype = next(t.dtype for k, t in sub.items() if k not in ("alpha", "dora_scale"))
             if sub["alpha"].dtype != w_dtype or sub["alpha"].dim() != 0:
                 side.setdefault("alpha_dtype", {})[name] = [str(sub["alpha"].dtype).removeprefix("torch."),
                                                            list(sub["alpha"].shape)]
@@ -401,6 +433,8 @@ def kohya_to_peft(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, st
             extra["use_effective_conv2d"] = any(k in s for _, s in comp["subs"].values() for k in ("hada_t1", "lokr_t2"))
         if algo == "lokr":
             extra.update(decompose_both=decompose_both, decompose_factor=_decompose_factor(comp["subs"]))
+        if comp["dora"]:
+            extra["use_dora"] = True
         configs[component] = _config(algo, comp["ranks"], comp["alphas"], comp["targets"], extra)
     meta = dict(metadata or {})
     meta[METADATA_KEY] = json.dumps({f"{c}.{k}": v for c, cfg in configs.items() for k, v in cfg.items()},
@@ -491,8 +525,6 @@ def peft_to_kohya(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, st
     modules: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         component, path, suffix = split_peft_key(key)
-        if suffix == "lora_magnitude_vector":
-            raise LayoutError(f"{key}: PEFT DoRA (lora_magnitude_vector) has no exact kohya/LyCORIS counterpart")
         if suffix == "lora_B.bias":
             raise LayoutError(f"{key}: a LoRA bias (lora_B.bias) has no kohya/LyCORIS counterpart")
         modules.setdefault((component, path), {})[suffix] = value
@@ -510,7 +542,7 @@ def peft_to_kohya(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, st
         algo = next((al for al, table in _PEFT_TO_KOHYA.items() if any(k in table for k in sub)), None)
         if algo is None:
             raise LayoutError(f"{where}: no lora_A/lora_B, hada_* or lokr_* tensors")
-        extra = sorted(set(sub) - set(_PEFT_TO_KOHYA[algo]) - {"alpha"})
+        extra = sorted(set(sub) - set(_PEFT_TO_KOHYA[algo]) - {"alpha"} - ({"lora_magnitude_vector"} if algo == "lora" else set()))
         if extra:
             raise LayoutError(f"{where}: unexpected tensor(s) {extra} next to {algo} tensors")
         if component == "unet":
@@ -518,13 +550,15 @@ def peft_to_kohya(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, st
         else:
             name = path_to_name(te_prefix[component], _clip_name_path(path))
         for k, v in sub.items():
-            if k != "alpha":
+            if k == "lora_magnitude_vector":  # PEFT's DoRA is along output rows: lorakit's dora_axis "out"
+                out[f"{name}.dora_scale"] = _kohya_dora_scale(v, sub["lora_A.weight"])
+            elif k != "alpha":
                 out[f"{name}.{_PEFT_TO_KOHYA[algo][k]}"] = v
-        dtype = next(t.dtype for k, t in sub.items() if k != "alpha")
+        dtype = next(t.dtype for k, t in sub.items() if k not in ("alpha", "lora_magnitude_vector"))
         if "alpha" in sub:
             out[f"{name}.alpha"] = sub["alpha"]
             continue
-        kohya_sub = {_PEFT_TO_KOHYA[algo][k]: v for k, v in sub.items()}
+        kohya_sub = {_PEFT_TO_KOHYA[algo].get(k, k): v for k, v in sub.items()}
         config, pattern_path = configs.get(component, {}), _pattern_path(component, path)
         alpha = _peft_alpha(algo, kohya_sub, config, pattern_path)
         if algo == "lokr" and _rank(algo, kohya_sub) is None and config:

@@ -158,6 +158,36 @@ def test_peft_loha_gives_lorakits_outputs(tmp_path):
         _close(u(*args, **kwargs).sample, ref, base)
 
 
+def test_peft_dora_along_output_rows_gives_lorakits_outputs(tmp_path):
+    """PEFT's DoRA normalises W + s BA per output row (DoraLinearLayer.get_weight_norm: dim=1; convs over every dim
+    but 0): lorakit's dora_axis "out". Such a file (Linear and 3x3 convs) converts exactly and back; the default
+    axis (input columns) is refused naming it."""
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    src = _save(tmp_path, "sd1", "lora", preset="full", dim=4, alpha=2, conv_dim=2, conv_alpha=1, dora_wd=True,
+                dora_axis="out")
+    convert(src, tmp_path / "p.safetensors", to="peft")
+    sd, meta = load_file(tmp_path / "p.safetensors")
+    config = {k[len("unet."):]: v for k, v in json.loads(meta["lora_adapter_metadata"]).items()
+              if k.startswith("unet.")}
+    assert config["use_dora"] is True
+    unet, _ = tiny_model("sd1")
+    u = inject_adapter_in_model(LoraConfig(**config), copy.deepcopy(unet))
+    result = set_peft_model_state_dict(u, {k[len("unet."):]: v for k, v in sd.items() if k.startswith("unet.")})
+    assert not result.unexpected_keys and not [k for k in result.missing_keys if "lora_" in k]
+    u.double()
+    ref, base = _lorakit_output("sd1", src)
+    args, kwargs = _f64_inputs(u, "sd1")
+    with torch.no_grad():
+        _close(u(*args, **kwargs).sample, ref, base)
+    convert(tmp_path / "p.safetensors", tmp_path / "k.safetensors", to="kohya")
+    a, b = st_load(src), st_load(tmp_path / "k.safetensors")
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
+    columns = _save(tmp_path, "sd1", "lora", name="in.safetensors", preset="attn-mlp", dora_wd=True)
+    with pytest.raises(ConvertError, match=r"DoRA along input columns .*dora_axis \"in\".* per output row"):
+        convert(columns, tmp_path / "o.safetensors", to="peft")
+
+
 def test_peft_lokr_with_full_factors_keeps_peft_scale(tmp_path):
     """PEFT scales LoKr by alpha/r even where both factors are stored whole (r at least half of w2's side), where
     kohya loaders apply no alpha: the converted file carries the scale in lokr_w1, so lorakit's load gives PEFT's
