@@ -208,13 +208,13 @@ class KohyaNetwork(Network):
     # ----- files -----
     def save_weights(self, file, dtype: torch.dtype | None = None, metadata: dict | None = None) -> None:
         """.safetensors through Network.save (atomic, with kohya's sshs hashes); other suffixes (--save_model_as
-        ckpt/pt) with torch.save, as kohya does."""
+        ckpt/pt) a plain state dict, atomic too, without the metadata, which kohya drops there."""
         if os.path.splitext(os.fspath(file))[1].lower() == ".safetensors":
             self.save(file, dtype, metadata or None)
             return
-        from ..formats import prepare_tensors
+        from ..formats.safetensors_io import save_tensors
 
-        torch.save(prepare_tensors(self.state_dict(), dtype), file)
+        save_tensors(self.state_dict(), file, dtype=dtype)
 
     def load_weights(self, file):
         """Load a .safetensors file's tensors (names in either style) into this network; returns torch's

@@ -803,13 +803,11 @@ def _save_adapter(net, path: Path, dtype, metadata: dict, drop_unet: bool) -> No
 
 
 def _write_tensors(path: Path, tensors: dict, metadata: dict | None) -> None:
-    """A .safetensors file with its metadata, or (.ckpt / .pt, as sd-scripts writes them) a plain state dict."""
-    from ..formats import save_file
+    """A .safetensors file with its metadata, or (.ckpt / .pt, as sd-scripts writes them) a plain state dict, whose
+    format has no metadata: left out without a note on every save, as sd-scripts does."""
+    from ..formats.safetensors_io import is_torch_name, save_tensors
 
-    if path.suffix == ".safetensors":
-        save_file(tensors, path, metadata=metadata)
-    else:
-        atomic_write(path, lambda tmp: torch.save(tensors, tmp))
+    save_tensors(tensors, path, None if is_torch_name(path) else metadata)
 
 
 def _save_rates(rates, path: Path, sources) -> None:
