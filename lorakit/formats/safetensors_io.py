@@ -252,10 +252,20 @@ def load_file(
     return tensors, dict(header.get("__metadata__", {}))
 
 
+# Dtypes torch.isfinite takes as they are; other floats (float8_e4m3fn, float8_e5m2, ...) are upcast to float32.
+_ISFINITE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Elements upcast at once: a float8 tensor is scanned in float32 slices, never copied whole.
+_UPCAST_CHUNK = 1 << 22
+
+
 def find_non_finite(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     """Names of the floating tensors that hold a NaN or an infinity, in the mapping's order."""
-    bad = []
-    for name, t in tensors.items():
-        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
-            bad.append(name)
-    return bad
+    return [name for name, t in tensors.items() if (t.is_floating_point() or t.is_complex()) and not _all_finite(t)]
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether a floating or complex tensor holds no NaN and no infinity. torch.isfinite has no float8 kernel:
+    those are read through float32, which holds every float8 value, NaN and Inf included."""
+    if t.is_complex() or t.dtype in _ISFINITE_DTYPES:
+        return bool(torch.isfinite(t).all())
+    return all(bool(torch.isfinite(part.float()).all()) for part in t.reshape(-1).split(_UPCAST_CHUNK))

@@ -246,6 +246,23 @@ def test_find_non_finite():
     assert sio.find_non_finite({"a": torch.zeros(2, 2)}) == []
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_find_non_finite_reads_float8_tensors(dtype, monkeypatch):
+    """torch.isfinite has no float8 kernel; float8 tensors are scanned through float32, slice by slice, so a NaN
+    (and e5m2's Inf) is found wherever it lies."""
+    monkeypatch.setattr(sio, "_UPCAST_CHUNK", 4)  # several slices on a small tensor
+    clean = torch.linspace(-2, 2, 10).to(dtype)
+    nan = torch.linspace(-2, 2, 10)
+    nan[9] = float("nan")
+    tensors = {"clean": clean, "nan": nan.to(dtype), "alpha": torch.tensor(1.0)}
+    if dtype == torch.float8_e5m2:
+        inf = torch.linspace(-2, 2, 10)
+        inf[5] = float("-inf")
+        tensors["inf"] = inf.to(dtype)
+    bad = ["nan", "inf"] if dtype == torch.float8_e5m2 else ["nan"]
+    assert sio.find_non_finite(tensors) == bad
+
+
 def test_a_failed_write_names_the_destination_not_the_temporary_file(tmp_path):
     """A full disk inside torch.save shows as "basic_ios::clear: iostream error" (a RuntimeError) with the temporary
     name; the error names the file being written and suggests the cause, and nothing is left behind."""
