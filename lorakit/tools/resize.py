@@ -85,8 +85,9 @@ def resize_lora(source, new_rank: int, out=None, *, new_conv_rank: int | None = 
                 dynamic_param: float | None = None, dylora: bool | None = None, save_dtype: torch.dtype | None = None,
                 device: str = "cpu") -> ResizeResult:
     """Resize a LoRA/LoCon file (path) or state dict. `dylora`: cut to the first k components instead of an SVD
-    (None: when the file's metadata says DyLoRA). Writes `out` atomically when given (`save_dtype` None keeps the
-    file's dtype)."""
+    (None: when the file's metadata says DyLoRA). Writes `out` atomically when given, every floating tensor in
+    `save_dtype`; None keeps each tensor's dtype, a new factor taking that of the tensor it replaces
+    (`default_save_dtypes`)."""
     from ..network.load import check_layout, read_adapter_tensors, without_bundled_embeddings
 
     tensors, metadata, where = read_adapter_tensors(source)
@@ -107,7 +108,6 @@ def resize_lora(source, new_rank: int, out=None, *, new_conv_rank: int | None = 
     loras, other = lora_modules(tensors, where)
     if not loras:
         raise ValueError(f"{where}: holds no LoRA/LoCon module (lora_down/lora_up): nothing to resize")
-    file_dtype = next(iter(loras.values()))["lora_down.weight"].dtype
     result = ResizeResult({}, {}, copied=sorted(other))
     old_ranks = []
     with torch.no_grad():
@@ -135,10 +135,34 @@ def resize_lora(source, new_rank: int, out=None, *, new_conv_rank: int | None = 
         from ..formats import add_hashes, prepare_tensors
         from ..formats.safetensors_io import save_tensors
 
-        cast = prepare_tensors(result.tensors, save_dtype or file_dtype)
+        kept = default_save_dtypes(result.tensors, loras)
+        cast = prepare_tensors({k: v if save_dtype else v.to(kept[k]) for k, v in result.tensors.items()}, save_dtype)
         result.metadata = add_hashes(cast, result.metadata)
         save_tensors(cast, out, metadata=result.metadata)
     return result
+
+
+def default_save_dtypes(tensors: dict[str, torch.Tensor], loras: dict[str, dict[str, torch.Tensor]]) -> dict[
+        str, torch.dtype]:
+    """{key: dtype} of a resized file saved without a save dtype: a resized module's lora_up/lora_down/alpha take
+    the dtype of the tensor they replace (a missing alpha that of the factors; a Tucker down the wider of
+    lora_down and lora_mid), so a file mixing dtypes keeps each module's; everything else keeps its own. A float8
+    source gives float16 (`_no_float8`)."""
+    out = {k: v.dtype for k, v in tensors.items()}
+    for name, sub in loras.items():
+        kept = {k: _no_float8(v.dtype) for k, v in sub.items()}  # torch promotes no float8 dtype
+        up, down = kept["lora_up.weight"], kept["lora_down.weight"]
+        down = torch.promote_types(down, kept["lora_mid.weight"]) if "lora_mid.weight" in kept else down
+        alpha = kept.get("alpha", torch.promote_types(down, up))
+        out.update({f"{name}.lora_up.weight": up, f"{name}.lora_down.weight": down, f"{name}.alpha": alpha})
+    return out
+
+
+def _no_float8(dtype: torch.dtype) -> torch.dtype:
+    """float16 for a float8 dtype: resized factors are new values, and float8 would round them 100x more (kohya's
+    resize_lora.py saves float when no precision is given). float16 holds every float8_e4m3fn/e5m2 value exactly
+    (as wide an exponent range, more mantissa bits) at half float32's size."""
+    return torch.float16 if dtype.is_floating_point and dtype.itemsize == 1 else dtype
 
 
 def _dylora_cut(sub, k, name, where) -> dict:

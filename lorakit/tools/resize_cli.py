@@ -25,7 +25,8 @@ def add_parser(commands) -> None:
     cut.add_argument("--dylora", dest="dylora", action="store_true", default=None,
                      help="cut to the first k components (a DyLoRA file; the default when its metadata says DyLoRA)")
     cut.add_argument("--svd", dest="dylora", action="store_false", help="always resize by SVD")
-    p.add_argument("--save_precision", choices=_DTYPES, default=None, help="default: the file's dtype")
+    p.add_argument("--save_precision", choices=_DTYPES, default=None, help="dtype of every saved tensor (default: each keeps its "
+                   "own, a new factor that of the one it replaces; float8 ones are written as fp16)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--verbose", action="store_true", help="print every module's rank and retained norm")
     p.set_defaults(run=run)

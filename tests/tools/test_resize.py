@@ -134,6 +134,41 @@ def test_cli(tmp_path, capsys):
     assert "Frobenius norm retained" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("half_first", [True, False])
+def test_default_dtype_is_each_tensors_own_in_a_mixed_file(tmp_path, half_first):
+    """Without --save_precision a file mixing dtypes keeps each module's (and each alpha's): the first module's
+    dtype was used for every tensor, so fp32 modules and alphas were rounded to fp16 when an fp16 module sorted
+    first. Both orders of the same file."""
+    half, full = ("lora_unet_a", "lora_unet_c") if half_first else ("lora_unet_c", "lora_unet_a")
+    sd = {k: v.half() if k.startswith(half) and not k.endswith("alpha") else v for k, v in _lora().items()}
+    sd[f"{full}.alpha"] = sd[f"{full}.alpha"].to(torch.float64)
+    src, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    save_file(sd, src)
+    resize_lora(src, 3, out)
+    t, _ = load_file(out)
+    assert {k: v.dtype for k, v in t.items()} == {k: v.dtype for k, v in sd.items()}
+    want, _ = _best(_dense(sd, full), 3)
+    assert torch.allclose(_dense(t, full), want, atol=1e-5)  # no fp16 rounding (1e-3) of the fp32 module
+
+
+def test_float8_factors_are_resized_into_float16(tmp_path):
+    """A float8 file's new factors are written as float16 (which holds every float8 value), not float8, which
+    would round them 100x more; its float32 alpha stays float32. --save_precision still decides when given."""
+    sd = {k: v if k.endswith("alpha") else (0.1 * v).to(torch.float8_e4m3fn) for k, v in _lora().items()}
+    src, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    save_file(sd, src)
+    resize_lora(src, 3, out)
+    t, _ = load_file(out)
+    assert t["lora_unet_n.w_norm"].dtype == torch.float8_e4m3fn  # copied unchanged
+    for name in ("lora_unet_a", "lora_unet_c"):
+        assert t[f"{name}.lora_up.weight"].dtype == t[f"{name}.lora_down.weight"].dtype == torch.float16
+        assert t[f"{name}.alpha"].dtype == torch.float32
+        want, _ = _best(_dense(sd, name), 3)
+        assert float((_dense(t, name) - want).norm() / want.norm()) < 2e-3  # float16 rounding, not float8's
+    resize_lora(src, 3, out, save_dtype=torch.bfloat16)
+    assert {v.dtype for v in load_file(out)[0].values()} == {torch.bfloat16}
+
+
 def test_untrained_modules_are_left_out_of_the_mean_retained_norm(tmp_path, capsys):
     """A module whose lora_up is all zero has no change to keep (kohya: fro_retained NaN, left out of its
     'Average Frobenius norm retention'); it was counted as 100%."""
