@@ -1,11 +1,14 @@
 """Several LoRA/LoCon files into one LoRA by concatenating ranks: exact.
 
-File i's change on a module is f_i * up_i @ down_i with f_i = ratio_i * block weight * alpha_i / rank_i. Scaling
-down_i by sqrt|f_i| and up_i by sign(f_i) sqrt|f_i| and stacking the ranks gives up @ down = sum_i f_i up_i @
-down_i; the saved alpha is the total rank, so loaders (scale = alpha / rank) apply exactly that sum. Tucker
-modules (lora_mid) concatenate with a block-diagonal mid. What cannot be written as one LoRA is refused: other
-algorithms (LoHa's Hadamard and LoKr's Kronecker products are not low-rank sums of their factors), DoRA (not
-additive), and a conv that is Tucker in one file and plain in another.
+File i's change on a module is f_i * up_i @ down_i with f_i = ratio_i * block weight * alpha_i / rank_i. The
+module keeps one shared scale s in its alpha (alpha = s * total rank, read as alpha / rank by every loader), s the
+smallest |f_i|; scaling down_i by sqrt(|f_i| / s) and up_i by sign(f_i) sqrt(|f_i| / s) and stacking the ranks
+gives s * up @ down = sum_i f_i up_i @ down_i. No factor is scaled down (folding a small alpha / rank into the
+factors pushed them into fp16's subnormals): those of the file with the smallest |f_i| keep their size (bit for
+bit where alpha is exact in the save dtype). Tucker modules (lora_mid) concatenate with a block-diagonal mid.
+What cannot be written as one LoRA is refused: other algorithms (LoHa's Hadamard and LoKr's Kronecker products
+are not low-rank sums of their factors), DoRA (not additive), and a conv that is Tucker in one file and plain in
+another.
 """
 
 from __future__ import annotations
@@ -201,9 +204,9 @@ def _conv1x1_view(sds: Sequence[Mapping[str, torch.Tensor]]) -> bool:
     return one_layer_shape(a, b) is not None
 
 
-def _parts(name: str, sd: Mapping[str, torch.Tensor], factor: float, file: str, conv1x1: bool = False):
-    """(down, up, mid or None) of one file's module with `factor` (ratio x block weight x alpha/rank) folded in;
-    `conv1x1`: Linear-shaped factors written as a 1x1 conv's."""
+def _parts(name: str, sd: Mapping[str, torch.Tensor], file: str, conv1x1: bool = False):
+    """(down, up, mid or None) of one file's module, shaped to be stacked; `conv1x1`: Linear-shaped factors
+    written as a 1x1 conv's."""
     down, up, mid = sd["lora_down.weight"], sd["lora_up.weight"], sd.get("lora_mid.weight")
     rank = down.shape[0]
     if conv1x1 and down.dim() == 2:
@@ -213,8 +216,23 @@ def _parts(name: str, sd: Mapping[str, torch.Tensor], factor: float, file: str, 
     if up.shape[1] != rank or (mid is not None and tuple(mid.shape[:2]) != (rank, rank)):
         raise ValueError(f"{file}: module '{name}': lora_up {tuple(up.shape)} / lora_mid "
                          f"{None if mid is None else tuple(mid.shape)} do not fit lora_down {tuple(down.shape)}")
-    root = math.sqrt(abs(factor))
-    return down * root, up * (math.copysign(root, factor)), mid
+    return down, up, mid
+
+
+def _shared_alpha(factors: Sequence[float], total: int, dtype: torch.dtype) -> float:
+    """The alpha of a concatenated module of `total` rank whose parts have `factors` (ratio x block weight x
+    alpha/rank): total x the smallest |factor|, so that no part's factors are scaled down, rounded to the dtype the
+    alpha is saved in (the parts are scaled by the rounded value, so the sum stays exact) and kept within its
+    normal range."""
+    info = torch.finfo(dtype)
+    alpha = min(max(min(abs(f) for f in factors) * total, info.tiny), info.max)
+    return float(torch.tensor(alpha, dtype=torch.float64).to(dtype))
+
+
+def _scaled(down: torch.Tensor, up: torch.Tensor, factor: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """down and up carrying factor / scale between them, sqrt each, the sign on up."""
+    root = math.sqrt(abs(factor) / scale)
+    return down * root, up * math.copysign(root, factor)
 
 
 def _block_diag(mids: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -259,11 +277,13 @@ def _arch_of(files_modules: Sequence[tuple[str, Mapping]]) -> str | None:
 
 def concat_loras(files: Sequence[str | os.PathLike], ratios: Sequence[float], block_weights=None,
                  dtype: torch.dtype = torch.float32, shuffle: bool = False, progress: bool = True,
-                 seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, str], str | None]:
+                 seed: int = 0, save_dtype: torch.dtype | None = None) -> tuple[
+                     dict[str, torch.Tensor], dict[str, str], str | None]:
     """(tensors, metadata, kind) of one LoRA whose change on every module is the sum over files of ratio x
     block weight x the file's change. Modules in only some files take only those files' parts. `block_weights`
     as `merge_into_model` takes them (layout by vector length). `shuffle` permutes the rank components (kohya's
-    --shuffle; the change is the same). `kind` is "sd1", "sd2", "sdxl" or None (unknown)."""
+    --shuffle; the change is the same). `dtype`: that of the factors; `save_dtype`: that of the alphas (default
+    float32), each chosen exact in it (`_shared_alpha`). `kind` is "sd1", "sd2", "sdxl" or None (unknown)."""
     from tqdm.auto import tqdm
 
     from .merge import check_block_weights, check_ratios
@@ -277,10 +297,12 @@ def concat_loras(files: Sequence[str | os.PathLike], ratios: Sequence[float], bl
 
     names = list(dict.fromkeys(n for _, mods, _ in read for n in mods))
     generator = torch.Generator().manual_seed(seed)
+    alpha_dtype = save_dtype or torch.float32
     out: dict[str, torch.Tensor] = {}
     ranks: set[int] = set()
+    alphas: set[float] = set()
     for name in tqdm(names, desc="concatenating", unit="module", disable=not progress):
-        downs, ups, mids, sources = [], [], [], []
+        downs, ups, mids, sources, factors = [], [], [], [], []
         conv1x1 = _conv1x1_view([mods[name] for _, mods, _ in read if name in mods])
         for (file, mods, _), ratio, per_module in zip(read, ratios, module_weights):
             sd = mods.get(name)
@@ -289,32 +311,34 @@ def concat_loras(files: Sequence[str | os.PathLike], ratios: Sequence[float], bl
             rank = sd["lora_down.weight"].shape[0]
             alpha = float(sd["alpha"]) if "alpha" in sd else rank  # no alpha: alpha = rank, as loaders read it
             factor = ratio * per_module.get(name, 1.0) * alpha / rank
-            down, up, mid = _parts(name, sd, factor, file, conv1x1)
+            down, up, mid = _parts(name, sd, file, conv1x1)
             if downs and (down.shape[1:] != downs[0].shape[1:] or up.shape[0] != ups[0].shape[0]
                           or up.shape[2:] != ups[0].shape[2:] or (mid is None) != (mids[0] is None)
                           or (mid is not None and mid.shape[2:] != mids[0].shape[2:])):
                 _mismatch(name, sources[0], file, downs[0], ups[0], mids[0], down, up, mid)
             if factor == 0:
                 continue
-            downs.append(down), ups.append(up), mids.append(mid), sources.append(file)
+            downs.append(down), ups.append(up), mids.append(mid), sources.append(file), factors.append(factor)
         if not downs:
             continue  # every file's part of this module has ratio or block weight 0
-        down, up = torch.cat(downs, 0), torch.cat(ups, 1)
+        total = sum(d.shape[0] for d in downs)
+        alpha = _shared_alpha(factors, total, alpha_dtype)
+        parts = [_scaled(d, u, f, alpha / total) for d, u, f in zip(downs, ups, factors)]
+        down, up = torch.cat([d for d, _ in parts], 0), torch.cat([u for _, u in parts], 1)
         mid = None if mids[0] is None else _block_diag(mids)
         if shuffle:
             perm = torch.randperm(down.shape[0], generator=generator)
             down, up = down[perm], up[:, perm]
             mid = None if mid is None else mid[perm][:, perm]
-        total = down.shape[0]
         out[f"{name}.lora_down.weight"] = down.contiguous()
         out[f"{name}.lora_up.weight"] = up.contiguous()
         if mid is not None:
             out[f"{name}.lora_mid.weight"] = mid.contiguous()
-        out[f"{name}.alpha"] = torch.tensor(float(total))  # scale = alpha / rank = 1: the factors hold it all
-        ranks.add(total)
+        out[f"{name}.alpha"] = torch.tensor(alpha, dtype=alpha_dtype)
+        ranks.add(total), alphas.add(alpha)
     if not out:
         raise ValueError("the merged LoRA would be empty: every ratio (or block weight) is 0")
-    metadata = _metadata([m for _, _, m in read], ranks)
+    metadata = _metadata([m for _, _, m in read], ranks, alphas)
     return out, metadata, lora_kind(arch, metadata)
 
 
@@ -351,9 +375,11 @@ def lora_kind(arch: str | None, metadata: Mapping[str, str]) -> str | None:
     return "sdxl" if arch == "sdxl" else ("sd2" if _is_v2(metadata) else ("sd1" if arch == "sd" else None))
 
 
-def _metadata(inputs: Sequence[Mapping[str, str]], ranks: set[int]) -> dict[str, str]:
-    """kohya's minimum network metadata; the base model keys come from the first input that has them."""
+def _metadata(inputs: Sequence[Mapping[str, str]], ranks: set[int], alphas: set[float]) -> dict[str, str]:
+    """kohya's minimum network metadata (a dim or alpha all modules share, else "Dynamic"); the base model keys
+    come from the first input that has them."""
     dim = str(next(iter(ranks))) if len(ranks) == 1 else "Dynamic"
-    meta = {"ss_network_module": "networks.lora", "ss_network_dim": dim, "ss_network_alpha": dim}
+    alpha = str(next(iter(alphas))) if len(alphas) == 1 else "Dynamic"
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": dim, "ss_network_alpha": alpha}
     meta.update(base_model_keys(inputs))
     return meta

@@ -261,7 +261,7 @@ def merge_loras(files: Sequence[str | os.PathLike], ratios: Sequence[float] | No
     from .concat import concat_loras
 
     tensors, meta, kind = concat_loras(files, ratios, block_weights=block_weights, dtype=precision,
-                                       shuffle=shuffle, progress=progress)
+                                       shuffle=shuffle, progress=progress, save_dtype=save_dtype)
     tensors = {k: v.to(save_dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     meta = merged_lora_metadata(meta, kind, save_to, files, modelspec=metadata)
     save_tensors(tensors, save_to, metadata=add_hashes(tensors, meta))

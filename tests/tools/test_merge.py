@@ -238,10 +238,51 @@ def test_concat_is_the_weighted_sum_of_changes(models, tmp_path):
             want = want - 0.5 * dense(sb, name)
         got = dense(merged, name)
         assert torch.allclose(got, want, rtol=0, atol=1e-6 * max(1.0, want.abs().max().item())), name
-    assert float(merged[f"{name}.alpha"]) == merged[f"{name}.lora_down.weight"].shape[0]
     assert metadata["ss_network_module"] == "networks.lora" and metadata["ss_network_dim"] == "Dynamic"
     assert "modelspec.merged_from" in metadata and "sshs_model_hash" in metadata
     load_network(model.unet, str(out), model.text_encoders)  # loads as a plain LoRA
+
+
+def small_scale_lora(path, seed, dtype=torch.float16, rank=128, alpha=1.0, up_std=3e-4):
+    """A LoRA with a small alpha / rank and small lora_up values, as trained ranks 128 at alpha 1 hold."""
+    from lorakit.formats import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    save_file({f"{name}.lora_down.weight": 0.03 * torch.randn(rank, 96, generator=g),
+               f"{name}.lora_up.weight": up_std * torch.randn(64, rank, generator=g),
+               f"{name}.alpha": torch.tensor(alpha)}, path, dtype=dtype)
+    return str(path), name
+
+
+def test_concat_keeps_the_shared_scale_in_alpha(tmp_path):
+    """fp16 files of rank 128 at alpha 1: the scale stays in alpha (alpha / rank as every loader reads it), so
+    the file with the smallest ratio x alpha / rank keeps its factors bit for bit and the others are scaled up,
+    never into fp16's subnormals. Folding sqrt(0.8 / 128) into the factors gave 8e-4 of the change saved in fp16
+    (2.4e-3 with smaller factors); fp16 rounding is 3e-4."""
+    (a, name), (b, _) = small_scale_lora(tmp_path / "a.safetensors", 1), small_scale_lora(tmp_path / "b.safetensors", 2)
+    out = tmp_path / "ab.safetensors"
+    assert main(["merge", "--loras", a, b, "--ratios", "0.8", "0.5", "--save_to", str(out), "--quiet",
+                 "--save_precision", "fp16"]) == 0
+    sa, sb, (merged, metadata) = load_file(a)[0], load_file(b)[0], load_file(out)
+    want = 0.8 * dense(sa, name) + 0.5 * dense(sb, name)
+    assert float((dense(merged, name) - want).norm() / want.norm()) < 4e-4
+    assert float(merged[f"{name}.alpha"]) == 0.5 / 128 * 256 and metadata["ss_network_alpha"] == "1.0"
+    assert torch.equal(merged[f"{name}.lora_down.weight"][128:], sb[f"{name}.lora_down.weight"])
+    assert torch.equal(merged[f"{name}.lora_up.weight"][:, 128:], sb[f"{name}.lora_up.weight"])
+
+
+def test_concat_scales_the_factors_by_the_alpha_as_saved(tmp_path):
+    """An alpha the save dtype cannot hold (0.3 / 3 x 7 = 0.7 in bf16) is rounded first and the factors carry
+    the rest, so the saved file applies the weighted sum exactly."""
+    from lorakit.tools.concat import concat_loras
+
+    (a, name), (b, _) = (small_scale_lora(tmp_path / f"{n}.safetensors", seed, torch.float32, rank, 1.0, 0.1)
+                         for n, seed, rank in (("a", 1, 3), ("b", 2, 4)))
+    tensors, _, _ = concat_loras([a, b], [0.3, 1.0], progress=False, save_dtype=torch.bfloat16)
+    assert tensors[f"{name}.alpha"].dtype == torch.bfloat16 and float(tensors[f"{name}.alpha"]) != 0.7
+    want = 0.3 * dense(load_file(a)[0], name) + dense(load_file(b)[0], name)
+    assert torch.allclose(dense(tensors, name), want, rtol=0, atol=1e-6 * want.abs().max().item())
 
 
 def test_17_zeros_turn_a_locon_off_except_outside_the_blocks(models, tmp_path):
