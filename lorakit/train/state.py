@@ -231,7 +231,7 @@ def load_state(folder: str | Path, network, optimizer, scheduler, config_digest:
     if max_steps is not None and progress.global_step > max_steps:
         raise StateError(f"resume={folder}: the state is at step {progress.global_step}, past this run's "
                          f"{max_steps} training steps (max_train_steps / max_train_epochs); give more steps")
-    tensors, _ = load_file(files[0])
+    tensors, _ = _read(folder, files[0], load_file)
     expected = set(network.state_dict())
     if set(tensors) != expected:
         diff = sorted(set(tensors) ^ expected)[:3]
@@ -241,10 +241,7 @@ def load_state(folder: str | Path, network, optimizer, scheduler, config_digest:
     except RuntimeError as e:  # torch's shape check: the names fit, the tensors do not
         raise StateError(f"resume={folder}: {files[0].name} does not fit this run's network "
                          f"({str(e).splitlines()[-1].strip()})") from None
-    try:
-        saved = torch.load(files[1], map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError) as e:  # a truncated or foreign file
-        raise StateError(f"resume={folder}: {files[1].name} cannot be read ({str(e).splitlines()[0]})") from None
+    saved = _read(folder, files[1], lambda path: torch.load(path, map_location="cpu", weights_only=True))
     needed = ("scheduler",) if optimizer is None else ("optimizer", "scheduler")
     if not isinstance(saved, dict) or any(not isinstance(saved.get(k), dict) for k in needed):
         raise StateError(f"resume={folder}: {files[1].name} is not a lorakit optimizer state (expected "
@@ -265,6 +262,30 @@ def load_state(folder: str | Path, network, optimizer, scheduler, config_digest:
         _note_new_length(folder, progress, max_steps)
         progress.max_steps = max_steps
     return progress
+
+
+def _read(folder: Path, path: Path, read: Callable):
+    """``read(path)`` of a state file; a file it cannot read is refused naming the file and what is wrong."""
+    try:
+        return read(path)
+    except Exception as e:  # a damaged file makes torch.load raise anything its unpickler meets (EOFError, KeyError)
+        raise StateError(f"resume={folder}: {path.name} cannot be read ({_unreadable(path, e)})") from None
+
+
+def _unreadable(path: Path, error: Exception) -> str:
+    """What is wrong with a state file that cannot be read: an empty file (a copy to a full disk, a sync that
+    stopped) says so; otherwise the error's first line, without the path the message already names."""
+    try:
+        if path.stat().st_size == 0:
+            return "the file is empty: 0 bytes"
+    except OSError:
+        pass
+    lines = str(error).strip().splitlines()
+    # errors that describe the file, their first sentence (torch's zip reader goes on with advice); the unpickler's
+    # others say a bare KeyError('101') or suggest weights_only=False
+    if lines and isinstance(error, (RuntimeError, OSError, ValueError)):
+        return lines[0].removeprefix(f"{path}: ").split(". ")[0]
+    return "damaged, or not the file a state save writes"
 
 
 _COUNTERS = ("epoch", "step_in_epoch", "global_step")

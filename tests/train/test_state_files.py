@@ -102,3 +102,31 @@ def test_a_resume_state_outside_the_output_folder_left_as_a_temporary_is_put_bac
     assert restore_states(tmp_path / "second", resume) == [(resume, copy)]
     net = _TwoAdapters()
     assert load_state(resume, net, *_optimizer(net, ["unet", "text_encoder"]), "").global_step == 1
+
+
+def _truncate(name, size):
+    def change(folder):
+        path = folder / name
+        path.write_bytes(path.read_bytes()[:size])
+    return change
+
+
+@pytest.mark.parametrize("change, message", [
+    (_truncate("optimizer.pt", 0), r"optimizer.pt cannot be read \(the file is empty: 0 bytes\)"),
+    (_truncate("optimizer.pt", 1), r"optimizer.pt cannot be read \(damaged, or not the file a state save writes\)"),
+    (lambda folder: (folder / "optimizer.pt").write_text("hello\n"), r"optimizer.pt cannot be read \(damaged"),
+    (_truncate("optimizer.pt", 300), r"optimizer.pt cannot be read \(PytorchStreamReader failed"),
+    (_truncate("network.safetensors", 0), r"network.safetensors cannot be read \(the file is empty: 0 bytes\)"),
+    (_truncate("network.safetensors", 20), r"network.safetensors cannot be read \(not a safetensors file, or "
+                                           "truncated"),
+], ids=["empty_optimizer", "one_byte_optimizer", "text_optimizer", "truncated_optimizer", "empty_network",
+        "truncated_network"])
+def test_an_empty_or_damaged_state_file_is_refused_naming_it(tmp_path, change, message):
+    """What a copy to a full disk or an interrupted sync leaves: torch.load raises a bare EOFError for an empty file
+    and a KeyError or UnpicklingError for other bytes; each is refused with the folder, the file and what is wrong."""
+    folder = tmp_path / "s"
+    _trained_state(folder, Progress(global_step=1, step_in_epoch=1))
+    change(folder)
+    net = _TwoAdapters()
+    with pytest.raises(StateError, match=f"^resume={folder}: {message}"):
+        load_state(folder, net, *_optimizer(net, ["unet", "text_encoder"]), "")
