@@ -442,7 +442,8 @@ class _Run:
         progress = Progress(config_digest=digest, seed=self.seed, settings=settings, max_steps=max_steps)
         if self.resume_folder:
             progress = load_state(self.resume_folder, net, None if c.deepspeed else optimizer, scheduler,
-                                  progress.config_digest, progress.settings, scaler=scaler, max_steps=max_steps)
+                                  progress.config_digest, progress.settings, scaler=scaler, max_steps=max_steps,
+                                  epoch_size=(batches_per_epoch, c.gradient_accumulation_steps))
         engine = None
         if c.deepspeed:  # after the resumed adapters are in place: the engine copies them as its master weights
             from .deepspeed_engine import DeepSpeedEngine

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import json
 import logging
+import math
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -136,11 +137,15 @@ def _refuse_reordered_groups(folder: Path, saved_scheduler: dict, scheduler) -> 
 
 def saved_seed(folder: str | Path) -> int | None:
     """The seed a state folder's run used, so that a resume of a run without `seed` continues with the same one;
-    None when the folder does not tell (load_state then reports what is wrong with it)."""
+    None when the folder does not tell (load_state then reports what is wrong with it). A seed that is not a whole
+    number is refused naming the file."""
     try:
-        return json.loads((Path(folder) / "train_state.json").read_text()).get("seed")
+        info = json.loads((Path(folder) / _FILES[2]).read_text())
+        seed = info.get("seed")
     except (OSError, ValueError, AttributeError):
         return None
+    _refuse_bad_fields(Path(folder), _FILES[2], info, _OPTIONAL_NUMBERS)
+    return seed
 
 
 def _missing_files(folder: Path) -> list[str]:
@@ -193,10 +198,12 @@ def _left_copies(folder: Path) -> str:
 
 
 def load_state(folder: str | Path, network, optimizer, scheduler, config_digest: str,
-               settings: dict | None = None, scaler=None, max_steps: int | None = None) -> Progress:
+               settings: dict | None = None, scaler=None, max_steps: int | None = None,
+               epoch_size: tuple[int, int] | None = None) -> Progress:
     """Restore the adapters, the optimizer and the scheduler; ``optimizer`` None: a deepspeed run, whose engine
     reads its own part of the folder afterwards (deepspeed_engine.py). ``max_steps``: this run's length, which may
-    differ from the saved run's (as in sd-scripts: train on for longer); the progress returned has it."""
+    differ from the saved run's (as in sd-scripts: train on for longer); the progress returned has it.
+    ``epoch_size``: (batches per epoch, gradient_accumulation_steps), which the saved position must fit."""
     folder = Path(folder)
     check_state_folder(folder)
     files = [folder / name for name in _FILES]
@@ -228,6 +235,8 @@ def load_state(folder: str | Path, network, optimizer, scheduler, config_digest:
                              f"({changed or 'model, data, network or optimisation options changed'}); resume with "
                              "the same config")
         progress.config_digest, progress.settings = config_digest, dict(settings)
+    if epoch_size is not None:  # once the settings match: a state of another dataset is named as such
+        _check_position(folder, files[2].name, progress, *epoch_size)
     if max_steps is not None and progress.global_step > max_steps:
         raise StateError(f"resume={folder}: the state is at step {progress.global_step}, past this run's "
                          f"{max_steps} training steps (max_train_steps / max_train_epochs); give more steps")
@@ -288,23 +297,52 @@ def _unreadable(path: Path, error: Exception) -> str:
     return "damaged, or not the file a state save writes"
 
 
-_COUNTERS = ("epoch", "step_in_epoch", "global_step")
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# train_state.json's numbers: (names, what each must be, the check)
+_COUNTERS = (("epoch", "step_in_epoch", "global_step"), "whole numbers >= 0", lambda v: _whole(v) and v >= 0)
+_OPTIONAL_NUMBERS = (("seed", "max_steps"), "a whole number, or null", lambda v: v is None or _whole(v))
 
 
 def _progress(folder: Path, name: str, info: dict) -> Progress:
-    """The saved progress, its counters checked: a missing or mistyped one, or a field this lorakit does not know
+    """The saved progress, its numbers checked: a missing or mistyped one, or a field this lorakit does not know
     (a newer version's state), is refused naming the file, not read as 0."""
     known = {f.name for f in fields(Progress)}
     unknown = sorted(set(info) - known)
     if unknown:
         raise StateError(f"resume={folder}: {name} has fields this lorakit does not know ({', '.join(unknown)}; "
                          "saved by a newer version?)")
-    bad = [k for k in _COUNTERS if not isinstance(info.get(k), int) or isinstance(info.get(k), bool)
-           or info[k] < 0]
+    for numbers in (_COUNTERS, _OPTIONAL_NUMBERS):
+        _refuse_bad_fields(folder, name, info, numbers)
+    return Progress(**info)
+
+
+def _refuse_bad_fields(folder: Path, name: str, info: dict, numbers: tuple) -> None:
+    keys, expected, fits = numbers
+    bad = [k for k in keys if not fits(info.get(k))]
     if bad:
         raise StateError(f"resume={folder}: {name}: {', '.join(f'{k} = {info.get(k)!r}' for k in bad)} (expected "
-                         "whole numbers >= 0)")
-    return Progress(**info)
+                         f"{expected})")
+
+
+def _check_position(folder: Path, name: str, progress: Progress, batches_per_epoch: int, accumulation: int) -> None:
+    """The saved position fits this run's epochs and the saved step count: at (epoch e, s batches into it) a run
+    has made (e - 1) x U + ceil(s / accumulation) optimizer steps (U per epoch), and up to U - 1 more when
+    initial_step started it part-way into an epoch. Otherwise the loop would fail (epoch 0, a batch past the
+    epoch) or train nothing, with no word of the state."""
+    epoch, batch, step = progress.epoch, progress.step_in_epoch, progress.global_step
+    where = f"resume={folder}: {name}"
+    if epoch < 1:
+        raise StateError(f"{where}: epoch = {epoch} (epochs count from 1)")
+    if batch > batches_per_epoch:
+        raise StateError(f"{where}: step_in_epoch = {batch} is past the {batches_per_epoch} batches of an epoch")
+    per_epoch = math.ceil(batches_per_epoch / accumulation)
+    reached = (epoch - 1) * per_epoch + math.ceil(batch / accumulation)
+    if not reached <= step < reached + per_epoch:
+        raise StateError(f"{where}: epoch = {epoch}, step_in_epoch = {batch} do not fit global_step = {step} (that "
+                         f"position is step {reached} at {per_epoch} optimizer steps per epoch)")
 
 
 def _note_new_length(folder: Path, progress: Progress, max_steps: int) -> None:

@@ -79,12 +79,26 @@ def _network_of_other_shapes(folder):
     (_optimizer_file({"something": {}}), r"optimizer.pt is not a lorakit optimizer state \(expected optimizer and "
                                           "scheduler states\\)"),
     (_network_of_other_shapes, "network.safetensors does not fit this run's network"),
+    (_edit_json(lambda info: {**info, "epoch": 0}), r"train_state.json: epoch = 0 \(epochs count from 1\)"),
+    (_edit_json(lambda info: {**info, "step_in_epoch": 99}), "train_state.json: step_in_epoch = 99 is past the 2 "
+                                                             "batches of an epoch"),
+    (_edit_json(lambda info: {**info, "epoch": 9}), r"train_state.json: epoch = 9, step_in_epoch = 0 do not fit "
+                                                    r"global_step = 2 \(that position is step 16"),
+    (_edit_json(lambda info: {**info, "seed": "abc"}), r"train_state.json: seed = 'abc' \(expected a whole number"),
 ], ids=["format", "unknown_field", "not_an_object", "string_counter", "missing_counter", "foreign_optimizer",
-        "other_shapes"])
+        "other_shapes", "epoch_0", "step_past_the_epoch", "epoch_past_the_steps", "string_seed"])
 def test_a_damaged_or_foreign_state_is_refused_naming_the_folder_and_file(state, tmp_path, change, message):
     folder = _damaged(state[0], tmp_path, change)
     with pytest.raises(StateError, match=f"resume={folder}: .*{message}"):
         train(_config(state[1], tmp_path / "out", resume=str(folder)))
+
+
+def test_a_damaged_seed_is_refused_before_a_seedless_run_takes_it(state, tmp_path):
+    """A config without seed takes the state's (read before the model loads): one that is not a whole number is
+    refused naming the state and the key, not passed on as the run's seed."""
+    folder = _damaged(state[0], tmp_path, _edit_json(lambda info: {**info, "seed": "abc"}))
+    with pytest.raises(StateError, match=rf"resume={folder}: train_state.json: seed = 'abc'"):
+        train(_config(state[1], tmp_path / "out", resume=str(folder), seed=None))
 
 
 def test_the_data_folder_spelled_another_way_is_the_same_setting(state, tmp_path, monkeypatch):

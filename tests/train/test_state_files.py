@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lorakit.train.loss_scale import LossScaler
-from lorakit.train.state import Progress, StateError, load_state, restore_states, save_state
+from lorakit.train.state import Progress, StateError, load_state, restore_states, save_state, saved_seed
 
 
 class _TwoAdapters(torch.nn.Module):
@@ -130,3 +130,33 @@ def test_an_empty_or_damaged_state_file_is_refused_naming_it(tmp_path, change, m
     net = _TwoAdapters()
     with pytest.raises(StateError, match=f"^resume={folder}: {message}"):
         load_state(folder, net, *_optimizer(net, ["unet", "text_encoder"]), "")
+
+
+# (epoch, step_in_epoch, global_step) at 5 batches per epoch and gradient_accumulation_steps 2: 3 steps per epoch
+@pytest.mark.parametrize("position, fits", [
+    ((1, 0, 0), True), ((1, 2, 1), True), ((1, 5, 3), True), ((2, 0, 3), True), ((3, 4, 8), True),
+    ((2, 0, 4), True), ((2, 2, 5), True),  # initial_step 4 without skip_until_initial_step: epoch 2 from its start
+    ((2, 0, 2), False), ((2, 0, 6), False), ((9, 0, 3), False), ((0, 0, 0), False), ((1, 6, 3), False),
+])
+def test_a_saved_position_is_checked_against_the_epochs_and_the_step_count(tmp_path, position, fits):
+    """Positions a run reaches resume; an epoch or batch a run cannot have reached at that step count is refused
+    naming the state, the file and the keys (the loop would fail without naming the state, or train nothing)."""
+    epoch, batch, step = position
+    _trained_state(tmp_path / "s", Progress(epoch=epoch, step_in_epoch=batch, global_step=step))
+    net = _TwoAdapters()
+    load = lambda: load_state(tmp_path / "s", net, *_optimizer(net, ["unet", "text_encoder"]), "",  # noqa: E731
+                              epoch_size=(5, 2))
+    if fits:
+        assert load().global_step == step
+    else:
+        with pytest.raises(StateError, match=rf"^resume={tmp_path / 's'}: train_state.json: (epoch|step_in_epoch) ="):
+            load()
+
+
+def test_a_seed_that_is_not_a_whole_number_is_refused_naming_the_key(tmp_path):
+    _trained_state(tmp_path / "s", Progress(global_step=1, step_in_epoch=1, seed=7))
+    assert saved_seed(tmp_path / "s") == 7
+    path = tmp_path / "s" / "train_state.json"
+    path.write_text(path.read_text().replace('"seed": 7', '"seed": 7.5'))
+    with pytest.raises(StateError, match=r"train_state.json: seed = 7.5 \(expected a whole number, or null\)"):
+        saved_seed(tmp_path / "s")
