@@ -1,6 +1,11 @@
 """Writing files and folders so that an error or a kill never leaves a half-written output: everything is
 written under a temporary name next to its destination and renamed into place (``os.replace`` is atomic within
-one file system, hence the same folder)."""
+one file system, hence the same folder).
+
+A temporary's writer holds an advisory lock on it (``flock``) for as long as it uses it; the kernel releases the
+lock when the writer dies, so an unlocked temporary is a killed writer's. Its PID (in the name) cannot tell: a
+container's trainer has the same small PID at every start, and a PID may belong to another process by then. Where
+locks are unavailable (Windows, a file system without them) the PID decides, as it must."""
 
 from __future__ import annotations
 
@@ -12,6 +17,11 @@ import shutil
 import uuid
 from pathlib import Path
 from typing import Callable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock
+    fcntl = None
 
 __all__ = ["atomic_write", "staging_folder", "remove_stale_temporaries", "remove_folder", "stale_copies",
            "restore_stale_folder", "restore_stale_folders"]
@@ -25,33 +35,54 @@ def _sibling(path: Path, suffix: str) -> Path:
     return path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.{suffix}"
 
 
-def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Remove the temporary files and folders that writers in ``folder`` left when they were killed (their process
-    is gone); those of running processes stay. Returns what was removed."""
-    removed = []
-    for path, _ in _stale_temporaries(folder):
-        _remove_entry(path)
-        removed.append(path)
-    return removed
+def remove_stale_temporaries(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Remove the temporary files and folders that writers in ``folder`` left when they were killed; those of
+    running writers stay. ``name``: only the temporaries of that file. Returns what was removed."""
+    with _stale_temporaries(folder) as stale:
+        left = [path for path, match in stale if name is None or match["name"] == name]
+        for path in left:
+            _remove_entry(path)
+    return left
 
 
-def _stale_temporaries(folder: str | os.PathLike) -> list[tuple[Path, re.Match]]:
-    """The temporaries in ``folder`` whose writer is gone, with their name's parts."""
+@contextlib.contextmanager
+def _stale_temporaries(folder: str | os.PathLike) -> Iterator[list[tuple[Path, re.Match]]]:
+    """The temporaries in ``folder`` whose writer is gone, with their name's parts; their locks are held for the
+    block, so that a writer that made one an instant ago and is about to lock it takes a new name instead."""
     try:
         with os.scandir(folder) as entries:
             matches = [(Path(entry.path), _TEMPORARY.match(entry.name)) for entry in entries]
     except OSError:
-        return []
-    return [(path, match) for path, match in matches if match is not None and not _alive(int(match["pid"]))]
+        matches = []
+    held, stale = [], []
+    try:
+        for path, match in matches:
+            if match is None:
+                continue
+            lock = _try_lock(path)
+            if lock == _BUSY or (lock is None and _alive(int(match["pid"]))):
+                continue
+            if lock is not None:
+                held.append(lock)
+            stale.append((path, match))
+        yield stale
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
+def _copies_of(target: Path, stale: list[tuple[Path, re.Match]]) -> list[Path]:
+    return [path for path, match in stale
+            if match["name"] == target.name and match["kind"] in ("tmp", "old") and path.is_dir()
+            and not path.is_symlink()]
 
 
 def stale_copies(target: str | os.PathLike) -> list[Path]:
     """The versions of folder ``target`` that writers killed while replacing it left (staging_folder): the new one
     (.tmp, complete or not) and the previous one, moved aside (.old)."""
     target = Path(target)
-    return [path for path, match in _stale_temporaries(target.parent)
-            if match["name"] == target.name and match["kind"] in ("tmp", "old") and path.is_dir()
-            and not path.is_symlink()]
+    with _stale_temporaries(target.parent) as stale:
+        return _copies_of(target, stale)
 
 
 def restore_stale_folder(target: str | os.PathLike, complete: Callable[[Path], bool]) -> Path | None:
@@ -61,18 +92,20 @@ def restore_stale_folder(target: str | os.PathLike, complete: Callable[[Path], b
     target = Path(target)
     if os.path.lexists(target):
         return None
-    whole = [copy for copy in stale_copies(target) if complete(copy)]
-    if not whole:
-        return None
-    newest = max(whole, key=lambda copy: (_last_written(copy), copy.name.endswith(".tmp")))
-    os.replace(newest, target)
+    with _stale_temporaries(target.parent) as stale:
+        whole = [copy for copy in _copies_of(target, stale) if complete(copy)]
+        if not whole:
+            return None
+        newest = max(whole, key=lambda copy: (_last_written(copy), copy.name.endswith(".tmp")))
+        os.replace(newest, target)
     return newest
 
 
 def restore_stale_folders(folder: str | os.PathLike, complete: Callable[[Path], bool]) -> list[tuple[Path, Path]]:
     """restore_stale_folder for every folder of ``folder`` that killed writers left only as copies; returns
     (folder put back, the copy it was)."""
-    names = {match["name"] for _, match in _stale_temporaries(folder)}
+    with _stale_temporaries(folder) as stale:  # its locks let go before restore_stale_folder takes them again
+        names = {match["name"] for _, match in stale}
     restored = []
     for name in sorted(names):
         target = Path(folder) / name
@@ -94,8 +127,80 @@ def remove_folder(path: str | os.PathLike) -> None:
     aside first (what a kill leaves then is a temporary, removed at the next run's start, never put back)."""
     path = Path(path)
     aside = _sibling(path, "del")
-    os.replace(path, aside)
-    shutil.rmtree(aside, ignore_errors=True)
+    with _locked_while_moved(path):
+        os.replace(path, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+_BUSY = -1  # _try_lock's answer for a lock that another open file holds (never a descriptor)
+
+
+def _try_lock(path: Path) -> int | None:
+    """Take ``path``'s lock without waiting: the descriptor that holds it, _BUSY when a live writer holds it, None
+    where locks cannot tell (no flock, an entry this user cannot open, a file system without locks)."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))  # never waits on a FIFO
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        os.close(fd)
+        return _BUSY if isinstance(err, BlockingIOError) else None
+    return fd
+
+
+def _new_temporary(path: Path, kind: str, make: Callable[[Path], None]) -> tuple[Path, int | None]:
+    """A fresh temporary for ``path``, made by ``make`` and locked: (its path, the descriptor to close when done
+    with it, None without locks). A clean-up that found it unlocked in the instant before the lock may have removed
+    it: then a new one."""
+    while True:
+        temp = _sibling(path, kind)
+        make(temp)
+        if fcntl is None:
+            return temp, None
+        try:
+            fd = os.open(temp, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        except OSError:  # not readable (a umask without the owner's read bit): its clean-up goes by the PID
+            return temp, None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # waits while a clean-up holds it
+        except OSError:  # a file system without locks: its clean-up goes by the PID too
+            os.close(fd)
+            return temp, None
+        if _is_open_as(temp, fd):
+            return temp, fd
+        os.close(fd)
+
+
+def _is_open_as(path: Path, fd: int) -> bool:
+    try:
+        now = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    held = os.fstat(fd)
+    return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _release(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _locked_while_moved(path: Path) -> Iterator[None]:
+    """``path`` locked for the block, in which it is renamed to a temporary name (.old, .del): the lock follows it,
+    so a clean-up never takes it for a killed writer's."""
+    fd = _try_lock(path)
+    try:
+        yield
+    finally:
+        if fd is not None and fd != _BUSY:
+            os.close(fd)
 
 
 def _alive(pid: int) -> bool:
@@ -140,14 +245,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], fsync: b
     ``fsync``: flush the data to disk before the rename makes it visible. ``writer_temporaries``: ``write`` makes
     temporaries of its own next to ``tmp`` (safetensors >= 0.8 does, with private permissions), so ``tmp`` lies in
     a temporary folder of ours, which a kill leaves for the next run's clean-up; the file gets the permissions the
-    umask gives new files."""
+    umask gives new files. Without ``writer_temporaries``, ``write`` writes into the file at ``tmp`` (which holds
+    the writer's lock), never replaces it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    stage = _sibling(path, "tmp")
+    try:
+        stage, lock = _new_temporary(path, "tmp", Path.mkdir if writer_temporaries else _create_file)
+    except OSError as err:  # a read-only folder: named by the destination, as a failed write is
+        raise _write_error(path, err) from err
     tmp = stage / path.name if writer_temporaries else stage
     try:
-        if writer_temporaries:
-            stage.mkdir()
         write(str(tmp))
         if fsync:
             with open(tmp, "rb") as f:
@@ -155,13 +262,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], fsync: b
         if writer_temporaries:
             os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+        if writer_temporaries:
+            _remove_entry(stage)
     except BaseException as err:
         _remove_entry(stage)
         if _is_write_error(err):
             raise _write_error(path, err) from err
         raise
-    if writer_temporaries:
-        _remove_entry(stage)
+    finally:
+        _release(lock)
+
+
+def _create_file(path: Path) -> None:
+    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
 
 
 def _remove_entry(path: Path) -> None:
@@ -184,17 +297,17 @@ def staging_folder(target: str | os.PathLike) -> Iterator[Path]:
     (an existing one is moved aside first and removed after), else it is deleted. A kill between the two renames
     leaves both versions, as temporaries: restore_stale_folder puts one back."""
     target = Path(target)
-    tmp = _sibling(target, "tmp")
-    tmp.mkdir(parents=True)
+    tmp, lock = _new_temporary(target, "tmp", lambda folder: folder.mkdir(parents=True))
     try:
         yield tmp
         if target.exists():
             if not target.is_dir():
                 raise NotADirectoryError(f"{target}: exists and is not a folder; expected a folder to write into")
             old = _sibling(target, "old")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
+            with _locked_while_moved(target):
+                os.replace(target, old)
+                os.replace(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
     except BaseException as err:
@@ -202,3 +315,5 @@ def staging_folder(target: str | os.PathLike) -> Iterator[Path]:
         if _is_write_error(err) and not isinstance(err, NotADirectoryError):
             raise _write_error(target, err) from err
         raise
+    finally:
+        _release(lock)

@@ -286,18 +286,23 @@ def test_temporaries_of_killed_writers_are_removed_and_those_of_running_ones_kep
     import subprocess
     import sys
 
-    from lorakit.formats.atomic import remove_stale_temporaries
+    from lorakit.formats.atomic import atomic_write, remove_stale_temporaries
 
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
     (tmp_path / f".t.safetensors.{gone}.0123abcd.tmp").write_bytes(b"x" * 10)
     (tmp_path / f".t-state.{gone}.0123abcd.tmp").mkdir()
     (tmp_path / f".t-state.{gone}.0123abcd.tmp" / "optimizer.pt").write_bytes(b"x")
-    mine = tmp_path / f".u.safetensors.{os.getpid()}.0123abcd.tmp"
-    mine.write_bytes(b"x")
     (tmp_path / "t.safetensors").write_bytes(b"x")
-    removed = remove_stale_temporaries(tmp_path)
-    assert len(removed) == 2 and sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, "t.safetensors"])
+    removed = []
+
+    def write(tmp):  # a running writer (this process) looks while its own temporary is open
+        Path(tmp).write_bytes(b"x")
+        removed.extend(remove_stale_temporaries(tmp_path))
+        assert os.path.exists(tmp)
+
+    atomic_write(tmp_path / "u.safetensors", write)
+    assert len(removed) == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["t.safetensors", "u.safetensors"]
 
 
 def test_safetensors_own_errors_and_temporaries_stay_under_lorakits_names(tmp_path, monkeypatch):
