@@ -19,7 +19,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .cache_files import READ_ERRORS, cache_base, remove_stale_cache_temporaries, shared_stems
+from .cache_files import (READ_ERRORS, cache_base, remove_stale_cache_temporaries, reusable_cache_file,
+                          shared_stems)
 from .captions import process_caption
 from .errors import DatasetError
 from .latent_cache import _write_npz
@@ -37,14 +38,6 @@ def text_cache_path(image_path: str, shared: frozenset[str] | set[str] = frozens
 
 def _key(caption: str, identity: str) -> str:
     return hashlib.sha256(f"{FORMAT}\0{identity}\0{caption}".encode()).hexdigest()
-
-
-def _valid(path: str, key: str | None) -> bool:
-    try:
-        with np.load(path) as npz:
-            return "hidden_state1" in npz and (key is None or ("cache_key" in npz and str(npz["cache_key"]) == key))
-    except READ_ERRORS:  # missing, damaged or not an npz: rebuild it
-        return False
 
 
 def cache_text_outputs(dataset, encode: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor | None]],
@@ -67,7 +60,7 @@ def cache_text_outputs(dataset, encode: Callable[[list[str]], tuple[torch.Tensor
     for entry in dataset.entries:
         caption = _trained_caption(dataset, entry)
         path, key = text_cache_path(entry.path, shared), _key(caption, identity)
-        if _valid(path, None if skip_check else key):
+        if reusable_cache_file(path, None if skip_check else key, ("hidden_state1",)):
             entry.te_cache_file, reused = path, reused + 1
             continue
         pending.append((entry, key, path))

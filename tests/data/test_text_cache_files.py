@@ -68,3 +68,29 @@ def test_sdxl_states_are_split_at_the_first_encoders_width_and_read_back_joined(
         assert npz["pool2"].tolist() == pooled[0].tolist()
     joined, pool = read_text_outputs(ds.entries[0].te_cache_file)
     assert torch.equal(joined, hidden[0]) and torch.equal(pool, pooled[0])
+
+
+def _flip_a_byte_inside(path, array_name):
+    """One byte of an array's data flipped: the zip index and cache_key still read, the array fails its CRC."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(f"{array_name}.npy")
+    data = bytearray(open(path, "rb").read())
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    data[start + info.compress_size - 1] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+
+
+def test_a_file_with_damaged_array_data_is_rebuilt_when_caching_starts(tmp_path):
+    """Found when caching starts and encoded again, as a damaged latent cache is, instead of stopping the run at
+    the step that first reads it; with skip_check (any readable file) it is reused, as latent files are."""
+    write_image(str(tmp_path / "imgs/a.png"), 64, 64)
+    (tmp_path / "imgs/a.txt").write_text("cat", encoding="utf-8")
+    ds = dataset(tmp_path)
+    cache_text_outputs(ds, encode, "id")
+    _flip_a_byte_inside(ds.entries[0].te_cache_file, "hidden_state1")
+    assert cache_text_outputs(dataset(tmp_path), encode, "id", skip_check=True) == {"encoded": 0, "reused": 1}
+    ds = dataset(tmp_path)
+    assert cache_text_outputs(ds, encode, "id") == {"encoded": 1, "reused": 0}
+    assert stored_caption_code(ds.entries[0]) == encode(["cat"])[0][0, 0].tolist()
