@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from ..formats.atomic import atomic_write
+from ..formats.atomic import atomic_write, remove_stale_temporaries
 from .errors import DatasetError
 from .images import stored_and_upright_size
 
@@ -65,6 +65,8 @@ def cached_images(subset, paths: list[str], read: Callable[[], list]) -> list:
     from .folders import SourceImage
 
     cache = os.path.join(subset.image_dir, CACHE_FILE)
+    for left in remove_stale_temporaries(subset.image_dir, name=CACHE_FILE):  # the user's folder: only ours go
+        logger.info("removed %s, left by a run that was stopped while writing it", left)
     data = _read(cache)
     entries = None if data is None else _entries(data, paths)
     if entries is not None:

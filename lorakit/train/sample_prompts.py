@@ -10,14 +10,17 @@ load_prompts). Keys: prompt, negative_prompt, width, height, seed, scale, sample
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..formats.atomic import atomic_write
+from ..formats.atomic import atomic_write, remove_stale_temporaries
 
 __all__ = ["SamplePrompt", "read_sample_prompts", "draw_samples"]
+
+logger = logging.getLogger(__name__)
 
 _TXT_OPTIONS = {"n": "negative_prompt", "w": "width", "h": "height", "d": "seed", "l": "scale", "s": "sample_steps",
                 "ss": "sample_sampler"}
@@ -159,6 +162,8 @@ def draw_samples(model, prompts: list[SamplePrompt], folder: Path, output_name: 
 
     if write:
         folder.mkdir(parents=True, exist_ok=True)
+        for left in remove_stale_temporaries(folder):  # a killed run's half-written images
+            logger.info("removed %s, left by a run that was stopped while saving", left)
     stamp = time.strftime("%Y%m%d%H%M%S")
     drawn = []
     for i, p in enumerate(prompts):
