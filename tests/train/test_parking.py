@@ -128,8 +128,8 @@ def test_each_model_joins_the_device_when_used_and_cached_ones_come_back_for_sam
     _watch(monkeypatch)
     parked = read_tensors(_train(base, tmp_path / "parked"))
     assert parked.keys() == plain.keys()
-    for key in plain:
-        assert torch.equal(parked[key], plain[key]), key
+    for key in plain:  # not bit-equal: with 2 threads the CPU convolutions' sums vary in the last bits run to run
+        torch.testing.assert_close(parked[key], plain[key], rtol=1e-5, atol=1e-6, msg=key)
     unet, vae, encoders = "UNet2DConditionModel", "AutoencoderKL", base.encoders
     # latents for the training and the validation images, then each caption's outputs for both: only the model
     # that is encoding is on the device, as in sd-scripts; then the U-Net joins it for training
