@@ -1,7 +1,7 @@
-"""Cached models off the accelerator: with cache_latents and cache_text_encoder_outputs the VAE and the text
-encoders leave the device before the first step (as sd-scripts moves them to the CPU) and come back only for the
-samples. A CPU run moves nothing, so the test parks them as unusable tensors instead: any use outside a borrow
-fails, and the run must give the same adapter as one that never parks."""
+"""Where the models are: they load on the CPU and each joins the accelerator when used (the VAE while latents are
+cached, the text encoders while their outputs are, the rest for training); the cached ones stay off it and come
+back only for the samples. A CPU run moves nothing, so the test parks them as unusable tensors instead: any use
+outside a borrow fails, and the run must give the adapter of one that never parks."""
 
 from __future__ import annotations
 
