@@ -87,12 +87,13 @@ class OutputNames:
             raise FileExistsError(f"{existing}: is a file, where {where} needs a folder; move it away or change "
                                   "output_dir")
 
-    # --- save_last_n_*: keep the newest n saves (sd-scripts removes the one that falls out of the window) --
+    # --- save_last_n_*: keep the newest n saves (sd-scripts removes only the one that falls out of the window at
+    # each save, so a kill before that removal, or a resume with a smaller n, leaves older saves for good) --
     def prune_epochs(self, epoch: int, every: int, keep: int | None, state: bool = False) -> None:
+        """Every save of this schedule (each ``every`` epochs) up to ``epoch - every * keep`` goes, gaps or not."""
         if not keep:
             return
-        old = epoch - every * keep
-        if old > 0:
+        for old in range(epoch - every * keep, 0, -every):
             _remove(self.epoch_state(old) if state else self.epoch(old))
 
     def prune_steps(self, step: int, every: int, keep: int | None, state: bool = False) -> None:

@@ -27,6 +27,28 @@ def test_save_last_n_steps_keeps_the_newest_states(tmp_path):
                                                           "t-step00000008-state"]
 
 
+@pytest.mark.parametrize("state", [True, False])
+def test_save_last_n_epochs_removes_every_older_save_a_kill_or_a_smaller_n_left(tmp_path, state):
+    """sd-scripts' get_remove_epoch_no removes the one epoch that falls out of the window; a kill between a save
+    and that removal, or a resume with a smaller save_last_n_epochs(_state), left the older saves for good."""
+    names = OutputNames(tmp_path, "t")
+    save = names.epoch_state if state else names.epoch
+
+    def saved(*epochs):
+        for epoch in epochs:
+            if state:
+                save(epoch).mkdir()
+            else:
+                save(epoch).write_bytes(b"x")
+
+    saved(2, 6, 8)  # every 2 epochs, keep 1; epoch 4's save already gone
+    names.prune_epochs(8, every=2, keep=1, state=state)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [save(8).name]
+    saved(1, 2, 3)  # the kill's leftover (1), then a resume that lowers keep from 2 to 1 at epoch 3
+    names.prune_epochs(3, every=1, keep=1, state=state)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [save(3).name, save(8).name]
+
+
 def test_a_kill_while_pruning_never_leaves_a_half_deleted_state_under_its_name(tmp_path, monkeypatch):
     """A resume refuses a state folder with files missing; the old folder is renamed aside before it is deleted,
     so what a kill leaves is a temporary, which the next run's start removes."""
