@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -296,6 +297,32 @@ def _check_dataset(dataset: DatasetConfig, where: str) -> None:
             raise OptionError(f"dataset config {where}: resolution {dataset.resolution} must lie within "
                               f"min_bucket_reso {dataset.min_bucket_reso} .. max_bucket_reso {dataset.max_bucket_reso}"
                               " (as sd-scripts requires)")
+
+
+def resolved_settings(group: DatasetGroupConfig | None,
+                      leave_out: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Every resolved value of the group's datasets and subsets (fields named in ``leave_out`` aside), under a name
+    that says where it applies (``dataset_config [[datasets]] #1 [[datasets.subsets]] #2 shuffle_caption``), and how
+    many datasets (0: no dataset_config) and subsets there are: what a resume compares, so that an edited file is
+    noticed as a changed option is, while a reformatted or moved file of the same values is not. Paths are made
+    absolute (the file keeps them as written, read from the working folder)."""
+    datasets = group.datasets if group is not None else ()
+    values: dict[str, Any] = {"dataset_config datasets": len(datasets)}
+    for d, dataset in enumerate(datasets):
+        values[f"dataset_config {_where(d)} subsets"] = len(dataset.subsets)
+        tables = [(_where(d), dataset)] + [(_where(d, i), subset) for i, subset in enumerate(dataset.subsets)]
+        for where, table in tables:
+            for f in fields(table):
+                if f.name != "subsets" and f.name not in leave_out:
+                    values[f"dataset_config {where} {f.name}"] = _absolute(f.name, getattr(table, f.name))
+    return values
+
+
+def _absolute(name: str, value: Any) -> Any:
+    option = _OWN.get(name) or BY_NAME.get(name)
+    if option is not None and option.kind == "path" and isinstance(value, str):
+        return os.path.abspath(os.path.expanduser(value))
+    return value
 
 
 # sd-scripts' load_user_config picks the parser by the suffix and refuses any other

@@ -25,6 +25,7 @@ from .base_model import (checkpoint_text_encoders, compile_models, enable_checkp
                          merge_base_weights)
 from .config import to_toml
 from .console_log import console_logging
+from .dataset_config import resolved_settings
 from .distributed import current_world
 from .initial_step import initial_progress
 from .loss_scale import make_loss_scaler
@@ -56,6 +57,8 @@ _RESUME_FREE = {"resume", "output_dir", "output_name", "save_every_n_steps", "sa
                 "save_precision", "save_model_as", "gradient_checkpointing", "cpu_offload_checkpointing",
                 "vae_batch_size", "sdpa", "xformers", "mem_eff_attn", "lowram", "highvram", "cache_latents_to_disk",
                 "skip_cache_check",
+                # the dataset_config file's values are compared instead (resolved_settings), not its path
+                "dataset_config",
                 # a resume may train on for longer, as in sd-scripts (the lr schedule then follows the new length)
                 "max_train_steps", "max_train_epochs"}
 
@@ -347,6 +350,7 @@ class _Run:
         """What must not change between a run and its resume, as text (kept in the state, to name what changed)."""
         values = {k: v for k, v in self.config.as_dict().items() if k not in _RESUME_FREE and k not in SECRET_OPTIONS}
         values["seed"] = self.seed
+        values.update(resolved_settings(self.config.dataset_group, leave_out=_RESUME_FREE))
         # network_weights as states of versions where it was one path record it (so that those still resume)
         weights = values.get("network_weights")
         if isinstance(weights, tuple) and len(weights) < 2:
