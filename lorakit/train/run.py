@@ -46,7 +46,9 @@ _RESUME_FREE = {"resume", "output_dir", "output_name", "save_every_n_steps", "sa
                 "sample_sampler", "logging_dir", "log_with", "log_prefix", "training_comment", "no_metadata",
                 "max_data_loader_n_workers", "persistent_data_loader_workers", "initial_epoch", "initial_step",
                 "skip_until_initial_step", "save_n_epoch_ratio", "save_state_on_train_end", "metadata_title",
-                "metadata_author", "metadata_description", "metadata_license", "metadata_tags", "wandb_run_name",
+                "metadata_author", "metadata_description", "metadata_license", "metadata_tags", "metadata_usage_hint",
+                "metadata_thumbnail", "metadata_merged_from", "metadata_trigger_phrase", "metadata_preprocessor",
+                "metadata_is_negative_embedding", "wandb_run_name", "log_tracker_name",
                 "log_tracker_config", "log_config", "console_log_level", "console_log_file", "console_log_simple",
                 "ddp_timeout", "ddp_gradient_as_bucket_view", "ddp_static_graph", "output_config",
                 "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk",
@@ -56,7 +58,9 @@ _RESUME_FREE = {"resume", "output_dir", "output_name", "save_every_n_steps", "sa
                 # how the files are written, and how memory is spent on the same computation
                 "save_precision", "save_model_as", "gradient_checkpointing", "cpu_offload_checkpointing",
                 "vae_batch_size", "sdpa", "xformers", "mem_eff_attn", "lowram", "highvram", "cache_latents_to_disk",
-                "skip_cache_check",
+                "skip_cache_check", "cache_info", "offload_optimizer_nvme_path", "offload_param_nvme_path",
+                # accepted with no effect
+                "tokenizer_cache_dir", "disable_mmap_load_safetensors", "zero3_init_flag", "zero3_save_16bit_model",
                 # the dataset_config file's values are compared instead (resolved_settings), not its path
                 "dataset_config",
                 # a resume may train on for longer, as in sd-scripts (the lr schedule then follows the new length)

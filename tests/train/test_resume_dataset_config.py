@@ -1,7 +1,8 @@
 """A resume compares the values of the dataset_config file, resolved as the run trains on them, as it compares
 options: an edited file is refused naming each changed value, while the same values written otherwise (another
-order, comments, a relative image_dir, another file) resume. sd-scripts checks nothing on resume; lorakit refuses
-a state of other training settings, and these are its data settings."""
+order, comments, a relative image_dir, another file) resume, and so does a change of cache_info, which computes
+nothing. sd-scripts checks nothing on resume; lorakit refuses a state of other training settings, and these are
+its data settings."""
 
 from __future__ import annotations
 
@@ -68,6 +69,7 @@ resolution = [64, 64]
 [[datasets.subsets]]
 image_dir = "./{image_dir.name}/"
 caption_extension = ".txt"
+cache_info = true
 """)
     assert train(_config(base, tmp_path / "out", rewritten, resume=str(state))).exists()
 

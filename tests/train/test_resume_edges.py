@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 
 import pytest
 import torch
@@ -159,4 +160,21 @@ def test_a_schedule_free_run_resumes_bit_for_bit(base, tmp_path, saves):
     assert train(_config(base, tmp_path / "part", **options), stop_at_step=2) is None
     resumed = train(_config(base, tmp_path / "part", resume=str(tmp_path / "part" / "t-step00000002-state"),
                             **options))
+    assert _same_tensors(full, resumed)
+
+
+def test_options_that_change_no_computation_may_change_on_resume(base, tmp_path):
+    """Logging (log_tracker_name), a cache of image sizes (cache_info), modelspec metadata, and options accepted with
+    no effect (tokenizer_cache_dir, zero3_save_16bit_model, ...) may differ in the resume, as the other logging,
+    output and cache options may; the resumed run equals the uninterrupted one (sd-scripts lets every option
+    change on resume)."""
+    data = tmp_path / "data"
+    shutil.copytree(base / "data", data)  # cache_info writes into the image folders
+    full = train(_config(base, tmp_path / "full", train_data_dir=str(data)))
+    train(_config(base, tmp_path / "part", train_data_dir=str(data)), stop_at_step=2)
+    free = dict(log_tracker_name="mytracker", cache_info=True, tokenizer_cache_dir=str(tmp_path / "tok"),
+                zero3_save_16bit_model=True, zero3_init_flag=True, disable_mmap_load_safetensors=True,
+                metadata_trigger_phrase="a shape", metadata_usage_hint="try 0.8")
+    resumed = train(_config(base, tmp_path / "part", train_data_dir=str(data), **free,
+                            resume=str(tmp_path / "part" / "t-step00000002-state")))
     assert _same_tensors(full, resumed)
