@@ -26,7 +26,7 @@ from ..formats.safetensors_io import load_file, save_file
 from .schedulers import load_scheduler_state
 
 __all__ = ["Progress", "save_state", "load_state", "StateError", "check_state_folder", "is_complete_state",
-           "restore_states"]
+           "restore_states", "no_state_yet"]
 
 _FORMAT = 1
 _FILES = ("network.safetensors", "optimizer.pt", "train_state.json")  # save_state writes train_state.json last
@@ -146,6 +146,22 @@ def saved_seed(folder: str | Path) -> int | None:
         return None
     _refuse_bad_fields(Path(folder), _FILES[2], info, _OPTIONAL_NUMBERS)
     return seed
+
+
+def no_state_yet(config) -> str:
+    """Why a run stopped by Ctrl-C has no state to resume from, in words that fit its saving options: the option
+    to set when it saves none, else when its first state comes."""
+    if not (config.save_state or config.save_state_on_train_end):
+        return "no state was saved to resume from (save_state = true keeps one at every save)"
+    if not config.save_state:
+        return ("no state was saved yet: save_state_on_train_end keeps one at the end of training only (save_state = "
+                "true keeps one at every save)")
+    every = [f"{name} = {getattr(config, name)}" for name in ("save_every_n_steps", "save_every_n_epochs",
+                                                              "save_n_epoch_ratio") if getattr(config, name)]
+    if not every:
+        return ("no state was saved yet: without save_every_n_steps or save_every_n_epochs, save_state keeps one at "
+                "the end of training only")
+    return f"no state was saved yet: the run stopped before its first save ({', '.join(every)})"
 
 
 def _missing_files(folder: Path) -> list[str]:

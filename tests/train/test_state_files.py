@@ -160,3 +160,27 @@ def test_a_seed_that_is_not_a_whole_number_is_refused_naming_the_key(tmp_path):
     path.write_text(path.read_text().replace('"seed": 7', '"seed": 7.5'))
     with pytest.raises(StateError, match=r"train_state.json: seed = 7.5 \(expected a whole number, or null\)"):
         saved_seed(tmp_path / "s")
+
+
+@pytest.mark.parametrize("options, hint", [
+    ({}, "no state was saved to resume from (save_state = true keeps one at every save)"),
+    ({"save_state": True, "save_every_n_steps": 4},
+     "no state was saved yet: the run stopped before its first save (save_every_n_steps = 4)"),
+    ({"save_state": True, "save_every_n_epochs": 2},
+     "no state was saved yet: the run stopped before its first save (save_every_n_epochs = 2)"),
+    ({"save_state": True}, "no state was saved yet: without save_every_n_steps or save_every_n_epochs, save_state "
+                           "keeps one at the end of training only"),
+    ({"save_state_on_train_end": True}, "no state was saved yet: save_state_on_train_end keeps one at the end of "
+                                        "training only (save_state = true keeps one at every save)"),
+], ids=["no_state_option", "steps", "epochs", "end_only", "train_end"])
+def test_the_ctrl_c_hint_without_a_state_fits_the_saving_options(options, hint):
+    """Ctrl-C before the first save: the hint names save_state only to a run that does not set it; one that sets it
+    hears why nothing was saved yet."""
+    from types import SimpleNamespace
+
+    from lorakit.train.state import no_state_yet
+
+    config = SimpleNamespace(**{name: None for name in ("save_every_n_steps", "save_every_n_epochs",
+                                                        "save_n_epoch_ratio")},
+                             save_state=False, save_state_on_train_end=False)
+    assert no_state_yet(SimpleNamespace(**{**vars(config), **options})) == hint
