@@ -26,7 +26,7 @@ import torch
 
 from ..formats.atomic import atomic_write
 from ..formats.hashes import file_sha256
-from .cache_files import READ_ERRORS, cache_base, remove_stale_cache_temporaries, shared_stems
+from .cache_files import READ_ERRORS, cache_base, remove_stale_cache_temporaries, reusable_cache_file, shared_stems
 from .dataset import ImageEntry, TrainDataset
 from .errors import DatasetError
 from .fingerprint import module_fingerprint
@@ -64,19 +64,7 @@ def cache_path(image_path: str, cache_dir: str | None = None, shared: frozenset[
 def _valid(path: str, key: str | None, alpha_mask: bool = False) -> bool:
     """Whether the file at ``path`` holds this key's latents; ``key`` None (skip_cache_check): any readable cache
     file with the arrays needed."""
-    if not os.path.isfile(path):
-        return False
-    try:
-        with np.load(path) as npz:
-            if key is None:
-                return "latents" in npz and (not alpha_mask or "alpha_mask" in npz)
-            if "cache_key" not in npz or str(npz["cache_key"]) != key:
-                return False
-            for name in npz.files:  # every array read once, so that damaged data is rebuilt now, not mid-run
-                npz[name]
-            return True
-    except READ_ERRORS:  # damaged or not an npz: rebuild it
-        return False
+    return reusable_cache_file(path, key, ("latents", "alpha_mask") if alpha_mask else ("latents",))
 
 
 def encode_pixels(vae: torch.nn.Module, pixels: torch.Tensor, seeds: Iterable[int] | None = None) -> torch.Tensor:

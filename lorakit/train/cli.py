@@ -129,13 +129,14 @@ def _where_to_resume(config, started: float) -> str:
     from pathlib import Path
 
     from .outputs import OutputNames
+    from .state import no_state_yet
 
     names = OutputNames(config.output_dir, config.output_name, config.save_model_as)
     saved = [p for p in _states_named(names) if _saved_at(p) >= started - _CLOCK_SLACK_S]
     resumed = Path(config.resume) if config.resume and not config.resume_from_huggingface else None
     states = saved + ([resumed] if resumed is not None and _saved_at(resumed) > 0 else [])
     if not states:
-        return "no state was saved to resume from (save_state = true keeps one at every save)"
+        return no_state_yet(config)
     newest = max(states, key=_saved_at)
     return f"to go on from the last state saved, resume = \"{newest}\""
 

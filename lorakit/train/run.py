@@ -469,7 +469,8 @@ class _Run:
         if main:
             self.names.check_kinds(states=c.save_state or c.save_state_on_train_end,
                                    samples=bool(c.sample_prompts))
-            for left in remove_stale_temporaries(self.names.dir):  # from a killed run's saves
+            # from a killed run's saves and sample images (a missing folder has none)
+            for left in [*remove_stale_temporaries(self.names.dir), *remove_stale_temporaries(self.names.sample_dir())]:
                 log.info("removed %s, left by a run that was stopped while saving", left)
             self.names.dir.mkdir(parents=True, exist_ok=True)
             text = to_toml(c, leave_out=SECRET_OPTIONS)  # no secrets in the output folder

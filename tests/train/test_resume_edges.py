@@ -119,6 +119,23 @@ def _write_state(folder, when: float | None = None):
         os.utime(folder / "train_state.json", (when, when))
 
 
+def test_ctrl_c_before_the_first_save_of_a_run_with_save_state_says_none_was_saved_yet(base, tmp_path, monkeypatch,
+                                                                                        capsys):
+    from lorakit.cli import main
+    from lorakit.train import run
+
+    def interrupted(config, explore=False):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "train", interrupted)
+    args = ["train", "--pretrained_model_name_or_path", str(base / "sd.safetensors"), "--train_data_dir",
+            str(base / "data"), "--output_dir", str(tmp_path), "--resolution", "64", "--save_state",
+            "--save_every_n_steps", "4"]
+    assert main(args) == 130
+    assert capsys.readouterr().err.strip().endswith("no state was saved yet: the run stopped before its first save "
+                                                    "(save_every_n_steps = 4)")
+
+
 def test_ctrl_c_names_only_a_state_of_this_run(base, tmp_path, monkeypatch, capsys):
     """The state named after Ctrl-C is one this run's output_name saved during the run, or the one it resumed from;
     never another output_name's, nor an older state of the same name."""

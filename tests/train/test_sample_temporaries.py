@@ -25,3 +25,23 @@ def test_a_killed_runs_sample_temporary_is_removed_at_the_next_draw(tmp_path, mo
     names = sorted(p.name for p in folder.iterdir())
     assert left.name not in names and all(path.read_bytes() == b"the user's" for path in kept)
     assert len(names) == 3 and names[2].startswith("t_000020_00_")
+
+
+def test_a_run_without_samples_removes_them_when_it_starts(tmp_path):
+    import pytest
+
+    pytest.importorskip("diffusers")
+    from lorakit.train.config import load_train_config
+    from lorakit.train.run import train
+
+    from .tiny_run import make_base, run_options
+
+    base = make_base(tmp_path / "base", images=2)
+    folder = tmp_path / "out" / "sample"
+    folder.mkdir(parents=True)
+    left = folder / f".t_000016_00_20261206110656_1.png.{os.getpid()}.fa2bdfcd.tmp"
+    left.write_bytes(b"a whole PNG")
+    kept = folder / "t_000008_00_20261206110654_1.png"
+    kept.write_bytes(b"the user's")
+    train(load_train_config(overrides=run_options(base, tmp_path / "out", {"network_dim": 2, "max_train_steps": 1})))
+    assert sorted(p.name for p in folder.iterdir()) == [kept.name]
