@@ -154,6 +154,8 @@ def default_save_dtypes(tensors: dict[str, torch.Tensor], loras: dict[str, dict[
         up, down = kept["lora_up.weight"], kept["lora_down.weight"]
         down = torch.promote_types(down, kept["lora_mid.weight"]) if "lora_mid.weight" in kept else down
         alpha = kept.get("alpha", torch.promote_types(down, up))
+        if not alpha.is_floating_point:  # an int alpha (sd-scripts with network_alpha 0): the new one is fractional
+            alpha = torch.promote_types(down, up)
         out.update({f"{name}.lora_up.weight": up, f"{name}.lora_down.weight": down, f"{name}.alpha": alpha})
     return out
 

@@ -266,3 +266,13 @@ def test_1x1_convs_take_new_rank_and_the_dims_written_are_the_largest(tmp_path):
         assert torch.allclose(_dense(res.tensors, name), best, atol=1e-5), name
     assert res.metadata["ss_network_dim"] == "4"
     assert json.loads(res.metadata["ss_network_args"])["conv_dim"] == "2"
+
+
+def test_an_integer_alpha_gives_a_float_new_alpha():
+    """sd-scripts saves alpha as int64 with network_alpha 0; the resized alpha (alpha / rank x new rank) is
+    fractional and must not be truncated."""
+    from lorakit.tools.resize import default_save_dtypes
+
+    sub = {"lora_up.weight": torch.zeros(4, 8), "lora_down.weight": torch.zeros(8, 4), "alpha": torch.tensor(4)}
+    tensors = {f"m.{k}": v for k, v in sub.items()}
+    assert default_save_dtypes(tensors, {"m": sub})["m.alpha"] == torch.float32
