@@ -80,8 +80,10 @@ def _changed(saved: dict | None, now: dict | None) -> str:
 
 def _same_place(name: str, saved: str, now: str) -> bool:
     """Whether two recorded values (reprs) of a path option name the same files."""
-    from .options import BY_NAME
+    from .options import BY_NAME, SAME_NETWORK
 
+    if name == "network_module":  # an older lorakit recorded lorakit.kohya, which now reads as lorakit
+        return {repr(SAME_NETWORK.get(ast.literal_eval(v), ast.literal_eval(v))) for v in (saved, now)} == {now}
     option = BY_NAME.get(name)
     if option is None or option.kind not in ("path", "paths"):
         return False

@@ -184,3 +184,11 @@ def test_the_ctrl_c_hint_without_a_state_fits_the_saving_options(options, hint):
                                                         "save_n_epoch_ratio")},
                              save_state=False, save_state_on_train_end=False)
     assert no_state_yet(SimpleNamespace(**{**vars(config), **options})) == hint
+
+
+def test_a_state_recording_lorakit_kohya_resumes_as_lorakit():
+    """An older lorakit recorded network_module 'lorakit.kohya', which now reads as 'lorakit': no change."""
+    from lorakit.train.state import _changed
+
+    assert _changed({"network_module": "'lorakit.kohya'"}, {"network_module": "'lorakit'"}) == ""
+    assert _changed({"network_module": "'networks.lora'"}, {"network_module": "'lorakit'"}) != ""
