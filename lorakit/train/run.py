@@ -778,6 +778,7 @@ def _unbind_unconstrained_rotations(net, path) -> None:
     import json
 
     from ..algos.oft_base import OrthogonalAdapter
+    from ..algos.options import ALIASES
     from ..formats.safetensors_io import read_metadata
 
     if not str(path).endswith(".safetensors"):
@@ -786,8 +787,10 @@ def _unbind_unconstrained_rotations(net, path) -> None:
         args = json.loads(read_metadata(path).get("ss_network_args", "null"))
     except ValueError:
         return
-    algo = str(args.get("algo", "")).lower().replace("_", "-") if isinstance(args, dict) else ""
-    if algo not in {"diag-oft", "oft", "boft"}:
+    if not isinstance(args, dict):
+        return
+    args = {ALIASES.get(key, key): value for key, value in args.items()}  # 'constrain' binds in LyCORIS too
+    if str(args.get("algo", "")).lower().replace("_", "-") not in {"diag-oft", "oft", "boft"}:
         return
     try:
         constraint = float(args.get("constraint") or 0)

@@ -26,9 +26,11 @@ def _alphas(path):
     return {k: float(v) for k, v in tensors.items() if k.endswith(".alpha")}
 
 
-@pytest.mark.parametrize("algo, constraint", [("diag-oft", None), ("boft", None), ("diag-oft", "1e-3")])
-def test_a_continued_run_keeps_the_first_runs_constraint(base, tmp_path, algo, constraint):
-    args = [f"algo={algo}"] + ([f"constraint={constraint}"] if constraint else [])
+@pytest.mark.parametrize("algo, constraint, spelling", [("diag-oft", None, None), ("boft", None, None),
+                                                        ("diag-oft", "1e-3", "constraint"),
+                                                        ("diag-oft", "1e-3", "constrain")])  # LyCORIS' alias
+def test_a_continued_run_keeps_the_first_runs_constraint(base, tmp_path, algo, constraint, spelling):
+    args = [f"algo={algo}"] + ([f"{spelling}={constraint}"] if constraint else [])
     common = {"network_module": "lycoris.kohya", "network_dim": 8, "network_args": args, "learning_rate": 3e-2,
               "network_train_unet_only": True, "optimizer_type": "AdamW", "max_train_steps": 2}
     first = train(load_train_config(overrides=run_options(base, tmp_path / "a", common)))
