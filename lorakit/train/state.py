@@ -69,34 +69,33 @@ def save_state(folder: str | Path, tensors: dict, optimizer, scheduler, progress
 
 def _changed(saved: dict | None, now: dict | None) -> str:
     """'name: saved -> now' for the settings both runs record that differ. A setting only one side records (an
-    option another lorakit version added, or lets a resume change) is not compared; paths are compared as the
-    places they name (a trailing slash, "./" or a relative spelling of the same folder is no change)."""
+    option another lorakit version added, or lets a resume change) is not compared; values are compared as
+    `_compared` reads them."""
     if not saved or not now:
         return ""
-    names = sorted(k for k in set(saved) & set(now) if saved[k] != now[k] and not _same_place(k, saved[k], now[k]))
+    names = sorted(k for k in set(saved) & set(now) if _compared(k, saved[k]) != _compared(k, now[k]))
     shown = [f"{k}: {saved[k]} -> {now[k]}" for k in names[:5]]
     return "; ".join(shown) + (f"; and {len(names) - 5} more" if len(names) > 5 else "")
 
 
-def _same_place(name: str, saved: str, now: str) -> bool:
-    """Whether two recorded values (reprs) of a path option name the same files."""
+def _compared(name: str, value: str):
+    """A recorded value (a repr) as a resume compares it: a path option as the places it names (a trailing
+    slash, "./" or a relative spelling of the same folder is no change), and the network_module an older
+    lorakit recorded (lorakit.kohya) as the name it now reads as (lorakit); any other value as written."""
     from .options import BY_NAME, SAME_NETWORK
 
-    if name == "network_module":  # an older lorakit recorded lorakit.kohya, which now reads as lorakit
-        return {repr(SAME_NETWORK.get(ast.literal_eval(v), ast.literal_eval(v))) for v in (saved, now)} == {now}
     option = BY_NAME.get(name)
-    if option is None or option.kind not in ("path", "paths"):
-        return False
+    if name != "network_module" and (option is None or option.kind not in ("path", "paths")):
+        return value
     try:
-        saved_value, now_value = ast.literal_eval(saved), ast.literal_eval(now)
+        parsed = ast.literal_eval(value)
     except (ValueError, SyntaxError):
-        return False
-
-    def places(value):  # a name such as demo:tiny-sd is not a path
-        values = value if isinstance(value, (tuple, list)) else (value,)
-        return [os.path.abspath(os.path.expanduser(v)) if isinstance(v, str) and ":" not in v else v for v in values]
-
-    return places(saved_value) == places(now_value)
+        return value
+    if name == "network_module":
+        return SAME_NETWORK.get(parsed, parsed) if isinstance(parsed, str) else parsed
+    values = parsed if isinstance(parsed, (tuple, list)) else (parsed,)
+    # a name such as demo:tiny-sd is not a path
+    return [os.path.abspath(os.path.expanduser(v)) if isinstance(v, str) and ":" not in v else v for v in values]
 
 
 # the scheduler state's per-group lists (torch's LRScheduler, LambdaLR, CyclicLR with its momenta, ReduceLROnPlateau)
