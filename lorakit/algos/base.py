@@ -172,6 +172,14 @@ class Adapter(DoRA, nn.Module):
             return p.dtype
         return torch.float32
 
+    def wide_dtype(self) -> torch.dtype:
+        """The dtype of the terms that hold the base weight or output itself (DoRA's |W + dW|, a rotation of W x):
+        the wider of the layer's and the adapter's, so that a float32 adapter's change is not rounded to a
+        half-precision layer, nor a float32 layer's W to a half-precision adapter (LyCORIS computes W + dW in the
+        layer's dtype). A float8 weight, which torch does not promote, is read in the adapter's dtype."""
+        weight = self.layer.weight.dtype
+        return self.dtype if weight.itemsize == 1 else torch.promote_types(weight, self.dtype)
+
     def base_weight(self) -> torch.Tensor:
         return self.layer.weight.detach()
 
@@ -327,11 +335,11 @@ class Adapter(DoRA, nn.Module):
 
     # ----- the change as the UIs apply it ----------------------------------------------------------------------
     def delta_weight(self, multiplier: float = 1.0) -> torch.Tensor:
-        """The change of the layer weight at this multiplier, as ComfyUI and A1111 add it (DoRA's in dora_dtype)."""
+        """The change of the layer weight at this multiplier, as ComfyUI and A1111 add it (DoRA's in wide_dtype)."""
         dw = self._delta_weight() * self._scalar()
         if self.dora_scale is None:
             return dw * multiplier
-        w = self.base_weight().to(self.dora_dtype())
+        w = self.base_weight().to(self.wide_dtype())
         summed = w + dw.to(w.dtype)
         return (summed * (self.dora_scale / self._axis_norm(summed)) - w) * multiplier
 

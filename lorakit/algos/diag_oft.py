@@ -121,7 +121,7 @@ class DiagOFT(OrthogonalAdapter):
 
     def output_from(self, y):
         unbatched_conv = self.spec.is_conv and y.dim() != len(self.spec.kernel) + 2
-        if y.dtype != self.dtype or self._dropouts_active() or unbatched_conv:
+        if y.dtype != self.wide_dtype() or self._dropouts_active() or unbatched_conv:
             return super().output_from(y)
         # One batched matmul: y' = M (y - b) + b with M per block, the bias term a per-channel constant added by
         # the same product (baddbmm). A Linear's blocks are read through a strided view (positions x channels seen

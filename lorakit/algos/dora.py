@@ -27,14 +27,6 @@ class DoRA:
         dims = [0] + list(range(2, w.dim()))
         return torch.linalg.vector_norm(w, dim=dims, keepdim=True)
 
-    def dora_dtype(self) -> torch.dtype:
-        """The dtype of DoRA's terms in the base weight (|W + dW|, W x rescaled): the wider of the layer's and the
-        adapter's, so that a float32 adapter's dW is not rounded to a half-precision layer, nor a float32 layer's W
-        to a half-precision adapter (LyCORIS computes W + dW in the layer's dtype). A float8 weight, which torch
-        does not promote, is read in the adapter's dtype."""
-        weight = self.layer.weight.dtype
-        return self.dtype if weight.itemsize == 1 else torch.promote_types(weight, self.dtype)
-
     def _initial_dora_scale(self) -> torch.Tensor:
         w = self.base_weight()
         return self._axis_norm(w.to(torch.promote_types(w.dtype, torch.float32)))
@@ -42,7 +34,7 @@ class DoRA:
     def dora_norm(self) -> torch.Tensor:
         """|W + dW| along the DoRA axis, shaped like dora_scale. Generic form: dW is rebuilt, and rebuilt again in
         backward instead of keeping a weight-sized tensor; LoRA overrides it with a closed form."""
-        w, dtype = self.base_weight(), self.dora_dtype()
+        w, dtype = self.base_weight(), self.wide_dtype()
 
         def norm():  # W cast inside: checkpoint then keeps no weight-sized copy for backward
             return self._axis_norm(w.to(dtype) + (self._delta_weight() * self._scalar()).to(dtype))
@@ -50,7 +42,7 @@ class DoRA:
         return checkpoint(norm, use_reentrant=False) if torch.is_grad_enabled() else norm()
 
     def _dora_ratio(self) -> torch.Tensor:
-        """dora_scale / |W + dW| along the DoRA axis, in dora_dtype."""
+        """dora_scale / |W + dW| along the DoRA axis, in wide_dtype."""
         return self.dora_scale / self.dora_norm()
 
     def _dora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

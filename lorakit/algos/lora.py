@@ -66,7 +66,7 @@ class LoRA(Adapter):
         if self.tucker:
             return super().dora_norm()
         down, up, scale = self.factors()
-        dtype = self.dora_dtype()
+        dtype = self.wide_dtype()
         w = self.base_weight().to(dtype).flatten(1)  # (out, fan_in)
         u = (up.flatten(1) * (scale * self._scalar())).to(dtype)  # (out, dim)
         d = down.flatten(1).to(dtype)  # (dim, fan_in)

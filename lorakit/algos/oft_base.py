@@ -89,8 +89,10 @@ class OrthogonalAdapter(Adapter):
         return torch.where(n > self.bound, self.bound / n.clamp_min(1e-30), torch.ones_like(n))
 
     def skew(self) -> torch.Tensor:
-        """Q = B - B^T per block, brought within the bound."""
-        b = self.oft_blocks
+        """Q = B - B^T per block, brought within the bound, in wide_dtype: half-precision blocks on a float32 layer
+        give a float32 rotation (R = I + ~2Q rounded to half precision loses a unit of I's precision, several of
+        the change's), as the layer's output it rotates is float32."""
+        b = self.oft_blocks.to(self.wide_dtype())
         q = b - b.transpose(-1, -2)
         return q if self.bound <= 0 else q * self._clamp_ratio(q)
 
@@ -114,7 +116,7 @@ class OrthogonalAdapter(Adapter):
         """The adapted output from the layer's: W x rotated (the bias is not), the change m (T W x - W x)."""
         if self._dense_operator_pays(y):
             return self._dense_output(y)
-        z = self.without_bias(y).to(self.dtype)
+        z = self.without_bias(y).to(self.wide_dtype())
         channel = self.spec.channel_axis(y.dim())
         z = z.movedim(channel, -1)
         d = (self.transformed(z, self.multiplier) - z).movedim(-1, channel)
@@ -123,12 +125,12 @@ class OrthogonalAdapter(Adapter):
     def _dense_operator_pays(self, y: torch.Tensor) -> bool:
         """On a conv with a kernel > 1 the (out x out) operator is smaller than the weight and one pointwise
         conv with it costs less than the per-block passes (BOFT's stages above all)."""
-        return (self.spec.is_conv and self.spec.kernel_numel > 1 and y.dtype == self.dtype and
+        return (self.spec.is_conv and self.spec.kernel_numel > 1 and y.dtype == self.wide_dtype() and
                 y.dim() == len(self.spec.kernel) + 2 and not self._dropouts_active())
 
     def operator(self, multiplier: float) -> torch.Tensor:
         """M = (1 - m) I + m diag(rescale) T as an (out x out) matrix: y' = M (y - b) + b."""
-        eye = torch.eye(self.spec.out_dim, dtype=self.dtype, device=self.oft_blocks.device)
+        eye = torch.eye(self.spec.out_dim, dtype=self.wide_dtype(), device=self.oft_blocks.device)
         return blend_with_identity(self.transformed_rows(eye, multiplier), multiplier)
 
     def _dense_output(self, y):
@@ -139,7 +141,7 @@ class OrthogonalAdapter(Adapter):
             torch.nn.functional.conv2d(y, op[:, :, None, None], const)
 
     def delta_weight(self, multiplier=1.0):
-        w = self.base_weight().to(self.dtype)
+        w = self.base_weight().to(self.wide_dtype())
         v = w.reshape(w.shape[0], -1)  # columns as vectors over the output channels
         return (self.transformed_rows(v, multiplier) - v).reshape(w.shape) * multiplier
 

@@ -155,3 +155,33 @@ def test_a_half_precision_dora_adapter_keeps_a_float32_layers_weight(low, axis, 
     assert _relative_error(adapter.delta_weight().detach(), dw, dw) < tolerance
     adapter.merge()
     assert _relative_error(layer.weight, ref_layer.weight + dw, dw) < tolerance
+
+
+@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("algo,options", [("diag-oft", {"dim": 4}), ("diag-oft", {"dim": 4, "rescaled": True}),
+                                          ("boft", {"dim": 2})])
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_a_half_precision_rotation_keeps_a_float32_layers_output(low, algo, options, kind):
+    """Diag-OFT/BOFT held in half precision on a float32 layer: the rotation is built and applied in float32, so
+    the forward, delta_weight() and merge() follow the file's half-precision tensors read exactly (R = I + ~2Q
+    rounded to half precision, and W x rounded to it before the rotation, gave 1.4-3 units of its precision
+    against the change, where LoRA's rounding gives 0.3-0.4)."""
+    layer = make_layer(kind, torch.float32)
+    ref_layer = make_layer(kind, torch.float32).double()
+    ref = randomize(make_adapter(algo, ref_layer, **options).double(), scale=0.05).eval()
+    saved = {k: v.to(low) for k, v in ref.state_dict().items()}
+    ref.load_state_dict({k: v.double() for k, v in saved.items()})  # float64 truth of the same tensors
+    adapter = make_adapter(algo, layer, **options).to(low).eval()
+    adapter.load_state_dict(saved)
+    tolerance = 0.5 * torch.finfo(low).eps
+
+    x = make_input(kind)
+    with torch.no_grad():
+        expected, got = ref(x), adapter(x.float())
+    assert got.dtype == torch.float32
+    assert _relative_error(got, expected, expected - ref_layer(x)) < tolerance
+
+    dw = ref.delta_weight().detach()
+    assert _relative_error(adapter.delta_weight().detach(), dw, dw) < tolerance
+    adapter.merge()
+    assert _relative_error(layer.weight, ref_layer.weight + dw, dw) < tolerance
