@@ -70,7 +70,7 @@ class DoRA:
     def _dora_fused(self, x, c, m):
         """W (k x) + b + m dW (c x) with k = 1 + m (c - 1) per input channel, as one fused pass:
         dW (c x) = up (down diag(c / k)) (k x)."""
-        pair = self.fused_low_rank_pair(x)
+        pair = None if torch.compiler.is_compiling() else self.fused_low_rank_pair(x)  # its check reads values
         if pair is None:
             return None
         k = c if m == 1 else 1 + m * (c - 1)
@@ -92,7 +92,8 @@ class DoRA:
         with diag(r) (W + s U D), r's gradient read off the output (Conv2d 320 k3 on (2, 320, 64, 64), in-process
         A/B: see bench/RESULTS.md). r: the ratio if the caller has it. None where that does not apply. The CPU
         only: the ratio check reads its values."""
-        if self.options.dora_axis != "out" or self.multiplier != 1 or x.device.type != "cpu":
+        if self.options.dora_axis != "out" or self.multiplier != 1 or x.device.type != "cpu" or \
+                torch.compiler.is_compiling():  # the ratio check would break the graph
             return None
         linear = fusable(self, x)
         if not linear and not (conv_fusable(self, x) and merged_pays(self.spec, x)):

@@ -81,7 +81,9 @@ class LoRA(Adapter):
         """|W|^2 summed along dim for the frozen base weight w, kept until the weight changes (merge, a new
         weight): it is a weight-sized pass on every call otherwise, a fixed cost that dominates on short inputs."""
         weight = self.layer.weight
-        if weight.is_inference():  # no version counter to tell a change by: computed each call
+        # an inference tensor has no version counter to tell a change by, and a compiled graph fuses the pass
+        # (the cache's checks would break it): computed each call
+        if torch.compiler.is_compiling() or weight.is_inference():
             return w.square().sum(dim)
         key = (weight.data_ptr(), weight._version, w.dtype, w.device, dim)
         cached = self.__dict__.get("_square_sums")
