@@ -491,7 +491,7 @@ OPTIONS: tuple[Option, ...] = (
     _opt("path", "sample_prompts", None, "sampling", "file of prompts (.txt/.toml/.json) for sample images"),
     _opt("int", "sample_every_n_steps", None, "sampling", "sample every N steps (0 or unset: never)", low=0),
     _opt("int", "sample_every_n_epochs", None, "sampling", "sample every N epochs (overrides steps)", low=0),
-    _opt("bool", "sample_at_first", False, "sampling", "sample before training"),
+    _opt("bool", "sample_at_first", False, "sampling", "sample before training (a resumed run too, as sd-scripts)"),
     _opt("choice", "sample_sampler", "ddim", "sampling", "sampler for sample images", choices=_SAMPLERS),
     # ----- logging -----
     _opt("path", "logging_dir", None, "logging", "log to this folder (TensorBoard)"),

@@ -549,8 +549,8 @@ class _Run:
                         uploads.upload_state(state)
                     prune(number, every, keep_state, state=True)
 
-        if c.sample_at_first and progress.global_step == 0:
-            draw(0, 0)  # named as epoch 0, as sd-scripts' sample_images(..., 0, global_step, ...) names it
+        if c.sample_at_first:  # a resumed run too, as sd-scripts: what it goes on from (the draw keeps every RNG)
+            draw(progress.global_step, 0)  # named as epoch 0, as sd-scripts' sample_images(..., 0, 0, ...) names it
         trainable = [p for g in optimizer.param_groups for p in g["params"]]
         if c.fused_backward_pass:  # after resume: loading a state replaces the optimizer's group dicts
             install_fused_step(optimizer, c.max_grad_norm, self.world)

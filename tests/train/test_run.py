@@ -440,8 +440,12 @@ def test_without_output_name_saves_and_samples_take_sd_scripts_default_names(bas
         "epoch-000001-state", "epoch-000001.safetensors", "last-state", "last.safetensors", "last_config.toml",
         "sample"]
     assert sorted(p.name[:9] for p in (out / "sample").iterdir()) == ["000004_00", "e000000_0"]
-    resumed = train(_config(base, tmp_path / "resumed", output_name=None, resume=str(out / "at-step00000002-state")))
+    # sample_at_first draws on a resume too, as sd-scripts does (its global_step is still 0 there), and the draw
+    # leaves the training's random state as it was
+    resumed = train(_config(base, tmp_path / "resumed", output_name=None, resume=str(out / "at-step00000002-state"),
+                            sample_prompts=str(prompts), sample_at_first=True, sample_sampler="ddim"))
     assert _states_equal(resumed, out / "last.safetensors")
+    assert [p.name[:9] for p in (tmp_path / "resumed" / "sample").iterdir()] == ["e000000_0"]
 
 
 def test_sdxl_size_conditioning_is_embedded_from_exact_sizes_under_bf16(base, tmp_path, monkeypatch):
