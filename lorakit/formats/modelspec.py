@@ -1,10 +1,11 @@
 """Stability AI "ModelSpec" metadata (`modelspec.*` keys) as kohya sd-scripts writes it into LoRA files.
 
-Values follow sd-scripts' library/sai_model_spec.py (spec 1.0.0): architecture `<base>/lora` (sd-scripts
+Values follow sd-scripts' library/sai_model_spec.py (spec 1.0.1): architecture `<base>/lora` (sd-scripts
 writes `/lora` for every network module, LyCORIS included; SwarmUI matches on these IDs), implementation
 `diffusers` for SD1/SD2 LoRA and the Stability generative-models URL for SDXL LoRA and for checkpoints,
 resolution `WxH`, date ISO-8601 in local time without microseconds, prediction type `epsilon` or `v`,
-timestep range `min,max`, encoder layer = clip skip. Optional keys are written only when given.
+timestep range `min,max`, encoder layer = clip skip, implementation version `lorakit/<version>` (sd-scripts
+writes `sd-scripts/<commit>`). Optional keys are written only when given.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import mimetypes
 import os
 from typing import Iterable, Literal, Sequence
 
-SPEC_VERSION = "1.0.0"
+SPEC_VERSION = "1.0.1"
 
 IMPL_STABILITY_AI = "https://github.com/Stability-AI/generative-models"
 IMPL_DIFFUSERS = "diffusers"
@@ -59,6 +60,7 @@ def build_modelspec(
     is_negative_embedding: str | None = None,
     architecture: str | None = None,
     implementation: str | None = None,
+    implementation_version: str | None = None,
 ) -> dict[str, str]:
     """The `modelspec.*` metadata for a model file, in sd-scripts' key order.
 
@@ -66,10 +68,14 @@ def build_modelspec(
     default as sd-scripts sets them. `date` defaults to now. `tags` and `merged_from` accept a list
     (joined with ", "). `thumbnail` is a data URL, or an image file that is embedded as one.
     `preprocessor` and `is_negative_embedding` are written as given (sd-scripts' --metadata_* strings).
+    `implementation_version` defaults to this lorakit's, as sd-scripts writes its own commit.
     """
     arch, reso, pred, impl = _base_values(kind, is_lora, architecture, implementation)
+    if implementation_version is None:
+        from .. import __version__
+
+        implementation_version = f"lorakit/{__version__}"
     spec = {
-        "modelspec.sai_model_spec": SPEC_VERSION,
         "modelspec.architecture": arch,
         "modelspec.implementation": impl,
         "modelspec.title": _text("title", title),
@@ -77,6 +83,7 @@ def build_modelspec(
         "modelspec.description": _text("description", description),
         "modelspec.author": _text("author", author),
         "modelspec.date": format_date(date),
+        "modelspec.sai_model_spec": SPEC_VERSION,
         "modelspec.license": _text("license", license),
         "modelspec.tags": _joined("tags", tags),
         "modelspec.merged_from": _joined("merged_from", merged_from),
@@ -88,6 +95,7 @@ def build_modelspec(
         "modelspec.thumbnail": None if thumbnail is None else thumbnail_data_url(thumbnail),
         "modelspec.preprocessor": _text("preprocessor", preprocessor),
         "modelspec.is_negative_embedding": _text("is_negative_embedding", is_negative_embedding),
+        "modelspec.implementation_version": _text("implementation_version", implementation_version),
     }
     return {k: v for k, v in spec.items() if v is not None}
 

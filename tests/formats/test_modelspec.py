@@ -1,4 +1,4 @@
-"""ModelSpec keys and values against what kohya sd-scripts (library/sai_model_spec.py, spec 1.0.0) writes."""
+"""ModelSpec keys and values against what kohya sd-scripts (library/sai_model_spec.py, spec 1.0.1) writes."""
 
 from __future__ import annotations
 
@@ -9,31 +9,35 @@ import re
 import pytest
 import torch
 
+from lorakit import __version__
 from lorakit.formats.modelspec import ModelSpecError, build_modelspec
 from lorakit.formats.safetensors_io import read_metadata, save_file
 
 WHEN = dt.datetime(2024, 5, 1, 12, 34, 56, 789000)
 SGM = "https://github.com/Stability-AI/generative-models"
+VERSION = f"lorakit/{__version__}"  # sd-scripts writes sd-scripts/<its commit>
 
 # What sd-scripts' train_network.py writes for `--output_name my_lora` and no other metadata options:
 # build_metadata(v2, v_parameterization, sdxl, lora=True, ...) with the date from the save time.
 SD15_LORA = {
-    "modelspec.sai_model_spec": "1.0.0",
     "modelspec.architecture": "stable-diffusion-v1/lora",
     "modelspec.implementation": "diffusers",
     "modelspec.title": "my_lora",
     "modelspec.resolution": "512x512",
     "modelspec.date": "2024-05-01T12:34:56",
+    "modelspec.sai_model_spec": "1.0.1",
     "modelspec.prediction_type": "epsilon",
+    "modelspec.implementation_version": VERSION,
 }
 SDXL_LORA = {
-    "modelspec.sai_model_spec": "1.0.0",
     "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
     "modelspec.implementation": SGM,
     "modelspec.title": "my_lora",
     "modelspec.resolution": "1024x1024",
     "modelspec.date": "2024-05-01T12:34:56",
+    "modelspec.sai_model_spec": "1.0.1",
     "modelspec.prediction_type": "epsilon",
+    "modelspec.implementation_version": VERSION,
 }
 
 
@@ -74,7 +78,6 @@ def test_all_options_as_sd_scripts_formats_them():
         prediction_type="v",
     )
     assert spec == {
-        "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
         "modelspec.implementation": SGM,
         "modelspec.title": "t",
@@ -82,11 +85,13 @@ def test_all_options_as_sd_scripts_formats_them():
         "modelspec.description": "a *style*",
         "modelspec.author": "me",
         "modelspec.date": "2024-05-01T12:34:56",
+        "modelspec.sai_model_spec": "1.0.1",
         "modelspec.license": "CreativeML Open RAIL++-M",
         "modelspec.tags": "style, anime",
         "modelspec.prediction_type": "v",
         "modelspec.timestep_range": "100,1000",
         "modelspec.encoder_layer": "2",
+        "modelspec.implementation_version": VERSION,
     }
 
 
