@@ -442,6 +442,12 @@ class _Run:
         stop_text_at = (c.stop_text_encoder_training or  # steps; the GUI's percentage converted as it converts it
                         (math.ceil(max_steps * c.stop_text_encoder_training_pct / 100)
                          if c.stop_text_encoder_training_pct else None))
+        if train_text and stop_text_at is not None and stop_text_at < max_steps and not any(
+                not g.get("name", "").startswith("text_encoder") and g.get("lr", 1) for g in groups):
+            stop = ("stop_text_encoder_training" if c.stop_text_encoder_training else "stop_text_encoder_training_pct")
+            raise TrainingError(f"{stop} = {getattr(c, stop)} stops the text encoders at step {stop_text_at} of "
+                                f"{max_steps}, and the U-Net trains nothing (network_train_text_encoder_only, or "
+                                "unet_lr 0): nothing would train after it; train the U-Net too, or leave the stop out")
 
         settings = self._settings()
         # the data too: a resume from a state of a dataset with other batches would take other images

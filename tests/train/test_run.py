@@ -584,3 +584,21 @@ def test_no_metadata_keeps_sd_scripts_minimum_keys_and_the_modelspec(base, tmp_p
     assert (meta["ss_base_model_version"], meta["ss_v2"], meta["ss_network_dim"]) == ("sd_v1", "False", "4")
     assert json.loads(meta["ss_network_args"])["conv_dim"] == "2" and "modelspec.architecture" in meta
     assert not any(k in meta for k in ("ss_tag_frequency", "ss_dataset_dirs", "ss_steps", "ss_learning_rate"))
+
+
+@pytest.mark.parametrize("overrides", [dict(network_train_text_encoder_only=True, stop_text_encoder_training=1),
+                                       dict(unet_lr=0.0, stop_text_encoder_training_pct=50)])
+def test_stopping_the_text_encoders_when_the_unet_trains_nothing_is_refused_before_training(base, tmp_path,
+                                                                                            monkeypatch, overrides):
+    """Past the stop nothing would train: the run died at that step inside backward (no grad_fn), saving nothing."""
+    import lorakit.train.run as run
+
+    monkeypatch.setattr(run, "batch_loss", lambda *a, **k: pytest.fail("trained before refusing"))
+    stop = next(k for k in overrides if k.startswith("stop"))
+    with pytest.raises(run.TrainingError, match=rf"{stop} = .* the U-Net trains nothing"):
+        train(_config(base, tmp_path, **overrides))
+
+
+def test_a_text_encoder_stop_at_the_runs_end_is_no_stop(base, tmp_path):
+    """A stop at or past the last step changes nothing, so a text-encoder-only run with it trains."""
+    assert train(_config(base, tmp_path, network_train_text_encoder_only=True, stop_text_encoder_training=4)).exists()
