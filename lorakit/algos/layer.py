@@ -117,7 +117,8 @@ def describe_layer(module: nn.Module) -> LayerSpec:
                 raise ValueError(
                     f"{type(module).__name__} with padding_mode='{module.padding_mode}': only 'zeros' is supported"
                 )
-            args = {"stride": module.stride, "padding": module.padding, "dilation": module.dilation}
+            padding = explicit_padding(module.padding, module.kernel_size, module.dilation)
+            args = {"stride": module.stride, "padding": padding, "dilation": module.dilation}
             return LayerSpec(f"conv{n}d", module.out_channels, module.in_channels, tuple(module.kernel_size), args)
     if isinstance(module, nn.LayerNorm):
         if len(module.normalized_shape) != 1:
@@ -129,6 +130,18 @@ def describe_layer(module: nn.Module) -> LayerSpec:
         f"cannot adapt a {type(module).__name__}: supported layers are Linear, Conv1d/2d/3d, LayerNorm, GroupNorm "
         "(and transformers' Conv1D)"
     )
+
+
+def explicit_padding(padding, kernel: tuple[int, ...], dilation: tuple[int, ...]):
+    """A conv's string padding as per-axis amounts where they say the same: torch's conv gradients (which the
+    rebuilt-weight and fused paths call) take numbers only. 'same' with an odd total on some axis pads one more on
+    the far side, which no amount says: it stays 'same' (and those paths step aside for it)."""
+    if padding == "valid":
+        return (0,) * len(kernel)
+    if padding != "same":
+        return padding
+    totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
+    return padding if any(t % 2 for t in totals) else tuple(t // 2 for t in totals)
 
 
 def positions(spec: LayerSpec, x: torch.Tensor) -> int:

@@ -64,6 +64,8 @@ def rebuilt_weight_op(spec: LayerSpec, x: torch.Tensor, rebuild: Callable[[], to
     """spec.op(x, rebuild(), bias) with gradients for x, bias and the parameters `rebuild` reads."""
     if not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in params)):
         return spec.op(x, rebuild(), bias)
+    if isinstance(spec.conv_args.get("padding"), str):  # an uneven 'same': torch's conv gradients take numbers only
+        return spec.op(x, rebuild().to(x.dtype), bias)
     # under autocast only the bias and x are cast: rebuild() reads the parameters itself, so casts of them would
     # be cut off from the rebuilt weight
     return amp.apply(_RebuiltWeightOp, spec, rebuild, bias, x, *params, cast=(2, 3))
