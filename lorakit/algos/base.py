@@ -16,6 +16,9 @@ from typing import Any, ClassVar, Mapping
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from .dora import DoRA
 from .fused_conv import conv_fusable, conv_plus_low_rank
@@ -351,6 +354,9 @@ class Adapter(DoRA, nn.Module):
         """Add the change into the layer's weight (and bias); `unmerge()` puts the original back exactly."""
         if self.merged:
             raise RuntimeError(f"{self.name} adapter is already merged")
+        refusal = self.merge_refusal()
+        if refusal is not None:
+            raise ValueError(f"merge: {refusal}")
         m = self.multiplier if multiplier is None else float(multiplier)
         layer = self.layer
         dw, db = self.delta_weight(m), self.delta_bias(m)
@@ -365,6 +371,23 @@ class Adapter(DoRA, nn.Module):
             else:
                 bias.copy_((bias.to(torch.promote_types(bias.dtype, db.dtype)) + db.to(bias.device)).to(bias.dtype))
         self.merged = True
+
+    def merge_refusal(self) -> str | None:
+        """Why the change cannot be merged into this layer, or None. A weight that a parametrization (weight_norm,
+        spectral_norm) computes on each access is a new tensor each time: a write into it is lost, and no weight
+        of the parametrization's own gives W + dW in general."""
+        host = self.host
+        names = ["weight"] + (["bias"] if self.delta_bias() is not None else [])
+        computed = [n for n in names if parametrize.is_parametrized(host, n)]
+        computed += [hook.name for hook in host._forward_pre_hooks.values()
+                     if isinstance(hook, (WeightNorm, SpectralNorm)) and hook.name in names]
+        if not computed:
+            return None
+        return (f"{self.name} adapter on {type(host).__name__} {tuple(self.spec.weight_shape)}: its "
+                f"{' and '.join(computed)} is computed by a parametrization (weight_norm/spectral_norm) on each "
+                "access, so a merged change would be lost. Remove the parametrization first "
+                "(torch.nn.utils.parametrize.remove_parametrizations, nn.utils.remove_weight_norm), or keep the "
+                "network applied")
 
     @torch.no_grad()
     def unmerge(self) -> None:

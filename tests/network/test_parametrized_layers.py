@@ -1,0 +1,67 @@
+"""Layers under a weight parametrization (torch.nn.utils.parametrizations.weight_norm/spectral_norm, the old
+nn.utils.weight_norm/spectral_norm hooks): their weight is computed from other parameters on each access."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrizations
+
+from lorakit import create_network
+
+WRAPS = {
+    "weight_norm": parametrizations.weight_norm,
+    "spectral_norm": parametrizations.spectral_norm,
+    "old_weight_norm": nn.utils.weight_norm,
+    "old_spectral_norm": nn.utils.spectral_norm,
+}
+
+
+def wrapped_model(wrap):
+    torch.manual_seed(0)
+    return nn.Sequential(wrap(nn.Linear(6, 6)), nn.Tanh(), nn.Linear(6, 4)).eval()
+
+
+def network(model, algo):
+    logging.disable(logging.WARNING)  # "does not use dim" for full and ia3
+    try:
+        net = create_network(model, algo=algo, dim=2)
+    finally:
+        logging.disable(logging.NOTSET)
+    with torch.no_grad():  # a non-zero change on every adapter
+        for _, adapter in net.adapters():
+            for p in adapter.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+    return net
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # the old nn.utils.weight_norm
+@pytest.mark.parametrize("wrap", WRAPS, ids=list(WRAPS))
+@pytest.mark.parametrize("algo", ["lora", "full", "ia3"])
+def test_merge_into_a_parametrized_weight_is_refused(wrap, algo):
+    """A write into the computed weight would be lost (merge did nothing, silently): refused, naming why."""
+    model = wrapped_model(WRAPS[wrap])
+    net = network(model, algo)
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        before = model(x)
+    with pytest.raises(ValueError, match="parametrization"):
+        net.merge()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before)  # not half merged either: the wrapped layer comes first
+
+
+def test_merge_of_plain_layers_is_unchanged():
+    model = wrapped_model(lambda layer: layer)
+    net = network(model, "lora")
+    x = torch.randn(3, 6)
+    net.apply()
+    with torch.no_grad():
+        applied = model(x)
+    net.restore()
+    net.merge()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), applied)
