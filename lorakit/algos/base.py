@@ -416,7 +416,8 @@ class Adapter(DoRA, nn.Module):
         # (a trainable bias would get a wrong gradient through IA3/OFT, and each step would fill a weight-sized
         # .grad); restore() gives back their requires_grad.
         host = self.host
-        self._layer_requires_grad = {n: p.requires_grad for n, p in host.named_parameters(recurse=False)}
+        # recursing: a parametrization keeps the weight's parameters in a submodule (parametrizations.weight)
+        self._layer_requires_grad = {n: p.requires_grad for n, p in host.named_parameters()}
         host.requires_grad_(False)
         self._org_forward = host.forward
         self._routed = self.__call__ if hooks else self.forward
@@ -432,9 +433,10 @@ class Adapter(DoRA, nn.Module):
         else:
             layer.forward = self._org_forward
         for name, flag in getattr(self, "_layer_requires_grad", {}).items():
-            param = getattr(layer, name, None)
-            if isinstance(param, nn.Parameter):
-                param.requires_grad_(flag)
+            try:
+                layer.get_parameter(name).requires_grad_(flag)
+            except AttributeError:  # removed since apply (a parametrization taken off, a bias set to None)
+                pass
 
     # ----- saved form -------------------------------------------------------------------------------------------
     def saved_tensors(self) -> dict[str, torch.Tensor]:

@@ -65,3 +65,15 @@ def test_merge_of_plain_layers_is_unchanged():
     net.merge()
     with torch.no_grad():
         torch.testing.assert_close(model(x), applied)
+
+
+@pytest.mark.parametrize("wrap", ["weight_norm", "spectral_norm"])
+def test_restore_gives_back_the_parametrization_parameters_requires_grad(wrap):
+    """apply() freezes the layer's weight, here the parametrization's originals; restore() unfreezes them."""
+    model = wrapped_model(WRAPS[wrap])
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert any("original" in n for n in before)
+    net = network(model, "lora").apply()
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n.startswith("0."))
+    net.restore()
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
