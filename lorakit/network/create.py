@@ -106,8 +106,9 @@ def create_network(model: nn.Module, text_encoders: Sequence[nn.Module] | nn.Mod
             selected += select(component, te, preset, preset.text_encoder_target_module,
                                preset.text_encoder_target_name)
     else:
-        everything = preset.target_module is None or not (preset.target_module or preset.target_name)
-        selected = select("model", model, preset, preset.target_module or (), preset.target_name, everything)
+        # a module_algo_map class is a target class too, as LyCORIS' wrapper.py adds those to its targets
+        targets = (*(preset.target_module or ()), *preset.module_algo_map)
+        selected = select("model", model, preset, targets, preset.target_name, everything=preset.target_module is None)
 
     plan = _BlockPlan(config, arch, index, selected)
     adapters, entries = {}, {}

@@ -140,6 +140,8 @@ def preset_from_dict(data: dict, name: str = "custom", source: str = "preset") -
                 raise OptionError(f"{source}: preset key '{key}' must be a table, got {value!r}")
             value = {k: _check_override(f"{source}: {key}.{k}", v) for k, v in value.items()}
         values[key] = value
+    if not (values.get("target_module") or values.get("target_name") or values.get("module_algo_map")):
+        values["target_module"] = None  # a dict that names no generic target: every layer of a generic model
     return Preset(name=name, source=source, **values)
 
 
@@ -150,7 +152,8 @@ def preset_from_file_data(data: dict, name: str = "custom", source: str = "prese
     (LycorisNetwork's Linear, Conv1d/2d/3d, GroupNorm, LayerNorm)."""
     defaults = {key: value for key, value in _full_preset_lists().items() if key not in data}
     preset = preset_from_dict({**defaults, **data}, name=name, source=source)
-    return preset if "target_module" in data else replace(preset, target_module=None)
+    # a file's key as given ([] selects nothing by it), LyCORIS' default (every layer kind) when left out
+    return replace(preset, target_module=tuple(data["target_module"]) if "target_module" in data else None)
 
 
 @functools.lru_cache(maxsize=1)

@@ -680,3 +680,33 @@ def test_name_algo_map_takes_the_exact_path_first_then_the_first_matching_entry(
     assert two_patterns.override_for_name(path) == {"algo": "loha"}
     assert two_patterns.override_for_name("up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q") == {
         "algo": "lokr"}
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+
+class _BlockModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block, self.other, self.head = _Block(), nn.Linear(4, 4), nn.Linear(4, 2)
+
+
+def test_an_empty_target_module_in_a_file_selects_nothing_by_it_and_a_map_class_is_a_target(tmp_path):
+    """LyCORIS' wrapper.py targets target_module + the module_algo_map classes: a file's `target_module = []` with
+    a map class selects that class's layers alone (it selected every layer), and with nothing else, nothing."""
+    mapped = tmp_path / "map.toml"
+    mapped.write_text('target_module = []\n[module_algo_map._Block]\nalgo = "loha"\n')
+    net = create_network(_BlockModel(), algo="lora", dim=2, preset=str(mapped))
+    assert {name: a.name for name, a in net.adapters()} == {"lycoris_block_fc": "loha"}
+    empty = tmp_path / "empty.toml"
+    empty.write_text("target_module = []\ntarget_name = []\n")
+    with pytest.raises(ValueError, match="selected no layer"):
+        create_network(_BlockModel(), algo="lora", dim=2, preset=str(empty))
+    # a dict that names no generic target still selects every layer; one naming a map class, that class's layers
+    assert len(dict(create_network(_BlockModel(), algo="lora", dim=2, preset={}).adapters())) == 3
+    net = create_network(_BlockModel(), algo="lora", dim=2,
+                         preset={"target_module": [], "module_algo_map": {"_Block": {"algo": "loha"}}})
+    assert [name for name, _ in net.adapters()] == ["lycoris_block_fc"]
