@@ -148,6 +148,10 @@ class Network(nn.Module):
         if self.tied:
             raise ValueError(f"merge: {self._tied_example()}; merging would change them all (the applied network "
                              "changes the adapted layer alone). Untie the weights first, or keep it applied")
+        refused = [(name, why) for name, adapter in self.adapters() if (why := adapter.merge_refusal()) is not None]
+        if refused:  # before any layer is merged: a half-merged model is neither the applied nor the base one
+            raise ValueError(f"merge: {len(refused)} adapted layer(s) cannot be merged; {refused[0][0]}: "
+                             f"{refused[0][1]}")
         for name, adapter in self.adapters():
             m = adapter.multiplier if multiplier is None else multiplier * self._block_multipliers.get(name, 1.0)
             adapter.merge(m, keep_backup=keep_backup)

@@ -77,3 +77,18 @@ def test_restore_gives_back_the_parametrization_parameters_requires_grad(wrap):
     assert not any(p.requires_grad for n, p in model.named_parameters() if n.startswith("0."))
     net.restore()
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+
+
+def test_a_network_merge_refuses_before_merging_any_layer():
+    """The parametrized layer last: the plain layers before it were merged before the refusal (a half-merged
+    model); the network checks every adapter first and names the refused one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), parametrizations.weight_norm(nn.Linear(6, 4))).eval()
+    net = network(model, "lora")
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        before = model(x)
+    with pytest.raises(ValueError, match=r"1 adapted layer\(s\) cannot be merged; lycoris_2: .*parametrization"):
+        net.merge()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before)
