@@ -771,7 +771,13 @@ def _load_network_weights(net, source, where: str, unet, text_encoders) -> None:
 
     tensors, where, _ = kohya_tensors(read_adapter_tensors(source)[0], net.arch, where)  # OneTrainer OMI, ...
     index = NameIndex.for_sd(unet, text_encoders or (), net.arch) if net.arch is not None else None
-    _, unexpected = KohyaNetwork.wrap(net, index).load_state_dict(tensors, strict=False)  # its adapters are net's
+    try:
+        _, unexpected = KohyaNetwork.wrap(net, index).load_state_dict(tensors, strict=False)  # its adapters are net's
+    except RuntimeError as error:  # torch's message: one line per tensor whose shape differs
+        lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+        raise TrainingError(f"network_weights={where}: {len(lines)} tensor(s) have other shapes than this network's "
+                            f"(e.g. {lines[0] if lines else error}); set network_dim, conv_dim and network_args as "
+                            "the file was trained, or use dim_from_weights") from None
     if unexpected:
         raise TrainingError(f"network_weights={where}: {len(unexpected)} tensor(s) match no adapter of this network "
                             f"(e.g. {unexpected[0]}); use dim_from_weights for its shapes")

@@ -103,3 +103,16 @@ def test_a_unet_only_run_leaves_out_the_text_encoder_adapters_of_a_onetrainer_om
     kept = _unet_adapters(tmp_path / "omi.safetensors", "sdxl")
     assert sorted(kept) == ["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight",
                             "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_up.weight"]
+
+
+def test_a_file_of_another_rank_is_refused_in_one_line_naming_it(base, tmp_path):
+    """The kohya_ss GUI's "Network weights" with another "Network Rank": torch's load_state_dict error (one line
+    per tensor, hundreds) became one that names the file, a tensor, and dim_from_weights."""
+    from lorakit.train.run import TrainingError
+
+    path = base / "sd_lora.safetensors"  # rank 4
+    with pytest.raises(TrainingError) as error:
+        train(_config(base, tmp_path, network_weights=str(path), network_dim=8))
+    message = str(error.value)
+    assert message.startswith(f"network_weights={path}: ") and "\n" not in message
+    assert "lora_down.weight: file has shape (4, " in message and "dim_from_weights" in message
