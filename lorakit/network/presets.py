@@ -118,6 +118,10 @@ def _drop_unused_options(where: str, override: dict, default_algo: str) -> dict:
     return {k: v for k, v in override.items() if k not in unused}
 
 
+class MissingPresetFile(OptionError, FileNotFoundError):
+    """A preset .toml that is not there: an option error (one line under `lorakit train`), and a missing file."""
+
+
 def preset_from_dict(data: dict, name: str = "custom", source: str = "preset") -> Preset:
     values: dict[str, Any] = {}
     for key, value in data.items():
@@ -181,7 +185,8 @@ def load_preset(preset: str | Path | dict | Preset) -> Preset:
         raise OptionError(f"unknown preset '{text}'{suggest(text, builtin_presets())}: use one of "
                           f"{', '.join(builtin_presets())} or a .toml file")
     if not path.is_file():
-        raise FileNotFoundError(f"preset file {path} does not exist")
+        what = "is a folder, expected a preset .toml file" if path.is_dir() else "does not exist"
+        raise MissingPresetFile(f"preset file {path} {what}")
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:

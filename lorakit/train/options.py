@@ -579,6 +579,7 @@ GUI_KEYS = {
     "epoch": "the GUI's epoch field; sd-scripts reads max_train_epochs / max_train_steps",
     "noise_offset_type": "the GUI's Original/Multires switch; sd-scripts reads noise_offset / "
                          "multires_noise_iterations",
+    "lowvram": "the GUI's lowvram checkbox; sd-scripts has lowram and highvram, and no lowvram",
 }
 # Command-line-only names: the config file itself.
 COMMAND_LINE_ONLY = ("config_file",)

@@ -710,3 +710,17 @@ def test_an_empty_target_module_in_a_file_selects_nothing_by_it_and_a_map_class_
     net = create_network(_BlockModel(), algo="lora", dim=2,
                          preset={"target_module": [], "module_algo_map": {"_Block": {"algo": "loha"}}})
     assert [name for name, _ in net.adapters()] == ["lycoris_block_fc"]
+
+
+def test_a_missing_preset_file_in_network_args_is_an_option_error(tmp_path):
+    """The kohya_ss GUI takes a custom preset path: a moved file or a folder is one line under `lorakit train` (an
+    OptionError, which the command reports), not a traceback; it is still a FileNotFoundError for Python callers."""
+    from lorakit.train.config import OptionError as TrainOptionError, load_train_config
+
+    (tmp_path / "folder.toml").mkdir()
+    for name, what in (("gone.toml", "does not exist"), ("folder.toml", "is a folder")):
+        with pytest.raises(TrainOptionError, match=rf"preset file .*{name} {what}"):
+            load_train_config(overrides={"network_module": "lycoris.kohya",
+                                         "network_args": [f"preset={tmp_path / name}"]})
+        with pytest.raises(FileNotFoundError):
+            load_preset(str(tmp_path / name))

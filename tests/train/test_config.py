@@ -26,8 +26,8 @@ except ModuleNotFoundError:  # Python < 3.11
 ROOT = Path(__file__).resolve().parents[2]
 
 # The sd-scripts TOML the kohya_ss GUI writes for an SDXL LoRA (its keys, spellings and types as written there:
-# "" for unset, 1 for true, [] for empty lists, AdamW8Bit, max_token_length 75, and the GUI-only epoch and
-# noise_offset_type that sd-scripts ignores).
+# "" for unset, 1 for true, [] for empty lists, AdamW8Bit, max_token_length 75, and the GUI-only epoch,
+# noise_offset_type and lowvram that sd-scripts ignores).
 KOHYA_GUI = """\
 async_upload = true
 bucket_no_upscale = true
@@ -70,6 +70,7 @@ network_dim = 32
 network_module = "networks.lora"
 no_half_vae = true
 noise_offset_type = "Original"
+lowvram = true
 optimizer_args = []
 optimizer_type = "AdamW8Bit"
 output_dir = "/app/outputs"
@@ -195,7 +196,7 @@ def test_kohya_gui_config_loads_unchanged(tmp_path):
         True, "model", "public")
     # networks.lora is lorakit's LoRA on sd-scripts' own default layers (no conv_dim: the transformer blocks)
     assert config.network_kwargs() == {"algo": "lora", "preset": "attn-mlp"}
-    assert "epoch" not in config.given and "noise_offset_type" not in config.given
+    assert not {"epoch", "noise_offset_type", "lowvram"} & set(config.given)
 
 
 @pytest.mark.parametrize("module,args,expected", [
