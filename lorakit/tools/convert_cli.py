@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         report = convert(args.source, args.output, to=args.to, unet_names=args.unet_names, dtype=args.dtype,
                          arch=args.arch, progress=not args.no_progress and sys.stderr.isatty())
-    except (ConvertError, SafetensorsFileError, FileNotFoundError, ValueError) as e:
+    except (ConvertError, SafetensorsFileError, OSError, ValueError) as e:  # OSError: a folder, a full disk
         print(f"lorakit convert: error: {e}", file=sys.stderr)
         return 2
     cast = f", {report.dtype}" if report.dtype else ""

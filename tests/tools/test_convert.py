@@ -379,3 +379,6 @@ def test_checkpoints_unknown_targets_and_generic_files_are_refused(tmp_path, cap
     assert e.value.code == 0 and "diffusers/PEFT" in capsys.readouterr().out
     assert main(["convert", str(src), str(tmp_path / "o.safetensors"), "--to", "diffusers", "--no-progress"]) == 0
     assert st_load(tmp_path / "o.safetensors")
+    (tmp_path / "folder.safetensors").mkdir()  # an OSError of the writer: one line too, not a traceback
+    assert main(["convert", str(src), str(tmp_path / "folder.safetensors"), "--to", "diffusers", "--no-progress"]) == 2
+    assert "folder.safetensors: is a folder" in capsys.readouterr().err
