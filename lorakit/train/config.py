@@ -85,6 +85,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists() and path.suffix != ".toml":
         path = path.with_name(path.name + ".toml")
+    if path.is_dir():
+        raise OptionError(f"config file {path}: is a folder, expected a .toml file")
     if not path.is_file():
         raise OptionError(f"config file not found: {path}")
     try:

@@ -332,6 +332,8 @@ _PARSERS = {".toml": ("TOML", tomllib.loads, tomllib.TOMLDecodeError),
 
 def read_dataset_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise OptionError(f"dataset config file {path}: is a folder, expected a .toml or .json file")
     if not path.is_file():
         raise OptionError(f"dataset config file not found: {path}")
     if path.suffix.lower() not in _PARSERS:

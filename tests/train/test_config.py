@@ -246,6 +246,9 @@ def test_config_file_name_without_suffix_gets_toml(tmp_path):
 def test_file_problems_are_named(tmp_path):
     with pytest.raises(OptionError, match="config file not found"):
         load_train_config(tmp_path / "missing.toml")
+    (tmp_path / "folder.toml").mkdir()  # it exists: "not found" misled
+    with pytest.raises(OptionError, match="folder.toml: is a folder, expected a .toml file"):
+        load_train_config(tmp_path / "folder.toml")
     with pytest.raises(OptionError, match="not valid TOML"):
         load_train_config(write(tmp_path, "network_dim = = 4\n"))
     gui_json = tmp_path / "gui.json"

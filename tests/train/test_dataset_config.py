@@ -270,6 +270,9 @@ def test_bad_dataset_configs_name_the_place_and_the_key(text, message):
 def test_missing_or_broken_files(tmp_path):
     with pytest.raises(OptionError, match="dataset config file not found"):
         load_dataset_config(tmp_path / "none.toml")
+    (tmp_path / "folder.toml").mkdir()
+    with pytest.raises(OptionError, match="folder.toml: is a folder, expected a .toml or .json file"):
+        load_dataset_config(tmp_path / "folder.toml")
     broken = tmp_path / "broken.toml"
     broken.write_text("[[datasets]\n")
     with pytest.raises(OptionError, match="not valid TOML"):
