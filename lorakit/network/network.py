@@ -65,6 +65,7 @@ class Network(nn.Module):
             log.warning("lorakit: %s; the adapted model is right, but merge() would change every sharer, so it is "
                         "refused", self._tied_example(" (tied)"))
         self._fast_path_hooks: list = []
+        self._nesting: list = []  # (TransformerEncoder, its use_nested_tensor) while applied
         self._sync_multipliers()
 
     # ----- the adapters -----
@@ -121,7 +122,12 @@ class Network(nn.Module):
             raise RuntimeError("this network is already applied")
         for _, adapter in self.adapters():
             adapter.apply(hooks=hooks)
-        self._fast_path_hooks = [m.register_forward_pre_hook(_regular_path) for m in self.fast_path_owners]
+        self._fast_path_hooks = [m.register_forward_pre_hook(_regular_path) for m in self.fast_path_owners
+                                 if isinstance(m, nn.TransformerEncoderLayer)]
+        self._nesting = [(m, m.use_nested_tensor) for m in self.fast_path_owners
+                         if isinstance(m, nn.TransformerEncoder) and hasattr(m, "use_nested_tensor")]
+        for encoder, _ in self._nesting:
+            encoder.use_nested_tensor = False
         self.applied = True
         return self
 
@@ -133,7 +139,9 @@ class Network(nn.Module):
             adapter.restore()
         for handle in self._fast_path_hooks:
             handle.remove()
-        self._fast_path_hooks = []
+        for encoder, nesting in self._nesting:
+            encoder.use_nested_tensor = nesting
+        self._fast_path_hooks, self._nesting = [], []
         self.applied = False
 
     def _tied_example(self, note: str = "") -> str:

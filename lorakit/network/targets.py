@@ -132,12 +132,14 @@ def _ancestors(path: str) -> list[str]:
 
 
 def fast_path_owners(models, layers) -> list[nn.Module]:
-    """torch TransformerEncoderLayers that hold any of these layers. In inference (eval, no grad) their fast path
-    computes the whole block from the weights and never calls the layers' forward, so an applied adapter there
-    would be skipped; torch takes the regular path when a hook is attached (Network.apply attaches one)."""
+    """torch TransformerEncoderLayers and TransformerEncoders that hold any of these layers. In inference (eval, no
+    grad) a layer's fast path computes the whole block from the weights and never calls the layers' forward, so an
+    applied adapter there would be skipped; torch takes the regular path when a hook is attached. An encoder given
+    a padding mask hands its layers a nested tensor, which no adapter takes. Network.apply turns both off."""
     ids = {id(layer) for layer in layers}
     return [m for root in models for m in root.modules()
-            if isinstance(m, nn.TransformerEncoderLayer) and any(id(c) in ids for c in m.modules())]
+            if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerEncoder)) and
+            any(id(c) in ids for c in m.modules())]
 
 
 def tied_parameters(models, layers: dict) -> dict[str, list[str]]:

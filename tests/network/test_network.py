@@ -196,6 +196,26 @@ def test_generic_model_leaves_out_layers_an_adapter_cannot_act_on_and_says_so(ca
         torch.testing.assert_close(model(x), applied)
 
 
+@pytest.mark.parametrize("algo", ["lora", "loha", "ia3", "diag-oft"])
+def test_a_transformer_encoder_given_a_padding_mask_hands_its_adapters_plain_tensors(algo):
+    """nn.TransformerEncoder in inference with src_key_padding_mask packs its input into a nested tensor, which no
+    adapter takes (they failed with "NestedTensorImpl doesn't support sizes"): an applied network keeps it off
+    nesting, and the output at the unmasked positions equals the merged model's; restore gives nesting back."""
+    torch.manual_seed(0)
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 2,
+                                  enable_nested_tensor=True).eval()
+    x, mask = torch.randn(2, 5, 8), torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    net = randomize(create_network(model, algo=algo, dim=2), scale=0.3)
+    with torch.no_grad():
+        net.apply()
+        applied = model(x, src_key_padding_mask=mask)
+        net.restore()
+        assert model.use_nested_tensor
+        net.merge(keep_backup=True)
+        merged = model(x, src_key_padding_mask=mask)  # the fast path, nested: masked positions come back as 0
+    torch.testing.assert_close(applied[~mask], merged[~mask])
+
+
 def test_optimizer_groups_with_loraplus_and_text_encoder_lr():
     unet, tes = tiny_model("sd1")
     net = create_network(unet, tes, preset="attn-mlp", dim=4, loraplus_lr_ratio=16)
