@@ -55,12 +55,9 @@ def _norm_prefix(prefix: str) -> str:
 
 def adapter_name(prefix: str, module_path: str) -> str:
     """``prefix`` + ``module_path`` with ``.`` -> ``_``; the prefix may be given with or without its
-    trailing ``_`` (``"lora_unet"`` or ``"lora_unet_"``). The root module (``""``) is named by the bare
-    prefix, as LyCORIS does."""
-    p = _norm_prefix(prefix)
-    if not module_path:
-        return p[:-1]
-    return p + module_path.replace(".", "_")
+    trailing ``_`` (``"lora_unet"`` or ``"lora_unet_"``). The root module (``""``) is named by the prefix and
+    its ``_`` (``lycoris_``), as LyCORIS' wrapper.py names it (f"{prefix}_{name}")."""
+    return _norm_prefix(prefix) + module_path.replace(".", "_")
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -193,6 +190,8 @@ class NameIndex:
             name = adapter_name(prefix, path)
             self._register(name, Target(component, path, module))
             self._primary[(component, path)] = name
+            if not path:  # an earlier lorakit named the root by the bare prefix
+                self._register(name[:-1], Target(component, path, module))
         return self
 
     def add_text_encoder(self, component: str, model: torch.nn.Module, prefix: str) -> "NameIndex":

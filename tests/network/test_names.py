@@ -59,7 +59,7 @@ def test_adapter_name_and_split_key():
     assert adapter_name("lora_unet_", path) == expected
     assert adapter_name("lora_unet", path) == expected
     assert adapter_name("lycoris", "0.fc") == "lycoris_0_fc"
-    assert adapter_name("lycoris_", "") == "lycoris"
+    assert adapter_name("lycoris_", "") == "lycoris_"  # LyCORIS: f"{prefix}_{name}"
     with pytest.raises(ValueError):
         adapter_name("", path)
     assert split_key(expected + ".lora_down.weight") == (expected, "lora_down.weight")
@@ -374,3 +374,26 @@ def test_ldm_map_agrees_with_diffusers_converter(model):
         checkpoint[f"model.diffusion_model.{diffusers_to_ldm(module, layout)}.{leaf}"] = key
     converted = convert(checkpoint, dict(unet.config))
     assert converted == {k: k for k in keys}
+
+
+def test_a_model_that_is_one_layer_names_its_adapter_as_lycoris_does(tmp_path):
+    """LyCORIS' wrapper.py names the root module f"{prefix}_{name}" = "lycoris_" (lorakit wrote "lycoris", which
+    neither loader matched to the other's file); a file of the earlier name still loads."""
+    import torch
+    from torch import nn
+
+    from lorakit import create_network, load_network
+    from lorakit.formats.safetensors_io import save_file
+
+    lycoris = pytest.importorskip("lycoris")
+    layer = nn.Linear(4, 4)
+    net = create_network(layer, algo="lora", dim=2)
+    with torch.no_grad():
+        dict(net.adapters())["lycoris_"].lora_up.normal_()
+    net.save(tmp_path / "root.safetensors")
+    assert sorted(net.state_dict()) == ["lycoris_.alpha", "lycoris_.lora_down.weight", "lycoris_.lora_up.weight"]
+    loaded, _ = lycoris.create_lycoris_from_weights(1.0, str(tmp_path / "root.safetensors"), layer)
+    assert len(loaded.loras) == 1
+    earlier = {k.replace("lycoris_.", "lycoris."): v for k, v in net.state_dict().items()}
+    save_file(earlier, tmp_path / "earlier.safetensors")
+    assert list(load_network(nn.Linear(4, 4), tmp_path / "earlier.safetensors").entries) == ["lycoris_"]
