@@ -187,8 +187,13 @@ def load_network(model: nn.Module, source: str | Path | Mapping[str, torch.Tenso
     found, missing = index.resolve_keys(tensors)
     if missing:
         shown = ", ".join(repr(n) for n in missing[:3])
+        hint = "is it for another model, or a text encoder that was not given?"
+        heads = {n.split("_", 1)[0] for n in missing}
+        if arch is None and len(heads) == 1 and not f"{prefix}_".startswith(f"{next(iter(heads))}_"):
+            head = next(iter(heads))  # one other prefix: a preset's lora_prefix, which load_network must be told
+            hint = f"its names start with '{head}_': saved with lora_prefix '{head}'? pass prefix='{head}'"
         raise ValueError(f"{where}: {len(missing)} adapter name(s) match no module of this model, e.g. {shown} "
-                         f"(is it for another model, or a text encoder that was not given?)")
+                         f"({hint})")
     warn_non_finite(tensors, where, stacklevel=3)
 
     groups = group_by_module(tensors)

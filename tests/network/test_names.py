@@ -397,3 +397,17 @@ def test_a_model_that_is_one_layer_names_its_adapter_as_lycoris_does(tmp_path):
     earlier = {k.replace("lycoris_.", "lycoris."): v for k, v in net.state_dict().items()}
     save_file(earlier, tmp_path / "earlier.safetensors")
     assert list(load_network(nn.Linear(4, 4), tmp_path / "earlier.safetensors").entries) == ["lycoris_"]
+
+
+def test_a_file_of_another_prefix_names_the_prefix_option(tmp_path):
+    """A generic network saved with a preset's lora_prefix loads with load_network(..., prefix=...): the error for
+    its unmatched names says so."""
+    from torch import nn
+
+    from lorakit import create_network, load_network
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    create_network(model, algo="lora", dim=2, preset={"lora_prefix": "mynet"}).save(tmp_path / "n.safetensors")
+    with pytest.raises(ValueError, match=r"names start with 'mynet_': .* pass prefix='mynet'"):
+        load_network(model, tmp_path / "n.safetensors")
+    assert len(load_network(model, tmp_path / "n.safetensors", prefix="mynet").entries) == 2
