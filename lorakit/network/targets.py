@@ -146,13 +146,16 @@ def tied_parameters(models, layers: dict) -> dict[str, list[str]]:
     """{adapter name: the other parameter names} for adapted layers ({name: layer}) whose weight or bias another
     module of ``models`` shares (tied weights, as GPT-2's lm_head and wte): merging such an adapter writes its
     change into the other module too."""
-    owners: dict[int, list[str]] = {}
+    owners: dict[int, list[tuple[int, str]]] = {}  # parameter -> (its module, its name) for each place it sits
     for index, root in enumerate(models):
-        for pname, param in root.named_parameters(remove_duplicate=False):
-            owners.setdefault(id(param), []).append(pname if index == 0 else f"[{index}].{pname}")
+        for path, module in root.named_modules(remove_duplicate=False):
+            for pname, param in module.named_parameters(recurse=False):
+                name = f"{path}.{pname}" if path else pname
+                owners.setdefault(id(param), []).append((id(module), name if index == 0 else f"[{index}].{name}"))
     tied = {}
     for name, layer in layers.items():
-        shared = [p for param in layer.parameters(recurse=False) for p in owners.get(id(param), [])]
-        if len(shared) > len(list(layer.parameters(recurse=False))):
-            tied[name] = shared
+        # the same module reached by two paths is not tied: its weight changes with it, merged or applied alike
+        places = [place for param in layer.parameters(recurse=False) for place in owners.get(id(param), [])]
+        if any(module != id(layer) for module, _ in places):
+            tied[name] = [pname for _, pname in places]
     return tied

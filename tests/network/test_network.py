@@ -472,6 +472,30 @@ def test_tied_weights_are_named_and_merging_them_is_refused(caplog):
     assert untied.tied == {}
 
 
+def test_one_layer_reached_by_two_paths_is_not_tied():
+    """The same module object under two names (self.b = self.a) changes with its adapter everywhere it is used,
+    merged or applied alike: it was reported as tied and its merge refused."""
+    class TwoPaths(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = self.a
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    model = TwoPaths()
+    net = randomize(create_network(model, algo="lora", dim=2), scale=0.3)
+    assert net.tied == {}
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        net.apply()
+        applied = model(x)
+        net.restore()
+        net.merge()
+        torch.testing.assert_close(model(x), applied)
+
+
 def test_oft_blocks_of_size_one_are_named(caplog):
     model = nn.Sequential(nn.Linear(8, 7), nn.Linear(7, 8))  # 7 outputs: blocks of 1, which rotate nothing
     with caplog.at_level("WARNING", logger="lorakit"):
