@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 from typing import Sequence
 
 import torch
@@ -41,15 +43,48 @@ def merge_base_weights(model, files: Sequence[str], multipliers: Sequence[float]
 
 
 def keep_in_fp8(modules: Sequence[torch.nn.Module], compute_dtype: torch.dtype) -> None:
-    """Store the Linear/Conv weights of `modules` in float8_e4m3fn, cast up to `compute_dtype` for each call and
-    back after it (diffusers' layerwise casting). Norm layers and embeddings keep `compute_dtype`, as sd-scripts
-    keeps the text encoders' embeddings; SDXL's text_projection too (its weight dtype decides the pooled dtype)."""
-    from diffusers.hooks import apply_layerwise_casting
+    """Store the Linear/Conv weights of `modules` in float8_e4m3fn and give each call a copy cast up to
+    `compute_dtype` (diffusers' layerwise casting hook, made per call: _cast_up_per_call_hook). Norm layers and
+    embeddings keep `compute_dtype`, as sd-scripts keeps the text encoders' embeddings; SDXL's text_projection too
+    (its weight dtype decides the pooled dtype)."""
+    from diffusers.hooks import HookRegistry
+    from diffusers.hooks._common import _GO_LC_SUPPORTED_PYTORCH_LAYERS
 
+    hook_type = _cast_up_per_call_hook()
     for module in modules:
-        apply_layerwise_casting(module, storage_dtype=FP8, compute_dtype=compute_dtype,
-                                skip_modules_pattern=(r"(^|\.)text_projection$",),
-                                skip_modules_classes=(torch.nn.Embedding,))
+        for name, layer in module.named_modules():
+            if isinstance(layer, torch.nn.Embedding) or re.search(r"(^|\.)text_projection$", name):
+                continue
+            if isinstance(layer, _GO_LC_SUPPORTED_PYTORCH_LAYERS):
+                hook = hook_type(storage_dtype=FP8, compute_dtype=compute_dtype, non_blocking=False)
+                HookRegistry.check_if_exists_or_initialize(layer).register_hook(hook, "layerwise_casting")
+
+
+@functools.cache
+def _cast_up_per_call_hook():
+    """diffusers' LayerwiseCastingHook (stores the layer in fp8; `unet.dtype` reads its compute dtype), except that
+    the call runs on copies of the weight and bias cast up while the parameters stay float8. diffusers' own hook
+    casts the parameters in place and back after the call: whatever the call kept for backward by reference (the
+    weight, in the fused adapter paths and torch's conv) was float8 again when backward read it, and a checkpointed
+    block recomputed with tensors of another dtype than its forward kept."""
+    from diffusers.hooks.layerwise_casting import LayerwiseCastingHook
+
+    class CastUpPerCall(LayerwiseCastingHook):
+        def pre_forward(self, module, *args, **kwargs):
+            return args, kwargs
+
+        def post_forward(self, module, output):
+            return output
+
+        def new_forward(self, module, *args, **kwargs):
+            stored = {k: p for k, p in module._parameters.items() if p is not None}
+            try:
+                module._parameters.update({k: p.to(self.compute_dtype) for k, p in stored.items()})
+                return self.fn_ref.original_forward(*args, **kwargs)
+            finally:  # the fp8 parameters come back even when the call fails
+                module._parameters.update(stored)
+
+    return CastUpPerCall
 
 
 def fp8_targets(model, fp8_base: bool, fp8_base_unet: bool) -> list[torch.nn.Module]:
