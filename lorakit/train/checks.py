@@ -7,6 +7,7 @@ to silence."""
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from ..algos.options import OptionError, suggest
@@ -473,6 +474,10 @@ def check_runnable(config) -> None:
     if missing:
         _refuse(f"training needs {', '.join(missing)}")
     _refuse_all_zero_learning_rates(config)
+    prompts = config.sample_prompts
+    if prompts is not None and not os.path.isfile(prompts):  # before the model loads and the caches fill
+        _refuse(f"sample_prompts={prompts}: " + ("is a folder, expected a prompt file (.txt, .toml or .json)"
+                                                  if os.path.isdir(prompts) else "no such file"))
     if not config.lr_scheduler_type and not schedule_free(config.optimizer_type):  # make_scheduler checks it again,
         refuse_warmup(config.lr_scheduler, config.lr_warmup_steps)  # but only after the model has loaded
     from .logger import missing_tracker_packages

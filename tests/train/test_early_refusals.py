@@ -55,3 +55,13 @@ def test_train_data_dir_whose_concept_folders_all_have_0_repeats_names_it(tmp_pa
     (tmp_path / "reg" / "0_r").mkdir(parents=True)
     (tmp_path / "1_t").mkdir()
     assert [s.num_repeats for s in subsets_from_folders(tmp_path, tmp_path / "reg")] == [1]
+
+
+def test_a_missing_sample_prompts_file_is_refused_before_the_model_loads(tmp_path):
+    """It was found only when sampling began, after the model load and the caches (and left a config behind)."""
+    with pytest.raises(OptionError, match=r"sample_prompts=.*typo.txt: no such file"):
+        check_runnable(_config(sample_prompts=str(tmp_path / "typo.txt")))
+    with pytest.raises(OptionError, match=r"sample_prompts=.*: is a folder"):
+        check_runnable(_config(sample_prompts=str(tmp_path)))
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    check_runnable(_config(sample_prompts=str(tmp_path / "prompts.txt")))
