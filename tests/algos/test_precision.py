@@ -142,15 +142,18 @@ def test_a_half_precision_dora_adapter_keeps_a_float32_layers_weight(low, axis, 
     ref.load_state_dict({k: v.double() for k, v in saved.items()})  # float64 truth of the same tensors
     adapter = make_adapter("lora", layer, dim=4, dora_wd=True, dora_axis=axis).to(low)
     adapter.load_state_dict(saved)
-    tolerance = 2 * torch.finfo(low).eps  # W kept: 0.2-0.4 eps; W rounded: 12-26 eps
+    _assert_follows_float64(adapter, layer, ref, ref_layer, kind,
+                            2 * torch.finfo(low).eps)  # W kept: 0.2-0.4 eps; W rounded: 12-26 eps
 
+
+def _assert_follows_float64(adapter, layer, ref, ref_layer, kind, tolerance):
+    """A half-precision adapter on a float32 layer against the float64 truth of the same tensors: its forward,
+    delta_weight() and merge(), each relative to the change."""
     x = make_input(kind)
-    expected = ref(x).detach()
     with torch.no_grad():
-        got = adapter(x.float())
+        expected, got = ref(x), adapter(x.float())
     assert got.dtype == torch.float32
     assert _relative_error(got, expected, expected - ref_layer(x)) < tolerance
-
     dw = ref.delta_weight().detach()
     assert _relative_error(adapter.delta_weight().detach(), dw, dw) < tolerance
     adapter.merge()
@@ -173,15 +176,4 @@ def test_a_half_precision_rotation_keeps_a_float32_layers_output(low, algo, opti
     ref.load_state_dict({k: v.double() for k, v in saved.items()})  # float64 truth of the same tensors
     adapter = make_adapter(algo, layer, **options).to(low).eval()
     adapter.load_state_dict(saved)
-    tolerance = 0.5 * torch.finfo(low).eps
-
-    x = make_input(kind)
-    with torch.no_grad():
-        expected, got = ref(x), adapter(x.float())
-    assert got.dtype == torch.float32
-    assert _relative_error(got, expected, expected - ref_layer(x)) < tolerance
-
-    dw = ref.delta_weight().detach()
-    assert _relative_error(adapter.delta_weight().detach(), dw, dw) < tolerance
-    adapter.merge()
-    assert _relative_error(layer.weight, ref_layer.weight + dw, dw) < tolerance
+    _assert_follows_float64(adapter, layer, ref, ref_layer, kind, 0.5 * torch.finfo(low).eps)
