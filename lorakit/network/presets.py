@@ -157,7 +157,7 @@ def preset_from_file_data(data: dict, name: str = "custom", source: str = "prese
     defaults = {key: value for key, value in _full_preset_lists().items() if key not in data}
     preset = preset_from_dict({**defaults, **data}, name=name, source=source)
     # a file's key as given ([] selects nothing by it), LyCORIS' default (every layer kind) when left out
-    return replace(preset, target_module=tuple(data["target_module"]) if "target_module" in data else None)
+    return replace(preset, target_module=(preset.target_module or ()) if "target_module" in data else None)
 
 
 @functools.lru_cache(maxsize=1)

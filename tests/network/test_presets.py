@@ -705,6 +705,10 @@ def test_an_empty_target_module_in_a_file_selects_nothing_by_it_and_a_map_class_
     empty.write_text("target_module = []\ntarget_name = []\n")
     with pytest.raises(ValueError, match="selected no layer"):
         create_network(_BlockModel(), algo="lora", dim=2, preset=str(empty))
+    # a single string is a list of one there too (it was split into letters, selecting nothing)
+    single = tmp_path / "single.toml"
+    single.write_text('target_module = "Linear"\n')
+    assert load_preset(str(single)).target_module == ("Linear",)
     # a dict that names no generic target still selects every layer; one naming a map class, that class's layers
     assert len(dict(create_network(_BlockModel(), algo="lora", dim=2, preset={}).adapters())) == 3
     net = create_network(_BlockModel(), algo="lora", dim=2,
