@@ -189,8 +189,9 @@ def load_network(model: nn.Module, source: str | Path | Mapping[str, torch.Tenso
         shown = ", ".join(repr(n) for n in missing[:3])
         hint = "is it for another model, or a text encoder that was not given?"
         heads = {n.split("_", 1)[0] for n in missing}
-        if arch is None and len(heads) == 1 and not f"{prefix}_".startswith(f"{next(iter(heads))}_"):
-            head = next(iter(heads))  # one other prefix: a preset's lora_prefix, which load_network must be told
+        head = heads.pop() if len(heads) == 1 else None
+        if arch is None and head is not None and not f"{prefix}_".startswith(f"{head}_"):
+            # one other prefix: a preset's lora_prefix, which load_network must be told
             hint = f"its names start with '{head}_': saved with lora_prefix '{head}'? pass prefix='{head}'"
         raise ValueError(f"{where}: {len(missing)} adapter name(s) match no module of this model, e.g. {shown} "
                          f"({hint})")
