@@ -227,6 +227,13 @@ def checkpoint_metadata(model, base: str, files: Sequence[str], save_to: str) ->
 
 
 # ----- merging LoRAs into one LoRA ---------------------------------------------------------------------------
+def check_adapter_file(file: str, given_with: str = "") -> None:
+    """An adapter path that is not a file: a folder or nothing there, said as which."""
+    if not os.path.isfile(file):
+        what = "is a folder, expected an adapter file" if os.path.isdir(file) else "no such adapter file"
+        raise FileNotFoundError(f"{file}: {what}{f' (given with {given_with})' if given_with else ''}")
+
+
 def merge_loras(files: Sequence[str | os.PathLike], ratios: Sequence[float] | None, save_to: str | os.PathLike,
                 new_rank: int | None = None, new_conv_rank: int | None = None, block_weights=None,
                 precision=torch.float32, save_precision=None, shuffle: bool = False, device: str = "cpu",
@@ -245,8 +252,7 @@ def merge_loras(files: Sequence[str | os.PathLike], ratios: Sequence[float] | No
         raise ValueError(f"--save_to {save_to}: a merged LoRA is written as safetensors (.safetensors) or as a torch "
                          f"state dict (.ckpt/.pt/.pth/.bin); expected such a file name")
     for file in files:
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"{file}: no such adapter file")
+        check_adapter_file(file)
     if new_rank is not None:
         if shuffle:
             raise ValueError("--shuffle permutes concatenated rank components; the SVD merge (--new_rank) has "

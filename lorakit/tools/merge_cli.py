@@ -75,15 +75,14 @@ def run(args: argparse.Namespace) -> int:
 
 def _merge(args: argparse.Namespace) -> str:
     from ..formats.dtypes import parse_dtype
-    from .merge import check_block_weights, check_ratios
+    from .merge import check_adapter_file, check_block_weights, check_ratios
 
     loras = {f"adapter #{i + 1} of --loras": f for i, f in enumerate(args.loras)}
     refuse_overwrite(args.save_to, {"model": args.model, **loras})
     check_device(args.device)
     ratios = check_ratios(args.loras, args.ratios)
     for file in args.loras:
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"{file}: no such adapter file (given with --loras)")
+        check_adapter_file(file, "--loras")
     _check_not_checkpoints(args.loras)  # before loading a model: fail fast
     per_file = check_block_weights(args.block_weights, len(args.loras), None)  # no layout's length: fail early
     if args.block_weights_option == "--lbws":

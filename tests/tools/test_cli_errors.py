@@ -70,6 +70,12 @@ def test_missing_files_and_nan_factors_are_one_line_errors(tmp_path, capsys):
     assert main(["resize", str(bad), str(tmp_path / "o.safetensors"), "--new_rank", "2"]) == 1
     _one_error_line(capsys, "resize", "nan.safetensors: module 'lora_unet_a': holds NaN or Inf")
     assert not (tmp_path / "o.safetensors").exists()
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    for given, said in ((folder, "loras: is a folder, expected an adapter file (given with --loras)"),
+                        (tmp_path / "nope.safetensors", "nope.safetensors: no such adapter file (given with --loras)")):
+        assert main(["merge", "--loras", str(given), "--save_to", str(tmp_path / "m.safetensors")]) == 1
+        _one_error_line(capsys, "merge", said)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without CUDA")
