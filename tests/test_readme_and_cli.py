@@ -54,6 +54,19 @@ def test_a_misspelt_flag_suggests_the_flag_the_docs_use(capsys):
         assert f"unknown option '{typo[2:]}' (did you mean '{expected}'?)" in capsys.readouterr().err
 
 
+def test_the_config_file_given_twice_and_explore_options_on_train_are_one_line_errors(capsys):
+    """--config and --config_file are one option: both given, the run read only the last. An option of lorakit
+    explore on the train command line says whose it is."""
+    assert main(["train", "--config", "a.toml", "--config_file", "b.toml"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("lorakit train: error: --config_file b.toml: the config file was already given (a.toml); "
+                   "--config and --config_file are one option, give it once")
+    assert main(["train", "--application_layout", "sdxl"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "lorakit train: error: --application_layout is an option of lorakit explore; lorakit train does " \
+                  "not use it"
+
+
 def test_no_command_prints_the_help_and_succeeds(capsys):
     """`lorakit` alone: the help on stdout and exit status 0, as `lorakit --help`."""
     assert main([]) == 0

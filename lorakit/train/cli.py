@@ -27,6 +27,18 @@ class _TrainParser(argparse.ArgumentParser):
         return namespace, []
 
 
+class _OneConfigFile(argparse.Action):
+    """--config and --config_file are one option: given twice (as either name) the run would read only the last.
+    The second is kept aside for run() to refuse in the command's one-line error form (argparse prints its usage)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        earlier = getattr(namespace, self.dest, None)
+        if earlier is not None:
+            namespace.config_given_twice = (f"{option_string} {values}: the config file was already given "
+                                            f"({earlier}); --config and --config_file are one option, give it once")
+        setattr(namespace, self.dest, values)
+
+
 def _help(opt) -> str:
     default = "unset" if opt.default is None else "none" if opt.default == () else repr(opt.default)
     choices = f"; one of {', '.join(map(str, opt.choices))}" if opt.choices else ""
@@ -49,7 +61,7 @@ def add_parser(commands) -> None:
     for command, (short, description) in _COMMANDS.items():
         parser = commands.add_parser(command, help=short, allow_abbrev=False, description=description)
         parser.__class__ = _TrainParser
-        parser.add_argument("--config", "--config_file", dest="config_file", metavar="TOML",
+        parser.add_argument("--config", "--config_file", dest="config_file", metavar="TOML", action=_OneConfigFile,
                             help="the config file (sd-scripts' --config_file format)")
         parser.add_argument("--print-config", "--print_config", dest="print_config", action="store_true",
                             help="print the resolved configuration as TOML and exit")
@@ -78,9 +90,14 @@ def run(args: argparse.Namespace) -> int:
     command = getattr(args, "command_name", "train")
     overrides = {name: getattr(args, name) for name in BY_NAME if hasattr(args, name)}
     try:
+        if getattr(args, "config_given_twice", None):
+            raise OptionError(args.config_given_twice)
         if getattr(args, "unknown_args", None):
             _refuse_misspelt_cli_flags(args.unknown_args)
-            parse_command_line(args.unknown_args)  # raises the error naming the closest option
+            given = parse_command_line(args.unknown_args)  # raises the error naming the closest option
+            for name in given:
+                if name in BY_NAME and BY_NAME[name].group == "explore":  # only explore's parser has them
+                    raise OptionError(f"--{name} is an option of lorakit explore; lorakit {command} does not use it")
             raise OptionError(f"unexpected arguments: {' '.join(args.unknown_args)}")
         if coerce(BY_NAME["output_config"], overrides.pop("output_config", None)):
             # sd-scripts: --config_file names the file to write, not one to read
