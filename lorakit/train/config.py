@@ -96,6 +96,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
                 "(config_lora-*.toml, in output_dir, each time it starts a training; a .json saved with its Save "
                 "button has none until then)") if str(path).lower().endswith(".json") else ""
         raise OptionError(f"config file {path}: not valid TOML ({err}){hint}") from None
+    if isinstance(data.get("datasets"), list):
+        raise OptionError(f"config file {path}: its [[datasets]] make it a dataset config; give it as "
+                          f"dataset_config (--dataset_config {path}) and the training options in --config")
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for key, value in data.items():

@@ -555,6 +555,12 @@ def test_cli_print_config_and_errors(tmp_path, capsys):
     assert "unknown option 'netwrok_dim' (did you mean 'network_dim'?)" in capsys.readouterr().err
     assert main(["train", "--config", str(path), "--color_aug"]) == 2
     assert "cache_latents (or cache_latents_to_disk) and color_aug" in capsys.readouterr().err
+    dataset = tmp_path / "dataset.toml"  # a dataset config given as the config file: say which it is
+    dataset.write_text('[general]\nshuffle_caption = true\n[[datasets]]\nresolution = 64\n'
+                       '[[datasets.subsets]]\nimage_dir = "img"\n')
+    assert main(["train", "--config", str(dataset), "--print-config"]) == 2
+    assert (f"config file {dataset}: its [[datasets]] make it a dataset config; give it as dataset_config "
+            f"(--dataset_config {dataset}) and the training options in --config") in capsys.readouterr().err
 
 
 def test_cli_checks_what_training_needs_then_runs_the_loop(tmp_path, capsys, monkeypatch):
