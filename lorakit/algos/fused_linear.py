@@ -61,11 +61,11 @@ class _LinearPlusLowRank(torch.autograd.Function):
             if need_x:
                 grad_x = (grad_x2.mul_(in_scale) if scale_x else grad_x2).view(ctx.x_shape)
         if ctx.needs_input_grad[3]:
-            grad_down = gh.t() @ x2
+            grad_down = thin_t_wide(gh, x2)
             if in_scale is not None:
                 grad_down *= in_scale
         if ctx.needs_input_grad[4]:
-            grad_up = times_gain(g2.t() @ h, ctx.gain, in_place=True)
+            grad_up = times_gain(thin_t_wide(h, g2).t(), ctx.gain, in_place=True)
         return grad_x, None, None, grad_down, grad_up, None, grad_scale, grad_out, None
 
 
@@ -103,7 +103,7 @@ class _LinearMergedLowRank(torch.autograd.Function):
             out = output_scale_sums(gb, y[rows], bias) if need_out else ()
             return out + (torch.linalg.vecdot(x2[rows], grad_xb, dim=0),) if need_in else out
 
-        if need_out or need_in:  # the scales' sums taken with the input gradient's GEMM, block by block
+        if need_out or need_in:  # the scales' sums taken with the input gradient's GEMM (input_grad_and_reductions)
             grad_x2, sums = input_grad_and_reductions(g2, merged, scale_sums)
             if need_out:
                 grad_out = output_scale_from_sums(sums, bias) / out_scale
@@ -116,14 +116,12 @@ class _LinearMergedLowRank(torch.autograd.Function):
         if out_scale is not None:  # the factors see g diag(r)
             up = up * out_scale[:, None]
         if ctx.needs_input_grad[3]:
-            # as (x^T gh)^T: x, last read in forward, is out of cache, and this form of the thin product streams it
-            # faster (Linear 320 on 8192 positions, in-process A/B, 40 rounds: the whole LoRA step 0.98x)
-            grad_down = (x2.t() @ (g2 @ times_gain(up, gain))).t()
+            grad_down = thin_t_wide(g2 @ times_gain(up, gain), x2)
             if in_scale is not None:
                 grad_down *= in_scale
         if ctx.needs_input_grad[4]:
             d = down if in_scale is None else down * in_scale
-            grad_up = times_gain(g2.t() @ (x2 @ d.t()), gain, in_place=True)
+            grad_up = times_gain(thin_t_wide(x2 @ d.t(), g2).t(), gain, in_place=True)
             if out_scale is not None:
                 grad_up *= out_scale[:, None]
         return grad_x, None, None, grad_down, grad_up, grad_in, grad_out, None
@@ -159,6 +157,14 @@ def output_scale_sums(g: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | Non
 def output_scale_from_sums(sums: tuple, bias: torch.Tensor | None) -> torch.Tensor:
     """sum(g * (y - b)) from output_scale_sums' totals."""
     return sums[0] if bias is None else sums[0].sub_(bias * sums[1])
+
+
+def thin_t_wide(thin: torch.Tensor, wide: torch.Tensor) -> torch.Tensor:
+    """thin^T wide, a sum over positions (rows) of a rank-sized and a channel-sized activation: a factor's gradient.
+    Asked in this order, not as (wide^T thin)^T: MKL runs it 1.7-2.3x faster on an AVX-512 Xeon (rank 16 on 154 to
+    8192 positions of 320 to 5120 channels, every shape measured), where the other order measured 2% faster on an
+    AMD EPYC."""
+    return thin.t() @ wide
 
 
 def gain_as_float(up: torch.Tensor, gain) -> tuple[torch.Tensor, float]:
@@ -257,9 +263,9 @@ def linear_plus_kron(adapter, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tenso
 class _FoldedLinear(torch.autograd.Function):
     """y = x fold(W, p)^T + b for a frozen Linear, where the adapter's parameter p folds cheaply into the weight and
     its gradient can be recovered from the output: fold.param_grad(sums, bias, p) of the sums over rows of
-    fold.output_sums(g, y, bias, p). Forward and backward each run only the layer's GEMM, with no pass over the
-    output of its own: the sums are taken block by block with backward's GEMM (input_grad_and_reductions). The
-    folded weight is rebuilt in backward, not kept."""
+    fold.output_sums(g, y, bias, p). Forward and backward each run only the layer's GEMM; the sums are taken with
+    backward's GEMM (input_grad_and_reductions: block by block where that pays). The folded weight is rebuilt in
+    backward, not kept."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, param, fold):

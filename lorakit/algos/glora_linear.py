@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import amp
-from .fused_linear import gemm_linear
+from .fused_linear import gemm_linear, thin_t_wide
 
 
 class _LinearGLoRA(torch.autograd.Function):
@@ -39,11 +39,11 @@ class _LinearGLoRA(torch.autograd.Function):
         gh = torch.cat((g_shifted @ a1, g2 @ b1), dim=1).mul_(k)
         grad_x = grad_a1 = grad_b1 = grad_downs = None
         if ctx.needs_input_grad[3]:
-            grad_a1 = (g_shifted.t() @ h[:, :r]).mul_(k)
+            grad_a1 = thin_t_wide(h[:, :r], g_shifted).t().mul_(k)
         if ctx.needs_input_grad[5]:
-            grad_b1 = (g2.t() @ h[:, r:]).mul_(k)
+            grad_b1 = thin_t_wide(h[:, r:], g2).t().mul_(k)
         if ctx.needs_input_grad[4] or ctx.needs_input_grad[6]:
-            grad_downs = gh.t() @ x2
+            grad_downs = thin_t_wide(gh, x2)
         if ctx.needs_input_grad[0]:
             grad_x = g_shifted.addmm_(gh, downs).view(ctx.x_shape)
         grad_a2, grad_b2 = (grad_downs[:r], grad_downs[r:]) if grad_downs is not None else (None, None)
