@@ -118,6 +118,7 @@ class Variant:
     note: str | None = None
     times: list[float] = field(default_factory=list)
     saved: dict[str, Any] | None = None
+    comparable: bool = True  # False: computes less than the method asked (shown with *, not a "best peer")
 
 
 class Wrap(nn.Module):
@@ -284,6 +285,11 @@ def build_peft(algo: str, base: nn.Module) -> Variant:
     if algo == "boft":
         r = next(p for n, p in model.named_parameters() if "boft_R" in n)
         v.setting += f"; effective n_butterfly_factor {r.shape[0]}"
+        if stages and r.shape[0] != stages:
+            v.comparable = False
+            # peft sets the factor to 1 where its CUDA extension does not load (every CPU run)
+            v.note = (f"peft built {r.shape[0]} butterfly factor(s), not the {stages} asked (without its CUDA "
+                      f"extension it sets 1): less work than the {stages} stages of lorakit and lycoris")
     v._keep = model  # noqa
     return v
 
@@ -302,7 +308,7 @@ def build(algo: str, impl: str, base: nn.Module, seed: int) -> Variant:
             perturb(v.params, seed)
     except Exception as e:  # a peer that cannot do this: n/a with the reason
         v = Variant(algo, impl, error=f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
-    v.note = NOT_COMPARABLE.get((algo, impl))
+    v.note = NOT_COMPARABLE.get((algo, impl), v.note)
     return v
 
 
@@ -569,7 +575,10 @@ def report_shape(key: str, desc: str, base_t: float, rows: dict[str, dict[str, V
         kit = variants.get("lorakit")
         kr = ratio_of(kit)
         peer_ratios = {i: ratio_of(variants.get(i)) for i in peers}
-        eligible = [r for i, r in peer_ratios.items() if r is not None and (algo, i) not in NOT_COMPARABLE]
+        def comparable(i: str) -> bool:
+            return (algo, i) not in NOT_COMPARABLE and variants[i].comparable
+
+        eligible = [r for i, r in peer_ratios.items() if r is not None and comparable(i)]
         best = min(eligible) if eligible else None
         kit_fullw = bool(kit and kit.saved and kit.saved["full_w"])
         cells = [algo]
@@ -582,7 +591,7 @@ def report_shape(key: str, desc: str, base_t: float, rows: dict[str, dict[str, V
             c = fmt_ratio(peer_ratios[i])
             if v.saved and v.saved["full_w"]:
                 c += " FULL-W"
-            if (algo, i) in NOT_COMPARABLE and peer_ratios[i] is not None:
+            if not comparable(i) and peer_ratios[i] is not None:
                 c += "*"
             cells.append(c + mark(v))
         cells.append(fmt_ratio(best))
@@ -600,7 +609,7 @@ def report_shape(key: str, desc: str, base_t: float, rows: dict[str, dict[str, V
             "verdict": verdict(algo, kr, best, kit_fullw) if kit else None,
             **{i: {"ratio": ratio_of(v), "stat_s": STAT(v.times) if v.times else None,
                    "times_s": v.times, "saved": v.saved, "setting": v.setting, "error": v.error, "note": v.note,
-                   "comparable": (algo, i) not in NOT_COMPARABLE}
+                   "comparable": comparable(i)}
                for i, v in variants.items()},
         }
     p()
