@@ -377,10 +377,11 @@ class Adapter(DoRA, nn.Module):
         spectral_norm) computes on each access is a new tensor each time: a write into it is lost, and no weight
         of the parametrization's own gives W + dW in general."""
         host = self.host
-        names = ["weight"] + (["bias"] if self.delta_bias() is not None else [])
-        computed = [n for n in names if parametrize.is_parametrized(host, n)]
+        computed = [n for n in ("weight", "bias") if parametrize.is_parametrized(host, n)]
         computed += [hook.name for hook in host._forward_pre_hooks.values()
-                     if isinstance(hook, (WeightNorm, SpectralNorm)) and hook.name in names]
+                     if isinstance(hook, (WeightNorm, SpectralNorm)) and hook.name in ("weight", "bias")]
+        if "bias" in computed and self.delta_bias() is None:  # the bias is not written: asked only in this rare case
+            computed.remove("bias")
         if not computed:
             return None
         return (f"{self.name} adapter on {type(host).__name__} {tuple(self.spec.weight_shape)}: its "

@@ -92,3 +92,30 @@ def test_a_network_merge_refuses_before_merging_any_layer():
         net.merge()
     with torch.no_grad():
         torch.testing.assert_close(model(x), before)
+
+
+class _Doubled(nn.Module):
+    def forward(self, b):
+        return 2 * b
+
+
+@pytest.mark.parametrize("algo,refused", [("lora", False), ("full", True)])
+def test_a_parametrized_bias_refuses_only_the_algorithms_that_change_the_bias(algo, refused):
+    """`full` writes a bias change (diff_b): into a computed bias it would be lost. LoRA writes the weight alone, so a
+    parametrized bias does not stop its merge, and the merged model gives the applied one's output."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 4)).eval()
+    torch.nn.utils.parametrize.register_parametrization(model[0], "bias", _Doubled())
+    net = network(model, algo)
+    x = torch.randn(3, 6)
+    if refused:
+        with pytest.raises(ValueError, match="its bias is computed by a parametrization"):
+            net.merge()
+        return
+    net.apply()
+    with torch.no_grad():
+        applied = model(x)
+    net.restore()
+    net.merge()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), applied)
