@@ -38,6 +38,16 @@ def network(model, algo):
     return net
 
 
+def assert_merge_gives_the_applied_output(model, net, x):
+    net.apply()
+    with torch.no_grad():
+        applied = model(x)
+    net.restore()
+    net.merge()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), applied)
+
+
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # the old nn.utils.weight_norm
 @pytest.mark.parametrize("wrap", WRAPS, ids=list(WRAPS))
 @pytest.mark.parametrize("algo", ["lora", "full", "ia3"])
@@ -57,14 +67,7 @@ def test_merge_into_a_parametrized_weight_is_refused(wrap, algo):
 def test_merge_of_plain_layers_is_unchanged():
     model = wrapped_model(lambda layer: layer)
     net = network(model, "lora")
-    x = torch.randn(3, 6)
-    net.apply()
-    with torch.no_grad():
-        applied = model(x)
-    net.restore()
-    net.merge()
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), applied)
+    assert_merge_gives_the_applied_output(model, net, torch.randn(3, 6))
 
 
 @pytest.mark.parametrize("wrap", ["weight_norm", "spectral_norm"])
@@ -112,10 +115,4 @@ def test_a_parametrized_bias_refuses_only_the_algorithms_that_change_the_bias(al
         with pytest.raises(ValueError, match="its bias is computed by a parametrization"):
             net.merge()
         return
-    net.apply()
-    with torch.no_grad():
-        applied = model(x)
-    net.restore()
-    net.merge()
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), applied)
+    assert_merge_gives_the_applied_output(model, net, x)
