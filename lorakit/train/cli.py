@@ -12,7 +12,8 @@ import time
 
 from ..algos.options import OptionError
 from .config import LIST_KINDS
-from .options import ALIASES, BY_NAME, COMMAND_LINE_ONLY, GROUPS, GUI_KEYS, coerce, options_in
+from .options import (ALIASES, BY_NAME, COMMAND_LINE_ONLY, GROUPS, GUI_KEYS, coerce, explore_only,
+                      explore_only_note, options_in)
 
 # the CLI's own flags, which options.py does not list: a misspelt one is suggested too
 _CLI_FLAGS = ("config", "print-config", "print_config")
@@ -95,9 +96,9 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, "unknown_args", None):
             _refuse_misspelt_cli_flags(args.unknown_args)
             given = parse_command_line(args.unknown_args)  # raises the error naming the closest option
-            for name in given:
-                if name in BY_NAME and BY_NAME[name].group == "explore":  # only explore's parser has them
-                    raise OptionError(f"--{name} is an option of lorakit explore; lorakit {command} does not use it")
+            explore = explore_only(given)  # only explore's parser has them
+            if explore:
+                raise OptionError(f"--{explore_only_note(explore[0])}")
             raise OptionError(f"unexpected arguments: {' '.join(args.unknown_args)}")
         if coerce(BY_NAME["output_config"], overrides.pop("output_config", None)):
             # sd-scripts: --config_file names the file to write, not one to read

@@ -604,3 +604,12 @@ def inert(opt: Option, value: Any, values: dict[str, Any]) -> bool:
 
 def options_in(group: str) -> Iterable[Option]:
     return (o for o in OPTIONS if o.group == group)
+
+
+def explore_only(names: Iterable[str]) -> list[str]:
+    """Which of these option names only `lorakit explore` uses, in order."""
+    return sorted({o.name for o in options_in("explore")} & set(names))
+
+
+def explore_only_note(name: str) -> str:
+    return f"{name} is an option of lorakit explore; lorakit train does not use it"

@@ -20,7 +20,7 @@ from ..formats.atomic import atomic_write, remove_stale_temporaries
 from ..formats.dtypes import parse_dtype
 from .loss import DiffusionLoss, LossOptions
 from .noise import NoiseOptions, make_noise_scheduler
-from .options import SECRET_OPTIONS
+from .options import SECRET_OPTIONS, explore_only, explore_only_note
 from .base_model import (checkpoint_text_encoders, compile_models, enable_checkpointing, fp8_targets, keep_in_fp8,
                          merge_base_weights)
 from .config import to_toml
@@ -99,8 +99,8 @@ class _Run:
         if explore:
             _check_explore(config)
         else:
-            for name in sorted({"application_loss_weight", "application_layout"} & set(config.given)):
-                log.warning("%s is an option of lorakit explore; lorakit train does not use it", name)
+            for name in explore_only(config.given):
+                log.warning("%s", explore_only_note(name))
         self.resume_folder = None  # the state to resume from, downloaded first when it is on the Hub
         if config.resume:
             if config.resume_from_huggingface:
