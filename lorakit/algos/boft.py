@@ -4,11 +4,12 @@ follows ComfyUI, the one UI that loads BOFT: each stage becomes m R + (1 - m) I 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from . import amp
+from .butterfly import _Butterfly, butterfly_orders
+from .butterfly_linear import linear_butterfly
+from .fused_linear import fusable
 from .oft_base import OrthogonalAdapter, blend_with_identity
 from .options import OptionError
 
@@ -45,63 +46,18 @@ class BOFT(OrthogonalAdapter):
     def prefers_merged_weight(self, x):
         return self.many_positions(x)  # m stages over the activations cost more than one pass with T W
 
+    def adapted_forward(self, x, *args, **kwargs):
+        # A frozen Linear on few positions: the layer and the stages in one function (many positions: the stages
+        # turn the weight, prefers_merged_weight)
+        m = self.multiplier
+        if not args and not kwargs and isinstance(m, (int, float)) and not self._dropouts_active() and \
+                fusable(self, x) and self.wide_dtype() == x.dtype:
+            r = blend_with_identity(self.rotations(), m)
+            return linear_butterfly(self, x, r, m, self.rescale)
+        return super().adapted_forward(x, *args, **kwargs)
+
     def rotate_rows(self, v, multiplier):
         r = blend_with_identity(self.rotations(), multiplier)  # each stage: m R + (1 - m) I
         stages, _, b, _ = r.shape
         orders, inverses = butterfly_orders(v.shape[0], stages, b, v.device)
         return amp.apply(_Butterfly, v.reshape(v.shape[0], -1), r, orders, inverses).view(v.shape)
-
-
-class _Butterfly(torch.autograd.Function):
-    """T v for v (channels, n): the rows gathered into stage 0's butterfly order, then per stage one batched
-    product with its blocks and a gather into the next stage's order (consecutive gathers composed into one; a
-    gather's gradient is the inverse gather). One function for all stages, instead of a Python autograd function
-    per gather and a node per product and block slice. Products land in one scratch buffer (forward) or two
-    alternating ones (backward): a fresh activation-sized tensor per stage costs page faults once freed memory
-    has gone back to the system."""
-
-    @staticmethod
-    def forward(ctx, v, r, orders, inverses):
-        stages, count, b, _ = r.shape
-        n = v.shape[1]
-        scratch = torch.empty((count, b, n), dtype=v.dtype, device=v.device)
-        inputs = []
-        v = v.index_select(0, orders[0])  # index_select: 3-5x faster than v[order] on rows
-        for i in range(stages):
-            inputs.append(v)
-            torch.bmm(r[i], v.view(count, b, n), out=scratch)
-            v = scratch.view(count * b, n).index_select(0, orders[i + 1])
-        ctx.save_for_backward(r, *inputs)
-        ctx.inverses = inverses
-        return v
-
-    @staticmethod
-    def backward(ctx, g):
-        r, *inputs = ctx.saved_tensors
-        stages, count, b, _ = r.shape
-        n = g.shape[1]
-        grads = []  # per stage, last first
-        g = g.index_select(0, ctx.inverses[stages])
-        other = torch.empty_like(g)
-        for i in reversed(range(stages)):
-            gb = g.view(count, b, n)
-            if ctx.needs_input_grad[1]:
-                grads.append(torch.bmm(gb, inputs[i].view(count, b, n).mT))
-            if i == 0 and not ctx.needs_input_grad[0]:
-                g = None
-                break
-            torch.bmm(r[i].mT, gb, out=other.view(count, b, n))
-            torch.index_select(other, 0, ctx.inverses[i], out=g)
-        return g, torch.stack(grads[::-1]) if grads else None, None, None
-
-
-@functools.lru_cache(maxsize=64)
-def butterfly_orders(channels: int, stages: int, block: int, device: torch.device):
-    """Row gathers for rotate_rows, and their inverse permutations, made once per layout and device: into stage
-    0's order, from each stage's order into the next's, and back. Stage i pairs channel j with
-    j + 2^i * block / 2 (LyCORIS' and ComfyUI's butterfly)."""
-    orders = [torch.arange(channels).unflatten(-1, (-1, 2, 2 ** i * (block // 2))).transpose(-2, -1).flatten(-3)
-              for i in range(stages)]
-    undo = [o.argsort() for o in orders]
-    gathers = [orders[0]] + [undo[i][orders[i + 1]] for i in range(stages - 1)] + [undo[-1]]
-    return tuple(g.to(device) for g in gathers), tuple(g.argsort().to(device) for g in gathers)

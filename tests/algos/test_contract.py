@@ -345,7 +345,7 @@ def test_lokr_adds_the_kronecker_factors_to_a_linear_in_one_function_on_few_posi
 def test_boft_butterfly_stages_backward_matches_finite_differences(input_grad):
     """BOFT's stages as one function (gathers, per-stage block products into reused buffers, inverse gathers in
     backward) against numerical differentiation, every stage's blocks and (or not) the input as variables."""
-    from lorakit.algos.boft import _Butterfly, butterfly_orders
+    from lorakit.algos.butterfly import _Butterfly, butterfly_orders
 
     torch.manual_seed(0)
     stages, count, b, n = 3, 4, 2, 5
