@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 
 from . import amp
-from .butterfly import _Butterfly, butterfly_orders
+from .butterfly import _Butterfly
+from .butterfly_groups import composed_stages
 from .butterfly_linear import linear_butterfly
 from .fused_linear import fusable
 from .oft_base import OrthogonalAdapter, blend_with_identity
@@ -58,6 +59,6 @@ class BOFT(OrthogonalAdapter):
 
     def rotate_rows(self, v, multiplier):
         r = blend_with_identity(self.rotations(), multiplier)  # each stage: m R + (1 - m) I
-        stages, _, b, _ = r.shape
-        orders, inverses = butterfly_orders(v.shape[0], stages, b, v.device)
-        return amp.apply(_Butterfly, v.reshape(v.shape[0], -1), r, orders, inverses).view(v.shape)
+        rows = v.reshape(v.shape[0], -1)
+        blocks, orders, inverses = composed_stages(r, rows.shape[1])
+        return amp.apply(_Butterfly, rows, blocks, orders, inverses).view(v.shape)
