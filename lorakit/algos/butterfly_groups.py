@@ -41,44 +41,67 @@ def _components(channels: int, stages: range, block: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def group_plan(channels: int, stages: int, block: int, groups: int, device: torch.device):
-    """The groups' compositions as one run of `stages // groups` stages over the groups side by side (group g's
-    channels offset by g * channels): its gathers, the matrix marking each channel's place in its component, the
-    order that reads the components' blocks off the result; and the gathers between the groups."""
-    per = stages // groups
-    size = block * 2 ** (per - 1)
-    components = [_components(channels, range(first, first + per), block) for first in range(0, stages, per)]
-    offsets = [g * channels for g in range(groups)]
-    side_by_side = [torch.cat([stage_order(channels, first + i, block) + o for first, o in zip(range(0, stages, per),
-                                                                                           offsets)])
-                    for i in range(per)]
-    order = torch.cat([c + o for c, o in zip(components, offsets)])
-    place = torch.zeros(groups * channels, size)
-    place[order, torch.arange(groups * channels) % size] = 1
-    return (per, size, place.to(device), order.to(device), chained_gathers(side_by_side, device),
-            chained_gathers(components, device))
+def group_plan(channels: int, block: int, sizes: tuple[int, ...], device: torch.device):
+    """How composed_stages composes groups of `sizes` consecutive stages: the groups of one size as one run of
+    their stages side by side (group j's channels offset by j * channels), each run with its gathers, the matrix
+    marking each channel's place in its component and the order that reads the components' blocks off the result;
+    the blocks' size (a group of fewer stages has smaller components, set along the diagonal of blocks of that
+    size); and the gathers between the groups."""
+    firsts = [sum(sizes[:g]) for g in range(len(sizes))]
+    components = [_components(channels, range(first, first + per), block) for first, per in zip(firsts, sizes)]
+    runs = []
+    for per in sorted(set(sizes), reverse=True):
+        members = [g for g, p in enumerate(sizes) if p == per]
+        size = block * 2 ** (per - 1)
+        offsets = [j * channels for j in range(len(members))]
+        side_by_side = [torch.cat([stage_order(channels, firsts[g] + i, block) + o for g, o in zip(members, offsets)])
+                        for i in range(per)]
+        order = torch.cat([components[g] + o for g, o in zip(members, offsets)])
+        place = torch.zeros(len(members) * channels, size)
+        place[order, torch.arange(len(members) * channels) % size] = 1
+        runs.append((members, per, size, place.to(device), order.to(device), chained_gathers(side_by_side, device)))
+    return tuple(runs), block * 2 ** (max(sizes) - 1), chained_gathers(components, device)
 
 
-def group_count(stages: int, count: int, block: int, columns: int) -> int:
-    """How many groups the stages run as: the fewest (largest blocks) that keep blocks <= 128 channels, when the
-    rotated tensor is large enough to pay for composing; else every stage on its own."""
+def group_sizes(stages: int, count: int, block: int, columns: int) -> tuple[int, ...]:
+    """How many consecutive stages each group composes: the fewest groups (largest blocks) that keep blocks <= 128
+    channels, as even as they split (7 stages: 4 and 3), when the rotated tensor is large enough to pay for
+    composing; else every stage on its own."""
     if count * block * columns < _MIN_ELEMENTS:
-        return stages
-    for groups in range(1, stages + 1):
-        if stages % groups == 0 and block * 2 ** (stages // groups - 1) <= 128 and groups < stages:
-            return groups
-    return stages
+        return (1,) * stages
+    for groups in range(1, stages):
+        per = -(-stages // groups)
+        if block * 2 ** (per - 1) <= 128:
+            return tuple(stages // groups + (g < stages % groups) for g in range(groups))
+    return (1,) * stages
+
+
+def _on_diagonal(blocks: torch.Tensor, size: int) -> torch.Tensor:
+    """Blocks (n, s, s) set f = size / s at a time along the diagonal of (n / f, size, size) blocks."""
+    n, s, _ = blocks.shape
+    f = size // s
+    if f == 1:
+        return blocks
+    out = blocks.new_zeros(n // f, f, s, f, s)
+    for i in range(f):
+        out[:, i, :, i, :] = blocks.view(n // f, f, s, s)[:, i]
+    return out.view(n // f, size, size)
 
 
 def composed_stages(r: torch.Tensor, columns: int):
     """(blocks, orders, inverses) for stages_forward: the stages r (stages, count, b, b) themselves, or composed
-    into groups of consecutive stages where the rotated tensor has `columns` columns enough to pay for it."""
+    into groups of consecutive stages where the rotated tensor (`columns` columns) is large enough to pay for it."""
     stages, count, b, _ = r.shape
-    groups = group_count(stages, count, b, columns)
-    if groups == stages:
+    sizes = group_sizes(stages, count, b, columns)
+    if len(sizes) == stages:
         return (r, *butterfly_orders(count * b, stages, b, r.device))
-    per, size, place, order, (inner, inner_inv), (orders, inverses) = group_plan(count * b, stages, b, groups,
-                                                                                   r.device)
-    side_by_side = r.unflatten(0, (groups, per)).transpose(0, 1).reshape(per, groups * count, b, b)
-    t = amp.apply(_Butterfly, place.to(r.dtype), side_by_side, inner, inner_inv, cast=False)
-    return t.index_select(0, order).view(groups, -1, size, size), orders, inverses
+    runs, size, (orders, inverses) = group_plan(count * b, b, sizes, r.device)
+    firsts = [sum(sizes[:g]) for g in range(len(sizes))]
+    blocks = [None] * len(sizes)
+    for members, per, run_size, place, order, (inner, inner_inv) in runs:
+        side_by_side = torch.stack([r[firsts[g]:firsts[g] + per] for g in members], 1).flatten(1, 2)
+        t = amp.apply(_Butterfly, place.to(r.dtype), side_by_side, inner, inner_inv, cast=False)
+        t = t.index_select(0, order).view(len(members), -1, run_size, run_size)
+        for j, g in enumerate(members):
+            blocks[g] = _on_diagonal(t[j], size)
+    return torch.stack(blocks), orders, inverses

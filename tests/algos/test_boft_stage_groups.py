@@ -1,6 +1,7 @@
 """BOFT's stages composed into groups of dense blocks (butterfly_groups) against the stages run one by one: the same
 output and gradients in float64, on each path that rotates (a short Linear call, a Linear on many positions, a
-conv's dense operator), at any multiplier, with rescale, and for every grouping the stage count allows."""
+conv's dense operator), at any multiplier, with rescale, for groups of equal and of unequal stage counts (the
+smaller components set along the diagonal of blocks of the largest size)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ CASES = {
 }
 
 
-def _run(case, multiplier, rescaled, groups, monkeypatch):
+def _run(case, multiplier, rescaled, sizes, monkeypatch):
     make, shape = CASES[case]
     torch.manual_seed(0)
     layer = make().double().requires_grad_(False)
@@ -29,11 +30,11 @@ def _run(case, multiplier, rescaled, groups, monkeypatch):
     adapter.multiplier = multiplier
     seen = []
 
-    def count(stages, *args):
-        seen.append(stages if groups is None else groups)
+    def group_sizes(stages, *args):
+        seen.append((1,) * stages if sizes is None else sizes)
         return seen[-1]
 
-    monkeypatch.setattr(butterfly_groups, "group_count", count)
+    monkeypatch.setattr(butterfly_groups, "group_sizes", group_sizes)
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     out = adapter(x)
     params = [x] + list(adapter.parameters())
@@ -43,20 +44,20 @@ def _run(case, multiplier, rescaled, groups, monkeypatch):
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("multiplier,rescaled", [(1.0, False), (0.7, True)])
-@pytest.mark.parametrize("groups", [1, 2])
-def test_composed_groups_give_the_stages_output_and_gradients(case, multiplier, rescaled, groups, monkeypatch):
+@pytest.mark.parametrize("sizes", [(4,), (2, 2), (3, 1), (1, 2, 1)])
+def test_composed_groups_give_the_stages_output_and_gradients(case, multiplier, rescaled, sizes, monkeypatch):
     want, want_grads, plain = _run(case, multiplier, rescaled, None, monkeypatch)
-    got, got_grads, grouped = _run(case, multiplier, rescaled, groups, monkeypatch)
-    assert plain and set(grouped) == {groups}  # the rotation went through composed_stages
+    got, got_grads, grouped = _run(case, multiplier, rescaled, sizes, monkeypatch)
+    assert plain and set(grouped) == {sizes}  # the rotation went through composed_stages
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11)
 
 
-def test_group_count_composes_only_where_the_columns_pay():
-    assert butterfly_groups.group_count(8, 128, 10, 512) == 2  # Linear 1280 on 512 positions: blocks of 80
-    assert butterfly_groups.group_count(8, 128, 10, 256) == 8  # few columns: the stages themselves
-    assert butterfly_groups.group_count(6, 32, 10, 512) == 6  # a small tensor: the stages themselves
-    assert butterfly_groups.group_count(6, 32, 10, 2048) == 2
-    assert butterfly_groups.group_count(7, 64, 10, 4096) == 7  # 7 stages split into no equal groups
-    assert butterfly_groups.group_count(4, 8, 4, 16384) == 1  # 32 channels: one dense block
+def test_group_sizes_compose_only_where_the_tensor_is_large():
+    assert butterfly_groups.group_sizes(8, 128, 10, 512) == (4, 4)  # Linear 1280 on 512 positions: blocks of 80
+    assert butterfly_groups.group_sizes(8, 128, 10, 256) == (1,) * 8  # few columns: the stages themselves
+    assert butterfly_groups.group_sizes(6, 32, 10, 512) == (1,) * 6  # a small tensor: the stages themselves
+    assert butterfly_groups.group_sizes(6, 32, 10, 2048) == (3, 3)
+    assert butterfly_groups.group_sizes(7, 64, 10, 1024) == (4, 3)  # SDXL's 640 channels: blocks of 80 and 40
+    assert butterfly_groups.group_sizes(4, 8, 4, 16384) == (4,)  # 32 channels: one dense block
