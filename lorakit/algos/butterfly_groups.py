@@ -19,9 +19,10 @@ from . import amp
 from .butterfly import _Butterfly, butterfly_orders, chained_gathers, stage_order
 
 # composing pays once the rotated tensor has this many elements (measured, stages then groups of them, forward and
-# backward: 1280 channels, 8 stages as 2 groups: 1.14x at 256 columns, 0.85x at 384, 0.41x at 1024; 320 channels,
-# 6 stages as 2 groups: 1.24x at 512 columns, 0.90x at 1024, 0.64x at 2048)
-_MIN_ELEMENTS = 400_000
+# backward: 1280 channels, 8 stages as 4 + 4: 1.05x at 320 columns, 0.85x at 384, 0.41-0.48x at 1024; 640 channels,
+# 7 stages as 4 + 3: 1.13x at 640 columns, 0.86x at 1024, 0.45x at 2048; 320 channels, 6 stages as 3 + 3: 1.24x at
+# 512 columns, 0.64x at 2048)
+_MIN_ELEMENTS = 450_000
 
 
 def _components(channels: int, stages: range, block: int) -> torch.Tensor:
