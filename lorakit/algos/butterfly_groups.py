@@ -44,10 +44,10 @@ def _components(channels: int, stages: range, block: int) -> torch.Tensor:
 @functools.lru_cache(maxsize=64)
 def group_plan(channels: int, block: int, sizes: tuple[int, ...], device: torch.device):
     """How composed_stages composes groups of `sizes` consecutive stages: the groups of one size as one run of
-    their stages side by side (group j's channels offset by j * channels), each run with its gathers, the matrix
-    marking each channel's place in its component and the order that reads the components' blocks off the result;
-    the blocks' size (a group of fewer stages has smaller components, set along the diagonal of blocks of that
-    size); and the gathers between the groups."""
+    their stages side by side (group j's channels offset by j * channels), each run with its groups, their first
+    stages, its gathers, the matrix marking each channel's place in its component and the order that reads the
+    components' blocks off the result; the blocks' size (a group of fewer stages has smaller components, set along
+    the diagonal of blocks of that size); and the gathers between the groups."""
     firsts = [sum(sizes[:g]) for g in range(len(sizes))]
     components = [_components(channels, range(first, first + per), block) for first, per in zip(firsts, sizes)]
     runs = []
@@ -60,7 +60,8 @@ def group_plan(channels: int, block: int, sizes: tuple[int, ...], device: torch.
         order = torch.cat([components[g] + o for g, o in zip(members, offsets)])
         place = torch.zeros(len(members) * channels, size)
         place[order, torch.arange(len(members) * channels) % size] = 1
-        runs.append((members, per, size, place.to(device), order.to(device), chained_gathers(side_by_side, device)))
+        runs.append((members, tuple(firsts[g] for g in members), per, size, place.to(device), order.to(device),
+                     chained_gathers(side_by_side, device)))
     return tuple(runs), block * 2 ** (max(sizes) - 1), chained_gathers(components, device)
 
 
@@ -97,10 +98,9 @@ def composed_stages(r: torch.Tensor, columns: int):
     if len(sizes) == stages:
         return (r, *butterfly_orders(count * b, stages, b, r.device))
     runs, size, (orders, inverses) = group_plan(count * b, b, sizes, r.device)
-    firsts = [sum(sizes[:g]) for g in range(len(sizes))]
     blocks = [None] * len(sizes)
-    for members, per, run_size, place, order, (inner, inner_inv) in runs:
-        side_by_side = torch.stack([r[firsts[g]:firsts[g] + per] for g in members], 1).flatten(1, 2)
+    for members, firsts, per, run_size, place, order, (inner, inner_inv) in runs:
+        side_by_side = torch.stack([r[first:first + per] for first in firsts], 1).flatten(1, 2)
         t = amp.apply(_Butterfly, place.to(r.dtype), side_by_side, inner, inner_inv, cast=False)
         t = t.index_select(0, order).view(len(members), -1, run_size, run_size)
         for j, g in enumerate(members):
