@@ -102,7 +102,11 @@ class Adapter(DoRA, nn.Module):
 
     def fused_low_rank_pair(self, x: torch.Tensor):
         """low_rank_pair where a fused layer + low-rank pass applies to this call (a plain frozen Linear or conv, the
-        factor path cheaper than rebuilding dW), else None."""
+        factor path cheaper than rebuilding dW), else None. None while torch.compile traces: dynamo traces a custom
+        autograd function's forward and backward as two subgraphs per module (281 of them doubled a small U-Net's
+        trace time), and the compiler fuses the plain ops of the unfused path itself."""
+        if torch.compiler.is_compiling():
+            return None
         if fusable(self, x):
             return self.low_rank_pair(x) if self._use_factor_path(x) else None
         if conv_fusable(self, x) and not self._dropouts_active() and self._use_factor_path(x):

@@ -70,7 +70,7 @@ class DoRA:
     def _dora_fused(self, x, c, m):
         """W (k x) + b + m dW (c x) with k = 1 + m (c - 1) per input channel, as one fused pass:
         dW (c x) = up (down diag(c / k)) (k x)."""
-        pair = None if torch.compiler.is_compiling() else self.fused_low_rank_pair(x)  # its check reads values
+        pair = self.fused_low_rank_pair(x)  # None while compiling, as the check below reads values
         if pair is None:
             return None
         k = c if m == 1 else 1 + m * (c - 1)
