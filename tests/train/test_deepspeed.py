@@ -18,6 +18,7 @@ from lorakit.train.options import OptionError  # noqa: E402
 from lorakit.train.run import train  # noqa: E402
 from lorakit.train.state import StateError  # noqa: E402
 
+from .processes import run_processes  # noqa: E402
 from .test_distributed import _free_port, _worker  # noqa: E402
 from .test_run import _config, base  # noqa: E402,F401  (the shared model/data fixture)
 
@@ -134,7 +135,7 @@ def test_two_processes_equal_one_with_the_global_batch(base, plain, tmp_path, st
     cfg = _config(base, tmp_path / "ds", deepspeed=True, zero_stage=stage, train_batch_size=1, seed=3,
                   max_train_steps=4, sample_prompts=str(prompts), sample_every_n_steps=4, save_state=True, **SGD)
     overrides = {k: getattr(cfg, k) for k in cfg.given}
-    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), overrides), nprocs=2, join=True)
+    run_processes(_worker, (2, _free_port(), overrides), nprocs=2)
     files = sorted((tmp_path / "ds").glob("*.safetensors"))
     assert [f.name for f in files] == ["t.safetensors"]  # only the main process saves
     # two processes x batch 1 = the global batch of 2 the plain run trained on; stage 3 samples on both

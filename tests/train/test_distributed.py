@@ -14,6 +14,7 @@ from lorakit.formats.safetensors_io import load_file  # noqa: E402
 from lorakit.train.distributed import World, _free_port  # noqa: E402  (also the deepspeed tests' port)
 
 from .test_run import _config, base  # noqa: E402,F401  (the shared model/data fixture)
+from .processes import run_processes  # noqa: E402
 
 
 def _worker(rank: int, world: int, port: int, overrides: dict) -> None:
@@ -45,7 +46,7 @@ def test_two_processes_equal_one_with_the_global_batch(base, tmp_path):
     cfg = _config(base, tmp_path / "ddp", train_batch_size=2, ddp_timeout=5, ddp_gradient_as_bucket_view=True,
                   ddp_static_graph=True, **common)
     overrides = {k: getattr(cfg, k) for k in cfg.given}
-    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), overrides), nprocs=2, join=True)
+    run_processes(_worker, (2, _free_port(), overrides), nprocs=2)
     files = sorted((tmp_path / "ddp").glob("*.safetensors"))
     assert [f.name for f in files] == ["t.safetensors"]  # only the main process saves
     got = load_file(files[0])[0]

@@ -13,6 +13,7 @@ from lorakit.formats.safetensors_io import load_file  # noqa: E402
 from lorakit.models.demo_data import write_concept_folder  # noqa: E402
 from lorakit.train.distributed import World, _free_port  # noqa: E402
 
+from .processes import run_processes  # noqa: E402
 from .test_distributed import _worker  # noqa: E402
 from .test_run import _config, base  # noqa: E402,F401  (the shared model/data fixture)
 
@@ -45,7 +46,7 @@ def test_several_processes_train_through_batches_that_do_not_divide(base, tmp_pa
     expected = load_file(train(single))[0]
     cfg = _config(base, tmp_path / "ddp", train_batch_size=per_process, **common)
     overrides = {k: getattr(cfg, k) for k in cfg.given}
-    torch.multiprocessing.spawn(_worker, args=(processes, _free_port(), overrides), nprocs=processes, join=True)
+    run_processes(_worker, (processes, _free_port(), overrides), nprocs=processes)
     got = load_file(tmp_path / "ddp" / "t.safetensors")[0]
     assert got.keys() == expected.keys()
     for key, value in expected.items():

@@ -12,6 +12,8 @@ import torch
 from lorakit.train.distributed import World, _free_port
 from lorakit.train.fused_backward import install_fused_step
 
+from .processes import run_processes
+
 X = torch.randn(4, 5, generator=torch.Generator().manual_seed(0))
 
 
@@ -46,7 +48,7 @@ def test_two_processes_step_the_mean_gradient_of_the_global_batch(tmp_path):
     optimizer = _optimizer(expected)
     _loss(expected, X).backward()
     optimizer.step()
-    torch.multiprocessing.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    run_processes(_worker, (_free_port(), str(tmp_path)), nprocs=2)
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         for a, b in zip(got, expected):
