@@ -8,7 +8,7 @@ import multiprocessing
 import torch
 
 # imported once in the fork server; it forks before any of them computes (no thread pools to lose in the fork)
-_PRELOAD = ["lorakit.train.run", "deepspeed", "tests.train.test_distributed"]
+_PRELOAD = ["lorakit.train.run", "tests.train.deepspeed_gloo", "tests.train.test_distributed"]
 
 
 def run_processes(fn, args: tuple, nprocs: int) -> None:

@@ -18,6 +18,7 @@ from lorakit.train.options import OptionError  # noqa: E402
 from lorakit.train.run import train  # noqa: E402
 from lorakit.train.state import StateError  # noqa: E402
 
+from . import deepspeed_gloo  # noqa: E402,F401  (collectives through gloo: no C++ op to compile)
 from .processes import run_processes  # noqa: E402
 from .test_distributed import _free_port, _worker  # noqa: E402
 from .test_run import _config, base  # noqa: E402,F401  (the shared model/data fixture)

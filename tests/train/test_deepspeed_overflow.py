@@ -14,6 +14,7 @@ pytest.importorskip("deepspeed")
 from lorakit.train import deepspeed_engine  # noqa: E402
 from lorakit.train.run import train  # noqa: E402
 
+from . import deepspeed_gloo  # noqa: E402,F401  (collectives through gloo: no C++ op to compile)
 from .test_run import _config, base  # noqa: E402,F401  (the shared model/data fixture)
 
 
