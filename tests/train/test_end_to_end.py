@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -39,7 +38,6 @@ def test_quickstart_teaches_the_held_out_colour(tmp_path, monkeypatch):
     config = load_train_config(ROOT / "examples" / "quickstart.toml",
                                overrides={"output_dir": str(tmp_path), "sample_prompts": None,
                                           "sample_at_first": False, "sample_every_n_steps": None})
-    torch.set_num_threads(2)
     lora = train(config)
     model = load_model("demo:tiny-sd")
     prompts = _prompts()
