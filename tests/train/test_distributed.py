@@ -13,8 +13,8 @@ pytest.importorskip("transformers")
 from lorakit.formats.safetensors_io import load_file  # noqa: E402
 from lorakit.train.distributed import World, _free_port  # noqa: E402  (also the deepspeed tests' port)
 
-from .test_run import _config, base  # noqa: E402,F401  (the shared model/data fixture)
 from .processes import run_processes  # noqa: E402
+from .test_run import _config, base  # noqa: E402,F401  (the shared model/data fixture)
 
 
 def _worker(rank: int, world: int, port: int, overrides: dict) -> None:
