@@ -7,8 +7,11 @@ import multiprocessing
 
 import torch
 
-# imported once in the fork server; it forks before any of them computes (no thread pools to lose in the fork)
-_PRELOAD = ["lorakit.train.run", "tests.train.deepspeed_gloo", "tests.train.test_distributed"]
+# imported once in the fork server; it forks before any of them computes (no thread pools to lose in the fork).
+# diffusers' U-Net module is imported lazily when a process builds its model, and with it peft, scipy and
+# torch._inductor: ~3.5 s of each process's start when left to the processes.
+_PRELOAD = ["lorakit.train.run", "lorakit.models.load", "lorakit.network", "diffusers.models.unets.unet_2d_condition",
+            "tests.train.deepspeed_gloo", "tests.train.test_distributed"]
 
 
 def run_processes(fn, args: tuple, nprocs: int) -> None:
