@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -154,10 +155,29 @@ class DeepSpeedEngine:
                         if type(m).__name__.endswith("Embeddings"):
                             set_z3_leaf_module(m, True)
             module = _Trained(network, models)
-        with _tensors_print_short():
-            self.engine, self.optimizer, _, _ = ds.initialize(model=module, optimizer=optimizer,
-                                                              config=engine_config(config, world.size),
-                                                              dist_init_required=False)
+        self._linear = torch.nn.functional.linear  # stage 3 replaces it for the whole process (close() puts it back)
+        try:
+            with _tensors_print_short():
+                self.engine, self.optimizer, _, _ = ds.initialize(model=module, optimizer=optimizer,
+                                                                  config=engine_config(config, world.size),
+                                                                  dist_init_required=False)
+        except BaseException:
+            torch.nn.functional.linear = self._linear
+            raise
+
+    def close(self) -> None:
+        """Leaves the process as it was before the engine, for a next run in it (the web UI's, a notebook's):
+        DeepSpeed's own teardown (its hooks, its registry of the module's names); torch's F.linear, which stage 3
+        replaces with its own for good ("this will persist unless manually reset"); and stage 3's module stack,
+        a global list that keeps the engine's module, the models with it, after the teardown."""
+        try:
+            self.engine.destroy()
+        finally:
+            torch.nn.functional.linear = self._linear
+            offload = sys.modules.get("deepspeed.runtime.zero.parameter_offload")
+            stack = getattr(offload, "FWD_MODULE_STACK", None)
+            if isinstance(stack, list):
+                stack[:] = [m for m in stack if m is not self.engine.module]
 
     def backward(self, loss: torch.Tensor, boundary: bool) -> None:
         """The micro-batch's backward (the loss divided by gradient_accumulation_steps, as without DeepSpeed);

@@ -89,6 +89,8 @@ def train(config, *, stop_at_step: int | None = None, timings: dict | None = Non
         try:
             return run.run(stop_at_step, timings)
         finally:
+            if run.engine is not None:
+                run.engine.close()
             if run.uploads is not None:
                 run.uploads.close()  # async uploads end before train() returns
 
@@ -96,6 +98,7 @@ def train(config, *, stop_at_step: int | None = None, timings: dict | None = Non
 class _Run:
     def __init__(self, config, explore: bool = False):
         self.explore = explore
+        self.engine = None  # DeepSpeed's, closed when the run ends
         if explore:
             _check_explore(config)
         else:
@@ -462,8 +465,9 @@ class _Run:
         if c.deepspeed:  # after the resumed adapters are in place: the engine copies them as its master weights
             from .deepspeed_engine import DeepSpeedEngine
 
-            engine = DeepSpeedEngine(c, self.world, net, model, optimizer,
-                                     train_unet=not c.network_train_text_encoder_only, train_text=train_text)
+            engine = self.engine = DeepSpeedEngine(c, self.world, net, model, optimizer,
+                                                   train_unet=not c.network_train_text_encoder_only,
+                                                   train_text=train_text)
             if c.resume:
                 engine.load_state(self.resume_folder)
         if self.resume_folder:

@@ -3,6 +3,7 @@ loop, on one process and on two CPU processes (gloo), and resumes exactly."""
 
 from __future__ import annotations
 
+import gc
 import json
 
 import pytest
@@ -60,6 +61,22 @@ def test_stage_3_partitions_the_unet_and_text_encoder_and_trains_the_same(base, 
     got = _weights(train(_config(base, tmp_path, deepspeed=True, zero_stage=3, **SGD)))
     _assert_same(got, plain["sgd"])
     assert repr(printed) == before  # the print options shortened while the engine is built are put back
+
+
+def test_a_stage_3_run_leaves_the_process_as_it_was(base, tmp_path):
+    """Stage 3 replaces F.linear for the whole process and keeps the engine's module (the models with it) in a
+    global list. After the run both are undone: a next run in the same process (a web UI's, a notebook's) trains
+    with torch's own linear, and the models of the first run are freed."""
+    from diffusers import UNet2DConditionModel
+
+    def unets():
+        gc.collect()
+        return sum(isinstance(o, UNet2DConditionModel) for o in gc.get_objects())
+
+    linear, before = torch.nn.functional.linear, unets()
+    train(_config(base, tmp_path, deepspeed=True, zero_stage=3, max_train_steps=1, **SGD))
+    assert torch.nn.functional.linear is linear
+    assert unets() == before
 
 
 def test_stage_3_sdxl_with_both_text_encoders(base, tmp_path):
