@@ -89,10 +89,12 @@ def train(config, *, stop_at_step: int | None = None, timings: dict | None = Non
         try:
             return run.run(stop_at_step, timings)
         finally:
-            if run.engine is not None:
-                run.engine.close()
-            if run.uploads is not None:
-                run.uploads.close()  # async uploads end before train() returns
+            try:
+                if run.engine is not None:
+                    run.engine.close()
+            finally:
+                if run.uploads is not None:
+                    run.uploads.close()  # async uploads end before train() returns
 
 
 class _Run:
