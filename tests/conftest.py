@@ -1,8 +1,8 @@
 """Under pytest-xdist (pyproject's addopts run one worker per core) each worker computes on one thread.
 
 The tests' models are tiny: a step is hundreds of small ops, bound by Python and dispatch rather than by torch's
-threads (the quickstart's 120 steps: 32 s on one thread, 31 s on two). Two workers with two threads each would
-oversubscribe the cores; two with one thread each keep both cores busy."""
+threads (120 steps of the quickstart's training: 32 s on one thread, 31 s on two). Two workers with two threads
+each would oversubscribe the cores; two with one thread each keep both cores busy."""
 
 from __future__ import annotations
 
