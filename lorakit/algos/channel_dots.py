@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from . import cpu_kind
+
 _BLOCK = 1 << 19  # elements of a (and of b) per block: the two blocks fit a core's L2 cache with the product
 
 
@@ -22,8 +24,7 @@ def _gemm_block() -> int | None:
     1.04x the frozen layer, against 1.09x for no blocks). On an AVX-512 Xeon the layer's GEMM runs near the cores'
     peak and loses 6% in blocks of 819 rows (4.96 against 4.66 ms), more than the reductions gain from the cache
     (paired in-process A/B, 30 rounds, no blocks against blocks: IA3 0.92, Diag-OFT 0.80, DoRA 0.82 and 0.81)."""
-    capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", lambda: "")()
-    return None if capability.startswith("AVX512") else 1 << 18
+    return None if cpu_kind.AVX512 else 1 << 18
 
 
 _GEMM_BLOCK = _gemm_block()

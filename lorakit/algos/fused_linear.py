@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from . import amp
+from . import amp, cpu_kind
 from .channel_dots import column_dots, input_grad_and_reductions, row_dots
 
 
@@ -161,10 +161,14 @@ def output_scale_from_sums(sums: tuple, bias: torch.Tensor | None) -> torch.Tens
 
 def thin_t_wide(thin: torch.Tensor, wide: torch.Tensor) -> torch.Tensor:
     """thin^T wide, a sum over positions (rows) of a rank-sized and a channel-sized activation: a factor's gradient.
-    Asked in this order, not as (wide^T thin)^T: MKL runs it 1.7-2.3x faster on an AVX-512 Xeon (rank 16 on 154 to
-    8192 positions of 320 to 5120 channels, every shape measured), where the other order measured 2% faster on an
-    AMD EPYC."""
-    return thin.t() @ wide
+    MKL's fastest order depends on the CPU and the rank. On the AVX-512 Xeon it is thin^T wide, 1.7-2.3x faster than
+    (wide^T thin)^T (rank 8-64 on 154 to 8192 positions of 320 to 5120 channels). On the AVX2 EPYC (cold operands,
+    min of 9) it is (wide^T thin)^T from rank 16 up: 1.04-1.44x faster at ranks 16-128 on 8192 x 320 and 512 x 1280,
+    and 1.2-1.4x on 154 x 768 and 4096 x 2560; below rank 16 that order is 1.1-5.9x slower there (rank 1: even). The
+    result is then a transposed view, which autograd and the callers take as it is."""
+    if cpu_kind.AVX512 or thin.device.type != "cpu" or thin.shape[1] < 16:
+        return thin.t() @ wide
+    return (wide.t() @ thin).t()
 
 
 def gain_as_float(up: torch.Tensor, gain) -> tuple[torch.Tensor, float]:
