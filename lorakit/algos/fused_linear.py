@@ -47,7 +47,7 @@ class _LinearPlusLowRank(torch.autograd.Function):
             if ctx.needs_input_grad[7]:
                 grad_out = output_scale_grad(g2, y.view(g2.shape), bias) / out_scale
             g2 = g2 * out_scale
-        gh = g2 @ times_gain(up, ctx.gain)
+        gh = times_tall(g2, times_gain(up, ctx.gain))
         if mask is not None:
             gh = gh * mask
         grad_x = grad_down = grad_up = grad_scale = None
@@ -116,7 +116,7 @@ class _LinearMergedLowRank(torch.autograd.Function):
         if out_scale is not None:  # the factors see g diag(r)
             up = up * out_scale[:, None]
         if ctx.needs_input_grad[3]:
-            grad_down = thin_t_wide(g2 @ times_gain(up, gain), x2)
+            grad_down = thin_t_wide(times_tall(g2, times_gain(up, gain)), x2)
             if in_scale is not None:
                 grad_down *= in_scale
         if ctx.needs_input_grad[4]:
@@ -169,6 +169,16 @@ def thin_t_wide(thin: torch.Tensor, wide: torch.Tensor) -> torch.Tensor:
     if cpu_kind.AVX512 or thin.device.type != "cpu" or thin.shape[1] < 16:
         return thin.t() @ wide
     return (wide.t() @ thin).t()
+
+
+def times_tall(wide: torch.Tensor, tall: torch.Tensor) -> torch.Tensor:
+    """wide @ tall for a tall (channels x rank) factor: an output gradient times an up factor. Below rank 16 on the
+    AVX2 EPYC, MKL runs it 1.6-3.1x faster with tall laid out as F.linear's weight (a transposed view of a
+    contiguous rank x channels copy; cold operands, min of 9: rank 8 on 8192 x 320 1.06 against 2.36 ms, on
+    512 x 1280 0.37 against 0.68 ms); from rank 16 both layouts measure within 3%. The copy is rank x channels."""
+    if cpu_kind.AVX512 or tall.shape[1] >= 16 or wide.device.type != "cpu":
+        return wide @ tall
+    return wide @ tall.t().contiguous().t()
 
 
 def gain_as_float(up: torch.Tensor, gain) -> tuple[torch.Tensor, float]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import amp
-from .fused_linear import gemm_linear, thin_t_wide
+from .fused_linear import gemm_linear, thin_t_wide, times_tall
 
 
 class _LinearGLoRA(torch.autograd.Function):
@@ -36,7 +36,7 @@ class _LinearGLoRA(torch.autograd.Function):
         g2 = g.reshape(-1, g.shape[-1])
         g_shifted = g2 @ weight  # the gradient of the layer's input x + k a1 a2 x
         # the gradient of h = x [a2; b2]^T: k (g_shifted a1) and k (g b1), side by side
-        gh = torch.cat((g_shifted @ a1, g2 @ b1), dim=1).mul_(k)
+        gh = torch.cat((times_tall(g_shifted, a1), times_tall(g2, b1)), dim=1).mul_(k)
         grad_x = grad_a1 = grad_b1 = grad_downs = None
         if ctx.needs_input_grad[3]:
             grad_a1 = thin_t_wide(h[:, :r], g_shifted).t().mul_(k)
