@@ -163,9 +163,9 @@ def thin_t_wide(thin: torch.Tensor, wide: torch.Tensor) -> torch.Tensor:
     """thin^T wide, a sum over positions (rows) of a rank-sized and a channel-sized activation: a factor's gradient.
     MKL's fastest order depends on the CPU and the rank. On the AVX-512 Xeon it is thin^T wide, 1.7-2.3x faster than
     (wide^T thin)^T (rank 8-64 on 154 to 8192 positions of 320 to 5120 channels). On the AVX2 EPYC (cold operands,
-    min of 9) it is (wide^T thin)^T from rank 16 up: 1.04-1.44x faster at ranks 16-128 on 8192 x 320 and 512 x 1280,
-    and 1.2-1.4x on 154 x 768 and 4096 x 2560; below rank 16 that order is 1.1-5.9x slower there (rank 1: even). The
-    result is then a transposed view, which autograd and the callers take as it is."""
+    min of 9) it is (wide^T thin)^T from rank 16 up: 1.04-1.49x faster at ranks 16-128 on 8192 x 320 and 512 x 1280,
+    1.2-1.4x on 154 x 768 and 4096 x 2560; below rank 16 that order is up to 5.9x slower there (ranks 1 and 12-14
+    even). The result is then a transposed view, which autograd and the callers take as it is."""
     if cpu_kind.AVX512 or thin.device.type != "cpu" or thin.shape[1] < 16:
         return thin.t() @ wide
     return (wide.t() @ thin).t()
