@@ -20,6 +20,7 @@ from lorakit.train.run import train  # noqa: E402
 from lorakit.train.state import StateError  # noqa: E402
 
 from . import deepspeed_gloo  # noqa: E402,F401  (collectives through gloo: no C++ op to compile)
+from .deepspeed_cpu_adam_op import cpu_adam_op  # noqa: E402,F401  (CPU Adam without its build)
 from .processes import run_processes  # noqa: E402
 from .test_distributed import _free_port, _worker  # noqa: E402
 from .test_run import _config, base  # noqa: E402,F401  (the shared model/data fixture)
@@ -101,7 +102,7 @@ def test_offloaded_optimizer_and_parameters(base, plain, tmp_path):
     _assert_same(got, plain["sgd"])
 
 
-def test_offloaded_adamw_steps_with_deepspeeds_cpu_adam(base, plain, tmp_path):
+def test_offloaded_adamw_steps_with_deepspeeds_cpu_adam(base, plain, tmp_path, cpu_adam_op):
     from lorakit.train.deepspeed_engine import offload_optimizer
 
     config = _config(base, tmp_path, deepspeed=True, zero_stage=2, offload_optimizer_device="cpu",
@@ -112,6 +113,8 @@ def test_offloaded_adamw_steps_with_deepspeeds_cpu_adam(base, plain, tmp_path):
     assert offload_optimizer(sgd, config) is sgd  # the others step as they are on the CPU copies
     # CPU Adam's own arithmetic differs from torch's in the last bits, which Adam's normalisation enlarges
     _assert_same(_weights(train(config)), plain["adamw"], rtol=0, atol=1e-4)
+    if cpu_adam_op is not None:  # the run stepped through the op's update
+        assert cpu_adam_op.updates > 0 and cpu_adam_op.created_adamw
 
 
 def test_bf16_trains_within_bf16_precision(base, tmp_path):
