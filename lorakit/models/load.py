@@ -9,6 +9,7 @@ needs about the memory of the finished model, not twice it.
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -124,13 +125,27 @@ def _match_config(path, reader, kind, components, config, v_pred):
                          f"({'; '.join(problems)}); pass config= a diffusers-style config folder for this model")
 
 
-def _recipes_checked(reader, kind, component, config, prefix):
-    """(``component`` built on meta, its recipes), after checking on meta tensors that each recipe builds the
-    expected shape."""
+# (component, config as JSON) -> (state-dict shapes, the module's config) of every component built on meta in
+# this process: a config tried again (the first candidate rejected at each load of a tiny model) is not rebuilt
+_LAYOUTS: dict[tuple[str, str], tuple[dict[str, torch.Size], Any]] = {}
+
+
+def _layout(component: str, config: Mapping[str, Any]) -> tuple[dict[str, torch.Size], Any, torch.nn.Module | None]:
+    """(state-dict shapes, module config, the module on meta if this call had to build it, else None)."""
+    key = (component, json.dumps(config, sort_keys=True, default=str))
+    if key in _LAYOUTS:
+        return (*_LAYOUTS[key], None)
     module = component_on_meta(component, config)
+    _LAYOUTS[key] = ({k: v.shape for k, v in module.state_dict().items()}, module.config)
+    return (*_LAYOUTS[key], module)
+
+
+def _recipes_checked(reader, kind, component, config, prefix):
+    """(``component`` on meta, or None where fill_component is to build it; its recipes), after checking on meta
+    tensors that each recipe builds the expected shape."""
+    shapes, module_config, module = _layout(component, config)
     ckpt_keys = [k[len(prefix):] for k in reader.keys() if k.startswith(prefix)]
-    shapes = {k: v.shape for k, v in module.state_dict().items()}
-    recipes = to_diffusers_recipes(kind, component, shapes.keys(), module.config, ckpt_keys, prefix=prefix)
+    recipes = to_diffusers_recipes(kind, component, shapes.keys(), module_config, ckpt_keys, prefix=prefix)
     for key, recipe in recipes.items():
         got = recipe.build([reader.meta_tensor(prefix + s) for s in recipe.sources]).shape
         if got != shapes[key]:

@@ -70,6 +70,23 @@ def test_single_file_round_trip_is_exact(name, fixture, request, tmp_path):
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
+@pytest.mark.parametrize("name,fixture", [("tiny-sd", "sd_file"), ("tiny-sdxl", "sdxl_file")])
+def test_a_repeated_load_builds_only_its_own_components(name, fixture, request, monkeypatch):
+    """The full-size candidate config a tiny file is first tried against is rejected from its remembered shapes:
+    a second load builds each of its components on meta once, and loads the same tensors."""
+    import lorakit.models.load as load_module
+
+    path = request.getfixturevalue(fixture)
+    first = load_model(path)
+    built = []
+    real = load_module.component_on_meta
+    monkeypatch.setattr(load_module, "component_on_meta", lambda c, cfg: built.append(c) or real(c, cfg))
+    monkeypatch.setattr("lorakit.models.assemble.component_on_meta", load_module.component_on_meta)
+    second = load_model(path)
+    assert sorted(built) == sorted(["unet", "vae", *(c for c in _states(first) if c.startswith("text_encoder"))])
+    _assert_same_states(_states(second), _states(first))
+
+
 def test_single_file_keys_are_the_ldm_layout(sd_file, sdxl_file):
     sd_keys, xl_keys = load_file(sd_file)[0].keys(), load_file(sdxl_file)[0].keys()
     assert "model.diffusion_model.input_blocks.0.0.weight" in sd_keys
