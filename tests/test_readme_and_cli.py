@@ -29,6 +29,17 @@ def test_version_and_help():
     assert out.stdout.split() == ["lorakit", lorakit.__version__, "False"]
     out = subprocess.run([sys.executable, "-m", "lorakit", "--help"], capture_output=True, text=True, check=True)
     assert "usage: lorakit" in out.stdout and "algos" in out.stdout
+    # so do --help and every command's --help: the parsers' modules leave torch to the commands' work
+    code = ("import contextlib, io, sys\n"
+            "from lorakit.cli import build_parser, main\n"
+            "commands = build_parser()._subparsers._group_actions[0].choices\n"
+            "for argv in [['--help']] + [[c, '--help'] for c in commands]:\n"
+            "    with contextlib.redirect_stdout(io.StringIO()) as text, contextlib.suppress(SystemExit):\n"
+            "        main(argv)\n"
+            "    assert 'usage: lorakit' in text.getvalue(), argv\n"
+            "print(sorted(commands), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-1] == "False" and "'train'" in out.stdout and "'extract'" in out.stdout, out.stdout
 
 
 def test_algos_lists_each_algorithm_with_its_options(capsys):

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from .cli_common import check_device, refuse_overwrite, report_errors
-from .lowrank import MODES
+from .rank_modes import MODES
 
 _DTYPES = ("bf16", "bfloat16", "float", "float16", "float32", "fp16", "fp32")  # names parse_dtype reads
 

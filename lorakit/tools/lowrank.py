@@ -25,11 +25,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .rank_modes import FIXED_MODES, MODES
+
 __all__ = ["MODES", "FIXED_MODES", "select_rank", "check_mode", "top_svd", "svd_of_product", "split_factors",
            "retained", "LowRank", "low_rank"]
 
-MODES = ("fixed", "threshold", "ratio", "quantile", "quantile_energy", "sv_ratio", "sv_fro", "sv_cumulative")
-FIXED_MODES = ("fixed",)  # modes that need only the top singular values (so a randomized SVD serves)
 SVD_METHODS = ("auto", "randomized", "exact")
 
 
