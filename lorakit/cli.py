@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--version"]:  # answered before the commands' modules, and torch with them (~3 s), are imported
+    if argv[:1] == ["--version"]:  # answered before the commands' modules are imported to build their parsers
         print(f"lorakit {__version__}")
         return 0
     parser = build_parser()
