@@ -114,12 +114,18 @@ def written_by_every_tool(files, folder, suffix) -> dict[str, str]:
     return out
 
 
+@pytest.fixture(scope="module")
+def written_as_safetensors(files, tmp_path_factory) -> dict[str, str]:
+    """What each tool writes under a .safetensors name: the tensors its torch files must hold."""
+    return written_by_every_tool(files, tmp_path_factory.mktemp("st"), ".safetensors")
+
+
 @pytest.mark.parametrize("suffix", [".ckpt", ".pt"])
-def test_tools_write_a_torch_file_under_a_torch_name(files, tmp_path, suffix, caplog):
+def test_tools_write_a_torch_file_under_a_torch_name(files, written_as_safetensors, tmp_path, suffix, caplog):
     """The tensors of the .safetensors output, as a plain state dict torch.load(weights_only=True) and lorakit's
     loader read; the metadata is left out with a warning naming the file."""
     model = random_model("tiny-sd", seed=0)
-    want = written_by_every_tool(files, tmp_path / "st", ".safetensors")
+    want = written_as_safetensors
     with caplog.at_level(logging.WARNING):
         got = written_by_every_tool(files, tmp_path / "torch", suffix)
     for tool, path in got.items():
