@@ -136,7 +136,8 @@ def _layout(component: str, config: Mapping[str, Any]) -> tuple[dict[str, torch.
     if key in _LAYOUTS:
         return (*_LAYOUTS[key], None)
     module = component_on_meta(component, config)
-    _LAYOUTS[key] = ({k: v.shape for k, v in module.state_dict().items()}, module.config)
+    # a copy: the module built here may become a loaded model whose config its user changes
+    _LAYOUTS[key] = ({k: v.shape for k, v in module.state_dict().items()}, copy.deepcopy(module.config))
     return (*_LAYOUTS[key], module)
 
 
