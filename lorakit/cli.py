@@ -49,11 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--version"]:  # answered before the commands' modules are imported to build their parsers
-        print(f"lorakit {__version__}")
-        return 0
-    parser = build_parser()
+    parser = build_parser()  # the commands' modules import torch only for their work, not for their parsers
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
