@@ -20,4 +20,4 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = [*_FROM_REGISTRY[:2], *_FROM_OPTIONS, *_FROM_REGISTRY[2:]]
+__all__ = [*_FROM_REGISTRY, *_FROM_OPTIONS]
