@@ -37,6 +37,8 @@ os.environ.setdefault("LYCORIS_KERNEL_TUNE", "off")  # no first-call autotune ti
 import torch
 import torch.nn as nn
 
+from flops import product_flops
+
 # ----------------------------------------------------------------------------------------------------------------
 # What is measured
 
@@ -118,6 +120,7 @@ class Variant:
     note: str | None = None
     times: list[float] = field(default_factory=list)
     saved: dict[str, Any] | None = None
+    flops: int | None = None  # matrix-product FLOPs of one forward+backward (bench/flops.py)
     comparable: bool = True  # False: computes less than the method asked (shown with *, not a "best peer")
 
 
@@ -328,12 +331,15 @@ def step(fn, x, g, params) -> None:
 
 
 def check_runs(v: Variant, x, g) -> None:
-    """One fwd+bwd to catch failures (a peer that breaks on this shape becomes n/a)."""
-    try:
+    """One fwd+bwd to catch failures (a peer that breaks on this shape becomes n/a), its products counted."""
+    def run():
         y = v.fn(x)
         if y.shape != g.shape:
             raise RuntimeError(f"output shape {tuple(y.shape)}, expected {tuple(g.shape)}")
         y.backward(g)
+
+    try:
+        v.flops = product_flops(run)
         missing = sum(p.grad is None for p in v.params)
         if missing and v.algo != "dylora":  # DyLoRA trains one block per step
             v.note = ((v.note + "; ") if v.note else "") + f"{missing} trainable tensors got no gradient"
@@ -545,20 +551,22 @@ def verdict(algo: str, ratio: float | None, best: float | None, full_w: bool) ->
     return "PASS" if not fails else "FAIL (" + ", ".join(fails) + ")"
 
 
-def report_shape(key: str, desc: str, base_t: float, rows: dict[str, dict[str, Variant]], impls, out) -> dict:
+def report_shape(key: str, desc: str, base_t: float, base_flops: int, rows: dict[str, dict[str, Variant]], impls,
+                 out) -> dict:
     """Markdown table for one shape; returns the JSON record."""
     p = lambda s="": print(s, file=out)  # noqa: E731
     p(f"### {desc}")
     p()
-    p(f"Base layer (frozen, input requires grad): {base_t * 1e3:.2f} ms per forward+backward.")
+    p(f"Base layer (frozen, input requires grad): {base_t * 1e3:.2f} ms per forward+backward, "
+      f"{base_flops / 1e6:.1f} MFLOP in its products.")
     p()
     peers = [i for i in impls if i != "lorakit"]
-    head = ["algo", "lorakit", *peers, "best peer", "kit/peer", "kit saved MB",
+    head = ["algo", "lorakit", *peers, "best peer", "kit/peer", "kit FLOPs", "kit saved MB",
             *[f"{i} saved MB" for i in peers], "target", "verdict"]
     p("| " + " | ".join(head) + " |")
     p("|" + "|".join("---" for _ in head) + "|")
     footnotes: list[str] = []
-    record = {"desc": desc, "base_s": base_t, "rows": {}}
+    record = {"desc": desc, "base_s": base_t, "base_flops": base_flops, "rows": {}}
 
     def ratio_of(v: Variant | None):
         return STAT(v.times) / base_t if v and v.times else None
@@ -596,6 +604,7 @@ def report_shape(key: str, desc: str, base_t: float, rows: dict[str, dict[str, V
             cells.append(c + mark(v))
         cells.append(fmt_ratio(best))
         cells.append(f"{kr / best:.2f}" if kr is not None and best else "n/a")
+        cells.append(fmt_ratio(kit.flops / base_flops) if kit and kit.flops is not None and base_flops else "n/a")
         cells.append(fmt_mb(kit.saved["bytes"]) if kit and kit.saved else "n/a")
         for i in peers:
             v = variants.get(i)
@@ -608,7 +617,7 @@ def report_shape(key: str, desc: str, base_t: float, rows: dict[str, dict[str, V
             "target": t, "best_peer_ratio": best,
             "verdict": verdict(algo, kr, best, kit_fullw) if kit else None,
             **{i: {"ratio": ratio_of(v), "stat_s": STAT(v.times) if v.times else None,
-                   "times_s": v.times, "saved": v.saved, "setting": v.setting, "error": v.error, "note": v.note,
+                   "times_s": v.times, "flops": v.flops, "saved": v.saved, "setting": v.setting, "error": v.error, "note": v.note,
                    "comparable": comparable(i)}
                for i, v in variants.items()},
         }
@@ -697,7 +706,9 @@ def main(argv=None) -> int:
     print(f"Method: {args.stat} of {args.reps} interleaved rounds after {args.warmup} warm-up steps; each sample "
           f">= {args.min_time:g} s, after one untimed step of the same method; loss gradient = fixed random "
           "grad_output; input requires grad. "
-          "Ratio = method / frozen layer. Saved MB = distinct storages autograd keeps for backward, "
+          "Ratio = method / frozen layer. Kit FLOPs = lorakit's matrix-product FLOPs over the frozen layer's "
+          "(torch's FlopCounterMode; elementwise passes not counted): its ratio at the frozen layer's product speed. "
+          "Saved MB = distinct storages autograd keeps for backward, "
           "excluding the input and the frozen weight/bias. Best peer = fastest comparable peer column. "
           "A verdict FAIL (peer) with kit/peer within ~1.05 may be noise.", file=out)
     print(file=out)
@@ -736,6 +747,7 @@ def main(argv=None) -> int:
 
         # Warm-up, then calibrate how many steps make one sample.
         base_fn = base
+        base_flops = product_flops(lambda: step(base_fn, x, g, []))
         for _ in range(max(1, args.warmup)):
             step(base_fn, x, g, [])
         inner = steps_per_sample(base_fn, x, g, [], args.min_time)
@@ -757,7 +769,7 @@ def main(argv=None) -> int:
         finally:
             gc.enable()
         base_t = STAT(base_times)
-        rec = report_shape(key, f"{desc} ({inner} step(s) per sample)", base_t, variants, impls, out)
+        rec = report_shape(key, f"{desc} ({inner} step(s) per sample)", base_t, base_flops, variants, impls, out)
         noise = ""
         if args.wait_idle > 0:
             noise = (f"; {sample.redone} samples retaken because other processes were busy, {sample.kept_busy} kept "

@@ -42,6 +42,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import layers as common  # noqa: E402  (bench/layers.py: machine header, load, perturbation, formatting helpers)
 from allocator import keep_freed_memory, minor_faults  # noqa: E402
+from flops import product_flops  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -149,6 +150,7 @@ class Method:
     times: list[float] = field(default_factory=list)
     foreign: list[float] = field(default_factory=list)  # share of the CPUs other processes used per sample
     faults: list[int] = field(default_factory=list)  # minor page faults per sample
+    flops: int | None = None  # matrix-product FLOPs of the warm-up step (bench/flops.py)
     mem: dict[str, Any] | None = None
     keep: Any = None  # the network object, kept alive
 
@@ -421,7 +423,8 @@ def report_size(size: int, methods: dict[str, Method], args, out) -> dict:
     if frozen_t is not None:
         p(f"Frozen step (forward + MSE + backward into the latents, which require grad): {frozen_t:.2f} s.")
         p()
-    head = ["method", "adapted modules", "s/step", "x frozen", "x peft", "peak RSS MB", "over model MB",
+    frozen_flops = methods["frozen"].flops if "frozen" in methods else None
+    head = ["method", "adapted modules", "s/step", "x frozen", "x peft", "FLOPs x frozen", "peak RSS MB", "over model MB",
             "saved MB", "verdict"]
     p("| " + " | ".join(head) + " |")
     p("|" + "|".join("---" for _ in head) + "|")
@@ -467,16 +470,27 @@ def report_size(size: int, methods: dict[str, Method], args, out) -> dict:
         mem_msg = mem.get("error") if mem and mem.get("error") != m.error else None
         cells = [name + mark(msg) + mark(mem_msg and f"memory worker: {mem_msg}"),
                  "-" if m.count is None else str(m.count), fmt_s(t), fmt_x(rf), fmt_x(rp),
+                 fmt_x(m.flops / frozen_flops if m.flops is not None and frozen_flops else None),
                  fmt_mib(mem.get("peak")), fmt_mib(extra), fmt_mib(mem.get("saved_bytes")), verdict or "-"]
         p("| " + " | ".join(cells) + " |")
         record["methods"][name] = {
-            "count": m.count, "times_s": m.times, "median_s": t, "ratio_frozen": rf, "ratio_peft": rp,
+            "count": m.count, "flops": m.flops, "times_s": m.times, "median_s": t, "ratio_frozen": rf, "ratio_peft": rp,
             "foreign_cpu": m.foreign, "page_faults": m.faults, "memory": m.mem, "peak_over_model_bytes": extra,
             "setting": m.setting, "error": m.error, "note": m.note, "verdict": verdict,
         }
     p()
     p(f"Targets for lorakit: <= {TARGET_FROZEN}x the frozen step, <= {TARGET_PEFT}x peft's step, peak RSS over "
       "the model <= peft's.")
+    kit = methods.get("lorakit")
+    if frozen_flops:
+        line = ("FLOPs x frozen: the method's matrix-product FLOPs in its warm-up step (torch's FlopCounterMode; "
+                "elementwise passes not counted) over the frozen step's, i.e. its time ratio if every product ran "
+                "at the frozen step's speed.")
+        if kit and kit.flops and peft_t and frozen_t:
+            floor = kit.flops / frozen_flops
+            line += (f" At that speed lorakit's step would take {floor:.3f}x the frozen step, "
+                     f"{floor * frozen_t / peft_t:.3f}x peft's measured step.")
+        p(line)
     if footnotes:
         p("Notes: " + "; ".join(f"[{i + 1}] {s}" for i, s in enumerate(footnotes)) + ".")
     p("Samples (s): " + "; ".join(f"{n} " + ", ".join(f"{t:.2f}" for t in m.times)
@@ -629,7 +643,7 @@ def main(argv=None) -> int:
         for m in list(live):
             log(f"warm-up {m.name} @ {size}x{size}")
             try:
-                check_step(m, inp)
+                m.flops = product_flops(lambda: check_step(m, inp))
                 for _ in range(args.warmup - 1):
                     step(m, inp)
             except Exception as e:
