@@ -171,3 +171,19 @@ def test_written_and_read_back(tmp_path):
     spec = build_modelspec("sdxl", title="my_lora", date=WHEN)
     save_file({"a.alpha": torch.tensor(1.0)}, path, {"ss_network_dim": "4", **spec})
     assert read_metadata(path) == {"ss_network_dim": "4", **SDXL_LORA}
+
+
+@pytest.mark.parametrize("kind,expected", [
+    ("sd1", {"ss_v2": "False", "ss_base_model_version": "sd_v1"}),
+    ("sd2", {"ss_v2": "True", "ss_base_model_version": "sd_v2"}),
+    ("sdxl", {"ss_v2": "False", "ss_base_model_version": "sdxl_base_v1-0"}),
+    (None, {}),
+])
+def test_base_model_keys_are_sd_scripts_values(kind, expected):
+    """train_network.py writes ss_v2 = str(args.v2) and ss_base_model_version (model_util's "sd_v1"/"sd_v2",
+    SDXL's "sdxl_base_v1-0"); keys the caller gives are kept as they are."""
+    from lorakit.formats.modelspec import with_base_model_keys
+
+    assert with_base_model_keys({"ss_output_name": "x"}, kind) == {"ss_output_name": "x", **expected}
+    given = {"ss_v2": "True"}
+    assert with_base_model_keys(given, kind) == given

@@ -343,3 +343,22 @@ def test_safetensors_own_errors_and_temporaries_stay_under_lorakits_names(tmp_pa
         save_file({"w": torch.ones(2)}, tmp_path / "b.safetensors")
     assert caught.value.errno == 28 and ".tmp" not in str(caught.value)
     assert list(tmp_path.iterdir()) == [target]
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("disk full"), KeyboardInterrupt()])
+def test_a_failed_torch_file_save_leaves_the_old_file_and_no_temp(tmp_path, monkeypatch, exc):
+    """save_tensors under a .pt/.ckpt name (kohya's --save_model_as pt/ckpt) is atomic too."""
+    path = tmp_path / "x.pt"
+    sio.save_tensors({"a": torch.ones(2)}, path)
+
+    def write_half_then_fail(obj, f, *args, **kwargs):
+        with open(f, "wb") as out:
+            out.write(b"half")
+        raise exc
+
+    monkeypatch.setattr(sio.torch, "save", write_half_then_fail)
+    with pytest.raises((OSError, RuntimeError) if isinstance(exc, RuntimeError) else type(exc)):
+        sio.save_tensors({"a": torch.zeros(5)}, path)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["x.pt"]
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
