@@ -60,6 +60,9 @@ CASES = [
     ("lokr", {"unbalanced_factorization": True, "dim": 1}, ["linear", "conv2d"]),
     ("lokr", {"dora_wd": True, "dim": 1}, ["linear", "conv2d"]),
     ("lokr", {"use_scalar": True, "dim": 1}, ["linear"]),
+    # w1 a product too (the small layers keep w1 full at dim 1: dim < max(a, b) / 2 needs a side of 3 or more,
+    # here w1 8 x 8), with the scalar, which the file then holds in w1_a
+    ("lokr", {"use_scalar": True, "dim": 1, "decompose_both": True}, ["linear_wide"]),
     ("lokr", {"bypass_mode": False, "dim": 1}, ["linear", "conv2d"]),
     ("lokr", {"dora_wd": True, "dora_axis": "out", "dim": 1}, ["linear", "conv2d"]),
     ("lokr", {"rs_lora": True, "dim": 1, "alpha": 2}, ["linear", "conv2d"]),

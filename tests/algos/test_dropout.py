@@ -119,3 +119,47 @@ def test_dylora_trains_a_random_leading_rank_and_evaluates_the_full_rank():
     adapter(x).sum().backward()
     rows_with_grad = (adapter.lora_down.grad.abs().sum(1) > 0).nonzero().flatten().tolist()
     assert len(rows_with_grad) == 1
+
+
+@pytest.mark.parametrize("kind,shape", [("linear", (6, 5, 8)), ("conv2d", (6, 8, 5, 5))])
+def test_rank_dropout_scale_rescales_each_samples_kept_channels_to_mean_one(kind, shape):
+    """rank_dropout_scale divides each sample's mask by that sample's kept fraction (not the batch's or a channel's):
+    every kept channel of sample n is c / kept_n, so each sample's mask has mean exactly 1."""
+    adapter = make_adapter("lora", make_layer(kind), rank_dropout=0.5, rank_dropout_scale=True)
+    torch.manual_seed(0)
+    mask = adapter.channel_mask(torch.ones(shape, dtype=torch.float64), 0.5)
+    per_sample = mask.reshape(shape[0], 8)
+    keep = (per_sample > 0).double()
+    kept = keep.sum(1)
+    # a draw where samples keep different counts (a batch-wide or per-channel rescale would then differ)
+    assert bool((kept > 0).all()) and bool((kept < 8).all()) and len(set(kept.tolist())) > 1
+    torch.testing.assert_close(per_sample, keep * (8 / kept)[:, None], rtol=0, atol=1e-12)
+    torch.testing.assert_close(per_sample.mean(1), torch.ones(shape[0], dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_dylora_all_ranks_trains_every_rank_at_sd_scripts_scale():
+    """dylora_all_ranks (sd-scripts' networks/dylora.py): each training step uses every rank component at scale
+    alpha / dim * sqrt(dim / r) for the drawn leading rank r, only block r learning; eval: alpha / dim."""
+    layer, x = make_layer("linear"), make_input("linear")
+    dim, alpha = 4, 2.0
+    adapter = make_adapter("dylora", layer, dim=dim, alpha=alpha, block_size=1, dylora_all_ranks=True)
+    adapter = randomize(adapter.double())
+    up, down = adapter.lora_up.detach(), adapter.lora_down.detach()
+    full = torch.nn.functional.linear(x, up @ down)
+    adapter.eval()
+    torch.testing.assert_close(adapter(x) - layer(x), full * (alpha / dim))
+    expected = {r: full * (alpha / dim * (dim / r) ** 0.5) for r in range(1, dim + 1)}
+    adapter.train()
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(40):
+        out = adapter(x) - layer(x)
+        matches = [r for r, t in expected.items() if torch.allclose(out, t, rtol=1e-10, atol=1e-12)]
+        assert len(matches) == 1
+        seen.add(matches[0])
+    assert seen == set(expected)
+    adapter.zero_grad()
+    torch.manual_seed(3)
+    adapter(x).sum().backward()
+    assert (adapter.lora_down.grad.abs().sum(1) > 0).sum() == 1  # the other blocks held fixed
+    assert (adapter.lora_up.grad.abs().sum(0) > 0).sum() == 1

@@ -31,6 +31,17 @@ def test_numbers_from_strings_and_aliases():
     assert given == {"dim", "alpha", "use_tucker", "constraint", "bypass_mode", "dora_axis"}
 
 
+@pytest.mark.parametrize("raw", [{"use_tucker": "true", "use_cp": "false"}, {"use_cp": "true", "use_tucker": "false"},
+                                 {"use_cp": True, "use_tucker": True}])
+def test_a_boolean_given_under_two_spellings_is_on_if_either_is(raw):
+    """LyCORIS ORs use_tucker and its old name use_cp (kohya_ss writes both, one of them false): in either order
+    the option is on, not whichever spelling came last."""
+    options, given = parse_options(raw)
+    assert options.use_tucker is True and given == {"use_tucker"}
+    off, _ = parse_options({"use_cp": "false", "use_tucker": "no"})
+    assert off.use_tucker is False
+
+
 @pytest.mark.parametrize("kwargs,words", [
     ({"dimm": 4}, ["dimm", "did you mean 'dim'"]),
     ({"dim": "abc"}, ["'dim'", "'abc'", "integer"]),
@@ -39,6 +50,11 @@ def test_numbers_from_strings_and_aliases():
     ({"dim": True}, ["'dim'", "True"]),
     ({"alpha": -1}, ["'alpha'", "-1"]),
     ({"dropout": 1.5}, ["'dropout'", "1.5"]),
+    # probabilities in [0, 1): 1 would drop everything (and rank_dropout_scale divide by zero)
+    ({"dropout": 1.0}, ["'dropout'", "1.0", "[0, 1)"]),
+    ({"rank_dropout": 1}, ["'rank_dropout'", "[0, 1)"]),
+    ({"module_dropout": "1"}, ["'module_dropout'", "[0, 1)"]),
+    ({"dropout": -0.1}, ["'dropout'", "-0.1"]),
     ({"rank_dropout": "x"}, ["'rank_dropout'", "'x'"]),
     ({"use_tucker": "maybe"}, ["'use_tucker'", "'maybe'", "boolean"]),
     ({"factor": 0}, ["'factor'", "0"]),

@@ -42,6 +42,19 @@ def test_rs_lora_trains_at_alpha_over_sqrt_dim_and_saves_the_alpha_that_gives_th
     torch.testing.assert_close(ui_delta(sd, layer.weight, 1.0)[0], scale * unscaled, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("algo,options", RS_LORA, ids=[a for a, _ in RS_LORA])
+def test_rs_lora_adapter_loaded_from_its_file_keeps_alpha_and_scale(algo, options):
+    """The file holds alpha * sqrt(dim) (what alpha / dim loaders need); an rs_lora adapter loading it reads back the
+    alpha it was made with (alpha = saved / sqrt(dim), the value networks and tools report) and the same scale."""
+    _, adapter = rs_adapter(algo, options)
+    sd = adapter.state_dict()
+    fresh = make_adapter(algo, make_layer("linear_wide"), dim=DIM, alpha=1.0, rs_lora=True, **options).double()
+    fresh.load_state_dict(sd)
+    assert fresh.alpha == pytest.approx(ALPHA)
+    assert fresh.scale == pytest.approx(ALPHA / math.sqrt(DIM))
+    assert float(fresh.state_dict()["alpha"]) == pytest.approx(float(sd["alpha"]))
+
+
 def test_lokr_with_both_factors_full_keeps_scale_1_with_rs_lora():
     """Both factors full: ComfyUI and A1111 apply scale 1 whatever alpha says, so lorakit trains at 1 and saves
     alpha = dim (LyCORIS itself trains this case at sqrt(dim) and saves dim^1.5: its own files then load at 1)."""
@@ -98,3 +111,15 @@ def test_lokr_layout_at_the_full_matrix_boundary_is_lycoris(options, monkeypatch
                                                      decompose_both=options.get("decompose_both", False))
     assert set(lokr_24_16(options).state_dict()) == {k for k in theirs.state_dict() if k.startswith("lokr") or
                                                      k == "alpha"}
+
+
+# w1 (a x b) with a != b, where LyCORIS' rule dim < max(a, b) / 2 and the smaller side's dim < min(a, b) / 2 differ:
+# Linear(27, 8) splits out 8 = 2 x 4 and in 27 = 3 x 9, so w1 is 2 x 3 (and 3 x 2 the other way round); at dim 1,
+# 1 < 3 / 2 makes w1 a rank-1 product, 1 < 2 / 2 would not.
+@pytest.mark.parametrize("features", [(27, 8), (8, 27)], ids=["27-8", "8-27"])
+def test_lokr_decompose_both_on_unequal_w1_sides_is_lycoris(features, monkeypatch):
+    theirs = lycoris_modules(monkeypatch).LokrModule("x", nn.Linear(*features), lora_dim=1, decompose_both=True)
+    ours = make_adapter("lokr", nn.Linear(*features), dim=1, decompose_both=True)
+    want = {k: tuple(v.shape) for k, v in theirs.state_dict().items() if k.startswith("lokr")}
+    assert {"lokr_w1_a", "lokr_w1_b"} <= set(want)  # the case this test is about
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items() if k != "alpha"} == want
