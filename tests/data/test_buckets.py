@@ -41,6 +41,15 @@ def test_resolutions_match_brute_force(reso, lo, hi, step):
     assert make_bucket_resolutions(reso, lo, hi, step) == reference_resolutions(reso, lo, hi, step)
 
 
+def test_sizes_off_the_step_by_hand():
+    # kohya's loop with min_size 320 and max_size 832 off the 128 step: widths 320, 448, 576, 704, 832 (while
+    # width <= max_size), heights floor(409600 / w / 128) * 128 capped at 832. (832, 384) and its transpose come
+    # from the last width alone: the widths never meet 384.
+    assert make_bucket_resolutions((640, 640), 320, 832, 128) == [
+        (320, 832), (384, 832), (448, 832), (512, 704), (576, 640), (640, 576), (640, 640), (704, 512), (832, 320),
+        (832, 384), (832, 448)]
+
+
 def test_select_predefined_by_hand():
     s = BucketSelector(SD15_512)
     # 1000x2000 (aspect 0.5): nearest ratio 320/704 (0.4545, error 0.045; 384/640 is 0.1 away); the image is

@@ -55,7 +55,8 @@ def kohya_process_caption(o, caption, epoch):
 
 
 CAPTIONS = ["sks dog, sitting, grass, blue sky, sunny, tree", "a, b ,c,, d,", "solo ||| red hair, smile ||| masterpiece",
-            "one", "x; y; z\nsecond line", "long hair^^braid, blue eyes, looking at viewer"]
+            "one", "x; y; z\nsecond line", "long hair^^braid, blue eyes, looking at viewer",
+            "1girl, solo, ||| red hair, , smile, ||| , masterpiece"]  # empty tags around the separators: dropped
 OPTIONS = [
     CaptionOptions(shuffle_caption=True),
     CaptionOptions(shuffle_caption=True, keep_tokens=2),
@@ -158,6 +159,9 @@ def test_empty_caption_file(tmp_path):
     (tmp_path / "e.txt").write_bytes(b"")
     with pytest.raises(DatasetError, match=r"e\.txt: caption file is empty"):
         read_caption_file(str(tmp_path / "e.txt"))
+    # sd-scripts refuses a file without lines only (assert len(lines) > 0): a blank line is the empty caption
+    (tmp_path / "blank.txt").write_bytes(b" \n")
+    assert read_caption_file(str(tmp_path / "blank.txt")) == ""
 
 
 @pytest.mark.parametrize("options, message", [

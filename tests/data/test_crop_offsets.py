@@ -34,3 +34,11 @@ def test_random_crop_reaches_every_offset_from_0_to_the_whole_overhang():
     rng = random.Random(0)
     cuts = {cut_at(crop_to_bucket(image, choice, rng, random_crop=True)[0]) for _ in range(200)}
     assert cuts == {(top, left) for top in range(4) for left in range(3)}
+
+
+def test_random_crop_with_a_one_pixel_overhang_reaches_both_offsets():
+    # trims of 1 on each side: randint(0, 1) per side, so both 0 and 1 occur (not always the top/left edge)
+    image, choice = numbered_image(5, 5), BucketChoice((4, 4), (5, 5))
+    rng = random.Random(0)
+    cuts = {cut_at(crop_to_bucket(image, choice, rng, random_crop=True)[0]) for _ in range(100)}
+    assert cuts == {(0, 0), (0, 1), (1, 0), (1, 1)}

@@ -42,6 +42,7 @@ def sd_scripts_crop_target(height, width, face, target_hw, face_range, random_cr
 CASES = [  # (image w, h), face (cx, cy, w, h), training size (w, h), range, random_crop
     ((200, 150), (100, 75, 60, 60), (96, 64), (2.0, 4.0), False),  # random scale, jitter (face >= 40)
     ((200, 150), (100, 75, 30, 30), (64, 64), (1.5, 2.0), False),  # a face under 40 pixels: no jitter
+    ((200, 150), (100, 75, 30, 40), (64, 64), (1.5, 2.0), False),  # a face 40 pixels high: jitter
     ((200, 150), (190, 140, 30, 30), (64, 64), (2.0, 2.0), False),  # at the corner: the crop kept inside
     ((200, 150), (60, 40, 50, 50), (64, 96), (2.0, 4.0), True),  # random_crop's wide shift
     ((200, 150), (20, 130, 20, 20), (64, 64), (3.0, 3.0), True),

@@ -74,6 +74,15 @@ def test_weights_across_chunks():
     assert ids[0, 0, 76].item() == tok.eos_token_id  # a full chunk of text ends in <EOS>
 
 
+def test_a_long_weighted_prompt_is_cut_at_its_end():
+    # 81 tokens into one chunk of 75: the last 6 go, with their weights; the heavy first token keeps its 2.0
+    tok = tokenizers_for("sd1")[0]
+    prompt = "(a:2) " + " ".join(["b"] * 79) + " [c]"
+    ids, weights = tokenize_weighted(tok, [prompt], None)
+    assert torch.equal(ids, tokenize(tok, [strip_weights(prompt)], None))
+    assert weights[0, 0, 1].item() == 2.0 and weights[0, 0, 2:].eq(1).all() and weights[0, 0, 0].item() == 1.0
+
+
 def test_apply_token_weights_like_kohya():
     torch.manual_seed(0)
     for n in (1, 2, 3):

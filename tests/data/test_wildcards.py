@@ -37,6 +37,7 @@ def texts(caption: str, draws: int = 64) -> Counter:
     "a {red|blue|green} cat",
     "{{a|b}} x",
     "{{x}} {a|b}, {c|d}\n{e|f} {{g}}",
+    "⦅kept⦆ {{x}} {a|b}",  # the caption holds the brace placeholder itself: a longer one is used
 ])
 def test_matches_sd_scripts_draw_for_draw(caption):
     for seed in range(40):

@@ -103,7 +103,7 @@ def test_plain_l2_and_prior_loss_weights(scheduler):
 
 
 @pytest.mark.parametrize("v", [False, True])
-@pytest.mark.parametrize("gamma", [1.0, 5.0])
+@pytest.mark.parametrize("gamma", [1.0, 5.0, 2.5])  # 2.5: a fractional gamma is used as given
 def test_min_snr_gamma(scheduler, v, gamma):
     # Hang et al. 2023: epsilon weight min(SNR, g) / SNR; v weight min(SNR, g) / (SNR + 1)
     weights = [min(snr_ref(t), gamma) / (snr_ref(t) + (1.0 if v else 0.0)) for t in T.tolist()]

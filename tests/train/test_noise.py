@@ -104,6 +104,9 @@ def test_zero_terminal_snr_equals_diffusers_rescale():
     torch.testing.assert_close(ours.betas, ref.betas, rtol=1e-3, atol=1e-5)
     torch.testing.assert_close(ours.alphas_cumprod, ref.alphas_cumprod, rtol=1e-3, atol=1e-6)
     assert ref.alphas_cumprod[-1].item() == ours.alphas_cumprod[-1].item() == 0.0
+    # the three tensors are rescaled together (as sd-scripts sets them): alphas = 1 - betas, like diffusers'
+    torch.testing.assert_close(ours.alphas, ref.alphas, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(ours.alphas.double(), 1.0 - ours.betas.double(), rtol=0, atol=1e-7)
     b = torch.linspace(1e-4, 0.02, 50, dtype=torch.float64)
     torch.testing.assert_close(
         rescale_zero_terminal_snr(b), torch.tensor(zero_snr_paper(b.tolist()), dtype=torch.float64)
@@ -213,6 +216,16 @@ def test_pyramid_noise_exact_values_against_independent_loop(iterations, discoun
     np.testing.assert_allclose(got.double().numpy(), ref, rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 40, 4), (2, 3, 4, 40)])
+def test_pyramid_noise_of_a_long_latent_stops_when_either_side_reaches_one_pixel(shape):
+    # sd-scripts' pyramid_noise_like breaks when wn == 1 *or* hn == 1: a 40x4 latent stops at level 1 (4 / r < 2)
+    # although the long side has pixels left; going on would add more levels
+    base = torch.randn(shape, generator=gen(5))
+    got = pyramid_noise(base, gen(), 6, 0.8)
+    ref = pyramid_reference(base.numpy(), gen(), 6, 0.8)
+    np.testing.assert_allclose(got.double().numpy(), ref, rtol=0, atol=2e-5)
+
+
 def test_pyramid_noise_statistics():
     base = torch.randn(64, 4, 32, 32, generator=gen(2))
     out = pyramid_noise(base, gen(), 6, 0.8)  # a strong pyramid, so the statistics show it
@@ -276,6 +289,22 @@ def test_ip_noise_gamma_perturbs_the_input_not_the_target(random_strength):
     ref = forward_process(
         x, eps.double() + gamma * extra.double(), t, torch.tensor(alphas_cumprod_of(scaled_linear_betas()))
     )
+    torch.testing.assert_close(batch.noisy_latents.double(), ref, rtol=0, atol=1e-5)
+
+
+def test_a_single_timestep_draws_nothing_from_the_generator():
+    # min_timestep == max_timestep: sd-scripts' get_timesteps fills the batch (torch.full) without a draw, so the
+    # input-perturbation noise is the generator's next draw after the noise
+    s = make_noise_scheduler()
+    x = latents()
+    batch = noisy_batch(x, s, NoiseOptions(min_timestep=500, max_timestep=500, ip_noise_gamma=0.1), gen(8))
+    g = gen(8)
+    eps = torch.randn(SHAPE, generator=g)
+    extra = torch.randn(SHAPE, generator=g)
+    t = torch.full((SHAPE[0],), 500)
+    assert batch.timesteps.tolist() == t.tolist()
+    ac = torch.tensor(alphas_cumprod_of(scaled_linear_betas()))
+    ref = forward_process(x, eps.double() + 0.1 * extra.double(), t, ac)
     torch.testing.assert_close(batch.noisy_latents.double(), ref, rtol=0, atol=1e-5)
 
 

@@ -12,3 +12,9 @@ def test_yes_and_no_read_as_booleans_in_any_case():
     assert got == {"decouple": False, "use_bias_correction": True, "safeguard_warmup": False, "d_coef_on": True,
                    "amsgrad": False, "foreach": True}
     assert all(type(v) is bool for v in got.values())
+
+
+def test_none_and_null_read_as_none_in_any_case():
+    # e.g. Adafactor's lr-free settings or clip_threshold=None: None, never 0 or the string "null"
+    got = parse_kwargs(["a=none", "b=NULL", "c=Null", "d=None"])
+    assert got == {"a": None, "b": None, "c": None, "d": None}

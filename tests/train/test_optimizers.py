@@ -50,6 +50,15 @@ def test_parse_kwargs_reads_python_literals_like_kohya():
     assert parse_kwargs(None) == {}
 
 
+def test_parse_kwargs_takes_any_whitespace_between_and_around_arguments():
+    # one string is split on runs of whitespace (a TOML multi-line string, doubled spaces); spaces around "=" and
+    # the value are dropped before the value is read, words included
+    assert parse_kwargs("weight_decay=0.1  momentum=0.5\n\tnesterov=no") == {
+        "weight_decay": 0.1, "momentum": 0.5, "nesterov": False}
+    assert parse_kwargs(["decouple = no", "eps = none ", "betas = (0.9, 0.99)"]) == {
+        "decouple": False, "eps": None, "betas": (0.9, 0.99)}
+
+
 @pytest.mark.parametrize(
     "args,match",
     [
@@ -82,6 +91,12 @@ def test_sgd_nesterov_gets_momentum():
     assert opt.defaults["nesterov"] is True and opt.defaults["momentum"] == 0.9
     opt = make_optimizer("sgdnesterov", groups(), 0.1, ["momentum=0.5", "weight_decay=1e-4"])
     assert opt.defaults["momentum"] == 0.5 and opt.defaults["weight_decay"] == 1e-4 and opt.defaults["nesterov"]
+
+
+def test_sgd_nesterov_takes_nesterov_from_optimizer_args_when_given():
+    # the documented "nesterov=True unless given": optimizer_args nesterov=False gives plain momentum SGD
+    opt = make_optimizer("SGDNesterov", groups(), 0.1, ["nesterov=False"])
+    assert opt.defaults["nesterov"] is False and opt.defaults["momentum"] == 0.9
 
 
 def test_adafactor_relative_step_rules(caplog):

@@ -101,6 +101,16 @@ def test_warmup_as_a_ratio_of_the_steps():
         warmup_steps(-1, 100)
 
 
+@pytest.mark.parametrize("name", ["cosine", "linear", "constant_with_warmup"])
+def test_num_cycles_and_power_leave_the_other_curves_alone(name):
+    # sd-scripts' get_scheduler_fix gives lr_scheduler_num_cycles to cosine_with_restarts only and lr_scheduler_power
+    # to polynomial only: a plain cosine stays half a cosine whatever num_cycles says
+    got = curve(make_scheduler(name, optimizer(), T, W, num_cycles=3, power=2.0))
+    for s, lrs in enumerate(got):
+        f = closed_form(name, s)
+        assert lrs == pytest.approx([LR * f, LR / 4 * f], rel=1e-12, abs=1e-15), (name, s)
+
+
 @pytest.mark.parametrize("name,kw", CASES)
 def test_resume_through_state_dict(name, kw):
     w = 0 if name == "constant" else 0.1
