@@ -121,3 +121,13 @@ def test_pickled_adapters_from_sd_scripts_save_model_as_are_read(tmp_path, capsy
     torch.save({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2)}, tmp_path / "model.ckpt")
     assert main(["inspect", str(tmp_path / "model.ckpt")]) != 0
     assert "is a model checkpoint" in capsys.readouterr().err
+
+
+def test_an_output_that_is_a_link_to_an_input_is_refused(tmp_path, capsys):
+    """A symbolic link to the input names the same file: refused as the input itself is."""
+    src = _lora(tmp_path / "a.safetensors")
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(src)
+    assert main(["resize", str(src), str(link), "--new_rank", "2"]) == 1
+    _one_error_line(capsys, "resize", "link.safetensors: is also the source file")
+    assert link.is_symlink()

@@ -382,3 +382,13 @@ def test_checkpoints_unknown_targets_and_generic_files_are_refused(tmp_path, cap
     (tmp_path / "folder.safetensors").mkdir()  # an OSError of the writer: one line too, not a traceback
     assert main(["convert", str(src), str(tmp_path / "folder.safetensors"), "--to", "diffusers", "--no-progress"]) == 2
     assert "folder.safetensors: is a folder" in capsys.readouterr().err
+
+
+def test_unet_name_options_that_do_not_apply_are_refused(tmp_path):
+    """--unet-names names kohya output's U-Net style: an unknown style, or one given for diffusers output (which
+    has diffusers names only), is an error naming the option, and nothing is written."""
+    src = _save(tmp_path, "sd1", "lora", preset="attn-mlp")
+    for to, style in (("kohya", "bogus"), ("diffusers", "sgm"), ("peft", "kohya")):
+        with pytest.raises(ConvertError, match="--unet-names"):
+            convert(src, tmp_path / "o.safetensors", to=to, unet_names=style)
+    _no_output(tmp_path, tmp_path / "o.safetensors")

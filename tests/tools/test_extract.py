@@ -369,3 +369,96 @@ def test_v_prediction_base_is_named_in_ss_base_model_version(pair):
     v_base.v_parameterization = v_tuned.v_parameterization = True
     res = extract_lora(v_base, v_tuned, None, linear_dim=R, conv_dim=0, text_encoders=False, show_progress=False)
     assert (res.metadata["ss_base_model_version"], res.metadata["ss_v2"]) == ("sd_v1_v", "False")
+
+
+@pytest.mark.parametrize("mode,param,want", [("threshold", 2.0, 1), ("ratio", 0.5, 1), ("sv_ratio", 2.0, 1),
+                                             ("sv_ratio", 4.0, 2), ("quantile", 0.75, 2),
+                                             ("quantile_energy", 20 / 21.25, 2), ("sv_fro", 0.5, 1)])
+def test_modes_at_a_tie_keep_what_the_table_says(mode, param, want):
+    """Singular values exactly at the bound: threshold, ratio and sv_ratio keep only S_i strictly above it
+    (LyCORIS' and kohya's `S > bound`); the cumulative modes keep the smallest k whose prefix reaches the target.
+    S = [4, 2, 1, 0.5] holds every bound exactly in float64 (sum 7.5, energy 21.25)."""
+    S = torch.tensor([4.0, 2.0, 1.0, 0.5], dtype=torch.float64)
+    assert lowrank.select_rank(S, mode, param) == want
+
+
+@pytest.mark.parametrize("mode,param", [("fixed", 2.5), ("threshold", -0.1), ("ratio", 1.5), ("ratio", -0.1),
+                                        ("sv_fro", 1.01), ("sv_cumulative", 2.0), ("quantile_energy", -0.5),
+                                        ("sv_ratio", 0.99), ("quantile", float("nan"))])
+def test_each_mode_refuses_a_parameter_out_of_its_range(mode, param):
+    with pytest.raises(ValueError, match=mode):
+        lowrank.check_mode(mode, param)
+
+
+def test_factors_share_the_singular_values_evenly():
+    """up = U sqrt(S), down = sqrt(S) Vh: column i of up and row i of down both have norm sqrt(S_i) (the balance
+    that keeps both factors' magnitudes in fp16's range), not all of S on one side."""
+    g = torch.Generator().manual_seed(11)
+    A = torch.randn(30, 5, generator=g, dtype=torch.float64) @ torch.randn(5, 40, generator=g, dtype=torch.float64) * 50
+    S = torch.linalg.svdvals(A)[:4]
+    for mode, param in (("fixed", 4), ("threshold", float(S[3]) * 0.999)):
+        lr = lowrank.low_rank(A, mode, param, svd="exact")
+        assert lr.rank == 4
+        assert torch.allclose(lr.up.norm(dim=0), S.sqrt(), rtol=1e-9)
+        assert torch.allclose(lr.down.norm(dim=1), S.sqrt(), rtol=1e-9)
+
+
+def test_factors_exactly_as_large_as_the_layer_are_stored_whole():
+    """A layer is stored whole when its factors hold at least as many numbers as the change: rank 16 of a 32x32
+    layer holds 16 * 64 = 1024 = 32 * 32 (stored whole), rank 15 holds fewer (factors)."""
+    delta = torch.randn(32, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    sub, rep = extract_layer(delta, "fixed", 16, None, svd="exact")
+    assert set(sub) == {"diff"} and rep["full"] and torch.equal(sub["diff"], delta)
+    sub, rep = extract_layer(delta, "fixed", 15, None, svd="exact")
+    assert "diff" not in sub and rep["rank"] == 15 and not rep["full"]
+
+
+CONV_NAMES = {"lora_unet_down_blocks_1_resnets_0_conv1", "lora_unet_up_blocks_1_resnets_1_conv2"}
+
+
+def test_other_modes_take_the_conv_param_and_the_caps_of_their_own_kind(pair):
+    """Modes other than fixed: --linear_dim caps the Linear layers and --conv_dim the kxk convs, each its own;
+    --conv_param selects the convs' ranks (None: --linear_param's). Every change here has rank R = 3 (the rest
+    is float32 rounding, far below 1e-3 of S_0); ratio 0.999 keeps S_0 only."""
+    _, _, base, tuned = pair
+
+    def ranks(linear, conv, **options):
+        res = extract_lora(base, tuned, None, mode="ratio", full_fallback=False, text_encoders=False,
+                           show_progress=False, **options)
+        assert {n for n, r in res.layers.items() if r["kind"] == "conv"} == CONV_NAMES and len(res.layers) == 3
+        assert {n: r["rank"] for n, r in res.layers.items()} == {n: conv if n in CONV_NAMES else linear
+                                                                  for n in res.layers}
+
+    ranks(1, 2, linear_param=1e-3, linear_dim=1, conv_dim=2)
+    ranks(1, R, linear_param=0.999, conv_param=1e-3, linear_dim=None)
+
+
+def test_a_changed_bias_of_a_layer_stored_whole_is_extracted_and_applied(pair, tmp_path):
+    """Stored whole, a layer carries its bias change too (diff_b = tuned - base): the merged model has the tuned
+    bias."""
+    bp, tp, base, tuned = pair
+    tuned = copy.deepcopy(tuned)
+    conv = _module(tuned, CONV)
+    with torch.no_grad():
+        conv.bias += torch.linspace(-0.2, 0.3, conv.bias.numel())
+    out = tmp_path / "b.safetensors"
+    res = extract_lora(base, tuned, out, linear_dim=64, conv_dim=64, text_encoders=False, save_dtype=torch.float32,
+                       show_progress=False)
+    name = "lora_unet_down_blocks_1_resnets_0_conv1"
+    assert res.layers[name]["full"] and not res.bias_dropped
+    want = conv.bias.detach().double() - _module(base, CONV).bias.detach().double()
+    assert torch.allclose(res.tensors[f"{name}.diff_b"].double(), want, atol=1e-7)
+    model = copy.deepcopy(base)
+    load_network(model.unet, out).merge()
+    assert torch.allclose(_module(model, CONV).bias.detach().double(), conv.bias.detach().double(), atol=1e-6)
+
+
+def test_layers_of_different_shapes_and_a_negative_min_diff_are_refused(pair):
+    _, _, base, tuned = pair
+    with pytest.raises(ValueError, match="min_diff must be >= 0"):
+        extract_lora(base, tuned, None, linear_dim=R, min_diff=-1.0, show_progress=False)
+    other = copy.deepcopy(base)
+    layer = _module(other, TE)
+    layer.weight = torch.nn.Parameter(torch.zeros(layer.weight.shape[0], 1))  # broadcasts against the base's
+    with pytest.raises(ValueError, match=r"encoder\.layers\.0\.mlp\.fc1 .* has shape"):
+        extract_lora(base, other, None, linear_dim=R, show_progress=False)

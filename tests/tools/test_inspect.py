@@ -279,3 +279,16 @@ def test_tensors_no_loader_reads_are_malformed(tmp_path, capsys):
                        ("full", {}), ("dylora", {"dim": 4}), ("lora", {"dora_wd": True})):
         create_network(unet, tes, algo=algo, preset="attn-only", **opts).save(tmp_path / "ok.safetensors")
         assert inspect_file(tmp_path / "ok.safetensors")["malformed_modules"] == {}, algo
+
+
+def test_oft_modules_report_their_block_size_and_no_scale(tmp_path):
+    """A Diag-OFT module's dim is its block size, and it has no scale alpha / dim (OFT rotates the weight): the
+    report gives no scale for it (test_kohya_style_file_by_hand: a LoRA module's is alpha / dim)."""
+    unet, tes = tiny_model("sd1")
+    path = tmp_path / "o.safetensors"
+    randomize(create_network(unet, tes, algo="diag-oft", preset="attn-mlp", dim=4), 0.05).save(path)
+    report = inspect_file(path)
+    subs = groups(st_load(path))
+    assert report["modules"] and set(subs) == {m["name"] for m in report["modules"]}
+    for m in report["modules"]:
+        assert (m["algo"], m["dim"], m["scale"]) == ("diag-oft", subs[m["name"]]["oft_blocks"].shape[-1], None)

@@ -510,3 +510,21 @@ def test_bad_input_is_refused_by_name_and_writes_nothing(models, tmp_path, capsy
     err = run_error(capsys, "--loras", lora, "--save_to", str(tmp_path / "folder"))
     assert "(.ckpt/.pt/.pth/.bin); expected such a file name" in err
     assert set(os.listdir(tmp_path)) == before | {"conv.safetensors"}  # no output, no temporary left behind
+
+
+def test_concat_reads_a_missing_alpha_as_the_rank_and_precision_is_the_default_save_dtype(tmp_path):
+    """A LoRA without alpha tensors has scale 1 (alpha = rank, as every loader reads it); without
+    --save_precision the merged file is written in --precision."""
+    from lorakit.formats import save_file
+    from lorakit.tools.merge import merge_loras
+
+    (a, name), (b, _) = (small_scale_lora(tmp_path / f"{n}.safetensors", seed, torch.float32, rank, alpha, 0.1)
+                         for n, seed, rank, alpha in (("a", 1, 3, 1.0), ("b", 2, 4, 2.0)))
+    no_alpha = {k: v for k, v in load_file(a)[0].items() if not k.endswith(".alpha")}
+    save_file(no_alpha, tmp_path / "n.safetensors")
+    out = tmp_path / "m.safetensors"
+    merge_loras([tmp_path / "n.safetensors", b], [0.5, 1.0], out, precision="fp16", progress=False)
+    merged = load_file(out)[0]
+    want = 0.5 * dense(no_alpha, name) + dense(load_file(b)[0], name)
+    assert torch.allclose(dense(merged, name), want, rtol=0, atol=2e-3 * want.abs().max().item())
+    assert {t.dtype for t in merged.values()} == {torch.float16}

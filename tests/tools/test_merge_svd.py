@@ -172,3 +172,26 @@ def test_a_bias_change_of_a_module_stored_whole_is_named_as_left_out(tmp_path, c
     save_file(b, path)
     merge_loras_svd([path], [1.0], 4)
     assert "diff_b" not in caplog.text
+
+
+ATTN = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"  # in a U-Net block (IN04)
+
+
+def test_modules_stored_whole_in_two_files_sum_and_take_their_block_weight():
+    """A module stored whole (diff) in both files sums both parts, each at ratio x block weight, as a LoRA
+    module's part does; a 1x1 conv LoRA takes new_rank (new_conv_rank is for kernels > 1)."""
+    g = torch.Generator().manual_seed(5)
+    d1, d2 = torch.randn(20, 12, generator=g), torch.randn(20, 12, generator=g)
+    conv1x1 = {k: v.reshape(*v.shape, 1, 1) if "lora_" in k else v
+               for k, v in _file(2, 6, ["lora_unet_down_blocks_1_attentions_0_proj_in"], 6.0).items()}
+    a = {f"{ATTN}.diff": d1, **conv1x1}
+    b = {f"{ATTN}.diff": d2}
+    merged = merge_loras_svd([a, b], [1.0, -0.5], 12, new_conv_rank=2, progress=False)
+    want = d1.double() - 0.5 * d2.double()
+    assert torch.allclose(_dense(merged, ATTN), want, atol=1e-5)  # rank 12 of a 20x12 change: exact
+    proj = "lora_unet_down_blocks_1_attentions_0_proj_in"
+    assert merged[f"{proj}.lora_down.weight"].shape == (6, 12, 1, 1)  # rank 6 < new_rank 12, not new_conv_rank 2
+    assert torch.allclose(_dense(merged, proj), _dense(conv1x1, proj), atol=1e-5)
+    halves = merge_loras_svd([a, b], [1.0, -0.5], 12, block_weights=",".join(["0.5"] * 25), progress=False)
+    assert torch.allclose(_dense(halves, ATTN), 0.5 * want, atol=1e-5)
+    assert torch.allclose(_dense(halves, proj), 0.5 * _dense(conv1x1, proj), atol=1e-5)

@@ -276,3 +276,45 @@ def test_an_integer_alpha_gives_a_float_new_alpha():
     sub = {"lora_up.weight": torch.zeros(4, 8), "lora_down.weight": torch.zeros(8, 4), "alpha": torch.tensor(4)}
     tensors = {f"m.{k}": v for k, v in sub.items()}
     assert default_save_dtypes(tensors, {"m": sub})["m.alpha"] == torch.float32
+
+
+def test_a_dynamic_method_is_capped_by_new_rank_and_new_conv_rank():
+    """new_rank / new_conv_rank cap what a dynamic method selects (kohya's resize: the rank never exceeds
+    new_rank); sv_fro 0.9999 alone would keep nearly all 8 components here."""
+    res = resize_lora(_lora(), 3, new_conv_rank=2, dynamic_method="sv_fro", dynamic_param=0.9999)
+    assert (res.layers["lora_unet_a"]["rank"], res.layers["lora_unet_c"]["rank"]) == (3, 2)
+    for name, k in (("lora_unet_a", 3), ("lora_unet_c", 2)):
+        best, _ = _best(_dense(_lora(), name), k)
+        assert torch.allclose(_dense(res.tensors, name), best, atol=1e-5)
+
+
+def test_a_tucker_module_is_a_conv_and_takes_new_conv_rank():
+    """A Tucker module (lora_mid; its lora_down is 1x1) changes a kxk conv: it takes new_conv_rank."""
+    g = torch.Generator().manual_seed(4)
+    sd = {"lora_unet_t.lora_down.weight": torch.randn(4, 6, 1, 1, generator=g),
+          "lora_unet_t.lora_mid.weight": torch.randn(4, 4, 3, 3, generator=g),
+          "lora_unet_t.lora_up.weight": torch.randn(10, 4, 1, 1, generator=g), "lora_unet_t.alpha": torch.tensor(2.0)}
+    res = resize_lora(sd, 3, new_conv_rank=2)
+    assert res.layers["lora_unet_t"]["rank"] == 2 and res.layers["lora_unet_t"]["conv"]
+    assert res.tensors["lora_unet_t.lora_down.weight"].shape == (2, 6, 3, 3)
+
+
+@pytest.mark.parametrize("method,param", [("sv_fro", 1.5), ("sv_cumulative", -0.1), ("sv_ratio", 0.5),
+                                          ("sv_fro", None)])
+def test_a_dynamic_param_out_of_its_range_is_refused(method, param):
+    with pytest.raises(ValueError, match="dynamic_param"):
+        resize_lora(_lora(), 4, dynamic_method=method, dynamic_param=param)
+
+
+def test_a_dylora_cut_refuses_a_dynamic_method():
+    with pytest.raises(ValueError, match="DyLoRA cut"):
+        resize_lora(_lora(), 4, dynamic_method="sv_fro", dynamic_param=0.9, dylora=True)
+
+
+def test_a_zero_module_keeps_one_component():
+    """An untrained module (lora_up all zero) keeps rank 1 (kohya's MIN_SV), not the cap, and stays zero."""
+    sd = _lora()
+    sd["lora_unet_a.lora_up.weight"] = torch.zeros_like(sd["lora_unet_a.lora_up.weight"])
+    res = resize_lora(sd, 4)
+    assert res.layers["lora_unet_a"]["rank"] == 1 and res.tensors["lora_unet_a.lora_down.weight"].shape == (1, 40)
+    assert not _dense(res.tensors, "lora_unet_a").any()
