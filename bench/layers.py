@@ -617,8 +617,8 @@ def report_shape(key: str, desc: str, base_t: float, base_flops: int, rows: dict
             "target": t, "best_peer_ratio": best,
             "verdict": verdict(algo, kr, best, kit_fullw) if kit else None,
             **{i: {"ratio": ratio_of(v), "stat_s": STAT(v.times) if v.times else None,
-                   "times_s": v.times, "flops": v.flops, "saved": v.saved, "setting": v.setting, "error": v.error, "note": v.note,
-                   "comparable": comparable(i)}
+                   "times_s": v.times, "flops": v.flops, "saved": v.saved, "setting": v.setting, "error": v.error,
+                   "note": v.note, "comparable": comparable(i)}
                for i, v in variants.items()},
         }
     p()

@@ -424,8 +424,8 @@ def report_size(size: int, methods: dict[str, Method], args, out) -> dict:
         p(f"Frozen step (forward + MSE + backward into the latents, which require grad): {frozen_t:.2f} s.")
         p()
     frozen_flops = methods["frozen"].flops if "frozen" in methods else None
-    head = ["method", "adapted modules", "s/step", "x frozen", "x peft", "FLOPs x frozen", "peak RSS MB", "over model MB",
-            "saved MB", "verdict"]
+    head = ["method", "adapted modules", "s/step", "x frozen", "x peft", "FLOPs x frozen", "peak RSS MB",
+            "over model MB", "saved MB", "verdict"]
     p("| " + " | ".join(head) + " |")
     p("|" + "|".join("---" for _ in head) + "|")
     footnotes: list[str] = []
