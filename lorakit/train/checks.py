@@ -238,13 +238,18 @@ def _combinations(v: dict[str, Any]) -> None:
 
 def _planned_lrs(v: dict[str, Any]) -> dict[str, float]:
     """The learning rates the trained adapters' groups get, as far as the options tell (network.
-    optimizer_param_groups' rule for unet_lr, the first text_encoder_lr and the LoRA+ ratios; block lr weights are
-    checked when the optimizer is built): {what: lr}, without the 0s (frozen) and the unset (the optimizer's own)."""
+    optimizer_param_groups' rule for unet_lr, text_encoder_lr and the LoRA+ ratios; block lr weights are checked when
+    the optimizer is built): {what: lr}, without the 0s (frozen) and the unset (the optimizer's own). A second
+    text_encoder_lr counts where the options say SDXL, whose second text encoder trains at it (on SD1/SD2 it is
+    unused; a checkpoint found to be SDXL only once loaded is checked when the optimizer is built)."""
     from .network_args import LORAPLUS_OPTIONS, network_kwargs
 
-    te_lr = v["text_encoder_lr"][0] if isinstance(v["text_encoder_lr"], tuple) else v["text_encoder_lr"]
+    te_lrs = v["text_encoder_lr"] if isinstance(v["text_encoder_lr"], tuple) else (v["text_encoder_lr"],)
+    te_trained = not v["network_train_unet_only"]
     sides = {"unet_lr": (v["unet_lr"], "loraplus_unet_lr_ratio", not v["network_train_text_encoder_only"]),
-             "text_encoder_lr": (te_lr, "loraplus_text_encoder_lr_ratio", not v["network_train_unet_only"])}
+             "text_encoder_lr": (te_lrs[0], "loraplus_text_encoder_lr_ratio", te_trained)}
+    if v["sdxl"] and len(te_lrs) > 1:
+        sides["second text_encoder_lr"] = (te_lrs[1], "loraplus_text_encoder_lr_ratio", te_trained)
     kwargs = network_kwargs(v["network_module"], v["network_args"], {name: v[name] for name in LORAPLUS_OPTIONS})
     lrs = {}
     for side, (lr, plus_option, trained) in sides.items():

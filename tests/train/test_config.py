@@ -428,9 +428,29 @@ def test_sd_scripts_rewrites():
     assert load_train_config(overrides={"use_lion_optimizer": "true"}).optimizer_type == "Lion"
 
 
+def test_min_bucket_reso_may_equal_max_bucket_reso_as_sd_scripts():
+    """sd-scripts' dataset asserts min(resolution) >= min_bucket_reso and max(resolution) <= max_bucket_reso (each
+    "equal or"): min = max = resolution is one bucket, and valid; only min above max is refused."""
+    config = load_train_config(overrides={"enable_bucket": True, "resolution": "512", "min_bucket_reso": 512,
+                                          "max_bucket_reso": 512})
+    assert (config.min_bucket_reso, config.max_bucket_reso) == (512, 512)
+    with pytest.raises(OptionError, match=r"min_bucket_reso \(576\) is above max_bucket_reso \(512\)"):
+        load_train_config(overrides={"enable_bucket": True, "min_bucket_reso": 576, "max_bucket_reso": 512})
+
+
 def test_warnings_are_kept(caplog):
     config = load_train_config(overrides={"zero_terminal_snr": True})
     assert any("zero_terminal_snr" in w for w in config.warnings)
+
+
+def test_text_encoder_lr_with_network_train_unet_only_is_warned_of():
+    """network_train_unet_only creates no text-encoder adapters (sd-scripts' LoRANetwork), so a text_encoder_lr
+    next to it sets nothing: the one place it is said is this warning; without text_encoder_lr, or training the text
+    encoders, there is nothing to say."""
+    note = "text_encoder_lr is unused with network_train_unet_only"
+    assert note in load_train_config(overrides={"network_train_unet_only": True, "text_encoder_lr": 1e-5}).warnings
+    assert note not in load_train_config(overrides={"network_train_unet_only": True}).warnings
+    assert note not in load_train_config(overrides={"text_encoder_lr": 1e-5}).warnings
 
 
 # ----- defaults are sd-scripts' --------------------------------------------------------------------------------------
@@ -474,6 +494,15 @@ def test_command_line_overrides_beat_the_file(tmp_path):
     assert parse_command_line(["--v2", "--seed", "-1"]) == {"v2": True, "seed": "-1"}
     with pytest.raises(OptionError, match="'network_dim' needs a value"):
         parse_command_line(["--network_dim", "--v2"])
+
+
+def test_an_option_given_twice_on_the_command_line_is_refused_not_silently_the_last():
+    """argparse (sd-scripts) keeps the last of a repeated option without a word; lorakit refuses it, naming the
+    option, whichever form each repeat takes."""
+    for args in (["--network_dim", "8", "--network_dim", "16"], ["--network_dim=8", "--network_dim", "8"],
+                 ["--flip_aug", "--flip_aug", "false"]):
+        with pytest.raises(OptionError, match="option '(network_dim|flip_aug)' given twice on the command line"):
+            parse_command_line(args)
 
 
 def test_round_trip(tmp_path):
@@ -730,6 +759,9 @@ def test_piecewise_constant_with_a_warmup_runs_with_a_note_as_in_sd_scripts():
 @pytest.mark.parametrize("overrides,lrs", [
     ({"learning_rate": 1.0, "text_encoder_lr": 0.5}, "unet_lr 1, text_encoder_lr 0.5"),
     ({"learning_rate": 1.0, "unet_lr": 1.0, "text_encoder_lr": [0.5, 1.0]}, "unet_lr 1, text_encoder_lr 0.5"),
+    # SDXL's second text encoder trains at the second value
+    ({"learning_rate": 1.0, "text_encoder_lr": [1.0, 0.5], "sdxl": True},
+     "unet_lr 1, text_encoder_lr 1, second text_encoder_lr 0.5"),
     ({"learning_rate": 1.0, "loraplus_lr_ratio": 4},
      "unet_lr 1, unet_lr x LoRA+ ratio 4, text_encoder_lr 1, text_encoder_lr x LoRA+ ratio 4"),
     ({"learning_rate": 1.0, "network_args": ["loraplus_unet_lr_ratio=2"], "network_train_unet_only": True},
@@ -748,6 +780,7 @@ def test_group_lrs_that_end_equal_are_fine_with_prodigy():
     for overrides in ({"learning_rate": 1.0}, {"learning_rate": 0.5, "unet_lr": 1.0, "text_encoder_lr": 1.0},
                       {"learning_rate": 1.0, "text_encoder_lr": 0.5, "network_train_unet_only": True},
                       {"learning_rate": 1.0, "text_encoder_lr": 0},  # frozen text encoders
+                      {"learning_rate": 1.0, "text_encoder_lr": [1.0, 0.5]},  # SD1/SD2: no second text encoder
                       {"learning_rate": 1.0, "text_encoder_lr": 0.5, "optimizer_type": "DAdaptAdaGrad"}):
         load_train_config(overrides={"optimizer_type": "Prodigy", **overrides})
 

@@ -123,3 +123,30 @@ def test_model_and_vae_file_hashes_and_names_as_sd_scripts_writes_them(tmp_path)
     assert (meta["ss_vae_hash"], meta["ss_new_vae_hash"]) == ("e3b0c442", hashlib.sha256(vae.read_bytes()).hexdigest())
     meta = _training_metadata(model_path="stabilityai/stable-diffusion-xl-base-1.0")
     assert not [k for k in meta if k.endswith("_hash")]
+
+
+def test_flat_dataset_and_option_keys_carry_the_options_sd_scripts_writes_there():
+    """train_network.py without a dataset config: ss_min_bucket_reso = args.min_bucket_reso, ss_max_bucket_reso =
+    args.max_bucket_reso, ss_keep_tokens, ss_flip_aug, ss_color_aug, ss_shuffle_caption, ss_bucket_no_upscale from
+    the same-named options, and str() of each copied option (ss_network_dim, ss_network_alpha, ...). Every value
+    below differs from its default and from the others, so a key fed from the wrong option shows."""
+    meta = _training_metadata(enable_bucket=True, min_bucket_reso=192, max_bucket_reso=1536, resolution="512",
+                              keep_tokens=3, flip_aug=True, shuffle_caption=True, bucket_no_upscale=True,
+                              network_dim=16, network_alpha=8, caption_tag_dropout_rate=0.25,
+                              multires_noise_iterations=6, multires_noise_discount=0.4, min_snr_gamma=5)
+    assert {k: meta[k] for k in ("ss_enable_bucket", "ss_min_bucket_reso", "ss_max_bucket_reso", "ss_keep_tokens",
+                                 "ss_flip_aug", "ss_color_aug", "ss_random_crop", "ss_shuffle_caption",
+                                 "ss_bucket_no_upscale", "ss_network_dim", "ss_network_alpha",
+                                 "ss_caption_tag_dropout_rate", "ss_multires_noise_iterations",
+                                 "ss_multires_noise_discount", "ss_min_snr_gamma")} == {
+        "ss_enable_bucket": "True", "ss_min_bucket_reso": "192", "ss_max_bucket_reso": "1536",
+        "ss_keep_tokens": "3", "ss_flip_aug": "True", "ss_color_aug": "False", "ss_random_crop": "False",
+        "ss_shuffle_caption": "True", "ss_bucket_no_upscale": "True", "ss_network_dim": "16",
+        "ss_network_alpha": "8.0", "ss_caption_tag_dropout_rate": "0.25", "ss_multires_noise_iterations": "6",
+        "ss_multires_noise_discount": "0.4", "ss_min_snr_gamma": "5.0"}
+
+
+def test_modelspec_title_is_metadata_title_else_output_name_as_sd_scripts():
+    """train_util.get_sai_model_spec: title = args.metadata_title if given, else args.output_name."""
+    assert _training_metadata(output_name="purple")["modelspec.title"] == "purple"
+    assert _training_metadata(output_name="purple", metadata_title="Purple LoRA")["modelspec.title"] == "Purple LoRA"
