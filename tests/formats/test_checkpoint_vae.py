@@ -77,3 +77,14 @@ def test_missing_checkpoint_key_is_named():
 def test_key_without_counterpart_is_named():
     with pytest.raises(ValueError, match=r"encoder\.extra\.weight"):
         to_checkpoint("sd1", "vae", {"encoder.extra.weight": torch.zeros(1)}, dict(up_block_types=["x"]))
+
+
+def test_without_a_config_the_up_blocks_are_counted_from_the_keys():
+    vae = _tiny(3, 1)
+    sd = random_state_dict(vae)
+    ckpt = to_checkpoint("sd1", "vae", sd, {})  # a config without up_block_types
+    assert ckpt.keys() == to_checkpoint("sd1", "vae", sd, vae.config).keys()
+    # the decoder's first up block (diffusers up_blocks.0, lowest resolution) is LDM up.2 of 3, the last up.0
+    assert torch.equal(ckpt["decoder.up.2.block.0.conv1.weight"], sd["decoder.up_blocks.0.resnets.0.conv1.weight"])
+    assert torch.equal(ckpt["decoder.up.0.block.0.conv1.weight"], sd["decoder.up_blocks.2.resnets.0.conv1.weight"])
+    assert_exact(build(to_diffusers_recipes("sd1", "vae", sd, {}, ckpt), ckpt), sd)
