@@ -1,4 +1,5 @@
-"""Network and kohya-module behaviour checked against references written out here: merging at a multiplier with
+"""Network and kohya-module behaviour checked against sd-scripts' rules written out in the tests (get_block_index
+in test_block_args, the LoRA change in test_kohya_save_and_multiplier): merging at a multiplier with
 block multipliers (the LoRA formula in float64), merge_to with part of a file, LoRA+ side ratios and block lr
 groups as sd-scripts' networks/lora.py makes them, what a network saved in half precision records (its hash over
 the bytes written, A1111's base-model keys), option checks, and gen_img's restore of a bias that a merge added."""
@@ -7,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import re
 
 import pytest
 import torch
@@ -17,27 +17,11 @@ from lorakit import create_network, kohya, load_network
 from lorakit.algos import OptionError
 from lorakit.formats import read_metadata
 
+from .test_block_args import kohya_block_index
+from .test_kohya_save_and_multiplier import _file_change
 from .tiny import randomize, tiny_model
 
 safetensors = pytest.importorskip("safetensors")
-
-
-def _lora_change(tensors, name, multiplier=1.0):
-    """sd-scripts' LoRAModule change: multiplier * up @ down * alpha / dim, float64, flattened to 2-D."""
-    up = tensors[f"{name}.lora_up.weight"].double().flatten(1)
-    down = tensors[f"{name}.lora_down.weight"].double().flatten(1)
-    return multiplier * (up @ down) * float(tensors[f"{name}.alpha"]) / down.shape[0]
-
-
-def _sd_scripts_block_index(lora_name: str) -> int:
-    """sd-scripts networks/lora.py get_block_index (SD1/SD2), written out again: 0 IN00 ... 12 MID ... 24 OUT11."""
-    m = re.search(r"(up|down)_blocks_(\d+)_(resnets|upsamplers|downsamplers|attentions)_(\d+)_", lora_name)
-    if m:
-        g = m.groups()
-        i, j = int(g[1]), int(g[3])
-        idx = 3 * i + j if g[2] in ("resnets", "attentions") else 3 * i + 2
-        return 1 + idx if g[0] == "down" else 13 + idx
-    return 12 if "mid_block_" in lora_name else -1
 
 
 # ----- merging -----
@@ -54,8 +38,8 @@ def test_merge_at_a_multiplier_keeps_each_adapters_block_multiplier():
     net.merge(multiplier=0.5)
     checked = set()
     for name, layer in layers.items():
-        block = 1.0 if name.startswith("lora_te_") else blocks[_sd_scripts_block_index(name)]
-        want = _lora_change(tensors, name, 0.5 * block)
+        block = 1.0 if name.startswith("lora_te_") else blocks[kohya_block_index(name)]
+        want = _file_change(tensors, name, 0.5 * block)
         got = (layer.weight.detach().double() - before[name]).flatten(1)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)
         checked.add(block)
@@ -78,7 +62,7 @@ def test_merge_to_merges_only_the_adapters_weights_sd_holds(tmp_path):
     for name, layer in layers.items():
         got = (layer.weight.detach().double() - before[name]).flatten(1)
         if name.startswith("lora_te_"):
-            torch.testing.assert_close(got, _lora_change(weights_sd, name), rtol=1e-4, atol=1e-6, msg=name)
+            torch.testing.assert_close(got, _file_change(weights_sd, name), rtol=1e-4, atol=1e-6, msg=name)
         else:
             assert torch.equal(got, torch.zeros_like(got)), name
 
@@ -126,7 +110,7 @@ def test_side_loraplus_ratios_win_over_the_common_ratio():
     assert lrs == pytest.approx({"textencoder": 1e-4, "textencoder plus": 1.6e-3, "unet": 1e-3, "unet plus": 4e-3})
 
 
-def test_block_lr_groups_are_named_by_sd_scripts_block_index():
+def test_block_lr_groups_are_named_bykohya_block_index():
     """With block lr weights each U-Net group holds one kohya block (get_block_index), is named after it
     (unet_block{i}, sd-scripts' "unet block{i}" lr description) and trains at unet_lr * its weight."""
     unet, tes = tiny_model("sd1")
@@ -138,7 +122,7 @@ def test_block_lr_groups_are_named_by_sd_scripts_block_index():
     owner = {id(p): n for n, a in net.adapters() for p in a.parameters()}
     seen = set()
     for group in net.optimizer_param_groups(unet_lr=1.0, text_encoder_lr=0.5):
-        blocks = {_sd_scripts_block_index(owner[id(p)]) for p in group["params"]}
+        blocks = {kohya_block_index(owner[id(p)]) for p in group["params"]}
         if group["name"] == "text_encoder":
             assert group["lr"] == 0.5 and blocks == {-1}
             continue
