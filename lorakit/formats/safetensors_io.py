@@ -129,7 +129,7 @@ def save_tensors(
         save_file(tensors, path, metadata=metadata, dtype=dtype)
         return
     path = os.fspath(path)
-    prepared = {key: _own_storage(t) for key, t in prepare_tensors(tensors, dtype).items()}
+    prepared = {key: owned(t) for key, t in prepare_tensors(tensors, dtype).items()}
     check_metadata(metadata)
     if os.path.isdir(path):
         raise IsADirectoryError(f"{path}: is a folder; expected a file path to save the tensors to")
@@ -139,10 +139,16 @@ def save_tensors(
     atomic_write(path, lambda tmp: torch.save(prepared, tmp), fsync=True)
 
 
-def _own_storage(t: torch.Tensor) -> torch.Tensor:
-    """The tensor with a storage of its own size: torch.save writes a view's whole storage (a rank cut of a
-    larger factor would carry the rest along)."""
-    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
+def owned(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``tensor`` in ``dtype`` (floating tensors only), contiguous and owning exactly its own memory. torch.save
+    writes a view's whole storage (a rank cut of a larger factor would carry the rest along), and a model's
+    parameter must not keep a memory map or a larger tensor (OpenCLIP's fused q/k/v) alive."""
+    if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+        tensor = tensor.to(dtype)
+    tensor = tensor.contiguous()
+    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size() or tensor.storage_offset():
+        tensor = tensor.clone()
+    return tensor
 
 
 def read_header(path: str | os.PathLike) -> dict:

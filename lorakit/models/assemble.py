@@ -10,20 +10,10 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
+from ..formats.safetensors_io import owned
 from .meta import component_on_meta
 
 __all__ = ["fill_component", "owned", "materialize_buffers"]
-
-
-def owned(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """``tensor`` in ``dtype`` (floating tensors only), contiguous and owning its memory, so that no parameter
-    keeps a memory map or a larger tensor (OpenCLIP's fused q/k/v) alive or shares storage with another."""
-    if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
-        tensor = tensor.to(dtype)
-    tensor = tensor.contiguous()
-    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size() or tensor.storage_offset():
-        tensor = tensor.clone()
-    return tensor
 
 
 def materialize_buffers(module: torch.nn.Module, where: str) -> None:
