@@ -48,8 +48,8 @@ def _help(opt) -> str:
 
 _COMMANDS = {
     "train": ("train an adapter (sd-scripts config files and option names)",
-              "Train a LoRA/LyCORIS adapter. Options come from --config (an sd-scripts --config_file TOML works "
-              "unchanged), then from the command line; docs/training.md describes every option."),
+              "Train a LoRA/LyCORIS adapter. Options come from --config (an sd-scripts --config_file TOML or a "
+              "kohya_ss GUI LoRA .json works unchanged), then from the command line; docs/training.md describes every option."),
     "explore": ("search the layer-wise application rates of trained adapters (sd-scripts' appl_weights)",
                 "Learn one application rate per block for each adapter file in network_weights, by training on "
                 "images with the adapters frozen, as sd-scripts' train_network_appl_weights.py (SDXL and SD1/SD2). "
@@ -62,8 +62,8 @@ def add_parser(commands) -> None:
     for command, (short, description) in _COMMANDS.items():
         parser = commands.add_parser(command, help=short, allow_abbrev=False, description=description)
         parser.__class__ = _TrainParser
-        parser.add_argument("--config", "--config_file", dest="config_file", metavar="TOML", action=_OneConfigFile,
-                            help="the config file (sd-scripts' --config_file format)")
+        parser.add_argument("--config", "--config_file", dest="config_file", metavar="FILE", action=_OneConfigFile,
+                            help="the config file: sd-scripts' --config_file TOML, or a kohya_ss GUI LoRA .json")
         parser.add_argument("--print-config", "--print_config", dest="print_config", action="store_true",
                             help="print the resolved configuration as TOML and exit")
         for group in GROUPS:

@@ -79,9 +79,11 @@ def _add(values: dict[str, Any], sources: dict[str, str], key: str, value: Any, 
     values[name], sources[name] = value, where
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
+def read_config_file(path: str | Path, command_line: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """An sd-scripts config TOML as {option: raw value}: top-level keys and the keys of every section, merged
-    (section names are free, as in sd-scripts). A name without .toml that does not exist gets .toml, as there."""
+    (section names are free, as in sd-scripts). A name without .toml that does not exist gets .toml, as there.
+    A kohya_ss GUI LoRA config (.json) is translated as kohya_ss runs it (kohya_ss_json.py); `command_line` (the
+    run's options) feeds its step count."""
     path = Path(path)
     if not path.exists() and path.suffix != ".toml":
         path = path.with_name(path.name + ".toml")
@@ -89,13 +91,13 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise OptionError(f"config file {path}: is a folder, expected a .toml file")
     if not path.is_file():
         raise OptionError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json" or text.lstrip().startswith("{"):
+        return _read_json_config(path, text, command_line)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
-        hint = ("; lorakit reads the TOML config that sd-scripts reads: the kohya_ss GUI writes one next to its .json "
-                "(config_lora-*.toml, in output_dir, each time it starts a training; a .json saved with its Save "
-                "button has none until then)") if str(path).lower().endswith(".json") else ""
-        raise OptionError(f"config file {path}: not valid TOML ({err}){hint}") from None
+        raise OptionError(f"config file {path}: not valid TOML ({err})") from None
     if isinstance(data.get("datasets"), list):
         raise OptionError(f"config file {path}: its [[datasets]] make it a dataset config; give it as "
                           f"dataset_config (--dataset_config {path}) and the training options in --config")
@@ -111,6 +113,24 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
                                   "merges one level of sections only")
             _add(values, sources, inner, item, f"{path} [{key}]")
     return values
+
+
+def _read_json_config(path: Path, text: str, command_line: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A .json config: kohya_ss' GUI LoRA config (the "LoRA" tab's saved file or preset); any other JSON is refused,
+    as sd-scripts reads TOML only."""
+    from . import kohya_ss_json
+
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise OptionError(f"config file {path}: not valid JSON ({err}); lorakit reads sd-scripts' TOML configs and "
+                          "the kohya_ss GUI's LoRA .json") from None
+    if not kohya_ss_json.is_gui_config(data):
+        raise OptionError(f"config file {path}: a JSON file that is not a kohya_ss GUI LoRA config (it has none of "
+                          "its fields LoRA_type, max_resolution, epoch, optimizer, lr_warmup); lorakit reads "
+                          "sd-scripts' TOML configs and the .json of the kohya_ss GUI's LoRA tab")
+    values = kohya_ss_json.translate(path, data, command_line)
+    return {canonical_name(key): value for key, value in values.items()}
 
 
 def parse_command_line(args: Sequence[str]) -> dict[str, Any]:
@@ -164,7 +184,7 @@ def load_train_config(config_file: str | Path | None = None,
     if named_file is not None and config_file is not None and str(named_file) != str(config_file):
         raise OptionError(f"two config files given: {config_file} and {named_file}")
     config_file = config_file if config_file is not None else named_file
-    raw = read_config_file(config_file) if config_file is not None else {}
+    raw = read_config_file(config_file, overrides) if config_file is not None else {}
     for key, value in overrides.items():  # the command line beats the file
         raw.pop(canonical_name(key), None)
         raw[canonical_name(key)] = value
