@@ -252,8 +252,8 @@ def test_file_problems_are_named(tmp_path):
     with pytest.raises(OptionError, match="not valid TOML"):
         load_train_config(write(tmp_path, "network_dim = = 4\n"))
     gui_json = tmp_path / "gui.json"
-    gui_json.write_text('{"network_dim": 4}')
-    with pytest.raises(OptionError, match=r"gui.json: not valid TOML .*the kohya_ss GUI writes one next to its .json"):
+    gui_json.write_text('{"network_dim": 4}')  # JSON, but not the kohya_ss GUI's (test_kohya_ss_json.py)
+    with pytest.raises(OptionError, match=r"gui.json: a JSON file that is not a kohya_ss GUI LoRA config"):
         load_train_config(gui_json)
     with pytest.raises(OptionError, match="given twice with different values.*\\[a\\].*\\[b\\]"):
         load_train_config(write(tmp_path, "[a]\nnetwork_dim = 4\n[b]\nnetwork_dim = 8\n"))
