@@ -25,6 +25,8 @@ from .loha import tucker_rebuild
 from .lora import kaiming_
 from .options import OptionError
 
+_FP16_MAX = float(torch.finfo(torch.float16).max)
+
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     """(m, n) with m * n = dimension and m <= n: m = factor when it divides, else the most balanced pair with
@@ -129,7 +131,11 @@ class LoKr(Adapter):
             self.scale = 1.0  # both factors full: alpha is meaningless and saved as dim (rs_lora too)
 
     def saved_alpha(self):
-        return float(self._scale_dim) if not (self.plan["w1_low"] or self.plan["w2_low"]) else super().saved_alpha()
+        if self.plan["w1_low"] or self.plan["w2_low"]:
+            return super().saved_alpha()
+        # Both full: dim, at most float16's largest value, so that an fp16 file holds a finite alpha (kohya_ss' LoKr
+        # presets give dim 100000; as inf, lorakit's inspect flags the file and int(alpha) fails on load).
+        return min(float(self._scale_dim), _FP16_MAX)
 
     def _load_alpha(self, saved):
         if self.plan["w1_low"] or self.plan["w2_low"]:
@@ -240,8 +246,9 @@ class LoKr(Adapter):
                              f"{spec.out_dim}x{spec.in_dim} weight")
         # dim as ComfyUI/A1111 read it: w2's rank if w2 is a product, else w1's.
         dim = sd["lokr_w2_b"].shape[0] if w2_low else (sd["lokr_w1_b"].shape[0] if w1_low else None)
-        if dim is None:  # both full: the file's alpha is the dim it was made with (loaders ignore it)
-            dim = max(1, int(float(sd["alpha"]))) if "alpha" in sd else 1
+        if dim is None:  # both full: the file's alpha is the dim it was made with (loaders ignore it), or inf/NaN
+            saved = float(sd["alpha"]) if "alpha" in sd else 1.0  # where an fp16 file of LyCORIS' holds dim > 65504
+            dim = max(1, int(saved)) if math.isfinite(saved) else 1
         alpha = float(sd["alpha"]) if "alpha" in sd and (w1_low or w2_low) else dim
         shapes = {"a": a, "b": b, "c": c, "d": d, "w1_low": w1_low, "w2_low": w2_low, "tucker": tucker,
                   "r1": sd["lokr_w1_b"].shape[0] if w1_low else dim, "r2": dim}

@@ -123,3 +123,22 @@ def test_lokr_decompose_both_on_unequal_w1_sides_is_lycoris(features, monkeypatc
     want = {k: tuple(v.shape) for k, v in theirs.state_dict().items() if k.startswith("lokr")}
     assert {"lokr_w1_a", "lokr_w1_b"} <= set(want)  # the case this test is about
     assert {k: tuple(v.shape) for k, v in ours.state_dict().items() if k != "alpha"} == want
+
+
+def test_lokr_with_both_factors_full_and_a_dim_above_float16_saves_and_loads_in_fp16():
+    """kohya_ss' LoKr presets give network_dim 100000 (both factors full). The saved alpha (dim, which loaders
+    ignore here) stays finite in an fp16 file, and a file whose alpha is inf (LyCORIS' own fp16 save of that dim)
+    loads at scale 1 instead of failing in int(alpha)."""
+    from lorakit.algos import adapter_from_state_dict
+
+    layer, x = make_layer("linear"), make_input("linear")
+    adapter = randomize(make_adapter("lokr", layer, dim=100000, alpha=1.0).double()).eval()
+    assert adapter.scale == 1.0
+    sd = {k: v.to(torch.float16) for k, v in adapter.state_dict().items()}
+    assert math.isfinite(float(sd["alpha"])) and float(sd["alpha"]) == float(torch.finfo(torch.float16).max)
+    for alpha in (sd["alpha"], torch.tensor(float("inf"), dtype=torch.float16)):
+        again = adapter_from_state_dict(make_layer("linear"), {**sd, "alpha": alpha}).double().eval()
+        assert again.scale == 1.0
+        dw = torch.kron(sd["lokr_w1"].double(), sd["lokr_w2"].double())
+        expected = nn.functional.linear(x, layer.weight + dw, layer.bias)
+        torch.testing.assert_close(again(x), expected, rtol=1e-9, atol=1e-10)
