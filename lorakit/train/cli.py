@@ -49,7 +49,8 @@ def _help(opt) -> str:
 _COMMANDS = {
     "train": ("train an adapter (sd-scripts config files and option names)",
               "Train a LoRA/LyCORIS adapter. Options come from --config (an sd-scripts --config_file TOML or a "
-              "kohya_ss GUI LoRA .json works unchanged), then from the command line; docs/training.md describes every option."),
+              "kohya_ss GUI LoRA .json works unchanged), then from the command line; docs/training.md describes "
+              "every option."),
     "explore": ("search the layer-wise application rates of trained adapters (sd-scripts' appl_weights)",
                 "Learn one application rate per block for each adapter file in network_weights, by training on "
                 "images with the adapters frozen, as sd-scripts' train_network_appl_weights.py (SDXL and SD1/SD2). "

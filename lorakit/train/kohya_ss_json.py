@@ -44,6 +44,8 @@ IGNORED = {
     "conv_dims": "an older GUI field that kohya_ss no longer reads (conv_block_dims replaced it)",
     "conv_alphas": "an older GUI field that kohya_ss no longer reads (conv_block_alphas replaced it)",
     "use_8bit_adam": "an older field: read only when the file has no 'optimizer'",
+    "stop_text_encoder_training_pct": "an older presets' name of stop_text_encoder_training, which the GUI does "
+                                      "not read (and kohya_ss ignores the percentage itself)",
 }
 # Flux.1 fields: passed by kohya_ss only with flux1_checkbox, which lorakit refuses
 _FLUX_KEYS = ("flux1_cache_text_encoder_outputs", "flux1_cache_text_encoder_outputs_to_disk", "ae", "clip_l",

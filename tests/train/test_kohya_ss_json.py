@@ -229,7 +229,8 @@ def test_older_file_with_deprecated_keys(tmp_path, caplog):
     """An early LoRA tab file (kohya_ss' presets/lora/lion_optimizer.json shape): no LoRA_type (Standard), numbers
     as strings, use_8bit_adam without optimizer (-> AdamW8bit), lora_network_weights (-> network_weights),
     use_wandb "True" (-> log_with wandb), xformers true (-> "xformers"), lr_scheduler_num_cycles "" (-> 1),
-    save_model_as "diffusers" (-> safetensors), conv_dims (no longer read)."""
+    save_model_as "diffusers" (-> safetensors), conv_dims (no longer read), stop_text_encoder_training_pct (a
+    presets' older name, never read)."""
     old = {
         "pretrained_model_name_or_path": "demo:tiny-sd", "v2": False, "v_parameterization": False,
         "logging_dir": "", "train_data_dir": "", "reg_data_dir": "", "output_dir": str(tmp_path / "out"),
@@ -247,7 +248,7 @@ def test_older_file_with_deprecated_keys(tmp_path, caplog):
         "lr_scheduler_num_cycles": "", "lr_scheduler_power": "", "persistent_data_loader_workers": False,
         "bucket_no_upscale": True, "random_crop": True, "bucket_reso_steps": 64.0,
         "caption_dropout_every_n_epochs": 0.0, "caption_dropout_rate": 0.1, "use_wandb": "True",
-        "conv_dims": "", "max_train_steps": "100",
+        "conv_dims": "", "max_train_steps": "100", "stop_text_encoder_training_pct": 0,
     }
     with caplog.at_level(logging.INFO):
         out = translate(write(tmp_path, old), old)
