@@ -59,7 +59,8 @@ def scheduler_for(model, sampler: str = "euler_a"):
 
     class_name, extra = SAMPLERS[sampler.lower()]
     prediction = "v_prediction" if model.v_parameterization else model.scheduler_config.get("prediction_type", "epsilon")
-    # clip_sample off: SD latents are not in [-1, 1] (sd-scripts turns it off too)
+    # clip_sample off: SD latents are not in [-1, 1]. sd-scripts' get_my_scheduler sets it on, but its sampling
+    # pipeline (as diffusers' StableDiffusionPipeline) turns it off again on construction.
     return getattr(diffusers, class_name).from_config(dict(model.scheduler_config), prediction_type=prediction,
                                                       clip_sample=False, **extra)
 

@@ -173,3 +173,26 @@ def test_words_past_75_tokens_change_the_image():
     a, b = (generate(m, head + tail, steps=2, sampler="ddim", seed=3)[0] for tail in ("red red red", "blue blue blue"))
     assert len(m.tokenizers[0](head).input_ids) - 2 > 75
     assert np.abs(_arr(a) - _arr(b)).max() > 0
+
+
+def test_decoded_pixels_are_rounded_to_the_nearest_grey_level(monkeypatch):
+    """The VAE's output in [-1, 1] becomes 8-bit pixels as diffusers' image processor (which sd-scripts' pipeline
+    uses) makes them: clamp, (x + 1) * 127.5, rounded to the nearest level, not cut towards zero."""
+    import types
+
+    import torch
+
+    m = _model("tiny-sd")
+    levels = torch.tensor([-1.5, -1.0, 100.7 / 127.5 - 1, 200.2 / 127.5 - 1, 1.0, 3.0])
+    decoded = levels.view(1, 1, 1, 6).expand(1, 3, 64, 6).contiguous()
+    monkeypatch.setattr(m.vae, "decode", lambda latents: types.SimpleNamespace(sample=decoded))
+    (image,) = generate(m, "x", steps=1, sampler="ddim", guidance_scale=1.0)
+    assert _arr(image)[0, :, 0].tolist() == [0, 0, 101, 200, 255, 255]
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_ddim_and_ddpm_samples_are_not_clipped(sampler):
+    """sd-scripts' get_my_scheduler sets clip_sample on, but the pipeline it samples with resets it to off when
+    built (diffusers' StableDiffusionPipeline does the same; sd-scripts' gen_img notes the setting was moot): latents
+    are not in [-1, 1], so clipping the predicted x0 to it would wash the samples out."""
+    assert scheduler_for(_model("tiny-sd"), sampler).config.clip_sample is False

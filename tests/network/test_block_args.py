@@ -53,6 +53,17 @@ def test_a_block_lr_weight_equal_to_the_zero_threshold_is_zero():
     assert (dims[:3], conv_dims[:3]) == ([0, 4, 4], [0, 2, 2])
 
 
+
+def test_only_a_block_lr_weight_of_exactly_zero_removes_the_block():
+    """remove_block_dims_and_alphas drops a block only where its lr weight `== 0`: with a negative
+    block_lr_zero_threshold a negative weight stays (get_block_lr_weight keeps `w > zero_threshold`) and its
+    block keeps its adapter, as in sd-scripts."""
+    down = ",".join(["-0.5", "0"] + ["1"] * 10)
+    lr = parse_kohya_block_lr_kwargs(False, {"down_lr_weight": down, "block_lr_zero_threshold": "-1"})
+    assert lr[:3] == [-0.5, 0, 1.0]
+    dims, _, conv_dims, _ = kohya_block_dims_alphas(False, 4, 1.0, conv_dim=2, block_lr_weight=lr)
+    assert (dims[:3], conv_dims[:3]) == ([4, 0, 4], [2, 0, 2])
+
 def test_each_adapter_takes_the_lr_weight_of_its_own_block():
     """A distinct lr weight per block (IN00-IN11, MID, OUT00-OUT11): every U-Net adapter carries the weight of the
     block get_block_index gives its name (prepare_optimizer_params: lr * get_lr_weight(block_idx))."""

@@ -23,6 +23,7 @@ from lorakit.network.blocks import (
     layout_for,
     locate,
     parse_kohya_block_lr_kwargs,
+    pick_layout,
 )
 from lorakit.network.names import adapter_name, diffusers_to_ldm, sdxl_diffusers_to_sgm
 
@@ -47,6 +48,16 @@ def test_layout_names():
     with pytest.raises(ValueError):
         layout_for("sd1", 20)
 
+
+
+def test_a_mapping_of_block_values_takes_the_layout_of_its_arch_in_any_case():
+    """pick_layout: {block: value} is read with SDXL20's names for SDXL, with kohya's 25 blocks for SD1/SD2 or an
+    unknown arch; the arch is read in any case, as layout_for reads it for a vector."""
+    values = {"IN04": 0.5, "MID": 2.0}
+    assert pick_layout("sdxl", values) is SDXL20 and pick_layout("SDXL", values) is SDXL20
+    assert pick_layout("SDXL", [1.0] * 20) is SDXL20
+    assert pick_layout("sd1", values) is KOHYA_SD25 and pick_layout(None, values) is KOHYA_SD25
+    assert pick_layout("sdxl", values, "LBW12") is LBW12
 
 SD_INDEX = {  # diffusers path -> kohya 25-block index (and name)
     "conv_in": (0, "IN00"),
@@ -225,6 +236,14 @@ def test_block_lr_weight_sd():
     # only mid given: down/up all 1.0
     assert kohya_block_lr_weight(False, mid_lr_weight=[0.0]) == [1.0] * 12 + [0] + [1.0] * 12
 
+
+
+def test_a_single_mid_lr_weight_number_is_a_one_value_list():
+    """kohya_block_lr_weight takes mid_lr_weight as one number too (what a scalar `mid_lr_weight` option is):
+    SD1/SD2's one middle block, SDXL's first middle sub-block, the others filled with 1.0."""
+    assert kohya_block_lr_weight(False, mid_lr_weight=2.0) == [1.0] * 12 + [2.0] + [1.0] * 12
+    assert kohya_block_lr_weight(True, mid_lr_weight=0.5) == kohya_block_lr_weight(True, mid_lr_weight=[0.5])
+    assert kohya_block_lr_weight(True, mid_lr_weight=0)[10:13] == [0, 1.0, 1.0]
 
 def test_block_lr_weight_sdxl():
     w = kohya_block_lr_weight(True, down_lr_weight="linear", mid_lr_weight=[0.1, 0.2, 0.3], up_lr_weight=[0.5] * 9)

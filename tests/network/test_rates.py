@@ -118,3 +118,18 @@ def test_rate_layout_names_and_refusals():
     assert rate_layout("sd1", "17").key == "lbw17" and rate_layout("sdxl", "lbw12").key == "lbw12"
     with pytest.raises(ValueError, match=r"application_layout='lbw17': not a sdxl block layout \(known: .*sdxl20 \(20\)"):
         rate_layout("sdxl", "lbw17")
+
+
+def test_describe_prints_each_networks_rates_as_sd_scripts():
+    """The line docs/training.md shows (sd-scripts' print of the rates): `Network <n> (<file>) weights: ` and the
+    network's rates in layout order, 3 decimals, comma-separated, each network its own slice of the vector."""
+    unet, tes = tiny_model("sd1")
+    nets = [create_network(unet, tes, dim=2, alpha=1) for _ in range(2)]
+    rates = ApplicationRates(nets, LBW17)
+    with torch.no_grad():
+        rates.weights.copy_(torch.arange(34) / 8 - 1)
+    first, second = rates.describe(["a.safetensors"]).split("\n")
+    assert first == "Network 0 (a.safetensors) weights: " + ",".join(f"{k / 8 - 1:.3f}" for k in range(17))
+    assert second == "Network 1 weights: " + ",".join(f"{k / 8 - 1:.3f}" for k in range(17, 34))
+    assert first.startswith("Network 0 (a.safetensors) weights: -1.000,-0.875,-0.750,")
+    assert rates.values()[1]["OUT11"] == 33 / 8 - 1

@@ -88,6 +88,31 @@ def test_max_norm_metrics_have_sd_scripts_names():
     assert not any(k.startswith(("max_norm/", "norm/")) for k in recorder.logs[1])  # no scale_weight_norms: none
 
 
+
+def test_loss_average_is_the_mean_of_the_last_100_steps():
+    """docs/training.md: the progress bar's loss (and loss/average) is averaged over the last 100 steps; losses
+    0, 1, ..., 149 give (50 + ... + 149) / 100 = 99.5 at the last step, and 0.5 after the first two."""
+    logger = TrainLogger(load_train_config(overrides={}), total=150, quiet=True)
+    logger.writers.append(recorder := _Recorder())
+    for step in range(150):
+        logger.step(float(step), [1e-3], step + 1, 1)
+    assert recorder.logs[1]["loss/average"] == pytest.approx(0.5)
+    assert recorder.logs[-1]["loss/average"] == pytest.approx(99.5)
+
+
+def test_validation_logs_the_divergence_from_the_training_average_at_its_own_x():
+    """sd-scripts' validation logs: loss/validation/<kind>_average and <kind>_divergence = validation loss minus
+    the training average (docs/training.md), at x = the step for "step" and x = the epoch for "epoch"."""
+    logger = TrainLogger(load_train_config(overrides={}), total=2, quiet=True)
+    logger.writers.append(recorder := _Recorder())
+    logger.step(0.25, [1e-3], 7, 3)
+    logger.step(0.75, [1e-3], 8, 3)
+    logger.validation("step", 0.875, 8, 3)
+    logger.validation("epoch", 0.125, 8, 3)
+    assert recorder.logs[2:] == [{"loss/validation/step_average": 0.875, "loss/validation/step_divergence": 0.375},
+                                 {"loss/validation/epoch_average": 0.125, "loss/validation/epoch_divergence": -0.375}]
+    assert recorder.steps[2:] == [8, 3]
+
 def test_a_run_with_scale_weight_norms_logs_what_the_regularisation_returns(tmp_path, monkeypatch):
     """The trainer hands each step's (adapters scaled, mean norm, max norm) to the logger."""
     from pathlib import Path

@@ -169,3 +169,20 @@ def test_a_missing_tracker_package_is_refused_before_the_model_loads(tmp_path, m
         check_runnable(load_train_config(overrides={**base, "logging_dir": str(tmp_path / "logs")}))
     with pytest.raises(OptionError, match="log_with=wandb needs the wandb package"):
         check_runnable(load_train_config(overrides={**base, "log_with": "wandb"}))
+
+
+def test_log_with_all_needs_both_tracker_packages(tmp_path, monkeypatch):
+    """log_with=all starts TensorBoard and wandb (as accelerate's "all"), so the check before the model loads names
+    each of their packages that is missing, not only those of log_with=tensorboard or wandb."""
+    import importlib.util
+
+    from lorakit.train.logger import missing_tracker_packages
+
+    config = load_train_config(overrides={"log_with": "all", "logging_dir": str(tmp_path)})
+    missing = {"tensorboard", "wandb"}
+    installed = types.SimpleNamespace()  # a found package's spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in missing else installed)
+    assert missing_tracker_packages(config) == ["logging_dir needs the tensorboard package: pip install tensorboard",
+                                                "log_with=wandb needs the wandb package: pip install wandb"]
+    missing = {"wandb"}
+    assert missing_tracker_packages(config) == ["log_with=wandb needs the wandb package: pip install wandb"]

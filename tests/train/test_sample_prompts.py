@@ -38,6 +38,22 @@ def test_what_would_fail_mid_run_fails_at_start(tmp_path, name, text, message):
         read_sample_prompts(path)
 
 
+
+@pytest.mark.parametrize("name,text,message", [
+    ("p.toml", '[prompt]\nsampler = "ddim"\n[[prompt.subset]]\nprompt = "x"\n',
+     r"p.toml: unknown key 'sampler'; known: prompt, negative_prompt, width"),
+    ("p.json", json.dumps([{"negative_prompt": "blurry"}]), r"p.json: an entry has no prompt"),
+    ("p.json", json.dumps([{"prompt": "  "}]), r"p.json: an entry has no prompt"),
+    ("p.txt", "# only a comment\n\n", r"p.txt: holds no prompt"),
+])
+def test_entries_without_a_prompt_or_with_unknown_keys_are_refused_naming_the_file(tmp_path, name, text, message):
+    """A misspelt key (which sd-scripts would silently ignore), an entry without a prompt and a file without any
+    are errors naming the file, not a KeyError or TypeError from deep inside."""
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match=message):
+        read_sample_prompts(path)
+
 def test_txt_flags_in_any_case_as_sd_scripts(tmp_path):
     # sd-scripts' line_to_prompt_dict matches every flag with re.IGNORECASE
     path = tmp_path / "p.txt"
