@@ -31,6 +31,18 @@ def test_uneven_batches_split_as_evenly_as_they_go(n, size, parts, weights):
     assert [w.loss_weight(n) for w in worlds] == pytest.approx(weights)
 
 
+@pytest.mark.parametrize("weight", [4 / 3, 2 / 3, 0])
+def test_the_weight_scales_the_gradient_and_the_value_stays_the_parts_mean_loss(weight):
+    """A process's loss is weighted for the gradient average only: its value, which the process logs and checks for
+    NaN, stays the mean loss of its own samples (what each accelerate process's loss is in sd-scripts)."""
+    from lorakit.train.step import _weight_gradient
+
+    x = torch.tensor(3.0, requires_grad=True)
+    loss = _weight_gradient(x * 2, weight)
+    loss.backward()
+    assert loss.item() == pytest.approx(6.0) and x.grad.item() == pytest.approx(2 * weight)
+
+
 @pytest.mark.parametrize("processes, images, per_process", [
     (2, 7, 2),  # global batches of 4 and 3: the 3 split 2/1
     (3, 5, 1),  # global batches of 3 and 2: the 2 split 1/1, the third process trains a stand-in at weight 0

@@ -71,3 +71,16 @@ def test_an_output_dir_that_is_a_file_is_refused_naming_it(tmp_path, output_dir)
     (tmp_path / "afile").write_text("")
     with pytest.raises(FileExistsError, match=r"afile: is a file, where output_dir .*needs a folder"):
         OutputNames(tmp_path / output_dir, "t").check_kinds(states=False, samples=False)
+
+
+def test_only_the_kinds_a_run_writes_are_checked(tmp_path):
+    """A file named like the final state or the sample folder is in the way only of a run that writes states or
+    samples: a run without them trains (sd-scripts never looks at them)."""
+    names = OutputNames(tmp_path, "t")
+    names.final_state().write_text("notes")
+    names.sample_dir().write_text("notes")
+    names.check_kinds(states=False, samples=False)
+    with pytest.raises(FileExistsError, match="t-state: is a file, where this run writes its output"):
+        names.check_kinds(states=True, samples=False)
+    with pytest.raises(FileExistsError, match="sample: is a file, where this run writes its samples"):
+        names.check_kinds(states=False, samples=True)

@@ -174,3 +174,25 @@ def test_the_cpu_parks_nothing():
     parking = parking_module.Parking(torch.device("cpu"))
     parking.park(module)
     assert parking.parked == [] and module.weight.device.type == "cpu"
+
+
+def test_a_brought_model_stays_on_the_device_through_a_borrow():
+    """bring puts a model on the device for good: a draw's borrow of it afterwards (the text encoders a run trains,
+    which samples borrow with the parked VAE) moves nothing, and only the parked model goes back after the draw
+    (the trained one leaving the device would fail the next training step)."""
+    moves = []
+
+    class Recording(parking_module.Parking):
+        frees_memory = property(lambda self: True)
+
+        def _move(self, module, onto_device):
+            moves.append((module, onto_device))
+
+    text_encoder, vae = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    parking = Recording(torch.device("cpu"))
+    parking.wait(text_encoder, vae)
+    parking.bring(text_encoder)
+    assert moves == [(text_encoder, True)] and parking.parked == [vae]
+    with parking.borrowed(vae, text_encoder):
+        assert moves[1:] == [(vae, True)]
+    assert moves[1:] == [(vae, True), (vae, False)] and parking.parked == [vae]

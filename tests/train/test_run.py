@@ -330,6 +330,11 @@ def test_a_step_logs_the_mean_loss_of_its_accumulated_batches(base, tmp_path, mo
     monkeypatch.setattr(logger.TrainLogger, "step", record)
     train(_config(base, tmp_path, max_train_steps=2, train_batch_size=1, gradient_accumulation_steps=2))
     assert logged == pytest.approx([2.0, 6.0])
+    # 6 images at batch 2: 3 batches per epoch, so an epoch's second step has one batch (sd-scripts'
+    # accelerate steps at the end of the dataloader): its loss is that batch's, not half of it
+    values, logged[:] = iter([1.0, 3.0, 5.0, 7.0, 9.0, 11.0]), []
+    train(_config(base, tmp_path / "partial", max_train_steps=3, train_batch_size=2, gradient_accumulation_steps=2))
+    assert logged == pytest.approx([2.0, 5.0, 8.0])
 
 
 def test_a_schedule_free_optimizer_trains_in_train_mode_and_saves_and_samples_in_eval_mode(base, tmp_path,

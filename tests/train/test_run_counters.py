@@ -83,3 +83,13 @@ def test_sample_every_n_epochs_overrides_sample_every_n_steps(base, tmp_path):
                   sample_every_n_steps=1, sample_every_n_epochs=1, sample_sampler="ddim", **STATELESS))
     names = sorted(p.name.split("_")[1] for p in (tmp_path / "sample").glob("t_*.png"))
     assert names == ["e000001", "e000002"]
+
+
+def test_save_last_n_epochs_prunes_on_the_cadence_save_n_epoch_ratio_sets(base, tmp_path):
+    """sd-scripts replaces save_every_n_epochs by floor(epochs / save_n_epoch_ratio) before training, and
+    get_remove_epoch_no counts save_last_n_epochs in that cadence: 6 epochs at ratio 3 save every 2 (epochs 2 and 4;
+    the 6th is the final file), and keeping 1 removes epoch 2's save at epoch 4 (not epoch 4 - 3 = 1's, as the
+    save_every_n_epochs given would say)."""
+    train(_config(base, tmp_path, max_train_epochs=6, train_batch_size=6, save_n_epoch_ratio=3, save_every_n_epochs=3,
+                  save_last_n_epochs=1, save_state=True, **STATELESS))
+    assert sorted(p.name for p in tmp_path.glob("t-0*")) == ["t-000004-state", "t-000004.safetensors"]

@@ -153,6 +153,15 @@ def test_a_saved_position_is_checked_against_the_epochs_and_the_step_count(tmp_p
             load()
 
 
+def test_a_saved_epoch_0_is_refused_saying_epochs_count_from_1(tmp_path):
+    """train_state.json counts epochs from 1, as sd-scripts names them: epoch 0 is refused as such, not as a
+    position that does not fit the step count (which would name a step -3 no run reaches)."""
+    _trained_state(tmp_path / "s", Progress(epoch=0, step_in_epoch=0, global_step=0))
+    net = _TwoAdapters()
+    with pytest.raises(StateError, match=r"train_state.json: epoch = 0 \(epochs count from 1\)$"):
+        load_state(tmp_path / "s", net, *_optimizer(net, ["unet", "text_encoder"]), "", epoch_size=(5, 2))
+
+
 def test_a_seed_that_is_not_a_whole_number_is_refused_naming_the_key(tmp_path):
     _trained_state(tmp_path / "s", Progress(global_step=1, step_in_epoch=1, seed=7))
     assert saved_seed(tmp_path / "s") == 7
@@ -192,3 +201,75 @@ def test_a_state_recording_lorakit_kohya_resumes_as_lorakit():
 
     assert _changed({"network_module": "'lorakit.kohya'"}, {"network_module": "'lorakit'"}) == ""
     assert _changed({"network_module": "'networks.lora'"}, {"network_module": "'lorakit'"}) != ""
+
+
+_KILLED_WHILE_SAVING = """
+import io, os, sys
+import torch
+from lorakit.train.state import Progress, save_state
+
+real_save = torch.save
+
+def killed(obj, path, *args, **kwargs):  # SIGKILL part-way through optimizer.pt: half its bytes are on disk
+    buffer = io.BytesIO()
+    real_save(obj, buffer)
+    with open(path, "wb") as file:
+        file.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+    os._exit(9)
+
+torch.save = killed
+weight = torch.nn.Parameter(torch.zeros(3))
+optimizer = torch.optim.AdamW([weight])
+scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10)
+save_state(sys.argv[1], {"w": weight.detach()}, optimizer, scheduler, Progress(global_step=1, step_in_epoch=1))
+"""
+
+
+def test_a_kill_while_a_state_is_written_leaves_no_copy_that_passes_for_complete(tmp_path):
+    """save_state writes train_state.json last, so the temporary copy a kill leaves part-way through optimizer.pt
+    (the new state, never renamed into place) lacks it: the next run's start does not put that copy back as the
+    state (restore_states takes only complete copies), and a resume names the state missing instead of failing on
+    a truncated optimizer.pt, or reading it."""
+    import sys
+
+    target = tmp_path / "t-step00000001-state"
+    done = subprocess.run([sys.executable, "-c", _KILLED_WHILE_SAVING, str(target)], capture_output=True, text=True)
+    assert done.returncode == 9, done.stderr
+    copies = [p for p in tmp_path.iterdir() if p.name.startswith(".t-step00000001-state.") and p.name.endswith(".tmp")]
+    assert len(copies) == 1 and (copies[0] / "optimizer.pt").is_file()  # the kill's leftover, half-written
+    assert restore_states(tmp_path) == [] and not target.exists()
+
+
+def test_a_state_of_an_older_version_passes_on_this_versions_settings_to_the_next_state(tmp_path):
+    """A state whose run recorded fewer settings (an option a later lorakit added) resumes when the settings both
+    record agree; the resumed run's own states then record all of this run's settings and their digest, so that a
+    second resume that changes the added option is refused (were the old record passed on, that option would never
+    be compared again)."""
+    old = {"learning_rate": "0.001"}
+    _trained_state(tmp_path / "s", Progress(global_step=1, step_in_epoch=1, config_digest="a" * 16, settings=old))
+    now = {"learning_rate": "0.001", "min_snr_gamma": "5.0"}
+    net = _TwoAdapters()
+    optimizer, scheduler = _optimizer(net, ["unet", "text_encoder"])
+    progress = load_state(tmp_path / "s", net, optimizer, scheduler, "b" * 16, settings=now)
+    assert (progress.config_digest, progress.settings) == ("b" * 16, now)
+    save_state(tmp_path / "later", net.state_dict(), optimizer, scheduler, progress)
+    net = _TwoAdapters()
+    with pytest.raises(StateError, match=r"different training settings \(min_snr_gamma: 5.0 -> 1.0\)"):
+        load_state(tmp_path / "later", net, *_optimizer(net, ["unet", "text_encoder"]), "c" * 16,
+                   settings={"learning_rate": "0.001", "min_snr_gamma": "1.0"})
+
+
+def test_a_state_saved_with_or_without_deepspeed_is_refused_by_the_other_kind_of_run(tmp_path):
+    """A DeepSpeed state keeps its optimizer in the engine's deepspeed/ folder, a plain one in optimizer.pt: a
+    resume by the other kind of run is refused with the option to set, before anything loads (not an engine error
+    about a missing checkpoint, or a missing optimizer state)."""
+    _trained_state(tmp_path / "plain", Progress(global_step=1, step_in_epoch=1))
+    net = _TwoAdapters()
+    optimizer, scheduler = _optimizer(net, ["unet", "text_encoder"])
+    with pytest.raises(StateError, match=r"plain: the state was saved without deepspeed; resume it with "
+                                         r"deepspeed = false"):
+        load_state(tmp_path / "plain", net, None, scheduler, "")
+    save_state(tmp_path / "ds", net.state_dict(), None, scheduler, Progress(global_step=1, step_in_epoch=1),
+               deepspeed=(2, lambda folder: folder.mkdir()))
+    with pytest.raises(StateError, match=r"ds: the state was saved with deepspeed; resume it with deepspeed = true"):
+        load_state(tmp_path / "ds", net, optimizer, scheduler, "")

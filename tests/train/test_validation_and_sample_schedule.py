@@ -20,11 +20,9 @@ from lorakit.train.config import load_train_config  # noqa: E402
 from lorakit.train.logger import TrainLogger  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def schedule(tmp_path_factory):
-    """3 epochs of 1 step each (4 images, 2 held out, batches of 2): the validations (kind, epoch) and the sample
-    draws (step, epoch)."""
-    root = tmp_path_factory.mktemp("schedule")
+def _schedule(root, **options):
+    """A run of 1 step per epoch (4 images, 2 held out, batches of 2) with ``options``: the validations (kind, step,
+    epoch) and the sample draws (step, epoch)."""
     networks, validations, draws = [], [], []
     make_network = create.create_network
 
@@ -43,16 +41,23 @@ def schedule(tmp_path_factory):
         patch.setattr(validation, "batch_loss", lambda *args, **kwargs: torch.tensor(1.0))
         patch.setattr(sample_prompts, "draw_samples", drawing)
         patch.setattr(TrainLogger, "validation",
-                      lambda self, kind, loss, step, epoch: validations.append((kind, epoch)))
+                      lambda self, kind, loss, step, epoch: validations.append((kind, step, epoch)))
         write_concept_folder(root / "data", n=4, repeats=1, size=64)
         (root / "prompts.txt").write_text("a purple circle --w 64 --h 64 --d 5 --s 1\n")
         run.train(load_train_config(overrides=dict(
             pretrained_model_name_or_path="demo:tiny-sd", train_data_dir=str(root / "data"), resolution="64",
-            output_dir=str(root / "out"), output_name="t", network_dim=2, learning_rate=1e-3, max_train_epochs=3,
-            train_batch_size=2, seed=3, max_data_loader_n_workers=0, validation_split=0.5,
-            validate_every_n_epochs=2, sample_prompts=str(root / "prompts.txt"), sample_every_n_steps=3,
-            sample_sampler="ddim")))
+            output_dir=str(root / "out"), output_name="t", network_dim=2, learning_rate=1e-3, train_batch_size=2,
+            seed=3, max_data_loader_n_workers=0, validation_split=0.5, sample_prompts=str(root / "prompts.txt"),
+            sample_sampler="ddim", **options)))
     return validations, draws
+
+
+@pytest.fixture(scope="module")
+def schedule(tmp_path_factory):
+    """3 epochs of 1 step each: the validations (kind, epoch) and the sample draws (step, epoch)."""
+    validations, draws = _schedule(tmp_path_factory.mktemp("schedule"), max_train_epochs=3, validate_every_n_epochs=2,
+                                   sample_every_n_steps=3)
+    return [(kind, epoch) for kind, _, epoch in validations], draws
 
 
 def test_validate_every_n_epochs_validates_at_its_multiples(schedule):
@@ -61,3 +66,14 @@ def test_validate_every_n_epochs_validates_at_its_multiples(schedule):
 
 def test_the_last_step_is_sampled_once(schedule):
     assert schedule[1] == [(3, None)]  # at step 3, the last: the end of training does not draw it again
+
+
+def test_step_validations_and_epoch_samples_come_at_their_multiples(tmp_path):
+    """sd-scripts validates at the steps where global_step % validate_every_n_steps == 0 (and at each epoch whose
+    number, counted from 1, validate_every_n_epochs divides), and samples at the end of the epochs
+    sample_every_n_epochs divides: 4 epochs of 1 step, every 2 steps, every 4 epochs, samples every 2 epochs. The
+    last epoch's samples are the end of training's draw, named by that epoch."""
+    validations, draws = _schedule(tmp_path, max_train_epochs=4, validate_every_n_steps=2, validate_every_n_epochs=4,
+                                   sample_every_n_epochs=2)
+    assert validations == [("step", 2, 2), ("step", 4, 4), ("epoch", 4, 4)]
+    assert draws == [(2, 2), (4, 4)]

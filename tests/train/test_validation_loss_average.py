@@ -49,3 +49,19 @@ def test_the_value_is_the_mean_over_batches_and_timesteps_in_eval_mode(monkeypat
     assert calls == [(keys, t, False) for keys in ((0, 1), (2,)) for t in (200, 400, 600, 800)]
     assert abs(value - (0.2 + 0.4 + 0.6 + 0.8) / 4) < 1e-6  # 8 (float32) losses; their mean, 0.5
     assert network.training  # back in train mode for the next training step
+
+
+def test_a_validation_leaves_the_random_stream_and_the_mode_as_it_found_them(monkeypatch):
+    """sd-scripts switches to the validation seed's random state for a validation and restores the training's after
+    it (switch_rng_state / restore_rng_state): the draws a validation makes from torch's global RNG (dropouts,
+    augmentations) do not move the training's stream on. A network in eval mode stays in it."""
+    monkeypatch.setattr(validation, "batch_loss", lambda ctx, batch, generator, train_text: torch.rand(()))
+    network = torch.nn.Dropout(0.5)
+    torch.manual_seed(11)
+    expected = torch.rand(3)
+    torch.manual_seed(11)
+    _validator(network)()
+    assert torch.equal(torch.rand(3), expected)
+    network.eval()
+    _validator(network)()
+    assert not network.training
