@@ -140,7 +140,8 @@ def guess_arch(unet_paths: list[str], components: set[str]) -> str | None:
             if k > 8 or (parts[0] == "input_blocks" and k in (1, 2) and s == "1"):
                 return "sd1"
             if parts[0] == "output_blocks" and k in (0, 1, 2) and s == "1":
-                return "sdxl"
+                # SDXL's attentions; SD1's only path there is output_blocks.2.1.conv, its Upsample
+                return "sd1" if parts[3:4] == ["conv"] else "sdxl"
         if parts[0] in ("down_blocks", "up_blocks") and len(parts) > 2:
             if (parts[0], parts[1]) in (("down_blocks", "3"), ("up_blocks", "3")):
                 return "sd1"
@@ -447,11 +448,12 @@ def kohya_to_peft(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, st
 
 
 def _peft_factorization(dimension: int, factor: int) -> tuple[int, int]:
-    """PEFT's split of a dimension into (m, n), m <= n (peft.tuners.lokr.layer.factorization). Not LyCORIS' split
-    (``algos.lokr.factorization``): PEFT stops when a pair's sum exceeds the *first* pair's, LyCORIS the last one's."""
+    """PEFT's split of a dimension into (m, n) (peft.tuners.lokr.layer.factorization). Not LyCORIS' split
+    (``algos.lokr.factorization``): PEFT stops when a pair's sum exceeds the *first* pair's, LyCORIS the last one's,
+    and a factor that divides the dimension gives (factor, dimension / factor) as it is, where LyCORIS puts the
+    smaller first: a 16-wide side with factor 16 is (16, 1) in PEFT and (1, 16) in LyCORIS."""
     if factor > 0 and dimension % factor == 0:
-        m, n = factor, dimension // factor
-        return (m, n) if m <= n else (n, m)
+        return factor, dimension // factor
     if factor < 0:
         factor = dimension
     m, n = 1, dimension
