@@ -86,6 +86,14 @@ def test_only_ss_metadata_enters_the_hash():
     assert changed[1] != base[1]  # a longer header shifts the bytes at 1 MiB
 
 
+def test_no_metadata_hashes_as_an_empty_ss_dict():
+    """kohya serialises with a dict of the ss_* keys, empty or not, so no metadata at all is an empty
+    __metadata__ in the header (safetensors writes none for None): over 1 MiB that header decides the legacy hash."""
+    tensors = big_lora()
+    assert hashes.sshs_hashes(tensors) == hashes.sshs_hashes(tensors, None) == reference_sshs(tensors, {})
+    assert hashes.sshs_hashes(tensors)[1] != EMPTY_SHA256_8
+
+
 def test_add_hashes_returns_a_copy_with_both_keys():
     tensors = big_lora()
     meta = dict(META)
@@ -108,6 +116,16 @@ def test_saved_file_agrees_with_a1111(tmp_path):
     bare = tmp_path / "bare.safetensors"
     save_file(tensors, bare, {"ss_network_dim": "8"})
     assert hashes.lora_short_hash(bare) == meta["sshs_model_hash"][:12]
+
+
+def test_lora_short_hash_is_the_files_sshs_model_hash_when_it_has_one(tmp_path):
+    """A1111 (extensions-builtin/Lora/network.py NetworkOnDisk) takes sshs_model_hash from the metadata as it is and
+    hashes the file only without it: a file whose stored hash is not that of its data shows the stored one."""
+    path = tmp_path / "l.safetensors"
+    stored = "0123456789abcdef" * 4
+    save_file({"a": torch.ones(2)}, path, {"sshs_model_hash": stored})
+    assert hashes.file_addnet_hash(path) != stored
+    assert hashes.lora_short_hash(path) == "0123456789ab"
 
 
 def test_file_hashes_by_hashlib(tmp_path):

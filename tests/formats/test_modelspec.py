@@ -114,6 +114,13 @@ def test_value_forms():
     assert build_modelspec("sd1", title="t", date="2023-07-16T18:13:38Z")["modelspec.date"] == "2023-07-16T18:13:38Z"
 
 
+@pytest.mark.parametrize("value", ["768x512", "768,512", (768, 512), [768, 512]])
+def test_resolution_forms_give_width_x_height(value):
+    """modelspec.resolution is "WxH" (sai_model_spec: f"{reso[0]}x{reso[1]}" of (width, height)); the value may
+    be given in that very form, as "W,H" (sd-scripts' --resolution) or as a pair."""
+    assert build_modelspec("sd1", title="t", date=WHEN, resolution=value)["modelspec.resolution"] == "768x512"
+
+
 def test_default_date_is_now_without_microseconds():
     date = build_modelspec("sd1", title="t")["modelspec.date"]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", date)
@@ -157,6 +164,7 @@ def test_thumbnail_file_becomes_data_url(tmp_path):
         ({"tags": []}, "tags"),
         ({"author": "   "}, "author"),
         ({"thumbnail": "data:text/plain,hi"}, "thumbnail"),
+        ({"thumbnail": "data:image/svg+xml,<svg/>"}, "thumbnail"),  # an image, but not base64
         ({"thumbnail": "/no/such/file.png"}, "thumbnail"),
     ],
 )

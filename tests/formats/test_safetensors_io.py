@@ -88,6 +88,31 @@ def test_save_creates_parent_folders_and_replaces(tmp_path):
     assert os.listdir(path.parent) == ["x.safetensors"]  # no temporary files left
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names open files through /proc")
+@pytest.mark.parametrize("name", ["x.safetensors", "x.pt"])
+def test_save_flushes_the_data_to_disk_before_the_rename_makes_it_visible(tmp_path, monkeypatch, name):
+    """save_file and save_tensors fsync the file they wrote before os.replace gives it its name: a power cut
+    after the rename never leaves an empty or partial file under the destination's name."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.fspath(src)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    sio.save_tensors({"a": torch.ones(2)}, tmp_path / name)
+    renamed = [i for i, (what, _) in enumerate(events) if what == "replace"]
+    assert len(renamed) == 1
+    written = events[renamed[0]][1]
+    assert ("fsync", written) in events[:renamed[0]]
+
+
 @pytest.mark.parametrize("exc", [RuntimeError("disk full"), KeyboardInterrupt()])
 def test_failed_save_leaves_old_file_and_no_temp(tmp_path, monkeypatch, exc):
     path = tmp_path / "x.safetensors"
@@ -176,14 +201,16 @@ def test_unknown_dtype_is_wrapped_with_file_name(tmp_path):
         sio.load_file(path)
 
 
-@pytest.mark.parametrize("how", ["torch.save", "pickle"])
+@pytest.mark.parametrize("how", ["torch.save", "pickle2", "pickle3", "pickle4", "pickle5"])
 def test_pickle_checkpoint_is_recognised(tmp_path, how):
+    """torch.save's zip archive, and pickles of every protocol torch.save's legacy format may write (2 to 5, magic
+    bytes 80 02 .. 80 05), are named as pickle checkpoints."""
     path = tmp_path / "model.ckpt"
     sd = {"w": torch.ones(2)}
     if how == "torch.save":
         torch.save(sd, path)
     else:
-        path.write_bytes(pickle.dumps({"w": [1.0, 2.0]}, protocol=4))
+        path.write_bytes(pickle.dumps({"w": [1.0, 2.0]}, protocol=int(how[-1])))
     with pytest.raises(SafetensorsFileError, match="pickle checkpoint") as err:
         sio.load_file(path)
     assert "model.ckpt" in str(err.value)

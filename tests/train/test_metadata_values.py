@@ -150,3 +150,19 @@ def test_modelspec_title_is_metadata_title_else_output_name_as_sd_scripts():
     """train_util.get_sai_model_spec: title = args.metadata_title if given, else args.output_name."""
     assert _training_metadata(output_name="purple")["modelspec.title"] == "purple"
     assert _training_metadata(output_name="purple", metadata_title="Purple LoRA")["modelspec.title"] == "Purple LoRA"
+
+
+def test_progress_metadata_stamps_each_save_and_renames_it_when_given_a_title():
+    """train_network.py's save: ss_epoch, ss_steps and ss_training_finished_at added to the training's metadata (a
+    copy: the base is reused for the next save); a title, when given, replaces modelspec.title."""
+    import time
+
+    from lorakit.train.metadata import progress_metadata
+
+    base = {"ss_network_dim": "4", "modelspec.title": "purple"}
+    before = time.time()
+    meta = progress_metadata(base, epoch=2, step=30)
+    assert (meta["ss_epoch"], meta["ss_steps"], meta["modelspec.title"]) == ("2", "30", "purple")
+    assert before <= float(meta["ss_training_finished_at"]) <= time.time()
+    assert base == {"ss_network_dim": "4", "modelspec.title": "purple"}
+    assert progress_metadata(base, epoch=2, step=30, title="purple-000002")["modelspec.title"] == "purple-000002"
