@@ -3,7 +3,7 @@ rank-dim product (w1_a @ w1_b, w2_a @ w2_b) and w2 may be Tucker (t2, w2_a (dim,
 
 The forward uses the Kronecker-vector identity: with x viewed as (b, d), kron(w1, w2) x = w1 X w2^T, so the
 full out x in matrix is never built. When both factors are full matrices the scale is 1 and `alpha` is written
-equal to dim, so that loaders computing alpha / dim get 1.
+equal to dim (at most float16's largest value), which loaders ignore there: ComfyUI and A1111 then apply 1.
 """
 
 from __future__ import annotations
