@@ -453,6 +453,34 @@ def test_text_encoder_lr_with_network_train_unet_only_is_warned_of():
     assert note not in load_train_config(overrides={"text_encoder_lr": 1e-5}).warnings
 
 
+def test_v2_with_clip_skip_is_warned_of_only_when_a_layer_is_skipped():
+    """sd-scripts' verify_training_args warns that SD2 models were not trained with clip_skip; clip_skip = 1 (what
+    the kohya_ss GUI writes) is the last layer, no skip, so it gets no note, as with SDXL."""
+    note = "v2 with clip_skip: SD2 models were not trained with clip_skip"
+    assert note in load_train_config(overrides={"v2": True, "clip_skip": 2}).warnings
+    assert note not in load_train_config(overrides={"v2": True, "clip_skip": 1}).warnings
+    assert note not in load_train_config(overrides={"clip_skip": 2}).warnings
+
+
+def test_lr_decay_steps_0_is_sd_scripts_default_and_no_note():
+    """lr_decay_steps defaults to 0 in sd-scripts (the kohya_ss GUI writes it): only a value it passes to
+    warmup_stable_decay is noted as unused with another schedule; a default config has nothing to say."""
+    assert load_train_config().warnings == ()
+    assert load_train_config(overrides={"lr_scheduler": "cosine", "lr_decay_steps": 0}).warnings == ()
+    assert "lr_decay_steps is used by lr_scheduler warmup_stable_decay only; unused with cosine" in load_train_config(
+        overrides={"lr_scheduler": "cosine", "lr_decay_steps": 10}).warnings
+
+
+def test_a_loraplus_ratio_given_at_the_top_level_and_in_network_args_must_agree():
+    """The kohya_ss GUI writes the LoRA+ ratios at the top level; a config that also has them in network_args trains
+    when both say the same, and is refused, naming both, when they differ; 0 at the top level is the GUI's "off"."""
+    same = load_train_config(overrides={"loraplus_lr_ratio": 4, "network_args": ["loraplus_lr_ratio=4"]})
+    assert same.network_args == ("loraplus_lr_ratio=4",)
+    assert "loraplus_unet_lr_ratio given twice: 4 and network_args loraplus_unet_lr_ratio=8" in error_of(
+        loraplus_unet_lr_ratio=4, network_args=["loraplus_unet_lr_ratio=8"])
+    load_train_config(overrides={"loraplus_lr_ratio": 0, "network_args": ["loraplus_lr_ratio=8"]})
+
+
 # ----- defaults are sd-scripts' --------------------------------------------------------------------------------------
 
 # Read in kohya-ss/sd-scripts: library/train_util.py (add_optimizer_arguments, add_training_arguments,

@@ -217,6 +217,19 @@ def test_cache_latents_is_checked_against_each_subset(tmp_path):
                           dataset_config=path)
 
 
+def test_masked_loss_needs_masks_in_some_subset_not_every_one(tmp_path):
+    """masked_loss is refused only when no subset can give a mask (conditioning_data_dir or alpha_mask): a dataset
+    config may mix masked subsets with plain ones."""
+    path = tmp_path / "data.toml"
+    path.write_text("[[datasets]]\nresolution = 512\n[[datasets.subsets]]\nimage_dir = 'a'\nalpha_mask = true\n"
+                    "[[datasets.subsets]]\nimage_dir = 'b'\n")
+    assert load_train_config(overrides={"masked_loss": True}, dataset_config=path).masked_loss
+    path.write_text("[[datasets]]\nresolution = 512\n[[datasets.subsets]]\nimage_dir = 'b'\n")
+    with pytest.raises(OptionError, match="masked_loss needs the masks: conditioning_data_dir .* or alpha_mask in the "
+                                          "dataset config's subsets"):
+        load_train_config(overrides={"masked_loss": True}, dataset_config=path)
+
+
 def test_json_file(tmp_path):
     path = tmp_path / "data.json"
     path.write_text('{"general": {"flip_aug": true}, "datasets": [{"resolution": [512, 640], '
@@ -267,6 +280,18 @@ def test_bad_dataset_configs_name_the_place_and_the_key(text, message):
     assert message in error_of(text)
 
 
+def test_a_dataset_may_set_min_bucket_reso_equal_to_max_bucket_reso_as_sd_scripts():
+    """sd-scripts' dataset asserts min(resolution) >= min_bucket_reso and max(resolution) <= max_bucket_reso (each
+    "equal or"): min = max = resolution in a [[datasets]] is one bucket, and valid; only min above max is refused."""
+    def bucketed(low: int) -> str:
+        return (f"[[datasets]]\nresolution = 512\nenable_bucket = true\nmin_bucket_reso = {low}\n"
+                "max_bucket_reso = 512\n[[datasets.subsets]]\nimage_dir = 'a'\n")
+
+    (dataset,) = parse(bucketed(512)).datasets
+    assert (dataset.min_bucket_reso, dataset.max_bucket_reso) == (512, 512)
+    assert "[[datasets]] #1: min_bucket_reso 576 > max_bucket_reso 512" in error_of(bucketed(576))
+
+
 def test_missing_or_broken_files(tmp_path):
     with pytest.raises(OptionError, match="dataset config file not found"):
         load_dataset_config(tmp_path / "none.toml")
@@ -293,6 +318,15 @@ def test_other_file_formats_are_refused_as_in_sd_scripts(tmp_path, name):
     broken.write_text("{")
     with pytest.raises(OptionError, match=r"broken\.json: not valid JSON"):
         load_dataset_config(broken)
+
+
+def test_upper_case_suffixes_are_read_as_in_sd_scripts(tmp_path):
+    """sd-scripts' load_user_config tests file.name.lower() for .json and .toml: data.TOML and data.JSON load."""
+    toml_path, json_path = tmp_path / "data.TOML", tmp_path / "data.JSON"
+    toml_path.write_text("[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = 'a'\n")
+    json_path.write_text('{"datasets": [{"resolution": 64, "subsets": [{"image_dir": "a"}]}]}')
+    for path in (toml_path, json_path):
+        assert load_dataset_config(path).datasets[0].subsets[0].image_dir == "a"
 
 
 def test_errors_inside_datasets_name_the_file(tmp_path):

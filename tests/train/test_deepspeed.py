@@ -174,6 +174,7 @@ def test_two_processes_equal_one_with_the_global_batch(base, plain, tmp_path, st
 
 @pytest.mark.parametrize("overrides, message", [
     ({"zero_stage": 2, "optimizer_type": "Adafactor"}, "Adafactor cannot train with DeepSpeed zero_stage 2"),
+    ({"zero_stage": 1, "optimizer_type": "Adafactor"}, "Adafactor cannot train with DeepSpeed zero_stage 1"),
     ({"zero_stage": 2, "offload_param_device": "cpu"}, "offload_param_device needs zero_stage 3"),
     ({"zero_stage": 0, "offload_optimizer_device": "cpu"}, "offload_optimizer_device needs zero_stage 1, 2 or 3"),
     ({"zero_stage": 3, "offload_param_device": "nvme"}, "offload_param_device = 'nvme' needs offload_param_nvme_path"),
