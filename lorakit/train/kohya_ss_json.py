@@ -333,19 +333,17 @@ def _misc(path: Path, data: Mapping[str, Any], inputs: Mapping[str, Any]) -> dic
         "xformers": True if attention == "xformers" else None,
         "seed": seed if seed else None,
         "clip_skip": data.get("clip_skip") or None,
-        "keep_tokens": data.get("keep_tokens"),
-        "min_bucket_reso": data.get("min_bucket_reso"),
-        "caption_dropout_every_n_epochs": data.get("caption_dropout_every_n_epochs"),
-        "gradient_accumulation_steps": data.get("gradient_accumulation_steps"),
         "max_token_length": data.get("max_token_length"),
         "persistent_data_loader_workers": (int(bool(data["persistent_data_loader_workers"]))
                                            if "persistent_data_loader_workers" in data else None),
         "wandb_run_name": data.get("wandb_run_name") or data.get("output_name"),
         "sample_prompts": _prompt_file(path, data.get("sample_prompts"), inputs.get("output_dir") or ""),
     }
-    for key in ("min_bucket_reso", "caption_dropout_every_n_epochs", "gradient_accumulation_steps", "keep_tokens"):
-        if out[key] is not None:
-            out[key] = _number(path, data, key)  # train_model's int(): 64.0 -> 64
+    # train_model's int(): 64.0 -> 64
+    out.update({key: _number(path, data, key) for key in ("keep_tokens", "min_bucket_reso",
+                                                            "caption_dropout_every_n_epochs",
+                                                            "gradient_accumulation_steps")
+                if data.get(key) is not None})
     return out
 
 
@@ -375,8 +373,7 @@ def _warn_if_dropped(path: Path, name: str, value: Any) -> bool:
     if not _dropped(value):
         return False
     default = BY_NAME[name].default if name in BY_NAME else None
-    if value is not False and value != "" and value is not None and default not in (None, 0, False, "", ()) \
-            and name not in ("vae_batch_size",):
+    if value is not False and value != "" and value is not None and default not in (None, 0, False, "", ()):
         log.warning("%s: %s = %r is left out, as kohya_ss leaves every 0 out of the config it passes to sd-scripts: "
                     "the default %r applies, as in a kohya_ss run (--%s %r on the command line sets it)", path, name,
                     value, default, name, value)
