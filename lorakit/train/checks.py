@@ -519,5 +519,5 @@ def resolve(values: dict[str, Any], given: frozenset) -> tuple[dict[str, Any], t
     if values["network_args"] or values["network_module"] != "lorakit":
         from .network_args import check_network_args  # loads the network code (and torch) only when needed
 
-        check_network_args(values, given)
+        notes += check_network_args(values, given)
     return values, tuple(notes)

@@ -114,10 +114,10 @@ def _rescale_rank_dropout_as_sd_scripts(kwargs: dict[str, str]) -> None:
         kwargs["rank_dropout_scale"] = "true"
 
 
-def check_network_args(values: Mapping[str, Any], given: frozenset) -> None:
+def check_network_args(values: Mapping[str, Any], given: frozenset) -> list[str]:
     """Refuse, before any model loads, network_args the network would refuse: unknown names (with the closest
     suggested), bad values, options the algorithm does not take, a preset that does not exist, and repeats of
-    network_dim / network_alpha / network_dropout."""
+    network_dim / network_alpha / network_dropout. Returns notes on what trains otherwise than a user may expect."""
     kwargs = network_kwargs(values["network_module"], values["network_args"],
                             {name: values[name] for name in LORAPLUS_OPTIONS})
     for key, option in _REPEATS.items():
@@ -137,3 +137,23 @@ def check_network_args(values: Mapping[str, Any], given: frozenset) -> None:
         check_network_kwargs(kwargs)
     except OptionError as e:
         raise OptionError(f"network_args: {e}") from None
+    return _full_with_parameter_scaled_adafactor(values, kwargs)
+
+
+def _full_with_parameter_scaled_adafactor(values: Mapping[str, Any], kwargs: Mapping[str, str]) -> list[str]:
+    """lorakit's `full` trains each weight's change (zero at the start; the file's diff, exact), LyCORIS' full the
+    whole weight once applied. Optimizers that step the same whatever the parameter's offset train both alike, but
+    Adafactor's scale_parameter multiplies each step by the trained tensor's RMS: the change's starts at Adafactor's
+    floor (eps 1e-3), the weight's is ~0.02-0.05 on SD's layers, so steps are 20-50x smaller than in LyCORIS."""
+    from ..algos.registry import algorithm
+    from .optimizers import parse_kwargs
+
+    if values.get("optimizer_type") != "Adafactor" or algorithm(kwargs.get("algo", "lora")).name != "full":
+        return []
+    if not parse_kwargs(values.get("optimizer_args")).get("scale_parameter", True):
+        return []
+    return ["algo=full with Adafactor's scale_parameter (its default): lorakit's full trains each weight's change, "
+            "which starts at 0, so Adafactor scales its steps by its floor (eps 1e-3) where LyCORIS' full, which "
+            "trains the whole weight, scales them by the weight's RMS (~0.02-0.05 on SD): steps 20-50x smaller. "
+            "For steps of the learning rate you choose give optimizer_args scale_parameter=False "
+            "relative_step=False warmup_init=False and a learning_rate (kohya's full fine-tuning settings)"]
