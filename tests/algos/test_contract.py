@@ -279,6 +279,21 @@ def test_dora_fused_linear_scales_the_input_or_folds_the_scale_into_the_weight(p
     assert type(out.grad_fn).__name__ == path
 
 
+@pytest.mark.parametrize("positions", [3, 200])
+def test_dora_along_columns_where_an_input_channel_vanishes_at_the_multiplier(positions):
+    """The fused DoRA pass feeds the layer k x with k = 1 + m (c - 1) per input channel and divides the down factor
+    by k; at m = 2 a column with ratio c = 1/2 gets k = 0, where that pass cannot apply: the plain ops give the
+    formula's output and gradients instead of a division by zero."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(40, 12).double().requires_grad_(False)
+    adapter = randomize(make_adapter("lora", layer, dim=4, dora_wd=True).double()).eval()
+    with torch.no_grad():
+        adapter.dora_scale[0, :3] = 0.5 * adapter.dora_norm()[0, :3]
+    adapter.multiplier = 2.0
+    out = check_against_formula(adapter, layer, torch.randn(1, positions, 40, dtype=torch.float64))
+    assert torch.isfinite(out).all()
+
+
 @pytest.mark.parametrize("use_scalar", [False, True])
 @pytest.mark.parametrize("input_grad", [True, False])
 @pytest.mark.parametrize("positions,path", [(5, "_LinearPlusLowRankBackward"), (60, "_LinearMergedLowRankBackward")])
@@ -423,3 +438,102 @@ def test_dora_on_a_layer_built_in_inference_mode():
         out = adapter(x)
         expected = layer_forward(layer, x, layer.weight + adapter.delta_weight(), layer.bias)
     torch.testing.assert_close(out, expected, **TOL)
+
+
+@pytest.mark.parametrize("algo,options,kind", [("lora", {}, "linear"), ("loha", {"dora_wd": True}, "conv2d"),
+                                               ("boft", {"dim": 2}, "linear"), ("norm", {}, "layernorm")])
+def test_merge_with_a_multiplier_adds_the_change_at_that_multiplier(algo, options, kind):
+    """merge(multiplier=m) merges at m, not at the adapter's own multiplier (tools merge at a ratio this way), and
+    unmerge gives the layer back."""
+    layer, x = make_layer(kind), make_input(kind)
+    adapter = randomize(make_adapter(algo, layer, **options).double()).eval()
+    sd = adapter.state_dict()
+    dw, db = ui_delta(sd, layer.weight, 0.4)
+    bias = layer.bias if db is None else layer.bias + db
+    expected = layer_forward(layer, x, layer.weight + dw, bias)
+    adapter.merge(multiplier=0.4)
+    assert adapter.multiplier == 1.0
+    torch.testing.assert_close(layer(x), expected, **TOL)
+    adapter.unmerge()
+    torch.testing.assert_close(layer(x), make_layer(kind)(x), rtol=0, atol=0)
+
+
+def test_unmerge_takes_away_a_bias_that_merge_gave_the_layer():
+    """Norm training on a LayerNorm without a bias: merge gives the layer the bias change as its bias, unmerge
+    takes it away again (the layer had none)."""
+    torch.manual_seed(0)
+    layer = torch.nn.LayerNorm(8, bias=False).double().requires_grad_(False)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+    x = make_input("layernorm")
+    before = layer(x)
+    adapter = randomize(make_adapter("norm", layer).double()).eval()
+    adapter.merge(multiplier=0.7)
+    expected = F.layer_norm(x, (8,), layer.weight, 0.7 * adapter.b_norm.detach(), layer.eps)
+    torch.testing.assert_close(layer(x), expected, **TOL)
+    adapter.unmerge()
+    assert layer.bias is None
+    torch.testing.assert_close(layer(x), before, rtol=0, atol=0)
+
+
+def test_merge_and_unmerge_out_of_turn_are_errors_that_leave_the_weight_alone():
+    """A second merge would add the change twice and an unmerge without a backup has nothing to restore: both are
+    refused, naming the adapter, and the layer keeps the weight it had."""
+    layer = make_layer("linear")
+    adapter = randomize(make_adapter("lora", layer).double())
+    original = layer.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="lora adapter is not merged"):
+        adapter.unmerge()
+    adapter.merge()
+    merged = layer.weight.detach().clone()
+    torch.testing.assert_close(merged, original + adapter.delta_weight(), **TOL)
+    with pytest.raises(RuntimeError, match="lora adapter is already merged"):
+        adapter.merge()
+    assert torch.equal(layer.weight, merged)
+    adapter.unmerge()
+    assert torch.equal(layer.weight, original)
+    adapter.merge(keep_backup=False)
+    with pytest.raises(RuntimeError, match="merged with keep_backup=False and cannot be unmerged"):
+        adapter.unmerge()
+    assert torch.equal(layer.weight, merged)
+
+
+@pytest.mark.parametrize("algo,options", [("lora", {"use_scalar": True}), ("loha", {"use_scalar": True}),
+                                          ("lora", {"dora_wd": True, "use_scalar": True}), ("ia3", {})])
+def test_a_rated_forward_is_the_formula_at_rate_times_multiplier_with_the_rates_gradient(algo, options):
+    """The application-rate explorer's forward: the output at multiplier r x m, with a gradient for r. Where the
+    output is affine in the multiplier (W + r m dW, DoRA's W + r m (D - W)) that is the plain formula with r's
+    gradient from autograd; the trained scalar is part of dW."""
+    layer, x = make_layer("linear"), make_input("linear")
+    adapter = randomize(make_adapter(algo, layer, **options).double()).eval()
+    adapter.multiplier = 0.7
+    rate = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
+    adapter.rate = lambda: rate
+    out = adapter(x)
+    out.sin().sum().backward()
+    reference = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        dw = adapter.delta_weight(0.7)
+    expected = F.linear(x, layer.weight + reference * dw, layer.bias)
+    torch.testing.assert_close(out, expected, **TOL)
+    expected.sin().sum().backward()
+    torch.testing.assert_close(rate.grad, reference.grad, rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize("algo,options", [("lora", {}), ("diag-oft", {}), ("full", {})])
+def test_an_applied_adapter_once_merged_adds_nothing_more_in_its_forward(algo, options):
+    """Applied and then merged, the layer's weight holds the change: the routed forward must not add it a second
+    time. Unmerged again, the forward adds it once more, through the factors."""
+    layer, x = make_layer("linear"), make_input("linear")
+    adapter = randomize(make_adapter(algo, layer, **options).double()).eval()
+    adapter.multiplier = 0.7
+    db = adapter.delta_bias(0.7)
+    expected = layer_forward(layer, x, layer.weight + adapter.delta_weight(0.7),
+                             layer.bias if db is None else layer.bias + db)
+    adapter.apply()
+    torch.testing.assert_close(layer(x), expected, **TOL)
+    adapter.merge()
+    torch.testing.assert_close(layer(x), expected, **TOL)
+    adapter.unmerge()
+    torch.testing.assert_close(layer(x), expected, **TOL)
+    adapter.restore()

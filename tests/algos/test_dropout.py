@@ -46,6 +46,31 @@ def test_dropout_is_random_in_training_unbiased_and_off_in_eval(algo, options, k
     assert err < 0.1, f"mean of {DRAWS} draws is {err:.3f} away from the eval change"
 
 
+# Calls with many more positions than the layer has inputs take other paths in eval: the merged weight (LoHa, GLoRA,
+# BOFT, DoRA along rows) or LoRA's merged fused pair, none of which has a place for a mask
+MANY_POSITION_CASES = [("lora", {}), ("loha", {}), ("glora", {}), ("boft", {"dim": 2}),
+                       ("lora", {"dora_wd": True, "dora_axis": "out"})]
+
+
+@pytest.mark.parametrize("algo,options", MANY_POSITION_CASES, ids=[f"{a}-{','.join(o) or 'default'}"
+                                                                   for a, o in MANY_POSITION_CASES])
+@pytest.mark.parametrize("dropout", ["dropout", "rank_dropout"])
+def test_dropouts_act_on_calls_with_many_positions(algo, options, dropout):
+    layer = make_layer("linear")
+    x = torch.randn(4, 40, 12, dtype=torch.float64)
+    adapter = randomize(make_adapter(algo, layer, **{dropout: 0.3}, **options).double())
+    adapter.eval()
+    expected = adapter(x) - layer(x)
+    adapter.train()
+    torch.manual_seed(0)
+    drawn = deltas(adapter, layer, x, 200)
+    assert not torch.allclose(drawn[0], drawn[1]), "training must drop"
+    assert not torch.allclose(drawn[0], expected)
+    # the draws still average to about the eval change (dropout), or to less (rank_dropout, unrescaled)
+    err = (drawn.mean(0) - expected).abs().mean() / expected.abs().mean()
+    assert err < (0.15 if dropout == "dropout" else 0.5), f"mean of the draws is {err:.3f} away from the eval change"
+
+
 # DyLoRA draws its rank at random anyway; DoRA keeps its magnitude rescaling undropped, so the (1 - p) rule
 # below holds only for its directional part (its dropout is covered by the test above).
 @pytest.mark.parametrize("algo,options,kind",

@@ -105,3 +105,40 @@ def test_dora_of_a_layer_with_one_channel_loads_back_on_its_axis(layer, axis):
     assert loaded.options.dora_axis == axis
     x = torch.randn(3, layer.in_features) if isinstance(layer, nn.Linear) else torch.randn(3, 40, 7)
     torch.testing.assert_close(loaded(x.double()), adapter(x.double()))
+
+
+@pytest.mark.parametrize("algo", ["lora", "loha", "glora"])
+def test_a_file_without_alpha_loads_at_scale_1(algo):
+    """Old files hold no alpha: kohya and the UIs read alpha = dim there (scale 1). Such a file is no missing
+    tensor, built from or loaded strictly into an adapter."""
+    layer, x = make_layer("linear"), make_input("linear")
+    adapter = make_adapter(algo, layer, dim=4, alpha=1).double()
+    torch.manual_seed(0)
+    sd = {k: torch.randn_like(v) for k, v in adapter.state_dict().items() if k != "alpha"}
+    adapter.load_state_dict(sd, strict=True)  # no error for the missing alpha; the adapter keeps its own
+    assert adapter.scale == 0.25
+    rebuilt = adapter_from_state_dict(layer, sd).eval()
+    assert rebuilt.scale == 1.0
+    torch.testing.assert_close(rebuilt(x), ui_forward(layer, sd, x, 1.0), rtol=1e-9, atol=1e-10)
+
+
+def test_options_given_with_the_tensors_apply_to_the_adapter_built_from_them():
+    """adapter_from_state_dict(layer, sd, **options): what the caller gives (a load's multiplier, dropouts to go on
+    training) applies on top of what the shapes say."""
+    layer, x = make_layer("linear"), make_input("linear")
+    torch.manual_seed(0)
+    sd = {"lora_down.weight": torch.randn(4, 12), "lora_up.weight": torch.randn(8, 4), "alpha": torch.tensor(2.0)}
+    sd = {k: v.double() for k, v in sd.items()}
+    adapter = adapter_from_state_dict(layer, sd, multiplier=0.5, rank_dropout=0.1).eval()
+    assert adapter.multiplier == 0.5 and adapter.options.rank_dropout == 0.1 and adapter.rank == 4
+    torch.testing.assert_close(adapter(x), ui_forward(layer, sd, x, 0.5), rtol=1e-9, atol=1e-10)
+
+
+def test_an_old_layout_glora_file_is_refused_by_name():
+    """LyCORIS' old GLoRA layout (a1 (dim, in), a2 (in, dim)) gives another change from the same keys: refused with
+    what is wrong, not read as the current layout or failing on a shape."""
+    torch.manual_seed(0)
+    sd = {"a1.weight": torch.randn(4, 12), "a2.weight": torch.randn(12, 4), "b1.weight": torch.randn(8, 4),
+          "b2.weight": torch.randn(4, 12), "alpha": torch.tensor(4.0)}
+    with pytest.raises(ValueError, match=r"GLoRA tensors a1 \(4, 12\), a2 \(12, 4\) are not in LyCORIS' current"):
+        adapter_from_state_dict(make_layer("linear"), sd)

@@ -31,6 +31,19 @@ def test_numbers_from_strings_and_aliases():
     assert given == {"dim", "alpha", "use_tucker", "constraint", "bypass_mode", "dora_axis"}
 
 
+@pytest.mark.parametrize("text", ["auto", "None", "null", "", " AUTO "])
+def test_bypass_mode_auto_in_any_spelling_picks_the_path_per_call(text):
+    options, given = parse_options(bypass_mode=text)
+    assert options.bypass_mode is None and given == {"bypass_mode"}
+
+
+def test_option_names_ignore_case_and_surrounding_spaces():
+    """kohya_ss and hand-written network_args spell names as they like: " Network_Dim ", "ALPHA"."""
+    options, given = parse_options({" Network_Dim ": "8", "ALPHA": "2", "Use_CP": "true"})
+    assert (options.dim, options.alpha, options.use_tucker) == (8, 2.0, True)
+    assert given == {"dim", "alpha", "use_tucker"}
+
+
 @pytest.mark.parametrize("raw", [{"use_tucker": "true", "use_cp": "false"}, {"use_cp": "true", "use_tucker": "false"},
                                  {"use_cp": True, "use_tucker": True}])
 def test_a_boolean_given_under_two_spellings_is_on_if_either_is(raw):
@@ -57,7 +70,9 @@ def test_a_boolean_given_under_two_spellings_is_on_if_either_is(raw):
     ({"dropout": -0.1}, ["'dropout'", "-0.1"]),
     ({"rank_dropout": "x"}, ["'rank_dropout'", "'x'"]),
     ({"use_tucker": "maybe"}, ["'use_tucker'", "'maybe'", "boolean"]),
+    ({"use_tucker": 2}, ["'use_tucker'", "2", "boolean"]),  # numbers other than 0/1 are no booleans
     ({"factor": 0}, ["'factor'", "0"]),
+    ({"factor": -2}, ["'factor'", "-2"]),  # -1 is the one negative meaning (smallest factorisation)
     ({"block_size": 0}, ["'block_size'", "0"]),
     ({"dora_axis": "rows"}, ["'dora_axis'", "'rows'"]),
     ({"constraint": -0.1}, ["'constraint'", "-0.1"]),
@@ -80,6 +95,25 @@ def test_options_an_algorithm_does_not_accept_are_refused(linear, algo, option, 
         make_adapter(algo, linear, **{option: value})
     message = str(err.value)
     assert f"'{algorithm(algo).name}'" in message and f"'{option}'" in message and repr(value) in message
+
+
+@pytest.mark.parametrize("features,bad", [((10, 8), 8), ((12, 10), 12)], ids=["out", "in"])
+def test_lokr_factor_error_names_the_dimension_it_does_not_divide(features, bad):
+    with pytest.raises(OptionError, match=rf"'factor': 5 does not divide the layer dimension {bad} "):
+        make_adapter("lokr", nn.Linear(*features), factor=5)
+
+
+def test_typed_options_are_checked_as_keyword_options_are(linear):
+    """An AdapterOptions given whole: the options it sets away from their defaults are the given ones, refused
+    where the algorithm does not take them and warned about where their parent option is off."""
+    from lorakit.algos import AdapterOptions
+
+    adapter = algorithm("lora")(linear, AdapterOptions(dim=8, alpha=4))
+    assert adapter.rank == 8 and adapter.scale == 0.5
+    with pytest.raises(OptionError, match="algo 'ia3' does not accept option 'dim' \\(got 8\\)"):
+        algorithm("ia3")(linear, AdapterOptions(dim=8))
+    with pytest.warns(UserWarning, match="option 'dora_axis' \\('out'\\) changes nothing without dora_wd"):
+        algorithm("lora")(linear, AdapterOptions(dora_axis="out"))
 
 
 def test_lokr_factor_that_does_not_divide(linear):

@@ -142,3 +142,53 @@ def test_lokr_with_both_factors_full_and_a_dim_above_float16_saves_and_loads_in_
         dw = torch.kron(sd["lokr_w1"].double(), sd["lokr_w2"].double())
         expected = nn.functional.linear(x, layer.weight + dw, layer.bias)
         torch.testing.assert_close(again(x), expected, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("algo,options", RS_LORA, ids=[a for a, _ in RS_LORA])
+def test_alpha_0_means_alpha_equal_to_dim(algo, options):
+    """kohya and LyCORIS read alpha 0 as alpha = dim (scale 1): the option is accepted, the adapter trains at scale 1
+    and saves alpha = dim, so that the UIs apply the factors' product as it is."""
+    layer, x = make_layer("linear_wide"), make_input("linear_wide")
+    adapter = randomize(make_adapter(algo, layer, dim=DIM, alpha=0, **options).double()).eval()
+    assert adapter.scale == 1.0
+    sd = adapter.state_dict()
+    assert float(sd["alpha"]) == DIM
+    unscaled = ui_delta({k: v for k, v in sd.items() if k != "alpha"}, layer.weight, 1.0)[0]  # no alpha: scale 1
+    expected = nn.functional.linear(x, layer.weight + unscaled, layer.bias)
+    torch.testing.assert_close(adapter(x), expected, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_lokr_file_with_both_factors_full_and_an_alpha_below_1_loads_at_scale_1(alpha):
+    """Both factors full: loaders ignore alpha (scale 1), whatever a converter wrote there; an alpha below 1 is no
+    dim of 0 (which no adapter could be built with)."""
+    from lorakit.algos import adapter_from_state_dict
+
+    layer, x = make_layer("linear"), make_input("linear")
+    sd = randomize(make_adapter("lokr", layer, full_matrix=True).double()).state_dict()
+    assert {"lokr_w1", "lokr_w2"} <= set(sd)  # the case this test is about
+    again = adapter_from_state_dict(layer, {**sd, "alpha": torch.tensor(alpha, dtype=torch.float64)}).eval()
+    assert again.scale == 1.0
+    expected = nn.functional.linear(x, layer.weight + torch.kron(sd["lokr_w1"], sd["lokr_w2"]), layer.bias)
+    torch.testing.assert_close(again(x), expected, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("algo,dim", [("lora", 4), ("loha", 4), ("lokr", 1)])
+def test_use_tucker_on_a_pointwise_conv_keeps_lycoris_plain_layout(algo, dim, monkeypatch):
+    """Tucker applies to kernels larger than 1x1 only: on a 1x1 conv LyCORIS makes the plain factors, and so must
+    lorakit (a core tensor there would be keys no loader expects)."""
+    modules = lycoris_modules(monkeypatch)
+    module = {"lora": modules.LoConModule, "loha": modules.LohaModule, "lokr": modules.LokrModule}[algo]
+    theirs = module("x", nn.Conv2d(6, 8, 1), lora_dim=dim, use_tucker=True)
+    ours = make_adapter(algo, nn.Conv2d(6, 8, 1), dim=dim, use_tucker=True)
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+
+
+@pytest.mark.parametrize("out_dim", [24, 48])
+def test_boft_blocks_are_split_as_lycoris_into_a_power_of_two_count(out_dim, monkeypatch):
+    """BOFT's butterfly needs a power-of-two block count: on 24 channels with dim 8, blocks of 6 (4 of them), not
+    the larger even size 8 (3 blocks); the file's shape is then LyCORIS' own."""
+    theirs = lycoris_modules(monkeypatch).ButterflyOFTModule("x", nn.Linear(12, out_dim), lora_dim=8)
+    ours = make_adapter("boft", nn.Linear(12, out_dim), dim=8)
+    assert tuple(ours.oft_blocks.shape) == tuple(theirs.state_dict()["oft_blocks"].shape)
