@@ -144,8 +144,22 @@ class IA3(Adapter):
 
     def _param_for_key(self, key):
         if key == "on_input":
-            return torch.tensor(int(self.on_input))  # fixed at construction; loading checks the shape only
+            return torch.tensor(int(self.on_input))  # fixed at construction; _load_from_state_dict checks the value
         return super()._param_for_key(key)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A file of the other side's scales has the same shape on a square layer: loaded, it would scale the wrong
+        # channels without a word (sd-scripts' --network_weights into a network made with another train_on_input)
+        saved = state_dict.get(prefix + "on_input")
+        if saved is not None and bool(int(saved)) != self.on_input:
+            side = {True: "input", False: "output"}
+            error_msgs.append(f"{prefix}on_input: the file's (IA)^3 scales the layer's {side[bool(int(saved))]} "
+                              f"channels, this adapter its {side[self.on_input]} channels "
+                              f"(train_on_input={self.on_input})")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     @classmethod
     def options_from_tensors(cls, spec, sd):

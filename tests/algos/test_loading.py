@@ -142,3 +142,21 @@ def test_an_old_layout_glora_file_is_refused_by_name():
           "b2.weight": torch.randn(4, 12), "alpha": torch.tensor(4.0)}
     with pytest.raises(ValueError, match=r"GLoRA tensors a1 \(4, 12\), a2 \(12, 4\) are not in LyCORIS' current"):
         adapter_from_state_dict(make_layer("linear"), sd)
+
+
+@pytest.mark.parametrize("on_input", [True, False])
+def test_ia3_weights_of_the_other_side_are_refused_on_a_square_layer(on_input):
+    """(IA)^3 of the input and of the output have the same shape on a square layer: a file of the one loaded into
+    an adapter of the other would scale the wrong channels. The load is refused, naming on_input."""
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 8)
+    saved = make_adapter("ia3", layer, train_on_input=on_input)
+    with torch.no_grad():
+        saved.weight.normal_()
+    other = make_adapter("ia3", layer, train_on_input=not on_input)
+    with pytest.raises(RuntimeError, match="on_input: the file's \\(IA\\)\\^3 scales the layer's"):
+        other.load_state_dict(saved.state_dict())
+    assert torch.equal(other.weight, torch.zeros_like(other.weight))  # nothing of the file was taken
+    same = make_adapter("ia3", layer, train_on_input=on_input)
+    same.load_state_dict(saved.state_dict())  # the same side loads as before
+    assert torch.equal(same.weight, saved.weight)
