@@ -59,6 +59,9 @@ def test_v_pred_marker_wins_unless_contradicted():
     (["lora_unet_down_blocks_0_attentions_0_proj_in.diff"], "an adapter"),  # LyCORIS full-diff
     (["lora_unet_x.diff_b"], "an adapter"),
     (["lora_te_x.hada_w1_a"], "an adapter"),
+    # a diffusers/PEFT LoRA (lora_A/lora_B) is an adapter too, not "an unknown kind of file"
+    (["unet.down_blocks.0.attentions.0.proj_in.lora_A.weight", "unet.down_blocks.0.attentions.0.proj_in.lora_B.weight"],
+     "an adapter"),
     (["encoder.down.0.block.0.conv1.weight", "decoder.up.0.block.0.conv1.weight"], "a VAE alone"),
     (["first_stage_model.encoder.conv_in.weight"], "a VAE alone"),
     (["encoder.down_blocks.0.resnets.0.conv1.weight", "decoder.up_blocks.0.resnets.0.conv1.weight"],

@@ -196,3 +196,29 @@ def test_ddim_and_ddpm_samples_are_not_clipped(sampler):
     built (diffusers' StableDiffusionPipeline does the same; sd-scripts' gen_img notes the setting was moot): latents
     are not in [-1, 1], so clipping the predicted x0 to it would wash the samples out."""
     assert scheduler_for(_model("tiny-sd"), sampler).config.clip_sample is False
+
+
+def test_euler_image_matches_diffusers_pipeline_from_the_same_noise():
+    """diffusers' StableDiffusionPipeline (what sd-scripts samples with) scales the start noise by the scheduler's
+    init_noise_sigma (~14.6 for Euler at 1000 steps): given the same noise, conditioning and scheduler it must draw
+    the same image as generate()."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from lorakit.models.sample import prompt_conditioning
+
+    m = _model("tiny-sd")
+    prompt, negative, seed = "a red circle on a blue background", "a green square", 3
+    ours = generate(m, prompt, negative_prompt=negative, steps=4, guidance_scale=5.0, seed=seed, sampler="euler")
+    with torch.no_grad():
+        uncond, cond = prompt_conditioning(m, [negative, prompt]).hidden.chunk(2)
+    shape = (1, m.unet.config.in_channels, 64 // m.vae_scale_factor, 64 // m.vae_scale_factor)
+    noise = torch.randn(shape[1:], generator=torch.Generator().manual_seed(seed))[None]
+    pipe = StableDiffusionPipeline(vae=m.vae, text_encoder=m.text_encoders[0], tokenizer=m.tokenizers[0],
+                                   unet=m.unet, scheduler=scheduler_for(m, "euler"), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=noise, num_inference_steps=4,
+                  guidance_scale=5.0, height=64, width=64, output_type="np").images[0]
+    theirs = np.round(theirs * 255).astype(np.int16)
+    assert np.abs(_arr(ours[0]) - theirs).max() <= 1

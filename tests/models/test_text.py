@@ -65,6 +65,9 @@ def test_layout_single_chunk():
     assert tokenize(tok, "a a a").tolist() == [expected]
     with pytest.raises(ValueError, match="max_token_length"):
         tokenize(tok, ["a"], 100)
+    # sd-scripts' --max_token_length choices are None, 75, 150, 225: a fourth chunk is refused, not encoded
+    with pytest.raises(ValueError, match="max_token_length"):
+        tokenize(tok, ["a"], 300)
 
 
 # --- encoders -----------------------------------------------------------------------------------------------------
@@ -204,3 +207,24 @@ def test_pooled_at_eos_not_at_the_largest_id():
     proj = te2.text_projection.weight.T
     torch.testing.assert_close(got.pooled, last[:, 4] @ proj, rtol=1e-12, atol=1e-12)
     assert not torch.allclose(got.pooled, last[:, 2] @ proj)
+
+
+def test_clip_skip_can_reach_the_first_layer_but_not_the_embeddings(models):
+    # hidden_states holds the embeddings plus one state per layer: clip_skip = layers takes the first layer's
+    # output; one more would be the bare token embeddings, no layer at all, and is refused
+    model = models["sd1"]
+    te, ids = model.text_encoders[0], plain_ids(model.tokenizers[0], PROMPTS)
+    with torch.no_grad():
+        states = te(ids, output_hidden_states=True).hidden_states
+        layers = len(states) - 1
+        got = encode_prompts(model, PROMPTS, clip_skip=layers).hidden
+        torch.testing.assert_close(got, final_norm(te, states[1]), rtol=1e-12, atol=1e-12)
+        with pytest.raises(ValueError, match="clip_skip"):
+            encode_prompts(model, PROMPTS, clip_skip=layers + 1)
+
+
+def test_one_id_tensor_per_text_encoder(models):
+    # a second id tensor for SD1's single encoder (e.g. SDXL ids fed to an SD1 model) is an error, not ignored
+    ids = tokenize(models["sd1"].tokenizers[0], PROMPTS)
+    with pytest.raises(ValueError, match="1 text encoder"):
+        encode_prompts(models["sd1"], PROMPTS, input_ids=[ids, ids])

@@ -76,6 +76,10 @@ def test_base_weights_train_like_a_model_merged_beforehand(base, tmp_path):
 
 def test_base_weights_multiplier_counts_are_checked():
     assert base_model.base_weight_ratios(["a", "b", "c"], [0.5]) == [0.5, 1.0, 1.0]
+    # the function checks too (merge_base_weights is public, called without a config): a multiplier past the
+    # files would otherwise be dropped by zip without a word
+    with pytest.raises(OptionError, match="2 multiplier.*1 base_weights file"):
+        base_model.base_weight_ratios(["a"], [1, 2])
     with pytest.raises(OptionError, match="base_weights_multiplier.*2 multiplier.*1 base_weights file"):
         load_train_config(overrides=dict(base_weights=["a.safetensors"], base_weights_multiplier=[1, 2]))
 

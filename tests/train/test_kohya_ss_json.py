@@ -386,3 +386,20 @@ def test_gui_json_trains_end_to_end(tmp_path, monkeypatch):
         assert any(key.startswith("lora_unet_") for key in f.keys())
     assert meta["ss_network_module"] == "lycoris.kohya" and meta["ss_max_train_steps"] == "2"
     assert json.loads(meta["ss_network_args"])["algo"] == "locon"
+
+
+def test_sdxl_only_checkboxes_are_ignored_without_sdxl(tmp_path):
+    """train_model passes no_half_vae and cache_text_encoder_outputs only with the sdxl checkbox ("True if sdxl
+    and sdxl_no_half_vae else None"): a stale tick in an SD1 config does not reach sd-scripts."""
+    data = gui(sdxl=False, sdxl_cache_text_encoder_outputs=True, sdxl_no_half_vae=True)
+    out = translate(write(tmp_path, data), data)
+    assert "no_half_vae" not in out and "cache_text_encoder_outputs" not in out and "sdxl" not in out
+
+
+def test_use_wandb_checkbox_true_logs_with_wandb(tmp_path):
+    """update_my_data turns use_wandb "True" into log_with = "wandb"; a file holding the checkbox as a JSON true
+    means the same (the module's documented reading), and a false one adds nothing."""
+    data = gui(use_wandb=True)
+    assert translate(write(tmp_path, data), data)["log_with"] == "wandb"
+    data = gui(use_wandb=False)
+    assert "log_with" not in translate(write(tmp_path, data), data)

@@ -186,3 +186,35 @@ def test_log_with_all_needs_both_tracker_packages(tmp_path, monkeypatch):
                                                 "log_with=wandb needs the wandb package: pip install wandb"]
     missing = {"wandb"}
     assert missing_tracker_packages(config) == ["log_with=wandb needs the wandb package: pip install wandb"]
+
+
+def test_tracker_config_refuses_an_unknown_tracker_table_and_bad_toml(tmp_path):
+    # a table for a tracker that is not started ([mlflow]) would be silently dropped; a syntax error names the file
+    path = tmp_path / "trackers.toml"
+    path.write_text('[mlflow]\nrun_name = "x"\n')
+    config = _config(log_tracker_config=str(path))
+    with pytest.raises(OptionError, match="log_tracker_config=.*expected tables.*'mlflow'"):
+        tracker_init_kwargs(config)
+    path.write_text('[wandb\nname = "x"\n')
+    with pytest.raises(OptionError, match="log_tracker_config=.*not valid TOML"):
+        tracker_init_kwargs(config)
+
+
+def test_console_log_file_is_rewritten_each_run(tmp_path):
+    # sd-scripts' setup_logging opens console_log_file with mode "w": a second run does not append to the first
+    log = logging.getLogger("lorakit.train.somewhere")
+    path = tmp_path / "run.log"
+    path.write_text("an older run\n")
+    for line in ("first run", "second run"):
+        with console_logging(load_train_config(overrides={"console_log_file": str(path), "console_log_simple": True})):
+            log.info(line)
+    assert path.read_text() == "second run\n"
+
+
+def test_console_log_simple_alone_shows_info_messages_plainly(capsys):
+    # console_log_simple by itself is a console option: INFO (sd-scripts' level when none is given), message only
+    log = logging.getLogger("lorakit.train.somewhere")
+    with console_logging(load_train_config(overrides={"console_log_simple": True})):
+        log.info("an info line")
+        log.debug("a debug line")
+    assert capsys.readouterr().err == "an info line\n"
