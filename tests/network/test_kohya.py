@@ -218,6 +218,15 @@ def test_bad_network_args_are_errors_naming_the_arg(kwargs, named):
         kohya.create_network(1.0, 4, 1.0, None, tes[0], unet, neuron_dropout=0.1, **kwargs)
 
 
+def test_a_network_arg_of_none_is_not_given():
+    # as train_network.py's dropout=args.network_dropout, None when unset: any arg at None is left out, so it
+    # neither fails a type check nor repeats a script argument
+    unet, tes = tiny_model("sd1")
+    net = kohya.create_network(1.0, 4, 2.0, None, tes[0], unet, preset="attn-mlp", dropout=None, rank_dropout=None,
+                               network_alpha=None, conv_dim=None)
+    assert {(a.options.alpha, a.options.dropout, a.options.rank_dropout) for _, a in net.adapters()} == {(2.0, 0, 0)}
+
+
 @pytest.mark.parametrize("algo", ["diag-oft", "boft", "glora", "ia3", "full"])
 def test_lycoris_defaults_of_options_an_algo_does_not_use_are_ignored(caplog, algo):
     """LyCORIS reads bypass_mode (default False), block_size (default 4) and wd_on_output (default True) for every
@@ -409,6 +418,27 @@ def test_gen_img_regions_are_refused_naming_the_option():
         net.set_region(0, True, torch.ones(8, 8))
     with pytest.raises(NotImplementedError, match="--mask_path"):
         net.set_current_generation(1, 1, 64, 64, {}, None)
+
+
+def test_each_adapter_carries_kohyas_lora_name():
+    """sd-scripts' LoRAModule.lora_name, which scripts read from network.unet_loras / text_encoder_loras, is the
+    name its tensors are saved under (SGM names for SDXL)."""
+    unet, tes = tiny_model("sdxl")
+    net = kohya.create_network(1.0, 4, 1.0, None, tes, unet, preset="attn-mlp")
+    names = [a.lora_name for a in net.text_encoder_loras + net.unet_loras]
+    assert len(names) == len(net.entries) and set(names) == {k.split(".")[0] for k in net.state_dict()}
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q" in names
+    assert "lora_te2_text_model_encoder_layers_0_mlp_fc1" in names
+
+
+def test_on_epoch_start_puts_the_network_back_in_training_mode():
+    # train_network.py calls network.on_epoch_start(text_encoder, unet) every epoch; networks/lora.py's is
+    # self.train(), so dropouts act again after anything left the network in eval mode
+    unet, tes = tiny_model("sd1")
+    net = kohya.create_network(1.0, 4, 1.0, None, tes[0], unet, preset="attn-mlp", dropout="0.1")
+    net.eval()
+    net.on_epoch_start(tes[0], unet)
+    assert net.training and all(a.training for _, a in net.adapters())
 
 
 # ----- scale_weight_norms -----

@@ -287,6 +287,8 @@ def test_block_multipliers_with_seed_003_layout():
     assert got["lora_unet_output_blocks_0_1_proj_out"] == 2.0
     net.multiplier = 0.5
     assert net.get_submodule("lora_unet_output_blocks_0_1_proj_out").multiplier == 1.0
+    net.set_block_multipliers(None)  # cleared: every adapter back at the network's multiplier
+    assert {a.multiplier for _, a in net.adapters()} == {0.5}
     with pytest.raises(ValueError, match="no sdxl block layout has 7 values"):
         net.set_block_multipliers([1.0] * 7)
 
@@ -334,6 +336,29 @@ def test_bad_network_options():
         create_network(unet, tes, preset="attn_mlp")
     with pytest.raises(OptionError, match="'dim'"):
         create_network(unet, tes, dim="many")
+
+
+def test_lycoris_and_sd_scripts_spellings_of_network_options_mean_what_they_say():
+    """LycorisNetwork's conv_lora_dim, LyCORIS kohya.py's use_conv_cp / disable_conv_cp (its negative spelling of
+    use_tucker), sd-scripts' neuron_dropout (--network_dropout) and an algo in any case select the same as
+    lorakit's own names."""
+    model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.Flatten(), nn.Linear(8, 8))
+    net = create_network(model, algo="LoHa", dim=4, conv_lora_dim=2, neuron_dropout=0.25, disable_conv_cp="False")
+    conv, linear = net.lycoris_0, net.lycoris_2
+    assert (conv.name, conv.options.dim, linear.name, linear.options.dim) == ("loha", 2, "loha", 4)
+    assert conv.options.dropout == linear.options.dropout == 0.25
+    assert conv.options.use_tucker  # disable_conv_cp=False: Tucker on
+    assert not create_network(model, disable_conv_cp="True").lycoris_0.options.use_tucker
+    assert create_network(model, use_conv_cp="True").lycoris_0.options.use_tucker
+
+
+def test_conv_dim_and_conv_alpha_left_unset_are_dim_and_alpha_as_in_lycoris():
+    """LyCORIS' create_network: conv_dim = kwargs.get("conv_dim", network_dim), conv_alpha likewise from alpha."""
+    model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.Flatten(), nn.Linear(8, 8))
+    net = create_network(model, dim=4, alpha=2.0)
+    assert [(a.options.dim, a.options.alpha) for _, a in net.adapters()] == [(4, 2.0), (4, 2.0)]
+    net = create_network(model, dim=4, alpha=2.0, conv_dim=2, conv_alpha=0.5)
+    assert [(a.options.dim, a.options.alpha) for _, a in net.adapters()] == [(2, 0.5), (4, 2.0)]
 
 
 def test_a_name_of_a_container_suggests_its_first_layer(tmp_path):

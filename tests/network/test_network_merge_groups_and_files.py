@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 
 import pytest
 import torch
@@ -201,6 +202,22 @@ def test_a_saved_network_says_its_base_model_as_sd_scripts_does(tmp_path, kind, 
     net.save(tmp_path / "b.safetensors", metadata={"ss_base_model_version": "sd_v1_v"})
     meta = read_metadata(tmp_path / "b.safetensors")
     assert meta["ss_base_model_version"] == "sd_v1_v" and "ss_v2" not in meta
+
+
+def test_a_saved_network_records_its_algorithm_unless_the_caller_gives_its_own_args(tmp_path):
+    """sd-scripts records a network as ss_network_module and ss_network_args, where `lorakit resize` reads the
+    algorithm (tests/tools/test_resize_dylora_files.py); the caller's own ss_network_args (train_network.py's
+    network_args) are kept as given, and train_norm's norm adapters do not hide a loaded network's algorithm."""
+    unet, tes = tiny_model("sd1")
+    net = randomize(create_network(unet, tes, algo="loha", preset="attn-mlp", dim=2, train_norm=True))
+    net.save(tmp_path / "a.safetensors")
+    net.save(tmp_path / "b.safetensors", metadata={"ss_network_args": '{"preset": "attn-mlp"}'})
+    meta = read_metadata(tmp_path / "b.safetensors")
+    assert meta["ss_network_args"] == '{"preset": "attn-mlp"}' and "ss_network_module" not in meta
+    loaded = load_network(unet, tmp_path / "a.safetensors", text_encoders=tes)
+    assert {a.name for _, a in loaded.adapters()} == {"loha", "norm"}
+    loaded.save(tmp_path / "c.safetensors")
+    assert json.loads(read_metadata(tmp_path / "c.safetensors")["ss_network_args"]) == {"algo": "loha"}
 
 
 def test_a_file_naming_modules_by_dotted_paths_is_refused_as_such(tmp_path):
