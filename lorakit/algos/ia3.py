@@ -152,9 +152,10 @@ class IA3(Adapter):
         # A file of the other side's scales has the same shape on a square layer: loaded, it would scale the wrong
         # channels without a word (sd-scripts' --network_weights into a network made with another train_on_input)
         saved = state_dict.get(prefix + "on_input")
-        if saved is not None and bool(int(saved)) != self.on_input:
+        saved_on_input = None if saved is None else bool(int(saved))
+        if saved_on_input is not None and saved_on_input != self.on_input:
             side = {True: "input", False: "output"}
-            error_msgs.append(f"{prefix}on_input: the file's (IA)^3 scales the layer's {side[bool(int(saved))]} "
+            error_msgs.append(f"{prefix}on_input: the file's (IA)^3 scales the layer's {side[saved_on_input]} "
                               f"channels, this adapter its {side[self.on_input]} channels "
                               f"(train_on_input={self.on_input})")
             return
