@@ -48,9 +48,11 @@ def test_offset_free_optimizers_train_full_as_lycoris_does():
                                                     warmup_init=False),
               lambda params: optimization.Adafactor(params, lr=None, relative_step=True, scale_parameter=False,
                                                     warmup_init=False)]
-    for module, name in (("lion_pytorch", "Lion"), ("prodigyopt", "Prodigy"), ("dadaptation", "DAdaptAdam")):
-        cls = getattr(pytest.importorskip(module), name)  # as sd-scripts builds them: lr 1 for the adaptive ones
-        makers.append(lambda params, cls=cls: cls(params, lr=1e-4 if cls.__name__ == "Lion" else 1.0))
+    # as sd-scripts builds them: lr 1 for the adaptive ones
+    for module, name, lr in (("lion_pytorch", "Lion", 1e-4), ("prodigyopt", "Prodigy", 1.0),
+                             ("dadaptation", "DAdaptAdam", 1.0)):
+        cls = getattr(pytest.importorskip(module), name)
+        makers.append(lambda params, cls=cls, lr=lr: cls(params, lr=lr))
     for make in makers:
         ours, theirs = _weight_change("lorakit", make), _weight_change("lycoris", make)
         # Prodigy's and D-Adaptation's first steps are tiny (d0 = 1e-6): the tolerance follows the change's size,
