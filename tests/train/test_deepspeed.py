@@ -43,9 +43,11 @@ def _assert_same(got: dict, expected: dict, rtol=1e-5, atol=1e-7):
 
 @pytest.fixture(scope="module")
 def plain(base, tmp_path_factory):
-    """The run without deepspeed each engine run is held to (SGD, and AdamW)."""
+    """The runs without deepspeed each engine run is held to: SGD over 4 steps (two epochs of 3 batches) and over
+    2 (what the stage 3 runs take: each step of theirs gathers every module's weights), and AdamW."""
     out = tmp_path_factory.mktemp("plain")
     return {"sgd": _weights(train(_config(base, out / "sgd", **SGD))),
+            "sgd2": _weights(train(_config(base, out / "sgd2", max_train_steps=2, **SGD))),
             "adamw": _weights(train(_config(base, out / "adamw", network_args=["conv_dim=2"])))}
 
 
@@ -59,8 +61,8 @@ def test_stages_0_to_2_equal_the_run_without_deepspeed(base, plain, tmp_path, st
 def test_stage_3_partitions_the_unet_and_text_encoder_and_trains_the_same(base, plain, tmp_path):
     printed = torch.zeros(2000)
     before = repr(printed)
-    got = _weights(train(_config(base, tmp_path, deepspeed=True, zero_stage=3, **SGD)))
-    _assert_same(got, plain["sgd"])
+    got = _weights(train(_config(base, tmp_path, deepspeed=True, zero_stage=3, max_train_steps=2, **SGD)))
+    _assert_same(got, plain["sgd2"])
     assert repr(printed) == before  # the print options shortened while the engine is built are put back
 
 
@@ -98,8 +100,8 @@ def test_gradient_accumulation_steps_at_the_same_boundaries(base, tmp_path):
 
 def test_offloaded_optimizer_and_parameters(base, plain, tmp_path):
     got = _weights(train(_config(base, tmp_path, deepspeed=True, zero_stage=3, offload_optimizer_device="cpu",
-                                 offload_param_device="cpu", **SGD)))
-    _assert_same(got, plain["sgd"])
+                                 offload_param_device="cpu", max_train_steps=2, **SGD)))
+    _assert_same(got, plain["sgd2"])
 
 
 def test_offloaded_adamw_steps_with_deepspeeds_cpu_adam(base, plain, tmp_path, cpu_adam_op):
@@ -130,10 +132,10 @@ def test_bf16_trains_within_bf16_precision(base, tmp_path):
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_resume_continues_exactly(base, tmp_path, stage):
-    common = dict(deepspeed=True, zero_stage=stage, max_train_steps=4, save_state=True, network_args=["conv_dim=2"])
+    common = dict(deepspeed=True, zero_stage=stage, max_train_steps=2, save_state=True, network_args=["conv_dim=2"])
     expected = _weights(train(_config(base, tmp_path / "full", **common)))
-    assert train(_config(base, tmp_path / "cut", **common), stop_at_step=2) is None
-    state = tmp_path / "cut" / "t-step00000002-state"
+    assert train(_config(base, tmp_path / "cut", **common), stop_at_step=1) is None
+    state = tmp_path / "cut" / "t-step00000001-state"
     assert (state / "deepspeed" / "state").is_dir()
     assert json.loads((state / "train_state.json").read_text())["deepspeed"] == stage
     assert "optimizer" not in torch.load(state / "optimizer.pt", weights_only=True)  # the engine holds it
@@ -141,7 +143,7 @@ def test_resume_continues_exactly(base, tmp_path, stage):
     _assert_same(got, expected, rtol=0, atol=0)  # AdamW: its moments came back too
 
     with pytest.raises(StateError, match="saved with deepspeed; resume it with deepspeed = true"):
-        train(_config(base, tmp_path / "x", resume=str(state), max_train_steps=4, save_state=True,
+        train(_config(base, tmp_path / "x", resume=str(state), max_train_steps=2, save_state=True,
                       network_args=["conv_dim=2"]))
 
 
@@ -152,12 +154,15 @@ def test_a_state_saved_without_deepspeed_is_refused_with_it(base, tmp_path):
                       save_state=True, deepspeed=True))
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_processes_equal_one_with_the_global_batch(base, plain, tmp_path, stage):
+# stage 2 over two epochs (each process's share of the batches drawn anew); stage 3 over 2 steps of the first, as
+# its steps gather every module's weights from both processes (4 steps took 50 s of the suite)
+@pytest.mark.parametrize("stage, steps, expected", [(2, 4, "sgd"), (3, 2, "sgd2")])
+def test_two_processes_equal_one_with_the_global_batch(base, plain, tmp_path, stage, steps, expected):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("magenta --w 64 --h 64 --s 2\n")
     cfg = _config(base, tmp_path / "ds", deepspeed=True, zero_stage=stage, train_batch_size=1, seed=3,
-                  max_train_steps=4, sample_prompts=str(prompts), sample_every_n_steps=4, save_state=True, **SGD)
+                  max_train_steps=steps, sample_prompts=str(prompts), sample_every_n_steps=steps, save_state=True,
+                  **SGD)
     overrides = {k: getattr(cfg, k) for k in cfg.given}
     run_processes(_worker, (2, _free_port(), overrides), nprocs=2)
     files = sorted((tmp_path / "ds").glob("*.safetensors"))
@@ -165,11 +170,12 @@ def test_two_processes_equal_one_with_the_global_batch(base, plain, tmp_path, st
     # two processes x batch 1 = the global batch of 2 the plain run trained on; stage 3 samples on both
     # processes (each holds half of the weights) and the main one saves the image
     assert len(list((tmp_path / "ds" / "sample").glob("*.png"))) == 1
-    _assert_same(_weights(files[0]), plain["sgd"], rtol=1e-4, atol=1e-6)
+    _assert_same(_weights(files[0]), plain[expected], rtol=1e-4, atol=1e-6)
     # the state: each process wrote its optimizer slice into the main process's staging folder
     slices = sorted(p.name for p in (tmp_path / "ds" / "t-state" / "deepspeed" / "state").glob("*optim_states.pt"))
     assert len(slices) == 2 and any("rank_0" in n for n in slices) and any("rank_1" in n for n in slices)
-    _assert_same(_weights(tmp_path / "ds" / "t-state" / "network.safetensors"), plain["sgd"], rtol=1e-4, atol=1e-6)
+    _assert_same(_weights(tmp_path / "ds" / "t-state" / "network.safetensors"), plain[expected], rtol=1e-4,
+                 atol=1e-6)
 
 
 @pytest.mark.parametrize("overrides, message", [
