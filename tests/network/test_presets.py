@@ -137,8 +137,15 @@ def unet_names(net):
     return {n for n in net.names() if n.startswith("lora_unet_")}
 
 
+@pytest.fixture(scope="module")
+def sd_scripts_unets():
+    """sd-scripts' SDXL U-Net and SD1.5's with CrossAttention, on meta, built once for the presets below (creating
+    a network leaves a model as it was)."""
+    return sdxl_unet(), crossattention_unet(meta_model("sd15")[0])
+
+
 @pytest.mark.parametrize("name", BUILTINS)
-def test_builtin_presets_select_the_same_layers_on_the_unets_sd_scripts_builds(name):
+def test_builtin_presets_select_the_same_layers_on_the_unets_sd_scripts_builds(name, sd_scripts_unets):
     """sd-scripts hands a --network_module its own U-Nets: SDXL's with the SGM module tree (time_embed.0, out.2,
     ...) and an attention class named CrossAttention, SD1/SD2's with diffusers' paths and that class name. Every
     built-in preset selects there the layers it selects on diffusers' U-Net (SDXL names are written in the SGM
@@ -146,11 +153,11 @@ def test_builtin_presets_select_the_same_layers_on_the_unets_sd_scripts_builds(n
     algo = "ia3" if name == "ia3" else "lora"
     unet, tes = meta_model("sdxl")
     expected = unet_names(create_network(unet, tes, preset=name, algo=algo, dim=4, conv_dim=4))
-    got = unet_names(create_network(sdxl_unet(), tes, preset=name, algo=algo, dim=4, conv_dim=4))
+    got = unet_names(create_network(sd_scripts_unets[0], tes, preset=name, algo=algo, dim=4, conv_dim=4))
     assert got == expected and len(got) == COUNTS[name][1]["unet"]
     unet, tes = meta_model("sd15")
     expected = unet_names(create_network(unet, tes, preset=name, algo=algo, dim=4, conv_dim=4))
-    got = unet_names(create_network(crossattention_unet(unet), tes, preset=name, algo=algo, dim=4, conv_dim=4))
+    got = unet_names(create_network(sd_scripts_unets[1], tes, preset=name, algo=algo, dim=4, conv_dim=4))
     assert got == expected and len(got) == COUNTS[name][0]["unet"]
 
 
