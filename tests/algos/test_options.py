@@ -97,7 +97,7 @@ def test_options_an_algorithm_does_not_accept_are_refused(linear, algo, option, 
     assert f"'{algorithm(algo).name}'" in message and f"'{option}'" in message and repr(value) in message
 
 
-@pytest.mark.parametrize("features,bad", [((10, 8), 8), ((12, 10), 12)], ids=["out", "in"])
+@pytest.mark.parametrize("features,bad", [((12, 8), 8), ((10, 8), 8), ((12, 10), 12)], ids=["both", "out", "in"])
 def test_lokr_factor_error_names_the_dimension_it_does_not_divide(features, bad):
     with pytest.raises(OptionError, match=rf"'factor': 5 does not divide the layer dimension {bad} "):
         make_adapter("lokr", nn.Linear(*features), factor=5)
@@ -116,10 +116,8 @@ def test_typed_options_are_checked_as_keyword_options_are(linear):
         algorithm("lora")(linear, AdapterOptions(dora_axis="out"))
 
 
-def test_lokr_factor_that_does_not_divide(linear):
-    with pytest.raises(OptionError, match=r"'factor': 5 does not divide the layer dimension (8|12)"):
-        make_adapter("lokr", linear, factor=5)
-    make_adapter("lokr", linear, factor=4)  # 4 divides 12 and 8
+def test_lokr_factor_that_divides_both_dimensions_is_accepted(linear):
+    make_adapter("lokr", linear, factor=4)  # 4 divides 12 and 8 (5, which divides neither: the test above)
 
 
 def test_dylora_block_size_must_divide_dim(linear):
