@@ -64,13 +64,16 @@ def test_mixed_precision_trains_lycoris_algorithms(base, tmp_path, algo):
     """bf16 mixed precision (frozen model in bf16, float32 adapter, forward under autocast): the algorithms whose
     autograd functions once met bf16 activations next to float32 factors in backward train and save finite
     tensors. Each module starts with one factor at zero (LyCORIS' init: hada_w2_a, the second Kronecker factor);
-    after the steps none is zero: every module trained, except the mid block's self-attention query and key, which
-    attend over one position there (64 px / 64) and so get no gradient in any precision."""
+    after the steps every module trained, except the mid block's self-attention query and key, which attend over one
+    position there (64 px / 64) and so get no gradient in exact arithmetic. Some CPUs' kernels leave rounding noise
+    there (AVX-512 BF16 on an AMD EPYC: |g| ~ 1e-12 in float32 and bf16 alike), which AdamW (eps 1e-8, lr 1e-2) turns
+    into steps below 2e-6; a real gradient moves a factor by ~lr per step. So "trained" is a factor past 1e-4."""
     final = train(_config(base, tmp_path, mixed_precision="bf16", max_train_steps=2,
                           network_args=[f"algo={algo}", "preset=full", "conv_dim=2"]))
     tensors, _ = load_file(final)
     assert tensors and all(torch.isfinite(t.float()).all() for t in tensors.values())
-    untrained = {k.split(".")[0] for k, t in tensors.items() if not k.endswith(".alpha") and not t.abs().amax() > 0}
+    untrained = {k.split(".")[0] for k, t in tensors.items()
+                 if not k.endswith(".alpha") and not t.float().abs().amax() > 1e-4}
     one_position = {f"lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_{x}" for x in "qk"}
     assert untrained == one_position
 
