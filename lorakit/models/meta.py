@@ -7,7 +7,10 @@ meta and then assigns the tensors it reads from a file (so a model never exists 
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import contextlib
+import functools
+import threading
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -20,6 +23,35 @@ __all__ = ["build_unet_on_meta", "build_text_encoders_on_meta", "build_vae_on_me
 # transformers 5 build the model in that dtype.
 _TRANSFORMERS_FILE_KEYS = ("architectures", "_name_or_path", "transformers_version", "model_type", "torch_dtype",
                            "dtype")
+
+
+_INIT_PATCH_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _meta_init_skipped() -> Iterator[None]:
+    """Build on meta without running ``torch.nn.init`` on meta tensors: there it changes nothing, yet each call
+    goes through the device mode's dispatch, about half of a build (min of 7, AMD EPYC with AVX-512: SDXL's U-Net and
+    text encoders 167-207 -> 95-100 ms, SD1.5's 67-99 -> 40-43 ms; loading demo:tiny-sd 165-171 -> 131-135 ms). Tensors elsewhere (another thread building a real model meanwhile) are initialised as usual; the
+    lock keeps two meta builds from saving each other's wrappers as the originals."""
+    init = torch.nn.init
+
+    def skipping(fn):
+        @functools.wraps(fn)
+        def wrapper(tensor, *args, **kwargs):
+            return tensor if isinstance(tensor, torch.Tensor) and tensor.is_meta else fn(tensor, *args, **kwargs)
+        return wrapper
+
+    with _INIT_PATCH_LOCK:
+        originals = {n: f for n, f in vars(init).items() if n.endswith("_") and not n.startswith("_") and callable(f)}
+        for name, fn in originals.items():
+            setattr(init, name, skipping(fn))
+        try:
+            with torch.device("meta"):
+                yield
+        finally:
+            for name, fn in originals.items():
+                setattr(init, name, fn)
 
 
 def text_encoder_components(name: str) -> list[str]:
@@ -40,13 +72,13 @@ def component_on_meta(component: str, config: Mapping[str, Any]) -> torch.nn.Mod
             cfg.pop(key, None)
         tconfig = transformers.CLIPTextConfig(**cfg)
         tconfig.architectures = [arch]
-        with torch.device("meta"):
+        with _meta_init_skipped():
             return cls(tconfig).eval()
     import diffusers
 
     default = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}[component]
     cls = getattr(diffusers, config.get("_class_name", default))
-    with torch.device("meta"):
+    with _meta_init_skipped():
         return cls.from_config(dict(config)).eval()
 
 
