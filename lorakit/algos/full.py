@@ -88,9 +88,11 @@ class Full(Adapter):
         # W + m diff, rebuilt in backward rather than kept (_MergedFull). Plain ops cost less per call on a single
         # layer (in-process A/B, 15 rounds, AMD EPYC with AVX-512: Linear 768->320 on 154 positions 1.10-1.13x,
         # Linear 1280 1.04-1.09x, Linear 320 on 8192 positions 0.96x, the k1 conv 1.01x of the plain ops' step)
-        # but keep that sum, one more copy of every trained weight, until backward. A whole SD1.5 U-Net trained
-        # in full (fp32, 859M parameters, 32x32 latents, two runs each): peak memory over the model 4762-4841 ->
-        # 3873-3903 MiB, steps 9.9-11.2 against 8.4-11.6 s.
+        # but keep that sum, one more copy of every trained weight, until backward. An SD1.5 U-Net trained in full
+        # (fp32, 32x32 latents, peak memory of a step over the memory before it, two or three runs each): every
+        # layer (859M parameters) 4762-4841 -> 3873-3903 MiB, steps 9.9-11.2 against 8.4-11.6 s; attn-mlp (267M)
+        # 1878-1925 -> 1615-1635 MiB, steps 3.9-5.1 against 4.2-6.0 s (the backward's add). On a GPU the adds are
+        # a small share of a step, and under autocast plain ops would keep the sum's half-precision cast.
         layer, spec, m = self.layer, self.spec, self.multiplier
         if isinstance(spec.conv_args.get("padding"), str):  # an uneven 'same': torch's conv gradients take numbers
             return spec.op(x, torch.add(layer.weight, self.diff, alpha=m), _changed_bias(layer.bias, self.diff_b, m))
