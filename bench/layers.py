@@ -7,8 +7,9 @@ from other processes hits all of them alike), and reported as a ratio over the f
 
 The input requires grad in every case (as inside a network), so the base time includes the input gradient. The
 script also records what autograd keeps for backward (torch.autograd.graph.saved_tensors_hooks): bytes of the
-distinct storages saved, leaving out the input and the frozen weight and bias (which every method shares), and
-flags FULL-W when a saved tensor that does not grow with the batch is as large as the layer weight.
+distinct storages saved, leaving out the input and the frozen weight and bias (which every method shares) and the
+method's own trainable tensors (in memory anyway), and flags FULL-W when a saved tensor that does not grow with the
+batch is as large as the layer weight.
 
 Run `python bench/layers.py --help`; bench/README.md has examples.
 """
@@ -388,8 +389,10 @@ def saved_records(fn, x) -> list[tuple[int, int, int, tuple]]:
 def measure_saved(v: Variant, x: torch.Tensor, x_half: torch.Tensor, weight_numel: int) -> dict[str, Any]:
     recs = saved_records(v.fn, x)
     half = saved_records(v.fn, x_half)
-    skip = v.exclude | {x.untyped_storage().data_ptr(), 0}
-    skip_half = v.exclude | {x_half.untyped_storage().data_ptr(), 0}
+    # the method's own trainable tensors are in memory anyway: keeping them for backward costs nothing more
+    own = v.exclude | {p.untyped_storage().data_ptr() for p in v.params}
+    skip = own | {x.untyped_storage().data_ptr(), 0}
+    skip_half = own | {x_half.untyped_storage().data_ptr(), 0}
     seen, total, full_w, big = set(), 0, [], []
     fixed_by_order = len(recs) == len(half)
     for i, (ptr, nbytes, numel, shape) in enumerate(recs):
@@ -709,7 +712,7 @@ def main(argv=None) -> int:
           "Ratio = method / frozen layer. Kit FLOPs = lorakit's matrix-product FLOPs over the frozen layer's "
           "(torch's FlopCounterMode; elementwise passes not counted): its ratio at the frozen layer's product speed. "
           "Saved MB = distinct storages autograd keeps for backward, "
-          "excluding the input and the frozen weight/bias. Best peer = fastest comparable peer column. "
+          "excluding the input, the frozen weight/bias and the method's own trainable tensors. Best peer = fastest comparable peer column. "
           "A verdict FAIL (peer) with kit/peer within ~1.05 may be noise.", file=out)
     print(file=out)
     out.flush()
