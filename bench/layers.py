@@ -712,7 +712,8 @@ def main(argv=None) -> int:
           "Ratio = method / frozen layer. Kit FLOPs = lorakit's matrix-product FLOPs over the frozen layer's "
           "(torch's FlopCounterMode; elementwise passes not counted): its ratio at the frozen layer's product speed. "
           "Saved MB = distinct storages autograd keeps for backward, "
-          "excluding the input, the frozen weight/bias and the method's own trainable tensors. Best peer = fastest comparable peer column. "
+          "excluding the input, the frozen weight/bias and the method's own trainable tensors. "
+          "Best peer = fastest comparable peer column. "
           "A verdict FAIL (peer) with kit/peer within ~1.05 may be noise.", file=out)
     print(file=out)
     out.flush()

@@ -31,9 +31,10 @@ _INIT_PATCH_LOCK = threading.Lock()
 @contextlib.contextmanager
 def _meta_init_skipped() -> Iterator[None]:
     """Build on meta without running ``torch.nn.init`` on meta tensors: there it changes nothing, yet each call
-    goes through the device mode's dispatch, about half of a build (min of 7, AMD EPYC with AVX-512: SDXL's U-Net and
-    text encoders 167-207 -> 95-100 ms, SD1.5's 67-99 -> 40-43 ms; loading demo:tiny-sd 165-171 -> 131-135 ms). Tensors elsewhere (another thread building a real model meanwhile) are initialised as usual; the
-    lock keeps two meta builds from saving each other's wrappers as the originals."""
+    goes through the device mode's dispatch, about half of a build (min of 7, AMD EPYC with AVX-512: SDXL's U-Net
+    and text encoders 167-207 -> 95-100 ms, SD1.5's 67-99 -> 40-43 ms; loading demo:tiny-sd 165-171 -> 131-135 ms).
+    Tensors elsewhere (another thread building a real model meanwhile) are initialised as usual; the lock keeps two
+    meta builds from saving each other's wrappers as the originals."""
     init = torch.nn.init
 
     def skipping(fn):
