@@ -66,6 +66,19 @@ def test_stage_3_partitions_the_unet_and_text_encoder_and_trains_the_same(base, 
     assert repr(printed) == before  # the print options shortened while the engine is built are put back
 
 
+def test_stage_3_trains_full_as_the_run_without_deepspeed(base, tmp_path):
+    """`full` rebuilds W + diff in backward from the layer's weight and its own change, both partitioned by stage 3
+    between the passes: DeepSpeed must have gathered them again by then."""
+    full = dict(optimizer_type="SGDNesterov", learning_rate=0.05, max_train_steps=2,
+                network_args=["algo=full", "preset=attn-only"])
+    expected = _weights(train(_config(base, tmp_path / "plain", **full)))
+    got = _weights(train(_config(base, tmp_path / "ds", deepspeed=True, zero_stage=3, **full)))
+    assert got.keys() == expected.keys() and any(k.endswith(".diff") for k in got)
+    assert any(v.abs().amax() > 1e-4 for v in expected.values())  # it trained
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key].float(), value.float(), rtol=1e-5, atol=1e-7, msg=key)
+
+
 def test_a_stage_3_run_leaves_the_process_as_it_was(base, tmp_path):
     """Stage 3 replaces F.linear for the whole process and keeps the engine's module (the models with it) in a
     global list. After the run both are undone: a next run in the same process (a web UI's, a notebook's) trains
