@@ -46,8 +46,7 @@ class _MergedFull(torch.autograd.Function):
             if need_diff:
                 g2, x2 = g.reshape(-1, g.shape[-1]).t(), x.reshape(-1, x.shape[-1])
                 # the rebuilt weight is done with: its memory takes the weight's gradient (one allocation less)
-                reuse = w is not None and w.dtype == diff.dtype and w._base is None and w.is_contiguous()
-                gw = torch.mm(g2, x2, out=w) if reuse else g2 @ x2
+                gw = torch.mm(g2, x2, out=w) if w is not None and w.dtype == diff.dtype else g2 @ x2
             channel = -1
         else:
             unbatched = x.dim() == len(spec.kernel) + 1
