@@ -34,11 +34,11 @@ def _weights(path):
     return load_file(path)[0]
 
 
-def _assert_same(got: dict, expected: dict, rtol=1e-5, atol=1e-7):
+def _assert_same(got: dict, expected: dict, rtol=1e-5, atol=1e-7, trained="lora_up.weight"):
     assert got.keys() == expected.keys()
     for key, value in expected.items():
         torch.testing.assert_close(got[key].float(), value.float(), rtol=rtol, atol=atol, msg=key)
-    assert any(k.endswith("lora_up.weight") and v.abs().sum() > 0 for k, v in expected.items())  # it trained
+    assert any(k.endswith(trained) and v.abs().sum() > 0 for k, v in expected.items())  # it trained
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +73,8 @@ def test_stage_3_trains_full_as_the_run_without_deepspeed(base, tmp_path):
                 network_args=["algo=full", "preset=attn-only"])
     expected = _weights(train(_config(base, tmp_path / "plain", **full)))
     got = _weights(train(_config(base, tmp_path / "ds", deepspeed=True, zero_stage=3, **full)))
-    assert got.keys() == expected.keys() and any(k.endswith(".diff") for k in got)
-    assert any(v.abs().amax() > 1e-4 for v in expected.values())  # it trained
-    for key, value in expected.items():
-        torch.testing.assert_close(got[key].float(), value.float(), rtol=1e-5, atol=1e-7, msg=key)
+    _assert_same(got, expected, trained=".diff")
+    assert any(v.abs().amax() > 1e-4 for v in expected.values())  # it trained, past rounding
 
 
 def test_a_stage_3_run_leaves_the_process_as_it_was(base, tmp_path):
