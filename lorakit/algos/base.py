@@ -331,14 +331,20 @@ class Adapter(DoRA, nn.Module):
         channel_dim = self.spec.channel_axis(d.dim())
         c = d.shape[channel_dim] if channels is None else channels
         batch = d.shape[0] if channel_dim > 0 else 1  # an unbatched input is one sample
-        mask = (torch.rand(batch, c, device=d.device) >= p).to(d.dtype)
-        if self.options.rank_dropout_scale:
-            mask = mask / mask.mean(dim=1, keepdim=True).clamp_min(1.0 / c)
+        mask = self.keep_mask(batch, c, p, d)
         shape = [1] * d.dim()
         shape[channel_dim] = c
         if channel_dim > 0:
             shape[0] = batch
         return mask.reshape(shape)
+
+    def keep_mask(self, rows: int, c: int, p: float, like: torch.Tensor) -> torch.Tensor:
+        """(rows, c) draws that keep each entry with probability 1 - p (in `like`'s dtype and device), each row
+        rescaled to mean 1 when rank_dropout_scale is set."""
+        mask = (torch.rand(rows, c, device=like.device) >= p).to(like.dtype)
+        if self.options.rank_dropout_scale:
+            mask = mask / mask.mean(dim=1, keepdim=True).clamp_min(1.0 / c)
+        return mask
 
     # ----- the change as the UIs apply it ----------------------------------------------------------------------
     def delta_weight(self, multiplier: float = 1.0) -> torch.Tensor:
