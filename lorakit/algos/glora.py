@@ -1,6 +1,8 @@
 """GLoRA: dW = (W @ a1 @ a2 + b1 @ b2) * alpha/dim (LyCORIS' current layout: a1 (in, dim), a2 (dim, in),
 b1 (out, dim), b2 (dim, in, *k)). The W a1 a2 term mixes input channels, so the forward feeds
-x + a1 a2 x to the layer once and adds b1 b2 x (on a frozen Linear in one function, glora_linear)."""
+x + a1 a2 x to the layer once and adds b1 b2 x (on a frozen Linear in one function, glora_linear). bypass_mode
+is LyCORIS': True always runs these chains, False rebuilds dW (the merged weight where the layer allows it), None
+picks per call."""
 
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ class GLoRA(Adapter):
     name = "glora"
     keys = ("a1.weight", "a2.weight", "b1.weight", "b2.weight", "alpha")
     detect_keys = ("a1.weight",)
-    accepts = frozenset({"dim", "alpha", "dropout", "rank_dropout", "rank_dropout_scale", "use_scalar", "rs_lora"})
+    accepts = frozenset({"dim", "alpha", "dropout", "rank_dropout", "rank_dropout_scale", "use_scalar", "rs_lora",
+                         "bypass_mode"})
     scalar_key = "b1.weight"
     plus_params = ("a1", "b1")
     dropout_on_output = False
@@ -62,9 +65,16 @@ class GLoRA(Adapter):
         return spec.op(self._rank_drop(spec.op(x, first, **first_args)), second, **ONE_BY_ONE)
 
     def prefers_merged_weight(self, x):
+        bypass = self.options.bypass_mode
+        if bypass is not None:
+            return not bypass
         return self.many_positions(x)  # W a1 a2 + b1 b2 rebuilt costs less than two chains over the activations
 
     def adapted_forward(self, x, *args, **kwargs):
+        if self.options.bypass_mode is False and not self._dropouts_active():
+            # the layer could not take the merged weight (arguments, hooks, another dtype): add op(x, dW)
+            y = self._org_forward(x, *args, **kwargs)
+            return y + (self.delta_forward(x.to(self.dtype)) * (self.multiplier * self._scalar())).to(y.dtype)
         if not args and not kwargs and self.scalar is None and not self._dropouts_active() and fusable(self, x):
             return linear_glora(self, x, self.a1, self.a2, self.b1, self.b2, self.multiplier * self.scale)
         xa = x.to(self.dtype)

@@ -75,6 +75,8 @@ CASES = [
     ("glora", {}, WEIGHTED),
     ("glora", {"use_scalar": True}, ["linear", "conv2d"]),
     ("glora", {"rs_lora": True}, ["linear", "conv2d"]),
+    ("glora", {"bypass_mode": False}, ["linear", "conv2d"]),
+    ("glora", {"bypass_mode": True}, ["linear", "conv2d"]),
     ("diag-oft", {}, WEIGHTED),
     ("diag-oft", {"constraint": 0.01}, ["linear", "conv2d"]),
     ("diag-oft", {"rescaled": True}, ["linear", "conv2d"]),

@@ -342,6 +342,26 @@ def test_glora_runs_a_frozen_linear_and_both_chains_in_one_function(bias, input_
     assert type(out.grad_fn).__name__ == "_LinearGLoRABackward"
 
 
+@pytest.mark.parametrize("bypass,positions,hook,path", [
+    (None, 10, False, "_LinearGLoRABackward"), (None, 60, False, "_RebuiltWeightOpBackward"),
+    (True, 60, False, "_LinearGLoRABackward"), (False, 10, False, "_RebuiltWeightOpBackward"),
+    # a hooked layer takes no merged weight: bypass_mode=False then adds op(x, dW) to the layer's own output
+    (False, 10, True, "_RebuiltWeightOpBackward"),
+])
+def test_glora_bypass_mode_picks_the_chains_or_the_rebuilt_weight(bypass, positions, hook, path):
+    """LyCORIS' bypass_mode on GLoRA: True runs the two chains on every call, False rebuilds dW (the merged weight,
+    or op(x, dW) beside the layer where it cannot take one), None picks by positions. Each the plain formula."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(12, 20).double().requires_grad_(False)
+    if hook:
+        layer.register_forward_pre_hook(lambda module, args: None)
+    adapter = randomize(make_adapter("glora", layer, dim=3, alpha=2, bypass_mode=bypass).double()).eval()
+    adapter.multiplier = 0.7
+    out = check_against_formula(adapter, layer, torch.randn(2, positions // 2, 12, dtype=torch.float64), True)
+    assert path in _grad_fn_names(out)
+    assert ("_LinearGLoRABackward" in _grad_fn_names(out)) == (path == "_LinearGLoRABackward")
+
+
 @pytest.mark.parametrize("options", [{}, {"dim": 1, "decompose_both": True, "factor": 2}])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("input_grad", [True, False])

@@ -104,6 +104,7 @@ CASES = [
     Case("ia3-on-input", "ia3", dict(train_on_input=True), IA3Module, load="ctor"),
     Case("glora", "glora", dict(lora_dim=4, alpha=2.0), GLoRAModule),
     Case("glora-scalar", "glora", dict(lora_dim=4, alpha=2.0, use_scalar=True), GLoRAModule, ("linear",)),
+    Case("glora-bypass", "glora", dict(lora_dim=4, alpha=2.0, bypass_mode=True), GLoRAModule, LIN_CONV),
     Case("diag-oft", "diag-oft", dict(lora_dim=4), DiagOFTModule),
     Case("diag-oft-constrained", "diag-oft", dict(lora_dim=4, constraint=0.01), DiagOFTModule, LIN_CONV),
     # rescaled: LyCORIS scales the interpolated weight, rescale (W + m (R^T W - W)); lorakit (and the UIs' linear
