@@ -231,7 +231,8 @@ def test_a_network_arg_of_none_is_not_given():
 def test_lycoris_defaults_of_options_an_algo_does_not_use_are_ignored(caplog, algo):
     """LyCORIS reads bypass_mode (default False), block_size (default 4) and wd_on_output (default True) for every
     algorithm; given at those defaults to an algorithm that does not use them they change nothing, in lorakit.kohya
-    and in `lorakit train` with network_module lycoris.kohya. Another value stays an error."""
+    and in `lorakit train` with network_module lycoris.kohya. Another value stays an error. (GLoRA uses bypass_mode,
+    as in LyCORIS: there False is the default, and True is taken.)"""
     from lorakit.train.network_args import check_network_args
 
     unet, tes = tiny_model("sd1")
@@ -239,10 +240,15 @@ def test_lycoris_defaults_of_options_an_algo_does_not_use_are_ignored(caplog, al
     with caplog.at_level("WARNING"):
         net = kohya.create_network(1.0, 4, 1.0, None, tes[0], unet, **args)
     assert net.unet_loras and {a.name for _, a in net.adapters()} == {algo}
-    assert "bypass_mode=False" in caplog.text and "block_size=4" in caplog.text
+    assert ("bypass_mode=False" in caplog.text) == (algo != "glora") and "block_size=4" in caplog.text
+    assert {a.options.bypass_mode for _, a in net.adapters()} == {None}
     values = {"network_module": "lycoris.kohya", "network_args": [f"{k}={v}" for k, v in args.items()],
               "loraplus_lr_ratio": None, "loraplus_unet_lr_ratio": None, "loraplus_text_encoder_lr_ratio": None}
     check_network_args(values, frozenset())
+    if algo == "glora":
+        net = kohya.create_network(1.0, 4, 1.0, None, tes[0], unet, algo=algo, bypass_mode="True")
+        assert {a.options.bypass_mode for _, a in net.adapters()} == {True}
+        return
     with pytest.raises(OptionError, match="'bypass_mode'"):
         kohya.create_network(1.0, 4, 1.0, None, tes[0], unet, algo=algo, bypass_mode="True")
     with pytest.raises(OptionError, match="'bypass_mode'"):
