@@ -42,6 +42,7 @@ class Adapter(DoRA, nn.Module):
     optional_keys: ClassVar[tuple[str, ...]] = ()  # tensors a file may leave out (then zero: no change)
     layer_kinds: ClassVar[frozenset] = frozenset({"linear", "conv1d", "conv2d", "conv3d"})
     accepts: ClassVar[frozenset] = frozenset()  # options beyond COMMON_OPTIONS
+    refusal_notes: ClassVar[dict[str, str]] = {}  # why an option that LyCORIS takes is refused here
     scalar_key: ClassVar[str | None] = None  # the file tensor that a trained scalar is folded into
     saves_alpha: ClassVar[bool] = True
     # Algorithms whose dropouts act on their own rank axis (LoRA) apply them inside delta_forward;
@@ -150,9 +151,15 @@ class Adapter(DoRA, nn.Module):
         allowed = COMMON_OPTIONS | self.accepts
         for name in sorted(given - allowed):
             raise OptionError(f"algo '{self.name}' does not accept option '{name}' "
-                              f"(got {getattr(options, name)!r}); it accepts: {', '.join(sorted(allowed))}")
+                              f"(got {getattr(options, name)!r}); it accepts: {', '.join(sorted(allowed))}"
+                              f"{self.refusal_note(name)}")
         for idle in idle_options(options, given):  # a network warns once: the text is the same on every layer
             warnings.warn(f"algo '{self.name}': {idle}", UserWarning, stacklevel=4)
+
+    @classmethod
+    def refusal_note(cls, name: str) -> str:
+        note = cls.refusal_notes.get(name)
+        return f". {note}" if note else ""
 
     def set_scale(self, dim: int, alpha: float) -> None:
         """scale = alpha / dim, or alpha / sqrt(dim) with rs_lora (saved so that alpha / dim gives it)."""

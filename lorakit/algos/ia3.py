@@ -74,6 +74,9 @@ class IA3(Adapter):
     keys = ("weight", "on_input")
     detect_keys = ("on_input",)
     accepts = frozenset({"train_on_input"})
+    refusal_notes = {"bypass_mode": "LyCORIS' bypass mode for it also scales the layer's bias, which no UI applies; "
+                                    "lorakit trains what the UIs apply, never changes the base weight (also a "
+                                    "quantized or fp8 one) and computes through the factors where that is cheaper"}
     saves_alpha = False
 
     def build(self, options):

@@ -58,6 +58,9 @@ def blend_with_identity(t: torch.Tensor, m: float) -> torch.Tensor:
 
 class OrthogonalAdapter(Adapter):
     accepts = frozenset({"dim", "constraint", "rescaled"}) | _DROPOUTS
+    refusal_notes = {"bypass_mode": "LyCORIS' bypass mode for it also rotates the layer's bias, which no UI applies; "
+                                    "lorakit trains what the UIs apply, never changes the base weight (also a "
+                                    "quantized or fp8 one) and computes through the factors where that is cheaper"}
     detect_keys = ("oft_blocks",)
     keys = ("oft_blocks", "rescale", "alpha")
 

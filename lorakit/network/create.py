@@ -67,7 +67,7 @@ def check_network_kwargs(kwargs: Mapping[str, Any]) -> tuple[NetworkConfig, dict
         alias = "" if spelt == refused[0] else f"= {refused[0]}, "
         accepted = ", ".join(sorted(COMMON_OPTIONS | cls.accepts))
         raise OptionError(f"algo '{cls.name}' does not accept option '{spelt}' ({alias}given "
-                          f"{getattr(parsed, refused[0])!r}); it accepts: {accepted}")
+                          f"{getattr(parsed, refused[0])!r}); it accepts: {accepted}{cls.refusal_note(refused[0])}")
     if parsed.bypass_mode is False and "bypass_mode" in given and "bypass_mode" in cls.accepts:
         # LyCORIS' default, and kohya_ss writes it for every LoCon, LoHa and LoKr: there it means dW rebuilt on each
         # call, which lorakit's per-call choice also takes where that is cheaper (the outputs are the same). Taken

@@ -177,3 +177,15 @@ def test_an_option_whose_parent_is_off_is_warned_about(linear, algo, options, na
 def test_dependent_options_in_use_or_at_their_default_are_quiet(linear, options, recwarn):
     make_adapter("lokr" if "decompose_both" in options else "lora", linear, **options)
     assert not [w for w in recwarn if "changes nothing" in str(w.message)]
+
+
+@pytest.mark.parametrize("algo", ["ia3", "diag-oft", "boft"])
+def test_bypass_mode_refusal_says_why(linear, algo):
+    """LyCORIS has a bypass mode for these, which also scales or rotates the layer's bias (no UI applies that):
+    the refusal says so, in make_adapter and in a network's options alike."""
+    from lorakit import create_network
+
+    with pytest.raises(OptionError, match=r"bypass_mode.*bypass mode for it also (scales|rotates) the layer's bias"):
+        make_adapter(algo, linear, bypass_mode=True)
+    with pytest.raises(OptionError, match=r"given True.*the layer's bias"):
+        create_network(nn.Sequential(nn.Linear(16, 16)), algo=algo, bypass_mode=True)
