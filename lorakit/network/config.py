@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ..algos.options import ALIASES as ADAPTER_ALIASES
 from ..algos.options import OPTION_NAMES, OptionError, suggest, to_bool, to_float, to_int
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,19 @@ def _network_value(name: str, value: Any) -> Any:
     return value
 
 
+# LyCORIS' network options for text encoders that SD1/SD2/SDXL do not have (Flux/SD3's T5-XXL, the LLM adapters of
+# newer models): off, as LyCORIS defaults them, they change nothing; on, they ask for a model lorakit does not train.
+_OTHER_MODELS_PARTS = {"train_t5xxl": "T5-XXL text encoder", "train_llm_adapter": "LLM adapter"}
+
+
+def _check_other_models_part(name: str, value: Any) -> None:
+    what = _OTHER_MODELS_PARTS[name]
+    if to_bool(name, value):
+        raise OptionError(f"network option '{name}' ({value!r}): lorakit trains SD1, SD2 and SDXL, which have no "
+                          f"{what}")
+    log.warning("network option '%s' (%r) ignored: SD1, SD2 and SDXL have no %s", name, value, what)
+
+
 def split_network_kwargs(kwargs: Mapping[str, Any]) -> tuple[NetworkConfig, dict[str, Any]]:
     """(network options, adapter options). Unknown names are errors that suggest the closest known one."""
     network: dict[str, Any] = {}
@@ -82,6 +98,9 @@ def split_network_kwargs(kwargs: Mapping[str, Any]) -> tuple[NetworkConfig, dict
         elif name in ("use_conv_cp", "wd_on_output"):
             name = {"use_conv_cp": "use_tucker", "wd_on_output": "wd_on_out"}[name]
         name = _NETWORK_ALIASES.get(name, name)
+        if name in _OTHER_MODELS_PARTS:
+            _check_other_models_part(name, value)
+            continue
         if name in NETWORK_KEYS:
             network[name] = _network_value(name, value)
         elif name in OPTION_NAMES or name in ADAPTER_ALIASES or name == "wd_on_out":

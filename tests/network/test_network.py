@@ -565,3 +565,16 @@ def test_an_oft_network_on_the_meta_device_lists_its_file_keys(algo, options):
     assert {k: t.shape for k, t in on_meta.items()} == {k: t.shape for k, t in real.items()}
     assert {k: float(t) for k, t in on_meta.items() if k.endswith("alpha")} == \
         {k: float(t) for k, t in real.items() if k.endswith("alpha")}  # untrained blocks: the same alpha
+
+
+@pytest.mark.parametrize("name,part", [("train_t5xxl", "T5-XXL"), ("train_llm_adapter", "LLM adapter")])
+def test_lycoris_options_for_other_models_text_encoders(caplog, name, part):
+    """LyCORIS' train_t5xxl and train_llm_adapter: off (LyCORIS' default) they change nothing here, with a warning
+    naming them; on, an error naming the option, as SD1/SD2/SDXL have no such encoder."""
+    unet, tes = tiny_model("sd1")
+    with caplog.at_level("WARNING"):
+        net = create_network(unet, tes, preset="attn-mlp", **{name: "False"})
+    assert name in caplog.text and part in caplog.text
+    assert {n for n, _ in net.adapters()} == {n for n, _ in create_network(unet, tes, preset="attn-mlp").adapters()}
+    with pytest.raises(OptionError, match=f"network option '{name}' .*no {part}"):
+        create_network(unet, tes, **{name: True})
