@@ -372,6 +372,13 @@ def test_a_name_of_a_container_suggests_its_first_layer(tmp_path):
               str(tmp_path / "x.safetensors"))
     with pytest.raises(ValueError, match=rf"module '{name}': .*did you mean '{name}_0', its first layer\?"):
         load_network(unet, tmp_path / "x.safetensors", text_encoders=tes)
+    # a module that is no container (an attention block, whose first child is a Linear) gets no such hint
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1"
+    save_file({f"{name}.lora_down.weight": torch.zeros(2, width), f"{name}.lora_up.weight": torch.zeros(width, 2)},
+              str(tmp_path / "y.safetensors"))
+    with pytest.raises(ValueError, match=rf"module '{name}': ") as caught:
+        load_network(unet, tmp_path / "y.safetensors", text_encoders=tes)
+    assert "its first layer" not in str(caught.value)
 
 
 def test_applying_freezes_the_adapted_layers_and_restore_gives_their_flags_back():
