@@ -59,6 +59,8 @@ def test_rank_dropout_masks_rows_of_the_change_once_per_call(kind, rescale, path
         assert 0 < int((rows > 0).sum()) < rows.numel(), "the seed must drop some channels and keep others"
         torch.manual_seed(seed)
         y = adapter(x)
+        # the merged path keeps no masked copy of diff for backward (the added path's op(x, diff rows) does)
+        assert (type(y.grad_fn).__name__ == "_MergedFullBackward") == (path == "merged")
         diff, diff_b, xr = (t.detach().clone().requires_grad_() for t in (adapter.diff, adapter.diff_b, x))
         expected = dense(layer, type("T", (), {"diff": diff, "diff_b": diff_b}), xr, rows)
         torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
