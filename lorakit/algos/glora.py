@@ -25,7 +25,6 @@ class GLoRA(Adapter):
                          "bypass_mode"})
     scalar_key = "b1.weight"
     plus_params = ("a1", "b1")
-    dropout_on_output = False
 
     def build(self, options):
         spec, r = self.spec, options.dim
