@@ -28,6 +28,13 @@ from .options import AdapterOptions, OptionError, idle_options, parse_options
 from .rebuilt_op import rebuilt_weight_op
 
 COMMON_OPTIONS = frozenset({"multiplier", "module_dropout"})
+
+
+def bias_changing_bypass(verb: str) -> dict[str, str]:
+    """The refusal note of bypass_mode for an algorithm whose LyCORIS bypass mode also `verb`s the layer's bias."""
+    return {"bypass_mode": f"LyCORIS' bypass mode for it also {verb} the layer's bias, which no UI applies; "
+                           "lorakit trains what the UIs apply, never changes the base weight (an fp8 one included) "
+                           "and computes through the factors where that is cheaper"}
 LOW_RANK_OPTIONS = frozenset(
     {"dim", "alpha", "dropout", "rank_dropout", "rank_dropout_scale", "use_scalar", "dora_wd", "dora_axis",
      "bypass_mode", "rs_lora"}

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from . import amp
-from .base import Adapter
+from .base import Adapter, bias_changing_bypass
 from .fused_linear import (fusable, linear_folded, output_scale_from_sums, output_scale_grad, output_scale_sums,
                            plain_frozen_layer)
 
@@ -74,9 +74,7 @@ class IA3(Adapter):
     keys = ("weight", "on_input")
     detect_keys = ("on_input",)
     accepts = frozenset({"train_on_input"})
-    refusal_notes = {"bypass_mode": "LyCORIS' bypass mode for it also scales the layer's bias, which no UI applies; "
-                                    "lorakit trains what the UIs apply, never changes the base weight (also a "
-                                    "quantized or fp8 one) and computes through the factors where that is cheaper"}
+    refusal_notes = bias_changing_bypass("scales")
     saves_alpha = False
 
     def build(self, options):

@@ -127,8 +127,8 @@ def describe_layer(module: nn.Module) -> LayerSpec:
     if isinstance(module, nn.GroupNorm):
         return LayerSpec("groupnorm", module.num_channels, module.num_channels)
     raise TypeError(
-        f"cannot adapt a layer of type {type(module).__name__}: supported layers are Linear, Conv1d/2d/3d, LayerNorm, GroupNorm "
-        "(and transformers' Conv1D)"
+        f"cannot adapt a layer of type {type(module).__name__}: supported layers are Linear, Conv1d/2d/3d, LayerNorm, "
+        "GroupNorm (and transformers' Conv1D)"
     )
 
 

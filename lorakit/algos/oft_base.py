@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from . import amp
-from .base import Adapter
+from .base import Adapter, bias_changing_bypass
 
 _DROPOUTS = frozenset({"dropout", "rank_dropout", "rank_dropout_scale"})
 _UNCONSTRAINED_FLOOR = 1e-7  # the saved bound of unconstrained blocks is never 0, which A1111 reads as "no rotation"
@@ -58,9 +58,7 @@ def blend_with_identity(t: torch.Tensor, m: float) -> torch.Tensor:
 
 class OrthogonalAdapter(Adapter):
     accepts = frozenset({"dim", "constraint", "rescaled"}) | _DROPOUTS
-    refusal_notes = {"bypass_mode": "LyCORIS' bypass mode for it also rotates the layer's bias, which no UI applies; "
-                                    "lorakit trains what the UIs apply, never changes the base weight (also a "
-                                    "quantized or fp8 one) and computes through the factors where that is cheaper"}
+    refusal_notes = bias_changing_bypass("rotates")
     detect_keys = ("oft_blocks",)
     keys = ("oft_blocks", "rescale", "alpha")
 

@@ -333,7 +333,8 @@ def test_bad_network_options():
     with pytest.raises(OptionError, match="algo 'ia3' does not accept option 'dropout'"):
         create_network(unet, tes, algo="ia3", dropout=0.1)
     # the option as the user spelt it (LyCORIS' 'constrain'), whatever else was given beside it
-    with pytest.raises(OptionError, match=r"algo 'lora' does not accept option 'constrain' \(= constraint, given 0.1\)"):
+    refused = r"algo 'lora' does not accept option 'constrain' \(= constraint, given 0.1\)"
+    with pytest.raises(OptionError, match=refused):
         create_network(unet, tes, algo="lora", dropout=0.1, constrain=0.1)
     with pytest.raises(OptionError, match="unknown preset 'attn_mlp'.*did you mean 'attn-mlp'"):
         create_network(unet, tes, preset="attn_mlp")
