@@ -71,9 +71,9 @@ class GLoRA(Adapter):
 
     def adapted_forward(self, x, *args, **kwargs):
         if self.options.bypass_mode is False and not self._dropouts_active():
-            # the layer could not take the merged weight (arguments, hooks, another dtype): add op(x, dW)
-            y = self._org_forward(x, *args, **kwargs)
-            return y + (self.delta_forward(x.to(self.dtype)) * (self.multiplier * self._scalar())).to(y.dtype)
+            # the layer could not take the merged weight (arguments, hooks, another dtype): the base's layer plus
+            # op(x, dW), dW rebuilt as bypass_mode=False asks
+            return Adapter.adapted_forward(self, x, *args, **kwargs)
         if not args and not kwargs and self.scalar is None and not self._dropouts_active() and fusable(self, x):
             return linear_glora(self, x, self.a1, self.a2, self.b1, self.b2, self.multiplier * self.scale)
         xa = x.to(self.dtype)
