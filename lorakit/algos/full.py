@@ -22,11 +22,16 @@ def _changed_bias(bias, diff_b, m: float, rows=None):
     return diff_b * m if bias is None else torch.add(bias, diff_b, alpha=m)
 
 
+def _per_row(rows, t):
+    """The output-channel mask `rows` shaped to scale the rows of a weight-shaped `t`."""
+    return rows.view(-1, *(1,) * (t.dim() - 1))
+
+
 def _changed_weight(weight, diff, m: float, rows=None):
     """W + m diff, diff's rows (output channels) masked by `rows` where given."""
     if rows is None:
         return torch.add(weight, diff, alpha=m)
-    return torch.addcmul(weight, diff, rows.view(-1, *(1,) * (diff.dim() - 1)), value=m)
+    return torch.addcmul(weight, diff, _per_row(rows, diff), value=m)
 
 
 class _MergedFull(torch.autograd.Function):
@@ -71,7 +76,7 @@ class _MergedFull(torch.autograd.Function):
         if gw is not None:
             gw = (gw.mul_(m) if m != 1.0 else gw).to(diff.dtype)
             if rows is not None:
-                gw.mul_(rows.view(-1, *(1,) * (gw.dim() - 1)))
+                gw.mul_(_per_row(rows, gw))
         if need_db:
             gdb = g.sum(dim=[d for d in range(g.dim()) if d != channel % g.dim()])
             gdb = gdb.mul_(m) if m != 1.0 else gdb
@@ -138,7 +143,7 @@ class Full(Adapter):
         y = self._org_forward(x, *args, **kwargs)
         rows, diff = self._row_mask(), self.diff
         if rows is not None:
-            diff = diff * rows.view(-1, *(1,) * (diff.dim() - 1))
+            diff = diff * _per_row(rows, diff)
         d = self.spec.op(x.to(self.dtype), diff, _changed_bias(None, self.diff_b, 1.0, rows))
         return y + (d * self.multiplier).to(y.dtype)
 

@@ -26,11 +26,11 @@ def reference_mask(seed, out, rescale, dtype):
     return keep / keep.mean().clamp_min(1.0 / out) if rescale else keep
 
 
-def dense(layer, adapter, x, rows):
+def dense(layer, diff, diff_b, x, rows):
     """op(x, W + m diff diag(rows), b + m diff_b rows), in float64 from the tensors alone."""
     shape = (-1,) + (1,) * (layer.weight.dim() - 1)
-    w = layer.weight + M * adapter.diff * rows.view(shape)
-    b = layer.bias + M * adapter.diff_b * rows
+    w = layer.weight + M * diff * rows.view(shape)
+    b = layer.bias + M * diff_b * rows
     if isinstance(layer, nn.Linear):
         return F.linear(x, w, b)
     conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[w.dim()]
@@ -62,7 +62,7 @@ def test_rank_dropout_masks_rows_of_the_change_once_per_call(kind, rescale, path
         # the merged path keeps no masked copy of diff for backward (the added path's op(x, diff rows) does)
         assert (type(y.grad_fn).__name__ == "_MergedFullBackward") == (path == "merged")
         diff, diff_b, xr = (t.detach().clone().requires_grad_() for t in (adapter.diff, adapter.diff_b, x))
-        expected = dense(layer, type("T", (), {"diff": diff, "diff_b": diff_b}), xr, rows)
+        expected = dense(layer, diff, diff_b, xr, rows)
         torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
         g = torch.randn_like(y)
         got = torch.autograd.grad(y, (adapter.diff, adapter.diff_b, x), g)
@@ -72,8 +72,8 @@ def test_rank_dropout_masks_rows_of_the_change_once_per_call(kind, rescale, path
         dropped = rows == 0
         assert torch.all(got[0][dropped] == 0) and torch.all(got[1][dropped] == 0), "a dropped row must not train"
     adapter.eval()
-    torch.testing.assert_close(adapter(x), dense(layer, adapter, x, torch.ones(layer.weight.shape[0],
-                                                                                dtype=torch.float64)))
+    keep_all = torch.ones(layer.weight.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(adapter(x), dense(layer, adapter.diff, adapter.diff_b, x, keep_all))
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv2d"])
