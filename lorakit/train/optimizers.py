@@ -298,6 +298,21 @@ def _construct(cls, groups: list, kwargs: dict) -> torch.optim.Optimizer:
     return cls(groups, **kwargs)
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """optimizer.load_state_dict(state), keeping this run's kernel choice (`fused`, `foreach`) over the saved run's:
+    torch takes every group setting from the state, so a state saved by a per-tensor AdamW would turn the fused one
+    back, and under a loss scale (which hands fused steps its inf check) the per-tensor step then fails."""
+    chosen = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, kernel in zip(optimizer.param_groups, chosen):
+        group.update(kernel)
+        if kernel.get("fused"):  # the fused kernel keeps the step count as float32 beside each weight
+            for param in group["params"]:
+                step = optimizer.state.get(param, {}).get("step")
+                if torch.is_tensor(step):
+                    optimizer.state[param]["step"] = step.to(device=param.device, dtype=torch.float32)
+
+
 def is_schedule_free(optimizer) -> bool:
     """An optimizer with train()/eval() modes (schedulefree's, ProdigyPlusScheduleFree): its weights are an
     interpolation while training and the averaged weights in eval mode."""

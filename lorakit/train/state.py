@@ -23,6 +23,7 @@ import torch
 
 from ..formats.atomic import restore_stale_folder, restore_stale_folders, stale_copies, staging_folder
 from ..formats.safetensors_io import load_file, save_file
+from .optimizers import load_optimizer_state
 from .schedulers import load_scheduler_state
 
 __all__ = ["Progress", "save_state", "load_state", "StateError", "check_state_folder", "is_complete_state",
@@ -275,7 +276,7 @@ def load_state(folder: str | Path, network, optimizer, scheduler, config_digest:
     if optimizer is not None:
         _match_group_order(folder, saved, optimizer)
         try:
-            optimizer.load_state_dict(saved["optimizer"])
+            load_optimizer_state(optimizer, saved["optimizer"])
         except ValueError as e:  # torch's own check: as many groups, of the same sizes
             raise StateError(f"resume={folder}: its optimizer state does not fit this run's parameter groups "
                              f"({e})") from None

@@ -94,3 +94,30 @@ def test_sgd_nesterov_is_left_to_torch_and_moves_half_precision_weights(dtype):
     want = -1e-2 * (2.71 * grads[0] + 1.9 * grads[1])
     tol = 1e-7 if dtype == torch.float32 else 2 * 2 ** -8 * want.abs().max().item()
     assert torch.allclose(p.float(), want, atol=tol), (p.float() - want).abs().max()
+
+
+def test_a_state_saved_by_a_per_tensor_adamw_resumes_on_the_fused_kernel_under_a_loss_scale():
+    """torch's load_state_dict takes `fused` from the state; a GradScaler then hands the per-tensor step its inf
+    check, which it refuses. load_optimizer_state keeps this run's kernel, and the three steps are AdamW's."""
+    if not _cpu_fused_adamw():
+        pytest.skip("this torch has no fused Adam kernel for CPU tensors (torch < 2.4)")
+    from lorakit.train.optimizers import load_optimizer_state
+
+    gen = torch.Generator().manual_seed(2)
+    p0 = torch.randn(16, 8, generator=gen)
+    grads = [torch.randn(16, 8, generator=gen) for _ in range(STEPS)]
+    old = [torch.nn.Parameter(p0.clone())]
+    before = make_optimizer("AdamW", old, 1e-2, ["foreach=False"])
+    for g in grads[:2]:
+        old[0].grad = g.clone()
+        before.step()
+    resumed = [torch.nn.Parameter(old[0].detach().clone())]
+    opt = make_optimizer("AdamW", resumed, 1e-2)
+    load_optimizer_state(opt, before.state_dict())
+    assert opt.param_groups[0]["fused"] is True
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaler.scale((resumed[0] * grads[2]).sum()).backward()
+    scaler.unscale_(opt)
+    scaler.step(opt)
+    want = _adamw_reference(p0, grads, 1e-2)
+    assert torch.allclose(resumed[0].detach().double(), want, rtol=0, atol=1e-6)
