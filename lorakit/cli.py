@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from . import __version__
@@ -48,7 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# bitsandbytes >= 0.49 (the optim extra), imported by diffusers on a CPU with AVX512-BF16 beside transformers'
+# `kernels` package, looks for a 4-bit matmul kernel on the Hugging Face Hub and logs this when it cannot have it.
+# lorakit runs no 4-bit matmul and downloads nothing at run time, so the line only alarms.
+_HUB_KERNEL_NOTE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+def _drop_hub_kernel_note(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_HUB_KERNEL_NOTE)
+
+
 def main(argv: list[str] | None = None) -> int:
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_hub_kernel_note)
     parser = build_parser()  # the commands' modules import torch only for their work, not for their parsers
     args = parser.parse_args(argv)
     if args.command is None:

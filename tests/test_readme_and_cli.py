@@ -88,3 +88,19 @@ def test_no_command_prints_the_help_and_succeeds(capsys):
     """`lorakit` alone: the help on stdout and exit status 0, as `lorakit --help`."""
     assert main([]) == 0
     assert "usage: lorakit" in capsys.readouterr().out
+
+
+def test_bitsandbytes_hub_kernel_warning_is_dropped_and_its_other_warnings_kept(capsys):
+    """bitsandbytes' CPU backend logs that it could not fetch a 4-bit kernel from the Hugging Face Hub at every
+    import on an AVX512-BF16 CPU; after main() that record is filtered out, any other of its records is not."""
+    import logging
+
+    assert main(["algos"]) == 0
+    capsys.readouterr()
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+
+    def record(msg):
+        return logger.makeRecord(logger.name, logging.WARNING, __file__, 1, msg, ("reason",), None)
+
+    assert not logger.filter(record("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ..."))
+    assert logger.filter(record("Failed to load the CPU library: %s"))
