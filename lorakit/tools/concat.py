@@ -144,7 +144,8 @@ def _not_concatenable(algo: str) -> str:
         return ("LoRA/LoCon files can be concatenated into one LoRA (a full module stores its whole change, no "
                 "factors). Re-factorise the summed change with SVD (--new_rank), or merge it into a model with --model")
     return (f"LoRA/LoCon files can be concatenated into one LoRA ({algo}'s change is no sum of low-rank products of "
-            f"its factors). Merge it into a model with --model")
+            f"its factors). Merge it into a model with --model; `lorakit extract BASE MERGED OUT` then gives a LoRA of "
+            f"its change")
 
 
 def _read(file: str, dtype: torch.dtype) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:

@@ -172,7 +172,7 @@ def _full_modules(other: dict[str, torch.Tensor], where: str) -> dict[str, dict[
         if algo != "full":
             raise wrong_algorithm(
                 where, name, sd, algo, "LoRA/LoCon and full modules (diff) can be merged by SVD (--new_rank); "
-                "merge it into a model with --model")
+                "merge it into a model with --model, and `lorakit extract BASE MERGED OUT` gives a LoRA of its change")
         full[name] = sd
     return full
 

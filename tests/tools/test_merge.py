@@ -501,7 +501,7 @@ def test_bad_input_is_refused_by_name_and_writes_nothing(models, tmp_path, capsy
     err = run_error(capsys, "--model", sd_ckpt, "--loras", lora, xl, "--save_to", out)
     assert f"{xl}: is an adapter for SDXL models, but the model is sd1" in err
     err = run_error(capsys, "--loras", lora, loha, "--save_to", out)
-    assert f"{loha}: module" in err and "is loha" in err and "--model" in err
+    assert f"{loha}: module" in err and "is loha" in err and "--model" in err and "lorakit extract BASE MERGED" in err
     conv = adapter_file(sd_model, tmp_path / "conv.safetensors", "locon", 2, preset="unet-convblock-only")
     err = run_error(capsys, "--loras", tucker, conv, "--save_to", out)
     assert "Tucker (lora_mid) in" in err and "cannot be concatenated" in err

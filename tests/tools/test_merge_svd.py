@@ -76,7 +76,7 @@ def test_other_algorithm_is_named_as_concat_names_it(tmp_path, algo, keys):
     sd = {"lora_unet_y.alpha": torch.tensor(2.0), **{f"lora_unet_y.{k}": torch.ones(2, 2) for k in keys}}
     save_file(sd, tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match=rf"other.safetensors: module 'lora_unet_y' is {algo} \(tensors alpha, "
-                                         r".*\); only LoRA/LoCon and full modules"):
+                                         r".*\); only LoRA/LoCon and full modules.*lorakit extract BASE MERGED"):
         merge_loras_svd([tmp_path / "other.safetensors"], [1.0], 4)
 
 
