@@ -127,9 +127,12 @@ def _combinations(v: dict[str, Any]) -> None:
     torch_adam = v["optimizer_type"] in ("AdamW", "Adam", "torch.optim.AdamW", "torch.optim.Adam")
     if v["full_fp16"] and torch_adam and not any(str(a).split("=")[0].strip() == "eps" for a in v["optimizer_args"]):
         # torch's Adam keeps its state in the parameters' dtype: in fp16 eps = 1e-8 is 0, and a zero gradient (a
-        # LoRA down factor's, while up is 0) makes its first update 0/0 = NaN
-        _refuse(f"full_fp16 with optimizer_type {v['optimizer_type']!r}: its default eps (1e-8) is 0 in fp16, so the "
-                "first step turns the adapter NaN; give optimizer_args = [\"eps=1e-4\"], use AdamW8bit (whose "
+        # LoRA down factor's, while up is 0) makes the per-tensor step's first update 0/0 = NaN; the fused kernel
+        # adds eps in fp32, but its fp16 squared-gradient state underflows to 0 for gradients below ~1e-2, and
+        # m / (0 + 1e-8) steps are huge (100 steps of gradients 1e-6..1e-3: 800x the fp32 run's change)
+        _refuse(f"full_fp16 with optimizer_type {v['optimizer_type']!r}: its default eps (1e-8) is 0 in fp16 and its "
+                "squared-gradient state underflows there, so the adapter turns NaN or takes steps far too large; "
+                "give optimizer_args = [\"eps=1e-4\"], use AdamW8bit (whose "
                 "states are not fp16) or full_bf16, or leave full_fp16 off (mixed_precision fp16 trains fp32 adapters)")
     # the timesteps drawn are randint(min_timestep, max_timestep): the range must not be empty
     low = 0 if v["min_timestep"] is None else v["min_timestep"]

@@ -61,7 +61,8 @@ def test_adam_types_take_the_fused_kernel_and_step_by_the_formula(name, adam):
 
 def test_fused_adamw_keeps_fp16_weights_finite_where_eps_underflows():
     """Gradients of 1e-5 square to 0 in fp16 and eps (1e-8) is 0 there too: torch's per-tensor path divides by 0.
-    The fused kernel computes in fp32, so the step is AdamW's (the sign of the gradient times lr on the first step)."""
+    The fused kernel computes in fp32, so the first step is AdamW's (the sign of the gradient times lr). Later steps
+    are not: its fp16 squared-gradient state underflows, which is why full_fp16 with Adam needs an eps (checks.py)."""
     if not _cpu_fused_adamw():
         pytest.skip("this torch has no fused Adam kernel for CPU tensors (torch < 2.4)")
     p0 = torch.zeros(8, 8)
