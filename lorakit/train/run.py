@@ -74,6 +74,17 @@ class TrainingError(RuntimeError):
     """The run cannot go on (e.g. the loss became NaN); the message says where it stopped and what was kept."""
 
 
+def _check_image_files(*datasets) -> None:
+    """Every image of the datasets checked for damage before the first step (the folder scan reads headers only);
+    caching latents decodes them all up front anyway."""
+    from ..data.images import check_image_data
+    from ..tools.extract import progress
+
+    paths = sorted({entry.path for dataset in datasets if dataset is not None for entry in dataset.entries})
+    for path in progress(paths, "checking images"):
+        check_image_data(path)
+
+
 def train(config, *, stop_at_step: int | None = None, timings: dict | None = None,
           explore: bool = False) -> Path | None:
     """Train the network ``config`` describes. Returns the final adapter file (None when ``stop_at_step``, a
@@ -279,6 +290,8 @@ class _Run:
                                   to_disk=c.cache_latents_to_disk, skip_check=c.skip_cache_check)
             if c.cache_latents_to_disk and self.world.main:
                 self.world.barrier()
+        elif cache:  # the images are decoded in the loop: a damaged one would stop the run hours in
+            _check_image_files(ds, val)
         if cache and c.cache_text_encoder_outputs:  # before training, as sd-scripts caches them
             to_disk = c.cache_text_encoder_outputs_to_disk
             if to_disk and not self.world.main:

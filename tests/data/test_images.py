@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from lorakit.data.errors import DatasetError
-from lorakit.data.images import image_size, list_images, load_image
+from lorakit.data.images import check_image_data, image_size, list_images, load_image
 
 from .conftest import write_image
 
@@ -90,6 +90,26 @@ def test_truncated(tmp_path):
     assert image_size(str(tmp_path / "cut.png")) == (64, 64)  # the header is intact
     with pytest.raises(DatasetError, match=r"cut\.png: image data is damaged or truncated"):
         load_image(str(tmp_path / "cut.png"))
+
+
+@pytest.mark.parametrize("name, damage", [("cut.png", "truncate"), ("flip.png", "flip"), ("cut.jpg", "truncate"),
+                                          ("cut.bmp", "truncate")])
+def test_check_image_data_finds_what_the_header_hides(tmp_path, name, damage):
+    """Sizing reads the header only; check_image_data finds a cut file of each format and a PNG with one byte
+    changed inside its pixel data, and passes the intact file. (Pillow cannot open a cut WebP at all, so sizing
+    refuses that one already.)"""
+    full = tmp_path / f"full{name[name.index('.'):]}"
+    write_image(str(full), 96, 80)
+    check_image_data(str(full))
+    data = bytearray(full.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) * 2 // 3]
+    else:
+        data[len(data) // 2] ^= 0xFF
+    (tmp_path / name).write_bytes(bytes(data))
+    assert image_size(str(tmp_path / name)) == (96, 80)
+    with pytest.raises(DatasetError, match=rf"{name.replace('.', '[.]')}: image data is damaged or truncated"):
+        check_image_data(str(tmp_path / name))
 
 
 def test_missing(tmp_path):
