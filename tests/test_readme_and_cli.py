@@ -104,3 +104,18 @@ def test_bitsandbytes_hub_kernel_warning_is_dropped_and_its_other_warnings_kept(
 
     assert not logger.filter(record("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ..."))
     assert logger.filter(record("Failed to load the CPU library: %s"))
+
+
+def test_output_piped_into_a_reader_that_stops_early_ends_quietly():
+    """`lorakit algos | head -1`: the reader has closed the pipe (here before the first write, so that every run
+    meets it); no BrokenPipeError traceback, exit 0."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        out = subprocess.run([sys.executable, "-m", "lorakit", "algos"], stdout=write_end, stderr=subprocess.PIPE,
+                             text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert out.returncode == 0 and "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr, out.stderr
