@@ -45,9 +45,10 @@ def index_model(model: nn.Module, text_encoders, prefix: str) -> tuple[list, str
     return text_encoders, None, NameIndex.for_model(model, prefix=prefix)
 
 
-def check_network_kwargs(kwargs: Mapping[str, Any]) -> tuple[NetworkConfig, dict, Preset]:
+def check_network_kwargs(kwargs: Mapping[str, Any], warn: bool = True) -> tuple[NetworkConfig, dict, Preset]:
     """Parse and check network and adapter options without touching a model: unknown or badly typed options,
-    options the algorithm does not take, a preset that does not exist. Returns (config, adapter options, preset)."""
+    options the algorithm does not take, a preset that does not exist. Returns (config, adapter options, preset).
+    `warn` False: the warnings about ignored options are left to the call that builds the network."""
     config, options = split_network_kwargs(kwargs)
     cls = algorithm(config.algo)
     parsed, given = parse_options(options)
@@ -57,8 +58,9 @@ def check_network_kwargs(kwargs: Mapping[str, Any]) -> tuple[NetworkConfig, dict
         # kohya_ss writes use_tucker=False, rank_dropout=0, ... for every LyCORIS type, as LyCORIS ignores what an
         # algorithm does not use: an option at its default changes nothing, so it is dropped; a real value stays
         # an error
-        log.warning("algo '%s' does not use %s; given at the default, ignored", cls.name,
-                    ", ".join(f"{n}={getattr(parsed, n)!r}" for n in idle))
+        if warn:
+            log.warning("algo '%s' does not use %s; given at the default, ignored", cls.name,
+                        ", ".join(f"{n}={getattr(parsed, n)!r}" for n in idle))
         options = {k: v for k, v in options.items() if option_name(k) not in idle}
         refused = [name for name in refused if name not in idle]
     if refused:
@@ -72,9 +74,11 @@ def check_network_kwargs(kwargs: Mapping[str, Any]) -> tuple[NetworkConfig, dict
         # LyCORIS' default, and kohya_ss writes it for every LoCon, LoHa and LoKr: there it means dW rebuilt on each
         # call, which lorakit's per-call choice also takes where that is cheaper (the outputs are the same). Taken
         # as "always rebuild", it made a rank-16 LoRA 2.6-3.8x the frozen Linear instead of 1.1-1.5x.
-        log.info("bypass_mode=False (LyCORIS' default): lorakit picks the cheaper way per call, as without it")
+        if warn:
+            log.info("bypass_mode=False (LyCORIS' default): lorakit picks the cheaper way per call, as without it")
         options = {k: v for k, v in options.items() if option_name(k) != "bypass_mode"}
-    _warn_unused_sizes(config, cls)
+    if warn:
+        _warn_unused_sizes(config, cls)
     return config, options, load_preset(config.preset)
 
 

@@ -134,7 +134,7 @@ def check_network_args(values: Mapping[str, Any], given: frozenset) -> list[str]
     from ..network.create import check_network_kwargs
 
     try:
-        check_network_kwargs(kwargs)
+        check_network_kwargs(kwargs, warn=False)  # building the network warns, with network_dim/alpha known
     except OptionError as e:
         raise OptionError(f"network_args: {e}") from None
     return _full_with_parameter_scaled_adafactor(values, kwargs)
