@@ -134,8 +134,8 @@ def encode_prompts(model, prompts: Sequence[str], clip_skip: int | None = None,
     if not model.is_sdxl:
         return PromptEmbeds(_join(_encode_one(encoders[0], rows[0], clip_skip), n))
 
-    if clip_skip is not None:
-        warnings.warn("clip_skip is ignored for SDXL (kohya sd-scripts ignores it too)", stacklevel=2)
+    if clip_skip is not None and clip_skip > 1:  # 1 is the last layer's output: no skip asked for
+        warnings.warn(f"clip_skip {clip_skip} is ignored for SDXL (kohya sd-scripts ignores it too)", stacklevel=2)
     enc1, enc2 = encoders
     hidden1 = enc1(rows[0], output_hidden_states=True, return_dict=True).hidden_states[-2]
     out2 = enc2(rows[1], output_hidden_states=True, return_dict=True)

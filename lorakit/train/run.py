@@ -74,6 +74,11 @@ class TrainingError(RuntimeError):
     """The run cannot go on (e.g. the loss became NaN); the message says where it stopped and what was kept."""
 
 
+def _text_clip_skip(model, config) -> int | None:
+    """The clip_skip the text encoding takes: none for SDXL, where the run has noted it once already."""
+    return None if model.is_sdxl else config.clip_skip
+
+
 def _check_image_files(*datasets) -> None:
     """Every image of the datasets checked for damage before the first step (the folder scan reads headers only);
     caching latents decodes them all up front anyway."""
@@ -171,6 +176,8 @@ class _Run:
                            sdxl=c.sdxl if "sdxl" in given else None,
                            v_parameterization=c.v_parameterization if "v_parameterization" in given else None,
                            vae=c.vae or None, dtype=self.weight_dtype, no_half_vae=c.no_half_vae)
+        if model.is_sdxl and not c.sdxl and (c.clip_skip or 1) > 1:  # (with sdxl given, the config noted it)
+            log.warning("clip_skip = %s does nothing for SDXL (sd-scripts ignores it too)", c.clip_skip)
         modules = [module.requires_grad_(False) for _, module in model.components()]
         if c.lowram:
             for module in modules:
@@ -440,7 +447,8 @@ class _Run:
         ctx = StepContext(model=model, noise_scheduler=noise_scheduler,
                           noise=NoiseOptions(**{k: getattr(c, k) for k in _NOISE_OPTIONS}),
                           loss=DiffusionLoss(noise_scheduler, LossOptions(**loss_options)), device=self.device,
-                          weight_dtype=self.weight_dtype, autocast_dtype=self.autocast_dtype, clip_skip=c.clip_skip,
+                          weight_dtype=self.weight_dtype, autocast_dtype=self.autocast_dtype,
+                          clip_skip=_text_clip_skip(model, c),
                           max_token_length=c.max_token_length,
                           # dataset_class batches bring no cached outputs: they fill this cache as they come
                           text_cache={} if c.cache_text_encoder_outputs and c.dataset_class else None,
@@ -730,7 +738,8 @@ class _Sampler:
             with self.parking.borrowed(self.model.vae, *self.model.text_encoders):
                 return draw_samples(self.model, self.prompts, self.names.sample_dir(), self.names.output_name,
                                     step, default_sampler=self.config.sample_sampler,
-                                    clip_skip=self.config.clip_skip, base_seed=self.seed, write=self.write,
+                                    clip_skip=_text_clip_skip(self.model, self.config), base_seed=self.seed,
+                                    write=self.write,
                                     epoch=epoch)
         finally:
             torch.set_rng_state(rng)

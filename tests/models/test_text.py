@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -134,9 +136,12 @@ def test_sdxl_matches_direct_computation(models):
     torch.testing.assert_close(got.hidden, want_hidden, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got.pooled, want_pooled, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got.pooled, out2.text_embeds, rtol=1e-12, atol=1e-12)  # transformers agrees here
-    with pytest.warns(UserWarning, match="clip_skip"):
+    with pytest.warns(UserWarning, match="clip_skip 2 is ignored for SDXL"):
         skipped = encode_prompts(model, PROMPTS, clip_skip=2)
     assert torch.equal(skipped.hidden, got.hidden)
+    with warnings.catch_warnings():  # clip_skip 1 (the kohya_ss GUI's default) asks for no skip: nothing to say
+        warnings.simplefilter("error")
+        assert torch.equal(encode_prompts(model, PROMPTS, clip_skip=1).hidden, got.hidden)
 
 
 def kohya_join(hidden, n):

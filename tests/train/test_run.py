@@ -491,6 +491,26 @@ def test_sdxl_trains_unet_only(base, tmp_path):
     assert read_metadata(final)["ss_base_model_version"] == "sdxl_base_v1-0"
 
 
+@pytest.mark.parametrize("sdxl_given", [False, True])
+@pytest.mark.parametrize("clip_skip", [1, 2])
+def test_sdxl_with_clip_skip_says_so_once_and_only_when_a_layer_would_be_skipped(base, tmp_path, caplog, clip_skip,
+                                                                                sdxl_given):
+    """Every kohya_ss SDXL config carries clip_skip 1 (no skip): nothing to say. clip_skip 2: one note, from the
+    config where it says sdxl, else from the run once the model shows SDXL; the text encoding (at the penultimate
+    layer anyway) adds no Python warning of its own."""
+    import logging
+    import warnings
+
+    config = _config(base, tmp_path, pretrained_model_name_or_path=str(base / "sdxl.safetensors"), max_train_steps=1,
+                     clip_skip=clip_skip, **({"sdxl": True} if sdxl_given else {}))
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING, logger="lorakit"):
+        warnings.simplefilter("always")
+        train(config)
+    assert not [str(w.message) for w in caught if "clip_skip" in str(w.message)]
+    notes = [r.getMessage() for r in caplog.records if "clip_skip" in r.getMessage()]  # the config's notes too
+    assert len(notes) == (clip_skip > 1) and all("clip_skip = 2 does nothing for SDXL" in n for n in notes), notes
+
+
 def test_latent_cache_key_is_the_same_in_every_process(base):
     """The VAE fingerprint (part of every latent-cache key and of the latent noise seed) must not depend on the
     process: diffusers keeps a set-ordered list in its config, which differs with PYTHONHASHSEED (seeds 1 and 2
