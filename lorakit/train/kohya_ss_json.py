@@ -225,7 +225,10 @@ def count_steps(path: Path, data: Mapping[str, Any]) -> int:
 def _network(path: Path, data: Mapping[str, Any]) -> tuple[str, list[str]]:
     """LoRA_type and its fields -> (network_module, network_args) as train_model writes them."""
     lora_type = data.get("LoRA_type", "Standard")
-    field = lambda key: data.get(key, _GUI_DEFAULTS.get(key))  # noqa: E731
+
+    def field(key):  # an empty textbox ("") is unset, as everywhere in these files: the GUI's default
+        value = data.get(key)
+        return _GUI_DEFAULTS.get(key) if value is None or value == "" else value
     if data.get("flux1_checkbox"):
         raise OptionError(f"config file {path}: 'flux1_checkbox' = {data['flux1_checkbox']!r}: lorakit does not "
                           "train Flux.1 models (SD1.x, SD2.x and SDXL: leave it unchecked)")

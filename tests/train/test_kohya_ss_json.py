@@ -182,6 +182,16 @@ def test_lora_types_give_the_network_kohya_ss_passes(tmp_path, lora_type, fields
     assert config.network_args == tuple(args)
 
 
+def test_empty_lycoris_fields_are_unset_and_take_the_gui_default(tmp_path):
+    """A field saved as "" (an empty textbox: rank_dropout, module_dropout, conv_dim, factor) is unset, as the docs
+    say of these files: its network_arg takes the GUI's default instead of reaching the network as 'rank_dropout='."""
+    data = gui(LoRA_type="LyCORIS/LoKr", max_resolution="64", min_bucket_reso=64, rank_dropout="", module_dropout="",
+               conv_dim="", factor="", network_dim=4)
+    out = translate(write(tmp_path, data), data)
+    assert {"rank_dropout=0", "module_dropout=0.0", "conv_dim=1", "factor=-1"} <= set(out["network_args"])
+    load_train_config(write(tmp_path, data)).network_kwargs()
+
+
 def test_lr_warmup_percent_of_steps_counted_from_the_image_folders(tmp_path):
     """max_train_steps 0: train_model counts images (.jpg/.jpeg/.png/.webp, any case) x the folder's leading
     repeat count, folders without one skipped: 10*3 + 5*3 = 45; / batch 2 / accumulation 1 x 3 epochs x 2 (a
