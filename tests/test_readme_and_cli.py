@@ -84,6 +84,15 @@ def test_the_config_file_given_twice_and_explore_options_on_train_are_one_line_e
                   "not use it"
 
 
+def test_a_negative_number_in_exponent_form_is_a_value_not_an_option(capsys):
+    """`--learning_rate -1e-4` is the value check's one-line error (as `--learning_rate=-1e-4` and `-0.0001`), not
+    argparse's whole usage ('expected one argument'); exponents in any case and form are values."""
+    for value in ("-1e-4", "-1E-4", "-2.5e+3", "-.5e1", "-0.0001"):
+        assert main(["train", "--learning_rate", value]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"lorakit train: error: option 'learning_rate': expected a value >= 0, got '{value}'", err
+
+
 def test_no_command_prints_the_help_and_succeeds(capsys):
     """`lorakit` alone: the help on stdout and exit status 0, as `lorakit --help`."""
     assert main([]) == 0

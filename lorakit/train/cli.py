@@ -17,6 +17,9 @@ from .options import (ALIASES, BY_NAME, COMMAND_LINE_ONLY, GROUPS, GUI_KEYS, coe
 
 # the CLI's own flags, which options.py does not list: a misspelt one is suggested too
 _CLI_FLAGS = ("config", "print-config", "print_config")
+# argparse before Python 3.13 takes "-1e-4" for an option (its pattern knows -1 and -.5 only), so
+# `--learning_rate -1e-4` printed the whole usage instead of the value check's one line
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 class _TrainParser(argparse.ArgumentParser):
@@ -82,6 +85,7 @@ def add_parser(commands) -> None:
                     kwargs.update(metavar={"choice_int": "INT", "steps": "STEPS|RATIO"}.get(opt.kind,
                                                                                              opt.kind.upper()))
                 arguments.add_argument(f"--{opt.name}", *(f"--{a}" for a in opt.aliases), **kwargs)
+        parser._negative_number_matcher = _NEGATIVE_NUMBER
         parser.set_defaults(run=run, command_name=command)
 
 
