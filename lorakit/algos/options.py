@@ -155,6 +155,13 @@ def suggest(name: str, known) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def suggest_spelling(name: str, by_lower: Mapping[str, Any]) -> str:
+    """suggest() over names matched without case ({lower case: as written}), naming the closest as it is written
+    ('AdamW', not 'adamw')."""
+    close = difflib.get_close_matches(name.lower(), sorted(by_lower), n=1)
+    return f" (did you mean '{by_lower[close[0]]}'?)" if close else ""
+
+
 def option_name(key):
     """The lorakit name of an option as written: case and spaces ignored, kohya/LyCORIS aliases resolved."""
     name = key.strip().lower() if isinstance(key, str) else key

@@ -10,7 +10,7 @@ import logging
 import os
 from typing import Any
 
-from ..algos.options import OptionError, suggest
+from ..algos.options import OptionError, suggest_spelling
 from .options import NOT_YET_SUPPORTED, BY_NAME, inert
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def _optimizer(values: dict[str, Any], given: frozenset) -> None:
 
         bare = torch_optimizer_name(name)
         if bare is None:
-            _refuse(f"option 'optimizer_type': unknown optimizer {name!r}{suggest(name.lower(), by_key)}; use one "
+            _refuse(f"option 'optimizer_type': unknown optimizer {name!r}{suggest_spelling(name, by_key)}; use one "
                     f"of {', '.join(OPTIMIZERS)}, a torch.optim class name such as RAdam, or a class path such as "
                     "module.Class")
         values["optimizer_type"] = bare  # sd-scripts: a name without a dot is a torch.optim class

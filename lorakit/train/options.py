@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from ..algos.options import OptionError, suggest, to_bool, to_float, to_int
+from ..algos.options import OptionError, suggest, suggest_spelling, to_bool, to_float, to_int
 
 _NONE_WORDS = {"none", "null"}
 
@@ -91,7 +91,7 @@ def _choice(opt: Option, value: Any) -> Any:
         raise OptionError(f"option '{opt.name}': {value!r} is an sd-scripts value lorakit does not support yet "
                           f"({reason})")
     raise OptionError(f"option '{opt.name}': {value!r} is not one of {', '.join(map(str, opt.choices))}"
-                      f"{suggest(key, by_key)}")
+                      f"{suggest_spelling(key, by_key)}")
 
 
 def _steps(opt: Option, value: Any) -> int | float:

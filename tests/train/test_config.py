@@ -762,6 +762,15 @@ def test_a_bare_torch_optim_name_is_an_optimizer_as_in_sd_scripts(name, expected
     assert "unknown optimizer 'RAdamm'" in error_of(optimizer_type="RAdamm")
 
 
+@pytest.mark.parametrize("option, typo, suggested", [("optimizer_type", "AdamWW", "AdamW"),
+                                                     ("optimizer_type", "prodigi", "Prodigy"),
+                                                     ("console_log_level", "warnin", "WARNING")])
+def test_a_misspelt_name_matched_without_case_is_suggested_as_it_is_written(option, typo, suggested):
+    """Names are matched without case, but the suggestion is the name as the docs write it ('AdamW', not 'adamw')."""
+    error = error_of(**{option: typo})
+    assert f"(did you mean '{suggested}'?)" in error, error
+
+
 @pytest.mark.parametrize("args", [["relative_step=False"], ["relative_step=False", "scale_parameter=False"]])
 def test_the_adafactor_schedule_without_a_relative_step_is_refused(args):
     """It would set the lr to 0 and train nothing; sd-scripts fails on it (its 'adafactor:<lr>' comes only from a
