@@ -286,7 +286,7 @@ def test_typos_in_file_dict_and_command_line_suggest_the_option(tmp_path, typo, 
 
 @pytest.mark.parametrize("overrides,expected", [
     ({"lr_scheduler": "cosine_with_restart"}, "did you mean 'cosine_with_restarts'"),
-    ({"optimizer_type": "AdamW8bitt"}, "did you mean 'adamw8bit'"),
+    ({"optimizer_type": "AdamW8bitt"}, "did you mean 'AdamW8bit'"),
     ({"sample_sampler": "euler_aa"}, "did you mean 'euler_a'"),
     ({"network_module": "lycoris.kohyaa"}, "did you mean 'lycoris.kohya'"),
     ({"network_args": ["conv_dimm=4"]}, "unknown network option 'conv_dimm' (did you mean 'conv_dim'?)"),
