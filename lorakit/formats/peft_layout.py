@@ -26,6 +26,7 @@ an unknown word is an error naming the key. The test checks this on every module
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from typing import Mapping
@@ -504,11 +505,31 @@ def _read_configs(metadata: Mapping[str, str]) -> dict[str, dict]:
         flat = json.loads(raw)
     except json.JSONDecodeError as e:
         raise LayoutError(f"metadata '{METADATA_KEY}' is not JSON ({e})") from None
+    if not isinstance(flat, dict):
+        raise LayoutError(f"metadata '{METADATA_KEY}': expected a JSON object of PEFT config fields, got "
+                          f"{type(flat).__name__}")
     configs: dict[str, dict] = {}
     for k, v in flat.items():
-        component, _, field = k.partition(".")
+        component, dot, field = k.partition(".")
+        if not dot:  # diffusers' save_lora_adapter writes one component's config without a prefix: every one's
+            component, field = "", k
+        _check_config_value(k, field, v)
         configs.setdefault(component, {})[field] = v
-    return configs
+    shared = configs.pop("", {})
+    return {"": shared, **{c: {**shared, **config} for c, config in configs.items()}}
+
+
+def _check_config_value(key: str, field: str, value) -> None:
+    """r and alpha (and their patterns' values) are numbers; anything else is refused naming the key."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+    if field in ("r", "lora_alpha", "alpha") and not number(value):
+        raise LayoutError(f"metadata '{METADATA_KEY}': '{key}' = {value!r}: expected a positive number")
+    if field in ("rank_pattern", "alpha_pattern") and value is not None:
+        if not isinstance(value, dict) or not all(number(v) for v in value.values()):
+            raise LayoutError(f"metadata '{METADATA_KEY}': '{key}' = {value!r}: expected an object of positive "
+                              "numbers by module pattern")
 
 
 _PEFT_TO_KOHYA = {algo: {v: k for k, v in table.items()} for algo, table in ALGO_KEYS.items()}
@@ -561,7 +582,7 @@ def peft_to_kohya(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, st
             out[f"{name}.alpha"] = sub["alpha"]
             continue
         kohya_sub = {_PEFT_TO_KOHYA[algo].get(k, k): v for k, v in sub.items()}
-        config, pattern_path = configs.get(component, {}), _pattern_path(component, path)
+        config, pattern_path = configs.get(component, configs.get("", {})), _pattern_path(component, path)
         alpha = _peft_alpha(algo, kohya_sub, config, pattern_path)
         if algo == "lokr" and _rank(algo, kohya_sub) is None and config:
             # two full factors: PEFT still scales by alpha/r, kohya loaders by nothing, so the scale goes into w1
@@ -596,10 +617,14 @@ def _peft_alpha(algo: str, sub, config: Mapping, path: str) -> float:
 
 
 def _peft_r_alpha(algo: str, rank: int | None, config: Mapping, path: str) -> tuple:
-    """PEFT's (r, alpha) for one module: the config's, or its rank/alpha pattern's (alpha defaults to r)."""
+    """PEFT's (r, alpha) for one module: the config's, or its rank/alpha pattern's (alpha defaults to r). With
+    use_rslora PEFT scales a LoRA by alpha / sqrt(r): that alpha is returned as alpha sqrt(r), whose alpha / r
+    kohya loaders apply."""
     r = _pattern_value(config.get("rank_pattern") or {}, path, config.get("r", rank))
     alpha = _pattern_value(config.get("alpha_pattern") or {}, path,
                            config.get("lora_alpha" if algo == "lora" else "alpha", r))
+    if algo == "lora" and config.get("use_rslora") is True and r:
+        alpha = float(alpha) * math.sqrt(float(r))
     return r, alpha
 
 

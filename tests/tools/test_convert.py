@@ -215,6 +215,52 @@ def test_peft_lokr_with_full_factors_keeps_peft_scale(tmp_path):
         _close(out, u(*args, **kwargs).sample, base)
 
 
+@pytest.mark.parametrize("prefixed", [True, False])
+def test_peft_rslora_converts_at_peft_scale(tmp_path, prefixed):
+    """use_rslora: PEFT scales a LoRA by lora_alpha / sqrt(r) (to_k at its rank pattern's r), so the kohya alpha is
+    lora_alpha sqrt(r). The config is read with diffusers' "unet." prefix (save_lora_weights) or without one (the
+    config alone, as save_lora_adapter writes it)."""
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    torch.manual_seed(4)
+    unet, _ = tiny_model("sd1")
+    config = LoraConfig(r=16, lora_alpha=8, use_rslora=True, target_modules=["to_q", "to_k", "to_v"],
+                        rank_pattern={"to_k": 4}, init_lora_weights=False)
+    u = inject_adapter_in_model(config, copy.deepcopy(unet)).double()
+    with torch.no_grad():
+        for name, p in u.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p).float() * 0.1)
+    sd = {f"unet.{k}": v.float().contiguous() for k, v in get_peft_model_state_dict(u).items()}
+    fields = {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
+    meta = {f"unet.{k}" if prefixed else k: v for k, v in fields.items()}
+    st_save(sd, tmp_path / "p.safetensors", {"lora_adapter_metadata": json.dumps(meta, default=str)})
+    convert(tmp_path / "p.safetensors", tmp_path / "k.safetensors", to="kohya")
+    alphas = {k: float(v) for k, v in st_load(tmp_path / "k.safetensors").items() if k.endswith(".alpha")}
+    assert {round(a, 9) for k, a in alphas.items() if "to_q" in k} == {8 * 4.0}  # 8 sqrt(16)
+    assert {round(a, 9) for k, a in alphas.items() if "to_k" in k} == {8 * 2.0}  # 8 sqrt(4)
+    out, base = _lorakit_output("sd1", tmp_path / "k.safetensors")
+    args, kwargs = _f64_inputs(u, "sd1")
+    with torch.no_grad():
+        _close(out, u(*args, **kwargs).sample, base)
+
+
+@pytest.mark.parametrize("metadata, named", [
+    ({"unet.r": 4, "unet.alpha": None}, r"'unet.alpha' = None: expected a positive number"),
+    ([1, 2], r"expected a JSON object of PEFT config fields, got list"),
+    ({"unet.r": "4"}, r"'unet.r' = '4': expected a positive number"),
+    ({"unet.rank_pattern": {"to_k": "x"}}, r"'unet.rank_pattern' = .*: expected an object of positive numbers"),
+])
+def test_a_peft_config_of_the_wrong_kind_is_refused_naming_the_field(tmp_path, metadata, named):
+    src = _save(tmp_path, "sd1", "lora", preset="attn-only", dim=4)
+    convert(src, tmp_path / "p.safetensors", to="peft")
+    sd, _ = load_file(tmp_path / "p.safetensors")
+    st_save(sd, tmp_path / "odd.safetensors", {"lora_adapter_metadata": json.dumps(metadata)})
+    with pytest.raises(ConvertError, match=rf"metadata 'lora_adapter_metadata': {named}"):
+        convert(tmp_path / "odd.safetensors", tmp_path / "k.safetensors", to="kohya")
+    assert not (tmp_path / "k.safetensors").exists()
+
+
 def test_diffusers_own_kohya_converter_agrees_on_names_values_and_alphas(tmp_path):
     from diffusers.loaders.lora_conversion_utils import (_convert_non_diffusers_lora_to_diffusers,
                                                          _maybe_map_sgm_blocks_to_diffusers)
