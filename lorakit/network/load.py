@@ -79,6 +79,16 @@ def _refuse_checkpoint(keys, where: str) -> None:
         raise ValueError(f"{where}: is a model checkpoint (keys like '{checkpoint[0]}'), not an adapter")
 
 
+def refuse_non_finite(tensors: Mapping[str, torch.Tensor], where: str, what: str) -> None:
+    """The error naming the tensors that hold NaN or Inf, for merges: `what` says where they would end up."""
+    from ..formats import find_non_finite
+
+    bad = sorted(find_non_finite(tensors))
+    if bad:
+        raise ValueError(f"{where}: {len(bad)} tensor(s) hold NaN or Inf, e.g. {', '.join(bad[:3])}; merging would "
+                         f"write them into {what} (a diverged training run: use an earlier save)")
+
+
 def warn_non_finite(tensors: Mapping[str, torch.Tensor], where: str, stacklevel: int = 2) -> None:
     """A warning naming the tensors that hold NaN or Inf (a diverged training run): the file is still read."""
     from ..formats import find_non_finite

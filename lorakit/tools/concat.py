@@ -150,13 +150,13 @@ def _not_concatenable(algo: str) -> str:
 
 def _read(file: str, dtype: torch.dtype) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
     """{module name: {tensor suffix: tensor}} of a LoRA file, each module checked to be concatenable."""
-    from ..network.load import check_layout, read_adapter_tensors, warn_non_finite, without_bundled_embeddings
+    from ..network.load import check_layout, read_adapter_tensors, refuse_non_finite, without_bundled_embeddings
     from ..network.names import split_key
 
     tensors, metadata, where = read_adapter_tensors(file)
     tensors = without_bundled_embeddings(tensors, where)
     check_layout(tensors, file)
-    warn_non_finite(tensors, file)
+    refuse_non_finite(tensors, file, "the merged LoRA")
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         name, suffix = split_key(key)

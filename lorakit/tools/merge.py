@@ -187,6 +187,8 @@ def merge_into_model(model, files: Sequence[str | os.PathLike], ratios: Sequence
 
 
 def _load_for_model(load_network, model, file: str, ratio: float, bw, dtype):
+    from ..network.load import refuse_non_finite
+
     try:
         net = load_network(model.unet, file, text_encoders=model.text_encoders, multiplier=ratio, dtype=dtype)
     except ValueError as err:
@@ -196,6 +198,7 @@ def _load_for_model(load_network, model, file: str, ratio: float, bw, dtype):
             raise ValueError(f"{file}: is an adapter for {names} models, but the model is {model.kind} "
                              f"({model.source}); ({err})") from None
         raise
+    refuse_non_finite(net.state_dict(), file, "the model's weights")
     if bw is not None:
         net.set_block_multipliers(bw)
     return net

@@ -97,12 +97,15 @@ def test_resize_never_claims_a_higher_rank(tmp_path):
     assert tensors["lora_unet_a.lora_down.weight"].shape[0] == 4 and meta["ss_network_dim"] == "4"
 
 
-def test_nan_tensors_are_reported_by_every_tool_that_passes_them_on(tmp_path):
-    """A diverged training run's file: merged by concatenation or converted all the same, but never silently."""
+def test_nan_tensors_are_refused_by_merges_and_reported_by_convert(tmp_path, capsys):
+    """A diverged training run's file: a merge would spread its NaN into the merged LoRA, so it is refused (no
+    output); convert passes the tensors on as they are, never silently."""
     bad, good = _lora(tmp_path / "nan.safetensors", nan=True), _lora(tmp_path / "b.safetensors")
-    with pytest.warns(UserWarning, match=r"nan.safetensors: 1 tensor\(s\) hold NaN or Inf"):
-        assert main(["merge", "--loras", str(bad), str(good), "--save_to", str(tmp_path / "m.safetensors"),
-                     "--quiet"]) == 0
+    assert main(["merge", "--loras", str(bad), str(good), "--save_to", str(tmp_path / "m.safetensors"),
+                 "--quiet"]) == 1
+    _one_error_line(capsys, "merge", "nan.safetensors: 1 tensor(s) hold NaN or Inf, e.g. lora_unet_a.lora_down.weight; "
+                                     "merging would write them into the merged LoRA")
+    assert not (tmp_path / "m.safetensors").exists()
     with pytest.warns(UserWarning, match=r"nan.safetensors: 1 tensor\(s\) hold NaN or Inf"):
         assert main(["convert", str(bad), str(tmp_path / "c.safetensors"), "--to", "peft"]) == 0
 

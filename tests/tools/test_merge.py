@@ -528,3 +528,27 @@ def test_concat_reads_a_missing_alpha_as_the_rank_and_precision_is_the_default_s
     want = 0.5 * dense(no_alpha, name) + dense(load_file(b)[0], name)
     assert torch.allclose(dense(merged, name), want, rtol=0, atol=2e-3 * want.abs().max().item())
     assert {t.dtype for t in merged.values()} == {torch.float16}
+
+
+def test_an_adapter_holding_nan_is_refused_before_any_weight_changes(models, tmp_path, capsys):
+    """A NaN in one adapter tensor would spread into the model's weights (and every output): refused naming the file
+    and tensor, the model untouched and no checkpoint written."""
+    sd_model, sd_ckpt = models["sd1"]
+    good = adapter_file(sd_model, tmp_path / "good.safetensors", "lora", 1, preset="attn-only")
+    bad = adapter_file(sd_model, tmp_path / "nan.safetensors", "loha", 2, preset="attn-only")
+    tensors, meta = load_file(bad)
+    key = sorted(k for k in tensors if k.endswith("hada_w1_a"))[0]
+    tensors[key][0, 0] = float("inf")
+    from lorakit.formats.safetensors_io import save_file
+
+    save_file(tensors, bad, metadata=meta)
+    model = copy.deepcopy(sd_model)
+    before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"nan.safetensors: 1 tensor\(s\) hold NaN or Inf, e.g. {re.escape(key)}; "
+                                         r"merging would write them into the model's weights"):
+        merge_into_model(model, [good, bad], [1.0, 0.5], progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.unet.state_dict().items())
+    out = tmp_path / "merged.safetensors"
+    with pytest.warns(UserWarning, match="hold NaN or Inf"):  # load_network's own report, then the refusal
+        err = run_error(capsys, "--model", str(sd_ckpt), "--loras", str(good), str(bad), "--save_to", str(out))
+    assert "nan.safetensors: 1 tensor(s) hold NaN or Inf" in err and not out.exists()
