@@ -13,7 +13,8 @@ def add_parser(commands) -> None:
         description="Convert a Stable Diffusion adapter file. Layouts: kohya/LyCORIS (lora_unet_..., lora_down/"
         "lora_up/alpha; LoHa hada_*, LoKr lokr_*) and diffusers/PEFT (unet.<path>.lora_A/lora_B, alphas in "
         "diffusers' lora_adapter_metadata). LoRA, LoHa and LoKr convert; kohya -> diffusers -> kohya gives the "
-        "same bytes back. Metadata is kept; kohya's sshs hashes are recomputed.")
+        "same tensors back, under the names sd-scripts writes (a LyCORIS file's text-encoder and SDXL names may "
+        "change spelling). Metadata is kept; kohya's sshs hashes are recomputed.")
     p.add_argument("source", help="the adapter file (.safetensors, or .ckpt/.pt/.pth/.bin)")
     p.add_argument("output", help="the file to write (atomically): .safetensors, or .ckpt/.pt/.pth/.bin for a torch "
                    "state dict (no metadata)")
