@@ -164,7 +164,7 @@ def inspect_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, 
             kind = f"a model checkpoint ({kind})"
         elif kind.startswith("an adapter"):
             kind = f"adapter tensors in no layout lorakit knows (e.g. '{next(iter(tensors))}')"
-        raise InspectError(f"is not an adapter file: it is {kind.removeprefix('an ').removeprefix('a ')}")
+        raise InspectError(f"is not an adapter file: it is {kind}")
     view, names_from = dict(tensors), "file"
     if layout == "peft":
         try:

@@ -33,8 +33,6 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.dynamic_method and args.dynamic_param is None:
-        raise SystemExit("lorakit resize: --dynamic_method needs --dynamic_param")
     return report_errors("resize", lambda: _resize(args))
 
 
@@ -42,6 +40,11 @@ def _resize(args: argparse.Namespace) -> str:
     from ..formats.dtypes import parse_dtype
     from .resize import fro_summary, resize_lora
 
+    if args.dynamic_method and args.dynamic_param is None:
+        raise ValueError("--dynamic_method needs --dynamic_param")
+    if args.dynamic_param is not None and not args.dynamic_method:  # it would be ignored: new_rank alone decides
+        raise ValueError(f"--dynamic_param {args.dynamic_param} needs --dynamic_method (sv_ratio, sv_fro or "
+                         "sv_cumulative)")
     refuse_overwrite(args.out, {"source file": args.source})
     check_device(args.device)
     dtype = parse_dtype(args.save_precision, "--save_precision")

@@ -134,3 +134,15 @@ def test_an_output_that_is_a_link_to_an_input_is_refused(tmp_path, capsys):
     assert main(["resize", str(src), str(link), "--new_rank", "2"]) == 1
     _one_error_line(capsys, "resize", "link.safetensors: is also the source file")
     assert link.is_symlink()
+
+
+def test_resize_dynamic_options_come_as_a_pair(tmp_path, capsys):
+    """--dynamic_param alone would be ignored (new_rank alone decides) and --dynamic_method alone has no parameter:
+    either is one error line, exit 1, no output."""
+    src = _lora(tmp_path / "a.safetensors")
+    out = tmp_path / "r.safetensors"
+    assert main(["resize", str(src), str(out), "--new_rank", "2", "--dynamic_param", "0.5"]) == 1
+    _one_error_line(capsys, "resize", "--dynamic_param 0.5 needs --dynamic_method (sv_ratio, sv_fro or sv_cumulative)")
+    assert main(["resize", str(src), str(out), "--new_rank", "2", "--dynamic_method", "sv_fro"]) == 1
+    _one_error_line(capsys, "resize", "--dynamic_method needs --dynamic_param")
+    assert not out.exists()
