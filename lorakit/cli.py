@@ -7,6 +7,7 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 
 from . import __version__
 
@@ -60,8 +61,14 @@ def _drop_hub_kernel_note(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith(_HUB_KERNEL_NOTE)
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as the commands' other messages read: what happened, not the source line that noticed it."""
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_hub_kernel_note)
+    warnings.formatwarning = _one_line_warning
     parser = build_parser()  # the commands' modules import torch only for their work, not for their parsers
     args = parser.parse_args(argv)
     if args.command is None:

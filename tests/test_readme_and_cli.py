@@ -128,3 +128,20 @@ def test_output_piped_into_a_reader_that_stops_early_ends_quietly():
     finally:
         os.close(write_end)
     assert out.returncode == 0 and "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr, out.stderr
+
+
+def test_warnings_read_as_one_line_without_the_source_that_raised_them(tmp_path):
+    """A command's warning is 'warning: <what>' on stderr, not Python's 'path.py:123: UserWarning' and code line."""
+    import torch
+    from safetensors.torch import save_file
+
+    down = torch.ones(4, 8)
+    down[0, 0] = float("nan")
+    save_file({"lora_unet_a.lora_down.weight": down, "lora_unet_a.lora_up.weight": torch.ones(8, 4)},
+              str(tmp_path / "nan.safetensors"))
+    out = subprocess.run([sys.executable, "-m", "lorakit", "convert", str(tmp_path / "nan.safetensors"),
+                          str(tmp_path / "o.safetensors"), "--to", "kohya"], capture_output=True, text=True, check=True)
+    lines = [line for line in out.stderr.splitlines() if "NaN" in line]
+    assert lines == [f"warning: {tmp_path / 'nan.safetensors'}: 1 tensor(s) hold NaN or Inf, e.g. "
+                     "lora_unet_a.lora_down.weight"], out.stderr
+    assert "UserWarning" not in out.stderr and ".py:" not in out.stderr, out.stderr
