@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
                          arch=args.arch, progress=not args.no_progress and sys.stderr.isatty())
     except (ConvertError, SafetensorsFileError, OSError, ValueError) as e:  # OSError: a folder, a full disk
         print(f"lorakit convert: error: {e}", file=sys.stderr)
-        return 2
+        return 1  # as the other tools (cli_common.report_errors); 2 is argparse's, for a malformed command line
     cast = f", {report.dtype}" if report.dtype else ""
     print(f"{report.source} ({report.source_layout}) -> {report.output} ({report.target_layout}{cast}): "
           f"{report.tensors} tensors" + "".join(f"; {n}" for n in report.notes))

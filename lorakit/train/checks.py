@@ -519,6 +519,9 @@ def resolve(values: dict[str, Any], given: frozenset) -> tuple[dict[str, Any], t
     _normalise(values)
     _combinations(values)
     notes = _warnings(values)
+    if values["dim_from_weights"]:  # sd-scripts ignores them silently
+        notes += [f"{name} = {values[name]} is not used: dim_from_weights takes each module's dim and alpha from "
+                  f"network_weights" for name in ("network_dim", "network_alpha") if name in given]
     if values["network_args"] or values["network_module"] != "lorakit":
         from .network_args import check_network_args  # loads the network code (and torch) only when needed
 

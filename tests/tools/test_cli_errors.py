@@ -31,6 +31,7 @@ def _one_error_line(capsys, command, *fragments):
 
 @pytest.mark.parametrize("command,argv", [
     ("resize", ["resize", "{src}", "{src}", "--new_rank", "2"]),
+    ("convert", ["convert", "{src}", "{src}", "--to", "peft"]),
     ("merge", ["merge", "--loras", "{other}", "{src}", "--save_to", "{src}"]),
     ("merge", ["merge", "--model", "{src}", "--loras", "{other}", "--save_to", "{src}"]),
     ("extract", ["extract", "{src}", "{other}", "{src}"]),

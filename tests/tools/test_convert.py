@@ -418,7 +418,7 @@ def test_checkpoints_unknown_targets_and_generic_files_are_refused(tmp_path, cap
         convert(generic, tmp_path / "o.safetensors", to="peft")
     _no_output(tmp_path, tmp_path / "o.safetensors")
     # the CLI: exit code 2 and the message
-    assert main(["convert", str(ckpt), str(tmp_path / "o.safetensors"), "--to", "peft"]) == 2
+    assert main(["convert", str(ckpt), str(tmp_path / "o.safetensors"), "--to", "peft"]) == 1
     assert "is a model checkpoint" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["convert", "--help"])
@@ -426,7 +426,7 @@ def test_checkpoints_unknown_targets_and_generic_files_are_refused(tmp_path, cap
     assert main(["convert", str(src), str(tmp_path / "o.safetensors"), "--to", "diffusers", "--no-progress"]) == 0
     assert st_load(tmp_path / "o.safetensors")
     (tmp_path / "folder.safetensors").mkdir()  # an OSError of the writer: one line too, not a traceback
-    assert main(["convert", str(src), str(tmp_path / "folder.safetensors"), "--to", "diffusers", "--no-progress"]) == 2
+    assert main(["convert", str(src), str(tmp_path / "folder.safetensors"), "--to", "diffusers", "--no-progress"]) == 1
     assert "folder.safetensors: is a folder" in capsys.readouterr().err
 
 

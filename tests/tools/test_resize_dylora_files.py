@@ -53,3 +53,16 @@ def test_the_callers_network_keys_win_and_loaded_networks_name_their_algorithm(t
     loaded = load_network(unet, tmp_path / "given.safetensors", text_encoders=tes)
     loaded.save(tmp_path / "again.safetensors")
     assert json.loads(read_metadata(tmp_path / "again.safetensors")["ss_network_args"]) == {"algo": "loha"}
+
+
+def test_a_dylora_cut_asked_of_a_file_not_marked_as_dylora_warns(dylora_file, tmp_path):
+    """--dylora on a plain LoRA (or a DyLoRA whose metadata was lost) cuts it all the same, but says that the SVD
+    resize keeps more of a LoRA trained otherwise; a file marked as DyLoRA cuts silently."""
+    import warnings
+
+    tensors, _ = load_file(dylora_file)
+    with pytest.warns(UserWarning, match=r"cut as a DyLoRA, but its metadata .* names no DyLoRA"):
+        resize_lora(tensors, 4, dylora=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resize_lora(dylora_file, 4, dylora=True)

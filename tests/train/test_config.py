@@ -754,6 +754,18 @@ def test_clip_skip_with_sdxl_is_a_warning_as_in_sd_scripts():
     assert "clip_skip = 2 does nothing for SDXL (sd-scripts ignores it too)" in config.warnings
 
 
+def test_network_dim_beside_dim_from_weights_is_noted_as_unused(tmp_path):
+    """sd-scripts takes every dim and alpha from the file and ignores network_dim/alpha without a word."""
+    (tmp_path / "w.safetensors").write_bytes(b"")  # the file is read when the network is built, not here
+    given = load_train_config(overrides={"dim_from_weights": True, "network_weights": str(tmp_path / "w.safetensors"),
+                                         "network_dim": 16, "network_alpha": 8})
+    assert [n for n in given.warnings if "dim_from_weights" in n] == [
+        "network_dim = 16 is not used: dim_from_weights takes each module's dim and alpha from network_weights",
+        "network_alpha = 8.0 is not used: dim_from_weights takes each module's dim and alpha from network_weights"]
+    alone = load_train_config(overrides={"dim_from_weights": True, "network_weights": str(tmp_path / "w.safetensors")})
+    assert not [n for n in alone.warnings if "dim_from_weights" in n]
+
+
 @pytest.mark.parametrize("name,expected", [("RAdam", "RAdam"), ("SGD", "SGD"), ("Adam", "Adam"),
                                            ("Adagrad", "Adagrad"), ("NAdam", "NAdam"), ("radam", "RAdam")])
 def test_a_bare_torch_optim_name_is_an_optimizer_as_in_sd_scripts(name, expected):
