@@ -48,6 +48,10 @@ class LayoutError(ValueError):
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                   "lora_te2_": "text_encoder_2"}
 PEFT_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+# the first module names of a diffusers U-Net: a key starting with one has no component prefix, as diffusers'
+# save_lora_adapter and PEFT's get_peft_model_state_dict on the U-Net write it (ComfyUI reads those as the U-Net's)
+_BARE_UNET_ROOTS = ("down_blocks", "mid_block", "up_blocks", "conv_in", "conv_out", "conv_norm_out", "time_embedding",
+                    "add_embedding", "encoder_hid_proj")
 # OneTrainer's OMI layout (modules/util/convert/lora/convert_sd_lora.py, convert_sdxl_lora.py): component prefixes
 OMI_PREFIXES = {"unet.": "unet", "clip_l.": "text_encoder", "clip_g.": "text_encoder_2"}
 SD_SCRIPTS_OFT_PREFIX = "oft_unet_"  # sd-scripts networks/oft.py (OFTNetwork.OFT_PREFIX_UNET): U-Net only
@@ -161,6 +165,12 @@ _DIFFUSERS_NAMES = {"lora.down.weight": "lora_A.weight", "lora.up.weight": "lora
                     "lora_linear_layer.down.weight": "lora_A.weight", "lora_linear_layer.up.weight": "lora_B.weight"}
 
 
+def _is_peft_tensor(key: str) -> bool:
+    """A key ending in a PEFT adapter tensor's name (a diffusers U-Net's own weights do not)."""
+    return any(key.endswith("." + suffix) for suffix in ("lora_A.weight", "lora_B.weight", "lora_B.bias",
+                                                          "lora_magnitude_vector", *_LOHA, *_LOKR))
+
+
 def split_peft_key(key: str) -> tuple[str, str, str]:
     """``unet.down_blocks.0...to_q.lora_A.weight`` -> (component, module path, tensor name); diffusers' names
     (``to_q.lora.down.weight``, ``q_proj.lora_linear_layer.down.weight``) come back as PEFT's."""
@@ -184,6 +194,8 @@ def split_peft_key(key: str) -> tuple[str, str, str]:
             component, path = "text_encoder", head
         else:
             component, path = "unet", head
+    elif head.split(".", 1)[0] in _BARE_UNET_ROOTS:
+        component, path = "unet", head
     else:
         component, _, path = head.partition(".")
         if component not in PEFT_COMPONENTS or not path:
@@ -204,7 +216,8 @@ def detect_layout(keys) -> str:
         return "sd-scripts-oft"
     if keys and all(k.startswith(tuple(OMI_PREFIXES)) for k in keys) and any(map(_omi_only, keys)):
         return "omi"
-    if keys and all(k.startswith(tuple(c + "." for c in PEFT_COMPONENTS) + ("base_model.model.",)) for k in keys):
+    if keys and all(k.startswith(tuple(c + "." for c in PEFT_COMPONENTS) + ("base_model.model.",))
+                    or (k.startswith(tuple(r + "." for r in _BARE_UNET_ROOTS)) and _is_peft_tensor(k)) for k in keys):
         return "peft"
     return "unknown"
 

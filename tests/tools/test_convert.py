@@ -245,6 +245,39 @@ def test_peft_rslora_converts_at_peft_scale(tmp_path, prefixed):
         _close(out, u(*args, **kwargs).sample, base)
 
 
+def test_a_bare_unet_adapter_as_diffusers_save_lora_adapter_writes_it_converts(tmp_path, capsys):
+    """diffusers' UNet2DConditionModel.save_lora_adapter (and PEFT's get_peft_model_state_dict on a U-Net) write keys
+    without the "unet." prefix and the config without one: load_network points to convert, and convert reads them
+    as the U-Net's (as ComfyUI does), giving PEFT's own outputs. A diffusers U-Net's weights are still no adapter."""
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    torch.manual_seed(5)
+    unet, _ = tiny_model("sd1")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "proj_in", "conv1"],
+                        init_lora_weights=False)
+    u = inject_adapter_in_model(config, copy.deepcopy(unet)).double()
+    with torch.no_grad():
+        for name, p in u.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p).float() * 0.1)
+    sd = {k: v.float().contiguous() for k, v in get_peft_model_state_dict(u).items()}
+    assert all(k.startswith(("down_blocks.", "mid_block.", "up_blocks.")) for k in sd)
+    fields = {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
+    st_save(sd, tmp_path / "bare.safetensors", {"lora_adapter_metadata": json.dumps(fields, default=str)})
+    with pytest.raises(ValueError, match="lorakit convert"):
+        load_network(copy.deepcopy(unet), tmp_path / "bare.safetensors")
+    assert main(["convert", str(tmp_path / "bare.safetensors"), str(tmp_path / "k.safetensors"), "--to", "kohya",
+                 "--no-progress"]) == 0
+    out, base = _lorakit_output("sd1", tmp_path / "k.safetensors")
+    args, kwargs = _f64_inputs(u, "sd1")
+    with torch.no_grad():
+        _close(out, u(*args, **kwargs).sample, base)
+    st_save({k: v.contiguous() for k, v in unet.state_dict().items()}, tmp_path / "unet.safetensors")
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "unet.safetensors"), str(tmp_path / "u.safetensors"), "--to", "kohya"]) == 1
+    assert "lorakit convert: error:" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("metadata, named", [
     ({"unet.r": 4, "unet.alpha": None}, r"'unet.alpha' = None: expected a positive number"),
     ([1, 2], r"expected a JSON object of PEFT config fields, got list"),
