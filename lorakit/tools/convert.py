@@ -11,7 +11,7 @@ from typing import Iterable
 import torch
 
 from ..formats import add_hashes
-from ..formats.safetensors_io import save_tensors
+from ..formats.safetensors_io import is_torch_name, save_tensors
 from ..formats.dtypes import parse_dtype
 from ..formats.modelspec import with_base_model_keys
 from ..formats.peft_layout import (LayoutError, detect_layout, kohya_to_peft, omi_arch, omi_to_kohya, peft_to_kohya,
@@ -124,7 +124,7 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, to: str | None
     if cast is not None:
         out = {k: (v.to(cast) if v.is_floating_point() else v)
                for k, v in _progress(out.items(), len(out), "cast", progress)}
-    if "sshs_model_hash" in meta or "sshs_legacy_hash" in meta:
+    if ("sshs_model_hash" in meta or "sshs_legacy_hash" in meta) and not is_torch_name(output):  # (no metadata there)
         meta = add_hashes(out, meta)  # kohya's hashes cover the tensors' bytes: recompute for the new ones
         notes.append("sshs_model_hash/sshs_legacy_hash recomputed")
     save_tensors(out, output, metadata=meta)

@@ -153,3 +153,18 @@ def test_a_torch_file_holds_each_tensor_without_the_rest_of_its_storage(tmp_path
     save_tensors({"a.lora_down.weight": big[:4].reshape(2, 2)}, tmp_path / "x.pt")
     assert os.path.getsize(tmp_path / "x.pt") < 2000  # not the 4000 bytes of `big`
     assert torch.equal(torch.load(tmp_path / "x.pt", weights_only=True)["a.lora_down.weight"], big[:4].reshape(2, 2))
+
+
+def test_convert_to_a_torch_file_does_not_claim_hashes_it_does_not_write(tmp_path, capsys):
+    """A torch file holds no metadata: convert says it leaves the metadata out, and does not also report the sshs
+    hashes as recomputed; to safetensors with a cast, it recomputes them and says so."""
+    from lorakit.formats import add_hashes
+    from lorakit.formats.safetensors_io import save_file
+
+    tensors = {"lora_unet_a.lora_down.weight": torch.ones(4, 8), "lora_unet_a.lora_up.weight": torch.ones(8, 4)}
+    save_file(tensors, tmp_path / "h.safetensors", metadata=add_hashes(tensors, {"ss_network_dim": "4"}))
+    assert main(["convert", str(tmp_path / "h.safetensors"), str(tmp_path / "h.ckpt"), "--no-progress"]) == 0
+    assert "recomputed" not in capsys.readouterr().out
+    assert main(["convert", str(tmp_path / "h.safetensors"), str(tmp_path / "h16.safetensors"), "--dtype", "fp16",
+                 "--no-progress"]) == 0
+    assert "sshs_model_hash/sshs_legacy_hash recomputed" in capsys.readouterr().out
