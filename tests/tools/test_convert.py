@@ -188,24 +188,33 @@ def test_peft_dora_along_output_rows_gives_lorakits_outputs(tmp_path):
         convert(columns, tmp_path / "o.safetensors", to="peft")
 
 
+def _peft_unet(config, seed, marker):
+    """The tiny SD1 U-Net (float64) with PEFT's own adapter layers of `config`, their `marker` tensors random; its
+    PEFT state dict (bare U-Net keys, float32) and the config's fields as diffusers writes them."""
+    from peft import get_peft_model_state_dict, inject_adapter_in_model
+
+    torch.manual_seed(seed)
+    unet, _ = tiny_model("sd1")
+    u = inject_adapter_in_model(config, copy.deepcopy(unet)).double()
+    with torch.no_grad():
+        for name, p in u.named_parameters():
+            if marker in name:
+                p.copy_(torch.randn_like(p).float() * 0.1)
+    sd = {k: v.float().contiguous() for k, v in get_peft_model_state_dict(u).items()}
+    return u, sd, {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
+
+
 def test_peft_lokr_with_full_factors_keeps_peft_scale(tmp_path):
     """PEFT scales LoKr by alpha/r even where both factors are stored whole (r at least half of w2's side), where
     kohya loaders apply no alpha: the converted file carries the scale in lokr_w1, so lorakit's load gives PEFT's
     own output (to_k through its rank pattern keeps a low-rank w2 and its alpha)."""
-    from peft import LoKrConfig, get_peft_model_state_dict, inject_adapter_in_model
+    from peft import LoKrConfig
 
-    torch.manual_seed(3)
-    unet, _ = tiny_model("sd1")
     config = LoKrConfig(r=4, alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"], decompose_factor=-1,
                         rank_pattern={"to_k": 1}, alpha_pattern={"to_v": 8})
-    u = inject_adapter_in_model(config, copy.deepcopy(unet)).double()
-    with torch.no_grad():
-        for name, p in u.named_parameters():
-            if "lokr_" in name:
-                p.copy_(torch.randn_like(p).float() * 0.1)
-    sd = {f"unet.{k}": v.float().contiguous() for k, v in get_peft_model_state_dict(u).items()}
+    u, bare, fields = _peft_unet(config, 3, "lokr_")
+    sd = {f"unet.{k}": v for k, v in bare.items()}
     assert any(k.endswith("to_q.lokr_w2") for k in sd) and any(k.endswith("to_k.lokr_w2_a") for k in sd)
-    fields = {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
     st_save(sd, tmp_path / "p.safetensors",
             {"lora_adapter_metadata": json.dumps({f"unet.{k}": v for k, v in fields.items()}, default=str)})
     convert(tmp_path / "p.safetensors", tmp_path / "k.safetensors", to="kohya")
@@ -220,19 +229,12 @@ def test_peft_rslora_converts_at_peft_scale(tmp_path, prefixed):
     """use_rslora: PEFT scales a LoRA by lora_alpha / sqrt(r) (to_k at its rank pattern's r), so the kohya alpha is
     lora_alpha sqrt(r). The config is read with diffusers' "unet." prefix (save_lora_weights) or without one (the
     config alone, as save_lora_adapter writes it)."""
-    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+    from peft import LoraConfig
 
-    torch.manual_seed(4)
-    unet, _ = tiny_model("sd1")
     config = LoraConfig(r=16, lora_alpha=8, use_rslora=True, target_modules=["to_q", "to_k", "to_v"],
                         rank_pattern={"to_k": 4}, init_lora_weights=False)
-    u = inject_adapter_in_model(config, copy.deepcopy(unet)).double()
-    with torch.no_grad():
-        for name, p in u.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn_like(p).float() * 0.1)
-    sd = {f"unet.{k}": v.float().contiguous() for k, v in get_peft_model_state_dict(u).items()}
-    fields = {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
+    u, bare, fields = _peft_unet(config, 4, "lora_")
+    sd = {f"unet.{k}": v for k, v in bare.items()}
     meta = {f"unet.{k}" if prefixed else k: v for k, v in fields.items()}
     st_save(sd, tmp_path / "p.safetensors", {"lora_adapter_metadata": json.dumps(meta, default=str)})
     convert(tmp_path / "p.safetensors", tmp_path / "k.safetensors", to="kohya")
@@ -249,20 +251,13 @@ def test_a_bare_unet_adapter_as_diffusers_save_lora_adapter_writes_it_converts(t
     """diffusers' UNet2DConditionModel.save_lora_adapter (and PEFT's get_peft_model_state_dict on a U-Net) write keys
     without the "unet." prefix and the config without one: load_network points to convert, and convert reads them
     as the U-Net's (as ComfyUI does), giving PEFT's own outputs. A diffusers U-Net's weights are still no adapter."""
-    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+    from peft import LoraConfig
 
-    torch.manual_seed(5)
-    unet, _ = tiny_model("sd1")
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "proj_in", "conv1"],
                         init_lora_weights=False)
-    u = inject_adapter_in_model(config, copy.deepcopy(unet)).double()
-    with torch.no_grad():
-        for name, p in u.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn_like(p).float() * 0.1)
-    sd = {k: v.float().contiguous() for k, v in get_peft_model_state_dict(u).items()}
+    u, sd, fields = _peft_unet(config, 5, "lora_")
+    unet, _ = tiny_model("sd1")
     assert all(k.startswith(("down_blocks.", "mid_block.", "up_blocks.")) for k in sd)
-    fields = {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
     st_save(sd, tmp_path / "bare.safetensors", {"lora_adapter_metadata": json.dumps(fields, default=str)})
     with pytest.raises(ValueError, match="lorakit convert"):
         load_network(copy.deepcopy(unet), tmp_path / "bare.safetensors")
