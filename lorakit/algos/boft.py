@@ -38,8 +38,11 @@ class BOFT(OrthogonalAdapter):
     def block_shape(self, options):
         split = power2_factorization(self.spec.out_dim, options.dim)
         if split is None:
+            works = next((d for d in range(options.dim + 1, self.spec.out_dim + 1)
+                          if power2_factorization(self.spec.out_dim, d) is not None), None)
+            hint = f"; dim {works} splits it (conv_dim for a conv)" if works is not None else ""
             raise OptionError(f"option 'dim': BOFT cannot split {self.spec.out_dim} output channels into blocks of "
-                              f"an even size <= {options.dim} with a power-of-two count")
+                              f"an even size <= {options.dim} with a power-of-two count{hint}")
         size, count = split
         stages = bin(count - 1).count("1") + 1
         return (stages, count, size, size)

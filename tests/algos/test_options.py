@@ -126,8 +126,15 @@ def test_dylora_block_size_must_divide_dim(linear):
 
 
 def test_boft_block_size_that_cannot_split(linear):
-    with pytest.raises(OptionError, match=r"'dim': BOFT cannot split 8 output channels"):
+    with pytest.raises(OptionError, match=r"'dim': BOFT cannot split 8 output channels.*; dim 2 splits it"):
         make_adapter("boft", nn.Linear(12, 8), dim=1)
+    # 48 channels (the demo model's): blocks of 2 or 4 leave 24 or 12, not a power of two; 6 leaves 8
+    with pytest.raises(OptionError, match=r"BOFT cannot split 48 output channels into blocks of an even size <= 4 "
+                                          r"with a power-of-two count; dim 6 splits it"):
+        make_adapter("boft", nn.Linear(12, 48), dim=4)
+    assert make_adapter("boft", nn.Linear(12, 48), dim=6) is not None
+    with pytest.raises(OptionError, match=r"BOFT cannot split 7 output channels .*power-of-two count$"):
+        make_adapter("boft", nn.Linear(12, 7), dim=4)  # no even block size divides 7: no dim to suggest
 
 
 def test_unknown_algorithm_suggests(linear):
