@@ -287,8 +287,8 @@ def _construct(cls, groups: list, kwargs: dict) -> torch.optim.Optimizer:
     """cls(groups, **kwargs). torch's Adam and AdamW, given neither `fused` nor `foreach`, get the fused kernel where
     torch has one for the parameters (torch >= 2.4 on a CPU): there torch otherwise steps tensor by tensor in Python
     (AdamW over demo:tiny-sd's 420 LoRA tensors: 15 ms per step, against 2.5 ms fused). The update is the same up to
-    float rounding. Only these two: torch 2.13's fused SGD on a CPU leaves bf16/fp16 weights unchanged. An explicit choice in
-    optimizer_args stands."""
+    float rounding. Only these two: torch 2.13's fused SGD on a CPU leaves bf16/fp16 weights unchanged. An explicit
+    choice in optimizer_args stands."""
     if cls in (torch.optim.Adam, torch.optim.AdamW) and "fused" not in kwargs and "foreach" not in kwargs:
         try:
             return cls(groups, **kwargs, fused=True)

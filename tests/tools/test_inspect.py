@@ -198,7 +198,8 @@ def test_checkpoint_and_bad_files_are_named(tmp_path, capsys):
     st_save({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2),
              "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.zeros(2),
              "conditioner.embedders.1.model.ln_final.weight": torch.zeros(2)}, ckpt)
-    with pytest.raises(InspectError, match=r"model\.safetensors: is not an adapter file: it is a model checkpoint \(sdxl\)"):
+    with pytest.raises(InspectError,
+                       match=r"model\.safetensors: is not an adapter file: it is a model checkpoint \(sdxl\)"):
         inspect_file(ckpt)
     assert main(["inspect", str(ckpt)]) == 1
     assert "model checkpoint (sdxl)" in capsys.readouterr().err
