@@ -7,6 +7,7 @@ transparent pixels is kept).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -66,20 +67,27 @@ def stored_and_upright_size(path: str) -> tuple[tuple[int, int], tuple[int, int]
     return (width, height), ((height, width) if orientation in _SWAPPING_ORIENTATIONS else (width, height))
 
 
+@contextlib.contextmanager
+def _decoding(path: str):
+    """The opened image; what its decoding raises becomes the DatasetError of a damaged file."""
+    with _open(path) as image:
+        try:
+            yield image
+        except (OSError, SyntaxError, ValueError) as e:
+            raise DatasetError(f"{path}: image data is damaged or truncated ({e})") from None
+
+
 def check_image_data(path: str) -> None:
     """A damaged or truncated file is a DatasetError now, not when training first reads it: the header alone (all
     that sizing reads) does not show it. A PNG's chunks are read and their checksums checked (Pillow's verify, a
     tenth of a decode), a JPEG is decoded at 1/8 scale (Pillow's draft), anything else decoded whole."""
-    with _open(path) as image:
-        try:
-            if image.format == "PNG":
-                image.verify()
-                return
-            if image.format == "JPEG":
-                image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
-            image.load()
-        except (OSError, SyntaxError, ValueError) as e:
-            raise DatasetError(f"{path}: image data is damaged or truncated ({e})") from None
+    with _decoding(path) as image:
+        if image.format == "PNG":
+            image.verify()
+            return
+        if image.format == "JPEG":
+            image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+        image.load()
 
 
 def _eight_bit(image: Image.Image) -> Image.Image:
@@ -95,12 +103,9 @@ def load_image(path: str, alpha: bool = False) -> np.ndarray:
     """The upright RGB pixels [H, W, 3] uint8; with ``alpha``, RGBA [H, W, 4] (kohya's alpha_mask: an image
     without transparency gets alpha 255). A truncated or corrupt file is an error, never a partial image."""
     mode = "RGBA" if alpha else "RGB"
-    with _open(path) as image:
-        try:
-            image.load()
-            ImageOps.exif_transpose(image, in_place=True)  # in place: a large photo is decoded once, not copied
-            upright = _eight_bit(image)
-            pixels = upright if upright.mode == mode else upright.convert(mode)
-            return np.array(pixels, dtype=np.uint8)
-        except (OSError, SyntaxError, ValueError) as e:
-            raise DatasetError(f"{path}: image data is damaged or truncated ({e})") from None
+    with _decoding(path) as image:
+        image.load()
+        ImageOps.exif_transpose(image, in_place=True)  # in place: a large photo is decoded once, not copied
+        upright = _eight_bit(image)
+        pixels = upright if upright.mode == mode else upright.convert(mode)
+        return np.array(pixels, dtype=np.uint8)

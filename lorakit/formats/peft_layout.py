@@ -165,17 +165,19 @@ _DIFFUSERS_NAMES = {"lora.down.weight": "lora_A.weight", "lora.up.weight": "lora
                     "lora_linear_layer.down.weight": "lora_A.weight", "lora_linear_layer.up.weight": "lora_B.weight"}
 
 
+# PEFT's adapter tensor names (split_peft_key also reads an `alpha` key and diffusers' older names)
+_PEFT_TENSORS = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector", *_LOHA, *_LOKR)
+
+
 def _is_peft_tensor(key: str) -> bool:
     """A key ending in a PEFT adapter tensor's name (a diffusers U-Net's own weights do not)."""
-    return any(key.endswith("." + suffix) for suffix in ("lora_A.weight", "lora_B.weight", "lora_B.bias",
-                                                          "lora_magnitude_vector", *_LOHA, *_LOKR))
+    return any(key.endswith("." + suffix) for suffix in _PEFT_TENSORS)
 
 
 def split_peft_key(key: str) -> tuple[str, str, str]:
     """``unet.down_blocks.0...to_q.lora_A.weight`` -> (component, module path, tensor name); diffusers' names
     (``to_q.lora.down.weight``, ``q_proj.lora_linear_layer.down.weight``) come back as PEFT's."""
-    for suffix in ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector", "alpha",
-                   *_LOHA, *_LOKR, *_DIFFUSERS_NAMES):
+    for suffix in (*_PEFT_TENSORS, "alpha", *_DIFFUSERS_NAMES):  # (no LoHa/LoKr name ends in ".alpha")
         if key.endswith("." + suffix):
             head = key[: -len(suffix) - 1]
             suffix = _DIFFUSERS_NAMES.get(suffix, suffix)

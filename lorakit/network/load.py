@@ -79,24 +79,27 @@ def _refuse_checkpoint(keys, where: str) -> None:
         raise ValueError(f"{where}: is a model checkpoint (keys like '{checkpoint[0]}'), not an adapter")
 
 
-def refuse_non_finite(tensors: Mapping[str, torch.Tensor], where: str, what: str) -> None:
-    """The error naming the tensors that hold NaN or Inf, for merges: `what` says where they would end up."""
+def _non_finite_note(tensors: Mapping[str, torch.Tensor], where: str) -> str | None:
+    """'<where>: N tensor(s) hold NaN or Inf, e.g. <keys>', or None when every value is finite."""
     from ..formats import find_non_finite
 
     bad = sorted(find_non_finite(tensors))
-    if bad:
-        raise ValueError(f"{where}: {len(bad)} tensor(s) hold NaN or Inf, e.g. {', '.join(bad[:3])}; merging would "
-                         f"write them into {what} (a diverged training run: use an earlier save)")
+    return f"{where}: {len(bad)} tensor(s) hold NaN or Inf, e.g. {', '.join(bad[:3])}" if bad else None
+
+
+def refuse_non_finite(tensors: Mapping[str, torch.Tensor], where: str, what: str) -> None:
+    """The error naming the tensors that hold NaN or Inf, for merges: `what` says where they would end up."""
+    note = _non_finite_note(tensors, where)
+    if note:
+        raise ValueError(f"{note}; merging would write them into {what} (a diverged training run: use an earlier "
+                         "save)")
 
 
 def warn_non_finite(tensors: Mapping[str, torch.Tensor], where: str, stacklevel: int = 2) -> None:
     """A warning naming the tensors that hold NaN or Inf (a diverged training run): the file is still read."""
-    from ..formats import find_non_finite
-
-    bad = sorted(find_non_finite(tensors))
-    if bad:
-        warnings.warn(f"{where}: {len(bad)} tensor(s) hold NaN or Inf, e.g. {', '.join(bad[:3])}",
-                      stacklevel=stacklevel + 1)
+    note = _non_finite_note(tensors, where)
+    if note:
+        warnings.warn(note, stacklevel=stacklevel + 1)
 
 
 def warn_clamped_rotations(groups: Mapping[str, Mapping[str, torch.Tensor]], where: str, stacklevel: int = 2) -> None:

@@ -103,11 +103,12 @@ def resize_lora(source, new_rank: int, out=None, *, new_conv_rank: int | None = 
         if dynamic_method not in DYNAMIC:
             raise ValueError(f"dynamic_method must be one of {', '.join(DYNAMIC)}, got {dynamic_method!r}")
         lowrank.check_mode(dynamic_method, dynamic_param, "dynamic_param")
-    if dylora and not _is_dylora(metadata):  # asked for, on a file that does not say it was trained as one
+    marked = _is_dylora(metadata)
+    if dylora and not marked:  # asked for, on a file that does not say it was trained as one
         warnings.warn(f"{where}: cut as a DyLoRA, but its metadata (ss_network_module/ss_network_args) names no "
                       "DyLoRA: a LoRA trained otherwise keeps its change in all its components, and the SVD resize "
                       "(without --dylora) keeps the most of it", stacklevel=2)
-    dylora = _is_dylora(metadata) if dylora is None else dylora
+    dylora = marked if dylora is None else dylora
     if dylora and dynamic_method is not None:
         raise ValueError("a DyLoRA cut keeps the first k components; it takes new_rank, not a dynamic_method")
     loras, other = lora_modules(tensors, where)

@@ -345,6 +345,11 @@ _FOLDER_ONLY = ("train_batch_size", "prior_loss_weight", "caption_extension", "s
 _IGNORED_WITH_DATASET_CONFIG = ("train_data_dir", "reg_data_dir", "in_json")
 
 
+def sdxl_clip_skip_note(clip_skip: int) -> str:
+    """The note on a clip_skip above 1 for SDXL: from the config when it says sdxl, else from the run."""
+    return f"clip_skip = {clip_skip} does nothing for SDXL (sd-scripts ignores it too)"
+
+
 def _warnings(v: dict[str, Any]) -> list[str]:
     """Allowed but probably not meant: sd-scripts warns of (or silently ignores) these."""
     notes = []
@@ -355,7 +360,7 @@ def _warnings(v: dict[str, Any]) -> list[str]:
     if v["v2"] and v["clip_skip"] is not None and v["clip_skip"] > 1:
         notes.append("v2 with clip_skip: SD2 models were not trained with clip_skip")
     if v["sdxl"] and v["clip_skip"] is not None and v["clip_skip"] > 1:  # sd-scripts warns too, and goes on
-        notes.append(f"clip_skip = {v['clip_skip']} does nothing for SDXL (sd-scripts ignores it too)")
+        notes.append(sdxl_clip_skip_note(v["clip_skip"]))
     if v["zero_terminal_snr"] and not v["v_parameterization"]:
         notes.append("zero_terminal_snr without v_parameterization: training will be unexpected (sd-scripts)")
     scheduler = "lr_scheduler_type" if v["lr_scheduler_type"] else v["lr_scheduler"]

@@ -168,6 +168,7 @@ class _Run:
         device (see Parking); with lowram, straight on the device (sd-scripts then keeps them there)."""
         from ..models.load import load_model
         from .base_model import note_ignored
+        from .checks import sdxl_clip_skip_note
 
         c = self.config
         note_ignored(c)
@@ -177,7 +178,7 @@ class _Run:
                            v_parameterization=c.v_parameterization if "v_parameterization" in given else None,
                            vae=c.vae or None, dtype=self.weight_dtype, no_half_vae=c.no_half_vae)
         if model.is_sdxl and not c.sdxl and (c.clip_skip or 1) > 1:  # (with sdxl given, the config noted it)
-            log.warning("clip_skip = %s does nothing for SDXL (sd-scripts ignores it too)", c.clip_skip)
+            log.warning("%s", sdxl_clip_skip_note(c.clip_skip))
         modules = [module.requires_grad_(False) for _, module in model.components()]
         if c.lowram:
             for module in modules:
